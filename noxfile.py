@@ -1,0 +1,82 @@
+"""Sessions: per-package tests (each in an env with only core, testing and that package), integration, lint, demo, bench.
+
+Torch: set ``MCORE_TORCH`` to the torch requirement the environments get. It defaults to
+``torch>=2.11`` (a GPU machine gets its normal CUDA build). On a CPU-only machine with a
+local CPU wheel (``PIP_FIND_LINKS``), pin it so pip takes that wheel instead of downloading a
+CUDA build of several GB:  ``MCORE_TORCH="torch==2.13.0" nox -s tests lint``.
+Torch is installed first, so the packages' own ``torch>=2.11`` requirement is already met.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+TORCH = os.environ.get("MCORE_TORCH", "torch>=2.11")
+CORE = "packages/mcore-core"
+TESTING = "packages/mcore-testing"
+PLUGINS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "plugins").glob("*/pyproject.toml") for p in [p.parent])
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "tests-integration", "lint"]
+nox.options.error_on_missing_interpreters = False
+
+
+def install(session: nox.Session, *packages: str, extras: str = "test") -> None:
+    """Torch first (pinned by MCORE_TORCH), then the packages editable with their test extras."""
+    session.install(TORCH)
+    args: list[str] = []
+    for package in packages:
+        args += ["-e", f"{package}[{extras}]" if extras and package not in (TESTING,) else package]
+    session.install(*args)
+
+
+def package_tests(session: nox.Session, package: str) -> None:
+    install(session, *dict.fromkeys([CORE, TESTING, package]))
+    session.run("pytest", "-q", "-m", "not gpu", f"{package}/tests", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("package", [CORE, TESTING, *PLUGINS])
+def tests(session: nox.Session, package: str) -> None:
+    """One package's tests in an environment holding only mcore-core, mcore-testing and that package."""
+    package_tests(session, package)
+
+
+@nox.session(name="tests-integration")
+def tests_integration(session: nox.Session) -> None:
+    """Tests that compose several plugins, with every package installed."""
+    install(session, CORE, TESTING, *PLUGINS)
+    session.install("hatchling")  # the throwaway-plugin test builds a distribution without network
+    session.run("pytest", "-q", "-m", "not gpu", "integration_tests", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (check + format check) and mypy on the core, the harness, and protocol conformance."""
+    session.install(TORCH)
+    session.install("ruff>=0.6", "mypy>=1.11", "-e", CORE, "-e", TESTING, *[a for p in PLUGINS for a in ("-e", p)])
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    typing_checks = [str(p) for p in ROOT.glob("*/*/typecheck/*.py")]
+    session.run("mypy", f"{CORE}/src/mcore", f"{TESTING}/src/mcore_testing", *typing_checks)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Train the demo GPT on the standard library's text, then sample from it."""
+    install(session, CORE, *PLUGINS, extras="")
+    out = session.posargs[0] if session.posargs else "runs/demo"
+    session.run("mcore", "train", f"--train.out_dir={out}")
+    session.run("mcore", "generate", f"{out}/checkpoints/latest", "--prompt", "def ", "--max-new-tokens", "64")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """GPU benchmarks of every package (results go to each package's benchmarks/RESULTS.md)."""
+    install(session, CORE, TESTING, *PLUGINS)
+    for script in sorted(ROOT.glob("plugins/*/benchmarks/bench_*.py")):
+        session.run("python", str(script), *session.posargs)

@@ -1,0 +1,95 @@
+"""Recipes ``fp32`` and ``bf16``: no quantized GEMMs, no loss scaling.
+
+``bf16`` has two modes: ``params = "bf16"`` (bf16 parameters and GEMMs; the optimizer keeps
+fp32 master weights, Megatron's default) and ``params = "fp32"`` (fp32 parameters, bf16
+compute under ``torch.autocast``).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from mcore.protocols.precision import GatherPayload
+
+
+def grads_finite(model: nn.Module) -> bool:
+    """True if every gradient on this rank is finite (one host sync for the whole model)."""
+    norms = [p.grad.detach().float().abs().amax() for p in model.parameters() if p.grad is not None]
+    local = [n.to_local() if hasattr(n, "to_local") else n for n in norms]
+    if not local:
+        return True
+    return bool(torch.isfinite(torch.stack([t.to(local[0].device) for t in local])).all())
+
+
+class _PlainRecipe:
+    """Shared behaviour of formats that need no scaling state."""
+
+    name: ClassVar[str] = "plain"
+    param_dtype: torch.dtype = torch.float32
+    master_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(dtype=self.param_dtype)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_grads(self, model: nn.Module) -> bool:
+        return grads_finite(model)
+
+    def update(self) -> None:
+        return None
+
+    def gather_payload(self, param_shard: torch.Tensor) -> GatherPayload | None:
+        return None
+
+    def unpack(self, gathered: tuple[torch.Tensor, ...], metadata: Any) -> torch.Tensor:
+        return gathered[0]
+
+    def after_step(self, model: nn.Module) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            raise ValueError(f"recipe {self.name!r} keeps no state, got keys {sorted(state_dict)}")
+
+
+class FP32(_PlainRecipe):
+    """Everything in fp32."""
+
+    name: ClassVar[str] = "fp32"
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+
+class BF16(_PlainRecipe):
+    """bf16 compute with fp32 master weights and fp32 gradient reduction."""
+
+    name: ClassVar[str] = "bf16"
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        params: Literal["bf16", "fp32"] = "bf16"
+
+    def __init__(self, config: BF16.Config | None = None) -> None:
+        self.config = config or BF16.Config()
+        self.param_dtype = torch.bfloat16 if self.config.params == "bf16" else torch.float32
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.config.params == "bf16":
+            return nullcontext()
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)

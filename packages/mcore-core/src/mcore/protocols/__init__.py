@@ -1,0 +1,32 @@
+"""The contract between the core and its plugins.
+
+Every extension point of mcore is a ``typing.Protocol`` here. Plugins implement them
+structurally (no base class to inherit); ``mypy`` checks conformance statically and the
+conformance suites in ``mcore-testing`` check behaviour.
+
+This package imports ``torch`` only for type checking, so importing it (and listing
+plugins) stays cheap.
+"""
+
+from mcore.protocols.block import BlockContext, FlopsShape, KVCacheHandle, ModelBlock, ModelFactory
+from mcore.protocols.dispatcher import DispatchResult, RoutingDecision, TokenDispatcher
+from mcore.protocols.layout import DataParallelInfo, ParallelLayout
+from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory
+from mcore.protocols.precision import GatherPayload, PrecisionRecipe
+
+__all__ = [
+    "BlockContext",
+    "DataParallelInfo",
+    "DispatchResult",
+    "FlopsShape",
+    "GatherPayload",
+    "KVCacheHandle",
+    "MeshOptimizer",
+    "ModelBlock",
+    "ModelFactory",
+    "OptimizerFactory",
+    "ParallelLayout",
+    "PrecisionRecipe",
+    "RoutingDecision",
+    "TokenDispatcher",
+]

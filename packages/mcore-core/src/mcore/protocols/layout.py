@@ -1,0 +1,78 @@
+"""Parallel layouts: how a plain model is spread over a device mesh.
+
+A run lists layouts by name in ``[parallel] layouts`` and the core applies them in that
+order, exactly as a user would by hand (``tp`` then ``fsdp``). Each layout owns some named
+dimensions of the ``ParallelMesh`` and touches nothing else.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.distributed import ProcessGroup
+
+    from mcore.mesh import ParallelMesh
+    from mcore.protocols.precision import PrecisionRecipe
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallelInfo:
+    """Where this rank sits among the replicas that see different data.
+
+    ``rank``/``size`` index the data-parallel ranks (all ranks that must read different
+    batches: replicate x shard dims, and the context-parallel dim reads the same batch).
+    ``group`` is the process group spanning them (``None`` when ``size == 1``).
+    """
+
+    rank: int
+    size: int
+    group: ProcessGroup | None = None
+
+
+@runtime_checkable
+class ParallelLayout(Protocol):
+    """A parallelization transform, registered under kind ``"layout"``.
+
+    Lifecycle: the core builds the layout from its ``Config`` (section
+    ``[parallel.<name>]``), then calls ``apply`` once, then uses the other methods every step.
+
+    Contract:
+        * ``mesh_dims``: names of the mesh dimensions this layout owns (``("dp_shard",)``
+          for ``fsdp``, ``("tp",)`` for ``tp``, ``()`` for ``single``). The core builds the
+          mesh with these names; two layouts may not own the same dimension.
+        * ``apply(model, mesh, precision)``: parallelizes ``model`` in place or returns a
+          wrapper; afterwards each parameter is either a plain tensor (replicated on this
+          dimension) or a ``DTensor`` over this layout's sub-mesh. It may ask ``precision``
+          how to gather parameters (``precision.gather_payload``). It must not change the
+          model's math: loss and gradients equal the single-process run up to reduction
+          order.
+        * ``data_parallel()``: this rank's data-parallel position, as seen by this layout
+          (layouts that do not split data return ``rank=0, size=1``); the core multiplies
+          them across layouts to shard data.
+        * ``no_grad_sync()``: context manager that defers gradient synchronisation during
+          the micro-batches of a gradient-accumulation step; the next backward outside it
+          synchronises everything accumulated.
+        * ``finish_grad_sync()``: called after the last backward of a step and before the
+          optimizer; waits for asynchronous reductions. Gradients are then averaged over
+          the data-parallel ranks (sum divided by DP size, unless the layout documents a
+          different divisor, e.g. for expert parameters).
+        * ``state_dict_options()``: hints for ``torch.distributed.checkpoint`` (e.g. full vs
+          sharded); parameters that are DTensors are saved sharded and reshard on load.
+    """
+
+    name: ClassVar[str]
+    mesh_dims: ClassVar[tuple[str, ...]]
+
+    def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module: ...
+
+    def data_parallel(self) -> DataParallelInfo: ...
+
+    def no_grad_sync(self) -> AbstractContextManager[None]: ...
+
+    def finish_grad_sync(self) -> None: ...
+
+    def state_dict_options(self) -> dict[str, Any]: ...

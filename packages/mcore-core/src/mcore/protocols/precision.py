@@ -1,0 +1,74 @@
+"""Precision recipes: number formats for GEMMs, parameters, gradients and the loss."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatherPayload:
+    """What a parameter shard becomes before FSDP all-gathers it.
+
+    ``tensors``: the shard's tensors to gather (e.g. fp8 bytes and per-block scales), each
+    gathered along dim 0; ``metadata``: anything ``unpack`` needs (original shape, dtype).
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    metadata: Any
+
+
+@runtime_checkable
+class PrecisionRecipe(Protocol):
+    """Registered under kind ``"precision"`` (``fp32``, ``bf16``, ``fp8-delayed``, ...).
+
+    Contract:
+        * ``param_dtype``: dtype the model's parameters are stored in for compute;
+          ``master_dtype``: dtype of the optimizer's master copy (fp32 unless documented);
+          ``reduce_dtype``: dtype of gradient reduction across ranks.
+        * ``prepare(model)``: called before layouts; converts parameters to
+          ``param_dtype`` and swaps GEMM modules for quantized ones where the format needs
+          it. Returns the model.
+        * ``autocast()``: context entered around forward (and the loss).
+        * ``scale_loss(loss)``: returns the tensor to call ``backward`` on (loss scaling for
+          fp16, identity otherwise); ``unscale_grads(model) -> bool`` divides gradients by the
+          scale and returns ``True`` if this rank's gradients are all finite (the runtime
+          combines the answer across ranks before skipping a step); ``update()`` adjusts the scale
+          after the step. The recipe owns its scaling state and checkpoints it through
+          ``state_dict``/``load_state_dict``.
+        * ``gather_payload(param_shard)``: ``None`` to gather the shard as is, or a
+          ``GatherPayload`` (quantized bytes + scales) for FSDP to all-gather;
+          ``unpack(gathered, metadata)`` builds the full weight FSDP hands to compute.
+        * ``after_step(model)``: re-quantize cached weights from the updated master
+          weights (no-op for formats without cached weights).
+    """
+
+    name: ClassVar[str]
+    param_dtype: torch.dtype
+    master_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+
+    def prepare(self, model: nn.Module) -> nn.Module: ...
+
+    def autocast(self) -> AbstractContextManager[Any]: ...
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor: ...
+
+    def unscale_grads(self, model: nn.Module) -> bool: ...
+
+    def update(self) -> None: ...
+
+    def gather_payload(self, param_shard: torch.Tensor) -> GatherPayload | None: ...
+
+    def unpack(self, gathered: tuple[torch.Tensor, ...], metadata: Any) -> torch.Tensor: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...

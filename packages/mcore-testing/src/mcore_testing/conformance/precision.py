@@ -1,0 +1,92 @@
+"""Conformance checks for ``PrecisionRecipe`` implementations (single process)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from mcore.protocols import PrecisionRecipe
+from mcore_testing.numerics import DEFAULT_TOLERANCE, assert_rel_close, seeded_randn
+from mcore_testing.reference import TinyTransformer, tiny_batches
+
+
+class PrecisionConformance:
+    """Subclass and implement ``make_recipe()``.
+
+    ``forward_tolerance``: relative error of the loss against fp32 (default by the
+    recipe's ``param_dtype``: 1e-5 fp32, 1e-2 bf16); ``gather_tolerance``: error of a
+    ``gather_payload`` -> ``unpack`` round trip (0 for formats that gather the raw shard).
+    """
+
+    forward_tolerance: float | None = None
+    gather_tolerance: float = 0.0
+
+    def make_recipe(self) -> Any:
+        raise NotImplementedError("subclass must implement make_recipe()")
+
+    def _tolerance(self, recipe: Any) -> float:
+        if self.forward_tolerance is not None:
+            return self.forward_tolerance
+        return DEFAULT_TOLERANCE.get(recipe.param_dtype, 1e-2)
+
+    def test_is_precision_recipe(self) -> None:
+        assert isinstance(self.make_recipe(), PrecisionRecipe)
+
+    def test_prepare_sets_param_dtype_and_loss_matches_fp32(self) -> None:
+        recipe = self.make_recipe()
+        ref_model = TinyTransformer(seed=0)
+        model = recipe.prepare(copy.deepcopy(ref_model))
+        for name, p in model.named_parameters():
+            assert p.dtype in (recipe.param_dtype, recipe.master_dtype), f"{name} has dtype {p.dtype}"
+        tokens, labels = tiny_batches(1, seed=3)[0]
+        with recipe.autocast():
+            loss = model(tokens, labels=labels)
+        ref = ref_model(tokens, labels=labels)
+        assert_rel_close(loss.float(), ref, self._tolerance(recipe), name="loss")
+
+    def test_scaled_backward_unscales_to_true_gradients(self) -> None:
+        recipe = self.make_recipe()
+        model = recipe.prepare(TinyTransformer(seed=0))
+        twin = copy.deepcopy(model)
+        tokens, labels = tiny_batches(1, seed=4)[0]
+        with recipe.autocast():
+            loss = model(tokens, labels=labels)
+        recipe.scale_loss(loss).backward()
+        assert recipe.unscale_grads(model) is True
+        with recipe.autocast():
+            twin(tokens, labels=labels).backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert_rel_close(p.grad.float(), q.grad.float(), self._tolerance(recipe), name=f"grad of {name}")
+        recipe.update()
+
+    def test_non_finite_gradients_detected(self) -> None:
+        recipe = self.make_recipe()
+        model = recipe.prepare(TinyTransformer(seed=0))
+        tokens, labels = tiny_batches(1, seed=5)[0]
+        with recipe.autocast():
+            loss = model(tokens, labels=labels)
+        recipe.scale_loss(loss).backward()
+        next(model.parameters()).grad.view(-1)[0] = float("nan")
+        assert recipe.unscale_grads(model) is False
+        recipe.update()
+
+    def test_state_dict_round_trip(self) -> None:
+        recipe = self.make_recipe()
+        other = self.make_recipe()
+        other.load_state_dict(copy.deepcopy(recipe.state_dict()))
+        assert set(other.state_dict()) == set(recipe.state_dict())
+
+    def test_gather_payload_round_trip(self) -> None:
+        recipe = self.make_recipe()
+        shard = seeded_randn(64, 32, seed=6).to(recipe.param_dtype)
+        payload = recipe.gather_payload(shard)
+        if payload is None:
+            return  # gathers the shard as is: nothing to pack
+        full = recipe.unpack(payload.tensors, payload.metadata)
+        assert full.shape == shard.shape
+        assert_rel_close(full.float(), shard.float(), max(self.gather_tolerance, 1e-12), name="unpacked shard")
+
+    def test_after_step_runs(self) -> None:
+        recipe = self.make_recipe()
+        model = recipe.prepare(TinyTransformer(seed=0))
+        recipe.after_step(model)

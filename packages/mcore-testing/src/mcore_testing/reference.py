@@ -1,0 +1,158 @@
+"""A tiny decoder-only transformer in plain PyTorch, and tiny deterministic data.
+
+It lets a plugin test itself (layouts, optimizers, precision) without any other plugin.
+Shape legend: B batch, T tokens, H hidden, nh heads, hs head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(kw_only=True, slots=True)
+class TinyConfig:
+    vocab_size: int = 64
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_size: int = 64
+    max_seq_len: int = 64
+    norm_eps: float = 1e-5
+    preset: str | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).split(H, dim=-1)  # 3 x (B, T, H)
+        q, k, v = (
+            t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2) for t in (q, k, v)
+        )  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=False)
+        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x (B, T, F)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding -> ``num_layers`` pre-norm blocks -> norm -> untied head; learned positions."""
+
+    def __init__(self, cfg: TinyConfig | None = None, *, seed: int = 0) -> None:
+        super().__init__()
+        self.config = cfg = cfg or TinyConfig()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        std = 0.02
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    scale = (
+                        std / math.sqrt(2 * self.config.num_layers)
+                        if name.endswith(("proj.weight", "down.weight"))
+                        else std
+                    )
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+    def forward(self, tokens: torch.Tensor, *, labels: torch.Tensor | None = None, ctx: Any = None) -> torch.Tensor:
+        B, T = tokens.shape
+        positions = torch.arange(T, device=tokens.device)
+        x = self.embed(tokens) + self.pos(positions)  # (B, T, H)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def tiny_batches(
+    steps: int, *, batch_size: int = 4, seq_len: int = 16, vocab_size: int = 64, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of ``(tokens, labels)``, each ``(batch_size, seq_len)`` int64.
+
+    Rows are arithmetic sequences modulo the vocabulary with a random start and stride, so a
+    model can learn them and the loss visibly falls.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        start = torch.randint(0, vocab_size, (batch_size, 1), generator=g)
+        stride = torch.randint(1, 4, (batch_size, 1), generator=g)
+        seq = (start + stride * torch.arange(seq_len + 1)) % vocab_size  # (B, T + 1)
+        out.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return out
+
+
+class TinyModelFactory:
+    """Registers ``TinyTransformer`` as model ``reference-tiny`` (a ``ModelFactory``)."""
+
+    Config = TinyConfig
+
+    @staticmethod
+    def presets() -> dict[str, dict[str, Any]]:
+        return {"tiny": {}, "micro": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "ffn_size": 32}}
+
+    @staticmethod
+    def build(config: TinyConfig, *, seed: int, device: Any = "cpu", block_lookup: Any = None) -> nn.Module:
+        return TinyTransformer(config, seed=seed).to(device)
+
+    @staticmethod
+    def flops_per_token(config: TinyConfig, seq_len: int) -> int:
+        """6 x matmul parameters + 6 x attention scores (12 * L * H * T / 2 causal) per token."""
+        h, f, layers = config.hidden_size, config.ffn_size, config.num_layers
+        matmul_params = layers * (4 * h * h + 3 * h * f) + h * config.vocab_size
+        return 6 * matmul_params + 6 * layers * h * seq_len
