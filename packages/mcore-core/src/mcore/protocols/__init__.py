@@ -9,12 +9,13 @@ plugins) stays cheap.
 """
 
 from mcore.protocols.block import BlockContext, FlopsShape, KVCacheHandle, ModelBlock, ModelFactory
-from mcore.protocols.dispatcher import DispatchResult, RoutingDecision, TokenDispatcher
-from mcore.protocols.layout import DataParallelInfo, ParallelLayout
+from mcore.protocols.dispatcher import DispatchResult, Router, RoutingDecision, TokenDispatcher
+from mcore.protocols.layout import BatchShardingLayout, DataParallelInfo, ParallelLayout, ScheduledLayout
 from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory
 from mcore.protocols.precision import GatherPayload, PrecisionRecipe
 
 __all__ = [
+    "BatchShardingLayout",
     "BlockContext",
     "DataParallelInfo",
     "DispatchResult",
@@ -27,6 +28,8 @@ __all__ = [
     "OptimizerFactory",
     "ParallelLayout",
     "PrecisionRecipe",
+    "Router",
     "RoutingDecision",
+    "ScheduledLayout",
     "TokenDispatcher",
 ]

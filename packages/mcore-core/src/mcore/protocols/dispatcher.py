@@ -67,3 +67,25 @@ class TokenDispatcher(Protocol):
     def dispatch(self, hidden: torch.Tensor, routing: RoutingDecision) -> DispatchResult: ...
 
     def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Router(Protocol):
+    """Registered under kind ``"router"`` (``topk``, ``group-topk``, ``hash``...).
+
+    ``route(hidden, token_ids)``: ``hidden`` ``(N, H)``; ``token_ids`` ``(N,)`` int64 (used by
+    hash routing, which takes the experts from a table and only the weights from the logits;
+    ``None`` otherwise). Returns a ``RoutingDecision``. Score functions (softmax, sigmoid,
+    sqrtsoftplus computed in fp32), expert bias for aux-loss-free balancing (selection uses
+    ``score + bias``, weights use ``score``) and top-k renormalisation are the router's
+    business. Auxiliary losses (load balance, sequence aux, z-loss) are returned by
+    ``aux_losses()`` as ``(name, loss)`` pairs for the last call, already scaled by their
+    coefficients; ``update_bias(load)`` applies ``b += rate * sign(mean(load) - load)`` after
+    the optimizer step from the per-expert token counts ``(E,)``.
+    """
+
+    def route(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> RoutingDecision: ...
+
+    def aux_losses(self) -> list[tuple[str, torch.Tensor]]: ...
+
+    def update_bias(self, load: torch.Tensor) -> None: ...

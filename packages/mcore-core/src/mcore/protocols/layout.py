@@ -7,15 +7,18 @@ dimensions of the ``ParallelMesh`` and touches nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from torch.distributed import ProcessGroup
 
     from mcore.mesh import ParallelMesh
+    from mcore.protocols.block import BlockContext
     from mcore.protocols.precision import PrecisionRecipe
 
 
@@ -76,3 +79,40 @@ class ParallelLayout(Protocol):
     def finish_grad_sync(self) -> None: ...
 
     def state_dict_options(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class BatchShardingLayout(ParallelLayout, Protocol):
+    """A layout that changes which part of a batch each rank computes (``cp``, sequence parallel).
+
+    ``shard_batch(tokens, labels, ctx)`` receives the micro-batch every rank of the layout's
+    group holds — ``tokens``/``labels`` ``(B, T)`` int64 and a ``BlockContext`` with
+    ``positions``/``cu_seqlens`` — and returns this rank's part with a consistent context
+    (e.g. ``cp`` with zig-zag balance: chunks ``r`` and ``2 * cp - 1 - r`` of every document,
+    positions kept global so rotary embeddings stay right). ``loss_group()`` is the group
+    over which the per-rank mean losses are averaged to give the batch loss (``None`` when
+    the layout does not split the loss). Dynamic CP may pick its split per batch here.
+    """
+
+    def shard_batch(
+        self, tokens: torch.Tensor, labels: torch.Tensor, ctx: BlockContext
+    ) -> tuple[torch.Tensor, torch.Tensor, BlockContext]: ...
+
+    def loss_group(self) -> ProcessGroup | None: ...
+
+
+@runtime_checkable
+class ScheduledLayout(ParallelLayout, Protocol):
+    """A layout that owns the forward/backward schedule of a step (``pp``: 1F1B, interleaved).
+
+    ``forward_backward(model, micro_batches)`` runs forward and backward of every
+    micro-batch ``(tokens, labels, ctx)`` in the layout's schedule (gradients accumulate in
+    ``.grad`` as with a plain loop) and returns the mean loss over the micro-batches as a 0-d
+    fp32 tensor, valid on every rank of the pipeline (the last stage broadcasts it). The
+    runtime calls it instead of its own micro-batch loop when a layout implements it; at
+    most one layout of a run may.
+    """
+
+    def forward_backward(
+        self, model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor, BlockContext]]
+    ) -> torch.Tensor: ...

@@ -1,0 +1,86 @@
+"""The suites must fail on wrong implementations, or they prove nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_conformance_suites import AllGatherDispatcher, AllReduceLayout, DocumentAttention
+
+from mcore.precision.basic import FP32
+from mcore_testing import DistributedTestError
+from mcore_testing.conformance import BlockConformance, DispatcherConformance, LayoutConformance, PrecisionConformance
+
+
+class SumInsteadOfMeanLayout(AllReduceLayout):
+    """Forgets to divide by the DP size."""
+
+    def finish_grad_sync(self) -> None:
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+class BrokenLayoutSuite(LayoutConformance):
+    world_size = 2
+    fill_dim = "dp_replicate"
+
+    def make_layout(self) -> SumInsteadOfMeanLayout:
+        return SumInsteadOfMeanLayout()
+
+
+class LeakyAttention(DocumentAttention):
+    """Ignores document boundaries."""
+
+    def forward(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        ctx.cu_seqlens = None
+        return super().forward(hidden, ctx)
+
+
+class BrokenBlockSuite(BlockConformance):
+    def make_block(self, hidden_size: int) -> LeakyAttention:
+        return LeakyAttention(hidden_size)
+
+
+class DropsSecondChoice(AllGatherDispatcher):
+    def combine(self, expert_out: torch.Tensor, result: Any) -> torch.Tensor:
+        return super().combine(expert_out, result) * 0.5
+
+
+class BrokenDispatcherSuite(DispatcherConformance):
+    world_sizes = (1,)
+
+    def make_dispatcher(self, group: Any, num_experts: int) -> DropsSecondChoice:
+        return DropsSecondChoice(group, num_experts)
+
+
+class LossyRecipe(FP32):
+    def unscale_grads(self, model: Any) -> bool:
+        return True  # never reports non-finite gradients
+
+
+class BrokenPrecisionSuite(PrecisionConformance):
+    def make_recipe(self) -> LossyRecipe:
+        return LossyRecipe()
+
+
+def test_layout_suite_catches_unaveraged_gradients() -> None:
+    with pytest.raises(DistributedTestError, match="grad of"):
+        BrokenLayoutSuite().test_matches_single_process()
+
+
+def test_block_suite_catches_attention_across_documents() -> None:
+    with pytest.raises(AssertionError, match="document 3 output"):
+        BrokenBlockSuite().test_packed_documents_do_not_mix()
+
+
+def test_dispatcher_suite_catches_wrong_combine() -> None:
+    with pytest.raises(AssertionError, match="combined output"):
+        BrokenDispatcherSuite().test_round_trip_matches_reference()
+
+
+def test_precision_suite_catches_missed_nan() -> None:
+    with pytest.raises(AssertionError):
+        BrokenPrecisionSuite().test_non_finite_gradients_detected()
