@@ -21,7 +21,7 @@ TESTING = "packages/mcore-testing"
 PLUGINS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "plugins").glob("*/pyproject.toml") for p in [p.parent])
 
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["tests", "tests-integration", "lint"]
+nox.options.sessions = ["tests", "lint"]
 nox.options.error_on_missing_interpreters = False
 
 
@@ -34,24 +34,24 @@ def install(session: nox.Session, *packages: str, extras: str = "test") -> None:
     session.install(*args)
 
 
-def package_tests(session: nox.Session, package: str) -> None:
-    install(session, *dict.fromkeys([CORE, TESTING, package]))
-    session.run("pytest", "-q", "-m", "not gpu", f"{package}/tests", *session.posargs)
+INTEGRATION = "integration_tests"
 
 
 @nox.session
-@nox.parametrize("package", [CORE, TESTING, *PLUGINS])
+@nox.parametrize("package", [CORE, TESTING, *PLUGINS, INTEGRATION])
 def tests(session: nox.Session, package: str) -> None:
-    """One package's tests in an environment holding only mcore-core, mcore-testing and that package."""
-    package_tests(session, package)
+    """Each package's tests in an env holding only mcore-core, mcore-testing and that package; then integration.
 
-
-@nox.session(name="tests-integration")
-def tests_integration(session: nox.Session) -> None:
-    """Tests that compose several plugins, with every package installed."""
-    install(session, CORE, TESTING, *PLUGINS)
-    session.install("hatchling")  # the throwaway-plugin test builds a distribution without network
-    session.run("pytest", "-q", "-m", "not gpu", "integration_tests", *session.posargs)
+    The integration tests (last) get every package, and hatchling to build the throwaway
+    third-party plugin without network.
+    """
+    if package == INTEGRATION:
+        install(session, CORE, TESTING, *PLUGINS)
+        session.install("hatchling")
+        session.run("pytest", "-q", "-m", "not gpu", INTEGRATION, *session.posargs)
+        return
+    install(session, *dict.fromkeys([CORE, TESTING, package]))
+    session.run("pytest", "-q", "-m", "not gpu", f"{package}/tests", *session.posargs)
 
 
 @nox.session
