@@ -56,13 +56,14 @@ def tests(session: nox.Session, package: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (check + format check) and mypy on the core, the harness, and protocol conformance."""
+    """ruff (check + format check); mypy on every package's sources and its ``typecheck/`` protocol-conformance files."""
     session.install(TORCH)
     session.install("ruff>=0.6", "mypy>=1.11", "-e", CORE, "-e", TESTING, *[a for p in PLUGINS for a in ("-e", p)])
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    typing_checks = [str(p) for p in ROOT.glob("*/*/typecheck/*.py")]
-    session.run("mypy", f"{CORE}/src/mcore", f"{TESTING}/src/mcore_testing", *typing_checks)
+    sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/*/src/*") if p.is_dir() and not p.name.endswith("-info"))
+    typing_checks = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/*/typecheck/*.py"))
+    session.run("mypy", *sources, *typing_checks)
 
 
 @nox.session

@@ -137,7 +137,10 @@ class ModelFactory(Protocol):
     backward) that MFU uses; ``hf`` (optional) names the Hugging Face mapping.
     """
 
-    Config: type
+    @property
+    def Config(self) -> type:
+        """The ``[model]`` section's schema: a keyword-only dataclass."""
+        ...
 
     def build(
         self,

@@ -1,0 +1,191 @@
+"""Layouts ``fsdp`` (shard over ``dp_shard``) and ``hsdp`` (replicate over ``dp_replicate`` x shard).
+
+``apply`` calls ``fully_shard`` on every unit (by default each child of the model's
+``layers`` ``ModuleList``) and then on the root, as a user of FSDP2 would by hand. Mixed
+precision comes from the config or, when the config says ``auto``, from the run's precision
+recipe; a recipe whose ``gather_payload`` returns a payload has its parameters gathered in
+that format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mcore.protocols.layout import DataParallelInfo
+from mcore_fsdp.api import FSDPModule, fully_shard
+from mcore_fsdp.policy import MixedPrecisionPolicy
+from mcore_fsdp.runtime import state_of
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from mcore.mesh import ParallelMesh
+    from mcore.protocols.precision import PrecisionRecipe
+
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def _dtype(key: str, value: str) -> torch.dtype | None:
+    if value not in DTYPES:
+        raise ValueError(f"parallel.fsdp.{key} = {value!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[value]
+
+
+def find_units(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
+    """Children of each ``ModuleList`` named in ``paths`` (dotted attribute paths)."""
+    units: list[nn.Module] = []
+    for path in paths:
+        target: Any = model
+        for part in path.split("."):
+            target = getattr(target, part, None)
+            if target is None:
+                break
+        if not isinstance(target, (nn.ModuleList, nn.Sequential)):
+            raise ValueError(
+                f"parallel.fsdp.units names {path!r}, which is not a ModuleList of {type(model).__name__}; "
+                "allowed: dotted paths of ModuleLists (e.g. 'layers'), or [] for the root only"
+            )
+        units.extend(target)
+    return units
+
+
+class FSDPLayout:
+    """Fully sharded data parallel over the ``dp_shard`` mesh dimension."""
+
+    name: ClassVar[str] = "fsdp"
+    mesh_dims: ClassVar[tuple[str, ...]] = ("dp_shard",)
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        #: ModuleLists whose children become units (each gathered/resharded on its own)
+        units: tuple[str, ...] = ("layers",)
+        #: free each unit's gathered parameters after forward (gather again for backward)
+        reshard_after_forward: bool = True
+        #: dtype of gathered parameters / of gradient reduction; "auto": the precision recipe's
+        param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+        reduce_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+        #: units gathered ahead of the one computing (forward and backward)
+        prefetch: int = 1
+        #: divide reduced gradients by this instead of the data-parallel size
+        gradient_divide_factor: float | None = None
+        #: gather in the recipe's low-precision format when it offers one (gather_payload)
+        quantized_gather: bool = True
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or type(self).Config()
+        _dtype("param_dtype", self.config.param_dtype)
+        _dtype("reduce_dtype", self.config.reduce_dtype)
+        if self.config.prefetch < 0:
+            raise ValueError(f"parallel.fsdp.prefetch = {self.config.prefetch!r}; allowed: an int >= 0")
+        if isinstance(self.config.units, str):
+            self.config.units = (self.config.units,) if self.config.units else ()
+        self._model: nn.Module | None = None
+        self._mesh: ParallelMesh | None = None
+
+    # -- apply ---------------------------------------------------------------------------------
+    def _device_mesh(self, mesh: ParallelMesh) -> DeviceMesh:
+        if mesh.device_mesh is not None:
+            sub = mesh.submesh(self.mesh_dims)
+            assert sub is not None
+            return sub
+        # one process without a process group: DTensors still need a (1-rank) group
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():
+            store = dist.HashStore()
+            backend = "nccl" if mesh.device_type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        return init_device_mesh(mesh.device_type, (1,) * len(self.mesh_dims), mesh_dim_names=self.mesh_dims)
+
+    def _policy(self, precision: PrecisionRecipe | None) -> MixedPrecisionPolicy:
+        param = _dtype("param_dtype", self.config.param_dtype)
+        reduce = _dtype("reduce_dtype", self.config.reduce_dtype)
+        if precision is not None:
+            param = param or precision.param_dtype
+            reduce = reduce or precision.reduce_dtype
+        return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+    def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
+        device_mesh = self._device_mesh(mesh)
+        cfg = self.config
+        options: dict[str, Any] = {
+            "mesh": device_mesh,
+            "mp_policy": self._policy(precision),
+            "gradient_divide_factor": cfg.gradient_divide_factor,
+            "gather_recipe": precision if cfg.quantized_gather else None,
+            "prefetch": cfg.prefetch,
+        }
+        for unit in find_units(model, cfg.units):
+            fully_shard(unit, reshard_after_forward=cfg.reshard_after_forward, **options)
+        fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **options)
+        self._model, self._mesh = model, mesh
+        return model
+
+    # -- per step --------------------------------------------------------------------------------
+    def data_parallel(self) -> DataParallelInfo:
+        mesh = self._require_mesh()
+        return DataParallelInfo(rank=mesh.rank("dp_shard"), size=mesh.size("dp_shard"), group=mesh.group("dp_shard"))
+
+    @contextlib.contextmanager
+    def no_grad_sync(self) -> Iterator[None]:
+        root = self._require_model()
+        root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            root.set_requires_gradient_sync(True)
+
+    def finish_grad_sync(self) -> None:
+        state = state_of(self._require_model())
+        if state is not None and state.ctx is not None:
+            state.ctx.drain()
+
+    def state_dict_options(self) -> dict[str, Any]:
+        """Parameters and their grads are ``Shard(0)`` DTensors: save sharded, reshard on load."""
+        return {"full_state_dict": False, "cpu_offload": False}
+
+    def _require_model(self) -> FSDPModule:
+        if self._model is None:
+            raise RuntimeError(f"layout {self.name!r}: apply() has not been called")
+        return self._model  # type: ignore[return-value]
+
+    def _require_mesh(self) -> ParallelMesh:
+        self._require_model()
+        assert self._mesh is not None
+        return self._mesh
+
+
+class HSDPLayout(FSDPLayout):
+    """Hybrid sharding: parameters sharded over ``dp_shard``, replicated over ``dp_replicate``."""
+
+    name: ClassVar[str] = "hsdp"
+    mesh_dims: ClassVar[tuple[str, ...]] = ("dp_replicate", "dp_shard")
+
+    def __init__(self, config: FSDPLayout.Config | None = None) -> None:
+        super().__init__(config)
+        self._dp_group: dist.ProcessGroup | None = None
+
+    def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
+        model = super().apply(model, mesh, precision)
+        if mesh.device_mesh is not None and mesh.size("dp_replicate") * mesh.size("dp_shard") > 1:
+            flat = mesh.submesh(self.mesh_dims)._flatten("dp_replicate_shard")  # type: ignore[union-attr]
+            self._dp_group = flat.get_group()
+        return model
+
+    def data_parallel(self) -> DataParallelInfo:
+        mesh = self._require_mesh()
+        shard = mesh.size("dp_shard")
+        rank = mesh.rank("dp_replicate") * shard + mesh.rank("dp_shard")
+        return DataParallelInfo(rank=rank, size=mesh.size("dp_replicate") * shard, group=self._dp_group)

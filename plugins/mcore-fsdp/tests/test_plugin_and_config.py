@@ -1,0 +1,61 @@
+"""Single-process checks: registration, shard geometry, the buffer pool, user errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mcore_fsdp.plugin
+from mcore_fsdp.geometry import plan
+from mcore_fsdp.layout import FSDPLayout, HSDPLayout, find_units
+from mcore_fsdp.pool import BufferPool
+from mcore_testing.reference import TinyTransformer
+
+
+def test_registers_layouts_without_importing_torch_code(plugin_host) -> None:
+    code = "import sys, mcore_fsdp, mcore_fsdp.plugin; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+    host = plugin_host(mcore_fsdp.plugin)
+    assert host.get("layout", "fsdp").ref == "mcore_fsdp.layout:FSDPLayout"
+    assert host.load("layout", "hsdp") is HSDPLayout
+    assert FSDPLayout.mesh_dims == ("dp_shard",) and HSDPLayout.mesh_dims == ("dp_replicate", "dp_shard")
+
+
+def test_geometry_matches_dtensor_chunks() -> None:
+    # (5, 3) on 4 ranks: chunks of 2 rows -> 2, 2, 1, 0 rows, as torch.chunk / Shard(0)
+    geo = plan([(5, 3), (7,), (2, 2)], 4)
+    a, b, c = geo.slots
+    assert [a.local_rows(r) for r in range(4)] == [len(x) for x in torch.arange(5).chunk(4)] + [0]
+    assert (a.rows, a.chunk_numel, b.offset, b.rows, c.offset) == (2, 6, 6, 2, 8)
+    assert geo.shard_numel == 6 + 2 + 2 and geo.full_numel == 40
+    with pytest.raises(ValueError, match="0-dim"):
+        plan([()], 2)
+
+
+def test_pool_reuses_buffers_of_the_largest_size() -> None:
+    pool = BufferPool(torch.device("cpu"))
+    pool.reserve("param", torch.float32, 10)
+    a = pool.acquire("param", torch.float32, 4)
+    b = pool.acquire("param", torch.float32, 10)
+    assert a.tensor.numel() == b.tensor.numel() == 10 and pool.allocations == 2
+    pool.release(a)
+    pool.release(b)
+    for _ in range(3):
+        x, y = pool.acquire("param", torch.float32, 7), pool.acquire("param", torch.float32, 10)
+        pool.release(x)
+        pool.release(y)
+    assert pool.allocations == 2 and pool.lent == 0
+
+
+def test_config_errors_name_key_value_and_allowed() -> None:
+    with pytest.raises(ValueError, match=r"parallel.fsdp.param_dtype = 'fp8'; allowed: auto, fp32, bf16, fp16"):
+        FSDPLayout(FSDPLayout.Config(param_dtype="fp8"))
+    with pytest.raises(ValueError, match=r"parallel.fsdp.prefetch = -1; allowed"):
+        FSDPLayout(FSDPLayout.Config(prefetch=-1))
+    with pytest.raises(ValueError, match=r"parallel.fsdp.units names 'blocks'"):
+        find_units(TinyTransformer(), ("blocks",))
+    assert len(find_units(TinyTransformer(), ("layers",))) == 2

@@ -1,0 +1,3 @@
+"""Version of the mcore-models distribution (read by hatchling)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,101 @@
+"""Grouped-query self-attention (MHA when ``num_kv_heads == num_heads``, MQA when it is 1).
+
+Shape legend: B rows, T tokens, H hidden, nh query heads, nkv key/value heads, hd head dim.
+
+Notable: one fused QKV projection (one GEMM; Hugging Face's q/k/v are slices of it), optional
+QK-norm (RMSNorm over each head's dims, before RoPE), optional sliding window, biases on QKV
+and/or the output, per-document positions and masks for packed rows (see ``masking``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mcore.protocols.block import BlockContext, FlopsShape
+from mcore_models.blocks.base import Block, check_positive, init_linear_
+from mcore_models.blocks.masking import attend, attention_mask
+from mcore_models.blocks.norms import RMSNorm
+from mcore_models.blocks.rope import RopeFields, Rotary
+from mcore_models.kernels.rope import apply_rope
+
+
+def row_positions(hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+    """``ctx.positions`` or ``0..T-1`` for every row, ``(B, T)`` int64."""
+    if ctx.positions is not None:
+        return ctx.positions
+    batch, seq = hidden.shape[:2]
+    return torch.arange(seq, device=hidden.device).expand(batch, seq)
+
+
+class Attention(Block):
+    """Causal GQA self-attention with RoPE; ``forward(hidden (B, T, H), ctx) -> (B, T, H)``."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(RopeFields):
+        num_heads: int = 8
+        num_kv_heads: int | None = None  # None: num_heads (MHA)
+        head_dim: int | None = None  # None: hidden_size // num_heads
+        qkv_bias: bool = False
+        out_bias: bool = False
+        qk_norm: bool = False
+        norm_eps: float = 1e-5
+        sliding_window: int | None = None
+        attention_scale: float | None = None  # None: 1/sqrt(head_dim)
+        init_std: float = 0.02
+        output_init_std: float | None = None  # None: init_std
+
+    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
+        super().__init__()
+        cfg = self.config = config or self.Config()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+        self.head_dim = cfg.head_dim or hidden_size // cfg.num_heads
+        for key in ("num_heads", "num_kv_heads", "head_dim", "sliding_window"):
+            check_positive("attention", key, getattr(cfg, key))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"attention.num_kv_heads = {self.num_kv_heads}: must divide num_heads = {self.num_heads}")
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv = nn.Linear(hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.out = nn.Linear(q_dim, hidden_size, bias=cfg.out_bias)
+        norm_cfg = RMSNorm.Config(norm_eps=cfg.norm_eps)
+        self.q_norm = RMSNorm(norm_cfg, hidden_size=self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(norm_cfg, hidden_size=self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.rotary = Rotary(cfg, self.head_dim)
+        self.scale = cfg.attention_scale or 1.0 / math.sqrt(self.head_dim)
+        self.reset_parameters()
+
+    def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        batch, seq, _ = hidden.shape
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(hidden).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim))  # (B, T, nh, hd)
+        k = self.k_norm(k.view(batch, seq, self.num_kv_heads, self.head_dim))  # (B, T, nkv, hd)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, rd/2)
+        q, k = apply_rope(q, k, cos, sin)
+        mask = None
+        if ctx.cu_seqlens is not None or self.config.sliding_window is not None:
+            mask = attention_mask(
+                batch, seq, hidden.device, cu_seqlens=ctx.cu_seqlens, window=self.config.sliding_window
+            )
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, seq, q_dim)  # (B, T, nh*hd)
+        return self.out(out)
+
+    def flops(self, shape: FlopsShape) -> int:
+        hidden = self.qkv.in_features
+        projections = 2 * shape.tokens * hidden * (self.qkv.out_features + self.out.in_features)
+        scores = 2 * 2 * shape.attended * self.num_heads * self.head_dim  # QK^T and PV
+        return projections + scores
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        cfg = self.config
+        init_linear_(self.qkv, cfg.init_std, generator)
+        init_linear_(self.out, cfg.output_init_std or cfg.init_std, generator)
+        for norm in (self.q_norm, self.k_norm):
+            if isinstance(norm, RMSNorm):
+                norm.reset_parameters(generator)

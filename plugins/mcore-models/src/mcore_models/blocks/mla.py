@@ -1,0 +1,142 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): low-rank Q and KV with decoupled RoPE dims.
+
+Shape legend: B rows, T new tokens, S keys (cached + new), H hidden, nh heads, c ``kv_lora_rank``,
+dn ``qk_nope_head_dim``, dr ``qk_rope_head_dim`` (shared by all heads for K), dv ``v_head_dim``.
+
+Training uses the plain form: the latent ``c_kv`` is expanded to per-head K and V. Decoding uses
+the absorbed form (``forward_absorbed``): ``W_uk`` is folded into the query and ``W_uv`` into the
+output, so attention runs as MQA over the cached latent ``(c + dr)`` per token and per-head K/V
+are never formed. Both forms compute the same function (checked in tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mcore.protocols.block import BlockContext, FlopsShape
+from mcore_models.blocks.attention import row_positions
+from mcore_models.blocks.base import Block, check_positive, init_linear_
+from mcore_models.blocks.masking import attend, attention_mask
+from mcore_models.blocks.norms import RMSNorm
+from mcore_models.blocks.rope import RopeFields, Rotary, _yarn_mscale
+from mcore_models.kernels.rope import apply_rope
+
+
+class MLA(Block):
+    """``forward(hidden (B, T, H), ctx) -> (B, T, H)``; ``forward_absorbed`` for decode with a latent cache."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(RopeFields):
+        num_heads: int = 8
+        q_lora_rank: int | None = None  # None: Q projected directly from the hidden state
+        kv_lora_rank: int = 128
+        qk_nope_head_dim: int = 32
+        qk_rope_head_dim: int = 16
+        v_head_dim: int = 32
+        norm_eps: float = 1e-5
+        sliding_window: int | None = None
+        attention_scale: float | None = None  # None: 1/sqrt(dn + dr), times yarn mscale^2
+        init_std: float = 0.02
+        output_init_std: float | None = None
+
+    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
+        super().__init__()
+        cfg = self.config = config or self.Config()
+        for key in ("num_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            check_positive("mla", key, getattr(cfg, key))
+        nh, dn, dr, dv, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        q_in = cfg.q_lora_rank or hidden_size
+        self.q_down = nn.Linear(hidden_size, q_in, bias=False) if cfg.q_lora_rank else nn.Identity()
+        self.q_norm = (
+            RMSNorm(RMSNorm.Config(norm_eps=cfg.norm_eps), hidden_size=q_in) if cfg.q_lora_rank else nn.Identity()
+        )
+        self.q_up = nn.Linear(q_in, nh * (dn + dr), bias=False)
+        self.kv_down = nn.Linear(hidden_size, c + dr, bias=False)
+        self.kv_norm = RMSNorm(RMSNorm.Config(norm_eps=cfg.norm_eps), hidden_size=c)
+        self.kv_up = nn.Linear(c, nh * (dn + dv), bias=False)
+        self.out = nn.Linear(nh * dv, hidden_size, bias=False)
+        self.rotary = Rotary(cfg, dr)
+        scale = cfg.attention_scale or 1.0 / math.sqrt(dn + dr)
+        if cfg.attention_scale is None and cfg.rope_scaling == "yarn" and cfg.rope_mscale_all_dim:
+            scale *= _yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
+        self.scale = scale
+        self.reset_parameters()
+
+    def _queries(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[no-untyped-def]
+        cfg = self.config
+        batch, seq, _ = hidden.shape
+        q = self.q_up(self.q_norm(self.q_down(hidden))).view(batch, seq, cfg.num_heads, -1)  # (B, T, nh, dn+dr)
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_down(hidden).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        latent = self.kv_norm(latent)  # (B, T, c)
+        q_pe, k_pe = apply_rope(q_pe.contiguous(), k_pe.reshape(batch, seq, 1, -1), cos, sin)  # (B,T,nh,dr), (B,T,1,dr)
+        return q_nope, q_pe, latent, k_pe.view(batch, seq, -1)
+
+    def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        cfg = self.config
+        batch, seq, _ = hidden.shape
+        nh, dn, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, dr/2)
+        q_nope, q_pe, latent, k_pe = self._queries(hidden, cos, sin)
+        k_nope, v = self.kv_up(latent).view(batch, seq, nh, dn + dv).split([dn, dv], dim=-1)  # (B, T, nh, dn|dv)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, nh, dn+dr)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(batch, seq, nh, -1)], dim=-1)  # (B, T, nh, dn+dr)
+        mask = None
+        if ctx.cu_seqlens is not None or cfg.sliding_window is not None:
+            mask = attention_mask(batch, seq, hidden.device, cu_seqlens=ctx.cu_seqlens, window=cfg.sliding_window)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask, scale=self.scale)
+        return self.out(out.transpose(1, 2).reshape(batch, seq, nh * dv))  # (B, T, H)
+
+    def forward_absorbed(
+        self,
+        hidden: torch.Tensor,
+        ctx: BlockContext,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Decode form: attend over ``cache = (latent (B, S0, c), k_pe (B, S0, dr))`` plus the new tokens.
+
+        Returns the output ``(B, T, H)`` and the grown cache. ``ctx.positions`` (or
+        ``S0 + arange(T)``) are the new tokens' positions; packed rows are not supported here.
+        """
+        cfg = self.config
+        batch, seq, _ = hidden.shape
+        nh, dn, dv, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        past = 0 if cache is None else cache[0].shape[1]
+        positions = ctx.positions
+        if positions is None:
+            positions = torch.arange(past, past + seq, device=hidden.device).expand(batch, seq)
+        cos, sin = self.rotary(positions)
+        q_nope, q_pe, latent, k_pe = self._queries(hidden, cos, sin)
+        if cache is not None:
+            latent, k_pe = torch.cat([cache[0], latent], dim=1), torch.cat([cache[1], k_pe], dim=1)  # (B, S, c|dr)
+        w_uk, w_uv = self.kv_up.weight.view(nh, dn + dv, c).split([dn, dv], dim=1)  # (nh, dn, c), (nh, dv, c)
+        q_latent = torch.einsum("btnd,ndc->bntc", q_nope, w_uk)  # (B, nh, T, c)
+        q = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1)  # (B, nh, T, c+dr)
+        k = torch.cat([latent, k_pe], dim=-1)[:, None]  # (B, 1, S, c+dr)
+        mask = None
+        if past or cfg.sliding_window is not None:
+            mask = attention_mask(batch, seq, hidden.device, cu_seqlens=None, window=cfg.sliding_window, offset=past)
+        ctx_latent = attend(q, k, latent[:, None], mask=mask, scale=self.scale)  # (B, nh, T, c)
+        out = torch.einsum("bntc,nvc->btnv", ctx_latent, w_uv).reshape(batch, seq, nh * dv)
+        return self.out(out), (latent, k_pe)
+
+    def flops(self, shape: FlopsShape) -> int:
+        cfg = self.config
+        linears = [m for m in (self.q_down, self.q_up, self.kv_down, self.kv_up, self.out) if isinstance(m, nn.Linear)]
+        projections = sum(2 * shape.tokens * m.in_features * m.out_features for m in linears)
+        head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+        return projections + 2 * shape.attended * cfg.num_heads * head
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        cfg = self.config
+        for linear in (self.q_down, self.q_up, self.kv_down, self.kv_up):
+            if isinstance(linear, nn.Linear):
+                init_linear_(linear, cfg.init_std, generator)
+        init_linear_(self.out, cfg.output_init_std or cfg.init_std, generator)
+        for norm in (self.q_norm, self.kv_norm):
+            if isinstance(norm, RMSNorm):
+                norm.reset_parameters(generator)

@@ -1,0 +1,59 @@
+"""Multi-token prediction module (DeepSeek-V3 style), one per extra prediction depth.
+
+Shape legend: B rows, T tokens, H hidden.
+
+Depth ``k`` combines the previous depth's hidden state ``h`` (the main model's last hidden state
+for ``k = 1``) with the embedding of token ``t[i + k]``: ``proj([norm(emb); norm(h)])``, runs one
+transformer layer and hands the result, after its own final norm, to the model's shared output
+head to predict ``t[i + k + 1]``. The embeddings arrive in ``ctx.extra[NEXT_EMBEDDINGS]``, so the
+module keeps the common block signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcore.protocols.block import BlockContext, FlopsShape
+from mcore_models.blocks.base import Block, init_linear_
+from mcore_models.blocks.norms import RMSNorm
+
+NEXT_EMBEDDINGS = "mcore_models.mtp.next_embeddings"
+
+
+class MTP(Block):
+    """``forward(hidden (B, T, H), ctx) -> (B, T, H)``; ``ctx.extra[NEXT_EMBEDDINGS]`` is ``(B, T, H)``."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        norm_eps: float = 1e-5
+        init_std: float = 0.02
+
+    def __init__(self, config: Config | None = None, *, hidden_size: int, layer: nn.Module | None = None) -> None:
+        super().__init__()
+        cfg = self.config = config or self.Config()
+        norm_cfg = RMSNorm.Config(norm_eps=cfg.norm_eps)
+        self.embed_norm = RMSNorm(norm_cfg, hidden_size=hidden_size)
+        self.hidden_norm = RMSNorm(norm_cfg, hidden_size=hidden_size)
+        self.proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.layer: Any = layer if layer is not None else nn.Identity()
+        self.reset_parameters()
+
+    def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        embedded = ctx.extra[NEXT_EMBEDDINGS]  # (B, T, H)
+        mixed = self.proj(torch.cat([self.embed_norm(embedded), self.hidden_norm(hidden)], dim=-1))  # (B, T, H)
+        return self.layer(mixed, ctx) if not isinstance(self.layer, nn.Identity) else mixed
+
+    def flops(self, shape: FlopsShape) -> int:
+        layer_flops = self.layer.flops(shape) if hasattr(self.layer, "flops") else 0
+        return 2 * shape.tokens * self.proj.in_features * self.proj.out_features + layer_flops
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for norm in (self.embed_norm, self.hidden_norm):
+            norm.reset_parameters(generator)
+        init_linear_(self.proj, self.config.init_std, generator)
+        if hasattr(self.layer, "reset_parameters"):
+            self.layer.reset_parameters(generator)

@@ -1,0 +1,73 @@
+"""Normalisation blocks: RMSNorm and LayerNorm, optionally with zero-centred gamma.
+
+With ``zero_centered_gamma`` the stored weight is ``gamma - 1`` (initialised to zero, so weight
+decay pulls towards the identity); the effective scale is ``1 + weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcore.protocols.block import BlockContext, FlopsShape
+from mcore_models.blocks.base import Block, fill_
+from mcore_models.kernels.rmsnorm import rms_norm
+
+
+class RMSNorm(Block):
+    """``x / rms(x) * gamma`` over the last dim; fp32 statistics, Triton kernel on CUDA."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        norm_eps: float = 1e-5
+        zero_centered_gamma: bool = False
+
+    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config or self.Config()
+        self.eps = self.config.norm_eps
+        self.offset = 1.0 if self.config.zero_centered_gamma else 0.0
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+        return rms_norm(hidden, self.weight, self.eps, self.offset)  # (..., H)
+
+    def flops(self, shape: FlopsShape) -> int:
+        return 4 * shape.tokens * self.weight.numel()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        fill_(self.weight, 0.0 if self.config.zero_centered_gamma else 1.0)
+
+
+class LayerNorm(Block):
+    """Standard LayerNorm (mean and variance), with bias unless ``norm_bias = false``."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        norm_eps: float = 1e-5
+        zero_centered_gamma: bool = False
+        norm_bias: bool = True
+
+    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config or self.Config()
+        self.offset = 1.0 if self.config.zero_centered_gamma else 0.0
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.bias = nn.Parameter(torch.empty(hidden_size)) if self.config.norm_bias else None
+        self.reset_parameters()
+
+    def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+        weight = self.weight + self.offset if self.offset else self.weight
+        return F.layer_norm(hidden, (hidden.shape[-1],), weight, self.bias, self.config.norm_eps)
+
+    def flops(self, shape: FlopsShape) -> int:
+        return 6 * shape.tokens * self.weight.numel()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        fill_(self.weight, 0.0 if self.config.zero_centered_gamma else 1.0)
+        if self.bias is not None:
+            fill_(self.bias, 0.0)

@@ -1,0 +1,1 @@
+"""GPU kernels, each beside its plain-PyTorch reference; ``dispatch`` picks one per device type."""

@@ -1,0 +1,301 @@
+"""Hugging Face interop: logits parity with ``transformers`` per family, and exact round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcore_models.blocks.rope import RopeFields, inverse_frequencies
+from mcore_models.gpt import GPT, GPTConfig
+from mcore_models.hf import config_to_hf
+from mcore_testing.numerics import rel_error
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+FAMILIES = {
+    "llama-llama3-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "llama-tied-mha": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=4, tie_word_embeddings=True, head_dim=32),
+    ),
+    "llama-linear-rope-bias": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=1,
+            attention_bias=True,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        ),
+    ),
+    "llama-yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "qwen2-tied": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
+        ),
+    ),
+    "mistral-window": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=2, sliding_window=5, head_dim=16),
+    ),
+    "deepseek-v3-interleaved-yarn": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_key_value_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            first_k_dense_replace=2,
+            num_nextn_predict_layers=0,
+            rope_interleave=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "deepseek-v3-no-q-lora-tied": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            first_k_dense_replace=2,
+            num_nextn_predict_layers=0,
+            rope_interleave=False,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+
+
+def hf_model(family: str):  # type: ignore[no-untyped-def]
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(**COMMON, **extra)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).float().eval()
+    with torch.no_grad():  # non-trivial norms and biases, so their mapping is checked too
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, COMMON["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_matches_transformers_logits(family: str, tmp_path: Path) -> None:
+    reference = hf_model(family)
+    reference.save_pretrained(tmp_path)
+    config, model = GPT.import_hf(tmp_path)
+    assert isinstance(config, GPTConfig)
+    with torch.no_grad():
+        ref = reference(tokens()).logits
+        ours = model(tokens())
+    assert rel_error(ours, ref) < 1e-5  # ||ours - ref|| / ||ref||
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-5  # max relative error
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_loads_in_transformers_and_round_trips_exactly(family: str, tmp_path: Path) -> None:
+    reference = hf_model(family)
+    reference.save_pretrained(tmp_path / "hf")
+    config, model = GPT.import_hf(tmp_path / "hf")
+    GPT.export_hf(model, config, tmp_path / "ours")
+    reloaded = (
+        getattr(transformers, FAMILIES[family][1])
+        .from_pretrained(tmp_path / "ours", attn_implementation="eager")
+        .float()
+        .eval()
+    )
+    config2, model2 = GPT.import_hf(tmp_path / "ours")
+    assert config2 == config
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    if getattr(reference.config, "rope_interleave", True) is False:
+        # we always write DeepSeek's interleaved RoPE rows, so the weights differ by a permutation
+        assert reloaded.config.rope_interleave is True
+        with torch.no_grad():
+            assert rel_error(reloaded(tokens()).logits, reference(tokens()).logits) < 1e-5
+        return
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens()).logits, reference(tokens()).logits)
+
+
+def test_round_trip_of_a_model_we_trained_from_scratch(tmp_path: Path) -> None:
+    cfg = GPTConfig(**{**GPT.presets()["tiny"], "hf_model_type": "qwen2", "qkv_bias": True, "tie_embeddings": True})
+    model = GPT.build(cfg, seed=4, device="cpu")
+    GPT.export_hf(model, cfg, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    cfg2, model2 = GPT.import_hf(tmp_path)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert cfg2.tie_embeddings and cfg2.qkv_bias and cfg2.hf_model_type == "qwen2"
+
+
+def test_export_refuses_what_hf_cannot_express(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mtp_num_layers"):
+        config_to_hf(GPTConfig(**{**GPT.presets()["tiny"], "mtp_num_layers": 1}))
+    with pytest.raises(ValueError, match="hf_model_type"):
+        config_to_hf(GPTConfig(hf_model_type="gpt2"))
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 1e6,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32768,
+            "attention_factor": 1.3,
+        },
+    ],
+)
+def test_rope_frequencies_equal_transformers(rope: dict) -> None:  # type: ignore[type-arg]
+    """Scaled RoPE variants (the default one is covered by the logits parity tests)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = transformers.LlamaConfig(**{**COMMON, "max_position_embeddings": 200000}, rope_parameters=dict(rope))
+    inv_ref, factor_ref = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config, "cpu")
+    from mcore_models.hf import config_from_hf
+
+    ours_cfg = config_from_hf(hf_config.to_dict())
+    fields = RopeFields(**{f: getattr(ours_cfg, f) for f in RopeFields.__slots__})
+    inv, factor = inverse_frequencies(fields, 16)
+    assert torch.equal(inv, inv_ref.float())
+    assert factor == pytest.approx(factor_ref, rel=1e-12)
+
+
+def test_import_reads_sharded_checkpoints(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    reference = hf_model("llama-llama3-rope")
+    reference.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    _, model = GPT.import_hf(tmp_path)
+    with torch.no_grad():
+        assert rel_error(model(tokens()), reference(tokens()).logits) < 1e-5
+
+
+def test_import_rejects_unknown_families(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type"):
+        GPT.import_hf(tmp_path)
+
+
+def test_deepseek_with_mtp_round_trips_and_loads_in_transformers(tmp_path: Path) -> None:
+    values = {**GPT.presets()["deepseek-v3-mini"], "hf_model_type": "deepseek_v3", "vocab_size": 96,
+              "hidden_size": 64, "num_layers": 2, "ffn_hidden_size": 112, "q_lora_rank": 32, "kv_lora_rank": 16,
+              "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "mtp_num_layers": 2}  # fmt: skip
+    cfg = GPTConfig(**values)
+    model = GPT.build(cfg, seed=1, device="cpu")
+    GPT.export_hf(model, cfg, tmp_path)
+    cfg2, model2 = GPT.import_hf(tmp_path)
+    assert cfg2.mtp_num_layers == 2 and cfg2.attention == "mla"
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        assert rel_error(model(tokens()), hf(tokens()).logits) < 1e-5
+
+
+def test_deepseek_moe_checkpoints_are_refused() -> None:
+    from mcore_models.hf import config_from_hf
+
+    hf = transformers.DeepseekV3Config(**COMMON, first_k_dense_replace=1).to_dict()
+    with pytest.raises(ValueError, match="first_k_dense_replace"):
+        config_from_hf(hf)
+
+
+def test_import_refuses_untruncated_yarn() -> None:
+    from mcore_models.hf import config_from_hf
+
+    hf = {**COMMON, "model_type": "llama", "hidden_act": "silu",
+          "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "truncate": False}}  # fmt: skip
+    with pytest.raises(ValueError, match="truncate"):
+        config_from_hf(hf)

@@ -1,0 +1,146 @@
+"""Each Triton kernel against its PyTorch reference on CUDA: several shapes, fp32 and bf16, fwd and bwd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcore_testing.numerics import assert_rel_close
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+
+def _grads(fn, inputs, grad_out):  # type: ignore[no-untyped-def]
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(outs, grad_out)
+    return outs, [leaf.grad for leaf in leaves]
+
+
+def _compare(kernel, reference, inputs, grad_out, dtype):  # type: ignore[no-untyped-def]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    outs, grads = _grads(kernel, inputs, grad_out)
+    ref_outs, ref_grads = _grads(reference, inputs, grad_out)
+    for o, r in zip(outs, ref_outs, strict=True):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        assert_rel_close(o.float(), r.float(), tol=tol, name="forward")
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_rel_close(g.float(), r.float(), tol=tol, name="gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "hidden", "offset"), [(8192, 2048, 0.0), (37, 896, 1.0), (5, 64, 0.0)])
+def test_rmsnorm_kernel(dtype: torch.dtype, rows: int, hidden: int, offset: float) -> None:
+    from mcore_models.kernels.rmsnorm import rms_norm_reference
+    from mcore_models.kernels.rmsnorm_triton import rms_norm
+
+    x = _randn(rows, hidden, dtype=dtype, seed=0)
+    w = 1 + 0.1 * _randn(hidden, dtype=dtype, seed=1)
+    dy = _randn(rows, hidden, dtype=dtype, seed=2)
+    _compare(
+        lambda a, b: rms_norm(a, b, 1e-5, offset),
+        lambda a, b: rms_norm_reference(a, b, 1e-5, offset),
+        [x, w],
+        dy,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "seq", "nq", "nk", "hd", "rd"), [(2, 4096, 16, 8, 128, 128), (3, 17, 14, 2, 64, 64), (1, 9, 4, 1, 16, 8)]
+)
+def test_rope_kernel(
+    dtype: torch.dtype,
+    batch: int,
+    seq: int,
+    nq: int,
+    nk: int,
+    hd: int,
+    rd: int,
+) -> None:
+    from mcore_models.kernels.rope import apply_rope_reference
+    from mcore_models.kernels.rope_triton import apply_rope
+
+    qkv = _randn(batch, seq, (nq + 2 * nk) * hd, dtype=dtype, seed=0)
+    q, k, _ = qkv.split([nq * hd, nk * hd, nk * hd], dim=-1)
+    q, k = q.view(batch, seq, nq, hd), k.view(batch, seq, nk, hd)  # strided views, as in attention
+    angles = torch.arange(seq, device="cuda")[None, :, None] * _randn(1, 1, rd // 2, dtype=torch.float32, seed=1).abs()
+    angles = angles.expand(batch, seq, rd // 2)
+    cos, sin = angles.cos(), angles.sin()
+    grads = (_randn(batch, seq, nq, hd, dtype=dtype, seed=2), _randn(batch, seq, nk, hd, dtype=dtype, seed=3))
+    _compare(
+        lambda a, b: apply_rope(a, b, cos, sin), lambda a, b: apply_rope_reference(a, b, cos, sin), [q, k], grads, dtype
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "ffn"), [(8192, 5632), (33, 4864), (3, 100)])
+def test_swiglu_kernel(dtype: torch.dtype, rows: int, ffn: int) -> None:
+    from mcore_models.kernels.swiglu import swiglu_reference
+    from mcore_models.kernels.swiglu_triton import swiglu
+
+    x = _randn(rows, 2 * ffn, dtype=dtype, seed=0) * 3
+    dy = _randn(rows, ffn, dtype=dtype, seed=1)
+    _compare(swiglu, swiglu_reference, [x], dy, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "vocab", "chunk"), [(8192, 2048, 32768, 4096), (100, 64, 1000, 33), (7, 32, 151936, 4)]
+)
+def test_fused_linear_cross_entropy(dtype: torch.dtype, tokens: int, hidden: int, vocab: int, chunk: int) -> None:
+    from mcore_models.kernels.linear_ce import linear_cross_entropy_sum, linear_cross_entropy_unfused
+
+    h = _randn(tokens, hidden, dtype=dtype, seed=0)
+    w = _randn(vocab, hidden, dtype=dtype, seed=1) * 0.02
+    labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    labels[::5] = -100
+    g = torch.tensor(0.5, device="cuda")
+    _compare(
+        lambda a, b: linear_cross_entropy_sum(a, b, labels, chunk_size=chunk),
+        lambda a, b: linear_cross_entropy_unfused(a, b, labels),
+        [h, w],
+        g,
+        dtype,
+    )
+
+
+def test_triton_dispatch_is_chosen_on_cuda() -> None:
+    from mcore_models.kernels import rmsnorm_triton
+    from mcore_models.kernels.rmsnorm import rms_norm
+
+    assert rms_norm.implementation("cuda") is rmsnorm_triton.rms_norm
+
+
+@pytest.mark.parametrize("preset", ["tiny", "deepseek-v3-mini"])
+def test_model_on_cuda_matches_cpu_reference(preset: str) -> None:
+    from mcore.protocols.block import BlockContext
+    from mcore_models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(**{**GPT.presets()[preset], "vocab_size": 512, "num_layers": 2})
+    cpu = GPT.build(cfg, seed=0, device="cpu")
+    gpu = GPT.build(cfg, seed=0, device="cuda")
+    for a, b in zip(cpu.state_dict().values(), gpu.state_dict().values(), strict=True):
+        assert torch.equal(a, b.cpu())
+    tokens = torch.randint(0, 512, (2, 64))
+    cu = torch.tensor([0, 20, 64, 100, 128], dtype=torch.int32)
+    for ctx in (None, BlockContext(cu_seqlens=cu, max_seqlen=44)):
+        ctx_gpu = None if ctx is None else BlockContext(cu_seqlens=cu.cuda(), max_seqlen=44)
+        loss_cpu = cpu(tokens, labels=tokens, ctx=ctx)
+        loss_gpu = gpu(tokens.cuda(), labels=tokens.cuda(), ctx=ctx_gpu)
+        assert_rel_close(loss_gpu.cpu(), loss_cpu, tol=1e-4)
+        loss_cpu.backward()
+        loss_gpu.backward()
+        for (name, p), q in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+            assert_rel_close(q.grad.cpu(), p.grad, tol=1e-3, name=name)
+        cpu.zero_grad()
+        gpu.zero_grad()

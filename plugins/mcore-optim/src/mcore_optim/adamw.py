@@ -1,0 +1,232 @@
+"""``adamw``: AdamW over a model as the layouts left it (plain, data-parallel replicas, or FSDP DTensors).
+
+Each parameter is updated where it lives: a replicated parameter in full (its gradient
+already averaged by the layout), a ``DTensor`` parameter on this rank's shard only (AdamW
+is elementwise, so the sharded update is the whole update). Low-precision parameters get
+fp32 master weights (``master_weights``); the moments are fp32. One param group per role;
+by default norms, biases and embeddings get no weight decay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from mcore_optim import state as state_format
+from mcore_optim.adamw_math import adamw_step
+from mcore_optim.dist import like_param, local
+from mcore_optim.groups import make_groups, zero_grad
+from mcore_optim.roles import DEFAULT_HEAD_PATTERN, ROLES, NamedParam, check_roles, classify, mup_lr_multiplier
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mcore.mesh import ParallelMesh
+    from mcore.protocols.layout import ParallelLayout
+
+IMPLS = ("auto", "foreach", "fused")
+
+
+class AdamW:
+    """The ``MeshOptimizer`` of ``adamw`` (also the AdamW half of ``muon`` and the inner step of
+    the sharded optimizers, which hand it only the parameters their rank updates).
+
+    ``named`` are the parameters this object updates; ``model_params`` (default: ``named``)
+    are all of the model's, which the state dict records and checks on load.
+    """
+
+    algorithm: ClassVar[str] = "adamw"
+
+    def __init__(
+        self,
+        named: Sequence[NamedParam],
+        *,
+        settings: Mapping[str, Mapping[str, float]],
+        betas: tuple[float, float],
+        eps: float,
+        fused: bool,
+        master_weights: bool,
+        model_params: Sequence[NamedParam] | None = None,
+    ) -> None:
+        self._named = list(named)
+        self._model_params = list(model_params) if model_params is not None else self._named
+        self.param_groups = make_groups(self._named, settings) if self._named else []
+        self.betas, self.eps, self.fused = betas, eps, fused
+        self.master_weights = master_weights
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for n in self._named:
+                p = local(n.param)
+                moments_dtype = torch.float32 if master_weights and p.dtype.itemsize < 4 else p.dtype
+                st = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, dtype=moments_dtype),
+                    "exp_avg_sq": torch.zeros_like(p, dtype=moments_dtype),
+                }
+                if master_weights and p.dtype.itemsize < 4:
+                    st["master"] = p.detach().to(torch.float32, copy=True)
+                self.state[n.name] = st
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        for group in self.param_groups:
+            weights, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            targets, masters = [], []
+            for name, p in zip(group["names"], group["params"]):
+                if p.grad is None:
+                    continue
+                st = self.state[name]
+                weight = st.get("master", local(p))
+                grad = local(p.grad)
+                weights.append(weight)
+                grads.append(grad if grad.dtype == weight.dtype else grad.to(weight.dtype))
+                exp_avgs.append(st["exp_avg"])
+                exp_avg_sqs.append(st["exp_avg_sq"])
+                steps.append(st["step"])
+                if "master" in st:
+                    targets.append(local(p))
+                    masters.append(st["master"])
+            adamw_step(
+                weights,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=self.eps,
+                weight_decay=float(group["weight_decay"]),
+                fused=self.fused,
+            )
+            if targets:
+                torch._foreach_copy_(targets, masters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        zero_grad(self.param_groups, set_to_none)
+
+    # -- state ----------------------------------------------------------------------------
+    def schema(self, n: NamedParam) -> dict[str, torch.dtype | None]:
+        """The state keys this optimizer keeps for ``n`` (updated here or not) and their dtypes;
+        ``None`` marks the 0-d step count, every other entry has the parameter's shape."""
+        low = self.master_weights and n.param.dtype.itemsize < 4
+        moments = torch.float32 if low else n.param.dtype
+        out: dict[str, torch.dtype | None] = {"step": None, "exp_avg": moments, "exp_avg_sq": moments}
+        if low:
+            out["master"] = torch.float32
+        return out
+
+    def state_entries(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-name state, laid out like each parameter (DTensor where the parameter is one)."""
+        out = {}
+        for n in self._named:
+            st = self.state[n.name]
+            out[n.name] = {k: (v if k == "step" else like_param(v, n.param)) for k, v in st.items()}
+        return out
+
+    def load_entries(self, saved: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            pieces = {
+                n.name: {
+                    k: state_format.take(saved, n.name, k, v, None if k == "step" else n.param)
+                    for k, v in self.state[n.name].items()
+                }
+                for n in self._named
+            }
+            for name, st in pieces.items():  # only after every check passed
+                for k, v in st.items():
+                    self.state[name][k].copy_(v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **state_format.header(self.algorithm, self._model_params, self.param_groups),
+            "state": self.state_entries(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        state_format.check(state_dict, self.algorithm, self._model_params, self.param_groups)
+        self.load_entries(state_dict["state"])
+        state_format.restore_groups(self.param_groups, state_dict["groups"])
+
+
+def check_common(config: Any) -> None:
+    """Checks shared by every optimizer config here (``ValueError`` naming key, value, allowed)."""
+    for key in ("lr", "weight_decay"):
+        value = getattr(config, key)
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{key} = {value!r}; allowed: a number >= 0")
+    check_roles("no_decay_roles", config.no_decay_roles)
+    mup_lr_multiplier("matrix", base_width=config.mup_base_width, width=config.mup_width)
+
+
+def check_betas(key: str, betas: Any, eps_key: str, eps: Any) -> tuple[float, float]:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
+        raise ValueError(f"{key} = {betas!r}; allowed: two numbers in [0, 1)")
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise ValueError(f"{eps_key} = {eps!r}; allowed: a number > 0")
+    return float(betas[0]), float(betas[1])
+
+
+def use_fused(impl: str, named: Sequence[NamedParam]) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"impl = {impl!r}; allowed: {list(IMPLS)}")
+    if impl == "auto":
+        return bool(named) and all(local(n.param).is_cuda for n in named)
+    return impl == "fused"
+
+
+class AdamWFactory:
+    """Registered as optimizer ``adamw``: ``AdamWFactory(config).build(model, mesh=..., layouts=...)``."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        lr: float = 1e-3
+        weight_decay: float = 0.1
+        betas: tuple[float, float] = (0.9, 0.95)
+        eps: float = 1e-8
+        #: ``fused`` (torch's kernel), ``foreach`` (the reference path here), ``auto``: fused on CUDA.
+        impl: Literal["auto", "foreach", "fused"] = "auto"
+        #: fp32 master copies of low-precision parameters (fp32 parameters need none).
+        master_weights: bool = True
+        no_decay_roles: tuple[str, ...] = ("norm", "bias", "embedding")
+        #: regex on a parameter's module path that marks the output head.
+        head_pattern: str = DEFAULT_HEAD_PATTERN
+        #: muP: matrix parameters' lr is multiplied by ``mup_base_width / mup_width``.
+        mup_base_width: int | None = None
+        mup_width: int | None = None
+
+    def __init__(self, config: AdamWFactory.Config | None = None) -> None:
+        self.config = config if config is not None else AdamWFactory.Config()
+        check_common(self.config)
+        self.betas = check_betas("betas", self.config.betas, "eps", self.config.eps)
+        if self.config.impl not in IMPLS:
+            raise ValueError(f"impl = {self.config.impl!r}; allowed: {list(IMPLS)}")
+
+    def settings(self) -> dict[str, dict[str, float]]:
+        """lr and weight decay of each role."""
+        c = self.config
+        return {
+            role: {
+                "lr": c.lr * mup_lr_multiplier(role, base_width=c.mup_base_width, width=c.mup_width),
+                "weight_decay": 0.0 if role in c.no_decay_roles else c.weight_decay,
+            }
+            for role in ROLES
+        }
+
+    def make(self, named: Sequence[NamedParam], model_params: Sequence[NamedParam] | None = None) -> AdamW:
+        return AdamW(
+            named,
+            settings=self.settings(),
+            betas=self.betas,
+            eps=self.config.eps,
+            fused=use_fused(self.config.impl, model_params or named),
+            master_weights=self.config.master_weights,
+            model_params=model_params,
+        )
+
+    def build(self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]) -> AdamW:
+        return self.make(classify(model, head_pattern=self.config.head_pattern))

@@ -1,0 +1,65 @@
+"""One AdamW step over lists of tensors: a ``foreach`` path written here and torch's fused kernel.
+
+Decoupled weight decay (Loshchilov & Hutter) with bias-corrected moments::
+
+    p <- p (1 - lr wd)
+    m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+All lists are parallel, fp32 and on one device; ``steps`` holds one 0-d fp32 tensor per
+parameter (a parameter that missed a step keeps its own count). The fused path calls
+``torch._fused_adamw_``, the kernel behind ``torch.optim.AdamW(fused=True)``, which reads the
+same formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    fused: bool,
+) -> None:
+    if not params:
+        return
+    torch._foreach_add_(steps, 1.0)
+    if fused:
+        torch._fused_adamw_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
+        )
+        return
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    counts = [float(s) for s in steps]  # host values: the foreach path is the CPU/reference path
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in counts])
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in counts])

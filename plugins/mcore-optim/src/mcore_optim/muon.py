@@ -1,0 +1,429 @@
+"""``muon``: Nesterov momentum, then Newton-Schulz orthogonalisation of each whole matrix.
+
+Per ``matrix`` parameter W (m x n; higher-rank weights are viewed as ``(shape[0], -1)``)::
+
+    B <- mu B + G;            U = G + mu B   (Nesterov; U = B without it)
+    O = NS(U / ||U||_F)       in bf16, ``ns_coefficients`` (newton_schulz.py)
+    W <- W (1 - lr wd) - lr * scale(m, n) * O
+
+``scale``: ``spectral`` = sqrt(max(m, n)), which gives O unit RMS; ``match-adamw`` = 0.2
+sqrt(max(m, n)), an RMS of 0.2 like a typical AdamW update, so AdamW's lr carries over
+(Moonlight). A fused QKV weight (module path matching ``qkv_pattern``) is split into
+``qkv_groups`` equal row blocks, each orthogonalised and scaled on its own (one block per
+KV head group for the usual ``[q.., k, v]``-per-group layout). Every other role (embedding,
+head, norm, bias) goes to AdamW (``adamw_*`` settings).
+
+Distributed: the momentum is updated where the parameter lives (a replicated matrix whole,
+with its gradient already averaged; a ``DTensor`` matrix (FSDP) on its local shard). The
+Newton-Schulz work is split over the data-parallel ranks (``distribute_ns``): whole matrices
+are bin-packed over the ranks by FLOPs and each rank orthogonalises the ones it owns, never
+a shard alone. Under FSDP (row shards on a 1-D mesh) the update's shards are gathered on
+the owner only and the result's rows scattered back; under replicated data parallelism
+each owner broadcasts its results (in the Newton-Schulz dtype, one buffer per owner). Other
+``DTensor`` layouts all-gather the updates (``full_tensor``); on a 1-D mesh the owners then
+broadcast as above, on larger meshes every rank orthogonalises every matrix. Matrices of
+one block shape are orthogonalised as one batch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+
+from mcore_optim import state as state_format
+from mcore_optim.adamw import AdamW, AdamWFactory, check_betas, check_common
+from mcore_optim.dist import (
+    data_parallel,
+    full,
+    gather_rows,
+    is_dtensor,
+    like_param,
+    local,
+    row_sharded,
+    scatter_rows,
+    shard_of,
+)
+from mcore_optim.groups import make_groups, zero_grad
+from mcore_optim.newton_schulz import Triple, flops, orthogonalize, resolve
+from mcore_optim.packing import assign
+from mcore_optim.roles import DEFAULT_HEAD_PATTERN, NamedParam, classify, mup_lr_multiplier
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mcore.mesh import ParallelMesh
+    from mcore.protocols.layout import ParallelLayout
+
+SCALES = ("spectral", "match-adamw")
+DEFAULT_QKV_PATTERN = r"(^|\.)(qkv|wqkv|qkv_proj|query_key_value)(\.|$)"
+
+
+def update_scale(mode: str, rows: int, cols: int) -> float:
+    base = math.sqrt(max(rows, cols))
+    return base if mode == "spectral" else 0.2 * base
+
+
+class Muon:
+    """The ``MeshOptimizer`` of ``muon``: matrices here, every other role in ``self.adamw``."""
+
+    algorithm: ClassVar[str] = "muon"
+
+    def __init__(
+        self,
+        matrices: Sequence[NamedParam],
+        adamw: AdamW,
+        *,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        nesterov: bool,
+        triples: Sequence[Triple],
+        scale: str,
+        ns_eps: float,
+        ns_dtype: torch.dtype,
+        blocks: Mapping[str, int],
+        master_weights: bool,
+        model_params: Sequence[NamedParam],
+        ns_split: tuple[Any, int, int] | None = None,
+    ) -> None:
+        self._matrices = list(matrices)
+        self._model_params = list(model_params)
+        self.master_weights = master_weights
+        self.adamw = adamw
+        settings = {"matrix": {"lr": lr, "weight_decay": weight_decay}}
+        self._matrix_groups = make_groups(self._matrices, settings) if self._matrices else []
+        self.param_groups = self._matrix_groups + adamw.param_groups
+        self.momentum, self.nesterov = momentum, nesterov
+        self.triples, self.scale, self.ns_eps, self.ns_dtype = tuple(triples), scale, ns_eps, ns_dtype
+        self._blocks = dict(blocks)  # name -> number of row blocks (1: whole matrix)
+        # Who orthogonalises what: with a split group (group, rank, size), matrices are bin-packed
+        # over its ranks by Newton-Schulz FLOPs; without one, this rank does all of them.
+        self.ns_group: Any
+        self.ns_group, self.ns_rank, self.ns_size = ns_split if ns_split is not None else (None, 0, 1)
+        self.owners: dict[str, int] = {}
+        if self.ns_group is not None:
+            costs = []
+            for n in self._matrices:
+                k = self._blocks.get(n.name, 1)
+                rows, cols = n.param.shape[0] // k, n.param.numel() // n.param.shape[0]
+                costs.append((n.name, float(k * flops(rows, cols, len(self.triples)))))
+            self.owners = assign(costs, self.ns_size)
+        # FSDP rows (Shard(0) on the split group's 1-D mesh): gather to the owner only.
+        self._owner_gather = (
+            self.ns_group is not None and bool(self._matrices) and all(row_sharded(n.param) for n in self._matrices)
+        )
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for n in self._matrices:
+                p = local(n.param)
+                st = {"momentum": torch.zeros_like(p, dtype=torch.float32 if p.dtype.itemsize < 4 else p.dtype)}
+                if master_weights and p.dtype.itemsize < 4:
+                    st["master"] = p.detach().to(torch.float32, copy=True)
+                self.state[n.name] = st
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self._matrix_groups:
+            self._matrix_step(self._matrix_groups[0])
+        self.adamw.step()
+
+    def _matrix_step(self, group: Mapping[str, Any]) -> None:
+        active = [n for n in self._matrices if n.param.grad is not None]
+        if not active:
+            return
+        grads = [local(n.param.grad).to(self.state[n.name]["momentum"].dtype) for n in active]  # type: ignore[arg-type]
+        bufs = [self.state[n.name]["momentum"] for n in active]
+        torch._foreach_mul_(bufs, self.momentum)
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=self.momentum) if self.nesterov else bufs
+        if self._owner_gather:
+            pieces = self._owner_gathered(active, updates)
+        else:
+            pieces = self._all_gathered(active, updates)
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        for n in active:
+            st = self.state[n.name]
+            weight = st.get("master", local(n.param))
+            piece, factor = pieces[n.name]
+            if wd != 0.0:
+                weight.mul_(1.0 - lr * wd)
+            weight.add_(piece, alpha=-lr * factor)
+            if "master" in st:
+                local(n.param).copy_(weight)
+
+    def _as_blocks(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        k = self._blocks.get(name, 1)
+        return whole.reshape(k, whole.shape[0] // k, -1)  # (k, m/k, n)
+
+    def _all_gathered(
+        self, active: Sequence[NamedParam], updates: Sequence[torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, float]]:
+        """Every rank gets every whole update (all-gather for DTensors); owners orthogonalise theirs
+        and broadcast the results. Returns this rank's piece of each result and its scale."""
+        wholes = {n.name: full(u, n.param) for u, n in zip(updates, active)}
+        blocks = {name: self._as_blocks(name, w) for name, w in wholes.items()}
+        owned = {n.name: blocks[n.name] for n in active if self.owners.get(n.name, 0) == self.ns_rank}
+        ortho = self._orthogonalize(owned)
+        if self.ns_group is not None:
+            for owner in range(self.ns_size):
+                names = [n.name for n in active if self.owners[n.name] == owner]
+                if not names:
+                    continue
+                sizes = [blocks[name].numel() for name in names]
+                if owner == self.ns_rank:
+                    flat = torch.cat([ortho[name].reshape(-1) for name in names])
+                else:
+                    flat = torch.empty(sum(sizes), dtype=self.ns_dtype, device=blocks[names[0]].device)
+                dist.broadcast(flat, group=self.ns_group, group_src=owner)
+                if owner != self.ns_rank:
+                    for name, piece in zip(names, flat.split(sizes)):
+                        ortho[name] = piece.view(blocks[name].shape)
+        return {
+            n.name: (
+                shard_of(ortho[n.name].view(wholes[n.name].shape), n.param),
+                update_scale(self.scale, blocks[n.name].shape[1], blocks[n.name].shape[2]),
+            )
+            for n in active
+        }
+
+    def _owner_gathered(
+        self, active: Sequence[NamedParam], updates: Sequence[torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, float]]:
+        """FSDP: each update's row shards are gathered on its owner only, the owner orthogonalises
+        it whole, and scatters the result's row shards back."""
+        wholes: dict[str, torch.Tensor] = {}
+        for u, n in zip(updates, active):
+            whole = gather_rows(u, n.param.shape[0], self.owners[n.name], self.ns_group, self.ns_rank, self.ns_size)
+            if whole is not None:
+                wholes[n.name] = whole
+        ortho = self._orthogonalize({name: self._as_blocks(name, w) for name, w in wholes.items()})
+        out = {}
+        for u, n in zip(updates, active):
+            mine = ortho[n.name].view(wholes[n.name].shape) if n.name in ortho else None
+            piece = scatter_rows(
+                mine,
+                u,
+                self.ns_dtype,
+                n.param.shape[0],
+                self.owners[n.name],
+                self.ns_group,
+                self.ns_rank,
+                self.ns_size,
+            )
+            k = self._blocks.get(n.name, 1)
+            rows, cols = n.param.shape[0] // k, n.param.numel() // n.param.shape[0]
+            out[n.name] = (piece, update_scale(self.scale, rows, cols))
+        return out
+
+    def _orthogonalize(self, blocks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Newton-Schulz of each (k, m/k, n) tensor, in the Newton-Schulz dtype, batched by block shape."""
+        ortho: dict[str, torch.Tensor] = {}
+        buckets: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for name, src in blocks.items():
+            dst = ortho[name] = torch.empty(src.shape, dtype=self.ns_dtype, device=src.device)
+            for i in range(src.shape[0]):
+                buckets.setdefault((src.shape[1], src.shape[2]), []).append((src[i], dst[i]))
+        for (rows, cols), pairs in buckets.items():
+            batch = torch.empty((len(pairs), rows, cols), dtype=self.ns_dtype, device=pairs[0][0].device)
+            torch._foreach_copy_(list(batch.unbind(0)), [s for s, _ in pairs])  # (B, rows, cols), cast once
+            result = orthogonalize(batch, self.triples, eps=self.ns_eps, dtype=self.ns_dtype)
+            torch._foreach_copy_([d for _, d in pairs], list(result.unbind(0)))
+        return ortho
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        zero_grad(self.param_groups, set_to_none)
+
+    # -- state ----------------------------------------------------------------------------
+    def schema(self, n: NamedParam) -> dict[str, torch.dtype | None]:
+        """State keys and dtypes for ``n`` (see ``AdamW.schema``): momentum (+ master) for matrices."""
+        if n.role != "matrix":
+            return self.adamw.schema(n)
+        low = n.param.dtype.itemsize < 4
+        out: dict[str, torch.dtype | None] = {"momentum": torch.float32 if low else n.param.dtype}
+        if low and self.master_weights:
+            out["master"] = torch.float32
+        return out
+
+    def state_entries(self) -> dict[str, dict[str, torch.Tensor]]:
+        out = {n.name: {k: like_param(v, n.param) for k, v in self.state[n.name].items()} for n in self._matrices}
+        return {**out, **self.adamw.state_entries()}
+
+    def load_entries(self, saved: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            pieces = {
+                n.name: {k: state_format.take(saved, n.name, k, v, n.param) for k, v in self.state[n.name].items()}
+                for n in self._matrices
+            }
+            self.adamw.load_entries(saved)
+            for name, st in pieces.items():
+                for k, v in st.items():
+                    self.state[name][k].copy_(v)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **state_format.header(self.algorithm, self._model_params, self.param_groups),
+            "state": self.state_entries(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        state_format.check(state_dict, self.algorithm, self._model_params, self.param_groups)
+        self.load_entries(state_dict["state"])
+        state_format.restore_groups(self.param_groups, state_dict["groups"])
+
+
+class MuonFactory:
+    """Registered as optimizer ``muon``."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        #: lr of matrix parameters (after ``scale``); muP scales it by ``mup_base_width / mup_width``.
+        lr: float = 1e-3
+        weight_decay: float = 0.1
+        momentum: float = 0.95
+        nesterov: bool = True
+        #: a set name (``simple``, ``polar-express``, ``deepseek-v4``) or a list of [a, b, c] triples.
+        ns_coefficients: str | list[list[float]] = "simple"
+        #: None: the set's own number of steps (``simple``: 5).
+        ns_steps: int | None = None
+        ns_eps: float = 1e-7
+        #: the Newton-Schulz compute dtype: bf16 (the method's); fp32/fp64 for exact comparisons in tests.
+        ns_dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16"
+        scale: Literal["spectral", "match-adamw"] = "match-adamw"
+        #: fused QKV weights (module path regex) are orthogonalised in ``qkv_groups`` row blocks.
+        qkv_pattern: str = DEFAULT_QKV_PATTERN
+        qkv_groups: int = 1
+        #: split the Newton-Schulz work over data-parallel ranks (each orthogonalises the whole
+        #: matrices it owns and broadcasts them); False: every rank orthogonalises every matrix.
+        distribute_ns: bool = True
+        #: the AdamW for embeddings, head, norms and biases (None: same as the matrix value).
+        adamw_lr: float | None = None
+        adamw_weight_decay: float | None = None
+        adamw_betas: tuple[float, float] = (0.9, 0.95)
+        adamw_eps: float = 1e-8
+        adamw_impl: Literal["auto", "foreach", "fused"] = "auto"
+        master_weights: bool = True
+        no_decay_roles: tuple[str, ...] = ("norm", "bias", "embedding")
+        head_pattern: str = DEFAULT_HEAD_PATTERN
+        mup_base_width: int | None = None
+        mup_width: int | None = None
+
+    def __init__(self, config: MuonFactory.Config | None = None) -> None:
+        c = self.config = config if config is not None else MuonFactory.Config()
+        check_common(c)
+        if not 0.0 <= c.momentum < 1.0:
+            raise ValueError(f"momentum = {c.momentum!r}; allowed: a number in [0, 1)")
+        if c.ns_dtype not in ("bfloat16", "float32", "float64"):
+            raise ValueError(f"ns_dtype = {c.ns_dtype!r}; allowed: 'bfloat16', 'float32', 'float64'")
+        if c.scale not in SCALES:
+            raise ValueError(f"scale = {c.scale!r}; allowed: {list(SCALES)}")
+        if not isinstance(c.qkv_groups, int) or c.qkv_groups < 1:
+            raise ValueError(f"qkv_groups = {c.qkv_groups!r}; allowed: a positive int")
+        try:
+            self._qkv_re = re.compile(c.qkv_pattern)
+        except re.error as exc:
+            raise ValueError(f"qkv_pattern = {c.qkv_pattern!r} is not a valid regular expression: {exc}") from exc
+        self.triples = resolve(c.ns_coefficients, c.ns_steps)
+        check_betas("adamw_betas", c.adamw_betas, "adamw_eps", c.adamw_eps)
+        self._adamw = AdamWFactory(
+            AdamWFactory.Config(
+                lr=c.lr if c.adamw_lr is None else c.adamw_lr,
+                weight_decay=c.weight_decay if c.adamw_weight_decay is None else c.adamw_weight_decay,
+                betas=c.adamw_betas,
+                eps=c.adamw_eps,
+                impl=c.adamw_impl,
+                master_weights=c.master_weights,
+                no_decay_roles=c.no_decay_roles,
+                head_pattern=c.head_pattern,
+            )
+        )
+
+    def settings(self) -> dict[str, dict[str, float]]:
+        c = self.config
+        out = self._adamw.settings()
+        out["matrix"] = {
+            "lr": c.lr * mup_lr_multiplier("matrix", base_width=c.mup_base_width, width=c.mup_width),
+            "weight_decay": 0.0 if "matrix" in c.no_decay_roles else c.weight_decay,
+        }
+        return out
+
+    def _blocks(self, matrices: Sequence[NamedParam]) -> dict[str, int]:
+        k = self.config.qkv_groups
+        blocks: dict[str, int] = {}
+        for n in matrices:
+            if k == 1 or not self._qkv_re.search(n.name.rpartition(".")[0]):
+                continue
+            if n.param.shape[0] % k:
+                raise ValueError(
+                    f"qkv_groups = {k} does not divide the {n.param.shape[0]} rows of {n.name!r}; "
+                    "allowed: a divisor of the fused QKV weight's first dimension (e.g. the number of KV heads)"
+                )
+            blocks[n.name] = k
+        if k > 1 and matrices and not blocks:
+            warnings.warn(
+                f"qkv_groups = {k} is ignored: no matrix parameter's module path matches qkv_pattern = "
+                f"{self.config.qkv_pattern!r}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return blocks
+
+    def make(
+        self,
+        named: Sequence[NamedParam],
+        model_params: Sequence[NamedParam] | None = None,
+        ns_split: tuple[Any, int, int] | None = None,
+    ) -> Muon:
+        model_params = list(model_params) if model_params is not None else list(named)
+        matrices = [n for n in named if n.role == "matrix"]
+        others = [n for n in named if n.role != "matrix"]
+        settings = self.settings()["matrix"]
+        return Muon(
+            matrices,
+            self._adamw.make(others, model_params=model_params),
+            lr=settings["lr"],
+            weight_decay=settings["weight_decay"],
+            momentum=self.config.momentum,
+            nesterov=self.config.nesterov,
+            triples=self.triples,
+            scale=self.config.scale,
+            ns_eps=self.config.ns_eps,
+            ns_dtype=getattr(torch, self.config.ns_dtype),
+            blocks=self._blocks(matrices),
+            master_weights=self.config.master_weights,
+            model_params=model_params,
+            ns_split=ns_split,
+        )
+
+    def build(self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]) -> Muon:
+        named = classify(model, head_pattern=self.config.head_pattern)
+        return self.make(named, ns_split=self._ns_split([n for n in named if n.role == "matrix"], layouts))
+
+    def _ns_split(
+        self, matrices: Sequence[NamedParam], layouts: Sequence[ParallelLayout]
+    ) -> tuple[Any, int, int] | None:
+        """The group over which to split the Newton-Schulz work, or None (every rank does all).
+
+        FSDP: the 1-D mesh all matrices are sharded over. Replicated data parallelism: the one
+        data-parallel layout's group. Anything else (2-D meshes, several DP layouts) stays
+        unsplit: correct, only slower.
+        """
+        if not self.config.distribute_ns or not matrices:
+            return None
+        if any(is_dtensor(n.param) for n in matrices):
+            meshes = [getattr(n.param, "device_mesh", None) for n in matrices]
+            mesh = meshes[0]
+            if mesh is None or mesh.ndim != 1 or any(m is None or m != mesh for m in meshes):
+                return None
+            return mesh.get_group(), mesh.get_local_rank(), mesh.size()
+        try:
+            dp = data_parallel(layouts, optimizer="muon")
+        except ValueError:
+            return None
+        return (dp.group, dp.rank, dp.size) if dp.size > 1 else None

@@ -1,0 +1,122 @@
+"""The state-dict format shared by every optimizer here, and the checks made on load.
+
+Layout (a nested dict that ``torch.distributed.checkpoint`` saves and reshards)::
+
+    {
+      "format": 1,
+      "algorithm": "adamw" | "muon",          # state of one is meaningless to the other
+      "params": {fqn: "4096x2048", ...},      # every model parameter and its global shape
+      "groups": {role: {"lr": ..., "initial_lr": ..., "weight_decay": ...}},
+      "state": {fqn: {"step": t, "exp_avg": t, ...}},
+    }
+
+State is keyed by fully qualified name, never by position, so the same checkpoint loads
+into ``adamw``, ``distributed-adamw`` and ``layerwise-distributed`` alike, under any
+data-parallel size. Every rank's state dict names every parameter. A state tensor is a
+``DTensor`` where the optimizer shards it (laid out like an FSDP parameter; ``distributed-adamw``
+and ``layerwise-distributed`` re-shard theirs by rows over the data-parallel group), otherwise
+a full tensor; ``load_state_dict`` accepts either form. Shapes are strings so the header is
+plain JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mcore_optim.dist import shard_of
+from mcore_optim.roles import NamedParam
+
+FORMAT = 1
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape) or "scalar"
+
+
+def header(algorithm: str, named: Sequence[NamedParam], groups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "algorithm": algorithm,
+        "params": {n.name: shape_text(n.param.shape) for n in named},
+        "groups": {
+            g["role"]: {"lr": float(g["lr"]), "initial_lr": float(g["initial_lr"]), "weight_decay": g["weight_decay"]}
+            for g in groups
+        },
+    }
+
+
+def check(
+    state_dict: Mapping[str, Any],
+    algorithm: str,
+    named: Sequence[NamedParam],
+    groups: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Refuse state that was not saved for this model; the error names the first mismatch."""
+    missing = [k for k in ("format", "algorithm", "params", "groups", "state") if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"optimizer state dict lacks key {missing[0]!r}; expected a state dict made by an mcore-optim "
+            f"optimizer (keys format, algorithm, params, groups, state), got keys {sorted(state_dict)}"
+        )
+    if state_dict["format"] != FORMAT:
+        raise ValueError(f"optimizer state format = {state_dict['format']!r}; this version reads format {FORMAT}")
+    if state_dict["algorithm"] != algorithm:
+        raise ValueError(
+            f"optimizer state algorithm = {state_dict['algorithm']!r}, but this optimizer is {algorithm!r}; "
+            "state of one algorithm cannot resume another"
+        )
+    saved: Mapping[str, str] = state_dict["params"]
+    model = {n.name: shape_text(n.param.shape) for n in named}
+    for name, shape in model.items():
+        if name not in saved:
+            extra = next((s for s in saved if s not in model), None)
+            hint = f" (the state has {extra!r}, which the model lacks)" if extra else ""
+            raise ValueError(f"model parameter {name!r} has no saved optimizer state{hint}; refusing to load")
+        if saved[name] != shape:
+            raise ValueError(
+                f"model parameter {name!r} has shape {shape}, but its saved optimizer state is for shape "
+                f"{saved[name]}; refusing to load"
+            )
+    for name in saved:
+        if name not in model:
+            raise ValueError(f"saved optimizer state has parameter {name!r}, which the model lacks; refusing to load")
+    for g in groups:
+        if g["role"] not in state_dict["groups"]:
+            raise ValueError(
+                f"saved optimizer state has no param group for role {g['role']!r} (it has "
+                f"{sorted(state_dict['groups'])}); refusing to load"
+            )
+
+
+def take(
+    saved: Mapping[str, Any], name: str, key: str, like: torch.Tensor, param: torch.Tensor | None = None
+) -> torch.Tensor:
+    """This rank's piece of ``saved[name][key]``, checked against ``like`` (the local state tensor).
+
+    ``param`` is given for state laid out like its parameter (moments, master weights): the
+    saved tensor must have the parameter's global shape and this rank keeps its shard.
+    """
+    try:
+        value = saved[name][key]
+    except KeyError:
+        raise ValueError(f"saved optimizer state lacks {key!r} for parameter {name!r}; refusing to load") from None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"saved optimizer state {name!r}.{key!r} is a {type(value).__name__}, expected a tensor")
+    expected = param.shape if param is not None else like.shape
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(
+            f"saved optimizer state {name!r}.{key!r} has shape {shape_text(value.shape)}, expected "
+            f"{shape_text(expected)}; refusing to load"
+        )
+    piece = shard_of(value, param) if param is not None else value
+    return piece.to(device=like.device, dtype=like.dtype)
+
+
+def restore_groups(groups: Sequence[dict[str, Any]], saved: Mapping[str, Mapping[str, Any]]) -> None:
+    """Put the saved lr (and weight decay) back into the param groups, matched by role (``check`` ran)."""
+    for g in groups:
+        s = saved[g["role"]]
+        g["lr"], g["initial_lr"], g["weight_decay"] = float(s["lr"]), float(s["initial_lr"]), s["weight_decay"]
