@@ -61,23 +61,37 @@ def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6", "mypy>=1.11", "-e", CORE, "-e", TESTING, *[a for p in PLUGINS for a in ("-e", p)])
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/*/src/*") if p.is_dir() and not p.name.endswith("-info"))
+    sources = sorted(
+        str(p.relative_to(ROOT)) for p in ROOT.glob("*/*/src/*") if p.is_dir() and not p.name.endswith("-info")
+    )
     typing_checks = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*/*/typecheck/*.py"))
     session.run("mypy", *sources, *typing_checks)
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Train the demo GPT on the standard library's text, then sample from it."""
+    """Train the demo GPT on the text of this Python's standard library, then sample from it."""
     install(session, CORE, *PLUGINS, extras="")
-    out = session.posargs[0] if session.posargs else "runs/demo"
-    session.run("mcore", "train", f"--train.out_dir={out}")
-    session.run("mcore", "generate", f"{out}/checkpoints/latest", "--prompt", "def ", "--max-new-tokens", "64")
+    session.chdir(session.create_tmp())  # the run writes runs/default here
+    session.run("mcore", "train")
+    session.run(
+        "mcore",
+        "generate",
+        "runs/default",
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "200",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "40",
+    )
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """GPU benchmarks of every package (results go to each package's benchmarks/RESULTS.md)."""
     install(session, CORE, TESTING, *PLUGINS)
-    for script in sorted(ROOT.glob("plugins/*/benchmarks/bench_*.py")):
+    for script in sorted(ROOT.glob("plugins/*/benchmarks/bench*.py")):
         session.run("python", str(script), *session.posargs)

@@ -67,6 +67,7 @@ def test_unknown_name_exits_2_with_message():
     result = run_cli(
         "config",
         "--model.name=reference-tiny",
+        "--optimizer.name=reference-adamw",
         "--precision.recipe=bf61",
         env={"MCORE_PLUGINS": "mcore_testing.plugin"},
     )
@@ -98,7 +99,11 @@ def test_config_prints_resolved_toml(tmp_path: Path):
 
 def test_config_bad_key_exits_2():
     result = run_cli(
-        "config", "--model.name=reference-tiny", "--train.bogus=1", env={"MCORE_PLUGINS": "mcore_testing.plugin"}
+        "config",
+        "--model.name=reference-tiny",
+        "--optimizer.name=reference-adamw",
+        "--train.bogus=1",
+        env={"MCORE_PLUGINS": "mcore_testing.plugin"},
     )
     assert result.returncode == 2 and "unknown key 'train.bogus'" in result.stderr
 

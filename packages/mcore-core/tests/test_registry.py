@@ -114,23 +114,23 @@ def test_plugin_whose_register_hook_raises_is_rolled_back(site):
 
 
 def test_duplicate_name_from_two_distributions_names_both(site):
-    make_distribution(site, "alpha-mcore", "1.0", "fake_alpha", plugin_source('"layout", "fsdp", "fake_alpha:F"'))
-    make_distribution(site, "beta-mcore", "2.0", "fake_beta", plugin_source('"layout", "fsdp", "fake_beta:F"'))
+    make_distribution(site, "alpha-mcore", "1.0", "fake_alpha", plugin_source('"layout", "ringx", "fake_alpha:F"'))
+    make_distribution(site, "beta-mcore", "2.0", "fake_beta", plugin_source('"layout", "ringx", "fake_beta:F"'))
     host = load_plugins(unpackaged=False, env=False)
     with pytest.raises(DuplicateNameError) as err:
-        host.get("layout", "fsdp")
+        host.get("layout", "ringx")
     assert str(err.value) == (
-        "layout 'fsdp' is registered by two distributions: alpha-mcore 1.0 (fake_alpha:F) and beta-mcore 2.0 "
-        "(fake_beta:F). Uninstall one, or choose with MCORE_PREFER='layout:fsdp=alpha-mcore'"
+        "layout 'ringx' is registered by two distributions: alpha-mcore 1.0 (fake_alpha:F) and beta-mcore 2.0 "
+        "(fake_beta:F). Uninstall one, or choose with MCORE_PREFER='layout:ringx=alpha-mcore'"
     )
 
 
 def test_mcore_prefer_resolves_a_duplicate(site, monkeypatch):
-    make_distribution(site, "alpha-mcore", "1.0", "fake_alpha2", plugin_source('"layout", "fsdp", "fake_alpha2:F"'))
-    make_distribution(site, "beta-mcore", "2.0", "fake_beta2", plugin_source('"layout", "fsdp", "fake_beta2:F"'))
-    monkeypatch.setenv("MCORE_PREFER", "layout:fsdp=beta-mcore")
+    make_distribution(site, "alpha-mcore", "1.0", "fake_alpha2", plugin_source('"layout", "ringx", "fake_alpha2:F"'))
+    make_distribution(site, "beta-mcore", "2.0", "fake_beta2", plugin_source('"layout", "ringx", "fake_beta2:F"'))
+    monkeypatch.setenv("MCORE_PREFER", "layout:ringx=beta-mcore")
     host = load_plugins(unpackaged=False, env=False)
-    assert host.get("layout", "fsdp").source.distribution == "beta-mcore"
+    assert host.get("layout", "ringx").source.distribution == "beta-mcore"
 
 
 def test_malformed_prefer_is_a_user_error():

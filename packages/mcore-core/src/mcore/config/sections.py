@@ -38,14 +38,17 @@ class TrainConfig:
 
     ``global_batch_size`` rows per optimizer step are split over the data-parallel ranks and
     then into micro-batches of ``micro_batch_size`` rows (gradient accumulation covers the
-    rest). ``resume`` is ``"latest"`` (the newest complete checkpoint under ``out_dir``, or a
-    fresh start if there is none) or a checkpoint directory.
+    rest; ``none``: each rank's whole share in one micro-batch). ``resume`` is ``"latest"`` (the newest complete checkpoint under ``out_dir``, or a
+    fresh start if there is none) or a checkpoint directory. ``deterministic`` makes torch
+    pick deterministic kernels (CPU runs are bit-exact for a seed either way; on CUDA it also
+    sets ``CUBLAS_WORKSPACE_CONFIG``). ``cpu_threads`` > 0 sets torch's intra-op threads for a
+    CPU run (0: torch's default; 1 is fastest for tiny models on a busy machine).
     """
 
-    steps: int = 300
+    steps: int = 1000
     seq_len: int = 128
     global_batch_size: int = 16
-    micro_batch_size: int = 16
+    micro_batch_size: int | None = None
     seed: int = 1234
     out_dir: Path = Path("runs/default")
     resume: str | None = None
@@ -55,22 +58,32 @@ class TrainConfig:
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
     recompute: Literal["none", "selective", "full"] = "none"
-    deterministic: bool = True
+    deterministic: bool = False
     nan_policy: Literal["skip", "stop"] = "skip"
     spike_factor: float = 0.0
     spike_warmup_steps: int = 20
     max_skipped_steps: int = 10
     eval_every: int = 0
     eval_batches: int = 2
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size"):
+        for name in ("steps", "seq_len", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} = {getattr(self, name)}: must be a positive int")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "spike_warmup_steps", "max_skipped_steps"):
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"train.micro_batch_size = {self.micro_batch_size}: must be a positive int or none")
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "eval_batches",
+            "spike_warmup_steps",
+            "max_skipped_steps",
+            "cpu_threads",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} = {getattr(self, name)}: must be >= 0")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size = {self.micro_batch_size}; choose sizes where it is"
@@ -93,6 +106,11 @@ class DataConfig:
     text / ``.jsonl`` / ``.parquet`` file, a directory of them, or a directory written by
     ``mcore data prepare``; several comma-separated sources are blended by ``weights``.
     ``tokenizer`` is ``"byte"``, a ``tokenizer.json`` file, or a directory holding one.
+    Raw sources are tokenized once, by ``workers`` processes, into memory-mapped shards under
+    ``cache_dir`` (default ``<train.out_dir>/data``), at most ``max_tokens`` of them (none: all).
+    ``packing = "thd"`` gives the model each row's document boundaries (``cu_seqlens``);
+    ``"concat"`` lets attention run across documents. ``eval_fraction`` of each source's rows
+    (at its end) is held out for ``train.eval_every``.
     """
 
     source: str = "stdlib"
@@ -101,7 +119,7 @@ class DataConfig:
     text_field: str = "text"
     packing: Literal["thd", "concat"] = "thd"
     workers: int = 2
-    max_tokens: int | None = 2_000_000
+    max_tokens: int | None = None
     cache_dir: Path | None = None
     eval_fraction: float = 0.02
 

@@ -121,9 +121,9 @@ def _distribution_of(module_name: str) -> tuple[str, str]:
         dists = metadata.packages_distributions().get(top, [])
     except Exception:  # pragma: no cover - metadata backends vary
         dists = []
-    for dist in dists:
+    for dist in [*dists, top.replace("_", "-")]:  # editable installs often list no top-level names
         try:
-            return dist, metadata.version(dist)
+            return metadata.distribution(dist).metadata["Name"], metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
     return f"<module {module_name}>", "unpackaged"

@@ -1,0 +1,60 @@
+"""``mcore data prepare`` and ``mcore data train-tokenizer``.
+
+``prepare --source SRC --out DIR [--tokenizer byte|PATH] [--workers N]`` streams the
+source through tokenizer workers into memory-mapped shards (see ``mcore.data.shards``);
+``train-tokenizer --source SRC --out DIR --vocab-size N`` trains a byte-level BPE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mcore.cli import run_with_user_errors
+
+
+def _data(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mcore data", description="data preparation")
+    sub = parser.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="tokenize a source into memory-mapped shards")
+    prep.add_argument("--source", required=True, help="'stdlib', a text/.jsonl/.parquet file or a directory")
+    prep.add_argument("--out", required=True, type=Path)
+    prep.add_argument("--tokenizer", default="byte")
+    prep.add_argument("--workers", type=int, default=2)
+    prep.add_argument("--text-field", default="text")
+    prep.add_argument("--max-tokens", type=int, default=None)
+    prep.add_argument("--shard-tokens", type=int, default=1 << 26)
+    tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a source")
+    tok.add_argument("--source", required=True)
+    tok.add_argument("--out", required=True, type=Path)
+    tok.add_argument("--vocab-size", type=int, default=8192)
+    tok.add_argument("--text-field", default="text")
+    args = parser.parse_args(argv)
+
+    from mcore.data.sources import iter_documents
+
+    docs = iter_documents(args.source, text_field=args.text_field)
+    if args.action == "prepare":
+        from mcore.data.shards import prepare
+
+        shards = prepare(
+            docs,
+            args.out,
+            tokenizer_spec=args.tokenizer,
+            workers=args.workers,
+            max_tokens=args.max_tokens,
+            shard_tokens=args.shard_tokens,
+            source=args.source,
+        )
+        print(f"wrote {shards.num_tokens:,} tokens in {len(shards.shards)} shard(s) to {args.out}")
+    else:
+        from mcore.data.tokenizer import train_bpe
+
+        t = train_bpe(docs, vocab_size=args.vocab_size, out=args.out)
+        print(f"wrote a {t.vocab_size}-token BPE tokenizer to {args.out / 'tokenizer.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_with_user_errors(_data, list(sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,154 @@
+"""The data side of a run: ``[data]`` + ``[train]`` -> this rank's micro-batches for each step.
+
+Raw sources are tokenized once (by worker processes, streamed) into a memory-mapped cache
+keyed by the source's fingerprint and the tokenizer, then read like any prepared dataset;
+prepared directories (``mcore data prepare``) are used as they are. A fraction of each
+dataset's rows at its end is held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mcore.config.sections import DataConfig, TrainConfig
+from mcore.data.packing import PackedRows, RowDataset, pack
+from mcore.data.sampler import BlendedSampler
+from mcore.data.shards import TokenShards, is_prepared, prepare
+from mcore.data.sources import fingerprint, iter_documents
+from mcore.data.tokenizer import Tokenizer
+from mcore.errors import ConfigError, UserError
+
+
+def split_sources(data: DataConfig) -> tuple[list[str], list[float]]:
+    """The comma-separated ``data.source`` list and its weights (equal if not given)."""
+    specs = [s.strip() for s in data.source.split(",") if s.strip()]
+    if not specs:
+        raise ConfigError(f"data.source = {data.source!r}: name at least one source ('stdlib', a file or a directory)")
+    weights = list(data.weights) or [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise ConfigError(
+            f"data.weights = {data.weights}: {len(weights)} weight(s) for {len(specs)} source(s) in data.source; "
+            "give one weight per source"
+        )
+    return specs, weights
+
+
+def _same_tokenizer(a: dict, b: dict) -> bool:
+    return (
+        a.get("kind") == b.get("kind")
+        and a.get("vocab_size") == b.get("vocab_size")
+        and a.get("eos_id") == b.get("eos_id")
+    )
+
+
+def open_source(
+    spec: str, data: DataConfig, tokenizer: Tokenizer, cache_dir: Path, *, is_writer: bool, barrier: Callable[[], None]
+) -> TokenShards:
+    """A prepared dataset for ``spec``: the directory itself, or the tokenized cache of a raw source."""
+    path = Path(spec).expanduser()
+    if spec != "stdlib" and path.is_dir() and is_prepared(path):
+        shards = TokenShards.open(path)
+    else:
+        key = hashlib.sha256(
+            json.dumps([fingerprint(spec), tokenizer.describe(), data.max_tokens, data.text_field]).encode()
+        ).hexdigest()[:16]
+        target = cache_dir / f"{Path(spec).name or 'source'}-{key}"
+        if is_writer and not is_prepared(target):
+            prepare(
+                iter_documents(spec, text_field=data.text_field),
+                target,
+                tokenizer_spec=data.tokenizer,
+                workers=data.workers,
+                max_tokens=data.max_tokens,
+                source=spec,
+            )
+        barrier()
+        shards = TokenShards.open(target)
+    if not _same_tokenizer(shards.tokenizer_info, tokenizer.describe()):
+        raise UserError(
+            f"data.source {spec!r} was tokenized with {shards.tokenizer_info}, but data.tokenizer = {data.tokenizer!r} "
+            f"is {tokenizer.describe()}; set data.tokenizer to the one the data was prepared with, or prepare it again"
+        )
+    return shards
+
+
+@dataclass
+class TrainData:
+    """Rows of every source, the train sampler, and the held-out evaluation rows."""
+
+    datasets: list[RowDataset]
+    train_rows: list[int]
+    sampler: BlendedSampler
+    eval_slots: list[tuple[int, int]]
+    micro_batch: int
+    thd: bool
+
+    def micro_batches(self, step: int) -> list[PackedRows]:
+        """This rank's micro-batches of optimizer step ``step``."""
+        slots = self.sampler.local_slots(step)
+        return [self._pack(slots[i : i + self.micro_batch]) for i in range(0, len(slots), self.micro_batch)]
+
+    def eval_batches(self, count: int, dp_rank: int, dp_size: int) -> list[PackedRows]:
+        """Up to ``count`` fixed micro-batches of held-out rows for this rank."""
+        per_step = self.micro_batch * dp_size
+        out = []
+        for b in range(count):
+            chunk = self.eval_slots[b * per_step : (b + 1) * per_step]
+            mine = chunk[dp_rank * self.micro_batch : (dp_rank + 1) * self.micro_batch]
+            if len(mine) < self.micro_batch:
+                break
+            out.append(self._pack(mine))
+        return out
+
+    def _pack(self, slots: list[tuple[int, int]]) -> PackedRows:
+        rows = [self.datasets[d].row(r) for d, r in slots]
+        return pack(rows, self.datasets[0].seq_len, thd=self.thd)
+
+
+def build_train_data(
+    data: DataConfig,
+    train: TrainConfig,
+    tokenizer: Tokenizer,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    is_writer: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> TrainData:
+    """Open (tokenizing if needed) every source and build the sampler for this rank."""
+    micro = train.micro_batch_size or train.global_batch_size // dp_size
+    if train.global_batch_size % (dp_size * micro):
+        raise ConfigError(
+            f"train.global_batch_size = {train.global_batch_size} must be a multiple of data-parallel size {dp_size} "
+            f"x train.micro_batch_size = {micro}; change one of them"
+        )
+    cache_dir = data.cache_dir or (Path(train.out_dir) / "data")
+    specs, weights = split_sources(data)
+    datasets, train_rows, eval_slots = [], [], []
+    for d, spec in enumerate(specs):
+        rows = RowDataset(
+            open_source(spec, data, tokenizer, cache_dir, is_writer=is_writer, barrier=barrier), train.seq_len
+        )
+        n_eval = int(len(rows) * data.eval_fraction) if len(rows) > 1 else 0
+        if data.eval_fraction > 0 and len(rows) > 1:
+            n_eval = max(1, n_eval)
+        if len(rows) - n_eval < 1:
+            raise UserError(
+                f"data.source {spec!r} has {rows.shards.num_tokens} tokens: too few for one row of train.seq_len = "
+                f"{train.seq_len} (+ held-out rows); give more text or a shorter train.seq_len"
+            )
+        datasets.append(rows)
+        train_rows.append(len(rows) - n_eval)
+        eval_slots += [(d, r) for r in range(len(rows) - n_eval, len(rows))]
+    rng = np.random.default_rng([train.seed, 7])
+    eval_slots = [eval_slots[i] for i in rng.permutation(len(eval_slots))]
+    sampler = BlendedSampler(
+        train_rows, weights, global_batch=train.global_batch_size, seed=train.seed, dp_rank=dp_rank, dp_size=dp_size
+    )
+    return TrainData(datasets, train_rows, sampler, eval_slots, micro, data.packing == "thd")

@@ -1,0 +1,1 @@
+"""Observability of a run: metrics files, TensorBoard, progress display, plots, per-layer stats."""

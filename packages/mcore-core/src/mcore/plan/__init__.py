@@ -1,0 +1,1 @@
+"""The memory planner behind ``mcore plan``: per-rank memory of a run before launching it."""

@@ -1,0 +1,299 @@
+"""Estimate a run's per-rank memory before launch: parameters, gradients, optimizer state,
+and activations per layer, with the chosen layouts, precision and recompute.
+
+What is modelled, and how:
+
+* Activations are *measured*, not guessed: the model is built under ``FakeTensorMode`` (tensors
+  with shapes, dtypes and a device but no storage, so the same kernels are chosen as in the
+  real run, e.g. CPU flash attention) and one micro-batch goes forward under
+  ``saved_tensors_hooks``; every tensor autograd saves for
+  backward is counted once (by storage, parameters excluded) and attributed to the block
+  running when it was saved (and to its attention child, for selective recompute). This is
+  exact for the model's own code on any architecture, and costs no memory.
+* Recompute: ``full`` keeps only each block's input; ``selective`` replaces each attention's
+  activations by its input. In backward, block (or attention) ``i`` is re-run after the blocks
+  above it were freed: its activations + the incoming gradient + the gradients so far + the
+  largest transient; the peak is the larger of that and the start of backward.
+* Parameters, gradients: element counts times the recipe's ``param_dtype`` size; optimizer
+  state: 2 fp32 tensors per parameter (AdamW-like; 1 for ``muon``-like names) plus an fp32
+  master copy when parameters are not fp32.
+* Layouts are plugins, so their effect is an assumption stated in the plan: parameters,
+  gradients and optimizer state are divided by the product of the sizes of the mesh dims
+  ``dp_shard``, ``tp``, ``pp``, ``ep``; optimizer state also by ``dp_replicate`` for
+  optimizers named ``distributed-*``; activations by ``tp`` and ``cp`` (sequence split).
+* The peak is taken at the start of backward: parameters + optimizer state + activations +
+  the gradient of the largest saved tensor (the backward's first transient); gradients
+  replace activations as backward proceeds, so ``max(activations, gradients)`` is used.
+  Not modelled: allocator fragmentation and caching (GPU: add ~5-10%), communication
+  buffers of layouts, CUDA context, the data pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mcore.config import RunConfig
+from mcore.errors import ConfigError
+from mcore.mesh import order_dims, resolve_sizes
+from mcore.protocols.block import BlockContext
+from mcore.train.build import DATA_DIMS, build_model
+from mcore.train.recompute import ATTENTION_NAMES, find_blocks
+
+SHARDING_DIMS = ("dp_shard", "tp", "pp", "ep")
+
+
+@dataclass
+class LayerMemory:
+    name: str
+    activations: int  # bytes saved for backward by this block, without recompute
+    attention: int  # of which the attention child's
+    block_input: int  # bytes of the block's input (what full recompute keeps)
+    attention_input: int
+
+
+@dataclass
+class MemoryPlan:
+    world_size: int
+    shard_factor: int
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    transient: int
+    peak: int
+    layers: list[LayerMemory] = field(default_factory=list)
+    other_activations: int = 0
+    recompute: str = "none"
+    device_memory: int | None = None
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.peak <= self.device_memory
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def measure_activations(
+    model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, ctx: BlockContext | None
+) -> tuple[list[LayerMemory], int, int]:
+    """Per-block saved bytes of one forward on ``meta`` tensors; returns (layers, other, largest)."""
+    blocks = find_blocks(model)
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: set[int] = set()
+    current: dict[str, Any] = {"block": None, "attn": False}
+    act = [0] * len(blocks)
+    attn = [0] * len(blocks)
+    inputs = [0] * len(blocks)
+    attn_inputs = [0] * len(blocks)
+    other = [0]
+    largest = [0]
+    handles = []
+
+    def block_pre(i: int) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            current["block"] = i
+            if args and torch.is_tensor(args[0]):
+                inputs[i] = args[0].numel() * args[0].element_size()
+
+        return hook
+
+    def block_post(module: Any, args: Any, out: Any) -> None:
+        current["block"] = None
+
+    def attn_pre(i: int) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            current["attn"] = True
+            if args and torch.is_tensor(args[0]):
+                attn_inputs[i] = args[0].numel() * args[0].element_size()
+
+        return hook
+
+    def attn_post(module: Any, args: Any, out: Any) -> None:
+        current["attn"] = False
+
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(block_pre(i)))
+        handles.append(block.register_forward_hook(block_post))
+        for name in ATTENTION_NAMES:
+            child = getattr(block, name, None)
+            if isinstance(child, torch.nn.Module):
+                handles.append(child.register_forward_pre_hook(attn_pre(i)))
+                handles.append(child.register_forward_hook(attn_post))
+                break
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in seen and key not in param_storages:
+            seen.add(key)
+            nbytes = storage.nbytes()
+            largest[0] = max(largest[0], nbytes)
+            b = current["block"]
+            if b is None:
+                other[0] += nbytes
+            else:
+                act[b] += nbytes
+                if current["attn"]:
+                    attn[b] += nbytes
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tokens, labels=labels, ctx=ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [
+        LayerMemory(
+            name=f"layers.{i}",
+            activations=act[i],
+            attention=attn[i],
+            block_input=inputs[i],
+            attention_input=attn_inputs[i],
+        )
+        for i in range(len(blocks))
+    ]
+    return layers, other[0], largest[0]
+
+
+def to_fake(model: torch.nn.Module, device: str) -> None:
+    """Replace a meta-built model's parameters and buffers by storage-less tensors on ``device``
+    (call inside ``FakeTensorMode``); tied parameters stay tied."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in done:
+                    done[id(p)] = torch.nn.Parameter(
+                        torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad
+                    )
+                module._parameters[name] = done[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
+def plan_memory(
+    config: RunConfig, host: Any, *, world_size: int | None = None, device_memory_gb: float | None = None
+) -> MemoryPlan:
+    owned = [d for sel in config.layouts for d in sel.implementation.load().mesh_dims]
+    world = world_size or math.prod(v for v in config.parallel.sizes.values() if v > 0) or 1
+    fill = next((d for d in DATA_DIMS if d in owned), owned[0] if owned else None)
+    try:
+        sizes = resolve_sizes(order_dims(owned), config.parallel.sizes, world, fill=fill)
+    except ValueError as exc:
+        raise ConfigError(f"parallel: {exc} (plan for another --world-size?)") from None
+    shard = math.prod(sizes.get(d, 1) for d in SHARDING_DIMS)
+    dp = math.prod(sizes.get(d, 1) for d in DATA_DIMS)
+    seq_split = sizes.get("tp", 1) * sizes.get("cp", 1)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = (
+        "cuda"
+        if config.parallel.device == "cuda" or (config.parallel.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    model, _ = build_model(config, host, "meta")
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        to_fake(model, device)
+    precision = config.precision.instantiate()
+    pbytes = _dtype_bytes(precision.param_dtype)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = numel * pbytes // shard
+    grads = numel * pbytes // shard
+    states = 1 if "muon" in config.optimizer.name else 2
+    opt_shard = shard * (sizes.get("dp_replicate", 1) if config.optimizer.name.startswith("distributed") else 1)
+    master = 4 if precision.param_dtype != torch.float32 else 0
+    optimizer = numel * (4 * states + master) // opt_shard
+
+    B, T = config.train.micro_batch_size or max(1, config.train.global_batch_size // dp), config.train.seq_len
+    with fake:
+        tokens = torch.zeros((B, T), dtype=torch.long, device=device)  # (B, T)
+        thd = config.data.packing == "thd"  # as the run will call the model: one document per row
+        ctx = BlockContext(
+            positions=torch.arange(T, device=device).repeat(B, 1),  # (B, T)
+            cu_seqlens=torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device) if thd else None,  # (B + 1,)
+            max_seqlen=T if thd else None,
+        )
+        model = model.to(dtype=precision.param_dtype) if precision.param_dtype != torch.float32 else model
+        with precision.autocast():
+            layers, other, largest = measure_activations(model, tokens, tokens, ctx)
+    mode = config.train.recompute
+    transient = largest // seq_split
+    if mode in ("full", "selective") and layers:
+        # what each block keeps through forward: its input (full) or everything but its
+        # attention's internals (selective)
+        if mode == "full":
+            kept = [layer.block_input for layer in layers]
+            rerun = [layer.activations + layer.block_input for layer in layers]  # + incoming gradient
+        else:
+            kept = [layer.activations - layer.attention + layer.attention_input for layer in layers]
+            rerun = [layer.attention_input + layer.attention for layer in layers]
+        # start of backward: everything kept + head/loss activations + the first transient; when
+        # block i is re-run in backward, the blocks above it are already freed
+        start = sum(kept) + other + transient
+        during = max(sum(kept[:i]) + rerun[i] + grads + transient for i in range(len(layers)))
+        acts = sum(kept) + other + max(rerun)
+        peak_acts = max(start, during)
+    else:
+        acts = sum(layer.activations for layer in layers) + other
+        peak_acts = max(acts + transient, grads + transient)
+    acts //= seq_split
+    peak_acts //= seq_split
+    peak = params + optimizer + peak_acts
+    assumptions = [
+        f"parameters, gradients and optimizer state divided by {shard} (product of {', '.join(SHARDING_DIMS)} sizes)",
+        f"activations of one micro-batch ({B} x {T} tokens) measured on fake (storage-less) tensors, divided by {seq_split} (tp x cp)",
+        f"optimizer state: {states} fp32 tensor(s) per parameter" + (" + fp32 master copy" if master else ""),
+        "not modelled: allocator fragmentation/caching, layout communication buffers, CUDA context",
+    ]
+    return MemoryPlan(
+        world_size=world,
+        shard_factor=shard,
+        params=params,
+        grads=grads,
+        optimizer=optimizer,
+        activations=acts,
+        transient=transient,
+        peak=peak,
+        layers=layers,
+        other_activations=other,
+        recompute=mode,
+        device_memory=int(device_memory_gb * 2**30) if device_memory_gb else None,
+        assumptions=assumptions,
+    )
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    def gb(n: int) -> str:
+        return f"{n / 2**30:9.3f} GiB" if n >= 2**24 else f"{n / 2**20:9.3f} MiB"
+
+    lines = [
+        f"per-rank memory plan (world size {plan.world_size}, recompute {plan.recompute})",
+        f"  parameters        {gb(plan.params)}",
+        f"  gradients         {gb(plan.grads)}",
+        f"  optimizer state   {gb(plan.optimizer)}",
+        f"  activations       {gb(plan.activations)}",
+        f"  backward transient{gb(plan.transient)}",
+        f"  peak              {gb(plan.peak)}",
+    ]
+    if plan.device_memory is not None:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(f"  device memory     {gb(plan.device_memory)}  -> {verdict}")
+    lines.append("  activations per layer (no recompute; attention share; block input):")
+    for layer in plan.layers:
+        lines.append(
+            f"    {layer.name:<12} {gb(layer.activations)}  attn {gb(layer.attention)}  input {gb(layer.block_input)}"
+        )
+    lines.append(f"    {'other':<12} {gb(plan.other_activations)}  (embedding, head, loss)")
+    lines.append("  assumptions: " + "; ".join(plan.assumptions))
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Compose a run's parts from their names: mesh, model, precision, recompute, layouts, optimizer.
+
+The order is the contract: the model is built on the mesh's device, the precision recipe
+prepares it, recompute wraps its blocks, the layouts apply in the order given, and the
+optimizer is built last for the parallelized model. The data-parallel position is the
+product over the layouts' ``data_parallel()`` answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcore.config import RunConfig
+from mcore.errors import ConfigError, UserError
+from mcore.mesh import ParallelMesh, build_mesh
+from mcore.protocols.layout import DataParallelInfo
+from mcore.train.recompute import apply_recompute
+
+#: Mesh dimensions that split the data, in the order their ranks nest.
+DATA_DIMS = ("dp_replicate", "dp_shard")
+
+
+@dataclass
+class Parts:
+    mesh: ParallelMesh
+    model: nn.Module
+    factory: Any
+    precision: Any
+    layouts: list[Any]
+    optimizer: Any
+    dp: DataParallelInfo
+
+
+def combine_data_parallel(infos: list[DataParallelInfo]) -> DataParallelInfo:
+    """Rank and size over all layouts' data-parallel splits (the first layout outermost)."""
+    rank, size = 0, 1
+    group = None
+    for info in infos:
+        rank = rank * info.size + info.rank
+        size *= info.size
+        if info.size > 1:
+            group = info.group if group is None else None  # several groups: no single one to name
+    return DataParallelInfo(rank=rank, size=size, group=group)
+
+
+def load_model_factory(config: RunConfig) -> Any:
+    try:
+        return config.model.implementation.load()
+    except ImportError as exc:
+        source = config.model.implementation.source
+        raise UserError(
+            f"model {config.model.name!r} is registered by {source} but fails to import ({exc}); "
+            f"reinstall {source.distribution}"
+        ) from None
+
+
+def build_model(config: RunConfig, host: Any, device: torch.device | str) -> tuple[nn.Module, Any]:
+    factory = load_model_factory(config)
+    model = factory.build(
+        config.model.config, seed=config.train.seed, device=device, block_lookup=lambda name: host.load("block", name)
+    )
+    return model, factory
+
+
+def build_parts(config: RunConfig, host: Any) -> Parts:
+    layouts = [sel.instantiate() for sel in config.layouts]
+    dims: list[str] = []
+    for layout in layouts:
+        for d in layout.mesh_dims:
+            if d in dims:
+                raise ConfigError(f"parallel.layouts = {config.parallel.layouts}: two layouts own mesh dimension {d!r}")
+            dims.append(d)
+    fill = next((d for d in DATA_DIMS if d in dims), dims[0] if dims else None)
+    device_type = None if config.parallel.device == "auto" else config.parallel.device
+    try:
+        mesh = build_mesh(dims, config.parallel.sizes, fill=fill, device_type=device_type)
+    except ValueError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
+    model, factory = build_model(config, host, mesh.device)
+    precision = config.precision.instantiate()
+    model = precision.prepare(model)
+    apply_recompute(model, config.train.recompute)
+    for sel, layout in zip(config.layouts, layouts):
+        try:
+            model = layout.apply(model, mesh, precision)
+        except ValueError as exc:
+            raise ConfigError(f"parallel.layouts: layout {sel.name!r} cannot apply: {exc}") from None
+    dp = combine_data_parallel([layout.data_parallel() for layout in layouts])
+    optimizer = config.optimizer.instantiate().build(model, mesh=mesh, layouts=layouts)
+    return Parts(mesh, model, factory, precision, layouts, optimizer, dp)

@@ -1,0 +1,115 @@
+"""``mcore generate CHECKPOINT --prompt TEXT --max-new-tokens N``: sample text from a checkpoint.
+
+The checkpoint's own resolved config rebuilds the model (on one process, layout ``single``)
+and its tokenizer; decoding is greedy unless ``--temperature`` (> 0) or ``--top-k`` is given.
+Each new token re-runs the model over the last ``train.seq_len`` tokens (no KV cache: this is
+a check of a trained model, the inference plugin serves fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from mcore.cli import run_with_user_errors
+from mcore.errors import UserError
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    from mcore.checkpoint.store import latest_checkpoint
+
+    path = Path(spec)
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise UserError(f"{spec!r} is not a checkpoint (no meta.json) nor a run directory holding checkpoints")
+
+
+def load_for_inference(path: Path, host: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """``(model, tokenizer, config, meta)`` from a checkpoint, on one process."""
+    import torch
+
+    from mcore.checkpoint.store import load_model_weights, read_meta
+    from mcore.config import resolve_config
+    from mcore.data.tokenizer import tokenizer_from_description
+    from mcore.train.build import build_model
+
+    meta = read_meta(path)
+    raw = copy.deepcopy(meta["config"])
+    raw["parallel"] = {"layouts": ["single"]}
+    config = resolve_config(raw, host)
+    model, factory = build_model(config, host, "cuda" if torch.cuda.is_available() else "cpu")
+    load_model_weights(path, model)
+    model.eval()
+    tokenizer = tokenizer_from_description(meta["tokenizer"], path.parent.parent / "tokenizer")
+    return model, tokenizer, config, meta
+
+
+def generate_ids(
+    model: Any,
+    prompt: list[int],
+    *,
+    max_new_tokens: int,
+    context: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> list[int]:
+    import torch
+
+    device = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            window = torch.tensor([ids[-context:]], device=device)  # (1, T)
+            logits = model(window)[0, -1].float().cpu()  # (V,)
+            if temperature <= 0 and top_k <= 0:
+                ids.append(int(logits.argmax()))
+                continue
+            logits = logits / max(temperature, 1e-5) if temperature > 0 else logits
+            if top_k > 0:
+                cutoff = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < cutoff, float("-inf"))
+            ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g)))
+    return ids
+
+
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mcore generate", description="generate text from a checkpoint")
+    parser.add_argument("checkpoint", help="a checkpoint directory (step_XXXXXXXX) or a run directory")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (default: greedy)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be a positive int")
+    from mcore.plugins import load_plugins
+
+    path = resolve_checkpoint(args.checkpoint)
+    model, tokenizer, config, _ = load_for_inference(path, load_plugins())
+    prompt = [int(i) for i in tokenizer.encode(args.prompt)] or [tokenizer.eos_id]
+    ids = generate_ids(
+        model,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        context=config.train.seq_len,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    sys.stdout.write(args.prompt + tokenizer.decode(ids[len(prompt) :]) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_with_user_errors(_generate, list(sys.argv[1:] if argv is None else argv))

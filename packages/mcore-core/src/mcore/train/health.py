@@ -1,0 +1,67 @@
+"""The NaN/Inf and loss-spike policy of a run.
+
+A step is bad when its loss or any gradient is not finite (on any rank), or when the loss
+exceeds ``spike_factor`` times the running mean of recent good losses (after
+``spike_warmup_steps``). ``skip`` drops the update with a warning (and stops after
+``max_skipped_steps`` bad steps in a row); ``stop`` ends the run with a checkpoint of the
+last good state and an error saying what happened.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mcore.errors import UserError
+
+
+class TrainingHalted(UserError):
+    """The run stopped itself (NaN/Inf or a loss spike under ``train.nan_policy``)."""
+
+
+@dataclass
+class Health:
+    spike_factor: float
+    spike_warmup_steps: int
+    max_skipped: int
+    ema: float | None = None
+    good_steps: int = 0
+    skipped_in_row: int = 0
+    skipped_total: int = 0
+
+    def verdict(self, loss: float, grads_finite: bool) -> str | None:
+        """``None`` for a good step, else why it is bad."""
+        if not math.isfinite(loss):
+            return f"the loss is {loss}"
+        if not grads_finite:
+            return "a gradient is NaN or Inf"
+        if (
+            self.spike_factor > 0
+            and self.ema is not None
+            and self.good_steps >= self.spike_warmup_steps
+            and loss > self.spike_factor * self.ema
+        ):
+            return f"the loss {loss:.4f} spiked above {self.spike_factor} x its running mean {self.ema:.4f}"
+        return None
+
+    def good(self, loss: float) -> None:
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        self.good_steps += 1
+        self.skipped_in_row = 0
+
+    def bad(self) -> None:
+        self.skipped_in_row += 1
+        self.skipped_total += 1
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "ema": self.ema,
+            "good_steps": self.good_steps,
+            "skipped_in_row": self.skipped_in_row,
+            "skipped_total": self.skipped_total,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)

@@ -1,0 +1,74 @@
+"""The memory planner against the measured peak of real training steps on CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from mcore.config import resolve_config
+from mcore.observe.memory import measure_peak_cpu
+from mcore.plan.estimate import format_plan, plan_memory
+from mcore.plugins import hookimpl
+from mcore.train.build import build_parts
+from mcore_testing.hosts import isolated_host
+
+RAW = {
+    "model": {
+        "name": "reference-tiny",
+        "vocab_size": 257,
+        "hidden_size": 64,
+        "max_seq_len": 128,
+        "num_layers": 4,
+        "ffn_size": 256,
+    },
+    "optimizer": {"name": "reference-adamw"},
+    "train": {"seq_len": 128, "micro_batch_size": 16, "global_batch_size": 16},
+}
+
+
+@pytest.mark.parametrize(("recompute", "tolerance"), [("none", 0.10), ("selective", 0.15), ("full", 0.15)])
+def test_plan_matches_measured_peak(recompute: str, tolerance: float) -> None:
+    host = isolated_host("mcore_testing.plugin")
+    config = resolve_config({**RAW, "train": {**RAW["train"], "recompute": recompute}}, host)
+    plan = plan_memory(config, host, device_memory_gb=1.0)
+    tokens = torch.randint(0, 257, (16, 128))
+
+    def two_steps() -> None:  # build inside, so parameters and optimizer state are counted
+        parts = build_parts(config, host)
+        for _ in range(2):
+            parts.optimizer.zero_grad(set_to_none=True)
+            parts.model(tokens, labels=tokens).backward()
+            parts.optimizer.step()
+
+    peak, _ = measure_peak_cpu(two_steps)
+    assert plan.peak == pytest.approx(peak, rel=tolerance), format_plan(plan)
+    assert plan.fits is True and len(plan.layers) == 4
+
+
+class ShardPlugin:
+    """A layout that owns ``dp_shard`` (the planner only reads its ``mesh_dims``)."""
+
+    MCORE_PLUGIN_API = 1
+
+    @hookimpl
+    def mcore_register(self, registry: Any) -> None:
+        class Shard:
+            name = "test-shard"
+            mesh_dims = ("dp_shard",)
+
+        registry.add("layout", "test-shard", Shard)
+
+
+def test_plan_divides_by_sharding_and_reports_fit() -> None:
+    host = isolated_host("mcore_testing.plugin", ShardPlugin())
+    config = resolve_config(RAW, host)
+    base = plan_memory(config, host, device_memory_gb=0.01)
+    assert base.fits is False and "does NOT fit" in format_plan(base)
+    recompute = plan_memory(resolve_config({**RAW, "train": {**RAW["train"], "recompute": "full"}}, host), host)
+    assert recompute.activations < base.activations
+    assert base.layers[0].attention < base.layers[0].activations
+    sharded = plan_memory(resolve_config({**RAW, "parallel": {"layouts": ["test-shard"]}}, host), host, world_size=2)
+    assert sharded.params == base.params // 2 and sharded.optimizer == base.optimizer // 2
+    assert sharded.activations == base.activations  # micro-batch of 16 rows given; each rank runs it whole
