@@ -1,112 +1,32 @@
 """Two gloo processes: exact resume across ranks, reload under another world size and layout,
 and a layout that does not fit the world size.
 
-The core ships no data-parallel layout (those are plugins), so a small test-local one
-(``test-ddp``: replicated parameters, gradients all-reduced and averaged in
-``finish_grad_sync``) stands in for ``ddp``.
+The core ships no data-parallel layout (those are plugins), so the harness's stand-ins
+(``mcore_testing.layouts``: ``test-ddp`` all-reduce DP, ``test-fsdp`` torch's ``fully_shard``)
+stand in for ``ddp`` and ``fsdp``.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-import torch
 import torch.distributed as dist
 from test_train_loop import make_config, make_corpus, merge
 
 from mcore.errors import ConfigError
-from mcore.plugins import hookimpl
-from mcore.protocols.layout import DataParallelInfo
 from mcore.train import run
 from mcore_testing import run_distributed
 from mcore_testing.hosts import isolated_host
-
-
-class AllReduceLayout:
-    """Replicated parameters; gradients averaged over the ``dp_replicate`` group after backward."""
-
-    name: ClassVar[str] = "test-ddp"
-    mesh_dims: ClassVar[tuple[str, ...]] = ("dp_replicate",)
-
-    def __init__(self, config: Any = None) -> None:
-        self.mesh: Any = None
-        self.model: Any = None
-
-    def apply(self, model: torch.nn.Module, mesh: Any, precision: Any = None) -> torch.nn.Module:
-        self.mesh, self.model = mesh, model
-        return model
-
-    def data_parallel(self) -> DataParallelInfo:
-        group = self.mesh.group("dp_replicate")
-        return DataParallelInfo(rank=self.mesh.rank("dp_replicate"), size=self.mesh.size("dp_replicate"), group=group)
-
-    def no_grad_sync(self) -> AbstractContextManager[None]:
-        return nullcontext()  # gradients are reduced once, in finish_grad_sync
-
-    def finish_grad_sync(self) -> None:
-        group, size = self.mesh.group("dp_replicate"), self.mesh.size("dp_replicate")
-        for p in self.model.parameters():
-            if p.grad is not None and group is not None:
-                dist.all_reduce(p.grad, group=group)
-                p.grad.div_(size)
-
-    def state_dict_options(self) -> dict[str, Any]:
-        return {}
-
-
-class ShardLayout:
-    """Parameters sharded as DTensors over ``dp_shard`` by torch's ``fully_shard`` (a stand-in for ``fsdp``)."""
-
-    name: ClassVar[str] = "test-fsdp"
-    mesh_dims: ClassVar[tuple[str, ...]] = ("dp_shard",)
-
-    def __init__(self, config: Any = None) -> None:
-        self.mesh: Any = None
-        self.model: Any = None
-
-    def apply(self, model: torch.nn.Module, mesh: Any, precision: Any = None) -> torch.nn.Module:
-        from torch.distributed.fsdp import fully_shard
-
-        self.mesh, self.model = mesh, model
-        sub = mesh.submesh(["dp_shard"])
-        for block in model.layers:
-            fully_shard(block, mesh=sub)
-        fully_shard(model, mesh=sub)
-        return model
-
-    def data_parallel(self) -> DataParallelInfo:
-        return DataParallelInfo(
-            rank=self.mesh.rank("dp_shard"), size=self.mesh.size("dp_shard"), group=self.mesh.group("dp_shard")
-        )
-
-    def no_grad_sync(self) -> AbstractContextManager[None]:
-        return nullcontext()  # fully_shard reduce-scatters every backward; fine for a test
-
-    def finish_grad_sync(self) -> None:
-        return None
-
-    def state_dict_options(self) -> dict[str, Any]:
-        return {}
-
-
-class TestLayouts:
-    MCORE_PLUGIN_API = 1
-
-    @hookimpl
-    def mcore_register(self, registry: Any) -> None:
-        registry.add("layout", "test-ddp", AllReduceLayout)
-        registry.add("layout", "test-fsdp", ShardLayout)
-
+from mcore_testing.layouts import LayoutsPlugin
 
 DDP = {"parallel": {"layouts": ["test-ddp"]}}
 
 
 def _host() -> Any:
-    return isolated_host("mcore_testing.plugin", TestLayouts())
+    return isolated_host("mcore_testing.plugin", LayoutsPlugin())
 
 
 def _two_ranks(root: str, corpus: str) -> None:

@@ -6,8 +6,7 @@ of ``test_suites_catch_bugs.py`` prove they fail on wrong code.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,39 +14,9 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
-from mcore.protocols import BlockContext, DataParallelInfo, DispatchResult, FlopsShape, RoutingDecision
+from mcore.protocols import BlockContext, DispatchResult, FlopsShape, RoutingDecision
 from mcore_testing.conformance import BlockConformance, DispatcherConformance, LayoutConformance
-
-
-class AllReduceLayout:
-    """Replicated data parallelism: grads averaged over the world in ``finish_grad_sync``."""
-
-    name: ClassVar[str] = "test-ddp"
-    mesh_dims: ClassVar[tuple[str, ...]] = ("dp_replicate",)
-
-    def apply(self, model: nn.Module, mesh: Any, precision: Any = None) -> nn.Module:
-        self.model, self.mesh = model, mesh
-        return model
-
-    def data_parallel(self) -> DataParallelInfo:
-        return DataParallelInfo(
-            rank=self.mesh.rank("dp_replicate"),
-            size=self.mesh.size("dp_replicate"),
-            group=self.mesh.group("dp_replicate"),
-        )
-
-    def no_grad_sync(self) -> AbstractContextManager[None]:
-        return nullcontext()
-
-    def finish_grad_sync(self) -> None:
-        dp = self.data_parallel()
-        for p in self.model.parameters():
-            if p.grad is not None and dp.size > 1:
-                dist.all_reduce(p.grad, group=dp.group)
-                p.grad /= dp.size
-
-    def state_dict_options(self) -> dict[str, Any]:
-        return {}
+from mcore_testing.layouts import AllReduceLayout
 
 
 class TestAllReduceLayout(LayoutConformance):
