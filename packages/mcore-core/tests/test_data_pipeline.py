@@ -51,7 +51,7 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
 def test_sources_text_jsonl_parquet(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text(DOCS[0])
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS[1:]) + "\n")
-    pa = pytest.importorskip("pyarrow", reason="Parquet sources need the parquet extra (pyarrow)")
+    import pyarrow as pa  # the [parquet] extra; part of the [test] extra
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["parquet doc one", "parquet doc two"]}), tmp_path / "c.parquet")

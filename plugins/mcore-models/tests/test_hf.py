@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from mcore_models.blocks.rope import RopeFields, inverse_frequencies
 from mcore_models.gpt import GPT, GPTConfig
 from mcore_models.hf import config_to_hf
 from mcore_testing.numerics import rel_error
-
-transformers = pytest.importorskip("transformers")
 
 COMMON = dict(
     vocab_size=96,
