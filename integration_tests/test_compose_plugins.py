@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mcore.config import load_raw, resolve_config
 from mcore.mesh import build_mesh
 from mcore.plugins import load_plugins
+from mcore.ragged import full_tensor
 from mcore_testing import run_distributed
 from mcore_testing.numerics import assert_rel_close, seeded_tokens
 
@@ -27,13 +28,13 @@ GLOBAL_BATCH = 4
 SEQ = 16
 
 
-def _train(layouts: str, optimizer: str, out: str) -> None:
+def _train(layouts: str, optimizer: str, out: str, *extra: str) -> None:
     """Train ``gpt`` tiny for STEPS steps; rank 0 saves losses and full parameters to ``out``."""
     torch.manual_seed(0)
     host = load_plugins(env=False, unpackaged=False, strict=True)
     overrides = [
         "--model.name=gpt", "--model.preset=tiny", f"--optimizer.name={optimizer}", "--optimizer.lr=0.01",
-        f"--parallel.layouts={layouts}",
+        f"--parallel.layouts={layouts}", *extra,
     ]  # fmt: skip
     config = resolve_config(load_raw(None, overrides), host)
     built = [sel.instantiate() for sel in config.layouts]
@@ -69,16 +70,27 @@ def _train(layouts: str, optimizer: str, out: str) -> None:
         losses.append(float(value))
     params = {}
     for name, p in model.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        params[name] = full.detach().clone()
+        params[name] = full_tensor(p.detach())  # ragged-aware: whole matrices live on one rank
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"losses": losses, "params": params}, out)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "distributed-adamw"])
-def test_gpt_fsdp_two_ranks_matches_single_process(optimizer: str, tmp_path: Path) -> None:
-    run_distributed(_train, 1, "single", optimizer, str(tmp_path / "single.pt"))
-    run_distributed(_train, 2, "fsdp", optimizer, str(tmp_path / "fsdp.pt"), timeout=300)
+@pytest.mark.parametrize(
+    ("optimizer", "options", "fsdp_options"),
+    [
+        ("adamw", (), ()),
+        ("distributed-adamw", (), ()),
+        # Muon on whole matrices: FSDP keeps each matrix on one rank, which orthogonalises it
+        # locally (no gather in the optimizer), as one process does. Newton-Schulz in fp32: in
+        # bf16, the gradients' reduction-order rounding (~1e-7) flips bf16 roundings (~1e-4).
+        ("muon", ("--optimizer.ns_dtype=float32",), ("--parallel.fsdp.whole_params=matrices",)),
+    ],
+)
+def test_gpt_fsdp_two_ranks_matches_single_process(
+    optimizer: str, options: tuple[str, ...], fsdp_options: tuple[str, ...], tmp_path: Path
+) -> None:
+    run_distributed(_train, 1, "single", optimizer, str(tmp_path / "single.pt"), *options)
+    run_distributed(_train, 2, "fsdp", optimizer, str(tmp_path / "fsdp.pt"), *options, *fsdp_options, timeout=300)
     single = torch.load(tmp_path / "single.pt", weights_only=True)
     sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     assert_rel_close(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), name="losses")

@@ -121,7 +121,17 @@ def flops_per_token(s: Shape, seq: int) -> float:
 
 
 # -- wrapping ---------------------------------------------------------------------------------------
-def wrap(impl: str, model: nn.Module, world: int, device: torch.device, reshard: bool, replicate: int = 1) -> nn.Module:
+def wrap(
+    impl: str,
+    model: nn.Module,
+    world: int,
+    device: torch.device,
+    reshard: bool,
+    replicate: int = 1,
+    *,
+    whole: bool = False,
+    prefetch: int = 1,
+) -> nn.Module:
     if impl in ("mcore", "torch"):
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -137,9 +147,17 @@ def wrap(impl: str, model: nn.Module, world: int, device: torch.device, reshard:
         else:
             mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # mcore only: matrices kept whole on one rank (--whole), units gathered ahead (--prefetch)
+        extra = {"keep_whole": (lambda p: p.dim() >= 2) if whole else False, "prefetch": prefetch}
+        options = {
+            "mesh": mesh,
+            "mp_policy": mp,
+            "reshard_after_forward": reshard,
+            **(extra if impl == "mcore" else {}),
+        }
         for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-        return fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+            fully_shard(block, **options)
+        return fully_shard(model, **options)
     if impl == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -205,6 +223,9 @@ class Result:
     mfu: float | None
     peak_mem_gb: float
     exposed_comm_ms: float | None
+    peak_reserved_gb: float | None = None  # GPU: what the caching allocator held at most (cached blocks too)
+    whole: bool = False
+    prefetch: int = 1
     pool_allocations_after_step1: int | None = None
     pool_allocations_end: int | None = None
     cuda_segments_after_step1: int | None = None
@@ -218,7 +239,9 @@ def run(args: argparse.Namespace, impl: str, device: torch.device, rank: int, wo
     torch.manual_seed(0)
     with torch.device(device):
         model = Decoder(shape)
-    model = wrap(impl, model, world, device, not args.no_reshard, args.replicate)
+    model = wrap(
+        impl, model, world, device, not args.no_reshard, args.replicate, whole=args.whole, prefetch=args.prefetch
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(1 + rank)
     tokens = torch.randint(0, shape.vocab, (args.batch, args.seq + 1), generator=g).to(device)
@@ -247,7 +270,7 @@ def run(args: argparse.Namespace, impl: str, device: torch.device, rank: int, wo
         step()
     sync(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)  # peaks of the timed steps
     dist.barrier()
     times = []
     for _ in range(args.steps):
@@ -268,8 +291,10 @@ def run(args: argparse.Namespace, impl: str, device: torch.device, rank: int, wo
             sync(device)
         exposed = exposed_comm_ms(prof, args.profile_steps) or 0.0
     pool_end, seg_end = counters()
+    reserved = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
+        reserved = torch.cuda.max_memory_reserved(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process max RSS (KiB -> GiB)
     tokens_step = args.batch * args.seq * world
@@ -292,6 +317,9 @@ def run(args: argparse.Namespace, impl: str, device: torch.device, rank: int, wo
         mfu=mfu,
         peak_mem_gb=peak,
         exposed_comm_ms=exposed,
+        peak_reserved_gb=reserved,
+        whole=args.whole and impl == "mcore",
+        prefetch=args.prefetch if impl == "mcore" else 1,
         pool_allocations_after_step1=pool1,
         pool_allocations_end=pool_end,
         cuda_segments_after_step1=seg1,
@@ -315,6 +343,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--replicate", type=int, default=1, help="HSDP: replicas (mesh replicate x shard)")
     parser.add_argument("--no-reshard", action="store_true", help="reshard_after_forward=False for the FSDPs")
+    parser.add_argument("--whole", action="store_true", help="mcore: keep every matrix whole on one rank")
+    parser.add_argument("--prefetch", type=int, default=1, help="mcore: units gathered ahead")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--out", default="", help="append JSON lines of results here (rank 0)")
     args = parser.parse_args()
@@ -345,12 +375,16 @@ def main() -> None:
                             json.dumps({**asdict(r), "torch": torch.__version__, "device": device_name(device)}) + "\n"
                         )
     if rank == 0:
-        print(f"\n{'impl':<6} {'step ms':>9} {'tok/s/rank':>11} {'MFU':>6} {'peak GB':>8} {'exposed comm ms':>16}")
+        print(
+            f"\n{'impl':<6} {'step ms':>9} {'tok/s/rank':>11} {'MFU':>6} {'peak GB':>8} {'rsrvd GB':>8} {'exposed comm ms':>16}"
+        )
         for r in results:
             mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
             comm = f"{r.exposed_comm_ms:.2f}" if r.exposed_comm_ms is not None else "-"
+            rsrvd = f"{r.peak_reserved_gb:.2f}" if r.peak_reserved_gb is not None else "-"
             print(
-                f"{r.impl:<6} {r.step_ms:9.2f} {r.tokens_per_s_per_rank:11.0f} {mfu:>6} {r.peak_mem_gb:8.2f} {comm:>16}"
+                f"{r.impl:<6} {r.step_ms:9.2f} {r.tokens_per_s_per_rank:11.0f} {mfu:>6} {r.peak_mem_gb:8.2f} {rsrvd:>8} "
+                f"{comm:>16}"
             )
     dist.destroy_process_group()
 

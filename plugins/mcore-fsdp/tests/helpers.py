@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mcore.protocols.precision import GatherPayload
+from mcore.ragged import full_tensor
 from mcore_fsdp import fully_shard
 from mcore_testing.reference import TinyConfig, TinyTransformer, tiny_batches
 
@@ -43,7 +44,7 @@ class Trace:
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+    return full_tensor(t.detach())  # ragged-aware (parameters kept whole on one rank)
 
 
 def train(
@@ -53,8 +54,13 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     trace = Trace([], [], {})
     vocab = model.config.vocab_size
+    device = next(model.parameters()).device
     for tokens, labels in batches(vocab)[:steps]:
-        loss = model(local_rows(tokens, dp_rank, dp_size), labels=local_rows(labels, dp_rank, dp_size))
+        tokens, labels = (
+            local_rows(tokens, dp_rank, dp_size).to(device),
+            local_rows(labels, dp_rank, dp_size).to(device),
+        )
+        loss = model(tokens, labels=labels)
         loss.backward()
         value = loss.detach().clone()
         if dp_size > 1:

@@ -36,19 +36,22 @@ def test_geometry_matches_dtensor_chunks() -> None:
         plan([()], 2)
 
 
-def test_pool_reuses_buffers_of_the_largest_size() -> None:
+def test_pool_lends_the_smallest_buffer_that_fits_any_kind() -> None:
     pool = BufferPool(torch.device("cpu"))
-    pool.reserve("param", torch.float32, 10)
-    a = pool.acquire("param", torch.float32, 4)
-    b = pool.acquire("param", torch.float32, 10)
-    assert a.tensor.numel() == b.tensor.numel() == 10 and pool.allocations == 2
-    pool.release(a)
+    a, b = pool.acquire("param", torch.float32, 4), pool.acquire("rs_in", torch.float32, 10)
+    assert (a.tensor.numel(), b.tensor.numel(), pool.allocations) == (4, 12, 2)  # whole buffers: 16, 48 bytes
+    assert a.tensor.dtype == torch.float32 and a.raw.numel() == 16
     pool.release(b)
-    for _ in range(3):
-        x, y = pool.acquire("param", torch.float32, 7), pool.acquire("param", torch.float32, 10)
+    pool.release(a)
+    for _ in range(3):  # the same requests every step: nothing new is made
+        x, y = pool.acquire("gather", torch.bfloat16, 14), pool.acquire("param", torch.float32, 3)
+        assert (x.tensor.dtype, x.raw.numel(), y.raw.numel()) == (torch.bfloat16, 48, 16)  # bytes: 28 -> 40, 12 -> 16
+        x.view(14).fill_(1.0)
         pool.release(x)
         pool.release(y)
     assert pool.allocations == 2 and pool.lent == 0
+    big = pool.acquire("param", torch.float32, 13)  # nothing fits 52 bytes: one of the requested size
+    assert big.raw.numel() == 64 and pool.allocations == 3
 
 
 def test_config_errors_name_key_value_and_allowed() -> None:

@@ -19,6 +19,18 @@ def test_assign_balances_whole_items() -> None:
     assert set(assign(costs, 8).values()) == set(range(6))  # more ranks than items: one each
 
 
+def test_assign_balances_around_fixed_loads() -> None:
+    """Items go around each rank's fixed load (e.g. matrices it alone holds), still deterministically."""
+    costs = [("a", 4.0), ("b", 3.0), ("c", 2.0), ("d", 1.0)]
+    owners = assign(costs, 2, loads=[10.0, 0.0])
+    assert owners == {"a": 1, "b": 1, "c": 1, "d": 1}  # rank 0 already carries more than all of them
+    fixed = [5.0, 0.0, 3.0]
+    owners = assign(costs, 3, loads=fixed)
+    assert [fixed[r] + sum(c for n, c in costs if owners[n] == r) for r in range(3)] == [6.0, 6.0, 6.0]
+    assert assign(costs, 3, loads=fixed) == owners
+    assert assign(costs, 2) == assign(costs, 2, loads=[0.0, 0.0])
+
+
 class FakeLayout:
     def __init__(self, size: int, group: object = None) -> None:
         self.size, self.group = size, group

@@ -5,9 +5,12 @@ block, then on the root; the module's class becomes ``FSDP<Class>`` (also an
 ``FSDPModule``); its parameters become ``Shard(0)`` DTensors over ``mesh`` (``(Replicate(),
 Shard(0))`` on a 2-D HSDP mesh); forward gathers them, backward reduce-scatters the grads.
 
-Beyond FSDP2: ``gradient_divide_factor`` (e.g. for expert parameters), ``gather_recipe``
-(a precision recipe whose ``gather_payload``/``unpack`` gather parameters in a low-precision
-format) and ``prefetch`` (how many units ahead to gather).
+Beyond FSDP2: ``keep_whole`` (parameters kept whole on one rank of the shard group instead
+of split by rows: Muon orthogonalises whole matrices, block-scaled formats quantize whole
+blocks; they are bin-packed over the ranks and appear as row-ragged ``Shard(0)`` DTensors,
+see ``mcore.ragged``), ``gradient_divide_factor`` (e.g. for expert parameters),
+``gather_recipe`` (a precision recipe whose ``gather_payload``/``unpack`` gather parameters
+in a low-precision format) and ``prefetch`` (how many units ahead to gather).
 """
 
 from __future__ import annotations
@@ -157,8 +160,13 @@ def fully_shard(
     gradient_divide_factor: float | None = None,
     gather_recipe: Any = None,
     prefetch: int = 1,
+    keep_whole: bool | Callable[[nn.Parameter], bool] = False,
 ) -> nn.Module:
-    """Shard ``module``'s parameters (those not in a nested ``fully_shard``) over ``mesh``."""
+    """Shard ``module``'s parameters (those not in a nested ``fully_shard``) over ``mesh``.
+
+    ``keep_whole``: ``True`` (every parameter) or a predicate choosing the parameters that
+    stay whole on one rank (e.g. ``lambda p: p.ndim >= 2`` for Muon).
+    """
     if isinstance(module, (list, tuple)):
         raise ValueError("fully_shard: module is a list; allowed: one nn.Module per call")
     if state_of(module) is not None:
@@ -182,6 +190,11 @@ def fully_shard(
                 raise ValueError(
                     f"fully_shard: shard_placement_fn returned {placement!r} for {e.name}; allowed: None or Shard(0)"
                 )
+    if not (isinstance(keep_whole, bool) or callable(keep_whole)):
+        raise ValueError(
+            f"fully_shard: keep_whole = {keep_whole!r}; allowed: True, False or a function of a parameter returning bool"
+        )
+    whole = [bool(keep_whole(e.param)) if callable(keep_whole) else keep_whole for e in entries]
     for buffer_owner in module.modules():
         for name, buf in buffer_owner._buffers.items():
             if buf is not None and buf.device != groups.device:
@@ -194,6 +207,7 @@ def fully_shard(
         reshard_after_forward=True if reshard_after_forward is None else reshard_after_forward,
         gather_recipe=gather_recipe,
         divide_factor=gradient_divide_factor,
+        keep_whole=whole,
     )
     module.__dict__["_mcore_fsdp"] = ModuleState(unit=unit, prefetch=prefetch)
     module.register_forward_pre_hook(pre_forward, prepend=True, with_kwargs=True)

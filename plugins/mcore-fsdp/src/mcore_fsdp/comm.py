@@ -48,10 +48,21 @@ def all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -
     return _all_gather(out, inp, group=group, async_op=True)
 
 
-def reduce_scatter_sum(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup) -> Any:
-    # out: (S,) ; inp: (N * S,)
-    return _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=True)
+def fuses_scaling(group: dist.ProcessGroup) -> bool:
+    """Whether ``reduce_scatter`` can scale inside the collective (NCCL's ``PREMUL_SUM``)."""
+    return dist.get_backend(group) == "nccl" and hasattr(dist, "_make_nccl_premul_sum")
+
+
+def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, scale: float | None = None) -> Any:
+    # out: (S,) ; inp: (N * S,); the sum over ranks, times ``scale`` when given (fuses_scaling only)
+    op = dist.ReduceOp.SUM if scale is None else dist._make_nccl_premul_sum(scale)
+    return _reduce_scatter(out, inp, op=op, group=group, async_op=True)
 
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup) -> Any:
     return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup) -> Any:
+    # t: the same shape on every rank; ``src`` is a rank of ``group``
+    return dist.broadcast(t, group=group, group_src=src, async_op=True)

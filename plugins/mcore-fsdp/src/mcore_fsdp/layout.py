@@ -37,6 +37,9 @@ DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
+WHOLE: dict[str, Any] = {"none": False, "all": True, "matrices": lambda p: p.dim() >= 2}
+
+
 def _dtype(key: str, value: str) -> torch.dtype | None:
     if value not in DTYPES:
         raise ValueError(f"parallel.fsdp.{key} = {value!r}; allowed: {', '.join(DTYPES)}")
@@ -82,6 +85,9 @@ class FSDPLayout:
         gradient_divide_factor: float | None = None
         #: gather in the recipe's low-precision format when it offers one (gather_payload)
         quantized_gather: bool = True
+        #: parameters kept whole on one rank instead of split by rows: "matrices" (every
+        #: parameter of >= 2 dims: Muon orthogonalises whole matrices), "all", or "none"
+        whole_params: Literal["none", "matrices", "all"] = "none"
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or type(self).Config()
@@ -89,6 +95,8 @@ class FSDPLayout:
         _dtype("reduce_dtype", self.config.reduce_dtype)
         if self.config.prefetch < 0:
             raise ValueError(f"parallel.fsdp.prefetch = {self.config.prefetch!r}; allowed: an int >= 0")
+        if self.config.whole_params not in WHOLE:
+            raise ValueError(f"parallel.fsdp.whole_params = {self.config.whole_params!r}; allowed: {', '.join(WHOLE)}")
         if isinstance(self.config.units, str):
             self.config.units = (self.config.units,) if self.config.units else ()
         self._model: nn.Module | None = None
@@ -126,6 +134,7 @@ class FSDPLayout:
             "gradient_divide_factor": cfg.gradient_divide_factor,
             "gather_recipe": precision if cfg.quantized_gather else None,
             "prefetch": cfg.prefetch,
+            "keep_whole": WHOLE[cfg.whole_params],
         }
         for unit in find_units(model, cfg.units):
             fully_shard(unit, reshard_after_forward=cfg.reshard_after_forward, **options)

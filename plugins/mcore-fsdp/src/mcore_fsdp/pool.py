@@ -1,10 +1,14 @@
 """Persistent flat buffers lent to units for gathers and reductions.
 
-Un-sharded parameters and reduce-scatter inputs are borrowed from here and given back, so
-after the first step no buffer is allocated per step: the pool grows to the largest number
-of buffers in flight at once (two when consecutive units double-buffer) and every buffer
-has the size of the largest request of its kind. ``allocations`` counts buffers ever made;
-tests check it stays flat after step 1.
+Un-sharded parameters, all-gather and reduce-scatter buffers are borrowed from here and
+given back, so after the first steps no buffer is allocated per step. Buffers are raw bytes
+shared by every kind of request: a request takes the smallest free buffer that fits (viewed
+as the dtype it asks for), and only when none fits is a buffer of the requested size made.
+The pool therefore holds about the most bytes in flight at once, not one set of buffers per
+kind; units of different sizes (a root holding the embedding and the head, small blocks)
+each get buffers near their own size. Since every step makes the same requests in the same
+order, the pool stops growing; ``allocations`` counts buffers ever made and tests check it
+stays flat after the first step.
 
 On CUDA a buffer given back carries an event recorded on the releasing stream; the next
 borrower's stream waits on it before writing.
@@ -13,53 +17,61 @@ borrower's stream waits on it before writing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+#: buffers are made in multiples of this many bytes, so any dtype can view them
+_ALIGN = 16
 
 
 @dataclass(eq=False)
 class Lease:
-    """A borrowed buffer: ``tensor`` is the whole base buffer; callers slice ``[:numel]``."""
+    """A borrowed buffer: ``tensor`` is the whole buffer in the borrower's dtype; callers
+    slice ``[:numel]``."""
 
-    tensor: torch.Tensor
-    kind: str
+    raw: torch.Tensor  # (bytes,) uint8
+    kind: str = ""
+    tensor: torch.Tensor = field(init=False, repr=False)
     event: torch.cuda.Event | None = field(default=None, repr=False)
+    #: views its borrowers made once and reuse (keyed by borrower and purpose; a borrower asks
+    #: for the same dtype for the same purpose): a few slices per parameter cost more CPU than
+    #: the copies they feed
+    views: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def lend_as(self, kind: str, dtype: torch.dtype) -> Lease:
+        self.kind = kind
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.tensor = self.raw[: self.raw.numel() // itemsize * itemsize].view(dtype)
+        return self
 
     def view(self, numel: int) -> torch.Tensor:
         return self.tensor[:numel]
 
 
 class BufferPool:
-    """Buffers by (kind, dtype), all of one size per key (``reserve`` raises it before use)."""
+    """Byte buffers of any kind; a request gets the smallest free one that fits (best fit)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.allocations = 0
-        self._free: dict[tuple[str, torch.dtype], list[Lease]] = {}
-        self._size: dict[tuple[str, torch.dtype], int] = {}
+        self._free: list[Lease] = []  # sorted by size
         self._lent: set[int] = set()
 
-    def reserve(self, kind: str, dtype: torch.dtype, numel: int) -> None:
-        """Make every future buffer of this key at least ``numel`` elements."""
-        key = (kind, dtype)
-        if numel > self._size.get(key, 0):
-            self._size[key] = numel
-            self._free[key] = []  # smaller buffers are dropped; new ones get the new size
-
     def acquire(self, kind: str, dtype: torch.dtype, numel: int, stream: torch.cuda.Stream | None = None) -> Lease:
-        self.reserve(kind, dtype, numel)
-        key = (kind, dtype)
-        free = self._free.setdefault(key, [])
-        if free:
-            lease = free.pop()
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        fit = next((i for i, lease in enumerate(self._free) if lease.raw.numel() >= nbytes), None)
+        if fit is not None:
+            lease = self._free.pop(fit)
             if lease.event is not None and stream is not None:
                 stream.wait_event(lease.event)
             lease.event = None
         else:
             self.allocations += 1
-            lease = Lease(torch.empty(self._size[key], dtype=dtype, device=self.device), kind)
+            size = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+            lease = Lease(torch.empty(size, dtype=torch.uint8, device=self.device))
         self._lent.add(id(lease))
-        return lease
+        return lease.lend_as(kind, dtype)
 
     def release(self, lease: Lease, stream: torch.cuda.Stream | None = None) -> None:
         assert id(lease) in self._lent, "buffer released twice"
@@ -67,9 +79,8 @@ class BufferPool:
         if stream is not None:
             lease.event = torch.cuda.Event()
             lease.event.record(stream)
-        key = (lease.kind, lease.tensor.dtype)
-        if lease.tensor.numel() >= self._size.get(key, 0):
-            self._free.setdefault(key, []).append(lease)
+        self._free.append(lease)
+        self._free.sort(key=lambda x: x.raw.numel())
 
     @property
     def lent(self) -> int:
@@ -77,4 +88,4 @@ class BufferPool:
 
     def nbytes(self) -> int:
         """Bytes held in free buffers (lent ones are counted by their users)."""
-        return sum(lease.tensor.numel() * lease.tensor.element_size() for free in self._free.values() for lease in free)
+        return sum(lease.raw.numel() for lease in self._free)

@@ -66,12 +66,12 @@ class Context:
         self._saved_hooks: Any = None
         for unit in units:
             unit.ctx = self
-            for key, numel in unit.buffer_needs().items():
-                self.pool.reserve(*key, numel)
         self.needs_saved_hooks = any(u.reshard_after_forward and not u.zero_copy for u in self.units)
 
     # -- forward ------------------------------------------------------------------------------
     def root_pre_forward(self) -> None:
+        for unit in self.units:
+            unit.release_grads()
         if self.order:
             self.previous_order, self.order = self.order, []
         if self.needs_saved_hooks and torch.is_grad_enabled() and self._saved_hooks is None:
@@ -199,7 +199,16 @@ def lazy_init(root: nn.Module) -> Context:
 def _cast(tree: Any, dtype: torch.dtype | None) -> Any:
     if dtype is None:
         return tree
+    if type(tree) is torch.Tensor:  # the common output: one tensor
+        return tree.to(dtype) if tree.is_floating_point() else tree
     return tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)
+
+
+def _cast_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
+    """Floating-point tensors among the inputs in ``dtype`` (plain tensor arguments without a walk)."""
+    if not kwargs and all(type(a) is torch.Tensor for a in args):
+        return tuple(a.to(dtype) if a.is_floating_point() else a for a in args), kwargs
+    return _cast((args, kwargs), dtype)
 
 
 @torch._dynamo.disable
@@ -217,7 +226,7 @@ def pre_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ctx.prefetch_forward(unit, state.forward_prefetch)
     mp = unit.mp
     if mp.cast_forward_inputs and mp.param_dtype is not None:
-        args, kwargs = _cast((args, kwargs), mp.param_dtype)
+        args, kwargs = _cast_inputs(args, kwargs, mp.param_dtype)
     return args, kwargs
 
 
@@ -231,9 +240,12 @@ def post_forward(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     if not state.is_root and unit.reshard_after_forward:
         unit.reshard()
     if torch.is_grad_enabled():
-        tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-        if tensors:
-            explicit = state.backward_prefetch
+        outputs = [output] if type(output) is torch.Tensor else tree_flatten(output)[0]
+        tensors = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        explicit = state.backward_prefetch
+        if len(tensors) == 1:  # the usual block: one hidden-states tensor (a plain hook is cheaper)
+            tensors[0].register_hook(lambda _grad: ctx.pre_backward(unit, explicit))
+        elif tensors:
             torch.autograd.graph.register_multi_grad_hook(
                 tensors, lambda _grads: ctx.pre_backward(unit, explicit), mode="any"
             )

@@ -51,13 +51,38 @@ class _Gather:
 
 @dataclass(eq=False)
 class _Reduce:
-    """A reduce-scatter in flight."""
+    """A reduce-scatter in flight (``in_place``: its result is ``grad_flat`` itself)."""
 
     unit: Unit
     work: Any
-    rs_in: Lease
-    rs_out: Lease
+    rs_in: Lease | None
+    rs_out: Lease | None
     has_grad: list[bool]
+    in_place: bool
+    scaled: bool = False  # the division by the divisor happened inside the collective
+
+
+@dataclass(frozen=True, slots=True)
+class _PayloadSpec:
+    """The payload a precision recipe gathers for a parameter: tensor shapes/dtypes, metadata."""
+
+    tensors: list[tuple[torch.Size, torch.dtype]]
+    metadata: Any
+
+
+@dataclass(eq=False)
+class _ScatterPlan:
+    """How gradients are laid into a ``(N, S)`` buffer: ``pieces[k]`` = (parameter index, first
+    row, end row, shape of those rows as copied) goes to ``dsts[k]``; ``pads`` are zeroed."""
+
+    pieces: list[tuple[int, int, int, tuple[int, ...]]]
+    dsts: list[torch.Tensor]
+    pads: list[torch.Tensor]
+
+    def add(self, index: int, start: int, end: int, dst: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+        if end > start:
+            self.pieces.append((index, start, end, shape or (dst.numel(),)))
+            self.dsts.append(dst)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +126,7 @@ class Unit:
         reshard_after_forward: bool,
         gather_recipe: Any = None,
         divide_factor: float | None = None,
+        keep_whole: list[bool] | None = None,
     ) -> None:
         self.label = label
         self.groups = groups
@@ -130,15 +156,30 @@ class Unit:
         n, rank = groups.shard_size, groups.shard_rank
 
         # Parameters the recipe gathers in its own format go last, so the plain all-gather
-        # covers one prefix ``[:S_plain]`` of the flat shard.
-        quantized = [self._wants_quantized(e.param, n, rank) for e in entries]
-        order = [i for i, q in enumerate(quantized) if not q] + [i for i, q in enumerate(quantized) if q]
+        # covers one prefix ``[:plain_numel]``; within each group row-split parameters come
+        # first, then whole ones, largest first (the order their owners are chosen in).
+        whole = [bool(keep_whole and keep_whole[i]) for i in range(len(entries))]
+        probes = [self._probe_payload(e.param, n, whole[i]) for i, e in enumerate(entries)]
+        quantized = [probe is not None for probe in probes]
+        order = sorted(
+            range(len(entries)),
+            key=lambda i: (quantized[i], whole[i], -entries[i].param.numel() if whole[i] else 0, i),
+        )
         self.entries = [entries[i] for i in order]
         self.quantized = [quantized[i] for i in order]
-        self.geometry: Geometry = plan([tuple(e.param.shape) for e in self.entries], n)
-        first_q = self.quantized.index(True) if any(self.quantized) else len(self.entries)
+        #: per quantized slot: the payload's (shape, dtype)s and metadata for the whole parameter
+        #: (what a rank that does not own a whole parameter allocates to receive it)
+        self._payload_specs: dict[int, _PayloadSpec] = {
+            j: probe for j, i in enumerate(order) if (probe := probes[i]) is not None
+        }
+        self.geometry: Geometry = plan(
+            [tuple(e.param.shape) for e in self.entries],
+            n,
+            whole=[whole[i] for i in order],
+            groups=[int(q) for q in self.quantized],
+        )
         slots = self.geometry.slots
-        self.plain_numel = slots[first_q].offset if first_q < len(slots) else self.geometry.shard_numel
+        self.plain_numel = self.geometry.plain_numel
 
         # (S,) this rank's rows of every parameter, padded per parameter
         self.shard = torch.zeros(self.geometry.shard_numel, dtype=self.orig_dtype, device=device)
@@ -146,10 +187,10 @@ class Unit:
         self.unsharded: list[nn.Parameter] = []
         with torch.no_grad():
             for entry, slot in zip(self.entries, slots):
-                rows = slot.local_rows(rank)
+                rows, start = slot.local_rows(rank), slot.row_start(rank)
                 local = self._local_view(self.shard, slot)
                 if rows:
-                    local.copy_(entry.param.detach()[rank * slot.rows : rank * slot.rows + rows])
+                    local.copy_(entry.param.detach()[start : start + rows])
                 dt = DTensor.from_local(
                     local,
                     groups.mesh,
@@ -171,6 +212,9 @@ class Unit:
         self.expected_grads = sum(p.requires_grad for p in self.unsharded)
         self._register(self.sharded)
         self.grad_flat: torch.Tensor | None = None
+        self._own_views: dict[Any, Any] = {}  # views of shard/grad_flat made once (see _cached)
+        #: views of a released grad_flat and where they pointed (offset, size, stride)
+        self._released: list[tuple[torch.Tensor, int, torch.Size, tuple[int, ...]]] = []
         self._grad_dtensors: list[DTensor] = []
 
     @property
@@ -188,7 +232,7 @@ class Unit:
         return self._context is not None
 
     # -- geometry helpers ---------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def zero_copy(self) -> bool:
         """One shard, same dtype, no quantized gather: compute views alias the shard itself."""
         return self.groups.shard_size == 1 and self.compute_dtype == self.orig_dtype and not any(self.quantized)
@@ -201,30 +245,22 @@ class Unit:
         rows = slot.local_rows(self.groups.shard_rank)
         return flat[slot.offset : slot.offset + rows * slot.row_numel].view(rows, *slot.shape[1:])
 
-    def _wants_quantized(self, param: torch.Tensor, n: int, rank: int) -> bool:
+    def _probe_payload(self, param: torch.Tensor, n: int, whole: bool) -> _PayloadSpec | None:
+        """Whether the recipe gathers ``param`` in its own format, probed on zeros of the shape
+        it will see (the padded local rows, or the whole parameter when kept whole)."""
         if self.gather_recipe is None:
-            return False
-        probe_rows = -(-param.shape[0] // n) if param.dim() else 1
+            return None
+        probe_rows = param.shape[0] if whole else -(-param.shape[0] // n)
         probe = torch.zeros(probe_rows, *param.shape[1:], dtype=param.dtype, device=self.groups.device)
-        return self.gather_recipe.gather_payload(probe) is not None
+        payload = self.gather_recipe.gather_payload(probe)
+        if payload is None:
+            return None
+        return _PayloadSpec([(t.shape, t.dtype) for t in payload.tensors], payload.metadata)
 
     def _register(self, params: list[nn.Parameter]) -> None:
         for entry, p in zip(self.entries, params):
             for module, attr in entry.owners:
                 module._parameters[attr] = p
-
-    def buffer_needs(self) -> dict[tuple[str, torch.dtype], int]:
-        """Largest buffer of each pooled kind this unit borrows (for ``BufferPool.reserve``)."""
-        if self.empty or self.zero_copy:
-            return {}
-        n, s = self.geometry.world, self.geometry.shard_numel
-        needs = {("param", self.compute_dtype): n * s, ("rs_in", self.reduce_dtype): n * s}
-        if n > 1:
-            needs[("gather", self.compute_dtype)] = n * self.plain_numel
-            needs[("rs_out", self.reduce_dtype)] = s
-            if self.compute_dtype != self.orig_dtype:
-                needs[("send", self.compute_dtype)] = self.plain_numel
-        return needs
 
     # -- gather ---------------------------------------------------------------------------------
     def start_unshard(self) -> None:
@@ -240,8 +276,8 @@ class Unit:
             stream.wait_stream(torch.cuda.current_stream())
         n, s, plain = self.geometry.world, self.geometry.shard_numel, self.plain_numel
         with streams.on(stream):
-            gather = _Gather(param=pool.acquire("param", self.compute_dtype, n * s, stream))
-            if n == 1:
+            gather = _Gather(param=pool.acquire("param", self.compute_dtype, self.geometry.full_numel, stream))
+            if n == 1:  # the un-sharded layout is the shard's
                 gather.param.view(s).copy_(self.shard)
             else:
                 send = self.shard[:plain]
@@ -259,37 +295,45 @@ class Unit:
                 gather.ready.record(stream)
 
     def _issue_quantized(self, gather: _Gather) -> None:
-        n = self.geometry.world
+        """Row-split parameters: all-gather every rank's payload. Whole ones: the owner's payload,
+        broadcast (the others receive into buffers shaped by the probe)."""
+        n, rank, group = self.geometry.world, self.groups.shard_rank, self.groups.shard_group
         for i, (slot, q) in enumerate(zip(self.geometry.slots, self.quantized)):
             if not q:
                 continue
-            # the padded local chunk: (rows, *shape[1:]) including zero padding rows
-            padded = self.shard[slot.offset : slot.offset + slot.chunk_numel].view(slot.rows, *slot.shape[1:])
-            payload = self.gather_recipe.gather_payload(padded)
             outs, works = [], []
-            for t in payload.tensors:
-                t = t.contiguous()
-                out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-                works.append(comm.all_gather(out.view(-1), t.view(-1), self.groups.shard_group))
-                outs.append(out)
-            gather.quantized.append((i, outs, payload.metadata, works))
+            if slot.owner is None:
+                # the padded local chunk: (rows, *shape[1:]) including zero padding rows
+                padded = self.shard[slot.offset : slot.offset + slot.chunk_numel].view(slot.rows, *slot.shape[1:])
+                payload = self.gather_recipe.gather_payload(padded)
+                for t in payload.tensors:
+                    t = t.contiguous()
+                    out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+                    works.append(comm.all_gather(out.view(-1), t.view(-1), group))
+                    outs.append(out)
+                metadata = payload.metadata
+            else:
+                spec = self._payload_specs[i]
+                if rank == slot.owner:
+                    weight = self.shard[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                    outs = [t.contiguous() for t in self.gather_recipe.gather_payload(weight).tensors]
+                else:
+                    outs = [torch.empty(shape, dtype=dtype, device=self.groups.device) for shape, dtype in spec.tensors]
+                works = [comm.broadcast(t, slot.owner, group) for t in outs]
+                metadata = spec.metadata
+            gather.quantized.append((i, outs, metadata, works))
 
     def _complete_gather(self, gather: _Gather) -> None:
         """Wait for the collectives and copy each parameter out of the gathered buffer."""
-        n, s, plain = self.geometry.world, self.geometry.shard_numel, self.plain_numel
+        n, plain = self.geometry.world, self.plain_numel
         pool, stream = self.ctx.pool, self.ctx.streams.gather
-        param = gather.param.view(n * s)
+        param = gather.param.view(self.geometry.full_numel)
         if gather.work is not None:
             assert gather.gathered is not None
             gather.work.wait()
-            plain_slots = [sl for sl, q in zip(self.geometry.slots, self.quantized) if not q]
-            outs = [
-                param[n * sl.offset : n * (sl.offset + sl.chunk_numel)].view(n, sl.chunk_numel) for sl in plain_slots
-            ]
-            # (N, S_plain) -> per parameter (N, chunk): rank-major rows of the padded full tensor
-            torch.split_with_sizes_copy(
-                gather.gathered.view(n * plain).view(n, plain), [sl.chunk_numel for sl in plain_slots], dim=1, out=outs
-            )
+            dsts = self._cached(gather.param, "unpack_dst", lambda: self._unpack_dsts(param))
+            srcs = self._cached(gather.gathered, "unpack_src", lambda: self._unpack_srcs(gather.gathered, n, plain))
+            torch._foreach_copy_(dsts, srcs)
             pool.release(gather.gathered, stream)
             gather.gathered = None
         if gather.send is not None:
@@ -305,10 +349,38 @@ class Unit:
                     f"fully_shard({self.label}): precision recipe unpack returned {type(full).__name__} of shape "
                     f"{tuple(full.shape)}; allowed: a plain tensor of at least {slot.shape[0]} rows"
                 )
-            start = n * slot.offset
+            start = slot.full_offset
             param[start : start + slot.numel].view(slot.shape).copy_(full[: slot.shape[0]])
         gather.quantized = []
         gather.work = None
+
+    def _cached(self, lease: Lease | None, purpose: str, make: Any) -> Any:
+        """Views of a pooled buffer (or, without one, of this unit's own buffers) made once."""
+        views = lease.views if lease is not None else self._own_views
+        key = (self, purpose)
+        if key not in views:
+            views[key] = make()
+        return views[key]
+
+    def _unpack_dsts(self, param: torch.Tensor) -> list[torch.Tensor]:
+        """Where each plainly gathered parameter goes in the un-sharded buffer."""
+        n, out = self.geometry.world, []
+        for slot, q in zip(self.geometry.slots, self.quantized):
+            if not q:
+                dst = param[slot.full_offset : slot.full_offset + slot.full_numel(n)]
+                out.append(dst if slot.whole else dst.view(n, slot.chunk_numel))  # (N, chunk): rank-major rows
+        return out
+
+    def _unpack_srcs(self, gathered: Lease, n: int, plain: int) -> list[torch.Tensor]:
+        """Each plainly gathered parameter's place in the ``(N, S_plain)`` gathered buffer."""
+        rows = gathered.view(n * plain).view(n, plain)  # row r: rank r's shard
+        return [
+            rows[slot.owner, slot.offset : slot.offset + slot.numel]
+            if slot.owner is not None
+            else rows[:, slot.offset : slot.offset + slot.chunk_numel]
+            for slot, q in zip(self.geometry.slots, self.quantized)
+            if not q
+        ]
 
     def wait_unshard(self) -> None:
         gather = self._gather
@@ -322,10 +394,13 @@ class Unit:
         self._bind(gather.param.view(self.geometry.full_numel), gather.param)
 
     def _bind(self, full: torch.Tensor, lease: Lease | None) -> None:
-        n = self.geometry.world
-        for slot, p in zip(self.geometry.slots, self.unsharded):
-            start = n * slot.offset
-            p.data = full[start : start + slot.numel].view(slot.shape)
+        views = self._cached(
+            lease,
+            "bind",
+            lambda: [full[sl.full_offset : sl.full_offset + sl.numel].view(sl.shape) for sl in self.geometry.slots],
+        )
+        for view, p in zip(views, self.unsharded):
+            p.data = view
         self._param_lease = lease
         if lease is not None:
             self.ctx.lent[lease.tensor.untyped_storage().data_ptr()] = self
@@ -376,7 +451,12 @@ class Unit:
         return float(self.divide_factor) if self.divide_factor is not None else float(self.groups.dp_size)
 
     def reduce_grads(self) -> None:
-        """Reduce-scatter the un-sharded grads (asynchronously) and drop them."""
+        """Reduce-scatter the un-sharded grads (asynchronously) and drop them.
+
+        When nothing is accumulated (every parameter has a gradient, none holds one yet, the
+        reduction dtype is the shard's), the reduce-scatter writes straight into ``grad_flat``
+        (no copy of the result); on NCCL the division by the data-parallel size is fused into
+        it (``PREMUL_SUM``)."""
         maybe = [p.grad for p in self.unsharded]
         has_grad = [g is not None for g in maybe]
         if not any(has_grad):
@@ -387,42 +467,73 @@ class Unit:
             return
         n, s = self.geometry.world, self.geometry.shard_numel
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(maybe, self.unsharded)]
+        in_place = self.reduce_dtype == self.orig_dtype and all(has_grad) and all(p.grad is None for p in self.sharded)
         stream = ctx.streams.reduce
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
         with ctx.streams.on(stream):
-            if n == 1 and self._reduces_in_place(has_grad):
-                # nothing to reduce and nothing to accumulate: write the grads straight into grad_flat
-                views = self._grad_views()
-                assert self.grad_flat is not None
-                torch._chunk_cat(grads, 0, 1, out=self.grad_flat.view(1, s))
-                self._drop_unsharded_grads(grads, stream)
-                for p, dt in zip(self.sharded, views):
-                    p.grad = dt
-                return
-            rs_in = ctx.pool.acquire("rs_in", self.reduce_dtype, n * s, stream)
-            # each grad (d0, ...) -> N chunks of ceil(d0/N) rows, padded: (N, S) rank-major
-            torch._chunk_cat(grads, 0, n, out=rs_in.view(n * s).view(n, s))
-            self._drop_unsharded_grads(grads, stream)
-            if n > 1:
-                rs_out = ctx.pool.acquire("rs_out", self.reduce_dtype, s, stream)
-                work = comm.reduce_scatter_sum(rs_out.view(s), rs_in.view(n * s), self.groups.shard_group)
+            flat = None
+            if in_place:
+                self._grad_views()
+                flat = self.grad_flat
+                assert flat is not None
+            pending = _Reduce(self, None, None, None, has_grad, in_place)
+            if flat is not None and n == 1:  # nothing to reduce over shards: the grads go straight into grad_flat
+                self._copy_in(grads, flat)
             else:
-                rs_out, work = rs_in, None
-            pending = _Reduce(self, work, rs_in, rs_out, has_grad)
+                pending.rs_in = ctx.pool.acquire("rs_in", self.reduce_dtype, n * s, stream)
+                self._copy_in(grads, pending.rs_in)
+                if n > 1:
+                    if flat is not None:
+                        out = flat
+                    else:
+                        pending.rs_out = ctx.pool.acquire("rs_out", self.reduce_dtype, s, stream)
+                        out = pending.rs_out.view(s)
+                    pending.scaled = self.divisor != 1.0 and comm.fuses_scaling(self.groups.shard_group)
+                    scale = 1.0 / self.divisor if pending.scaled else None
+                    pending.work = comm.reduce_scatter(out, pending.rs_in.view(n * s), self.groups.shard_group, scale)
+            self._drop_unsharded_grads(grads, stream)
             if ctx.streams.cuda:
                 self.finish_reduce(pending)  # queued on the reduce stream; the CPU does not block
             else:
                 ctx.pending.append(pending)
 
-    def _reduces_in_place(self, has_grad: list[bool]) -> bool:
-        return (
-            self.groups.replicate_group is None
-            and self.divisor == 1.0
-            and self.reduce_dtype == self.orig_dtype
-            and all(has_grad)
-            and all(p.grad is None for p in self.sharded)
-        )
+    def _copy_in(self, grads: list[torch.Tensor], out: Lease | torch.Tensor) -> None:
+        """Lay the full gradients out as the ``(N, S)`` reduce-scatter input (row r: rank r's
+        shard), casting to its dtype; padding is zero. ``out``: a pooled buffer, or this unit's
+        ``grad_flat`` viewed as ``(1, S)``. One ``_foreach_copy_`` over views made once per
+        buffer (``torch._chunk_cat`` would be one kernel, but on CUDA it stages its metadata
+        through pinned host memory at a cost of ~0.4 ms of CPU a call)."""
+        n, s = self.geometry.world, self.geometry.shard_numel
+        lease = out if isinstance(out, Lease) else None
+        plan = self._cached(lease, "scatter", lambda: self._scatter_plan(out.view(n * s).view(n, s)))
+        srcs = [
+            grads[i].reshape(shape) if start == 0 and end == len(grads[i]) else grads[i][start:end].reshape(shape)
+            for i, start, end, shape in plan.pieces
+        ]
+        torch._foreach_copy_(plan.dsts, srcs)
+        if plan.pads:
+            torch._foreach_zero_(plan.pads)
+
+    def _scatter_plan(self, rows: torch.Tensor) -> _ScatterPlan:
+        """Per parameter, the rows of its gradient that go to each place of ``rows`` (N, S)."""
+        n = self.geometry.world
+        plan = _ScatterPlan([], [], [])
+        for i, slot in enumerate(self.geometry.slots):
+            off, chunk, rn = slot.offset, slot.chunk_numel, slot.row_numel
+            if slot.owner is not None:
+                plan.add(i, 0, slot.shape[0], rows[slot.owner, off : off + slot.numel])
+                continue
+            full = slot.shape[0] // slot.rows  # ranks holding all ``rows`` rows
+            plan.add(i, 0, full * slot.rows, rows[:full, off : off + chunk], (full, chunk))
+            if full < n:
+                rest = slot.shape[0] - full * slot.rows  # rows of the one partial rank
+                if rest:
+                    plan.add(i, full * slot.rows, slot.shape[0], rows[full, off : off + rest * rn])
+                plan.pads += [rows[full, off + rest * rn : off + chunk], rows[full + 1 :, off : off + chunk]]
+        plan.pads += [rows[rank, start:end] for rank, start, end in self.geometry.whole_padding]
+        plan.pads = [p for p in plan.pads if p.numel()]
+        return plan
 
     def _drop_unsharded_grads(self, grads: list[torch.Tensor], stream: torch.cuda.Stream | None) -> None:
         if stream is not None:
@@ -436,19 +547,34 @@ class Unit:
         stream = self.ctx.streams.reduce
         if pending.work is not None:
             pending.work.wait()
-        out = pending.rs_out.view(s)
+        if pending.in_place:
+            assert self.grad_flat is not None
+            out = self.grad_flat
+        else:
+            out = (pending.rs_out or pending.rs_in).view(s)  # type: ignore[union-attr]  # one is set
         if self.groups.replicate_group is not None:
             comm.all_reduce_sum(out, self.groups.replicate_group).wait()
-        if self.divisor != 1.0:
+        if self.divisor != 1.0 and not pending.scaled:
             out.div_(self.divisor)
-        self._accumulate(out, pending.has_grad)
-        self.ctx.pool.release(pending.rs_in, stream)
-        if pending.rs_out is not pending.rs_in:
-            self.ctx.pool.release(pending.rs_out, stream)
+        if pending.in_place:
+            for p, dt in zip(self.sharded, self._grad_dtensors):
+                p.grad = dt
+        else:
+            self._accumulate(out, pending.has_grad)
+        for lease in (pending.rs_in, pending.rs_out):
+            if lease is not None:
+                self.ctx.pool.release(lease, stream)
 
     def _grad_views(self) -> list[DTensor]:
+        """The sharded gradients: ``Shard(0)`` DTensors over views of ``grad_flat`` (made on
+        first use; after ``release_grads`` every view of it is pointed at the new buffer)."""
         if self.grad_flat is None:
-            self.grad_flat = torch.zeros(self.geometry.shard_numel, dtype=self.orig_dtype, device=self.groups.device)
+            self.grad_flat = torch.empty(self.geometry.shard_numel, dtype=self.orig_dtype, device=self.groups.device)
+            storage = self.grad_flat.untyped_storage()
+            for view, offset, size, stride in self._released:
+                view.set_(storage, offset, size, stride)
+            self._released = []
+        if not self._grad_dtensors:
             for slot, sharded in zip(self.geometry.slots, self.sharded):
                 local = self._local_view(self.grad_flat, slot)
                 self._grad_dtensors.append(
@@ -463,16 +589,25 @@ class Unit:
                 )
         return self._grad_dtensors
 
+    def release_grads(self) -> None:
+        """Free ``grad_flat`` when no sharded parameter holds a gradient any more (the optimizer's
+        ``zero_grad(set_to_none=True)``), as FSDP2's gradients are freed: between steps, and so
+        during the next forward, no memory is held for gradients. The caching allocator hands
+        the same memory back at the next reduction."""
+        if self.grad_flat is None or any(p.grad is not None for p in self.sharded):
+            return
+        self.grad_flat = None
+        plan = self._own_views.get((self, "scatter"))  # views of grad_flat made by _copy_in
+        views = [_local(dt) for dt in self._grad_dtensors] + (plan.dsts + plan.pads if plan is not None else [])
+        empty = torch.empty(0, dtype=self.orig_dtype, device=self.groups.device).untyped_storage()
+        for view in views:
+            self._released.append((view, view.storage_offset(), view.shape, view.stride()))
+            view.set_(empty, 0, (0,), (1,))
+
     def _accumulate(self, out: torch.Tensor, has_grad: list[bool]) -> None:
         """Add the reduced shard ``out`` (S,) into the sharded parameters' ``.grad``."""
         views = self._grad_views()
         rank = self.groups.shard_rank
-        assert self.grad_flat is not None
-        if all(has_grad) and all(p.grad is None for p in self.sharded):
-            self.grad_flat.copy_(out)
-            for p, dt in zip(self.sharded, views):
-                p.grad = dt
-            return
         for slot, p, dt, has in zip(self.geometry.slots, self.sharded, views, has_grad):
             if not has:
                 continue

@@ -1,3 +1,3 @@
 """The package version, read by hatchling (``[tool.hatch.version]``) and by ``mcore plugins``."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

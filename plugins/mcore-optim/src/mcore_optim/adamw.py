@@ -130,16 +130,14 @@ class AdamW:
 
     def load_entries(self, saved: Mapping[str, Any]) -> None:
         with torch.no_grad():
-            pieces = {
-                n.name: {
-                    k: state_format.take(saved, n.name, k, v, None if k == "step" else n.param)
-                    for k, v in self.state[n.name].items()
-                }
+            wanted = [
+                (n.name, k, v, None if k == "step" else n.param)
                 for n in self._named
-            }
-            for name, st in pieces.items():  # only after every check passed
-                for k, v in st.items():
-                    self.state[name][k].copy_(v)
+                for k, v in self.state[n.name].items()
+            ]
+            pieces = state_format.take_all(saved, wanted)  # every check, then one batched look-up of row splits
+            for (name, k, _, _), v in zip(wanted, pieces):
+                self.state[name][k].copy_(v)
 
     def state_dict(self) -> dict[str, Any]:
         return {

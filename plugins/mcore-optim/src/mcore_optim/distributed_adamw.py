@@ -36,10 +36,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from mcore.ragged import even_counts
 from mcore_optim import state as state_format
 from mcore_optim.adamw import AdamW, AdamWFactory, use_fused
 from mcore_optim.adamw_math import adamw_step
-from mcore_optim.dist import all_gather_flat, data_parallel, is_dtensor, reduce_scatter_flat
+from mcore_optim.dist import all_gather_flat, counts_of, data_parallel, is_dtensor, reduce_scatter_flat, whole
 from mcore_optim.groups import make_groups, zero_grad
 from mcore_optim.roles import NamedParam, classify
 
@@ -303,8 +304,7 @@ class DistributedAdamW:
                 entries[n.name]["master"] = dtensor(2)
         return {**state_format.header(self.algorithm, self._named, self.param_groups), "state": entries}
 
-    def _row_chunk(self, n: NamedParam, key: str, value: Any) -> torch.Tensor:
-        """This rank's row chunk (flat) of a saved per-parameter tensor: a DTensor or a full tensor."""
+    def _check_entry(self, n: NamedParam, key: str, value: Any) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"saved optimizer state {n.name!r}.{key!r} is a {type(value).__name__}, expected a tensor")
         if tuple(value.shape) != tuple(n.param.shape):
@@ -312,11 +312,20 @@ class DistributedAdamW:
                 f"saved optimizer state {n.name!r}.{key!r} has shape {state_format.shape_text(value.shape)}, "
                 f"expected {state_format.shape_text(n.param.shape)}; refusing to load"
             )
+        return value
+
+    def _row_chunk(self, n: NamedParam, value: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+        """This rank's row chunk (flat) of a saved per-parameter tensor: a DTensor split like ours (by
+        its real row ``counts``), any other DTensor (gathered, ragged splits included), or a full one."""
         lo, hi = self._rows(n, self.rank)
         if isinstance(value, DTensor):
-            if tuple(value.placements) == (Shard(0),) and value.device_mesh.size() == self.size:
+            if (
+                tuple(value.placements) == (Shard(0),)
+                and value.device_mesh.size() == self.size
+                and counts == even_counts(n.param.shape[0], self.size)
+            ):
                 return value._local_tensor.reshape(-1).to(device=self.device, dtype=torch.float32)
-            value = value.full_tensor()
+            value = whole(value, counts)
         return value.reshape(-1)[lo:hi].to(device=self.device, dtype=torch.float32)
 
     @torch.no_grad()
@@ -324,7 +333,7 @@ class DistributedAdamW:
         state_format.check(state_dict, self.algorithm, self._named, self.param_groups)
         saved = state_dict["state"]
         steps = {n.name: state_format.take(saved, n.name, "step", self.steps[n.name]) for n in self._named}
-        chunks: dict[str, torch.Tensor] = {}
+        plan: list[tuple[NamedParam, torch.Tensor]] = []  # every check before the first collective
         for n in self._named:
             if n.name not in saved:
                 raise ValueError(f"saved optimizer state lacks parameter {n.name!r}; refusing to load")
@@ -334,10 +343,16 @@ class DistributedAdamW:
                 raise ValueError(
                     f"saved optimizer state lacks {missing[0]!r} for parameter {n.name!r}; refusing to load"
                 )
-            pieces = [self._row_chunk(n, k, saved[n.name][k]) for k in keys]
+            plan.extend((n, self._check_entry(n, k, saved[n.name][k])) for k in keys)
+        counts = counts_of([value for _, value in plan])  # the real row splits (one batched collective)
+        columns: dict[str, list[torch.Tensor]] = {}
+        for (n, value), split in zip(plan, counts):
+            columns.setdefault(n.name, []).append(self._row_chunk(n, value, split))
+        chunks: dict[str, torch.Tensor] = {}
+        for name, pieces in columns.items():
             if len(pieces) == 2:
                 pieces.append(torch.zeros_like(pieces[0]))
-            chunks[n.name] = torch.stack(pieces, dim=1)  # (rows_here * width, 3)
+            chunks[name] = torch.stack(pieces, dim=1)  # (rows_here * width, 3)
         shard = self._from_rows(chunks, 3)
         for name, value in steps.items():  # only after every check passed
             self.steps[name].copy_(value)

@@ -11,8 +11,9 @@ dtype).
 State: each rank holds the state of the parameters it owns. ``state_dict()`` scatters each
 state tensor by rows from its owner and returns it as a ``DTensor`` ``Shard(0)`` over the DP
 group (as FSDP would shard it), so every rank's state dict names every parameter and holds
-only its share; ``load_state_dict`` gathers the rows back on the (new) owner. Checkpoints
-thus reshard under any DP size. The format is the wrapped optimizer's, so a
+only its share; ``load_state_dict`` gathers the rows back on the (new) owner, reading a saved ``DTensor``'s
+real row split (``mcore.ragged``: a ragged FSDP checkpoint loads too). Checkpoints thus
+reshard under any DP size. The format is the wrapped optimizer's, so a
 ``layerwise-distributed`` (adamw) checkpoint resumes plain ``adamw`` and the other way round.
 
 Under FSDP (``DTensor`` parameters) the wrapped optimizer is built and returned as is: AdamW
@@ -31,9 +32,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from mcore.ragged import even_counts
 from mcore_optim import state as state_format
 from mcore_optim.adamw import AdamWFactory
-from mcore_optim.dist import data_parallel, gather_rows, is_dtensor, scatter_rows
+from mcore_optim.dist import counts_of, data_parallel, gather_rows, is_dtensor, scatter_rows, whole
 from mcore_optim.groups import make_groups, zero_grad
 from mcore_optim.muon import MuonFactory
 from mcore_optim.packing import assign
@@ -126,15 +128,20 @@ class Layerwise:
                 )
         return {**state_format.header(self.algorithm, self._named, self.param_groups), "state": entries}
 
-    def _row_piece(self, n: NamedParam, key: str, value: Any) -> torch.Tensor:
-        """This rank's rows of a saved state tensor (DTensor sharded like ours, other DTensor, or full)."""
+    def _row_piece(self, n: NamedParam, value: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+        """This rank's even row chunk of a saved state tensor: a DTensor split like ours (by its real
+        row ``counts``), any other DTensor (gathered, ragged splits included), or a full tensor."""
         rows = n.param.shape[0]
         chunk = -(-rows // self.size)
         lo, hi = min(self.rank * chunk, rows), min((self.rank + 1) * chunk, rows)
         if isinstance(value, DTensor):
-            if tuple(value.placements) == (Shard(0),) and value.device_mesh.size() == self.size:
+            if (
+                tuple(value.placements) == (Shard(0),)
+                and value.device_mesh.size() == self.size
+                and counts == even_counts(rows, self.size)
+            ):
                 return value._local_tensor
-            value = value.full_tensor()
+            value = whole(value, counts)
         return value[lo:hi]
 
     @torch.no_grad()
@@ -155,16 +162,17 @@ class Layerwise:
                     )
                 plan.append((n, key, dtype, value))
         loaded: dict[str, dict[str, torch.Tensor]] = {}
-        for n, key, dtype, value in plan:
+        counts = counts_of([value for _, _, _, value in plan])  # the real row splits (one batched collective)
+        for (n, key, dtype, value), split in zip(plan, counts):
             owner = self.owners[n.name]
             if dtype is None or n.param.dim() == 0 or not isinstance(value, DTensor):
-                whole: torch.Tensor | None = value  # every rank holds it whole
+                mine: torch.Tensor | None = value  # every rank holds it whole
             else:
-                piece = self._row_piece(n, key, value)
-                whole = gather_rows(piece, n.param.shape[0], owner, self.group, self.rank, self.size)
+                piece = self._row_piece(n, value, split)
+                mine = gather_rows(piece, n.param.shape[0], owner, self.group, self.rank, self.size)
             if owner == self.rank:
-                assert whole is not None
-                loaded.setdefault(n.name, {})[key] = whole
+                assert mine is not None
+                loaded.setdefault(n.name, {})[key] = mine
         self.inner.load_entries(loaded)
         state_format.restore_groups(self.param_groups, state_dict["groups"])
 

@@ -23,6 +23,14 @@ each owner broadcasts its results (in the Newton-Schulz dtype, one buffer per ow
 ``DTensor`` layouts all-gather the updates (``full_tensor``); on a 1-D mesh the owners then
 broadcast as above, on larger meshes every rank orthogonalises every matrix. Matrices of
 one block shape are orthogonalised as one batch.
+
+Row splits are read, not assumed (``mcore.ragged``): a layout may give a ``Shard(0)``
+matrix uneven row counts, or keep it whole on one rank of its shard group (every other rank
+holds none of its rows). Such a matrix held whole is orthogonalised by its holder alone, with
+no gather, scatter or broadcast, and its momentum lives there only; the other matrices are
+bin-packed over the ranks around the holders' fixed load. Who holds what is read once, at
+construction (one batched all-gather of row counts): when every matrix is held whole, the
+matrix step communicates nothing.
 """
 
 from __future__ import annotations
@@ -36,19 +44,23 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from mcore.ragged import row_dim
 from mcore_optim import state as state_format
 from mcore_optim.adamw import AdamW, AdamWFactory, check_betas, check_common
 from mcore_optim.dist import (
+    counts_of,
     data_parallel,
     full,
     gather_rows,
+    held_whole_by,
     is_dtensor,
     like_param,
     local,
     row_sharded,
+    rows_of,
     scatter_rows,
-    shard_of,
 )
 from mcore_optim.groups import make_groups, zero_grad
 from mcore_optim.newton_schulz import Triple, flops, orthogonalize, resolve
@@ -103,30 +115,63 @@ class Muon:
         self.momentum, self.nesterov = momentum, nesterov
         self.triples, self.scale, self.ns_eps, self.ns_dtype = tuple(triples), scale, ns_eps, ns_dtype
         self._blocks = dict(blocks)  # name -> number of row blocks (1: whole matrix)
-        # Who orthogonalises what: with a split group (group, rank, size), matrices are bin-packed
-        # over its ranks by Newton-Schulz FLOPs; without one, this rank does all of them.
+        self._by_name = {n.name: n for n in self._matrices}
         self.ns_group: Any
         self.ns_group, self.ns_rank, self.ns_size = ns_split if ns_split is not None else (None, 0, 1)
+        # The real row split of every DTensor matrix (one batched collective; all ranks build the
+        # optimizer together). A matrix whose rows one rank holds all of is that rank's alone:
+        # it orthogonalises it locally, and no other rank touches it.
+        self._counts: dict[str, tuple[int, ...]] = {}
+        self._holder: dict[str, int] = {}  # name -> the rank (on its row mesh dimension) holding it whole
+        for n, counts in zip(self._matrices, counts_of([n.param for n in self._matrices])):
+            if not counts:
+                continue
+            self._counts[n.name] = counts
+            holder = held_whole_by(counts)
+            if holder is not None:
+                self._holder[n.name] = holder
+        #: held whole by this rank: orthogonalised here, with no communication.
+        self._here = {name for name, n in self._by_name.items() if name in self._holder and local(n.param).shape[0]}
+        #: split over ranks: gathered, orthogonalised by an owner, spread back (every rank takes part).
+        self._split = [n for n in self._matrices if n.name not in self._holder]
+        self._factors = {n.name: update_scale(self.scale, *self._block_shape(n)) for n in self._matrices}
+        # Who orthogonalises what: with a split group (group, rank, size), the split matrices are
+        # bin-packed over its ranks by Newton-Schulz FLOPs, around the fixed load of the matrices
+        # held whole (their holders); without a group, this rank does all of them.
         self.owners: dict[str, int] = {}
         if self.ns_group is not None:
-            costs = []
-            for n in self._matrices:
-                k = self._blocks.get(n.name, 1)
-                rows, cols = n.param.shape[0] // k, n.param.numel() // n.param.shape[0]
-                costs.append((n.name, float(k * flops(rows, cols, len(self.triples)))))
-            self.owners = assign(costs, self.ns_size)
+            loads = [0.0] * self.ns_size
+            for name, holder in self._holder.items():
+                if holder < self.ns_size and self._row_group(name) is self.ns_group:
+                    loads[holder] += self._cost(self._by_name[name])
+                    self.owners[name] = holder
+            self.owners.update(assign([(n.name, self._cost(n)) for n in self._split], self.ns_size, loads=loads))
         # FSDP rows (Shard(0) on the split group's 1-D mesh): gather to the owner only.
         self._owner_gather = (
-            self.ns_group is not None and bool(self._matrices) and all(row_sharded(n.param) for n in self._matrices)
+            self.ns_group is not None and bool(self._split) and all(row_sharded(n.param) for n in self._split)
         )
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for n in self._matrices:
-                p = local(n.param)
+                p = local(n.param)  # (0, ...) on the ranks that do not hold a matrix held whole
                 st = {"momentum": torch.zeros_like(p, dtype=torch.float32 if p.dtype.itemsize < 4 else p.dtype)}
                 if master_weights and p.dtype.itemsize < 4:
                     st["master"] = p.detach().to(torch.float32, copy=True)
                 self.state[n.name] = st
+
+    def _block_shape(self, n: NamedParam) -> tuple[int, int]:
+        """(rows, cols) of each block Newton-Schulz sees in matrix ``n``."""
+        rows = n.param.shape[0]
+        return rows // self._blocks.get(n.name, 1), n.param.numel() // max(1, rows)
+
+    def _cost(self, n: NamedParam) -> float:
+        return float(self._blocks.get(n.name, 1) * flops(*self._block_shape(n), len(self.triples)))
+
+    def _row_group(self, name: str) -> Any:
+        """The process group that splits matrix ``name``'s rows (None: not a row-split DTensor)."""
+        param = self._by_name[name].param
+        dim = row_dim(param)
+        return param.device_mesh.get_group(dim) if isinstance(param, DTensor) and dim is not None else None
 
     @torch.no_grad()
     def step(self) -> None:
@@ -135,7 +180,12 @@ class Muon:
         self.adamw.step()
 
     def _matrix_step(self, group: Mapping[str, Any]) -> None:
-        active = [n for n in self._matrices if n.param.grad is not None]
+        # A matrix another rank holds whole has no rows here: nothing to do, nothing to send.
+        active = [
+            n
+            for n in self._matrices
+            if n.param.grad is not None and (n.name not in self._holder or n.name in self._here)
+        ]
         if not active:
             return
         grads = [local(n.param.grad).to(self.state[n.name]["momentum"].dtype) for n in active]  # type: ignore[arg-type]
@@ -143,18 +193,26 @@ class Muon:
         torch._foreach_mul_(bufs, self.momentum)
         torch._foreach_add_(bufs, grads)
         updates = torch._foreach_add(grads, bufs, alpha=self.momentum) if self.nesterov else bufs
-        if self._owner_gather:
-            pieces = self._owner_gathered(active, updates)
-        else:
-            pieces = self._all_gathered(active, updates)
+        split = [(n, u) for n, u in zip(active, updates) if n.name not in self._here]
+        # 1. the whole updates this rank orthogonalises: its own matrices as they are, and the split
+        #    matrices it owns, gathered
+        wholes = {n.name: u for n, u in zip(active, updates) if n.name in self._here}
+        if split:
+            wholes.update(self._owner_gather_updates(split) if self._owner_gather else self._all_gather_updates(split))
+        ortho = self._orthogonalize({name: self._as_blocks(name, w) for name, w in wholes.items()})
+        # 2. this rank's piece of every result
+        pieces = {name: ortho[name].view(wholes[name].shape) for name in self._here if name in ortho}
+        if split:
+            pieces.update(
+                self._owner_scatter(split, ortho, wholes) if self._owner_gather else self._broadcast(split, ortho)
+            )
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         for n in active:
             st = self.state[n.name]
             weight = st.get("master", local(n.param))
-            piece, factor = pieces[n.name]
             if wd != 0.0:
                 weight.mul_(1.0 - lr * wd)
-            weight.add_(piece, alpha=-lr * factor)
+            weight.add_(pieces[n.name], alpha=-lr * self._factors[n.name])
             if "master" in st:
                 local(n.param).copy_(weight)
 
@@ -162,52 +220,59 @@ class Muon:
         k = self._blocks.get(name, 1)
         return whole.reshape(k, whole.shape[0] // k, -1)  # (k, m/k, n)
 
-    def _all_gathered(
-        self, active: Sequence[NamedParam], updates: Sequence[torch.Tensor]
-    ) -> dict[str, tuple[torch.Tensor, float]]:
-        """Every rank gets every whole update (all-gather for DTensors); owners orthogonalise theirs
-        and broadcast the results. Returns this rank's piece of each result and its scale."""
-        wholes = {n.name: full(u, n.param) for u, n in zip(updates, active)}
-        blocks = {name: self._as_blocks(name, w) for name, w in wholes.items()}
-        owned = {n.name: blocks[n.name] for n in active if self.owners.get(n.name, 0) == self.ns_rank}
-        ortho = self._orthogonalize(owned)
+    def _all_gather_updates(self, split: Sequence[tuple[NamedParam, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Every rank gets every whole update (all-gather for DTensors); returns the ones it owns."""
+        out = {}
+        for n, u in split:
+            whole = full(u, n.param, self._counts.get(n.name))
+            if self.owners.get(n.name, 0) == self.ns_rank:
+                out[n.name] = whole
+        return out
+
+    def _broadcast(
+        self, split: Sequence[tuple[NamedParam, torch.Tensor]], ortho: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Owners broadcast their results (one buffer per owner, in the Newton-Schulz dtype); every
+        rank keeps its rows of each."""
         if self.ns_group is not None:
             for owner in range(self.ns_size):
-                names = [n.name for n in active if self.owners[n.name] == owner]
+                names = [n.name for n, _ in split if self.owners[n.name] == owner]
                 if not names:
                     continue
-                sizes = [blocks[name].numel() for name in names]
+                sizes = [self._by_name[name].param.numel() for name in names]
                 if owner == self.ns_rank:
                     flat = torch.cat([ortho[name].reshape(-1) for name in names])
                 else:
-                    flat = torch.empty(sum(sizes), dtype=self.ns_dtype, device=blocks[names[0]].device)
+                    flat = torch.empty(sum(sizes), dtype=self.ns_dtype, device=split[0][1].device)
                 dist.broadcast(flat, group=self.ns_group, group_src=owner)
                 if owner != self.ns_rank:
                     for name, piece in zip(names, flat.split(sizes)):
-                        ortho[name] = piece.view(blocks[name].shape)
+                        ortho[name] = piece
         return {
-            n.name: (
-                shard_of(ortho[n.name].view(wholes[n.name].shape), n.param),
-                update_scale(self.scale, blocks[n.name].shape[1], blocks[n.name].shape[2]),
-            )
-            for n in active
+            n.name: rows_of(ortho[n.name].view(n.param.shape), n.param, self._counts.get(n.name, ())) for n, _ in split
         }
 
-    def _owner_gathered(
-        self, active: Sequence[NamedParam], updates: Sequence[torch.Tensor]
-    ) -> dict[str, tuple[torch.Tensor, float]]:
-        """FSDP: each update's row shards are gathered on its owner only, the owner orthogonalises
-        it whole, and scatters the result's row shards back."""
-        wholes: dict[str, torch.Tensor] = {}
-        for u, n in zip(updates, active):
-            whole = gather_rows(u, n.param.shape[0], self.owners[n.name], self.ns_group, self.ns_rank, self.ns_size)
-            if whole is not None:
-                wholes[n.name] = whole
-        ortho = self._orthogonalize({name: self._as_blocks(name, w) for name, w in wholes.items()})
+    def _owner_gather_updates(self, split: Sequence[tuple[NamedParam, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """FSDP: each update's row shards, gathered on its owner only (returns the ones owned here)."""
         out = {}
-        for u, n in zip(updates, active):
+        for n, u in split:
+            owner, counts = self.owners[n.name], self._counts.get(n.name)
+            whole = gather_rows(u, n.param.shape[0], owner, self.ns_group, self.ns_rank, self.ns_size, counts)
+            if whole is not None:
+                out[n.name] = whole
+        return out
+
+    def _owner_scatter(
+        self,
+        split: Sequence[tuple[NamedParam, torch.Tensor]],
+        ortho: Mapping[str, torch.Tensor],
+        wholes: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """FSDP: each owner scatters its results' row shards back."""
+        out = {}
+        for n, u in split:
             mine = ortho[n.name].view(wholes[n.name].shape) if n.name in ortho else None
-            piece = scatter_rows(
+            out[n.name] = scatter_rows(
                 mine,
                 u,
                 self.ns_dtype,
@@ -216,10 +281,8 @@ class Muon:
                 self.ns_group,
                 self.ns_rank,
                 self.ns_size,
+                self._counts.get(n.name),
             )
-            k = self._blocks.get(n.name, 1)
-            rows, cols = n.param.shape[0] // k, n.param.numel() // n.param.shape[0]
-            out[n.name] = (piece, update_scale(self.scale, rows, cols))
         return out
 
     def _orthogonalize(self, blocks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -257,14 +320,11 @@ class Muon:
 
     def load_entries(self, saved: Mapping[str, Any]) -> None:
         with torch.no_grad():
-            pieces = {
-                n.name: {k: state_format.take(saved, n.name, k, v, n.param) for k, v in self.state[n.name].items()}
-                for n in self._matrices
-            }
+            wanted = [(n.name, k, v, n.param) for n in self._matrices for k, v in self.state[n.name].items()]
+            pieces = state_format.take_all(saved, wanted)
             self.adamw.load_entries(saved)
-            for name, st in pieces.items():
-                for k, v in st.items():
-                    self.state[name][k].copy_(v)
+            for (name, k, _, _), v in zip(wanted, pieces):
+                self.state[name][k].copy_(v)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -11,13 +11,20 @@ import heapq
 from collections.abc import Sequence
 
 
-def assign(costs: Sequence[tuple[str, float]], size: int) -> dict[str, int]:
-    """Owner rank of each named item, from ``(name, cost)`` pairs."""
-    loads: list[tuple[float, int]] = [(0.0, r) for r in range(size)]  # (cost assigned, rank): a min-heap
+def assign(costs: Sequence[tuple[str, float]], size: int, *, loads: Sequence[float] | None = None) -> dict[str, int]:
+    """Owner rank of each named item, from ``(name, cost)`` pairs.
+
+    ``loads``: each rank's cost already fixed before these items (e.g. matrices it alone
+    holds), which the packing balances around; default none.
+    """
+    start = list(loads) if loads is not None else [0.0] * size
+    assert len(start) == size, (start, size)
+    heap: list[tuple[float, int]] = [(float(load), r) for r, load in enumerate(start)]  # (cost so far, rank)
+    heapq.heapify(heap)
     owners = {}
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i][1], i)):
         name, cost = costs[i]
-        load, rank = heapq.heappop(loads)
+        load, rank = heapq.heappop(heap)
         owners[name] = rank
-        heapq.heappush(loads, (load + cost, rank))
+        heapq.heappush(heap, (load + cost, rank))
     return owners

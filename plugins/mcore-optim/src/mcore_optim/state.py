@@ -15,8 +15,9 @@ into ``adamw``, ``distributed-adamw`` and ``layerwise-distributed`` alike, under
 data-parallel size. Every rank's state dict names every parameter. A state tensor is a
 ``DTensor`` where the optimizer shards it (laid out like an FSDP parameter; ``distributed-adamw``
 and ``layerwise-distributed`` re-shard theirs by rows over the data-parallel group), otherwise
-a full tensor; ``load_state_dict`` accepts either form. Shapes are strings so the header is
-plain JSON.
+a full tensor; ``load_state_dict`` accepts either form, and keeps this rank's rows by the
+parameter's real row split (which may be ragged: ``mcore.ragged``; a saved DTensor split
+another way is gathered first). Shapes are strings so the header is plain JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mcore_optim.dist import shard_of
+from mcore_optim.dist import shards_of
 from mcore_optim.roles import NamedParam
 
 FORMAT = 1
@@ -98,7 +99,29 @@ def take(
 
     ``param`` is given for state laid out like its parameter (moments, master weights): the
     saved tensor must have the parameter's global shape and this rank keeps its shard.
+    Collective where ``param`` or the saved value is a DTensor (see ``take_all``).
     """
+    return take_all(saved, [(name, key, like, param)])[0]
+
+
+def take_all(
+    saved: Mapping[str, Any], wanted: Sequence[tuple[str, str, torch.Tensor, torch.Tensor | None]]
+) -> list[torch.Tensor]:
+    """``take`` for many ``(name, key, like, param)`` entries: every check first (a refusal raises
+    on every rank before any communication), then each rank's pieces by the parameters' real
+    row splits in one batched look-up (``dist.shards_of``): every rank passes the same entries
+    in the same order."""
+    values = [_checked(saved, name, key, like, param) for name, key, like, param in wanted]
+    sharded = [i for i, (_, _, _, param) in enumerate(wanted) if param is not None]
+    pieces = list(values)
+    for i, piece in zip(sharded, shards_of([values[i] for i in sharded], [wanted[i][3] for i in sharded])):  # type: ignore[misc]
+        pieces[i] = piece
+    return [piece.to(device=like.device, dtype=like.dtype) for piece, (_, _, like, _) in zip(pieces, wanted)]
+
+
+def _checked(
+    saved: Mapping[str, Any], name: str, key: str, like: torch.Tensor, param: torch.Tensor | None
+) -> torch.Tensor:
     try:
         value = saved[name][key]
     except KeyError:
@@ -111,8 +134,7 @@ def take(
             f"saved optimizer state {name!r}.{key!r} has shape {shape_text(value.shape)}, expected "
             f"{shape_text(expected)}; refusing to load"
         )
-    piece = shard_of(value, param) if param is not None else value
-    return piece.to(device=like.device, dtype=like.dtype)
+    return value
 
 
 def restore_groups(groups: Sequence[dict[str, Any]], saved: Mapping[str, Mapping[str, Any]]) -> None:

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from mcore.checkpoint.safe_reader import SafeFileSystemReader
 from mcore.checkpoint.state import join_state, split_state, tensor_keys
 from mcore.errors import UserError
+from mcore.ragged import annotate_for_checkpoint
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -117,9 +118,11 @@ class CheckpointManager:
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
         tensors.update(opt_tensors)
         tensors.update(prec_tensors)
+        staged = _stage(tensors)
+        annotate_for_checkpoint(staged)  # ragged row splits (collective, so here on the main thread)
         request = SaveRequest(
             step=step,
-            tensors=_stage(tensors),
+            tensors=staged,
             rank_json={"optimizer": opt_skel, "precision": prec_skel, **rank_extra},
             meta={**meta, "step": step, "world_size": self.world_size},
         )
@@ -214,14 +217,18 @@ def _read_rank_json(path: Path, rank: int) -> dict[str, Any]:
 def _template(
     key: str, meta: TensorStorageMetadata, params: Mapping[str, torch.Tensor], device: torch.device
 ) -> torch.Tensor:
-    """An empty tensor to load ``key`` into; shaped like a DTensor parameter if it mirrors one."""
+    """An empty tensor to load ``key`` into; laid out like a DTensor parameter if it mirrors one
+    (the same local rows on this rank, so a ragged split is mirrored too)."""
     parts = key.split("/")
     for part in parts:
         p: Any = params.get(part)
         if p is not None and hasattr(p, "device_mesh") and tuple(p.shape) == tuple(meta.size):
-            from torch.distributed.tensor import empty as dt_empty
+            from torch.distributed.tensor import DTensor
 
-            return dt_empty(*meta.size, dtype=meta.properties.dtype, device_mesh=p.device_mesh, placements=p.placements)
+            local = torch.empty(p.to_local().shape, dtype=meta.properties.dtype, device=p.to_local().device)
+            return DTensor.from_local(
+                local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
     return torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device=device)
 
 
@@ -284,6 +291,7 @@ def load_checkpoint(
                 wanted[key] = _template(key, entry, params, device)
         templates.update(wanted)
         parts[name] = (skeleton, wanted)
+    annotate_for_checkpoint(templates)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(templates, storage_reader=reader, process_group=group, no_dist=world_size == 1)
