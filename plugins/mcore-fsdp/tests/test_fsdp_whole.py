@@ -6,6 +6,8 @@ and into a plain model. Gloo, 2 and 4 processes.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from pathlib import Path
 
 import torch
@@ -55,7 +57,12 @@ def test_whole_parameters_two_ranks(tmp_path: Path) -> None:
     ref = reference_trace()
 
     # -- placement: each matrix on exactly one rank, vectors split by rows -----------------------
-    model = shard_model(_fresh(), mesh, keep_whole=_matrices)
+    plain = _fresh()
+    original = weakref.ref(plain.lm_head.weight)
+    model = shard_model(plain, mesh, keep_whole=_matrices)
+    del plain
+    gc.collect()
+    assert original() is None, "fully_shard kept the original (un-sharded) parameter alive"
     params = dict(model.named_parameters())
     counts = dict(zip(params, row_counts(list(params.values()))))
     for name, p in params.items():
@@ -85,6 +92,11 @@ def test_whole_parameters_two_ranks(tmp_path: Path) -> None:
     with torch.no_grad():
         model(local_rows(batches()[0][0], rank, world))
     assert all(u.grad_flat is None for u in units), "gradient buffers outlived zero_grad(set_to_none=True)"
+    for u in units:  # nothing of ours (nor a view's base) still holds the freed buffer
+        for dt in u._grad_dtensors:
+            local = dt._local_tensor
+            assert local.untyped_storage().nbytes() == 0
+            assert local._base is None or local._base.untyped_storage().nbytes() == 0
 
     # -- without resharding after forward, and every parameter whole --------------------------------
     trace = train(

@@ -102,6 +102,14 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``t``'s memory that is not a view of it (no ``_base``): pointing it at
+    other memory later (``set_``) lets the old buffer be freed."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride()
+    )
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (a view of our flat buffers), without autograd."""
     return cast(DTensor, t)._local_tensor
@@ -165,7 +173,9 @@ class Unit:
             range(len(entries)),
             key=lambda i: (quantized[i], whole[i], -entries[i].param.numel() if whole[i] else 0, i),
         )
-        self.entries = [entries[i] for i in order]
+        ordered = [entries[i] for i in order]
+        #: every (module, attribute) holding each parameter: where sharded/un-sharded ones are registered
+        self.owners = [e.owners for e in ordered]
         self.quantized = [quantized[i] for i in order]
         #: per quantized slot: the payload's (shape, dtype)s and metadata for the whole parameter
         #: (what a rank that does not own a whole parameter allocates to receive it)
@@ -173,7 +183,7 @@ class Unit:
             j: probe for j, i in enumerate(order) if (probe := probes[i]) is not None
         }
         self.geometry: Geometry = plan(
-            [tuple(e.param.shape) for e in self.entries],
+            [tuple(e.param.shape) for e in ordered],
             n,
             whole=[whole[i] for i in order],
             groups=[int(q) for q in self.quantized],
@@ -186,7 +196,7 @@ class Unit:
         self.sharded: list[nn.Parameter] = []
         self.unsharded: list[nn.Parameter] = []
         with torch.no_grad():
-            for entry, slot in zip(self.entries, slots):
+            for entry, slot in zip(ordered, slots):
                 rows, start = slot.local_rows(rank), slot.row_start(rank)
                 local = self._local_view(self.shard, slot)
                 if rows:
@@ -239,7 +249,7 @@ class Unit:
 
     @property
     def empty(self) -> bool:
-        return not self.entries
+        return not self.owners
 
     def _local_view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
         rows = slot.local_rows(self.groups.shard_rank)
@@ -258,8 +268,8 @@ class Unit:
         return _PayloadSpec([(t.shape, t.dtype) for t in payload.tensors], payload.metadata)
 
     def _register(self, params: list[nn.Parameter]) -> None:
-        for entry, p in zip(self.entries, params):
-            for module, attr in entry.owners:
+        for owners, p in zip(self.owners, params):
+            for module, attr in owners:
                 module._parameters[attr] = p
 
     # -- gather ---------------------------------------------------------------------------------
@@ -506,7 +516,7 @@ class Unit:
         through pinned host memory at a cost of ~0.4 ms of CPU a call)."""
         n, s = self.geometry.world, self.geometry.shard_numel
         lease = out if isinstance(out, Lease) else None
-        plan = self._cached(lease, "scatter", lambda: self._scatter_plan(out.view(n * s).view(n, s)))
+        plan = self._cached(lease, "scatter", lambda: self._scatter_plan(out.view(n * s).view(n, s), lease is None))
         srcs = [
             grads[i].reshape(shape) if start == 0 and end == len(grads[i]) else grads[i][start:end].reshape(shape)
             for i, start, end, shape in plan.pieces
@@ -515,8 +525,9 @@ class Unit:
         if plan.pads:
             torch._foreach_zero_(plan.pads)
 
-    def _scatter_plan(self, rows: torch.Tensor) -> _ScatterPlan:
-        """Per parameter, the rows of its gradient that go to each place of ``rows`` (N, S)."""
+    def _scatter_plan(self, rows: torch.Tensor, of_grad_flat: bool) -> _ScatterPlan:
+        """Per parameter, the rows of its gradient that go to each place of ``rows`` (N, S);
+        over ``grad_flat``, the views are aliases (``release_grads`` re-points them)."""
         n = self.geometry.world
         plan = _ScatterPlan([], [], [])
         for i, slot in enumerate(self.geometry.slots):
@@ -533,6 +544,8 @@ class Unit:
                 plan.pads += [rows[full, off + rest * rn : off + chunk], rows[full + 1 :, off : off + chunk]]
         plan.pads += [rows[rank, start:end] for rank, start, end in self.geometry.whole_padding]
         plan.pads = [p for p in plan.pads if p.numel()]
+        if of_grad_flat:
+            plan.dsts, plan.pads = [_alias(t) for t in plan.dsts], [_alias(t) for t in plan.pads]
         return plan
 
     def _drop_unsharded_grads(self, grads: list[torch.Tensor], stream: torch.cuda.Stream | None) -> None:
@@ -576,7 +589,7 @@ class Unit:
             self._released = []
         if not self._grad_dtensors:
             for slot, sharded in zip(self.geometry.slots, self.sharded):
-                local = self._local_view(self.grad_flat, slot)
+                local = _alias(self._local_view(self.grad_flat, slot))
                 self._grad_dtensors.append(
                     DTensor.from_local(
                         local,
@@ -599,6 +612,8 @@ class Unit:
         self.grad_flat = None
         plan = self._own_views.get((self, "scatter"))  # views of grad_flat made by _copy_in
         views = [_local(dt) for dt in self._grad_dtensors] + (plan.dsts + plan.pads if plan is not None else [])
+        # a view's ``_base`` (DTensor.from_local may wrap our alias in one) holds the buffer too
+        views = list({id(t): t for v in views for t in (v, v._base) if t is not None}.values())
         empty = torch.empty(0, dtype=self.orig_dtype, device=self.groups.device).untyped_storage()
         for view in views:
             self._released.append((view, view.storage_offset(), view.shape, view.stride()))
