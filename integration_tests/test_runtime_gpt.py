@@ -65,16 +65,24 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def _fsdp_two_ranks(root: str, corpus: str) -> None:
+#: Muon on matrices that fsdp keeps whole on one rank (ragged DTensors through the runtime's
+#: checkpoints); Newton-Schulz in fp32 so that one process and two agree to 1e-5
+MUON = {"optimizer": {"name": "muon", "lr": 0.01, "ns_dtype": "float32"}}
+WHOLE = {"parallel": {"fsdp": {"whole_params": "matrices"}}}
+
+
+def _fsdp_two_ranks(root: str, corpus: str, extra: dict[str, Any]) -> None:
     host, root_path = load_plugins(env=False, unpackaged=False, strict=True), Path(root)
-    full = run(config(host, root_path / "full", corpus, FSDP), host)
+    full = run(config(host, root_path / "full", corpus, FSDP, extra), host)
     cut = {"train": {"resume": "latest"}, "checkpoint": {"every": 2, "async_save": True, "save_final": False}}
-    first = run(config(host, root_path / "cut", corpus, FSDP, cut), host, stop_at_step=3)
+    first = run(config(host, root_path / "cut", corpus, FSDP, extra, cut), host, stop_at_step=3)
     assert first.steps_done == 3
-    resumed = run(config(host, root_path / "cut", corpus, FSDP, cut), host)
+    resumed = run(config(host, root_path / "cut", corpus, FSDP, extra, cut), host)
     assert resumed.start_step == 2
     cont = run(
-        config(host, root_path / "cont", corpus, FSDP, {"train": {"steps": 8, "resume": str(full.last_checkpoint)}}),
+        config(
+            host, root_path / "cont", corpus, FSDP, extra, {"train": {"steps": 8, "resume": str(full.last_checkpoint)}}
+        ),
         host,
     )
     if dist.get_rank() == 0:
@@ -82,8 +90,11 @@ def _fsdp_two_ranks(root: str, corpus: str) -> None:
         (root_path / "losses.json").write_text(json.dumps(payload))
 
 
-def test_fsdp_resumes_exactly_matches_single_and_reshards(corpus: str, tmp_path: Path) -> None:
-    run_distributed(_fsdp_two_ranks, 2, str(tmp_path), corpus, timeout=400)
+@pytest.mark.parametrize(("extra", "fsdp"), [({}, {}), (MUON, WHOLE)], ids=["adamw", "muon-whole-matrices"])
+def test_fsdp_resumes_exactly_matches_single_and_reshards(
+    corpus: str, tmp_path: Path, extra: dict[str, Any], fsdp: dict[str, Any]
+) -> None:
+    run_distributed(_fsdp_two_ranks, 2, str(tmp_path), corpus, merge(extra, fsdp), timeout=400)
     losses = {
         k: {int(s): v for s, v in d.items()} for k, d in json.loads((tmp_path / "losses.json").read_text()).items()
     }
@@ -93,12 +104,12 @@ def test_fsdp_resumes_exactly_matches_single_and_reshards(corpus: str, tmp_path:
     assert losses["full"][6] < losses["full"][1]
 
     host = load_plugins(env=False, unpackaged=False, strict=True)
-    one = run(config(host, tmp_path / "one", corpus), host)  # layout 'single', same batches
+    one = run(config(host, tmp_path / "one", corpus, extra), host)  # layout 'single', same batches
     for step in range(1, 7):
         assert one.losses[step] == pytest.approx(losses["full"][step], rel=1e-5)
     # the 2-process fsdp checkpoint of step 6, resharded onto one process under 'single'
     ckpt = tmp_path / "full" / "checkpoints" / "step_00000006"
-    single = run(config(host, tmp_path / "single", corpus, {"train": {"steps": 8, "resume": str(ckpt)}}), host)
+    single = run(config(host, tmp_path / "single", corpus, extra, {"train": {"steps": 8, "resume": str(ckpt)}}), host)
     assert single.start_step == 6
     for step in (7, 8):
         assert single.losses[step] == pytest.approx(losses["cont"][step], rel=1e-5)

@@ -72,3 +72,16 @@ def test_inconsistent_rows_are_refused() -> None:
     bad = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size((3, 3)), stride=(3, 1))
     with pytest.raises(ValueError, match=r"has 4 rows over its ranks \(\(2, 2\)\)"):
         row_counts([bad])
+
+
+@distributed(2, timeout=120)
+def test_finiteness_check_accepts_ranks_without_rows() -> None:
+    from mcore.precision.basic import grads_finite
+
+    mesh = init_device_mesh("cpu", (2,))
+    layer = torch.nn.Linear(COLS, ROWS, bias=False)
+    layer.weight = torch.nn.Parameter(_whole(mesh, layer.weight.detach(), owner=0))
+    layer.weight.grad = _whole(mesh, torch.ones(ROWS, COLS), owner=0)  # rank 1 holds no rows
+    assert grads_finite(layer)
+    layer.weight.grad = _whole(mesh, torch.full((ROWS, COLS), float("nan")), owner=0)
+    assert grads_finite(layer) == (dist.get_rank() == 1)  # each rank judges its own rows

@@ -1,3 +1,3 @@
 """Single source of the mcore-testing version."""
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mcore.ragged import full_tensor as ragged_full_tensor
+
 DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-5,
     torch.float32: 1e-5,
@@ -19,8 +21,8 @@ DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
+    """The whole tensor; a DTensor is gathered (a row-ragged split too: ``mcore.ragged``)."""
+    return ragged_full_tensor(t) if hasattr(t, "device_mesh") else t
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -19,11 +19,13 @@ from mcore.protocols.precision import GatherPayload
 
 def grads_finite(model: nn.Module) -> bool:
     """True if every gradient on this rank is finite (one host sync for the whole model)."""
-    norms = [p.grad.detach().float().abs().amax() for p in model.parameters() if p.grad is not None]
-    local = [n.to_local() if hasattr(n, "to_local") else n for n in norms]
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    # this rank's part of each gradient (a DTensor's local rows may be none: ragged splits)
+    local = [t for g in grads if (t := g.to_local() if hasattr(g, "to_local") else g).numel()]
     if not local:
         return True
-    return bool(torch.isfinite(torch.stack([t.to(local[0].device) for t in local])).all())
+    peaks = [t.float().abs().amax() for t in local]
+    return bool(torch.isfinite(torch.stack([t.to(peaks[0].device) for t in peaks])).all())
 
 
 class _PlainRecipe:

@@ -15,14 +15,15 @@ import torch.distributed as dist
 
 from mcore.mesh import build_mesh
 from mcore.protocols import DataParallelInfo, ParallelLayout
+from mcore.ragged import full_tensor as ragged_full_tensor
 from mcore_testing.dist import run_distributed
 from mcore_testing.numerics import assert_rel_close
 from mcore_testing.reference import TinyTransformer, tiny_batches
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
+    """The whole tensor; a DTensor is gathered (a row-ragged split too: ``mcore.ragged``)."""
+    return ragged_full_tensor(t) if hasattr(t, "device_mesh") else t
 
 
 def _local_rows(batch: torch.Tensor, dp: DataParallelInfo) -> torch.Tensor:
