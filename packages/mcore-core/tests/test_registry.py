@@ -8,7 +8,7 @@ import types
 import pytest
 from fakedist import make_distribution, plugin_source
 
-from mcore import plugins
+from mcore import __version__, plugins
 from mcore.errors import DuplicateNameError, PluginLoadError, PluginWarning, UnknownNameError, UserError
 from mcore.plugins import load_plugins
 from mcore.plugins.registry import Registry, Source
@@ -30,8 +30,8 @@ def test_unknown_name_lists_available_with_distribution_and_nearest():
     message = str(err.value)
     assert message.splitlines() == [
         "unknown precision 'bf61'. Available precision implementations:",
-        "  bf16  (mcore-core 0.1.0)",
-        "  fp32  (mcore-core 0.1.0)",
+        f"  bf16  (mcore-core {__version__})",
+        f"  fp32  (mcore-core {__version__})",
         "did you mean 'bf16'?",
     ]
 
@@ -86,7 +86,7 @@ def test_plugin_for_other_api_version_is_skipped_with_versions_that_fit(site):
     with pytest.warns(PluginWarning) as record:
         host = load_plugins(unpackaged=False, env=False)
     assert str(record[0].message) == (
-        "mcore plugin 'fake_future' from future-mcore 9.0.0 is built for mcore plugin API 7, but mcore-core 0.1.0 "
+        f"mcore plugin 'fake_future' from future-mcore 9.0.0 is built for mcore plugin API 7, but mcore-core {__version__} "
         "supports API 1; install a release of future-mcore built for API 1, or an mcore-core that supports API 7"
     )
     assert ("layout", "warp") not in host.registry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mcore_testing import distributed
 from mcore_testing.numerics import assert_finite, assert_rel_close, rel_error, seeded_randn, seeded_tokens
 
 
@@ -41,3 +42,18 @@ def test_seeded_inputs_reproducible() -> None:
     assert not torch.equal(seeded_randn(4, 4, seed=3), seeded_randn(4, 4, seed=4))
     tokens = seeded_tokens((2, 5), vocab_size=7, seed=0)
     assert tokens.dtype == torch.int64 and int(tokens.max()) < 7
+
+
+@distributed(2, timeout=120)
+def test_ragged_dtensors_are_gathered_by_their_real_split() -> None:
+    """A matrix held whole by rank 1 (rank 0 holds no rows) compares as the whole matrix."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    whole = torch.arange(12, dtype=torch.float32).view(4, 3)
+    local = whole if dist.get_rank() == 1 else whole[:0]
+    ragged = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=whole.shape, stride=whole.stride())
+    assert rel_error(ragged, whole) == 0.0
+    assert_rel_close(ragged, whole, name="ragged")

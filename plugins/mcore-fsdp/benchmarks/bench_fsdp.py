@@ -25,6 +25,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -175,6 +176,26 @@ def autocast(impl: str, device: torch.device) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
+def training_step(
+    impl: str,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+) -> Callable[[], None]:
+    """One forward, backward and optimizer step of ``model`` (autocast where ``impl`` needs it)."""
+
+    def step() -> None:
+        with autocast(impl, device):
+            loss = model(inputs, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 # -- measurement -------------------------------------------------------------------------------------
 def exposed_comm_ms(prof: torch.profiler.profile, steps: int) -> float | None:
     """NCCL kernel time not covered by any compute kernel, per step (GPU only)."""
@@ -247,12 +268,7 @@ def run(args: argparse.Namespace, impl: str, device: torch.device, rank: int, wo
     tokens = torch.randint(0, shape.vocab, (args.batch, args.seq + 1), generator=g).to(device)
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    def step() -> None:
-        with autocast(impl, device):
-            loss = model(inputs, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = training_step(impl, model, opt, inputs, labels, device)
 
     def counters() -> tuple[int | None, int | None]:
         pool = None

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from bench_fsdp import PRESETS, Decoder, Shape, autocast, wrap
+from bench_fsdp import PRESETS, Decoder, Shape, training_step, wrap
 
 
 def busy_ms(prof: torch.profiler.profile) -> tuple[float, dict[str, float]]:
@@ -51,13 +51,7 @@ def profile(impl: str, args: argparse.Namespace, device: torch.device, world: in
     tokens = torch.randint(0, shape.vocab, (1, args.seq + 1), device=device)
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    def step() -> None:
-        with autocast(impl, device):
-            loss = model(inputs, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(impl, model, opt, inputs, labels, device)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -1,13 +1,16 @@
 """One ``fully_shard`` call's parameters: their sharded storage, gather and gradient reduction.
 
 Storage (per rank): ``shard`` is one flat buffer of ``S`` elements holding this rank's rows
-of every parameter (see ``geometry``); each registered parameter is a ``Shard(0)`` DTensor
-whose local tensor is a view into it, so the optimizer updates ``shard`` in place.
+of every parameter (see ``geometry``: rows split over the ranks, or the whole parameter on
+one of them); each registered parameter is a ``Shard(0)`` DTensor whose local tensor is a
+view into it (all rows or none for a whole parameter: a row-ragged DTensor, see
+``mcore.ragged``), so the optimizer updates ``shard`` in place.
 
 Un-sharded (compute) parameters are persistent ``nn.Parameter`` objects whose ``.data`` is
 pointed at a pooled buffer while the unit is gathered; autograd accumulates their grads, and
-the unit reduce-scatters them into ``grad_flat`` (persistent, ``S`` elements) whose views
-are the sharded parameters' ``.grad`` DTensors.
+the unit reduce-scatters them into ``grad_flat`` (``S`` elements) whose views are the
+sharded parameters' ``.grad`` DTensors; once the optimizer drops them, ``release_grads``
+frees it and the next reduction takes a new one from the caching allocator.
 """
 
 from __future__ import annotations
