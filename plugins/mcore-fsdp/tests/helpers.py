@@ -96,3 +96,14 @@ class RowInt8Recipe:
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.detach().float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0  # (rows, 1)
     return torch.round(w.detach().float() / scale).to(torch.int8), scale
+
+
+def dequantized(model: nn.Module) -> nn.Module:
+    """``model`` with every 2-D weight replaced by its ``RowInt8Recipe`` round trip (the reference
+    for a quantized gather)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                q, scale = quantize_rows(p)
+                p.copy_(q.float() * scale)
+    return model

@@ -10,7 +10,7 @@ import functools
 
 import torch
 import torch.distributed as dist
-from helpers import UNEVEN, RowInt8Recipe, batches, local_rows, quantize_rows, reference_trace, shard_model, train
+from helpers import UNEVEN, RowInt8Recipe, batches, dequantized, local_rows, reference_trace, shard_model, train
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy as TorchMP
 from torch.distributed.fsdp import fully_shard as torch_fully_shard
@@ -84,12 +84,7 @@ def test_features() -> None:
     # -- quantized all-gather: the recipe's payload is gathered and unpacked ----------------------
     recipe = RowInt8Recipe()
     model = shard_model(_fresh(), mesh, gather_recipe=recipe)
-    single = _fresh()
-    with torch.no_grad():
-        for p in single.parameters():
-            if p.dim() == 2:
-                q, scale = quantize_rows(p)
-                p.copy_(q.float() * scale)
+    single = dequantized(_fresh())
     tokens, labels = batches()[0]
     single(tokens, labels=labels).backward()
     loss = model(local_rows(tokens, rank, world), labels=local_rows(labels, rank, world))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from helpers import UNEVEN, RowInt8Recipe, batches, full, local_rows, quantize_rows, reference_trace, shard_model, train
+from helpers import UNEVEN, RowInt8Recipe, batches, dequantized, full, local_rows, reference_trace, shard_model, train
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -116,12 +116,7 @@ def test_whole_parameters_two_ranks(tmp_path: Path) -> None:
 
     # -- quantized gather: the owner quantizes the whole weight, the others receive its payload ---
     model = shard_model(_fresh(), mesh, gather_recipe=RowInt8Recipe(), keep_whole=_matrices)
-    single = _fresh()
-    with torch.no_grad():
-        for p in single.parameters():
-            if p.dim() == 2:
-                q, scale = quantize_rows(p)
-                p.copy_(q.float() * scale)
+    single = dequantized(_fresh())
     tokens, labels = batches()[0]
     expected = single(tokens, labels=labels)
     expected.backward()
