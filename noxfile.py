@@ -1,21 +1,35 @@
-"""Sessions: per-package tests (each in an env with only core, testing and that package), integration, lint, demo, bench.
+"""Sessions: per-package tests (each in an env with only core, testing and that package), integration, lint, demo,
+wheels, bench.
 
-Torch: set ``MCORE_TORCH`` to the torch requirement the environments get. It defaults to
-``torch>=2.11`` (a GPU machine gets its normal CUDA build). On a CPU-only machine with a
-local CPU wheel (``PIP_FIND_LINKS``), pin it so pip takes that wheel instead of downloading a
-CUDA build of several GB:  ``MCORE_TORCH="torch==2.13.0" nox -s tests lint``.
-Torch is installed first, so the packages' own ``torch>=2.11`` requirement is already met.
+Torch is installed first in every environment, so the packages' own ``torch>=2.11`` requirement
+is already met. ``MCORE_TORCH`` (a pip requirement, with pip options if needed) chooses it; when
+it is unset the choice is made here (``torch_install_args``):
+
+* a machine with an NVIDIA GPU (``nvidia-smi`` runs): ``torch>=2.11``, pip's normal CUDA build;
+* otherwise the CPU build: the torch wheel of a local folder named by ``PIP_FIND_LINKS`` (pinned
+  to that exact version, so pip takes it), else ``torch>=2.11`` from PyTorch's CPU index
+  (``--index-url https://download.pytorch.org/whl/cpu``, for the torch install only) instead of
+  a CUDA build of several GB.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import nox
+from packaging.tags import Tag, sys_tags
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+from packaging.version import InvalidVersion
 
 ROOT = Path(__file__).parent
-TORCH = os.environ.get("MCORE_TORCH", "torch>=2.11")
+DEFAULT_TORCH = "torch>=2.11"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CORE = "packages/mcore-core"
 TESTING = "packages/mcore-testing"
 PLUGINS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "plugins").glob("*/pyproject.toml") for p in [p.parent])
@@ -25,9 +39,69 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.error_on_missing_interpreters = False
 
 
+# -- which torch ----------------------------------------------------------------------------------
+def has_nvidia_gpu(
+    which: Callable[[str], str | None] = shutil.which,
+    run: Callable[..., subprocess.CompletedProcess[bytes]] = subprocess.run,
+) -> bool:
+    """True when ``nvidia-smi`` is on PATH and lists a GPU."""
+    exe = which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        result = run([exe, "-L"], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0 and b"GPU" in result.stdout
+
+
+def local_torch_version(find_links: str, supported: frozenset[Tag] | None = None) -> str | None:
+    """The newest torch version among the wheels this interpreter can install (``supported`` tags) in
+    the local folders of ``find_links`` (``PIP_FIND_LINKS``: folders or URLs separated by spaces)."""
+    supported = supported if supported is not None else frozenset(sys_tags())
+    versions = []
+    for entry in find_links.split():
+        folder = Path(entry.removeprefix("file://"))
+        if not folder.is_dir():
+            continue
+        for wheel in folder.glob("torch-*.whl"):
+            try:
+                _, version, _, tags = parse_wheel_filename(wheel.name)
+            except (InvalidVersion, InvalidWheelFilename):
+                continue
+            if tags & supported:
+                versions.append(version)
+    return str(max(versions)) if versions else None
+
+
+def torch_install_args(env: Mapping[str, str], gpu: Callable[[], bool] = has_nvidia_gpu) -> tuple[list[str], str]:
+    """``(pip install arguments for torch, why)``: ``MCORE_TORCH`` when set, else by the machine (see the top)."""
+    chosen = env.get("MCORE_TORCH", "").strip()
+    if chosen:
+        return shlex.split(chosen), "MCORE_TORCH"
+    if gpu():
+        return [DEFAULT_TORCH], "an NVIDIA GPU is present (nvidia-smi): the default CUDA build"
+    version = local_torch_version(env.get("PIP_FIND_LINKS", ""))
+    if version is not None:
+        return [f"torch=={version}"], f"no NVIDIA GPU: the local wheel of PIP_FIND_LINKS ({version})"
+    return [DEFAULT_TORCH, "--index-url", CPU_INDEX], "no NVIDIA GPU: the CPU build from PyTorch's index"
+
+
+@functools.cache
+def _torch_choice() -> tuple[tuple[str, ...], str]:
+    args, why = torch_install_args(os.environ)
+    return tuple(args), why
+
+
+def install_torch(session: nox.Session) -> None:
+    args, why = _torch_choice()
+    session.log(f"torch: pip install {' '.join(args)}  ({why}; set MCORE_TORCH to choose)")
+    session.install(*args)
+
+
 def install(session: nox.Session, *packages: str, extras: str = "test") -> None:
-    """Torch first (pinned by MCORE_TORCH), then the packages editable with their test extras."""
-    session.install(TORCH)
+    """Torch first (``install_torch``), then the packages editable with their test extras."""
+    install_torch(session)
     args: list[str] = []
     for package in packages:
         args += ["-e", f"{package}[{extras}]" if extras and package not in (TESTING,) else package]
@@ -47,7 +121,7 @@ def tests(session: nox.Session, package: str) -> None:
     """
     if package == INTEGRATION:
         install(session, CORE, TESTING, *PLUGINS)
-        session.install("hatchling")
+        session.install("hatchling", "nox>=2024.10")
         session.run("pytest", "-q", "-m", "not gpu", INTEGRATION, *session.posargs)
         return
     install(session, *dict.fromkeys([CORE, TESTING, package]))
@@ -57,7 +131,7 @@ def tests(session: nox.Session, package: str) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (check + format check); mypy on every package's sources and its ``typecheck/`` protocol-conformance files."""
-    session.install(TORCH)
+    install_torch(session)
     session.install("ruff>=0.6", "mypy>=1.11", "-e", CORE, "-e", TESTING, *[a for p in PLUGINS for a in ("-e", p)])
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -70,10 +144,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Train the demo GPT on the text of this Python's standard library, then sample from it."""
+    """Train the demo GPT on the text of this Python's standard library, then sample from it.
+
+    The run goes to ``runs/default`` of this repository (``mcore train`` prints the absolute paths);
+    arguments after ``--`` go to ``mcore train`` (e.g. ``nox -s demo -- --train.steps=2000``).
+    """
     install(session, CORE, *PLUGINS, extras="")
-    session.chdir(session.create_tmp())  # the run writes runs/default here
-    session.run("mcore", "train")
+    session.chdir(ROOT)
+    session.run("mcore", "train", *session.posargs)
     session.run(
         "mcore",
         "generate",
@@ -90,8 +168,27 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def wheels(session: nox.Session) -> None:
+    """Wheels of every package into ``dist/`` (they are not on PyPI yet): ``pip install dist/*.whl``."""
+    session.install("hatchling")
+    session.run(
+        "python",
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(ROOT / "dist"),
+        CORE,
+        TESTING,
+        *PLUGINS,
+    )
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """GPU benchmarks of every package (results go to each package's benchmarks/RESULTS.md)."""
     install(session, CORE, TESTING, *PLUGINS)
-    for script in sorted(ROOT.glob("plugins/*/benchmarks/bench*.py")):
+    for script in sorted(ROOT.glob("*/*/benchmarks/bench*.py")):
         session.run("python", str(script), *session.posargs)

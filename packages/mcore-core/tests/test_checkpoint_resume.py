@@ -4,16 +4,21 @@ incompatible models, and loading that never unpickles code."""
 from __future__ import annotations
 
 import errno
-import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch.distributed.checkpoint as dcp
-from test_train_loop import make_config, make_corpus
+from test_checkpoint_safety import SGDPlugin, make_legacy, payloads
+from test_train_loop import make_config, make_corpus, merge
 
-from mcore.checkpoint.store import CheckpointSaveError, latest_checkpoint, list_checkpoints, read_meta
+from mcore.checkpoint.store import (
+    CheckpointSaveError,
+    LegacyCheckpointWarning,
+    latest_checkpoint,
+    list_checkpoints,
+    read_meta,
+)
 from mcore.errors import UserError
 from mcore.train import run
 from mcore_testing.hosts import isolated_host
@@ -90,20 +95,18 @@ def test_incompatible_model_is_refused(host: Any, corpus: str, tmp_path: Path) -
     cfg = make_config(
         host, tmp_path / "r", corpus, {"train": {"steps": 2, "resume": "latest"}, "model": {"hidden_size": 48}}
     )
+    with pytest.raises(UserError, match="another model config \\(model.hidden_size: 32 -> 48\\).*allow_model_change"):
+        run(cfg, host)
+    # a deliberate change is allowed, but the tensors must still fit
+    allow = {"train": {"steps": 2, "resume": "latest", "allow_model_change": True}}
+    cfg = make_config(host, tmp_path / "r", corpus, merge(allow, {"model": {"hidden_size": 48}}))
     with pytest.raises(
         UserError, match="does not fit this model: 'embed.weight' has shape \\(257, 32\\).*\\(257, 48\\)"
     ):
         run(cfg, host)
-    cfg = make_config(
-        host, tmp_path / "r", corpus, {"train": {"steps": 2, "resume": "latest"}, "model": {"num_layers": 3}}
-    )
+    cfg = make_config(host, tmp_path / "r", corpus, merge(allow, {"model": {"num_layers": 3}}))
     with pytest.raises(UserError, match="it has no parameter 'layers.2"):
         run(cfg, host)
-
-
-class _Evil:
-    def __reduce__(self) -> Any:
-        return (os.system, ("touch pwned",))
 
 
 def test_loading_never_unpickles_code(host: Any, corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,9 +115,25 @@ def test_loading_never_unpickles_code(host: Any, corpus: str, tmp_path: Path, mo
     )
     ckpt = result.last_checkpoint
     assert ckpt is not None and read_meta(ckpt)["step"] == 1
-    (ckpt / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    marker = tmp_path / "pwned"
+    real = (ckpt / ".metadata").read_bytes()
+    (ckpt / ".metadata").write_bytes(payloads(real, marker)["dotted os.system via filesystem"])
     monkeypatch.chdir(tmp_path)
     cfg = make_config(host, tmp_path / "r", corpus, {"train": {"steps": 2, "resume": str(ckpt)}})
-    with pytest.raises(UserError, match="not allowed"):
+    with pytest.raises(UserError, match=".metadata has .* bytes"):  # the manifest's checksums catch it first
         run(cfg, host)
-    assert not (tmp_path / "pwned").exists()
+    make_legacy(ckpt)  # and without a manifest, the allow-list
+    with pytest.warns(LegacyCheckpointWarning), pytest.raises(UserError, match="os.system, which is not allowed"):
+        run(cfg, host)
+    assert not marker.exists()
+
+
+def test_resume_with_another_optimizer_is_one_line(corpus: str, tmp_path: Path) -> None:
+    host = isolated_host("mcore_testing.plugin", SGDPlugin())
+    run(make_config(host, tmp_path / "r", corpus, {"train": {"steps": 1}, "checkpoint": {"save_final": True}}), host)
+    cfg = make_config(
+        host, tmp_path / "r", corpus, {"train": {"steps": 2, "resume": "latest"}, "optimizer": {"name": "test-sgd"}}
+    )
+    with pytest.raises(UserError, match="optimizer 'reference-adamw'.*does not load") as exc:
+        run(cfg, host)
+    assert "\n" not in str(exc.value)

@@ -72,3 +72,48 @@ def test_plan_divides_by_sharding_and_reports_fit() -> None:
     sharded = plan_memory(resolve_config({**RAW, "parallel": {"layouts": ["test-shard"]}}, host), host, world_size=2)
     assert sharded.params == base.params // 2 and sharded.optimizer == base.optimizer // 2
     assert sharded.activations == base.activations  # micro-batch of 16 rows given; each rank runs it whole
+
+
+def test_plan_with_bf16_parameters() -> None:
+    """bf16 recipes used to crash the planner (``_apply(): Couldn't swap Embedding.weight``)."""
+    host = isolated_host("mcore_testing.plugin")
+    fp32 = plan_memory(resolve_config(RAW, host), host)
+    bf16 = plan_memory(resolve_config({**RAW, "precision": {"recipe": "bf16"}}, host), host)
+    assert bf16.params == fp32.params // 2 and bf16.grads == fp32.grads // 2
+    assert bf16.optimizer > fp32.optimizer  # + the fp32 master copy
+    assert 0 < bf16.activations < fp32.activations  # measured in bf16
+    autocast = plan_memory(resolve_config({**RAW, "precision": {"recipe": "bf16", "params": "fp32"}}, host), host)
+    assert autocast.params == fp32.params
+
+
+class StorageReadingPlugin:
+    """``reference-tiny`` whose first block reads its input's memory, as a Triton kernel launch does."""
+
+    MCORE_PLUGIN_API = 1
+
+    @hookimpl
+    def mcore_register(self, registry: Any) -> None:
+        from mcore_testing.reference import TinyModelFactory
+
+        class Factory(TinyModelFactory):
+            @staticmethod
+            def build(config: Any, *, seed: int, device: Any = "cpu", block_lookup: Any = None) -> torch.nn.Module:
+                model = TinyModelFactory.build(config, seed=seed, device=device)
+
+                def read_memory(module: Any, args: Any) -> None:
+                    args[0].data_ptr()
+
+                model.layers[0].register_forward_pre_hook(read_memory)
+                return model
+
+        registry.add("model", "storage-reading", Factory)
+
+
+def test_a_kernel_reading_fake_memory_is_a_user_error() -> None:
+    """On CUDA such a kernel got a pointer to nothing (an illegal memory access that kills the process)."""
+    from mcore.errors import UserError
+
+    host = isolated_host("mcore_testing.plugin", StorageReadingPlugin())
+    config = resolve_config({**RAW, "model": {**RAW["model"], "name": "storage-reading"}}, host)
+    with pytest.raises(UserError, match="cannot run model 'storage-reading' on storage-less tensors"):
+        plan_memory(config, host)

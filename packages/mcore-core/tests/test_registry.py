@@ -28,12 +28,10 @@ def test_unknown_name_lists_available_with_distribution_and_nearest():
     with pytest.raises(UnknownNameError) as err:
         host.get("precision", "bf61")
     message = str(err.value)
-    assert message.splitlines() == [
-        "unknown precision 'bf61'. Available precision implementations:",
-        f"  bf16  (mcore-core {__version__})",
-        f"  fp32  (mcore-core {__version__})",
-        "did you mean 'bf16'?",
-    ]
+    assert message == (
+        "unknown precision 'bf61'; did you mean 'bf16'? available precision implementations: "
+        f"bf16 (mcore-core {__version__}), fp32 (mcore-core {__version__})"
+    )
 
 
 def test_unknown_name_of_empty_kind_says_nothing_installed():

@@ -245,22 +245,31 @@ def test_nan_policy_skip(corpus: str, tmp_path: Path) -> None:
     assert [r["skipped"] for r in records] == [False, False, True, False, False, False]
 
 
-def test_nan_policy_stop_saves_last_good_state(corpus: str, tmp_path: Path) -> None:
+def test_nan_policy_stop_names_the_last_good_checkpoint(corpus: str, tmp_path: Path) -> None:
     host = isolated_host("mcore_testing.plugin", NaNAt({7}))  # step 4
-    cfg = make_config(host, tmp_path / "r", corpus, {"model": {"name": "nan-tiny"}, "train": {"nan_policy": "stop"}})
-    with pytest.raises(TrainingHalted, match="stopped at step 4: the loss is nan.*step_00000003"):
+    cfg = make_config(
+        host,
+        tmp_path / "r",
+        corpus,
+        {"model": {"name": "nan-tiny"}, "train": {"nan_policy": "stop"}, "checkpoint": {"every": 2}},
+    )
+    with pytest.raises(
+        TrainingHalted, match="stopped at step 4: the loss is nan.*followed by a good step is .*step_00000002"
+    ):
         run(cfg, host)
+    # the state before step 4 is not saved: resuming from it would replay step 4
+    assert not (tmp_path / "r" / "checkpoints" / "step_00000003").exists()
     clean = run(
-        make_config(host, tmp_path / "c", corpus, {"train": {"steps": 3}, "checkpoint": {"save_final": True}}), host
+        make_config(host, tmp_path / "c", corpus, {"train": {"steps": 2}, "checkpoint": {"save_final": True}}), host
     )
     from mcore.checkpoint.store import read_meta
 
-    assert read_meta(tmp_path / "r" / "checkpoints" / "step_00000003")["step"] == 3
-    # the saved weights equal a clean run's after 3 steps
+    assert read_meta(tmp_path / "r" / "checkpoints" / "step_00000002")["step"] == 2
+    # the named weights equal a clean run's after 2 steps
     from mcore.train.generate import load_for_inference
 
     m1, *_ = load_for_inference(
-        tmp_path / "r" / "checkpoints" / "step_00000003", isolated_host("mcore_testing.plugin", NaNAt(set()))
+        tmp_path / "r" / "checkpoints" / "step_00000002", isolated_host("mcore_testing.plugin", NaNAt(set()))
     )
     m2, *_ = load_for_inference(clean.last_checkpoint, host)
     for (n, p), q in zip(m1.named_parameters(), m2.parameters()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -62,3 +63,24 @@ def test_config_errors_name_key_value_and_allowed() -> None:
     with pytest.raises(ValueError, match=r"parallel.fsdp.units names 'blocks'"):
         find_units(TinyTransformer(), ("blocks",))
     assert len(find_units(TinyTransformer(), ("layers",))) == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("--parallel.fsdp.prefetch=-1", "parallel.fsdp.prefetch = -1"),
+        ("--parallel.fsdp.gradient_divide_factor=0", "parallel.fsdp.gradient_divide_factor = 0"),
+    ],
+)
+def test_bad_layout_settings_are_one_line_errors_when_the_config_is_resolved(override: str, named: str) -> None:
+    """Checked by the Config itself, so `mcore config` refuses them before anything is built (exit 2, one line)."""
+    code = (
+        "import sys; from mcore.cli import main; "
+        "sys.exit(main(['config', '--model.name=reference-tiny', '--optimizer.name=reference-adamw', "
+        f"'--parallel.layouts=[\"fsdp\"]', {override!r}]))"
+    )
+    env = {**os.environ, "MCORE_PLUGINS": "mcore_testing.plugin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr

@@ -210,9 +210,13 @@ def _resume(root: str) -> None:
         for name, value in full_params(model).items():
             label = f"{saved.name} -> {case.name} on {size} rank(s): {name}"
             assert_rel_close(value, expected["after"][name], tol=1e-6, name=label)
+            # The update alone (parameter after - before) is held to 5e-5, not 1e-6: the 4 ranks reduced the
+            # step-4 gradient in another order than 2 or 1 ranks do, and Adam's m / sqrt(v) on a norm weight of
+            # a few elements amplifies that fp32 rounding (measured on an AVX2 CPU, 2026-12-04: 6.1e-6 and
+            # 1.2e-5 for layers.0.attn_norm.weight; 1e-7 on AVX-512). The parameters themselves meet 1e-6 above.
             update = value - expected["before"][name]
             assert_rel_close(
-                update, expected["after"][name] - expected["before"][name], tol=1e-6, name=label + " update"
+                update, expected["after"][name] - expected["before"][name], tol=5e-5, name=label + " update"
             )
 
 

@@ -21,7 +21,7 @@ def mcore_register(registry: Any) -> None:
 
 @hookimpl
 def mcore_cli_commands(add: Any) -> None:
-    add("train", "mcore.train.cli:main", help="train a model (no arguments: the demo on stdlib text)")
+    add("train", "mcore.train.cli:main", help="train a model (no config file: the built-in demo)")
     add("generate", "mcore.train.generate:main", help="generate text from a checkpoint")
     add("export", "mcore.train.export:main", help="export a checkpoint (Hugging Face format)")
     add("plan", "mcore.plan.cli:main", help="estimate per-rank memory of a run before launching it")

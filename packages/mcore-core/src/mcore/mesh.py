@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from math import prod
 from typing import TYPE_CHECKING, Any
 
@@ -149,6 +150,26 @@ def world_from_env() -> tuple[int, int, int]:
     )
 
 
+def check_cuda_device(local_rank: int) -> None:
+    """A ``ConfigError`` (one line) unless torch sees a CUDA device for this process."""
+    import torch
+
+    from mcore.errors import ConfigError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"parallel.device = 'cuda', but torch {torch.__version__} ({build}) sees no CUDA device here; "
+            "use --parallel.device=cpu (or auto)"
+        )
+    if local_rank >= count:
+        raise ConfigError(
+            f"LOCAL_RANK = {local_rank}, but this machine has {count} CUDA device(s); "
+            f"start at most {count} processes per node (torchrun --nproc-per-node={count})"
+        )
+
+
 def build_mesh(
     owned_dims: Sequence[str],
     sizes: Mapping[str, int] | None = None,
@@ -156,11 +177,15 @@ def build_mesh(
     fill: str | None = None,
     device_type: str | None = None,
     backend: str | None = None,
+    timeout_s: float | None = None,
 ) -> ParallelMesh:
     """Initialise the process group if needed and build the run's ``ParallelMesh``.
 
     ``device_type`` defaults to ``cuda`` when available, else ``cpu``; ``backend`` defaults
-    to NCCL on CUDA and gloo on CPU.
+    to NCCL on CUDA and gloo on CPU. ``timeout_s`` (``[parallel] timeout_s``) bounds every
+    collective of the default group (when this call creates it) and of each mesh dimension's
+    group, which are then created here rather than by ``init_device_mesh`` (whose groups
+    would get torch's default timeout); ``None`` keeps torch's defaults.
     """
     import torch
     import torch.distributed as dist
@@ -173,6 +198,7 @@ def build_mesh(
     names = tuple(d for d in dims)
     shape = tuple(resolved[d] for d in names)
     if device_type == "cuda":
+        check_cuda_device(local_rank)
         torch.cuda.set_device(local_rank)
     if world_size == 1 and not dist.is_initialized():
         return ParallelMesh(names, shape, device_type, None, local_rank)
@@ -181,13 +207,39 @@ def build_mesh(
             backend=backend or ("nccl" if device_type == "cuda" else "gloo"),
             rank=rank,
             world_size=world_size,
+            timeout=timedelta(seconds=timeout_s) if timeout_s is not None else None,
         )
     from torch.distributed.device_mesh import init_device_mesh
 
     if not names:  # a layout set owning no dimension, launched on one process
         return ParallelMesh((), (), device_type, None, local_rank)
-    device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    if timeout_s is None:
+        device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    else:
+        device_mesh = mesh_with_timeout(device_type, shape, names, timedelta(seconds=timeout_s))
     return ParallelMesh(names, shape, device_type, device_mesh, local_rank)
+
+
+def mesh_with_timeout(
+    device_type: str, shape: tuple[int, ...], names: tuple[str, ...], timeout: timedelta
+) -> DeviceMesh:
+    """The ``DeviceMesh`` ``init_device_mesh`` would build (ranks laid out row-major over
+    ``shape``), from groups created with ``timeout``: one group per line of ranks along each
+    dimension. Every rank creates every group, in the same order, as ``new_group`` requires."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = torch.arange(prod(shape)).reshape(shape)  # (d0, d1, ...): global rank at each coordinate
+    me = dist.get_rank()
+    mine = []
+    for i in range(len(shape)):
+        lines = ranks.movedim(i, -1).reshape(-1, shape[i])  # (world / d_i, d_i): one group per row
+        for line in lines.tolist():
+            group = dist.new_group(ranks=line, timeout=timeout)
+            if me in line:
+                mine.append(group)
+    return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=names)
 
 
 def describe(mesh: ParallelMesh) -> dict[str, Any]:

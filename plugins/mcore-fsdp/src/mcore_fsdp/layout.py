@@ -10,6 +10,7 @@ that format.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -72,31 +73,38 @@ class FSDPLayout:
 
     @dataclass(kw_only=True, slots=True)
     class Config:
-        #: ModuleLists whose children become units (each gathered/resharded on its own)
         units: tuple[str, ...] = ("layers",)
-        #: free each unit's gathered parameters after forward (gather again for backward)
+        """ModuleLists whose children become units, each gathered and resharded on its own."""
         reshard_after_forward: bool = True
-        #: dtype of gathered parameters / of gradient reduction; "auto": the precision recipe's
+        """Free each unit's gathered parameters after forward (gather again for backward)."""
         param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+        """dtype of gathered parameters ('auto': the precision recipe's)."""
         reduce_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-        #: units gathered ahead of the one computing (forward and backward)
+        """dtype of the gradient reduction ('auto': the precision recipe's)."""
         prefetch: int = 1
-        #: divide reduced gradients by this instead of the data-parallel size
+        """Units gathered ahead of the one computing, in forward and backward (>= 0)."""
         gradient_divide_factor: float | None = None
-        #: gather in the recipe's low-precision format when it offers one (gather_payload)
+        """Divide reduced gradients by this instead of the data-parallel size (none: that size)."""
         quantized_gather: bool = True
-        #: parameters kept whole on one rank instead of split by rows: "matrices" (every
-        #: parameter of >= 2 dims: Muon orthogonalises whole matrices), "all", or "none"
+        """Gather in the recipe's low-precision format when it offers one (gather_payload)."""
         whole_params: Literal["none", "matrices", "all"] = "none"
+        """Parameters kept whole on one rank instead of split by rows: 'none', 'matrices' (>= 2 dims; for Muon) or 'all'."""
+
+        def __post_init__(self) -> None:
+            _dtype("param_dtype", self.param_dtype)
+            _dtype("reduce_dtype", self.reduce_dtype)
+            if self.prefetch < 0:
+                raise ValueError(f"parallel.fsdp.prefetch = {self.prefetch!r}; allowed: an int >= 0")
+            if self.whole_params not in WHOLE:
+                raise ValueError(f"parallel.fsdp.whole_params = {self.whole_params!r}; allowed: {', '.join(WHOLE)}")
+            factor = self.gradient_divide_factor
+            if factor is not None and not (math.isfinite(factor) and factor > 0):
+                raise ValueError(
+                    f"parallel.fsdp.gradient_divide_factor = {factor!r}; allowed: a finite number > 0 or none"
+                )
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or type(self).Config()
-        _dtype("param_dtype", self.config.param_dtype)
-        _dtype("reduce_dtype", self.config.reduce_dtype)
-        if self.config.prefetch < 0:
-            raise ValueError(f"parallel.fsdp.prefetch = {self.config.prefetch!r}; allowed: an int >= 0")
-        if self.config.whole_params not in WHOLE:
-            raise ValueError(f"parallel.fsdp.whole_params = {self.config.whole_params!r}; allowed: {', '.join(WHOLE)}")
         if isinstance(self.config.units, str):
             self.config.units = (self.config.units,) if self.config.units else ()
         self._model: nn.Module | None = None

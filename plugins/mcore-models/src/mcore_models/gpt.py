@@ -33,13 +33,13 @@ from torch import nn
 
 from mcore.protocols.block import BlockContext, FlopsShape
 from mcore_models.blocks.attention import Attention
-from mcore_models.blocks.base import normal_
+from mcore_models.blocks.base import check_choice, check_non_negative, check_positive, normal_
 from mcore_models.blocks.masking import positions_from_cu_seqlens
 from mcore_models.blocks.mla import MLA
-from mcore_models.blocks.mlp import ClampedSwiGLU, GeluMLP, SwiGLU
+from mcore_models.blocks.mlp import GELU_APPROXIMATIONS, ClampedSwiGLU, GeluMLP, SwiGLU
 from mcore_models.blocks.mtp import MTP, NEXT_EMBEDDINGS
 from mcore_models.blocks.norms import LayerNorm, RMSNorm
-from mcore_models.blocks.rope import RopeFields
+from mcore_models.blocks.rope import RopeFields, check_rope
 from mcore_models.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy_sum
 from mcore_models.presets import presets as _presets
 
@@ -58,60 +58,120 @@ LOCAL_BLOCKS: Mapping[str, type[nn.Module]] = {
 
 @dataclass(kw_only=True, slots=True)
 class GPTConfig(RopeFields):
-    """The ``[model]`` section of a run using ``name = "gpt"``."""
+    """The ``[model]`` section of a run using ``name = "gpt"``; ``check_config`` runs on construction."""
 
     preset: str | None = None
+    """Architecture to start from: tiny, bench-0.9b, llama3.2-1b, llama3-8b, qwen2.5-0.5b, deepseek-v3-mini (keys given beside it win)."""
     vocab_size: int = 32768
+    """Rows of the embedding and the output head (at least the tokenizer's vocabulary)."""
     hidden_size: int = 1024
+    """Width of the residual stream."""
     num_layers: int = 8
+    """Transformer layers."""
     num_heads: int = 8
+    """Query heads (must divide hidden_size unless head_dim is set)."""
     num_kv_heads: int | None = None
+    """Key/value heads of 'attention'; must divide num_heads (none: num_heads, MHA; 1: MQA)."""
     head_dim: int | None = None
+    """Dims per head of 'attention' (none: hidden_size / num_heads)."""
     ffn_hidden_size: int = 2816
+    """Hidden size of the MLP (per branch for the gated ones)."""
     attention: str = "attention"
+    """Attention block by name: 'attention' (GQA with RoPE), 'mla' (multi-head latent), or a plugin's."""
     mlp: str = "swiglu"
+    """MLP block by name: 'swiglu', 'gelu-mlp', 'clamped-swiglu', or a plugin's."""
     norm: str = "rmsnorm"
+    """Norm block by name: 'rmsnorm', 'layernorm', or a plugin's."""
     norm_eps: float = 1e-5
+    """Epsilon of every norm (finite, > 0)."""
     zero_centered_gamma: bool = False
+    """Store norm scales as gamma - 1, initialised to 0 (weight decay then pulls towards the identity)."""
     tie_embeddings: bool = False
+    """Use the embedding matrix as the output head."""
     qkv_bias: bool = False
+    """Bias on the query/key/value projection (Qwen2)."""
     out_bias: bool = False
+    """Bias on the attention output projection."""
     mlp_bias: bool = False
+    """Biases on the MLP projections."""
     qk_norm: bool = False
+    """RMSNorm over each query and key head before RoPE."""
     sliding_window: int | None = None
+    """Each token sees at most this many tokens, itself included (none: the whole row)."""
     max_position_embeddings: int = 4096
+    """Longest sequence the model supports; train.seq_len may not exceed it."""
     q_lora_rank: int | None = None
+    """'mla': rank of the query down-projection (none: queries projected directly from the hidden state)."""
     kv_lora_rank: int = 128
+    """'mla': rank of the compressed key/value latent (what decoding caches per token)."""
     qk_nope_head_dim: int = 32
+    """'mla': per-head query/key dims without RoPE."""
     qk_rope_head_dim: int = 16
+    """'mla': per-head query/key dims with RoPE (the key part is shared by all heads)."""
     v_head_dim: int = 32
+    """'mla': per-head value dims."""
     clamp_limit: float = 7.0
+    """'clamped-swiglu': the gate is clamped to at most this and the up branch to [-limit, limit] (finite, > 0)."""
     gelu_approximate: str = "none"
+    """'gelu-mlp': 'none' (exact GeLU) or 'tanh'."""
     mtp_num_layers: int = 0
+    """Multi-token prediction depths, DeepSeek-V3 style (0: none)."""
     mtp_loss_weight: float = 0.1
+    """Weight of the mean MTP loss added to the main loss (finite, >= 0)."""
     init_std: float = 0.02
+    """Std of the normal init (each layer's output projections get / sqrt(2 * num_layers); finite, > 0)."""
     mup_base_width: int | None = None
+    """muP: the width the hyperparameters were tuned at (none: muP off)."""
     loss_chunk_size: int = 4096
-    loss_vocab_chunk_size: int | None = None  # None: the whole vocabulary per token chunk
+    """Tokens per chunk of the fused output projection + cross-entropy (the full logits are never formed)."""
+    loss_vocab_chunk_size: int | None = None
+    """Vocabulary entries per block of that loss (none: the whole vocabulary per token chunk)."""
     hf_model_type: str = "llama"
+    """Hugging Face family written by export: 'llama', 'qwen2', 'mistral' or 'deepseek_v3'."""
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
-def _check(cfg: GPTConfig) -> None:
-    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "loss_chunk_size"):
-        if getattr(cfg, key) <= 0:
-            raise ValueError(f"model.{key} = {getattr(cfg, key)!r}: must be a positive integer")
+def check_config(cfg: GPTConfig) -> None:
+    """``ValueError`` naming ``model.<key>``, the value and what is allowed, for settings no model can be built from."""
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "ffn_hidden_size",
+        "sliding_window",
+        "max_position_embeddings",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "mup_base_width",
+        "loss_chunk_size",
+        "loss_vocab_chunk_size",
+        "norm_eps",
+        "clamp_limit",
+        "init_std",
+    ):
+        check_positive("model", key, getattr(cfg, key))
+    check_non_negative("model", "mtp_num_layers", cfg.mtp_num_layers)
+    check_non_negative("model", "mtp_loss_weight", cfg.mtp_loss_weight)
+    kv_heads = cfg.num_kv_heads or cfg.num_heads
+    if cfg.num_heads % kv_heads:
+        raise ValueError(
+            f"model.num_kv_heads = {kv_heads}: must divide num_heads = {cfg.num_heads} (a divisor from 1 to num_heads)"
+        )
     if cfg.head_dim is None and cfg.hidden_size % cfg.num_heads:
         raise ValueError(
             f"model.num_heads = {cfg.num_heads}: must divide hidden_size = {cfg.hidden_size}, or set head_dim"
         )
-    if cfg.loss_vocab_chunk_size is not None and cfg.loss_vocab_chunk_size <= 0:
-        raise ValueError(
-            f"model.loss_vocab_chunk_size = {cfg.loss_vocab_chunk_size}: must be a positive integer or unset"
-        )
-    if cfg.mtp_num_layers < 0:
-        raise ValueError(f"model.mtp_num_layers = {cfg.mtp_num_layers}: must be >= 0")
-    if cfg.mup_base_width is not None and cfg.mup_base_width <= 0:
-        raise ValueError(f"model.mup_base_width = {cfg.mup_base_width}: must be a positive integer or unset")
+    check_choice("model", "gelu_approximate", cfg.gelu_approximate, GELU_APPROXIMATIONS)
+    rotated = {"attention": cfg.head_dim or cfg.hidden_size // cfg.num_heads, "mla": cfg.qk_rope_head_dim}
+    check_rope(cfg, "model", rotated.get(cfg.attention))  # another plugin's attention block checks its own dims
 
 
 def block_values(cfg: GPTConfig) -> dict[str, Any]:
@@ -175,7 +235,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig, *, block_lookup: Callable[[str], Any] | None = None) -> None:
         super().__init__()
-        _check(config)
+        check_config(config)
         self.config = cfg = config
         lookup = block_lookup or LOCAL_BLOCKS.__getitem__
         values = block_values(cfg)
@@ -295,6 +355,16 @@ class GPT(nn.Module):
         model.to_empty(device=device)
         model.reset_parameters(torch.Generator(device="cpu").manual_seed(seed))
         return model
+
+    @classmethod
+    def check_run(cls, config: GPTConfig, run: Any) -> None:
+        """Rules across sections, called by the core once the run's config is resolved."""
+        seq_len = run.train.seq_len
+        if seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"train.seq_len = {seq_len} is more than model.max_position_embeddings = "
+                f"{config.max_position_embeddings}; lower train.seq_len or raise model.max_position_embeddings"
+            )
 
     @classmethod
     def flops_per_token(cls, config: GPTConfig, seq_len: int) -> int:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from mcore.errors import UserError
+from mcore.outputs import normalize_permissions
 from mcore_models.gpt import GPT, GPTConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -248,15 +250,59 @@ def state_from_hf(hf: dict[str, torch.Tensor], cfg: GPTConfig, hf_config: dict[s
     return out
 
 
+# -- files: everything read stays inside the model directory -------------------------------------
+def _allowed_roots(path: Path) -> list[Path]:
+    """Where the files of the model directory ``path`` may resolve to: the directory itself, and for a
+    Hugging Face cache snapshot (``.../snapshots/<revision>``, whose files link to ``../../blobs``) that
+    repository's ``blobs`` folder."""
+    root = path.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def model_file(path: Path, name: str, *, named_in: str = "") -> Path:
+    """``path / name`` resolved, refused (``UserError``) unless it stays inside the model directory ``path``.
+
+    ``name`` comes from files of the model (``model.safetensors.index.json``), which anyone can
+    write: absolute paths, ``..`` and symbolic links that leave the directory are refused.
+    """
+    where = f" (named in {named_in})" if named_in else ""
+    relative = PurePosixPath(name)
+    if not name or relative.is_absolute() or PureWindowsPath(name).is_absolute() or ".." in relative.parts:
+        raise UserError(
+            f"{path}: file {name!r}{where} is outside the model directory; only plain file names inside it are allowed"
+        )
+    resolved = (path / relative).resolve()
+    if not any(resolved.is_relative_to(root) for root in _allowed_roots(path)):
+        raise UserError(
+            f"{path}: {name!r}{where} resolves to {resolved}, outside the model directory (a symbolic link); "
+            "copy the file into the directory instead"
+        )
+    if not resolved.is_file():
+        raise UserError(f"{path}: file {name!r}{where} does not exist")
+    return resolved  # opened by its resolved path: a link swapped after this check is not followed
+
+
 def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    index_name = "model.safetensors.index.json"
+    indexed = (path / index_name).exists()
+    if indexed:
+        index = model_file(path, index_name)
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' of file names): {exc}") from None
+        if not all(isinstance(name, str) for name in files):
+            raise UserError(f"{index}: 'weight_map' values must be file names")
     else:
         files = ["model.safetensors"]
+    targets = [model_file(path, name, named_in=index_name if indexed else "") for name in files]
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        tensors.update(load_file(str(path / name), device=device))
+    for target in targets:
+        tensors.update(load_file(str(target), device=device))
     return tensors
 
 
@@ -276,13 +322,15 @@ def export_hf(model: GPT, config: GPTConfig, out_dir: Path) -> None:
     tensors = codec.state_to_hf(model, config)
     hf_config = codec.config_to_hf(config, tensors["model.embed_tokens.weight"].dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    weights = out_dir / "model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    normalize_permissions(weights)  # safetensors writes through a private (0600) temporary file
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
 def import_hf(path: Path, *, device: torch.device | str = "cpu") -> tuple[GPTConfig, GPT]:
     """Read a Hugging Face checkpoint directory into ``(config, model)`` on ``device``."""
-    hf_config = json.loads((path / "config.json").read_text())
+    hf_config = json.loads(model_file(path, "config.json").read_text())
     codec = _codec(hf_config.get("model_type"))
     config = codec.config_from_hf(hf_config)
     tensors = _read_tensors(path, str(device))

@@ -9,6 +9,8 @@ by default norms, biases and embeddings get no weight decay.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -151,21 +153,33 @@ class AdamW:
         state_format.restore_groups(self.param_groups, state_dict["groups"])
 
 
+def check_rate(key: str, value: Any) -> None:
+    """A learning rate or weight decay: a finite number >= 0 (NaN and inf would poison every weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{key} = {value!r}; allowed: a finite number >= 0")
+
+
+def check_pattern(key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{key} = {pattern!r} is not a valid regular expression: {exc}") from None
+
+
 def check_common(config: Any) -> None:
     """Checks shared by every optimizer config here (``ValueError`` naming key, value, allowed)."""
     for key in ("lr", "weight_decay"):
-        value = getattr(config, key)
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{key} = {value!r}; allowed: a number >= 0")
+        check_rate(key, getattr(config, key))
     check_roles("no_decay_roles", config.no_decay_roles)
+    check_pattern("head_pattern", config.head_pattern)
     mup_lr_multiplier("matrix", base_width=config.mup_base_width, width=config.mup_width)
 
 
 def check_betas(key: str, betas: Any, eps_key: str, eps: Any) -> tuple[float, float]:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
         raise ValueError(f"{key} = {betas!r}; allowed: two numbers in [0, 1)")
-    if not isinstance(eps, (int, float)) or eps <= 0:
-        raise ValueError(f"{eps_key} = {eps!r}; allowed: a number > 0")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{eps_key} = {eps!r}; allowed: a finite number > 0")
     return float(betas[0]), float(betas[1])
 
 
@@ -183,26 +197,35 @@ class AdamWFactory:
     @dataclass(kw_only=True, slots=True)
     class Config:
         lr: float = 1e-3
+        """Peak learning rate (finite, >= 0); the schedule scales it each step."""
         weight_decay: float = 0.1
+        """Decoupled weight decay (finite, >= 0), except for the no_decay_roles."""
         betas: tuple[float, float] = (0.9, 0.95)
+        """Decay rates of the first and second moment, each in [0, 1)."""
         eps: float = 1e-8
-        #: ``fused`` (torch's kernel), ``foreach`` (the reference path here), ``auto``: fused on CUDA.
+        """Added to the root of the second moment (finite, > 0)."""
         impl: Literal["auto", "foreach", "fused"] = "auto"
-        #: fp32 master copies of low-precision parameters (fp32 parameters need none).
+        """'fused' (torch's kernel), 'foreach' (the reference path here), 'auto' (fused on CUDA)."""
         master_weights: bool = True
+        """Keep fp32 master copies of low-precision parameters (fp32 parameters need none)."""
         no_decay_roles: tuple[str, ...] = ("norm", "bias", "embedding")
-        #: regex on a parameter's module path that marks the output head.
+        """Parameter roles without weight decay (roles: embedding, matrix, head, norm, bias)."""
         head_pattern: str = DEFAULT_HEAD_PATTERN
-        #: muP: matrix parameters' lr is multiplied by ``mup_base_width / mup_width``.
+        """Regular expression on a parameter's module path that marks the output head."""
         mup_base_width: int | None = None
+        """muP: matrix parameters' lr is multiplied by mup_base_width / mup_width (set both or neither)."""
         mup_width: int | None = None
+        """muP: the width of this model (set with mup_base_width)."""
+
+        def __post_init__(self) -> None:
+            check_common(self)
+            check_betas("betas", self.betas, "eps", self.eps)
+            if self.impl not in IMPLS:
+                raise ValueError(f"impl = {self.impl!r}; allowed: {list(IMPLS)}")
 
     def __init__(self, config: AdamWFactory.Config | None = None) -> None:
         self.config = config if config is not None else AdamWFactory.Config()
-        check_common(self.config)
         self.betas = check_betas("betas", self.config.betas, "eps", self.config.eps)
-        if self.config.impl not in IMPLS:
-            raise ValueError(f"impl = {self.config.impl!r}; allowed: {list(IMPLS)}")
 
     def settings(self) -> dict[str, dict[str, float]]:
         """lr and weight decay of each role."""

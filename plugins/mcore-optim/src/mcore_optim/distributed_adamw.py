@@ -369,8 +369,8 @@ class DistributedAdamWFactory:
 
     @dataclass(kw_only=True, slots=True)
     class Config(AdamWFactory.Config):
-        #: True: gradients arrive un-reduced and ``step()`` reduce-scatters them (see module doc).
         reduce_grads: bool = False
+        """True: gradients arrive un-reduced and step() reduce-scatters them (not under FSDP)."""
 
     def __init__(self, config: DistributedAdamWFactory.Config | None = None) -> None:
         self.config = config if config is not None else DistributedAdamWFactory.Config()

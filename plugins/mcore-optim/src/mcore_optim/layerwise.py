@@ -32,9 +32,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from mcore.config.coerce import build_dataclass
 from mcore.ragged import even_counts
 from mcore_optim import state as state_format
-from mcore_optim.adamw import AdamWFactory
+from mcore_optim.adamw import AdamWFactory, check_rate
 from mcore_optim.dist import counts_of, data_parallel, gather_rows, is_dtensor, scatter_rows, whole
 from mcore_optim.groups import make_groups, zero_grad
 from mcore_optim.muon import MuonFactory
@@ -183,27 +184,39 @@ class LayerwiseFactory:
     @dataclass(kw_only=True, slots=True)
     class Config:
         lr: float = 1e-3
+        """Peak learning rate of the inner optimizer (finite, >= 0)."""
         weight_decay: float = 0.1
-        #: the optimizer each rank runs on the parameters it owns.
+        """Weight decay of the inner optimizer (finite, >= 0)."""
         inner: str = "adamw"
-        #: the rest of the inner optimizer's Config (e.g. ``{"ns_coefficients": "polar-express"}``).
+        """The optimizer each rank runs on the parameters it owns: 'adamw' or 'muon'."""
         options: dict[str, Any] = field(default_factory=dict)
+        """The rest of the inner optimizer's Config (e.g. {"ns_coefficients": "polar-express"})."""
+
+        def __post_init__(self) -> None:
+            for key in ("lr", "weight_decay"):
+                check_rate(key, getattr(self, key))
+            if self.inner not in INNER:
+                raise ValueError(f"inner = {self.inner!r}; allowed: {sorted(INNER)}")
+            config_cls = INNER[self.inner].Config
+            for key in ("lr", "weight_decay"):
+                if key in self.options:
+                    raise ValueError(f"options.{key} is set; allowed: set {key} at the top level, not in options")
+            known = set(config_cls.__dataclass_fields__)
+            unknown = [k for k in self.options if k not in known]
+            if unknown:
+                raise ValueError(
+                    f"options.{unknown[0]} = {self.options[unknown[0]]!r} is not a setting of inner optimizer "
+                    f"{self.inner!r}; allowed: {sorted(known - {'lr', 'weight_decay'})}"
+                )
+            # typed and checked as the inner optimizer's own section would be (values from the CLI are strings)
+            inner = build_dataclass(
+                config_cls, {**self.options, "lr": self.lr, "weight_decay": self.weight_decay}, "options"
+            )
+            self.options = {key: getattr(inner, key) for key in self.options}
 
     def __init__(self, config: LayerwiseFactory.Config | None = None) -> None:
         c = self.config = config if config is not None else LayerwiseFactory.Config()
-        if c.inner not in INNER:
-            raise ValueError(f"inner = {c.inner!r}; allowed: {sorted(INNER)}")
         factory = INNER[c.inner]
-        for key in ("lr", "weight_decay"):
-            if key in c.options:
-                raise ValueError(f"options.{key} is set; allowed: set {key} at the top level, not in options")
-        known = set(factory.Config.__dataclass_fields__)
-        unknown = [k for k in c.options if k not in known]
-        if unknown:
-            raise ValueError(
-                f"options.{unknown[0]} = {c.options[unknown[0]]!r} is not a setting of inner optimizer "
-                f"{c.inner!r}; allowed: {sorted(known - {'lr', 'weight_decay'})}"
-            )
         self.inner = factory(factory.Config(lr=c.lr, weight_decay=c.weight_decay, **c.options))
 
     def build(self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]) -> Any:

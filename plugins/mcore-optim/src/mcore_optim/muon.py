@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor
 
 from mcore.ragged import row_dim
 from mcore_optim import state as state_format
-from mcore_optim.adamw import AdamW, AdamWFactory, check_betas, check_common
+from mcore_optim.adamw import IMPLS, AdamW, AdamWFactory, check_betas, check_common, check_pattern, check_rate
 from mcore_optim.dist import (
     counts_of,
     data_parallel,
@@ -343,54 +343,80 @@ class MuonFactory:
 
     @dataclass(kw_only=True, slots=True)
     class Config:
-        #: lr of matrix parameters (after ``scale``); muP scales it by ``mup_base_width / mup_width``.
         lr: float = 1e-3
+        """Peak lr of matrix parameters, after scale (finite, >= 0); muP scales it by mup_base_width / mup_width."""
         weight_decay: float = 0.1
+        """Decoupled weight decay of matrix parameters (finite, >= 0)."""
         momentum: float = 0.95
+        """Momentum of the matrix updates, in [0, 1)."""
         nesterov: bool = True
-        #: a set name (``simple``, ``polar-express``, ``deepseek-v4``) or a list of [a, b, c] triples.
+        """Nesterov momentum."""
         ns_coefficients: str | list[list[float]] = "simple"
-        #: None: the set's own number of steps (``simple``: 5).
+        """Newton-Schulz coefficients: 'simple', 'polar-express', 'deepseek-v4', or a list of [a, b, c] triples."""
         ns_steps: int | None = None
+        """Newton-Schulz iterations (none: the coefficient set's own count; 'simple': 5)."""
         ns_eps: float = 1e-7
-        #: the Newton-Schulz compute dtype: bf16 (the method's); fp32/fp64 for exact comparisons in tests.
+        """Added to the norm a matrix is divided by before Newton-Schulz (finite, > 0)."""
         ns_dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16"
+        """Newton-Schulz compute dtype: 'bfloat16' (the method's); 'float32'/'float64' for exact comparisons."""
         scale: Literal["spectral", "match-adamw"] = "match-adamw"
-        #: fused QKV weights (module path regex) are orthogonalised in ``qkv_groups`` row blocks.
+        """Update scale: 'match-adamw' (0.2 sqrt(max(m, n)): AdamW's RMS, so its lr carries over) or 'spectral' (unit RMS)."""
         qkv_pattern: str = DEFAULT_QKV_PATTERN
+        """Regular expression on a module path marking fused QKV weights, orthogonalised in qkv_groups row blocks."""
         qkv_groups: int = 1
-        #: split the Newton-Schulz work over data-parallel ranks (each orthogonalises the whole
-        #: matrices it owns and broadcasts them); False: every rank orthogonalises every matrix.
+        """Row blocks of a fused QKV weight orthogonalised separately (1: the whole matrix)."""
         distribute_ns: bool = True
-        #: the AdamW for embeddings, head, norms and biases (None: same as the matrix value).
+        """Split Newton-Schulz over data-parallel ranks (each does whole matrices and broadcasts); false: every rank does all."""
         adamw_lr: float | None = None
+        """lr of the AdamW for embeddings, head, norms and biases (none: lr; finite, >= 0)."""
         adamw_weight_decay: float | None = None
+        """Weight decay of that AdamW (none: weight_decay; finite, >= 0)."""
         adamw_betas: tuple[float, float] = (0.9, 0.95)
+        """Betas of that AdamW, each in [0, 1)."""
         adamw_eps: float = 1e-8
+        """Eps of that AdamW (finite, > 0)."""
         adamw_impl: Literal["auto", "foreach", "fused"] = "auto"
+        """Implementation of that AdamW: 'auto' (fused on CUDA), 'foreach' or 'fused'."""
         master_weights: bool = True
+        """Keep fp32 master copies of low-precision parameters."""
         no_decay_roles: tuple[str, ...] = ("norm", "bias", "embedding")
+        """Parameter roles without weight decay (roles: embedding, matrix, head, norm, bias)."""
         head_pattern: str = DEFAULT_HEAD_PATTERN
+        """Regular expression on a parameter's module path that marks the output head."""
         mup_base_width: int | None = None
+        """muP: matrix lr is multiplied by mup_base_width / mup_width (set both or neither)."""
         mup_width: int | None = None
+        """muP: the width of this model (set with mup_base_width)."""
+
+        def __post_init__(self) -> None:
+            check_common(self)
+            if not 0.0 <= self.momentum < 1.0:
+                raise ValueError(f"momentum = {self.momentum!r}; allowed: a number in [0, 1)")
+            if self.ns_dtype not in ("bfloat16", "float32", "float64"):
+                raise ValueError(f"ns_dtype = {self.ns_dtype!r}; allowed: 'bfloat16', 'float32', 'float64'")
+            if self.scale not in SCALES:
+                raise ValueError(f"scale = {self.scale!r}; allowed: {list(SCALES)}")
+            if isinstance(self.qkv_groups, bool) or not isinstance(self.qkv_groups, int) or self.qkv_groups < 1:
+                raise ValueError(f"qkv_groups = {self.qkv_groups!r}; allowed: a positive int")
+            check_pattern("qkv_pattern", self.qkv_pattern)
+            if not (self.ns_eps > 0 and math.isfinite(self.ns_eps)):
+                raise ValueError(f"ns_eps = {self.ns_eps!r}; allowed: a finite number > 0")
+            with warnings.catch_warnings():  # a step count that differs from the set's warns when built
+                warnings.simplefilter("ignore")
+                triples = resolve(self.ns_coefficients, self.ns_steps)
+            if not all(math.isfinite(x) for triple in triples for x in triple):
+                raise ValueError(f"ns_coefficients = {self.ns_coefficients!r}; allowed: finite numbers")
+            for key in ("adamw_lr", "adamw_weight_decay"):
+                if getattr(self, key) is not None:
+                    check_rate(key, getattr(self, key))
+            check_betas("adamw_betas", self.adamw_betas, "adamw_eps", self.adamw_eps)
+            if self.adamw_impl not in IMPLS:
+                raise ValueError(f"adamw_impl = {self.adamw_impl!r}; allowed: {list(IMPLS)}")
 
     def __init__(self, config: MuonFactory.Config | None = None) -> None:
         c = self.config = config if config is not None else MuonFactory.Config()
-        check_common(c)
-        if not 0.0 <= c.momentum < 1.0:
-            raise ValueError(f"momentum = {c.momentum!r}; allowed: a number in [0, 1)")
-        if c.ns_dtype not in ("bfloat16", "float32", "float64"):
-            raise ValueError(f"ns_dtype = {c.ns_dtype!r}; allowed: 'bfloat16', 'float32', 'float64'")
-        if c.scale not in SCALES:
-            raise ValueError(f"scale = {c.scale!r}; allowed: {list(SCALES)}")
-        if not isinstance(c.qkv_groups, int) or c.qkv_groups < 1:
-            raise ValueError(f"qkv_groups = {c.qkv_groups!r}; allowed: a positive int")
-        try:
-            self._qkv_re = re.compile(c.qkv_pattern)
-        except re.error as exc:
-            raise ValueError(f"qkv_pattern = {c.qkv_pattern!r} is not a valid regular expression: {exc}") from exc
+        self._qkv_re = re.compile(c.qkv_pattern)
         self.triples = resolve(c.ns_coefficients, c.ns_steps)
-        check_betas("adamw_betas", c.adamw_betas, "adamw_eps", c.adamw_eps)
         self._adamw = AdamWFactory(
             AdamWFactory.Config(
                 lr=c.lr if c.adamw_lr is None else c.adamw_lr,

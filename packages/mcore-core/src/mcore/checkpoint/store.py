@@ -1,16 +1,26 @@
-"""Save and load run checkpoints: atomic, optionally in the background, resharding on load.
+"""Save and find run checkpoints: atomic, optionally in the background, checksummed.
 
 A checkpoint is ``<root>/step_00001000/`` holding a DCP checkpoint of every tensor (model,
 optimizer and precision-recipe state; DTensors saved sharded), ``rank_XXXXX.json`` per rank
-(the JSON skeletons of the optimizer/recipe state and the RNG states), and ``meta.json``
-(step, resolved config, tokenizer, model name and parameter shapes) written last. Everything
-is written to ``step_XXXXXXXX.tmp`` and renamed when all ranks finished, so a crash or a
-full disk mid-save leaves only a ``.tmp`` directory that is never loaded (and is removed on
-failure); the previous checkpoint stays untouched. Only the newest ``keep_last`` are kept.
+(the JSON skeletons of the optimizer/recipe state and the RNG states), ``meta.json`` (step,
+resolved config, tokenizer, model name) and, written last, ``manifest.json``: every file
+with its size and checksums (``manifest.py``). The manifest is the completion mark: only a
+directory holding one is listed, chosen by ``resume = "latest"`` and pruned. Everything is
+written to ``step_XXXXXXXX.tmp`` and renamed when all ranks finished, so a crash or a full
+disk mid-save leaves only a ``.tmp`` directory that is never loaded (and is removed on
+failure); the previous checkpoint stays untouched. State holding ``inf``/``nan`` is never
+saved (``NonFiniteStateError``).
+
+Only the newest ``keep_last`` are kept, besides those in ``CheckpointManager.protect``.
+Pruning deletes a checkpoint's manifest first, so one interrupted mid-prune is no longer
+listed as complete. Checkpoints of older mcore versions (no manifest) are never listed, so
+never pruned; they load when named explicitly (``load.py``).
 
 Background saves copy the state first (so training may change the parameters at once) and
 write from a thread, using their own process group so their collectives never interleave
 with the training step's.
+
+Loading lives in ``load.py``; its functions are re-exported here.
 """
 
 from __future__ import annotations
@@ -21,22 +31,43 @@ import re
 import shutil
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import FileSystem
 
-from mcore.checkpoint.safe_reader import SafeFileSystemReader
-from mcore.checkpoint.state import join_state, split_state, tensor_keys
+from mcore.checkpoint.agree import all_min
+from mcore.checkpoint.finite import NonFiniteStateError, check_finite
+from mcore.checkpoint.load import LegacyCheckpointWarning, load_checkpoint, load_model_weights, read_meta
+from mcore.checkpoint.manifest import MANIFEST, checksum_files, merge_parts, write_manifest, write_part
+from mcore.checkpoint.state import split_state
 from mcore.errors import UserError
+from mcore.outputs import normalize_permissions
 from mcore.ragged import annotate_for_checkpoint
 
+__all__ = [
+    "MANIFEST",
+    "CheckpointManager",
+    "CheckpointSaveError",
+    "LegacyCheckpointWarning",
+    "NonFiniteStateError",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model_weights",
+    "read_meta",
+    "is_checkpoint_dir",
+    "remove_checkpoint",
+    "step_dir",
+]
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+_RETIRED = ".deleting"  # suffix of a checkpoint directory being removed
 
 
 class CheckpointSaveError(UserError):
@@ -48,16 +79,38 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (``.tmp`` and meta-less dirs excluded)."""
+    """Complete checkpoints under ``root``, oldest first: ``step_XXXXXXXX`` directories with a manifest."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint directory of ours (a manifest or, for old ones, ``meta.json``)."""
+    return path.is_dir() and not path.is_symlink() and ((path / MANIFEST).is_file() or (path / "meta.json").is_file())
+
+
+def _retire(path: Path) -> Path:
+    """Delete ``path``'s manifest (it stops counting as complete), then move it aside to be removed."""
+    (path / MANIFEST).unlink(missing_ok=True)
+    trash = path.with_name(path.name + _RETIRED)
+    if trash.exists():
+        shutil.rmtree(trash)  # a previous removal of ours that was interrupted
+    os.replace(path, trash)
+    return trash
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Remove checkpoint ``path`` of ours: its manifest first, then the rest."""
+    if not is_checkpoint_dir(path):
+        raise UserError(f"{path} is not an mcore checkpoint (no {MANIFEST} nor meta.json); it was not removed")
+    shutil.rmtree(_retire(path))
 
 
 def _stage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,6 +122,28 @@ def _stage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class _RecordingFileSystem(FileSystem):
+    """DCP's file system, noting the name of every file it writes (the files this rank must hash)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: set[str] = set()
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[Any, None, None]:
+        if "w" in mode or "a" in mode:
+            self.written.add(Path(path).name)
+        with super().create_stream(path, mode) as stream:
+            yield stream
+
+
+def _write_json(path: Path, obj: Any, **kwargs: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, **kwargs)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @dataclass
 class SaveRequest:
     step: int
@@ -77,8 +152,16 @@ class SaveRequest:
     meta: dict[str, Any]
 
 
+class _OtherRankFailed(RuntimeError):
+    """Another rank failed at a stage of the save that this one got through."""
+
+
 class CheckpointManager:
-    """Writes checkpoints under ``root`` for one rank; ``group`` is a group reserved for saving."""
+    """Writes checkpoints under ``root`` for one rank; ``group`` is a group reserved for saving.
+
+    ``protect`` holds checkpoint directories that pruning never removes (e.g. the one a run
+    resumed from); add to it at any time.
+    """
 
     def __init__(
         self,
@@ -94,6 +177,7 @@ class CheckpointManager:
         self.root, self.keep_last, self.async_save = root, keep_last, async_save
         self.rank, self.world_size, self.group = rank, world_size, group
         self.on_saved = on_saved
+        self.protect: set[Path] = set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._done: list[tuple[int, Path]] = []
@@ -111,20 +195,25 @@ class CheckpointManager:
         rank_extra: dict[str, Any],
         blocking: bool = False,
     ) -> None:
-        """Checkpoint the state after ``step`` steps (waits for the previous save first)."""
+        """Checkpoint the state after ``step`` steps (waits for the previous save first).
+
+        Raises ``NonFiniteStateError`` (on every rank, before writing anything) when a floating
+        tensor of the model, optimizer or recipe state holds ``inf`` or ``nan``; a collective.
+        """
         self.wait()
         opt_skel, opt_tensors = split_state(optimizer.state_dict(), "optimizer")
         prec_skel, prec_tensors = split_state(precision.state_dict(), "precision")
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
         tensors.update(opt_tensors)
         tensors.update(prec_tensors)
+        check_finite(tensors, group=self.group, world_size=self.world_size, what=f"the checkpoint of step {step}")
         staged = _stage(tensors)
         annotate_for_checkpoint(staged)  # ragged row splits (collective, so here on the main thread)
         request = SaveRequest(
             step=step,
             tensors=staged,
             rank_json={"optimizer": opt_skel, "precision": prec_skel, **rank_extra},
-            meta={**meta, "step": step, "world_size": self.world_size},
+            meta={**meta, "step": step, "world_size": self.world_size, "manifest": MANIFEST},
         )
         if self.async_save and not blocking:
             self._thread = threading.Thread(target=self._run, args=(request,), name=f"mcore-ckpt-{step}", daemon=True)
@@ -133,41 +222,93 @@ class CheckpointManager:
             self._run(request)
             self.wait()
 
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier(group=self.group)
+    def _agree(self, error: BaseException | None, stage: str) -> None:
+        """Every rank learns whether every rank got through ``stage`` (one all-reduce); raise if not."""
+        (ok,) = all_min([0 if error is not None else 1], group=self.group, world_size=self.world_size)
+        if error is not None:
+            raise error
+        if not ok:
+            raise _OtherRankFailed(f"another rank failed while {stage}")
+
+    def _check_target(self, final: Path) -> None:
+        if (final.exists() or final.is_symlink()) and not is_checkpoint_dir(final):
+            raise CheckpointSaveError(
+                f"{final} exists and is not an mcore checkpoint (no {MANIFEST} nor meta.json); mcore does not "
+                "replace it: move it away or use another train.out_dir"
+            )
 
     def _run(self, request: SaveRequest) -> None:
         final = step_dir(self.root, request.step)
         tmp = final.with_name(final.name + ".tmp")
         try:
+            self._check_target(final)  # on every rank (one shared directory), before anything is written
+            error: BaseException | None = None
             if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-            self._barrier()
-            writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # DCP's note that one process saves alone
-                dcp.save(request.tensors, storage_writer=writer, process_group=self.group, no_dist=self.world_size == 1)
-            (tmp / f"rank_{self.rank:05d}.json").write_text(json.dumps(request.rank_json))
-            self._barrier()
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt of ours at this step
+                    tmp.mkdir(parents=True)
+                except OSError as exc:
+                    error = exc
+            self._agree(error, "creating the checkpoint directory")
+            try:
+                writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1)
+                fs = writer.fs = _RecordingFileSystem()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # DCP's note that one process saves alone
+                    dcp.save(
+                        request.tensors, storage_writer=writer, process_group=self.group, no_dist=self.world_size == 1
+                    )
+                rank_file = f"rank_{self.rank:05d}.json"
+                _write_json(tmp / rank_file, request.rank_json)
+                mine = {n for n in fs.written if (tmp / n).is_file()} | {rank_file}
+                write_part(tmp, self.rank, checksum_files(tmp, mine))  # hashed while still in the page cache
+            except BaseException as exc:
+                error = exc
+            self._agree(error, "writing its part of the checkpoint")
             if self.rank == 0:
-                meta_tmp = tmp / "meta.json.partial"
-                meta_tmp.write_text(json.dumps(request.meta, indent=2, default=str))
-                meta_tmp.rename(tmp / "meta.json")
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                self._prune()
+                try:
+                    self._publish(request, tmp, final)
+                except BaseException as exc:
+                    error = exc
+            self._agree(error, "publishing the checkpoint")
             self._done.append((request.step, final))
+            if self.rank == 0:
+                self._prune()  # after the others were released: removing gigabytes takes a while
         except BaseException as exc:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._error = exc
 
+    def _publish(self, request: SaveRequest, tmp: Path, final: Path) -> None:
+        """Rank 0: ``meta.json``, then the manifest (last), then rename into place."""
+        _write_json(tmp / "meta.json", request.meta, indent=2, default=str)
+        sums = merge_parts(tmp, self.world_size)
+        on_disk = {p.name for p in tmp.iterdir()}
+        lost = sorted(set(sums) - on_disk)
+        if lost:
+            raise RuntimeError(f"files hashed by the ranks vanished from {tmp}: {lost[:3]}")
+        sums.update(checksum_files(tmp, on_disk - set(sums)))  # .metadata, meta.json, anything unrecorded
+        normalize_permissions(tmp)  # 0o666/0o777 less the umask, like any file the user writes
+        write_manifest(tmp, sums)  # last: from here on the checkpoint is complete
+        self._check_target(final)
+        trash = _retire(final) if final.exists() else None  # the same step saved again: ours (checked)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
     def _prune(self) -> None:
-        for old in list_checkpoints(self.root)[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Remove all but the newest ``keep_last`` complete checkpoints (and never those in ``protect``)."""
+        protected = {p.resolve() for p in self.protect}
+        try:
+            for old in list_checkpoints(self.root)[: -self.keep_last]:
+                if old.resolve() not in protected:
+                    remove_checkpoint(old)
+            for leftover in self.root.glob(f"step_*{_RETIRED}"):  # removals of ours that were interrupted
+                if STEP_DIR.match(leftover.name[: -len(_RETIRED)]):
+                    shutil.rmtree(leftover)
+        except (OSError, UserError) as exc:
+            warnings.warn(f"could not remove an old checkpoint under {self.root}: {exc}", stacklevel=2)
 
     def wait(self) -> Path | None:
         """Wait for a background save; report it (``on_saved``) or raise why it failed."""
@@ -182,6 +323,8 @@ class CheckpointManager:
         if self._error is not None:
             exc, self._error = self._error, None
             last = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was completed"
+            if isinstance(exc, UserError):
+                raise CheckpointSaveError(f"{str(exc).rstrip('.;')}; {last}") from exc
             lines = str(exc).strip().splitlines()  # DCP wraps each rank's traceback: keep the cause
             cause = lines[-1] if lines else type(exc).__name__
             raise CheckpointSaveError(
@@ -191,119 +334,15 @@ class CheckpointManager:
         return self.last_good
 
 
-# -- loading ------------------------------------------------------------------------------------
-def read_meta(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint {str(path)!r} does not exist; give a step_XXXXXXXX directory or 'latest'")
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (where the platform allows)."""
     try:
-        return dict(json.loads((path / "meta.json").read_text()))
-    except FileNotFoundError:
-        raise UserError(f"{path} is not a complete checkpoint (no meta.json); use another one or 'latest'") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"checkpoint {path}: meta.json is corrupt ({exc}); use another checkpoint") from None
-
-
-def _read_rank_json(path: Path, rank: int) -> dict[str, Any]:
-    f = path / f"rank_{rank:05d}.json"
-    if not f.is_file():
-        f = path / "rank_00000.json"  # loaded under more ranks than saved: take rank 0's skeletons
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
-        return dict(json.loads(f.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"checkpoint {path}: {f.name} is missing or corrupt ({exc}); use another checkpoint") from None
-
-
-def _template(
-    key: str, meta: TensorStorageMetadata, params: Mapping[str, torch.Tensor], device: torch.device
-) -> torch.Tensor:
-    """An empty tensor to load ``key`` into; laid out like a DTensor parameter if it mirrors one
-    (the same local rows on this rank, so a ragged split is mirrored too)."""
-    parts = key.split("/")
-    for part in parts:
-        p: Any = params.get(part)
-        if p is not None and hasattr(p, "device_mesh") and tuple(p.shape) == tuple(meta.size):
-            from torch.distributed.tensor import DTensor
-
-            local = torch.empty(p.to_local().shape, dtype=meta.properties.dtype, device=p.to_local().device)
-            return DTensor.from_local(
-                local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-            )
-    return torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device=device)
-
-
-def load_checkpoint(
-    path: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: Any | None,
-    precision: Any | None,
-    rank: int = 0,
-    group: Any = None,
-    world_size: int = 1,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load ``path`` into the (already parallelized) model, optimizer and recipe; reshards DTensors.
-
-    Returns ``(meta, rank_json)``. A checkpoint of another model (names or shapes differ) is a
-    ``UserError`` naming the first mismatch.
-    """
-    path = Path(path)
-    meta = read_meta(path)
-    rank_json = _read_rank_json(path, rank)
-    reader = SafeFileSystemReader(str(path))
-    stored = reader.read_metadata().state_dict_metadata
-    if any(isinstance(m, BytesStorageMetadata) for m in stored.values()):
-        raise UserError(f"checkpoint {path} holds pickled objects, which mcore never loads; use an mcore checkpoint")
-    model_sd = model.state_dict()
-    saved_model = {k[len("model/") :]: m for k, m in stored.items() if k.startswith("model/")}
-    where = f"checkpoint {path} (model {meta.get('model_name', '?')!r}) does not fit this model"
-    for name, tensor in model_sd.items():
-        if name not in saved_model:
-            raise UserError(f"{where}: it has no parameter {name!r}; load a checkpoint of the same model config")
-        m = saved_model[name]
-        if isinstance(m, TensorStorageMetadata) and tuple(m.size) != tuple(tensor.shape):
-            raise UserError(
-                f"{where}: {name!r} has shape {tuple(m.size)} in the checkpoint but {tuple(tensor.shape)} in the model; "
-                "use the model config the checkpoint was saved with"
-            )
-    extra = sorted(set(saved_model) - set(model_sd))
-    if extra:
-        raise UserError(f"{where}: it has parameters the model lacks ({', '.join(extra[:3])}); check model.* settings")
-
-    templates: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model_sd.items()}
-    params = dict(model.named_parameters())
-    device = next(iter(model_sd.values())).device if model_sd else torch.device("cpu")
-    parts: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
-    for name, obj in (("optimizer", optimizer), ("precision", precision)):
-        if obj is None:
-            continue
-        skeleton = rank_json[name]
-        _, current = split_state(obj.state_dict(), name)
-        wanted: dict[str, torch.Tensor] = {}
-        for key in tensor_keys(skeleton):
-            entry = stored.get(key)
-            if not isinstance(entry, TensorStorageMetadata):
-                raise UserError(f"checkpoint {path} lacks {name} tensor {key!r}; it is incomplete")
-            cur = current.get(key)
-            if cur is not None and tuple(cur.shape) == tuple(entry.size) and cur.dtype == entry.properties.dtype:
-                wanted[key] = cur
-            else:
-                wanted[key] = _template(key, entry, params, device)
-        templates.update(wanted)
-        parts[name] = (skeleton, wanted)
-    annotate_for_checkpoint(templates)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(templates, storage_reader=reader, process_group=group, no_dist=world_size == 1)
-    model.load_state_dict(model_sd)
-    if optimizer is not None:
-        optimizer.load_state_dict(join_state(*parts["optimizer"]))
-    if precision is not None:
-        precision.load_state_dict(join_state(*parts["precision"]))
-    return meta, rank_json
-
-
-def load_model_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Only the model's tensors (for generate/export), in one process."""
-    meta, _ = load_checkpoint(path, model=model, optimizer=None, precision=None)
-    return meta
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -4,6 +4,14 @@
 ``resolve_config`` validates every section against its schema (core sections against
 ``mcore.config.sections``, implementation sections against the chosen implementation's
 ``Config``) and returns a ``RunConfig``. Errors name the key, the value and what is allowed.
+
+Rules that cross sections (the model's longest sequence against ``train.seq_len``) belong to
+the implementation that knows them: any chosen implementation (model, optimizer, precision
+recipe, layout) may define ``check_run(config, run)``, called with its own validated
+``Config`` and the whole ``RunConfig`` once every section is resolved. It raises
+``ValueError`` naming the keys (``"train.seq_len = 8192 is more than ..."``); the user gets
+that message as a one-line ``ConfigError``. So ``mcore config`` refuses what ``mcore train``
+would, before any data is prepared.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mcore.config.coerce import build_dataclass, coerce, field_types, to_plain, unknown_key_error
+from mcore.config.coerce import ALLOW_INF, build_dataclass, coerce, field_types, to_plain, unknown_key_error
 from mcore.config.sections import (
     CORE_SECTIONS,
     SELECTED_SECTIONS,
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
     from mcore.plugins import Implementation, PluginHost
 
 __all__ = [
+    "ALLOW_INF",
     "ConfigError",
     "DataConfig",
     "ParallelConfig",
@@ -40,6 +49,7 @@ __all__ = [
     "Selection",
     "TrainConfig",
     "build_dataclass",
+    "check_run",
     "coerce",
     "load_raw",
     "parse_overrides",
@@ -124,27 +134,64 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file at ``path`` as a dict; every way it can be unusable is a one-line ``UserError``."""
+    if path.is_dir():
+        raise UserError(f"config file '{path}' is a directory; give a run config .toml file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"config file '{path}' does not exist") from None
+    except OSError as exc:
+        raise UserError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")  # TOML is UTF-8; a leading byte-order mark is harmless
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 text (byte {data[exc.start]:#04x} on line {line}); "
+            "save it as UTF-8, as TOML requires"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {' '.join(str(exc).split())}") from None
+
+
 def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read ``path`` (TOML; ``None`` for none) and merge the command-line overrides over it."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise UserError(f"config file {str(path)!r} does not exist") from None
-        except OSError as exc:
-            raise UserError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    raw = _read_toml(Path(path)) if path is not None else {}
     return _merge(raw, parse_overrides(overrides))
+
+
+def _load(impl: Implementation) -> Any:
+    try:
+        return impl.load()
+    except ImportError as exc:
+        raise UserError(
+            f"{impl.kind} {impl.name!r} is registered by {impl.source} but fails to import ({exc}); "
+            f"reinstall {impl.source.distribution}"
+        ) from None
+
+
+def check_run(run: RunConfig) -> None:
+    """Call ``check_run(config, run)`` of every chosen implementation that defines it.
+
+    Its ``ValueError`` (or ``TypeError``) reaches the user as a one-line ``ConfigError``.
+    """
+    for selection in (run.model, run.optimizer, run.precision, *run.layouts):
+        check = getattr(_load(selection.implementation), "check_run", None)
+        if not callable(check):
+            continue
+        try:
+            check(selection.config, run)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(" ".join(str(exc).split())) from None
 
 
 def _implementation_config(impl: Implementation, values: dict[str, Any], prefix: str) -> Any:
     """Validate ``values`` against the implementation's ``Config`` (presets applied first)."""
-    factory = impl.load()
+    factory = _load(impl)
     config_cls = getattr(factory, "Config", None)
     owner = f"{impl.kind} {impl.name!r} ({impl.source})"
     if config_cls is None:
@@ -167,7 +214,10 @@ def _implementation_config(impl: Implementation, values: dict[str, Any], prefix:
 
 
 def resolve_config(raw: dict[str, Any], host: PluginHost) -> RunConfig:
-    """Validate ``raw`` (from ``load_raw``) into a ``RunConfig`` using the plugins in ``host``."""
+    """Validate ``raw`` (from ``load_raw``) into a ``RunConfig`` using the plugins in ``host``.
+
+    Sections first, each against its schema; then the chosen implementations' ``check_run``.
+    """
     allowed_sections = list(CORE_SECTIONS) + list(SELECTED_SECTIONS)
     for section, value in raw.items():
         if section not in allowed_sections:
@@ -207,7 +257,7 @@ def resolve_config(raw: dict[str, Any], host: PluginHost) -> RunConfig:
         for name, cls in CORE_SECTIONS.items()
         if name != "parallel"
     }
-    return RunConfig(
+    run = RunConfig(
         model=selections["model"],
         optimizer=selections["optimizer"],
         precision=selections["precision"],
@@ -215,6 +265,8 @@ def resolve_config(raw: dict[str, Any], host: PluginHost) -> RunConfig:
         layouts=layouts,
         **core,
     )
+    check_run(run)
+    return run
 
 
 def field_names(cls: type) -> list[str]:

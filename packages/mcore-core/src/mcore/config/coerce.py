@@ -4,6 +4,12 @@ Supported field types: ``bool``, ``int``, ``float``, ``str``, ``pathlib.Path``,
 ``Literal[...]``, ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and nested
 keyword-only dataclasses. Every failure is a ``ConfigError`` naming the key, the value and
 what is allowed.
+
+Floats are finite: NaN is refused everywhere (a NaN learning rate or clip threshold silently
+poisons or disables what it sets), and infinity is refused unless the field opts in with
+``field(default=..., metadata={ALLOW_INF: True})``. Ranges are each ``Config``'s own
+``__post_init__``; a ``ValueError`` or ``TypeError`` raised there becomes a ``ConfigError``
+naming the section and key.
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -21,6 +30,9 @@ from mcore.errors import ConfigError
 _NONE_WORDS = {"none", "null", "~"}
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+
+#: Dataclass field metadata key: ``True`` lets a float field (or the floats inside it) be infinite.
+ALLOW_INF = "mcore.allow_inf"
 
 
 def describe_type(tp: Any) -> str:
@@ -45,8 +57,23 @@ def _fail(key: str, value: Any, tp: Any, extra: str = "") -> ConfigError:
     return ConfigError(f"{key} = {value!r}: expected {describe_type(tp)}{extra}")
 
 
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (TOML-typed or a CLI string) to ``tp``; raise ``ConfigError`` if it cannot."""
+class _NotFinite(ConfigError):
+    """A float was NaN or infinite (more telling than "expected float" when a union's options all fail)."""
+
+
+def _finite_float(number: float, value: Any, key: str, allow_inf: bool) -> float:
+    if math.isnan(number):
+        raise _NotFinite(f"{key} = {value!r}: expected a number, not NaN")
+    if math.isinf(number) and not allow_inf:
+        raise _NotFinite(f"{key} = {value!r}: expected a finite number")
+    return number
+
+
+def coerce(value: Any, tp: Any, key: str, *, allow_inf: bool = False) -> Any:
+    """Convert ``value`` (TOML-typed or a CLI string) to ``tp``; raise ``ConfigError`` if it cannot.
+
+    Floats must not be NaN, nor infinite unless ``allow_inf``.
+    """
     origin = get_origin(tp)
     from_cli = isinstance(value, str)
 
@@ -56,15 +83,19 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         options = get_args(tp)
         if type(None) in options and (value is None or (from_cli and value.strip().lower() in _NONE_WORDS)):
             return None
+        containers = tuple(o for o in options if get_origin(o) in (list, tuple, dict))
+        if from_cli and containers and value.strip()[:1] in ("[", "{"):  # JSON: a list or table, not a str
+            options = containers
         errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
-                return coerce(value, option, key)
+                return coerce(value, option, key, allow_inf=allow_inf)
             except ConfigError as exc:
                 errors.append(exc)
-        raise _fail(key, value, tp)
+        not_finite = [e for e in errors if isinstance(e, _NotFinite)]
+        raise not_finite[0] if not_finite else _fail(key, value, tp)
     if origin is Literal:
         allowed = get_args(tp)
         for a in allowed:
@@ -96,12 +127,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise _fail(key, value, tp)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite_float(float(value), value, key, allow_inf)
         if from_cli:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                raise _fail(key, value, tp) from None
+            return _finite_float(number, value, key, allow_inf)
         raise _fail(key, value, tp)
     if tp is str:
         if isinstance(value, str):
@@ -124,7 +156,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 value = [] if not text else [v.strip() for v in text.split(",")]
         if not isinstance(value, (list, tuple)):
             raise _fail(key, value, tp)
-        items = [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, item_tp, f"{key}[{i}]", allow_inf=allow_inf) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         val_tp = get_args(tp)[1]
@@ -142,7 +174,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 value = {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in pairs)}
         if not isinstance(value, dict):
             raise _fail(key, value, tp)
-        return {str(k): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): coerce(v, val_tp, f"{key}.{k}", allow_inf=allow_inf) for k, v in value.items()}
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
             raise _fail(key, value, tp)
@@ -165,21 +197,49 @@ def unknown_key_error(prefix: str, key: str, value: Any, allowed: list[str], own
     return ConfigError(f"unknown key '{prefix}{key}' (value {value!r}); {owner} allows: {listing}{hint}")
 
 
+def in_section(message: str, prefix: str, fields: Collection[str]) -> str:
+    """A validation message on one line, with the section named.
+
+    ``"lr = -1.0; allowed: ..."`` from a ``Config`` of ``[optimizer]`` becomes
+    ``"optimizer.lr = -1.0; allowed: ..."``; a message naming no field of the section gets
+    ``"optimizer: "`` in front; one that already starts with ``"optimizer."`` is kept.
+    """
+    text = " ".join(message.split())
+    if not prefix or text.startswith(f"{prefix}."):
+        return text
+    head = re.match(r"\w+", text)
+    if head is not None and head.group() in fields:
+        return f"{prefix}.{text}"
+    return f"{prefix}: {text}"
+
+
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str, owner: str | None = None) -> Any:
-    """Instantiate ``cls`` from ``values``, coercing each field; unknown keys are errors."""
+    """Instantiate ``cls`` from ``values``, coercing each field; unknown keys are errors.
+
+    A float field allows infinity only with ``metadata={ALLOW_INF: True}``. Errors from the
+    class's ``__post_init__`` (``ValueError``, ``TypeError``) become a ``ConfigError`` naming
+    the section (``prefix``) and, where the message starts with one, the key.
+    """
     types_by_field = field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     dotted = f"{prefix}." if prefix else ""
     kwargs = {}
     for key, value in values.items():
         if key not in types_by_field:
             raise unknown_key_error(dotted, key, value, list(types_by_field), owner or f"[{prefix}]")
-        kwargs[key] = coerce(value, types_by_field[key], f"{dotted}{key}")
+        allow_inf = bool(fields[key].metadata.get(ALLOW_INF, False))
+        kwargs[key] = coerce(value, types_by_field[key], f"{dotted}{key}", allow_inf=allow_inf)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{dotted}{missing[0]} is required ({describe_type(types_by_field[missing[0]])})")
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[{prefix}]: {exc}") from None
+    except (TypeError, ValueError) as exc:  # ValueError includes a ConfigError of a nested check
+        raise ConfigError(in_section(str(exc), prefix, fields)) from None
 
 
 def to_plain(obj: Any) -> Any:

@@ -3,33 +3,68 @@
 Implementation-specific sections (``[model]`` beyond ``name``, ``[optimizer]`` beyond
 ``name``, ``[precision]`` beyond ``recipe``, ``[parallel.<layout>]``) take their schema from
 the chosen implementation's ``Config`` dataclass.
+
+Every field carries a one-line docstring (the string right after it): ``mcore train --help``
+prints them. Float fields are finite (``coerce`` refuses NaN and inf); ``__post_init__`` checks
+ranges with comparisons that are false for NaN, so a config built in Python is held to the same rules.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    """``ValueError("<key> = <value>: <allowed>")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{key} = {value!r}: {allowed}")
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def _directory_path(key: str, path: Path) -> None:
+    """Refuse a path that is a file, or lies under one (the run could not create it as a directory)."""
+    for existing in (path, *path.parents):
+        try:
+            found, is_dir = existing.exists(), existing.is_dir()
+        except OSError:  # not ours to look into (permissions): the run reports it when it gets there
+            return
+        if found:
+            if not is_dir:
+                where = "is a file" if existing == path else f"lies under the file '{existing}'"
+                raise ValueError(f"{key} = '{path}' {where}; choose a directory (it is created if missing)")
+            return
+
+
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
-    """``[parallel]``: which layouts to apply, in order, and the size of each mesh dimension.
-
-    ``sizes`` maps dimension names (``dp_replicate``, ``dp_shard``, ``cp``, ``tp``, ``pp``,
-    ``ep``) to sizes; one may be -1 (or left out, for the data-parallel dimension) to take
-    what remains of the world size.
-    """
+    """``[parallel]``: which layouts to apply, in order, and the size of each mesh dimension."""
 
     layouts: list[str] = field(default_factory=lambda: ["single"])
+    """Layouts applied to the model in this order (e.g. ``tp,fsdp``; ``single``: one process, no parallelism)."""
     sizes: dict[str, int] = field(default_factory=dict)
+    """Mesh dimension sizes (dp_replicate, dp_shard, cp, tp, pp, ep); one may be -1 (or left out) to take the rest."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to run on: 'auto' (CUDA when torch sees a GPU, else CPU), 'cpu' or 'cuda'."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other ranks before every rank stops with a message (> 0, finite)."""
 
     def __post_init__(self) -> None:
         if not self.layouts:
             raise ValueError("parallel.layouts must name at least one layout (use 'single' for none)")
         if len(set(self.layouts)) != len(self.layouts):
             raise ValueError(f"parallel.layouts = {self.layouts!r} names a layout twice")
+        _require(
+            self.timeout_s > 0 and _finite(self.timeout_s),
+            "parallel.timeout_s",
+            self.timeout_s,
+            "must be finite and > 0",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,35 +72,55 @@ class TrainConfig:
     """``[train]``: the run loop.
 
     ``global_batch_size`` rows per optimizer step are split over the data-parallel ranks and
-    then into micro-batches of ``micro_batch_size`` rows (gradient accumulation covers the
-    rest; ``none``: each rank's whole share in one micro-batch). ``resume`` is ``"latest"`` (the newest complete checkpoint under ``out_dir``, or a
-    fresh start if there is none) or a checkpoint directory. ``deterministic`` makes torch
-    pick deterministic kernels (CPU runs are bit-exact for a seed either way; on CUDA it also
-    sets ``CUBLAS_WORKSPACE_CONFIG``). ``cpu_threads`` > 0 sets torch's intra-op threads for a
-    CPU run (0: torch's default; 1 is fastest for tiny models on a busy machine).
+    then into micro-batches of ``micro_batch_size`` rows (gradient accumulation covers the rest).
     """
 
     steps: int = 1000
+    """Optimizer steps of the whole run (a resumed run continues up to this step)."""
     seq_len: int = 128
+    """Tokens per row (at most the model's longest supported sequence)."""
     global_batch_size: int = 16
+    """Rows per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int | None = None
+    """Rows per forward/backward on one rank (none: the rank's whole share at once; must divide the global batch)."""
     seed: int = 1234
+    """Seed of the weights' init, the data order and dropout."""
     out_dir: Path = Path("runs/default")
-    resume: str | None = None
+    """Directory of the run: checkpoints, metrics, tokenizer, prepared data (created if missing; not a file)."""
+    resume: str | None = "auto"
+    """'auto' (default: continue from the newest complete checkpoint in out_dir when it was made by the same model config, refuse when not), 'latest', 'none' (always start at step 1; refused if out_dir already holds a run unless train.overwrite), or a checkpoint directory (one of this run: its later checkpoints move to out_dir/previous/; another run's: refused where a run already is unless train.overwrite)"""
+    overwrite: bool = False
+    """start at step 1 in an out_dir that holds another run; its checkpoints and metrics are moved to out_dir/previous/<time> (nothing is deleted)"""
+    allow_model_change: bool = False
+    """resume even when the checkpoint was made with a different model config (shapes must still fit)"""
     lr_schedule: str = "cosine"
+    """Learning-rate schedule by name: 'cosine', 'wsd' (warmup-stable-decay), 'constant', or a plugin's."""
     warmup_steps: int = 20
+    """Steps of linear warmup from lr / warmup_steps to the peak lr (0: none)."""
     min_lr_ratio: float = 0.1
+    """Final lr as a fraction of the peak lr, in [0, 1] (cosine and wsd)."""
     decay_fraction: float = 0.2
+    """Fraction of the steps over which wsd decays the lr at the end, in [0, 1]."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this (finite, >= 0; 0 disables clipping)."""
     recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: 'none', 'selective' (attention only) or 'full' (every block)."""
     deterministic: bool = False
+    """Make torch use deterministic kernels (on CUDA it also sets CUBLAS_WORKSPACE_CONFIG)."""
     nan_policy: Literal["skip", "stop"] = "skip"
+    """On a NaN/Inf or spiking loss: 'skip' the update (with a warning) or 'stop' the run."""
     spike_factor: float = 0.0
+    """A loss above this times its running mean is a bad step (0: off; else finite and > 1)."""
     spike_warmup_steps: int = 20
+    """Good steps before loss spikes are looked for."""
     max_skipped_steps: int = 10
+    """Bad steps in a row that are skipped before the run stops."""
     eval_every: int = 0
+    """Compute the held-out loss every this many steps (0: never)."""
     eval_batches: int = 2
+    """Global batches of held-out rows per evaluation."""
     cpu_threads: int = 0
+    """Torch intra-op threads of a CPU run (0: torch's default; 1 is fastest for tiny models on a busy machine)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch_size"):
@@ -88,50 +143,66 @@ class TrainConfig:
                 f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size = {self.micro_batch_size}; choose sizes where it is"
             )
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"train.min_lr_ratio = {self.min_lr_ratio}: must be in [0, 1]")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ValueError(f"train.decay_fraction = {self.decay_fraction}: must be in [0, 1]")
-        if self.grad_clip < 0:
-            raise ValueError(f"train.grad_clip = {self.grad_clip}: must be >= 0 (0 disables clipping)")
-        if self.spike_factor != 0.0 and self.spike_factor <= 1.0:
-            raise ValueError(f"train.spike_factor = {self.spike_factor}: must be 0 (off) or > 1")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(0.0 <= self.decay_fraction <= 1.0, "train.decay_fraction", self.decay_fraction, "must be in [0, 1]")
+        _require(
+            self.grad_clip >= 0 and _finite(self.grad_clip),
+            "train.grad_clip",
+            self.grad_clip,
+            "must be a finite number >= 0 (0 disables clipping)",
+        )
+        _require(
+            self.spike_factor == 0.0 or (self.spike_factor > 1.0 and _finite(self.spike_factor)),
+            "train.spike_factor",
+            self.spike_factor,
+            "must be 0 (off) or a finite number > 1",
+        )
+        _directory_path("train.out_dir", Path(self.out_dir))
 
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     """``[data]``: where tokens come from and how they become rows.
 
-    ``source`` is ``"stdlib"`` (the ``.py`` files of this interpreter's standard library), a
-    text / ``.jsonl`` / ``.parquet`` file, a directory of them, or a directory written by
-    ``mcore data prepare``; several comma-separated sources are blended by ``weights``.
-    ``tokenizer`` is ``"byte"``, a ``tokenizer.json`` file, or a directory holding one.
     Raw sources are tokenized once, by ``workers`` processes, into memory-mapped shards under
-    ``cache_dir`` (default ``<train.out_dir>/data``), at most ``max_tokens`` of them (none: all).
-    ``packing = "thd"`` gives the model each row's document boundaries (``cu_seqlens``);
-    ``"concat"`` lets attention run across documents. ``eval_fraction`` of each source's rows
-    (at its end) is held out for ``train.eval_every``.
+    ``cache_dir``; a directory written by ``mcore data prepare`` is used as it is.
     """
 
     source: str = "stdlib"
+    """'stdlib' (this Python's standard library), text/.jsonl/.parquet files, a directory of them or of prepared shards; comma-separate several to blend."""
     tokenizer: str = "byte"
+    """'byte' (256 byte tokens + end of text), a tokenizer.json file, or a directory holding one."""
     weights: list[float] = field(default_factory=list)
+    """Blend weight of each source (each finite and > 0; empty: equal weights)."""
     text_field: str = "text"
+    """Field holding the text in .jsonl and .parquet sources."""
     packing: Literal["thd", "concat"] = "thd"
+    """'thd': attention stays within each document of a row (cu_seqlens); 'concat': it runs across documents."""
     workers: int = 2
+    """Processes that tokenize raw sources (0: the main process)."""
     max_tokens: int | None = None
+    """Tokenize at most this many tokens of the sources (none: all)."""
     cache_dir: Path | None = None
+    """Where prepared shards are written (none: <train.out_dir>/data; not a file)."""
     eval_fraction: float = 0.02
+    """Fraction of each source's rows, at its end, held out for evaluation, in [0, 1)."""
+    invalid_utf8: Literal["warn", "error"] = "warn"
+    """Text that is not valid UTF-8: 'warn' (replace the bad bytes, count them and warn) or 'error' (refuse the source)."""
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ValueError(f"data.workers = {self.workers}: must be >= 0 (0 tokenizes in the main process)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"data.max_tokens = {self.max_tokens}: must be a positive int or none")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"data.eval_fraction = {self.eval_fraction}: must be in [0, 1)")
-        if any(w <= 0 for w in self.weights):
-            raise ValueError(f"data.weights = {self.weights}: every weight must be > 0")
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        _require(
+            all(w > 0 and _finite(w) for w in self.weights),
+            "data.weights",
+            self.weights,
+            "every weight must be finite and > 0",
+        )
+        if self.cache_dir is not None:
+            _directory_path("data.cache_dir", Path(self.cache_dir))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -139,9 +210,13 @@ class CheckpointConfig:
     """``[checkpoint]``: when and how checkpoints are written under ``<train.out_dir>/checkpoints``."""
 
     every: int = 0
+    """Save a checkpoint every this many steps (0: only at the end)."""
     keep_last: int = 2
+    """Newest checkpoints kept; older ones are removed (>= 1)."""
     async_save: bool = True
+    """Write checkpoints in the background while training goes on."""
     save_final: bool = True
+    """Save a checkpoint after the last step."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -152,25 +227,33 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True, slots=True)
 class LogConfig:
-    """``[log]``: progress display, metrics files, plots and per-layer statistics.
-
-    ``progress`` is ``"auto"`` (a live bar on a terminal, lines otherwise), ``"bar"``,
-    ``"lines"`` or ``"none"`` (quiet: only errors). ``peak_tflops`` is the device's peak for
-    MFU (``None``: known GPUs only; MFU is left out where the peak is unknown).
-    """
+    """``[log]``: progress display, metrics files, plots and per-layer statistics."""
 
     every: int = 10
+    """Write metrics and progress every this many steps."""
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """'auto' (a live bar on a terminal, lines otherwise), 'bar', 'lines' or 'none' (only errors)."""
     tensorboard: bool = True
+    """Also write TensorBoard event files under out_dir."""
     plot: bool = True
+    """Plot loss and learning rate to out_dir at the end of the run."""
     layer_stats_every: int = 0
+    """Record per-layer statistics every this many steps (0: off)."""
     peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for MFU (none: known GPUs only; finite and > 0)."""
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError(f"log.every = {self.every}: must be a positive int")
         if self.layer_stats_every < 0:
             raise ValueError(f"log.layer_stats_every = {self.layer_stats_every}: must be >= 0 (0 is off)")
+        if self.peak_tflops is not None:
+            _require(
+                self.peak_tflops > 0 and _finite(self.peak_tflops),
+                "log.peak_tflops",
+                self.peak_tflops,
+                "must be finite and > 0, or none",
+            )
 
 
 #: Sections owned by the core, by TOML table name.

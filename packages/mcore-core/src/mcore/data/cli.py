@@ -1,7 +1,9 @@
 """``mcore data prepare`` and ``mcore data train-tokenizer``.
 
-``prepare --source SRC --out DIR [--tokenizer byte|PATH] [--workers N]`` streams the
-source through tokenizer workers into memory-mapped shards (see ``mcore.data.shards``);
+``prepare --source SRC --out DIR [--tokenizer byte|PATH] [--workers N] [--overwrite]
+[--invalid-utf8 warn|error]`` streams the source through tokenizer workers into
+memory-mapped shards (see ``mcore.data.shards``); ``DIR`` must be new, empty, or (with
+``--overwrite``) a previous prepared dataset: nothing else is ever deleted.
 ``train-tokenizer --source SRC --out DIR --vocab-size N`` trains a byte-level BPE.
 """
 
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from mcore.cli import run_with_user_errors
+from mcore.errors import UserError
 
 
 def _data(argv: list[str]) -> int:
@@ -19,9 +22,20 @@ def _data(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     prep = sub.add_parser("prepare", help="tokenize a source into memory-mapped shards")
     prep.add_argument("--source", required=True, help="'stdlib', a text/.jsonl/.parquet file or a directory")
-    prep.add_argument("--out", required=True, type=Path)
+    prep.add_argument(
+        "--out", required=True, type=Path, help="a new or empty directory, or a previous output (with --overwrite)"
+    )
+    prep.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds a previous prepared dataset (index.json)"
+    )
     prep.add_argument("--tokenizer", default="byte")
-    prep.add_argument("--workers", type=int, default=2)
+    prep.add_argument("--workers", type=int, default=2, help="tokenizer processes (0: tokenize in this process)")
+    prep.add_argument(
+        "--invalid-utf8",
+        choices=["warn", "error"],
+        default="warn",
+        help="bytes that are not UTF-8: replace them and warn (default), or refuse the file",
+    )
     prep.add_argument("--text-field", default="text")
     prep.add_argument("--max-tokens", type=int, default=None)
     prep.add_argument("--shard-tokens", type=int, default=1 << 26)
@@ -34,10 +48,12 @@ def _data(argv: list[str]) -> int:
 
     from mcore.data.sources import iter_documents
 
-    docs = iter_documents(args.source, text_field=args.text_field)
     if args.action == "prepare":
         from mcore.data.shards import prepare
 
+        if args.workers < 0:
+            raise UserError(f"--workers {args.workers}: must be >= 0 (0 tokenizes in this process)")
+        docs = iter_documents(args.source, text_field=args.text_field, invalid_utf8=args.invalid_utf8)
         shards = prepare(
             docs,
             args.out,
@@ -46,12 +62,13 @@ def _data(argv: list[str]) -> int:
             max_tokens=args.max_tokens,
             shard_tokens=args.shard_tokens,
             source=args.source,
+            overwrite=args.overwrite,
         )
         print(f"wrote {shards.num_tokens:,} tokens in {len(shards.shards)} shard(s) to {args.out}")
     else:
         from mcore.data.tokenizer import train_bpe
 
-        t = train_bpe(docs, vocab_size=args.vocab_size, out=args.out)
+        t = train_bpe(iter_documents(args.source, text_field=args.text_field), vocab_size=args.vocab_size, out=args.out)
         print(f"wrote a {t.vocab_size}-token BPE tokenizer to {args.out / 'tokenizer.json'}")
     return 0
 

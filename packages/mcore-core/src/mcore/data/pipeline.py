@@ -2,8 +2,10 @@
 
 Raw sources are tokenized once (by worker processes, streamed) into a memory-mapped cache
 keyed by the source's fingerprint and the tokenizer, then read like any prepared dataset;
-prepared directories (``mcore data prepare``) are used as they are. A fraction of each
-dataset's rows at its end is held out for evaluation.
+prepared directories (``mcore data prepare``) are used as they are. Every dataset is checked
+against the model's vocabulary when it is opened, before the run starts: a token id the
+embedding cannot look up is refused here, not found mid-run. A fraction of each dataset's
+rows at its end is held out for evaluation.
 """
 
 from __future__ import annotations
@@ -47,26 +49,44 @@ def _same_tokenizer(a: dict, b: dict) -> bool:
     )
 
 
+def cache_key(spec: str, data: DataConfig, tokenizer: Tokenizer) -> str:
+    """What the tokenized cache of a raw source depends on (the files, the tokenizer and the settings)."""
+    parts = [fingerprint(spec), tokenizer.describe(), data.max_tokens, data.text_field]
+    if data.invalid_utf8 != "warn":  # a cache made while replacing bytes must not pass for a checked one
+        parts.append(data.invalid_utf8)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def open_source(
-    spec: str, data: DataConfig, tokenizer: Tokenizer, cache_dir: Path, *, is_writer: bool, barrier: Callable[[], None]
+    spec: str,
+    data: DataConfig,
+    tokenizer: Tokenizer,
+    cache_dir: Path,
+    *,
+    is_writer: bool,
+    barrier: Callable[[], None],
+    vocab_size: int | None = None,
 ) -> TokenShards:
-    """A prepared dataset for ``spec``: the directory itself, or the tokenized cache of a raw source."""
+    """A prepared dataset for ``spec``: the directory itself, or the tokenized cache of a raw source.
+
+    A cache whose ``index.json`` is there was made from the same files and settings (its name
+    holds ``cache_key``) and is reused; the writer rank makes a missing one. With ``vocab_size``
+    (the model's), data holding a larger token id is refused.
+    """
     path = Path(spec).expanduser()
     if spec != "stdlib" and path.is_dir() and is_prepared(path):
         shards = TokenShards.open(path)
     else:
-        key = hashlib.sha256(
-            json.dumps([fingerprint(spec), tokenizer.describe(), data.max_tokens, data.text_field]).encode()
-        ).hexdigest()[:16]
-        target = cache_dir / f"{Path(spec).name or 'source'}-{key}"
+        target = Path(cache_dir) / f"{Path(spec).name or 'source'}-{cache_key(spec, data, tokenizer)}"
         if is_writer and not is_prepared(target):
             prepare(
-                iter_documents(spec, text_field=data.text_field),
+                iter_documents(spec, text_field=data.text_field, invalid_utf8=data.invalid_utf8),
                 target,
                 tokenizer_spec=data.tokenizer,
                 workers=data.workers,
                 max_tokens=data.max_tokens,
                 source=spec,
+                overwrite=True,  # only ever a cache of ours: publish_dir refuses a directory holding anything else
             )
         barrier()
         shards = TokenShards.open(target)
@@ -74,6 +94,12 @@ def open_source(
         raise UserError(
             f"data.source {spec!r} was tokenized with {shards.tokenizer_info}, but data.tokenizer = {data.tokenizer!r} "
             f"is {tokenizer.describe()}; set data.tokenizer to the one the data was prepared with, or prepare it again"
+        )
+    if vocab_size is not None and shards.max_id >= vocab_size:
+        raise UserError(
+            f"data.source {spec!r}: the shards in {shards.path} hold token id {shards.max_id}, but the model's "
+            f"vocabulary has {vocab_size} ids (0..{vocab_size - 1}); set --model.vocab_size={shards.max_id + 1} or "
+            "larger, or prepare the data again with the model's tokenizer"
         )
     return shards
 
@@ -120,8 +146,12 @@ def build_train_data(
     dp_size: int,
     is_writer: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    vocab_size: int | None = None,
 ) -> TrainData:
-    """Open (tokenizing if needed) every source and build the sampler for this rank."""
+    """Open (tokenizing if needed) every source and build the sampler for this rank.
+
+    ``vocab_size`` is the model's: a dataset holding a token id it cannot embed is refused here.
+    """
     micro = train.micro_batch_size or train.global_batch_size // dp_size
     if train.global_batch_size % (dp_size * micro):
         raise ConfigError(
@@ -132,9 +162,10 @@ def build_train_data(
     specs, weights = split_sources(data)
     datasets, train_rows, eval_slots = [], [], []
     for d, spec in enumerate(specs):
-        rows = RowDataset(
-            open_source(spec, data, tokenizer, cache_dir, is_writer=is_writer, barrier=barrier), train.seq_len
+        shards = open_source(
+            spec, data, tokenizer, cache_dir, is_writer=is_writer, barrier=barrier, vocab_size=vocab_size
         )
+        rows = RowDataset(shards, train.seq_len)
         n_eval = int(len(rows) * data.eval_fraction) if len(rows) > 1 else 0
         if data.eval_fraction > 0 and len(rows) > 1:
             n_eval = max(1, n_eval)

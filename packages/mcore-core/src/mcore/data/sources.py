@@ -5,6 +5,10 @@ library: real text on every machine, no download), a text file (one document per
 a ``.jsonl`` file (one document per line, in the ``text`` field), a ``.parquet`` file (one
 document per row of the ``text`` column), or a directory of such files (sorted, recursive).
 Nothing here holds more than one document (or one Parquet batch) in memory.
+
+Text is UTF-8. Bytes that are not are replaced by U+FFFD and counted per file, and one
+``InvalidUtf8Warning`` names the files and counts when the source has been read; with
+``invalid_utf8 = "error"`` the first such file is refused, naming the byte offset.
 """
 
 from __future__ import annotations
@@ -13,14 +17,23 @@ import hashlib
 import json
 import sys
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from mcore.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 HELP = "give 'stdlib', a text/.jsonl/.parquet file, a directory of them, or a directory written by `mcore data prepare`"
+InvalidUtf8 = Literal["warn", "error"]
+_REPLACEMENT = "\ufffd"
+_REPLACEMENT_BYTES = _REPLACEMENT.encode()
+
+
+class InvalidUtf8Warning(UserWarning):
+    """Bytes of a source were not UTF-8 and were replaced by U+FFFD before tokenizing."""
 
 
 def stdlib_root() -> Path:
@@ -61,22 +74,46 @@ def fingerprint(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_text(path: Path, spec: str) -> str:
+def _decode(raw: bytes, path: Path, offset: int, policy: InvalidUtf8, replaced: dict[Path, int]) -> str:
+    """``raw`` (found at byte ``offset`` of ``path``) as text; invalid bytes refused or replaced and counted."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise UserError(
-            f"data.source = {spec!r}: cannot read {str(path)!r}: {exc.strerror}; check its permissions"
-        ) from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if policy == "error":
+            raise UserError(
+                f"{path}: invalid UTF-8 at byte {offset + exc.start} (data.invalid_utf8 = 'error'); re-encode the file "
+                "as UTF-8, or set data.invalid_utf8 = 'warn' (--invalid-utf8 warn) to replace bad bytes with U+FFFD"
+            ) from None
+    text = raw.decode("utf-8", errors="replace")
+    replaced[path] = replaced.get(path, 0) + text.count(_REPLACEMENT) - raw.count(_REPLACEMENT_BYTES)
+    return text
 
 
-def _jsonl_documents(path: Path, spec: str, text_field: str) -> Iterator[str]:
+def _cannot_read(path: Path, spec: str, exc: OSError) -> UserError:
+    return UserError(f"data.source = {spec!r}: cannot read {str(path)!r}: {exc.strerror}; check its permissions")
+
+
+def _read_text(path: Path, spec: str, policy: InvalidUtf8, replaced: dict[Path, int]) -> str:
     try:
-        handle = path.open(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"data.source = {spec!r}: cannot read {str(path)!r}: {exc.strerror}") from None
+        raise _cannot_read(path, spec, exc) from None
+    text = _decode(raw, path, 0, policy, replaced)
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads them
+
+
+def _jsonl_documents(
+    path: Path, spec: str, text_field: str, policy: InvalidUtf8, replaced: dict[Path, int]
+) -> Iterator[str]:
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise _cannot_read(path, spec, exc) from None
     with handle:
-        for lineno, line in enumerate(handle, 1):
+        offset = 0
+        for lineno, raw in enumerate(handle, 1):
+            line = _decode(raw, path, offset, policy, replaced)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -111,15 +148,39 @@ def _parquet_documents(path: Path, spec: str, text_field: str) -> Iterator[str]:
                 yield str(value)
 
 
-def iter_documents(spec: str, *, text_field: str = "text") -> Iterator[str]:
-    """Every non-empty document of the source, in a fixed order, streamed."""
-    for path in source_files(spec):
-        if path.suffix == ".jsonl":
-            docs: Iterator[str] = _jsonl_documents(path, spec, text_field)
-        elif path.suffix == ".parquet":
-            docs = _parquet_documents(path, spec, text_field)
-        else:
-            docs = iter([_read_text(path, spec)])
-        for doc in docs:
-            if doc.strip():
-                yield doc
+def iter_documents(spec: str, *, text_field: str = "text", invalid_utf8: InvalidUtf8 = "warn") -> Iterator[str]:
+    """Every non-empty document of the source, in a fixed order, streamed.
+
+    Invalid UTF-8 is replaced and summed up in one ``InvalidUtf8Warning`` when the iteration
+    ends (or is closed), or refused at its first byte with ``invalid_utf8 = "error"``.
+    """
+    if invalid_utf8 not in ("warn", "error"):
+        raise UserError(f"data.invalid_utf8 = {invalid_utf8!r}: allowed: 'warn', 'error'")
+    replaced: dict[Path, int] = {}
+    try:
+        for path in source_files(spec):
+            if path.suffix == ".jsonl":
+                docs: Iterator[str] = _jsonl_documents(path, spec, text_field, invalid_utf8, replaced)
+            elif path.suffix == ".parquet":
+                docs = _parquet_documents(path, spec, text_field)
+            else:
+                docs = iter([_read_text(path, spec, invalid_utf8, replaced)])
+            for doc in docs:
+                if doc.strip():
+                    yield doc
+    finally:
+        _warn_replaced(spec, replaced)
+
+
+def _warn_replaced(spec: str, replaced: dict[Path, int]) -> None:
+    counts = {path: n for path, n in replaced.items() if n > 0}
+    if not counts:
+        return
+    shown = ", ".join(f"{path} ({n})" for path, n in list(counts.items())[:5])
+    more = f" and {len(counts) - 5} more file(s)" if len(counts) > 5 else ""
+    warnings.warn(
+        f"data.source = {spec!r}: replaced {sum(counts.values())} invalid UTF-8 sequence(s) with U+FFFD in "
+        f"{len(counts)} file(s): {shown}{more}; set data.invalid_utf8 = 'error' (--invalid-utf8 error) to refuse them",
+        InvalidUtf8Warning,
+        stacklevel=3,
+    )

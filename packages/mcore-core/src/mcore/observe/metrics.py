@@ -14,7 +14,10 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: Path, *, tensorboard: bool, enabled: bool = True, append: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, *, tensorboard: bool, enabled: bool = True, append: bool = False, resumed_at: int = 0
+    ) -> None:
+        """``resumed_at``: the step a resumed run continues from; TensorBoard drops the events logged after it."""
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self._file = None
@@ -27,7 +30,8 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+                purge = resumed_at + 1 if append and resumed_at > 0 else None
+                self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 warnings.warn(
                     "log.tensorboard = true but the tensorboard package is missing; pip install tensorboard",

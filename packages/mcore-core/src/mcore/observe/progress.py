@@ -1,4 +1,4 @@
-"""The live progress display: step, loss, tokens/s, MFU, memory and ETA.
+"""The live progress display: step, loss (and eval loss when computed), lr, tokens/s, MFU, memory and ETA.
 
 ``bar`` draws a rich progress bar (a terminal is needed), ``lines`` prints one line per
 logged step (for log files), ``none`` is quiet; ``auto`` picks ``bar`` on a terminal.
@@ -17,7 +17,10 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def describe(metrics: dict[str, Any], total: int) -> str:
-    parts = [f"step {metrics['step']}/{total}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}"]
+    parts = [f"step {metrics['step']}/{total}", f"loss {metrics['loss']:.4f}"]
+    if metrics.get("eval_loss") is not None:
+        parts.append(f"eval loss {metrics['eval_loss']:.4f}")
+    parts.append(f"lr {metrics['lr']:.2e}")
     parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
     if metrics.get("mfu") is not None:
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from mcore.config import RunConfig
-from mcore.errors import ConfigError
+from mcore.errors import ConfigError, UserError
 from mcore.mesh import order_dims, resolve_sizes
 from mcore.protocols.block import BlockContext
 from mcore.train.build import DATA_DIMS, build_model
@@ -180,6 +180,52 @@ def to_fake(model: torch.nn.Module, device: str) -> None:
                 module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
+class StorageAccessError(RuntimeError):
+    """The model read the memory of a storage-less tensor (a kernel that is not a torch op)."""
+
+
+def fake_forward(
+    config: RunConfig, host: Any, precision: Any, device: str, batch: int, seq_len: int
+) -> tuple[int, list[LayerMemory], int, int]:
+    """Build the model on storage-less ``device`` tensors and run one micro-batch forward.
+
+    Returns ``(trainable parameter count, layers, other activations, largest saved tensor)``.
+    Reading a tensor's memory (``data_ptr``, as a Triton kernel launched from Python does) raises
+    ``StorageAccessError`` instead of handing the kernel a pointer to nothing, which on CUDA would
+    be an illegal memory access that ends the process.
+    """
+    import torch._functorch.config as functorch_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model, _ = build_model(config, host, "meta")
+    if precision.param_dtype != torch.float32:
+        # cast while the parameters are still plain meta tensors: ``Module.to`` cannot swap the
+        # storage-less fake parameters made below (``_apply(): Couldn't swap Embedding.weight``)
+        model = model.to(dtype=precision.param_dtype)
+    with functorch_config.patch(fake_tensor_allow_unsafe_data_ptr_access=False):  # read when the mode is made
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        to_fake(model, device)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    B, T = batch, seq_len
+    thd = config.data.packing == "thd"  # as the run will call the model: one document per row
+    try:
+        with fake:
+            tokens = torch.zeros((B, T), dtype=torch.long, device=device)  # (B, T)
+            ctx = BlockContext(
+                positions=torch.arange(T, device=device).repeat(B, 1),  # (B, T)
+                cu_seqlens=torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device) if thd else None,  # (B+1,)
+                max_seqlen=T if thd else None,
+            )
+            with precision.autocast():
+                layers, other, largest = measure_activations(model, tokens, tokens, ctx)
+    except RuntimeError as exc:
+        if "data pointer" not in str(exc):
+            raise
+        raise StorageAccessError("a kernel read tensor memory (it is not registered as a torch op)") from None
+    return numel, layers, other, largest
+
+
 def plan_memory(
     config: RunConfig, host: Any, *, world_size: int | None = None, device_memory_gb: float | None = None
 ) -> MemoryPlan:
@@ -194,20 +240,25 @@ def plan_memory(
     dp = math.prod(sizes.get(d, 1) for d in DATA_DIMS)
     seq_split = sizes.get("tp", 1) * sizes.get("cp", 1)
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     device = (
         "cuda"
         if config.parallel.device == "cuda" or (config.parallel.device == "auto" and torch.cuda.is_available())
         else "cpu"
     )
-    model, _ = build_model(config, host, "meta")
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake:
-        to_fake(model, device)
     precision = config.precision.instantiate()
+    B, T = config.train.micro_batch_size or max(1, config.train.global_batch_size // dp), config.train.seq_len
+    notes = []
+    try:
+        numel, layers, other, largest = fake_forward(config, host, precision, device, B, T)
+    except StorageAccessError as exc:
+        if device == "cpu":
+            raise UserError(
+                f"mcore plan cannot run model {config.model.name!r} on storage-less tensors: {exc}"
+            ) from None
+        # e.g. a Triton kernel launched from Python: measure with the kernels the CPU would use
+        numel, layers, other, largest = fake_forward(config, host, precision, "cpu", B, T)
+        notes.append(f"activations measured with the CPU kernels: on {device}, {exc}")
     pbytes = _dtype_bytes(precision.param_dtype)
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = numel * pbytes // shard
     grads = numel * pbytes // shard
     states = 1 if "muon" in config.optimizer.name else 2
@@ -215,18 +266,6 @@ def plan_memory(
     master = 4 if precision.param_dtype != torch.float32 else 0
     optimizer = numel * (4 * states + master) // opt_shard
 
-    B, T = config.train.micro_batch_size or max(1, config.train.global_batch_size // dp), config.train.seq_len
-    with fake:
-        tokens = torch.zeros((B, T), dtype=torch.long, device=device)  # (B, T)
-        thd = config.data.packing == "thd"  # as the run will call the model: one document per row
-        ctx = BlockContext(
-            positions=torch.arange(T, device=device).repeat(B, 1),  # (B, T)
-            cu_seqlens=torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device) if thd else None,  # (B + 1,)
-            max_seqlen=T if thd else None,
-        )
-        model = model.to(dtype=precision.param_dtype) if precision.param_dtype != torch.float32 else model
-        with precision.autocast():
-            layers, other, largest = measure_activations(model, tokens, tokens, ctx)
     mode = config.train.recompute
     transient = largest // seq_split
     if mode in ("full", "selective") and layers:
@@ -255,6 +294,7 @@ def plan_memory(
         f"activations of one micro-batch ({B} x {T} tokens) measured on fake (storage-less) tensors, divided by {seq_split} (tp x cp)",
         f"optimizer state: {states} fp32 tensor(s) per parameter" + (" + fp32 master copy" if master else ""),
         "not modelled: allocator fragmentation/caching, layout communication buffers, CUDA context",
+        *notes,
     ]
     return MemoryPlan(
         world_size=world,

@@ -166,15 +166,10 @@ class Registry:
                 f"unknown {kind} {name!r}: no {KINDS[kind]} implementations are installed; "
                 "install a plugin that provides one and check `mcore plugins`"
             )
-        width = max(len(n) for n in available)
-        lines = [f"unknown {kind} {name!r}. Available {kind} implementations:"]
-        for n in available:
-            sources = ", ".join(str(e.source) for e in self._entries[(kind, n)])
-            lines.append(f"  {n.ljust(width)}  ({sources})")
         nearest = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
-        if nearest:
-            lines.append(f"did you mean {nearest[0]!r}?")
-        return "\n".join(lines)
+        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        listing = ", ".join(f"{n} ({', '.join(str(e.source) for e in self._entries[(kind, n)])})" for n in available)
+        return f"unknown {kind} {name!r}{hint} available {kind} implementations: {listing}"
 
 
 @dataclass

@@ -85,6 +85,7 @@ class BF16(_PlainRecipe):
     @dataclass(kw_only=True, slots=True)
     class Config:
         params: Literal["bf16", "fp32"] = "bf16"
+        """'bf16': bf16 parameters and GEMMs, fp32 master weights in the optimizer; 'fp32': fp32 parameters, bf16 autocast."""
 
     def __init__(self, config: BF16.Config | None = None) -> None:
         self.config = config or BF16.Config()

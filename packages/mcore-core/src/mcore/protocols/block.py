@@ -135,6 +135,9 @@ class ModelFactory(Protocol):
     resolves block names through the registry, so a block from another plugin slots in by
     name. ``flops_per_token(seq_len)`` gives the training FLOPs per token (forward and
     backward) that MFU uses; ``hf`` (optional) names the Hugging Face mapping.
+    Optional ``check_run(config, run)``: rules across sections (e.g. ``train.seq_len`` against
+    the model's longest sequence), called by ``resolve_config`` once every section is resolved;
+    it raises ``ValueError`` naming the keys (any selected implementation may define it).
     """
 
     @property

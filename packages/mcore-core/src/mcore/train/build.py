@@ -77,7 +77,9 @@ def build_parts(config: RunConfig, host: Any) -> Parts:
     fill = next((d for d in DATA_DIMS if d in dims), dims[0] if dims else None)
     device_type = None if config.parallel.device == "auto" else config.parallel.device
     try:
-        mesh = build_mesh(dims, config.parallel.sizes, fill=fill, device_type=device_type)
+        mesh = build_mesh(
+            dims, config.parallel.sizes, fill=fill, device_type=device_type, timeout_s=config.parallel.timeout_s
+        )
     except ValueError as exc:
         raise ConfigError(f"parallel: {exc}") from None
     model, factory = build_model(config, host, mesh.device)

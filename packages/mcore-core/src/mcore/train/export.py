@@ -1,25 +1,48 @@
-"""``mcore export CHECKPOINT --format hf --out DIR``: a Hugging Face model directory.
+"""``mcore export CHECKPOINT --format hf --out DIR [--overwrite]``: a Hugging Face model directory.
 
 The model factory's ``export_hf(model, config, out_dir)`` writes the weights (safetensors)
 and ``config.json`` in its architecture's mapping; the tokenizer files of the run are added
-so ``transformers``' ``from_pretrained`` loads model and tokenizer from ``DIR``. Written to
-``DIR.tmp`` and renamed when complete.
+so ``transformers``' ``from_pretrained`` loads model and tokenizer from ``DIR``, and
+``mcore_export.json`` records where the export came from. It is built in a temporary sibling
+of ``DIR`` and renamed into place when complete (``mcore.outputs.publish_dir``): ``DIR`` may
+be new or empty, or a previous export (recognised by ``mcore_export.json`` beside its
+``config.json``) replaced only with ``--overwrite``; anything else is refused and left as it is.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
+from mcore.__about__ import __version__
 from mcore.cli import run_with_user_errors
 from mcore.errors import UserError
+from mcore.outputs import check_output_dir, publish_dir
+
+#: The file that marks a directory as ``mcore export`` output (prefixed: no model format uses it).
+MANIFEST = "mcore_export.json"
+WHAT = "mcore export"
 
 
-def export_checkpoint(checkpoint: Path, out: Path, host: object) -> Path:
+def check_export_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse ``out`` before any work unless it is new, empty, or (with ``overwrite``) a previous export."""
+    if (out / MANIFEST).is_file() and not (out / "config.json").is_file():
+        raise UserError(
+            f"--out {out} holds {MANIFEST} but no config.json, so it is not a complete export; "
+            "mcore never deletes it: give a new or empty directory"
+        )
+    check_output_dir(out, manifest=MANIFEST, what=WHAT, overwrite=overwrite)
+
+
+def export_checkpoint(checkpoint: Path, out: Path, host: Any, *, overwrite: bool = False) -> Path:
+    """Export ``checkpoint`` into ``out`` (see the module docstring for when ``out`` may be replaced)."""
     from mcore.train.generate import load_for_inference
 
+    out = Path(out).absolute()
+    check_export_dir(out, overwrite=overwrite)
     model, tokenizer, config, meta = load_for_inference(checkpoint, host)
     factory = config.model.implementation.load()
     export = getattr(factory, "export_hf", None)
@@ -28,31 +51,39 @@ def export_checkpoint(checkpoint: Path, out: Path, host: object) -> Path:
             f"model {config.model.name!r} ({config.model.implementation.source}) has no Hugging Face mapping "
             "(export_hf); only models that define one can be exported"
         )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with publish_dir(out, manifest=MANIFEST, what=WHAT, overwrite=overwrite) as tmp:
         export(model, config.model.config, tmp)
         tokenizer.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = {
+            "format": "hf",
+            "source_checkpoint": str(Path(checkpoint).absolute()),
+            "step": meta.get("step"),
+            "model": {"name": config.model.name, "implementation": str(config.model.implementation.source)},
+            "mcore_core": __version__,
+            "files": sorted(p.name for p in tmp.iterdir()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
 def _export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mcore export", description="export a checkpoint")
-    parser.add_argument("checkpoint")
+    parser = argparse.ArgumentParser(
+        prog="mcore export",
+        description="Export a checkpoint as a Hugging Face model directory (safetensors, config.json, tokenizer).",
+        epilog=(
+            f"--out must be a new or empty directory, or a previous export (it holds {MANIFEST}) together "
+            "with --overwrite; mcore never deletes anything else."
+        ),
+    )
+    parser.add_argument("checkpoint", help="a checkpoint directory (step_XXXXXXXX) or a run directory (its newest)")
     parser.add_argument("--format", choices=["hf"], default="hf")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="the directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it holds a previous export")
     args = parser.parse_args(argv)
     from mcore.plugins import load_plugins
     from mcore.train.generate import resolve_checkpoint
 
-    out = export_checkpoint(resolve_checkpoint(args.checkpoint), args.out, load_plugins())
+    out = export_checkpoint(resolve_checkpoint(args.checkpoint), args.out, load_plugins(), overwrite=args.overwrite)
     print(f"exported to {out}")
     return 0
 

@@ -3,8 +3,15 @@
 A step is bad when its loss or any gradient is not finite (on any rank), or when the loss
 exceeds ``spike_factor`` times the running mean of recent good losses (after
 ``spike_warmup_steps``). ``skip`` drops the update with a warning (and stops after
-``max_skipped_steps`` bad steps in a row); ``stop`` ends the run with a checkpoint of the
-last good state and an error saying what happened.
+``max_skipped_steps`` bad steps in a row); ``stop`` ends the run with an error saying what
+happened and which checkpoint to go back to.
+
+Nothing is saved when a run stops for a bad step: a step is a function of the state before it
+and its (fixed) batch, so the state before a bad step replays it on every resume, whatever
+the learning rate. The checkpoint to go back to is the newest one a good step followed
+(checkpoints never hold inf/nan: a save refuses them). The count of bad steps in a row is
+saved with each checkpoint and starts again at 0 when a resume changes the optimizer or
+training settings.
 """
 
 from __future__ import annotations
@@ -62,6 +69,10 @@ class Health:
             "skipped_total": self.skipped_total,
         }
 
-    def load(self, state: dict[str, Any]) -> None:
+    def load(self, state: dict[str, Any], *, fresh_counter: bool = False) -> None:
+        """Restore ``state``; ``fresh_counter`` starts the count of bad steps in a row at 0 (the run's
+        settings changed since the checkpoint, so the bad steps before it say nothing about now)."""
         for k, v in state.items():
             setattr(self, k, v)
+        if fresh_counter:
+            self.skipped_in_row = 0

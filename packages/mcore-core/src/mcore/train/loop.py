@@ -12,8 +12,15 @@ One optimizer step:
    ``after_step`` of the recipe;
 5. metrics, lifecycle hooks, periodic eval and checkpoints.
 
-Resume restores model, optimizer, recipe, RNG and step; the schedule and the sampler are
-functions of the step, so the resumed run continues exactly where the first one was.
+Where the run starts is decided first, from what ``train.out_dir`` holds (``rundir``): the
+first line printed says whether it starts fresh, resumes (from which checkpoint) or has nothing
+to do. Resume restores model, optimizer, recipe, RNG and step; the schedule and the sampler
+are functions of the step, so the resumed run continues exactly where the first one was.
+
+Each phase of a step runs under ``HangGuard.phase`` (a timed-out collective ends every rank
+with a message naming the phase and the late ranks), a CUDA out-of-memory error becomes one
+line (``oom``), and SIGTERM stops the run after the current step with a checkpoint
+(``signals``; the flag rides on the step's loss all-reduce, so all ranks stop together).
 """
 
 from __future__ import annotations
@@ -25,19 +32,22 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mcore.checkpoint.state import rng_state, set_rng_state
-from mcore.checkpoint.store import CheckpointManager, latest_checkpoint, load_checkpoint
+from mcore.checkpoint.finite import first_non_finite
+from mcore.checkpoint.state import rng_state, set_rng_state, split_state
+from mcore.checkpoint.store import STEP_DIR, CheckpointManager, NonFiniteStateError, list_checkpoints, load_checkpoint
 from mcore.config import RunConfig
 from mcore.data.packing import PackedRows
 from mcore.data.pipeline import TrainData, build_train_data
 from mcore.data.tokenizer import Tokenizer, load_tokenizer
 from mcore.errors import ConfigError, UserError
+from mcore.mesh import world_from_env
 from mcore.observe.layer_stats import LayerStats
 from mcore.observe.memory import current_memory_gb
 from mcore.observe.metrics import MetricsWriter, read_metrics
@@ -46,7 +56,11 @@ from mcore.observe.progress import Progress
 from mcore.protocols.block import BlockContext
 from mcore.train.build import Parts, build_parts
 from mcore.train.grads import clip_grads_, global_grad_norm, mesh_all_reduce
+from mcore.train.hangs import HangGuard
 from mcore.train.health import Health, TrainingHalted
+from mcore.train.oom import OutOfMemory, oom_message
+from mcore.train.rundir import StartPlan, carry_out, plan_start, set_aside
+from mcore.train.signals import StopSignal
 
 #: Peak dense bf16 TFLOP/s of known devices, for MFU when ``log.peak_tflops`` is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0}
@@ -65,6 +79,7 @@ class RunResult:
     plot: Path | None = None
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
+    stopped_by: str | None = None  # the signal that ended the run early ("SIGTERM"), after a checkpoint
 
 
 def check_vocab(config: RunConfig, tokenizer: Tokenizer) -> None:
@@ -101,34 +116,47 @@ def peak_flops(config: RunConfig, device: torch.device) -> float | None:
     return None
 
 
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records of ``path`` after ``last_step`` (what an interrupted run logged past its checkpoint)."""
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 class Trainer:
-    def __init__(self, config: RunConfig, host: Any) -> None:
-        self.config, self.host = config, host
+    def __init__(self, config: RunConfig, host: Any, start: StartPlan) -> None:
+        self.config, self.host, self.start = config, host, start
         self.train = config.train
-        self.out_dir = Path(config.train.out_dir)
+        self.out_dir = start.out_dir
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         check_vocab(config, self.tokenizer)
-        if config.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-            torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.train.seed)
         self.parts = build_parts(config, host)
         mesh = self.parts.mesh
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_main = self.rank == 0
+        self.guard = HangGuard.for_run(config.parallel.timeout_s)
+        if start.move or start.copy:
+            with self.guard.phase("setting the previous run aside"):
+                self.barrier()  # every rank has read the directory before rank 0 changes it
+                if self.is_main:
+                    carry_out(start)
+                self.barrier()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(self.out_dir / "tokenizer")
         torch.manual_seed(config.train.seed + self.rank)  # dropout etc. differ per rank; weights do not
-        self.data: TrainData = build_train_data(
-            config.data,
-            config.train,
-            self.tokenizer,
-            dp_rank=self.parts.dp.rank,
-            dp_size=self.parts.dp.size,
-            is_writer=self.is_main,
-            barrier=self.barrier,
-        )
+        with self.guard.phase("data preparation (rank 0 tokenizes data.source while the other ranks wait)"):
+            self.data: TrainData = build_train_data(
+                config.data,
+                config.train,
+                self.tokenizer,
+                dp_rank=self.parts.dp.rank,
+                dp_size=self.parts.dp.size,
+                is_writer=self.is_main,
+                barrier=self.barrier,
+                vocab_size=getattr(config.model.config, "vocab_size", None),
+            )
         impl = host.get("lr_schedule", config.train.lr_schedule)
         self.schedule = impl.load()(
             total_steps=config.train.steps,
@@ -139,7 +167,8 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.parts.optimizer.param_groups]
         self.params = [p for p in self.parts.model.parameters() if p.requires_grad]
         self.health = Health(config.train.spike_factor, config.train.spike_warmup_steps, config.train.max_skipped_steps)
-        ckpt_group = dist.new_group(backend="gloo") if mesh.world_size > 1 else None
+        timeout = timedelta(seconds=config.parallel.timeout_s)
+        ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if mesh.world_size > 1 else None
         self.ckpt = CheckpointManager(
             self.out_dir / "checkpoints",
             keep_last=config.checkpoint.keep_last,
@@ -153,7 +182,9 @@ class Trainer:
         fpt = getattr(factory, "flops_per_token", None)
         self.flops_per_token = float(fpt(config.model.config, config.train.seq_len)) if callable(fpt) else None
         self.peak = peak_flops(config, mesh.device)
-        self.step = 0
+        self.stop: StopSignal | None = None  # set while the loop runs
+        self.last_good_step = 0  # the newest step whose verdict was good (or the resumed-from step)
+        self.stop_agreed = False  # some rank received SIGTERM during the last step
 
     # -- helpers ------------------------------------------------------------------------------
     def barrier(self) -> None:
@@ -181,37 +212,76 @@ class Trainer:
         }
 
     def save(self, step: int, *, blocking: bool = False) -> None:
+        """Checkpoint the state after ``step`` steps; ``NonFiniteStateError`` (nothing written) if it is not finite."""
         p = self.parts
-        self.ckpt.save(
-            step,
-            model=p.model,
-            optimizer=p.optimizer,
-            precision=p.precision,
-            meta=self.meta(),
-            rank_extra={"rng": rng_state()},
-            blocking=blocking,
-        )
+        with self.guard.phase(f"checkpoint save of step {step}"):
+            self.ckpt.save(
+                step,
+                model=p.model,
+                optimizer=p.optimizer,
+                precision=p.precision,
+                meta=self.meta(),
+                rank_extra={"rng": rng_state()},
+                blocking=blocking,
+            )
+
+    def checkpoint(self, step: int, *, blocking: bool = False) -> None:
+        """A periodic, final or stop checkpoint: state that is not finite ends the run instead."""
+        try:
+            self.save(step, blocking=blocking)
+        except NonFiniteStateError as exc:
+            raise TrainingHalted(f"training stopped after step {step}: {exc}; {self.after_stop()}") from None
+
+    def wait_for_saves(self) -> Path | None:
+        with self.guard.phase("a background checkpoint save"):
+            return self.ckpt.wait()
+
+    def after_stop(self) -> str:
+        """Which checkpoint to go back to after a bad step, and how; sets aside the ones that lead into it.
+
+        A step is a function of the state before it and its (fixed) batch alone, so a checkpoint
+        followed by a bad step replays that step on every resume, whatever the learning rate.
+        The checkpoint to go back to is the newest one a good step followed (checkpoints are
+        finite: a save refuses inf/nan; steps before the resumed-from one are taken as good, as
+        the run that made them went on). Newer checkpoints of this run are moved to
+        ``out_dir/previous/<time>/`` (rank 0), so running the same command again resumes from
+        the good one.
+        """
+        self.wait_for_saves()
+        root = self.out_dir / "checkpoints"
+        found = [(int(m.group(1)), c) for c in list_checkpoints(root) if (m := STEP_DIR.match(c.name))]
+        replays = [c for step, c in found if step >= self.last_good_step]
+        if self.start.checkpoint is not None and self.start.checkpoint.parent != root:
+            found.append((self.start.step, self.start.checkpoint))
+        good = [(step, path) for step, path in found if step < self.last_good_step]
+        moved = ""
+        if replays:
+            archive = set_aside(self.out_dir, replays, move=self.is_main)
+            moved = f"; moved {', '.join(c.name for c in replays)}, which would replay this step, to {archive}"
+        lower = "lower optimizer.lr (or raise train.warmup_steps)"
+        if not good:
+            return f"no checkpoint of this run was followed by a good step{moved}: {lower} and start again"
+        last = max(good)[1]
+        how = "run again; it resumes there" if last.parent == root else f"resume with --train.resume={last}"
+        return f"the last checkpoint followed by a good step is {last}{moved}: {lower} and {how}"
 
     def resume(self) -> int:
-        spec = self.train.resume
-        if not spec:
+        path = self.start.checkpoint
+        if path is None:
             return 0
-        if spec == "latest":
-            path = latest_checkpoint(self.out_dir / "checkpoints")
-            if path is None:
-                return 0
-        else:
-            path = Path(spec)
         p = self.parts
-        meta, rank_json = load_checkpoint(
-            path,
-            model=p.model,
-            optimizer=p.optimizer,
-            precision=p.precision,
-            rank=self.rank,
-            group=self.ckpt.group,
-            world_size=p.mesh.world_size,
-        )
+        with self.guard.phase(f"checkpoint load of step {self.start.step}"):
+            meta, rank_json = load_checkpoint(
+                path,
+                model=p.model,
+                optimizer=p.optimizer,
+                precision=p.precision,
+                rank=self.rank,
+                group=self.ckpt.group,
+                world_size=p.mesh.world_size,
+                config=self.config.to_dict(),
+            )
+            self.check_finite_after_load(path)
         if meta.get("model_name") != self.config.model.name:
             raise UserError(
                 f"checkpoint {path} is of model {meta.get('model_name')!r}, this run builds {self.config.model.name!r}; "
@@ -219,46 +289,77 @@ class Trainer:
             )
         if meta.get("world_size") == p.mesh.world_size and "rng" in rank_json:
             set_rng_state(rank_json["rng"])
-        self.health.load(meta.get("health", {}))
+        # a resume that changes the optimizer or training settings (the lr the stop message told
+        # the user to lower) starts counting bad steps afresh
+        self.health.load(meta.get("health", {}), fresh_counter=self.start.settings_changed)
+        self.ckpt.protect.add(path)  # never pruned: the known-good point this run branched from
+        self.ckpt.last_good = path  # verified finite just now
         return int(meta["step"])
+
+    def check_finite_after_load(self, path: Path) -> None:
+        """Refuse a checkpoint holding inf/nan (saved before checkpoints were checked); agreed by all ranks."""
+        p = self.parts
+        tensors = {f"model/{k}": v for k, v in p.model.state_dict().items()}
+        tensors.update(split_state(p.optimizer.state_dict(), "optimizer")[1])
+        bad = first_non_finite(tensors)
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=p.mesh.device)
+        if mesh_all_reduce(flag, p.mesh, "max").item() > 0:
+            name = repr(list(tensors)[bad]) if bad is not None else "a tensor on another rank"
+            raise UserError(
+                f"checkpoint {path} holds inf or nan values ({name}); resume from an earlier checkpoint with "
+                "--train.resume=<its directory>, or start again with --train.overwrite=true"
+            )
 
     # -- one step -------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
-        p = self.parts
+        p, n = self.parts, step + 1
         t0 = time.perf_counter()
         lr = self.set_lr(step)
         p.optimizer.zero_grad(set_to_none=True)
         micro = self.data.micro_batches(step)
         local_loss = 0.0
-        for i, rows in enumerate(micro):
-            tokens, labels, ctx = to_batch(rows, p, self.data.thd)
-            with contextlib.ExitStack() as stack:
-                if i < len(micro) - 1:
-                    for layout in p.layouts:
-                        stack.enter_context(layout.no_grad_sync())
-                with p.precision.autocast():
-                    loss = p.model(tokens, labels=labels, ctx=ctx)
-                p.precision.scale_loss(loss / len(micro)).backward()
-            local_loss += float(loss.detach()) / len(micro)
-        for layout in p.layouts:
-            layout.finish_grad_sync()
-        finite = torch.tensor([1.0 if p.precision.unscale_grads(p.model) else 0.0], device=p.mesh.device)
-        grads_finite = bool(mesh_all_reduce(finite, p.mesh, "min").item() > 0)
-        loss_value = self.world_mean(local_loss)
-        grad_norm = float(global_grad_norm(self.params)) if grads_finite else math.nan
+        with self.guard.phase(f"forward/backward of step {n}"):
+            for i, rows in enumerate(micro):
+                tokens, labels, ctx = to_batch(rows, p, self.data.thd)
+                with contextlib.ExitStack() as stack:
+                    if i < len(micro) - 1:
+                        for layout in p.layouts:
+                            stack.enter_context(layout.no_grad_sync())
+                    with p.precision.autocast():
+                        loss = p.model(tokens, labels=labels, ctx=ctx)
+                    p.precision.scale_loss(loss / len(micro)).backward()
+                local_loss += float(loss.detach()) / len(micro)
+        with self.guard.phase(f"gradient sync of step {n}"):
+            for layout in p.layouts:
+                layout.finish_grad_sync()
+            finite_here = p.precision.unscale_grads(p.model)
+        # one all-reduce for the loss, the gradients' finiteness and a pending stop signal
+        stop_here = self.stop is not None and self.stop.requested is not None
+        agreed = torch.tensor(
+            [local_loss, 0.0 if finite_here else 1.0, 1.0 if stop_here else 0.0],
+            dtype=torch.float64,
+            device=p.mesh.device,
+        )
+        with self.guard.phase(f"loss all-reduce of step {n}"):
+            loss_sum, not_finite, stops = mesh_all_reduce(agreed, p.mesh).tolist()
+        loss_value, grads_finite = loss_sum / p.mesh.world_size, not_finite == 0
+        self.stop_agreed = stops > 0
+        with self.guard.phase(f"gradient norm of step {n}"):
+            grad_norm = float(global_grad_norm(self.params)) if grads_finite else math.nan
         problem = self.health.verdict(loss_value, grads_finite)
-        if problem is None:
-            if self.train.grad_clip > 0:
-                clip_grads_(self.params, self.train.grad_clip, torch.tensor(grad_norm))
-            p.optimizer.step()
-            self.health.good(loss_value)
-        p.precision.update()
-        if problem is None:
-            p.precision.after_step(p.model)
+        with self.guard.phase(f"optimizer step {n}"):
+            if problem is None:
+                if self.train.grad_clip > 0:
+                    clip_grads_(self.params, self.train.grad_clip, torch.tensor(grad_norm))
+                p.optimizer.step()
+                self.health.good(loss_value)
+            p.precision.update()
+            if problem is None:
+                p.precision.after_step(p.model)
         dt = time.perf_counter() - t0
         tokens_per_s = self.train.global_batch_size * self.train.seq_len / dt
         metrics: dict[str, Any] = {
-            "step": step + 1,
+            "step": n,
             "loss": loss_value,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -272,6 +373,34 @@ class Trainer:
         if problem is not None:
             metrics["problem"] = problem
         return metrics
+
+    def out_of_memory(self, exc: BaseException, where: str) -> OutOfMemory:
+        rows = self.train.micro_batch_size or self.train.global_batch_size // self.parts.dp.size
+        return OutOfMemory(
+            oom_message(
+                exc,
+                where=where,
+                config=self.config,
+                host=self.host,
+                world_size=self.parts.mesh.world_size,
+                micro_rows=rows,
+            )
+        )
+
+    def guarded_step(self, step: int) -> dict[str, Any]:
+        try:
+            return self.train_step(step)
+        except torch.OutOfMemoryError as exc:
+            error = self.out_of_memory(exc, f"step {step + 1}")
+        raise error
+
+    def guarded_eval(self, step: int) -> float | None:
+        try:
+            with self.guard.phase(f"evaluation after step {step}"):
+                return self.evaluate()
+        except torch.OutOfMemoryError as exc:
+            error = self.out_of_memory(exc, f"the evaluation after step {step}")
+        raise error
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -291,13 +420,15 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None = None) -> RunResult:
         cfg, p = self.config, self.parts
-        start = self.resume()
+        start = self.last_good_step = self.resume()
         end = cfg.train.steps if stop_at_step is None else min(cfg.train.steps, stop_at_step)
         metrics_file = self.out_dir / "metrics.jsonl"
         if self.is_main and start > 0:  # drop what the interrupted run logged after its checkpoint
-            kept = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= start]
-            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        writer = MetricsWriter(self.out_dir, tensorboard=cfg.log.tensorboard, enabled=self.is_main, append=start > 0)
+            trim_jsonl(metrics_file, start)
+            trim_jsonl(self.out_dir / "layer_stats.jsonl", start)
+        writer = MetricsWriter(
+            self.out_dir, tensorboard=cfg.log.tensorboard, enabled=self.is_main, append=start > 0, resumed_at=start
+        )
         progress = Progress(cfg.log.progress, cfg.train.steps, start, enabled=self.is_main)
         layer_stats = LayerStats(
             p.model, self.out_dir / "layer_stats.jsonl", enabled=cfg.log.layer_stats_every > 0 and self.is_main
@@ -308,33 +439,49 @@ class Trainer:
         tokens_seen = 0
         metrics: dict[str, Any] = {}
         try:
-            for step in range(start, end):
-                if cfg.log.layer_stats_every and (step + 1) % cfg.log.layer_stats_every == 0:
-                    layer_stats.begin()
-                metrics = self.train_step(step)
-                layer_stats.end(step + 1)
-                tokens_seen += cfg.train.global_batch_size * cfg.train.seq_len
-                elapsed = time.perf_counter() - t_start
-                metrics["eta_s"] = elapsed / (step + 1 - start) * (cfg.train.steps - step - 1)
-                result.losses[step + 1] = metrics["loss"]
-                result.steps_done = step + 1
-                if metrics["skipped"]:
-                    self.handle_bad_step(step, metrics, progress)
-                if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-                    ev = self.evaluate()
-                    if ev is not None:
-                        metrics["eval_loss"] = ev
-                        result.eval_losses[step + 1] = ev
-                self.host.hook.mcore_step_end(step=step + 1, metrics=metrics)
-                if (step + 1) % cfg.log.every == 0 or step + 1 == end or step == start or "eval_loss" in metrics:
-                    writer.write({k: v for k, v in metrics.items() if k not in ("eta_s",)})
-                    progress.update(metrics)
-                if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < end:
-                    self.save(step + 1)
-            if cfg.checkpoint.save_final and end > start:
-                self.save(end)
-            result.last_checkpoint = self.ckpt.wait()
+            with StopSignal() as self.stop:
+                for step in range(start, end):
+                    if cfg.log.layer_stats_every and (step + 1) % cfg.log.layer_stats_every == 0:
+                        layer_stats.begin()
+                    metrics = self.guarded_step(step)
+                    layer_stats.end(step + 1)
+                    tokens_seen += cfg.train.global_batch_size * cfg.train.seq_len
+                    elapsed = time.perf_counter() - t_start
+                    metrics["eta_s"] = elapsed / (step + 1 - start) * (cfg.train.steps - step - 1)
+                    result.losses[step + 1] = metrics["loss"]
+                    result.steps_done = step + 1
+                    if metrics["skipped"]:
+                        self.handle_bad_step(step, metrics, progress)
+                    else:
+                        self.last_good_step = step + 1
+                    if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                        ev = self.guarded_eval(step + 1)
+                        if ev is not None:
+                            metrics["eval_loss"] = ev
+                            result.eval_losses[step + 1] = ev
+                    self.host.hook.mcore_step_end(step=step + 1, metrics=metrics)
+                    stopping = self.stop_agreed
+                    if (
+                        (step + 1) % cfg.log.every == 0
+                        or step + 1 == end
+                        or step == start
+                        or "eval_loss" in metrics
+                        or stopping
+                    ):
+                        writer.write({k: v for k, v in metrics.items() if k not in ("eta_s",)})
+                        progress.update(metrics)
+                    if stopping:  # every rank saw the signal in this step's all-reduce: stop here, together
+                        self.checkpoint(step + 1, blocking=True)
+                        result.stopped_by = self.stop.requested or "a signal on another rank"
+                        break
+                    if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < end:
+                        self.checkpoint(step + 1)
+                else:
+                    if cfg.checkpoint.save_final and end > start:
+                        self.checkpoint(end)
+                result.last_checkpoint = self.wait_for_saves()
         finally:
+            self.stop = None
             progress.close()
             writer.close()
             with contextlib.suppress(UserError):
@@ -344,37 +491,63 @@ class Trainer:
         if self.is_main and cfg.log.plot:
             result.plot = plot_run(metrics_file, self.out_dir / "checkpoints" / "loss.png")
         self.host.hook.mcore_run_end(step=result.steps_done, metrics=metrics)
+        if result.stopped_by is not None and self.is_main:
+            print(
+                f"stopped by {result.stopped_by} at step {result.steps_done}; checkpoint {result.last_checkpoint}; "
+                "resume with the same command",
+                flush=True,
+            )
         return result
 
     def handle_bad_step(self, step: int, metrics: dict[str, Any], progress: Progress) -> None:
         problem = metrics["problem"]
+        if self.train.nan_policy == "skip" and self.health.skipped_in_row < self.train.max_skipped_steps:
+            self.health.bad()
+            message = f"step {step + 1} skipped: {problem} (train.nan_policy = 'skip')"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            progress.message(message)
+            return
+        # Nothing is saved: the state before this step produced it, and resuming from it would
+        # replay the same bad step (same weights, same batch) whatever the learning rate.
         self.health.bad()
         if self.train.nan_policy == "stop":
-            self.save(step, blocking=True)  # the model still holds the state before this step
-            raise TrainingHalted(
-                f"training stopped at step {step + 1}: {problem} (train.nan_policy = 'stop'). The last good state is "
-                f"saved in {self.ckpt.last_good}; lower optimizer.lr or raise train.warmup_steps, then resume with "
-                "--train.resume=latest"
+            why = f"{problem} (train.nan_policy = 'stop')"
+        else:
+            why = (
+                f"{self.health.skipped_in_row} bad steps in a row (train.max_skipped_steps = "
+                f"{self.train.max_skipped_steps}); last: {problem}"
             )
-        message = f"step {step + 1} skipped: {problem} (train.nan_policy = 'skip')"
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        progress.message(message)
-        if self.health.skipped_in_row > self.train.max_skipped_steps:
-            self.save(step, blocking=True)
-            raise TrainingHalted(
-                f"training stopped at step {step + 1}: {self.health.skipped_in_row} bad steps in a row "
-                f"(train.max_skipped_steps = {self.train.max_skipped_steps}); last: {problem}. The last good state is in "
-                f"{self.ckpt.last_good}; lower optimizer.lr, then resume with --train.resume=latest"
-            )
+        raise TrainingHalted(f"training stopped at step {step + 1}: {why}; {self.after_stop()}")
 
 
 def run(config: RunConfig, host: Any, *, stop_at_step: int | None = None) -> RunResult:
-    """Train ``config``; ``stop_at_step`` ends early (the schedule still spans ``train.steps``)."""
+    """Train ``config``; ``stop_at_step`` ends early (the schedule still spans ``train.steps``).
+
+    The first line printed (rank 0) says how the run starts: fresh, resuming (from where), or
+    nothing to do (the checkpoint in ``train.out_dir`` already reached ``train.steps``; then
+    nothing is built and the result names that checkpoint).
+    """
+    start = plan_start(config)
+    rank = dist.get_rank() if dist.is_initialized() else world_from_env()[0]
+    if rank == 0:
+        print(start.message, flush=True)
+    if start.finished:
+        return RunResult(
+            out_dir=start.out_dir, start_step=start.step, steps_done=start.step, last_checkpoint=start.checkpoint
+        )
     previous, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if config.train.cpu_threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(config.train.cpu_threads)
+    if config.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return Trainer(config, host).run(stop_at_step=stop_at_step)
+        return Trainer(config, host, start).run(stop_at_step=stop_at_step)
     finally:
         torch.use_deterministic_algorithms(previous)
         torch.set_num_threads(threads)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas

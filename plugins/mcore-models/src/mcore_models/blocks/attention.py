@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from mcore.protocols.block import BlockContext, FlopsShape
-from mcore_models.blocks.base import Block, check_positive, init_linear_
+from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
 from mcore_models.blocks.masking import attend, attention_mask
 from mcore_models.blocks.norms import RMSNorm
-from mcore_models.blocks.rope import RopeFields, Rotary
+from mcore_models.blocks.rope import RopeFields, Rotary, check_rope
 from mcore_models.kernels.rope import apply_rope
 
 
@@ -37,16 +37,40 @@ class Attention(Block):
     @dataclass(kw_only=True, slots=True)
     class Config(RopeFields):
         num_heads: int = 8
-        num_kv_heads: int | None = None  # None: num_heads (MHA)
-        head_dim: int | None = None  # None: hidden_size // num_heads
+        """Query heads."""
+        num_kv_heads: int | None = None
+        """Key/value heads; must divide num_heads (none: num_heads, MHA; 1: MQA)."""
+        head_dim: int | None = None
+        """Dims per head (none: hidden_size // num_heads)."""
         qkv_bias: bool = False
+        """Bias on the fused query/key/value projection."""
         out_bias: bool = False
+        """Bias on the output projection."""
         qk_norm: bool = False
+        """RMSNorm over each query and key head before RoPE."""
         norm_eps: float = 1e-5
+        """Epsilon of the QK-norm (finite, > 0)."""
         sliding_window: int | None = None
-        attention_scale: float | None = None  # None: 1/sqrt(head_dim)
+        """Each token sees at most this many tokens, itself included (none: the whole row)."""
+        attention_scale: float | None = None
+        """Softmax scale of the scores (none: 1/sqrt(head_dim))."""
         init_std: float = 0.02
-        output_init_std: float | None = None  # None: init_std
+        """Std of the normal init of the QKV projection."""
+        output_init_std: float | None = None
+        """Std of the normal init of the output projection (none: init_std)."""
+
+        def __post_init__(self) -> None:
+            for key in ("num_heads", "num_kv_heads", "head_dim", "sliding_window", "norm_eps", "attention_scale"):
+                check_positive("attention", key, getattr(self, key))
+            for key in ("init_std", "output_init_std"):
+                value = getattr(self, key)
+                if value is not None:
+                    check_non_negative("attention", key, value)
+            if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+                raise ValueError(
+                    f"attention.num_kv_heads = {self.num_kv_heads}: must divide num_heads = {self.num_heads}"
+                )
+            check_rope(self, "attention", self.head_dim)
 
     def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
         super().__init__()
@@ -54,10 +78,7 @@ class Attention(Block):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
         self.head_dim = cfg.head_dim or hidden_size // cfg.num_heads
-        for key in ("num_heads", "num_kv_heads", "head_dim", "sliding_window"):
-            check_positive("attention", key, getattr(cfg, key))
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"attention.num_kv_heads = {self.num_kv_heads}: must divide num_heads = {self.num_heads}")
+        check_positive("attention", "head_dim", self.head_dim)  # hidden_size // num_heads may be 0
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv = nn.Linear(hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.out = nn.Linear(q_dim, hidden_size, bias=cfg.out_bias)

@@ -1,10 +1,12 @@
-"""What every block of this package shares: seeded init helpers and parameter counting.
+"""What every block of this package shares: seeded init helpers, parameter counting, config checks.
 
 Weights are drawn on the CPU from a ``torch.Generator`` in fp32 and copied to the parameter's
 device and dtype, so a seed gives the same weights on every device.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -39,5 +41,17 @@ class Block(nn.Module):
 
 
 def check_positive(owner: str, key: str, value: int | float | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{owner}.{key} = {value!r}: must be a positive number")
+    """``ValueError`` naming ``owner.key`` unless ``value`` is ``None`` or finite and > 0 (NaN is not)."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{owner}.{key} = {value!r}: must be a finite number > 0")
+
+
+def check_non_negative(owner: str, key: str, value: int | float) -> None:
+    """``ValueError`` naming ``owner.key`` unless ``value`` is finite and >= 0 (NaN is not)."""
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{owner}.{key} = {value!r}: must be a finite number >= 0")
+
+
+def check_choice(owner: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}.{key} = {value!r}: allowed: {', '.join(allowed)}")

@@ -19,10 +19,10 @@ from torch import nn
 
 from mcore.protocols.block import BlockContext, FlopsShape
 from mcore_models.blocks.attention import row_positions
-from mcore_models.blocks.base import Block, check_positive, init_linear_
+from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
 from mcore_models.blocks.masking import attend, attention_mask
 from mcore_models.blocks.norms import RMSNorm
-from mcore_models.blocks.rope import RopeFields, Rotary, _yarn_mscale
+from mcore_models.blocks.rope import RopeFields, Rotary, _yarn_mscale, check_rope
 from mcore_models.kernels.rope import apply_rope
 
 
@@ -32,22 +32,50 @@ class MLA(Block):
     @dataclass(kw_only=True, slots=True)
     class Config(RopeFields):
         num_heads: int = 8
-        q_lora_rank: int | None = None  # None: Q projected directly from the hidden state
+        """Attention heads."""
+        q_lora_rank: int | None = None
+        """Rank of the query down-projection (none: queries projected directly from the hidden state)."""
         kv_lora_rank: int = 128
+        """Rank of the compressed key/value latent (what decoding caches per token, with the RoPE key)."""
         qk_nope_head_dim: int = 32
+        """Per-head query/key dims without RoPE."""
         qk_rope_head_dim: int = 16
+        """Per-head query/key dims with RoPE (the key part is shared by all heads; even)."""
         v_head_dim: int = 32
+        """Per-head value dims."""
         norm_eps: float = 1e-5
+        """Epsilon of the latent norms (finite, > 0)."""
         sliding_window: int | None = None
-        attention_scale: float | None = None  # None: 1/sqrt(dn + dr), times yarn mscale^2
+        """Each token sees at most this many tokens, itself included (none: the whole row)."""
+        attention_scale: float | None = None
+        """Softmax scale (none: 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times yarn's mscale squared)."""
         init_std: float = 0.02
+        """Std of the normal init of the projections."""
         output_init_std: float | None = None
+        """Std of the normal init of the output projection (none: init_std)."""
+
+        def __post_init__(self) -> None:
+            for key in (
+                "num_heads",
+                "q_lora_rank",
+                "kv_lora_rank",
+                "qk_nope_head_dim",
+                "qk_rope_head_dim",
+                "v_head_dim",
+                "norm_eps",
+                "sliding_window",
+                "attention_scale",
+            ):
+                check_positive("mla", key, getattr(self, key))
+            for key in ("init_std", "output_init_std"):
+                value = getattr(self, key)
+                if value is not None:
+                    check_non_negative("mla", key, value)
+            check_rope(self, "mla", self.qk_rope_head_dim)
 
     def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
         super().__init__()
         cfg = self.config = config or self.Config()
-        for key in ("num_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            check_positive("mla", key, getattr(cfg, key))
         nh, dn, dr, dv, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         q_in = cfg.q_lora_rank or hidden_size
         self.q_down = nn.Linear(hidden_size, q_in, bias=False) if cfg.q_lora_rank else nn.Identity()

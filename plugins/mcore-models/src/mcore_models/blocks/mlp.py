@@ -15,16 +15,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcore.protocols.block import BlockContext, FlopsShape
-from mcore_models.blocks.base import Block, check_positive, init_linear_
+from mcore_models.blocks.base import Block, check_choice, check_non_negative, check_positive, init_linear_
 from mcore_models.kernels.swiglu import clamped_swiglu_reference, swiglu
+
+#: Values of ``gelu_approximate`` (``torch.nn.functional.gelu``'s ``approximate``).
+GELU_APPROXIMATIONS = ("none", "tanh")
 
 
 @dataclass(kw_only=True, slots=True)
 class MLPConfig:
+    """Settings every MLP here shares (a subclass's ``__post_init__`` calls ``check_mlp`` too)."""
+
     ffn_hidden_size: int = 1024
+    """Hidden size of the MLP (per branch for the gated ones)."""
     mlp_bias: bool = False
+    """Biases on the projections."""
     init_std: float = 0.02
-    output_init_std: float | None = None  # None: init_std
+    """Std of the normal init of the input projection."""
+    output_init_std: float | None = None
+    """Std of the normal init of the output projection (none: init_std)."""
+
+    def __post_init__(self) -> None:
+        check_mlp(self)
+
+
+def check_mlp(config: MLPConfig) -> None:
+    check_positive("mlp", "ffn_hidden_size", config.ffn_hidden_size)
+    check_non_negative("mlp", "init_std", config.init_std)
+    if config.output_init_std is not None:
+        check_non_negative("mlp", "output_init_std", config.output_init_std)
 
 
 class _TwoLayer(Block):
@@ -35,7 +54,6 @@ class _TwoLayer(Block):
     def __init__(self, config: MLPConfig, *, hidden_size: int) -> None:
         super().__init__()
         self.config = config
-        check_positive("mlp", "ffn_hidden_size", config.ffn_hidden_size)
         self.up = nn.Linear(hidden_size, self.up_factor * config.ffn_hidden_size, bias=config.mlp_bias)
         self.down = nn.Linear(config.ffn_hidden_size, hidden_size, bias=config.mlp_bias)
         self.reset_parameters()
@@ -80,12 +98,16 @@ class ClampedSwiGLU(_TwoLayer):
     @dataclass(kw_only=True, slots=True)
     class Config(MLPConfig):
         clamp_limit: float = 7.0
+        """The gate is clamped to at most this and the up branch to [-clamp_limit, clamp_limit] (finite, > 0)."""
+
+        def __post_init__(self) -> None:
+            check_mlp(self)
+            check_positive("mlp", "clamp_limit", self.clamp_limit)
 
     up_factor = 2
 
     def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
         config = config or self.Config()
-        check_positive("mlp", "clamp_limit", config.clamp_limit)
         self.limit = config.clamp_limit
         super().__init__(config, hidden_size=hidden_size)
 
@@ -99,11 +121,14 @@ class GeluMLP(_TwoLayer):
     @dataclass(kw_only=True, slots=True)
     class Config(MLPConfig):
         gelu_approximate: str = "none"
+        """'none' (exact GeLU) or 'tanh' (the tanh approximation)."""
+
+        def __post_init__(self) -> None:
+            check_mlp(self)
+            check_choice("mlp", "gelu_approximate", self.gelu_approximate, GELU_APPROXIMATIONS)
 
     def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
         config = config or self.Config()
-        if config.gelu_approximate not in ("none", "tanh"):
-            raise ValueError(f"mlp.gelu_approximate = {config.gelu_approximate!r}: allowed: none, tanh")
         self.approximate = config.gelu_approximate
         super().__init__(config, hidden_size=hidden_size)
 

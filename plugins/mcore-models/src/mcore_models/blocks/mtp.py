@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mcore.protocols.block import BlockContext, FlopsShape
-from mcore_models.blocks.base import Block, init_linear_
+from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
 from mcore_models.blocks.norms import RMSNorm
 
 NEXT_EMBEDDINGS = "mcore_models.mtp.next_embeddings"
@@ -30,7 +30,13 @@ class MTP(Block):
     @dataclass(kw_only=True, slots=True)
     class Config:
         norm_eps: float = 1e-5
+        """Epsilon of the embedding and hidden-state norms (finite, > 0)."""
         init_std: float = 0.02
+        """Std of the normal init of the projection."""
+
+        def __post_init__(self) -> None:
+            check_positive("mtp", "norm_eps", self.norm_eps)
+            check_non_negative("mtp", "init_std", self.init_std)
 
     def __init__(self, config: Config | None = None, *, hidden_size: int, layer: nn.Module | None = None) -> None:
         super().__init__()

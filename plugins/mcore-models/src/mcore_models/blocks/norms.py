@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcore.protocols.block import BlockContext, FlopsShape
-from mcore_models.blocks.base import Block, fill_
+from mcore_models.blocks.base import Block, check_positive, fill_
 from mcore_models.kernels.rmsnorm import rms_norm
 
 
@@ -23,7 +23,12 @@ class RMSNorm(Block):
     @dataclass(kw_only=True, slots=True)
     class Config:
         norm_eps: float = 1e-5
+        """Epsilon added to the mean square (finite, > 0)."""
         zero_centered_gamma: bool = False
+        """Store the scale as gamma - 1 (initialised to 0)."""
+
+        def __post_init__(self) -> None:
+            check_positive("norm", "norm_eps", self.norm_eps)
 
     def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
         super().__init__()
@@ -49,8 +54,14 @@ class LayerNorm(Block):
     @dataclass(kw_only=True, slots=True)
     class Config:
         norm_eps: float = 1e-5
+        """Epsilon added to the variance (finite, > 0)."""
         zero_centered_gamma: bool = False
+        """Store the scale as gamma - 1 (initialised to 0)."""
         norm_bias: bool = True
+        """Learn a bias (False: scale only)."""
+
+        def __post_init__(self) -> None:
+            check_positive("norm", "norm_eps", self.norm_eps)
 
     def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
         super().__init__()

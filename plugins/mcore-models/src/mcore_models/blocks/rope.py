@@ -23,20 +23,66 @@ ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 
 @dataclass(kw_only=True, slots=True)
 class RopeFields:
-    """RoPE settings shared by the attention blocks' configs (names match the model config)."""
+    """RoPE settings shared by the attention blocks' configs (names match the model config).
+
+    A subclass's ``__post_init__`` calls ``check_rope`` with its own section name.
+    """
 
     rope_theta: float = 10000.0
+    """RoPE base (a larger base is "ABF"; finite, > 0)."""
     rope_scaling: str = "none"
+    """RoPE scaling: 'none', 'linear' (positions / rope_factor), 'llama3' (Llama 3.1 band-wise) or 'yarn'."""
     rope_factor: float = 1.0
+    """Context-extension factor of 'linear', 'llama3' and 'yarn' scaling (finite, > 0)."""
     rope_original_max_positions: int = 8192
+    """'llama3' / 'yarn': the context length before extension (> 0)."""
     rope_low_freq_factor: float = 1.0
+    """'llama3': wavelengths above original_max_positions / this are divided by rope_factor (> 0)."""
     rope_high_freq_factor: float = 4.0
+    """'llama3': wavelengths below original_max_positions / this are kept (> rope_low_freq_factor)."""
     rope_beta_fast: float = 32.0
+    """'yarn': rotations where the ramp from interpolation to extrapolation ends (> 0)."""
     rope_beta_slow: float = 1.0
+    """'yarn': rotations where that ramp starts (> 0)."""
     rope_mscale: float = 0.0
+    """'yarn': DeepSeek's mscale of the attention factor (>= 0; 0 with rope_mscale_all_dim 0: the default factor)."""
     rope_mscale_all_dim: float = 0.0
-    rope_attention_factor: float | None = None  # yarn: None derives it from the factor and mscales
+    """'yarn': DeepSeek's mscale_all_dim (>= 0); MLA also scales its softmax by it."""
+    rope_attention_factor: float | None = None
+    """'yarn': multiplier of cos and sin (none: derived from rope_factor and the mscales)."""
     rotary_fraction: float = 1.0
+    """Fraction of each head's dims that RoPE rotates (partial rotary), in (0, 1]; must give an even count."""
+
+
+def check_rope(cfg: RopeFields, owner: str, head_dim: int | None = None) -> None:
+    """``ValueError`` naming ``owner.<key>`` for a RoPE setting that cannot work.
+
+    ``head_dim``: the dims per head that RoPE rotates a fraction of (checked when given).
+    """
+    if cfg.rope_scaling not in ROPE_SCALINGS:
+        raise ValueError(f"{owner}.rope_scaling = {cfg.rope_scaling!r}: allowed: {', '.join(ROPE_SCALINGS)}")
+    positive = ["rope_theta", "rope_factor", "rope_original_max_positions"]
+    if cfg.rope_scaling == "llama3":
+        positive += ["rope_low_freq_factor"]
+    if cfg.rope_scaling == "yarn":
+        positive += ["rope_beta_fast", "rope_beta_slow", "rope_attention_factor"]
+    for key in positive:
+        value = getattr(cfg, key)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{owner}.{key} = {value!r}: must be a finite number > 0")
+    for key in ("rope_mscale", "rope_mscale_all_dim"):
+        value = getattr(cfg, key)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{owner}.{key} = {value!r}: must be a finite number >= 0")
+    high, low = cfg.rope_high_freq_factor, cfg.rope_low_freq_factor
+    if cfg.rope_scaling == "llama3" and not (high > low and math.isfinite(high)):
+        raise ValueError(
+            f"{owner}.rope_high_freq_factor = {high!r}: must be finite and greater than rope_low_freq_factor = {low!r}"
+        )
+    if not 0 < cfg.rotary_fraction <= 1:
+        raise ValueError(f"{owner}.rotary_fraction = {cfg.rotary_fraction!r}: must be in (0, 1]")
+    if head_dim is not None:
+        rotary_dim(cfg, head_dim, owner)
 
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -86,11 +132,12 @@ def _yarn_inv_freq(cfg: RopeFields, dim: int) -> torch.Tensor:
     return interpolation * (1 - extra_factor) + extrapolation * extra_factor
 
 
-def rotary_dim(cfg: RopeFields, head_dim: int) -> int:
+def rotary_dim(cfg: RopeFields, head_dim: int, owner: str = "attention") -> int:
+    """Dims of a head that RoPE rotates: ``head_dim * rotary_fraction``, which must be positive and even."""
     dim = int(head_dim * cfg.rotary_fraction)
     if dim <= 0 or dim % 2:
         raise ValueError(
-            f"rotary_fraction = {cfg.rotary_fraction!r} gives {dim} rotated dims of head_dim {head_dim}; "
+            f"{owner}.rotary_fraction = {cfg.rotary_fraction!r} gives {dim} rotated dims of head_dim {head_dim}; "
             "it must give a positive even number"
         )
     return dim

@@ -1,0 +1,262 @@
+"""Load a checkpoint into a (parallelized) model, optimizer and precision recipe.
+
+Nothing is trusted: every file opened must lie inside the checkpoint directory
+(``confine.py``), DCP's pickled metadata goes through an allow-list (``safe_reader.py``),
+and every file is checked against the checksums of ``manifest.json`` before any tensor is
+read, the ranks sharing the hashing (``manifest.verify``). What can go wrong with a
+checkpoint (corrupt, truncated or missing files, malformed JSON, another model, another
+optimizer) is a one-line ``UserError`` naming the file or the setting, the same on every
+rank. DTensors are resharded to the current layout by DCP.
+
+A checkpoint without a manifest is either interrupted (its ``meta.json`` says a manifest was
+due: a save or a prune was cut short), which is refused, or from an older mcore (format
+``mcore-checkpoint-1``), which loads with a ``LegacyCheckpointWarning`` that its files are
+not verified.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from mcore.checkpoint.confine import inside
+from mcore.checkpoint.manifest import MANIFEST, read_manifest, verify
+from mcore.checkpoint.safe_reader import SafeFileSystemReader
+from mcore.checkpoint.state import join_state, split_state, tensor_keys
+from mcore.errors import UserError
+from mcore.ragged import annotate_for_checkpoint
+
+
+class LegacyCheckpointWarning(UserWarning):
+    """A checkpoint of an older mcore: it has no manifest, so its files are not verified."""
+
+
+def _cause(exc: BaseException) -> str:
+    """The last line of an error (DCP wraps each rank's traceback in its own), with its type."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", text):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_json(path: Path, name: str) -> Any:
+    f = inside(path, name)
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"checkpoint {path}: {name} is corrupt ({_cause(exc)}); use another checkpoint") from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of checkpoint ``path``: step, resolved config, tokenizer, model name."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; give a step_XXXXXXXX directory or 'latest'")
+    try:
+        meta = _read_json(path, "meta.json")
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a complete checkpoint (no meta.json); use another one or 'latest'") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
+        raise UserError(
+            f"checkpoint {path}: meta.json is malformed (expected an object with an int 'step' and a 'config' "
+            "table); use another checkpoint"
+        )
+    return meta
+
+
+def _read_rank_json(path: Path, rank: int, meta: Mapping[str, Any]) -> dict[str, Any]:
+    saved_world = meta.get("world_size")
+    name = f"rank_{rank:05d}.json"
+    if isinstance(saved_world, int) and rank >= saved_world:
+        name = "rank_00000.json"  # loaded under more ranks than saved: take rank 0's skeletons
+    try:
+        data = _read_json(path, name)
+    except FileNotFoundError:
+        raise UserError(
+            f"checkpoint {path}: {name} is missing; the checkpoint is incomplete, use another one"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint {path}: {name} is malformed (not a JSON object); use another checkpoint")
+    return data
+
+
+def _template(
+    key: str, meta: TensorStorageMetadata, params: Mapping[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """An empty tensor to load ``key`` into; laid out like a DTensor parameter if it mirrors one
+    (the same local rows on this rank, so a ragged split is mirrored too)."""
+    parts = key.split("/")
+    for part in parts:
+        p: Any = params.get(part)
+        if p is not None and hasattr(p, "device_mesh") and tuple(p.shape) == tuple(meta.size):
+            from torch.distributed.tensor import DTensor
+
+            local = torch.empty(p.to_local().shape, dtype=meta.properties.dtype, device=p.to_local().device)
+            return DTensor.from_local(
+                local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+    return torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device=device)
+
+
+_SELECTOR = {"optimizer": "name", "precision": "recipe"}
+
+
+def _state_error(
+    path: Path, part: str, obj: Any, exc: BaseException, meta: Mapping[str, Any], config: Mapping[str, Any] | None
+) -> UserError:
+    """A one-line error for optimizer/recipe state that does not load, naming saved vs loading."""
+    key = _SELECTOR[part]
+    saved_section = meta["config"].get(part)
+    saved = saved_section.get(key) if isinstance(saved_section, dict) else None
+    section = config.get(part) if config is not None else None
+    loading = section.get(key) if isinstance(section, dict) else None
+    if saved is not None and loading is not None and saved != loading:
+        return UserError(
+            f"checkpoint {path} holds the state of {part} {saved!r}, this run's {part} is {loading!r}, and it does "
+            f"not load ({_cause(exc)}); resume with --{part}.{key}={saved}, or start a fresh run (another "
+            "train.out_dir)"
+        )
+    this = repr(loading) if loading is not None else f"({type(obj).__name__})"
+    return UserError(
+        f"checkpoint {path}: its {part} state ({part} {saved!r}) does not load into this run's {part} {this} "
+        f"({_cause(exc)}); resume with the {part} settings it was saved with, or start a fresh run "
+        "(another train.out_dir)"
+    )
+
+
+def _check_files(
+    path: Path, *, rank: int, world_size: int, group: Any, verify_checksums: bool
+) -> tuple[dict[str, Any], frozenset[str] | None]:
+    """``(meta, files)`` after checking the checkpoint's files against its manifest (``files``:
+    the names it lists; ``None`` for a legacy checkpoint)."""
+    if not path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; give a step_XXXXXXXX directory or 'latest'")
+    manifest = read_manifest(path)
+    if manifest is None:
+        meta = read_meta(path)
+        if meta.get("manifest"):
+            raise UserError(
+                f"checkpoint {path} is incomplete: its {MANIFEST} is missing (a save or a removal was interrupted); "
+                "use another checkpoint or 'latest'"
+            )
+        warnings.warn(
+            f"checkpoint {path} has no {MANIFEST} (saved by an older mcore): its files have no checksums and are "
+            "not verified",
+            LegacyCheckpointWarning,
+            stacklevel=3,
+        )
+        return meta, None
+    unlisted = sorted({"meta.json", ".metadata"} - set(manifest.files))
+    if unlisted:
+        raise UserError(f"checkpoint {path}: its {MANIFEST} does not list {unlisted[0]}; use another checkpoint")
+    if verify_checksums:
+        verify(path, manifest, rank=rank, world_size=world_size, group=group)
+    return read_meta(path), frozenset(manifest.files)
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any | None,
+    precision: Any | None,
+    rank: int = 0,
+    group: Any = None,
+    world_size: int = 1,
+    verify_checksums: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``path`` into the (already parallelized) model, optimizer and recipe; reshards DTensors.
+
+    Returns ``(meta, rank_json)``. With ``world_size > 1`` every rank of ``group`` calls it
+    (the checksum verification is split over them). ``config`` is this run's resolved config
+    as a dict (``RunConfig.to_dict()``); it only serves to name the optimizer or recipe that
+    differs when their state does not load. Every failure is a one-line ``UserError``: a
+    checkpoint of another model (names or shapes differ) names the first mismatch.
+    """
+    path = Path(path)
+    meta, files = _check_files(path, rank=rank, world_size=world_size, group=group, verify_checksums=verify_checksums)
+    rank_json = _read_rank_json(path, rank, meta)
+    reader = SafeFileSystemReader(str(path), allowed_files=files)
+    stored = reader.read_metadata().state_dict_metadata
+    if any(isinstance(m, BytesStorageMetadata) for m in stored.values()):
+        raise UserError(f"checkpoint {path} holds pickled objects, which mcore never loads; use an mcore checkpoint")
+    model_sd = model.state_dict()
+    saved_model = {k[len("model/") :]: m for k, m in stored.items() if k.startswith("model/")}
+    where = f"checkpoint {path} (model {meta.get('model_name', '?')!r}) does not fit this model"
+    for name, tensor in model_sd.items():
+        if name not in saved_model:
+            raise UserError(f"{where}: it has no parameter {name!r}; load a checkpoint of the same model config")
+        m = saved_model[name]
+        if isinstance(m, TensorStorageMetadata) and tuple(m.size) != tuple(tensor.shape):
+            raise UserError(
+                f"{where}: {name!r} has shape {tuple(m.size)} in the checkpoint but {tuple(tensor.shape)} in the model; "
+                "use the model config the checkpoint was saved with"
+            )
+    extra = sorted(set(saved_model) - set(model_sd))
+    if extra:
+        raise UserError(f"{where}: it has parameters the model lacks ({', '.join(extra[:3])}); check model.* settings")
+
+    templates: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model_sd.items()}
+    params = dict(model.named_parameters())
+    device = next(iter(model_sd.values())).device if model_sd else torch.device("cpu")
+    parts: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
+    for part, obj in (("optimizer", optimizer), ("precision", precision)):
+        if obj is None:
+            continue
+        try:
+            skeleton = rank_json[part]
+            _, current = split_state(obj.state_dict(), part)
+            keys = tensor_keys(skeleton)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _state_error(path, part, obj, exc, meta, config) from None
+        wanted: dict[str, torch.Tensor] = {}
+        for key in keys:
+            entry = stored.get(key)
+            if not isinstance(entry, TensorStorageMetadata):
+                raise UserError(f"checkpoint {path} lacks {part} tensor {key!r}; it is incomplete")
+            cur = current.get(key)
+            if cur is not None and tuple(cur.shape) == tuple(entry.size) and cur.dtype == entry.properties.dtype:
+                wanted[key] = cur
+            else:
+                wanted[key] = _template(key, entry, params, device)
+        templates.update(wanted)
+        parts[part] = (skeleton, wanted)
+    annotate_for_checkpoint(templates)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(templates, storage_reader=reader, process_group=group, no_dist=world_size == 1)
+    except UserError:
+        raise
+    except (Exception, CheckpointException) as exc:  # DCP's (a BaseException) and whatever torch.load raised
+        raise UserError(
+            f"checkpoint {path} could not be read ({_cause(exc)}); it is corrupt or incomplete, use another checkpoint"
+        ) from None
+    model.load_state_dict(model_sd)
+    for part, obj in (("optimizer", optimizer), ("precision", precision)):
+        if obj is None:
+            continue
+        try:
+            obj.load_state_dict(join_state(*parts[part]))
+        except Exception as exc:  # the object's own checks: missing keys, shapes, types
+            raise _state_error(path, part, obj, exc, meta, config) from None
+    return meta, rank_json
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Only the model's tensors (for generate/export), in one process."""
+    meta, _ = load_checkpoint(path, model=model, optimizer=None, precision=None)
+    return meta
