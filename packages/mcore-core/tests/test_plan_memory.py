@@ -80,7 +80,7 @@ def test_plan_with_bf16_parameters() -> None:
     fp32 = plan_memory(resolve_config(RAW, host), host)
     bf16 = plan_memory(resolve_config({**RAW, "precision": {"recipe": "bf16"}}, host), host)
     assert bf16.params == fp32.params // 2 and bf16.grads == fp32.grads // 2
-    assert bf16.optimizer > fp32.optimizer  # + the fp32 master copy
+    assert bf16.optimizer < fp32.optimizer  # reference-adamw (torch AdamW) keeps its moments in bf16, no master copy
     assert 0 < bf16.activations < fp32.activations  # measured in bf16
     autocast = plan_memory(resolve_config({**RAW, "precision": {"recipe": "bf16", "params": "fp32"}}, host), host)
     assert autocast.params == fp32.params

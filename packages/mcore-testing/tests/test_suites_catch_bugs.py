@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -35,13 +36,25 @@ class LeakyAttention(DocumentAttention):
     """Ignores document boundaries."""
 
     def forward(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
-        ctx.cu_seqlens = None
-        return super().forward(hidden, ctx)
+        return super().forward(hidden, dataclasses.replace(ctx, cu_seqlens=None))
 
 
 class BrokenBlockSuite(BlockConformance):
     def make_block(self, hidden_size: int) -> LeakyAttention:
         return LeakyAttention(hidden_size)
+
+
+class PositionShiftingAttention(DocumentAttention):
+    """Shifts the shared positions in place (as a cache offset would), so a re-run sees other positions."""
+
+    def forward(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        ctx.positions.add_(1)
+        return super().forward(hidden, ctx)
+
+
+class ContextChangingBlockSuite(BlockConformance):
+    def make_block(self, hidden_size: int) -> PositionShiftingAttention:
+        return PositionShiftingAttention(hidden_size)
 
 
 class DropsSecondChoice(AllGatherDispatcher):
@@ -74,6 +87,11 @@ def test_layout_suite_catches_unaveraged_gradients() -> None:
 def test_block_suite_catches_attention_across_documents() -> None:
     with pytest.raises(AssertionError, match="document 3 output"):
         BrokenBlockSuite().test_packed_documents_do_not_mix()
+
+
+def test_block_suite_catches_a_block_changing_its_context() -> None:
+    with pytest.raises(AssertionError, match=r"ctx\.positions in place"):
+        ContextChangingBlockSuite().test_leaves_the_context_unchanged()
 
 
 def test_dispatcher_suite_catches_wrong_combine() -> None:

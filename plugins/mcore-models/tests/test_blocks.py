@@ -97,8 +97,7 @@ class TestMTP(BlockConformance):
 
     def _ctx(self, B: int, T: int, cu: list[int] | None = None) -> BlockContext:
         ctx = super()._ctx(B, T, cu)
-        ctx.extra[NEXT_EMBEDDINGS] = seeded_randn(B, T, self.hidden_size, seed=11)
-        return ctx
+        return ctx.for_layer(ctx.layer_index, extra={NEXT_EMBEDDINGS: seeded_randn(B, T, self.hidden_size, seed=11)})
 
 
 def test_clamped_swiglu_formula() -> None:

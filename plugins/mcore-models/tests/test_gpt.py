@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mcore.plugins import hookimpl, load_plugins
-from mcore.protocols.block import BlockContext
+from mcore.protocols.block import AuxLosses, BlockContext
 from mcore_models.gpt import GPT, GPTConfig, mtp_labels
 from mcore_testing.numerics import assert_rel_close
 
@@ -130,7 +130,9 @@ def test_loss_equals_unfused_reference(tie: bool, vocab_chunk: int | None) -> No
 def test_loss_adds_aux_losses_from_the_context() -> None:
     model = GPT.build(tiny(), seed=0, device="cpu")
     tokens = torch.randint(0, 512, (1, 8))
-    ctx = BlockContext(aux_losses=[("z", torch.tensor(0.25))])
+    aux = AuxLosses()
+    aux.add(0, "z", torch.tensor(0.25))
+    ctx = BlockContext(aux_losses=aux)
     assert_rel_close(model(tokens, labels=tokens, ctx=ctx), model(tokens, labels=tokens) + 0.25)
 
 
@@ -231,7 +233,7 @@ class ToyMoE(torch.nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        ctx.aux_losses.append(("toy_balance", hidden.float().pow(2).mean() * 0.0 + 0.5))
+        ctx.add_aux_loss("toy_balance", hidden.float().pow(2).mean() * 0.0 + 0.5)
         return self.experts[0](hidden) + self.experts[1](hidden)
 
     def num_parameters(self) -> int:
@@ -261,9 +263,9 @@ def test_a_block_of_another_plugin_slots_in_by_name() -> None:
     assert model.layers[0].mlp.config.ffn_hidden_size == 32  # filled from the model field of that name
     tokens = torch.randint(0, 512, (1, 6))
     with_aux = model(tokens, labels=tokens)
-    ctx = BlockContext()
+    ctx = BlockContext(aux_losses=AuxLosses())  # the caller's collector, to read after the call
     model(tokens, ctx=ctx)
-    assert [name for name, _ in ctx.aux_losses] == ["toy_balance", "toy_balance"]
+    assert list(ctx.aux_losses or {}) == [(0, "toy_balance"), (1, "toy_balance")]
     assert torch.isfinite(with_aux)
 
 

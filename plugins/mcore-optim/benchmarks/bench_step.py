@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mcore.mesh import ParallelMesh
+from mcore.params import ParamSpec
 from mcore_optim.adamw import AdamWFactory
 from mcore_optim.muon import MuonFactory
 from mcore_optim.newton_schulz import COEFFICIENT_SETS, flops, orthogonalize
@@ -77,6 +78,17 @@ class Bench09B(nn.Module):
         self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
         self.norm = Norm()
         self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """As gpt declares them: the untied head, and qkv as [all Q | K | V] with HEAD_DIM rows per head."""
+        qkv = ParamSpec(
+            "matrix",
+            splits=(("q", HEADS * HEAD_DIM), ("k", KV_HEADS * HEAD_DIM), ("v", KV_HEADS * HEAD_DIM)),
+            head_rows=HEAD_DIM,
+        )
+        specs = {"lm_head.weight": ParamSpec("head")}
+        specs.update({f"layers.{i}.attn.qkv.weight": qkv for i in range(len(self.layers))})
+        return specs
 
 
 def make_model(dtype: torch.dtype, seed: int) -> nn.Module:
@@ -224,14 +236,19 @@ def main() -> None:
         ),
         run_case("plain PyTorch Muon (per matrix, simple x5), fp32 params", torch.float32, PlainMuon),
         run_case(
-            "muon (simple x5, batched by shape), fp32 params",
+            "muon (simple x5, batched by shape, whole qkv), fp32 params",
+            torch.float32,
+            lambda m: MuonFactory(MuonFactory.Config(**muon, split_fused=False)).build(m, mesh=MESH, layouts=[]),
+        ),
+        run_case(
+            "muon (simple x5, qkv split into Q, K, V), fp32 params",
             torch.float32,
             lambda m: MuonFactory(MuonFactory.Config(**muon)).build(m, mesh=MESH, layouts=[]),
         ),
         run_case(
-            "muon (simple x5, QKV per KV group: 8 blocks), fp32 params",
+            "muon (simple x5, qkv per head: 32 blocks), fp32 params",
             torch.float32,
-            lambda m: MuonFactory(MuonFactory.Config(**muon, qkv_groups=KV_HEADS)).build(m, mesh=MESH, layouts=[]),
+            lambda m: MuonFactory(MuonFactory.Config(**muon, split_heads=True)).build(m, mesh=MESH, layouts=[]),
         ),
     ]
     ns = ns_throughput()

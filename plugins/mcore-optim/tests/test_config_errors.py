@@ -50,8 +50,12 @@ def resolve(host: Any, *overrides: str) -> Any:
         (["--optimizer.eps=0"], "optimizer.eps = 0.0; allowed: a finite number > 0"),
         (["--optimizer.eps=inf"], "optimizer.eps = 'inf': expected a finite number"),
         (
-            ["--optimizer.head_pattern=(lm_head"],
-            "optimizer.head_pattern = '(lm_head' is not a valid regular expression",
+            ["--optimizer.role_overrides=(lm_head=head"],
+            "optimizer.role_overrides: '(lm_head' is not a valid regular expression",
+        ),
+        (
+            ["--optimizer.role_overrides=head=output"],
+            "optimizer.role_overrides: 'head' = 'output' is not a role; allowed: embedding, head, matrix",
         ),
         (["--optimizer.no_decay_roles=norms"], "optimizer.no_decay_roles = ('norms',) names unknown role 'norms'"),
         (["--optimizer.mup_base_width=8"], "optimizer.mup_base_width = 8, mup_width = None; muP scaling needs both"),
@@ -68,8 +72,11 @@ def resolve(host: Any, *overrides: str) -> Any:
             ["--optimizer.name=muon", "--optimizer.ns_coefficients=[[NaN, 1, 1]]"],
             "optimizer.ns_coefficients[0][0] = nan: expected a number, not NaN",
         ),
-        (["--optimizer.name=muon", "--optimizer.qkv_groups=0"], "optimizer.qkv_groups = 0; allowed: a positive int"),
-        (["--optimizer.name=muon", "--optimizer.qkv_pattern=["], "optimizer.qkv_pattern = '[' is not a valid"),
+        (["--optimizer.name=muon", "--optimizer.split_heads=maybe"], "optimizer.split_heads = 'maybe': expected bool"),
+        (
+            ["--optimizer.name=muon", "--optimizer.role_overrides=[=head"],
+            "optimizer.role_overrides: '[' is not a valid",
+        ),
         (["--optimizer.name=muon", "--optimizer.adamw_lr=-1"], "optimizer.adamw_lr = -1.0; allowed: a finite number"),
         (["--optimizer.name=muon", "--optimizer.adamw_eps=0"], "optimizer.adamw_eps = 0.0; allowed: a finite number"),
         (["--optimizer.name=layerwise-distributed", "--optimizer.lr=-1"], "optimizer.lr = -1.0; allowed"),
@@ -137,7 +144,7 @@ def cli_host(host: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     [
         (["--optimizer.lr=-1"], "optimizer.lr = -1.0"),
         (["--optimizer.lr=nan"], "optimizer.lr = 'nan'"),
-        (["--optimizer.name=muon", "--optimizer.qkv_pattern=("], "optimizer.qkv_pattern = '('"),
+        (["--optimizer.name=muon", "--optimizer.role_overrides=(=head"], "optimizer.role_overrides: '('"),
     ],
 )
 def test_commands_report_one_line_and_exit_2(

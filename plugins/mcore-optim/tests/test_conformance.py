@@ -28,4 +28,4 @@ class TestMuonConformance(OptimizerConformance):
 
 class TestLayerwiseMuonConformance(OptimizerConformance):
     def make_factory(self) -> Any:
-        return LayerwiseFactory(LayerwiseFactory.Config(lr=0.02, inner="muon", options={"qkv_groups": 4}))
+        return LayerwiseFactory(LayerwiseFactory.Config(lr=0.02, inner="muon", options={"split_heads": True}))

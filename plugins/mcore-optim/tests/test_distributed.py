@@ -31,7 +31,7 @@ from mcore_testing.numerics import assert_rel_close, seeded_randn
 from mcore_testing.reference import TinyConfig
 
 ADAMW = {"lr": 3e-3, "weight_decay": 0.1, "impl": "foreach"}
-MUON = {"lr": 0.01, "weight_decay": 0.1, "ns_dtype": "float64", "qkv_groups": 2, "adamw_impl": "foreach"}
+MUON = {"lr": 0.01, "weight_decay": 0.1, "ns_dtype": "float64", "split_heads": True, "adamw_impl": "foreach"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Case:
     def reference(self) -> Any:
         """The single-process optimizer the distributed one must reproduce."""
         if "muon" in self.name:
-            return MuonFactory(MuonFactory.Config(**{**MUON, "qkv_groups": self.config.get("qkv_groups", 2)}))
+            return MuonFactory(MuonFactory.Config(**{**MUON, "split_heads": self.config.get("split_heads", True)}))
         return AdamWFactory(AdamWFactory.Config(**ADAMW))
 
 
@@ -85,7 +85,7 @@ CASES = [
     ),
     Case("muon-ddp", "ddp", Muon, MUON),
     Case("muon-fsdp", "fsdp", Muon, MUON),
-    Case("muon-fsdp-uneven", "fsdp", Muon, {**MUON, "qkv_groups": 3}, uneven=True),
+    Case("muon-fsdp-uneven", "fsdp", Muon, {**MUON, "split_heads": False}, uneven=True),
     Case(
         "layerwise-muon-fsdp",
         "fsdp",

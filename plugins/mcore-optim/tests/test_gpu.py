@@ -38,7 +38,7 @@ def test_muon_on_cuda_tracks_fp64_reference() -> None:
     harness's fp32 tolerance, 1e-5 (the CPU's fp32 run lands at 3e-6).
     """
     assert not torch.backends.cuda.matmul.allow_tf32
-    config = {"lr": 0.01, "qkv_groups": 2, "adamw_impl": "foreach"}
+    config = {"lr": 0.01, "split_heads": True, "adamw_impl": "foreach"}
     gpu, cpu = tiny_model().cuda(), tiny_model().double()
     opt_gpu = MuonFactory(MuonFactory.Config(**config, ns_dtype="float32")).build(gpu, mesh=SINGLE, layouts=[])
     opt_cpu = MuonFactory(MuonFactory.Config(**config, ns_dtype="float64")).build(cpu, mesh=SINGLE, layouts=[])

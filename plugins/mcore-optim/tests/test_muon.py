@@ -1,4 +1,4 @@
-"""``muon`` against a plain per-parameter Muon written here, plus routing, QKV blocks and scales."""
+"""``muon`` against a plain per-parameter Muon written here, plus routing, declared splits and scales."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import SINGLE, batches, tiny_model, train
 
+from mcore.params import ParamSpec
 from mcore_optim.muon import MuonFactory
 from mcore_optim.newton_schulz import resolve
 from mcore_testing.numerics import assert_rel_close
@@ -29,10 +30,23 @@ def plain_ns(g: torch.Tensor, triples) -> torch.Tensor:
     return x.T if tall else x
 
 
+def plain_blocks(name: str, rows: int, *, split_fused: bool, split_heads: bool, head_rows: int = 8) -> list[slice]:
+    """The reference model's fused layouts, written out: ``qkv`` rows ``[all Q | K | V]`` (``head_rows``
+    per head), ``gate_up`` rows ``[gate | up]``."""
+    parts = 3 if ".qkv." in name else 2 if ".gate_up." in name else 1
+    if not split_fused:
+        parts = 1
+    size = rows // parts
+    out = [slice(i * size, (i + 1) * size) for i in range(parts)]
+    if split_heads and ".qkv." in name:
+        out = [slice(s.start + h, s.start + h + head_rows) for s in out for h in range(0, s.stop - s.start, head_rows)]
+    return out
+
+
 class PlainMuon:
     """The method, one parameter at a time: matrices by Muon, the rest by torch's AdamW."""
 
-    def __init__(self, model, *, lr, wd, mu, triples, scale, qkv_groups, adamw_lr, betas):
+    def __init__(self, model, *, lr, wd, mu, triples, scale, adamw_lr, betas, split_fused=True, split_heads=False):
         roles = {g["role"]: g["names"] for g in build(tiny_model()).param_groups}
         params = dict(model.named_parameters())
         self.matrices = [(n, params[n]) for n in roles["matrix"]]
@@ -42,7 +56,8 @@ class PlainMuon:
         self.adamw = torch.optim.AdamW(
             [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=adamw_lr, weight_decay=wd, betas=betas
         )
-        self.lr, self.wd, self.mu, self.triples, self.scale, self.k = lr, wd, mu, triples, scale, qkv_groups
+        self.lr, self.wd, self.mu, self.triples, self.scale = lr, wd, mu, triples, scale
+        self.split_fused, self.split_heads = split_fused, split_heads
 
     def zero_grad(self, set_to_none=True):
         for _, p in self.matrices:
@@ -55,20 +70,24 @@ class PlainMuon:
             buf = self.bufs[name]
             buf.mul_(self.mu).add_(p.grad)
             u = p.grad + self.mu * buf
-            k = self.k if ".qkv." in name else 1
-            blocks = []
-            for block in u.chunk(k, dim=0):
+            out = torch.empty_like(u)
+            for rows in plain_blocks(name, u.shape[0], split_fused=self.split_fused, split_heads=self.split_heads):
+                block = u[rows]
                 factor = math.sqrt(max(block.shape)) * (0.2 if self.scale == "match-adamw" else 1.0)
-                blocks.append(plain_ns(block, self.triples) * factor)
-            p.mul_(1 - self.lr * self.wd).add_(torch.cat(blocks), alpha=-self.lr)
+                out[rows] = plain_ns(block, self.triples) * factor
+            p.mul_(1 - self.lr * self.wd).add_(out, alpha=-self.lr)
         self.adamw.step()
 
 
 @pytest.mark.parametrize(
-    ("coefficients", "scale", "qkv_groups"),
-    [("simple", "match-adamw", 1), ("polar-express", "spectral", 3), ("deepseek-v4", "match-adamw", 2)],
+    ("coefficients", "scale", "split_fused", "split_heads"),
+    [
+        ("simple", "match-adamw", False, False),
+        ("polar-express", "spectral", True, False),
+        ("deepseek-v4", "match-adamw", True, True),
+    ],
 )
-def test_matches_plain_muon(coefficients: str, scale: str, qkv_groups: int) -> None:
+def test_matches_plain_muon(coefficients: str, scale: str, split_fused: bool, split_heads: bool) -> None:
     # In fp64: the two evaluate Newton-Schulz in different op orders (batched vs. written
     # out) and its polynomial amplifies rounding in directions of small singular values
     # (slope up to a^steps, ~1000 for polar-express), which in fp32 reaches ~1e-5.
@@ -80,7 +99,8 @@ def test_matches_plain_muon(coefficients: str, scale: str, qkv_groups: int) -> N
         ns_coefficients=coefficients,
         ns_dtype="float64",
         scale=scale,
-        qkv_groups=qkv_groups,
+        split_fused=split_fused,
+        split_heads=split_heads,
         adamw_lr=3e-3,
         adamw_impl="foreach",
     )
@@ -91,7 +111,8 @@ def test_matches_plain_muon(coefficients: str, scale: str, qkv_groups: int) -> N
         mu=0.95,
         triples=resolve(coefficients),
         scale=scale,
-        qkv_groups=qkv_groups,
+        split_fused=split_fused,
+        split_heads=split_heads,
         adamw_lr=3e-3,
         betas=(0.9, 0.95),
     )
@@ -120,11 +141,6 @@ def test_bf16_update_learns() -> None:
     assert model(data[0][0], labels=data[0][1]).item() < 0.8 * first
 
 
-def test_qkv_groups_without_a_matching_weight_warns() -> None:
-    with pytest.warns(UserWarning, match=r"qkv_groups = 2 is ignored: no matrix parameter's module path matches"):
-        build(tiny_model(), qkv_groups=2, qkv_pattern=r"\.wqkv$")
-
-
 def test_zero_grad_keeps_zeroed_tensors_when_asked() -> None:
     model = tiny_model()
     opt = build(model)
@@ -135,8 +151,12 @@ def test_zero_grad_keeps_zeroed_tensors_when_asked() -> None:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ValueError, match=r"qkv_groups = 5 does not divide the 96 rows of 'layers.0.attn.qkv.weight'"):
-        build(tiny_model(), qkv_groups=5)
+    model = tiny_model()
+    model.layers[0].attn.param_specs = lambda: {"qkv.weight": ParamSpec("matrix", splits=(("q", 32), ("kv", 63)))}
+    with pytest.raises(
+        ValueError, match=r"'layers.0.attn.qkv.weight': splits .* sum to 95 rows, but the parameter has 96"
+    ):
+        build(model)
     with pytest.raises(ValueError, match=r"scale = 'rms'; allowed"):
         MuonFactory(MuonFactory.Config(scale="rms"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"momentum = 1.0; allowed"):

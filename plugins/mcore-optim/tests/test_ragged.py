@@ -42,7 +42,7 @@ from mcore_testing.numerics import assert_rel_close
 
 # As in test_distributed.py.
 ADAMW = {"lr": 3e-3, "weight_decay": 0.1, "impl": "foreach"}
-MUON = {"lr": 0.01, "weight_decay": 0.1, "ns_dtype": "float64", "qkv_groups": 2, "adamw_impl": "foreach"}
+MUON = {"lr": 0.01, "weight_decay": 0.1, "ns_dtype": "float64", "split_heads": True, "adamw_impl": "foreach"}
 
 Spec = int | tuple[int, ...] | str  # holder rank, every rank's row count, or "even"
 

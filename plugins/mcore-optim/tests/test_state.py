@@ -125,3 +125,26 @@ def test_learning_rates_are_restored_by_role() -> None:
     fresh = FACTORIES["muon"]().build(tiny_model(), mesh=SINGLE, layouts=[])
     fresh.load_state_dict(state)
     assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in optimizer.param_groups]
+
+
+def test_state_saved_before_a_role_changed_loads_with_a_warning() -> None:
+    """A checkpoint from before the head was declared (gpt's head was a ``matrix`` then): AdamW's state is
+    the same tensors, so it loads by name; the new ``head`` group keeps its configured lr."""
+    model = tiny_model()
+    optimizer = AdamWFactory(
+        AdamWFactory.Config(lr=3e-3, impl="foreach", role_overrides={r"^lm_head\.": "matrix"})
+    ).build(model, mesh=SINGLE, layouts=[])
+    train(model, optimizer, batches(2))
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * 0.5
+    state = optimizer.state_dict()
+    assert "head" not in state["groups"]
+    fresh = AdamWFactory(AdamWFactory.Config(lr=3e-3, impl="foreach")).build(tiny_model(), mesh=SINGLE, layouts=[])
+    with pytest.warns(UserWarning, match=r"no param group for role 'head' .* declared role changed"):
+        fresh.load_state_dict(state)
+    groups = {g["role"]: g for g in fresh.param_groups}
+    assert (
+        groups["head"]["lr"] == groups["head"]["initial_lr"]
+        and groups["matrix"]["lr"] == groups["matrix"]["initial_lr"] * 0.5
+    )
+    assert torch.equal(fresh.state["lm_head.weight"]["exp_avg"], optimizer.state["lm_head.weight"]["exp_avg"])

@@ -2,6 +2,10 @@
 
 It lets a plugin test itself (layouts, optimizers, precision) without any other plugin.
 Shape legend: B batch, T tokens, H hidden, nh heads, hs head size, V vocab.
+
+Its modules declare their parameters' roles and fused layouts (``mcore.params``), as a model
+plugin's do: the head is ``lm_head``, ``qkv`` rows are ``[all Q | K | V]`` and ``gate_up`` rows
+``[gate | up]``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mcore.params import ParamSpec
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,6 +39,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return {"weight": ParamSpec("norm")}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
@@ -44,6 +53,14 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        h = self.qkv.in_features
+        splits = (("q", h), ("k", h), ("v", h))
+        return {
+            "qkv.weight": ParamSpec("matrix", splits=splits, head_rows=h // self.num_heads),
+            "proj.weight": ParamSpec("matrix"),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
@@ -60,6 +77,13 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=False)
         self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        f = self.down.in_features
+        return {
+            "gate_up.weight": ParamSpec("matrix", splits=(("gate", f), ("up", f))),
+            "down.weight": ParamSpec("matrix"),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x (B, T, F)
@@ -91,6 +115,13 @@ class TinyTransformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters(seed)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return {
+            "embed.weight": ParamSpec("embedding"),
+            "pos.weight": ParamSpec("embedding"),
+            "lm_head.weight": ParamSpec("head"),
+        }
 
     def reset_parameters(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)

@@ -1,17 +1,21 @@
 """``reference-adamw``: ``torch.optim.AdamW`` behind the optimizer protocol, for tests.
 
 Its state dict is keyed by parameter name and records shapes, so runtime tests in the
-core's own environment (which holds no optimizer plugin) can checkpoint and resume.
+core's own environment (which holds no optimizer plugin) can checkpoint and resume. It reports
+its state size (``OptimizerStateSize``) for ``mcore plan``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from mcore.params import ParamSpec
 
 
 class NamedAdamW:
@@ -78,3 +82,10 @@ class ReferenceAdamW:
     def build(self, model: nn.Module, *, mesh: Any, layouts: Sequence[Any]) -> NamedAdamW:
         c = self.config
         return NamedAdamW(model, c.lr, c.weight_decay, (c.beta1, c.beta2))
+
+    def state_bytes(self, shape: tuple[int, ...], spec: ParamSpec, *, param_dtype: torch.dtype) -> int:
+        """``torch.optim.AdamW``'s: a 0-d fp32 step and two moments in the parameter's dtype."""
+        return 4 + 2 * math.prod(shape) * param_dtype.itemsize
+
+    def shards_state_over_dp(self, *, sharded_params: bool) -> bool:
+        return False

@@ -8,8 +8,10 @@ Notable:
   same names.
 * Given labels, the loss comes from a fused linear + cross-entropy over token chunks
   (``loss_chunk_size``) and optionally vocabulary blocks (``loss_vocab_chunk_size``); the
-  ``(B*T, V)`` logits are never formed. Auxiliary losses from ``ctx.aux_losses`` and the MTP loss
-  (``mtp_loss_weight`` times the mean over depths) are added.
+  ``(B*T, V)`` logits are never formed. Auxiliary losses (the call's ``ctx.aux_losses`` collector,
+  one per layer and name) and the MTP loss (``mtp_loss_weight`` times the mean over depths) are added.
+* Each layer call gets its own frozen view ``ctx.for_layer(i)`` (MTP depths continue the numbering and
+  get the next-token embeddings in ``extra``), so recompute re-runs a layer with what it first saw.
 * Packed rows (``ctx.cu_seqlens``): positions restart per document and attention never crosses one.
 * Init: normal(0, ``init_std``), output projections of each layer scaled by ``1/sqrt(2 * layers)``;
   drawn on the CPU from ``seed`` so every device gets the same weights.
@@ -31,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcore.protocols.block import BlockContext, FlopsShape
+from mcore.params import ParamSpec
+from mcore.protocols.block import AuxLosses, BlockContext, FlopsShape
 from mcore_models.blocks.attention import Attention
 from mcore_models.blocks.base import check_choice, check_non_negative, check_positive, normal_
 from mcore_models.blocks.masking import positions_from_cu_seqlens
@@ -260,6 +263,14 @@ class GPT(nn.Module):
         self.logit_scale = cfg.mup_base_width / hidden if cfg.mup_base_width else 1.0
         self.reset_parameters()
 
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """The embedding and the untied head; a tied head is the embedding (one parameter). Blocks
+        declare their own parameters (``mcore.params``)."""
+        specs = {"embed.weight": ParamSpec("embedding")}
+        if self.head is not None:
+            specs["head.weight"] = ParamSpec("head")
+        return specs
+
     # -- the network ------------------------------------------------------------------------
     @property
     def output_weight(self) -> torch.Tensor:
@@ -272,10 +283,11 @@ class GPT(nn.Module):
         ctx = ctx if ctx is not None else BlockContext()
         if ctx.positions is None and ctx.cu_seqlens is not None:
             ctx = dataclasses.replace(ctx, positions=positions_from_cu_seqlens(ctx.cu_seqlens, batch, seq))
+        aux_losses = ctx.aux_losses if ctx.aux_losses is not None else AuxLosses()  # this call's own collector
+        ctx = dataclasses.replace(ctx, aux_losses=aux_losses)
         hidden = self.embed(tokens)  # (B, T, H)
         for index, layer in enumerate(self.layers):
-            ctx.layer_index = index
-            hidden = layer(hidden, ctx)
+            hidden = layer(hidden, ctx.for_layer(index))  # each layer call gets its own view
         if labels is None:
             return F.linear(self.final_norm(hidden, ctx), self.output_weight) * self.logit_scale  # (B, T, V)
 
@@ -288,12 +300,12 @@ class GPT(nn.Module):
             )
             mtp_total = torch.zeros((), dtype=torch.float32, device=tokens.device)
             for depth, (module, norm) in enumerate(zip(self.mtp, self.mtp_norms, strict=True), start=1):
-                ctx.extra[NEXT_EMBEDDINGS] = self.embed(tokens.roll(-depth, dims=1))  # (B, T, H): t[i + depth]
-                hidden = module(hidden, ctx)
-                mtp_total = mtp_total + self._mean_loss(norm(hidden, ctx), mtp_labels(labels, positions, depth))
-            ctx.extra.pop(NEXT_EMBEDDINGS)
+                next_embeddings = self.embed(tokens.roll(-depth, dims=1))  # (B, T, H): t[i + depth]
+                view = ctx.for_layer(len(self.layers) + depth - 1, extra={NEXT_EMBEDDINGS: next_embeddings})
+                hidden = module(hidden, view)
+                mtp_total = mtp_total + self._mean_loss(norm(hidden, view), mtp_labels(labels, positions, depth))
             loss = loss + self.config.mtp_loss_weight / len(self.mtp) * mtp_total
-        for _, aux in ctx.aux_losses:
+        for aux in aux_losses.values():  # once, after every layer: one entry per (layer, name)
             loss = loss + aux.float()
         return loss
 

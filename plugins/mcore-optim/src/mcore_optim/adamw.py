@@ -4,15 +4,15 @@ Each parameter is updated where it lives: a replicated parameter in full (its gr
 already averaged by the layout), a ``DTensor`` parameter on this rank's shard only (AdamW
 is elementwise, so the sharded update is the whole update). Low-precision parameters get
 fp32 master weights (``master_weights``); the moments are fp32. One param group per role;
-by default norms, biases and embeddings get no weight decay.
+by default norms, biases and embeddings get no weight decay. Roles are the model's
+declarations (``roles.classify``), with the user's ``role_overrides``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -21,12 +21,13 @@ from mcore_optim import state as state_format
 from mcore_optim.adamw_math import adamw_step
 from mcore_optim.dist import like_param, local
 from mcore_optim.groups import make_groups, zero_grad
-from mcore_optim.roles import DEFAULT_HEAD_PATTERN, ROLES, NamedParam, check_roles, classify, mup_lr_multiplier
+from mcore_optim.roles import ROLES, NamedParam, check_role_overrides, check_roles, classify, mup_lr_multiplier
 
 if TYPE_CHECKING:
     from torch import nn
 
     from mcore.mesh import ParallelMesh
+    from mcore.params import ParamSpec
     from mcore.protocols.layout import ParallelLayout
 
 IMPLS = ("auto", "foreach", "fused")
@@ -159,19 +160,12 @@ def check_rate(key: str, value: Any) -> None:
         raise ValueError(f"{key} = {value!r}; allowed: a finite number >= 0")
 
 
-def check_pattern(key: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{key} = {pattern!r} is not a valid regular expression: {exc}") from None
-
-
 def check_common(config: Any) -> None:
     """Checks shared by every optimizer config here (``ValueError`` naming key, value, allowed)."""
     for key in ("lr", "weight_decay"):
         check_rate(key, getattr(config, key))
     check_roles("no_decay_roles", config.no_decay_roles)
-    check_pattern("head_pattern", config.head_pattern)
+    check_role_overrides(config.role_overrides)
     mup_lr_multiplier("matrix", base_width=config.mup_base_width, width=config.mup_width)
 
 
@@ -181,6 +175,13 @@ def check_betas(key: str, betas: Any, eps_key: str, eps: Any) -> tuple[float, fl
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"{eps_key} = {eps!r}; allowed: a finite number > 0")
     return float(betas[0]), float(betas[1])
+
+
+def adamw_state_bytes(shape: Sequence[int], param_dtype: torch.dtype, *, master_weights: bool) -> int:
+    """Bytes of ``AdamW``'s state for one whole parameter (see ``AdamW.schema``)."""
+    low = master_weights and param_dtype.itemsize < 4
+    moments = 4 if low else param_dtype.itemsize
+    return 4 + math.prod(shape) * (2 * moments + (4 if low else 0))
 
 
 def use_fused(impl: str, named: Sequence[NamedParam]) -> bool:
@@ -209,9 +210,9 @@ class AdamWFactory:
         master_weights: bool = True
         """Keep fp32 master copies of low-precision parameters (fp32 parameters need none)."""
         no_decay_roles: tuple[str, ...] = ("norm", "bias", "embedding")
-        """Parameter roles without weight decay (roles: embedding, matrix, head, norm, bias)."""
-        head_pattern: str = DEFAULT_HEAD_PATTERN
-        """Regular expression on a parameter's module path that marks the output head."""
+        """Parameter roles without weight decay (roles: embedding, matrix, expert, router, head, norm, bias)."""
+        role_overrides: dict[str, str] = field(default_factory=dict)
+        """Roles that replace the model's declarations: {regex searched in the parameter name: role}; first match wins."""
         mup_base_width: int | None = None
         """muP: matrix parameters' lr is multiplied by mup_base_width / mup_width (set both or neither)."""
         mup_width: int | None = None
@@ -250,4 +251,13 @@ class AdamWFactory:
         )
 
     def build(self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]) -> AdamW:
-        return self.make(classify(model, head_pattern=self.config.head_pattern))
+        return self.make(classify(model, role_overrides=self.config.role_overrides))
+
+    # -- OptimizerStateSize (read by ``mcore plan``) -----------------------------------------
+    def state_bytes(self, shape: tuple[int, ...], spec: ParamSpec, *, param_dtype: torch.dtype) -> int:
+        """Step count (fp32), two moments (fp32 with master weights, else the parameter's dtype),
+        and an fp32 master copy of a low-precision parameter when ``master_weights``."""
+        return adamw_state_bytes(shape, param_dtype, master_weights=self.config.master_weights)
+
+    def shards_state_over_dp(self, *, sharded_params: bool) -> bool:
+        return False  # each replica keeps the state of every parameter (or shard) it holds

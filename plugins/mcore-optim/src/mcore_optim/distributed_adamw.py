@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from mcore.ragged import even_counts
 from mcore_optim import state as state_format
-from mcore_optim.adamw import AdamW, AdamWFactory, use_fused
+from mcore_optim.adamw import AdamW, AdamWFactory, adamw_state_bytes, use_fused
 from mcore_optim.adamw_math import adamw_step
 from mcore_optim.dist import all_gather_flat, counts_of, data_parallel, is_dtensor, reduce_scatter_flat, whole
 from mcore_optim.groups import make_groups, zero_grad
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mcore.mesh import ParallelMesh
+    from mcore.params import ParamSpec
     from mcore.protocols.layout import DataParallelInfo, ParallelLayout
 
 
@@ -382,7 +383,7 @@ class DistributedAdamWFactory:
     def build(
         self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]
     ) -> DistributedAdamW | AdamW:
-        named = classify(model, head_pattern=self.config.head_pattern)
+        named = classify(model, role_overrides=self.config.role_overrides)
         if any(is_dtensor(n.param) for n in named):
             if self.config.reduce_grads:
                 raise ValueError(
@@ -416,3 +417,13 @@ class DistributedAdamWFactory:
             dp=dp,
             reduce_grads=self.config.reduce_grads,
         )
+
+    # -- OptimizerStateSize (read by ``mcore plan``) -----------------------------------------
+    def state_bytes(self, shape: tuple[int, ...], spec: ParamSpec, *, param_dtype: torch.dtype) -> int:
+        """AdamW's state with fp32 moments and an fp32 master copy of low-precision parameters (what
+        the sharded path keeps whatever ``master_weights`` says)."""
+        return adamw_state_bytes(shape, param_dtype, master_weights=True)
+
+    def shards_state_over_dp(self, *, sharded_params: bool) -> bool:
+        """Split over the replicas of replicated parameters; under FSDP it is plain ``adamw``."""
+        return not sharded_params

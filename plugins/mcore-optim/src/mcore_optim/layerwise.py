@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mcore.mesh import ParallelMesh
+    from mcore.params import ParamSpec
     from mcore.protocols.layout import DataParallelInfo, ParallelLayout
 
 INNER: dict[str, Any] = {"adamw": AdamWFactory, "muon": MuonFactory}
@@ -220,10 +221,19 @@ class LayerwiseFactory:
         self.inner = factory(factory.Config(lr=c.lr, weight_decay=c.weight_decay, **c.options))
 
     def build(self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]) -> Any:
-        named = classify(model, head_pattern=self.inner.config.head_pattern)
+        named = classify(model, role_overrides=self.inner.config.role_overrides)
         if any(is_dtensor(n.param) for n in named):
             return self.inner.build(model, mesh=mesh, layouts=layouts)  # sharded AdamW, or Muon's own split
         dp = data_parallel(layouts, optimizer="layerwise-distributed")
         if dp.size == 1:
             return self.inner.build(model, mesh=mesh, layouts=layouts)
         return Layerwise(named, self.inner, dp)
+
+    # -- OptimizerStateSize (read by ``mcore plan``) -----------------------------------------
+    def state_bytes(self, shape: tuple[int, ...], spec: ParamSpec, *, param_dtype: torch.dtype) -> int:
+        """The inner optimizer's state (each parameter's lives on its owner only)."""
+        return int(self.inner.state_bytes(shape, spec, param_dtype=param_dtype))
+
+    def shards_state_over_dp(self, *, sharded_params: bool) -> bool:
+        """Whole parameters are bin-packed over replicas; under FSDP the inner optimizer runs as is."""
+        return not sharded_params

@@ -1,6 +1,7 @@
 """``muon``: Nesterov momentum, then Newton-Schulz orthogonalisation of each whole matrix.
 
-Per ``matrix`` parameter W (m x n; higher-rank weights are viewed as ``(shape[0], -1)``)::
+Per ``matrix`` or ``expert`` parameter W (m x n; higher-rank weights are viewed as
+``(shape[0], -1)``, an ``expert`` parameter of 3+ dims as one matrix per expert)::
 
     B <- mu B + G;            U = G + mu B   (Nesterov; U = B without it)
     O = NS(U / ||U||_F)       in bf16, ``ns_coefficients`` (newton_schulz.py)
@@ -8,10 +9,12 @@ Per ``matrix`` parameter W (m x n; higher-rank weights are viewed as ``(shape[0]
 
 ``scale``: ``spectral`` = sqrt(max(m, n)), which gives O unit RMS; ``match-adamw`` = 0.2
 sqrt(max(m, n)), an RMS of 0.2 like a typical AdamW update, so AdamW's lr carries over
-(Moonlight). A fused QKV weight (module path matching ``qkv_pattern``) is split into
-``qkv_groups`` equal row blocks, each orthogonalised and scaled on its own (one block per
-KV head group for the usual ``[q.., k, v]``-per-group layout). Every other role (embedding,
-head, norm, bias) goes to AdamW (``adamw_*`` settings).
+(Moonlight). A fused weight is split as the model declares it (``mcore.params.ParamSpec``
+``splits``: a QKV weight laid out ``[all Q | K | V]`` into its Q, K and V rows; ``[gate | up]``
+into gate and up), each logical matrix orthogonalised and scaled on its own
+(``split_fused``); with ``split_heads`` each attention head's rows (``head_rows``) on their
+own. Every other role (embedding, head, router, norm, bias) goes to AdamW (``adamw_*``
+settings).
 
 Distributed: the momentum is updated where the parameter lives (a replicated matrix whole,
 with its gradient already averaged; a ``DTensor`` matrix (FSDP) on its local shard). The
@@ -36,19 +39,27 @@ matrix step communicates nothing.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from mcore.params import ParamSpec, check_spec_shape, logical_blocks, matrix_shape
 from mcore.ragged import row_dim
 from mcore_optim import state as state_format
-from mcore_optim.adamw import IMPLS, AdamW, AdamWFactory, check_betas, check_common, check_pattern, check_rate
+from mcore_optim.adamw import (
+    IMPLS,
+    AdamW,
+    AdamWFactory,
+    adamw_state_bytes,
+    check_betas,
+    check_common,
+    check_rate,
+)
 from mcore_optim.dist import (
     counts_of,
     data_parallel,
@@ -65,7 +76,7 @@ from mcore_optim.dist import (
 from mcore_optim.groups import make_groups, zero_grad
 from mcore_optim.newton_schulz import Triple, flops, orthogonalize, resolve
 from mcore_optim.packing import assign
-from mcore_optim.roles import DEFAULT_HEAD_PATTERN, NamedParam, classify, mup_lr_multiplier
+from mcore_optim.roles import HIDDEN_ROLES, NamedParam, classify, mup_lr_multiplier
 
 if TYPE_CHECKING:
     from torch import nn
@@ -74,7 +85,6 @@ if TYPE_CHECKING:
     from mcore.protocols.layout import ParallelLayout
 
 SCALES = ("spectral", "match-adamw")
-DEFAULT_QKV_PATTERN = r"(^|\.)(qkv|wqkv|qkv_proj|query_key_value)(\.|$)"
 
 
 def update_scale(mode: str, rows: int, cols: int) -> float:
@@ -82,8 +92,39 @@ def update_scale(mode: str, rows: int, cols: int) -> float:
     return base if mode == "spectral" else 0.2 * base
 
 
+@dataclass(frozen=True, slots=True)
+class BlockPlan:
+    """How one parameter's update is cut for Newton-Schulz.
+
+    The update is viewed as ``(rows, cols)`` (an expert stack: its matrices one under the
+    other); ``blocks`` are ``(first_row, rows)`` ranges of that view, each orthogonalised on its
+    own. ``factor``: the update scale applied through the learning rate when every block has
+    the same shape; otherwise 1.0 and each block is scaled by its own (``fold``).
+    """
+
+    rows: int
+    cols: int
+    blocks: tuple[tuple[int, int], ...]
+    factor: float
+    fold: bool
+
+
+def block_plan(spec: ParamSpec, shape: Sequence[int], *, scale: str, split_fused: bool, split_heads: bool) -> BlockPlan:
+    """The blocks of a matrix or expert parameter: each expert's matrix, then each declared split
+    (``split_fused``), then each head (``split_heads``), as ``ParamSpec`` describes them."""
+    count, rows, cols = matrix_shape(shape, spec.role)
+    if not split_fused:  # heads lie inside the splits: they stay the same blocks
+        spec = ParamSpec(spec.role, head_rows=spec.head_rows)
+    pieces = logical_blocks(spec, rows, by_head=split_heads)
+    blocks = tuple((e * rows + first, n) for e in range(count) for _, first, n in pieces)
+    shapes = {n for _, n in blocks}
+    if len(shapes) == 1:
+        return BlockPlan(count * rows, cols, blocks, update_scale(scale, shapes.pop(), cols), fold=False)
+    return BlockPlan(count * rows, cols, blocks, 1.0, fold=True)
+
+
 class Muon:
-    """The ``MeshOptimizer`` of ``muon``: matrices here, every other role in ``self.adamw``."""
+    """The ``MeshOptimizer`` of ``muon``: matrices (and experts) here, every other role in ``self.adamw``."""
 
     algorithm: ClassVar[str] = "muon"
 
@@ -92,15 +133,14 @@ class Muon:
         matrices: Sequence[NamedParam],
         adamw: AdamW,
         *,
-        lr: float,
-        weight_decay: float,
+        settings: Mapping[str, Mapping[str, float]],
         momentum: float,
         nesterov: bool,
         triples: Sequence[Triple],
         scale: str,
         ns_eps: float,
         ns_dtype: torch.dtype,
-        blocks: Mapping[str, int],
+        plans: Mapping[str, BlockPlan],
         master_weights: bool,
         model_params: Sequence[NamedParam],
         ns_split: tuple[Any, int, int] | None = None,
@@ -109,12 +149,11 @@ class Muon:
         self._model_params = list(model_params)
         self.master_weights = master_weights
         self.adamw = adamw
-        settings = {"matrix": {"lr": lr, "weight_decay": weight_decay}}
         self._matrix_groups = make_groups(self._matrices, settings) if self._matrices else []
         self.param_groups = self._matrix_groups + adamw.param_groups
         self.momentum, self.nesterov = momentum, nesterov
         self.triples, self.scale, self.ns_eps, self.ns_dtype = tuple(triples), scale, ns_eps, ns_dtype
-        self._blocks = dict(blocks)  # name -> number of row blocks (1: whole matrix)
+        self._plans = dict(plans)  # name -> how its update is cut into blocks
         self._by_name = {n.name: n for n in self._matrices}
         self.ns_group: Any
         self.ns_group, self.ns_rank, self.ns_size = ns_split if ns_split is not None else (None, 0, 1)
@@ -134,7 +173,6 @@ class Muon:
         self._here = {name for name, n in self._by_name.items() if name in self._holder and local(n.param).shape[0]}
         #: split over ranks: gathered, orthogonalised by an owner, spread back (every rank takes part).
         self._split = [n for n in self._matrices if n.name not in self._holder]
-        self._factors = {n.name: update_scale(self.scale, *self._block_shape(n)) for n in self._matrices}
         # Who orthogonalises what: with a split group (group, rank, size), the split matrices are
         # bin-packed over its ranks by Newton-Schulz FLOPs, around the fixed load of the matrices
         # held whole (their holders); without a group, this rank does all of them.
@@ -159,13 +197,9 @@ class Muon:
                     st["master"] = p.detach().to(torch.float32, copy=True)
                 self.state[n.name] = st
 
-    def _block_shape(self, n: NamedParam) -> tuple[int, int]:
-        """(rows, cols) of each block Newton-Schulz sees in matrix ``n``."""
-        rows = n.param.shape[0]
-        return rows // self._blocks.get(n.name, 1), n.param.numel() // max(1, rows)
-
     def _cost(self, n: NamedParam) -> float:
-        return float(self._blocks.get(n.name, 1) * flops(*self._block_shape(n), len(self.triples)))
+        plan = self._plans[n.name]
+        return float(sum(flops(rows, plan.cols, len(self.triples)) for _, rows in plan.blocks))
 
     def _row_group(self, name: str) -> Any:
         """The process group that splits matrix ``name``'s rows (None: not a row-split DTensor)."""
@@ -176,10 +210,10 @@ class Muon:
     @torch.no_grad()
     def step(self) -> None:
         if self._matrix_groups:
-            self._matrix_step(self._matrix_groups[0])
+            self._matrix_step()
         self.adamw.step()
 
-    def _matrix_step(self, group: Mapping[str, Any]) -> None:
+    def _matrix_step(self) -> None:
         # A matrix another rank holds whole has no rows here: nothing to do, nothing to send.
         active = [
             n
@@ -199,26 +233,23 @@ class Muon:
         wholes = {n.name: u for n, u in zip(active, updates) if n.name in self._here}
         if split:
             wholes.update(self._owner_gather_updates(split) if self._owner_gather else self._all_gather_updates(split))
-        ortho = self._orthogonalize({name: self._as_blocks(name, w) for name, w in wholes.items()})
+        ortho = self._orthogonalize(wholes)
         # 2. this rank's piece of every result
         pieces = {name: ortho[name].view(wholes[name].shape) for name in self._here if name in ortho}
         if split:
             pieces.update(
                 self._owner_scatter(split, ortho, wholes) if self._owner_gather else self._broadcast(split, ortho)
             )
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        rates = {name: (float(g["lr"]), float(g["weight_decay"])) for g in self._matrix_groups for name in g["names"]}
         for n in active:
             st = self.state[n.name]
             weight = st.get("master", local(n.param))
+            lr, wd = rates[n.name]
             if wd != 0.0:
                 weight.mul_(1.0 - lr * wd)
-            weight.add_(pieces[n.name], alpha=-lr * self._factors[n.name])
+            weight.add_(pieces[n.name], alpha=-lr * self._plans[n.name].factor)
             if "master" in st:
                 local(n.param).copy_(weight)
-
-    def _as_blocks(self, name: str, whole: torch.Tensor) -> torch.Tensor:
-        k = self._blocks.get(name, 1)
-        return whole.reshape(k, whole.shape[0] // k, -1)  # (k, m/k, n)
 
     def _all_gather_updates(self, split: Sequence[tuple[NamedParam, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Every rank gets every whole update (all-gather for DTensors); returns the ones it owns."""
@@ -285,19 +316,31 @@ class Muon:
             )
         return out
 
-    def _orthogonalize(self, blocks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Newton-Schulz of each (k, m/k, n) tensor, in the Newton-Schulz dtype, batched by block shape."""
+    def _orthogonalize(self, wholes: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Newton-Schulz of each block of each whole update (its ``BlockPlan``), in the Newton-Schulz
+        dtype, batched by block shape; returns each update's result as a ``(rows, cols)`` tensor
+        (blocks of a plan with several block shapes already scaled)."""
         ortho: dict[str, torch.Tensor] = {}
-        buckets: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for name, src in blocks.items():
+        # (rows, cols) -> [(source block, result block, scale folded into it or None)]
+        buckets: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, float | None]]] = {}
+        for name, whole in wholes.items():
+            plan = self._plans[name]
+            src = whole.reshape(plan.rows, plan.cols)  # (m, n): experts stacked by rows
             dst = ortho[name] = torch.empty(src.shape, dtype=self.ns_dtype, device=src.device)
-            for i in range(src.shape[0]):
-                buckets.setdefault((src.shape[1], src.shape[2]), []).append((src[i], dst[i]))
+            for first, rows in plan.blocks:
+                fold = update_scale(self.scale, rows, plan.cols) if plan.fold else None
+                buckets.setdefault((rows, plan.cols), []).append(
+                    (src[first : first + rows], dst[first : first + rows], fold)
+                )
         for (rows, cols), pairs in buckets.items():
             batch = torch.empty((len(pairs), rows, cols), dtype=self.ns_dtype, device=pairs[0][0].device)
-            torch._foreach_copy_(list(batch.unbind(0)), [s for s, _ in pairs])  # (B, rows, cols), cast once
+            torch._foreach_copy_(list(batch.unbind(0)), [s for s, _, _ in pairs])  # (B, rows, cols), cast once
             result = orthogonalize(batch, self.triples, eps=self.ns_eps, dtype=self.ns_dtype)
-            torch._foreach_copy_([d for _, d in pairs], list(result.unbind(0)))
+            results = list(result.unbind(0))
+            folded = [(r, f) for r, (_, _, f) in zip(results, pairs) if f is not None]
+            if folded:  # scalars from the host: no device tensor to build (or wait for) each step
+                torch._foreach_mul_([r for r, _ in folded], [f for _, f in folded])
+            torch._foreach_copy_([d for _, d, _ in pairs], results)
         return ortho
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -306,7 +349,7 @@ class Muon:
     # -- state ----------------------------------------------------------------------------
     def schema(self, n: NamedParam) -> dict[str, torch.dtype | None]:
         """State keys and dtypes for ``n`` (see ``AdamW.schema``): momentum (+ master) for matrices."""
-        if n.role != "matrix":
+        if n.role not in HIDDEN_ROLES:
             return self.adamw.schema(n)
         low = n.param.dtype.itemsize < 4
         out: dict[str, torch.dtype | None] = {"momentum": torch.float32 if low else n.param.dtype}
@@ -361,10 +404,10 @@ class MuonFactory:
         """Newton-Schulz compute dtype: 'bfloat16' (the method's); 'float32'/'float64' for exact comparisons."""
         scale: Literal["spectral", "match-adamw"] = "match-adamw"
         """Update scale: 'match-adamw' (0.2 sqrt(max(m, n)): AdamW's RMS, so its lr carries over) or 'spectral' (unit RMS)."""
-        qkv_pattern: str = DEFAULT_QKV_PATTERN
-        """Regular expression on a module path marking fused QKV weights, orthogonalised in qkv_groups row blocks."""
-        qkv_groups: int = 1
-        """Row blocks of a fused QKV weight orthogonalised separately (1: the whole matrix)."""
+        split_fused: bool = True
+        """Orthogonalise each logical matrix of a fused weight (declared splits: Q, K, V; gate, up) on its own."""
+        split_heads: bool = False
+        """Orthogonalise each attention head's rows on its own (weights that declare head_rows)."""
         distribute_ns: bool = True
         """Split Newton-Schulz over data-parallel ranks (each does whole matrices and broadcasts); false: every rank does all."""
         adamw_lr: float | None = None
@@ -380,9 +423,9 @@ class MuonFactory:
         master_weights: bool = True
         """Keep fp32 master copies of low-precision parameters."""
         no_decay_roles: tuple[str, ...] = ("norm", "bias", "embedding")
-        """Parameter roles without weight decay (roles: embedding, matrix, head, norm, bias)."""
-        head_pattern: str = DEFAULT_HEAD_PATTERN
-        """Regular expression on a parameter's module path that marks the output head."""
+        """Parameter roles without weight decay (roles: embedding, matrix, expert, router, head, norm, bias)."""
+        role_overrides: dict[str, str] = field(default_factory=dict)
+        """Roles that replace the model's declarations: {regex searched in the parameter name: role}; first match wins."""
         mup_base_width: int | None = None
         """muP: matrix lr is multiplied by mup_base_width / mup_width (set both or neither)."""
         mup_width: int | None = None
@@ -396,9 +439,6 @@ class MuonFactory:
                 raise ValueError(f"ns_dtype = {self.ns_dtype!r}; allowed: 'bfloat16', 'float32', 'float64'")
             if self.scale not in SCALES:
                 raise ValueError(f"scale = {self.scale!r}; allowed: {list(SCALES)}")
-            if isinstance(self.qkv_groups, bool) or not isinstance(self.qkv_groups, int) or self.qkv_groups < 1:
-                raise ValueError(f"qkv_groups = {self.qkv_groups!r}; allowed: a positive int")
-            check_pattern("qkv_pattern", self.qkv_pattern)
             if not (self.ns_eps > 0 and math.isfinite(self.ns_eps)):
                 raise ValueError(f"ns_eps = {self.ns_eps!r}; allowed: a finite number > 0")
             with warnings.catch_warnings():  # a step count that differs from the set's warns when built
@@ -415,7 +455,6 @@ class MuonFactory:
 
     def __init__(self, config: MuonFactory.Config | None = None) -> None:
         c = self.config = config if config is not None else MuonFactory.Config()
-        self._qkv_re = re.compile(c.qkv_pattern)
         self.triples = resolve(c.ns_coefficients, c.ns_steps)
         self._adamw = AdamWFactory(
             AdamWFactory.Config(
@@ -426,39 +465,31 @@ class MuonFactory:
                 impl=c.adamw_impl,
                 master_weights=c.master_weights,
                 no_decay_roles=c.no_decay_roles,
-                head_pattern=c.head_pattern,
+                role_overrides=c.role_overrides,
             )
         )
 
     def settings(self) -> dict[str, dict[str, float]]:
         c = self.config
         out = self._adamw.settings()
-        out["matrix"] = {
-            "lr": c.lr * mup_lr_multiplier("matrix", base_width=c.mup_base_width, width=c.mup_width),
-            "weight_decay": 0.0 if "matrix" in c.no_decay_roles else c.weight_decay,
-        }
+        for role in HIDDEN_ROLES:
+            out[role] = {
+                "lr": c.lr * mup_lr_multiplier(role, base_width=c.mup_base_width, width=c.mup_width),
+                "weight_decay": 0.0 if role in c.no_decay_roles else c.weight_decay,
+            }
         return out
 
-    def _blocks(self, matrices: Sequence[NamedParam]) -> dict[str, int]:
-        k = self.config.qkv_groups
-        blocks: dict[str, int] = {}
+    def plans(self, matrices: Sequence[NamedParam]) -> dict[str, BlockPlan]:
+        """How each matrix's update is cut for Newton-Schulz (its declared splits and heads)."""
+        c = self.config
         for n in matrices:
-            if k == 1 or not self._qkv_re.search(n.name.rpartition(".")[0]):
-                continue
-            if n.param.shape[0] % k:
-                raise ValueError(
-                    f"qkv_groups = {k} does not divide the {n.param.shape[0]} rows of {n.name!r}; "
-                    "allowed: a divisor of the fused QKV weight's first dimension (e.g. the number of KV heads)"
-                )
-            blocks[n.name] = k
-        if k > 1 and matrices and not blocks:
-            warnings.warn(
-                f"qkv_groups = {k} is ignored: no matrix parameter's module path matches qkv_pattern = "
-                f"{self.config.qkv_pattern!r}",
-                UserWarning,
-                stacklevel=3,
+            check_spec_shape(n.name, n.spec, tuple(n.param.shape))  # a declaration that does not fit: refused
+        return {
+            n.name: block_plan(
+                n.spec, n.param.shape, scale=c.scale, split_fused=c.split_fused, split_heads=c.split_heads
             )
-        return blocks
+            for n in matrices
+        }
 
     def make(
         self,
@@ -467,29 +498,27 @@ class MuonFactory:
         ns_split: tuple[Any, int, int] | None = None,
     ) -> Muon:
         model_params = list(model_params) if model_params is not None else list(named)
-        matrices = [n for n in named if n.role == "matrix"]
-        others = [n for n in named if n.role != "matrix"]
-        settings = self.settings()["matrix"]
+        matrices = [n for n in named if n.role in HIDDEN_ROLES]
+        others = [n for n in named if n.role not in HIDDEN_ROLES]
         return Muon(
             matrices,
             self._adamw.make(others, model_params=model_params),
-            lr=settings["lr"],
-            weight_decay=settings["weight_decay"],
+            settings=self.settings(),
             momentum=self.config.momentum,
             nesterov=self.config.nesterov,
             triples=self.triples,
             scale=self.config.scale,
             ns_eps=self.config.ns_eps,
             ns_dtype=getattr(torch, self.config.ns_dtype),
-            blocks=self._blocks(matrices),
+            plans=self.plans(matrices),
             master_weights=self.config.master_weights,
             model_params=model_params,
             ns_split=ns_split,
         )
 
     def build(self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]) -> Muon:
-        named = classify(model, head_pattern=self.config.head_pattern)
-        return self.make(named, ns_split=self._ns_split([n for n in named if n.role == "matrix"], layouts))
+        named = classify(model, role_overrides=self.config.role_overrides)
+        return self.make(named, ns_split=self._ns_split([n for n in named if n.role in HIDDEN_ROLES], layouts))
 
     def _ns_split(
         self, matrices: Sequence[NamedParam], layouts: Sequence[ParallelLayout]
@@ -513,3 +542,16 @@ class MuonFactory:
         except ValueError:
             return None
         return (dp.group, dp.rank, dp.size) if dp.size > 1 else None
+
+    # -- OptimizerStateSize (read by ``mcore plan``) -----------------------------------------
+    def state_bytes(self, shape: tuple[int, ...], spec: ParamSpec, *, param_dtype: torch.dtype) -> int:
+        """Matrices and experts: a momentum (fp32 for low-precision parameters) and, with
+        ``master_weights``, an fp32 master copy of a low-precision parameter; the rest AdamW's."""
+        if spec.role not in HIDDEN_ROLES:
+            return adamw_state_bytes(shape, param_dtype, master_weights=self.config.master_weights)
+        low = param_dtype.itemsize < 4
+        master = 4 if low and self.config.master_weights else 0
+        return math.prod(shape) * ((4 if low else param_dtype.itemsize) + master)
+
+    def shards_state_over_dp(self, *, sharded_params: bool) -> bool:
+        return False  # the momentum of a replicated matrix lives on every replica

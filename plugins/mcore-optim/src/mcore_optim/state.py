@@ -18,10 +18,17 @@ and ``layerwise-distributed`` re-shard theirs by rows over the data-parallel gro
 a full tensor; ``load_state_dict`` accepts either form, and keeps this rank's rows by the
 parameter's real row split (which may be ragged: ``mcore.ragged``; a saved DTensor split
 another way is gathered first). Shapes are strings so the header is plain JSON.
+
+Param groups are matched by role. A role the saved state has no group for (a parameter's
+declared role changed since: ``gpt``'s head, which a name pattern used to make a ``matrix``)
+keeps its configured lr and weight decay, with a warning; the parameters' state still loads by
+name, and is refused where its keys differ (a head Muon saved as a matrix has a momentum, not
+AdamW's moments).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,12 +91,15 @@ def check(
     for name in saved:
         if name not in model:
             raise ValueError(f"saved optimizer state has parameter {name!r}, which the model lacks; refusing to load")
-    for g in groups:
-        if g["role"] not in state_dict["groups"]:
-            raise ValueError(
-                f"saved optimizer state has no param group for role {g['role']!r} (it has "
-                f"{sorted(state_dict['groups'])}); refusing to load"
-            )
+    missing = [g["role"] for g in groups if g["role"] not in state_dict["groups"]]
+    if missing:
+        warnings.warn(
+            f"saved optimizer state has no param group for role {missing[0]!r} (it has "
+            f"{sorted(state_dict['groups'])}): a parameter's declared role changed since it was saved (e.g. gpt's head, "
+            "which the old name pattern lm_head|output made a matrix); that group keeps the configured lr and weight decay",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def take(
@@ -138,7 +148,10 @@ def _checked(
 
 
 def restore_groups(groups: Sequence[dict[str, Any]], saved: Mapping[str, Mapping[str, Any]]) -> None:
-    """Put the saved lr (and weight decay) back into the param groups, matched by role (``check`` ran)."""
+    """Put the saved lr (and weight decay) back into the param groups, matched by role (``check`` ran);
+    a group the state lacks keeps its configured values."""
     for g in groups:
-        s = saved[g["role"]]
+        s = saved.get(g["role"])
+        if s is None:
+            continue
         g["lr"], g["initial_lr"], g["weight_decay"] = float(s["lr"]), float(s["initial_lr"]), s["weight_decay"]

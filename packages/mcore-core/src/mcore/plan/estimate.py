@@ -14,13 +14,17 @@ What is modelled, and how:
   activations by its input. In backward, block (or attention) ``i`` is re-run after the blocks
   above it were freed: its activations + the incoming gradient + the gradients so far + the
   largest transient; the peak is the larger of that and the start of backward.
-* Parameters, gradients: element counts times the recipe's ``param_dtype`` size; optimizer
-  state: 2 fp32 tensors per parameter (AdamW-like; 1 for ``muon``-like names) plus an fp32
-  master copy when parameters are not fp32.
+* Parameters, gradients: element counts times the recipe's ``param_dtype`` size. Optimizer
+  state: what the optimizer reports (``mcore.protocols.optimizer.OptimizerStateSize``: bytes per
+  parameter, from its shape, declared role and dtype, and whether the state is split over
+  ``dp_replicate``); an optimizer that does not report it is assumed AdamW-like (2 fp32 tensors
+  per parameter plus an fp32 master copy when parameters are not fp32, not split), and the plan
+  says so.
 * Layouts are plugins, so their effect is an assumption stated in the plan: parameters,
   gradients and optimizer state are divided by the product of the sizes of the mesh dims
-  ``dp_shard``, ``tp``, ``pp``, ``ep``; optimizer state also by ``dp_replicate`` for
-  optimizers named ``distributed-*``; activations by ``tp`` and ``cp`` (sequence split).
+  ``dp_shard``, ``tp``, ``pp``, ``ep``; optimizer state also by ``dp_replicate`` when the
+  optimizer says it splits its state over data-parallel replicas; activations by ``tp`` and
+  ``cp`` (sequence split).
 * The peak is taken at the start of backward: parameters + optimizer state + activations +
   the gradient of the largest saved tensor (the backward's first transient); gradients
   replace activations as backward proceeds, so ``max(activations, gradients)`` is used.
@@ -39,7 +43,9 @@ import torch
 from mcore.config import RunConfig
 from mcore.errors import ConfigError, UserError
 from mcore.mesh import order_dims, resolve_sizes
+from mcore.params import collect_param_specs
 from mcore.protocols.block import BlockContext
+from mcore.protocols.optimizer import OptimizerStateSize
 from mcore.train.build import DATA_DIMS, build_model
 from mcore.train.recompute import ATTENTION_NAMES, find_blocks
 
@@ -226,6 +232,47 @@ def fake_forward(
     return numel, layers, other, largest
 
 
+@dataclass
+class OptimizerState:
+    """The optimizer state of the whole model, before any sharding, as the planner models it."""
+
+    bytes: int
+    shards_over_dp: bool  # each dp_replicate replica keeps only its share
+    assumption: str
+
+
+def optimizer_state(
+    config: RunConfig, host: Any, param_dtype: torch.dtype, numel: int, *, sharded_params: bool
+) -> OptimizerState:
+    """Ask the run's optimizer factory for its state size (``OptimizerStateSize``), parameter by
+    parameter with their declared specs (the model built on ``meta``); AdamW-like if it cannot say."""
+    name = config.optimizer.name
+    factory = config.optimizer.instantiate()
+    if not isinstance(factory, OptimizerStateSize):
+        master = 4 if param_dtype != torch.float32 else 0
+        return OptimizerState(
+            numel * (8 + master),
+            False,
+            f"optimizer state: {name!r} does not report its size, assumed AdamW-like: 2 fp32 tensors per parameter"
+            + (" + fp32 master copy" if master else "")
+            + ", not split over dp_replicate",
+        )
+    model, _ = build_model(config, host, "meta")
+    specs = collect_param_specs(model)
+    total = 0
+    for param_name, p in model.named_parameters():
+        if p.requires_grad:
+            total += int(factory.state_bytes(tuple(p.shape), specs[param_name], param_dtype=param_dtype))
+    split = bool(factory.shards_state_over_dp(sharded_params=sharded_params))
+    per_element = total / max(1, numel)
+    return OptimizerState(
+        total,
+        split,
+        f"optimizer state: {per_element:.2f} bytes per parameter as {name!r} reports it"
+        + (", split over dp_replicate" if split else ", not split over dp_replicate"),
+    )
+
+
 def plan_memory(
     config: RunConfig, host: Any, *, world_size: int | None = None, device_memory_gb: float | None = None
 ) -> MemoryPlan:
@@ -261,10 +308,9 @@ def plan_memory(
     pbytes = _dtype_bytes(precision.param_dtype)
     params = numel * pbytes // shard
     grads = numel * pbytes // shard
-    states = 1 if "muon" in config.optimizer.name else 2
-    opt_shard = shard * (sizes.get("dp_replicate", 1) if config.optimizer.name.startswith("distributed") else 1)
-    master = 4 if precision.param_dtype != torch.float32 else 0
-    optimizer = numel * (4 * states + master) // opt_shard
+    state = optimizer_state(config, host, precision.param_dtype, numel, sharded_params=shard > 1)
+    opt_shard = shard * (sizes.get("dp_replicate", 1) if state.shards_over_dp else 1)
+    optimizer = state.bytes // opt_shard
 
     mode = config.train.recompute
     transient = largest // seq_split
@@ -292,7 +338,7 @@ def plan_memory(
     assumptions = [
         f"parameters, gradients and optimizer state divided by {shard} (product of {', '.join(SHARDING_DIMS)} sizes)",
         f"activations of one micro-batch ({B} x {T} tokens) measured on fake (storage-less) tensors, divided by {seq_split} (tp x cp)",
-        f"optimizer state: {states} fp32 tensor(s) per parameter" + (" + fp32 master copy" if master else ""),
+        state.assumption,
         "not modelled: allocator fragmentation/caching, layout communication buffers, CUDA context",
         *notes,
     ]

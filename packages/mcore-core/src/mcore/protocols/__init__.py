@@ -8,13 +8,14 @@ This package imports ``torch`` only for type checking, so importing it (and list
 plugins) stays cheap.
 """
 
-from mcore.protocols.block import BlockContext, FlopsShape, KVCacheHandle, ModelBlock, ModelFactory
+from mcore.protocols.block import AuxLosses, BlockContext, FlopsShape, KVCacheHandle, ModelBlock, ModelFactory
 from mcore.protocols.dispatcher import DispatchResult, Router, RoutingDecision, TokenDispatcher
 from mcore.protocols.layout import BatchShardingLayout, DataParallelInfo, ParallelLayout, ScheduledLayout
-from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory
+from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory, OptimizerStateSize
 from mcore.protocols.precision import GatherPayload, PrecisionRecipe
 
 __all__ = [
+    "AuxLosses",
     "BatchShardingLayout",
     "BlockContext",
     "DataParallelInfo",
@@ -26,6 +27,7 @@ __all__ = [
     "ModelBlock",
     "ModelFactory",
     "OptimizerFactory",
+    "OptimizerStateSize",
     "ParallelLayout",
     "PrecisionRecipe",
     "Router",

@@ -4,15 +4,19 @@ Shape legend: B batch rows, T tokens per row, H hidden size, D documents in a pa
 
 A block is an ``nn.Module`` whose forward takes the hidden states and a ``BlockContext``
 and returns hidden states of the same shape. Everything a block needs besides its input
-(positions, document boundaries, the KV cache, token ids for hash routing, collectors for
-auxiliary losses) travels in the context, never in globals. A block never imports
-``torch.distributed``: parallel layouts transform blocks from outside.
+(positions, document boundaries, the KV cache, token ids for hash routing, the collector for
+auxiliary losses) travels in the context, never in globals. What a call sees is its own: the
+context is frozen, the model hands each layer call its own view, and auxiliary losses go to a
+per-call collector keyed by (layer, name), so re-running a layer (recompute) changes nothing.
+A block never imports ``torch.distributed``: parallel layouts transform blocks from outside.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -46,9 +50,46 @@ class KVCacheHandle(Protocol):
     def gather(self, layer_index: int) -> Any: ...
 
 
-@dataclass(kw_only=True)
+class AuxLosses(Mapping[tuple[int, str], "torch.Tensor"]):
+    """The auxiliary losses of one model call: one 0-d tensor per ``(layer_index, name)``.
+
+    The model makes one for each forward call (or uses the one the caller put in the context, to
+    read it after the call) and hands it to every layer through that layer's ``BlockContext``
+    view; a block adds to it with ``ctx.add_aux_loss(name, loss)``. Adding a key again replaces
+    its entry, so a layer re-run during backward (activation recompute), or replayed by a
+    schedule, cannot count its loss twice. The model adds the entries to its loss once, after its
+    layers. A pipeline stage gives each micro-batch call its own collector.
+    """
+
+    def __init__(self) -> None:
+        self._losses: dict[tuple[int, str], torch.Tensor] = {}
+
+    def add(self, layer_index: int, name: str, loss: torch.Tensor) -> None:
+        """Set the loss ``name`` of layer ``layer_index`` (a 0-d tensor already multiplied by its coefficient)."""
+        self._losses[(layer_index, name)] = loss
+
+    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        return self._losses[key]
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self._losses)
+
+    def __len__(self) -> int:
+        return len(self._losses)
+
+    def __repr__(self) -> str:
+        return f"AuxLosses({sorted(self._losses)})"
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
 class BlockContext:
-    """What every block's forward receives besides the hidden states.
+    """What every block's forward receives besides the hidden states: read-only, one view per call.
+
+    The context is frozen: a block reads it and never changes it (nor the tensors it holds), so a
+    layer re-run later (activation recompute, pipeline schedules, CUDA graphs) sees exactly what it
+    saw the first time. The model narrows the batch's context into one view per layer call with
+    ``ctx.for_layer(index, extra=...)``; other views come from ``dataclasses.replace``. The one
+    thing a block writes is the call's ``aux_losses`` collector, through ``add_aux_loss``.
 
     Attributes:
         positions: ``(B, T)`` int64 position of each token inside its own document. For
@@ -60,15 +101,19 @@ class BlockContext:
             document boundary and no recurrent state (GDN, Mamba) crosses one.
         max_seqlen: longest document in ``cu_seqlens`` (a host int, so kernels need no sync).
         token_ids: ``(B, T)`` int64 input ids, for blocks that route by token (hash MoE).
-        kv_cache: the inference cache handle, ``None`` in training.
+        kv_cache: the inference cache handle, ``None`` in training; a block reads and appends
+            its own slice, ``layer_index``.
         mesh: the run's ``ParallelMesh``, for blocks whose math depends on a parallel
-            dimension (a layout may also stash per-dimension info in ``extra``).
-        layer_index: index of the block in its model (set by the model for each block).
-        aux_losses: collector the block appends scalar auxiliary losses to (MoE load
-            balancing, z-loss); the model adds them to the loss. Each entry is
-            ``(name, loss)`` with ``loss`` a 0-d tensor already multiplied by its coefficient.
-        extra: open map for state that a model threads through its blocks (mHC residual
-            streams, MTP hidden states). Keys are namespaced by the plugin that uses them.
+            dimension (a layout may also pass per-dimension info in ``extra``).
+        layer_index: index of the layer this view was made for (``for_layer``); layers after
+            the model's main stack (MTP depths) continue the numbering. ``0`` for a block called
+            alone.
+        aux_losses: the call's ``AuxLosses`` collector, shared by every view of one call and
+            never by two calls. ``None`` until the model makes one for the call; a caller
+            that wants to read the losses passes a fresh one with each call.
+        extra: read-only map of per-call values a model threads through its blocks (mHC
+            residual streams, MTP's next-token embeddings). Keys are namespaced by the plugin
+            that uses them; the model passes new values by making a new view, never by writing.
     """
 
     positions: torch.Tensor | None = None
@@ -78,8 +123,28 @@ class BlockContext:
     kv_cache: KVCacheHandle | None = None
     mesh: ParallelMesh | None = None
     layer_index: int = 0
-    aux_losses: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    aux_losses: AuxLosses | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))  # our own copy, read-only
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy/pickle: the read-only view of ``extra`` cannot be pickled
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return (partial(BlockContext, **{**values, "extra": dict(self.extra)}), ())
+
+    def for_layer(self, index: int, *, extra: Mapping[str, Any] | None = None) -> BlockContext:
+        """The view a model gives its layer ``index``: this view with ``extra`` added to its map."""
+        return replace(self, layer_index=index, extra={**self.extra, **extra} if extra else self.extra)
+
+    def add_aux_loss(self, name: str, loss: torch.Tensor) -> None:
+        """Record this layer's auxiliary loss ``name`` (0-d, already scaled); a re-run replaces it."""
+        if self.aux_losses is None:
+            raise RuntimeError(
+                f"auxiliary loss {name!r} has no collector: a model gives each call one; to call a block alone "
+                "pass BlockContext(aux_losses=AuxLosses())"
+            )
+        self.aux_losses.add(self.layer_index, name, loss)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +169,9 @@ class ModelBlock(Protocol):
     Contract:
         * ``forward(hidden, ctx)``: ``hidden`` is ``(B, T, H)`` in the compute dtype; the
           result has the same shape and dtype. Residual connections are the model's job
-          unless the block's documentation says otherwise.
+          unless the block's documentation says otherwise. The block leaves ``ctx`` and the
+          tensors in it unchanged (it may be called again with the same view: recompute); its
+          only write is ``ctx.add_aux_loss(name, loss)``.
         * ``num_parameters()``: parameters owned by the block (before any sharding).
         * ``flops(shape)``: forward FLOPs for ``shape`` (multiply-add counts 2); backward is
           taken as twice the forward by MFU accounting.
@@ -131,7 +198,10 @@ class ModelFactory(Protocol):
     including ``preset``) and ``build(config, *, seed, device, block_lookup)`` returning an
     ``nn.Module`` whose ``forward(tokens, *, labels=None, ctx=None)`` returns logits
     ``(B, T, V)`` or, given labels ``(B, T)`` int64 with ``-100`` ignored, a 0-d fp32 loss
-    (mean over non-ignored tokens, auxiliary losses included). ``block_lookup(kind_name)``
+    (mean over non-ignored tokens, auxiliary losses included). The model calls each layer with
+    its own view ``ctx.for_layer(index)``, makes an ``AuxLosses`` collector for the call unless
+    ``ctx.aux_losses`` brings one, and adds the collector's losses to the loss once, after its
+    layers. ``block_lookup(kind_name)``
     resolves block names through the registry, so a block from another plugin slots in by
     name. ``flops_per_token(seq_len)`` gives the training FLOPs per token (forward and
     backward) that MFU uses; ``hf`` (optional) names the Hugging Face mapping.

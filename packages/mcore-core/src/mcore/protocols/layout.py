@@ -91,7 +91,8 @@ class BatchShardingLayout(ParallelLayout, Protocol):
     (e.g. ``cp`` with zig-zag balance: chunks ``r`` and ``2 * cp - 1 - r`` of every document,
     positions kept global so rotary embeddings stay right). ``loss_group()`` is the group
     over which the per-rank mean losses are averaged to give the batch loss (``None`` when
-    the layout does not split the loss). Dynamic CP may pick its split per batch here.
+    the layout does not split the loss). Dynamic CP may pick its split per batch here. The
+    context it returns is a new one (``dataclasses.replace``): contexts are frozen.
     """
 
     def shard_batch(
@@ -110,7 +111,8 @@ class ScheduledLayout(ParallelLayout, Protocol):
     ``.grad`` as with a plain loop) and returns the mean loss over the micro-batches as a 0-d
     fp32 tensor, valid on every rank of the pipeline (the last stage broadcasts it). The
     runtime calls it instead of its own micro-batch loop when a layout implements it; at
-    most one layout of a run may.
+    most one layout of a run may. Each micro-batch's model call gets its own ``AuxLosses``
+    collector: one context's collector is never shared across micro-batches.
     """
 
     def forward_backward(

@@ -1,4 +1,10 @@
-"""Optimizers: built by name for a model that layouts have already transformed."""
+"""Optimizers: built by name for a model that layouts have already transformed.
+
+Which parameter is an embedding, the head, a matrix or a fused ``[q | k | v]`` is declared by
+the model (``mcore.params``); optimizers read it with ``collect_param_specs`` rather than
+guessing from names. ``mcore plan`` asks the optimizer how much state it keeps
+(``OptimizerStateSize``) rather than guessing from its name.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from mcore.mesh import ParallelMesh
+    from mcore.params import ParamSpec
     from mcore.protocols.layout import ParallelLayout
 
 
@@ -18,8 +26,7 @@ class MeshOptimizer(Protocol):
 
     Contract:
         * ``param_groups``: list of dicts with at least ``"lr"`` (schedulers write it) and
-          ``"params"``; extra keys (``"role"``: ``"matrix" | "embedding" | "head" | "norm" |
-          "bias"``) are allowed.
+          ``"params"``; extra keys (``"role"``: one of ``mcore.params.ROLES``) are allowed.
         * ``step()``: one update from the gradients currently in ``.grad`` (already
           averaged over data-parallel ranks by the layouts). For distributed variants,
           all ranks call it; afterwards every rank's parameters are up to date.
@@ -61,3 +68,31 @@ class OptimizerFactory(Protocol):
         mesh: ParallelMesh,
         layouts: Sequence[ParallelLayout],
     ) -> MeshOptimizer: ...
+
+
+@runtime_checkable
+class OptimizerStateSize(Protocol):
+    """Optional: an ``OptimizerFactory`` that says how much state it keeps (``mcore plan`` reads it).
+
+    Contract:
+        * ``state_bytes(shape, spec, *, param_dtype)``: bytes of optimizer state (moments,
+          master copies, step counts...) this optimizer keeps for one whole parameter of
+          ``shape`` (global, unsharded), declared ``spec`` (its role decides e.g. momentum only
+          for Muon's matrices) and ``param_dtype``, summed over all ranks as if nothing were
+          sharded. Layouts that shard parameters (``dp_shard``, ``tp``, ``pp``, ``ep``) shard
+          this state with them; the planner divides by their sizes.
+        * ``shards_state_over_dp(*, sharded_params)``: whether each data-parallel replica keeps
+          only its share of the state of parameters that are *replicated* over
+          ``dp_replicate`` (ZeRO-1, whole parameters bin-packed over ranks). ``sharded_params``
+          says whether the layouts shard the parameters (they are ``DTensor``s), which may change
+          the answer (``distributed-adamw`` falls back to plain AdamW then). The planner divides
+          the state by the ``dp_replicate`` size when it is true.
+
+    A factory without these methods is planned as AdamW-like: two fp32 tensors per parameter
+    element, plus an fp32 master copy when parameters are not fp32, not split over
+    ``dp_replicate``; the plan says so in its assumptions.
+    """
+
+    def state_bytes(self, shape: tuple[int, ...], spec: ParamSpec, *, param_dtype: torch.dtype) -> int: ...
+
+    def shards_state_over_dp(self, *, sharded_params: bool) -> bool: ...

@@ -5,6 +5,10 @@
 recomputes only the attention sub-module of each block (the part whose activations grow
 fastest with sequence length), found by its name (``attn``, ``attention``, ``self_attn``).
 The forward is wrapped on the instance, so parameter names (and checkpoints) do not change.
+The recompute in backward calls the block again with the arguments of its forward, so it relies on
+the block contract (``mcore.protocols.block``): each layer call gets its own frozen ``BlockContext``
+view (same layer index the second time) and an auxiliary loss added again replaces its entry in the
+call's ``AuxLosses``, so neither the loss, the gradients nor the auxiliary losses change.
 """
 
 from __future__ import annotations

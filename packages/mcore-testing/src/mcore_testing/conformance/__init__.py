@@ -10,6 +10,7 @@ from mcore_testing.conformance.block import BlockConformance
 from mcore_testing.conformance.dispatcher import DispatcherConformance
 from mcore_testing.conformance.layout import LayoutConformance
 from mcore_testing.conformance.optimizer import OptimizerConformance
+from mcore_testing.conformance.params import ParamSpecConformance
 from mcore_testing.conformance.precision import PrecisionConformance
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "DispatcherConformance",
     "LayoutConformance",
     "OptimizerConformance",
+    "ParamSpecConformance",
     "PrecisionConformance",
 ]

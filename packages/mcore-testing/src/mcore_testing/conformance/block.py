@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from itertools import pairwise
 from typing import Any
 
 import pytest
 import torch
 
-from mcore.protocols import BlockContext, FlopsShape, ModelBlock
+from mcore.protocols import AuxLosses, BlockContext, FlopsShape, ModelBlock
+from mcore_testing.conformance.params import ParamSpecConformance
 from mcore_testing.numerics import assert_finite, assert_rel_close, seeded_generator, seeded_randn
 
 
-class BlockConformance:
+class BlockConformance(ParamSpecConformance):
     """Subclass and implement ``make_block(hidden_size)``.
 
     Class attributes: ``hidden_size``; ``causal`` (a token's output depends only on earlier
     tokens); ``supports_packed`` (honours ``ctx.cu_seqlens``: no mixing across documents);
-    ``dtypes`` to check.
+    ``dtypes`` to check. Every block must leave the context it gets unchanged (it is frozen; its
+    tensors and ``extra`` must not change in place either): the model may call it again with the
+    same view. The contexts given carry an ``AuxLosses`` collector, for blocks that add to it.
     """
 
     hidden_size: int = 32
@@ -31,10 +35,15 @@ class BlockConformance:
     def _ctx(self, B: int, T: int, cu: list[int] | None = None) -> BlockContext:
         if cu is None:
             positions = torch.arange(T).expand(B, T)
-            return BlockContext(positions=positions)
+            return BlockContext(positions=positions, aux_losses=AuxLosses())
         pos = torch.cat([torch.arange(b - a) for a, b in pairwise(cu)]).view(B, T)
         lengths = [b - a for a, b in pairwise(cu)]
-        return BlockContext(positions=pos, cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(lengths))
+        return BlockContext(
+            positions=pos,
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+            max_seqlen=max(lengths),
+            aux_losses=AuxLosses(),
+        )
 
     def test_is_model_block(self) -> None:
         assert isinstance(self.make_block(self.hidden_size), ModelBlock)
@@ -57,6 +66,24 @@ class BlockConformance:
             if p.requires_grad:
                 assert p.grad is not None, f"parameter {name} got no gradient"
                 assert_finite(p.grad, f"grad of {name}")
+
+    def test_leaves_the_context_unchanged(self) -> None:
+        """The block may be re-run with the same view (recompute): it must not change it, in place or not."""
+        block = self.make_block(self.hidden_size)
+        B, T = (1, 16) if self.supports_packed else (2, 8)
+        ctx = self._ctx(B, T, [0, 5, 12, 16] if self.supports_packed else None)
+        fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
+        tensors = {name: (v.clone(), v._version) for name, v in fields.items() if isinstance(v, torch.Tensor)}
+        extra = dict(ctx.extra)
+        x = seeded_randn(B, T, self.hidden_size, seed=8).requires_grad_()
+        block(x, ctx).square().mean().backward()
+        for name, value in fields.items():
+            assert getattr(ctx, name) is value, f"the block replaced ctx.{name}"
+        for name, (copy, version) in tensors.items():
+            now = getattr(ctx, name)
+            assert now._version == version and torch.equal(now, copy), f"the block changed ctx.{name} in place"
+        assert dict(ctx.extra).keys() == extra.keys(), "the block changed ctx.extra"
+        assert all(ctx.extra[k] is v for k, v in extra.items()), "the block changed ctx.extra"
 
     def test_num_parameters_counts_every_parameter(self) -> None:
         block = self.make_block(self.hidden_size)

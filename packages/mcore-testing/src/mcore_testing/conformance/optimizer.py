@@ -1,4 +1,8 @@
-"""Conformance checks for ``OptimizerFactory`` implementations (single process)."""
+"""Conformance checks for ``OptimizerFactory`` implementations (single process).
+
+A factory that implements the optional ``OptimizerStateSize`` (what ``mcore plan`` reads) must
+report exactly the state its optimizer holds (``check_state_size``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from mcore.layouts.single import SingleLayout
 from mcore.mesh import ParallelMesh
 from mcore.protocols import MeshOptimizer, OptimizerFactory
+from mcore_testing.conformance.params import check_state_size
 from mcore_testing.reference import TinyConfig, TinyTransformer, tiny_batches
 
 
@@ -89,6 +94,13 @@ class OptimizerConformance:
         self._step(resumed, resumed_opt, batches[3])
         for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
             assert torch.equal(p, q), f"parameter {name} differs after resume"
+
+    def test_reported_state_size_matches_the_state(self) -> None:
+        factory = self.make_factory()
+        model = TinyTransformer(seed=0)
+        optimizer = factory.build(model, mesh=single_mesh(), layouts=[SingleLayout()])
+        self._step(model, optimizer, tiny_batches(1)[0])
+        check_state_size(factory, model, optimizer)
 
     def test_refuses_state_for_other_shapes(self) -> None:
         model, optimizer = self._build()

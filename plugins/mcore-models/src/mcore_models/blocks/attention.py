@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mcore.params import ParamSpec
 from mcore.protocols.block import BlockContext, FlopsShape
 from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
 from mcore_models.blocks.masking import attend, attention_mask
@@ -88,6 +89,20 @@ class Attention(Block):
         self.rotary = Rotary(cfg, self.head_dim)
         self.scale = cfg.attention_scale or 1.0 / math.sqrt(self.head_dim)
         self.reset_parameters()
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """``qkv`` rows are ``[all Q | K | V]``, ``head_dim`` rows per head (``mcore.params``)."""
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        splits = (("q", q_dim), ("k", kv_dim), ("v", kv_dim))
+        specs = {
+            "qkv.weight": ParamSpec("matrix", splits=splits, head_rows=self.head_dim),
+            "out.weight": ParamSpec("matrix"),
+        }
+        if self.qkv.bias is not None:
+            specs["qkv.bias"] = ParamSpec("bias", splits=splits, head_rows=self.head_dim)
+        if self.out.bias is not None:
+            specs["out.bias"] = ParamSpec("bias")
+        return specs
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         batch, seq, _ = hidden.shape

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mcore.params import ParamSpec
 from mcore.protocols.block import BlockContext, FlopsShape
 from mcore_models.blocks.attention import row_positions
 from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
@@ -93,6 +94,21 @@ class MLA(Block):
             scale *= _yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
         self.scale = scale
         self.reset_parameters()
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """``q_up`` and ``kv_up`` rows are per head (``[nope | rope]``, ``[k | v]``); ``kv_down`` rows are
+        ``[latent | rope key]`` (``mcore.params``)."""
+        cfg = self.config
+        dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        specs = {
+            "q_up.weight": ParamSpec("matrix", head_rows=dn + dr),
+            "kv_down.weight": ParamSpec("matrix", splits=(("latent", cfg.kv_lora_rank), ("k_rope", dr))),
+            "kv_up.weight": ParamSpec("matrix", head_rows=dn + dv),
+            "out.weight": ParamSpec("matrix"),
+        }
+        if isinstance(self.q_down, nn.Linear):
+            specs["q_down.weight"] = ParamSpec("matrix")
+        return specs
 
     def _queries(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[no-untyped-def]
         cfg = self.config

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcore.params import ParamSpec
 from mcore.protocols.block import BlockContext, FlopsShape
 from mcore_models.blocks.base import Block, check_choice, check_non_negative, check_positive, init_linear_
 from mcore_models.kernels.swiglu import clamped_swiglu_reference, swiglu
@@ -57,6 +58,17 @@ class _TwoLayer(Block):
         self.up = nn.Linear(hidden_size, self.up_factor * config.ffn_hidden_size, bias=config.mlp_bias)
         self.down = nn.Linear(config.ffn_hidden_size, hidden_size, bias=config.mlp_bias)
         self.reset_parameters()
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """A gated MLP's ``up`` rows are ``[gate | up]`` (``mcore.params``)."""
+        ffn = self.config.ffn_hidden_size
+        splits = (("gate", ffn), ("up", ffn)) if self.up_factor == 2 else ()
+        specs = {"up.weight": ParamSpec("matrix", splits=splits), "down.weight": ParamSpec("matrix")}
+        if self.up.bias is not None:
+            specs["up.bias"] = ParamSpec("bias", splits=splits)
+        if self.down.bias is not None:
+            specs["down.bias"] = ParamSpec("bias")
+        return specs
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

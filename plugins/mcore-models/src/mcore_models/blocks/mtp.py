@@ -5,8 +5,10 @@ Shape legend: B rows, T tokens, H hidden.
 Depth ``k`` combines the previous depth's hidden state ``h`` (the main model's last hidden state
 for ``k = 1``) with the embedding of token ``t[i + k]``: ``proj([norm(emb); norm(h)])``, runs one
 transformer layer and hands the result, after its own final norm, to the model's shared output
-head to predict ``t[i + k + 1]``. The embeddings arrive in ``ctx.extra[NEXT_EMBEDDINGS]``, so the
-module keeps the common block signature.
+head to predict ``t[i + k + 1]``. The embeddings arrive in ``ctx.extra[NEXT_EMBEDDINGS]`` of the
+view the model makes for depth ``k`` (``ctx.for_layer(num_layers + k - 1, extra=...)``: read-only,
+its own layer index for the KV cache and auxiliary losses), so the module keeps the common block
+signature.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcore.params import ParamSpec
 from mcore.protocols.block import BlockContext, FlopsShape
 from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
 from mcore_models.blocks.norms import RMSNorm
@@ -47,6 +50,11 @@ class MTP(Block):
         self.proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
         self.layer: Any = layer if layer is not None else nn.Identity()
         self.reset_parameters()
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """``proj`` is a hidden matrix (its columns are ``[embedding | hidden]``); the norms and the
+        layer declare their own (``mcore.params``)."""
+        return {"proj.weight": ParamSpec("matrix")}
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         embedded = ctx.extra[NEXT_EMBEDDINGS]  # (B, T, H)

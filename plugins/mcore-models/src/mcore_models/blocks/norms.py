@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcore.params import ParamSpec
 from mcore.protocols.block import BlockContext, FlopsShape
 from mcore_models.blocks.base import Block, check_positive, fill_
 from mcore_models.kernels.rmsnorm import rms_norm
@@ -37,6 +38,9 @@ class RMSNorm(Block):
         self.offset = 1.0 if self.config.zero_centered_gamma else 0.0
         self.weight = nn.Parameter(torch.empty(hidden_size))
         self.reset_parameters()
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return {"weight": ParamSpec("norm")}
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         return rms_norm(hidden, self.weight, self.eps, self.offset)  # (..., H)
@@ -70,6 +74,12 @@ class LayerNorm(Block):
         self.weight = nn.Parameter(torch.empty(hidden_size))
         self.bias = nn.Parameter(torch.empty(hidden_size)) if self.config.norm_bias else None
         self.reset_parameters()
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        specs = {"weight": ParamSpec("norm")}
+        if self.bias is not None:
+            specs["bias"] = ParamSpec("bias")
+        return specs
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         weight = self.weight + self.offset if self.offset else self.weight

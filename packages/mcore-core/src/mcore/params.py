@@ -1,0 +1,246 @@
+"""Declared parameter roles and fused layouts: what each parameter of a model *is*.
+
+Optimizers (Muon orthogonalises matrices, not embeddings or the head), precision recipes
+(embedding, head and router stay in high precision), tensor-parallel plans and muP all need
+to know which parameter is the head, an embedding, an expert, or a fused ``[q | k | v]``.
+Guessing that from names (``lm_head|output``) silently misses a model that says ``head``, so
+models and blocks declare it here, and consumers read the declaration.
+
+Declaring: any module (a block or a whole model) may define::
+
+    def param_specs(self) -> Mapping[str, ParamSpec]:
+        return {"qkv.weight": ParamSpec("matrix", splits=(("q", 512), ("k", 128), ("v", 128)), head_rows=64)}
+
+keyed by the names of parameters under that module, relative to it (``"weight"``,
+``"qkv.weight"``). Declare only what the module itself creates (its own parameters and those
+of plain children such as an ``nn.Linear``), so the names stay right when layouts or recompute
+transform other parts of the model.
+
+Reading: ``collect_param_specs(model)`` gives every parameter's spec by its fully qualified
+name, as ``model.named_parameters()`` spells it (a tied parameter appears once, under that
+name). It walks ``named_modules()``: a declaration of an outer module overrides one of an
+inner module; parameters nobody declares get a role from their structure (the weight of an
+``nn.Embedding``: ``embedding``; 0-D and 1-D: ``bias`` when the name ends in ``bias``, else
+``norm``; anything else: ``matrix``). Layouts that keep module paths and the module's class
+(``fully_shard`` of torch and of mcore-fsdp swap a module's class for a subclass and its
+parameters for ``DTensor``s of the same global shape) keep the declarations valid.
+``apply_role_overrides(specs, {regex: role})`` applies a user's overrides.
+
+Roles (``ROLES``):
+
+* ``embedding``: looked-up rows (token, position embeddings);
+* ``head``: the output projection to the vocabulary (a tied head is the embedding: one parameter);
+* ``matrix``: a hidden weight matrix (attention and MLP projections);
+* ``norm`` / ``bias``: scales of norms, biases;
+* ``expert``: the weights of MoE experts (with 3+ dims, dim 0 indexes the experts);
+* ``router``: the weights that score experts (kept in high precision).
+
+Fused layouts: ``splits`` says how a parameter's matrix rows split into logical matrices, in
+order: ``(("q", 512), ("k", 128), ("v", 128))`` for a fused QKV weight laid out
+``[all Q | K | V]`` (its bias splits the same way). ``head_rows`` is the number of rows per
+attention head inside each logical matrix (or inside the whole matrix, without splits). The
+rows are dim 0, or dim 1 for an ``expert`` parameter with 3+ dims (dim 0 indexes the experts;
+see ``matrix_shape``).
+
+This module imports no torch at import time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "ROLES",
+    "ParamSpec",
+    "apply_role_overrides",
+    "check_param_specs",
+    "check_spec_shape",
+    "collect_param_specs",
+    "logical_blocks",
+    "matrix_shape",
+    "structural_spec",
+]
+
+#: Every role a parameter may have.
+ROLES: tuple[str, ...] = ("embedding", "head", "matrix", "norm", "bias", "expert", "router")
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    """What one parameter is: its ``role`` and, for a fused weight, how its rows split.
+
+    ``splits``: ``(name, rows)`` pairs, in row order; the rows sum to the parameter's matrix rows.
+    ``head_rows``: rows per attention head inside each logical matrix (for optimizers that treat
+    heads separately); it divides every split's rows (or the matrix rows, without splits).
+    Construction checks what can be checked without the parameter (``ValueError``);
+    ``check_param_specs`` checks the rest against the parameter's shape.
+    """
+
+    role: str
+    splits: tuple[tuple[str, int], ...] = ()
+    head_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role = {self.role!r} is not a parameter role; allowed: {', '.join(ROLES)}")
+        names = [name for name, _ in self.splits]
+        for name, rows in self.splits:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"splits = {self.splits!r}: a split name must be a non-empty string")
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+                raise ValueError(f"splits = {self.splits!r}: split {name!r} has {rows!r} rows; allowed: a positive int")
+        if len(set(names)) != len(names):
+            raise ValueError(f"splits = {self.splits!r}: split names must be distinct")
+        if self.head_rows is not None:
+            if isinstance(self.head_rows, bool) or not isinstance(self.head_rows, int) or self.head_rows < 1:
+                raise ValueError(f"head_rows = {self.head_rows!r}; allowed: a positive int or None")
+            bad = [name for name, rows in self.splits if rows % self.head_rows]
+            if bad:
+                raise ValueError(f"head_rows = {self.head_rows} does not divide the rows of split {bad[0]!r}")
+
+
+def matrix_shape(shape: Iterable[int], role: str) -> tuple[int, int, int]:
+    """``(count, rows, cols)``: the parameter seen as ``count`` stacked matrices of ``rows x cols``.
+
+    An ``expert`` parameter with 3+ dims is one matrix per expert (dim 0); every other parameter
+    is one matrix whose rows are dim 0 and whose columns are the other dims flattened (a bias:
+    one column; a 0-D parameter: ``(1, 1, 1)``).
+    """
+    shape = tuple(shape)
+    if not shape:
+        return 1, 1, 1
+    if role == "expert" and len(shape) >= 3:
+        return shape[0], shape[1], math.prod(shape[2:])
+    return 1, shape[0], math.prod(shape[1:])
+
+
+def logical_blocks(spec: ParamSpec, rows: int, *, by_head: bool = False) -> list[tuple[str, int, int]]:
+    """``(name, first_row, rows)`` of each logical matrix in a matrix of ``rows`` rows, in order.
+
+    Without splits the whole matrix is one block named ``""``; with ``by_head`` each block with
+    ``head_rows`` is cut further into heads (named ``"q.0"``, ``"q.1"``, ...).
+    """
+    splits = spec.splits or (("", rows),)
+    out = []
+    first = 0
+    for name, count in splits:
+        if by_head and spec.head_rows is not None and count % spec.head_rows == 0:
+            for h in range(count // spec.head_rows):
+                label = f"{name}.{h}" if name else str(h)
+                out.append((label, first + h * spec.head_rows, spec.head_rows))
+        else:
+            out.append((name, first, count))
+        first += count
+    return out
+
+
+def structural_spec(name: str, param: object, embeddings: set[int]) -> ParamSpec:
+    """The role of an undeclared parameter, from its structure (see the module docstring)."""
+    if id(param) in embeddings:
+        return ParamSpec("embedding")
+    if getattr(param, "ndim", 2) <= 1:
+        return ParamSpec("bias" if name.endswith("bias") else "norm")
+    return ParamSpec("matrix")
+
+
+def _declarations(model: nn.Module) -> Iterator[tuple[str, nn.Module, Mapping[str, ParamSpec]]]:
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "param_specs", None)
+        if callable(declare):
+            specs = declare()
+            if not isinstance(specs, Mapping):
+                raise TypeError(
+                    f"{type(module).__name__}.param_specs() returned {type(specs).__name__}; expected a mapping"
+                )
+            yield prefix, module, specs
+
+
+def collect_param_specs(model: nn.Module) -> dict[str, ParamSpec]:
+    """Every parameter's ``ParamSpec``, keyed like ``model.named_parameters()``, in its order.
+
+    Declarations come from the ``param_specs()`` of ``model`` and of every module under it; an
+    outer module's declaration wins over an inner one's; a declared name that
+    ``model.named_parameters()`` does not yield (a tied duplicate, an absent optional bias) is
+    ignored. Undeclared parameters get a role from their structure.
+    """
+    from torch import nn
+
+    named = dict(model.named_parameters())
+    declared: dict[str, ParamSpec] = {}
+    for prefix, _, specs in _declarations(model):  # parents come before their children
+        for key, spec in specs.items():
+            full = f"{prefix}.{key}" if prefix else key
+            if full in named and full not in declared:
+                if not isinstance(spec, ParamSpec):
+                    raise TypeError(f"param_specs() of {prefix or 'the model'!r} gives {key!r} a {type(spec).__name__}")
+                declared[full] = spec
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {name: declared.get(name) or structural_spec(name, p, embeddings) for name, p in named.items()}
+
+
+def check_param_specs(model: nn.Module) -> dict[str, ParamSpec]:
+    """``collect_param_specs``, strictly: every declared name is a parameter of the module that
+    declares it, and every split fits its parameter's shape. Raises ``ValueError`` naming the
+    first problem (for conformance tests and model authors; training uses the lenient form)."""
+    for prefix, module, specs in _declarations(model):
+        own = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+        where = f"{type(module).__name__}.param_specs()" + (f" (at {prefix!r})" if prefix else "")
+        for key, spec in specs.items():
+            if key not in own:
+                raise ValueError(f"{where} declares {key!r}, which is not one of its parameters: {sorted(own)}")
+            if not isinstance(spec, ParamSpec):
+                raise ValueError(f"{where} gives {key!r} a {type(spec).__name__}; expected a ParamSpec")
+    specs = collect_param_specs(model)
+    params = dict(model.named_parameters())
+    for name, spec in specs.items():
+        check_spec_shape(name, spec, tuple(params[name].shape))
+    return specs
+
+
+def check_spec_shape(name: str, spec: ParamSpec, shape: tuple[int, ...]) -> None:
+    """``ValueError`` naming parameter ``name`` unless ``spec``'s splits and head rows fit ``shape``."""
+    if not (spec.splits or spec.head_rows):
+        return
+    if not shape:
+        raise ValueError(f"{name!r} is 0-D: splits and head_rows need a parameter with rows")
+    _, rows, _ = matrix_shape(shape, spec.role)
+    if spec.splits and sum(r for _, r in spec.splits) != rows:
+        raise ValueError(
+            f"{name!r}: splits {spec.splits!r} sum to {sum(r for _, r in spec.splits)} rows, "
+            f"but the parameter has {rows} (shape {list(shape)})"
+        )
+    if spec.head_rows and not spec.splits and rows % spec.head_rows:
+        raise ValueError(f"{name!r}: head_rows = {spec.head_rows} does not divide its {rows} rows")
+
+
+def apply_role_overrides(specs: Mapping[str, ParamSpec], overrides: Mapping[str, str]) -> dict[str, ParamSpec]:
+    """``specs`` with the role of every parameter whose name matches a pattern replaced.
+
+    ``overrides`` maps a regular expression (``re.search`` on the fully qualified parameter
+    name) to a role; the first matching pattern, in the order given, wins. Splits are kept. A
+    bad pattern or an unknown role is a ``ValueError`` naming it.
+    """
+    compiled = []
+    for pattern, role in overrides.items():
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"role_overrides: {pattern!r} is not a valid regular expression: {exc}") from None
+        if role not in ROLES:
+            raise ValueError(f"role_overrides: {pattern!r} = {role!r} is not a role; allowed: {', '.join(ROLES)}")
+        compiled.append((regex, role))
+    out = dict(specs)
+    for name, spec in specs.items():
+        for regex, role in compiled:
+            if regex.search(name):
+                if role != spec.role:
+                    out[name] = replace(spec, role=role)
+                break
+    return out
