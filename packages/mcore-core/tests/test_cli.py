@@ -95,6 +95,22 @@ def test_config_prints_resolved_toml(tmp_path: Path):
     assert resolved["parallel"]["layouts"] == ["single"]
 
 
+def test_config_override_whose_value_holds_a_space_is_an_override(tmp_path: Path):
+    """argparse takes a `--x=a b` argument for a positional: it was read as the config file."""
+    import tomllib
+
+    out_dir = tmp_path / "my runs" / "a b"
+    result = run_cli(
+        "config",
+        "--model.name=reference-tiny",
+        "--optimizer.name=reference-adamw",
+        f"--train.out_dir={out_dir}",
+        env={"MCORE_PLUGINS": "mcore_testing.plugin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert tomllib.loads(result.stdout)["train"]["out_dir"] == str(out_dir)
+
+
 def test_config_bad_key_exits_2():
     result = run_cli(
         "config",

@@ -213,6 +213,10 @@ def _dispatch(host: PluginHost, argv: list[str]) -> int:
     """Run the command ``argv`` names; no command at all prints the help (the demo is ``mcore train``)."""
     if argv and argv[0] in host.commands and argv[0] not in BUILTIN_COMMANDS:
         return host.commands[argv[0]].run(argv[1:])
+    overrides: list[str] = []
+    if argv[:1] == ["config"]:  # argparse would take an override whose value holds a space for the file
+        overrides = [a for a in argv[1:] if a.startswith("--") and "." in a.split("=", 1)[0]]
+        argv = argv[:1] + [a for a in argv[1:] if not (a.startswith("--") and "." in a.split("=", 1)[0])]
     parser = build_parser(host)
     args, rest = parser.parse_known_args(argv)
     if args.command is None:
@@ -221,7 +225,7 @@ def _dispatch(host: PluginHost, argv: list[str]) -> int:
         parser.print_help()
         return 0
     if args.command == "config":
-        return cmd_config(host, args, rest)
+        return cmd_config(host, args, overrides + rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "plugins":
