@@ -152,13 +152,14 @@ def test_a_checkpoint_holding_inf_is_refused_on_resume(
 # -- no silent hangs -------------------------------------------------------------------------------
 
 TIMEOUT_S = 3.0
+ASLEEP_AT_MOST_S = 30.0  # how long the late rank stays stopped unless released
 
 
 def _sleep_on_rank_1(root: Path) -> Any:
     def wrap(call: int) -> None:
         if dist.get_rank() == 1 and call == 2:  # the forward of step 2
             (root / "asleep").write_text(str(time.time()))
-            deadline = time.time() + 30
+            deadline = time.time() + ASLEEP_AT_MOST_S
             while not (root / "released").exists() and time.time() < deadline:
                 time.sleep(0.05)
 
@@ -192,7 +193,9 @@ def _one_rank_is_late(root: str, corpus: str) -> None:
         f"rank 0: gradient sync of step 2 waited more than parallel.timeout_s = {TIMEOUT_S:g} s for the other ranks; "
         "late: rank 1"
     ), message
-    assert TIMEOUT_S <= waited < 2 * TIMEOUT_S + 4.0  # the timeout, the late-rank check, a margin
+    # It gave up after the timeout and while rank 1 was still stopped (it sleeps until released or
+    # ASLEEP_AT_MOST_S): no tighter wall-clock bound, which a loaded CI machine would break.
+    assert TIMEOUT_S <= waited < ASLEEP_AT_MOST_S
 
 
 def test_a_stopped_rank_ends_the_others_with_a_message_naming_it(tmp_path: Path) -> None:
