@@ -2,8 +2,10 @@
 
 Regressions: the optimizers found the head by the name pattern ``lm_head|output``, so gpt's untied
 ``head`` was orthogonalised by Muon as a hidden matrix; and Muon split a fused QKV weight into
-``qkv_groups`` equal row blocks (a per-KV-group ``[q.., k, v]`` layout), while ``Attention`` packs
-``[all Q | K | V]``.
+``qkv_groups`` equal row blocks (a per-KV-group ``[q.., k, v]`` layout), while ``Attention`` packed
+``[all Q | K | V]``. ``Attention`` now keeps ``q``, ``k``, ``v`` (and the MLPs ``gate``, ``up``) as
+separate parameters, which shard by rows under tensor parallelism; each is one Muon matrix, and
+``split_heads`` cuts q, k and v by their declared ``head_rows``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 
 from mcore.mesh import ParallelMesh
 from mcore.params import collect_param_specs
+from mcore_models.blocks.attention import Attention
+from mcore_models.blocks.mla import MLA
+from mcore_models.blocks.mlp import SwiGLU
 from mcore_models.gpt import GPT, GPTConfig
 from mcore_optim.muon import MuonFactory
 from mcore_optim.newton_schulz import resolve
@@ -22,15 +27,14 @@ from mcore_testing.conformance.params import assert_param_specs_valid
 from mcore_testing.numerics import assert_rel_close
 
 SINGLE = ParallelMesh((), (), "cpu")
-# GQA: 4 query heads, 2 KV heads of 8 dims -> qkv rows [Q 32 | K 16 | V 16]
-CONFIG = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "num_layers": 1,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "ffn_hidden_size": 48,
-}
+# GQA: 4 query heads, 2 KV heads of 8 dims -> q 32 rows, k and v 16 rows each
+CONFIG = {"vocab_size": 64, "hidden_size": 32, "num_layers": 1}
+BLOCKS = {"attention": Attention.Config(num_heads=4, num_kv_heads=2), "swiglu": SwiGLU.Config(ffn_hidden_size=48)}
+
+
+def gpt_config(*, blocks: dict[str, object] | None = None, **keys: object) -> GPTConfig:
+    """``CONFIG`` with ``keys`` over it and ``blocks`` tables replacing those of ``BLOCKS``."""
+    return GPTConfig(**{**CONFIG, **keys}, blocks={**BLOCKS, **(blocks or {})})  # type: ignore[arg-type]
 
 
 def muon(model: GPT, **config: object):
@@ -59,15 +63,20 @@ def plain_ns(g: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_gpt_declares_valid_specs_and_its_head(tie: bool) -> None:
-    for extra in ({}, {"attention": "mla", "q_lora_rank": 16, "mtp_num_layers": 1}, {"qkv_bias": True}):
-        assert_param_specs_valid(GPT(GPTConfig(**CONFIG, **extra, tie_embeddings=tie)))
-    specs = collect_param_specs(GPT(GPTConfig(**CONFIG, tie_embeddings=tie)))
+    variants: list[dict[str, object]] = [
+        {},
+        {"mixer": "mla", "mtp_num_layers": 1, "blocks": {"mla": MLA.Config(num_heads=4, q_lora_rank=16)}},
+        {"blocks": {"attention": Attention.Config(num_heads=4, num_kv_heads=2, qkv_bias=True)}},
+    ]
+    for extra in variants:
+        assert_param_specs_valid(GPT(gpt_config(**extra, tie_embeddings=tie)))  # type: ignore[arg-type]
+    specs = collect_param_specs(GPT(gpt_config(tie_embeddings=tie)))
     assert specs["embed.weight"].role == "embedding"
     assert ("head.weight" in specs) is not tie and (tie or specs["head.weight"].role == "head")
 
 
 def test_muon_leaves_gpts_untied_head_to_adamw() -> None:
-    model = GPT(GPTConfig(**CONFIG)).double()
+    model = GPT(gpt_config()).double()
     optimizer = muon(model)
     roles = {name: g["role"] for g in optimizer.param_groups for name in g["names"]}
     assert roles["head.weight"] == "head"  # was "matrix": the pattern lm_head|output misses "head"
@@ -80,14 +89,21 @@ def test_muon_leaves_gpts_untied_head_to_adamw() -> None:
 
 
 @pytest.mark.parametrize("split_heads", [False, True])
-def test_muon_orthogonalises_gpts_q_k_v_blocks(split_heads: bool) -> None:
-    model = GPT(GPTConfig(**CONFIG)).double()
-    qkv = model.layers[0].attention.qkv.weight
-    before = qkv.detach().clone()
+def test_muon_orthogonalises_gpts_q_k_v_gate_up_each_on_its_own(split_heads: bool) -> None:
+    model = GPT(gpt_config()).double()
+    specs = collect_param_specs(model)
+    attention = [f"layers.0.attention.{n}.weight" for n in "qkv"]
+    mlp = [f"layers.0.mlp.{n}.weight" for n in ("gate", "up")]
+    for name in attention + mlp:  # heads of 8 rows in q, k and v; nothing fused
+        head_rows = 8 if name in attention else None
+        assert (specs[name].role, specs[name].splits, specs[name].head_rows) == ("matrix", (), head_rows), name
+    params = dict(model.named_parameters())
+    before = {name: params[name].detach().clone() for name in attention + mlp}
     grads = one_step(model, muon(model, **({"split_heads": True} if split_heads else {})))
-    grad = grads["layers.0.attention.qkv.weight"]
-    blocks = [(0, 32), (32, 48), (48, 64)]  # [all Q | K | V], sliced by hand
-    if split_heads:
-        blocks = [(r, r + 8) for lo, hi in blocks for r in range(lo, hi, 8)]
-    expected = torch.cat([plain_ns(grad[a:b]) * 0.2 * math.sqrt(max(b - a, 32)) for a, b in blocks])
-    assert_rel_close(before - qkv.detach(), 0.1 * expected, tol=1e-10, name="qkv")
+    for name in attention + mlp:
+        grad = grads[name]
+        rows, cols = grad.shape  # q (32, 32), k and v (16, 32), gate and up (48, 32)
+        step = 8 if split_heads and name in attention else rows
+        blocks = [(r, r + step) for r in range(0, rows, step)]  # the whole matrix, or each head, by hand
+        expected = torch.cat([plain_ns(grad[a:b]) * 0.2 * math.sqrt(max(b - a, cols)) for a, b in blocks])
+        assert_rel_close(before[name] - params[name].detach(), 0.1 * expected, tol=1e-10, name=name)

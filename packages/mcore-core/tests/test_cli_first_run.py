@@ -180,7 +180,7 @@ def test_train_help_lists_sections_keys_defaults_and_the_run_directory(
     for section in ("[model]", "[optimizer]", "[precision]", *(f"[{name}]" for name in CORE_SECTIONS)):
         assert f"\n{section}" in out, section
     assert 'name = "reference-tiny"' in out and "hidden_size = 32" in out  # the chosen model's own keys
-    assert "presets of 'reference-tiny': tiny, micro" in out
+    assert "presets of 'reference-tiny': micro, tiny" in out
     steps_doc = field_docs(CORE_SECTIONS["train"])["steps"]
     line = next(line for line in out.splitlines() if line.lstrip().startswith("steps = 1000"))
     assert steps_doc.split()[0] in line

@@ -8,6 +8,7 @@ from torch import nn
 
 from mcore.params import (
     ROLES,
+    Init,
     ParamSpec,
     apply_role_overrides,
     check_param_specs,
@@ -183,7 +184,7 @@ def test_reference_model_declares_its_fused_layouts() -> None:
     specs = collect_param_specs(model)
     assert specs["lm_head.weight"].role == "head" and specs["pos.weight"].role == "embedding"
     assert specs["layers.0.attn.qkv.weight"] == ParamSpec(
-        "matrix", splits=(("q", 32), ("k", 32), ("v", 32)), head_rows=8
+        "matrix", splits=(("q", 32), ("k", 32), ("v", 32)), head_rows=8, init=Init("normal", std=0.02)
     )
     assert specs["layers.0.mlp.gate_up.weight"].splits == (("gate", 64), ("up", 64))
     # the declared rows are the ones the forward uses

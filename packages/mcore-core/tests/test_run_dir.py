@@ -209,3 +209,21 @@ def test_cli_first_line_and_rerun(
     assert main(["train", str(toml), "--train.steps=3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("nothing to do:") and f"checkpoint: {out / 'checkpoints' / 'step_00000003'}" in lines
+
+
+def test_a_checkpoint_from_before_schema_2_is_refused_on_resume_and_generate(
+    host: Any, corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "r"
+    run(make_config(host, out, corpus, merge(SAVE, {"train": {"steps": 2}})), host)
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt is not None
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["config"].pop("schema_version") == 2  # what a run stores, removed: a checkpoint of before
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"written before run config schema 2 .* start a fresh run"):
+        run(make_config(host, out, corpus, merge(SAVE, {"train": {"steps": 4}})), host)
+    monkeypatch.setattr(mcore.plugins, "load_plugins", lambda **kw: host)
+    assert main(["generate", str(ckpt), "--prompt", "a", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written before run config schema 2" in err[0]

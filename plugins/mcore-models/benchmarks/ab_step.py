@@ -1,4 +1,4 @@
-"""A/B timing of the ``bench-0.9b`` training step: this checkout against another version of the code.
+"""A/B timing of the ``bench-0.9b`` training step (or of building a preset): this checkout against another version.
 
 A refactor must not slow the step. Two versions of a package cannot live in one process, so each
 repeat is a fresh child process that imports one source tree (``PYTHONPATH``) and times the step;
@@ -7,9 +7,17 @@ the trees alternate (A B A B ...), so drift of the card's clocks or temperature 
     python ab_step.py --tree new=packages/mcore-core/src:plugins/mcore-models/src \
                        --tree old=.old/packages/mcore-core/src:.old/plugins/mcore-models/src --repeats 6
 
+The child script is the same text for every tree: it builds ``bench-0.9b`` through
+``mcore_models.presets.preset_config`` (run config schema 2) and, where a tree has none, through
+the older ``GPTConfig(**GPT.presets()[...])``; each JSON line names the API it used (``config_api``).
+
 Step: ``bench-0.9b``, batch 2 x seq 4096, fp32 parameters, forward/backward under bf16 autocast,
 ``clip_grad_norm_(1.0)``, fused AdamW (the scheme of ``bench.py``); median of 20 steps after 5
 warm-up steps per child. Prints one JSON line per child and a summary (median, min, max per tree).
+
+``--task build --preset llama3-8b``: each child times ``GPT.build(cfg, seed=0, device="cuda")`` in
+fp32 (model construction and initialisation, what a run does before its layouts) and reports the
+seconds, the process's peak host RSS and its rise during the build, and the peak device memory.
 """
 
 from __future__ import annotations
@@ -22,10 +30,36 @@ import subprocess
 import sys
 from pathlib import Path
 
-CHILD = r"""
-import json, sys, torch
+CONFIG = r"""
+import json, resource, sys, time, torch
 from mcore_models.gpt import GPT, GPTConfig
-cfg = GPTConfig(**GPT.presets()["bench-0.9b"])
+PRESET = sys.argv[1]
+try:  # run config schema 2: presets are registered values with per-block tables
+    from mcore_models.presets import preset_config
+    cfg, config_api = preset_config(PRESET), "preset_config"
+except ImportError:  # an older tree: flat keys from the model factory
+    cfg, config_api = GPTConfig(**GPT.presets()[PRESET]), "GPT.presets"
+"""
+
+BUILD = (
+    CONFIG
+    + r"""
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+model = GPT.build(cfg, seed=0, device="cuda")
+torch.cuda.synchronize()
+seconds = time.perf_counter() - t0
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"build_s": seconds, "peak_rss_GiB": rss, "rss_rise_GiB": rss - rss0,
+                  "peak_device_GiB": torch.cuda.max_memory_allocated() / 2**30,
+                  "params": sum(p.numel() for p in model.parameters()), "config_api": config_api}))
+"""
+)
+
+CHILD = (
+    CONFIG
+    + r"""
 model = GPT.build(cfg, seed=0, device="cuda")
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -50,8 +84,9 @@ for _ in range(20):
 times.sort()
 print(json.dumps({"step_ms": times[len(times) // 2], "min_ms": times[0], "loss": float(loss),
                   "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "module": GPT.__module__,
-                  "file": sys.modules[GPT.__module__].__file__}))
+                  "file": sys.modules[GPT.__module__].__file__, "config_api": config_api}))
 """
+)
 
 
 def main() -> int:
@@ -59,19 +94,26 @@ def main() -> int:
     parser.add_argument("--tree", action="append", required=True, help="NAME=SRC_ROOT[:SRC_ROOT...] (PYTHONPATH)")
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--out", type=Path, default=None, help="append the JSON lines here")
+    parser.add_argument("--task", choices=["step", "build"], default="step")
+    parser.add_argument("--preset", default=None, help="default: bench-0.9b for step, llama3-8b for build")
     args = parser.parse_args()
+    script = CHILD if args.task == "step" else BUILD
+    preset = args.preset or ("bench-0.9b" if args.task == "step" else "llama3-8b")
+    metric = "step_ms" if args.task == "step" else "build_s"
     trees = [t.split("=", 1) for t in args.tree]
     results: dict[str, list[float]] = {name: [] for name, _ in trees}
     for repeat in range(args.repeats):
         order = trees if repeat % 2 == 0 else trees[::-1]
         for name, roots in order:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(r).resolve()) for r in roots.split(":"))}
-            out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=False)
+            out = subprocess.run(
+                [sys.executable, "-c", script, preset], env=env, capture_output=True, text=True, check=False
+            )
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
                 return 1
             row = {"tree": name, "repeat": repeat, **json.loads(out.stdout.strip().splitlines()[-1])}
-            results[name].append(row["step_ms"])
+            results[name].append(row[metric])
             line = json.dumps(row)
             print(line, flush=True)
             if args.out:
@@ -80,9 +122,10 @@ def main() -> int:
     for name, values in results.items():
         summary = {
             "tree": name,
-            "median_ms": statistics.median(values),
-            "min_ms": min(values),
-            "max_ms": max(values),
+            "metric": metric,
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
             "n": len(values),
         }
         print(json.dumps(summary))

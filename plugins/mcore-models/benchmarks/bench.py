@@ -120,10 +120,10 @@ def bench_kernels() -> None:
         nbytes=4 * qk_bytes,
     )
 
-    # SwiGLU activation on the fused [gate | up] projection
-    gu = leaf(tokens, 2 * ffn)
+    # SwiGLU activation on the separate gate and up projections; bytes: fwd gate,up,y; bwd gate,up,dy,dgate,dup
+    gate, up = leaf(tokens, ffn), leaf(tokens, ffn)
     dy = torch.randn(tokens, ffn, device="cuda", dtype=bf16)
-    compare("swiglu_bf16", swiglu, swiglu_reference, [gu], (dy,), nbytes=8 * tokens * ffn * 2)
+    compare("swiglu_bf16", swiglu, swiglu_reference, [gate, up], (dy,), nbytes=8 * tokens * ffn * 2)
 
     # Fused linear cross-entropy vs full logits + F.cross_entropy
     h, wt = leaf(tokens, hidden), leaf(vocab, hidden, scale=0.02)
@@ -261,9 +261,10 @@ def time_step(step, iters=10, warmup=3) -> float:  # type: ignore[no-untyped-def
 
 
 def bench_step(variants: list[str]) -> None:
-    from mcore_models.gpt import GPT, GPTConfig
+    from mcore_models.gpt import GPT
+    from mcore_models.presets import preset_config
 
-    cfg = GPTConfig(**GPT.presets()["bench-0.9b"])
+    cfg = preset_config("bench-0.9b")
     batch, seq = 2, 4096
     fpt = GPT.flops_per_token(cfg, seq)
     ceiling = RESULTS.get("mm_8192_bf16_tflops")
@@ -315,9 +316,10 @@ def use_reference_kernels() -> None:
 def bench_profile() -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from mcore_models.gpt import GPT, GPTConfig
+    from mcore_models.gpt import GPT
+    from mcore_models.presets import preset_config
 
-    model = GPT.build(GPTConfig(**GPT.presets()["bench-0.9b"]), seed=0, device="cuda")
+    model = GPT.build(preset_config("bench-0.9b"), seed=0, device="cuda")
     step = step_fn(model, 2, 4096)
     for _ in range(3):
         step()
@@ -334,9 +336,10 @@ def bench_profile() -> None:
 
 
 def bench_maxbatch() -> None:
-    from mcore_models.gpt import GPT, GPTConfig
+    from mcore_models.gpt import GPT
+    from mcore_models.presets import preset_config
 
-    cfg = GPTConfig(**GPT.presets()["bench-0.9b"])
+    cfg = preset_config("bench-0.9b")
     model = GPT.build(cfg, seed=0, device="cuda")
     fits = {}
     for batch in (4, 8, 12, 16):

@@ -103,7 +103,7 @@ class TestMTP(BlockConformance):
 def test_clamped_swiglu_formula() -> None:
     block = ClampedSwiGLU(ClampedSwiGLU.Config(ffn_hidden_size=8, clamp_limit=0.3), hidden_size=4)
     x = seeded_randn(2, 3, 4, seed=0) * 10
-    gate, up = block.up(x).chunk(2, dim=-1)
+    gate, up = block.gate(x), block.up(x)
     expected = block.down(F.silu(torch.minimum(gate, torch.tensor(0.3))) * up.clamp(-0.3, 0.3))
     assert_rel_close(block(x, BlockContext()), expected)
 
@@ -125,7 +125,7 @@ def test_attention_matches_explicit_softmax() -> None:
     block = Attention(cfg, hidden_size=32)
     x = seeded_randn(2, 7, 32, seed=1)
     out = block(x, BlockContext())
-    q, k, v = block.qkv(x).split([32, 16, 16], dim=-1)
+    q, k, v = block.q(x), block.k(x), block.v(x)
     q = block.q_norm(q.view(2, 7, 4, 8))
     k = block.k_norm(k.view(2, 7, 2, 8))
     cos, sin = block.rotary(torch.arange(7).expand(2, 7))
@@ -201,9 +201,45 @@ def test_block_flops_formulas() -> None:
     assert attn.flops(shape) == 2 * 10 * 32 * (64 + 32) + 4 * 55 * 4 * 8
     mlp = SwiGLU(SwiGLU.Config(ffn_hidden_size=48), hidden_size=32)
     assert mlp.flops(shape) == 2 * 10 * 3 * 32 * 48
+    assert GeluMLP(GeluMLP.Config(ffn_hidden_size=48), hidden_size=32).flops(shape) == 2 * 10 * 2 * 32 * 48
     mla = MLA(
         MLA.Config(num_heads=2, q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3),
         hidden_size=16,
     )
     linears = 16 * 12 + 12 * 2 * 6 + 16 * 10 + 8 * 2 * 7 + 6 * 16
     assert mla.flops(shape) == 2 * 10 * linears + 2 * 55 * 2 * (4 + 2 + 3)
+
+
+def test_project_fuses_plain_weights_and_keeps_subclass_weights_apart() -> None:
+    from torch import nn
+
+    from mcore_models.blocks.base import project
+
+    class Marked(torch.Tensor):  # stands in for a layout's DTensor or a quantized weight
+        pass
+
+    gen = torch.Generator().manual_seed(0)
+    linears = (nn.Linear(8, 6), nn.Linear(8, 2), nn.Linear(8, 2))
+    for linear in linears:
+        nn.init.normal_(linear.weight, generator=gen)
+        nn.init.normal_(linear.bias, generator=gen)
+    x = torch.randn(3, 5, 8, generator=gen)
+    want = [linear(x) for linear in linears]
+    got = project(x, linears)
+    assert [g.shape for g in got] == [(3, 5, 6), (3, 5, 2), (3, 5, 2)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    sum(g.sum() for g in got).backward()  # type: ignore[union-attr]
+    fused_grads = [linear.weight.grad.clone() for linear in linears]  # type: ignore[union-attr]
+    for linear in linears:
+        linear.zero_grad()
+    sum(w.sum() for w in want).backward()  # type: ignore[union-attr]
+    for fused, plain in zip(fused_grads, (linear.weight.grad for linear in linears), strict=True):
+        torch.testing.assert_close(fused, plain)
+    # a subclass weight is never concatenated (that would gather a tensor-parallel shard)
+    marked = nn.Linear(8, 2)
+    marked.weight = nn.Parameter(marked.weight.detach().as_subclass(Marked))
+    assert type(marked.weight) is not nn.Parameter
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = project(x, (linears[0], marked))
+    assert [o.shape for o in out] == [(3, 5, 6), (3, 5, 2)] and all(o.dtype == torch.bfloat16 for o in out)

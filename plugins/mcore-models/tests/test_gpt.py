@@ -11,29 +11,29 @@ import torch
 import torch.nn.functional as F
 
 from mcore.plugins import hookimpl, load_plugins
-from mcore.protocols.block import AuxLosses, BlockContext
+from mcore.presets import Preset
+from mcore.protocols.block import AuxLosses, BlockContext, BlockShared
 from mcore_models.gpt import GPT, GPTConfig, mtp_labels
+from mcore_models.presets import PRESETS, preset_config
 from mcore_testing.numerics import assert_rel_close
 
 REQUIRED_PRESETS = {"tiny", "bench-0.9b", "llama3.2-1b", "llama3-8b", "qwen2.5-0.5b", "deepseek-v3-mini"}
 
 
 def tiny(**overrides: object) -> GPTConfig:
-    return GPTConfig(**{**GPT.presets()["tiny"], **overrides})
+    return preset_config("tiny", **overrides)
 
 
 def small_deepseek(**overrides: object) -> GPTConfig:
     values = {
-        **GPT.presets()["deepseek-v3-mini"],
         "vocab_size": 128,
         "hidden_size": 64,
         "num_layers": 2,
-        "ffn_hidden_size": 96,
-        "q_lora_rank": 32,
-        "kv_lora_rank": 24,
+        "swiglu": {"ffn_hidden_size": 96},
+        "mla": {"q_lora_rank": 32, "kv_lora_rank": 24},
         "mtp_num_layers": 2,
     }
-    return GPTConfig(**{**values, **overrides})
+    return preset_config("deepseek-v3-mini", **{**values, **overrides})
 
 
 def test_registry_lists_blocks_and_model() -> None:
@@ -42,10 +42,13 @@ def test_registry_lists_blocks_and_model() -> None:
         host.registry.names("block")
     )
     gpt = host.load("model", "gpt")
-    assert gpt is GPT and set(gpt.presets()) >= REQUIRED_PRESETS
-    # every preset's values are fields of the Config
-    for values in gpt.presets().values():
-        GPTConfig(**values)
+    assert gpt is GPT and set(host.registry.names("preset")) >= REQUIRED_PRESETS
+    assert set(host.registry.names("hf")) == {"llama", "qwen2", "mistral", "deepseek_v3"}
+    for name in REQUIRED_PRESETS:  # every registered preset builds (its tables are its blocks' fields)
+        preset = host.load("preset", name)
+        assert isinstance(preset, Preset) and preset.model == "gpt" and preset is PRESETS[name]
+        with torch.device("meta"):
+            GPT(preset_config(name), block_lookup=lambda block: host.load("block", block))
 
 
 def test_block_lookup_through_the_registry_builds_the_same_model() -> None:
@@ -62,9 +65,16 @@ def test_plugin_module_imports_no_torch() -> None:
     assert out.strip() == "False"
 
 
+def test_gpt_imports_no_hugging_face_mapping() -> None:
+    # the hf modules import gpt, never the other way round: no import cycle
+    code = "import sys, mcore_models.gpt; print(sorted(m for m in sys.modules if m.startswith('mcore_models.hf')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_bench_preset_has_889m_parameters_without_allocating() -> None:
     with torch.device("meta"):
-        model = GPT(GPTConfig(**GPT.presets()["bench-0.9b"]))
+        model = GPT(preset_config("bench-0.9b"))
     assert model.num_parameters() == 889_260_032
 
 
@@ -74,12 +84,12 @@ def test_bench_preset_has_889m_parameters_without_allocating() -> None:
 )
 def test_public_presets_match_published_parameter_counts(preset: str, expected: int) -> None:
     with torch.device("meta"):
-        model = GPT(GPTConfig(**GPT.presets()[preset]))
+        model = GPT(preset_config(preset))
     assert model.num_parameters() == expected
 
 
 def test_flops_per_token_formula() -> None:
-    cfg = GPTConfig(**GPT.presets()["bench-0.9b"])
+    cfg = preset_config("bench-0.9b")
     seq = 4096
     head_dim, kv = 128, 8 * 128
     per_layer = 2048 * (2048 + 2 * kv) + 2048 * 2048 + 3 * 2048 * 5632
@@ -99,10 +109,11 @@ def test_init_is_reproducible_from_the_seed() -> None:
 
 
 def test_output_projections_have_scaled_init() -> None:
-    cfg = tiny(num_layers=8, hidden_size=256, num_heads=4, ffn_hidden_size=512)
+    cfg = tiny(num_layers=8, hidden_size=256, attention={"num_heads": 4}, swiglu={"ffn_hidden_size": 512})
     model = GPT.build(cfg, seed=0, device="cpu")
     layer = model.layers[0]
-    assert abs(layer.attention.qkv.weight.std().item() - 0.02) < 0.002
+    for linear in (layer.attention.q, layer.attention.k, layer.attention.v, layer.mlp.gate, layer.mlp.up):
+        assert abs(linear.weight.std().item() - 0.02) < 0.002
     assert abs(layer.attention.out.weight.std().item() - 0.02 / 4) < 0.0005
     assert abs(layer.mlp.down.weight.std().item() - 0.02 / 4) < 0.0005
 
@@ -191,7 +202,8 @@ def test_mup_scales_logits_and_init() -> None:
     base = GPT.build(tiny(hidden_size=64), seed=0, device="cpu")
     wide = GPT.build(tiny(hidden_size=256, mup_base_width=64), seed=0, device="cpu")
     assert wide.logit_scale == 0.25
-    assert abs(wide.layers[0].attention.qkv.weight.std().item() - 0.01) < 0.001
+    for linear in (wide.layers[0].attention.q, wide.layers[0].attention.v, wide.layers[0].mlp.gate):
+        assert abs(linear.weight.std().item() - 0.01) < 0.001
     assert wide.layers[0].attention.scale == 1 / 64
     tokens = torch.randint(0, 512, (1, 6))
     hidden_logits = F.linear(
@@ -204,7 +216,7 @@ def test_mup_scales_logits_and_init() -> None:
 
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ValueError, match="num_heads"):
-        GPT(tiny(hidden_size=60, num_heads=8))
+        GPT(tiny(hidden_size=60, attention={"num_heads": 8}))
     with pytest.raises(ValueError, match="vocab_size"):
         GPT(tiny(vocab_size=0))
 
@@ -225,9 +237,9 @@ class ToyMoE(torch.nn.Module):
         ffn_hidden_size: int = 8
         num_experts: int = 2
 
-    def __init__(self, config: Config, *, hidden_size: int) -> None:
+    def __init__(self, config: Config, *, hidden_size: int, shared: BlockShared) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.shared = config, shared
         self.experts = torch.nn.ModuleList(
             torch.nn.Linear(hidden_size, hidden_size, bias=False) for _ in range(config.num_experts)
         )
@@ -257,10 +269,15 @@ class ToyPlugin:
 
 def test_a_block_of_another_plugin_slots_in_by_name() -> None:
     host = load_plugins(entry_points=False, env=False, unpackaged=False, extra=["mcore_models.plugin", ToyPlugin()])
-    cfg = tiny(mlp="toy-moe", ffn_hidden_size=32)
+    cfg = tiny(mlp="toy-moe", blocks={"toy-moe": {"ffn_hidden_size": 32}})
     model = GPT.build(cfg, seed=0, device="cpu", block_lookup=lambda name: host.load("block", name))
     assert all(isinstance(layer.mlp, ToyMoE) for layer in model.layers)
-    assert model.layers[0].mlp.config.ffn_hidden_size == 32  # filled from the model field of that name
+    assert model.layers[0].mlp.config.ffn_hidden_size == 32  # from its own table [model.toy-moe]
+    # shared values come explicitly, never matched by field name
+    assert [layer.mlp.shared.layer_index for layer in model.layers] == [0, 1]
+    assert model.layers[1].mlp.shared == BlockShared(
+        hidden_size=64, num_layers=2, init_std=0.02, output_init_std=0.01, layer_index=1
+    )
     tokens = torch.randint(0, 512, (1, 6))
     with_aux = model(tokens, labels=tokens)
     ctx = BlockContext(aux_losses=AuxLosses())  # the caller's collector, to read after the call
@@ -272,8 +289,13 @@ def test_a_block_of_another_plugin_slots_in_by_name() -> None:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"norm": "layernorm", "mlp": "gelu-mlp", "zero_centered_gamma": True},
-        {"mlp": "clamped-swiglu", "clamp_limit": 1.0, "qk_norm": True, "sliding_window": 4, "rotary_fraction": 0.5},
+        {"norm": "layernorm", "mlp": "gelu-mlp", "layernorm": {"zero_centered_gamma": True}},
+        {
+            "mlp": "clamped-swiglu",
+            "clamped-swiglu": {"clamp_limit": 1.0},
+            "attention": {"qk_norm": True, "sliding_window": 4, "rotary_fraction": 0.5},
+        },
+        {"num_layers": 3, "layers": ["attention/gelu-mlp", "mla/none", "attention"]},
     ],
 )
 def test_other_block_choices_build_and_train(overrides: dict) -> None:  # type: ignore[type-arg]
@@ -282,3 +304,40 @@ def test_other_block_choices_build_and_train(overrides: dict) -> None:  # type: 
     loss = model(tokens, labels=tokens)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_layer_pattern_picks_each_layers_blocks() -> None:
+    host = load_plugins(entry_points=False, env=False, unpackaged=False, extra=["mcore_models.plugin", ToyPlugin()])
+    cfg = tiny(
+        num_layers=4,
+        layers=["1*mla/swiglu", "2*attention/toy-moe", "attention/none"],
+        mla={"q_lora_rank": 16, "kv_lora_rank": 16},
+        blocks={"toy-moe": {"num_experts": 2}},
+    )
+    assert cfg.layer_kinds() == [
+        ("mla", "swiglu"),
+        ("attention", "toy-moe"),
+        ("attention", "toy-moe"),
+        ("attention", "none"),
+    ]
+    assert cfg.block_names() == ["mla", "swiglu", "attention", "toy-moe", "rmsnorm"]
+    model = GPT.build(cfg, seed=0, device="cpu", block_lookup=lambda name: host.load("block", name))
+    kinds = [(type(layer.attention).__name__, type(layer.mlp).__name__) for layer in model.layers]
+    assert kinds == [("MLA", "SwiGLU"), ("Attention", "ToyMoE"), ("Attention", "ToyMoE"), ("Attention", "NoneType")]
+    assert model.layers[3].mlp_norm is None
+    tokens = torch.randint(0, 512, (2, 7))
+    loss = model(tokens, labels=tokens)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    # FLOPs follow each layer's own blocks
+    with torch.device("meta"):
+        uniform = GPT(tiny(num_layers=4), block_lookup=lambda name: host.load("block", name))
+    assert model.forward_flops(1, 16) != uniform.forward_flops(1, 16)
+
+
+def test_per_layer_sliding_window_counts_attended_pairs() -> None:
+    full, windowed = (tiny(attention={"sliding_window": w}) for w in (None, 4))
+    seq = 16
+    per_layer = 4 * 4 * 16  # 2 * 2 * heads * head_dim per attended pair
+    difference = (seq * (seq + 1) // 2) - (4 * 5 // 2 + (seq - 4) * 4)
+    assert GPT.flops_per_token(full, seq) - GPT.flops_per_token(windowed, seq) == 3 * 2 * per_layer * difference // seq

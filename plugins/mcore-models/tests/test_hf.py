@@ -1,17 +1,25 @@
-"""Hugging Face interop: logits parity with ``transformers`` per family, and exact round trips."""
+"""Hugging Face interop: logits parity with ``transformers`` per family, and exact round trips.
+
+Through ``mcore_models.hf.import_hf`` / ``export_hf`` (dispatch on ``model_type`` among this package's
+families) and, once, through the core's ``mcore.hf.load_hf`` with the families registered as kind ``"hf"``.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from mcore.errors import UserError
+from mcore_models.blocks.attention import Attention
 from mcore_models.blocks.rope import RopeFields, inverse_frequencies
 from mcore_models.gpt import GPT, GPTConfig
-from mcore_models.hf import config_to_hf
+from mcore_models.hf import config_from_hf, config_to_hf, export_hf, import_hf
+from mcore_models.presets import preset_config
 from mcore_testing.numerics import rel_error
 
 COMMON = dict(
@@ -142,7 +150,7 @@ def tokens() -> torch.Tensor:
 def test_import_matches_transformers_logits(family: str, tmp_path: Path) -> None:
     reference = hf_model(family)
     reference.save_pretrained(tmp_path)
-    config, model = GPT.import_hf(tmp_path)
+    config, model = import_hf(tmp_path)
     assert isinstance(config, GPTConfig)
     with torch.no_grad():
         ref = reference(tokens()).logits
@@ -155,15 +163,15 @@ def test_import_matches_transformers_logits(family: str, tmp_path: Path) -> None
 def test_export_loads_in_transformers_and_round_trips_exactly(family: str, tmp_path: Path) -> None:
     reference = hf_model(family)
     reference.save_pretrained(tmp_path / "hf")
-    config, model = GPT.import_hf(tmp_path / "hf")
-    GPT.export_hf(model, config, tmp_path / "ours")
+    config, model = import_hf(tmp_path / "hf")
+    export_hf(model, config, tmp_path / "ours")
     reloaded = (
         getattr(transformers, FAMILIES[family][1])
         .from_pretrained(tmp_path / "ours", attn_implementation="eager")
         .float()
         .eval()
     )
-    config2, model2 = GPT.import_hf(tmp_path / "ours")
+    config2, model2 = import_hf(tmp_path / "ours")
     assert config2 == config
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -180,21 +188,104 @@ def test_export_loads_in_transformers_and_round_trips_exactly(family: str, tmp_p
 
 
 def test_round_trip_of_a_model_we_trained_from_scratch(tmp_path: Path) -> None:
-    cfg = GPTConfig(**{**GPT.presets()["tiny"], "hf_model_type": "qwen2", "qkv_bias": True, "tie_embeddings": True})
+    cfg = preset_config("tiny", hf_model_type="qwen2", tie_embeddings=True, attention={"qkv_bias": True})
+    assert cfg.blocks["attention"] == {"num_heads": 4, "num_kv_heads": 2, "qkv_bias": True}  # merged key by key
     model = GPT.build(cfg, seed=4, device="cpu")
-    GPT.export_hf(model, cfg, tmp_path)
+    export_hf(model, cfg, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
-    cfg2, model2 = GPT.import_hf(tmp_path)
+    cfg2, model2 = import_hf(tmp_path)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert cfg2.tie_embeddings and cfg2.qkv_bias and cfg2.hf_model_type == "qwen2"
+    assert cfg2.tie_embeddings and cfg2.blocks["attention"].qkv_bias and cfg2.hf_model_type == "qwen2"
 
 
 def test_export_refuses_what_hf_cannot_express(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mtp_num_layers"):
-        config_to_hf(GPTConfig(**{**GPT.presets()["tiny"], "mtp_num_layers": 1}))
+        config_to_hf(preset_config("tiny", mtp_num_layers=1))
     with pytest.raises(ValueError, match="hf_model_type"):
         config_to_hf(GPTConfig(hf_model_type="gpt2"))
+
+
+TINY_MLA = {"mixer": "mla", "mla": {"num_heads": 4}}
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "message"),
+    [
+        ("tiny", {"hf_model_type": "qwen2"}, "attention.qkv_bias/out_bias = False/False (qwen2 needs true/false)"),
+        (
+            "tiny",
+            {"hf_model_type": "qwen2", "attention": {"qkv_bias": True, "head_dim": 8}},
+            "attention.head_dim = 8 (qwen2 needs hidden_size / num_heads)",
+        ),
+        (
+            "tiny",
+            {"hf_model_type": "qwen2", "attention": {"qkv_bias": True, "sliding_window": 8}},
+            "attention.sliding_window = 8 (qwen2 here has none)",
+        ),
+        ("tiny", {"attention": {"sliding_window": 8}}, "attention.sliding_window = 8 (llama has none; use mistral)"),
+        (
+            "tiny",
+            {"attention": {"qkv_bias": True}},
+            "attention.qkv_bias != out_bias (llama's attention_bias covers both)",
+        ),
+        ("tiny", {"attention": {"qk_norm": True}}, "attention.qk_norm = true (needs false)"),
+        ("tiny", {"attention": {"rotary_fraction": 0.5}}, "attention.rotary_fraction = 0.5 (needs 1.0)"),
+        ("tiny", {"attention": {"attention_scale": 0.1}}, "attention.attention_scale = 0.1 (needs none)"),
+        (
+            "tiny",
+            {"hf_model_type": "mistral", "attention": {"out_bias": True}},
+            "attention.qkv_bias/out_bias (mistral has no attention bias)",
+        ),
+        (
+            "tiny",
+            TINY_MLA,
+            "layers = None, mixer = 'mla', mlp = 'swiglu' (needs every layer attention/swiglu)",
+        ),
+        (
+            "tiny",
+            {"layers": ["attention/swiglu", "attention/gelu-mlp"]},
+            "layers = ['attention/swiglu', 'attention/gelu-mlp'], mixer = 'attention', mlp = 'swiglu' "
+            "(needs every layer attention/swiglu)",
+        ),
+        ("tiny", {"norm": "layernorm"}, "norm = 'layernorm' (needs 'rmsnorm')"),
+        ("tiny", {"mup_base_width": 32}, "mup_base_width = 32 (needs none)"),
+        ("tiny", {"swiglu": {"mlp_bias": True}}, "swiglu.mlp_bias = true (needs false)"),
+        ("tiny", {"rmsnorm": {"zero_centered_gamma": True}}, "rmsnorm.zero_centered_gamma = true (needs false)"),
+        (
+            "deepseek-v3-mini",
+            {"mixer": "attention", "attention": {"num_heads": 8}},
+            "layers = None, mixer = 'attention', mlp = 'swiglu' (needs every layer mla/swiglu)",
+        ),
+        ("deepseek-v3-mini", {"rmsnorm": {"norm_eps": 1e-5}}, "rmsnorm.norm_eps = 1e-05 (needs 1e-06)"),
+        ("deepseek-v3-mini", {"mla": {"norm_eps": 1e-5}}, "mla.norm_eps = 1e-05 (needs 1e-06)"),
+        ("deepseek-v3-mini", {"mtp": {"norm_eps": 1e-5}}, "mtp.norm_eps = 1e-05 (needs 1e-06)"),
+        ("deepseek-v3-mini", {"mla": {"sliding_window": 8}}, "mla.sliding_window = 8 (needs none)"),
+        ("deepseek-v3-mini", {"mla": {"attention_scale": 0.1}}, "mla.attention_scale = 0.1 (needs none)"),
+    ],
+)
+def test_export_refusals_name_the_block_key(preset: str, overrides: dict, message: str) -> None:  # type: ignore[type-arg]
+    """Each family's refusal names the block table's key (``attention.qk_norm``), the value and what it needs."""
+    from mcore_models import hf_deepseek
+
+    cfg = preset_config(preset, **overrides)
+    codec = hf_deepseek if cfg.hf_model_type == "deepseek_v3" else None
+    with pytest.raises(ValueError, match=f"cannot be exported as Hugging Face {cfg.hf_model_type!r}: ") as info:
+        (codec.config_to_hf if codec else config_to_hf)(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("preset", "overrides"), [("tiny", TINY_MLA), ("deepseek-v3-mini", {"mixer": "attention"})])
+def test_export_of_a_model_its_family_cannot_express_is_refused_before_writing(
+    preset: str,
+    overrides: dict,  # type: ignore[type-arg]
+    tmp_path: Path,
+) -> None:
+    cfg = preset_config(preset, vocab_size=64, hidden_size=64, num_layers=1, mtp_num_layers=0, **overrides)
+    model = GPT.build(cfg, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="needs every layer"):
+        export_hf(model, cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -234,10 +325,9 @@ def test_rope_frequencies_equal_transformers(rope: dict) -> None:  # type: ignor
 
     hf_config = transformers.LlamaConfig(**{**COMMON, "max_position_embeddings": 200000}, rope_parameters=dict(rope))
     inv_ref, factor_ref = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config, "cpu")
-    from mcore_models.hf import config_from_hf
-
-    ours_cfg = config_from_hf(hf_config.to_dict())
-    fields = RopeFields(**{f: getattr(ours_cfg, f) for f in RopeFields.__slots__})
+    attention = config_from_hf(hf_config.to_dict()).blocks["attention"]  # RoPE settings live in [model.attention]
+    assert isinstance(attention, Attention.Config)
+    fields = RopeFields(**{f: getattr(attention, f) for f in RopeFields.__slots__})
     inv, factor = inverse_frequencies(fields, 16)
     assert torch.equal(inv, inv_ref.float())
     assert factor == pytest.approx(factor_ref, rel=1e-12)
@@ -256,26 +346,84 @@ def test_import_reads_sharded_checkpoints(tmp_path: Path) -> None:
         save_file({k: tensors[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    _, model = GPT.import_hf(tmp_path)
+    _, model = import_hf(tmp_path)
     with torch.no_grad():
         assert rel_error(model(tokens()), reference(tokens()).logits) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("family", "drop"),
+    [
+        ("llama-linear-rope-bias", "model.layers.1.self_attn.k_proj.weight"),
+        ("llama-linear-rope-bias", "model.layers.0.self_attn.v_proj.bias"),
+        ("qwen2-tied", "model.layers.0.mlp.gate_proj.weight"),
+        ("deepseek-v3-interleaved-yarn", "model.layers.1.mlp.up_proj.weight"),
+        ("deepseek-v3-interleaved-yarn", "model.norm.weight"),  # was a KeyError traceback
+    ],
+)
+def test_import_names_a_missing_tensor(family: str, drop: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    hf_model(family).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors[drop]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"missing tensor {re.escape(repr(drop))}") as info:
+        import_hf(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["llama-llama3-rope", "deepseek-v3-interleaved-yarn"])
+def test_import_names_tensors_it_would_not_use(family: str, tmp_path: Path) -> None:
+    """A fused tensor (another converter's layout) is not silently dropped."""
+    from safetensors.torch import load_file, save_file
+
+    hf_model(family).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.qkv_proj.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"does not use, e.g. \['model.layers.0.self_attn.qkv_proj.weight'\]"):
+        import_hf(tmp_path)
 
 
 def test_import_rejects_unknown_families(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type"):
-        GPT.import_hf(tmp_path)
+        import_hf(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2-tied", "deepseek-v3-no-q-lora-tied"])
+def test_core_reads_and_chooses_the_registered_families(family: str, tmp_path: Path) -> None:
+    """``mcore.hf.load_hf`` / ``export_family`` find this package's families as kind ``"hf"`` (no import of gpt's)."""
+    from mcore.hf import export_family, load_hf
+    from mcore_testing.hosts import isolated_host
+
+    host = isolated_host("mcore_models.plugin")
+    reference = hf_model(family)
+    reference.save_pretrained(tmp_path)
+    name, config, model = load_hf(tmp_path, host)
+    assert name == "gpt" and config == import_hf(tmp_path)[0]
+    with torch.no_grad():
+        assert rel_error(model(tokens()), reference(tokens()).logits) < 1e-5
+    chosen = export_family(GPT, "gpt", config, host)
+    assert chosen.name == reference.config.model_type and chosen.model == "gpt"
 
 
 def test_deepseek_with_mtp_round_trips_and_loads_in_transformers(tmp_path: Path) -> None:
-    values = {**GPT.presets()["deepseek-v3-mini"], "hf_model_type": "deepseek_v3", "vocab_size": 96,
-              "hidden_size": 64, "num_layers": 2, "ffn_hidden_size": 112, "q_lora_rank": 32, "kv_lora_rank": 16,
-              "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "mtp_num_layers": 2}  # fmt: skip
-    cfg = GPTConfig(**values)
+    cfg = preset_config(
+        "deepseek-v3-mini",
+        hf_model_type="deepseek_v3",
+        vocab_size=96,
+        hidden_size=64,
+        num_layers=2,
+        mtp_num_layers=2,
+        swiglu={"ffn_hidden_size": 112},
+        mla={"q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8},
+    )
     model = GPT.build(cfg, seed=1, device="cpu")
-    GPT.export_hf(model, cfg, tmp_path)
-    cfg2, model2 = GPT.import_hf(tmp_path)
-    assert cfg2.mtp_num_layers == 2 and cfg2.attention == "mla"
+    export_hf(model, cfg, tmp_path)
+    cfg2, model2 = import_hf(tmp_path)
+    assert cfg2.mtp_num_layers == 2 and cfg2.mixer == "mla"
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
@@ -283,17 +431,18 @@ def test_deepseek_with_mtp_round_trips_and_loads_in_transformers(tmp_path: Path)
         assert rel_error(model(tokens()), hf(tokens()).logits) < 1e-5
 
 
-def test_deepseek_moe_checkpoints_are_refused() -> None:
-    from mcore_models.hf import config_from_hf
+def test_deepseek_moe_checkpoints_are_refused(tmp_path: Path) -> None:
+    from mcore_models.hf_deepseek import config_from_hf as deepseek_config_from_hf
 
     hf = transformers.DeepseekV3Config(**COMMON, first_k_dense_replace=1).to_dict()
-    with pytest.raises(ValueError, match="first_k_dense_replace"):
-        config_from_hf(hf)
+    with pytest.raises(ValueError, match="first_k_dense_replace = 1: layers from there on are MoE"):
+        deepseek_config_from_hf(hf)
+    (tmp_path / "config.json").write_text(json.dumps(hf))  # and through import, before any weight is read
+    with pytest.raises(ValueError, match="first_k_dense_replace = 1"):
+        import_hf(tmp_path)
 
 
 def test_import_refuses_untruncated_yarn() -> None:
-    from mcore_models.hf import config_from_hf
-
     hf = {**COMMON, "model_type": "llama", "hidden_act": "silu",
           "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "truncate": False}}  # fmt: skip
     with pytest.raises(ValueError, match="truncate"):

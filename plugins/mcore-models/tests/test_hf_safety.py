@@ -13,9 +13,18 @@ import torch
 from safetensors.torch import save_file
 
 from mcore.errors import UserError
+from mcore_models.blocks.attention import Attention
+from mcore_models.blocks.mlp import SwiGLU
 from mcore_models.gpt import GPT, GPTConfig
+from mcore_models.hf import export_hf, import_hf
 
-SMALL = dict(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, ffn_hidden_size=32, max_position_embeddings=16)
+SMALL = dict(
+    vocab_size=32,
+    hidden_size=16,
+    num_layers=1,
+    max_position_embeddings=16,
+    blocks={"attention": Attention.Config(num_heads=2), "swiglu": SwiGLU.Config(ffn_hidden_size=32)},
+)
 
 
 @pytest.fixture
@@ -30,7 +39,7 @@ def umask_022() -> Iterator[None]:
 def exported(root: Path) -> Path:
     """A real exported model directory ``root/model`` (config.json + model.safetensors)."""
     cfg = GPTConfig(**SMALL)
-    GPT.export_hf(GPT.build(cfg, seed=0, device="cpu"), cfg, root / "model")
+    export_hf(GPT.build(cfg, seed=0, device="cpu"), cfg, root / "model")
     return root / "model"
 
 
@@ -53,7 +62,7 @@ def test_index_naming_a_parent_file_is_refused(tmp_path: Path) -> None:
     split_with_index(model_dir, ["model-00001.safetensors", "../outside.safetensors"])
     save_file({"x": torch.zeros(1)}, str(model_dir / "model-00001.safetensors"))
     with pytest.raises(UserError, match=r"'\.\./outside\.safetensors' \(named in model\.safetensors\.index\.json\)"):
-        GPT.import_hf(model_dir)
+        import_hf(model_dir)
 
 
 def test_index_naming_an_absolute_path_is_refused(tmp_path: Path) -> None:
@@ -62,7 +71,7 @@ def test_index_naming_an_absolute_path_is_refused(tmp_path: Path) -> None:
     save_file({"secret": torch.ones(3)}, str(outside))
     split_with_index(model_dir, [str(outside)])
     with pytest.raises(UserError, match="outside the model directory") as info:
-        GPT.import_hf(model_dir)
+        import_hf(model_dir)
     assert "\n" not in str(info.value)
 
 
@@ -73,7 +82,19 @@ def test_symlink_leaving_the_directory_is_refused(tmp_path: Path) -> None:
     (model_dir / "model.safetensors").rename(real)
     (model_dir / "model.safetensors").symlink_to(real)
     with pytest.raises(UserError, match="resolves to .*outside the model directory"):
-        GPT.import_hf(model_dir)
+        import_hf(model_dir)
+
+
+def test_config_json_linked_outside_the_directory_is_refused(tmp_path: Path) -> None:
+    """``config.json`` is read through the core's ``mcore.hf.model_file`` too."""
+    model_dir = exported(tmp_path)
+    real = tmp_path / "elsewhere" / "config.json"
+    real.parent.mkdir()
+    (model_dir / "config.json").rename(real)
+    (model_dir / "config.json").symlink_to(real)
+    with pytest.raises(UserError, match="'config.json' resolves to .*outside the model directory") as info:
+        import_hf(model_dir)
+    assert "\n" not in str(info.value)
 
 
 def test_hf_cache_snapshot_links_into_its_blobs_are_allowed(tmp_path: Path) -> None:
@@ -86,7 +107,7 @@ def test_hf_cache_snapshot_links_into_its_blobs_are_allowed(tmp_path: Path) -> N
     for name in ("config.json", "model.safetensors"):
         (model_dir / name).rename(repo / "blobs" / f"hash-{name}")
         (snapshot / name).symlink_to(Path("../../blobs") / f"hash-{name}")
-    config, model = GPT.import_hf(snapshot)
+    config, model = import_hf(snapshot)
     assert config.hidden_size == 16 and sum(p.numel() for p in model.parameters()) > 0
 
 

@@ -63,9 +63,8 @@ def build(mtp_num_layers: int = 1) -> GPT:
         vocab_size=64,
         hidden_size=32,
         num_layers=3,
-        num_heads=4,
-        ffn_hidden_size=48,
-        attention="test-context-probe",
+        mixer="test-context-probe",
+        blocks={"swiglu": {"ffn_hidden_size": 48}},
         mtp_num_layers=mtp_num_layers,
     )
     return GPT.build(cfg, seed=0, device="cpu", block_lookup=lambda name: host.load("block", name))

@@ -242,11 +242,35 @@ def _implementation_section(
     extra = [FieldHelp(selector, "str", json.dumps(name), f"which {kind}: {installed}")] if selector else []
     intro = f"{kind} {name!r} from {impl.source}" + (f": {impl.summary}" if impl.summary else "")
     lines = format_section(section, config_cls, intro=intro, extra=extra, width=width)
-    presets = getattr(factory, "presets", None)
-    if callable(presets):
-        names = ", ".join(presets())
-        lines.append(f"  presets of {name!r}: {names} (a preset sets many keys at once; keys you give win)")
+    if kind == "model":
+        from mcore.config.model import presets_of
+
+        names = presets_of(host, factory, name)
+        if names:
+            lines.append(
+                f"  presets of {name!r}: {', '.join(names)} (a preset sets many keys at once; keys you give win)"
+            )
     return lines
+
+
+def _block_sections(raw: Mapping[str, Any], host: PluginHost, width: int) -> list[list[str]]:
+    """``[model.<block>]`` help for each block the model config in ``raw`` uses (none if it does not resolve)."""
+    from mcore.config import resolve_model
+    from mcore.errors import UserError
+
+    try:
+        model = resolve_model(dict(raw.get("model", {})), host)
+    except (UserError, ValueError, TypeError):
+        return []
+    used = getattr(model.config, "block_names", None)
+    if not callable(used):
+        return []
+    out = []
+    for block in used():
+        lines = _implementation_section(host, f"model.{block}", "block", block, width, selector=None)
+        if lines:
+            out.append(lines)
+    return out
 
 
 def config_reference(raw: Mapping[str, Any], host: PluginHost, *, width: int | None = None) -> str:
@@ -263,8 +287,15 @@ def config_reference(raw: Mapping[str, Any], host: PluginHost, *, width: int | N
     blocks: list[list[str]] = []
     others: list[tuple[str, str]] = []
     for section, (selector, kind, default) in SELECTED_SECTIONS.items():
-        name = str(dict(raw.get(section, {})).get(selector, default))
+        values = dict(raw.get(section, {}))
+        if section == "model" and selector not in values:
+            from mcore.config.model import preset_model
+
+            default = preset_model(host, values) or default  # a registered preset names its model
+        name = str(values.get(selector, default))
         blocks.append(_implementation_section(host, section, kind, name, width, selector=selector))
+        if section == "model":
+            blocks.extend(_block_sections(raw, host, width))
         rest = [n for n in host.registry.names(kind) if n != name]
         if rest:
             others.append((f"{kind}s: {', '.join(rest)}", f"--{section}.{selector}=NAME"))

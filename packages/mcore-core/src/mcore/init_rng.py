@@ -34,6 +34,10 @@ Shapes (legend):
   of the flattened full tensor;
 * a row shard of a full ``(d0, d1, ...)`` parameter holding rows ``r0 .. r1 - 1``:
   ``start = r0 * d1 * ...`` (see ``row_start``); for a DTensor, fill its local tensor;
+* any other set of elements (a column shard ``Shard(1)``, a block of a 2-D mesh): ``index=``,
+  an int64 tensor of flat element indices, one per element of ``out``; ``fill_box_`` fills a
+  shard that is a box ``offsets .. offsets + out.shape`` of the full tensor, with ``start``
+  runs where the box is contiguous in the full tensor and ``index`` chunks where it is not;
 * work is done in chunks of ``CHUNK`` elements on CPU (``DEVICE_CHUNK`` elsewhere, about
   48 bytes of temporaries per element), so memory stays bounded for any size.
 """
@@ -42,11 +46,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["CHUNK", "DEVICE_CHUNK", "key_for", "normal_", "philox4x32", "row_start", "trunc_normal_", "uniform_"]
+__all__ = [
+    "CHUNK",
+    "DEVICE_CHUNK",
+    "fill_box_",
+    "key_for",
+    "normal_",
+    "philox4x32",
+    "row_start",
+    "trunc_normal_",
+    "uniform_",
+]
 
 CHUNK = 1 << 16  # elements per chunk of work on CPU: its int64 temporaries stay in cache
 DEVICE_CHUNK = 1 << 22  # on accelerators (CUDA): few kernel launches, ~200 MiB of temporaries
@@ -129,14 +143,38 @@ def _check(out: torch.Tensor, key: int, start: int) -> None:
         raise ValueError(f"start = {start}: elements start .. start + numel - 1 must lie in [0, 2**62)")
 
 
-def _fill(out: torch.Tensor, key: int, start: int, draw) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Fill ``out`` chunk by chunk with ``draw(w0, w1, w2, w3) -> (even, odd)`` values of each block."""
+def _check_index(out: torch.Tensor, start: int, index: torch.Tensor) -> None:
+    if start:
+        raise ValueError(f"start = {start} and index given: give one of them")
+    if index.dtype != torch.int64 or index.numel() != out.numel() or index.device != out.device:
+        raise ValueError(
+            f"index: {index.dtype} with {index.numel()} elements on {index.device}; allowed: int64 with "
+            f"out.numel() = {out.numel()} elements on {out.device}"
+        )
+    if index.numel() and not (index.min() >= 0 and index.max() < 1 << 62):
+        raise ValueError("index: element indices must lie in [0, 2**62)")
+
+
+def _fill(out: torch.Tensor, key: int, start: int, draw, index: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Fill ``out`` chunk by chunk with ``draw(w0, w1, w2, w3) -> (even, odd)`` values of each block:
+    elements ``start ..`` of the full tensor, or the elements ``index`` names."""
     _check(out, key, start)
+    if index is not None and not out.is_meta:
+        _check_index(out, start, index)
     if out.is_meta or out.numel() == 0:
         return out
     flat = out.view(-1)
     chunk = CHUNK if out.device.type == "cpu" else DEVICE_CHUNK
     with torch.no_grad():
+        if index is not None:
+            where = index.reshape(-1)
+            for pos in range(0, flat.numel(), chunk):
+                idx = where[pos : pos + chunk]
+                block = idx >> 1  # elements 2j and 2j + 1 share block j: draw it, keep the half asked for
+                zero = torch.zeros_like(block)
+                even, odd = draw(*philox4x32((block & _M32, block >> 32, zero, zero), key))
+                flat[pos : pos + idx.numel()] = torch.where((idx & 1).bool(), odd, even)
+            return out
         for pos in range(0, flat.numel(), chunk):
             end = min(pos + chunk, flat.numel())
             first, last = start + pos, start + end  # element range [first, last) of the full tensor
@@ -152,8 +190,17 @@ def _compute_dtype(out: torch.Tensor) -> torch.dtype:
     return torch.float64 if out.dtype == torch.float64 else torch.float32
 
 
-def uniform_(out: torch.Tensor, key: int, *, start: int = 0, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-    """Fill ``out`` with U[low, high) values of elements ``start ..`` of the full tensor keyed ``key``.
+def uniform_(
+    out: torch.Tensor,
+    key: int,
+    *,
+    start: int = 0,
+    index: torch.Tensor | None = None,
+    low: float = 0.0,
+    high: float = 1.0,
+) -> torch.Tensor:
+    """Fill ``out`` with U[low, high) values of elements ``start ..`` of the full tensor keyed ``key``
+    (or, with ``index``, of the elements it names: int64, one flat index per element of ``out``).
 
     A value that rounds up to ``high`` in ``out``'s dtype is replaced by the largest value below it.
     """
@@ -169,11 +216,20 @@ def uniform_(out: torch.Tensor, key: int, *, start: int = 0, low: float = 0.0, h
             pair.append(torch.where(v >= high, below.to(v.device), v))
         return pair
 
-    return _fill(out, key, start, draw)
+    return _fill(out, key, start, draw, index)
 
 
-def normal_(out: torch.Tensor, key: int, *, start: int = 0, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """Fill ``out`` with N(mean, std**2) values of elements ``start ..`` of the full tensor keyed ``key``."""
+def normal_(
+    out: torch.Tensor,
+    key: int,
+    *,
+    start: int = 0,
+    index: torch.Tensor | None = None,
+    mean: float = 0.0,
+    std: float = 1.0,
+) -> torch.Tensor:
+    """Fill ``out`` with N(mean, std**2) values of elements ``start ..`` of the full tensor keyed ``key``
+    (or of the elements ``index`` names, as ``uniform_``)."""
     dtype = _compute_dtype(out)
 
     def draw(w0, w1, w2, w3):  # type: ignore[no-untyped-def]
@@ -181,7 +237,7 @@ def normal_(out: torch.Tensor, key: int, *, start: int = 0, mean: float = 0.0, s
         theta = _unit(w2, w3, dtype) * (2.0 * math.pi)
         return [(r * torch.cos(theta) * std + mean).to(out.dtype), (r * torch.sin(theta) * std + mean).to(out.dtype)]
 
-    return _fill(out, key, start, draw)
+    return _fill(out, key, start, draw, index)
 
 
 def _ndtr(x: float) -> float:
@@ -193,12 +249,14 @@ def trunc_normal_(
     key: int,
     *,
     start: int = 0,
+    index: torch.Tensor | None = None,
     mean: float = 0.0,
     std: float = 1.0,
     a: float = -2.0,
     b: float = 2.0,
 ) -> torch.Tensor:
-    """Fill ``out`` with N(mean, std**2) truncated to [a, b] (absolute bounds, as ``torch.nn.init``).
+    """Fill ``out`` with N(mean, std**2) truncated to [a, b] (absolute bounds, as ``torch.nn.init``),
+    elements ``start ..`` of the full tensor (or those ``index`` names, as ``uniform_``).
 
     Inverse-CDF sampling in fp64 (one uniform per element), rounded to ``out``'s dtype.
     """
@@ -221,4 +279,59 @@ def trunc_normal_(
     def draw(w0, w1, w2, w3):  # type: ignore[no-untyped-def]
         return [one(w0, w1), one(w2, w3)]
 
-    return _fill(out, key, start, draw)
+    return _fill(out, key, start, draw, index)
+
+
+#: A fill with its key and distribution bound: ``fill(out, start=...)`` or ``fill(out, index=...)``.
+Fill = Callable[..., torch.Tensor]
+
+
+def fill_box_(out: torch.Tensor, fill: Fill, full_shape: Sequence[int], offsets: Sequence[int]) -> torch.Tensor:
+    """Fill ``out``, the box ``offsets[d] .. offsets[d] + out.shape[d]`` of a ``full_shape`` tensor.
+
+    ``fill`` is one of this module's fills with its key and parameters bound (e.g.
+    ``functools.partial(normal_, key=k, std=0.02)``). The box is cut into runs that are contiguous
+    in the full tensor (a row shard is one run: one ``start`` fill); runs of at least ``CHUNK``
+    elements are filled with ``start``, shorter ones (a column shard's pieces of rows) in chunks
+    through ``index``. Every element gets the full tensor's value, whatever the box.
+    """
+    shape, local = tuple(full_shape), tuple(out.shape)
+    if len(offsets) != len(shape) or len(local) != len(shape):
+        raise ValueError(
+            f"out.shape = {list(local)}, offsets = {list(offsets)}: need {len(shape)} dims like {list(shape)}"
+        )
+    for d, (o, n, full) in enumerate(zip(offsets, local, shape)):
+        if o < 0 or o + n > full:
+            raise ValueError(f"dim {d}: rows {o} .. {o + n} do not lie in the full tensor's {full}")
+    if not out.is_contiguous():
+        raise ValueError("out is not contiguous: fill a contiguous tensor (a shard's local tensor) and copy it")
+    if out.numel() == 0 or out.is_meta:
+        return out
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    # runs: dims after ``last`` are whole, so each index of dims ..last is one contiguous run
+    last = max((d for d in range(len(shape)) if local[d] != shape[d]), default=-1)
+    base = sum(o * s for o, s in zip(offsets, strides))
+    if last <= 0:  # the whole tensor, or a row range: one run
+        return fill(out, start=base)
+    run = local[last] * strides[last]
+    lead = local[:last]
+    runs = out.view(-1, run)  # (prod(lead), run)
+    if run >= CHUNK:
+        for r in range(runs.shape[0]):
+            pos, rest = base, r
+            for d in reversed(range(last)):
+                rest, i = divmod(rest, lead[d])
+                pos += i * strides[d]
+            fill(runs[r], start=pos)
+        return out
+    per = max(1, (CHUNK if out.device.type == "cpu" else DEVICE_CHUNK) // run)
+    within = torch.arange(run, dtype=torch.int64, device=out.device)
+    for r0 in range(0, runs.shape[0], per):
+        r1 = min(r0 + per, runs.shape[0])
+        which = torch.arange(r0, r1, dtype=torch.int64, device=out.device)  # (runs,) run numbers
+        starts = torch.full_like(which, base)
+        for d in reversed(range(last)):  # unravel the run number over the box's leading dims
+            starts += (which % lead[d]) * strides[d]
+            which = which // lead[d]
+        fill(runs[r0:r1], index=starts[:, None] + within)  # (runs, run) flat indices
+    return out

@@ -42,6 +42,13 @@ attention head inside each logical matrix (or inside the whole matrix, without s
 rows are dim 0, or dim 1 for an ``expert`` parameter with 3+ dims (dim 0 indexes the experts;
 see ``matrix_shape``).
 
+Initial values: ``init`` declares how a parameter is initialised, as an ``Init``
+(``Init("normal", std=0.02)``, ``Init("trunc_normal", std=0.02, a=-0.04, b=0.04)``,
+``Init("uniform", a=-k, b=k)``, ``Init("zeros")``, ``Init("ones")``, ``Init("constant", value=0.5)``).
+``mcore.construct`` reads it to fill each rank's own part of every parameter with values drawn by
+``mcore.init_rng`` (keyed by the seed and the parameter's name), so a model built on the meta
+device and sharded by layouts gets the same weights for every layout and world size.
+
 This module imports no torch at import time.
 """
 
@@ -57,7 +64,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "INIT_KINDS",
     "ROLES",
+    "Init",
     "ParamSpec",
     "apply_role_overrides",
     "check_param_specs",
@@ -72,6 +81,75 @@ __all__ = [
 ROLES: tuple[str, ...] = ("embedding", "head", "matrix", "norm", "bias", "expert", "router")
 
 
+#: Every way an ``Init`` may initialise a parameter.
+INIT_KINDS: tuple[str, ...] = ("normal", "trunc_normal", "uniform", "zeros", "ones", "constant")
+
+#: The fields each kind takes (others must stay ``None``).
+_INIT_FIELDS: dict[str, tuple[str, ...]] = {
+    "normal": ("mean", "std"),
+    "trunc_normal": ("mean", "std", "a", "b"),
+    "uniform": ("a", "b"),
+    "zeros": (),
+    "ones": (),
+    "constant": ("value",),
+}
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"Init: {name} = {value!r}; allowed: a finite number")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Init:
+    """How one parameter is initialised (the distribution, not the values: those come from the seed).
+
+    * ``normal``: N(``mean``, ``std``**2), ``mean`` 0 unless given, ``std`` required;
+    * ``trunc_normal``: the normal truncated to ``[a, b]``: absolute bounds, as
+      ``torch.nn.init.trunc_normal_`` (default ``-2``, ``2``);
+    * ``uniform``: U[``a``, ``b``) (default ``0``, ``1``);
+    * ``zeros``, ``ones``; ``constant``: every element ``value``.
+
+    A field that the kind does not take, a missing ``std`` or ``value``, a ``std <= 0`` or bounds
+    with ``a >= b`` is a ``ValueError`` naming it.
+    """
+
+    kind: str
+    std: float | None = None
+    mean: float | None = None
+    a: float | None = None
+    b: float | None = None
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in INIT_KINDS:
+            raise ValueError(f"Init: kind = {self.kind!r}; allowed: {', '.join(INIT_KINDS)}")
+        takes = _INIT_FIELDS[self.kind]
+        for name in ("std", "mean", "a", "b", "value"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name not in takes:
+                allowed = ", ".join(takes) or "no fields"
+                raise ValueError(f"Init({self.kind!r}) does not take {name} = {value!r}; allowed: {allowed}")
+            _finite(name, value)
+        if self.kind in ("normal", "trunc_normal") and (self.std is None or not self.std > 0):
+            raise ValueError(f"Init({self.kind!r}): std = {self.std!r}; allowed: a finite number > 0")
+        if self.kind == "constant" and self.value is None:
+            raise ValueError("Init('constant'): value = None; allowed: a finite number")
+        if self.kind in ("uniform", "trunc_normal"):
+            a, b = self.bounds
+            if not a < b:
+                raise ValueError(f"Init({self.kind!r}): a = {a!r}, b = {b!r}; allowed: a < b")
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(a, b)`` with the kind's defaults filled in (uniform ``0, 1``; trunc_normal ``-2, 2``)."""
+        low, high = (0.0, 1.0) if self.kind == "uniform" else (-2.0, 2.0)
+        return (low if self.a is None else float(self.a), high if self.b is None else float(self.b))
+
+
 @dataclass(frozen=True, slots=True)
 class ParamSpec:
     """What one parameter is: its ``role`` and, for a fused weight, how its rows split.
@@ -81,15 +159,20 @@ class ParamSpec:
     heads separately); it divides every split's rows (or the matrix rows, without splits).
     Construction checks what can be checked without the parameter (``ValueError``);
     ``check_param_specs`` checks the rest against the parameter's shape.
+    ``init``: how the parameter is initialised (``Init``); ``None``: the owning module's
+    ``reset_parameters(generator)`` does it (possible only while the parameter is whole).
     """
 
     role: str
     splits: tuple[tuple[str, int], ...] = ()
     head_rows: int | None = None
+    init: Init | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role = {self.role!r} is not a parameter role; allowed: {', '.join(ROLES)}")
+        if self.init is not None and not isinstance(self.init, Init):
+            raise ValueError(f"init = {self.init!r}; allowed: an mcore.params.Init or None")
         names = [name for name, _ in self.splits]
         for name, rows in self.splits:
             if not isinstance(name, str) or not name:

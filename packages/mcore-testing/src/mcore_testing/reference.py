@@ -3,9 +3,11 @@
 It lets a plugin test itself (layouts, optimizers, precision) without any other plugin.
 Shape legend: B batch, T tokens, H hidden, nh heads, hs head size, V vocab.
 
-Its modules declare their parameters' roles and fused layouts (``mcore.params``), as a model
-plugin's do: the head is ``lm_head``, ``qkv`` rows are ``[all Q | K | V]`` and ``gate_up`` rows
-``[gate | up]``.
+Its modules declare their parameters' roles, fused layouts and initial distributions
+(``mcore.params``), as a model plugin's do: the head is ``lm_head``, ``qkv`` rows are
+``[all Q | K | V]`` and ``gate_up`` rows ``[gate | up]``; the declared inits are the
+distributions ``reset_parameters`` draws from (so ``mcore.construct.init_params`` can initialise a
+copy built on the meta device).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcore.params import ParamSpec
+from mcore.params import Init, ParamSpec
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,6 +35,13 @@ class TinyConfig:
     preset: str | None = None
 
 
+STD = 0.02  # weights' init std; output projections (proj, down) use STD / sqrt(2 * num_layers)
+
+
+def out_std(cfg: TinyConfig) -> float:
+    return STD / math.sqrt(2 * cfg.num_layers)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -40,7 +49,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        return {"weight": ParamSpec("norm")}
+        return {"weight": ParamSpec("norm", init=Init("ones"))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -51,6 +60,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: TinyConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
+        self.out_std = out_std(cfg)
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
@@ -58,8 +68,10 @@ class Attention(nn.Module):
         h = self.qkv.in_features
         splits = (("q", h), ("k", h), ("v", h))
         return {
-            "qkv.weight": ParamSpec("matrix", splits=splits, head_rows=h // self.num_heads),
-            "proj.weight": ParamSpec("matrix"),
+            "qkv.weight": ParamSpec(
+                "matrix", splits=splits, head_rows=h // self.num_heads, init=Init("normal", std=STD)
+            ),
+            "proj.weight": ParamSpec("matrix", init=Init("normal", std=self.out_std)),
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,14 +87,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TinyConfig) -> None:
         super().__init__()
+        self.out_std = out_std(cfg)
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=False)
         self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
 
     def param_specs(self) -> dict[str, ParamSpec]:
         f = self.down.in_features
         return {
-            "gate_up.weight": ParamSpec("matrix", splits=(("gate", f), ("up", f))),
-            "down.weight": ParamSpec("matrix"),
+            "gate_up.weight": ParamSpec("matrix", splits=(("gate", f), ("up", f)), init=Init("normal", std=STD)),
+            "down.weight": ParamSpec("matrix", init=Init("normal", std=self.out_std)),
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,24 +131,19 @@ class TinyTransformer(nn.Module):
 
     def param_specs(self) -> dict[str, ParamSpec]:
         return {
-            "embed.weight": ParamSpec("embedding"),
-            "pos.weight": ParamSpec("embedding"),
-            "lm_head.weight": ParamSpec("head"),
+            "embed.weight": ParamSpec("embedding", init=Init("normal", std=STD)),
+            "pos.weight": ParamSpec("embedding", init=Init("normal", std=STD)),
+            "lm_head.weight": ParamSpec("head", init=Init("normal", std=STD)),
         }
 
     def reset_parameters(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        std = 0.02
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if p.dim() == 1:
                     p.fill_(1.0)
                 else:
-                    scale = (
-                        std / math.sqrt(2 * self.config.num_layers)
-                        if name.endswith(("proj.weight", "down.weight"))
-                        else std
-                    )
+                    scale = out_std(self.config) if name.endswith(("proj.weight", "down.weight")) else STD
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
 
     def forward(self, tokens: torch.Tensor, *, labels: torch.Tensor | None = None, ctx: Any = None) -> torch.Tensor:

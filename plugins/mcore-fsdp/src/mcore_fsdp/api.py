@@ -11,6 +11,10 @@ blocks; they are bin-packed over the ranks and appear as row-ragged ``Shard(0)``
 see ``mcore.ragged``), ``gradient_divide_factor`` (e.g. for expert parameters),
 ``gather_recipe`` (a precision recipe whose ``gather_payload``/``unpack`` gather parameters
 in a low-precision format) and ``prefetch`` (how many units ahead to gather).
+
+On the meta device: a module whose parameters are on meta is sharded without reading them;
+each rank allocates only its own rows on the mesh's device (zeros until they are filled)
+and meta buffers stay on meta, for ``mcore.construct.init_params`` to fill (torchtitan's order).
 """
 
 from __future__ import annotations
@@ -197,7 +201,7 @@ def fully_shard(
     whole = [bool(keep_whole(e.param)) if callable(keep_whole) else keep_whole for e in entries]
     for buffer_owner in module.modules():
         for name, buf in buffer_owner._buffers.items():
-            if buf is not None and buf.device != groups.device:
+            if buf is not None and buf.device != groups.device and not buf.is_meta:  # meta: left for init
                 buffer_owner._buffers[name] = buf.to(groups.device)
     unit = Unit(
         label=type(module).__name__,

@@ -70,6 +70,8 @@ class FSDPLayout:
 
     name: ClassVar[str] = "fsdp"
     mesh_dims: ClassVar[tuple[str, ...]] = ("dp_shard",)
+    #: ``apply`` works on a model on the meta device: only each rank's rows are allocated (see ``api``)
+    supports_meta_init: ClassVar[bool] = True
 
     @dataclass(kw_only=True, slots=True)
     class Config:

@@ -4,7 +4,8 @@ Storage (per rank): ``shard`` is one flat buffer of ``S`` elements holding this 
 of every parameter (see ``geometry``: rows split over the ranks, or the whole parameter on
 one of them); each registered parameter is a ``Shard(0)`` DTensor whose local tensor is a
 view into it (all rows or none for a whole parameter: a row-ragged DTensor, see
-``mcore.ragged``), so the optimizer updates ``shard`` in place.
+``mcore.ragged``), so the optimizer updates ``shard`` in place. A parameter on the meta
+device gets its rows allocated here and left for ``mcore.construct.init_params`` to fill.
 
 Un-sharded (compute) parameters are persistent ``nn.Parameter`` objects whose ``.data`` is
 pointed at a pooled buffer while the unit is gathered; autograd accumulates their grads, and
@@ -194,7 +195,9 @@ class Unit:
         slots = self.geometry.slots
         self.plain_numel = self.geometry.plain_numel
 
-        # (S,) this rank's rows of every parameter, padded per parameter
+        # (S,) this rank's rows of every parameter, padded per parameter; zeros, so padding is
+        # zero (a quantized gather reads the padded rows); rows of a parameter on the meta device
+        # are left for its initialisation (``mcore.construct``): no rank ever holds it whole
         self.shard = torch.zeros(self.geometry.shard_numel, dtype=self.orig_dtype, device=device)
         self.sharded: list[nn.Parameter] = []
         self.unsharded: list[nn.Parameter] = []
@@ -202,7 +205,7 @@ class Unit:
             for entry, slot in zip(ordered, slots):
                 rows, start = slot.local_rows(rank), slot.row_start(rank)
                 local = self._local_view(self.shard, slot)
-                if rows:
+                if rows and not entry.param.is_meta:
                     local.copy_(entry.param.detach()[start : start + rows])
                 dt = DTensor.from_local(
                     local,
@@ -260,10 +263,17 @@ class Unit:
 
     def _probe_payload(self, param: torch.Tensor, n: int, whole: bool) -> _PayloadSpec | None:
         """Whether the recipe gathers ``param`` in its own format, probed on zeros of the shape
-        it will see (the padded local rows, or the whole parameter when kept whole)."""
+        it will see (the padded local rows, or the whole parameter when kept whole). A whole
+        parameter is first asked about on the meta device: a recipe that gathers it as is (the
+        answer depends on shape and dtype only) then costs no full-size tensor on every rank."""
         if self.gather_recipe is None:
             return None
         probe_rows = param.shape[0] if whole else -(-param.shape[0] // n)
+        if (
+            whole
+            and self.gather_recipe.gather_payload(torch.empty(param.shape, dtype=param.dtype, device="meta")) is None
+        ):
+            return None
         probe = torch.zeros(probe_rows, *param.shape[1:], dtype=param.dtype, device=self.groups.device)
         payload = self.gather_recipe.gather_payload(probe)
         if payload is None:

@@ -1,11 +1,14 @@
-"""The ``gpt`` model: a pre-norm decoder composed of blocks chosen by name.
+"""The ``gpt`` model: a pre-norm decoder composed, layer by layer, of blocks chosen by name.
 
 Shape legend: B rows, T tokens per row, H hidden, V vocabulary.
 
 Notable:
-* ``attention``, ``mlp`` and ``norm`` name registered blocks, so a block of another plugin (a MoE
-  MLP) slots in by name; each block's ``Config`` is filled from the model config fields of the
-  same names.
+* Composition: ``layers`` (a layer pattern) picks each layer's mixer (``attention``, ``mla``, or a
+  plugin's) and MLP (``swiglu``, ``gelu-mlp``, ``clamped-swiglu``, a plugin's MoE, or ``none``),
+  e.g. ``["3*mla/swiglu", "58*mla/moe"]``; without it every layer is ``mixer/mlp``. Each block
+  takes its settings from its own table (``[model.attention]``, ``[model.swiglu]``...) validated
+  against that block's ``Config``; what the model decides for every block (hidden size, layer
+  count, init stds, muP) is passed explicitly as a ``BlockShared``, never matched by field name.
 * Given labels, the loss comes from a fused linear + cross-entropy over token chunks
   (``loss_chunk_size``) and optionally vocabulary blocks (``loss_vocab_chunk_size``); the
   ``(B*T, V)`` logits are never formed. Auxiliary losses (the call's ``ctx.aux_losses`` collector,
@@ -13,38 +16,43 @@ Notable:
 * Each layer call gets its own frozen view ``ctx.for_layer(i)`` (MTP depths continue the numbering and
   get the next-token embeddings in ``extra``), so recompute re-runs a layer with what it first saw.
 * Packed rows (``ctx.cu_seqlens``): positions restart per document and attention never crosses one.
-* Init: normal(0, ``init_std``), output projections of each layer scaled by ``1/sqrt(2 * layers)``;
-  drawn on the CPU from ``seed`` so every device gets the same weights.
+* Init: normal(0, ``init_std``), output projections of each layer scaled by ``1/sqrt(2 * layers)``,
+  declared per parameter (``ParamSpec.init``) and drawn by ``mcore.construct`` keyed by (seed,
+  name, element index): the same weights for every layout, world size and device type; the
+  model can be built on the meta device and initialised after the layouts shard it.
 * muP (``mup_base_width``): hidden matrices' init std divided by ``sqrt(width / base)``, logits
   multiplied by ``base / width``, attention scale ``1/head_dim``. Learning-rate scaling is the
   optimizer's job.
+* Presets and Hugging Face families are registered kinds (``presets.py``, ``hf.py``); this module
+  imports neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcore.params import ParamSpec
-from mcore.protocols.block import AuxLosses, BlockContext, FlopsShape
+from mcore.config.coerce import build_dataclass, in_section
+from mcore.construct import init_params
+from mcore.params import Init, ParamSpec
+from mcore.protocols.block import AuxLosses, BlockContext, BlockShared, FlopsShape
 from mcore_models.blocks.attention import Attention
-from mcore_models.blocks.base import check_choice, check_non_negative, check_positive, normal_
+from mcore_models.blocks.base import check_non_negative, check_positive, normal_
 from mcore_models.blocks.masking import positions_from_cu_seqlens
 from mcore_models.blocks.mla import MLA
-from mcore_models.blocks.mlp import GELU_APPROXIMATIONS, ClampedSwiGLU, GeluMLP, SwiGLU
+from mcore_models.blocks.mlp import ClampedSwiGLU, GeluMLP, SwiGLU
 from mcore_models.blocks.mtp import MTP, NEXT_EMBEDDINGS
 from mcore_models.blocks.norms import LayerNorm, RMSNorm
-from mcore_models.blocks.rope import RopeFields, check_rope
 from mcore_models.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy_sum
-from mcore_models.presets import presets as _presets
 
 #: Blocks used when the model is built without a registry (same names as registered).
 LOCAL_BLOCKS: Mapping[str, type[nn.Module]] = {
@@ -58,67 +66,38 @@ LOCAL_BLOCKS: Mapping[str, type[nn.Module]] = {
     "mtp": MTP,
 }
 
+#: The MLP name of a layer without one (a hybrid's mixer-only layers).
+NO_MLP = "none"
+
+_LAYER_ITEM = re.compile(r"^\s*(?:(\d+)\s*\*\s*)?([A-Za-z0-9_.-]+)\s*(?:/\s*([A-Za-z0-9_.-]+)\s*)?$")
+
 
 @dataclass(kw_only=True, slots=True)
-class GPTConfig(RopeFields):
-    """The ``[model]`` section of a run using ``name = "gpt"``; ``check_config`` runs on construction."""
+class GPTConfig:
+    """The ``[model]`` section of a run using ``name = "gpt"``; tables ``[model.<block>]`` set each block."""
 
     preset: str | None = None
-    """Architecture to start from: tiny, bench-0.9b, llama3.2-1b, llama3-8b, qwen2.5-0.5b, deepseek-v3-mini (keys given beside it win)."""
+    """A registered preset to start from (mcore list shows them; keys and tables given beside it win)."""
     vocab_size: int = 32768
     """Rows of the embedding and the output head (at least the tokenizer's vocabulary)."""
     hidden_size: int = 1024
-    """Width of the residual stream."""
+    """Width of the residual stream (every block gets it)."""
     num_layers: int = 8
     """Transformer layers."""
-    num_heads: int = 8
-    """Query heads (must divide hidden_size unless head_dim is set)."""
-    num_kv_heads: int | None = None
-    """Key/value heads of 'attention'; must divide num_heads (none: num_heads, MHA; 1: MQA)."""
-    head_dim: int | None = None
-    """Dims per head of 'attention' (none: hidden_size / num_heads)."""
-    ffn_hidden_size: int = 2816
-    """Hidden size of the MLP (per branch for the gated ones)."""
-    attention: str = "attention"
-    """Attention block by name: 'attention' (GQA with RoPE), 'mla' (multi-head latent), or a plugin's."""
+    mixer: str = "attention"
+    """Token mixer of every layer the pattern does not set: 'attention' (GQA with RoPE), 'mla', or a plugin's."""
     mlp: str = "swiglu"
-    """MLP block by name: 'swiglu', 'gelu-mlp', 'clamped-swiglu', or a plugin's."""
+    """MLP of every layer the pattern does not set: 'swiglu', 'gelu-mlp', 'clamped-swiglu', a plugin's, or 'none'."""
     norm: str = "rmsnorm"
-    """Norm block by name: 'rmsnorm', 'layernorm', or a plugin's."""
-    norm_eps: float = 1e-5
-    """Epsilon of every norm (finite, > 0)."""
-    zero_centered_gamma: bool = False
-    """Store norm scales as gamma - 1, initialised to 0 (weight decay then pulls towards the identity)."""
+    """Norm block by name: 'rmsnorm', 'layernorm', or a plugin's (settings in [model.<norm>])."""
+    layers: list[str] | None = None
+    """Layer pattern: items '[N*]mixer[/mlp]' in order, e.g. ['3*mla/swiglu', '29*mla/moe'] (none: num_layers x mixer/mlp)."""
     tie_embeddings: bool = False
     """Use the embedding matrix as the output head."""
-    qkv_bias: bool = False
-    """Bias on the query/key/value projection (Qwen2)."""
-    out_bias: bool = False
-    """Bias on the attention output projection."""
-    mlp_bias: bool = False
-    """Biases on the MLP projections."""
-    qk_norm: bool = False
-    """RMSNorm over each query and key head before RoPE."""
-    sliding_window: int | None = None
-    """Each token sees at most this many tokens, itself included (none: the whole row)."""
     max_position_embeddings: int = 4096
     """Longest sequence the model supports; train.seq_len may not exceed it."""
-    q_lora_rank: int | None = None
-    """'mla': rank of the query down-projection (none: queries projected directly from the hidden state)."""
-    kv_lora_rank: int = 128
-    """'mla': rank of the compressed key/value latent (what decoding caches per token)."""
-    qk_nope_head_dim: int = 32
-    """'mla': per-head query/key dims without RoPE."""
-    qk_rope_head_dim: int = 16
-    """'mla': per-head query/key dims with RoPE (the key part is shared by all heads)."""
-    v_head_dim: int = 32
-    """'mla': per-head value dims."""
-    clamp_limit: float = 7.0
-    """'clamped-swiglu': the gate is clamped to at most this and the up branch to [-limit, limit] (finite, > 0)."""
-    gelu_approximate: str = "none"
-    """'gelu-mlp': 'none' (exact GeLU) or 'tanh'."""
     mtp_num_layers: int = 0
-    """Multi-token prediction depths, DeepSeek-V3 style (0: none)."""
+    """Multi-token prediction depths, DeepSeek-V3 style (0: none; settings in [model.mtp])."""
     mtp_loss_weight: float = 0.1
     """Weight of the mean MTP loss added to the main loss (finite, >= 0)."""
     init_std: float = 0.02
@@ -130,96 +109,153 @@ class GPTConfig(RopeFields):
     loss_vocab_chunk_size: int | None = None
     """Vocabulary entries per block of that loss (none: the whole vocabulary per token chunk)."""
     hf_model_type: str = "llama"
-    """Hugging Face family written by export: 'llama', 'qwen2', 'mistral' or 'deepseek_v3'."""
+    """Hugging Face family written by export: 'llama', 'qwen2', 'mistral', 'deepseek_v3', or a plugin's."""
+    blocks: dict[str, Any] = field(default_factory=dict)
+    """Each block's Config by block name (written as tables [model.<block>]; a dict is validated at build)."""
 
     def __post_init__(self) -> None:
         check_config(self)
 
+    def layer_kinds(self) -> list[tuple[str, str]]:
+        """``(mixer, mlp)`` of each layer, in order (``mlp`` may be ``NO_MLP``)."""
+        return parse_layers(self.layers, self.num_layers, self.mixer, self.mlp)
+
+    def block_names(self) -> list[str]:
+        """Every block this config builds, in first-use order (the tables it may have)."""
+        names: list[str] = []
+        for mixer, mlp in self.layer_kinds():
+            names += [mixer] + ([mlp] if mlp != NO_MLP else [])
+        names.append(self.norm)
+        if self.mtp_num_layers:
+            names.append("mtp")
+        return list(dict.fromkeys(names))
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> GPTConfig:
+        """A config from ``[model]``-style values: tables (dicts) that are not fields are block sections."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        blocks = {k: dict(v) for k, v in values.items() if isinstance(v, Mapping) and k not in names}
+        plain = {k: v for k, v in values.items() if k not in blocks}
+        given = dict(plain.pop("blocks", None) or {})
+        return cls(**plain, blocks={**given, **blocks})
+
+
+def parse_layers(pattern: list[str] | None, num_layers: int, mixer: str, mlp: str) -> list[tuple[str, str]]:
+    """The layer pattern as one ``(mixer, mlp)`` per layer; ``ValueError`` naming ``model.layers`` when it is wrong."""
+    if pattern is None:
+        return [(mixer, mlp)] * num_layers
+    if isinstance(pattern, str) or not all(isinstance(item, str) for item in pattern):
+        raise ValueError(f"layers = {pattern!r}: expected a list of '[N*]mixer[/mlp]' strings")
+    kinds: list[tuple[str, str]] = []
+    for item in pattern:
+        match = _LAYER_ITEM.match(item)
+        if match is None or (match.group(1) is not None and int(match.group(1)) < 1):
+            raise ValueError(
+                f"layers item {item!r}: expected '[N*]mixer[/mlp]' with N >= 1, e.g. '3*attention/swiglu' or 'mla/moe'"
+            )
+        count = int(match.group(1) or 1)
+        kinds += [(match.group(2), match.group(3) or mlp)] * count
+    if len(kinds) != num_layers:
+        raise ValueError(
+            f"layers = {pattern!r} gives {len(kinds)} layers but num_layers = {num_layers}; make them agree"
+        )
+    return kinds
+
 
 def check_config(cfg: GPTConfig) -> None:
-    """``ValueError`` naming ``model.<key>``, the value and what is allowed, for settings no model can be built from."""
+    """``ValueError`` naming the key, the value and what is allowed, for settings no model can be built from."""
     for key in (
         "vocab_size",
         "hidden_size",
         "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "ffn_hidden_size",
-        "sliding_window",
         "max_position_embeddings",
-        "q_lora_rank",
-        "kv_lora_rank",
-        "qk_nope_head_dim",
-        "qk_rope_head_dim",
-        "v_head_dim",
         "mup_base_width",
         "loss_chunk_size",
         "loss_vocab_chunk_size",
-        "norm_eps",
-        "clamp_limit",
         "init_std",
     ):
         check_positive("model", key, getattr(cfg, key))
     check_non_negative("model", "mtp_num_layers", cfg.mtp_num_layers)
     check_non_negative("model", "mtp_loss_weight", cfg.mtp_loss_weight)
-    kv_heads = cfg.num_kv_heads or cfg.num_heads
-    if cfg.num_heads % kv_heads:
-        raise ValueError(
-            f"model.num_kv_heads = {kv_heads}: must divide num_heads = {cfg.num_heads} (a divisor from 1 to num_heads)"
-        )
-    if cfg.head_dim is None and cfg.hidden_size % cfg.num_heads:
-        raise ValueError(
-            f"model.num_heads = {cfg.num_heads}: must divide hidden_size = {cfg.hidden_size}, or set head_dim"
-        )
-    check_choice("model", "gelu_approximate", cfg.gelu_approximate, GELU_APPROXIMATIONS)
-    rotated = {"attention": cfg.head_dim or cfg.hidden_size // cfg.num_heads, "mla": cfg.qk_rope_head_dim}
-    check_rope(cfg, "model", rotated.get(cfg.attention))  # another plugin's attention block checks its own dims
+    for key in ("mixer", "norm"):
+        if getattr(cfg, key) == NO_MLP:
+            raise ValueError(f"{key} = {NO_MLP!r}: only an MLP may be none")
+    kinds = cfg.layer_kinds()
+    if any(mixer == NO_MLP for mixer, _ in kinds):
+        raise ValueError(f"layers = {cfg.layers!r}: every layer needs a mixer ('none' is for the MLP only)")
+    if not isinstance(cfg.blocks, Mapping) or not all(isinstance(k, str) for k in cfg.blocks):
+        raise ValueError(f"blocks = {cfg.blocks!r}: expected block name -> that block's Config")
 
 
-def block_values(cfg: GPTConfig) -> dict[str, Any]:
-    """Model config fields plus the derived init/scale values blocks read by name."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    width_mult = cfg.hidden_size / cfg.mup_base_width if cfg.mup_base_width else 1.0
-    init_std = cfg.init_std / math.sqrt(width_mult)
-    values["init_std"] = init_std
-    values["output_init_std"] = init_std / math.sqrt(2 * cfg.num_layers)
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
-    values["attention_scale"] = 1.0 / head_dim if cfg.mup_base_width else None
-    return values
+def shared_values(cfg: GPTConfig) -> BlockShared:
+    """What the model passes every block: widths, layer count, init stds (muP-scaled), muP multiplier."""
+    width_mult = cfg.hidden_size / cfg.mup_base_width if cfg.mup_base_width else None
+    init_std = cfg.init_std / math.sqrt(width_mult or 1.0)
+    return BlockShared(
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        init_std=init_std,
+        output_init_std=init_std / math.sqrt(2 * cfg.num_layers),
+        mup_width_mult=width_mult,
+    )
 
 
-def make_block(cls: Any, values: Mapping[str, Any], hidden_size: int, **extra: Any) -> nn.Module:
-    """``cls(cls.Config(<fields of the same names>), hidden_size=...)``."""
+def block_config(cls: Any, name: str, given: Any) -> Any:
+    """Block ``name``'s ``Config``: ``given`` (an instance or a dict of its fields) or the defaults."""
     config_cls = getattr(cls, "Config", None)
     if config_cls is None:
-        return cls(hidden_size=hidden_size, **extra)
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return cls(config_cls(**{k: v for k, v in values.items() if k in names}), hidden_size=hidden_size, **extra)
+        if given:
+            raise ValueError(f"model.{name}: block {name!r} takes no settings, got {given!r}")
+        return None
+    if given is None:
+        return config_cls()
+    if isinstance(given, Mapping):
+        return build_dataclass(config_cls, dict(given), f"model.{name}", f"block {name!r}")
+    if not isinstance(given, config_cls):
+        raise ValueError(f"model.{name}: expected {config_cls.__qualname__}, got {type(given).__qualname__}")
+    return given
+
+
+def block_settings(cfg: GPTConfig, name: str) -> Any:
+    """Block ``name``'s ``Config`` in ``cfg`` (its table validated, defaults when absent); this package's blocks."""
+    return block_config(_local_block(name), name, cfg.blocks.get(name))
+
+
+def make_block(cls: Any, config: Any, shared: BlockShared, **extra: Any) -> nn.Module:
+    """``cls(config, hidden_size=..., shared=...)`` (``shared`` only for blocks whose constructor takes it)."""
+    kwargs: dict[str, Any] = {"hidden_size": shared.hidden_size, **extra}
+    if "shared" in inspect.signature(cls).parameters:
+        kwargs["shared"] = shared
+    return cls(config, **kwargs) if config is not None else cls(**kwargs)
 
 
 class TransformerLayer(nn.Module):
-    """``h + attention(norm(h))``, then ``h + mlp(norm(h))``."""
+    """``h + mixer(norm(h))``, then ``h + mlp(norm(h))`` (no second half for a layer without an MLP)."""
 
     attn_norm: Any
     attention: Any
     mlp_norm: Any
     mlp: Any
 
-    def __init__(self, attention: nn.Module, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module) -> None:
+    def __init__(
+        self, attention: nn.Module, mlp: nn.Module | None, attn_norm: nn.Module, mlp_norm: nn.Module | None
+    ) -> None:
         super().__init__()
         self.attn_norm, self.attention, self.mlp_norm, self.mlp = attn_norm, attention, mlp_norm, mlp
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         hidden = hidden + self.attention(self.attn_norm(hidden, ctx), ctx)  # (B, T, H)
+        if self.mlp is None:
+            return hidden
         return hidden + self.mlp(self.mlp_norm(hidden, ctx), ctx)
 
     def flops(self, shape: FlopsShape) -> int:
-        return self.attention.flops(shape) + self.mlp.flops(shape)
+        return self.attention.flops(shape) + (self.mlp.flops(shape) if self.mlp is not None else 0)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for block in (self.attn_norm, self.attention, self.mlp_norm, self.mlp):
-            block.reset_parameters(generator)
+            if block is not None:
+                block.reset_parameters(generator)
 
 
 def mtp_labels(labels: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:
@@ -234,41 +270,93 @@ class GPT(nn.Module):
     """Decoder-only transformer; ``forward(tokens (B, T), *, labels=None, ctx=None)``."""
 
     Config = GPTConfig
+    #: Every parameter declares its ``init``: the core may build on the meta device and initialise after sharding.
+    supports_meta_init = True
+    #: ``[model]`` keys of run config schema 1 and where each lives now (for the error an old config gets).
+    moved_keys: Mapping[str, str] = {
+        **{k: f"attention.{k}" for k in ("num_kv_heads", "head_dim", "qkv_bias", "out_bias", "qk_norm")},
+        **{
+            k: f"mla.{k}" for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        },
+        **{
+            k: f"attention.{k} (or mla.{k})"
+            for k in (
+                "num_heads",
+                "sliding_window",
+                "rope_theta",
+                "rope_scaling",
+                "rope_factor",
+                "rope_original_max_positions",
+                "rope_low_freq_factor",
+                "rope_high_freq_factor",
+                "rope_beta_fast",
+                "rope_beta_slow",
+                "rope_mscale",
+                "rope_mscale_all_dim",
+                "rope_attention_factor",
+                "rotary_fraction",
+            )
+        },
+        "ffn_hidden_size": "swiglu.ffn_hidden_size (or the table of model.mlp's block)",
+        "mlp_bias": "swiglu.mlp_bias (or the table of model.mlp's block)",
+        "clamp_limit": "clamped-swiglu.clamp_limit",
+        "gelu_approximate": "gelu-mlp.gelu_approximate",
+        "norm_eps": "rmsnorm.norm_eps (and attention.norm_eps, mla.norm_eps, mtp.norm_eps)",
+        "zero_centered_gamma": "rmsnorm.zero_centered_gamma (or layernorm.zero_centered_gamma)",
+        "attention": "mixer (the block's name; its settings are in [model.attention] or [model.mla])",
+    }
     final_norm: Any
 
     def __init__(self, config: GPTConfig, *, block_lookup: Callable[[str], Any] | None = None) -> None:
         super().__init__()
         check_config(config)
         self.config = cfg = config
-        lookup = block_lookup or LOCAL_BLOCKS.__getitem__
-        values = block_values(cfg)
+        lookup = block_lookup or _local_block
+        shared = shared_values(cfg)
         hidden = cfg.hidden_size
+        configs: dict[str, Any] = {}
 
-        def layer() -> TransformerLayer:
+        def block(name: str, layer_index: int | None = None, **extra: Any) -> nn.Module:
+            try:
+                cls = lookup(name)
+            except (KeyError, ValueError) as exc:  # the registry's message lists what is installed
+                raise ValueError(f"model.mixer/mlp/norm/layers name block {name!r}: {exc}") from None
+            try:
+                if name not in configs:
+                    configs[name] = block_config(cls, name, cfg.blocks.get(name))
+                return make_block(cls, configs[name], dataclasses.replace(shared, layer_index=layer_index), **extra)
+            except ValueError as exc:  # name the block's table: model.attention.num_heads = ...
+                raise ValueError(in_section(str(exc), f"model.{name}", _field_names(cls))) from None
+
+        def layer(index: int, mixer: str, mlp: str) -> TransformerLayer:
+            has_mlp = mlp != NO_MLP
             return TransformerLayer(
-                make_block(lookup(cfg.attention), values, hidden),
-                make_block(lookup(cfg.mlp), values, hidden),
-                make_block(lookup(cfg.norm), values, hidden),
-                make_block(lookup(cfg.norm), values, hidden),
+                block(mixer, index),
+                block(mlp, index) if has_mlp else None,
+                block(cfg.norm, index),
+                block(cfg.norm, index) if has_mlp else None,
             )
 
+        kinds = cfg.layer_kinds()
         self.embed = nn.Embedding(cfg.vocab_size, hidden)
-        self.layers = nn.ModuleList(layer() for _ in range(cfg.num_layers))
-        self.final_norm = make_block(lookup(cfg.norm), values, hidden)
+        self.layers = nn.ModuleList(layer(i, mixer, mlp) for i, (mixer, mlp) in enumerate(kinds))
+        self.final_norm = block(cfg.norm)
         self.head = None if cfg.tie_embeddings else nn.Linear(hidden, cfg.vocab_size, bias=False)
+        last = kinds[-1]  # an MTP depth runs a layer like the model's last one
         self.mtp = nn.ModuleList(
-            make_block(lookup("mtp"), values, hidden, layer=layer()) for _ in range(cfg.mtp_num_layers)
+            block("mtp", len(kinds) + d, layer=layer(len(kinds) + d, *last)) for d in range(cfg.mtp_num_layers)
         )
-        self.mtp_norms = nn.ModuleList(make_block(lookup(cfg.norm), values, hidden) for _ in range(cfg.mtp_num_layers))
+        self.mtp_norms = nn.ModuleList(block(cfg.norm, len(kinds) + d) for d in range(cfg.mtp_num_layers))
         self.logit_scale = cfg.mup_base_width / hidden if cfg.mup_base_width else 1.0
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        """The embedding and the untied head; a tied head is the embedding (one parameter). Blocks
-        declare their own parameters (``mcore.params``)."""
-        specs = {"embed.weight": ParamSpec("embedding")}
+        """The embedding and the untied head, normal(``init_std``); a tied head is the embedding (one
+        parameter). Blocks declare their own parameters (``mcore.params``)."""
+        init = Init("normal", std=shared_values(self.config).init_std)
+        specs = {"embed.weight": ParamSpec("embedding", init=init)}
         if self.head is not None:
-            specs["head.weight"] = ParamSpec("head")
+            specs["head.weight"] = ParamSpec("head", init=init)
         return specs
 
     # -- the network ------------------------------------------------------------------------
@@ -324,13 +412,13 @@ class GPT(nn.Module):
 
     # -- init, counting ---------------------------------------------------------------------
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        values = block_values(self.config)
-        normal_(self.embed.weight, values["init_std"], generator)
+        init_std = shared_values(self.config).init_std
+        normal_(self.embed.weight, init_std, generator)
         for layer in self.layers:
             layer.reset_parameters(generator)  # type: ignore[operator]
         self.final_norm.reset_parameters(generator)
         if self.head is not None:
-            normal_(self.head.weight, values["init_std"], generator)
+            normal_(self.head.weight, init_std, generator)
         for module, norm in zip(self.mtp, self.mtp_norms, strict=True):
             module.reset_parameters(generator)  # type: ignore[operator]
             norm.reset_parameters(generator)  # type: ignore[operator]
@@ -339,19 +427,23 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward_flops(self, batch: int, seq_len: int) -> int:
-        """Forward FLOPs of ``batch`` rows of ``seq_len`` tokens (matmuls and attention scores only)."""
-        window = min(self.config.sliding_window or seq_len, seq_len)
-        attended = batch * (window * (window + 1) // 2 + (seq_len - window) * window)  # sum of min(i + 1, W)
-        shape = FlopsShape(tokens=batch * seq_len, attended=attended)
-        head = 2 * shape.tokens * self.config.hidden_size * self.config.vocab_size
-        total = sum(layer.flops(shape) for layer in self.layers) + head  # type: ignore[operator]
-        return total + sum(module.flops(shape) + head for module in self.mtp)  # type: ignore[operator]
+        """Forward FLOPs of ``batch`` rows of ``seq_len`` tokens (matmuls and attention scores only).
+
+        Each layer's attended pairs follow its own mixer's ``sliding_window`` (a mixer config field, if any).
+        """
+        tokens = batch * seq_len
+
+        def shape(layer: Any) -> FlopsShape:
+            window = getattr(getattr(layer.attention, "config", None), "sliding_window", None)
+            w = min(window or seq_len, seq_len)
+            attended = batch * (w * (w + 1) // 2 + (seq_len - w) * w)  # sum over positions of min(i + 1, W)
+            return FlopsShape(tokens=tokens, attended=attended)
+
+        head = 2 * tokens * self.config.hidden_size * self.config.vocab_size
+        total = sum(layer.flops(shape(layer)) for layer in self.layers) + head  # type: ignore[operator]
+        return total + sum(module.flops(shape(module.layer)) + head for module in self.mtp)  # type: ignore[operator]
 
     # -- the ModelFactory side ---------------------------------------------------------------
-    @classmethod
-    def presets(cls) -> Mapping[str, Mapping[str, Any]]:
-        return _presets()
-
     @classmethod
     def build(
         cls,
@@ -361,12 +453,21 @@ class GPT(nn.Module):
         device: torch.device | str = "cpu",
         block_lookup: Callable[[str], Any] | None = None,
     ) -> GPT:
-        """Build on ``device`` with weights drawn from ``seed`` (identical on every device)."""
+        """Build on ``device`` with weights drawn from ``seed``: each parameter from its declared
+        ``init`` keyed by (seed, name, element index), so the values are the same for every layout,
+        world size and device type (``mcore.construct``). On ``"meta"`` nothing is allocated: the core
+        shards the model first and initialises each rank's part (``supports_meta_init``)."""
         with torch.device("meta"):
             model = cls(config, block_lookup=block_lookup)
-        model.to_empty(device=device)
-        model.reset_parameters(torch.Generator(device="cpu").manual_seed(seed))
+        if torch.device(device).type != "meta":
+            init_params(model, seed=seed, device=device)
         return model
+
+    @classmethod
+    def check_blocks(cls, config: GPTConfig, *, block_lookup: Callable[[str], Any] | None = None) -> None:
+        """Rules that need the blocks (a head count against ``hidden_size``): builds the model on the meta device."""
+        with torch.device("meta"):
+            cls(config, block_lookup=block_lookup)
 
     @classmethod
     def check_run(cls, config: GPTConfig, run: Any) -> None:
@@ -379,7 +480,9 @@ class GPT(nn.Module):
             )
 
     @classmethod
-    def flops_per_token(cls, config: GPTConfig, seq_len: int) -> int:
+    def flops_per_token(
+        cls, config: GPTConfig, seq_len: int, *, block_lookup: Callable[[str], Any] | None = None
+    ) -> int:
         """Training FLOPs per token: ``3 * forward`` (backward = 2x forward).
 
         Forward per token = ``2 * (matmul weights of attention, MLP, output head and MTP)``
@@ -389,17 +492,25 @@ class GPT(nn.Module):
         lookups and norms are not counted.
         """
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, block_lookup=block_lookup)
         return 3 * model.forward_flops(1, seq_len) // seq_len
 
     @classmethod
-    def export_hf(cls, model: GPT, config: GPTConfig, out_dir: Path) -> None:
-        from mcore_models.hf import export_hf
+    def hf_family(cls, config: GPTConfig) -> str:
+        """The registered Hugging Face family (kind ``"hf"``) this config exports as."""
+        return config.hf_model_type
 
-        export_hf(model, config, Path(out_dir))
 
-    @classmethod
-    def import_hf(cls, path: Path, *, device: torch.device | str = "cpu") -> tuple[GPTConfig, GPT]:
-        from mcore_models.hf import import_hf
+def _local_block(name: str) -> Any:
+    try:
+        return LOCAL_BLOCKS[name]
+    except KeyError:
+        raise ValueError(
+            f"block {name!r} is not one of mcore-models' ({', '.join(LOCAL_BLOCKS)}); a plugin's block is found "
+            "when the model is built through mcore (block_lookup)"
+        ) from None
 
-        return import_hf(Path(path), device=device)
+
+def _field_names(cls: Any) -> list[str]:
+    config_cls = getattr(cls, "Config", None)
+    return [f.name for f in dataclasses.fields(config_cls)] if config_cls is not None else []

@@ -1,51 +1,94 @@
 """Hugging Face interop for ``gpt``: safetensors + ``config.json`` for Llama, Qwen2, Mistral (here)
-and DeepSeek-V3 with dense MLPs (``hf_deepseek``).
+and DeepSeek-V3 with dense MLPs (``hf_deepseek``), each registered as a family (kind ``"hf"``).
 
-Our fused projections map to Hugging Face's separate ones: ``attention.qkv`` is
-``cat([q_proj, k_proj, v_proj])`` along the output dim and ``mlp.up`` is ``cat([gate_proj,
-up_proj])``; slicing and concatenation copy bits, so export -> import is exact. RoPE variants
-(default, linear, llama3, yarn) are written both as ``rope_parameters`` (transformers >= 5) and
-as ``rope_theta`` + ``rope_scaling`` (older releases). Tokenizer files are the runtime's job.
+Our projections are Hugging Face's, renamed (``attention.q`` <-> ``self_attn.q_proj``, ...,
+``mlp.gate`` <-> ``mlp.gate_proj``): weights are copied, never sliced or permuted, so export ->
+import is exact. The config maps to the block tables: ``[model.attention]`` (heads, biases,
+RoPE), ``[model.swiglu]`` (``intermediate_size``) and ``[model.rmsnorm]`` (``rms_norm_eps``). RoPE
+variants (default, linear, llama3, yarn) are written both as ``rope_parameters`` (transformers
+>= 5) and as ``rope_theta`` + ``rope_scaling`` (older releases). Tokenizer files are the runtime's
+job. Every file read stays inside the model directory (``mcore.hf.model_file``).
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mcore.errors import UserError
+from mcore.hf import model_file, read_hf_config
 from mcore.outputs import normalize_permissions
-from mcore_models.gpt import GPT, GPTConfig
+from mcore_models.blocks.attention import Attention
+from mcore_models.blocks.mlp import SwiGLU
+from mcore_models.blocks.norms import RMSNorm
+from mcore_models.blocks.rope import RopeFields
+from mcore_models.gpt import GPT, GPTConfig, block_settings
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
-FAMILIES = (*ARCHITECTURES, "deepseek_v3")
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 # -- config ------------------------------------------------------------------------------------
-def _unsupported(cfg: GPTConfig) -> list[str]:
-    """Config values that no supported Hugging Face family can express."""
-    default = GPTConfig()
-    checks = {
-        "attention": cfg.attention == "attention",
-        "mlp": cfg.mlp == "swiglu",
-        "norm": cfg.norm == "rmsnorm",
-        "qk_norm": not cfg.qk_norm,
-        "mlp_bias": not cfg.mlp_bias,
-        "zero_centered_gamma": not cfg.zero_centered_gamma,
-        "rotary_fraction": cfg.rotary_fraction == 1.0,
-        "mtp_num_layers": cfg.mtp_num_layers == 0,
-        "mup_base_width": cfg.mup_base_width is None,
-    }
-    return [f"{key} = {getattr(cfg, key)!r} (needs {getattr(default, key)!r})" for key, ok in checks.items() if not ok]
+def check_layout(cfg: GPTConfig, family: str, mixer: str) -> list[str]:
+    """What a Hugging Face ``family`` cannot express in ``cfg``'s composition (every layer ``mixer/swiglu``)."""
+    problems = []
+    if any(kind != (mixer, "swiglu") for kind in cfg.layer_kinds()):
+        problems.append(
+            f"layers = {cfg.layers!r}, mixer = {cfg.mixer!r}, mlp = {cfg.mlp!r} (needs every layer {mixer}/swiglu)"
+        )
+    if cfg.norm != "rmsnorm":
+        problems.append(f"norm = {cfg.norm!r} (needs 'rmsnorm')")
+    if cfg.mup_base_width is not None:
+        problems.append(f"mup_base_width = {cfg.mup_base_width} (needs none)")
+    if problems:
+        return problems
+    if block_settings(cfg, "swiglu").mlp_bias:
+        problems.append("swiglu.mlp_bias = true (needs false)")
+    if block_settings(cfg, "rmsnorm").zero_centered_gamma:
+        problems.append("rmsnorm.zero_centered_gamma = true (needs false)")
+    return problems
 
 
-def rope_parameters(cfg: GPTConfig) -> dict[str, Any]:
+def _unsupported(cfg: GPTConfig, family: str) -> list[str]:
+    """Config values that Hugging Face ``family`` (llama, qwen2, mistral) cannot express."""
+    problems = check_layout(cfg, family, "attention")
+    if problems:
+        return problems
+    att = block_settings(cfg, "attention")
+    if att.qk_norm:
+        problems.append("attention.qk_norm = true (needs false)")
+    if att.rotary_fraction != 1.0:
+        problems.append(f"attention.rotary_fraction = {att.rotary_fraction} (needs 1.0)")
+    if att.attention_scale is not None:
+        problems.append(f"attention.attention_scale = {att.attention_scale} (needs none)")
+    if cfg.mtp_num_layers:
+        problems.append(f"mtp_num_layers = {cfg.mtp_num_layers} (needs 0)")
+    head_dim = att.head_dim or cfg.hidden_size // att.num_heads
+    if family == "qwen2":
+        if not (att.qkv_bias and not att.out_bias):
+            problems.append(f"attention.qkv_bias/out_bias = {att.qkv_bias}/{att.out_bias} (qwen2 needs true/false)")
+        if head_dim * att.num_heads != cfg.hidden_size:
+            problems.append(f"attention.head_dim = {att.head_dim} (qwen2 needs hidden_size / num_heads)")
+        if att.sliding_window is not None:
+            problems.append(f"attention.sliding_window = {att.sliding_window} (qwen2 here has none)")
+    elif family == "llama":
+        if att.qkv_bias != att.out_bias:
+            problems.append("attention.qkv_bias != out_bias (llama's attention_bias covers both)")
+        if att.sliding_window is not None:
+            problems.append(f"attention.sliding_window = {att.sliding_window} (llama has none; use mistral)")
+    elif att.qkv_bias or att.out_bias:
+        problems.append("attention.qkv_bias/out_bias (mistral has no attention bias)")
+    return problems
+
+
+def rope_parameters(rope_cfg: RopeFields) -> dict[str, Any]:
+    """Hugging Face's ``rope_parameters`` of a block's RoPE settings."""
+    cfg = rope_cfg
     params: dict[str, Any] = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling}
     params["rope_theta"] = cfg.rope_theta
     if cfg.rope_scaling != "none":
@@ -63,55 +106,36 @@ def rope_parameters(cfg: GPTConfig) -> dict[str, Any]:
     return params
 
 
+def rope_fields(rope_cfg: RopeFields) -> dict[str, Any]:
+    """``rope_theta``, ``rope_scaling`` (legacy form) and ``rope_parameters`` for ``config.json``."""
+    rope = rope_parameters(rope_cfg)
+    legacy = None if rope_cfg.rope_scaling == "none" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {"rope_theta": rope_cfg.rope_theta, "rope_scaling": legacy, "rope_parameters": rope}
+
+
 def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     family = cfg.hf_model_type
-    if family == "deepseek_v3":
-        return _codec(family).config_to_hf(cfg, dtype)
     if family not in ARCHITECTURES:
-        raise ValueError(f"model.hf_model_type = {family!r}: allowed: {', '.join(FAMILIES)}")
-    problems = _unsupported(cfg)
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
-    if family == "qwen2":
-        problems += (
-            []
-            if cfg.qkv_bias and not cfg.out_bias
-            else [f"qkv_bias/out_bias = {cfg.qkv_bias}/{cfg.out_bias} (qwen2 needs True/False)"]
-        )
-        problems += (
-            []
-            if head_dim * cfg.num_heads == cfg.hidden_size
-            else [f"head_dim = {cfg.head_dim} (qwen2 needs hidden_size / num_heads)"]
-        )
-    elif family == "llama":
-        problems += (
-            [] if cfg.qkv_bias == cfg.out_bias else ["qkv_bias != out_bias (llama's attention_bias covers both)"]
-        )
-        problems += (
-            []
-            if cfg.sliding_window is None
-            else [f"sliding_window = {cfg.sliding_window} (llama has none; use mistral)"]
-        )
-    elif cfg.qkv_bias or cfg.out_bias:
-        problems.append("qkv_bias/out_bias (mistral has no attention bias)")
+        raise ValueError(f"hf_model_type = {family!r}: this family maps {', '.join(ARCHITECTURES)}")
+    problems = _unsupported(cfg, family)
     if problems:
         raise ValueError(f"model cannot be exported as Hugging Face {family!r}: " + "; ".join(problems))
-    rope = rope_parameters(cfg)
+    att, mlp, norm = (block_settings(cfg, n) for n in ("attention", "swiglu", "rmsnorm"))
+    head_dim = att.head_dim or cfg.hidden_size // att.num_heads
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES[family]],
         "model_type": family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_hidden_size,
+        "intermediate_size": mlp.ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads,
+        "num_attention_heads": att.num_heads,
+        "num_key_value_heads": att.num_kv_heads or att.num_heads,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps,
+        "rms_norm_eps": norm.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if cfg.rope_scaling == "none" else {k: v for k, v in rope.items() if k != "rope_theta"},
-        "rope_parameters": rope,
+        **rope_fields(att),
         "initializer_range": cfg.init_std,
         "torch_dtype": _DTYPES.get(dtype, "float32"),
         "use_cache": True,
@@ -119,16 +143,16 @@ def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str
     if family != "qwen2":
         out["head_dim"] = head_dim
     if family == "llama":
-        out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+        out.update(attention_bias=att.qkv_bias, mlp_bias=False)
     if family == "mistral":
-        out["sliding_window"] = cfg.sliding_window
+        out["sliding_window"] = att.sliding_window
     if family == "qwen2":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
     return out
 
 
 def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """``GPTConfig`` RoPE fields from ``rope_parameters`` (or the older ``rope_theta`` + ``rope_scaling``)."""
+    """A block's RoPE fields from ``rope_parameters`` (or the older ``rope_theta`` + ``rope_scaling``)."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -156,76 +180,97 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     family = hf.get("model_type")
-    if family == "deepseek_v3":
-        return _codec(family).config_from_hf(hf)
     if family not in ARCHITECTURES:
-        raise ValueError(f"config.json model_type = {family!r}: allowed: {', '.join(FAMILIES)}")
+        raise ValueError(f"config.json model_type = {family!r}: this family reads {', '.join(ARCHITECTURES)}")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act = {hf['hidden_act']!r}: allowed: silu")
-    values: dict[str, Any] = dict(
-        hf_model_type=family,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") if family != "qwen2" else None,
-        ffn_hidden_size=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        init_std=hf.get("initializer_range", 0.02),
-        **rope_from_hf(hf),
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") if family != "qwen2" else None
+    if head_dim == hf["hidden_size"] // heads:
+        head_dim = None
+    attention: dict[str, Any] = dict(
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim, **rope_from_hf(hf)
     )
     if family == "llama":
         if hf.get("mlp_bias"):
             raise ValueError("config.json mlp_bias = true: not supported")
-        values.update(qkv_bias=bool(hf.get("attention_bias")), out_bias=bool(hf.get("attention_bias")))
+        attention.update(qkv_bias=bool(hf.get("attention_bias")), out_bias=bool(hf.get("attention_bias")))
     if family == "qwen2":
         if hf.get("use_sliding_window"):
             raise ValueError("config.json use_sliding_window = true: Qwen2 per-layer sliding windows are not supported")
-        values["qkv_bias"] = True
+        attention["qkv_bias"] = True
     if family == "mistral":
-        values["sliding_window"] = hf.get("sliding_window")
-    if values["head_dim"] == values["hidden_size"] // values["num_heads"]:
-        values["head_dim"] = None
-    return GPTConfig(**values)
+        attention["sliding_window"] = hf.get("sliding_window")
+    return GPTConfig(
+        hf_model_type=family,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        init_std=hf.get("initializer_range", 0.02),
+        blocks={
+            "attention": Attention.Config(**attention),
+            "swiglu": SwiGLU.Config(ffn_hidden_size=hf["intermediate_size"]),
+            "rmsnorm": RMSNorm.Config(norm_eps=hf.get("rms_norm_eps", 1e-6)),
+        },
+    )
 
 
 # -- weights -----------------------------------------------------------------------------------
-def _split_sizes(cfg: GPTConfig) -> tuple[list[int], list[int]]:
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
-    kv = (cfg.num_kv_heads or cfg.num_heads) * head_dim
-    return [cfg.num_heads * head_dim, kv, kv], [cfg.ffn_hidden_size, cfg.ffn_hidden_size]
+#: Ours (under ``layers.i.``) -> Hugging Face's (under ``model.layers.i.``), for weights and biases alike.
+_LAYER = {
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "attention.q": "self_attn.q_proj",
+    "attention.k": "self_attn.k_proj",
+    "attention.v": "self_attn.v_proj",
+    "attention.out": "self_attn.o_proj",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.down": "mlp.down_proj",
+}
+
+
+def _layer_names(cfg: GPTConfig) -> list[tuple[str, str]]:
+    """``(ours, theirs)`` of every tensor of a decoder layer under ``cfg``, relative to the layer."""
+    names = [(f"{mine}.weight", f"{theirs}.weight") for mine, theirs in _LAYER.items()]
+    att = block_settings(cfg, "attention")
+    if att.qkv_bias:
+        names += [(f"attention.{n}.bias", f"self_attn.{n}_proj.bias") for n in "qkv"]
+    if att.out_bias:
+        names.append(("attention.out.bias", "self_attn.o_proj.bias"))
+    return names
 
 
 def state_to_hf(model: GPT, cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    qkv_sizes, mlp_sizes = _split_sizes(cfg)
     ours = {k: v.detach() for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": ours["embed.weight"], "model.norm.weight": ours["final_norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = ours["head.weight"]
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = ours[src + "attn_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = ours[src + "mlp_norm.weight"]
-        for kind in ("weight", "bias"):
-            if src + f"attention.qkv.{kind}" in ours:
-                q, k, v = ours[src + f"attention.qkv.{kind}"].split(qkv_sizes, dim=0)
-                out.update({dst + f"self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v), strict=True)})
-            if src + f"attention.out.{kind}" in ours:
-                out[dst + f"self_attn.o_proj.{kind}"] = ours[src + f"attention.out.{kind}"]
-        gate, up = ours[src + "mlp.up.weight"].split(mlp_sizes, dim=0)
-        out.update({dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up})
-        out[dst + "mlp.down_proj.weight"] = ours[src + "mlp.down.weight"]
+        out.update({dst + theirs: ours[src + mine] for mine, theirs in _layer_names(cfg)})
     return {k: v.contiguous().cpu() for k, v in out.items()}
+
+
+def take_tensor(hf: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``hf.pop(name)``; a ``UserError`` naming the tensor when the checkpoint lacks it."""
+    if name not in hf:
+        raise UserError(f"checkpoint is missing tensor {name!r} needed for this config")
+    return hf.pop(name)
+
+
+def check_all_taken(hf: dict[str, torch.Tensor]) -> None:
+    """A ``UserError`` naming a few of the tensors still in ``hf`` (rotary caches aside): weights nothing reads."""
+    leftover = [k for k in hf if "rotary_emb" not in k]
+    if leftover:
+        raise UserError(f"checkpoint has tensors this config does not use, e.g. {leftover[:3]}")
 
 
 def state_from_hf(hf: dict[str, torch.Tensor], cfg: GPTConfig, hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     def take(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise ValueError(f"checkpoint is missing tensor {name!r} needed for this config")
-        return hf.pop(name)
+        return take_tensor(hf, name)
 
     out = {"embed.weight": take("model.embed_tokens.weight"), "final_norm.weight": take("model.norm.weight")}
     if cfg.tie_embeddings:
@@ -234,58 +279,14 @@ def state_from_hf(hf: dict[str, torch.Tensor], cfg: GPTConfig, hf_config: dict[s
         out["head.weight"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        out[dst + "attn_norm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "mlp_norm.weight"] = take(src + "post_attention_layernorm.weight")
-        out[dst + "attention.qkv.weight"] = torch.cat([take(src + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        if cfg.qkv_bias:
-            out[dst + "attention.qkv.bias"] = torch.cat([take(src + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        out[dst + "attention.out.weight"] = take(src + "self_attn.o_proj.weight")
-        if cfg.out_bias:
-            out[dst + "attention.out.bias"] = take(src + "self_attn.o_proj.bias")
-        out[dst + "mlp.up.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")])
-        out[dst + "mlp.down.weight"] = take(src + "mlp.down_proj.weight")
-    leftover = [k for k in hf if "rotary_emb" not in k]
-    if leftover:
-        raise ValueError(f"checkpoint has tensors this config does not use, e.g. {leftover[:3]}")
+        out.update({dst + mine: take(src + theirs) for mine, theirs in _layer_names(cfg)})
+    check_all_taken(hf)
     return out
 
 
-# -- files: everything read stays inside the model directory -------------------------------------
-def _allowed_roots(path: Path) -> list[Path]:
-    """Where the files of the model directory ``path`` may resolve to: the directory itself, and for a
-    Hugging Face cache snapshot (``.../snapshots/<revision>``, whose files link to ``../../blobs``) that
-    repository's ``blobs`` folder."""
-    root = path.resolve()
-    roots = [root]
-    if root.parent.name == "snapshots":
-        roots.append(root.parent.parent / "blobs")
-    return roots
-
-
-def model_file(path: Path, name: str, *, named_in: str = "") -> Path:
-    """``path / name`` resolved, refused (``UserError``) unless it stays inside the model directory ``path``.
-
-    ``name`` comes from files of the model (``model.safetensors.index.json``), which anyone can
-    write: absolute paths, ``..`` and symbolic links that leave the directory are refused.
-    """
-    where = f" (named in {named_in})" if named_in else ""
-    relative = PurePosixPath(name)
-    if not name or relative.is_absolute() or PureWindowsPath(name).is_absolute() or ".." in relative.parts:
-        raise UserError(
-            f"{path}: file {name!r}{where} is outside the model directory; only plain file names inside it are allowed"
-        )
-    resolved = (path / relative).resolve()
-    if not any(resolved.is_relative_to(root) for root in _allowed_roots(path)):
-        raise UserError(
-            f"{path}: {name!r}{where} resolves to {resolved}, outside the model directory (a symbolic link); "
-            "copy the file into the directory instead"
-        )
-    if not resolved.is_file():
-        raise UserError(f"{path}: file {name!r}{where} does not exist")
-    return resolved  # opened by its resolved path: a link swapped after this check is not followed
-
-
-def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+# -- files ----------------------------------------------------------------------------------------
+def read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """Every tensor of model directory ``path`` (``model.safetensors`` or the shards of its index)."""
     index_name = "model.safetensors.index.json"
     indexed = (path / index_name).exists()
     if indexed:
@@ -306,40 +307,83 @@ def _read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# -- entry points --------------------------------------------------------------------------------
-def _codec(family: str | None) -> Any:
-    """The module holding ``config_to_hf``/``config_from_hf``/``state_to_hf``/``state_from_hf`` for a family."""
-    if family == "deepseek_v3":
-        from mcore_models import hf_deepseek
+# -- families (registered under kind "hf") ---------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face ``model_type`` read and written by ``codec`` (a module with ``config_to_hf``,
+    ``config_from_hf``, ``state_to_hf`` and ``state_from_hf``); implements ``mcore.hf.HFFamily``."""
 
-        return hf_deepseek
+    name: str
+    codec: Any
+    model: str = "gpt"
+
+    def load(self, path: Path, *, device: Any = "cpu", block_lookup: Any = None) -> tuple[GPTConfig, GPT]:
+        """Read model directory ``path`` into ``(config, model)`` on ``device``."""
+        path = Path(path)
+        hf_config = read_hf_config(path)
+        if hf_config.get("model_type") != self.name:
+            raise UserError(f"{path}/config.json: model_type = {hf_config.get('model_type')!r}, not {self.name!r}")
+        try:
+            config = self.codec.config_from_hf(hf_config)
+        except (KeyError, TypeError) as exc:
+            raise UserError(
+                f"{path}/config.json: missing or malformed key ({exc}) for model_type {self.name!r}"
+            ) from None
+        tensors = read_tensors(path, str(device))
+        with torch.device("meta"):
+            model = GPT(config, block_lookup=block_lookup)
+        dtype = next(iter(tensors.values())).dtype
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.load_state_dict(self.codec.state_from_hf(tensors, config, hf_config), strict=True)
+        return config, model
+
+    def export(self, model: GPT, config: GPTConfig, out_dir: Path) -> None:
+        """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` in the model's dtype."""
+        if config.hf_model_type != self.name:
+            raise UserError(f"model.hf_model_type = {config.hf_model_type!r}; this family writes {self.name!r}")
+        hf_config = self.codec.config_to_hf(config, model.embed.weight.dtype)  # refuses what does not map, first
+        tensors = self.codec.state_to_hf(model, config)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        weights = out_dir / "model.safetensors"
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        normalize_permissions(weights)  # safetensors writes through a private (0600) temporary file
+        (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def _this_module() -> Any:
+    import sys
+
     return sys.modules[__name__]
 
 
-def export_hf(model: GPT, config: GPTConfig, out_dir: Path) -> None:
-    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` in the model's dtype."""
-    codec = _codec(config.hf_model_type)
-    tensors = codec.state_to_hf(model, config)
-    hf_config = codec.config_to_hf(config, tensors["model.embed_tokens.weight"].dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "model.safetensors"
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    normalize_permissions(weights)  # safetensors writes through a private (0600) temporary file
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+LLAMA = Family("llama", _this_module())
+QWEN2 = Family("qwen2", _this_module())
+MISTRAL = Family("mistral", _this_module())
+
+
+def family(name: str | None) -> Family:
+    """This package's family for ``model_type`` ``name`` (Python use; runs resolve families through the registry)."""
+    if name == "deepseek_v3":
+        from mcore_models.hf_deepseek import DEEPSEEK_V3
+
+        return DEEPSEEK_V3
+    families = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL}
+    if name not in families:
+        raise UserError(
+            f"Hugging Face model_type = {name!r}: mcore-models maps {', '.join([*families, 'deepseek_v3'])}"
+        )
+    return families[name]
 
 
 def import_hf(path: Path, *, device: torch.device | str = "cpu") -> tuple[GPTConfig, GPT]:
-    """Read a Hugging Face checkpoint directory into ``(config, model)`` on ``device``."""
-    hf_config = json.loads(model_file(path, "config.json").read_text())
-    codec = _codec(hf_config.get("model_type"))
-    config = codec.config_from_hf(hf_config)
-    tensors = _read_tensors(path, str(device))
-    with torch.device("meta"):
-        model = GPT(config)
-    dtype = next(iter(tensors.values())).dtype
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.load_state_dict(codec.state_from_hf(tensors, config, hf_config), strict=True)
-    return config, model
+    """Read a Hugging Face checkpoint directory into ``(config, model)`` on ``device`` (this package's families)."""
+    return family(read_hf_config(Path(path)).get("model_type")).load(Path(path), device=device)
 
 
-__all__ = ["config_from_hf", "config_to_hf", "export_hf", "import_hf"]
+def export_hf(model: GPT, config: GPTConfig, out_dir: Path) -> None:
+    """Write ``model`` as Hugging Face family ``config.hf_model_type`` into ``out_dir``."""
+    family(config.hf_model_type).export(model, config, Path(out_dir))
+
+
+__all__ = ["LLAMA", "MISTRAL", "QWEN2", "Family", "config_from_hf", "config_to_hf", "export_hf", "import_hf"]

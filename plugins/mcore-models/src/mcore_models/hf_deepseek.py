@@ -2,7 +2,8 @@
 
 Shape legend: nh heads, dn/dr/dv the no-RoPE, RoPE and value head dims, c ``kv_lora_rank``.
 
-Differences from our layout, all exact permutations or copies:
+The dense MLP's ``gate``, ``up`` and ``down`` are ``gate_proj``, ``up_proj`` and ``down_proj``
+renamed. Other differences from our layout, all exact permutations or copies:
 * Real DeepSeek checkpoints (``rope_interleave = true``) store the RoPE dims of ``q_b_proj`` and
   ``kv_a_proj_with_mqa`` as interleaved pairs ``(x0, x1), (x2, x3), ...``; our MLA rotates pair
   ``(j, j + dr/2)``. Rows are permuted on import and back on export.
@@ -19,60 +20,56 @@ from typing import Any
 
 import torch
 
-from mcore_models.gpt import GPTConfig
-from mcore_models.hf import _DTYPES, rope_from_hf, rope_parameters
+from mcore_models.blocks.mla import MLA
+from mcore_models.blocks.mlp import SwiGLU
+from mcore_models.blocks.mtp import MTP
+from mcore_models.blocks.norms import RMSNorm
+from mcore_models.gpt import GPTConfig, block_settings
+from mcore_models.hf import _DTYPES, Family, check_all_taken, check_layout, rope_fields, rope_from_hf, take_tensor
 
 _LATENT_NORM_EPS = 1e-6
 
 
 def _check(cfg: GPTConfig) -> None:
-    default = GPTConfig()
-    checks = {
-        "attention": cfg.attention == "mla",
-        "mlp": cfg.mlp == "swiglu",
-        "norm": cfg.norm == "rmsnorm",
-        "mlp_bias": not cfg.mlp_bias,
-        "zero_centered_gamma": not cfg.zero_centered_gamma,
-        "mup_base_width": cfg.mup_base_width is None,
-        "sliding_window": cfg.sliding_window is None,
-        "norm_eps": cfg.norm_eps == _LATENT_NORM_EPS,
-    }
-    wanted = {"attention": "'mla'", "norm_eps": "1e-06"}
-    problems = [
-        f"{key} = {getattr(cfg, key)!r} (needs {wanted.get(key, repr(getattr(default, key)))})"
-        for key, ok in checks.items()
-        if not ok
-    ]
+    problems = check_layout(cfg, "deepseek_v3", "mla")
+    if not problems:
+        mla = block_settings(cfg, "mla")
+        eps = {"mla.norm_eps": mla.norm_eps, "rmsnorm.norm_eps": block_settings(cfg, "rmsnorm").norm_eps}
+        if cfg.mtp_num_layers:
+            eps["mtp.norm_eps"] = block_settings(cfg, "mtp").norm_eps
+        problems += [f"{key} = {value!r} (needs 1e-06)" for key, value in eps.items() if value != _LATENT_NORM_EPS]
+        if mla.sliding_window is not None:
+            problems.append(f"mla.sliding_window = {mla.sliding_window} (needs none)")
+        if mla.attention_scale is not None:
+            problems.append(f"mla.attention_scale = {mla.attention_scale} (needs none)")
     if problems:
         raise ValueError("model cannot be exported as Hugging Face 'deepseek_v3': " + "; ".join(problems))
 
 
 def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     _check(cfg)
-    rope = rope_parameters(cfg)
+    mla = block_settings(cfg, "mla")
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_hidden_size,
+        "intermediate_size": block_settings(cfg, "swiglu").ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_heads,
+        "num_attention_heads": mla.num_heads,
+        "num_key_value_heads": mla.num_heads,
         "first_k_dense_replace": cfg.num_layers,  # every layer dense
-        "q_lora_rank": cfg.q_lora_rank,
-        "kv_lora_rank": cfg.kv_lora_rank,
-        "qk_nope_head_dim": cfg.qk_nope_head_dim,
-        "qk_rope_head_dim": cfg.qk_rope_head_dim,
-        "v_head_dim": cfg.v_head_dim,
-        "head_dim": cfg.qk_rope_head_dim,
+        "q_lora_rank": mla.q_lora_rank,
+        "kv_lora_rank": mla.kv_lora_rank,
+        "qk_nope_head_dim": mla.qk_nope_head_dim,
+        "qk_rope_head_dim": mla.qk_rope_head_dim,
+        "v_head_dim": mla.v_head_dim,
+        "head_dim": mla.qk_rope_head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps,
+        "rms_norm_eps": _LATENT_NORM_EPS,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if cfg.rope_scaling == "none" else {k: v for k, v in rope.items() if k != "rope_theta"},
-        "rope_parameters": rope,
+        **rope_fields(mla),
         "rope_interleave": True,
         "attention_bias": False,
         "num_nextn_predict_layers": cfg.mtp_num_layers,
@@ -97,25 +94,34 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         raise ValueError(
             f"config.json rms_norm_eps = {hf['rms_norm_eps']}: allowed: 1e-06 (see mcore_models.hf_deepseek)"
         )
+    mtp = hf.get("num_nextn_predict_layers", 0) or 0
+    blocks: dict[str, Any] = {
+        "mla": MLA.Config(
+            num_heads=hf["num_attention_heads"],
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+            norm_eps=_LATENT_NORM_EPS,
+            **rope_from_hf(hf),
+        ),
+        "swiglu": SwiGLU.Config(ffn_hidden_size=hf["intermediate_size"]),
+        "rmsnorm": RMSNorm.Config(norm_eps=_LATENT_NORM_EPS),
+    }
+    if mtp:
+        blocks["mtp"] = MTP.Config(norm_eps=_LATENT_NORM_EPS)
     return GPTConfig(
         hf_model_type="deepseek_v3",
-        attention="mla",
+        mixer="mla",
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_layers=layers,
-        num_heads=hf["num_attention_heads"],
-        ffn_hidden_size=hf["intermediate_size"],
-        q_lora_rank=hf.get("q_lora_rank"),
-        kv_lora_rank=hf["kv_lora_rank"],
-        qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"],
-        v_head_dim=hf["v_head_dim"],
-        norm_eps=_LATENT_NORM_EPS,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         init_std=hf.get("initializer_range", 0.02),
-        mtp_num_layers=hf.get("num_nextn_predict_layers", 0) or 0,
-        **rope_from_hf(hf),
+        mtp_num_layers=mtp,
+        blocks=blocks,
     )
 
 
@@ -144,24 +150,25 @@ _LAYER = {  # ours (under layers.i. or mtp.j.layer.) -> Hugging Face (under mode
     "attention.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
     "attention.kv_up.weight": "self_attn.kv_b_proj.weight",
     "attention.out.weight": "self_attn.o_proj.weight",
+    "mlp.gate.weight": "mlp.gate_proj.weight",
+    "mlp.up.weight": "mlp.up_proj.weight",
     "mlp.down.weight": "mlp.down_proj.weight",
 }
 _MTP = {"embed_norm.weight": "enorm.weight", "hidden_norm.weight": "hnorm.weight", "proj.weight": "eh_proj.weight"}
 
 
-def _q_up_name(cfg: GPTConfig) -> str:
-    return "self_attn.q_b_proj.weight" if cfg.q_lora_rank else "self_attn.q_proj.weight"
+def _q_up_name(mla: MLA.Config) -> str:
+    return "self_attn.q_b_proj.weight" if mla.q_lora_rank else "self_attn.q_proj.weight"
 
 
 def _layer_to_hf(ours: dict[str, torch.Tensor], src: str, dst: str, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     out = {dst + theirs: ours[src + mine] for mine, theirs in _LAYER.items() if src + mine in ours}
-    dr, c = cfg.qk_rope_head_dim, cfg.kv_lora_rank
-    out[dst + _q_up_name(cfg)] = _to_interleaved(ours[src + "attention.q_up.weight"], cfg.qk_nope_head_dim + dr, dr)
+    mla = block_settings(cfg, "mla")
+    dr, c = mla.qk_rope_head_dim, mla.kv_lora_rank
+    out[dst + _q_up_name(mla)] = _to_interleaved(ours[src + "attention.q_up.weight"], mla.qk_nope_head_dim + dr, dr)
     out[dst + "self_attn.kv_a_proj_with_mqa.weight"] = _to_interleaved(
         ours[src + "attention.kv_down.weight"], c + dr, dr
     )
-    gate, up = ours[src + "mlp.up.weight"].chunk(2, dim=0)
-    out.update({dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up})
     return out
 
 
@@ -185,40 +192,49 @@ def state_to_hf(model: torch.nn.Module, cfg: GPTConfig) -> dict[str, torch.Tenso
 
 def _layer_from_hf(hf: dict[str, torch.Tensor], src: str, dst: str, cfg: GPTConfig, interleaved: bool):  # type: ignore[no-untyped-def]
     def take(name: str) -> torch.Tensor:
-        if src + name not in hf:
-            raise ValueError(f"checkpoint is missing tensor {src + name!r} needed for this config")
-        return hf.pop(src + name)
+        return take_tensor(hf, src + name)
 
-    dr, c = cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    mla = block_settings(cfg, "mla")
+    dr, c = mla.qk_rope_head_dim, mla.kv_lora_rank
     half = _to_half_split if interleaved else (lambda w, block, rope: w)
     out = {}
     for mine, theirs in _LAYER.items():
-        if mine.startswith("attention.q_") and not cfg.q_lora_rank:
+        if mine.startswith("attention.q_") and not mla.q_lora_rank:
             continue
         out[dst + mine] = take(theirs)
-    out[dst + "attention.q_up.weight"] = half(take(_q_up_name(cfg)), cfg.qk_nope_head_dim + dr, dr)
+    out[dst + "attention.q_up.weight"] = half(take(_q_up_name(mla)), mla.qk_nope_head_dim + dr, dr)
     out[dst + "attention.kv_down.weight"] = half(out[dst + "attention.kv_down.weight"], c + dr, dr)
-    out[dst + "mlp.up.weight"] = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
     return out
 
 
 def state_from_hf(hf: dict[str, torch.Tensor], cfg: GPTConfig, hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     interleaved = bool(hf_config.get("rope_interleave", True))
-    out = {"embed.weight": hf.pop("model.embed_tokens.weight"), "final_norm.weight": hf.pop("model.norm.weight")}
+    out = {
+        "embed.weight": take_tensor(hf, "model.embed_tokens.weight"),
+        "final_norm.weight": take_tensor(hf, "model.norm.weight"),
+    }
     if cfg.tie_embeddings:
         hf.pop("lm_head.weight", None)
     else:
-        out["head.weight"] = hf.pop("lm_head.weight")
+        out["head.weight"] = take_tensor(hf, "lm_head.weight")
     for i in range(cfg.num_layers):
         out.update(_layer_from_hf(hf, f"model.layers.{i}.", f"layers.{i}.", cfg, interleaved))
     for j in range(cfg.mtp_num_layers):
         src = f"model.layers.{cfg.num_layers + j}."
         out.update(_layer_from_hf(hf, src, f"mtp.{j}.layer.", cfg, interleaved))
-        out.update({f"mtp.{j}.{mine}": hf.pop(src + theirs) for mine, theirs in _MTP.items()})
-        out[f"mtp_norms.{j}.weight"] = hf.pop(src + "shared_head.norm.weight")
+        out.update({f"mtp.{j}.{mine}": take_tensor(hf, src + theirs) for mine, theirs in _MTP.items()})
+        out[f"mtp_norms.{j}.weight"] = take_tensor(hf, src + "shared_head.norm.weight")
         for shared in ("embed_tokens.weight", "shared_head.head.weight"):  # copies of the shared tensors
             hf.pop(src + shared, None)
-    leftover = [k for k in hf if "rotary_emb" not in k]
-    if leftover:
-        raise ValueError(f"checkpoint has tensors this config does not use, e.g. {leftover[:3]}")
+    check_all_taken(hf)
     return out
+
+
+def _this_module() -> Any:
+    import sys
+
+    return sys.modules[__name__]
+
+
+#: The registered family (kind ``"hf"``, name ``deepseek_v3``).
+DEEPSEEK_V3 = Family("deepseek_v3", _this_module())

@@ -1,4 +1,5 @@
-"""The ``mcore`` entry point of mcore-models: registers blocks and models as lazy references.
+"""The ``mcore`` entry point of mcore-models: registers blocks, the ``gpt`` model, its presets and its
+Hugging Face families, all as lazy references.
 
 Importing this module imports neither torch nor any block: the registry resolves the
 ``"module:attr"`` strings on first use.
@@ -20,10 +21,27 @@ _BLOCKS = {
         "causal MHA/GQA/MQA with RoPE variants, QK-norm, sliding window, packed sequences",
     ),
     "mla": ("mcore_models.blocks.mla:MLA", "multi-head latent attention (DeepSeek-V3), absorbed decode form"),
-    "swiglu": ("mcore_models.blocks.mlp:SwiGLU", "SwiGLU MLP (fused gate/up; Triton activation on CUDA)"),
+    "swiglu": ("mcore_models.blocks.mlp:SwiGLU", "SwiGLU MLP (separate gate/up; Triton activation on CUDA)"),
     "gelu-mlp": ("mcore_models.blocks.mlp:GeluMLP", "two-layer GeLU MLP"),
     "clamped-swiglu": ("mcore_models.blocks.mlp:ClampedSwiGLU", "SwiGLU with clamped gate and up projections"),
     "mtp": ("mcore_models.blocks.mtp:MTP", "multi-token prediction module (DeepSeek-V3 style)"),
+}
+
+
+_PRESETS = {
+    "tiny": ("TINY", "2 layers, hidden 64: for tests and first runs"),
+    "bench-0.9b": ("BENCH_0_9B", "0.9B Llama-style model of the benchmarks"),
+    "llama3.2-1b": ("LLAMA3_2_1B", "Llama 3.2 1B shapes (tied embeddings, llama3 RoPE scaling)"),
+    "llama3-8b": ("LLAMA3_8B", "Llama 3 8B shapes"),
+    "qwen2.5-0.5b": ("QWEN2_5_0_5B", "Qwen2.5 0.5B shapes (QKV bias)"),
+    "deepseek-v3-mini": ("DEEPSEEK_V3_MINI", "small MLA + MTP model with DeepSeek-V3's layer shapes (dense MLPs)"),
+}
+
+_HF_FAMILIES = {
+    "llama": ("mcore_models.hf:LLAMA", "LlamaForCausalLM <-> gpt"),
+    "qwen2": ("mcore_models.hf:QWEN2", "Qwen2ForCausalLM <-> gpt"),
+    "mistral": ("mcore_models.hf:MISTRAL", "MistralForCausalLM <-> gpt"),
+    "deepseek_v3": ("mcore_models.hf_deepseek:DEEPSEEK_V3", "DeepseekV3ForCausalLM (dense MLPs, MLA, MTP) <-> gpt"),
 }
 
 
@@ -35,5 +53,9 @@ def mcore_register(registry: Any) -> None:
         "model",
         "gpt",
         "mcore_models.gpt:GPT",
-        summary="decoder built from block names; presets tiny, bench-0.9b, llama3.x, qwen2.5, deepseek-v3-mini; HF import/export",
+        summary="decoder composed from a layer pattern of registered blocks; MTP, muP; HF import/export",
     )
+    for name, (attr, summary) in _PRESETS.items():
+        registry.add("preset", name, f"mcore_models.presets:{attr}", summary=summary)
+    for name, (ref, summary) in _HF_FAMILIES.items():
+        registry.add("hf", name, ref, summary=summary)

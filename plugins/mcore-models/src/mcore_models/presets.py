@@ -1,106 +1,154 @@
-"""Named architecture presets of the ``gpt`` model (values for ``GPT.Config`` fields).
+"""Named architecture presets of the ``gpt`` model, registered under kind ``"preset"`` (``plugin.py``).
 
-The public-model presets follow the published configs of those checkpoints, so
-``import_hf`` of the real weights gives the same architecture. ``deepseek-v3-mini`` is a small
-MLA + MTP model with DeepSeek-V3's layer shapes scaled down (its MoE layers come with the MoE
-plugin; here the MLP is dense SwiGLU); it exports as a dense Hugging Face ``deepseek_v3`` model.
+Each is an ``mcore.presets.Preset``: ``[model]`` keys, and one table per block
+(``attention``, ``swiglu``, ``rmsnorm``...). The public-model presets follow the published configs
+of those checkpoints, so importing the real weights gives the same architecture.
+``deepseek-v3-mini`` is a small MLA + MTP model with DeepSeek-V3's layer shapes scaled down (its
+MoE layers come with the MoE plugin, which registers its own presets; here the MLP is dense
+SwiGLU); it exports as a dense Hugging Face ``deepseek_v3`` model.
+
+``preset_config(name, **overrides)`` gives a ``GPTConfig`` for Python use (tests, benchmarks).
 """
 
 from __future__ import annotations
 
-from types import MappingProxyType
+from collections.abc import Mapping
 from typing import Any
 
-_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
+from mcore.presets import Preset, deep_merge
+
+TINY = Preset(
+    "gpt",
+    dict(
         vocab_size=512,
         hidden_size=64,
         num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        ffn_hidden_size=176,
         max_position_embeddings=1024,
         loss_chunk_size=256,
+        attention=dict(num_heads=4, num_kv_heads=2),
+        swiglu=dict(ffn_hidden_size=176),
     ),
-    "bench-0.9b": dict(
+    "2 layers, hidden 64: for tests and first runs",
+)
+
+BENCH_0_9B = Preset(
+    "gpt",
+    dict(
         vocab_size=32768,
         hidden_size=2048,
         num_layers=16,
-        num_heads=16,
-        num_kv_heads=8,
-        ffn_hidden_size=5632,
         tie_embeddings=False,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
         max_position_embeddings=4096,
         loss_chunk_size=8192,  # one chunk per micro-batch of 2 x 4096 tokens
+        attention=dict(num_heads=16, num_kv_heads=8, rope_theta=10000.0),
+        swiglu=dict(ffn_hidden_size=5632),
+        rmsnorm=dict(norm_eps=1e-5),
     ),
-    "llama3.2-1b": dict(
+    "0.9B Llama-style model of the benchmarks",
+)
+
+_LLAMA3_ROPE = dict(
+    rope_theta=500000.0,
+    rope_scaling="llama3",
+    rope_factor=32.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_positions=8192,
+)
+
+LLAMA3_2_1B = Preset(
+    "gpt",
+    dict(
         vocab_size=128256,
         hidden_size=2048,
         num_layers=16,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=64,
-        ffn_hidden_size=8192,
         tie_embeddings=True,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling="llama3",
-        rope_factor=32.0,
-        rope_low_freq_factor=1.0,
-        rope_high_freq_factor=4.0,
-        rope_original_max_positions=8192,
         max_position_embeddings=131072,
         hf_model_type="llama",
+        attention=dict(num_heads=32, num_kv_heads=8, head_dim=64, **_LLAMA3_ROPE),
+        swiglu=dict(ffn_hidden_size=8192),
+        rmsnorm=dict(norm_eps=1e-5),
     ),
-    "llama3-8b": dict(
+    "Llama 3.2 1B shapes",
+)
+
+LLAMA3_8B = Preset(
+    "gpt",
+    dict(
         vocab_size=128256,
         hidden_size=4096,
         num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        ffn_hidden_size=14336,
         tie_embeddings=False,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
         max_position_embeddings=8192,
         hf_model_type="llama",
+        attention=dict(num_heads=32, num_kv_heads=8, rope_theta=500000.0),
+        swiglu=dict(ffn_hidden_size=14336),
+        rmsnorm=dict(norm_eps=1e-5),
     ),
-    "qwen2.5-0.5b": dict(
+    "Llama 3 8B shapes",
+)
+
+QWEN2_5_0_5B = Preset(
+    "gpt",
+    dict(
         vocab_size=151936,
         hidden_size=896,
         num_layers=24,
-        num_heads=14,
-        num_kv_heads=2,
-        ffn_hidden_size=4864,
         tie_embeddings=True,
-        norm_eps=1e-6,
-        rope_theta=1000000.0,
-        qkv_bias=True,
         max_position_embeddings=32768,
         hf_model_type="qwen2",
+        attention=dict(num_heads=14, num_kv_heads=2, rope_theta=1000000.0, qkv_bias=True),
+        swiglu=dict(ffn_hidden_size=4864),
+        rmsnorm=dict(norm_eps=1e-6),
     ),
-    "deepseek-v3-mini": dict(
+    "Qwen2.5 0.5B shapes",
+)
+
+DEEPSEEK_V3_MINI = Preset(
+    "gpt",
+    dict(
         vocab_size=32768,
         hidden_size=512,
         num_layers=4,
-        num_heads=8,
-        ffn_hidden_size=1408,
-        attention="mla",
-        q_lora_rank=192,
-        kv_lora_rank=128,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        norm_eps=1e-6,
+        mixer="mla",
         mtp_num_layers=1,
         mtp_loss_weight=0.3,
         hf_model_type="deepseek_v3",
         max_position_embeddings=4096,
+        mla=dict(
+            num_heads=8,
+            q_lora_rank=192,
+            kv_lora_rank=128,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            norm_eps=1e-6,
+        ),
+        swiglu=dict(ffn_hidden_size=1408),
+        rmsnorm=dict(norm_eps=1e-6),
+        mtp=dict(norm_eps=1e-6),
     ),
+    "small MLA + MTP model with DeepSeek-V3's layer shapes (dense MLPs)",
+)
+
+#: Every preset of this package by registered name.
+PRESETS: Mapping[str, Preset] = {
+    "tiny": TINY,
+    "bench-0.9b": BENCH_0_9B,
+    "llama3.2-1b": LLAMA3_2_1B,
+    "llama3-8b": LLAMA3_8B,
+    "qwen2.5-0.5b": QWEN2_5_0_5B,
+    "deepseek-v3-mini": DEEPSEEK_V3_MINI,
 }
 
 
-def presets() -> MappingProxyType[str, MappingProxyType[str, Any]]:
-    return MappingProxyType({name: MappingProxyType(values) for name, values in _PRESETS.items()})
+def preset_values(name: str, **overrides: Any) -> dict[str, Any]:
+    """Preset ``name``'s values with ``overrides`` merged over them (tables key by key)."""
+    return deep_merge(PRESETS[name].values, overrides)
+
+
+def preset_config(name: str, **overrides: Any) -> Any:
+    """A ``GPTConfig`` of preset ``name`` with ``overrides`` (``attention={"num_heads": 2}`` merges into the table)."""
+    from mcore_models.gpt import GPTConfig
+
+    return GPTConfig.from_values({"preset": name, **preset_values(name, **overrides)})

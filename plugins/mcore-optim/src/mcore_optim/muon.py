@@ -9,10 +9,11 @@ Per ``matrix`` or ``expert`` parameter W (m x n; higher-rank weights are viewed 
 
 ``scale``: ``spectral`` = sqrt(max(m, n)), which gives O unit RMS; ``match-adamw`` = 0.2
 sqrt(max(m, n)), an RMS of 0.2 like a typical AdamW update, so AdamW's lr carries over
-(Moonlight). A fused weight is split as the model declares it (``mcore.params.ParamSpec``
-``splits``: a QKV weight laid out ``[all Q | K | V]`` into its Q, K and V rows; ``[gate | up]``
-into gate and up), each logical matrix orthogonalised and scaled on its own
-(``split_fused``); with ``split_heads`` each attention head's rows (``head_rows``) on their
+(Moonlight). Separate parameters are separate matrices (``gpt`` keeps Q, K, V and gate, up
+apart, so each is orthogonalised on its own with nothing to split); a fused weight is split as the model declares it (``mcore.params.ParamSpec`` ``splits``: a QKV weight laid out
+``[all Q | K | V]`` into its Q, K and V rows; ``[gate | up]`` into gate and up), each logical
+matrix orthogonalised and scaled on its own (``split_fused``); with ``split_heads`` each
+attention head's rows (``head_rows``, declared on a fused or a separate Q/K/V weight) on their
 own. Every other role (embedding, head, router, norm, bias) goes to AdamW (``adamw_*``
 settings).
 

@@ -76,6 +76,32 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_stored_schema(path: Path, config: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose stored run config has another layout than this mcore reads.
+
+    Called where a stored run config is interpreted (resume, generate, export); the run loop
+    stores ``RunConfig.to_dict()``, which always carries ``schema_version``."""
+    from mcore.config.model import CONFIG_SCHEMA_VERSION
+
+    version = config.get("schema_version")
+    if version == CONFIG_SCHEMA_VERSION:
+        return
+    if version is None:
+        raise UserError(
+            f"checkpoint {path} was written before run config schema {CONFIG_SCHEMA_VERSION} (flat [model] keys, "
+            "fused qkv and gate/up weights) and this mcore cannot read it; export it to Hugging Face with the mcore "
+            "version that wrote it (mcore export), or start a fresh run (another train.out_dir)"
+        )
+    if isinstance(version, int) and not isinstance(version, bool) and version > CONFIG_SCHEMA_VERSION:
+        raise UserError(
+            f"checkpoint {path} has run config schema_version = {version}, newer than this mcore reads "
+            f"({CONFIG_SCHEMA_VERSION}); upgrade mcore-core and the plugins"
+        )
+    raise UserError(
+        f"checkpoint {path}: meta.json has schema_version = {version!r}; this mcore reads {CONFIG_SCHEMA_VERSION}"
+    )
+
+
 def _read_rank_json(path: Path, rank: int, meta: Mapping[str, Any]) -> dict[str, Any]:
     saved_world = meta.get("world_size")
     name = f"rank_{rank:05d}.json"

@@ -26,6 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mcore.config.coerce import ALLOW_INF, build_dataclass, coerce, field_types, to_plain, unknown_key_error
+from mcore.config.model import (
+    CONFIG_SCHEMA_VERSION,
+    check_schema_version,
+    load_implementation,
+    preset_model,
+    resolve_model_config,
+    section_config,
+)
 from mcore.config.sections import (
     CORE_SECTIONS,
     SELECTED_SECTIONS,
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALLOW_INF",
+    "CONFIG_SCHEMA_VERSION",
     "ConfigError",
     "DataConfig",
     "ParallelConfig",
@@ -89,10 +98,12 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain values (what ``mcore config`` prints as TOML)."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"schema_version": CONFIG_SCHEMA_VERSION}
         for section, (selector, _kind, _default) in SELECTED_SECTIONS.items():
             sel: Selection = getattr(self, section)
-            out[section] = {selector: sel.name, **(to_plain(sel.config) if sel.config is not None else {})}
+            values = to_plain(sel.config) if sel.config is not None else {}
+            blocks = values.pop("blocks", None) if section == "model" else None
+            out[section] = {selector: sel.name, **values, **(blocks or {})}  # block sections: [model.<block>]
         parallel = to_plain(self.parallel)
         for layout in self.layouts:
             if layout.config is not None:
@@ -165,13 +176,7 @@ def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str
 
 
 def _load(impl: Implementation) -> Any:
-    try:
-        return impl.load()
-    except ImportError as exc:
-        raise UserError(
-            f"{impl.kind} {impl.name!r} is registered by {impl.source} but fails to import ({exc}); "
-            f"reinstall {impl.source.distribution}"
-        ) from None
+    return load_implementation(impl)
 
 
 def check_run(run: RunConfig) -> None:
@@ -195,10 +200,7 @@ def _implementation_config(impl: Implementation, values: dict[str, Any], prefix:
     config_cls = getattr(factory, "Config", None)
     owner = f"{impl.kind} {impl.name!r} ({impl.source})"
     if config_cls is None:
-        if values:
-            key, value = next(iter(values.items()))
-            raise unknown_key_error(f"{prefix}.", key, value, [], owner)
-        return None
+        return section_config(None, values, prefix, owner)
     preset_name = values.get("preset")
     presets_fn = getattr(factory, "presets", None)
     if preset_name is not None and callable(presets_fn):
@@ -213,12 +215,25 @@ def _implementation_config(impl: Implementation, values: dict[str, Any], prefix:
     return build_dataclass(config_cls, values, prefix, owner)
 
 
+def resolve_model(values: dict[str, Any], host: PluginHost) -> Selection:
+    """The ``[model]`` section alone: its name (or its registered preset's model), preset, block tables."""
+    values = dict(values)
+    selector, kind, default = SELECTED_SECTIONS["model"]
+    if selector not in values:
+        default = preset_model(host, values) or default  # a registered preset names its model
+    name = coerce(values.pop(selector, default), str, f"model.{selector}")
+    impl = host.get(kind, name)
+    return Selection(kind, name, resolve_model_config(host, impl, _load(impl), values), impl)
+
+
 def resolve_config(raw: dict[str, Any], host: PluginHost) -> RunConfig:
     """Validate ``raw`` (from ``load_raw``) into a ``RunConfig`` using the plugins in ``host``.
 
     Sections first, each against its schema; then the chosen implementations' ``check_run``.
     """
     allowed_sections = list(CORE_SECTIONS) + list(SELECTED_SECTIONS)
+    raw = dict(raw)
+    check_schema_version(raw.pop("schema_version", None), "run config")
     for section, value in raw.items():
         if section not in allowed_sections:
             raise unknown_key_error("", section, value, allowed_sections, "a run config")
@@ -228,6 +243,9 @@ def resolve_config(raw: dict[str, Any], host: PluginHost) -> RunConfig:
     selections: dict[str, Selection] = {}
     for section, (selector, kind, default) in SELECTED_SECTIONS.items():
         values = dict(raw.get(section, {}))
+        if section == "model":
+            selections[section] = resolve_model(values, host)
+            continue
         name = coerce(values.pop(selector, default), str, f"{section}.{selector}")
         impl = host.get(kind, name)
         selections[section] = Selection(kind, name, _implementation_config(impl, values, section), impl)

@@ -19,6 +19,8 @@ class SingleLayout:
 
     name: ClassVar[str] = "single"
     mesh_dims: ClassVar[tuple[str, ...]] = ()
+    #: ``apply`` works on a model on the meta device (it touches nothing; see ``mcore.train.build``)
+    supports_meta_init: ClassVar[bool] = True
 
     def __init__(self, config: Any = None) -> None:
         self.config = config

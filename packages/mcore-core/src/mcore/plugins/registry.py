@@ -23,6 +23,8 @@ KINDS: Mapping[str, str] = {
     "precision": "precision recipe (PrecisionRecipe)",
     "block": "model block (ModelBlock)",
     "model": "model (ModelFactory)",
+    "preset": "model preset (mcore.presets.Preset)",
+    "hf": "Hugging Face model family, named by its model_type (mcore.hf.HFFamily)",
     "router": "MoE router",
     "lr_schedule": "learning-rate schedule",
     "data_source": "training data source",

@@ -8,7 +8,15 @@ This package imports ``torch`` only for type checking, so importing it (and list
 plugins) stays cheap.
 """
 
-from mcore.protocols.block import AuxLosses, BlockContext, FlopsShape, KVCacheHandle, ModelBlock, ModelFactory
+from mcore.protocols.block import (
+    AuxLosses,
+    BlockContext,
+    BlockShared,
+    FlopsShape,
+    KVCacheHandle,
+    ModelBlock,
+    ModelFactory,
+)
 from mcore.protocols.dispatcher import DispatchResult, Router, RoutingDecision, TokenDispatcher
 from mcore.protocols.layout import BatchShardingLayout, DataParallelInfo, ParallelLayout, ScheduledLayout
 from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory, OptimizerStateSize
@@ -18,6 +26,7 @@ __all__ = [
     "AuxLosses",
     "BatchShardingLayout",
     "BlockContext",
+    "BlockShared",
     "DataParallelInfo",
     "DispatchResult",
     "FlopsShape",

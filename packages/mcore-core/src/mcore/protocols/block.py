@@ -162,6 +162,35 @@ class FlopsShape:
     attended: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class BlockShared:
+    """Values the model decides for every block, passed explicitly (never matched by field name).
+
+    A block's own settings come from its ``Config`` (its ``[model.<block>]`` table); these come
+    from the model: the residual width, the layer count, the init std of input projections and
+    of output projections (the model scales the latter, e.g. ``init_std / sqrt(2 * layers)``),
+    the muP width multiplier (``None``: muP off) and the index of the layer the block belongs to.
+    """
+
+    hidden_size: int
+    num_layers: int = 1
+    init_std: float = 0.02
+    output_init_std: float | None = None
+    mup_width_mult: float | None = None
+    layer_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int) or self.hidden_size < 1:
+            raise ValueError(f"hidden_size = {self.hidden_size!r}: must be a positive int")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers = {self.num_layers!r}: must be a positive int")
+
+    @property
+    def out_std(self) -> float:
+        """Std of output projections (``output_init_std``, else ``init_std``)."""
+        return self.init_std if self.output_init_std is None else self.output_init_std
+
+
 @runtime_checkable
 class ModelBlock(Protocol):
     """A layer of a model, registered under kind ``"block"``.
@@ -178,7 +207,9 @@ class ModelBlock(Protocol):
         * ``reset_parameters(generator)``: re-initialise from ``generator`` so a seed
           reproduces the weights exactly.
         * Blocks are constructed by their factory from a typed ``Config`` (a keyword-only
-          dataclass attribute of the registered class) plus the model's ``hidden_size``.
+          dataclass attribute of the registered class; its ``[model.<block>]`` table) plus
+          ``hidden_size`` and, when the constructor takes it, ``shared`` (a ``BlockShared``:
+          layer count, init stds, muP multiplier, layer index, passed explicitly by the model).
     """
 
     def __call__(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor: ...
@@ -208,6 +239,19 @@ class ModelFactory(Protocol):
     Optional ``check_run(config, run)``: rules across sections (e.g. ``train.seq_len`` against
     the model's longest sequence), called by ``resolve_config`` once every section is resolved;
     it raises ``ValueError`` naming the keys (any selected implementation may define it).
+
+    Optional ``supports_meta_init = True`` (a class attribute) promises meta-device construction:
+    ``build(config, seed=seed, device="meta", block_lookup=...)`` returns the model with every
+    parameter and buffer on the meta device, drawing no values (so it costs no memory and little
+    time), and ``mcore.construct.init_params`` can initialise every parameter after the layouts
+    have sharded it: each parameter declares ``init`` in a ``param_specs()`` (``ParamSpec(role,
+    init=Init("normal", std=0.02))``, see ``mcore.params``; required for anything a layout
+    shards), or else a module above it has ``reset_parameters(generator)`` that sets it while it
+    is whole; a module with buffers defines ``reset_buffers()``, which recomputes them once they
+    are allocated. ``mcore.train.build`` then builds on meta and each rank allocates and fills
+    only its own part, with values that do not depend on the layouts or the world size. Without
+    it (or when a chosen layout does not declare ``supports_meta_init``), ``build`` is called with
+    the mesh's device and must return the initialised model.
     """
 
     @property

@@ -65,6 +65,10 @@ class ParallelLayout(Protocol):
           different divisor, e.g. for expert parameters).
         * ``state_dict_options()``: hints for ``torch.distributed.checkpoint`` (e.g. full vs
           sharded); parameters that are DTensors are saved sharded and reshard on load.
+        * optional class attribute ``supports_meta_init = True``: ``apply`` works on a model on
+          the meta device, allocating on the mesh's device only each rank's part of every
+          parameter (uninitialised or zeroed); the core then fills those parts
+          (``mcore.construct.init_params``). Without it the model is built whole on every rank.
     """
 
     name: ClassVar[str]

@@ -33,7 +33,10 @@ class PrecisionRecipe(Protocol):
           ``reduce_dtype``: dtype of gradient reduction across ranks.
         * ``prepare(model)``: called before layouts; converts parameters to
           ``param_dtype`` and swaps GEMM modules for quantized ones where the format needs
-          it. Returns the model.
+          it. Returns the model. It must work on a model on the meta device (meta-device
+          construction: values are filled after the layouts, ``mcore.construct``), so it reads
+          shapes and dtypes, never values; roles (``mcore.params``: embedding, head and router
+          stay in high precision) come from the model's declarations.
         * ``autocast()``: context entered around forward (and the loss).
         * ``scale_loss(loss)``: returns the tensor to call ``backward`` on (loss scaling for
           fp16, identity otherwise); ``unscale_grads(model) -> bool`` divides gradients by the
@@ -42,7 +45,8 @@ class PrecisionRecipe(Protocol):
           after the step. The recipe owns its scaling state and checkpoints it through
           ``state_dict``/``load_state_dict``.
         * ``gather_payload(param_shard)``: ``None`` to gather the shard as is, or a
-          ``GatherPayload`` (quantized bytes + scales) for FSDP to all-gather;
+          ``GatherPayload`` (quantized bytes + scales) for FSDP to all-gather; it may be asked
+          with a tensor on the meta device and then answers from shape and dtype alone;
           ``unpack(gathered, metadata)`` builds the full weight FSDP hands to compute.
         * ``after_step(model)``: re-quantize cached weights from the updated master
           weights (no-op for formats without cached weights).

@@ -1,9 +1,18 @@
 """Compose a run's parts from their names: mesh, model, precision, recompute, layouts, optimizer.
 
-The order is the contract: the model is built on the mesh's device, the precision recipe
-prepares it, recompute wraps its blocks, the layouts apply in the order given, and the
-optimizer is built last for the parallelized model. The data-parallel position is the
+The order is the contract: the model is built, the precision recipe prepares it, recompute
+wraps its blocks, the layouts apply in the order given, the parameters get their values, and
+the optimizer is built last for the parallelized model. The data-parallel position is the
 product over the layouts' ``data_parallel()`` answers.
+
+Where the model is built (``builds_on_meta``): on the meta device when the model factory says
+its models can be (``supports_meta_init = True``, see ``ModelFactory``) and every layout says
+its ``apply`` works on a model on the meta device (class attribute ``supports_meta_init =
+True``: ``single``, ``fsdp``, ``hsdp``). Then nothing is allocated until the layouts have
+sharded the model, and ``mcore.construct.init_params`` gives each rank only its own part of
+every parameter, on the mesh's device, filled from the parameters' declared ``init`` (values
+that do not depend on the layouts or the world size). Otherwise the factory builds the whole
+model on the mesh's device and initialises it, on every rank, before the recipe and layouts.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import torch
 from torch import nn
 
 from mcore.config import RunConfig
+from mcore.construct import init_params
 from mcore.errors import ConfigError, UserError
 from mcore.mesh import ParallelMesh, build_mesh
 from mcore.protocols.layout import DataParallelInfo
@@ -58,8 +68,17 @@ def load_model_factory(config: RunConfig) -> Any:
         ) from None
 
 
-def build_model(config: RunConfig, host: Any, device: torch.device | str) -> tuple[nn.Module, Any]:
-    factory = load_model_factory(config)
+def builds_on_meta(factory: Any, layouts: list[Any]) -> bool:
+    """Whether the model is built on the meta device and initialised after the layouts (module docstring)."""
+    return getattr(factory, "supports_meta_init", False) is True and all(
+        getattr(layout, "supports_meta_init", False) is True for layout in layouts
+    )
+
+
+def build_model(
+    config: RunConfig, host: Any, device: torch.device | str, *, factory: Any = None
+) -> tuple[nn.Module, Any]:
+    factory = factory if factory is not None else load_model_factory(config)
     model = factory.build(
         config.model.config, seed=config.train.seed, device=device, block_lookup=lambda name: host.load("block", name)
     )
@@ -82,7 +101,9 @@ def build_parts(config: RunConfig, host: Any) -> Parts:
         )
     except ValueError as exc:
         raise ConfigError(f"parallel: {exc}") from None
-    model, factory = build_model(config, host, mesh.device)
+    factory = load_model_factory(config)
+    on_meta = builds_on_meta(factory, layouts)
+    model, factory = build_model(config, host, "meta" if on_meta else mesh.device, factory=factory)
     precision = config.precision.instantiate()
     model = precision.prepare(model)
     apply_recompute(model, config.train.recompute)
@@ -91,6 +112,8 @@ def build_parts(config: RunConfig, host: Any) -> Parts:
             model = layout.apply(model, mesh, precision)
         except ValueError as exc:
             raise ConfigError(f"parallel.layouts: layout {sel.name!r} cannot apply: {exc}") from None
+    if on_meta:  # each rank's own part, allocated and filled now that the layouts have sharded it
+        init_params(model, seed=config.train.seed, device=mesh.device)
     dp = combine_data_parallel([layout.data_parallel() for layout in layouts])
     optimizer = config.optimizer.instantiate().build(model, mesh=mesh, layouts=layouts)
     return Parts(mesh, model, factory, precision, layouts, optimizer, dp)

@@ -1,7 +1,8 @@
 """``mcore export CHECKPOINT --format hf --out DIR [--overwrite]``: a Hugging Face model directory.
 
-The model factory's ``export_hf(model, config, out_dir)`` writes the weights (safetensors)
-and ``config.json`` in its architecture's mapping; the tokenizer files of the run are added
+The Hugging Face family the model factory names (``hf_family(config)``, a registered ``"hf"``
+implementation, see ``mcore.hf``; a factory of the older protocol may instead define
+``export_hf(model, config, out_dir)``) writes the weights (safetensors) and ``config.json``; the tokenizer files of the run are added
 so ``transformers``' ``from_pretrained`` loads model and tokenizer from ``DIR``, and
 ``mcore_export.json`` records where the export came from. It is built in a temporary sibling
 of ``DIR`` and renamed into place when complete (``mcore.outputs.publish_dir``): ``DIR`` may
@@ -20,6 +21,7 @@ from typing import Any
 from mcore.__about__ import __version__
 from mcore.cli import run_with_user_errors
 from mcore.errors import UserError
+from mcore.hf import export_family
 from mcore.outputs import check_output_dir, publish_dir
 
 #: The file that marks a directory as ``mcore export`` output (prefixed: no model format uses it).
@@ -45,14 +47,13 @@ def export_checkpoint(checkpoint: Path, out: Path, host: Any, *, overwrite: bool
     check_export_dir(out, overwrite=overwrite)
     model, tokenizer, config, meta = load_for_inference(checkpoint, host)
     factory = config.model.implementation.load()
-    export = getattr(factory, "export_hf", None)
-    if not callable(export):
-        raise UserError(
-            f"model {config.model.name!r} ({config.model.implementation.source}) has no Hugging Face mapping "
-            "(export_hf); only models that define one can be exported"
-        )
+    legacy = getattr(factory, "export_hf", None)  # the older protocol: the factory writes the files itself
+    if not callable(getattr(factory, "hf_family", None)) and callable(legacy):
+        write = legacy
+    else:
+        write = export_family(factory, config.model.name, config.model.config, host).export
     with publish_dir(out, manifest=MANIFEST, what=WHAT, overwrite=overwrite) as tmp:
-        export(model, config.model.config, tmp)
+        write(model, config.model.config, tmp)
         tokenizer.save(tmp)
         manifest = {
             "format": "hf",

@@ -36,12 +36,14 @@ def load_for_inference(path: Path, host: Any) -> tuple[Any, Any, Any, dict[str, 
     """``(model, tokenizer, config, meta)`` from a checkpoint, on one process."""
     import torch
 
+    from mcore.checkpoint.load import check_stored_schema
     from mcore.checkpoint.store import load_model_weights, read_meta
     from mcore.config import resolve_config
     from mcore.data.tokenizer import tokenizer_from_description
     from mcore.train.build import build_model
 
     meta = read_meta(path)
+    check_stored_schema(path, meta["config"])
     raw = copy.deepcopy(meta["config"])
     raw["parallel"] = {"layouts": ["single"]}
     config = resolve_config(raw, host)

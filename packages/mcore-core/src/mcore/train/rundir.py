@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mcore.checkpoint.load import check_stored_schema
 from mcore.checkpoint.store import STEP_DIR, latest_checkpoint, list_checkpoints, read_meta
 from mcore.config import RunConfig
 from mcore.errors import UserError
@@ -190,6 +191,7 @@ def plan_start(config: RunConfig) -> StartPlan:
     else:
         path = Path(os.path.abspath(spec))
     meta = read_meta(path)
+    check_stored_schema(path, meta["config"])
     step = _step(path, meta)
     changes = model_changes(meta, current)
     if changes and not train.allow_model_change:

@@ -2,9 +2,11 @@
 
 Shape legend: B rows, T tokens, H hidden, nh query heads, nkv key/value heads, hd head dim.
 
-Notable: one fused QKV projection (one GEMM; Hugging Face's q/k/v are slices of it), optional
-QK-norm (RMSNorm over each head's dims, before RoPE), optional sliding window, biases on QKV
-and/or the output, per-document positions and masks for packed rows (see ``masking``).
+Notable: separate ``q``, ``k`` and ``v`` projections (as Hugging Face stores them), so tensor
+parallelism shards each by rows into whole heads, and ``forward`` reads the head counts from the
+tensors it gets (a rank holding some of the heads runs the same code); optional QK-norm (RMSNorm
+over each head's dims, before RoPE), optional sliding window, biases on Q/K/V and/or the output,
+per-document positions and masks for packed rows (see ``masking``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 from torch import nn
 
 from mcore.params import ParamSpec
-from mcore.protocols.block import BlockContext, FlopsShape
-from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
+from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
+from mcore_models.blocks.base import Block, check_positive, init_linear_, linear_specs, prefixed, project
 from mcore_models.blocks.masking import attend, attention_mask
 from mcore_models.blocks.norms import RMSNorm
 from mcore_models.blocks.rope import RopeFields, Rotary, check_rope
@@ -44,7 +46,7 @@ class Attention(Block):
         head_dim: int | None = None
         """Dims per head (none: hidden_size // num_heads)."""
         qkv_bias: bool = False
-        """Bias on the fused query/key/value projection."""
+        """Biases on the query, key and value projections."""
         out_bias: bool = False
         """Bias on the output projection."""
         qk_norm: bool = False
@@ -54,63 +56,55 @@ class Attention(Block):
         sliding_window: int | None = None
         """Each token sees at most this many tokens, itself included (none: the whole row)."""
         attention_scale: float | None = None
-        """Softmax scale of the scores (none: 1/sqrt(head_dim))."""
-        init_std: float = 0.02
-        """Std of the normal init of the QKV projection."""
-        output_init_std: float | None = None
-        """Std of the normal init of the output projection (none: init_std)."""
+        """Softmax scale of the scores (none: 1/sqrt(head_dim), or 1/head_dim under muP)."""
 
         def __post_init__(self) -> None:
             for key in ("num_heads", "num_kv_heads", "head_dim", "sliding_window", "norm_eps", "attention_scale"):
                 check_positive("attention", key, getattr(self, key))
-            for key in ("init_std", "output_init_std"):
-                value = getattr(self, key)
-                if value is not None:
-                    check_non_negative("attention", key, value)
             if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
-                raise ValueError(
-                    f"attention.num_kv_heads = {self.num_kv_heads}: must divide num_heads = {self.num_heads}"
-                )
+                raise ValueError(f"num_kv_heads = {self.num_kv_heads}: must divide num_heads = {self.num_heads}")
             check_rope(self, "attention", self.head_dim)
 
-    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
+    def __init__(self, config: Config | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
         super().__init__()
         cfg = self.config = config or self.Config()
+        self.shared = shared or BlockShared(hidden_size=hidden_size)
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
         self.head_dim = cfg.head_dim or hidden_size // cfg.num_heads
-        check_positive("attention", "head_dim", self.head_dim)  # hidden_size // num_heads may be 0
+        if cfg.head_dim is None and hidden_size % cfg.num_heads:
+            raise ValueError(f"num_heads = {cfg.num_heads}: must divide hidden_size = {hidden_size}, or set head_dim")
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv = nn.Linear(hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.q = nn.Linear(hidden_size, q_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.out = nn.Linear(q_dim, hidden_size, bias=cfg.out_bias)
         norm_cfg = RMSNorm.Config(norm_eps=cfg.norm_eps)
         self.q_norm = RMSNorm(norm_cfg, hidden_size=self.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(norm_cfg, hidden_size=self.head_dim) if cfg.qk_norm else nn.Identity()
         self.rotary = Rotary(cfg, self.head_dim)
-        self.scale = cfg.attention_scale or 1.0 / math.sqrt(self.head_dim)
+        mup_scale = 1.0 / self.head_dim if self.shared.mup_width_mult is not None else None
+        self.scale = cfg.attention_scale or mup_scale or 1.0 / math.sqrt(self.head_dim)
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        """``qkv`` rows are ``[all Q | K | V]``, ``head_dim`` rows per head (``mcore.params``)."""
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        splits = (("q", q_dim), ("k", kv_dim), ("v", kv_dim))
-        specs = {
-            "qkv.weight": ParamSpec("matrix", splits=splits, head_rows=self.head_dim),
-            "out.weight": ParamSpec("matrix"),
-        }
-        if self.qkv.bias is not None:
-            specs["qkv.bias"] = ParamSpec("bias", splits=splits, head_rows=self.head_dim)
-        if self.out.bias is not None:
-            specs["out.bias"] = ParamSpec("bias")
-        return specs
+        """``q``, ``k``, ``v`` rows (and bias entries) are heads of ``head_dim`` rows each; ``out`` is a plain
+        matrix. Inits: normal(``init_std``) for q/k/v, normal(``output_init_std``) for ``out``, zero biases
+        (the QK-norms declare their own)."""
+        specs: dict[str, ParamSpec] = {}
+        for name in ("q", "k", "v"):
+            specs |= prefixed(
+                name, linear_specs(getattr(self, name), "matrix", self.shared.init_std, head_rows=self.head_dim)
+            )
+        return specs | prefixed("out", linear_specs(self.out, "matrix", self.shared.out_std))
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         batch, seq, _ = hidden.shape
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(hidden).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim))  # (B, T, nh, hd)
-        k = self.k_norm(k.view(batch, seq, self.num_kv_heads, self.head_dim))  # (B, T, nkv, hd)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        # head counts come from the projections' outputs: a tensor-parallel rank holds some of the heads
+        q, k, v = project(hidden, (self.q, self.k, self.v))  # one GEMM while the weights are plain tensors
+        q = self.q_norm(q.view(batch, seq, -1, self.head_dim))  # (B, T, nh, hd)
+        k = self.k_norm(k.view(batch, seq, -1, self.head_dim))  # (B, T, nkv, hd)
+        v = v.view(batch, seq, -1, self.head_dim)  # (B, T, nkv, hd)
         cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, rd/2)
         q, k = apply_rope(q, k, cos, sin)
         mask = None
@@ -119,19 +113,20 @@ class Attention(Block):
                 batch, seq, hidden.device, cu_seqlens=ctx.cu_seqlens, window=self.config.sliding_window
             )
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask, scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, seq, q_dim)  # (B, T, nh*hd)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, nh*hd)
         return self.out(out)
 
     def flops(self, shape: FlopsShape) -> int:
-        hidden = self.qkv.in_features
-        projections = 2 * shape.tokens * hidden * (self.qkv.out_features + self.out.in_features)
+        hidden = self.q.in_features
+        rows = self.q.out_features + self.k.out_features + self.v.out_features + self.out.in_features
+        projections = 2 * shape.tokens * hidden * rows
         scores = 2 * 2 * shape.attended * self.num_heads * self.head_dim  # QK^T and PV
         return projections + scores
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        cfg = self.config
-        init_linear_(self.qkv, cfg.init_std, generator)
-        init_linear_(self.out, cfg.output_init_std or cfg.init_std, generator)
+        for linear in (self.q, self.k, self.v):
+            init_linear_(linear, self.shared.init_std, generator)
+        init_linear_(self.out, self.shared.out_std, generator)
         for norm in (self.q_norm, self.k_norm):
             if isinstance(norm, RMSNorm):
                 norm.reset_parameters(generator)

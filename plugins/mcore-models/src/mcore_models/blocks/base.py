@@ -1,7 +1,9 @@
-"""What every block of this package shares: seeded init helpers, parameter counting, config checks.
+"""What every block of this package shares: init declarations and helpers, parameter counting, config checks.
 
-Weights are drawn on the CPU from a ``torch.Generator`` in fp32 and copied to the parameter's
-device and dtype, so a seed gives the same weights on every device.
+Each block declares how its parameters start (``ParamSpec.init``: read by ``mcore.construct``,
+which fills any shard with the values the whole tensor would hold, keyed by seed and name).
+``reset_parameters(generator)`` draws the same distributions from a CPU ``torch.Generator`` for
+code that builds a block by hand.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from mcore.params import Init, ParamSpec
 
 
 @torch.no_grad()
@@ -33,6 +38,55 @@ def init_linear_(linear: nn.Linear, std: float, generator: torch.Generator | Non
         fill_(linear.bias, 0.0)
 
 
+def _plain(weight: torch.Tensor) -> bool:
+    """A plain tensor or ``nn.Parameter`` (not a tensor subclass: a layout's DTensor, a quantized weight)."""
+    return type(weight) is nn.Parameter or type(weight) is torch.Tensor
+
+
+def fused_projection(hidden: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor | None:
+    """One GEMM over the concatenated weights of ``linears``: ``(..., H) -> (..., sum of out_i)``, or
+    ``None`` when a weight (or bias) is not a plain tensor (a layout's ``DTensor`` shard, a quantized
+    weight: concatenating it would gather or dequantize it)."""
+    weights = [linear.weight for linear in linears]
+    biases = [linear.bias for linear in linears]
+    if not all(_plain(w) for w in weights):
+        return None
+    if all(b is None for b in biases):
+        return F.linear(hidden, torch.cat(weights))
+    if all(b is not None and _plain(b) for b in biases):
+        return F.linear(hidden, torch.cat(weights), torch.cat(biases))  # type: ignore[arg-type]
+    return None
+
+
+def project(hidden: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+    """``[linear(hidden) for linear in linears]``, as one GEMM while the weights are plain tensors.
+
+    Separate parameters shard by rows under tensor parallelism, but one GEMM reads the input once,
+    casts it once under autocast and saves it once for backward (three linears on an fp32 input
+    cast and save it three times). Otherwise (``fused_projection`` is ``None``) one GEMM per
+    linear, the input cast once. Shapes: ``hidden (..., H)`` -> ``(..., out_i)`` per linear (views).
+    """
+    fused = fused_projection(hidden, linears)
+    if fused is not None:
+        return list(fused.split([linear.weight.shape[0] for linear in linears], dim=-1))  # rows held (a shard: its own)
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    return [linear(hidden) for linear in linears]
+
+
+def linear_specs(linear: nn.Linear, role: str, std: float, *, head_rows: int | None = None) -> dict[str, ParamSpec]:
+    """``weight`` (``role``, normal(0, ``std``)) and, if any, ``bias`` (zeros) of ``linear``, by name under it."""
+    specs = {"weight": ParamSpec(role, head_rows=head_rows, init=Init("normal", std=std))}
+    if linear.bias is not None:
+        specs["bias"] = ParamSpec("bias", head_rows=head_rows, init=Init("zeros"))
+    return specs
+
+
+def prefixed(prefix: str, specs: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+    """``specs`` keyed ``prefix.name``."""
+    return {f"{prefix}.{name}": spec for name, spec in specs.items()}
+
+
 class Block(nn.Module):
     """Base class: ``num_parameters`` counts what the block owns (works on the meta device)."""
 
@@ -41,17 +95,21 @@ class Block(nn.Module):
 
 
 def check_positive(owner: str, key: str, value: int | float | None) -> None:
-    """``ValueError`` naming ``owner.key`` unless ``value`` is ``None`` or finite and > 0 (NaN is not)."""
+    """``ValueError`` naming ``key`` unless ``value`` is ``None`` or finite and > 0 (NaN is not).
+
+    Messages name the field alone (``num_heads = 0: ...``): whoever validates the table prefixes
+    it (``model.attention.num_heads``); ``owner`` documents the caller.
+    """
     if value is not None and not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{owner}.{key} = {value!r}: must be a finite number > 0")
+        raise ValueError(f"{key} = {value!r}: must be a finite number > 0")
 
 
 def check_non_negative(owner: str, key: str, value: int | float) -> None:
-    """``ValueError`` naming ``owner.key`` unless ``value`` is finite and >= 0 (NaN is not)."""
+    """``ValueError`` naming ``key`` unless ``value`` is finite and >= 0 (NaN is not)."""
     if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{owner}.{key} = {value!r}: must be a finite number >= 0")
+        raise ValueError(f"{key} = {value!r}: must be a finite number >= 0")
 
 
 def check_choice(owner: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{owner}.{key} = {value!r}: allowed: {', '.join(allowed)}")
+        raise ValueError(f"{key} = {value!r}: allowed: {', '.join(allowed)}")

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mcore.params import ParamSpec
-from mcore.protocols.block import BlockContext, FlopsShape
+from mcore.params import Init, ParamSpec
+from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
 from mcore_models.blocks.attention import row_positions
-from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
+from mcore_models.blocks.base import Block, check_positive, init_linear_
 from mcore_models.blocks.masking import attend, attention_mask
 from mcore_models.blocks.norms import RMSNorm
 from mcore_models.blocks.rope import RopeFields, Rotary, _yarn_mscale, check_rope
@@ -50,10 +50,6 @@ class MLA(Block):
         """Each token sees at most this many tokens, itself included (none: the whole row)."""
         attention_scale: float | None = None
         """Softmax scale (none: 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times yarn's mscale squared)."""
-        init_std: float = 0.02
-        """Std of the normal init of the projections."""
-        output_init_std: float | None = None
-        """Std of the normal init of the output projection (none: init_std)."""
 
         def __post_init__(self) -> None:
             for key in (
@@ -68,15 +64,12 @@ class MLA(Block):
                 "attention_scale",
             ):
                 check_positive("mla", key, getattr(self, key))
-            for key in ("init_std", "output_init_std"):
-                value = getattr(self, key)
-                if value is not None:
-                    check_non_negative("mla", key, value)
             check_rope(self, "mla", self.qk_rope_head_dim)
 
-    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
+    def __init__(self, config: Config | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
         super().__init__()
         cfg = self.config = config or self.Config()
+        self.shared = shared or BlockShared(hidden_size=hidden_size)
         nh, dn, dr, dv, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         q_in = cfg.q_lora_rank or hidden_size
         self.q_down = nn.Linear(hidden_size, q_in, bias=False) if cfg.q_lora_rank else nn.Identity()
@@ -89,7 +82,8 @@ class MLA(Block):
         self.kv_up = nn.Linear(c, nh * (dn + dv), bias=False)
         self.out = nn.Linear(nh * dv, hidden_size, bias=False)
         self.rotary = Rotary(cfg, dr)
-        scale = cfg.attention_scale or 1.0 / math.sqrt(dn + dr)
+        mup = self.shared.mup_width_mult is not None
+        scale = cfg.attention_scale or (1.0 / (dn + dr) if mup else 1.0 / math.sqrt(dn + dr))
         if cfg.attention_scale is None and cfg.rope_scaling == "yarn" and cfg.rope_mscale_all_dim:
             scale *= _yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
         self.scale = scale
@@ -97,17 +91,19 @@ class MLA(Block):
 
     def param_specs(self) -> dict[str, ParamSpec]:
         """``q_up`` and ``kv_up`` rows are per head (``[nope | rope]``, ``[k | v]``); ``kv_down`` rows are
-        ``[latent | rope key]`` (``mcore.params``)."""
+        ``[latent | rope key]`` (``mcore.params``). Inits: normal(``init_std``), the output projection
+        normal(``output_init_std``); the latent norms declare their own."""
         cfg = self.config
         dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        std = Init("normal", std=self.shared.init_std)
         specs = {
-            "q_up.weight": ParamSpec("matrix", head_rows=dn + dr),
-            "kv_down.weight": ParamSpec("matrix", splits=(("latent", cfg.kv_lora_rank), ("k_rope", dr))),
-            "kv_up.weight": ParamSpec("matrix", head_rows=dn + dv),
-            "out.weight": ParamSpec("matrix"),
+            "q_up.weight": ParamSpec("matrix", head_rows=dn + dr, init=std),
+            "kv_down.weight": ParamSpec("matrix", splits=(("latent", cfg.kv_lora_rank), ("k_rope", dr)), init=std),
+            "kv_up.weight": ParamSpec("matrix", head_rows=dn + dv, init=std),
+            "out.weight": ParamSpec("matrix", init=Init("normal", std=self.shared.out_std)),
         }
         if isinstance(self.q_down, nn.Linear):
-            specs["q_down.weight"] = ParamSpec("matrix")
+            specs["q_down.weight"] = ParamSpec("matrix", init=std)
         return specs
 
     def _queries(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[no-untyped-def]
@@ -176,11 +172,10 @@ class MLA(Block):
         return projections + 2 * shape.attended * cfg.num_heads * head
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        cfg = self.config
         for linear in (self.q_down, self.q_up, self.kv_down, self.kv_up):
             if isinstance(linear, nn.Linear):
-                init_linear_(linear, cfg.init_std, generator)
-        init_linear_(self.out, cfg.output_init_std or cfg.init_std, generator)
+                init_linear_(linear, self.shared.init_std, generator)
+        init_linear_(self.out, self.shared.out_std, generator)
         for norm in (self.q_norm, self.kv_norm):
             if isinstance(norm, RMSNorm):
                 norm.reset_parameters(generator)

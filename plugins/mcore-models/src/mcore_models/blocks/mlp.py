@@ -2,21 +2,33 @@
 
 Shape legend: B rows, T tokens, H hidden, F ``ffn_hidden_size``.
 
-The gated MLPs use one fused ``[gate | up]`` projection ``(H -> 2F)`` so the two input GEMMs are
-one; the activation runs as one kernel on CUDA (``kernels.swiglu``).
+The gated MLPs have separate ``gate`` and ``up`` projections ``(H -> F)`` each (as Hugging Face
+stores them), so tensor parallelism shards each by rows and every rank holds matching gate and
+up columns of the FFN (a fused ``[gate | up]`` weight split by ``Shard(0)`` would give rank 0 all
+of gate). The activation takes the two tensors and runs as one kernel on CUDA (``kernels.swiglu``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mcore.params import ParamSpec
-from mcore.protocols.block import BlockContext, FlopsShape
-from mcore_models.blocks.base import Block, check_choice, check_non_negative, check_positive, init_linear_
+from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
+from mcore_models.blocks.base import (
+    Block,
+    check_choice,
+    check_positive,
+    fused_projection,
+    init_linear_,
+    linear_specs,
+    prefixed,
+    project,
+)
 from mcore_models.kernels.swiglu import clamped_swiglu_reference, swiglu
 
 #: Values of ``gelu_approximate`` (``torch.nn.functional.gelu``'s ``approximate``).
@@ -31,10 +43,6 @@ class MLPConfig:
     """Hidden size of the MLP (per branch for the gated ones)."""
     mlp_bias: bool = False
     """Biases on the projections."""
-    init_std: float = 0.02
-    """Std of the normal init of the input projection."""
-    output_init_std: float | None = None
-    """Std of the normal init of the output projection (none: init_std)."""
 
     def __post_init__(self) -> None:
         check_mlp(self)
@@ -42,69 +50,76 @@ class MLPConfig:
 
 def check_mlp(config: MLPConfig) -> None:
     check_positive("mlp", "ffn_hidden_size", config.ffn_hidden_size)
-    check_non_negative("mlp", "init_std", config.init_std)
-    if config.output_init_std is not None:
-        check_non_negative("mlp", "output_init_std", config.output_init_std)
 
 
-class _TwoLayer(Block):
-    """``down(act(up(x)))``; subclasses set ``up_factor`` (2 for gated) and ``activation``."""
+def _specs(block: Any, inputs: tuple[str, ...]) -> dict[str, ParamSpec]:
+    """Each projection a plain ``matrix`` (no fused rows), its bias (if any) a zero ``bias``; the input
+    projections start normal(``init_std``), ``down`` normal(``output_init_std``)."""
+    specs: dict[str, ParamSpec] = {}
+    for name in inputs:
+        specs |= prefixed(name, linear_specs(getattr(block, name), "matrix", block.shared.init_std))
+    return specs | prefixed("down", linear_specs(block.down, "matrix", block.shared.out_std))
 
-    up_factor = 1
 
-    def __init__(self, config: MLPConfig, *, hidden_size: int) -> None:
+def _matmul_size(linear: nn.Linear) -> int:
+    return linear.in_features * linear.out_features
+
+
+class _Gated(Block):
+    """``down(act(gate(x), up(x)))``; subclasses set ``activation`` (two ``(..., F)`` tensors -> one)."""
+
+    def __init__(self, config: MLPConfig, *, hidden_size: int, shared: BlockShared | None = None) -> None:
         super().__init__()
         self.config = config
-        self.up = nn.Linear(hidden_size, self.up_factor * config.ffn_hidden_size, bias=config.mlp_bias)
+        self.shared = shared or BlockShared(hidden_size=hidden_size)
+        self.gate = nn.Linear(hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
+        self.up = nn.Linear(hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
         self.down = nn.Linear(config.ffn_hidden_size, hidden_size, bias=config.mlp_bias)
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        """A gated MLP's ``up`` rows are ``[gate | up]`` (``mcore.params``)."""
-        ffn = self.config.ffn_hidden_size
-        splits = (("gate", ffn), ("up", ffn)) if self.up_factor == 2 else ()
-        specs = {"up.weight": ParamSpec("matrix", splits=splits), "down.weight": ParamSpec("matrix")}
-        if self.up.bias is not None:
-            specs["up.bias"] = ParamSpec("bias", splits=splits)
-        if self.down.bias is not None:
-            specs["down.bias"] = ParamSpec("bias")
-        return specs
+        """``gate`` and ``up`` are separate ``(F, H)`` matrices, so ``Shard(0)`` gives each rank its own F columns."""
+        return _specs(self, ("gate", "up"))
 
-    def activation(self, x: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def packed_activation(self, packed: torch.Tensor) -> torch.Tensor:
+        """``activation`` of ``(..., 2F)`` rows ``[gate | up]`` (views of one GEMM's output)."""
+        gate, up = packed.chunk(2, dim=-1)
+        return self.activation(gate, up)
+
     def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
-        return self.down(self.activation(self.up(hidden)))  # (B, T, up_factor*F) -> (B, T, F) -> (B, T, H)
+        packed = fused_projection(hidden, (self.gate, self.up))  # (B, T, 2F): [gate | up], one GEMM
+        if packed is not None:
+            return self.down(self.packed_activation(packed))  # (B, T, F) -> (B, T, H)
+        gate, up = project(hidden, (self.gate, self.up))  # (B, T, F) each: sharded or quantized weights
+        return self.down(self.activation(gate, up))
 
     def flops(self, shape: FlopsShape) -> int:
-        return (
-            2
-            * shape.tokens
-            * (self.up.in_features * self.up.out_features + self.down.in_features * self.down.out_features)
-        )
+        return 2 * shape.tokens * sum(_matmul_size(m) for m in (self.gate, self.up, self.down))
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        init_linear_(self.up, self.config.init_std, generator)
-        init_linear_(self.down, self.config.output_init_std or self.config.init_std, generator)
+        init_linear_(self.gate, self.shared.init_std, generator)
+        init_linear_(self.up, self.shared.init_std, generator)
+        init_linear_(self.down, self.shared.out_std, generator)
 
 
-class SwiGLU(_TwoLayer):
+class SwiGLU(_Gated):
     """``down(silu(gate(x)) * up(x))`` (Llama, Qwen, Mistral)."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(MLPConfig):
         pass
 
-    up_factor = 2
+    def __init__(self, config: Config | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
+        super().__init__(config or self.Config(), hidden_size=hidden_size, shared=shared)
 
-    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
-        super().__init__(config or self.Config(), hidden_size=hidden_size)
-
-    def activation(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x)
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return swiglu(gate, up)
 
 
-class ClampedSwiGLU(_TwoLayer):
+class ClampedSwiGLU(_Gated):
     """``down(silu(min(gate, a)) * clamp(up, -a, a))`` with ``a = clamp_limit`` (DeepSeek-V4 style)."""
 
     @dataclass(kw_only=True, slots=True)
@@ -116,18 +131,16 @@ class ClampedSwiGLU(_TwoLayer):
             check_mlp(self)
             check_positive("mlp", "clamp_limit", self.clamp_limit)
 
-    up_factor = 2
-
-    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
+    def __init__(self, config: Config | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
         config = config or self.Config()
         self.limit = config.clamp_limit
-        super().__init__(config, hidden_size=hidden_size)
+        super().__init__(config, hidden_size=hidden_size, shared=shared)
 
-    def activation(self, x: torch.Tensor) -> torch.Tensor:
-        return clamped_swiglu_reference(x, self.limit)
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return clamped_swiglu_reference(gate, up, self.limit)
 
 
-class GeluMLP(_TwoLayer):
+class GeluMLP(Block):
     """``down(gelu(up(x)))`` (GPT-2 style); ``gelu_approximate`` is ``none`` or ``tanh``."""
 
     @dataclass(kw_only=True, slots=True)
@@ -139,10 +152,24 @@ class GeluMLP(_TwoLayer):
             check_mlp(self)
             check_choice("mlp", "gelu_approximate", self.gelu_approximate, GELU_APPROXIMATIONS)
 
-    def __init__(self, config: Config | None = None, *, hidden_size: int) -> None:
-        config = config or self.Config()
+    def __init__(self, config: Config | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
+        super().__init__()
+        config = self.config = config or self.Config()
+        self.shared = shared or BlockShared(hidden_size=hidden_size)
         self.approximate = config.gelu_approximate
-        super().__init__(config, hidden_size=hidden_size)
+        self.up = nn.Linear(hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
+        self.down = nn.Linear(config.ffn_hidden_size, hidden_size, bias=config.mlp_bias)
+        self.reset_parameters()
 
-    def activation(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate=self.approximate)
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return _specs(self, ("up",))
+
+    def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+        return self.down(F.gelu(self.up(hidden), approximate=self.approximate))  # (B, T, F) -> (B, T, H)
+
+    def flops(self, shape: FlopsShape) -> int:
+        return 2 * shape.tokens * (_matmul_size(self.up) + _matmul_size(self.down))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_linear_(self.up, self.shared.init_std, generator)
+        init_linear_(self.down, self.shared.out_std, generator)

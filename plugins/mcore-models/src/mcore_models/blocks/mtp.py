@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcore.params import ParamSpec
-from mcore.protocols.block import BlockContext, FlopsShape
-from mcore_models.blocks.base import Block, check_non_negative, check_positive, init_linear_
+from mcore.params import Init, ParamSpec
+from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
+from mcore_models.blocks.base import Block, check_positive, init_linear_
 from mcore_models.blocks.norms import RMSNorm
 
 NEXT_EMBEDDINGS = "mcore_models.mtp.next_embeddings"
@@ -34,16 +34,21 @@ class MTP(Block):
     class Config:
         norm_eps: float = 1e-5
         """Epsilon of the embedding and hidden-state norms (finite, > 0)."""
-        init_std: float = 0.02
-        """Std of the normal init of the projection."""
 
         def __post_init__(self) -> None:
             check_positive("mtp", "norm_eps", self.norm_eps)
-            check_non_negative("mtp", "init_std", self.init_std)
 
-    def __init__(self, config: Config | None = None, *, hidden_size: int, layer: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        hidden_size: int,
+        layer: nn.Module | None = None,
+        shared: BlockShared | None = None,
+    ) -> None:
         super().__init__()
         cfg = self.config = config or self.Config()
+        self.shared = shared or BlockShared(hidden_size=hidden_size)
         norm_cfg = RMSNorm.Config(norm_eps=cfg.norm_eps)
         self.embed_norm = RMSNorm(norm_cfg, hidden_size=hidden_size)
         self.hidden_norm = RMSNorm(norm_cfg, hidden_size=hidden_size)
@@ -54,7 +59,7 @@ class MTP(Block):
     def param_specs(self) -> dict[str, ParamSpec]:
         """``proj`` is a hidden matrix (its columns are ``[embedding | hidden]``); the norms and the
         layer declare their own (``mcore.params``)."""
-        return {"proj.weight": ParamSpec("matrix")}
+        return {"proj.weight": ParamSpec("matrix", init=Init("normal", std=self.shared.init_std))}
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         embedded = ctx.extra[NEXT_EMBEDDINGS]  # (B, T, H)
@@ -68,6 +73,6 @@ class MTP(Block):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for norm in (self.embed_norm, self.hidden_norm):
             norm.reset_parameters(generator)
-        init_linear_(self.proj, self.config.init_std, generator)
+        init_linear_(self.proj, self.shared.init_std, generator)
         if hasattr(self.layer, "reset_parameters"):
             self.layer.reset_parameters(generator)

@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcore.params import ParamSpec
+from mcore.params import Init, ParamSpec
 from mcore.protocols.block import BlockContext, FlopsShape
 from mcore_models.blocks.base import Block, check_positive, fill_
 from mcore_models.kernels.rmsnorm import rms_norm
+
+
+def _scale_init(zero_centered: bool) -> Init:
+    return Init("zeros") if zero_centered else Init("ones")
 
 
 class RMSNorm(Block):
@@ -40,7 +44,8 @@ class RMSNorm(Block):
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        return {"weight": ParamSpec("norm")}
+        """The scale: ones (zeros when stored as ``gamma - 1``)."""
+        return {"weight": ParamSpec("norm", init=_scale_init(self.config.zero_centered_gamma))}
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         return rms_norm(hidden, self.weight, self.eps, self.offset)  # (..., H)
@@ -76,9 +81,9 @@ class LayerNorm(Block):
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        specs = {"weight": ParamSpec("norm")}
+        specs = {"weight": ParamSpec("norm", init=_scale_init(self.config.zero_centered_gamma))}
         if self.bias is not None:
-            specs["bias"] = ParamSpec("bias")
+            specs["bias"] = ParamSpec("bias", init=Init("zeros"))
         return specs
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:

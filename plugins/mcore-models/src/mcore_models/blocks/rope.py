@@ -60,7 +60,7 @@ def check_rope(cfg: RopeFields, owner: str, head_dim: int | None = None) -> None
     ``head_dim``: the dims per head that RoPE rotates a fraction of (checked when given).
     """
     if cfg.rope_scaling not in ROPE_SCALINGS:
-        raise ValueError(f"{owner}.rope_scaling = {cfg.rope_scaling!r}: allowed: {', '.join(ROPE_SCALINGS)}")
+        raise ValueError(f"rope_scaling = {cfg.rope_scaling!r}: allowed: {', '.join(ROPE_SCALINGS)}")
     positive = ["rope_theta", "rope_factor", "rope_original_max_positions"]
     if cfg.rope_scaling == "llama3":
         positive += ["rope_low_freq_factor"]
@@ -69,18 +69,18 @@ def check_rope(cfg: RopeFields, owner: str, head_dim: int | None = None) -> None
     for key in positive:
         value = getattr(cfg, key)
         if value is not None and not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"{owner}.{key} = {value!r}: must be a finite number > 0")
+            raise ValueError(f"{key} = {value!r}: must be a finite number > 0")
     for key in ("rope_mscale", "rope_mscale_all_dim"):
         value = getattr(cfg, key)
         if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"{owner}.{key} = {value!r}: must be a finite number >= 0")
+            raise ValueError(f"{key} = {value!r}: must be a finite number >= 0")
     high, low = cfg.rope_high_freq_factor, cfg.rope_low_freq_factor
     if cfg.rope_scaling == "llama3" and not (high > low and math.isfinite(high)):
         raise ValueError(
-            f"{owner}.rope_high_freq_factor = {high!r}: must be finite and greater than rope_low_freq_factor = {low!r}"
+            f"rope_high_freq_factor = {high!r}: must be finite and greater than rope_low_freq_factor = {low!r}"
         )
     if not 0 < cfg.rotary_fraction <= 1:
-        raise ValueError(f"{owner}.rotary_fraction = {cfg.rotary_fraction!r}: must be in (0, 1]")
+        raise ValueError(f"rotary_fraction = {cfg.rotary_fraction!r}: must be in (0, 1]")
     if head_dim is not None:
         rotary_dim(cfg, head_dim, owner)
 
@@ -137,7 +137,7 @@ def rotary_dim(cfg: RopeFields, head_dim: int, owner: str = "attention") -> int:
     dim = int(head_dim * cfg.rotary_fraction)
     if dim <= 0 or dim % 2:
         raise ValueError(
-            f"{owner}.rotary_fraction = {cfg.rotary_fraction!r} gives {dim} rotated dims of head_dim {head_dim}; "
+            f"rotary_fraction = {cfg.rotary_fraction!r} gives {dim} rotated dims of head_dim {head_dim}; "
             "it must give a positive even number"
         )
     return dim

@@ -1,6 +1,6 @@
 """Fused RoPE in Triton: one program per token rotates all heads of Q and K (see ``rope`` for the math).
 
-Inputs may be strided views (Q and K are slices of the fused QKV output); outputs are written
+Inputs may be strided views (e.g. slices of a fused projection); outputs are written
 straight into the ``(B, heads, T, hd)`` layout attention kernels want, returned as
 ``(B, T, heads, hd)`` views. The backward is the same kernel rotating by ``-angle``.
 """

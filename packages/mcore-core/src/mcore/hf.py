@@ -1,0 +1,120 @@
+"""Hugging Face model families as a registered kind: which plugin reads and writes which ``model_type``.
+
+A family (``llama``, ``qwen2``, ``deepseek_v3``...) is registered under kind ``"hf"`` by the
+plugin whose blocks it maps, named by the Hugging Face ``model_type`` it reads, so a MoE or
+hybrid plugin brings its own families and the model plugin never imports them. The object
+registered implements ``HFFamily``. The core chooses it:
+
+* to import, by ``config.json``'s ``model_type`` (``load_hf``);
+* to export, by the model factory's ``hf_family(config)`` (``export_family``).
+
+Everything read from a model directory stays inside it: ``model_file`` refuses absolute names,
+``..`` and symbolic links that leave it (a Hugging Face cache snapshot's links into its
+repository's ``blobs`` are allowed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from mcore.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["HFFamily", "export_family", "load_hf", "model_file", "read_hf_config"]
+
+
+@runtime_checkable
+class HFFamily(Protocol):
+    """One Hugging Face ``model_type``, mapped to and from an mcore model.
+
+    ``model`` is the registered model it builds (``"gpt"``). ``load(path, device, block_lookup)``
+    reads a model directory (``config.json`` + safetensors, every file through ``model_file``) into
+    ``(model config, model)``; ``export(model, config, out_dir)`` writes ``config.json`` and the
+    weights. Both raise ``UserError``/``ValueError`` naming what does not map.
+    """
+
+    model: str
+
+    def load(self, path: Path, *, device: Any, block_lookup: Any) -> tuple[Any, nn.Module]: ...
+
+    def export(self, model: nn.Module, config: Any, out_dir: Path) -> None: ...
+
+
+def _allowed_roots(path: Path) -> list[Path]:
+    """Where the files of model directory ``path`` may resolve to: the directory, and for a Hugging Face
+    cache snapshot (``.../snapshots/<revision>``, whose files link to ``../../blobs``) that ``blobs``."""
+    root = path.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def model_file(path: Path, name: str, *, named_in: str = "") -> Path:
+    """``path / name`` resolved, refused (``UserError``) unless it stays inside the model directory ``path``.
+
+    ``name`` may come from files of the model (``model.safetensors.index.json``), which anyone can
+    write: absolute paths, ``..`` and symbolic links that leave the directory are refused.
+    """
+    where = f" (named in {named_in})" if named_in else ""
+    relative = PurePosixPath(name)
+    if not name or relative.is_absolute() or PureWindowsPath(name).is_absolute() or ".." in relative.parts:
+        raise UserError(
+            f"{path}: file {name!r}{where} is outside the model directory; only plain file names inside it are allowed"
+        )
+    resolved = (path / relative).resolve()
+    if not any(resolved.is_relative_to(root) for root in _allowed_roots(path)):
+        raise UserError(
+            f"{path}: {name!r}{where} resolves to {resolved}, outside the model directory (a symbolic link); "
+            "copy the file into the directory instead"
+        )
+    if not resolved.is_file():
+        raise UserError(f"{path}: file {name!r}{where} does not exist")
+    return resolved  # opened by its resolved path: a link swapped after this check is not followed
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """``path/config.json`` as a dict (a one-line ``UserError`` when missing or not a JSON object)."""
+    file = model_file(Path(path), "config.json")
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file}: not valid JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def load_hf(path: Path, host: Any, *, device: Any = "cpu") -> tuple[str, Any, nn.Module]:
+    """``(model name, model config, model)`` read from Hugging Face directory ``path`` by the family
+    registered for its ``model_type``."""
+    path = Path(path)
+    model_type = read_hf_config(path).get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise UserError(
+            f"{path}/config.json has no model_type; installed families: {', '.join(host.registry.names('hf'))}"
+        )
+    family = host.load("hf", model_type)
+    config, model = family.load(path, device=device, block_lookup=lambda name: host.load("block", name))
+    return family.model, config, model
+
+
+def export_family(factory: Any, model_name: str, config: Any, host: Any) -> Any:
+    """The registered family model ``model_name`` exports as (``factory.hf_family(config)``)."""
+    choose = getattr(factory, "hf_family", None)
+    family_name = choose(config) if callable(choose) else None
+    if not family_name:
+        raise UserError(
+            f"model {model_name!r} has no Hugging Face mapping (its factory names no hf_family); "
+            "only models that name one can be exported"
+        )
+    family = host.load("hf", family_name)
+    if getattr(family, "model", None) != model_name:
+        raise UserError(
+            f"Hugging Face family {family_name!r} maps model {getattr(family, 'model', None)!r}, not {model_name!r}"
+        )
+    return family
