@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from mcore.params import collect_param_specs
 from mcore.ragged import annotate_for_checkpoint, row_counts
 from mcore_fsdp import MixedPrecisionPolicy
 from mcore_fsdp.api import local_shard_numel
@@ -133,6 +134,11 @@ def test_whole_parameters_two_ranks(tmp_path: Path) -> None:
     from mcore.mesh import build_mesh
 
     model = layout.apply(_fresh(), build_mesh(layout.mesh_dims, fill="dp_shard", device_type="cpu"))
+    # "matrices" keeps whole what the model declares matrix (Muon's), not its embeddings or head
+    roles = {name: spec.role for name, spec in collect_param_specs(_fresh()).items()}
+    for name, p in model.named_parameters():
+        whole_here = p.to_local().shape[0] in (0, p.shape[0])
+        assert whole_here == (roles[name] == "matrix"), (name, roles[name], tuple(p.to_local().shape))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tokens, labels = batches()[1]
     model(local_rows(tokens, rank, world), labels=local_rows(labels, rank, world)).backward()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mcore.params import collect_param_specs
 from mcore.protocols.layout import DataParallelInfo
 from mcore_fsdp.api import FSDPModule, fully_shard
 from mcore_fsdp.policy import MixedPrecisionPolicy
@@ -38,7 +39,19 @@ DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
-WHOLE: dict[str, Any] = {"none": False, "all": True, "matrices": lambda p: p.dim() >= 2}
+WHOLE = ("none", "matrices", "all")
+#: Roles of ``whole_params = "matrices"``: what Muon orthogonalises (``mcore.params``), not the embedding or head.
+WHOLE_ROLES = ("matrix", "expert")
+
+
+def keep_whole(model: nn.Module, whole_params: str) -> bool | Callable[[nn.Parameter], bool]:
+    """The ``keep_whole`` of ``fully_shard`` for ``whole_params``: ``"matrices"`` chooses the parameters
+    the model declares ``matrix`` or ``expert`` (2+ dims), read before any unit is sharded."""
+    if whole_params != "matrices":
+        return whole_params == "all"
+    specs = collect_param_specs(model)
+    chosen = {id(p) for name, p in model.named_parameters() if specs[name].role in WHOLE_ROLES and p.dim() >= 2}
+    return lambda p: id(p) in chosen
 
 
 def _dtype(key: str, value: str) -> torch.dtype | None:
@@ -90,7 +103,7 @@ class FSDPLayout:
         quantized_gather: bool = True
         """Gather in the recipe's low-precision format when it offers one (gather_payload)."""
         whole_params: Literal["none", "matrices", "all"] = "none"
-        """Parameters kept whole on one rank instead of split by rows: 'none', 'matrices' (>= 2 dims; for Muon) or 'all'."""
+        """Parameters kept whole on one rank instead of split by rows: 'none', 'matrices' (declared matrix/expert, what Muon orthogonalises; not the embedding or head) or 'all'."""
 
         def __post_init__(self) -> None:
             _dtype("param_dtype", self.param_dtype)
@@ -144,7 +157,7 @@ class FSDPLayout:
             "gradient_divide_factor": cfg.gradient_divide_factor,
             "gather_recipe": precision if cfg.quantized_gather else None,
             "prefetch": cfg.prefetch,
-            "keep_whole": WHOLE[cfg.whole_params],
+            "keep_whole": keep_whole(model, cfg.whole_params),
         }
         for unit in find_units(model, cfg.units):
             fully_shard(unit, reshard_after_forward=cfg.reshard_after_forward, **options)

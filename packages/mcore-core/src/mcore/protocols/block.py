@@ -235,8 +235,15 @@ class ModelFactory(Protocol):
     layers. ``block_lookup(kind_name)``
     resolves block names through the registry, so a block from another plugin slots in by
     name. ``flops_per_token(seq_len)`` gives the training FLOPs per token (forward and
-    backward) that MFU uses; ``hf`` (optional) names the Hugging Face mapping.
-    Optional ``check_run(config, run)``: rules across sections (e.g. ``train.seq_len`` against
+    backward) that MFU uses.
+
+    Optional, each read where it exists: ``hf_family(config)`` names the registered Hugging Face
+    family (kind ``"hf"``, ``mcore.hf``) ``mcore export`` writes (the older ``export_hf(model,
+    config, out_dir)`` still works); presets are registered under kind ``"preset"``
+    (``mcore.presets``; the older ``presets()`` mapping is still read); a ``Config`` with a
+    ``blocks`` field and ``block_names()`` gets one ``[model.<block>]`` table per block,
+    ``check_blocks(config, block_lookup=)`` checks what needs the blocks and ``moved_keys`` points
+    keys of an older schema to their tables (``mcore.config.model``). Optional ``check_run(config, run)``: rules across sections (e.g. ``train.seq_len`` against
     the model's longest sequence), called by ``resolve_config`` once every section is resolved;
     it raises ``ValueError`` naming the keys (any selected implementation may define it).
 
@@ -269,5 +276,3 @@ class ModelFactory(Protocol):
     ) -> nn.Module: ...
 
     def flops_per_token(self, config: Any, seq_len: int) -> int: ...
-
-    def presets(self) -> Mapping[str, Mapping[str, Any]]: ...
