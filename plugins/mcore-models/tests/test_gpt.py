@@ -15,6 +15,7 @@ from mcore.presets import Preset
 from mcore.protocols.block import AuxLosses, BlockContext, BlockShared
 from mcore_models.gpt import GPT, GPTConfig, mtp_labels
 from mcore_models.presets import PRESETS, preset_config
+from mcore_testing.conformance import PresetConformance
 from mcore_testing.numerics import assert_rel_close
 
 REQUIRED_PRESETS = {"tiny", "bench-0.9b", "llama3.2-1b", "llama3-8b", "qwen2.5-0.5b", "deepseek-v3-mini"}
@@ -341,3 +342,24 @@ def test_per_layer_sliding_window_counts_attended_pairs() -> None:
     per_layer = 4 * 4 * 16  # 2 * 2 * heads * head_dim per attended pair
     difference = (seq * (seq + 1) // 2) - (4 * 5 // 2 + (seq - 4) * 4)
     assert GPT.flops_per_token(full, seq) - GPT.flops_per_token(windowed, seq) == 3 * 2 * per_layer * difference // seq
+
+
+def test_mfu_flops_of_a_model_with_another_plugins_block() -> None:
+    from types import SimpleNamespace
+
+    from mcore.train.loop import model_flops_per_token
+
+    host = load_plugins(entry_points=False, env=False, unpackaged=False, extra=["mcore_models.plugin", ToyPlugin()])
+    cfg = tiny(mlp="toy-moe")
+    run = SimpleNamespace(model=SimpleNamespace(config=cfg), train=SimpleNamespace(seq_len=16))
+    flops = model_flops_per_token(GPT, run, host)  # type: ignore[arg-type]
+    with torch.device("meta"):
+        model = GPT(cfg, block_lookup=lambda name: host.load("block", name))
+    assert flops == 3 * model.forward_flops(1, 16) // 16
+    with pytest.raises(ValueError, match=r"block 'toy-moe' is not one of mcore-models'"):
+        GPT.flops_per_token(cfg, 16)  # without the registry a plugin's block cannot be found
+
+
+class TestPresetsOfThisPlugin(PresetConformance):
+    plugins = ("mcore_models.plugin",)
+    distribution = "mcore-models"

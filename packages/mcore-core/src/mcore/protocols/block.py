@@ -234,8 +234,8 @@ class ModelFactory(Protocol):
     ``ctx.aux_losses`` brings one, and adds the collector's losses to the loss once, after its
     layers. ``block_lookup(kind_name)``
     resolves block names through the registry, so a block from another plugin slots in by
-    name. ``flops_per_token(seq_len)`` gives the training FLOPs per token (forward and
-    backward) that MFU uses.
+    name. ``flops_per_token(config, seq_len)`` gives the training FLOPs per token (forward and
+    backward) that MFU uses; the run loop passes ``block_lookup=`` too when it takes one.
 
     Optional, each read where it exists: ``hf_family(config)`` names the registered Hugging Face
     family (kind ``"hf"``, ``mcore.hf``) ``mcore export`` writes (the older ``export_hf(model,

@@ -26,6 +26,7 @@ line (``oom``), and SIGTERM stops the run after the current step with a checkpoi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -64,6 +65,18 @@ from mcore.train.signals import StopSignal
 
 #: Peak dense bf16 TFLOP/s of known devices, for MFU when ``log.peak_tflops`` is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0}
+
+
+def model_flops_per_token(factory: Any, config: RunConfig, host: Any) -> float | None:
+    """The factory's ``flops_per_token`` for this run (``None`` without one); blocks of other plugins
+    are found through the registry when the factory takes ``block_lookup``."""
+    fpt = getattr(factory, "flops_per_token", None)
+    if not callable(fpt):
+        return None
+    kwargs: dict[str, Any] = {}
+    if "block_lookup" in inspect.signature(fpt).parameters:
+        kwargs["block_lookup"] = lambda name: host.load("block", name)
+    return float(fpt(config.model.config, config.train.seq_len, **kwargs))
 
 
 @dataclass
@@ -178,9 +191,7 @@ class Trainer:
             group=ckpt_group,
             on_saved=lambda step, path: host.hook.mcore_checkpoint_saved(step=step, path=str(path)),
         )
-        factory = self.parts.factory
-        fpt = getattr(factory, "flops_per_token", None)
-        self.flops_per_token = float(fpt(config.model.config, config.train.seq_len)) if callable(fpt) else None
+        self.flops_per_token = model_flops_per_token(self.parts.factory, config, host)
         self.peak = peak_flops(config, mesh.device)
         self.stop: StopSignal | None = None  # set while the loop runs
         self.last_good_step = 0  # the newest step whose verdict was good (or the resumed-from step)

@@ -1,7 +1,8 @@
 """Conformance suites: one test class per core protocol.
 
 A plugin's tests subclass the class for its protocol and supply only the implementation
-(``make_layout``, ``make_factory``, ``make_recipe``, ``make_block``, ``make_dispatcher``)
+(``make_layout``, ``make_factory``, ``make_recipe``, ``make_block``, ``make_dispatcher``; the
+plugins and distribution of ``PresetConformance``)
 and its parameters as class attributes. Third-party plugins get the same checks.
 Subclasses must be defined at module level (multi-process checks pickle them by name).
 """
@@ -12,6 +13,7 @@ from mcore_testing.conformance.layout import LayoutConformance
 from mcore_testing.conformance.optimizer import OptimizerConformance
 from mcore_testing.conformance.params import ParamSpecConformance
 from mcore_testing.conformance.precision import PrecisionConformance
+from mcore_testing.conformance.presets import PresetConformance
 
 __all__ = [
     "BlockConformance",
@@ -20,4 +22,5 @@ __all__ = [
     "OptimizerConformance",
     "ParamSpecConformance",
     "PrecisionConformance",
+    "PresetConformance",
 ]
