@@ -173,3 +173,23 @@ def test_exported_files_get_normal_permissions(
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_a_model_the_mapping_cannot_express_is_one_line_and_publishes_nothing(
+    cli: None,
+    host: Any,
+    trained_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(model: Any, config: Any, out_dir: Path) -> None:
+        (Path(out_dir) / "partial.bin").write_bytes(b"x")  # half-written before it notices
+        raise ValueError("model cannot be exported as Hugging Face 'llama':\n qk_norm = true (needs false)")
+
+    monkeypatch.setattr(host.load("model", "exportable-tiny"), "export_hf", staticmethod(refuse))
+    out = tmp_path / "hf"
+    assert main(["export", str(trained_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mcore: error: model cannot be exported as Hugging Face 'llama': qk_norm = true (needs false)"]
+    assert not out.exists() and siblings(out) == []  # the temporary sibling is gone too

@@ -80,6 +80,8 @@ class ToyFamily:
     model = "composed"
 
     def load(self, path: Path, *, device: Any, block_lookup: Any) -> tuple[Any, Any]:
+        if json.loads((path / "config.json").read_text()).get("rope_type") == "ntk":
+            raise ValueError("config.json rope type = 'ntk':\n allowed: default")
         return ("config-of", path.name), block_lookup("mix")
 
     def export(self, model: Any, config: Any, out_dir: Path) -> None:
@@ -204,6 +206,9 @@ def test_hf_family_is_a_registered_kind(host, tmp_path: Path):
     name, config, model = load_hf(model_dir, host)
     assert (name, config, model) == ("composed", ("config-of", "m"), Mixer)
     assert isinstance(host.load("hf", "toy"), HFFamily)
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "toy", "rope_type": "ntk"}))
+    with pytest.raises(UserError, match=r"^.*/m: config.json rope type = 'ntk': allowed: default$"):
+        load_hf(model_dir, host)
     (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UnknownNameError, match=r"unknown hf 'llama'.*toy"):
         load_hf(model_dir, host)

@@ -112,3 +112,15 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
         t = p.detach()
         out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
     return out
+
+
+def plain_ns(g: torch.Tensor, triples) -> torch.Tensor:
+    """Newton-Schulz on one fp32 matrix, written out."""
+    x = g / (g.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for a, b, c in triples:
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x

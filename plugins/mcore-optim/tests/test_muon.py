@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import SINGLE, batches, tiny_model, train
+from helpers import SINGLE, batches, plain_ns, tiny_model, train
 
 from mcore.params import ParamSpec
 from mcore_optim.muon import MuonFactory
@@ -16,18 +16,6 @@ from mcore_testing.numerics import assert_rel_close
 
 def build(model, **config):
     return MuonFactory(MuonFactory.Config(**config)).build(model, mesh=SINGLE, layouts=[])
-
-
-def plain_ns(g: torch.Tensor, triples) -> torch.Tensor:
-    """Newton-Schulz on one fp32 matrix, written out."""
-    x = g / (g.norm() + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    for a, b, c in triples:
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
 
 
 def plain_blocks(name: str, rows: int, *, split_fused: bool, split_heads: bool, head_rows: int = 8) -> list[slice]:

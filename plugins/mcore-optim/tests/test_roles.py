@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import SINGLE, tiny_model
+from helpers import SINGLE, plain_ns, tiny_model
 from torch import nn
 
 from mcore.params import ParamSpec
@@ -109,17 +109,6 @@ def test_muon_leaves_the_head_and_router_to_adamw_and_orthogonalises_each_expert
     for e in range(3):  # each expert's (out, in) matrix on its own, scaled by its own shape
         expected = plain_ns(grad[e], triples) * 0.2 * math.sqrt(32)
         assert_rel_close(before[e] - model.experts.detach()[e], 0.1 * expected, tol=1e-10, name=f"expert {e}")
-
-
-def plain_ns(g: torch.Tensor, triples) -> torch.Tensor:
-    x = g / (g.norm() + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    for a, b, c in triples:
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
 
 
 @pytest.mark.parametrize("split_heads", [False, True])

@@ -34,7 +34,8 @@ class HFFamily(Protocol):
     ``model`` is the registered model it builds (``"gpt"``). ``load(path, device, block_lookup)``
     reads a model directory (``config.json`` + safetensors, every file through ``model_file``) into
     ``(model config, model)``; ``export(model, config, out_dir)`` writes ``config.json`` and the
-    weights. Both raise ``UserError``/``ValueError`` naming what does not map.
+    weights. Both raise ``UserError``/``ValueError`` naming what does not map; the core turns a
+    ``ValueError`` into a one-line ``UserError`` (``load_hf``, ``mcore export``).
     """
 
     model: str
@@ -99,7 +100,12 @@ def load_hf(path: Path, host: Any, *, device: Any = "cpu") -> tuple[str, Any, nn
             f"{path}/config.json has no model_type; installed families: {', '.join(host.registry.names('hf'))}"
         )
     family = host.load("hf", model_type)
-    config, model = family.load(path, device=device, block_lookup=lambda name: host.load("block", name))
+    try:
+        config, model = family.load(path, device=device, block_lookup=lambda name: host.load("block", name))
+    except UserError:
+        raise
+    except ValueError as exc:  # a config.json the family cannot map: one line naming the directory
+        raise UserError(f"{path}: {' '.join(str(exc).split())}") from None
     return family.model, config, model
 
 

@@ -13,6 +13,7 @@ job. Every file read stays inside the model directory (``mcore.hf.model_file``).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,15 +352,9 @@ class Family:
         (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def _this_module() -> Any:
-    import sys
-
-    return sys.modules[__name__]
-
-
-LLAMA = Family("llama", _this_module())
-QWEN2 = Family("qwen2", _this_module())
-MISTRAL = Family("mistral", _this_module())
+LLAMA = Family("llama", sys.modules[__name__])
+QWEN2 = Family("qwen2", sys.modules[__name__])
+MISTRAL = Family("mistral", sys.modules[__name__])
 
 
 def family(name: str | None) -> Family:

@@ -16,6 +16,7 @@ as are attention biases. ``transformers`` fixes the MLA latent norms' eps at 1e-
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -230,11 +231,5 @@ def state_from_hf(hf: dict[str, torch.Tensor], cfg: GPTConfig, hf_config: dict[s
     return out
 
 
-def _this_module() -> Any:
-    import sys
-
-    return sys.modules[__name__]
-
-
 #: The registered family (kind ``"hf"``, name ``deepseek_v3``).
-DEEPSEEK_V3 = Family("deepseek_v3", _this_module())
+DEEPSEEK_V3 = Family("deepseek_v3", sys.modules[__name__])

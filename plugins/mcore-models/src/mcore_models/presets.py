@@ -28,7 +28,6 @@ TINY = Preset(
         attention=dict(num_heads=4, num_kv_heads=2),
         swiglu=dict(ffn_hidden_size=176),
     ),
-    "2 layers, hidden 64: for tests and first runs",
 )
 
 BENCH_0_9B = Preset(
@@ -44,7 +43,6 @@ BENCH_0_9B = Preset(
         swiglu=dict(ffn_hidden_size=5632),
         rmsnorm=dict(norm_eps=1e-5),
     ),
-    "0.9B Llama-style model of the benchmarks",
 )
 
 _LLAMA3_ROPE = dict(
@@ -69,7 +67,6 @@ LLAMA3_2_1B = Preset(
         swiglu=dict(ffn_hidden_size=8192),
         rmsnorm=dict(norm_eps=1e-5),
     ),
-    "Llama 3.2 1B shapes",
 )
 
 LLAMA3_8B = Preset(
@@ -85,7 +82,6 @@ LLAMA3_8B = Preset(
         swiglu=dict(ffn_hidden_size=14336),
         rmsnorm=dict(norm_eps=1e-5),
     ),
-    "Llama 3 8B shapes",
 )
 
 QWEN2_5_0_5B = Preset(
@@ -101,7 +97,6 @@ QWEN2_5_0_5B = Preset(
         swiglu=dict(ffn_hidden_size=4864),
         rmsnorm=dict(norm_eps=1e-6),
     ),
-    "Qwen2.5 0.5B shapes",
 )
 
 DEEPSEEK_V3_MINI = Preset(
@@ -128,7 +123,6 @@ DEEPSEEK_V3_MINI = Preset(
         rmsnorm=dict(norm_eps=1e-6),
         mtp=dict(norm_eps=1e-6),
     ),
-    "small MLA + MTP model with DeepSeek-V3's layer shapes (dense MLPs)",
 )
 
 #: Every preset of this package by registered name.

@@ -53,7 +53,12 @@ def export_checkpoint(checkpoint: Path, out: Path, host: Any, *, overwrite: bool
     else:
         write = export_family(factory, config.model.name, config.model.config, host).export
     with publish_dir(out, manifest=MANIFEST, what=WHAT, overwrite=overwrite) as tmp:
-        write(model, config.model.config, tmp)
+        try:
+            write(model, config.model.config, tmp)
+        except UserError:
+            raise
+        except ValueError as exc:  # what the mapping cannot express: one line, nothing published
+            raise UserError(" ".join(str(exc).split())) from None
         tokenizer.save(tmp)
         manifest = {
             "format": "hf",

@@ -19,7 +19,7 @@ from torch import nn
 
 from mcore.params import ParamSpec
 from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
-from mcore_models.blocks.base import Block, check_positive, init_linear_, linear_specs, prefixed, project
+from mcore_models.blocks.base import Block, check_positive, linear_specs, prefixed, project
 from mcore_models.blocks.masking import attend, attention_mask
 from mcore_models.blocks.norms import RMSNorm
 from mcore_models.blocks.rope import RopeFields, Rotary, check_rope
@@ -122,11 +122,3 @@ class Attention(Block):
         projections = 2 * shape.tokens * hidden * rows
         scores = 2 * 2 * shape.attended * self.num_heads * self.head_dim  # QK^T and PV
         return projections + scores
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        for linear in (self.q, self.k, self.v):
-            init_linear_(linear, self.shared.init_std, generator)
-        init_linear_(self.out, self.shared.out_std, generator)
-        for norm in (self.q_norm, self.k_norm):
-            if isinstance(norm, RMSNorm):
-                norm.reset_parameters(generator)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcore.params import Init, ParamSpec
+from mcore.params import Init, ParamSpec, collect_param_specs
 
 
 @torch.no_grad()
@@ -26,16 +26,22 @@ def normal_(param: torch.Tensor, std: float, generator: torch.Generator | None) 
 
 
 @torch.no_grad()
-def fill_(param: torch.Tensor, value: float) -> None:
-    if not param.is_meta:
-        param.fill_(value)
-
-
-def init_linear_(linear: nn.Linear, std: float, generator: torch.Generator | None) -> None:
-    """Normal(0, std) weight, zero bias."""
-    normal_(linear.weight, std, generator)
-    if linear.bias is not None:
-        fill_(linear.bias, 0.0)
+def draw_declared_(module: nn.Module, generator: torch.Generator | None) -> None:
+    """Set every parameter under ``module`` from its declared ``init`` (``param_specs``), drawing normals in
+    fp32 on the CPU from ``generator`` (for code that builds a module by hand; runs use ``mcore.construct``,
+    whose values do not depend on the layout). Parameters on the meta device are left alone."""
+    for name, spec in collect_param_specs(module).items():
+        param, init = module.get_parameter(name), spec.init
+        if param.is_meta or init is None:
+            continue
+        if init.kind == "normal":
+            normal_(param, float(init.std or 1.0), generator)
+            if init.mean:
+                param.add_(init.mean)
+        elif init.kind in ("zeros", "ones", "constant"):
+            param.fill_({"zeros": 0.0, "ones": 1.0}.get(init.kind, init.value or 0.0))
+        else:
+            raise ValueError(f"{name}: init kind {init.kind!r} has no CPU-generator draw here; use mcore.construct")
 
 
 def _plain(weight: torch.Tensor) -> bool:
@@ -88,7 +94,11 @@ def prefixed(prefix: str, specs: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
 
 
 class Block(nn.Module):
-    """Base class: ``num_parameters`` counts what the block owns (works on the meta device)."""
+    """Base class: ``num_parameters`` counts what the block owns (works on the meta device);
+    ``reset_parameters(generator)`` draws every parameter from its declared ``init``."""
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        draw_declared_(self, generator)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -20,7 +20,7 @@ from torch import nn
 from mcore.params import Init, ParamSpec
 from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
 from mcore_models.blocks.attention import row_positions
-from mcore_models.blocks.base import Block, check_positive, init_linear_
+from mcore_models.blocks.base import Block, check_positive
 from mcore_models.blocks.masking import attend, attention_mask
 from mcore_models.blocks.norms import RMSNorm
 from mcore_models.blocks.rope import RopeFields, Rotary, _yarn_mscale, check_rope
@@ -170,12 +170,3 @@ class MLA(Block):
         projections = sum(2 * shape.tokens * m.in_features * m.out_features for m in linears)
         head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
         return projections + 2 * shape.attended * cfg.num_heads * head
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        for linear in (self.q_down, self.q_up, self.kv_down, self.kv_up):
-            if isinstance(linear, nn.Linear):
-                init_linear_(linear, self.shared.init_std, generator)
-        init_linear_(self.out, self.shared.out_std, generator)
-        for norm in (self.q_norm, self.kv_norm):
-            if isinstance(norm, RMSNorm):
-                norm.reset_parameters(generator)

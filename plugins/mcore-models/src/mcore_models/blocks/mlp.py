@@ -24,7 +24,6 @@ from mcore_models.blocks.base import (
     check_choice,
     check_positive,
     fused_projection,
-    init_linear_,
     linear_specs,
     prefixed,
     project,
@@ -99,11 +98,6 @@ class _Gated(Block):
     def flops(self, shape: FlopsShape) -> int:
         return 2 * shape.tokens * sum(_matmul_size(m) for m in (self.gate, self.up, self.down))
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        init_linear_(self.gate, self.shared.init_std, generator)
-        init_linear_(self.up, self.shared.init_std, generator)
-        init_linear_(self.down, self.shared.out_std, generator)
-
 
 class SwiGLU(_Gated):
     """``down(silu(gate(x)) * up(x))`` (Llama, Qwen, Mistral)."""
@@ -169,7 +163,3 @@ class GeluMLP(Block):
 
     def flops(self, shape: FlopsShape) -> int:
         return 2 * shape.tokens * (_matmul_size(self.up) + _matmul_size(self.down))
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        init_linear_(self.up, self.shared.init_std, generator)
-        init_linear_(self.down, self.shared.out_std, generator)

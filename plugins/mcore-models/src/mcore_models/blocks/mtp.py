@@ -21,7 +21,7 @@ from torch import nn
 
 from mcore.params import Init, ParamSpec
 from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
-from mcore_models.blocks.base import Block, check_positive, init_linear_
+from mcore_models.blocks.base import Block, check_positive
 from mcore_models.blocks.norms import RMSNorm
 
 NEXT_EMBEDDINGS = "mcore_models.mtp.next_embeddings"
@@ -69,10 +69,3 @@ class MTP(Block):
     def flops(self, shape: FlopsShape) -> int:
         layer_flops = self.layer.flops(shape) if hasattr(self.layer, "flops") else 0
         return 2 * shape.tokens * self.proj.in_features * self.proj.out_features + layer_flops
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        for norm in (self.embed_norm, self.hidden_norm):
-            norm.reset_parameters(generator)
-        init_linear_(self.proj, self.shared.init_std, generator)
-        if hasattr(self.layer, "reset_parameters"):
-            self.layer.reset_parameters(generator)

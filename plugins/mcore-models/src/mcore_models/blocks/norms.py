@@ -14,7 +14,7 @@ from torch import nn
 
 from mcore.params import Init, ParamSpec
 from mcore.protocols.block import BlockContext, FlopsShape
-from mcore_models.blocks.base import Block, check_positive, fill_
+from mcore_models.blocks.base import Block, check_positive
 from mcore_models.kernels.rmsnorm import rms_norm
 
 
@@ -53,9 +53,6 @@ class RMSNorm(Block):
     def flops(self, shape: FlopsShape) -> int:
         return 4 * shape.tokens * self.weight.numel()
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        fill_(self.weight, 0.0 if self.config.zero_centered_gamma else 1.0)
-
 
 class LayerNorm(Block):
     """Standard LayerNorm (mean and variance), with bias unless ``norm_bias = false``."""
@@ -92,8 +89,3 @@ class LayerNorm(Block):
 
     def flops(self, shape: FlopsShape) -> int:
         return 6 * shape.tokens * self.weight.numel()
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        fill_(self.weight, 0.0 if self.config.zero_centered_gamma else 1.0)
-        if self.bias is not None:
-            fill_(self.bias, 0.0)
