@@ -18,6 +18,9 @@ warm-up steps per child. Prints one JSON line per child and a summary (median, m
 ``--task build --preset llama3-8b``: each child times ``GPT.build(cfg, seed=0, device="cuda")`` in
 fp32 (model construction and initialisation, what a run does before its layouts) and reports the
 seconds, the process's peak host RSS and its rise during the build, and the peak device memory.
+
+``--task profile``: each child runs the step under ``torch.profiler`` (5 steps after the warm-up)
+and reports the 25 kernels with the most device time per step, to find where two trees differ.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ print(json.dumps({"build_s": seconds, "peak_rss_GiB": rss, "rss_rise_GiB": rss -
 """
 )
 
-CHILD = (
+STEP = (
     CONFIG
     + r"""
 model = GPT.build(cfg, seed=0, device="cuda")
@@ -76,6 +79,12 @@ def step():
 for _ in range(5):
     step()
 torch.cuda.synchronize()
+"""
+)
+
+CHILD = (
+    STEP
+    + r"""
 times = []
 for _ in range(20):
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -89,17 +98,33 @@ print(json.dumps({"step_ms": times[len(times) // 2], "min_ms": times[0], "loss":
 )
 
 
+PROFILE = (
+    STEP
+    + r"""
+from torch.profiler import ProfilerActivity, profile
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+rows = [(e.key, e.self_device_time_total / 5e3, e.count // 5) for e in prof.key_averages()]
+rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+print(json.dumps({"device_ms_per_step": sum(r[1] for r in rows), "top": rows[:25], "config_api": config_api}))
+"""
+)
+
+TASKS = {"step": (CHILD, "step_ms"), "build": (BUILD, "build_s"), "profile": (PROFILE, "device_ms_per_step")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", action="append", required=True, help="NAME=SRC_ROOT[:SRC_ROOT...] (PYTHONPATH)")
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--out", type=Path, default=None, help="append the JSON lines here")
-    parser.add_argument("--task", choices=["step", "build"], default="step")
+    parser.add_argument("--task", choices=sorted(TASKS), default="step")
     parser.add_argument("--preset", default=None, help="default: bench-0.9b for step, llama3-8b for build")
     args = parser.parse_args()
-    script = CHILD if args.task == "step" else BUILD
-    preset = args.preset or ("bench-0.9b" if args.task == "step" else "llama3-8b")
-    metric = "step_ms" if args.task == "step" else "build_s"
+    script, metric = TASKS[args.task]
+    preset = args.preset or ("llama3-8b" if args.task == "build" else "bench-0.9b")
     trees = [t.split("=", 1) for t in args.tree]
     results: dict[str, list[float]] = {name: [] for name, _ in trees}
     for repeat in range(args.repeats):

@@ -236,6 +236,13 @@ def test_project_fuses_plain_weights_and_keeps_subclass_weights_apart() -> None:
     sum(w.sum() for w in want).backward()  # type: ignore[union-attr]
     for fused, plain in zip(fused_grads, (linear.weight.grad for linear in linears), strict=True):
         torch.testing.assert_close(fused, plain)
+    # under autocast the weights are cast before they are concatenated: the same bf16 GEMM as apart
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_want = [linear(x) for linear in linears]
+        cast_got = project(x, linears)
+    for g, w in zip(cast_got, cast_want, strict=True):
+        assert g.dtype == w.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
     # a subclass weight is never concatenated (that would gather a tensor-parallel shard)
     marked = nn.Linear(8, 2)
     marked.weight = nn.Parameter(marked.weight.detach().as_subclass(Marked))

@@ -98,6 +98,21 @@ def test_swiglu_kernel(dtype: torch.dtype, shape: tuple[int, ...], strided: bool
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8192, 2 * 5632), (3, 11, 2 * 4864), (3, 2 * 100)])
+def test_swiglu_packed_kernel(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """``[gate | up]`` rows of one GEMM read in place; the gradient is one ``(..., 2F)`` buffer."""
+    from mcore_models.kernels.swiglu import swiglu_packed_reference
+    from mcore_models.kernels.swiglu_triton import swiglu_packed
+
+    packed = _randn(*shape, dtype=dtype, seed=0) * 3
+    dy = _randn(*shape[:-1], shape[-1] // 2, dtype=dtype, seed=2)
+    _compare(swiglu_packed, swiglu_packed_reference, [packed], dy, dtype)
+    leaf = packed.detach().requires_grad_()
+    swiglu_packed(leaf).backward(dy)
+    assert leaf.grad is not None and leaf.grad.shape == shape and leaf.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("tokens", "hidden", "vocab", "chunk"), [(8192, 2048, 32768, 4096), (100, 64, 1000, 33), (7, 32, 151936, 4)]
 )
@@ -121,10 +136,11 @@ def test_fused_linear_cross_entropy(dtype: torch.dtype, tokens: int, hidden: int
 def test_triton_dispatch_is_chosen_on_cuda() -> None:
     from mcore_models.kernels import rmsnorm_triton, swiglu_triton
     from mcore_models.kernels.rmsnorm import rms_norm
-    from mcore_models.kernels.swiglu import swiglu
+    from mcore_models.kernels.swiglu import swiglu, swiglu_packed
 
     assert rms_norm.implementation("cuda") is rmsnorm_triton.rms_norm
     assert swiglu.implementation("cuda") is swiglu_triton.swiglu
+    assert swiglu_packed.implementation("cuda") is swiglu_triton.swiglu_packed
 
 
 @pytest.mark.parametrize("preset", ["tiny", "deepseek-v3-mini"])

@@ -58,10 +58,20 @@ def fused_projection(hidden: torch.Tensor, linears: tuple[nn.Linear, ...]) -> to
     if not all(_plain(w) for w in weights):
         return None
     if all(b is None for b in biases):
-        return F.linear(hidden, torch.cat(weights))
+        return F.linear(hidden, _concat(weights, hidden.device.type))
     if all(b is not None and _plain(b) for b in biases):
-        return F.linear(hidden, torch.cat(weights), torch.cat(biases))  # type: ignore[arg-type]
+        return F.linear(hidden, _concat(weights, hidden.device.type), _concat(biases, hidden.device.type))  # type: ignore[arg-type]
     return None
+
+
+def _concat(tensors: list[torch.Tensor], device_type: str) -> torch.Tensor:
+    """``torch.cat(tensors)``, each cast first to the autocast dtype when autocast is on: the GEMM
+    would cast the concatenation anyway, and casting first concatenates half the bytes (fp32 -> bf16)
+    instead of copying the fp32 weights and then casting the copy."""
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    return torch.cat(tensors)
 
 
 def project(hidden: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:

@@ -5,7 +5,8 @@ Shape legend: B rows, T tokens, H hidden, F ``ffn_hidden_size``.
 The gated MLPs have separate ``gate`` and ``up`` projections ``(H -> F)`` each (as Hugging Face
 stores them), so tensor parallelism shards each by rows and every rank holds matching gate and
 up columns of the FFN (a fused ``[gate | up]`` weight split by ``Shard(0)`` would give rank 0 all
-of gate). The activation takes the two tensors and runs as one kernel on CUDA (``kernels.swiglu``).
+of gate). While the weights are plain tensors both run as one GEMM and the activation reads its
+``(..., 2F)`` output in place; either way it runs as one kernel on CUDA (``kernels.swiglu``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mcore_models.blocks.base import (
     prefixed,
     project,
 )
-from mcore_models.kernels.swiglu import clamped_swiglu_reference, swiglu
+from mcore_models.kernels.swiglu import clamped_swiglu_reference, swiglu, swiglu_packed
 
 #: Values of ``gelu_approximate`` (``torch.nn.functional.gelu``'s ``approximate``).
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -111,6 +112,9 @@ class SwiGLU(_Gated):
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return swiglu(gate, up)
+
+    def packed_activation(self, packed: torch.Tensor) -> torch.Tensor:
+        return swiglu_packed(packed)  # reads [gate | up] in place; one (..., 2F) gradient
 
 
 class ClampedSwiGLU(_Gated):
