@@ -17,6 +17,8 @@ from torch import nn
 from mcore.protocols import BlockContext, DispatchResult, FlopsShape, RoutingDecision
 from mcore_testing.conformance import BlockConformance, DispatcherConformance, LayoutConformance
 from mcore_testing.layouts import AllReduceLayout
+from mcore_testing.reference import TinyConfig
+from mcore_testing.split_layouts import PipelineLayout, SequenceSplitLayout
 
 
 class TestAllReduceLayout(LayoutConformance):
@@ -25,6 +27,29 @@ class TestAllReduceLayout(LayoutConformance):
 
     def make_layout(self) -> AllReduceLayout:
         return AllReduceLayout()
+
+
+class TestSequenceSplitLayout(LayoutConformance):
+    """A layout that splits the sequence: ``shard_batch``, ``loss_group``, a context attention backend."""
+
+    world_size = 2
+    fill_dim = "cp"
+
+    def make_layout(self) -> SequenceSplitLayout:
+        return SequenceSplitLayout()
+
+
+class TestPipelineLayout(LayoutConformance):
+    """A layout that cuts stages and runs their schedule (``forward_backward``), 3 stages of 4 layers."""
+
+    world_size = 3
+    fill_dim = "pp"
+
+    def make_layout(self) -> PipelineLayout:
+        return PipelineLayout()
+
+    def model_config(self) -> TinyConfig:
+        return TinyConfig(num_layers=4)
 
 
 class DocumentAttention(nn.Module):

@@ -13,6 +13,7 @@ from test_conformance_suites import AllGatherDispatcher, AllReduceLayout, Docume
 from mcore.precision.basic import FP32
 from mcore_testing import DistributedTestError
 from mcore_testing.conformance import BlockConformance, DispatcherConformance, LayoutConformance, PrecisionConformance
+from mcore_testing.split_layouts import PipelineLayout, SequenceSplitLayout
 
 
 class SumInsteadOfMeanLayout(AllReduceLayout):
@@ -30,6 +31,36 @@ class BrokenLayoutSuite(LayoutConformance):
 
     def make_layout(self) -> SumInsteadOfMeanLayout:
         return SumInsteadOfMeanLayout()
+
+
+class UnsummedSequenceLayout(SequenceSplitLayout):
+    """Splits the sequence but forgets to sum the ranks' gradient parts."""
+
+    def finish_grad_sync(self) -> None:
+        return None
+
+
+class BrokenSequenceSuite(LayoutConformance):
+    world_size = 2
+    fill_dim = "cp"
+
+    def make_layout(self) -> UnsummedSequenceLayout:
+        return UnsummedSequenceLayout()
+
+
+class TwoCopiesPipeline(PipelineLayout):
+    """Cuts stages but says two stages hold each parameter: the gradient norm comes out too small."""
+
+    def grad_norm_replicas(self, name: str, param: torch.Tensor) -> int:
+        return 2
+
+
+class BrokenPipelineSuite(LayoutConformance):
+    world_size = 2
+    fill_dim = "pp"
+
+    def make_layout(self) -> TwoCopiesPipeline:
+        return TwoCopiesPipeline()
 
 
 class LeakyAttention(DocumentAttention):
@@ -82,6 +113,16 @@ class BrokenPrecisionSuite(PrecisionConformance):
 def test_layout_suite_catches_unaveraged_gradients() -> None:
     with pytest.raises(DistributedTestError, match="grad of"):
         BrokenLayoutSuite().test_matches_single_process()
+
+
+def test_layout_suite_catches_a_sequence_split_without_gradient_sum() -> None:
+    with pytest.raises(DistributedTestError, match="grad of"):
+        BrokenSequenceSuite().test_matches_single_process()
+
+
+def test_layout_suite_catches_a_wrong_gradient_norm_count() -> None:
+    with pytest.raises(DistributedTestError, match="gradient norm"):
+        BrokenPipelineSuite().test_matches_single_process()
 
 
 def test_block_suite_catches_attention_across_documents() -> None:

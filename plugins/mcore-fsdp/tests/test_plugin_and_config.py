@@ -13,7 +13,7 @@ import mcore_fsdp.plugin
 from mcore_fsdp.geometry import plan
 from mcore_fsdp.layout import FSDPLayout, HSDPLayout, find_units
 from mcore_fsdp.pool import BufferPool
-from mcore_testing.reference import TinyTransformer
+from mcore_testing.reference import TinyConfig, TinyTransformer
 
 
 def test_registers_layouts_without_importing_torch_code(plugin_host) -> None:
@@ -63,6 +63,10 @@ def test_config_errors_name_key_value_and_allowed() -> None:
     with pytest.raises(ValueError, match=r"parallel.fsdp.units names 'blocks'"):
         find_units(TinyTransformer(), ("blocks",))
     assert len(find_units(TinyTransformer(), ("layers",))) == 2
+    # a pipeline stage holds its layers in a ModuleDict keyed by their index in the whole model
+    model = TinyTransformer(TinyConfig(num_layers=3))
+    stage = model.pipeline_stage(range(1, 3), first=False, last=True)
+    assert find_units(stage, ("layers",)) == [model.layers[1], model.layers[2]]
 
 
 @pytest.mark.parametrize(

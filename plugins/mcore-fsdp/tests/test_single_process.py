@@ -1,7 +1,9 @@
 """The ``fsdp`` layout on one process (no launcher): a 1-rank group, every path that needs no peer.
 
 fp32 with divisor 1 aliases the shard (no copies); a divisor or a compute dtype goes through
-the pooled gather/reduce buffers. Ends by destroying the 1-rank group it had to create.
+the pooled gather/reduce buffers. The layout starts no process group (``test_no_default_group``);
+PyTorch's FSDP2, the bf16 reference, needs one: the test starts a 1-rank group for it and
+destroys it at the end.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def test_one_process_paths() -> None:
             assert_rel_close(g * 2, ref.grads[0][name], 1e-6, name=f"grad/2 {name}")
 
         _, ours = _apply(FSDPLayout.Config(param_dtype="bf16", reduce_dtype="fp32"))
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # for torch's fully_shard
         theirs = TinyTransformer(copy.deepcopy(UNEVEN), seed=0)
         mp = TorchMP(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in theirs.layers:

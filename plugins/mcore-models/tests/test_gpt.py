@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from mcore.plugins import hookimpl, load_plugins
 from mcore.presets import Preset
 from mcore.protocols.block import AuxLosses, BlockContext, BlockShared
-from mcore_models.gpt import GPT, GPTConfig, mtp_labels
+from mcore_models.gpt import GPT, GPTConfig
+from mcore_models.loss_head import mtp_labels
 from mcore_models.presets import PRESETS, preset_config
 from mcore_testing.conformance import PresetConformance
 from mcore_testing.numerics import assert_rel_close

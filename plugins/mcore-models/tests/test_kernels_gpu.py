@@ -171,3 +171,55 @@ def test_model_on_cuda_matches_cpu_reference(preset: str) -> None:
             assert_rel_close(q.grad.cpu(), p.grad, tol=1e-3, name=name)
         cpu.zero_grad()
         gpu.zero_grad()
+
+
+def _attention_reference(q, k, v, cu_seqlens, scale, window):  # type: ignore[no-untyped-def]
+    """fp32 masked softmax over explicit scores: ``(B, T, nh, hd)`` inputs, documents of ``cu_seqlens`` within rows."""
+    batch, seq, heads, _ = q.shape
+    group = heads // k.shape[2]
+    q, k, v = q.float(), k.float().repeat_interleave(group, dim=2), v.float().repeat_interleave(group, dim=2)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths).view(batch, seq)
+    t, s = torch.arange(seq, device=q.device)[:, None], torch.arange(seq, device=q.device)[None, :]
+    allowed = (s <= t) & (doc[:, :, None] == doc[:, None, :])  # (B, T, T)
+    if window is not None:
+        allowed = allowed & (t - s < window)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa", "auto"])
+@pytest.mark.parametrize(
+    ("seq", "bounds", "heads", "kv_heads", "hd", "window"),
+    [
+        (2048, (0, 700, 1024, 2500, 4096), 16, 8, 128, None),  # a document continues into the second row
+        (1000, (0, 13, 600, 1400, 2000), 8, 2, 64, 256),  # not a multiple of the 128-token tile; window
+        (1024, (0, 1024, 2048), 4, 1, 192, None),  # MQA, MLA's head dim
+    ],
+)
+def test_attention_backend_packed_batch_on_cuda(
+    backend: str, seq: int, bounds: tuple[int, ...], heads: int, kv_heads: int, hd: int, window: int | None
+) -> None:
+    """bf16 flex and sdpa against the fp32 reference on a packed batch of two rows, forward and backward."""
+    from mcore.protocols.block import BlockContext
+    from mcore_models.attention_backends.auto import AutoBackend
+    from mcore_models.attention_backends.flex import FlexBackend
+    from mcore_models.attention_backends.sdpa import SDPABackend
+
+    impl = {"flex": FlexBackend, "sdpa": SDPABackend, "auto": lambda: AutoBackend(flex_on_cuda=True)}[backend]()
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    q = _randn(2, seq, heads, hd, dtype=torch.bfloat16, seed=0)
+    k = _randn(2, seq, kv_heads, hd, dtype=torch.bfloat16, seed=1)
+    v = _randn(2, seq, kv_heads, hd, dtype=torch.bfloat16, seed=2)
+    dout = _randn(2, seq, heads, hd, dtype=torch.bfloat16, seed=3)
+    ctx = BlockContext(cu_seqlens=cu)
+    if backend == "auto":
+        assert impl.choose(q, k, ctx, window) is impl.flex  # packed documents on CUDA take FlexAttention
+    _compare(
+        lambda a, b, c: impl(a, b, c, ctx=ctx, scale=hd**-0.5, window=window),
+        lambda a, b, c: _attention_reference(a, b, c, cu, hd**-0.5, window).to(a.dtype),
+        [q, k, v],
+        dout,
+        torch.bfloat16,
+    )

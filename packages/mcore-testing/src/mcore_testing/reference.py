@@ -8,6 +8,12 @@ Its modules declare their parameters' roles, fused layouts and initial distribut
 ``[all Q | K | V]`` and ``gate_up`` rows ``[gate | up]``; the declared inits are the
 distributions ``reset_parameters`` draws from (so ``mcore.construct.init_params`` can initialise a
 copy built on the meta device).
+
+It keeps the parts of the model contract that layouts rely on: positions from the context (a
+layout that splits the sequence keeps them global), the context's attention backend when one is
+set (``BlockContext.attention``), the loss sum divided by ``ctx.label_count`` (per-rank losses of a
+split micro-batch add up to its mean) and pipeline stages under the full model's names
+(``StagedModel``: ``TinyStage``).
 """
 
 from __future__ import annotations
@@ -74,14 +80,18 @@ class Attention(nn.Module):
             "proj.weight": ParamSpec("matrix", init=Init("normal", std=self.out_std)),
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         B, T, H = x.shape
         q, k, v = self.qkv(x).split(H, dim=-1)  # 3 x (B, T, H)
-        q, k, v = (
-            t.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2) for t in (q, k, v)
-        )  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H))
+        q, k, v = (t.view(B, T, self.num_heads, H // self.num_heads) for t in (q, k, v))  # (B, T, nh, hs)
+        backend = getattr(ctx, "attention", None)
+        if backend is not None:  # a layout's (or engine's) attention: the context's choice
+            y = backend(q, k, v, ctx=ctx, scale=1.0 / math.sqrt(H // self.num_heads), window=None)
+        else:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            ).transpose(1, 2)  # (B, T, nh, hs)
+        return self.proj(y.reshape(B, T, H))
 
 
 class MLP(nn.Module):
@@ -111,8 +121,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -147,15 +157,62 @@ class TinyTransformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
 
     def forward(self, tokens: torch.Tensor, *, labels: torch.Tensor | None = None, ctx: Any = None) -> torch.Tensor:
-        B, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device)
-        x = self.embed(tokens) + self.pos(positions)  # (B, T, H)
+        x = embed(self, tokens, ctx)
         for layer in self.layers:
-            x = layer(x)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        if labels is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            x = layer(x, ctx)
+        return head_loss(self, x, labels, ctx)
+
+    # -- StagedModel ----------------------------------------------------------------------------
+    def stage_layers(self) -> int:
+        return len(self.layers)
+
+    def pipeline_stage(self, layers: range, *, first: bool, last: bool) -> TinyStage:
+        return TinyStage(self, layers, first=first, last=last)
+
+
+def embed(model: Any, tokens: torch.Tensor, ctx: Any) -> torch.Tensor:
+    """Token plus learned position embeddings ``(B, T, H)``; positions from ``ctx`` when it has them."""
+    positions = getattr(ctx, "positions", None)
+    if positions is None:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+    return model.embed(tokens) + model.pos(positions)  # (B, T, H)
+
+
+def head_loss(model: Any, x: torch.Tensor, labels: torch.Tensor | None, ctx: Any) -> torch.Tensor:
+    """Logits ``(B, T, V)``, or the loss: the token losses' sum over ``ctx.label_count`` (the mean without ``ctx``)."""
+    logits = model.lm_head(model.norm(x))  # (B, T, V)
+    if labels is None:
+        return logits
+    flat = labels.flatten()
+    total = F.cross_entropy(logits.float().flatten(0, 1), flat, ignore_index=-100, reduction="sum")
+    count = (flat != -100).sum()
+    denominator = ctx.label_count(count) if ctx is not None and hasattr(ctx, "label_count") else count.clamp(min=1)
+    return total / denominator
+
+
+class TinyStage(nn.Module):
+    """Pipeline stage of a ``TinyTransformer``: the model's own modules under the model's names.
+
+    ``layers`` is a ``ModuleDict`` keyed by the layer's index in the whole model, so a parameter
+    is ``layers.3.mlp.down.weight`` on whichever stage holds it.
+    """
+
+    def __init__(self, model: TinyTransformer, layers: range, *, first: bool, last: bool) -> None:
+        super().__init__()
+        self.first, self.last = first, last
+        if first:
+            self.embed, self.pos = model.embed, model.pos
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
+        if last:
+            self.norm, self.lm_head = model.norm, model.lm_head
+
+    def forward(
+        self, inputs: torch.Tensor, *, tokens: torch.Tensor, labels: torch.Tensor | None = None, ctx: Any = None
+    ) -> torch.Tensor:
+        x = embed(self, inputs, ctx) if self.first else inputs  # (B, T, H)
+        for layer in self.layers.values():
+            x = layer(x, ctx)
+        return head_loss(self, x, labels, ctx) if self.last else x
 
 
 def tiny_batches(

@@ -31,7 +31,8 @@ from torch.distributed.tensor import DTensor, Shard
 from mcore_fsdp.groups import default_mesh, mesh_groups
 from mcore_fsdp.policy import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 from mcore_fsdp.runtime import Context, ModuleState, lazy_init, post_forward, pre_forward, require_state, state_of
-from mcore_fsdp.unit import ParamEntry, State, Unit
+from mcore_fsdp.storage import ParamEntry, State
+from mcore_fsdp.unit import Unit
 
 __all__ = ["FSDPModule", "UnshardHandle", "fully_shard"]
 
@@ -165,11 +166,14 @@ def fully_shard(
     gather_recipe: Any = None,
     prefetch: int = 1,
     keep_whole: bool | Callable[[nn.Parameter], bool] = False,
+    describe_param: Callable[[nn.Parameter], tuple[str, Any]] | None = None,
 ) -> nn.Module:
     """Shard ``module``'s parameters (those not in a nested ``fully_shard``) over ``mesh``.
 
     ``keep_whole``: ``True`` (every parameter) or a predicate choosing the parameters that
-    stay whole on one rank (e.g. ``lambda p: p.ndim >= 2`` for Muon).
+    stay whole on one rank (e.g. ``lambda p: p.ndim >= 2`` for Muon). ``describe_param``: the
+    ``(name, ParamSpec or None)`` a ``gather_recipe`` is told for a parameter (its name in the
+    whole model and its declared role); without it, the name inside ``module`` and no spec.
     """
     if isinstance(module, (list, tuple)):
         raise ValueError("fully_shard: module is a list; allowed: one nn.Module per call")
@@ -212,6 +216,7 @@ def fully_shard(
         gather_recipe=gather_recipe,
         divide_factor=gradient_divide_factor,
         keep_whole=whole,
+        describe=None if describe_param is None else (lambda entry: describe_param(entry.param)),
     )
     module.__dict__["_mcore_fsdp"] = ModuleState(unit=unit, prefetch=prefetch)
     module.register_forward_pre_hook(pre_forward, prepend=True, with_kwargs=True)

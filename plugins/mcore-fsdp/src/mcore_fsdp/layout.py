@@ -5,6 +5,10 @@
 precision comes from the config or, when the config says ``auto``, from the run's precision
 recipe; a recipe whose ``gather_payload`` returns a payload has its parameters gathered in
 that format.
+
+On one process without a process group, the parameters are DTensors over a ``LocalMesh``
+(``local_mesh``): ``apply`` starts no process group, so ``torch.distributed.is_initialized()``
+is what it was before.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from mcore.params import collect_param_specs
 from mcore.protocols.layout import DataParallelInfo
 from mcore_fsdp.api import FSDPModule, fully_shard
+from mcore_fsdp.local_mesh import LocalMesh
 from mcore_fsdp.policy import MixedPrecisionPolicy
 from mcore_fsdp.runtime import state_of
 
@@ -54,6 +59,14 @@ def keep_whole(model: nn.Module, whole_params: str) -> bool | Callable[[nn.Param
     return lambda p: id(p) in chosen
 
 
+def describe_params(model: nn.Module) -> Callable[[nn.Parameter], tuple[str, Any]]:
+    """What a precision recipe is told about each parameter it may gather in its own format: the
+    parameter's name in ``model`` and its declared ``ParamSpec`` (role), read before sharding."""
+    specs = collect_param_specs(model)
+    known = {id(p): (name, specs.get(name)) for name, p in model.named_parameters()}
+    return lambda p: known.get(id(p), ("", None))
+
+
 def _dtype(key: str, value: str) -> torch.dtype | None:
     if value not in DTYPES:
         raise ValueError(f"parallel.fsdp.{key} = {value!r}; allowed: {', '.join(DTYPES)}")
@@ -61,7 +74,8 @@ def _dtype(key: str, value: str) -> torch.dtype | None:
 
 
 def find_units(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
-    """Children of each ``ModuleList`` named in ``paths`` (dotted attribute paths)."""
+    """Children of each ``ModuleList`` (or ``ModuleDict``: a pipeline stage keeps the model's layer
+    indices as keys) named in ``paths`` (dotted attribute paths)."""
     units: list[nn.Module] = []
     for path in paths:
         target: Any = model
@@ -69,12 +83,12 @@ def find_units(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
             target = getattr(target, part, None)
             if target is None:
                 break
-        if not isinstance(target, (nn.ModuleList, nn.Sequential)):
+        if not isinstance(target, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             raise ValueError(
                 f"parallel.fsdp.units names {path!r}, which is not a ModuleList of {type(model).__name__}; "
-                "allowed: dotted paths of ModuleLists (e.g. 'layers'), or [] for the root only"
+                "allowed: dotted paths of ModuleLists or ModuleDicts (e.g. 'layers'), or [] for the root only"
             )
-        units.extend(target)
+        units.extend(target.values() if isinstance(target, nn.ModuleDict) else target)
     return units
 
 
@@ -131,14 +145,12 @@ class FSDPLayout:
             sub = mesh.submesh(self.mesh_dims)
             assert sub is not None
             return sub
-        # one process without a process group: DTensors still need a (1-rank) group
-        from torch.distributed.device_mesh import init_device_mesh
+        if dist.is_initialized():  # the caller's own (1-rank) group
+            from torch.distributed.device_mesh import init_device_mesh
 
-        if not dist.is_initialized():
-            store = dist.HashStore()
-            backend = "nccl" if mesh.device_type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=store, rank=0, world_size=1)
-        return init_device_mesh(mesh.device_type, (1,) * len(self.mesh_dims), mesh_dim_names=self.mesh_dims)
+            return init_device_mesh(mesh.device_type, (1,) * len(self.mesh_dims), mesh_dim_names=self.mesh_dims)
+        # one process without a process group: DTensors over a mesh of its own, starting no group
+        return LocalMesh(mesh.device_type, self.mesh_dims)
 
     def _policy(self, precision: PrecisionRecipe | None) -> MixedPrecisionPolicy:
         param = _dtype("param_dtype", self.config.param_dtype)
@@ -158,6 +170,7 @@ class FSDPLayout:
             "gather_recipe": precision if cfg.quantized_gather else None,
             "prefetch": cfg.prefetch,
             "keep_whole": keep_whole(model, cfg.whole_params),
+            "describe_param": describe_params(model) if cfg.quantized_gather and precision is not None else None,
         }
         for unit in find_units(model, cfg.units):
             fully_shard(unit, reshard_after_forward=cfg.reshard_after_forward, **options)

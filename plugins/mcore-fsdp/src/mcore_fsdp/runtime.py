@@ -25,8 +25,10 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mcore_fsdp.comm import Streams
+from mcore_fsdp.gradients import PendingReduce
 from mcore_fsdp.pool import BufferPool
-from mcore_fsdp.unit import State, Unit, _Reduce
+from mcore_fsdp.storage import State
+from mcore_fsdp.unit import Unit
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,7 +63,7 @@ class Context:
         self.order: list[Unit] = []
         self.previous_order: list[Unit] = []
         self.lent: dict[int, Unit] = {}
-        self.pending: deque[_Reduce] = deque()
+        self.pending: deque[PendingReduce] = deque()
         self.callback_queued = False
         self._saved_hooks: Any = None
         for unit in units:
@@ -143,8 +145,7 @@ class Context:
             self.finish_one()
 
     def finish_one(self) -> None:
-        pending = self.pending.popleft()
-        pending.unit.finish_reduce(pending)
+        self.pending.popleft().finish()
 
     def drain(self) -> None:
         while self.pending:

@@ -9,10 +9,15 @@ Notable:
   takes its settings from its own table (``[model.attention]``, ``[model.swiglu]``...) validated
   against that block's ``Config``; what the model decides for every block (hidden size, layer
   count, init stds, muP) is passed explicitly as a ``BlockShared``, never matched by field name.
-* Given labels, the loss comes from a fused linear + cross-entropy over token chunks
-  (``loss_chunk_size``) and optionally vocabulary blocks (``loss_vocab_chunk_size``); the
-  ``(B*T, V)`` logits are never formed. Auxiliary losses (the call's ``ctx.aux_losses`` collector,
-  one per layer and name) and the MTP loss (``mtp_loss_weight`` times the mean over depths) are added.
+* The end of the model is a seam: ``forward`` is embed -> layers -> ``self.loss_head`` (``loss_head.py``:
+  final norm, output projection, the fused linear + cross-entropy over token chunks
+  (``loss_chunk_size``) and optionally vocabulary blocks (``loss_vocab_chunk_size``), never forming
+  the ``(B*T, V)`` logits, and the MTP loss, ``mtp_loss_weight`` times the mean over depths). The
+  head owns no parameters, so a layout swaps it (``model.loss_head = ...``) without changing a name.
+  Each loss sum is divided by ``ctx.label_count``: the label count over ``ctx.loss_group``. The
+  auxiliary losses (the call's ``ctx.aux_losses`` collector, one per layer and name) are added once.
+* Pipeline stages (``stage_layers``, ``pipeline_stage``; ``stages.py``): embedding first, loss head
+  last, each stage sharing the model's parameters under the model's names.
 * Each layer call gets its own frozen view ``ctx.for_layer(i)`` (MTP depths continue the numbering and
   get the next-token embeddings in ``extra``), so recompute re-runs a layer with what it first saw.
 * Packed rows (``ctx.cu_seqlens``): positions restart per document and attention never crosses one.
@@ -38,21 +43,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mcore.config.coerce import build_dataclass, in_section
 from mcore.construct import init_params
 from mcore.params import Init, ParamSpec
+from mcore.protocols.attention import AttentionBackend
 from mcore.protocols.block import AuxLosses, BlockContext, BlockShared, FlopsShape
+from mcore.protocols.model import LossHead
+from mcore_models.attention_backends.auto import AutoBackend
 from mcore_models.blocks.attention import Attention
 from mcore_models.blocks.base import check_non_negative, check_positive, normal_
 from mcore_models.blocks.masking import positions_from_cu_seqlens
 from mcore_models.blocks.mla import MLA
 from mcore_models.blocks.mlp import ClampedSwiGLU, GeluMLP, SwiGLU
-from mcore_models.blocks.mtp import MTP, NEXT_EMBEDDINGS
+from mcore_models.blocks.mtp import MTP
 from mcore_models.blocks.norms import LayerNorm, RMSNorm
-from mcore_models.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy_sum
+from mcore_models.loss_head import GPTLossHead, LossHeadParts, SwappableLossHead, add_aux_losses
 
 #: Blocks used when the model is built without a registry (same names as registered).
 LOCAL_BLOCKS: Mapping[str, type[nn.Module]] = {
@@ -258,15 +265,22 @@ class TransformerLayer(nn.Module):
                 block.reset_parameters(generator)
 
 
-def mtp_labels(labels: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:
-    """Labels for MTP depth ``depth``: ``labels[i + depth]`` where still in the same document, else ignored."""
-    shifted = torch.full_like(labels, IGNORE_INDEX)  # (B, T)
-    same_doc = positions[:, depth:] == positions[:, :-depth] + depth
-    shifted[:, :-depth] = torch.where(same_doc, labels[:, depth:], IGNORE_INDEX)
-    return shifted
+def batch_context(tokens: torch.Tensor, ctx: BlockContext | None, attention: Any = None) -> BlockContext:
+    """The context of one model (or stage) call on ``tokens (B, T)``: ``ctx`` (or an empty one) with the
+    per-document positions of ``cu_seqlens``, unless it brings them, an ``AuxLosses`` collector of its own
+    and ``attention`` as the backend (one for every layer, so a document mask is built once per call)."""
+    batch, seq = tokens.shape
+    ctx = ctx if ctx is not None else BlockContext()
+    if ctx.positions is None and ctx.cu_seqlens is not None:
+        ctx = dataclasses.replace(ctx, positions=positions_from_cu_seqlens(ctx.cu_seqlens, batch, seq))
+    return dataclasses.replace(
+        ctx,
+        aux_losses=ctx.aux_losses if ctx.aux_losses is not None else AuxLosses(),
+        attention=ctx.attention if ctx.attention is not None else attention,
+    )
 
 
-class GPT(nn.Module):
+class GPT(SwappableLossHead):
     """Decoder-only transformer; ``forward(tokens (B, T), *, labels=None, ctx=None)``."""
 
     Config = GPTConfig
@@ -306,6 +320,8 @@ class GPT(nn.Module):
         "attention": "mixer (the block's name; its settings are in [model.attention] or [model.mla])",
     }
     final_norm: Any
+    #: The end of the model (``mcore.protocols.model.LossHead``); a layout swaps it by assignment.
+    loss_head: LossHead
 
     def __init__(self, config: GPTConfig, *, block_lookup: Callable[[str], Any] | None = None) -> None:
         super().__init__()
@@ -348,6 +364,22 @@ class GPT(nn.Module):
         )
         self.mtp_norms = nn.ModuleList(block(cfg.norm, len(kinds) + d) for d in range(cfg.mtp_num_layers))
         self.logit_scale = cfg.mup_base_width / hidden if cfg.mup_base_width else 1.0
+        self.loss_head = GPTLossHead(  # a seam, not a child: it computes with the modules above
+            LossHeadParts(
+                final_norm=self.final_norm,
+                embed=self.embed,
+                head=self.head,
+                mtp=self.mtp,
+                mtp_norms=self.mtp_norms,
+                logit_scale=self.logit_scale,
+                chunk_size=cfg.loss_chunk_size,
+                vocab_chunk_size=cfg.loss_vocab_chunk_size,
+                mtp_loss_weight=cfg.mtp_loss_weight,
+                first_mtp_layer=len(kinds),
+            )
+        )
+        #: the attention backend of every layer when the context names none (one document mask per call)
+        self.attention_backend: AttentionBackend = AutoBackend()
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
@@ -367,48 +399,28 @@ class GPT(nn.Module):
     def forward(
         self, tokens: torch.Tensor, *, labels: torch.Tensor | None = None, ctx: BlockContext | None = None
     ) -> torch.Tensor:
-        batch, seq = tokens.shape
-        ctx = ctx if ctx is not None else BlockContext()
-        if ctx.positions is None and ctx.cu_seqlens is not None:
-            ctx = dataclasses.replace(ctx, positions=positions_from_cu_seqlens(ctx.cu_seqlens, batch, seq))
-        aux_losses = ctx.aux_losses if ctx.aux_losses is not None else AuxLosses()  # this call's own collector
-        ctx = dataclasses.replace(ctx, aux_losses=aux_losses)
+        ctx = batch_context(tokens, ctx, self.attention_backend)  # positions, aux collector, shared attention
         hidden = self.embed(tokens)  # (B, T, H)
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, ctx.for_layer(index))  # each layer call gets its own view
+        out = self.loss_head(hidden, tokens=tokens, labels=labels, ctx=ctx)  # logits (B, T, V), or the loss
         if labels is None:
-            return F.linear(self.final_norm(hidden, ctx), self.output_weight) * self.logit_scale  # (B, T, V)
+            return out
+        assert ctx.aux_losses is not None
+        # once, after every layer: one entry per (layer, name); a split micro-batch's ranks: their mean
+        return add_aux_losses(out, ctx.aux_losses, divisor=ctx.loss_group_size())
 
-        loss = self._mean_loss(self.final_norm(hidden, ctx), labels)
-        if len(self.mtp):
-            positions = (
-                ctx.positions
-                if ctx.positions is not None
-                else torch.arange(seq, device=tokens.device).expand(batch, seq)
-            )
-            mtp_total = torch.zeros((), dtype=torch.float32, device=tokens.device)
-            for depth, (module, norm) in enumerate(zip(self.mtp, self.mtp_norms, strict=True), start=1):
-                next_embeddings = self.embed(tokens.roll(-depth, dims=1))  # (B, T, H): t[i + depth]
-                view = ctx.for_layer(len(self.layers) + depth - 1, extra={NEXT_EMBEDDINGS: next_embeddings})
-                hidden = module(hidden, view)
-                mtp_total = mtp_total + self._mean_loss(norm(hidden, view), mtp_labels(labels, positions, depth))
-            loss = loss + self.config.mtp_loss_weight / len(self.mtp) * mtp_total
-        for aux in aux_losses.values():  # once, after every layer: one entry per (layer, name)
-            loss = loss + aux.float()
-        return loss
+    # -- pipeline stages (mcore.protocols.model.StagedModel) ----------------------------------
+    def stage_layers(self) -> int:
+        """Layers a pipeline layout distributes over stages (MTP depths stay with the loss head)."""
+        return len(self.layers)
 
-    def _mean_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
-        flat_labels = labels.reshape(-1)
-        total = linear_cross_entropy_sum(
-            flat,
-            self.output_weight,
-            flat_labels,
-            chunk_size=self.config.loss_chunk_size,
-            vocab_chunk_size=self.config.loss_vocab_chunk_size,
-            scale=self.logit_scale,
-        )
-        return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    def pipeline_stage(self, layers: range, *, first: bool, last: bool) -> nn.Module:
+        """A ``GPTStage`` running ``layers`` (and the embedding when ``first``, the loss head when
+        ``last``), sharing this model's parameters under this model's names (``stages.py``)."""
+        from mcore_models.stages import GPTStage  # stages.py builds on this module
+
+        return GPTStage(self, layers, first=first, last=last)
 
     # -- init, counting ---------------------------------------------------------------------
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -1,5 +1,5 @@
-"""The ``mcore`` entry point of mcore-models: registers blocks, the ``gpt`` model, its presets and its
-Hugging Face families, all as lazy references.
+"""The ``mcore`` entry point of mcore-models: registers blocks, attention backends, the ``gpt`` model, its
+presets and its Hugging Face families, all as lazy references.
 
 Importing this module imports neither torch nor any block: the registry resolves the
 ``"module:attr"`` strings on first use.
@@ -27,6 +27,20 @@ _BLOCKS = {
     "mtp": ("mcore_models.blocks.mtp:MTP", "multi-token prediction module (DeepSeek-V3 style)"),
 }
 
+_ATTENTION = {
+    "sdpa": (
+        "mcore_models.attention_backends.sdpa:SDPABackend",
+        "PyTorch SDPA (cuDNN/flash causal path; dense boolean mask for documents, windows, cached keys)",
+    ),
+    "flex": (
+        "mcore_models.attention_backends.flex:FlexBackend",
+        "FlexAttention with a block-sparse document/window mask built once per call (compiled on CUDA)",
+    ),
+    "auto": (
+        "mcore_models.attention_backends.auto:AutoBackend",
+        "flex for packed documents or sliding windows on CUDA, sdpa otherwise (the blocks' default)",
+    ),
+}
 
 _PRESETS = {
     "tiny": ("TINY", "2 layers, hidden 64: for tests and first runs"),
@@ -49,6 +63,8 @@ _HF_FAMILIES = {
 def mcore_register(registry: Any) -> None:
     for name, (ref, summary) in _BLOCKS.items():
         registry.add("block", name, ref, summary=summary)
+    for name, (ref, summary) in _ATTENTION.items():
+        registry.add("attention", name, ref, summary=summary)
     registry.add(
         "model",
         "gpt",

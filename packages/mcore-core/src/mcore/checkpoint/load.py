@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
@@ -116,6 +117,37 @@ def _read_rank_json(path: Path, rank: int, meta: Mapping[str, Any]) -> dict[str,
     if not isinstance(data, dict):
         raise UserError(f"checkpoint {path}: {name} is malformed (not a JSON object); use another checkpoint")
     return data
+
+
+def _union(a: Any, b: Any) -> Any:
+    """``a`` with the keys of ``b`` it lacks, recursively (dicts only; anything else: ``a``'s)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {**b, **{k: _union(v, b[k]) if k in b else v for k, v in a.items()}}
+    return a
+
+
+def _prune(node: Any, drop: frozenset[str]) -> Any:
+    """``node`` without dict entries keyed by a name in ``drop``, recursively."""
+    if isinstance(node, dict):
+        return {k: _prune(v, drop) for k, v in node.items() if k not in drop}
+    return node
+
+
+def _skeletons(
+    path: Path, rank_json: dict[str, Any], meta: Mapping[str, Any], world_size: int, others: frozenset[str]
+) -> dict[str, Any]:
+    """The state skeletons this rank loads: its own when the world size is the one saved; else the
+    union of every saved rank's (each pipeline stage kept its own parameters' state, keyed by name)
+    without the entries of parameters this rank does not hold (``others``)."""
+    saved_world = meta.get("world_size")
+    if not isinstance(saved_world, int) or saved_world == world_size:
+        return rank_json
+    merged: dict[str, Any] = dict(rank_json)
+    for other in range(saved_world if saved_world > 1 else 0):
+        data = _read_json(path, f"rank_{other:05d}.json")
+        if isinstance(data, dict):
+            merged = _union(merged, data)
+    return {k: _prune(v, others) if k in _SELECTOR else v for k, v in merged.items()}
 
 
 def _template(
@@ -231,19 +263,25 @@ def load_checkpoint(
                 f"{where}: {name!r} has shape {tuple(m.size)} in the checkpoint but {tuple(tensor.shape)} in the model; "
                 "use the model config the checkpoint was saved with"
             )
-    extra = sorted(set(saved_model) - set(model_sd))
+    held = set(model_sd)
+    if world_size > 1 and group is not None:  # pipeline stages hold different parameters: the union is the model
+        every: list[Any] = [None] * world_size
+        dist.all_gather_object(every, sorted(model_sd), group=group)
+        held = held.union(*every)
+    extra = sorted(set(saved_model) - held)
     if extra:
         raise UserError(f"{where}: it has parameters the model lacks ({', '.join(extra[:3])}); check model.* settings")
 
     templates: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model_sd.items()}
     params = dict(model.named_parameters())
+    skeletons = _skeletons(path, rank_json, meta, world_size, frozenset(saved_model) - frozenset(model_sd))
     device = next(iter(model_sd.values())).device if model_sd else torch.device("cpu")
     parts: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
     for part, obj in (("optimizer", optimizer), ("precision", precision)):
         if obj is None:
             continue
         try:
-            skeleton = rank_json[part]
+            skeleton = skeletons[part]
             _, current = split_state(obj.state_dict(), part)
             keys = tensor_keys(skeleton)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -105,6 +105,12 @@ class TrainConfig:
     """Clip the global gradient norm to this (finite, >= 0; 0 disables clipping)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute: 'none', 'selective' (attention only) or 'full' (every block)."""
+    compile: Literal["none", "blocks"] = "none"
+    """torch.compile each block of the model ('blocks', applied from outside like recompute and composing with it, the layouts and the precision recipe) or nothing ('none')."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for train.compile (e.g. 'inductor', 'aot_eager')."""
+    attention: str = "auto"
+    """Attention kernel by name ('auto': each attention block's default; 'sdpa', 'flex', or a plugin's registered attention)."""
     deterministic: bool = False
     """Make torch use deterministic kernels (on CUDA it also sets CUBLAS_WORKSPACE_CONFIG)."""
     nan_policy: Literal["skip", "stop"] = "skip"

@@ -22,6 +22,7 @@ KINDS: Mapping[str, str] = {
     "optimizer": "optimizer factory (OptimizerFactory)",
     "precision": "precision recipe (PrecisionRecipe)",
     "block": "model block (ModelBlock)",
+    "attention": "attention kernel behind attention blocks (AttentionBackend)",
     "model": "model (ModelFactory)",
     "preset": "model preset (mcore.presets.Preset)",
     "hf": "Hugging Face model family, named by its model_type (mcore.hf.HFFamily)",

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from mcore.params import ParamSpec
 from mcore.protocols.precision import GatherPayload
 
 
@@ -51,7 +52,9 @@ class _PlainRecipe:
     def update(self) -> None:
         return None
 
-    def gather_payload(self, param_shard: torch.Tensor) -> GatherPayload | None:
+    def gather_payload(
+        self, param_shard: torch.Tensor, *, name: str = "", spec: ParamSpec | None = None
+    ) -> GatherPayload | None:
         return None
 
     def unpack(self, gathered: tuple[torch.Tensor, ...], metadata: Any) -> torch.Tensor:

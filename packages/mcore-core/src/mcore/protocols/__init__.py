@@ -8,39 +8,65 @@ This package imports ``torch`` only for type checking, so importing it (and list
 plugins) stays cheap.
 """
 
+from mcore.protocols.attention import AttentionBackend
 from mcore.protocols.block import (
+    AttentionCacheSpec,
+    AttentionKVCache,
     AuxLosses,
     BlockContext,
     BlockShared,
+    DeclaresCache,
     FlopsShape,
     KVCacheHandle,
+    LayerCacheSpec,
     ModelBlock,
     ModelFactory,
+    PagedKV,
+    RecurrentStateCache,
+    RecurrentStateSpec,
 )
 from mcore.protocols.dispatcher import DispatchResult, Router, RoutingDecision, TokenDispatcher
 from mcore.protocols.layout import BatchShardingLayout, DataParallelInfo, ParallelLayout, ScheduledLayout
+from mcore.protocols.model import LossHead, StagedModel
 from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory, OptimizerStateSize
 from mcore.protocols.precision import GatherPayload, PrecisionRecipe
+from mcore.protocols.sharded_grads import GradientShardingLayout, GradShards, ShardPiece, grad_sharding_layout
+from mcore.protocols.step import AfterOptimizerStep
 
 __all__ = [
+    "AfterOptimizerStep",
+    "AttentionBackend",
+    "AttentionCacheSpec",
+    "AttentionKVCache",
     "AuxLosses",
     "BatchShardingLayout",
     "BlockContext",
     "BlockShared",
     "DataParallelInfo",
+    "DeclaresCache",
     "DispatchResult",
     "FlopsShape",
     "GatherPayload",
+    "grad_sharding_layout",
+    "GradientShardingLayout",
+    "GradShards",
     "KVCacheHandle",
+    "LayerCacheSpec",
+    "LossHead",
     "MeshOptimizer",
     "ModelBlock",
     "ModelFactory",
     "OptimizerFactory",
     "OptimizerStateSize",
+    "PagedKV",
     "ParallelLayout",
     "PrecisionRecipe",
+    "RecurrentStateCache",
+    "RecurrentStateSpec",
     "Router",
     "RoutingDecision",
     "ScheduledLayout",
+    "ShardPiece",
+    "StagedModel",
     "TokenDispatcher",
 ]

@@ -13,7 +13,7 @@ A block never imports ``torch.distributed``: parallel layouts transform blocks f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from types import MappingProxyType
@@ -22,32 +22,191 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from torch.distributed import ProcessGroup
 
     from mcore.mesh import ParallelMesh
+    from mcore.protocols.attention import AttentionBackend
+    from mcore.protocols.precision import PrecisionRecipe
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionCacheSpec:
+    """What an attention layer caches per token: ``kv_heads`` heads of ``head_dim`` keys and ``value_dim`` values.
+
+    ``value_dim`` ``None`` is a latent cache (MLA): the key holds the compressed latent (``kv_heads`` 1,
+    ``head_dim`` = latent + RoPE dims) and there is no value. ``window`` is the layer's sliding window
+    (a token sees itself and the ``window - 1`` before it; ``None``: every earlier token): declaring it
+    is how the layer lets the engine free the blocks that fell out of it.
+    """
+
+    kv_heads: int
+    head_dim: int
+    value_dim: int | None
+    dtype: torch.dtype
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("kv_heads", "head_dim", "value_dim", "window"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"AttentionCacheSpec.{key} = {value!r}: must be a positive int")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecurrentStateSpec:
+    """What a recurrent layer (GDN, Mamba) keeps per sequence: named state tensors without a token dimension.
+
+    ``states`` maps a name to ``(shape, dtype)``, e.g. ``{"conv": ((channels, kernel - 1), bf16),
+    "ssm": ((heads, head_k, head_v), fp32)}``. The engine allocates one slot per sequence from it.
+    """
+
+    states: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+    def __post_init__(self) -> None:
+        if not self.states:
+            raise ValueError("RecurrentStateSpec.states is empty: name at least one state tensor")
+        object.__setattr__(self, "states", MappingProxyType({k: (tuple(s), d) for k, (s, d) in self.states.items()}))
+
+
+LayerCacheSpec = AttentionCacheSpec | RecurrentStateSpec
+"""What one layer keeps in the inference cache; the engine builds the cache from ``{layer_index: spec}``."""
 
 
 @runtime_checkable
-class KVCacheHandle(Protocol):
-    """A view of an inference KV cache that an attention-like block reads and appends to.
+class DeclaresCache(Protocol):
+    """A block that uses the inference cache says what it keeps (vLLM's per-layer cache spec).
 
-    The inference engine owns the storage (paged blocks, prefix cache); a block sees only
-    this handle. ``layer_index`` selects the block's own slice of the cache.
+    ``cache_spec()`` is read once, when the engine builds the cache: the engine collects
+    ``{layer_index: block.cache_spec()}`` over the model's layers (MTP depths included, under the
+    indices ``BlockContext.layer_index`` gives them: after the main stack) and sizes its pools from it.
+    """
 
-    * ``append(layer_index, key, value)``: store this step's keys/values, shapes
-      ``(N, kv_heads, head_dim)`` for the ``N`` new tokens of the batch (flattened, in the
-      order of ``BlockContext.cu_seqlens``); for latent caches (MLA) ``value`` may be
-      ``None`` and ``key`` holds the compressed latent ``(N, 1, latent_dim)``.
-    * ``gather(layer_index)``: keys/values visible to each new token, in whatever layout
-      the engine's attention kernel expects, returned as an opaque object that the
-      attention backend registered with the same engine understands.
-    * ``seq_lens``: ``(S,)`` int32, total cached length of each sequence after append.
+    def cache_spec(self) -> LayerCacheSpec: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class PagedKV:
+    """One attention layer's cache as ``gather`` returns it: the pages and, per sequence of the step, where they are.
+
+    Shape legend: P blocks in the layer's pool, bs block size, S sequences of the step, M blocks of the
+    longest sequence, nkv key/value heads, hd key dim, hdv value dim.
+
+    Attributes:
+        key_cache: ``(P, bs, nkv, hd)`` in the spec's dtype.
+        value_cache: ``(P, bs, nkv, hdv)``, ``None`` for a latent cache.
+        block_table: ``(S, M)`` int32; token ``p`` of the step's sequence ``i`` lies in block
+            ``block_table[i, p // bs]`` at offset ``p % bs``. Entries past a sequence's last block, and
+            of blocks freed by a sliding window (every token in them at least ``window`` before the
+            sequence's end), are ``-1``: no kernel reads them.
+        seq_lens: ``(S,)`` int32, this layer's cached length of each of the step's sequences (this
+            step's tokens included once the layer has appended them).
+        window: the layer's sliding window (``None``: none).
+    """
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor | None
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    window: int | None = None
+
+
+@runtime_checkable
+class AttentionKVCache(Protocol):
+    """The part of the inference cache an attention block uses: append this step's keys/values, gather the pages.
+
+    * ``seq_lens``: ``(S,)`` int32, the length of each of the step's sequences once this step's tokens
+      are in (what positions and sampling need), in the order of ``BlockContext.cu_seqlens``; empty
+      between steps (after ``rollback`` or ``release``, before the next ``schedule``).
+    * ``append(layer_index, key, value)``: this step's keys/values for layer ``layer_index``, shapes
+      ``(N, kv_heads, head_dim)`` and ``(N, kv_heads, value_dim)`` in the layer's spec dtype for the ``N``
+      new tokens of the step (flattened, sequence after sequence in the order of ``BlockContext.cu_seqlens``,
+      each sequence's tokens in order); a latent cache (MLA) passes ``value`` ``None`` and ``key``
+      ``(N, 1, latent_dim)``. Sequence ``i``'s tokens become the layer's positions ``[n, n + c_i)`` after the
+      ``n`` it held; a block is taken from the layer's free pool when a token crosses into it, so a
+      sequence's tokens may span any number of blocks. A layer appends once per step: a second call
+      raises (a re-run layer must not store its tokens twice).
+    * ``gather(layer_index)``: the layer's ``PagedKV`` for the step's sequences (this step's tokens
+      included once appended), which the attention backend of the same engine reads.
+
+    Wrong shapes, dtypes, token counts, or a layer without an ``AttentionCacheSpec`` raise a one-line
+    ``mcore.errors.UserError``.
     """
 
     seq_lens: torch.Tensor
 
     def append(self, layer_index: int, key: torch.Tensor, value: torch.Tensor | None) -> None: ...
 
-    def gather(self, layer_index: int) -> Any: ...
+    def gather(self, layer_index: int) -> PagedKV: ...
+
+
+@runtime_checkable
+class RecurrentStateCache(Protocol):
+    """The part of the inference cache a recurrent block (GDN, Mamba) uses: one state slot per sequence.
+
+    The engine allocates each sequence's slot from the layer's ``RecurrentStateSpec`` (zeros) when the
+    sequence first appears, and frees it with the sequence; a block never allocates state.
+
+    * ``seq_lens``: as for ``AttentionKVCache``.
+    * ``recurrent_state(layer_index)``: ``{name: (S, *shape)}``, the state of each of the step's sequences
+      (order of ``BlockContext.cu_seqlens``) after the tokens the layer has already seen; zeros for a new
+      sequence. The tensors are copies (changing them changes nothing in the cache).
+    * ``set_recurrent_state(layer_index, states, *, per_token=False)``: the state after this step's tokens,
+      ``{name: (S, *shape)}``, once per step (it counts as the layer's append: the layer's length grows by
+      the step's tokens). With ``per_token=True`` each tensor is ``(N, *shape)``, the state after each of
+      the step's ``N`` tokens (flattened as ``append``'s keys); only then can ``KVCacheHandle.rollback``
+      restore a state inside the step (speculative decoding), and the last token of each sequence gives
+      its state. Wrong names, shapes or dtypes raise a one-line ``UserError``.
+    """
+
+    seq_lens: torch.Tensor
+
+    def recurrent_state(self, layer_index: int) -> dict[str, torch.Tensor]: ...
+
+    def set_recurrent_state(
+        self, layer_index: int, states: Mapping[str, torch.Tensor], *, per_token: bool = False
+    ) -> None: ...
+
+
+@runtime_checkable
+class KVCacheHandle(AttentionKVCache, RecurrentStateCache, Protocol):
+    """The inference engine's cache, as a model call sees it: what blocks use plus what the engine drives.
+
+    The engine builds it from ``{layer_index: LayerCacheSpec}`` (``DeclaresCache``); each layer has its
+    own pages or state slots, selected by ``BlockContext.layer_index`` (MTP depths continue the main
+    stack's numbering, so their cache is just more layers). A block types its use against the narrower
+    ``AttentionKVCache`` or ``RecurrentStateCache``; an engine implements all of this one (structurally,
+    no base class). One engine step:
+
+    * ``schedule(seq_ids, num_tokens)``: the next model call brings ``num_tokens[i]`` (>= 1) new tokens of
+      sequence ``seq_ids[i]`` (distinct ints), in this order, which is the order of
+      ``BlockContext.cu_seqlens``. An unknown id starts a new sequence (empty pages, zeroed state slots).
+      Then each layer appends (or sets its state) at most once; a layer that sits a step out holds fewer
+      tokens and appends after them later. Before the step a sliding-window layer frees every block whose
+      tokens all lie ``window`` or more before the layer's length, back to its pool.
+    * ``rollback(seq_id, k)``: forget the last ``k`` tokens of a sequence (rejected speculative tokens):
+      every layer keeps at most ``length - k`` tokens, pages emptied by it go back to the pool, and each
+      recurrent layer's state is the state after the tokens kept (the state before the step, or one of the
+      step's per-token states). Afterwards the cache equals one that never had those tokens, so a later
+      ``schedule`` appends from there. Only the tokens of the sequence's last step can be rolled back
+      (sliding-window and recurrent layers keep nothing older); ``k`` larger than that raises, as does a
+      recurrent layer that set only its final state when a rollback ends inside the step. ``rollback``
+      and ``release`` end the current step: nothing appends until the next ``schedule``.
+    * ``release(seq_id)``: the sequence is finished: its pages and state slots go back to the pools.
+    * ``free_blocks(layer_index)``: blocks layer ``layer_index`` can still take (layers sharing one pool
+      report the same number; a recurrent layer: free state slots); the engine admits work by it. Running out during ``append`` raises
+      ``mcore.errors.UserError`` naming the layer.
+
+    Unknown sequence or layer ids, a ``k`` below 0 or above the tokens of the sequence's last step, and
+    wrong shapes raise a one-line ``UserError``.
+    """
+
+    def schedule(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> None: ...
+
+    def rollback(self, seq_id: int, k: int) -> None: ...
+
+    def release(self, seq_id: int) -> None: ...
+
+    def free_blocks(self, layer_index: int) -> int: ...
 
 
 class AuxLosses(Mapping[tuple[int, str], "torch.Tensor"]):
@@ -114,6 +273,15 @@ class BlockContext:
         extra: read-only map of per-call values a model threads through its blocks (mHC
             residual streams, MTP's next-token embeddings). Keys are namespaced by the plugin
             that uses them; the model passes new values by making a new view, never by writing.
+        attention: the ``AttentionBackend`` attention blocks hand their ``q, k, v`` to (a layout's
+            ring attention, the engine's paged attention, the run's ``train.attention``);
+            ``None``: each block's own default.
+        precision: the run's ``PrecisionRecipe`` (set by the run loop), for blocks whose GEMMs the
+            recipe may take over without the block importing the recipe's plugin (MoE experts:
+            ``mcore.precision.grouped.grouped_linear``); ``None``: plain GEMMs.
+        loss_group: the ranks that hold parts of this micro-batch (a ``BatchShardingLayout``'s
+            ``loss_group()``, set by the run loop); ``None``: this call holds all of it. The loss
+            divides its sum by ``label_count``, so the ranks' losses add up to the batch mean.
     """
 
     positions: torch.Tensor | None = None
@@ -125,6 +293,9 @@ class BlockContext:
     layer_index: int = 0
     aux_losses: AuxLosses | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    attention: AttentionBackend | None = None
+    precision: PrecisionRecipe | None = None
+    loss_group: ProcessGroup | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))  # our own copy, read-only
@@ -136,6 +307,26 @@ class BlockContext:
     def for_layer(self, index: int, *, extra: Mapping[str, Any] | None = None) -> BlockContext:
         """The view a model gives its layer ``index``: this view with ``extra`` added to its map."""
         return replace(self, layer_index=index, extra={**self.extra, **extra} if extra else self.extra)
+
+    def label_count(self, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (a 0-d count of this call's non-ignored labels) summed over ``loss_group``: what a
+        loss divides its sum by, at least 1 (a batch without labels gives a zero loss, not nan)."""
+        total = local.detach().float()
+        if self.loss_group is not None:
+            import torch.distributed as dist
+
+            total = total.clone()
+            dist.all_reduce(total, group=self.loss_group)
+        return total.clamp(min=1)
+
+    def loss_group_size(self) -> int:
+        """Ranks of ``loss_group`` (1 without one). Auxiliary losses are computed per rank on its part of
+        the micro-batch; a model adds each divided by this, so the group's losses sum to their mean."""
+        if self.loss_group is None:
+            return 1
+        import torch.distributed as dist
+
+        return int(dist.get_world_size(self.loss_group))
 
     def add_aux_loss(self, name: str, loss: torch.Tensor) -> None:
         """Record this layer's auxiliary loss ``name`` (0-d, already scaled); a re-run replaces it."""
@@ -206,6 +397,9 @@ class ModelBlock(Protocol):
           taken as twice the forward by MFU accounting.
         * ``reset_parameters(generator)``: re-initialise from ``generator`` so a seed
           reproduces the weights exactly.
+        * optional ``cache_spec() -> LayerCacheSpec`` (``DeclaresCache``): what the inference
+          cache keeps for this layer (attention keys/values and their sliding window, or
+          recurrent state), read by the engine to build its ``KVCacheHandle``.
         * Blocks are constructed by their factory from a typed ``Config`` (a keyword-only
           dataclass attribute of the registered class; its ``[model.<block>]`` table) plus
           ``hidden_size`` and, when the constructor takes it, ``shared`` (a ``BlockShared``:

@@ -7,7 +7,7 @@ dimensions of the ``ParallelMesh`` and touches nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -63,8 +63,22 @@ class ParallelLayout(Protocol):
           optimizer; waits for asynchronous reductions. Gradients are then averaged over
           the data-parallel ranks (sum divided by DP size, unless the layout documents a
           different divisor, e.g. for expert parameters).
+        * A data-parallel layout may also implement ``GradientShardingLayout``
+          (``mcore.protocols.sharded_grads``): when an optimizer asks at build time
+          (``shard_grads()``), ``finish_grad_sync`` reduce-scatters instead, leaving in ``.grad``
+          the averaged gradient on this rank's elements and zeros elsewhere (``grad_norm_replicas``
+          answers 1), and the optimizer calls ``gather_params()`` after its update (ZeRO-1).
         * ``state_dict_options()``: hints for ``torch.distributed.checkpoint`` (e.g. full vs
           sharded); parameters that are DTensors are saved sharded and reshard on load.
+        * optional ``grad_norm_replicas(name, param) -> int | None``: how many ranks of this
+          layout's mesh dimensions hold the same gradient values of ``param`` (the global
+          gradient norm and clipping count each element once). ``None`` (or no method): the
+          default — a ``DTensor``'s placements decide, a plain tensor is on every rank. ``pp``
+          answers 1 for a stage's own parameters and 2 for an embedding tied across the first
+          and last stage; ``ep`` answers 1 for experts.
+        * optional ``borrowed_dims``: mesh dimensions owned by another layout that this one also
+          works over (``fsdp`` sharding over ``dp_shard`` x ``cp``, as torchtitan does); the core
+          checks another layout owns each and ``ParallelMesh.submesh`` gives the flattened mesh.
         * optional class attribute ``supports_meta_init = True``: ``apply`` works on a model on
           the meta device, allocating on the mesh's device only each rank's part of every
           parameter (uninitialised or zeroed); the core then fills those parts
@@ -89,14 +103,22 @@ class ParallelLayout(Protocol):
 class BatchShardingLayout(ParallelLayout, Protocol):
     """A layout that changes which part of a batch each rank computes (``cp``, sequence parallel).
 
-    ``shard_batch(tokens, labels, ctx)`` receives the micro-batch every rank of the layout's
-    group holds — ``tokens``/``labels`` ``(B, T)`` int64 and a ``BlockContext`` with
-    ``positions``/``cu_seqlens`` — and returns this rank's part with a consistent context
-    (e.g. ``cp`` with zig-zag balance: chunks ``r`` and ``2 * cp - 1 - r`` of every document,
-    positions kept global so rotary embeddings stay right). ``loss_group()`` is the group
-    over which the per-rank mean losses are averaged to give the batch loss (``None`` when
-    the layout does not split the loss). Dynamic CP may pick its split per batch here. The
-    context it returns is a new one (``dataclasses.replace``): contexts are frozen.
+    The run loop calls ``shard_batch(tokens, labels, ctx)`` on every micro-batch (training and
+    evaluation), in the order of ``[parallel] layouts``, before the model. It receives the
+    micro-batch every rank of the layout's group holds — ``tokens``/``labels`` ``(B, T)`` int64
+    and a ``BlockContext`` with ``positions``/``cu_seqlens`` — and returns this rank's part with a
+    consistent context (e.g. ``cp`` with zig-zag balance: chunks ``r`` and ``2 * cp - 1 - r`` of
+    every document, positions kept global so rotary embeddings stay right, and
+    ``ctx.attention`` set to an ``AttentionBackend`` that sees the other ranks' keys). The context
+    it returns is a new one (``dataclasses.replace``): contexts are frozen. Dynamic CP may pick
+    its split per batch here.
+
+    ``loss_group()`` is the group of ranks holding parts of one micro-batch (``None`` when the
+    layout does not split the loss). The loop puts it in ``ctx.loss_group``: the model divides
+    its loss sum by the label count over the group (``BlockContext.label_count``), so the ranks'
+    losses, and their gradients, add up to the micro-batch's; the layout sums the gradients over
+    the group (``finish_grad_sync``), and the loop sums the logged loss over it. At most one
+    layout of a run splits the loss.
     """
 
     def shard_batch(
@@ -110,15 +132,34 @@ class BatchShardingLayout(ParallelLayout, Protocol):
 class ScheduledLayout(ParallelLayout, Protocol):
     """A layout that owns the forward/backward schedule of a step (``pp``: 1F1B, interleaved).
 
-    ``forward_backward(model, micro_batches)`` runs forward and backward of every
-    micro-batch ``(tokens, labels, ctx)`` in the layout's schedule (gradients accumulate in
-    ``.grad`` as with a plain loop) and returns the mean loss over the micro-batches as a 0-d
-    fp32 tensor, valid on every rank of the pipeline (the last stage broadcasts it). The
-    runtime calls it instead of its own micro-batch loop when a layout implements it; at
-    most one layout of a run may. Each micro-batch's model call gets its own ``AuxLosses``
-    collector: one context's collector is never shared across micro-batches.
+    ``forward_backward(model, micro_batches, *, precision, no_grad_sync)`` runs forward and
+    backward of every micro-batch ``(tokens, labels, ctx)`` (already through the batch-sharding
+    layouts) in the layout's schedule: each forward under ``precision.autocast()``, each backward
+    of ``precision.scale_loss(loss / len(micro_batches))`` (and of the stage's auxiliary losses,
+    scaled alike), all but the last micro-batch's backward inside ``no_grad_sync()`` (the other
+    layouts' deferral, one context manager). Gradients accumulate in ``.grad`` as with a plain
+    loop. It returns the mean loss over the micro-batches as a 0-d fp32 tensor, valid on every
+    rank of the pipeline (the last stage broadcasts it). ``forward_only(model, micro_batches, *,
+    precision)`` does the same without backward (evaluation). The run loop calls them instead of
+    its own micro-batch loop when a layout implements them; at most one layout of a run may.
+    ``model`` is what the layouts' ``apply`` returned (this rank's stage). Each micro-batch's
+    model call gets its own ``AuxLosses`` collector: one context's collector is never shared
+    across micro-batches.
     """
 
     def forward_backward(
-        self, model: nn.Module, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor, BlockContext]]
+        self,
+        model: nn.Module,
+        micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor, BlockContext]],
+        *,
+        precision: PrecisionRecipe,
+        no_grad_sync: Callable[[], AbstractContextManager[None]],
+    ) -> torch.Tensor: ...
+
+    def forward_only(
+        self,
+        model: nn.Module,
+        micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor, BlockContext]],
+        *,
+        precision: PrecisionRecipe,
     ) -> torch.Tensor: ...

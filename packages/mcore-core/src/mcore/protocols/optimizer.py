@@ -59,6 +59,13 @@ class OptimizerFactory(Protocol):
     instantiated with that config and ``build`` is called once after all layouts are
     applied. ``build`` sees the layouts so it can find the data-parallel group
     (``layout.data_parallel()``) and whether parameters are DTensors.
+
+    ``build`` may ask the one layout implementing ``GradientShardingLayout``
+    (``mcore.protocols.sharded_grads.grad_sharding_layout(layouts)``) for this rank's
+    ``GradShards`` and then update only those elements, ending ``step()`` with
+    ``layout.gather_params()``; its state is then saved per parameter name as 1-D row-ragged
+    ``Shard(0)`` DTensors (local part = the piece), so it reshards under any DP size; such a
+    factory answers ``shards_state_over_dp(sharded_params=False)`` with True.
     """
 
     def build(

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from mcore.params import ParamSpec
+
 
 @dataclass(frozen=True, kw_only=True)
 class GatherPayload:
@@ -44,12 +46,24 @@ class PrecisionRecipe(Protocol):
           combines the answer across ranks before skipping a step); ``update()`` adjusts the scale
           after the step. The recipe owns its scaling state and checkpoints it through
           ``state_dict``/``load_state_dict``.
-        * ``gather_payload(param_shard)``: ``None`` to gather the shard as is, or a
-          ``GatherPayload`` (quantized bytes + scales) for FSDP to all-gather; it may be asked
-          with a tensor on the meta device and then answers from shape and dtype alone;
-          ``unpack(gathered, metadata)`` builds the full weight FSDP hands to compute.
+        * ``gather_payload(param_shard, *, name, spec)``: ``None`` to gather the shard as is, or a
+          ``GatherPayload`` for FSDP to all-gather: one or several tensors (quantized bytes and
+          scales; MXFP8's row-wise and column-wise copies), each gathered along dim 0. ``name`` is
+          the parameter's name in the model and ``spec`` its declared ``ParamSpec`` (or ``None``):
+          the recipe decides by role (embedding, head and router stay in high precision), never
+          by name patterns. It may be asked with a tensor on the meta device and then answers
+          from shape, dtype and role alone. (A recipe whose method takes only the shard is still
+          asked, without the two.) ``unpack(gathered, metadata)`` builds the full weight FSDP
+          hands to compute, a plain tensor (letting a quantized weight itself reach the GEMM is
+          the precision issue's work).
         * ``after_step(model)``: re-quantize cached weights from the updated master
           weights (no-op for formats without cached weights).
+        * optional ``grouped_linear(x, weight, group_sizes)``: the grouped expert GEMM of an MoE
+          block (``x (N, K)`` rows sorted by expert, ``weight (E, F, K)``, ``group_sizes (E,)``)
+          in the recipe's format (quantise + scaled grouped GEMM), or ``NotImplemented`` to let
+          the plain reference run. Blocks reach it through ``mcore.precision.grouped.grouped_linear``
+          and ``BlockContext.precision`` (the run loop sets it), never by importing the recipe's
+          plugin. Its result equals the reference within the recipe's forward tolerance.
     """
 
     name: ClassVar[str]
@@ -67,7 +81,9 @@ class PrecisionRecipe(Protocol):
 
     def update(self) -> None: ...
 
-    def gather_payload(self, param_shard: torch.Tensor) -> GatherPayload | None: ...
+    def gather_payload(
+        self, param_shard: torch.Tensor, *, name: str = "", spec: ParamSpec | None = None
+    ) -> GatherPayload | None: ...
 
     def unpack(self, gathered: tuple[torch.Tensor, ...], metadata: Any) -> torch.Tensor: ...
 

@@ -1,9 +1,11 @@
 """Compose a run's parts from their names: mesh, model, precision, recompute, layouts, optimizer.
 
 The order is the contract: the model is built, the precision recipe prepares it, recompute
-wraps its blocks, the layouts apply in the order given, the parameters get their values, and
+wraps its blocks, ``train.compile`` compiles them (with their recompute), the layouts apply in the order given, the parameters get their values, and
 the optimizer is built last for the parallelized model. The data-parallel position is the
-product over the layouts' ``data_parallel()`` answers.
+product over the layouts' ``data_parallel()`` answers. Each mesh dimension is owned by one
+layout; another may work over it too when it names it in ``borrowed_dims`` (``fsdp`` sharding
+over ``dp_shard`` x ``cp``).
 
 Where the model is built (``builds_on_meta``): on the meta device when the model factory says
 its models can be (``supports_meta_init = True``, see ``ModelFactory``) and every layout says
@@ -28,6 +30,7 @@ from mcore.construct import init_params
 from mcore.errors import ConfigError, UserError
 from mcore.mesh import ParallelMesh, build_mesh
 from mcore.protocols.layout import DataParallelInfo
+from mcore.train.compile import apply_compile
 from mcore.train.recompute import apply_recompute
 
 #: Mesh dimensions that split the data, in the order their ranks nest.
@@ -93,6 +96,14 @@ def build_parts(config: RunConfig, host: Any) -> Parts:
             if d in dims:
                 raise ConfigError(f"parallel.layouts = {config.parallel.layouts}: two layouts own mesh dimension {d!r}")
             dims.append(d)
+    for sel, layout in zip(config.layouts, layouts):
+        for d in getattr(layout, "borrowed_dims", ()):
+            if d not in dims or d in layout.mesh_dims:
+                owned = ", ".join(dims) or "none"
+                raise ConfigError(
+                    f"parallel.layouts: layout {sel.name!r} works over mesh dimension {d!r}, which no other layout "
+                    f"owns (owned: {owned}); add the layout that owns {d!r} to parallel.layouts"
+                )
     fill = next((d for d in DATA_DIMS if d in dims), dims[0] if dims else None)
     device_type = None if config.parallel.device == "auto" else config.parallel.device
     try:
@@ -107,6 +118,7 @@ def build_parts(config: RunConfig, host: Any) -> Parts:
     precision = config.precision.instantiate()
     model = precision.prepare(model)
     apply_recompute(model, config.train.recompute)
+    apply_compile(model, config.train.compile, backend=config.train.compile_backend)
     for sel, layout in zip(config.layouts, layouts):
         try:
             model = layout.apply(model, mesh, precision)

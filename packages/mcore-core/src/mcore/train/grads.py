@@ -1,18 +1,22 @@
 """Gradient reductions that must be right across shards: the global norm and finiteness.
 
-A gradient that is a ``DTensor`` contributes the norm of the whole tensor it represents
-(its shards' squares summed over the mesh, replicated copies counted once); a plain tensor
-is whole on every rank (replicated by the layouts) and counts once. Scalars agreed by all
+Every gradient element counts once in the norm, however the layouts spread it: a ``DTensor``'s
+shards are summed over its mesh and its replicated copies counted once, a plain tensor is whole
+on every rank unless a layout says its ranks hold different ones (pipeline stages, experts), and
+the whole norm costs one all-reduce of one scalar. Scalars agreed by all
 ranks reduce over each dimension of the run's mesh in turn, never over an implicit global
 group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from math import prod
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from mcore.mesh import ParallelMesh
 
@@ -29,20 +33,69 @@ def mesh_all_reduce(value: torch.Tensor, mesh: ParallelMesh, op: str = "sum") ->
     return value
 
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """The L2 norm of all gradients as one vector (fp32, a plain 0-d tensor)."""
-    squares: list[torch.Tensor] = []
-    for p in params:
+def global_grad_norm(
+    params: Iterable[torch.nn.Parameter] | Iterable[tuple[str, torch.nn.Parameter]],
+    mesh: ParallelMesh | None = None,
+    layouts: Sequence[Any] = (),
+) -> torch.Tensor:
+    """The L2 norm of all gradients of the model as one vector (fp32, a plain 0-d tensor).
+
+    Every element counts once however the layouts spread it: each rank sums the squares of the
+    gradient values it holds (a ``DTensor``'s local shard), weighted by ``1 / replicas`` — the
+    number of ranks holding the same values — and one all-reduce over ``mesh`` adds the ranks'
+    sums. A ``DTensor``'s replicas are the ranks outside its own mesh times its ``Replicate``
+    dimensions; a plain tensor's are all ranks. A layout whose ranks hold *different* plain
+    parameters (pipeline stages, experts) or a few copies (a tied embedding on the first and
+    last stage) says so with ``grad_norm_replicas(name, param)`` (``ParallelLayout``). Without
+    ``mesh`` (or on one rank) it is the local norm. ``params``: parameters, or ``(name,
+    parameter)`` pairs (needed when a layout answers per name).
+    """
+    pairs = [(item if isinstance(item, tuple) else ("", item)) for item in params]
+    world = mesh.world_size if mesh is not None and mesh.device_mesh is not None else 1
+    weighted: list[torch.Tensor] = []
+    device: torch.device | None = None
+    for name, p in pairs:
         g = p.grad
         if g is None:
             continue
-        n = torch.linalg.vector_norm(g.detach(), 2, dtype=torch.float32)
-        if hasattr(n, "full_tensor"):
-            n = n.full_tensor()  # DTensor: reduces the partial norms of the shards
-        squares.append(n.float() ** 2)
-    if not squares:
-        return torch.zeros(())
-    return torch.stack(squares).sum().sqrt()
+        local = g.to_local() if isinstance(g, DTensor) else g
+        square = torch.linalg.vector_norm(local.detach(), 2, dtype=torch.float32) ** 2
+        device = square.device
+        if world > 1:
+            square = square / _replicas(name, p, g, mesh, layouts, world)  # type: ignore[arg-type]
+        weighted.append(square)
+    if not weighted:
+        total = torch.zeros((), device=device or (mesh.device if mesh is not None else None))
+    else:
+        total = torch.stack(weighted).sum()
+    if world > 1:
+        assert mesh is not None
+        total = mesh_all_reduce(total.reshape(1).to(mesh.device), mesh)[0]
+    return total.sqrt()
+
+
+def _replicas(
+    name: str, param: torch.Tensor, grad: torch.Tensor, mesh: ParallelMesh, layouts: Sequence[Any], world: int
+) -> float:
+    """Ranks that hold the same values of ``grad`` as this one (``global_grad_norm``)."""
+    if isinstance(grad, DTensor):
+        sub = grad.device_mesh
+        copies = world // sub.size()
+        for dim, placement in enumerate(grad.placements):
+            if isinstance(placement, Partial):
+                raise ValueError(f"gradient of {name or 'a parameter'} is a Partial DTensor: reduce it before the norm")
+            if isinstance(placement, Replicate):
+                copies *= sub.size(dim)
+    else:
+        copies = world
+    for layout in layouts:
+        answer = getattr(layout, "grad_norm_replicas", None)
+        if answer is None:
+            continue
+        held = answer(name, param)
+        if held is not None:  # this layout's dims: ``held`` copies instead of all of them
+            copies = copies // prod(mesh.size(d) for d in layout.mesh_dims) * held
+    return float(max(copies, 1))
 
 
 def clip_grads_(params: list[torch.nn.Parameter], max_norm: float, total: torch.Tensor) -> None:

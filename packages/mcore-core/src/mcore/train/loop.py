@@ -3,13 +3,17 @@
 One optimizer step:
 
 1. this data-parallel rank's micro-batches for the step (a pure function of the seed and step);
-2. forward/backward of each micro-batch under the recipe's autocast, the scaled loss divided
-   by the number of micro-batches; every layout's ``no_grad_sync`` is held for all but the
-   last micro-batch, then ``finish_grad_sync``;
+2. each micro-batch through the batch-sharding layouts (``shard_batch``, the loss group in its
+   context), then forward/backward of all of them (``microbatch``): a scheduled layout's
+   ``forward_backward``, or the plain loop under the recipe's autocast, the scaled loss divided
+   by the number of micro-batches, every layout's ``no_grad_sync`` held for all but the last;
+   then ``finish_grad_sync``;
 3. ``unscale_grads`` and the finiteness of the gradients agreed by all ranks, the loss
-   averaged over all ranks, the global gradient norm (and clipping);
-4. the NaN/spike policy, then the optimizer step with the LR of the schedule, ``update`` and
-   ``after_step`` of the recipe;
+   averaged over all ranks (parts of one loss group summed), the global gradient norm with
+   every element counted once (``grads``) and clipping;
+4. the NaN/spike policy, then the optimizer step with the LR of the schedule, the model's
+   post-step hooks (``AfterOptimizerStep``: state such as MoE routing biases, reduced over the
+   ranks that saw distinct tokens), ``update`` and ``after_step`` of the recipe;
 5. metrics, lifecycle hooks, periodic eval and checkpoints.
 
 Where the run starts is decided first, from what ``train.out_dir`` holds (``rundir``): the
@@ -59,9 +63,11 @@ from mcore.train.build import Parts, build_parts
 from mcore.train.grads import clip_grads_, global_grad_norm, mesh_all_reduce
 from mcore.train.hangs import HangGuard
 from mcore.train.health import Health, TrainingHalted
+from mcore.train.microbatch import StepLayouts, classify, forward_backward, forward_only, shard
 from mcore.train.oom import OutOfMemory, oom_message
 from mcore.train.rundir import StartPlan, carry_out, plan_start, set_aside
 from mcore.train.signals import StopSignal
+from mcore.train.step_hooks import after_optimizer_step, token_groups
 
 #: Peak dense bf16 TFLOP/s of known devices, for MFU when ``log.peak_tflops`` is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0}
@@ -104,7 +110,9 @@ def check_vocab(config: RunConfig, tokenizer: Tokenizer) -> None:
         )
 
 
-def to_batch(rows: PackedRows, parts: Parts, thd: bool) -> tuple[torch.Tensor, torch.Tensor, BlockContext]:
+def to_batch(
+    rows: PackedRows, parts: Parts, thd: bool, attention: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, BlockContext]:
     device = parts.mesh.device
     tokens = torch.from_numpy(rows.tokens).to(device)  # (B, T)
     labels = torch.from_numpy(rows.labels).to(device)  # (B, T)
@@ -114,6 +122,8 @@ def to_batch(rows: PackedRows, parts: Parts, thd: bool) -> tuple[torch.Tensor, t
         max_seqlen=rows.max_seqlen if thd else None,
         token_ids=tokens,
         mesh=parts.mesh,
+        attention=attention,
+        precision=parts.precision,
     )
     return tokens, labels, ctx
 
@@ -143,6 +153,8 @@ class Trainer:
         self.out_dir = start.out_dir
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         check_vocab(config, self.tokenizer)
+        name = config.train.attention  # "auto": each attention block's own default (None in the context)
+        self.attention = None if name == "auto" else host.get("attention", name).load()()
         torch.manual_seed(config.train.seed)
         self.parts = build_parts(config, host)
         mesh = self.parts.mesh
@@ -178,7 +190,10 @@ class Trainer:
             decay_fraction=config.train.decay_fraction,
         )
         self.base_lrs = [g["lr"] for g in self.parts.optimizer.param_groups]
-        self.params = [p for p in self.parts.model.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in self.parts.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
+        self.step_layouts: StepLayouts = classify(self.parts.layouts, config.parallel.layouts)
+        self.token_groups = token_groups(self.parts.layouts, config.parallel.layouts, self.step_layouts)
         self.health = Health(config.train.spike_factor, config.train.spike_warmup_steps, config.train.max_skipped_steps)
         timeout = timedelta(seconds=config.parallel.timeout_s)
         ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if mesh.world_size > 1 else None
@@ -205,6 +220,17 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device=self.parts.mesh.device)
         mesh_all_reduce(t, self.parts.mesh)
         return float(t.item()) / self.parts.mesh.world_size
+
+    def token_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum ``value`` in place over the ranks that saw distinct tokens of the step (``AfterOptimizerStep``)."""
+        for group in self.token_groups:
+            dist.all_reduce(value, group=group)
+        return value
+
+    def loss_mean(self, share_sum: float) -> float:
+        """The batch's mean loss from the ranks' summed loss shares: the ranks of a loss group hold
+        parts of one micro-batch, every other rank a copy or another batch (``microbatch``)."""
+        return share_sum * self.step_layouts.loss_group_size() / self.parts.mesh.world_size
 
     def set_lr(self, step: int) -> float:
         factor = self.schedule.factor(step)
@@ -327,19 +353,12 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.set_lr(step)
         p.optimizer.zero_grad(set_to_none=True)
-        micro = self.data.micro_batches(step)
-        local_loss = 0.0
         with self.guard.phase(f"forward/backward of step {n}"):
-            for i, rows in enumerate(micro):
-                tokens, labels, ctx = to_batch(rows, p, self.data.thd)
-                with contextlib.ExitStack() as stack:
-                    if i < len(micro) - 1:
-                        for layout in p.layouts:
-                            stack.enter_context(layout.no_grad_sync())
-                    with p.precision.autocast():
-                        loss = p.model(tokens, labels=labels, ctx=ctx)
-                    p.precision.scale_loss(loss / len(micro)).backward()
-                local_loss += float(loss.detach()) / len(micro)
+            micro = [
+                shard(to_batch(rows, p, self.data.thd, self.attention), self.step_layouts)
+                for rows in self.data.micro_batches(step)
+            ]
+            local_loss = forward_backward(p.model, micro, self.step_layouts, p.precision)
         with self.guard.phase(f"gradient sync of step {n}"):
             for layout in p.layouts:
                 layout.finish_grad_sync()
@@ -353,10 +372,10 @@ class Trainer:
         )
         with self.guard.phase(f"loss all-reduce of step {n}"):
             loss_sum, not_finite, stops = mesh_all_reduce(agreed, p.mesh).tolist()
-        loss_value, grads_finite = loss_sum / p.mesh.world_size, not_finite == 0
+        loss_value, grads_finite = self.loss_mean(loss_sum), not_finite == 0
         self.stop_agreed = stops > 0
         with self.guard.phase(f"gradient norm of step {n}"):
-            grad_norm = float(global_grad_norm(self.params)) if grads_finite else math.nan
+            grad_norm = float(global_grad_norm(self.named_params, p.mesh, p.layouts)) if grads_finite else math.nan
         problem = self.health.verdict(loss_value, grads_finite)
         with self.guard.phase(f"optimizer step {n}"):
             if problem is None:
@@ -364,6 +383,7 @@ class Trainer:
                     clip_grads_(self.params, self.train.grad_clip, torch.tensor(grad_norm))
                 p.optimizer.step()
                 self.health.good(loss_value)
+            after_optimizer_step(p.model, self.token_sum, applied=problem is None)
             p.precision.update()
             if problem is None:
                 p.precision.after_step(p.model)
@@ -420,13 +440,15 @@ class Trainer:
         if not batches:
             return None
         p.model.eval()
-        total = 0.0
-        for rows in batches:
-            tokens, labels, ctx = to_batch(rows, p, self.data.thd)
-            with p.precision.autocast():
-                total += float(p.model(tokens, labels=labels, ctx=ctx))
+        share = forward_only(
+            p.model,
+            [shard(to_batch(rows, p, self.data.thd, self.attention), self.step_layouts) for rows in batches],
+            self.step_layouts,
+            p.precision,
+        )
         p.model.train()
-        return self.world_mean(total / len(batches))
+        t = torch.tensor([share], dtype=torch.float64, device=p.mesh.device)
+        return self.loss_mean(float(mesh_all_reduce(t, p.mesh).item()))
 
     # -- the run --------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None = None) -> RunResult:

@@ -26,10 +26,11 @@ ATTENTION_NAMES = ("attn", "attention", "self_attn", "self_attention", "mixer")
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the first ``ModuleList`` named like ``layers``."""
+    """The model's repeated blocks: the first ``ModuleList`` (or ``ModuleDict``: a pipeline stage
+    keeps the model's layer indices as keys) named like ``layers``."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in BLOCK_LISTS:
-            return list(module)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and name.split(".")[-1] in BLOCK_LISTS:
+            return list(module.values()) if isinstance(module, nn.ModuleDict) else list(module)
     return []
 
 

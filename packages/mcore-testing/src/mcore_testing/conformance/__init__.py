@@ -9,18 +9,22 @@ Subclasses must be defined at module level (multi-process checks pickle them by 
 
 from mcore_testing.conformance.block import BlockConformance
 from mcore_testing.conformance.dispatcher import DispatcherConformance
+from mcore_testing.conformance.kv_cache import KVCacheConformance
 from mcore_testing.conformance.layout import LayoutConformance
 from mcore_testing.conformance.optimizer import OptimizerConformance
 from mcore_testing.conformance.params import ParamSpecConformance
 from mcore_testing.conformance.precision import PrecisionConformance
 from mcore_testing.conformance.presets import PresetConformance
+from mcore_testing.conformance.sharded_grads import ShardedGradsConformance
 
 __all__ = [
     "BlockConformance",
     "DispatcherConformance",
+    "KVCacheConformance",
     "LayoutConformance",
     "OptimizerConformance",
     "ParamSpecConformance",
     "PrecisionConformance",
     "PresetConformance",
+    "ShardedGradsConformance",
 ]

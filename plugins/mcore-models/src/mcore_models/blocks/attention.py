@@ -6,7 +6,10 @@ Notable: separate ``q``, ``k`` and ``v`` projections (as Hugging Face stores the
 parallelism shards each by rows into whole heads, and ``forward`` reads the head counts from the
 tensors it gets (a rank holding some of the heads runs the same code); optional QK-norm (RMSNorm
 over each head's dims, before RoPE), optional sliding window, biases on Q/K/V and/or the output,
-per-document positions and masks for packed rows (see ``masking``).
+per-document positions for packed rows. The attention itself is a seam: ``q``, ``k``, ``v`` go to
+``ctx.attention`` (a layout's ring attention, the engine's paged attention, the run's choice) or else
+to the block's default backend (``auto``: FlexAttention for packed documents and windows on CUDA, SDPA
+otherwise; see ``mcore_models.attention_backends``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from torch import nn
 
 from mcore.params import ParamSpec
 from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
+from mcore_models.attention_backends.auto import AutoBackend
+from mcore_models.attention_backends.seam import attend
 from mcore_models.blocks.base import Block, check_positive, linear_specs, prefixed, project
-from mcore_models.blocks.masking import attend, attention_mask
 from mcore_models.blocks.norms import RMSNorm
 from mcore_models.blocks.rope import RopeFields, Rotary, check_rope
 from mcore_models.kernels.rope import apply_rope
@@ -85,6 +89,7 @@ class Attention(Block):
         self.rotary = Rotary(cfg, self.head_dim)
         mup_scale = 1.0 / self.head_dim if self.shared.mup_width_mult is not None else None
         self.scale = cfg.attention_scale or mup_scale or 1.0 / math.sqrt(self.head_dim)
+        self.default_attention = AutoBackend()  # when ctx.attention is None (or declines the call)
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
@@ -107,14 +112,9 @@ class Attention(Block):
         v = v.view(batch, seq, -1, self.head_dim)  # (B, T, nkv, hd)
         cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, rd/2)
         q, k = apply_rope(q, k, cos, sin)
-        mask = None
-        if ctx.cu_seqlens is not None or self.config.sliding_window is not None:
-            mask = attention_mask(
-                batch, seq, hidden.device, cu_seqlens=ctx.cu_seqlens, window=self.config.sliding_window
-            )
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask, scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, nh*hd)
-        return self.out(out)
+        window, default = self.config.sliding_window, self.default_attention
+        out = attend(q, k, v, ctx=ctx, scale=self.scale, window=window, default=default)  # (B, T, nh, hd)
+        return self.out(out.reshape(batch, seq, -1))  # (B, T, H)
 
     def flops(self, shape: FlopsShape) -> int:
         hidden = self.q.in_features

@@ -2,11 +2,12 @@
 
 Shape legend: B rows, T tokens per row, D documents, nh query heads, nkv key/value heads, hd head dim.
 
-``attend`` is the one place attention scores are computed (GQA and MLA). Plain causal rows use
-SDPA's causal path (cuDNN first on CUDA, then flash); a sliding window or packed documents
-(``cu_seqlens`` over the flattened ``B * T`` tokens) build a boolean mask ``(B, 1, T, T)`` so no
-token sees another document. Attention stays within a row: a document that continues into the
-next row sees only its part in the current row.
+``attend`` runs SDPA in the ``(B, nh, T, hd)`` layout: the ``sdpa`` attention backend
+(``mcore_models.attention_backends``) and MLA's absorbed decode call it. Plain causal rows use SDPA's
+causal path (cuDNN first on CUDA, then flash); a sliding window, packed documents (``cu_seqlens`` over
+the flattened ``B * T`` tokens) or cached keys build a boolean mask ``(B, 1, T, S)`` (``attention_mask``)
+so no token sees another document. Attention stays within a row: a document that continues into the
+next row sees only its part in the current row (``document_ids``, which the ``flex`` backend reads too).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def attention_mask(
     ``offset`` cached keys precede the ``T`` new ones (decode); query ``i`` sits at key index
     ``offset + i``. ``cu_seqlens`` is only supported without an offset.
     """
+    if cu_seqlens is not None and offset:
+        raise ValueError(
+            f"attention mask: cu_seqlens with {offset} cached keys is not supported; pass one or the other"
+        )
     q_idx = torch.arange(seq, device=device)[:, None] + offset  # (T, 1)
     k_idx = torch.arange(offset + seq, device=device)[None, :]  # (1, S)
     allowed = k_idx <= q_idx

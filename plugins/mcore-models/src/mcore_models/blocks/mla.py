@@ -7,6 +7,12 @@ Training uses the plain form: the latent ``c_kv`` is expanded to per-head K and 
 the absorbed form (``forward_absorbed``): ``W_uk`` is folded into the query and ``W_uv`` into the
 output, so attention runs as MQA over the cached latent ``(c + dr)`` per token and per-head K/V
 are never formed. Both forms compute the same function (checked in tests).
+
+The training form hands ``q``, ``k``, ``v`` to the attention seam (``ctx.attention``, else the block's
+default backend; ``mcore_models.attention_backends``), like ``Attention``. The absorbed decode form
+keeps its own SDPA call (``masking.attend``) over the latent cache the caller holds: a backend the
+context names (a ring for ``cp``, the engine's paged kernel) expects the per-head training form's
+``q``, ``k``, ``v``, not this latent MQA, until the inference engine brings a paged MLA backend.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from torch import nn
 
 from mcore.params import Init, ParamSpec
 from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
+from mcore_models.attention_backends.auto import AutoBackend
+from mcore_models.attention_backends.seam import attend as attend_seam
 from mcore_models.blocks.attention import row_positions
 from mcore_models.blocks.base import Block, check_positive
 from mcore_models.blocks.masking import attend, attention_mask
@@ -87,6 +95,7 @@ class MLA(Block):
         if cfg.attention_scale is None and cfg.rope_scaling == "yarn" and cfg.rope_mscale_all_dim:
             scale *= _yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
         self.scale = scale
+        self.default_attention = AutoBackend()  # when ctx.attention is None (or declines the call)
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
@@ -125,11 +134,9 @@ class MLA(Block):
         k_nope, v = self.kv_up(latent).view(batch, seq, nh, dn + dv).split([dn, dv], dim=-1)  # (B, T, nh, dn|dv)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, nh, dn+dr)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(batch, seq, nh, -1)], dim=-1)  # (B, T, nh, dn+dr)
-        mask = None
-        if ctx.cu_seqlens is not None or cfg.sliding_window is not None:
-            mask = attention_mask(batch, seq, hidden.device, cu_seqlens=ctx.cu_seqlens, window=cfg.sliding_window)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask, scale=self.scale)
-        return self.out(out.transpose(1, 2).reshape(batch, seq, nh * dv))  # (B, T, H)
+        window = cfg.sliding_window
+        out = attend_seam(q, k, v, ctx=ctx, scale=self.scale, window=window, default=self.default_attention)
+        return self.out(out.reshape(batch, seq, nh * dv))  # (B, T, nh, dv) -> (B, T, H)
 
     def forward_absorbed(
         self,

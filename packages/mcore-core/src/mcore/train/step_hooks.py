@@ -1,0 +1,43 @@
+"""Calls the model's post-step hooks (``mcore.protocols.step.AfterOptimizerStep``) with the reduction
+over the ranks that saw distinct tokens of the step: every layout's data-parallel group and the
+loss group of a layout that splits the sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcore.errors import ConfigError
+from mcore.train.microbatch import StepLayouts
+
+
+def token_groups(layouts: Sequence[Any], names: Sequence[str], step_layouts: StepLayouts) -> list[Any]:
+    """The process groups a post-step reduction sums over (distinct tokens), each once."""
+    groups: list[Any] = []
+    for name, layout in zip(names, layouts):
+        info = layout.data_parallel()
+        if info.size > 1:
+            if info.group is None:
+                raise ConfigError(
+                    f"parallel.layouts: layout {name!r} splits the data {info.size} ways but names no data-parallel "
+                    "group (DataParallelInfo.group); it cannot run with this model's post-step state"
+                )
+            groups.append(info.group)
+    loss_group = step_layouts.loss_group()
+    if loss_group is not None and all(loss_group is not g for g in groups):
+        groups.append(loss_group)
+    return groups
+
+
+def after_optimizer_step(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor], *, applied: bool) -> int:
+    """Call ``after_optimizer_step`` on every module of ``model`` that has one; returns how many."""
+    called = 0
+    for module in model.modules():
+        hook = getattr(module, "after_optimizer_step", None)
+        if callable(hook):
+            hook(reduce, applied=applied)
+            called += 1
+    return called

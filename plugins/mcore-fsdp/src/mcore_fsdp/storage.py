@@ -1,0 +1,272 @@
+"""Where a unit's parameters live: the flat shard, its slots, and the sharded/un-sharded views.
+
+Per rank, ``shard`` is one flat buffer of ``S`` elements holding this rank's rows of every
+parameter of a unit (see ``geometry``: rows split over the ranks, or the whole parameter on
+one of them). Each registered sharded parameter is a ``Shard(0)`` DTensor whose local tensor
+is a view into it (all rows or none for a whole parameter: a row-ragged DTensor, see
+``mcore.ragged``), so the optimizer updates ``shard`` in place. The un-sharded (compute)
+parameters are persistent ``nn.Parameter`` objects whose ``.data`` is pointed at a gathered
+buffer while the unit is gathered. This module builds both and knows nothing of collectives
+or gradients (``collectives``, ``gradients``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from mcore_fsdp.geometry import Geometry, Slot, plan
+from mcore_fsdp.groups import MeshGroups
+
+if TYPE_CHECKING:
+    from mcore_fsdp.comm import Streams
+    from mcore_fsdp.pool import BufferPool, Lease
+
+
+class State(Enum):
+    SHARDED = "sharded"
+    UNSHARDED = "unsharded"
+
+
+@dataclass(frozen=True, slots=True)
+class ParamEntry:
+    """A parameter to shard and every (module, attribute) that holds it (tied weights)."""
+
+    name: str
+    param: nn.Parameter
+    owners: tuple[tuple[nn.Module, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadSpec:
+    """The payload a precision recipe gathers for a parameter: tensor shapes/dtypes, metadata."""
+
+    tensors: list[tuple[torch.Size, torch.dtype]]
+    metadata: Any
+
+
+class UnitContext(Protocol):
+    """What a unit needs from the root's shared context (``runtime.Context`` provides it)."""
+
+    pool: BufferPool
+    streams: Streams
+    lent: dict[int, Any]
+    pending: deque[Any]
+
+    def post_backward(self, unit: Any) -> None: ...
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= size
+    return tuple(reversed(stride))
+
+
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``t``'s memory that is not a view of it (no ``_base``): pointing it at
+    other memory later (``set_``) lets the old buffer be freed."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride()
+    )
+
+
+def local_of(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (a view of our flat buffers), without autograd."""
+    return cast(DTensor, t)._local_tensor
+
+
+def local_view(flat: torch.Tensor, slot: Slot, rank: int) -> torch.Tensor:
+    """``rank``'s rows of ``slot``'s parameter in a flat ``(S,)`` buffer, shaped ``(rows, *shape[1:])``."""
+    rows = slot.local_rows(rank)
+    return flat[slot.offset : slot.offset + rows * slot.row_numel].view(rows, *slot.shape[1:])
+
+
+def as_sharded(local: torch.Tensor, groups: MeshGroups, shape: torch.Size, stride: tuple[int, ...]) -> DTensor:
+    """``local`` (this rank's rows) as the ``Shard(0)`` DTensor of a parameter of ``shape``."""
+    return DTensor.from_local(local, groups.mesh, groups.placements, run_check=False, shape=shape, stride=stride)
+
+
+#: What a precision recipe is told about the parameter it is asked to gather: (name in the model, declared spec).
+ParamInfo = tuple[str, Any]
+
+
+def ask_payload(recipe: Any, tensor: torch.Tensor, info: ParamInfo) -> Any:
+    """``recipe.gather_payload(tensor, name=, spec=)`` — the parameter's name and declared
+    ``ParamSpec`` (its role: a recipe keeps embedding, head and router in high precision) — or
+    ``recipe.gather_payload(tensor)`` for a recipe whose method takes neither."""
+    if _takes_param_info(recipe.gather_payload):
+        return recipe.gather_payload(tensor, name=info[0], spec=info[1])
+    return recipe.gather_payload(tensor)
+
+
+def _takes_param_info(method: Any) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return "name" in params and "spec" in params
+
+
+def probe_payload(
+    recipe: Any, param: torch.Tensor, n: int, whole: bool, device: torch.device, info: ParamInfo
+) -> PayloadSpec | None:
+    """Whether ``recipe`` gathers ``param`` in its own format, probed on zeros of the shape it
+    will see (the padded local rows, or the whole parameter when kept whole). A whole parameter
+    is first asked about on the meta device: a recipe that gathers it as is (the answer depends
+    on shape and dtype only) then costs no full-size tensor on every rank."""
+    if recipe is None:
+        return None
+    probe_rows = param.shape[0] if whole else -(-param.shape[0] // n)
+    if whole and ask_payload(recipe, torch.empty(param.shape, dtype=param.dtype, device="meta"), info) is None:
+        return None
+    probe = torch.zeros(probe_rows, *param.shape[1:], dtype=param.dtype, device=device)
+    payload = ask_payload(recipe, probe, info)
+    if payload is None:
+        return None
+    return PayloadSpec([(t.shape, t.dtype) for t in payload.tensors], payload.metadata)
+
+
+class Storage:
+    """A unit's flat shard, its layout (``geometry``), and its sharded and un-sharded parameters.
+
+    Parameters the recipe gathers in its own format go last, so the plain all-gather covers
+    one prefix ``[:plain_numel]``; within each group row-split parameters come first, then
+    whole ones, largest first (the order their owners are chosen in).
+    """
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        entries: list[ParamEntry],
+        groups: MeshGroups,
+        compute_dtype: Callable[[torch.dtype], torch.dtype],
+        gather_recipe: Any,
+        keep_whole: list[bool] | None,
+        on_grad: Callable[[], Callable[[torch.Tensor], None]],
+        describe: Callable[[ParamEntry], ParamInfo] | None = None,
+    ) -> None:
+        self.label = label
+        self.groups = groups
+        self.gather_recipe = gather_recipe
+        dtypes = {e.param.dtype for e in entries}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"fully_shard({label}): parameters have dtypes {sorted(map(str, dtypes))}; allowed: one dtype per "
+                "fully_shard call (shard modules of different dtypes separately)"
+            )
+        device = groups.device
+        self.orig_dtype = dtypes.pop() if dtypes else torch.float32
+        self.compute_dtype = compute_dtype(self.orig_dtype)
+        n = groups.shard_size
+
+        whole = [bool(keep_whole and keep_whole[i]) for i in range(len(entries))]
+        infos = [describe(e) if describe is not None else (e.name, None) for e in entries]
+        probes = [probe_payload(gather_recipe, e.param, n, whole[i], device, infos[i]) for i, e in enumerate(entries)]
+        quantized = [probe is not None for probe in probes]
+        order = sorted(
+            range(len(entries)),
+            key=lambda i: (quantized[i], whole[i], -entries[i].param.numel() if whole[i] else 0, i),
+        )
+        ordered = [entries[i] for i in order]
+        #: every (module, attribute) holding each parameter: where sharded/un-sharded ones are registered
+        self.owners = [e.owners for e in ordered]
+        self.quantized = [quantized[i] for i in order]
+        #: per slot: the (name, spec) the recipe is told when asked to gather the parameter
+        self.param_infos: list[ParamInfo] = [infos[i] for i in order]
+        #: per quantized slot: the payload's (shape, dtype)s and metadata for the whole parameter
+        #: (what a rank that does not own a whole parameter allocates to receive it)
+        self.payload_specs: dict[int, PayloadSpec] = {
+            j: probe for j, i in enumerate(order) if (probe := probes[i]) is not None
+        }
+        self.geometry: Geometry = plan(
+            [tuple(e.param.shape) for e in ordered],
+            n,
+            whole=[whole[i] for i in order],
+            groups=[int(q) for q in self.quantized],
+        )
+        self.plain_numel = self.geometry.plain_numel
+        # (S,) this rank's rows of every parameter, padded per parameter; zeros, so padding is
+        # zero (a quantized gather reads the padded rows)
+        self.shard = torch.zeros(self.geometry.shard_numel, dtype=self.orig_dtype, device=device)
+        self.sharded, self.unsharded = self._build_params(ordered, on_grad)
+        #: views of ``shard`` and of the gradient buffer made once (see ``cached``)
+        self.own_views: dict[Any, Any] = {}
+
+    def _build_params(
+        self, ordered: list[ParamEntry], on_grad: Callable[[], Callable[[torch.Tensor], None]]
+    ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Copy each parameter's rows into ``shard`` and make its sharded (DTensor over a view of
+        ``shard``) and un-sharded (empty until gathered) ``nn.Parameter``. A parameter on the meta
+        device is not read: its rows are left for its initialisation (``mcore.construct``), so no
+        rank ever holds it whole. ``on_grad()`` makes each un-sharded parameter's
+        post-accumulate-grad hook."""
+        groups = self.groups
+        rank, device = groups.shard_rank, groups.device
+        sharded: list[nn.Parameter] = []
+        unsharded: list[nn.Parameter] = []
+        with torch.no_grad():
+            for entry, slot in zip(ordered, self.geometry.slots):
+                rows, start = slot.local_rows(rank), slot.row_start(rank)
+                local = local_view(self.shard, slot, rank)
+                if rows and not entry.param.is_meta:
+                    local.copy_(entry.param.detach()[start : start + rows])
+                dt = as_sharded(local, groups, torch.Size(slot.shape), contiguous_stride(slot.shape))
+                sharded.append(nn.Parameter(dt, requires_grad=entry.param.requires_grad))
+                full = nn.Parameter(
+                    torch.empty(0, dtype=self.compute_dtype, device=device), requires_grad=entry.param.requires_grad
+                )
+                if full.requires_grad:
+                    full.register_post_accumulate_grad_hook(on_grad())
+                unsharded.append(full)
+        return sharded, unsharded
+
+    @property
+    def empty(self) -> bool:
+        return not self.owners
+
+    @functools.cached_property
+    def zero_copy(self) -> bool:
+        """One shard, same dtype, no quantized gather: compute views alias the shard itself."""
+        return self.groups.shard_size == 1 and self.compute_dtype == self.orig_dtype and not any(self.quantized)
+
+    def local_view(self, flat: torch.Tensor, slot: Slot) -> torch.Tensor:
+        return local_view(flat, slot, self.groups.shard_rank)
+
+    def register(self, params: list[nn.Parameter]) -> None:
+        """Make ``params`` (the sharded or the un-sharded ones) what every owner module holds."""
+        for owners, p in zip(self.owners, params):
+            for module, attr in owners:
+                module._parameters[attr] = p
+
+    def cached(self, lease: Lease | None, purpose: str, make: Callable[[], Any]) -> Any:
+        """Views of a pooled buffer (or, without one, of this unit's own buffers) made once."""
+        views = lease.views if lease is not None else self.own_views
+        key = (self, purpose)
+        if key not in views:
+            views[key] = make()
+        return views[key]
+
+    def bind(self, full: torch.Tensor, lease: Lease | None) -> None:
+        """Point the un-sharded parameters at ``full`` (the un-sharded buffer) and register them."""
+        slots = self.geometry.slots
+        views = self.cached(
+            lease, "bind", lambda: [full[sl.full_offset : sl.full_offset + sl.numel].view(sl.shape) for sl in slots]
+        )
+        for view, p in zip(views, self.unsharded):
+            p.data = view
+        self.register(self.unsharded)

@@ -1,0 +1,59 @@
+"""The ``auto`` attention backend: the default attention blocks fall back to when the context names none.
+
+With ``flex_on_cuda``: ``flex`` where its block-sparse mask pays (packed documents or a sliding
+window, on CUDA, when FlexAttention runs there and the call has no cached keys), ``sdpa`` everywhere
+else: plain causal rows (SDPA's cuDNN/flash causal path is as fast), decoding with a cache, and the
+CPU (no compile, CI speed). ``flex_on_cuda`` is off by default until the flex backend has run and
+been measured on the H200 (2026-12-04: no GPU was lent, so its CUDA path has not run in this tree);
+``train.attention = "flex"`` opts in meanwhile.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from mcore.protocols.attention import AttentionBackend
+from mcore.protocols.block import BlockContext
+from mcore_models.attention_backends.flex import FlexBackend
+from mcore_models.attention_backends.sdpa import SDPABackend
+
+
+class AutoBackend:
+    """``__call__(q (B, T, nh, hd), k (B, S, nkv, hd), v (B, S, nkv, hdv), *, ctx, scale, window) -> (B, T, nh, hdv)``."""
+
+    name: ClassVar[str] = "auto"
+
+    def __init__(self, *, flex_on_cuda: bool = False) -> None:
+        self.sdpa = SDPABackend()
+        self.flex = FlexBackend()
+        self.flex_on_cuda = flex_on_cuda
+
+    def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
+        return True
+
+    def choose(self, q: torch.Tensor, k: torch.Tensor, ctx: BlockContext, window: int | None) -> AttentionBackend:
+        """The backend this call runs on."""
+        masked = ctx.cu_seqlens is not None or window is not None
+        if (
+            self.flex_on_cuda
+            and masked
+            and q.is_cuda
+            and k.shape[1] == q.shape[1]
+            and self.flex.supports(q, ctx, window)
+        ):
+            return self.flex
+        return self.sdpa
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        ctx: BlockContext,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        return self.choose(q, k, ctx, window)(q, k, v, ctx=ctx, scale=scale, window=window)

@@ -1,0 +1,142 @@
+"""The ``flex`` attention backend: FlexAttention with a block-sparse mask of documents and windows.
+
+Shape legend: B rows, T query tokens, S key tokens, nh query heads, nkv key/value heads, hd head dim.
+
+The mask (``mask_mod``) says query ``t`` sees key ``s`` when ``s <= t + S - T``, both lie in the same
+document of their row (``blocks.masking.document_ids`` of ``ctx.cu_seqlens``; attention stays within
+a row) and ``t + S - T - s < window``. ``create_block_mask`` turns it into a ``BlockMask`` of 128 x 128
+tiles: empty tiles are skipped, full ones run without the mask. The block mask is built once per call
+and shared by every layer of the forward (``cache.MaskCache``, keyed on the ``cu_seqlens`` tensor).
+
+On CUDA the kernel is ``torch.compile(flex_attention)`` (eager FlexAttention materialises the scores);
+it is compiled once per process (``_compiled_flex``) so backend instances share one compiled kernel
+instead of compiling it again each. Inside a region already being compiled the plain function is
+traced. On CPU the eager function runs; torch has no FlexAttention backward on CPU, so a call that
+needs gradients there runs SDPA over the same ``mask_mod`` evaluated densely (tests check the mask).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mcore.protocols.block import BlockContext
+from mcore_models.attention_backends.cache import MaskCache
+from mcore_models.blocks.masking import document_ids
+
+MIN_CUDA_HEAD_DIM = 16  # Triton's tl.dot needs tiles of at least 16
+
+
+def flex_devices() -> frozenset[str]:
+    """The device types FlexAttention runs on here (CUDA needs Triton for the compiled kernel)."""
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return frozenset()
+    return frozenset({"cpu", "cuda"} if importlib.util.find_spec("triton") is not None else {"cpu"})
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Any]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _mask_mod(docs: torch.Tensor | None, offset: int, window: int | None) -> Callable[..., torch.Tensor]:
+    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` for ``docs (B, T)`` document ids (or none)."""
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        q_pos = q_idx + offset  # key index of the query
+        allowed = kv_idx <= q_pos
+        if window is not None:
+            allowed = allowed & (q_pos - kv_idx < window)
+        if docs is not None:
+            allowed = allowed & (docs[b, q_idx] == docs[b, kv_idx])
+        return allowed
+
+    return mask_mod
+
+
+class FlexBackend:
+    """``__call__(q (B, T, nh, hd), k (B, S, nkv, hd), v (B, S, nkv, hdv), *, ctx, scale, window) -> (B, T, nh, hdv)``.
+
+    ``compile``: compile the kernel on CUDA (none: yes). ``cache_size``: block masks kept per instance.
+    """
+
+    name: ClassVar[str] = "flex"
+
+    def __init__(self, *, compile: bool | None = None, cache_size: int = 8) -> None:
+        self.compile = compile
+        self.devices = flex_devices()  # looked up once, not per call (nor inside a compiled region)
+        self._masks = MaskCache(cache_size)
+
+    def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
+        """FlexAttention exists for ``q``'s device, and on CUDA the head dim fills a Triton tile."""
+        if q.device.type not in self.devices:
+            return False
+        return q.device.type != "cuda" or q.shape[-1] >= MIN_CUDA_HEAD_DIM
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        ctx: BlockContext,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_mask
+
+        batch, seq, heads = q.shape[:3]
+        keys = k.shape[1]
+        if keys < seq:
+            raise ValueError(f"flex attention: {keys} keys for {seq} queries; keys must include the queries")
+        block_mask = self.block_mask(ctx.cu_seqlens, batch, seq, keys, window, q.device)
+        gqa = heads != k.shape[2]
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T|S, d) views
+        try:
+            out = self._kernel(q.device)(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        except NotImplementedError:
+            if q.device.type != "cpu" or not torch.is_grad_enabled():
+                raise
+            # torch has no FlexAttention backward on CPU: the same mask_mod, dense, through SDPA
+            b = block_mask.shape[0]
+            dense = create_mask(block_mask.mask_mod, b, 1, seq, keys, q.device)  # (B or 1, 1, T, S)
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=dense, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)  # (B, T, nh, hdv): the kernel lays its output out like q
+
+    def _kernel(self, device: torch.device) -> Callable[..., Any]:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if device.type != "cuda" or self.compile is False or torch.compiler.is_compiling():
+            return flex_attention
+        return _compiled_flex()
+
+    @torch.compiler.disable
+    def block_mask(
+        self,
+        cu_seqlens: torch.Tensor | None,
+        batch: int,
+        seq: int,
+        keys: int,
+        window: int | None,
+        device: torch.device,
+    ) -> Any:
+        """The call's ``BlockMask`` (batch 1 without documents), built on first use and cached."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        offset = keys - seq
+        if cu_seqlens is not None and offset:
+            raise ValueError(f"flex attention: cu_seqlens with {offset} cached keys is not supported")
+
+        def build() -> Any:
+            docs = None if cu_seqlens is None else document_ids(cu_seqlens.to(device), batch, seq)  # (B, T)
+            rows = None if docs is None else batch
+            return create_block_mask(_mask_mod(docs, offset, window), rows, None, seq, keys, device=device)
+
+        return self._masks.get(cu_seqlens, (batch, seq, keys, window, str(device)), build)
