@@ -108,6 +108,7 @@ def test_user_overrides_first_match_wins_and_keep_splits() -> None:
         ({"role": "matrix", "splits": (("q", 4), ("q", 4))}, r"split names must be distinct"),
         ({"role": "matrix", "splits": (("q", 4), ("k", 3)), "head_rows": 2}, r"head_rows = 2 does not divide .*'k'"),
         ({"role": "matrix", "head_rows": 0}, r"head_rows = 0; allowed: a positive int or None"),
+        ({"role": "matrix", "tp": "colwise"}, r"tp = 'colwise'; allowed: column, row, vocab, replicate or None"),
     ],
 )
 def test_spec_validation(kwargs: dict, message: str) -> None:
@@ -125,6 +126,25 @@ def test_strict_check_names_the_bad_declaration() -> None:
 
     with pytest.raises(ValueError, match=r"'qkv.weight': splits .* sum to 17 rows, but the parameter has 16"):
         check_param_specs(WrongRows())
+
+
+def test_tp_style_is_declared_or_by_role_and_fits_the_shape() -> None:
+    from mcore.params import check_spec_shape, tp_style
+
+    assert tp_style(ParamSpec("matrix", tp="row")) == "row"
+    assert tp_style(ParamSpec("embedding")) == tp_style(ParamSpec("head")) == "vocab"
+    assert tp_style(ParamSpec("norm")) == tp_style(ParamSpec("bias")) == "replicate"
+    assert tp_style(ParamSpec("matrix")) is None and tp_style(ParamSpec("expert")) is None  # never guessed
+    check_spec_shape("b", ParamSpec("bias", tp="column"), (8,))  # a column-parallel bias splits its rows
+    with pytest.raises(ValueError, match=r"'b': tp = 'row' splits dim 1 of a matrix, but its shape is \[8\]"):
+        check_spec_shape("b", ParamSpec("bias", tp="row"), (8,))
+    from mcore_testing.reference import TinyConfig, TinyTransformer
+
+    specs = check_param_specs(TinyTransformer(TinyConfig(fused=False, num_kv_heads=2)))
+    styles = {name.split("layers.0.")[-1]: tp_style(spec) for name, spec in specs.items() if "layers.1" not in name}
+    assert styles["attn.q.weight"] == styles["mlp.up.weight"] == "column"
+    assert styles["attn.proj.weight"] == styles["mlp.down.weight"] == "row"
+    assert styles["embed.weight"] == "vocab" and styles["attn_norm.weight"] == "replicate"
 
 
 def test_blocks_of_a_fused_matrix() -> None:

@@ -49,6 +49,27 @@ Initial values: ``init`` declares how a parameter is initialised, as an ``Init``
 ``mcore.init_rng`` (keyed by the seed and the parameter's name), so a model built on the meta
 device and sharded by layouts gets the same weights for every layout and world size.
 
+Tensor parallelism: ``tp`` declares how a ``tp`` layout splits the parameter over its ranks
+(``TP_STYLES``), so the layout reads a declaration instead of matching module classes, and a
+third-party block declares its own:
+
+* ``column``: dim 0 (output features) split evenly, in whole heads when ``head_rows`` is declared
+  (a rank holds whole heads; key/value projections with fewer heads than ranks are replicated
+  over the ranks that share a head); with ``splits``, each logical matrix is split alike. The
+  block's forward sees its rows and produces its slice of the outputs (heads counted with ``-1``).
+  A column-parallel weight's bias is ``column`` too.
+* ``row``: dim 1 (input features) split; the block's output is a partial sum the layout reduces.
+  Its bias is ``replicate`` (added once, after the reduction).
+* ``vocab``: an embedding's or output head's rows (the vocabulary) split; lookups and the loss
+  combine over the ranks (vocab-parallel embedding and cross-entropy).
+* ``replicate``: whole on every rank (norm scales, biases after a reduction, MLA's latent
+  down-projections); its gradient is whole and the same on every rank.
+* ``partial``: whole on every rank, but each rank's gradient is a part of the true one (it acts
+  on the rank's heads only: a QK-norm scale): the layout sums the gradients over its ranks.
+
+Undeclared (``None``): ``tp_style`` answers by role (embedding and head ``vocab``; norm and bias
+``replicate``); a matrix without a declaration is the layout's error, not a guess.
+
 This module imports no torch at import time.
 """
 
@@ -66,6 +87,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INIT_KINDS",
     "ROLES",
+    "TP_STYLES",
     "Init",
     "ParamSpec",
     "apply_role_overrides",
@@ -75,11 +97,15 @@ __all__ = [
     "logical_blocks",
     "matrix_shape",
     "structural_spec",
+    "tp_style",
 ]
 
 #: Every role a parameter may have.
 ROLES: tuple[str, ...] = ("embedding", "head", "matrix", "norm", "bias", "expert", "router")
 
+
+#: How tensor parallelism may split a parameter (``ParamSpec.tp``; module docstring).
+TP_STYLES: tuple[str, ...] = ("column", "row", "vocab", "replicate", "partial")
 
 #: Every way an ``Init`` may initialise a parameter.
 INIT_KINDS: tuple[str, ...] = ("normal", "trunc_normal", "uniform", "zeros", "ones", "constant")
@@ -161,16 +187,20 @@ class ParamSpec:
     ``check_param_specs`` checks the rest against the parameter's shape.
     ``init``: how the parameter is initialised (``Init``); ``None``: the owning module's
     ``reset_parameters(generator)`` does it (possible only while the parameter is whole).
+    ``tp``: how tensor parallelism splits it (``TP_STYLES``; ``None``: by role, ``tp_style``).
     """
 
     role: str
     splits: tuple[tuple[str, int], ...] = ()
     head_rows: int | None = None
     init: Init | None = None
+    tp: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role = {self.role!r} is not a parameter role; allowed: {', '.join(ROLES)}")
+        if self.tp is not None and self.tp not in TP_STYLES:
+            raise ValueError(f"tp = {self.tp!r}; allowed: {', '.join(TP_STYLES)} or None")
         if self.init is not None and not isinstance(self.init, Init):
             raise ValueError(f"init = {self.init!r}; allowed: an mcore.params.Init or None")
         names = [name for name, _ in self.splits]
@@ -222,6 +252,14 @@ def logical_blocks(spec: ParamSpec, rows: int, *, by_head: bool = False) -> list
             out.append((name, first, count))
         first += count
     return out
+
+
+def tp_style(spec: ParamSpec) -> str | None:
+    """How tensor parallelism splits a parameter: its declared ``tp``, else by role (embedding and
+    head ``vocab``, norm and bias ``replicate``), else ``None`` (undeclared matrices, experts, routers)."""
+    if spec.tp is not None:
+        return spec.tp
+    return {"embedding": "vocab", "head": "vocab", "norm": "replicate", "bias": "replicate"}.get(spec.role)
 
 
 def structural_spec(name: str, param: object, embeddings: set[int]) -> ParamSpec:
@@ -288,7 +326,13 @@ def check_param_specs(model: nn.Module) -> dict[str, ParamSpec]:
 
 
 def check_spec_shape(name: str, spec: ParamSpec, shape: tuple[int, ...]) -> None:
-    """``ValueError`` naming parameter ``name`` unless ``spec``'s splits and head rows fit ``shape``."""
+    """``ValueError`` naming parameter ``name`` unless ``spec``'s splits, head rows and tp style fit ``shape``."""
+    if spec.tp in ("row", "vocab") and len(shape) < 2:
+        raise ValueError(
+            f"{name!r}: tp = {spec.tp!r} splits dim {1 if spec.tp == 'row' else 0} of a matrix, but its shape is {list(shape)}"
+        )
+    if spec.tp == "column" and len(shape) < 1:
+        raise ValueError(f"{name!r}: tp = 'column' splits rows, but the parameter is 0-D")
     if not (spec.splits or spec.head_rows):
         return
     if not shape:

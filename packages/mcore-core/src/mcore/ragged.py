@@ -67,7 +67,11 @@ def row_counts(tensors: Sequence[DTensor]) -> list[tuple[int, ...]]:
         by_group.setdefault(group, []).append(i)
     for group, indices in by_group.items():
         world = dist.get_world_size(group)
-        device = tensors[indices[0]].to_local().device
+        first = tensors[indices[0]]
+        # the mesh's device: a shard built on the meta device (meta-device construction) holds no data
+        device = (
+            first.to_local().device if not first.to_local().is_meta else torch.device(first.device_mesh.device_type)
+        )
         mine = torch.tensor([tensors[i].to_local().shape[0] for i in indices], dtype=torch.int64, device=device)
         every = torch.empty(world * len(indices), dtype=torch.int64, device=device)
         _all_gather(every, mine, group=group)

@@ -39,6 +39,11 @@ class TinyConfig:
     max_seq_len: int = 64
     norm_eps: float = 1e-5
     preset: str | None = None
+    fused: bool = True
+    """Fused ``qkv`` / ``gate_up`` weights (rows ``[all Q | K | V]``, ``[gate | up]``); ``False``:
+    separate ``q``, ``k``, ``v``, ``gate``, ``up`` that declare how tensor parallelism splits them."""
+    num_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention) of the unfused layout; ``None``: ``num_heads``."""
 
 
 STD = 0.02  # weights' init std; output projections (proj, down) use STD / sqrt(2 * num_layers)
@@ -60,6 +65,62 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SplitAttention(nn.Module):
+    """Separate ``q``, ``k``, ``v`` projections (GQA with ``num_kv_heads``), each declared
+    column-parallel in whole heads, ``proj`` row-parallel: a ``tp`` layout splits them by heads."""
+
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        kv_heads = cfg.num_kv_heads or cfg.num_heads
+        self.out_std = out_std(cfg)
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.k = nn.Linear(cfg.hidden_size, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(cfg.hidden_size, kv_heads * self.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        column = {"head_rows": self.head_dim, "init": Init("normal", std=STD), "tp": "column"}
+        return {
+            **{f"{n}.weight": ParamSpec("matrix", **column) for n in ("q", "k", "v")},  # type: ignore[arg-type]
+            "proj.weight": ParamSpec("matrix", init=Init("normal", std=self.out_std), tp="row"),
+        }
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # head counts from the tensors: a tensor-parallel rank holds some of the heads
+        q, k, v = (m(x).view(B, T, -1, self.head_dim) for m in (self.q, self.k, self.v))  # (B, T, n, hs)
+        backend = getattr(ctx, "attention", None)
+        if backend is not None:
+            y = backend(q, k, v, ctx=ctx, scale=1.0 / math.sqrt(self.head_dim), window=None)
+        else:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            ).transpose(1, 2)  # (B, T, nh, hs)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class SplitMLP(nn.Module):
+    """Separate ``gate`` and ``up`` (column-parallel) and ``down`` (row-parallel)."""
+
+    def __init__(self, cfg: TinyConfig) -> None:
+        super().__init__()
+        self.out_std = out_std(cfg)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
+        self.up = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
+        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return {
+            "gate.weight": ParamSpec("matrix", init=Init("normal", std=STD), tp="column"),
+            "up.weight": ParamSpec("matrix", init=Init("normal", std=STD), tp="column"),
+            "down.weight": ParamSpec("matrix", init=Init("normal", std=self.out_std), tp="row"),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Attention(nn.Module):
@@ -117,9 +178,9 @@ class Block(nn.Module):
     def __init__(self, cfg: TinyConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn: nn.Module = Attention(cfg) if cfg.fused else SplitAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: nn.Module = MLP(cfg) if cfg.fused else SplitMLP(cfg)
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx)

@@ -13,10 +13,15 @@ attribute instead of registering a child module.
 Each loss is the sum over this call's labels divided by ``ctx.label_count(local_count)``: the
 count over every rank of ``ctx.loss_group``, so the losses of the ranks a layout split a
 micro-batch over add up to its mean; with no group it is this call's own count (the mean).
+
+Under tensor parallelism the layout splits the output weight by rows and swaps in
+``head.vocab_parallel(group)`` (``VocabParallelGPTLossHead``): the same losses, each token's computed by
+``mcore.vocab_parallel.vocab_parallel_cross_entropy_sum`` (no rank forms the full logits).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcore.errors import UserError
 from mcore.protocols.block import AuxLosses, BlockContext
+from mcore.vocab_parallel import group_size, local_vocab_rows, vocab_parallel_cross_entropy_sum, vocab_parallel_logits
 from mcore_models.blocks.mtp import NEXT_EMBEDDINGS
 from mcore_models.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy_sum
 
@@ -84,7 +91,7 @@ class GPTLossHead(nn.Module):
     ) -> torch.Tensor:
         p = self.parts
         if labels is None:
-            return F.linear(p.final_norm(hidden, ctx), p.output_weight) * p.logit_scale  # (B, T, V)
+            return self.logits(p.final_norm(hidden, ctx))  # (B, T, V)
         loss = self.token_loss(p.final_norm(hidden, ctx), labels, ctx)
         if not len(p.mtp):
             return loss
@@ -100,6 +107,15 @@ class GPTLossHead(nn.Module):
             mtp_total = mtp_total + self.token_loss(norm(hidden, view), mtp_labels(labels, positions, depth), ctx)
         return loss + p.mtp_loss_weight / len(p.mtp) * mtp_total
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, T, V)`` logits of the final-normed ``hidden (B, T, H)`` (muP's ``logit_scale`` applied)."""
+        return F.linear(hidden, self.parts.output_weight) * self.parts.logit_scale
+
+    def vocab_parallel(self, group: Any) -> VocabParallelGPTLossHead:
+        """This head for an output weight a ``tp`` layout has split by rows over ``group``
+        (``mcore.protocols.model.LossHead``; see ``VocabParallelGPTLossHead``)."""
+        return VocabParallelGPTLossHead(self.parts, group)
+
     def token_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         """Fused output projection + cross-entropy summed over ``labels``, divided by their count over
         ``ctx.loss_group``; the ``(B*T, V)`` logits are never formed."""
@@ -112,6 +128,66 @@ class GPTLossHead(nn.Module):
             flat_labels,
             chunk_size=p.chunk_size,
             vocab_chunk_size=p.vocab_chunk_size,
+            scale=p.logit_scale,
+        )
+        return total / ctx.label_count((flat_labels != IGNORE_INDEX).sum())
+
+
+class VocabParallelGPTLossHead(GPTLossHead):
+    """``GPTLossHead`` with the output weight (the embedding's when tied) split by rows over ``group``.
+
+    The weight, read at each call, is either a ``DTensor`` placed ``Shard(0)`` over a 1-D mesh of the
+    ranks of ``group`` (this rank's rows: ``.to_local()``, starting at ``rank * (V // world)``), or a
+    plain tensor holding this rank's ``V // world`` rows (the same start; ``rank``: in ``group``). The
+    vocabulary size must divide by the group's size (``UserError`` otherwise, at construction). Every
+    rank of ``group`` calls the head with the same ``hidden``, ``tokens`` and ``labels`` (the layout
+    gathers sequence shards first); the loss, main and MTP depths, divided as ``GPTLossHead`` divides
+    it, is the same on every rank. ``loss_vocab_chunk_size`` is not used (a rank's rows are one block).
+
+    Without labels the logits ``(B, T, V)`` are whole on every rank: each rank's slice gathered over
+    ``group``. That path is differentiable, for a loss every rank computes alike from the whole logits
+    (as it does from any replicated output under ``tp``): a rank's logit slice gets its slice of the
+    gradient, and the gradient of ``hidden`` is summed over the group.
+    """
+
+    def __init__(self, parts: LossHeadParts, group: Any) -> None:
+        super().__init__(parts)
+        self.group = group
+        world, vocab = group_size(group), parts.embed.num_embeddings
+        if vocab % world:
+            raise UserError(
+                f"model.vocab_size = {vocab} does not split over the {world} ranks of the tensor-parallel group; "
+                f"allowed: a multiple of {world} (pad the vocabulary)"
+            )
+        if parts.vocab_chunk_size is not None:
+            warnings.warn(
+                f"model.loss_vocab_chunk_size = {parts.vocab_chunk_size} is not used by the vocab-parallel loss: "
+                "each rank's vocabulary rows are one block",
+                stacklevel=2,
+            )
+
+    def local_weight(self) -> tuple[torch.Tensor, int]:
+        """This rank's output-weight rows ``(V / world, H)`` and the vocabulary index of the first."""
+        return local_vocab_rows(self.parts.output_weight, self.parts.embed.num_embeddings, self.group)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The whole ``(B, T, V)`` logits on every rank: each rank's ``(B, T, V / world)`` slice, gathered."""
+        weight, _ = self.local_weight()
+        return vocab_parallel_logits(hidden, weight, group=self.group, scale=self.parts.logit_scale)  # (B, T, V)
+
+    def token_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        """``GPTLossHead.token_loss`` with each rank's vocabulary rows (``vocab_parallel_cross_entropy_sum``)."""
+        p = self.parts
+        weight, vocab_start = self.local_weight()
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+        flat_labels = labels.reshape(-1)  # (B*T,)
+        total = vocab_parallel_cross_entropy_sum(
+            flat,
+            weight,
+            flat_labels,
+            vocab_start=vocab_start,
+            group=self.group,
+            chunk_size=p.chunk_size,
             scale=p.logit_scale,
         )
         return total / ctx.label_count((flat_labels != IGNORE_INDEX).sum())

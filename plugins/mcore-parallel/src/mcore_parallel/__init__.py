@@ -1,4 +1,4 @@
-"""mcore-parallel: replicated and tensor-parallel layouts (``ddp`` now; ``tp`` and sequence parallel next).
+"""mcore-parallel: replicated and tensor-parallel layouts (``ddp``, ``tp``; sequence parallel next).
 
 Importing this package imports no torch module (the plugin registry lists it cheaply);
 the names below load on first use.
@@ -12,6 +12,7 @@ from mcore_parallel.__about__ import __version__
 
 _LAZY = {
     "DDPLayout": "mcore_parallel.ddp",
+    "TPLayout": "mcore_parallel.tp",
 }
 
 __all__ = ["__version__", *_LAZY]

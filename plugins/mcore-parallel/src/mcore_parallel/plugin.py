@@ -1,4 +1,4 @@
-"""Registers the ``ddp`` layout with mcore (a lazy reference: no torch import)."""
+"""Registers the ``ddp`` and ``tp`` layouts with mcore (a lazy reference: no torch import)."""
 
 from __future__ import annotations
 
@@ -16,4 +16,10 @@ def mcore_register(registry: Any) -> None:
         "ddp",
         "mcore_parallel.ddp:DDPLayout",
         summary="replicated data parallel over dp_replicate: bucketed gradients reduced during backward (ZeRO-1 base)",
+    )
+    registry.add(
+        "layout",
+        "tp",
+        "mcore_parallel.tp:TPLayout",
+        summary="tensor parallel over tp: column/row linears, vocab-parallel embedding and loss, from ParamSpec.tp",
     )

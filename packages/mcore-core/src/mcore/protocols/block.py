@@ -279,6 +279,10 @@ class BlockContext:
         precision: the run's ``PrecisionRecipe`` (set by the run loop), for blocks whose GEMMs the
             recipe may take over without the block importing the recipe's plugin (MoE experts:
             ``mcore.precision.grouped.grouped_linear``); ``None``: plain GEMMs.
+        head_group: the ranks that hold the other heads of every layer (tensor parallelism, set by
+            the layout that splits heads); ``None``: this rank holds all of them. A tensor every
+            head reads but that is computed before the heads split (MLA's shared rope key) goes
+            through ``share_across_heads``.
         loss_group: the ranks that hold parts of this micro-batch (a ``BatchShardingLayout``'s
             ``loss_group()``, set by the run loop); ``None``: this call holds all of it. The loss
             divides its sum by ``label_count``, so the ranks' losses add up to the batch mean.
@@ -295,6 +299,7 @@ class BlockContext:
     extra: Mapping[str, Any] = field(default_factory=dict)
     attention: AttentionBackend | None = None
     precision: PrecisionRecipe | None = None
+    head_group: ProcessGroup | None = None
     loss_group: ProcessGroup | None = None
 
     def __post_init__(self) -> None:
@@ -307,6 +312,15 @@ class BlockContext:
     def for_layer(self, index: int, *, extra: Mapping[str, Any] | None = None) -> BlockContext:
         """The view a model gives its layer ``index``: this view with ``extra`` added to its map."""
         return replace(self, layer_index=index, extra={**self.extra, **extra} if extra else self.extra)
+
+    def share_across_heads(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` unchanged, with its gradient summed over ``head_group`` in backward: each rank's
+        heads give part of the gradient of a tensor all heads read (identity without a group)."""
+        if self.head_group is None:
+            return tensor
+        from mcore.tp_regions import sum_grad_over
+
+        return sum_grad_over(tensor, self.head_group)
 
     def label_count(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` (a 0-d count of this call's non-ignored labels) summed over ``loss_group``: what a

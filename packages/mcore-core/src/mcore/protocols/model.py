@@ -33,6 +33,12 @@ class LossHead(Protocol):
           ``ctx.label_count(local_count)`` (the count of non-ignored labels over every rank of
           ``ctx.loss_group``: the per-rank losses of a micro-batch a layout split add up to its
           mean), plus the MTP losses likewise. Auxiliary losses are the model's, not the head's.
+        * optional ``vocab_parallel(group) -> LossHead``: the same head for an output weight a
+          ``tp`` layout has split by rows over ``group`` (a ``Shard(0)`` ``DTensor``, or the
+          rank's rows): it computes each token's loss with
+          ``mcore.vocab_parallel.vocab_parallel_cross_entropy_sum`` (no rank forms the full
+          logits) and, without labels, returns the full logits (gathered over ``group``). The
+          layout calls it after sharding; a head without it keeps its output weight whole.
     """
 
     def __call__(

@@ -14,6 +14,7 @@ otherwise; see ``mcore_models.attention_backends``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -95,13 +96,19 @@ class Attention(Block):
     def param_specs(self) -> dict[str, ParamSpec]:
         """``q``, ``k``, ``v`` rows (and bias entries) are heads of ``head_dim`` rows each; ``out`` is a plain
         matrix. Inits: normal(``init_std``) for q/k/v, normal(``output_init_std``) for ``out``, zero biases
-        (the QK-norms declare their own)."""
+        (the QK-norm scales are ones). Tensor parallelism: q/k/v ``column`` in whole heads (``forward``
+        counts heads with ``-1``), ``out`` ``row`` (its bias ``replicate``); the QK-norm scales ``partial``
+        (whole on every rank, each rank's gradient from its own heads: the layout sums them)."""
         specs: dict[str, ParamSpec] = {}
+        std = self.shared.init_std
         for name in ("q", "k", "v"):
             specs |= prefixed(
-                name, linear_specs(getattr(self, name), "matrix", self.shared.init_std, head_rows=self.head_dim)
+                name, linear_specs(getattr(self, name), "matrix", std, head_rows=self.head_dim, tp="column")
             )
-        return specs | prefixed("out", linear_specs(self.out, "matrix", self.shared.out_std))
+        for name in ("q_norm", "k_norm"):  # the norm's own declaration, its gradient summed over the head ranks
+            own: dict[str, ParamSpec] = getattr(getattr(self, name), "param_specs", dict)()
+            specs |= prefixed(name, {key: dataclasses.replace(spec, tp="partial") for key, spec in own.items()})
+        return specs | prefixed("out", linear_specs(self.out, "matrix", self.shared.out_std, tp="row"))
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         batch, seq, _ = hidden.shape

@@ -90,11 +90,19 @@ def project(hidden: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.
     return [linear(hidden) for linear in linears]
 
 
-def linear_specs(linear: nn.Linear, role: str, std: float, *, head_rows: int | None = None) -> dict[str, ParamSpec]:
-    """``weight`` (``role``, normal(0, ``std``)) and, if any, ``bias`` (zeros) of ``linear``, by name under it."""
-    specs = {"weight": ParamSpec(role, head_rows=head_rows, init=Init("normal", std=std))}
+def linear_specs(
+    linear: nn.Linear, role: str, std: float, *, head_rows: int | None = None, tp: str | None = None
+) -> dict[str, ParamSpec]:
+    """``weight`` (``role``, normal(0, ``std``)) and, if any, ``bias`` (zeros) of ``linear``, by name under it.
+
+    ``tp``: how tensor parallelism splits the weight (``mcore.params.TP_STYLES``). The bias follows it:
+    ``column`` for a column-parallel weight (its outputs are split), ``replicate`` for a row-parallel one
+    (added once, after the partial outputs are summed) or a replicated one.
+    """
+    specs = {"weight": ParamSpec(role, head_rows=head_rows, init=Init("normal", std=std), tp=tp)}
     if linear.bias is not None:
-        specs["bias"] = ParamSpec("bias", head_rows=head_rows, init=Init("zeros"))
+        bias_tp = None if tp is None else "column" if tp == "column" else "replicate"
+        specs["bias"] = ParamSpec("bias", head_rows=head_rows, init=Init("zeros"), tp=bias_tp)
     return specs
 
 

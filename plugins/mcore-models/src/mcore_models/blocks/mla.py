@@ -101,25 +101,30 @@ class MLA(Block):
     def param_specs(self) -> dict[str, ParamSpec]:
         """``q_up`` and ``kv_up`` rows are per head (``[nope | rope]``, ``[k | v]``); ``kv_down`` rows are
         ``[latent | rope key]`` (``mcore.params``). Inits: normal(``init_std``), the output projection
-        normal(``output_init_std``); the latent norms declare their own."""
+        normal(``output_init_std``); the latent norms declare their own. Tensor parallelism splits the
+        heads after the latent projections (as Megatron does): ``q_down``, ``kv_down`` and the latent
+        norms ``replicate``, ``q_up`` and ``kv_up`` ``column`` in whole heads, ``out`` ``row``."""
         cfg = self.config
         dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         std = Init("normal", std=self.shared.init_std)
+        latent = (("latent", cfg.kv_lora_rank), ("k_rope", dr))
         specs = {
-            "q_up.weight": ParamSpec("matrix", head_rows=dn + dr, init=std),
-            "kv_down.weight": ParamSpec("matrix", splits=(("latent", cfg.kv_lora_rank), ("k_rope", dr)), init=std),
-            "kv_up.weight": ParamSpec("matrix", head_rows=dn + dv, init=std),
-            "out.weight": ParamSpec("matrix", init=Init("normal", std=self.shared.out_std)),
+            "q_up.weight": ParamSpec("matrix", head_rows=dn + dr, init=std, tp="column"),
+            "kv_down.weight": ParamSpec("matrix", splits=latent, init=std, tp="replicate"),
+            "kv_up.weight": ParamSpec("matrix", head_rows=dn + dv, init=std, tp="column"),
+            "out.weight": ParamSpec("matrix", init=Init("normal", std=self.shared.out_std), tp="row"),
         }
         if isinstance(self.q_down, nn.Linear):
-            specs["q_down.weight"] = ParamSpec("matrix", init=std)
+            specs["q_down.weight"] = ParamSpec("matrix", init=std, tp="replicate")
         return specs
 
     def _queries(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[no-untyped-def]
         cfg = self.config
         batch, seq, _ = hidden.shape
-        q = self.q_up(self.q_norm(self.q_down(hidden))).view(batch, seq, cfg.num_heads, -1)  # (B, T, nh, dn+dr)
-        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        dn, dr = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        # heads counted with -1: a tensor-parallel rank holds some of them (q_up column-parallel)
+        q = self.q_up(self.q_norm(self.q_down(hidden))).view(batch, seq, -1, dn + dr)  # (B, T, nh, dn+dr)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
         latent, k_pe = self.kv_down(hidden).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = self.kv_norm(latent)  # (B, T, c)
         q_pe, k_pe = apply_rope(q_pe.contiguous(), k_pe.reshape(batch, seq, 1, -1), cos, sin)  # (B,T,nh,dr), (B,T,1,dr)
@@ -128,10 +133,15 @@ class MLA(Block):
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         cfg = self.config
         batch, seq, _ = hidden.shape
-        nh, dn, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        dn, dv = cfg.qk_nope_head_dim, cfg.v_head_dim
         cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, dr/2)
         q_nope, q_pe, latent, k_pe = self._queries(hidden, cos, sin)
-        k_nope, v = self.kv_up(latent).view(batch, seq, nh, dn + dv).split([dn, dv], dim=-1)  # (B, T, nh, dn|dv)
+        # the rope key is computed once and read by every head: with heads split over ranks its gradient
+        # is summed over them (identity without tensor parallelism)
+        k_pe = ctx.share_across_heads(k_pe)
+        # nh: the heads this module holds (all of them, or a tensor-parallel rank's share)
+        k_nope, v = self.kv_up(latent).view(batch, seq, -1, dn + dv).split([dn, dv], dim=-1)  # (B, T, nh, dn|dv)
+        nh = k_nope.shape[2]
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, nh, dn+dr)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(batch, seq, nh, -1)], dim=-1)  # (B, T, nh, dn+dr)
         window = cfg.sliding_window
@@ -151,7 +161,7 @@ class MLA(Block):
         """
         cfg = self.config
         batch, seq, _ = hidden.shape
-        nh, dn, dv, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        dn, dv, c = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         past = 0 if cache is None else cache[0].shape[1]
         positions = ctx.positions
         if positions is None:
@@ -160,7 +170,8 @@ class MLA(Block):
         q_nope, q_pe, latent, k_pe = self._queries(hidden, cos, sin)
         if cache is not None:
             latent, k_pe = torch.cat([cache[0], latent], dim=1), torch.cat([cache[1], k_pe], dim=1)  # (B, S, c|dr)
-        w_uk, w_uv = self.kv_up.weight.view(nh, dn + dv, c).split([dn, dv], dim=1)  # (nh, dn, c), (nh, dv, c)
+        w_uk, w_uv = self.kv_up.weight.view(-1, dn + dv, c).split([dn, dv], dim=1)  # (nh, dn, c), (nh, dv, c)
+        nh = w_uk.shape[0]  # the heads held (a tensor-parallel rank's share)
         q_latent = torch.einsum("btnd,ndc->bntc", q_nope, w_uk)  # (B, nh, T, c)
         q = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1)  # (B, nh, T, c+dr)
         k = torch.cat([latent, k_pe], dim=-1)[:, None]  # (B, 1, S, c+dr)

@@ -54,11 +54,12 @@ def check_mlp(config: MLPConfig) -> None:
 
 def _specs(block: Any, inputs: tuple[str, ...]) -> dict[str, ParamSpec]:
     """Each projection a plain ``matrix`` (no fused rows), its bias (if any) a zero ``bias``; the input
-    projections start normal(``init_std``), ``down`` normal(``output_init_std``)."""
+    projections start normal(``init_std``), ``down`` normal(``output_init_std``). Tensor parallelism:
+    the input projections ``column`` (each rank its own F features), ``down`` ``row``."""
     specs: dict[str, ParamSpec] = {}
     for name in inputs:
-        specs |= prefixed(name, linear_specs(getattr(block, name), "matrix", block.shared.init_std))
-    return specs | prefixed("down", linear_specs(block.down, "matrix", block.shared.out_std))
+        specs |= prefixed(name, linear_specs(getattr(block, name), "matrix", block.shared.init_std, tp="column"))
+    return specs | prefixed("down", linear_specs(block.down, "matrix", block.shared.out_std, tp="row"))
 
 
 def _matmul_size(linear: nn.Linear) -> int:

@@ -58,8 +58,9 @@ class MTP(Block):
 
     def param_specs(self) -> dict[str, ParamSpec]:
         """``proj`` is a hidden matrix (its columns are ``[embedding | hidden]``); the norms and the
-        layer declare their own (``mcore.params``)."""
-        return {"proj.weight": ParamSpec("matrix", init=Init("normal", std=self.shared.init_std))}
+        layer declare their own (``mcore.params``). Tensor parallelism: ``proj`` ``replicate`` (whole on
+        every rank: it maps the whole hidden states to the whole input of the depth's layer)."""
+        return {"proj.weight": ParamSpec("matrix", init=Init("normal", std=self.shared.init_std), tp="replicate")}
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         embedded = ctx.extra[NEXT_EMBEDDINGS]  # (B, T, H)

@@ -44,8 +44,8 @@ class RMSNorm(Block):
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        """The scale: ones (zeros when stored as ``gamma - 1``)."""
-        return {"weight": ParamSpec("norm", init=_scale_init(self.config.zero_centered_gamma))}
+        """The scale: ones (zeros when stored as ``gamma - 1``); replicated under tensor parallelism."""
+        return {"weight": ParamSpec("norm", init=_scale_init(self.config.zero_centered_gamma), tp="replicate")}
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         return rms_norm(hidden, self.weight, self.eps, self.offset)  # (..., H)
@@ -78,9 +78,9 @@ class LayerNorm(Block):
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        specs = {"weight": ParamSpec("norm", init=_scale_init(self.config.zero_centered_gamma))}
+        specs = {"weight": ParamSpec("norm", init=_scale_init(self.config.zero_centered_gamma), tp="replicate")}
         if self.bias is not None:
-            specs["bias"] = ParamSpec("bias", init=Init("zeros"))
+            specs["bias"] = ParamSpec("bias", init=Init("zeros"), tp="replicate")
         return specs
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:

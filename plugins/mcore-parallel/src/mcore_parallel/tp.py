@@ -1,0 +1,227 @@
+"""Layout ``tp``: Megatron-style tensor parallelism over the ``tp`` mesh dimension, applied from outside the model.
+
+Each block declares how its parameters split (``mcore.params.ParamSpec.tp``); ``tp_plan`` reads the
+declarations and checks every size before anything is touched; this module carries the plan out:
+
+* ``column`` linears: torch's ``ColwiseParallel`` (weight and bias ``Shard(0)``; the block sees its
+  local slice of the outputs and counts heads with ``-1``); ``row`` linears: ``RowwiseParallel``
+  (weight ``Shard(1)``, output summed over the group and handed on as a local, whole tensor);
+* ``vocab`` embeddings: a ``Shard(0)`` weight and a vocab-parallel lookup (``tp_modules``); the
+  output head's weight ``Shard(0)`` and the model's loss head swapped for
+  ``model.loss_head.vocab_parallel(group)`` when it has one (else the head stays whole);
+* GQA key/value projections with fewer heads than ranks: whole on every rank, each rank projecting
+  with its query heads' key/value head (``tp_modules.HeadSliceLinear``). Each rank's gradient of
+  such a weight holds its query heads' contribution to the rows of that head and zeros elsewhere,
+  so their sum over the group (``finish_grad_sync``; deferred under ``no_grad_sync``) is the
+  single-process gradient, the same on every rank; the global norm then counts the plain tensor
+  once (the default);
+* ``replicate`` parameters (norm scales, biases after a reduction, MLA latent projections) stay
+  plain tensors: without sequence parallelism their inputs and output gradients are whole and
+  equal on every rank, so their gradients are too.
+
+* ``partial`` parameters (QK-norm scales: whole, each rank's gradient from its own heads) stay
+  plain tensors, their gradients summed over the group in ``finish_grad_sync``; a tensor a block
+  computes before its heads split and every head reads (MLA's rope key) has its gradient summed
+  through ``BlockContext.share_across_heads``: the layout is a ``BatchShardingLayout`` whose
+  ``shard_batch`` only puts the group in the context (``head_group``; the loss is not split).
+
+Every rank of the group reads the same batch (``data_parallel()`` is ``1``). ``apply`` works on a
+model on the meta device (it only records placements), and ``mcore.construct.init_params`` fills each
+rank's shard and the whole plain tensors with the single-process build's values.
+
+Later increments (issue 15): sequence parallelism as an option of this layout
+(``[parallel.tp] sequence_parallel``), ``["tp", "fsdp"]``, communication overlap. A data-parallel
+layout listed after ``tp`` works on each rank's local shards (``["tp", "ddp"]`` needs ``ddp`` to
+accept DTensor parameters and reduce their local shards over ``dp_replicate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from mcore.protocols.block import BlockContext
+from mcore.protocols.layout import DataParallelInfo
+from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding, swap_class
+from mcore_parallel.tp_plan import TPPlan, plan_tp
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from mcore.mesh import ParallelMesh
+    from mcore.protocols.precision import PrecisionRecipe
+
+DIM = "tp"
+
+
+class TPLayout:
+    """Tensor parallelism over ``tp`` from the model's ``ParamSpec.tp`` declarations (module docstring)."""
+
+    name: ClassVar[str] = "tp"
+    mesh_dims: ClassVar[tuple[str, ...]] = (DIM,)
+    #: ``apply`` only records placements on a meta model; ``mcore.construct.init_params`` fills each shard
+    supports_meta_init: ClassVar[bool] = True
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        sequence_parallel: bool = False
+        """Norms, residual adds and dropout on sequence shards (not yet: false only)."""
+
+        def __post_init__(self) -> None:
+            if not isinstance(self.sequence_parallel, bool):
+                raise ValueError(f"parallel.tp.sequence_parallel = {self.sequence_parallel!r}; allowed: true or false")
+            if self.sequence_parallel:
+                raise ValueError("parallel.tp.sequence_parallel = true is not yet supported; allowed: false")
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or type(self).Config()
+        self._mesh: ParallelMesh | None = None
+        self._plan: TPPlan | None = None
+        self._summed: list[nn.Parameter] = []
+        self._sync = True
+
+    # -- apply -----------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
+        tp = mesh.size(DIM)
+        loss_head = getattr(model, "loss_head", None)
+        vocab_parallel = callable(getattr(loss_head, "vocab_parallel", None))
+        plan = plan_tp(model, tp, vocab_parallel_loss=vocab_parallel)  # every check, before anything changes
+        self._mesh, self._plan = mesh, plan
+        if tp == 1:
+            return model  # the plain model: nothing to split, nothing to reduce
+        device_mesh, group, rank = mesh.submesh([DIM]), mesh.group(DIM), mesh.rank(DIM)
+        assert device_mesh is not None
+        owners = _owners(model)
+        for path in plan.colwise:
+            _parallelize(model, path, device_mesh, ColwiseParallel(), owners)
+        for path in plan.rowwise:
+            _parallelize(model, path, device_mesh, RowwiseParallel(), owners)
+        for path in plan.vocab_embeddings:
+            embedding = model.get_submodule(path)
+            assert isinstance(embedding, nn.Embedding)
+            _shard_rows(embedding.weight, device_mesh, owners)
+            start = rank * (embedding.num_embeddings // tp)
+            swap_class(embedding, VocabShardEmbedding, tp_group=group, vocab_start=start)
+        for name in plan.vocab_shards:
+            _shard_rows(model.get_parameter(name), device_mesh, owners)
+        for path, (heads, head_rows) in plan.head_slices.items():
+            linear = model.get_submodule(path)
+            head = rank * heads // tp  # query heads split contiguously: rank r's read this key/value head
+            swap_class(linear, HeadSliceLinear, tp_group=group, rows=(head * head_rows, (head + 1) * head_rows))
+            self._summed.extend(p for p in linear.parameters(recurse=False) if p.requires_grad)
+        for name in plan.summed:  # whole on every rank, each rank's gradient from its own heads
+            param = model.get_parameter(name)
+            if param.requires_grad:
+                self._summed.append(param)
+        if vocab_parallel:
+            model.loss_head = loss_head.vocab_parallel(group)  # type: ignore[union-attr]
+        return model
+
+    # -- the context: the ranks holding the other heads --------------------------------------------
+    def shard_batch(
+        self, tokens: torch.Tensor, labels: torch.Tensor, ctx: BlockContext
+    ) -> tuple[torch.Tensor, torch.Tensor, BlockContext]:
+        """Every rank computes the whole batch; the context names the group that holds the other heads
+        (``BlockContext.head_group``: a tensor all heads read gets its gradient summed over it)."""
+        group = self._require_mesh().group(DIM)
+        return tokens, labels, ctx if group is None else dataclasses.replace(ctx, head_group=group)
+
+    def loss_group(self) -> None:
+        """The loss is not split: every rank computes all of it."""
+        return None
+
+    @property
+    def plan(self) -> TPPlan:
+        """What ``apply`` did to each module (``tp_plan.TPPlan``)."""
+        if self._plan is None:
+            raise RuntimeError(f"layout {self.name!r}: apply() has not been called")
+        return self._plan
+
+    # -- per step --------------------------------------------------------------------------------
+    def data_parallel(self) -> DataParallelInfo:
+        """Every rank of the group reads the same batch."""
+        return DataParallelInfo(rank=0, size=1)
+
+    @contextlib.contextmanager
+    def no_grad_sync(self) -> Iterator[None]:
+        before = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = before
+
+    def finish_grad_sync(self) -> None:
+        """Sum over the group the gradients of key/value projections kept whole (GQA, ``kv_heads < tp``)
+        and of ``partial`` parameters (QK-norm scales)."""
+        if not self._sync or not self._summed:
+            return
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self._summed:
+            if p.grad is None:  # unused on this rank: it still takes part in the sum
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        group = self._require_mesh().group(DIM)
+        for params in by_dtype.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+            dist.all_reduce(flat, group=group)
+            for p, part in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(part.view_as(p))  # type: ignore[union-attr]
+
+    def state_dict_options(self) -> dict[str, Any]:
+        """Split parameters are DTensors: saved sharded, resharded on load; plain ones are saved once."""
+        return {"full_state_dict": False, "cpu_offload": False}
+
+    def grad_norm_replicas(self, name: str, param: torch.Tensor) -> int | None:
+        """The default: DTensors by their placements, plain tensors (equal on every rank after
+        ``finish_grad_sync``) once."""
+        return None
+
+    def _require_mesh(self) -> ParallelMesh:
+        if self._mesh is None:
+            raise RuntimeError(f"layout {self.name!r}: apply() has not been called")
+        return self._mesh
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every ``(module, attribute)`` holding each parameter (a tied weight has several)."""
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((module, key))
+    return out
+
+
+def _rebind(old: torch.Tensor, new: nn.Parameter, owners: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    for module, key in owners.get(id(old), []):
+        module.register_parameter(key, new)
+    owners[id(new)] = owners.pop(id(old), [])
+
+
+def _shard_rows(param: torch.Tensor, device_mesh: DeviceMesh, owners: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Replace ``param`` (in every module holding it) by its ``Shard(0)`` DTensor over ``device_mesh``."""
+    new = nn.Parameter(distribute_tensor(param.data, device_mesh, [Shard(0)]), requires_grad=param.requires_grad)
+    _rebind(param, new, owners)
+
+
+def _parallelize(
+    model: nn.Module, path: str, device_mesh: DeviceMesh, style: Any, owners: dict[int, list[tuple[nn.Module, str]]]
+) -> None:
+    """Apply a torch parallel style to the module at ``path``, keeping any other holder of its parameters tied."""
+    module = model.get_submodule(path)
+    before = dict(module._parameters)
+    parallelize_module(module, device_mesh, style)
+    for key, old in before.items():
+        new = module._parameters.get(key)
+        if old is not None and new is not None and new is not old:
+            _rebind(old, new, owners)
