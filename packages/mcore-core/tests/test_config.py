@@ -66,7 +66,7 @@ def test_unknown_key_in_implementation_section(host):
         resolve(host, "--model.hiden_size=64")
     assert str(err.value).startswith("unknown key 'model.hiden_size' (value '64'); model 'reference-tiny' (")
     assert str(err.value).endswith("did you mean 'hidden_size'?")
-    assert "allows: ffn_size, hidden_size, max_seq_len" in str(err.value)
+    assert "allows: ffn_size, fused, hidden_size, max_seq_len" in str(err.value)
 
 
 def test_unknown_key_in_core_section(host):

@@ -108,7 +108,10 @@ def test_user_overrides_first_match_wins_and_keep_splits() -> None:
         ({"role": "matrix", "splits": (("q", 4), ("q", 4))}, r"split names must be distinct"),
         ({"role": "matrix", "splits": (("q", 4), ("k", 3)), "head_rows": 2}, r"head_rows = 2 does not divide .*'k'"),
         ({"role": "matrix", "head_rows": 0}, r"head_rows = 0; allowed: a positive int or None"),
-        ({"role": "matrix", "tp": "colwise"}, r"tp = 'colwise'; allowed: column, row, vocab, replicate or None"),
+        (
+            {"role": "matrix", "tp": "colwise"},
+            r"tp = 'colwise'; allowed: column, row, vocab, replicate, partial or None",
+        ),
     ],
 )
 def test_spec_validation(kwargs: dict, message: str) -> None:

@@ -117,3 +117,34 @@ def test_a_kernel_reading_fake_memory_is_a_user_error() -> None:
     config = resolve_config({**RAW, "model": {**RAW["model"], "name": "storage-reading"}}, host)
     with pytest.raises(UserError, match="cannot run model 'storage-reading' on storage-less tensors"):
         plan_memory(config, host)
+
+
+class TPPlugin:
+    """A layout that owns ``tp`` (the planner reads its ``mesh_dims`` and the model's declarations)."""
+
+    MCORE_PLUGIN_API = 1
+
+    @hookimpl
+    def mcore_register(self, registry: Any) -> None:
+        class TP:
+            name = "test-tp"
+            mesh_dims = ("tp",)
+
+        registry.add("layout", "test-tp", TP)
+
+
+def test_plan_under_tp_splits_only_the_declared_parameters() -> None:
+    from mcore_testing.reference import TinyConfig, TinyTransformer
+
+    host = isolated_host("mcore_testing.plugin", TPPlugin())
+    raw = {**RAW, "model": {**RAW["model"], "fused": False}}
+    base = plan_memory(resolve_config(raw, host), host)
+    split = plan_memory(resolve_config({**raw, "parallel": {"layouts": ["test-tp"]}}, host), host, world_size=2)
+    model = TinyTransformer(TinyConfig(**{k: v for k, v in raw["model"].items() if k != "name"}))
+    # norm scales stay whole, and the head: the reference model has no vocab-parallel loss head
+    whole = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1 or n == "lm_head.weight")
+    total = sum(p.numel() for p in model.parameters())
+    want = base.params * ((total - whole) / 2 + whole) / total
+    assert split.params == pytest.approx(want, rel=1e-6) and base.params / 2 < split.params < base.params
+    assert split.activations == base.activations  # no sequence parallelism: the hidden states stay whole
+    assert any("under tp 2 a rank holds" in a for a in split.assumptions)

@@ -5,7 +5,7 @@ On two ranks: buckets issued during backward (and not with ``overlap = false``),
 ``no_grad_sync`` equal to one big batch across ``zero_grad`` (both kinds), a bf16 reduction within
 bf16 tolerance, parameters without gradient (on every rank, or on one) reduced as zeros without a
 hang, frozen parameters skipped, a model on the meta device initialised after ``apply``, a second
-synchronised backward refused, DTensor parameters refused.
+synchronised backward refused, a DTensor parameter over ``dp_replicate`` refused.
 """
 
 from __future__ import annotations
@@ -184,13 +184,19 @@ def case_second_synchronised_backward_refused() -> None:
     layout.finish_grad_sync()  # the collectives issued are still waited for: the group stays usable
 
 
-def case_dtensor_refused() -> None:
+def case_dtensor_over_dp_replicate_refused() -> None:
+    """A DTensor already spread over dp_replicate is refused (DTensors over tp are accepted: test_tp_ddp)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = build_mesh(("dp_replicate",), {}, fill="dp_replicate", device_type="cpu")
     model = nn.Linear(4, 4, bias=False)
     model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh.submesh(["dp_replicate"]), [Shard(0)]))
-    with pytest.raises(ValueError, match=r"parameter 'weight' is a DTensor .*\['tp', 'ddp'\]") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"^parameter 'weight' is a DTensor over mesh dims \('dp_replicate',\) \(placements \(Shard\(dim=0\),\)\), "
+        r"which span ranks of 'dp_replicate'; allowed: plain parameters or DTensors over dims other than "
+        r"'dp_replicate' \(list 'ddp' after 'tp': \['tp', 'ddp'\]\)$",
+    ) as info:
         DDPLayout().apply(model, mesh)
     assert "\n" not in str(info.value)
 
@@ -203,7 +209,7 @@ CASES: list[Callable[[], None]] = [
     case_frozen_parameters_skipped,
     case_meta_init,
     case_second_synchronised_backward_refused,
-    case_dtensor_refused,
+    case_dtensor_over_dp_replicate_refused,
 ]
 
 

@@ -1,8 +1,10 @@
 """Layout ``ddp``: replicated data parallelism over ``dp_replicate``, and the base of ZeRO-1.
 
-Every rank holds every parameter (plain tensors); gradients live in flat buckets (``buckets``)
-reduced during backward (``reducer``) and averaged over the ``dp_replicate`` group by
-``finish_grad_sync``. An optimizer that shards its state asks ``shard_grads()`` at build time
+Every rank of the group holds the same parameters (plain tensors, or the same tensor-parallel
+shards: see Composition); gradients live in flat buckets (``buckets``)
+reduced during backward (``reducer``) and averaged over the ``dp_replicate`` group by the end of
+the synchronised backward (or by ``finish_grad_sync`` when none ran it), so that another layout's
+``finish_grad_sync`` (``tp``'s sums over its group) finds them final whatever the order. An optimizer that shards its state asks ``shard_grads()`` at build time
 (``mcore.protocols.sharded_grads``): from then on the buckets are reduce-scattered and the
 optimizer calls ``gather_params()`` after its update.
 
@@ -11,11 +13,18 @@ meta device (``supports_meta_init``) at first use (the first forward, ``shard_gr
 ``finish_grad_sync``), after ``mcore.construct.init_params`` has allocated the parameters (it keeps
 their identity). ``apply`` on meta only plans; nothing is allocated until then.
 
-Composition: ``ddp`` takes plain parameters. A parameter that is already a ``DTensor`` (``tp``,
-``fsdp`` applied before) is refused for now with one line; when ``tp`` lands, ``ddp`` will come
-after it (``["tp", "ddp"]``, as ``["tp", "fsdp"]``: the data-parallel layout last, over each rank's
-local shards). A layout listed after ``ddp`` must not replace parameters; the first forward checks
-that the model still holds the parameters ``ddp`` bucketed.
+Composition: ``ddp`` is the data-parallel layout listed last (``["tp", "ddp"]``: tensor parallel
+inside, replicated data parallel outside). A parameter that a layout before it made a ``DTensor``
+over dimensions other than ``dp_replicate`` (``tp``'s ``Shard(0)``/``Shard(1)`` weights) is bucketed
+by its local shard and that shard is reduced over ``dp_replicate`` (the ranks of the group hold the
+same part); its ``.grad`` stays a ``DTensor`` with the parameter's mesh and placements, its local
+tensor the bucket view (``buckets``), so the global norm and checkpoints see the layout ``tp`` made.
+A ``DTensor`` over a mesh that includes ranks of this rank's ``dp_replicate`` group is refused with
+one line. ZeRO-1 with ``DTensor`` parameters is declined (``shard_grads`` answers ``None``, as the
+protocol allows): ``ShardPiece`` numbers a whole parameter's elements, and the optimizer's state
+format has no place for a tensor-parallel shard yet; gradients are then all-reduced as without
+ZeRO-1. A layout listed after ``ddp`` must not replace parameters; the first forward checks that
+the model still holds the parameters ``ddp`` bucketed.
 """
 
 from __future__ import annotations
@@ -27,13 +36,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mcore.errors import UserError
 from mcore.protocols.layout import DataParallelInfo
 from mcore.protocols.sharded_grads import GradShards, ShardPiece
-from mcore_parallel.buckets import Bucket, plan_buckets
+from mcore_parallel.buckets import Bucket, local, plan_buckets
 from mcore_parallel.reducer import Reducer
 
 if TYPE_CHECKING:
@@ -86,16 +96,11 @@ class DDPLayout:
     # -- apply -----------------------------------------------------------------------------------
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        for n, p in named:
-            if isinstance(p, DTensor):
-                raise ValueError(
-                    f"parameter {n!r} is a DTensor (placements {tuple(p.placements)}, from a layout applied before "
-                    "'ddp'); allowed for now: plain parameters ('ddp' over tp shards, ['tp', 'ddp'], comes with 'tp')"
-                )
+        _refuse_dtensors_over_dp(named, mesh)
         self._model, self._mesh, self._named = model, mesh, named
         self._reduce_dtype = REDUCE_DTYPES[self.config.reduce_dtype] or getattr(precision, "reduce_dtype", None)
         model.register_forward_pre_hook(self._before_forward)
-        if not any(p.is_meta for _, p in named):
+        if not any(local(p).is_meta for _, p in named):
             self._build()
         return model
 
@@ -103,7 +108,7 @@ class DDPLayout:
         """Plan and allocate the buckets and hook the parameters (once, on real parameters)."""
         if self._reducer is not None:
             return self._reducer
-        meta = next((n for n, p in self._named if p.is_meta), None)
+        meta = next((n for n, p in self._named if local(p).is_meta), None)
         if meta is not None:
             raise UserError(
                 f"ddp: parameter {meta!r} is still on the meta device; call mcore.construct.init_params(model, ...) "
@@ -184,9 +189,14 @@ class DDPLayout:
 
     # -- ZeRO-1 ------------------------------------------------------------------------------------
     def shard_grads(self) -> GradShards | None:
-        """Switch to reduce-scatter and hand the optimizer this rank's pieces (same shards when asked again)."""
+        """Switch to reduce-scatter and hand the optimizer this rank's pieces (same shards when asked again).
+
+        ``None`` (declined: gradients stay all-reduced) when a parameter is a ``DTensor``: a piece of a
+        tensor-parallel shard has no place in ``ShardPiece`` nor in the optimizer's state format yet."""
         if self._shards is not None:
             return self._shards
+        if any(isinstance(p, DTensor) for _, p in self._named):
+            return None
         reducer = self._build()
         reducer.shard()
         dp = self.data_parallel()
@@ -226,3 +236,23 @@ class DDPLayout:
         self._require_model()
         assert self._mesh is not None
         return self._mesh
+
+
+def _refuse_dtensors_over_dp(named: list[tuple[str, nn.Parameter]], mesh: ParallelMesh) -> None:
+    """A ``DTensor`` parameter whose mesh holds another rank of this rank's ``dp_replicate`` group is
+    already spread over the data-parallel ranks: reducing its local shard over them would be wrong."""
+    group = mesh.group(DIM)
+    if group is None:
+        return
+    peers = set(dist.get_process_group_ranks(group))
+    for n, p in named:
+        if not isinstance(p, DTensor):
+            continue
+        ranks = set(p.device_mesh.mesh.flatten().tolist())
+        if len(ranks & peers) > 1:
+            dims = p.device_mesh.mesh_dim_names or ()
+            raise ValueError(
+                f"parameter {n!r} is a DTensor over mesh dims {tuple(dims)} (placements {tuple(p.placements)}), "
+                f"which span ranks of {DIM!r}; allowed: plain parameters or DTensors over dims other than {DIM!r} "
+                "(list 'ddp' after 'tp': ['tp', 'ddp'])"
+            )

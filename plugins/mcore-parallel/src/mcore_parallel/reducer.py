@@ -2,24 +2,31 @@
 
 Why it exists: ``buckets`` says where gradients live; this module drives their communication. A
 ``post_accumulate_grad`` hook on every parameter marks it ready once autograd has accumulated its
-gradient into the bucket view; when a bucket's last parameter is ready the bucket's collective is
-issued asynchronously (``async_op=True``) while backward goes on with earlier layers.
-``finish`` issues whatever is left, waits for all of it and divides by the group size.
+gradient into the bucket view (a ``DTensor`` parameter's ``.grad`` is a ``DTensor`` over the view:
+autograd adds into its local tensor in place, and the hook sees it); when a bucket's last
+parameter is ready the bucket's collective is issued asynchronously (``async_op=True``) while
+backward goes on with earlier layers. At the end of that backward (a callback queued on the
+autograd engine by the first hook, as torch DDP does) whatever is left is issued, everything
+waited for and divided by the group size: ``.grad`` is
+final when ``backward()`` returns, before any other layout's ``finish_grad_sync`` reads or writes
+it (``tp`` sums some plain gradients over its group there, in the same buffers; a collective
+still in flight would race with it). ``finish`` does that work itself when no synchronised
+backward ran it (``overlap = false``, or no gradient on this rank), then starts the next step.
 
 Rules that keep ranks in step:
 
 * Buckets are issued strictly in bucket order (a ready bucket waits for the ones before it), on
   every rank, so collectives match across ranks even when a parameter is used on one rank and not
-  on another; buckets holding a parameter that got no gradient are issued by ``finish`` (its range
-  zeroed first), so nothing hangs.
+  on another; buckets holding a parameter that got no gradient are issued at the end of backward
+  or by ``finish`` (its range zeroed first), so nothing hangs.
 * Under ``no_grad_sync`` (``sync = False``) nothing is issued: gradients accumulate in the buffers
   and the next synchronised backward reduces the sum.
 * A gradient that lands in a bucket already issued in this step (a second backward outside
   ``no_grad_sync``, reentrant activation checkpointing) would be lost or corrupt the collective:
-  one-line ``RuntimeError``.
+  one-line ``RuntimeError``. (After a synchronised backward every bucket was issued.)
 
 Sharded (ZeRO-1, after ``shard``): the same buckets are reduce-scattered instead of all-reduced;
-``finish`` leaves in each buffer this rank's range averaged and zeros elsewhere, and
+the end of backward (or ``finish``) leaves in each buffer this rank's range averaged and zeros elsewhere, and
 ``gather_params`` all-gathers the parameters' flat value buffers after the optimizer's update.
 
 The reduce dtype may differ from the parameters' (bf16 reduction of fp32 gradients, fp32 of bf16
@@ -67,6 +74,8 @@ class Reducer:
         self._inflight: list[tuple[Bucket, Any, torch.Tensor]] = []
         self._comm: dict[int, torch.Tensor] = {}  # bucket index -> buffer in the reduce dtype
         self._out: dict[int, torch.Tensor] = {}  # bucket index -> this rank's reduce-scattered range
+        self._queued = False  # the end-of-backward callback is queued for the running backward
+        self._complete = False  # this step's gradients are reduced and averaged
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook(bucket, slot))
             for bucket in buckets
@@ -85,7 +94,7 @@ class Reducer:
 
     # -- backward ------------------------------------------------------------------------------
     def _hook(self, bucket: Bucket, slot: int) -> Any:
-        view = bucket.views[slot]
+        grad = bucket.grads[slot]  # the view, or for a DTensor parameter the DTensor over it
         touched, ready_ = self._touched[bucket.index], self._ready[bucket.index]
 
         def ready(param: nn.Parameter) -> None:
@@ -94,16 +103,20 @@ class Reducer:
                     f"ddp: parameter {bucket.names[slot]!r} got a gradient after its bucket was reduced in this step; "
                     "allowed: one backward outside no_grad_sync() per finish_grad_sync(), non-reentrant checkpointing"
                 )
-            if param.grad is not view:  # dropped (zero_grad) before this backward: .grad is its whole gradient
+            if param.grad is not grad:  # dropped (zero_grad) before this backward: .grad is its whole gradient
                 assert param.grad is not None
-                view.copy_(param.grad)
-                param.grad = view
+                bucket.take(slot)
             touched[slot] = True
             if not self.sync or ready_[slot]:
                 return
             ready_[slot] = True
             self._pending[bucket.index] -= 1
-            if self.overlap and self._pending[bucket.index] == 0:
+            if not self.overlap:
+                return
+            if not self._queued:
+                self._queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            if self._pending[bucket.index] == 0:
                 self._issue_ready()
 
         return ready
@@ -135,8 +148,23 @@ class Reducer:
             work = dist.all_reduce(src, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
             self._inflight.append((bucket, work, src))
 
-    # -- end of step ---------------------------------------------------------------------------
+    # -- end of backward, end of step ----------------------------------------------------------
+    def _end_of_backward(self) -> None:
+        self._queued = False
+        self._reduce_all()
+
     def finish(self) -> None:
+        """This step's gradients reduced and averaged (if the backward did not already), then the next step."""
+        if not self._complete:
+            self._reduce_all()
+        self._complete = self._queued = False  # (a backward that raised never ran its callback)
+        self._next = 0
+        for bucket in self.buckets:
+            self._ready[bucket.index][:] = [False] * len(bucket.params)
+            self._touched[bucket.index][:] = [False] * len(bucket.params)  # in place: the hooks hold the lists
+            self._pending[bucket.index] = len(bucket.params)
+
+    def _reduce_all(self) -> None:
         """Issue the buckets not issued yet (in order), wait for every collective, average."""
         for bucket in self.buckets[self._next :]:  # a parameter without a gradient in this step: zeros
             bucket.bind([slot for slot, done in enumerate(self._touched[bucket.index]) if not done])
@@ -157,11 +185,7 @@ class Reducer:
                     grad.copy_(result)
                 grad.div_(self.size)
         self._inflight.clear()
-        self._next = 0
-        for bucket in self.buckets:
-            self._ready[bucket.index][:] = [False] * len(bucket.params)
-            self._touched[bucket.index][:] = [False] * len(bucket.params)  # in place: the hooks hold the lists
-            self._pending[bucket.index] = len(bucket.params)
+        self._complete = True
 
     # -- ZeRO-1 --------------------------------------------------------------------------------
     def shard(self) -> None:

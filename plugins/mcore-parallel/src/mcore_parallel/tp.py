@@ -31,8 +31,8 @@ rank's shard and the whole plain tensors with the single-process build's values.
 
 Later increments (issue 15): sequence parallelism as an option of this layout
 (``[parallel.tp] sequence_parallel``), ``["tp", "fsdp"]``, communication overlap. A data-parallel
-layout listed after ``tp`` works on each rank's local shards (``["tp", "ddp"]`` needs ``ddp`` to
-accept DTensor parameters and reduce their local shards over ``dp_replicate``).
+layout listed after ``tp`` works on each rank's local shards (``["tp", "ddp"]``: ``ddp`` reduces
+the local shards over ``dp_replicate``).
 """
 
 from __future__ import annotations

@@ -22,9 +22,13 @@ What is modelled, and how:
   says so.
 * Layouts are plugins, so their effect is an assumption stated in the plan: parameters,
   gradients and optimizer state are divided by the product of the sizes of the mesh dims
-  ``dp_shard``, ``tp``, ``pp``, ``ep``; optimizer state also by ``dp_replicate`` when the
-  optimizer says it splits its state over data-parallel replicas; activations by ``tp`` and
-  ``cp`` (sequence split).
+  ``dp_shard``, ``pp``, ``ep``, and by ``tp`` only for the parameters a ``tp`` layout splits (their
+  declared ``ParamSpec.tp`` is ``column``, ``row`` or ``vocab``; norms and other ``replicate`` or
+  ``partial`` parameters stay whole on every tensor-parallel rank); optimizer state also by
+  ``dp_replicate`` when the optimizer says it splits its state over data-parallel replicas;
+  activations by ``cp`` (sequence split) and, under ``tp``, not at all: without sequence
+  parallelism each rank keeps the whole hidden states (only the heads' and the MLP's inner
+  activations split), so the plan is on the safe side there.
 * The peak is taken at the start of backward: parameters + optimizer state + activations +
   the gradient of the largest saved tensor (the backward's first transient); gradients
   replace activations as backward proceeds, so ``max(activations, gradients)`` is used.
@@ -43,13 +47,16 @@ import torch
 from mcore.config import RunConfig
 from mcore.errors import ConfigError, UserError
 from mcore.mesh import order_dims, resolve_sizes
-from mcore.params import collect_param_specs
+from mcore.params import collect_param_specs, tp_style
 from mcore.protocols.block import BlockContext
 from mcore.protocols.optimizer import OptimizerStateSize
 from mcore.train.build import DATA_DIMS, build_model
 from mcore.train.recompute import ATTENTION_NAMES, find_blocks
 
 SHARDING_DIMS = ("dp_shard", "tp", "pp", "ep")
+
+#: ``ParamSpec.tp`` styles a ``tp`` layout splits over its ranks (the others stay whole).
+TP_SPLIT_STYLES = ("column", "row", "vocab")
 
 
 @dataclass
@@ -273,6 +280,28 @@ def optimizer_state(
     )
 
 
+def tp_split_numel(config: RunConfig, host: Any) -> tuple[int, int]:
+    """``(split, whole)``: trainable parameter elements a ``tp`` layout splits over its ranks (declared
+    ``column``/``row``/``vocab``; the output weight only when the model's loss head has
+    ``vocab_parallel``) and those it keeps whole, from the model built on ``meta``."""
+    model, _ = build_model(config, host, "meta")
+    specs = collect_param_specs(model)
+    # the output weight splits only when the model's loss head can compute a vocab-parallel loss
+    vocab_loss = callable(getattr(getattr(model, "loss_head", None), "vocab_parallel", None))
+    tied = not any(spec.role == "head" for spec in specs.values())
+    split = whole = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        spec = specs[name]
+        output = spec.role == "head" or (tied and spec.role == "embedding")
+        if tp_style(spec) in TP_SPLIT_STYLES and (vocab_loss or not output):
+            split += p.numel()
+        else:
+            whole += p.numel()
+    return split, whole
+
+
 def plan_memory(
     config: RunConfig, host: Any, *, world_size: int | None = None, device_memory_gb: float | None = None
 ) -> MemoryPlan:
@@ -283,9 +312,10 @@ def plan_memory(
         sizes = resolve_sizes(order_dims(owned), config.parallel.sizes, world, fill=fill)
     except ValueError as exc:
         raise ConfigError(f"parallel: {exc} (plan for another --world-size?)") from None
+    tp = sizes.get("tp", 1)
     shard = math.prod(sizes.get(d, 1) for d in SHARDING_DIMS)
     dp = math.prod(sizes.get(d, 1) for d in DATA_DIMS)
-    seq_split = sizes.get("tp", 1) * sizes.get("cp", 1)
+    seq_split = sizes.get("cp", 1)
 
     device = (
         "cuda"
@@ -306,11 +336,17 @@ def plan_memory(
         numel, layers, other, largest = fake_forward(config, host, precision, "cpu", B, T)
         notes.append(f"activations measured with the CPU kernels: on {device}, {exc}")
     pbytes = _dtype_bytes(precision.param_dtype)
-    params = numel * pbytes // shard
-    grads = numel * pbytes // shard
+    # the fraction of the parameters a rank of the tp group holds (1 without tp)
+    held = 1.0
+    if tp > 1:
+        split, whole = tp_split_numel(config, host)
+        held = (split / tp + whole) / max(1, split + whole)
+    other_shard = shard // tp
+    params = int(numel * pbytes * held) // other_shard
+    grads = params
     state = optimizer_state(config, host, precision.param_dtype, numel, sharded_params=shard > 1)
-    opt_shard = shard * (sizes.get("dp_replicate", 1) if state.shards_over_dp else 1)
-    optimizer = state.bytes // opt_shard
+    opt_shard = other_shard * (sizes.get("dp_replicate", 1) if state.shards_over_dp else 1)
+    optimizer = int(state.bytes * held) // opt_shard
 
     mode = config.train.recompute
     transient = largest // seq_split
@@ -335,9 +371,19 @@ def plan_memory(
     acts //= seq_split
     peak_acts //= seq_split
     peak = params + optimizer + peak_acts
+    tp_note = (
+        f"; under tp {tp} a rank holds {held:.1%} of them (the declared column/row/vocab parameters split, the rest whole)"
+        if tp > 1
+        else ""
+    )
     assumptions = [
-        f"parameters, gradients and optimizer state divided by {shard} (product of {', '.join(SHARDING_DIMS)} sizes)",
-        f"activations of one micro-batch ({B} x {T} tokens) measured on fake (storage-less) tensors, divided by {seq_split} (tp x cp)",
+        f"parameters, gradients and optimizer state divided by {other_shard} (product of dp_shard, pp, ep sizes){tp_note}",
+        f"activations of one micro-batch ({B} x {T} tokens) measured on fake (storage-less) tensors, divided by {seq_split} (cp)"
+        + (
+            "; not divided by tp (without sequence parallelism every rank keeps the whole hidden states)"
+            if tp > 1
+            else ""
+        ),
         state.assumption,
         "not modelled: allocator fragmentation/caching, layout communication buffers, CUDA context",
         *notes,
