@@ -11,7 +11,6 @@ and tied) gets the split output weight; a model built on the meta device and ini
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,14 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from parallel_run_helpers import corpus as make_corpus
+from parallel_run_helpers import host as make_host
+from parallel_run_helpers import metrics, run_config
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from mcore.config import RunConfig, resolve_config
+from mcore.config import RunConfig
 from mcore.construct import init_params
-from mcore.data.shards import prepare
-from mcore.data.sources import iter_documents
 from mcore.mesh import ParallelMesh, build_mesh
 from mcore.params import ParamSpec
 from mcore.train import run
@@ -235,56 +235,29 @@ STEPS, TOTAL = 3, 5
 
 
 def _config(host: Any, out_dir: Path, corpus: str, *, layouts: list[str], resume: str = "none") -> RunConfig:
-    raw: dict[str, Any] = {
-        "model": {"name": "reference-tiny", "vocab_size": 258, "hidden_size": 32, "max_seq_len": 32, "fused": False},
-        "optimizer": {"name": "reference-adamw", "lr": 3e-3},
-        "parallel": {"layouts": layouts},
-        "train": {
-            "steps": TOTAL,
-            "seq_len": 16,
-            "global_batch_size": 4,
-            "micro_batch_size": 2,
-            "warmup_steps": 1,
-            "grad_clip": 0.5,
-            "deterministic": True,
-            "cpu_threads": 1,
-            "out_dir": str(out_dir),
-            "resume": resume,
-        },
-        "data": {"workers": 0, "source": corpus, "packing": "concat"},
-        "log": {"progress": "none", "tensorboard": False, "plot": False, "every": 1},
-        "checkpoint": {"async_save": False, "save_final": True},
-    }
-    return resolve_config(raw, host)
-
-
-def _host() -> Any:
-    return isolated_host("mcore_testing.plugin", plugin)
-
-
-def _metrics(out_dir: Path) -> dict[int, dict[str, Any]]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "step" in r}
+    update = {"model": {"fused": False}, "parallel": {"layouts": layouts}}
+    return run_config(
+        host, out_dir, corpus, update | {"train": {"steps": TOTAL, "global_batch_size": 4, "resume": resume}}
+    )
 
 
 def _tp2_run(root: str, corpus: str) -> None:
-    host = _host()
+    host = make_host()
     run(_config(host, Path(root) / "tp2", corpus, layouts=["tp"]), host, stop_at_step=STEPS)
     dist.barrier()
 
 
 def test_run_on_tp2_equals_one_process_and_resumes_on_one(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    prepare(iter_documents("stdlib"), corpus, tokenizer_spec="byte", workers=0, max_tokens=20_000)
-    run_distributed(_tp2_run, 2, str(tmp_path), str(corpus), timeout=240)
-    host = _host()
-    one = run(_config(host, tmp_path / "one", str(corpus), layouts=["single"]), host)
-    two, ref = _metrics(tmp_path / "tp2"), _metrics(tmp_path / "one")
+    corpus = make_corpus(tmp_path)
+    run_distributed(_tp2_run, 2, str(tmp_path), corpus, timeout=240)
+    host = make_host()
+    one = run(_config(host, tmp_path / "one", corpus, layouts=["single"]), host)
+    two, ref = metrics(tmp_path / "tp2"), metrics(tmp_path / "one")
     for step in range(1, STEPS + 1):
         for key in ("loss", "grad_norm"):
             assert two[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)
     ckpt = tmp_path / "tp2" / "checkpoints" / f"step_{STEPS:08d}"
-    resumed = run(_config(host, tmp_path / "resumed", str(corpus), layouts=["tp"], resume=str(ckpt)), host)
+    resumed = run(_config(host, tmp_path / "resumed", corpus, layouts=["tp"], resume=str(ckpt)), host)
     assert resumed.start_step == STEPS
     for step in range(STEPS + 1, TOTAL + 1):
         assert resumed.losses[step] == pytest.approx(one.losses[step], rel=1e-5), step

@@ -14,26 +14,24 @@ backend (fast; no C++ toolchain): GQA with kv heads split (``num_kv_heads=2``) a
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from parallel_run_helpers import corpus as make_corpus
+from parallel_run_helpers import host as make_host
+from parallel_run_helpers import metrics, run_config
 from torch.distributed.tensor import DTensor
 
-from mcore.config import RunConfig, resolve_config
-from mcore.data.shards import prepare
-from mcore.data.sources import iter_documents
+from mcore.config import RunConfig
 from mcore.mesh import build_mesh
 from mcore.train import run
 from mcore.train.compile import apply_compile
-from mcore_parallel import plugin
 from mcore_parallel.tp import TPLayout
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding
 from mcore_testing import run_distributed
-from mcore_testing.hosts import isolated_host
 from mcore_testing.numerics import assert_rel_close
 from mcore_testing.reference import TinyConfig, TinyTransformer, tiny_batches
 
@@ -98,41 +96,19 @@ def test_inductor_compiled_blocks_equal_eager_under_tp2() -> None:
 
 # -- the core's run loop: train.compile = "blocks" under parallel.layouts = ["tp"] -------------------------------
 def _config(host: Any, out_dir: Path, corpus: str, compile: str) -> RunConfig:
-    raw: dict[str, Any] = {
-        "model": {
-            "name": "reference-tiny",
-            "vocab_size": 258,
-            "hidden_size": 32,
-            "max_seq_len": 32,
-            "fused": False,
-            "num_kv_heads": 1,
-        },
-        "optimizer": {"name": "reference-adamw", "lr": 3e-3},
+    update = {
+        "model": {"fused": False, "num_kv_heads": 1},
         "parallel": {"layouts": ["tp"]},
-        "train": {
-            "steps": 3,
-            "seq_len": 16,
-            "global_batch_size": 4,
-            "micro_batch_size": 2,
-            "warmup_steps": 1,
-            "grad_clip": 0.5,
-            "deterministic": True,
-            "cpu_threads": 1,
-            "out_dir": str(out_dir),
-            "compile": compile,
-            "compile_backend": "aot_eager",
-        },
-        "data": {"workers": 0, "source": corpus, "packing": "concat"},
-        "log": {"progress": "none", "tensorboard": False, "plot": False, "every": 1},
-        "checkpoint": {"async_save": False, "save_final": False},
+        "train": {"steps": 3, "global_batch_size": 4, "compile": compile, "compile_backend": "aot_eager"},
+        "checkpoint": {"save_final": False},
     }
-    return resolve_config(raw, host)
+    return run_config(host, out_dir, corpus, update)
 
 
 def _eager_then_compiled(root: str, corpus: str) -> None:
     from torch._dynamo.utils import counters
 
-    host = isolated_host("mcore_testing.plugin", plugin)
+    host = make_host()
     run(_config(host, Path(root) / "none", corpus, "none"), host)
     counters.clear()
     run(_config(host, Path(root) / "blocks", corpus, "blocks"), host)
@@ -141,16 +117,10 @@ def _eager_then_compiled(root: str, corpus: str) -> None:
     dist.barrier()
 
 
-def _metrics(out_dir: Path) -> dict[int, dict[str, Any]]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "step" in r}
-
-
 def test_run_loop_compiled_tp2_equals_eager_tp2(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    prepare(iter_documents("stdlib"), corpus, tokenizer_spec="byte", workers=0, max_tokens=20_000)
-    run_distributed(_eager_then_compiled, 2, str(tmp_path), str(corpus), timeout=240)
-    eager, compiled = _metrics(tmp_path / "none"), _metrics(tmp_path / "blocks")
+    corpus = make_corpus(tmp_path)
+    run_distributed(_eager_then_compiled, 2, str(tmp_path), corpus, timeout=240)
+    eager, compiled = metrics(tmp_path / "none"), metrics(tmp_path / "blocks")
     assert sorted(compiled) == sorted(eager) == [1, 2, 3]
     for step in eager:
         for key in ("loss", "grad_norm"):

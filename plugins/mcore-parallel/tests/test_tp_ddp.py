@@ -18,28 +18,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from parallel_run_helpers import corpus as make_corpus
+from parallel_run_helpers import host as make_host
+from parallel_run_helpers import metrics, run_config
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from mcore.config import RunConfig, resolve_config
+from mcore.config import RunConfig
 from mcore.construct import init_params
-from mcore.data.shards import prepare
-from mcore.data.sources import iter_documents
 from mcore.mesh import ParallelMesh, build_mesh
 from mcore.train import run
 from mcore.train.grads import global_grad_norm
-from mcore_parallel import plugin
 from mcore_parallel.ddp import DDPLayout
 from mcore_parallel.tp import TPLayout
 from mcore_testing import run_distributed
-from mcore_testing.hosts import isolated_host
 from mcore_testing.numerics import assert_rel_close
 from mcore_testing.reference import TinyConfig, TinyTransformer, tiny_batches
 
@@ -129,36 +127,10 @@ def _dtensor_over_the_whole_mesh_refused(mesh: ParallelMesh) -> None:
 def _config(
     host: Any, out_dir: Path, corpus: str, *, layouts: list[str], sizes: dict[str, int], resume: str = "none"
 ) -> RunConfig:
-    raw: dict[str, Any] = {
-        "model": {"name": "reference-tiny", "vocab_size": 258, "hidden_size": 32, "max_seq_len": 32, "fused": False},
-        "optimizer": {"name": "reference-adamw", "lr": 3e-3},
-        "parallel": {"layouts": layouts, "sizes": sizes, **({"ddp": {"bucket_mb": 0.01}} if "ddp" in layouts else {})},
-        "train": {
-            "steps": TOTAL,
-            "seq_len": 16,
-            "global_batch_size": 8,
-            "micro_batch_size": 2,  # 2 micro-batches per data-parallel rank on 4 processes, 4 on one
-            "warmup_steps": 1,
-            "grad_clip": 0.5,
-            "deterministic": True,
-            "cpu_threads": 1,
-            "out_dir": str(out_dir),
-            "resume": resume,
-        },
-        "data": {"workers": 0, "source": corpus, "packing": "concat"},
-        "log": {"progress": "none", "tensorboard": False, "plot": False, "every": 1},
-        "checkpoint": {"async_save": False, "save_final": True},
-    }
-    return resolve_config(raw, host)
-
-
-def _host() -> Any:
-    return isolated_host("mcore_testing.plugin", plugin)
-
-
-def _metrics(out_dir: Path) -> dict[int, dict[str, Any]]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "step" in r}
+    parallel = {"layouts": layouts, "sizes": sizes, **({"ddp": {"bucket_mb": 0.01}} if "ddp" in layouts else {})}
+    # 2 micro-batches per data-parallel rank on 4 processes, 4 on one
+    train = {"steps": TOTAL, "global_batch_size": 8, "resume": resume}
+    return run_config(host, out_dir, corpus, {"model": {"fused": False}, "parallel": parallel, "train": train})
 
 
 def _four_ranks(root: str, corpus: str) -> None:
@@ -167,26 +139,23 @@ def _four_ranks(root: str, corpus: str) -> None:
     for cfg in (GQA, SHARED_KV):
         _sgd_steps_equal_one_process(mesh, cfg)
     _dtensor_over_the_whole_mesh_refused(mesh)
-    host = _host()
+    host = make_host()
     config = _config(host, Path(root) / "tp2_ddp2", corpus, layouts=["tp", "ddp"], sizes={"tp": 2, "dp_replicate": 2})
     run(config, host, stop_at_step=STEPS)
     dist.barrier()
 
 
 def test_tp2_ddp2_equals_one_process_and_resumes_on_one(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    prepare(iter_documents("stdlib"), corpus, tokenizer_spec="byte", workers=0, max_tokens=20_000)
-    run_distributed(_four_ranks, 4, str(tmp_path), str(corpus), timeout=300)
-    host = _host()
-    one = run(_config(host, tmp_path / "one", str(corpus), layouts=["single"], sizes={}), host)
-    four, ref = _metrics(tmp_path / "tp2_ddp2"), _metrics(tmp_path / "one")
+    corpus = make_corpus(tmp_path)
+    run_distributed(_four_ranks, 4, str(tmp_path), corpus, timeout=300)
+    host = make_host()
+    one = run(_config(host, tmp_path / "one", corpus, layouts=["single"], sizes={}), host)
+    four, ref = metrics(tmp_path / "tp2_ddp2"), metrics(tmp_path / "one")
     for step in range(1, STEPS + 1):
         for key in ("loss", "grad_norm"):
             assert four[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)
     ckpt = tmp_path / "tp2_ddp2" / "checkpoints" / f"step_{STEPS:08d}"
-    resumed = run(
-        _config(host, tmp_path / "resumed", str(corpus), layouts=["tp", "ddp"], sizes={}, resume=str(ckpt)), host
-    )
+    resumed = run(_config(host, tmp_path / "resumed", corpus, layouts=["tp", "ddp"], sizes={}, resume=str(ckpt)), host)
     assert resumed.start_step == STEPS
     for step in range(STEPS + 1, TOTAL + 1):
         assert resumed.losses[step] == pytest.approx(one.losses[step], rel=1e-5), step
