@@ -87,3 +87,15 @@ def test_world_size_one_runs_in_process() -> None:
 def test_bad_world_size() -> None:
     with pytest.raises(ValueError, match="world_size = 0"):
         run_distributed(print, 0)
+
+
+def _threads_are_shared() -> None:
+    import torch
+
+    from mcore_testing.dist import rank_threads
+
+    assert torch.get_num_threads() == rank_threads(2) == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_ranks_share_the_cores() -> None:
+    run_distributed(_threads_are_shared, 2, timeout=60)

@@ -54,6 +54,11 @@ class _ByName:
         return obj.__wrapped__(*args, **kwargs)
 
 
+def rank_threads(world_size: int) -> int:
+    """Intra-op threads each of ``world_size`` ranks on this machine gets: its share of the cores, at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, world_size))
+
+
 def _child(
     rank: int,
     world_size: int,
@@ -77,8 +82,11 @@ def _child(
     )
     stack_file = open(Path(stack_dir) / f"rank{rank}.stack", "w")  # noqa: SIM115 - lives as long as the process
     faulthandler.dump_traceback_later(max(timeout_s - 2.0, 1.0), exit=False, file=stack_file)
+    import torch
     import torch.distributed as dist
 
+    # the ranks share the machine's cores: each gets its share of intra-op threads, not all of them
+    torch.set_num_threads(rank_threads(world_size))
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         target(*args, **kwargs)
