@@ -63,6 +63,16 @@ def test_compiled_blocks_keep_names_and_match_eager() -> None:
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_unknown_compile_backend_is_one_line() -> None:
+    from mcore.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"train.compile_backend = 'inducter' is not a torch.compile backend; allowed: .*inductor"
+    ) as info:
+        apply_compile(TinyTransformer(seed=0), "blocks", backend="inducter")
+    assert "\n" not in str(info.value)
+
+
 def test_run_with_compile_and_recompute_matches_eager(corpus: str, tmp_path: Path) -> None:
     host = isolated_host("mcore_testing.plugin")
     plain = run(make_config(host, tmp_path / "plain", corpus, {"train": {"steps": 3}}), host)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 import torch.distributed as dist
 from test_train_loop import make_config, make_corpus
@@ -19,7 +18,7 @@ from mcore.plugins import hookimpl
 from mcore.protocols import AfterOptimizerStep
 from mcore.train import run
 from mcore.train.microbatch import classify
-from mcore.train.step_hooks import after_optimizer_step, token_groups
+from mcore.train.step_hooks import after_optimizer_step, post_step_modules, token_groups
 from mcore_testing import run_distributed
 from mcore_testing.hosts import isolated_host
 from mcore_testing.layouts import AllReduceLayout
@@ -102,11 +101,11 @@ def _reduce_over_distinct_ranks() -> None:
     groups = token_groups([ddp], ["test-ddp"], classify([ddp], ["test-ddp"]))
     counter = TokenCounter(4)
     counter.observe(torch.tensor([[rank, rank]]))
-    after_optimizer_step(counter, lambda t: [dist.all_reduce(t, group=g) for g in groups] and t, applied=True)
+    after_optimizer_step([counter], lambda t: [dist.all_reduce(t, group=g) for g in groups] and t, applied=True)
     assert counter.bias.tolist() == [2.0, 2.0, 0.0, 0.0]
     # a skipped step: the same collective, nothing applied, counts dropped
     counter.observe(torch.tensor([[3]]))
-    after_optimizer_step(counter, lambda t: [dist.all_reduce(t, group=g) for g in groups] and t, applied=False)
+    after_optimizer_step([counter], lambda t: [dist.all_reduce(t, group=g) for g in groups] and t, applied=False)
     assert counter.bias.tolist() == [2.0, 2.0, 0.0, 0.0] and float(counter.counts.sum()) == 0
     # a split sequence: the loss group's ranks saw different tokens of one batch -> summed too
     seq_mesh = build_mesh(("cp",), {}, fill="cp", device_type="cpu")
@@ -124,5 +123,5 @@ def test_single_rank_has_nothing_to_reduce() -> None:
     ddp = AllReduceLayout()
     ddp.apply(nn.Linear(1, 1), mesh)
     assert token_groups([ddp], ["test-ddp"], classify([ddp], ["test-ddp"])) == []
-    with pytest.raises(TypeError):
-        after_optimizer_step(TokenCounter(2), lambda t: t)  # type: ignore[call-arg]
+    model = nn.Sequential(nn.Linear(2, 2), TokenCounter(2), nn.Sequential(TokenCounter(3)))
+    assert [type(m) for m in post_step_modules(model)] == [TokenCounter, TokenCounter]

@@ -73,7 +73,7 @@ def test_recipe_is_told_name_and_role_two_ranks() -> None:
 
 
 def test_recipe_without_name_and_spec_is_asked_the_old_way() -> None:
-    from mcore_fsdp.storage import ask_payload
+    from mcore_fsdp.storage import payload_kwargs
 
-    payload = ask_payload(RowInt8Recipe(), torch.ones(3, 4), ("w", None))
-    assert payload is not None and payload.tensors[0].dtype == torch.int8
+    assert payload_kwargs(RowInt8Recipe(), ("w", None)) == {}
+    assert payload_kwargs(RoleAwareInt8(), ("w", None)) == {"name": "w", "spec": None}

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mcore.tp_regions import sum_grad_over
+
 IGNORE_INDEX = -100
 
 
@@ -141,22 +143,6 @@ def local_vocab_rows(weight: torch.Tensor, vocab_size: int, group: Any) -> tuple
     return weight, rank * weight.shape[0]
 
 
-class _CopyToGroup(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over ``group`` (each rank's vocabulary slice of
-    the logits contributes to the hidden states' gradient)."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):  # type: ignore[override]
-        ctx.group = group
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 class _GatherLastDim(torch.autograd.Function):
     """All-gather over ``group`` along the last dim, in rank order; backward keeps this rank's slice
     (every rank consumes the gathered tensor alike)."""
@@ -182,5 +168,5 @@ def vocab_parallel_logits(
     rank) and this rank's rows ``(Vr, H)``: each rank's slice, gathered in rank order. Differentiable,
     for a loss every rank computes alike from the whole logits: a rank's slice gets its slice of the
     gradient and the hidden states' gradient is summed over the group."""
-    local = torch.nn.functional.linear(_CopyToGroup.apply(hidden, group), weight_shard) * scale  # (..., Vr)
+    local = torch.nn.functional.linear(sum_grad_over(hidden, group), weight_shard) * scale  # (..., Vr)
     return _GatherLastDim.apply(local, group)  # (..., V)

@@ -92,7 +92,6 @@ class SequenceSplitLayout:
     def __init__(self, config: Any = None) -> None:
         self.mesh: Any = None
         self.model: nn.Module | None = None
-        self._deferred = False
 
     def apply(self, model: nn.Module, mesh: Any, precision: Any = None) -> nn.Module:
         self.mesh, self.model = mesh, model

@@ -17,7 +17,7 @@ import torch
 
 from mcore_fsdp import comm
 from mcore_fsdp.pool import Lease
-from mcore_fsdp.storage import Storage, UnitContext, alias, ask_payload
+from mcore_fsdp.storage import Storage, UnitContext, alias
 
 
 @dataclass(eq=False)
@@ -72,7 +72,7 @@ def _issue_quantized(store: Storage, gather: Gather) -> None:
         if slot.owner is None:
             # the padded local chunk: (rows, *shape[1:]) including zero padding rows
             padded = store.shard[slot.offset : slot.offset + slot.chunk_numel].view(slot.rows, *slot.shape[1:])
-            payload = ask_payload(recipe, padded, store.param_infos[i])
+            payload = recipe.gather_payload(padded, **store.payload_asks[i])
             for t in payload.tensors:
                 t = t.contiguous()
                 out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
@@ -83,7 +83,7 @@ def _issue_quantized(store: Storage, gather: Gather) -> None:
             spec = store.payload_specs[i]
             if rank == slot.owner:
                 weight = store.shard[slot.offset : slot.offset + slot.numel].view(slot.shape)
-                outs = [t.contiguous() for t in ask_payload(recipe, weight, store.param_infos[i]).tensors]
+                outs = [t.contiguous() for t in recipe.gather_payload(weight, **store.payload_asks[i]).tensors]
             else:
                 outs = [torch.empty(shape, dtype=dtype, device=store.groups.device) for shape, dtype in spec.tensors]
             works = [comm.broadcast(t, slot.owner, group) for t in outs]

@@ -100,29 +100,24 @@ def as_sharded(local: torch.Tensor, groups: MeshGroups, shape: torch.Size, strid
 ParamInfo = tuple[str, Any]
 
 
-def ask_payload(recipe: Any, tensor: torch.Tensor, info: ParamInfo) -> Any:
-    """``recipe.gather_payload(tensor, name=, spec=)`` — the parameter's name and declared
-    ``ParamSpec`` (its role: a recipe keeps embedding, head and router in high precision) — or
-    ``recipe.gather_payload(tensor)`` for a recipe whose method takes neither."""
-    if _takes_param_info(recipe.gather_payload):
-        return recipe.gather_payload(tensor, name=info[0], spec=info[1])
-    return recipe.gather_payload(tensor)
-
-
-def _takes_param_info(method: Any) -> bool:
+def payload_kwargs(recipe: Any, info: ParamInfo) -> dict[str, Any]:
+    """The keywords ``recipe.gather_payload`` is asked with for one parameter: its name and declared
+    ``ParamSpec`` (its role: a recipe keeps embedding, head and router in high precision), or none
+    for a recipe whose method takes neither. Worked out once per parameter, not per gather."""
     import inspect
 
     try:
-        params = inspect.signature(method).parameters
+        params = inspect.signature(recipe.gather_payload).parameters
     except (TypeError, ValueError):
-        return False
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True
-    return "name" in params and "spec" in params
+        return {}
+    takes = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) or (
+        "name" in params and "spec" in params
+    )
+    return {"name": info[0], "spec": info[1]} if takes else {}
 
 
 def probe_payload(
-    recipe: Any, param: torch.Tensor, n: int, whole: bool, device: torch.device, info: ParamInfo
+    recipe: Any, param: torch.Tensor, n: int, whole: bool, device: torch.device, kwargs: dict[str, Any]
 ) -> PayloadSpec | None:
     """Whether ``recipe`` gathers ``param`` in its own format, probed on zeros of the shape it
     will see (the padded local rows, or the whole parameter when kept whole). A whole parameter
@@ -131,10 +126,10 @@ def probe_payload(
     if recipe is None:
         return None
     probe_rows = param.shape[0] if whole else -(-param.shape[0] // n)
-    if whole and ask_payload(recipe, torch.empty(param.shape, dtype=param.dtype, device="meta"), info) is None:
+    if whole and recipe.gather_payload(torch.empty(param.shape, dtype=param.dtype, device="meta"), **kwargs) is None:
         return None
     probe = torch.zeros(probe_rows, *param.shape[1:], dtype=param.dtype, device=device)
-    payload = ask_payload(recipe, probe, info)
+    payload = recipe.gather_payload(probe, **kwargs)
     if payload is None:
         return None
     return PayloadSpec([(t.shape, t.dtype) for t in payload.tensors], payload.metadata)
@@ -175,8 +170,13 @@ class Storage:
         n = groups.shard_size
 
         whole = [bool(keep_whole and keep_whole[i]) for i in range(len(entries))]
-        infos = [describe(e) if describe is not None else (e.name, None) for e in entries]
-        probes = [probe_payload(gather_recipe, e.param, n, whole[i], device, infos[i]) for i, e in enumerate(entries)]
+        asks = [
+            payload_kwargs(gather_recipe, describe(e) if describe is not None else (e.name, None))
+            if gather_recipe is not None
+            else {}
+            for e in entries
+        ]
+        probes = [probe_payload(gather_recipe, e.param, n, whole[i], device, asks[i]) for i, e in enumerate(entries)]
         quantized = [probe is not None for probe in probes]
         order = sorted(
             range(len(entries)),
@@ -186,8 +186,8 @@ class Storage:
         #: every (module, attribute) holding each parameter: where sharded/un-sharded ones are registered
         self.owners = [e.owners for e in ordered]
         self.quantized = [quantized[i] for i in order]
-        #: per slot: the (name, spec) the recipe is told when asked to gather the parameter
-        self.param_infos: list[ParamInfo] = [infos[i] for i in order]
+        #: per slot: the keywords (name, spec) the recipe is asked with when gathering the parameter
+        self.payload_asks: list[dict[str, Any]] = [asks[i] for i in order]
         #: per quantized slot: the payload's (shape, dtype)s and metadata for the whole parameter
         #: (what a rank that does not own a whole parameter allocates to receive it)
         self.payload_specs: dict[int, PayloadSpec] = {

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from mcore.tp_regions import sum_grad_over
+
 __all__ = ["HeadSliceLinear", "VocabShardEmbedding", "copy_to_group", "reduce_from_group", "swap_class"]
 
 
@@ -48,27 +50,13 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
-class _CopyToGroup(torch.autograd.Function):
-    """Forward: identity; backward: sum over ``group`` (each rank's use of a replicated input contributes)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 def reduce_from_group(x: torch.Tensor, group: Any) -> torch.Tensor:
     return _ReduceFromGroup.apply(x, group)  # type: ignore[no-any-return]
 
 
 def copy_to_group(x: torch.Tensor, group: Any) -> torch.Tensor:
-    return _CopyToGroup.apply(x, group)  # type: ignore[no-any-return]
+    """Forward: identity; backward: sum over ``group`` (each rank's use of a replicated input contributes)."""
+    return sum_grad_over(x, group)
 
 
 class VocabShardEmbedding(nn.Embedding):

@@ -23,7 +23,7 @@ class AfterOptimizerStep(Protocol):
 
     Contract:
         * ``after_optimizer_step(reduce, *, applied)``: called by the run loop once per step on
-          every module of the (parallelized) model that has it, after ``optimizer.step()`` and
+          every module of the (parallelized) model that has it (found once when the run starts), after ``optimizer.step()`` and
           before the precision recipe's ``after_step``, in ``model.modules()`` order, on every rank.
           ``reduce(tensor)`` sums ``tensor`` in place over the ranks that saw distinct tokens of
           this step (every layout's data-parallel group and the loss group of a split sequence)

@@ -21,6 +21,11 @@ def apply_compile(model: nn.Module, mode: str, *, backend: str = "inductor") -> 
         return 0
     import torch
 
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ConfigError(
+            f"train.compile_backend = {backend!r} is not a torch.compile backend; allowed: {', '.join(sorted(backends))}"
+        )
     blocks = find_blocks(model)
     if not blocks:
         raise ConfigError(

@@ -67,7 +67,7 @@ from mcore.train.microbatch import StepLayouts, classify, forward_backward, forw
 from mcore.train.oom import OutOfMemory, oom_message
 from mcore.train.rundir import StartPlan, carry_out, plan_start, set_aside
 from mcore.train.signals import StopSignal
-from mcore.train.step_hooks import after_optimizer_step, token_groups
+from mcore.train.step_hooks import after_optimizer_step, post_step_modules, token_groups
 
 #: Peak dense bf16 TFLOP/s of known devices, for MFU when ``log.peak_tflops`` is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0}
@@ -194,6 +194,7 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         self.step_layouts: StepLayouts = classify(self.parts.layouts, config.parallel.layouts)
         self.token_groups = token_groups(self.parts.layouts, config.parallel.layouts, self.step_layouts)
+        self.post_step = post_step_modules(self.parts.model)
         self.health = Health(config.train.spike_factor, config.train.spike_warmup_steps, config.train.max_skipped_steps)
         timeout = timedelta(seconds=config.parallel.timeout_s)
         ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if mesh.world_size > 1 else None
@@ -216,10 +217,9 @@ class Trainer:
     def barrier(self) -> None:
         mesh_all_reduce(torch.zeros(1, device=self.parts.mesh.device), self.parts.mesh)
 
-    def world_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.parts.mesh.device)
-        mesh_all_reduce(t, self.parts.mesh)
-        return float(t.item()) / self.parts.mesh.world_size
+    def device_batches(self, rows: list[PackedRows]) -> list[tuple[torch.Tensor, torch.Tensor, BlockContext]]:
+        """Host rows -> this rank's micro-batches on the device, through the batch-sharding layouts."""
+        return [shard(to_batch(r, self.parts, self.data.thd, self.attention), self.step_layouts) for r in rows]
 
     def token_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum ``value`` in place over the ranks that saw distinct tokens of the step (``AfterOptimizerStep``)."""
@@ -354,10 +354,7 @@ class Trainer:
         lr = self.set_lr(step)
         p.optimizer.zero_grad(set_to_none=True)
         with self.guard.phase(f"forward/backward of step {n}"):
-            micro = [
-                shard(to_batch(rows, p, self.data.thd, self.attention), self.step_layouts)
-                for rows in self.data.micro_batches(step)
-            ]
+            micro = self.device_batches(self.data.micro_batches(step))
             local_loss = forward_backward(p.model, micro, self.step_layouts, p.precision)
         with self.guard.phase(f"gradient sync of step {n}"):
             for layout in p.layouts:
@@ -383,7 +380,7 @@ class Trainer:
                     clip_grads_(self.params, self.train.grad_clip, torch.tensor(grad_norm))
                 p.optimizer.step()
                 self.health.good(loss_value)
-            after_optimizer_step(p.model, self.token_sum, applied=problem is None)
+            after_optimizer_step(self.post_step, self.token_sum, applied=problem is None)
             p.precision.update()
             if problem is None:
                 p.precision.after_step(p.model)
@@ -442,7 +439,7 @@ class Trainer:
         p.model.eval()
         share = forward_only(
             p.model,
-            [shard(to_batch(rows, p, self.data.thd, self.attention), self.step_layouts) for rows in batches],
+            self.device_batches(batches),
             self.step_layouts,
             p.precision,
         )

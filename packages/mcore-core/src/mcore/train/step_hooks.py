@@ -32,12 +32,14 @@ def token_groups(layouts: Sequence[Any], names: Sequence[str], step_layouts: Ste
     return groups
 
 
-def after_optimizer_step(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor], *, applied: bool) -> int:
-    """Call ``after_optimizer_step`` on every module of ``model`` that has one; returns how many."""
-    called = 0
-    for module in model.modules():
-        hook = getattr(module, "after_optimizer_step", None)
-        if callable(hook):
-            hook(reduce, applied=applied)
-            called += 1
-    return called
+def post_step_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` with ``after_optimizer_step``, in ``model.modules()`` order (found once)."""
+    return [m for m in model.modules() if callable(getattr(m, "after_optimizer_step", None))]
+
+
+def after_optimizer_step(
+    modules: list[nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor], *, applied: bool
+) -> None:
+    """Call ``after_optimizer_step`` on each of ``modules`` (``post_step_modules``)."""
+    for module in modules:
+        module.after_optimizer_step(reduce, applied=applied)  # type: ignore[operator]
