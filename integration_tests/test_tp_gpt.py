@@ -6,6 +6,9 @@ two ranks (kept whole, summed) plus qkv biases, tied embeddings with an MTP head
 packed documents (``cu_seqlens``). The loss head is swapped for the model's vocab-parallel
 one, so the output weight (the head, or the tied embedding) is split by rows.
 
+Each case runs again with sequence parallelism (``sequence_parallel = true``: norms on a rank's
+tokens, their scales' gradients summed).
+
 QK-norm (its scales declared ``partial``: summed over the ranks) and MLA (its rope key, read by
 every head, summed through ``BlockContext.share_across_heads``) are covered too. The model is
 called with the context the layout's ``shard_batch`` makes, as the run loop does.
@@ -21,6 +24,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from mcore.mesh import build_mesh
 from mcore.protocols import BlockContext
+from mcore.train.recompute import apply_recompute
 from mcore_models.gpt import GPT
 from mcore_models.presets import preset_config
 from mcore_parallel.tp import TPLayout
@@ -41,11 +45,16 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _check(name: str, overrides: dict[str, Any], packed: bool) -> None:
+def _check(
+    name: str, overrides: dict[str, Any], packed: bool, sequence_parallel: bool = False, recompute: str = "none"
+) -> None:
     torch.manual_seed(0)
     reference = GPT(preset_config("tiny", vocab_size=128, max_position_embeddings=64, **overrides))
-    layout = TPLayout()
-    model = layout.apply(copy.deepcopy(reference), build_mesh(("tp",), {}, fill="tp", device_type="cpu"))
+    layout = TPLayout(TPLayout.Config(sequence_parallel=sequence_parallel))
+    name = f"{name}{' +sp' if sequence_parallel else ''}{f' +recompute {recompute}' if recompute != 'none' else ''}"
+    model = copy.deepcopy(reference)
+    apply_recompute(model, recompute)  # the core's order: recompute wraps the blocks, then the layouts apply
+    model = layout.apply(model, build_mesh(("tp",), {}, fill="tp", device_type="cpu"))
     output = model.output_weight
     assert isinstance(output, DTensor) and output.placements == (Shard(0),), name
     if name == "gqa-shared-kv":
@@ -60,11 +69,15 @@ def _check(name: str, overrides: dict[str, Any], packed: bool) -> None:
 
     ref_loss = reference(tokens, labels=labels, ctx=ctx())
     ref_loss.backward()
+    norm_inputs: list[int] = []  # tokens per row the first norm sees: a rank's share under sequence parallelism
+    model.layers[0].attn_norm.register_forward_pre_hook(lambda m, args: norm_inputs.append(args[0].shape[1]))
     tokens, labels, view = layout.shard_batch(tokens, labels, ctx() or BlockContext())
     assert view.head_group is not None and view.loss_group is None
     loss = model(tokens, labels=labels, ctx=view)
     loss.backward()
     layout.finish_grad_sync()
+    want = 16 // 2 if sequence_parallel else 16  # recompute runs the norm again in backward
+    assert norm_inputs and set(norm_inputs) == {want}, f"{name}: the first norm saw {norm_inputs} tokens"
     assert_rel_close(loss.detach(), ref_loss.detach(), 1e-5, name=f"{name}: loss")
     ref = dict(reference.named_parameters())
     for pname, p in model.named_parameters():
@@ -77,6 +90,11 @@ def _all() -> None:
     for name, overrides in VARIANTS.items():
         _check(name, overrides, packed=False)
     _check("packed", {}, packed=True)
+    for name, overrides in VARIANTS.items():  # sequence parallelism: the residual stream split by tokens
+        _check(name, overrides, packed=False, sequence_parallel=True)
+    _check("packed", {}, packed=True, sequence_parallel=True)
+    for recompute in ("full", "selective"):  # the gathers run again in backward
+        _check("mla", VARIANTS["mla"], packed=True, sequence_parallel=True, recompute=recompute)
 
 
 def test_tp2_gpt_variants_equal_one_process() -> None:

@@ -8,7 +8,10 @@ Candidates, each on the same bf16 inputs ``(B, T, nh, hd)`` with ``--docs`` equa
 
 * ``ours_flex``: ``FlexBackend`` through ``attention_backends.seam.attend``, as an attention block calls it
   (the block mask cached for the call, as every layer after the first finds it);
-* ``flex_direct``: ``torch.compile(flex_attention)`` with a prebuilt document ``BlockMask``;
+* ``flex_direct``: ``torch.compile(flex_attention)`` with a prebuilt document ``BlockMask``, on
+  contiguous ``(B, n, T, hd)`` inputs;
+* ``flex_direct_views``: the same on the ``(B, T, n, hd)`` tensors a block hands over, seen transposed
+  (what ``ours_flex`` runs, without the seam: the difference between the two is the layout's cost);
 * ``flash_per_document``: one causal flash SDPA call per document;
 * ``cudnn_full_causal``: one cuDNN SDPA call, causal over the whole row (no document mask: more work, a
   different function; the speed to beat);
@@ -140,6 +143,13 @@ def candidates(
     def flex_direct(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return flex(a, b, c, block_mask=block_mask, scale=scale, enable_gqa=gqa)  # (B, nh, T, hd)
 
+    def flex_direct_views(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The same kernel on ``(B, T, n, hd)`` tensors seen as ``(B, n, T, hd)`` (what a block hands over)."""
+        out = flex(
+            a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), block_mask=block_mask, scale=scale, enable_gqa=gqa
+        )
+        return out.transpose(1, 2)
+
     def kernel(backend: Any) -> Any:
         return sdpa_kernel([backend]) if cuda else contextlib.nullcontext()  # CPU: whatever SDPA picks
 
@@ -167,6 +177,7 @@ def candidates(
     steps = {
         "ours_flex": make_step(ours_flex, bthd, dout, args.fwd_only),
         "flex_direct": make_step(flex_direct, (qh, kh, vh), douth, args.fwd_only),
+        "flex_direct_views": make_step(flex_direct_views, bthd, dout, args.fwd_only),
         "flash_per_document": make_step(flash_per_document, bthd, dout, args.fwd_only),
         "cudnn_full_causal": make_step(cudnn_full_causal, bthd, dout, args.fwd_only),
         "sdpa_dense_mask": make_step(sdpa_dense_mask, bthd, dout, args.fwd_only),
@@ -175,6 +186,7 @@ def candidates(
     forwards = {
         "ours_flex": lambda: ours_flex(q, k, v),
         "flex_direct": lambda: flex_direct(qh, kh, vh).transpose(1, 2),
+        "flex_direct_views": lambda: flex_direct_views(q, k, v),
         "flash_per_document": lambda: flash_per_document(q, k, v),
         "sdpa_dense_mask": lambda: sdpa_dense_mask(q, k, v),
     }

@@ -207,7 +207,7 @@ def test_attention_backend_packed_batch_on_cuda(
     from mcore_models.attention_backends.flex import FlexBackend
     from mcore_models.attention_backends.sdpa import SDPABackend
 
-    impl = {"flex": FlexBackend, "sdpa": SDPABackend, "auto": lambda: AutoBackend(flex_on_cuda=True)}[backend]()
+    impl = {"flex": FlexBackend, "sdpa": SDPABackend, "auto": AutoBackend}[backend]()
     cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
     q = _randn(2, seq, heads, hd, dtype=torch.bfloat16, seed=0)
     k = _randn(2, seq, kv_heads, hd, dtype=torch.bfloat16, seed=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -60,6 +61,13 @@ class TestTPSharedKVConformance(TestTPConformance):
 
     def model_config(self) -> TinyConfig:
         return TinyConfig(fused=False, num_kv_heads=1)
+
+
+class TestTPSequenceParallelConformance(TestTPConformance):
+    """Sequence parallelism: the residual stream between blocks split by tokens, norms' gradients summed."""
+
+    def make_layout(self) -> TPLayout:
+        return TPLayout(TPLayout.Config(sequence_parallel=True))
 
 
 # -- a model whose loss head can be vocab-parallel ------------------------------------------------------
@@ -129,11 +137,12 @@ def _check_grads(model: nn.Module, reference: nn.Module, what: str) -> None:
 
 
 def case_sgd_steps_equal_one_process() -> None:
-    """tp2 (kv heads split) and tp4 (2 kv heads for 4 ranks: whole, summed): 3 SGD steps, the second
-    with two micro-batches (the first under no_grad_sync), equal one process step by step."""
-    for tp in (2, 4):
+    """tp2 (kv heads split) and tp4 (2 kv heads for 4 ranks: whole, summed), each without and with
+    sequence parallelism: 3 SGD steps, the second with two micro-batches (the first under
+    no_grad_sync), equal one process step by step, global gradient norm included."""
+    for tp, sp in ((2, False), (4, False), (2, True), (4, True)):
         reference = TinyTransformer(GQA, seed=0)
-        layout = TPLayout()
+        layout = TPLayout(TPLayout.Config(sequence_parallel=sp))
         model = layout.apply(copy.deepcopy(reference), _mesh(tp))
         summed = isinstance(model.layers[0].attn.k, HeadSliceLinear)
         assert summed == (tp == 4), tp
@@ -155,10 +164,11 @@ def case_sgd_steps_equal_one_process() -> None:
                     loss.backward()
                     losses.append(loss.detach())
             layout.finish_grad_sync()
-            assert_rel_close(sum(losses), ref_loss.detach(), 1e-5, name=f"tp{tp} step {step}: loss")  # type: ignore[union-attr,arg-type]
-            _check_grads(model, reference, f"tp{tp} step {step}")
+            what = f"tp{tp}{' +sp' if sp else ''} step {step}"
+            assert_rel_close(sum(losses), ref_loss.detach(), 1e-5, name=f"{what}: loss")  # type: ignore[union-attr,arg-type]
+            _check_grads(model, reference, what)
             norm = global_grad_norm(list(model.named_parameters()), _mesh(tp), [layout])
-            assert_rel_close(norm, global_grad_norm(list(reference.parameters())), 1e-5, name=f"tp{tp}: norm")
+            assert_rel_close(norm, global_grad_norm(list(reference.parameters())), 1e-5, name=f"{what}: norm")
             for opt in opts:
                 opt.step()
 
@@ -235,7 +245,10 @@ STEPS, TOTAL = 3, 5
 
 
 def _config(host: Any, out_dir: Path, corpus: str, *, layouts: list[str], resume: str = "none") -> RunConfig:
-    update = {"model": {"fused": False}, "parallel": {"layouts": layouts}}
+    parallel: dict[str, Any] = {"layouts": layouts}
+    if layouts == ["tp"]:  # sequence parallelism on: the same checkpoint as plain tp, resumed without it on one rank
+        parallel["tp"] = {"sequence_parallel": True}
+    update = {"model": {"fused": False}, "parallel": parallel}
     return run_config(
         host, out_dir, corpus, update | {"train": {"steps": TOTAL, "global_batch_size": 4, "resume": resume}}
     )
@@ -331,13 +344,82 @@ def test_sizes_and_declarations_refused_before_anything_changes(
     assert all(before[n] is p for n, p in model.named_parameters()), "a parameter changed before the error"
 
 
-def test_sequence_parallel_not_yet() -> None:
-    with pytest.raises(
-        ValueError, match=r"^parallel\.tp\.sequence_parallel = true is not yet supported; allowed: false$"
-    ):
-        TPLayout.Config(sequence_parallel=True)
+def test_sequence_parallel_config_and_run_checks() -> None:
+    assert TPLayout.Config(sequence_parallel=True).sequence_parallel
     with pytest.raises(ValueError, match=r"sequence_parallel = 'yes'; allowed: true or false"):
         TPLayout.Config(sequence_parallel="yes")  # type: ignore[arg-type]
+    run_cfg = SimpleNamespace(parallel=SimpleNamespace(sizes={"tp": 4}), train=SimpleNamespace(seq_len=18))
+    with pytest.raises(
+        ValueError, match=r"^train\.seq_len = 18 does not split over parallel\.sizes\.tp = 4 .* multiple of 4$"
+    ):
+        TPLayout.check_run(TPLayout.Config(sequence_parallel=True), run_cfg)
+    TPLayout.check_run(TPLayout.Config(), run_cfg)  # without sequence parallelism any length
+    run_cfg.train.seq_len = 16
+    TPLayout.check_run(TPLayout.Config(sequence_parallel=True), run_cfg)
+
+
+class _MixerWithoutHeads(nn.Module):
+    """A layer whose token mixer splits nothing over heads: it cannot run on a rank's tokens alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8, bias=False)
+        self.mix = nn.Linear(8, 8, bias=False)
+        self.up = nn.Linear(8, 16, bias=False)
+        self.down = nn.Linear(16, 8, bias=False)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return {
+            "norm.weight": ParamSpec("norm", tp="replicate"),
+            "mix.weight": ParamSpec("matrix", tp="replicate"),
+            "up.weight": ParamSpec("matrix", tp="column"),
+            "down.weight": ParamSpec("matrix", tp="row"),
+        }
+
+
+class _ColumnOnly(nn.Module):
+    """A block that splits its outputs over the ranks and never sums them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 8, bias=False)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return {"up.weight": ParamSpec("matrix", tp="column")}
+
+
+class _Stack(nn.Module):
+    def __init__(self, layer: nn.Module | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([layer] if layer is not None else [])
+        self.extra = nn.Linear(8, 8, bias=False)
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        return {"extra.weight": ParamSpec("matrix", tp="replicate")}
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda: _Stack(_MixerWithoutHeads()),
+            r"'layers\.0\.mix' is neither a block split over heads .*parameter 'layers\.0\.mix\.weight' has role 'matrix'",
+        ),
+        (lambda: _Stack(None), r"sequence_parallel needs the model's layers in a ModuleList named layers / blocks / h"),
+        (
+            lambda: _Stack(nn.Sequential(_ColumnOnly())),
+            r"'layers\.0\.0' splits its outputs over the ranks but has no row-parallel linear",
+        ),
+    ],
+    ids=["mixer-without-heads", "no-layers", "column-without-row"],
+)
+def test_sequence_parallel_refuses_what_cannot_run_on_token_shards(build: Callable[[], nn.Module], match: str) -> None:
+    model = build()
+    before = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match) as info:
+        TPLayout(TPLayout.Config(sequence_parallel=True)).apply(model, _sized(2))
+    assert "\n" not in str(info.value)
+    assert all(before[n] is p for n, p in model.named_parameters()), "a parameter changed before the error"
 
 
 def test_registered_as_layout_tp() -> None:

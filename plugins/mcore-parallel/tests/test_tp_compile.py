@@ -40,7 +40,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _compiled_equals_eager(backend: str, kv_heads: tuple[int, ...], steps: int) -> None:
+def _compiled_equals_eager(backend: str, kv_heads: tuple[int, ...], steps: int, sp: bool = False) -> None:
     """For each kv-head count: the model as the core builds it (blocks compiled, then ``tp``; the
     embedding compiled too, after ``tp``) and the eager ``tp`` model, ``steps`` SGD steps: equal loss
     and every gradient (each rank's own shard of a split weight), no graph break."""
@@ -50,7 +50,7 @@ def _compiled_equals_eager(backend: str, kv_heads: tuple[int, ...], steps: int) 
     for kv in kv_heads:
         cfg = TinyConfig(fused=False, num_heads=4, num_kv_heads=kv)
         reference = TinyTransformer(cfg, seed=0)
-        eager_layout, compiled_layout = TPLayout(), TPLayout()
+        eager_layout, compiled_layout = (TPLayout(TPLayout.Config(sequence_parallel=sp)) for _ in range(2))
         eager = eager_layout.apply(copy.deepcopy(reference), mesh)
         compiled = copy.deepcopy(reference)
         assert apply_compile(compiled, "blocks", backend=backend) == cfg.num_layers
@@ -87,6 +87,10 @@ def _compiled_equals_eager(backend: str, kv_heads: tuple[int, ...], steps: int) 
 
 def test_compiled_blocks_equal_eager_under_tp2() -> None:
     run_distributed(_compiled_equals_eager, 2, "aot_eager", (2, 1), 2, timeout=240)
+
+
+def test_compiled_blocks_equal_eager_under_tp2_with_sequence_parallelism() -> None:
+    run_distributed(_compiled_equals_eager, 2, "aot_eager", (2,), 2, True, timeout=240)
 
 
 @pytest.mark.slow

@@ -29,8 +29,8 @@ Every rank of the group reads the same batch (``data_parallel()`` is ``1``). ``a
 model on the meta device (it only records placements), and ``mcore.construct.init_params`` fills each
 rank's shard and the whole plain tensors with the single-process build's values.
 
-Later increments (issue 15): sequence parallelism as an option of this layout
-(``[parallel.tp] sequence_parallel``), ``["tp", "fsdp"]``, communication overlap. A data-parallel
+Sequence parallelism (``[parallel.tp] sequence_parallel = true``): the residual stream between
+blocks split by tokens (``sequence_parallel.py``). A data-parallel
 layout listed after ``tp`` works on each rank's local shards (``["tp", "ddp"]``: ``ddp`` reduces
 the local shards over ``dp_replicate``).
 """
@@ -46,11 +46,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from mcore.protocols.block import BlockContext
 from mcore.protocols.layout import DataParallelInfo
+from mcore_parallel.sequence_parallel import SequencePlan, apply_sequence_parallel, plan_sequence_parallel
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding, swap_class
 from mcore_parallel.tp_plan import TPPlan, plan_tp
 
@@ -74,19 +75,31 @@ class TPLayout:
     @dataclass(kw_only=True, slots=True)
     class Config:
         sequence_parallel: bool = False
-        """Norms, residual adds and dropout on sequence shards (not yet: false only)."""
+        """Split the residual stream between blocks by tokens: norms and residual adds on a rank's
+        tokens, all-gather before each block split over heads, reduce-scatter after its row-parallel
+        linears (``sequence_parallel.py``); ``train.seq_len`` must divide by the tp size."""
 
         def __post_init__(self) -> None:
             if not isinstance(self.sequence_parallel, bool):
                 raise ValueError(f"parallel.tp.sequence_parallel = {self.sequence_parallel!r}; allowed: true or false")
-            if self.sequence_parallel:
-                raise ValueError("parallel.tp.sequence_parallel = true is not yet supported; allowed: false")
+
+    @staticmethod
+    def check_run(config: Config, run: Any) -> None:
+        """Under sequence parallelism ``train.seq_len`` must split over the tp size (when the config gives it)."""
+        tp = run.parallel.sizes.get(DIM)
+        seq_len = run.train.seq_len
+        if config.sequence_parallel and isinstance(tp, int) and tp > 1 and seq_len % tp:
+            raise ValueError(
+                f"train.seq_len = {seq_len} does not split over parallel.sizes.tp = {tp} under "
+                f"parallel.tp.sequence_parallel = true; allowed: a train.seq_len that is a multiple of {tp}"
+            )
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or type(self).Config()
         self._mesh: ParallelMesh | None = None
         self._plan: TPPlan | None = None
-        self._summed: list[nn.Parameter] = []
+        self._sequence_plan: SequencePlan | None = None
+        self._summed: list[tuple[nn.Module, str]] = []  # (module, attribute): read at each sync
         self._sync = True
 
     # -- apply -----------------------------------------------------------------------------------
@@ -95,7 +108,8 @@ class TPLayout:
         loss_head = getattr(model, "loss_head", None)
         vocab_parallel = callable(getattr(loss_head, "vocab_parallel", None))
         plan = plan_tp(model, tp, vocab_parallel_loss=vocab_parallel)  # every check, before anything changes
-        self._mesh, self._plan = mesh, plan
+        sp = plan_sequence_parallel(model, plan) if self.config.sequence_parallel else None
+        self._mesh, self._plan, self._sequence_plan = mesh, plan, sp
         if tp == 1:
             return model  # the plain model: nothing to split, nothing to reduce
         device_mesh, group, rank = mesh.submesh([DIM]), mesh.group(DIM), mesh.rank(DIM)
@@ -103,8 +117,9 @@ class TPLayout:
         owners = _owners(model)
         for path in plan.colwise:
             _parallelize(model, path, device_mesh, ColwiseParallel(), owners)
-        for path in plan.rowwise:
-            _parallelize(model, path, device_mesh, RowwiseParallel(), owners)
+        for path in plan.rowwise:  # under sequence parallelism a block's outputs are reduce-scattered by tokens
+            style = RowwiseParallel(output_layouts=Shard(1)) if sp and path in sp.row_outputs else RowwiseParallel()
+            _parallelize(model, path, device_mesh, style, owners)
         for path in plan.vocab_embeddings:
             embedding = model.get_submodule(path)
             assert isinstance(embedding, nn.Embedding)
@@ -117,11 +132,16 @@ class TPLayout:
             linear = model.get_submodule(path)
             head = rank * heads // tp  # query heads split contiguously: rank r's read this key/value head
             swap_class(linear, HeadSliceLinear, tp_group=group, rows=(head * head_rows, (head + 1) * head_rows))
-            self._summed.extend(p for p in linear.parameters(recurse=False) if p.requires_grad)
+            self._summed.extend((linear, k) for k, p in linear.named_parameters(recurse=False) if p.requires_grad)
         for name in plan.summed:  # whole on every rank, each rank's gradient from its own heads
-            param = model.get_parameter(name)
-            if param.requires_grad:
-                self._summed.append(param)
+            path, _, key = name.rpartition(".")
+            if model.get_parameter(name).requires_grad:
+                self._summed.append((model.get_submodule(path), key))
+        if sp is not None:  # norm scales see their rank's tokens only: gradients summed over the group
+            for name in sp.summed:
+                path, _, key = name.rpartition(".")
+                self._summed.append((model.get_submodule(path), key))
+            apply_sequence_parallel(model, sp, group, rank, tp)
         if vocab_parallel:
             model.loss_head = loss_head.vocab_parallel(group)  # type: ignore[union-attr]
         return model
@@ -165,17 +185,23 @@ class TPLayout:
         and of ``partial`` parameters (QK-norm scales)."""
         if not self._sync or not self._summed:
             return
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in self._summed:
+        # read through the holders: a layout applied after this one (fsdp) may have replaced the parameters
+        params = [module._parameters[key] for module, key in self._summed]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            assert p is not None
             if p.grad is None:  # unused on this rank: it still takes part in the sum
                 p.grad = torch.zeros_like(p)
-            by_dtype.setdefault(p.grad.dtype, []).append(p)
+            grad = (
+                p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            )  # an fsdp shard: the same on each tp rank
+            by_dtype.setdefault(grad.dtype, []).append(grad)
         group = self._require_mesh().group(DIM)
-        for params in by_dtype.values():
-            flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=group)
-            for p, part in zip(params, flat.split([p.numel() for p in params])):
-                p.grad.copy_(part.view_as(p))  # type: ignore[union-attr]
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
 
     def state_dict_options(self) -> dict[str, Any]:
         """Split parameters are DTensors: saved sharded, resharded on load; plain ones are saved once."""

@@ -26,9 +26,9 @@ What is modelled, and how:
   declared ``ParamSpec.tp`` is ``column``, ``row`` or ``vocab``; norms and other ``replicate`` or
   ``partial`` parameters stay whole on every tensor-parallel rank); optimizer state also by
   ``dp_replicate`` when the optimizer says it splits its state over data-parallel replicas;
-  activations by ``cp`` (sequence split) and, under ``tp``, not at all: without sequence
-  parallelism each rank keeps the whole hidden states (only the heads' and the MLP's inner
-  activations split), so the plan is on the safe side there.
+  activations by ``cp`` (sequence split) and, under ``tp``, not at all: an upper bound (``tp``
+  splits the heads' and the MLP's inner activations, and with sequence parallelism the hidden
+  states between blocks too), so the plan is on the safe side there.
 * The peak is taken at the start of backward: parameters + optimizer state + activations +
   the gradient of the largest saved tensor (the backward's first transient); gradients
   replace activations as backward proceeds, so ``max(activations, gradients)`` is used.
@@ -380,7 +380,8 @@ def plan_memory(
         f"parameters, gradients and optimizer state divided by {other_shard} (product of dp_shard, pp, ep sizes){tp_note}",
         f"activations of one micro-batch ({B} x {T} tokens) measured on fake (storage-less) tensors, divided by {seq_split} (cp)"
         + (
-            "; not divided by tp (without sequence parallelism every rank keeps the whole hidden states)"
+            "; not divided by tp (an upper bound: tp splits the heads' and MLP's inner activations, and with "
+            "sequence parallelism the hidden states between blocks too)"
             if tp > 1
             else ""
         ),

@@ -60,7 +60,9 @@ class ParallelLayout(Protocol):
           the micro-batches of a gradient-accumulation step; the next backward outside it
           synchronises everything accumulated.
         * ``finish_grad_sync()``: called after the last backward of a step and before the
-          optimizer; waits for asynchronous reductions. Gradients are then averaged over
+          optimizer, for the layouts in the reverse order of ``[parallel] layouts`` (the
+          outermost, applied last, first: ``["tp", "fsdp"]`` lands fsdp's reduce-scatter before
+          ``tp`` sums over its group); waits for asynchronous reductions. Gradients are then averaged over
           the data-parallel ranks (sum divided by DP size, unless the layout documents a
           different divisor, e.g. for expert parameters).
         * A data-parallel layout may also implement ``GradientShardingLayout``

@@ -357,7 +357,7 @@ class Trainer:
             micro = self.device_batches(self.data.micro_batches(step))
             local_loss = forward_backward(p.model, micro, self.step_layouts, p.precision)
         with self.guard.phase(f"gradient sync of step {n}"):
-            for layout in p.layouts:
+            for layout in reversed(p.layouts):  # the outermost (applied last) first: its reductions land
                 layout.finish_grad_sync()
             finite_here = p.precision.unscale_grads(p.model)
         # one all-reduce for the loss, the gradients' finiteness and a pending stop signal
