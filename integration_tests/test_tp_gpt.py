@@ -46,12 +46,18 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check(
-    name: str, overrides: dict[str, Any], packed: bool, sequence_parallel: bool = False, recompute: str = "none"
+    name: str,
+    overrides: dict[str, Any],
+    packed: bool,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
+    overlap_chunks: int = 1,
 ) -> None:
     torch.manual_seed(0)
     reference = GPT(preset_config("tiny", vocab_size=128, max_position_embeddings=64, **overrides))
-    layout = TPLayout(TPLayout.Config(sequence_parallel=sequence_parallel))
+    layout = TPLayout(TPLayout.Config(sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks))
     name = f"{name}{' +sp' if sequence_parallel else ''}{f' +recompute {recompute}' if recompute != 'none' else ''}"
+    name += f" +overlap {overlap_chunks}" if overlap_chunks > 1 else ""
     model = copy.deepcopy(reference)
     apply_recompute(model, recompute)  # the core's order: recompute wraps the blocks, then the layouts apply
     model = layout.apply(model, build_mesh(("tp",), {}, fill="tp", device_type="cpu"))
@@ -95,6 +101,8 @@ def _all() -> None:
     _check("packed", {}, packed=True, sequence_parallel=True)
     for recompute in ("full", "selective"):  # the gathers run again in backward
         _check("mla", VARIANTS["mla"], packed=True, sequence_parallel=True, recompute=recompute)
+    for sp in (False, True):  # row-parallel reductions overlapped with their chunked GEMMs (MTP's too)
+        _check("tied-mtp", VARIANTS["tied-mtp"], packed=True, sequence_parallel=sp, overlap_chunks=3)
 
 
 def test_tp2_gpt_variants_equal_one_process() -> None:

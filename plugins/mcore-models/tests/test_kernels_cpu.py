@@ -73,3 +73,29 @@ def test_cpu_dispatch_uses_references_and_never_imports_triton() -> None:
     assert swiglu.implementation("cpu") is swiglu_reference
     rms_norm(x, torch.ones(8), 1e-6)
     assert "triton" not in sys.modules
+
+
+def test_compiled_regions_call_the_reference_not_the_kernel() -> None:
+    """Under torch.compile a dispatched function traces its reference: dynamo cannot trace a raw Triton
+    launch in an autograd.Function (``train.compile = "blocks"`` failed on the H200 in our RoPE)."""
+    from mcore_models.kernels.dispatch import Dispatched
+
+    calls: list[str] = []
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        calls.append("reference")
+        return x * 2
+
+    def kernel(x: torch.Tensor) -> torch.Tensor:  # stands in for a Triton launch dynamo cannot trace
+        calls.append("kernel")
+        return x * 2
+
+    double = Dispatched("double", reference, "unused:unused")
+    double._by_device["cpu"] = kernel  # as if the device had a kernel
+    x = seeded_randn(4, seed=1)
+    assert_rel_close(double(x), x * 2)
+    assert calls == ["kernel"]  # eager: the device's kernel
+    calls.clear()
+    compiled = torch.compile(lambda t: double(t) + 1, backend="eager", fullgraph=True)
+    assert_rel_close(compiled(x), x * 2 + 1)
+    assert calls == ["reference"], calls  # traced once, through the reference

@@ -96,7 +96,7 @@ def make_arms(families: list[str], world: int) -> list[Arm]:
             if "+sp" in family:
                 tp["sequence_parallel"] = True
             if "+overlap" in family:
-                tp["overlap"] = True  # the option's name once it exists; refused with a one-line error until then
+                tp["overlap_chunks"] = 4  # row-parallel reductions overlapped with their chunked GEMMs
             name = f"tp{world}{family[2:]}"
             out.append(Arm(name, family, {"layouts": ["tp"], "sizes": {"tp": world}, **({"tp": tp} if tp else {})}))
         elif family == "tp-fsdp":

@@ -35,6 +35,7 @@ from mcore.vocab_parallel import vocab_parallel_cross_entropy_sum
 from mcore_parallel import plugin
 from mcore_parallel.tp import TPLayout
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding
+from mcore_parallel.tp_overlap import OverlappedRowLinear
 from mcore_testing import run_distributed
 from mcore_testing.conformance import LayoutConformance
 from mcore_testing.hosts import isolated_host
@@ -138,12 +139,13 @@ def _check_grads(model: nn.Module, reference: nn.Module, what: str) -> None:
 
 def case_sgd_steps_equal_one_process() -> None:
     """tp2 (kv heads split) and tp4 (2 kv heads for 4 ranks: whole, summed), each without and with
-    sequence parallelism: 3 SGD steps, the second with two micro-batches (the first under
+    sequence parallelism, and with the row-parallel reductions overlapped in chunks: 3 SGD steps, the second with two micro-batches (the first under
     no_grad_sync), equal one process step by step, global gradient norm included."""
-    for tp, sp in ((2, False), (4, False), (2, True), (4, True)):
+    for tp, sp, chunks in ((2, False, 1), (4, False, 1), (2, True, 1), (4, True, 1), (2, False, 3), (4, True, 2)):
         reference = TinyTransformer(GQA, seed=0)
-        layout = TPLayout(TPLayout.Config(sequence_parallel=sp))
+        layout = TPLayout(TPLayout.Config(sequence_parallel=sp, overlap_chunks=chunks))
         model = layout.apply(copy.deepcopy(reference), _mesh(tp))
+        assert isinstance(model.layers[0].mlp.down, OverlappedRowLinear) == (chunks > 1)
         summed = isinstance(model.layers[0].attn.k, HeadSliceLinear)
         assert summed == (tp == 4), tp
         assert isinstance(model.embed, VocabShardEmbedding) and isinstance(model.embed.weight, DTensor)
@@ -164,7 +166,7 @@ def case_sgd_steps_equal_one_process() -> None:
                     loss.backward()
                     losses.append(loss.detach())
             layout.finish_grad_sync()
-            what = f"tp{tp}{' +sp' if sp else ''} step {step}"
+            what = f"tp{tp}{' +sp' if sp else ''}{f' +overlap {chunks}' if chunks > 1 else ''} step {step}"
             assert_rel_close(sum(losses), ref_loss.detach(), 1e-5, name=f"{what}: loss")  # type: ignore[union-attr,arg-type]
             _check_grads(model, reference, what)
             norm = global_grad_norm(list(model.named_parameters()), _mesh(tp), [layout])
@@ -356,6 +358,12 @@ def test_sequence_parallel_config_and_run_checks() -> None:
     TPLayout.check_run(TPLayout.Config(), run_cfg)  # without sequence parallelism any length
     run_cfg.train.seq_len = 16
     TPLayout.check_run(TPLayout.Config(sequence_parallel=True), run_cfg)
+    assert TPLayout.Config(overlap_chunks=4).overlap_chunks == 4
+    for bad in (0, 65, True, 2.0):
+        with pytest.raises(
+            ValueError, match=r"^parallel\.tp\.overlap_chunks = .*; allowed: an integer from 1 \(off\) to 64$"
+        ):
+            TPLayout.Config(overlap_chunks=bad)  # type: ignore[arg-type]
 
 
 class _MixerWithoutHeads(nn.Module):

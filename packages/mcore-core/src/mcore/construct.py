@@ -17,7 +17,8 @@ What ``init_params(model, seed=, device=)`` does, in order:
 2. refuses, before allocating anything, a parameter that it cannot initialise (see below);
 3. finds where this rank's part lies in the full tensor (``local_regions``): the whole of a
    plain tensor or a ``Replicate`` DTensor; DTensor's own split of ``Shard(d)`` placements (even
-   or uneven, any dims, any mesh); the real split of row-ragged ``Shard(0)`` DTensors
+   or uneven, any dims, any mesh) and of FSDP2's ``_StridedShard`` (fsdp over ``tp``'s local rows:
+   still one box per rank); the real split of row-ragged ``Shard(0)`` DTensors
    (``mcore.ragged``: one small all-gather per group, so this step is collective);
 4. allocates, on ``device``, every parameter and buffer still on the meta device: the local
    tensor only, for a DTensor; parameters keep their identity (ties and references held by
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -95,13 +97,32 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
+def _strided_box(t: DTensor, at: int) -> bool:
+    """Whether ``t``'s placement on mesh dim ``at`` is FSDP2's ``_StridedShard(d, split_factor)`` (fsdp
+    over ``tp``'s local rows) whose later mesh dims split dim ``d`` into exactly ``split_factor`` chunks:
+    each rank's part is then one box, which torch's ``compute_local_shape_and_global_offset`` finds
+    (DCP relies on it too)."""
+    placements = tuple(t.placements)
+    placement = placements[at]
+    if type(placement).__name__ != "_StridedShard":
+        return False
+    dim = placement.dim  # type: ignore[attr-defined]
+    later = [
+        t.device_mesh.size(j)
+        for j in range(at + 1, len(placements))
+        if isinstance(placements[j], Shard) and placements[j].dim == dim  # type: ignore[attr-defined]
+    ]
+    return int(placement.split_factor) == math.prod(later)  # type: ignore[attr-defined]
+
+
 def local_regions(params: Mapping[str, torch.Tensor]) -> dict[str, Region]:
     """Each tensor's ``Region`` on this rank, by name.
 
     Collective when ``params`` holds row-ragged-capable DTensors (``(Shard(0),)``,
     ``(Replicate(), Shard(0))``): every rank of their groups calls it with the same names in the
     same order. Other DTensors must be split as DTensor splits them (``Shard``/``Replicate``
-    placements); anything else is a ``ValueError`` naming the tensor.
+    placements, and FSDP2's ``_StridedShard`` where each rank's part is one box: ``_strided_box``);
+    anything else is a ``ValueError`` naming the tensor.
     """
     out: dict[str, Region] = {}
     rowwise = [name for name, t in params.items() if row_dim(t) is not None]
@@ -119,9 +140,13 @@ def local_regions(params: Mapping[str, torch.Tensor]) -> dict[str, Region]:
             first = sum(counts[name][:rank])
             out[name] = Region(full, (first,) + (0,) * (len(full) - 1), local)
             continue
-        bad = [p for p in t.placements if type(p) not in (Shard, Replicate)]
+        placements = tuple(t.placements)
+        bad = [p for i, p in enumerate(placements) if type(p) not in (Shard, Replicate) and not _strided_box(t, i)]
         if bad:
-            raise ValueError(f"parameter {name!r} has placement {bad[0]!r}; allowed: Shard(dim) and Replicate()")
+            raise ValueError(
+                f"parameter {name!r} has placement {bad[0]!r}; allowed: Shard(dim), Replicate() and FSDP2's "
+                "_StridedShard over dims that shard the same tensor dim after it"
+            )
         expected, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         if tuple(expected) != local:
             raise ValueError(

@@ -4,6 +4,9 @@ Same call shape and semantics as ``torch.distributed.fsdp.fully_shard``: call it
 block, then on the root; the module's class becomes ``FSDP<Class>`` (also an
 ``FSDPModule``); its parameters become ``Shard(0)`` DTensors over ``mesh`` (``(Replicate(),
 Shard(0))`` on a 2-D HSDP mesh); forward gathers them, backward reduce-scatters the grads.
+Parameters that are already DTensors over other dims of the same root mesh (tensor parallel)
+are accepted as FSDP2 accepts them: their local tensors are sharded, and they become DTensors
+over ``mesh``'s dims and theirs (see ``tp_params``).
 
 Beyond FSDP2: ``keep_whole`` (parameters kept whole on one rank of the shard group instead
 of split by rows: Muon orthogonalises whole matrices, block-scaled formats quantize whole
@@ -141,11 +144,6 @@ def _collect(module: nn.Module, ignored: set[int]) -> list[ParamEntry]:
         for attr, p in m._parameters.items():
             if p is None or id(p) in managed or id(p) in ignored:
                 continue
-            if isinstance(p, DTensor):
-                raise ValueError(
-                    f"fully_shard: parameter {prefix + '.' if prefix else ''}{attr} is already a DTensor; allowed: plain "
-                    "tensors (composing fsdp with tensor-parallel layouts is not supported yet)"
-                )
             owners.setdefault(id(p), [])
             if (m, attr) not in owners[id(p)]:
                 owners[id(p)].append((m, attr))
@@ -203,6 +201,12 @@ def fully_shard(
             f"fully_shard: keep_whole = {keep_whole!r}; allowed: True, False or a function of a parameter returning bool"
         )
     whole = [bool(keep_whole(e.param)) if callable(keep_whole) else keep_whole for e in entries]
+    for e, w in zip(entries, whole):
+        if w and isinstance(e.param, DTensor):
+            raise ValueError(
+                f"fully_shard: keep_whole chose {e.name}, which is already a DTensor ({list(e.param.placements)}); "
+                "allowed: keep_whole for plain parameters only (tensor-parallel parameters are split by rows)"
+            )
     for buffer_owner in module.modules():
         for name, buf in buffer_owner._buffers.items():
             if buf is not None and buf.device != groups.device and not buf.is_meta:  # meta: left for init

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from mcore_fsdp import collectives
 from mcore_fsdp.pool import Lease
-from mcore_fsdp.storage import Storage, UnitContext, alias, as_sharded, local_of
+from mcore_fsdp.storage import Storage, UnitContext, alias, local_of
 
 
 @dataclass(eq=False)
@@ -61,7 +61,8 @@ class Gradients:
         (no copy of the result); on NCCL the division by the data-parallel size is fused into
         it (``PREMUL_SUM``)."""
         store = self.store
-        maybe = [p.grad for p in store.unsharded]
+        # a tp parameter's gradient is a DTensor: its tp-local tensor is what is reduced here
+        maybe = [None if p.grad is None else lay.local_grad(p.grad) for p, lay in zip(store.unsharded, store.layouts)]
         has_grad = [g is not None for g in maybe]
         if not any(has_grad):
             return
@@ -70,7 +71,10 @@ class Gradients:
             self._attach_direct(maybe)
             return
         n, s = store.geometry.world, store.geometry.shard_numel
-        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(maybe, store.unsharded)]
+        grads = [
+            g if g is not None else torch.zeros(slot.shape, dtype=store.compute_dtype, device=store.groups.device)
+            for g, slot in zip(maybe, store.geometry.slots)
+        ]
         in_place = reduce_dtype == store.orig_dtype and all(has_grad) and all(p.grad is None for p in store.sharded)
         stream = ctx.streams.reduce
         if stream is not None:
@@ -145,9 +149,8 @@ class Gradients:
                 view.set_(storage, offset, size, stride)
             self._released = []
         if not self.dtensors:
-            for slot, sharded in zip(store.geometry.slots, store.sharded):
-                local = alias(store.local_view(self.grad_flat, slot))
-                self.dtensors.append(as_sharded(local, store.groups, sharded.shape, sharded.stride()))
+            for slot, layout in zip(store.geometry.slots, store.layouts):
+                self.dtensors.append(layout.sharded(alias(store.local_view(self.grad_flat, slot))))
         return self.dtensors
 
     def release(self) -> None:
@@ -185,11 +188,11 @@ class Gradients:
     def _attach_direct(self, grads: list[torch.Tensor | None]) -> None:
         """One rank, same dtype, divisor 1: the un-sharded grad is the sharded grad."""
         store = self.store
-        for g, p, full in zip(grads, store.sharded, store.unsharded):
+        for g, p, full, layout in zip(grads, store.sharded, store.unsharded, store.layouts):
             if g is None:
                 continue
             if p.grad is None:
-                p.grad = as_sharded(g, store.groups, p.shape, p.stride())
+                p.grad = layout.sharded(g)
             else:
                 local_of(p.grad).add_(g)
             full.grad = None

@@ -6,6 +6,11 @@ precision comes from the config or, when the config says ``auto``, from the run'
 recipe; a recipe whose ``gather_payload`` returns a payload has its parameters gathered in
 that format.
 
+After ``tp`` (``["tp", "fsdp"]``, ``["tp", "hsdp"]``) the tensor-parallel parameters are DTensors
+over the ``tp`` dim; ``fully_shard`` shards their local tensors and makes them DTensors over the
+dp dims and ``tp`` (``tp_params``), so nothing here changes: the run loop calls this layout's
+``finish_grad_sync`` before tp's, and tp's sums over its group then read the reduced shards.
+
 On one process without a process group, the parameters are DTensors over a ``LocalMesh``
 (``local_mesh``): ``apply`` starts no process group, so ``torch.distributed.is_initialized()``
 is what it was before.

@@ -12,7 +12,9 @@ created lazily on its first forward and shared by every unit below it; nothing i
   remaining reductions.
 * Saved tensors: a tensor that autograd saves and that lives in a pooled buffer is saved as
   (unit, offset, shape, stride) and rebuilt from the unit's buffer when backward needs it, so
-  a buffer can serve another unit between forward and backward.
+  a buffer can serve another unit between forward and backward. A DTensor (a tp parameter's
+  view, e.g. the transposed weight a matmul saves) is saved the same way by its local tensor,
+  with its spec, and rebuilt around the unit's buffer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mcore_fsdp.comm import Streams
@@ -46,6 +49,14 @@ class _SavedRef:
     size: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+
+
+@dataclass(frozen=True, slots=True)
+class _SavedDTensorRef:
+    """A saved DTensor whose local tensor lives in a unit's pooled buffer: that tensor's ref and the spec."""
+
+    local: _SavedRef
+    spec: Any  # torch's DTensorSpec: mesh, placements, global shape and stride
 
 
 def in_backward() -> bool:
@@ -115,17 +126,32 @@ class Context:
 
     # -- saved tensors ---------------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:
-        if not self.lent or type(t) is not torch.Tensor:
+        if not self.lent:
             return t
+        if type(t) is DTensor:
+            local = self._ref(t._local_tensor)
+            return t if local is None else _SavedDTensorRef(local, t._spec)
+        if type(t) is not torch.Tensor:
+            return t
+        ref = self._ref(t)
+        return t if ref is None else ref
+
+    def _ref(self, t: torch.Tensor) -> _SavedRef | None:
         unit = self.lent.get(t.untyped_storage().data_ptr())
         if unit is None or not unit.reshard_after_forward:
-            return t
+            return None
         return _SavedRef(unit, int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), t.dtype)
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
+        if isinstance(saved, _SavedDTensorRef):
+            spec = saved.spec
+            local = Context._unpack(saved.local)
+            return DTensor.from_local(
+                local, spec.mesh, spec.placements, run_check=False, shape=spec.shape, stride=spec.stride
+            )
         if not isinstance(saved, _SavedRef):
-            return saved
+            return saved  # type: ignore[no-any-return]
         base = saved.unit.unsharded_base()
         assert base.dtype == saved.dtype, "saved tensor dtype differs from its unit's buffer"
         return base.as_strided(saved.size, saved.stride, saved.offset)

@@ -8,6 +8,10 @@ is a view into it (all rows or none for a whole parameter: a row-ragged DTensor,
 parameters are persistent ``nn.Parameter`` objects whose ``.data`` is pointed at a gathered
 buffer while the unit is gathered. This module builds both and knows nothing of collectives
 or gradients (``collectives``, ``gradients``).
+
+A parameter that is already a DTensor of another layout (``tp``) is held by its tp-local tensor:
+its rows are what the shard stores, and ``tp_params.ParamLayout`` says how its sharded and
+un-sharded parameters are described (a DTensor over the combined mesh, and over tp's).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from mcore_fsdp.geometry import Geometry, Slot, plan
 from mcore_fsdp.groups import MeshGroups
+from mcore_fsdp.tp_params import ParamLayout, describe_params, local_tensor
 
 if TYPE_CHECKING:
     from mcore_fsdp.comm import Streams
@@ -64,14 +69,6 @@ class UnitContext(Protocol):
     def post_backward(self, unit: Any) -> None: ...
 
 
-def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for size in reversed(shape):
-        stride.append(acc)
-        acc *= size
-    return tuple(reversed(stride))
-
-
 def alias(t: torch.Tensor) -> torch.Tensor:
     """A tensor over ``t``'s memory that is not a view of it (no ``_base``): pointing it at
     other memory later (``set_``) lets the old buffer be freed."""
@@ -89,11 +86,6 @@ def local_view(flat: torch.Tensor, slot: Slot, rank: int) -> torch.Tensor:
     """``rank``'s rows of ``slot``'s parameter in a flat ``(S,)`` buffer, shaped ``(rows, *shape[1:])``."""
     rows = slot.local_rows(rank)
     return flat[slot.offset : slot.offset + rows * slot.row_numel].view(rows, *slot.shape[1:])
-
-
-def as_sharded(local: torch.Tensor, groups: MeshGroups, shape: torch.Size, stride: tuple[int, ...]) -> DTensor:
-    """``local`` (this rank's rows) as the ``Shard(0)`` DTensor of a parameter of ``shape``."""
-    return DTensor.from_local(local, groups.mesh, groups.placements, run_check=False, shape=shape, stride=stride)
 
 
 #: What a precision recipe is told about the parameter it is asked to gather: (name in the model, declared spec).
@@ -176,7 +168,10 @@ class Storage:
             else {}
             for e in entries
         ]
-        probes = [probe_payload(gather_recipe, e.param, n, whole[i], device, asks[i]) for i, e in enumerate(entries)]
+        probes = [
+            probe_payload(gather_recipe, local_tensor(e.param), n, whole[i], device, asks[i])
+            for i, e in enumerate(entries)
+        ]
         quantized = [probe is not None for probe in probes]
         order = sorted(
             range(len(entries)),
@@ -193,8 +188,10 @@ class Storage:
         self.payload_specs: dict[int, PayloadSpec] = {
             j: probe for j, i in enumerate(order) if (probe := probes[i]) is not None
         }
+        #: per slot: how the parameter is described sharded and un-sharded (``tp_params``)
+        self.layouts: list[ParamLayout] = describe_params([e.name for e in ordered], [e.param for e in ordered], groups)
         self.geometry: Geometry = plan(
-            [tuple(e.param.shape) for e in ordered],
+            [lay.local_shape for lay in self.layouts],
             n,
             whole=[whole[i] for i in order],
             groups=[int(q) for q in self.quantized],
@@ -220,16 +217,15 @@ class Storage:
         sharded: list[nn.Parameter] = []
         unsharded: list[nn.Parameter] = []
         with torch.no_grad():
-            for entry, slot in zip(ordered, self.geometry.slots):
+            for entry, slot, layout in zip(ordered, self.geometry.slots, self.layouts):
                 rows, start = slot.local_rows(rank), slot.row_start(rank)
+                layout.check_rows(rows, start)
                 local = local_view(self.shard, slot, rank)
-                if rows and not entry.param.is_meta:
-                    local.copy_(entry.param.detach()[start : start + rows])
-                dt = as_sharded(local, groups, torch.Size(slot.shape), contiguous_stride(slot.shape))
-                sharded.append(nn.Parameter(dt, requires_grad=entry.param.requires_grad))
-                full = nn.Parameter(
-                    torch.empty(0, dtype=self.compute_dtype, device=device), requires_grad=entry.param.requires_grad
-                )
+                source = local_tensor(entry.param)  # a tp DTensor's local tensor: what fsdp splits
+                if rows and not source.is_meta:
+                    local.copy_(source.detach()[start : start + rows])
+                sharded.append(nn.Parameter(layout.sharded(local), requires_grad=entry.param.requires_grad))
+                full = layout.compute_param(self.compute_dtype, device, entry.param.requires_grad)
                 if full.requires_grad:
                     full.register_post_accumulate_grad_hook(on_grad())
                 unsharded.append(full)
@@ -267,6 +263,6 @@ class Storage:
         views = self.cached(
             lease, "bind", lambda: [full[sl.full_offset : sl.full_offset + sl.numel].view(sl.shape) for sl in slots]
         )
-        for view, p in zip(views, self.unsharded):
-            p.data = view
+        for view, p, layout in zip(views, self.unsharded, self.layouts):
+            layout.bind(p, view)
         self.register(self.unsharded)

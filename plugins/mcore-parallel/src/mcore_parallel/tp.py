@@ -53,6 +53,7 @@ from mcore.protocols.block import BlockContext
 from mcore.protocols.layout import DataParallelInfo
 from mcore_parallel.sequence_parallel import SequencePlan, apply_sequence_parallel, plan_sequence_parallel
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding, swap_class
+from mcore_parallel.tp_overlap import OverlappedRowLinear
 from mcore_parallel.tp_plan import TPPlan, plan_tp
 
 if TYPE_CHECKING:
@@ -79,9 +80,17 @@ class TPLayout:
         tokens, all-gather before each block split over heads, reduce-scatter after its row-parallel
         linears (``sequence_parallel.py``); ``train.seq_len`` must divide by the tp size."""
 
+        overlap_chunks: int = 1
+        """Row-parallel linears compute their GEMM in this many token chunks, each chunk's reduction
+        (all-reduce, or reduce-scatter under sequence parallelism) overlapping the next chunk's GEMM
+        (``tp_overlap.py``; 1: off, torch's ``RowwiseParallel``)."""
+
         def __post_init__(self) -> None:
             if not isinstance(self.sequence_parallel, bool):
                 raise ValueError(f"parallel.tp.sequence_parallel = {self.sequence_parallel!r}; allowed: true or false")
+            chunks = self.overlap_chunks
+            if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= 64:
+                raise ValueError(f"parallel.tp.overlap_chunks = {chunks!r}; allowed: an integer from 1 (off) to 64")
 
     @staticmethod
     def check_run(config: Config, run: Any) -> None:
@@ -118,7 +127,11 @@ class TPLayout:
         for path in plan.colwise:
             _parallelize(model, path, device_mesh, ColwiseParallel(), owners)
         for path in plan.rowwise:  # under sequence parallelism a block's outputs are reduce-scattered by tokens
-            style = RowwiseParallel(output_layouts=Shard(1)) if sp and path in sp.row_outputs else RowwiseParallel()
+            by_tokens = sp is not None and path in sp.row_outputs
+            if self.config.overlap_chunks > 1:
+                self._overlap_row(model, path, device_mesh, owners, by_tokens=by_tokens)
+                continue
+            style = RowwiseParallel(output_layouts=Shard(1)) if by_tokens else RowwiseParallel()
             _parallelize(model, path, device_mesh, style, owners)
         for path in plan.vocab_embeddings:
             embedding = model.get_submodule(path)
@@ -145,6 +158,28 @@ class TPLayout:
         if vocab_parallel:
             model.loss_head = loss_head.vocab_parallel(group)  # type: ignore[union-attr]
         return model
+
+    def _overlap_row(
+        self, model: nn.Module, path: str, device_mesh: DeviceMesh, owners: Any, *, by_tokens: bool
+    ) -> None:
+        """A row-parallel linear whose reduction overlaps its chunked GEMM (``tp_overlap``): weight
+        ``Shard(1)``, bias plain (summed over the group when it sees a rank's tokens only)."""
+        linear = model.get_submodule(path)
+        assert isinstance(linear, nn.Linear)
+        weight = linear.weight
+        new = nn.Parameter(distribute_tensor(weight.data, device_mesh, [Shard(1)]), requires_grad=weight.requires_grad)
+        _rebind(weight, new, owners)
+        mesh = self._require_mesh()
+        swap_class(
+            linear,
+            OverlappedRowLinear,
+            tp_group=mesh.group(DIM),
+            tp_world=mesh.size(DIM),
+            overlap_chunks=self.config.overlap_chunks,
+            sequence_parallel=by_tokens,
+        )
+        if by_tokens and linear.bias is not None and linear.bias.requires_grad:
+            self._summed.append((linear, "bias"))
 
     # -- the context: the ranks holding the other heads --------------------------------------------
     def shard_batch(

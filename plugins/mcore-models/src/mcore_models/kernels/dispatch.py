@@ -4,6 +4,11 @@ A ``Dispatched`` function looks at the device type of its first tensor argument,
 implementation for that type on the first call (Triton on CUDA when it imports, the reference
 everywhere else) and remembers it. CPU calls never import Triton. ``MCORE_MODELS_KERNELS=reference``
 forces the references everywhere (for debugging and for the eager baselines of the benchmarks).
+
+Inside a region ``torch.compile`` traces (``train.compile = "blocks"``) the reference runs: dynamo
+cannot trace a raw Triton launch inside an ``autograd.Function`` (torch 2.11 fails with an
+assertion in ``overwrite_tensor_vt_proxy`` on our RoPE), and inductor fuses the references into
+kernels of its own, as fast as ours (RESULTS.md, "compiled" column).
 """
 
 from __future__ import annotations
@@ -44,4 +49,8 @@ class Dispatched:
         return fn
 
     def __call__(self, first: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if torch.compiler.is_compiling():  # traced: the reference, which inductor fuses (module docstring)
+            return self.reference(first, *args, **kwargs)
         return self.implementation(first.device.type)(first, *args, **kwargs)
