@@ -111,17 +111,18 @@ def _check_placements(name: str, model: nn.Module, kind: str) -> None:
 
 
 def _steps_equal_one_process(
-    name: str, overrides: dict[str, Any], kind: str, *, packed: bool = False, sp: bool = False
+    name: str, overrides: dict[str, Any], kind: str, *, packed: bool = False, sp: bool = False, overlap: int = 1
 ) -> None:
     mesh = _mesh(kind)
     torch.manual_seed(0)
     cfg = _config(overrides)
     reference = GPT(cfg)
-    tp = TPLayout(TPLayout.Config(sequence_parallel=sp))
+    tp = TPLayout(TPLayout.Config(sequence_parallel=sp, overlap_chunks=overlap))
     dp_layout = FSDPLayout() if kind == "fsdp" else HSDPLayout()
     model = dp_layout.apply(tp.apply(copy.deepcopy(reference), mesh), mesh)
     layouts: list[Any] = [tp, dp_layout]
-    what = f"{name} ({'tp2 x ' + kind}{' +sp' if sp else ''}{' packed' if packed else ''})"
+    what = f"{name} ({'tp2 x ' + kind}{' +sp' if sp else ''}{' packed' if packed else ''}"
+    what += f" +overlap {overlap})" if overlap > 1 else ")"
     _check_placements(what, model, kind)
     if "num_kv_heads" in overrides.get("attention", {}):
         assert isinstance(model.get_submodule("layers.0.attention.k"), HeadSliceLinear), what
@@ -288,6 +289,7 @@ def _ci(ref_path: str) -> None:
     _steps_equal_one_process("packed", {}, "fsdp", packed=True)
     for name in HSDP_CI:
         _steps_equal_one_process(name, VARIANTS[name], "hsdp2x1")
+    _steps_equal_one_process("packed", {}, "fsdp", packed=True, sp=True, overlap=2)  # fsdp gathers, tp overlaps
     _bf16_gathers("fsdp")
     _int8_gathers()
     _meta_init(ref_path)
