@@ -13,13 +13,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch.distributed as dist
+from run_helpers import merged, metrics, run_update
 
 from mcore.config import RunConfig, resolve_config
 from mcore.data.shards import prepare
@@ -61,28 +61,10 @@ def _host() -> Any:
     return isolated_host("mcore_models.plugin", "mcore_optim.plugin", "mcore_parallel.plugin", "mcore_fsdp.plugin")
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _config(
     out_dir: Path, corpus: str, parallel: dict[str, Any], train: dict[str, Any] | None = None, every: int = 0
 ) -> RunConfig:
-    update = {
-        "parallel": parallel,
-        "train": {"out_dir": str(out_dir), **(train or {})},
-        "data": {"source": corpus},
-        "checkpoint": {"every": every},
-    }
-    return resolve_config(_merge(BASE, update), _host())
-
-
-def _metrics(out_dir: Path) -> dict[int, dict[str, Any]]:
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "step" in r}
+    return resolve_config(merged(BASE, run_update(out_dir, corpus, parallel, train, every)), _host())
 
 
 def _checkpoint(out_dir: Path, step: int) -> Path:
@@ -125,7 +107,7 @@ def test_tp2_fsdp2_trains_like_one_process_resumes_exactly_and_reshards(tmp_path
             assert losses[name][step] == pytest.approx(full[step], rel=1e-5), (name, step)
     host, corpus = _host(), str(tmp_path / "corpus")
     run(_config(tmp_path / "one", corpus, {"layouts": ["single"]}), host, stop_at_step=CUT)
-    four, ref = _metrics(tmp_path / "full"), _metrics(tmp_path / "one")
+    four, ref = metrics(tmp_path / "full"), metrics(tmp_path / "one")
     for step in range(1, CUT + 1):
         for key in ("loss", "grad_norm"):
             assert four[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)

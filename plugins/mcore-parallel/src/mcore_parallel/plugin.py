@@ -1,4 +1,4 @@
-"""Registers the ``ddp`` and ``tp`` layouts with mcore (a lazy reference: no torch import)."""
+"""Registers the ``ddp``, ``tp`` and ``cp`` layouts with mcore (a lazy reference: no torch import)."""
 
 from __future__ import annotations
 
@@ -22,4 +22,10 @@ def mcore_register(registry: Any) -> None:
         "tp",
         "mcore_parallel.tp:TPLayout",
         summary="tensor parallel over tp: column/row linears, vocab-parallel embedding and loss, from ParamSpec.tp",
+    )
+    registry.add(
+        "layout",
+        "cp",
+        "mcore_parallel.cp:CPLayout",
+        summary="context parallel over cp: zig-zag split, ring (P2P, log-sum-exp merge) or all-gather K/V attention",
     )

@@ -37,20 +37,18 @@ the local shards over ``dp_replicate``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from mcore.protocols.block import BlockContext
 from mcore.protocols.layout import DataParallelInfo
+from mcore_parallel.group_grads import DeferredSync, local_grad, sum_over_group
 from mcore_parallel.sequence_parallel import SequencePlan, apply_sequence_parallel, plan_sequence_parallel
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding, swap_class
 from mcore_parallel.tp_overlap import OverlappedRowLinear
@@ -65,7 +63,7 @@ if TYPE_CHECKING:
 DIM = "tp"
 
 
-class TPLayout:
+class TPLayout(DeferredSync):
     """Tensor parallelism over ``tp`` from the model's ``ParamSpec.tp`` declarations (module docstring)."""
 
     name: ClassVar[str] = "tp"
@@ -109,7 +107,6 @@ class TPLayout:
         self._plan: TPPlan | None = None
         self._sequence_plan: SequencePlan | None = None
         self._summed: list[tuple[nn.Module, str]] = []  # (module, attribute): read at each sync
-        self._sync = True
 
     # -- apply -----------------------------------------------------------------------------------
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
@@ -206,37 +203,14 @@ class TPLayout:
         """Every rank of the group reads the same batch."""
         return DataParallelInfo(rank=0, size=1)
 
-    @contextlib.contextmanager
-    def no_grad_sync(self) -> Iterator[None]:
-        before = self._sync
-        self._sync = False
-        try:
-            yield
-        finally:
-            self._sync = before
-
     def finish_grad_sync(self) -> None:
         """Sum over the group the gradients of key/value projections kept whole (GQA, ``kv_heads < tp``)
         and of ``partial`` parameters (QK-norm scales)."""
-        if not self._sync or not self._summed:
+        if not self.syncing or not self._summed:
             return
         # read through the holders: a layout applied after this one (fsdp) may have replaced the parameters
         params = [module._parameters[key] for module, key in self._summed]
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            assert p is not None
-            if p.grad is None:  # unused on this rank: it still takes part in the sum
-                p.grad = torch.zeros_like(p)
-            grad = (
-                p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            )  # an fsdp shard: the same on each tp rank
-            by_dtype.setdefault(grad.dtype, []).append(grad)
-        group = self._require_mesh().group(DIM)
-        for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+        sum_over_group([local_grad(p) for p in params if p is not None], self._require_mesh().group(DIM))
 
     def state_dict_options(self) -> dict[str, Any]:
         """Split parameters are DTensors: saved sharded, resharded on load; plain ones are saved once."""

@@ -1,0 +1,198 @@
+"""``cp`` on the real ``gpt`` model: cp2, cp4 and cp2 x tp2, ``ring`` and ``allgather``, equal one process.
+
+One spawned group of 4 gloo ranks runs cp4 over all of them, cp2 twice side by side (a
+``dp_replicate`` dimension of 2 that nothing reads) and cp2 x tp2 (``tp`` applied first, as
+``parallel.layouts = ["tp", "cp"]`` does). Each case trains 3 SGD steps of a ``gpt`` ``tiny`` variant
+from the batch the layouts' ``shard_batch`` make (as the run loop does, the loss group in the
+context) and checks the loss and every gradient against one process (fp32, rel 1e-5) at every
+step: GQA, MLA (value head dim != query/key head dim), a sliding window, and packed documents of
+mixed lengths, one across a row end (each split zig-zag on its own, padded to a multiple of
+``2 * cp``), and full activation recompute (the ring runs again in backward). The fast test runs a
+representative set; the whole cross product is ``slow``.
+
+The run loop: ``["cp", "fsdp"]`` (cp2 x fsdp2) on 4 processes trains ``tiny`` on packed rows like
+one process (loss and gradient norm of 5 steps, AdamW, two micro-batches per rank, clipping
+active), and its step-3 checkpoint resumes under ``fsdp4`` with the one-process losses.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from run_helpers import merged, metrics, run_update
+from torch.distributed.tensor import DTensor
+
+from mcore.config import resolve_config
+from mcore.data.shards import prepare
+from mcore.data.sources import iter_documents
+from mcore.mesh import ParallelMesh, build_mesh
+from mcore.protocols import BlockContext
+from mcore.train import run
+from mcore.train.recompute import apply_recompute
+from mcore_models.gpt import GPT
+from mcore_models.presets import preset_config
+from mcore_parallel.cp import CPLayout
+from mcore_parallel.tp import TPLayout
+from mcore_testing import run_distributed
+from mcore_testing.hosts import isolated_host
+from mcore_testing.numerics import assert_rel_close
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "gqa": {},  # the tiny preset: 4 query heads, 2 key/value heads
+    "mla": {"mixer": "mla", "mla": {"num_heads": 4}},
+    "window": {"attention": {"sliding_window": 5}},
+}
+SEQ, STEPS = 16, 3
+PACKED = [0, 5, 16, 27, 32]  # documents of 5, 11, 11 (across the row end) and 5 tokens over 2 rows of 16
+
+
+def _mesh(key: str) -> ParallelMesh:
+    key = key.removesuffix(" +recompute")
+    if key == "cp4":
+        return build_mesh(("cp",), {}, fill="cp", device_type="cpu")
+    if key == "cp2 x tp2":
+        return build_mesh(("cp", "tp"), {"tp": 2}, fill="cp", device_type="cpu")
+    return build_mesh(("dp_replicate", "cp"), {"cp": 2}, fill="dp_replicate", device_type="cpu")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _check(key: str, kind: str, variant: str, packed: bool, mesh: ParallelMesh) -> None:
+    name = f"{key} {kind} {variant}{' packed' if packed else ''}"
+    torch.manual_seed(0)
+    reference = GPT(preset_config("tiny", vocab_size=128, max_position_embeddings=64, **VARIANTS[variant]))
+    model = copy.deepcopy(reference)
+    if key.endswith("+recompute"):  # the ring runs again in backward: every rank in the same order
+        apply_recompute(model, "full")
+    layouts: list[Any] = [TPLayout()] if "tp" in key else []  # the run's order: tp, then cp
+    layout = CPLayout(CPLayout.Config(kind=kind))
+    layouts.append(layout)
+    for each in layouts:
+        model = each.apply(model, mesh)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (reference, model)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        tokens = torch.randint(0, 128, (2, SEQ), generator=g)
+        labels = torch.randint(0, 128, (2, SEQ), generator=g)
+        labels[0, : 3 + step] = -100
+
+        def ctx() -> BlockContext:
+            return BlockContext(cu_seqlens=torch.tensor(PACKED, dtype=torch.int32)) if packed else BlockContext()
+
+        for opt in opts:
+            opt.zero_grad()
+        ref_loss = reference(tokens, labels=labels, ctx=ctx())
+        ref_loss.backward()
+        local_tokens, local_labels, view = tokens, labels, ctx()
+        for each in layouts:
+            local_tokens, local_labels, view = each.shard_batch(local_tokens, local_labels, view)
+        assert view.loss_group is not None and local_tokens.shape[1] < SEQ, name
+        loss = model(local_tokens, labels=local_labels, ctx=view)
+        loss.backward()
+        for each in reversed(layouts):
+            each.finish_grad_sync()
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=layout.loss_group())  # the ranks' losses add up
+        assert_rel_close(total, ref_loss.detach(), 1e-5, name=f"{name} step {step}: loss")
+        ref = dict(reference.named_parameters())
+        for pname, p in model.named_parameters():
+            want = ref[pname].grad
+            assert p.grad is not None and want is not None, f"{name}: {pname} has no gradient"
+            assert_rel_close(_full(p.grad), want, 1e-5, name=f"{name} step {step}: grad of {pname}")
+        for opt in opts:
+            opt.step()
+
+
+def _run(cases: list[tuple[str, str, str, bool]]) -> None:
+    meshes = {key: _mesh(key) for key in sorted({c[0].removesuffix(" +recompute") for c in cases})}
+    for key, kind, variant, packed in cases:
+        _check(key, kind, variant, packed, meshes[key.removesuffix(" +recompute")])
+
+
+FAST = [
+    ("cp2", "ring", "gqa", False),
+    ("cp2", "allgather", "mla", False),
+    ("cp4", "ring", "mla", False),
+    ("cp4", "allgather", "gqa", False),
+    ("cp2", "ring", "gqa", True),
+    ("cp4", "ring", "window", True),
+    ("cp2 x tp2", "ring", "mla", True),
+    ("cp2 +recompute", "ring", "gqa", True),
+]
+ALL = [
+    (key, kind, variant, packed)
+    for key in ("cp2", "cp4", "cp2 x tp2")
+    for kind in ("ring", "allgather")
+    for variant in VARIANTS
+    for packed in (False, True)
+]
+
+
+def test_cp_gpt_equals_one_process() -> None:
+    run_distributed(_run, 4, FAST, timeout=300)
+
+
+@pytest.mark.slow
+def test_cp_gpt_every_case_equals_one_process() -> None:
+    run_distributed(_run, 4, [c for c in ALL if c not in FAST], timeout=600)
+
+
+# -- the run loop: cp2 x fsdp2 on 4 processes, packed rows, a checkpoint resumed under fsdp4 ---------------------
+CUT, TOTAL = 3, 5
+RUN_BASE: dict[str, Any] = {
+    "model": {"name": "gpt", "preset": "tiny", "max_position_embeddings": 64},
+    "optimizer": {"name": "adamw", "lr": 3e-3, "eps": 1e-6},
+    "train": {
+        "steps": TOTAL,
+        "seq_len": 32,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,  # 2 micro-batches per data-parallel rank under cp2 x fsdp2
+        "warmup_steps": 1,
+        "grad_clip": 0.5,
+        "deterministic": True,
+        "cpu_threads": 1,
+        "resume": "none",
+    },
+    "data": {"workers": 0},  # packing 'thd': documents split on their own, padded to a multiple of 2 * cp
+    "log": {"progress": "none", "tensorboard": False, "plot": False, "every": 1},
+    "checkpoint": {"async_save": False, "save_final": True},
+}
+CP_FSDP = {"layouts": ["cp", "fsdp"], "sizes": {"cp": 2}, "cp": {"kind": "ring"}}
+
+
+def _host() -> Any:
+    plugins = ("mcore_models.plugin", "mcore_optim.plugin", "mcore_parallel.plugin", "mcore_fsdp.plugin")
+    return isolated_host(*plugins)
+
+
+def _config(out_dir: Path, corpus: str, parallel: dict[str, Any], train: dict[str, Any] | None = None) -> Any:
+    return resolve_config(merged(RUN_BASE, run_update(out_dir, corpus, parallel, train, every=CUT)), _host())
+
+
+def _four_ranks(root: str, corpus: str) -> None:
+    root_path, host = Path(root), _host()
+    run(_config(root_path / "cp_fsdp", corpus, CP_FSDP), host)
+    ckpt = root_path / "cp_fsdp" / "checkpoints" / f"step_{CUT:08d}"
+    resumed = run(_config(root_path / "fsdp4", corpus, {"layouts": ["fsdp"]}, {"resume": str(ckpt)}), host)
+    assert resumed.start_step == CUT
+    dist.barrier()
+
+
+def test_run_cp2_fsdp2_equals_one_process_and_resumes_under_fsdp4(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    prepare(iter_documents("stdlib"), corpus, tokenizer_spec="byte", workers=0, max_tokens=30_000)
+    run_distributed(_four_ranks, 4, str(tmp_path), str(corpus), timeout=600)
+    run(_config(tmp_path / "one", str(corpus), {"layouts": ["single"]}), _host())
+    ref, four, resumed = (metrics(tmp_path / name) for name in ("one", "cp_fsdp", "fsdp4"))
+    for step in range(1, TOTAL + 1):
+        for key in ("loss", "grad_norm"):
+            assert four[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)
+    for step in range(CUT + 1, TOTAL + 1):
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step

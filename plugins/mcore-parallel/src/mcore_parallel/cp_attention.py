@@ -1,0 +1,176 @@
+"""The attention backends the ``cp`` layout puts in ``BlockContext.attention``: this rank's queries against
+every rank's keys, with the mask of the zig-zag split.
+
+Each rank holds some tokens of every row (``cp_split.SplitPlan``: chunks ``r`` and ``2 * cp - 1 - r``
+of each sequence). Query ``t`` of this rank may see key ``s`` of rank ``j`` when both belong to the
+same document, ``s`` does not come later in the row than ``t`` and, with a sliding window, lies
+less than ``window`` tokens back; padding sees and is seen by nothing. Two ways to get the keys:
+
+* ``AllGatherAttention`` (``kind = "allgather"``, the Llama-3 way): all-gather K and V over the
+  group, attend once; backward reduce-scatters their gradients back.
+* ``RingAttention`` (``kind = "ring"``): K/V blocks go around the ring with point-to-point
+  transfers (``dist.batch_isend_irecv``), the next block's transfer posted before the partial
+  attention on the block in hand; the blocks' results merge exactly by log-sum-exp
+  (``lse_merge``). Backward (a custom ``autograd.Function``) sends K/V around again and, behind
+  each block, the accumulated dK/dV of that block, which arrive complete at their owner after the
+  last hop. Blocks a query chunk cannot see at all are skipped.
+
+The partial attention is the fp32 torch reference (``lse_merge``) on every device: exact, not fast;
+a fused kernel returning the log-sum-exp is the next step on GPU.
+
+Shape legend: B rows, L tokens per row on one rank, nh query heads, nkv key/value heads, hd head
+dim, hdv value head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from mcore.protocols.block import BlockContext
+from mcore_parallel.cp_split import SplitPlan
+from mcore_parallel.lse_merge import merge_with_lse, partial_attention, partial_attention_backward
+
+
+class _CPAttention:
+    """What both backends share: the group, this rank and the split plan that gives every mask."""
+
+    name: ClassVar[str] = "cp"
+
+    def __init__(self, group: Any, plan: SplitPlan) -> None:
+        self.group, self.plan = group, plan
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+
+    def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
+        return True  # under cp this IS the kernel: a block's local default would see this rank's tokens only
+
+    def mask(self, key_rank: int, window: int | None) -> torch.Tensor:
+        """``(B, L, L)`` bool: this rank's queries (rows) against rank ``key_rank``'s keys (columns)."""
+        q_index, q_doc = self.plan.index[self.rank][:, :, None], self.plan.docs[self.rank][:, :, None]  # (B, L, 1)
+        k_index, k_doc = self.plan.index[key_rank][:, None, :], self.plan.docs[key_rank][:, None, :]  # (B, 1, L)
+        allowed = (q_doc >= 0) & (k_doc == q_doc) & (k_index <= q_index)
+        if window is not None:
+            allowed = allowed & (q_index - k_index < window)
+        return allowed
+
+
+# -- all-gather -------------------------------------------------------------------------------------------
+class _GatherTokens(torch.autograd.Function):
+    """All-gather along dim 1 (tokens), ranks in group order; backward reduce-scatters the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group, ctx.rank, ctx.width = group, dist.get_rank(group), x.shape[1]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        parts = [p.contiguous() for p in grad.split(ctx.width, dim=1)]  # rank j's tokens, one part each
+        out = torch.empty_like(parts[0])
+        dist.reduce_scatter(out, parts, group=ctx.group)  # every rank's gradient of this rank's keys, summed
+        return out, None
+
+
+class AllGatherAttention(_CPAttention):
+    """``kind = "allgather"``: K and V of every rank gathered, one attention (module docstring)."""
+
+    name: ClassVar[str] = "cp-allgather"
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BlockContext, scale: float, window: int | None
+    ) -> torch.Tensor:
+        k_all = _GatherTokens.apply(k, self.group)  # (B, cp * L, nkv, hd)
+        v_all = _GatherTokens.apply(v, self.group)  # (B, cp * L, nkv, hdv)
+        mask = torch.cat([self.mask(j, window) for j in range(self.size)], dim=2)  # (B, L, cp * L)
+        out, _ = partial_attention(q, k_all, v_all, scale=scale, mask=mask)  # (B, L, nh, hdv) fp32
+        return out.to(q.dtype)
+
+
+# -- ring -------------------------------------------------------------------------------------------------
+class _Ring:
+    """Point-to-point neighbours on the ring: send to ``rank + 1``, receive from ``rank - 1``."""
+
+    def __init__(self, group: Any, rank: int, size: int) -> None:
+        self.group = group
+        self.next = dist.get_global_rank(group, (rank + 1) % size)
+        self.prev = dist.get_global_rank(group, (rank - 1) % size)
+
+    def start(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
+        """Post sending ``tensors`` on and receiving the previous rank's into new buffers."""
+        incoming = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in incoming]
+        return incoming, dist.batch_isend_irecv(ops)
+
+
+def _wait(requests: list[Any]) -> None:
+    for request in requests:
+        request.wait()
+
+
+class _RingFunction(torch.autograd.Function):
+    """Ring attention forward and backward; ``masks[j]`` is this rank's mask against rank ``j``'s block."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: RingAttention, scale: float, masks: Any
+    ) -> torch.Tensor:
+        ring, size, rank = backend.ring, backend.size, backend.rank
+        parts = []
+        block = [k.contiguous(), v.contiguous()]
+        for step in range(size):
+            source = (rank - step) % size
+            incoming, requests = ring.start(block) if step < size - 1 else (block, [])
+            if masks[source] is not None:  # the transfer runs while this block is computed
+                parts.append(partial_attention(q, block[0], block[1], scale=scale, mask=masks[source]))
+            _wait(requests)
+            block = incoming
+        out, lse = merge_with_lse(parts)  # (B, L, nh, hdv), (B, nh, L): every rank sees at least its own block
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.backend, ctx.scale, ctx.masks = backend, scale, masks
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        backend, masks = ctx.backend, ctx.masks
+        ring, size, rank = backend.ring, backend.size, backend.rank
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        block = [k.contiguous(), v.contiguous()]
+        acc = [torch.zeros(k.shape, dtype=torch.float32, device=k.device), torch.zeros_like(v, dtype=torch.float32)]
+        for step in range(size):
+            source = (rank - step) % size  # ``block`` and ``acc`` belong to rank ``source``
+            incoming, requests = ring.start(block) if step < size - 1 else (block, [])
+            if masks[source] is not None:
+                bq, bk, bv = partial_attention_backward(
+                    q, block[0], block[1], out, lse, grad, scale=ctx.scale, mask=masks[source]
+                )
+                dq += bq
+                acc = [acc[0] + bk, acc[1] + bv]
+            acc, acc_requests = ring.start(acc)  # on to the next rank; the last hop lands it at its owner
+            _wait(requests + acc_requests)
+            block = incoming
+        return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype), None, None, None
+
+
+class RingAttention(_CPAttention):
+    """``kind = "ring"``: K/V blocks passed around the ring, merged by log-sum-exp (module docstring)."""
+
+    name: ClassVar[str] = "cp-ring"
+
+    def __init__(self, group: Any, plan: SplitPlan) -> None:
+        super().__init__(group, plan)
+        self.ring = _Ring(group, self.rank, self.size)
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BlockContext, scale: float, window: int | None
+    ) -> torch.Tensor:
+        masks = []
+        for j in range(self.size):
+            mask = self.mask(j, window)
+            masks.append(mask if j == self.rank or bool(mask.any()) else None)  # None: nothing to see there
+        return _RingFunction.apply(q, k, v, self, scale, masks)  # type: ignore[no-any-return]

@@ -1,0 +1,158 @@
+"""``cp``: the zig-zag split, the harness's conformance suite (ring and all-gather on 2 ranks, with
+gradient accumulation), the core's run loop on 2 processes against one, and the errors.
+
+The gpt model under cp2/cp4 (GQA, MLA, sliding window, packed documents) is checked in
+``integration_tests/test_cp_gpt.py``; the log-sum-exp merge in ``test_cp_lse.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_run_helpers import corpus as make_corpus
+from parallel_run_helpers import metrics, run_config
+
+from mcore.errors import ConfigError, UserError
+from mcore.mesh import ParallelMesh
+from mcore.train import run
+from mcore_parallel import plugin
+from mcore_parallel.cp import CPLayout
+from mcore_parallel.cp_split import document_positions, plan_split
+from mcore_testing import run_distributed
+from mcore_testing.conformance import LayoutConformance
+from mcore_testing.hosts import isolated_host
+
+
+def _host() -> Any:
+    return isolated_host("mcore_testing.plugin", plugin)
+
+
+# -- the split ------------------------------------------------------------------------------------------------
+def test_zigzag_keeps_chunks_r_and_mirror() -> None:
+    plan = plan_split(None, 2, 8, 2, torch.device("cpu"))
+    assert plan.index[0].tolist() == [[0, 1, 6, 7]] * 2
+    assert plan.index[1].tolist() == [[2, 3, 4, 5]] * 2
+    plan = plan_split(None, 1, 16, 4, torch.device("cpu"))
+    assert [plan.index[r].tolist()[0] for r in range(4)] == [
+        [0, 1, 14, 15],
+        [2, 3, 12, 13],
+        [4, 5, 10, 11],
+        [6, 7, 8, 9],
+    ]
+    tokens = torch.arange(100, 116)[None]
+    assert plan.take(1, tokens, -1).tolist() == [[102, 103, 112, 113]]
+
+
+def test_packed_documents_split_each_on_their_own_and_padded() -> None:
+    """Documents of 3 and 6 tokens in a row of 9, cp2: each padded to a multiple of 4, split zig-zag."""
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+    plan = plan_split(cu, 1, 9, 2, torch.device("cpu"))
+    # doc 0 (3 -> 4 tokens, chunks of 1): rank 0 keeps 0 and pad, rank 1 keeps 1, 2
+    # doc 1 (6 -> 8 tokens, chunks of 2, starting at 3): rank 0 keeps 3, 4 and pads, rank 1 keeps 5, 6, 7, 8
+    assert plan.index[0].tolist() == [[0, -1, 3, 4, -1, -1]]
+    assert plan.index[1].tolist() == [[1, 2, 5, 6, 7, 8]]
+    assert plan.docs[0].tolist() == [[0, -1, 1, 1, -1, -1]]
+    assert document_positions(cu, 1, 9, torch.device("cpu")).tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5]]
+    labels = torch.arange(9)[None]
+    assert plan.take(0, labels, -100).tolist() == [[0, -100, 3, 4, -100, -100]]
+
+
+def test_rows_of_one_document_must_split_into_2cp_chunks() -> None:
+    with pytest.raises(UserError, match=r"train\.seq_len = 10 does not split into 2 \* cp = 4 .* a multiple of 4"):
+        plan_split(None, 1, 10, 2, torch.device("cpu"))
+
+
+# -- errors without a process group ---------------------------------------------------------------------------
+def test_unknown_kind_is_refused_in_one_line() -> None:
+    with pytest.raises(ValueError, match=r"^parallel\.cp\.kind = 'a2a'; allowed: 'ring', 'allgather'$"):
+        CPLayout.Config(kind="a2a")
+
+
+def test_check_run_refuses_seq_len_not_divisible_by_2cp() -> None:
+    def run_of(seq_len: int, packing: str) -> Any:
+        return SimpleNamespace(
+            parallel=SimpleNamespace(sizes={"cp": 4}),
+            train=SimpleNamespace(seq_len=seq_len),
+            data=SimpleNamespace(packing=packing),
+        )
+
+    with pytest.raises(UserError, match=r"train\.seq_len = 12 .* parallel\.sizes\.cp = 4; allowed: a multiple of 8"):
+        CPLayout.check_run(CPLayout.Config(), run_of(12, "concat"))
+    CPLayout.check_run(CPLayout.Config(), run_of(16, "concat"))
+    CPLayout.check_run(CPLayout.Config(), run_of(12, "thd"))  # packed: documents are padded
+
+
+def test_resolve_config_refuses_seq_len_in_one_line(tmp_path: Path) -> None:
+    host = _host()
+    update = {"parallel": {"layouts": ["cp"], "sizes": {"cp": 4}}, "train": {"seq_len": 12}}
+    with pytest.raises(ConfigError) as info:
+        run_config(host, tmp_path / "out", str(tmp_path / "corpus"), update)
+    assert "\n" not in str(info.value) and re.search(r"train\.seq_len = 12 .*a multiple of 8", str(info.value))
+
+
+def test_mtp_is_refused_under_cp() -> None:
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(mtp_num_layers=1)  # type: ignore[assignment]
+    mesh = ParallelMesh(dim_names=("cp",), dim_sizes=(2,), device_type="cpu")
+    with pytest.raises(UserError, match=r"model\.mtp_num_layers = 1 .*allowed: mtp_num_layers = 0 under cp"):
+        CPLayout().apply(model, mesh)
+
+
+# -- the harness's suite ---------------------------------------------------------------------------------------
+class TestCPRingConformance(LayoutConformance):
+    world_size = 2
+    fill_dim = "cp"
+
+    def make_layout(self) -> CPLayout:
+        return CPLayout(CPLayout.Config(kind="ring"))
+
+
+class TestCPAllGatherConformance(TestCPRingConformance):
+    def make_layout(self) -> CPLayout:
+        return CPLayout(CPLayout.Config(kind="allgather"))
+
+
+# -- the run loop: cp2 equals one process ----------------------------------------------------------------------
+STEPS = 3
+
+
+def _config(host: Any, out_dir: Path, corpus: str, layouts: list[str], kind: str = "ring") -> Any:
+    parallel: dict[str, Any] = {"layouts": layouts}
+    if layouts == ["cp"]:
+        parallel["cp"] = {"kind": kind}
+    update = {"parallel": parallel, "train": {"steps": STEPS, "global_batch_size": 4, "eval_every": 3}}
+    return run_config(host, out_dir, corpus, update)
+
+
+def _cp2_runs(root: str, corpus: str) -> None:
+    host = _host()
+    for kind in ("ring", "allgather"):
+        run(_config(host, Path(root) / kind, corpus, ["cp"], kind), host)
+    dist.barrier()
+
+
+def test_run_on_cp2_equals_one_process(tmp_path: Path) -> None:
+    corpus = make_corpus(tmp_path)
+    run_distributed(_cp2_runs, 2, str(tmp_path), corpus, timeout=300)
+    host = _host()
+    run(_config(host, tmp_path / "one", corpus, ["single"]), host)
+    ref = metrics(tmp_path / "one")
+    for kind in ("ring", "allgather"):
+        got = metrics(tmp_path / kind)
+        assert sorted(got) == sorted(ref), kind
+        for step in range(1, STEPS + 1):
+            for key in ("loss", "grad_norm", "eval_loss"):
+                if key in ref[step] or key in got[step]:
+                    assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5), (kind, step, key)
+
+
+def test_registered_as_layout_cp() -> None:
+    host = isolated_host(plugin)
+    assert host.registry.load("layout", "cp") is CPLayout
+    assert CPLayout.mesh_dims == ("cp",)
