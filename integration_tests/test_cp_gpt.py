@@ -1,4 +1,4 @@
-"""``cp`` on the real ``gpt`` model: cp2, cp4 and cp2 x tp2, ``ring`` and ``allgather``, equal one process.
+"""``cp`` on the real ``gpt`` model: cp2, cp4 and cp2 x tp2, ``ring``, ``allgather`` and ``a2a``, equal one process.
 
 One spawned group of 4 gloo ranks runs cp4 over all of them, cp2 twice side by side (a
 ``dp_replicate`` dimension of 2 that nothing reads) and cp2 x tp2 (``tp`` applied first, as
@@ -7,8 +7,11 @@ from the batch the layouts' ``shard_batch`` make (as the run loop does, the loss
 context) and checks the loss and every gradient against one process (fp32, rel 1e-5) at every
 step: GQA, MLA (value head dim != query/key head dim), a sliding window, and packed documents of
 mixed lengths, one across a row end (each split zig-zag on its own, padded to a multiple of
-``2 * cp``), and full activation recompute (the ring runs again in backward). The fast test runs a
-representative set; the whole cross product is ``slow``.
+``2 * cp``), and full activation recompute (the ring runs again in backward). ``a2a`` (Ulysses)
+also with as many key/value heads as cp4 (``mha``) and fewer (``gqa`` under cp4, and under cp2 x tp2:
+one per tp rank), each rank then taking the key/value head its query heads read; query heads that
+do not divide by cp are refused in one line. The fast test runs a representative set; the whole
+cross product is ``slow``.
 
 The run loop: ``["cp", "fsdp"]`` (cp2 x fsdp2) on 4 processes trains ``tiny`` on packed rows like
 one process (loss and gradient norm of 5 steps, AdamW, two micro-batches per rank, clipping
@@ -18,6 +21,7 @@ active), and its step-3 checkpoint resumes under ``fsdp4`` with the one-process 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from mcore.config import resolve_config
 from mcore.data.shards import prepare
 from mcore.data.sources import iter_documents
+from mcore.errors import UserError
 from mcore.mesh import ParallelMesh, build_mesh
 from mcore.protocols import BlockContext
 from mcore.train import run
@@ -46,6 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gqa": {},  # the tiny preset: 4 query heads, 2 key/value heads
     "mla": {"mixer": "mla", "mla": {"num_heads": 4}},
     "window": {"attention": {"sliding_window": 5}},
+    "mha": {"attention": {"num_kv_heads": 4}},  # as many key/value heads as cp4
 }
 SEQ, STEPS = 16, 3
 PACKED = [0, 5, 16, 27, 32]  # documents of 5, 11, 11 (across the row end) and 5 tokens over 2 rows of 16
@@ -110,8 +116,27 @@ def _check(key: str, kind: str, variant: str, packed: bool, mesh: ParallelMesh) 
             opt.step()
 
 
-def _run(cases: list[tuple[str, str, str, bool]]) -> None:
-    meshes = {key: _mesh(key) for key in sorted({c[0].removesuffix(" +recompute") for c in cases})}
+def _check_a2a_refuses_heads_not_divisible_by_cp(mesh: ParallelMesh) -> None:
+    """2 query heads over cp4: one line naming the heads, cp and what would work, on every rank."""
+    model = GPT(preset_config("tiny", vocab_size=128, attention={"num_heads": 2, "num_kv_heads": 1}))
+    layout = CPLayout(CPLayout.Config(kind="a2a"))
+    model = layout.apply(model, mesh)
+    tokens = torch.zeros(1, SEQ, dtype=torch.int64)
+    local_tokens, local_labels, view = layout.shard_batch(tokens, tokens, BlockContext())
+    with pytest.raises(UserError) as info:
+        model(local_tokens, labels=local_labels, ctx=view)
+    message = str(info.value)
+    assert "\n" not in message and re.search(
+        r"parallel\.cp\.kind = 'a2a' .*parallel\.sizes\.cp = 4, but the attention has 2 query heads .*"
+        r"allowed: a cp dividing 2 \(2\), or parallel\.cp\.kind = 'ring' or 'allgather'$",
+        message,
+    ), message
+
+
+def _run(cases: list[tuple[str, str, str, bool]], check_errors: bool = False) -> None:
+    meshes = {key: _mesh(key) for key in sorted({c[0].removesuffix(" +recompute") for c in cases} | {"cp4"})}
+    if check_errors:
+        _check_a2a_refuses_heads_not_divisible_by_cp(meshes["cp4"])
     for key, kind, variant, packed in cases:
         _check(key, kind, variant, packed, meshes[key.removesuffix(" +recompute")])
 
@@ -125,23 +150,36 @@ FAST = [
     ("cp4", "ring", "window", True),
     ("cp2 x tp2", "ring", "mla", True),
     ("cp2 +recompute", "ring", "gqa", True),
+    ("cp4", "a2a", "gqa", True),  # 2 key/value heads < cp: each rank takes the one its query heads read
+    ("cp2", "a2a", "mla", False),
 ]
 ALL = [
     (key, kind, variant, packed)
     for key in ("cp2", "cp4", "cp2 x tp2")
     for kind in ("ring", "allgather")
+    for variant in ("gqa", "mla", "window")
+    for packed in (False, True)
+]
+ALL_A2A = [
+    (key, "a2a", variant, packed)
+    for key in ("cp2", "cp4", "cp2 x tp2", "cp2 +recompute")
     for variant in VARIANTS
     for packed in (False, True)
 ]
 
 
 def test_cp_gpt_equals_one_process() -> None:
-    run_distributed(_run, 4, FAST, timeout=300)
+    run_distributed(_run, 4, FAST, True, timeout=300)
 
 
 @pytest.mark.slow
 def test_cp_gpt_every_case_equals_one_process() -> None:
     run_distributed(_run, 4, [c for c in ALL if c not in FAST], timeout=600)
+
+
+@pytest.mark.slow
+def test_cp_gpt_every_a2a_case_equals_one_process() -> None:
+    run_distributed(_run, 4, [c for c in ALL_A2A if c not in FAST], timeout=600)
 
 
 # -- the run loop: cp2 x fsdp2 on 4 processes, packed rows, a checkpoint resumed under fsdp4 ---------------------

@@ -1,5 +1,5 @@
-"""``cp``: the zig-zag split, the harness's conformance suite (ring and all-gather on 2 ranks, with
-gradient accumulation), the core's run loop on 2 processes against one, and the errors.
+"""``cp``: the zig-zag split, the harness's conformance suite (ring, all-gather and all-to-all on 2 ranks,
+with gradient accumulation), the core's run loop on 2 processes against one, and the errors.
 
 The gpt model under cp2/cp4 (GQA, MLA, sliding window, packed documents) is checked in
 ``integration_tests/test_cp_gpt.py``; the log-sum-exp merge in ``test_cp_lse.py``.
@@ -70,8 +70,8 @@ def test_rows_of_one_document_must_split_into_2cp_chunks() -> None:
 
 # -- errors without a process group ---------------------------------------------------------------------------
 def test_unknown_kind_is_refused_in_one_line() -> None:
-    with pytest.raises(ValueError, match=r"^parallel\.cp\.kind = 'a2a'; allowed: 'ring', 'allgather'$"):
-        CPLayout.Config(kind="a2a")
+    with pytest.raises(ValueError, match=r"^parallel\.cp\.kind = 'a2a\+ring'; allowed: 'ring', 'allgather', 'a2a'$"):
+        CPLayout.Config(kind="a2a+ring")
 
 
 def test_check_run_refuses_seq_len_not_divisible_by_2cp() -> None:
@@ -116,6 +116,15 @@ class TestCPRingConformance(LayoutConformance):
 class TestCPAllGatherConformance(TestCPRingConformance):
     def make_layout(self) -> CPLayout:
         return CPLayout(CPLayout.Config(kind="allgather"))
+
+
+class TestCPAllToAllConformance(TestCPRingConformance):
+    def make_layout(self) -> CPLayout:
+        return CPLayout(CPLayout.Config(kind="a2a"))
+
+    @pytest.mark.slow  # accumulation is the layout's deferred sum, the same for every kind: one spawn in CI
+    def test_gradient_accumulation_matches_single_process(self) -> None:
+        super().test_gradient_accumulation_matches_single_process()
 
 
 # -- the run loop: cp2 equals one process ----------------------------------------------------------------------

@@ -4,7 +4,7 @@ Every rank of ``cp`` reads the same micro-batch (``data_parallel()`` is ``1``); 
 this rank's zig-zag part of every row (``cp_split``: chunks ``r`` and ``2 * cp - 1 - r`` of each
 sequence, packed documents each split on their own and padded) with positions kept global, and
 puts in the context the attention backend that sees the other ranks' keys (``cp_attention``:
-``[parallel.cp] kind = "ring"`` or ``"allgather"``). The model is not touched: it stays whole on
+``[parallel.cp] kind = "ring"``, ``"allgather"`` or ``"a2a"``). The model is not touched: it stays whole on
 every rank (``apply`` returns it as it is, on the meta device too).
 
 The loss is split: ``loss_group()`` is the ``cp`` group, so the model divides each rank's loss sum
@@ -18,7 +18,7 @@ parallel gradients are DTensors whose local shards are summed) and with ``fsdp``
 fsdp reduces over ``dp_shard``, this layout then sums each local shard over ``cp``; fsdp does not yet
 shard over ``dp_shard x cp``).
 
-Not yet: the all-to-all kinds (``a2a``, ``a2a+ring``), dynamic CP, a fused partial-attention kernel
+Not yet: the hybrid kind ``a2a+ring``, dynamic CP, a fused partial-attention kernel
 on GPU. Multi-token prediction reads tokens a few places ahead in the row, which a split row does
 not hold: a model with MTP depths is refused.
 """
@@ -35,7 +35,7 @@ from torch import nn
 from mcore.errors import UserError
 from mcore.protocols.block import BlockContext
 from mcore.protocols.layout import DataParallelInfo
-from mcore_parallel.cp_attention import AllGatherAttention, RingAttention
+from mcore_parallel.cp_attention import AllGatherAttention, AllToAllAttention, RingAttention
 from mcore_parallel.cp_split import check_seq_len, document_positions, plan_split
 from mcore_parallel.group_grads import DeferredSync, local_grad, sum_over_group
 
@@ -44,14 +44,15 @@ if TYPE_CHECKING:
     from mcore.protocols.precision import PrecisionRecipe
 
 DIM = "cp"
-KINDS: dict[str, type[RingAttention] | type[AllGatherAttention]] = {
+KINDS: dict[str, type[RingAttention] | type[AllGatherAttention] | type[AllToAllAttention]] = {
     "ring": RingAttention,
     "allgather": AllGatherAttention,
+    "a2a": AllToAllAttention,
 }
 
 
 class CPLayout(DeferredSync):
-    """Context parallelism over ``cp``: zig-zag split, ring or all-gather attention (module docstring)."""
+    """Context parallelism over ``cp``: zig-zag split, ring, all-gather or all-to-all attention (module docstring)."""
 
     name: ClassVar[str] = "cp"
     mesh_dims: ClassVar[tuple[str, ...]] = (DIM,)
@@ -62,7 +63,9 @@ class CPLayout(DeferredSync):
     class Config:
         kind: str = "ring"
         """How a rank's queries see the other ranks' keys: ``ring`` (K/V blocks passed around with
-        point-to-point transfers, merged by log-sum-exp) or ``allgather`` (K/V all-gathered)."""
+        point-to-point transfers, merged by log-sum-exp), ``allgather`` (K/V all-gathered) or ``a2a``
+        (DeepSpeed-Ulysses: an all-to-all gives each rank every token of ``heads / cp`` heads; the query
+        heads, per tp rank, must divide by ``cp``)."""
 
         def __post_init__(self) -> None:
             if self.kind not in KINDS:

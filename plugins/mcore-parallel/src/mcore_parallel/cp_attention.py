@@ -4,7 +4,7 @@ every rank's keys, with the mask of the zig-zag split.
 Each rank holds some tokens of every row (``cp_split.SplitPlan``: chunks ``r`` and ``2 * cp - 1 - r``
 of each sequence). Query ``t`` of this rank may see key ``s`` of rank ``j`` when both belong to the
 same document, ``s`` does not come later in the row than ``t`` and, with a sliding window, lies
-less than ``window`` tokens back; padding sees and is seen by nothing. Two ways to get the keys:
+less than ``window`` tokens back; padding sees and is seen by nothing. Three ways to get the keys:
 
 * ``AllGatherAttention`` (``kind = "allgather"``, the Llama-3 way): all-gather K and V over the
   group, attend once; backward reduce-scatters their gradients back.
@@ -14,9 +14,15 @@ less than ``window`` tokens back; padding sees and is seen by nothing. Two ways 
   (``lse_merge``). Backward (a custom ``autograd.Function``) sends K/V around again and, behind
   each block, the accumulated dK/dV of that block, which arrive complete at their owner after the
   last hop. Blocks a query chunk cannot see at all are skipped.
+* ``AllToAllAttention`` (``kind = "a2a"``, DeepSpeed-Ulysses): an all-to-all turns each rank's
+  ``(B, L, nh, hd)`` (its tokens, every head) into ``(B, cp * L, nh / cp, hd)`` (every rank's tokens,
+  its share of the heads); one attention with the mask above over all ranks' tokens; the inverse
+  all-to-all gives back ``(B, L, nh, hdv)``. Backward (a custom ``autograd.Function``) runs the
+  inverse all-to-all of each. Query heads must divide by ``cp``; key/value heads are repeated until
+  they do (``nkv < cp``: each rank gets the one its query heads read), their gradients summed back.
 
-The partial attention is the fp32 torch reference (``lse_merge``) on every device: exact, not fast;
-a fused kernel returning the log-sum-exp is the next step on GPU.
+The (partial) attention is the fp32 torch reference (``lse_merge``) on every device: exact, not fast;
+a fused kernel (returning the log-sum-exp for the ring) is the next step on GPU.
 
 Shape legend: B rows, L tokens per row on one rank, nh query heads, nkv key/value heads, hd head
 dim, hdv value head dim.
@@ -24,11 +30,13 @@ dim, hdv value head dim.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
+from mcore.errors import UserError
 from mcore.protocols.block import BlockContext
 from mcore_parallel.cp_split import SplitPlan
 from mcore_parallel.lse_merge import merge_with_lse, partial_attention, partial_attention_backward
@@ -48,12 +56,20 @@ class _CPAttention:
 
     def mask(self, key_rank: int, window: int | None) -> torch.Tensor:
         """``(B, L, L)`` bool: this rank's queries (rows) against rank ``key_rank``'s keys (columns)."""
-        q_index, q_doc = self.plan.index[self.rank][:, :, None], self.plan.docs[self.rank][:, :, None]  # (B, L, 1)
-        k_index, k_doc = self.plan.index[key_rank][:, None, :], self.plan.docs[key_rank][:, None, :]  # (B, 1, L)
-        allowed = (q_doc >= 0) & (k_doc == q_doc) & (k_index <= q_index)
-        if window is not None:
-            allowed = allowed & (q_index - k_index < window)
-        return allowed
+        return _allowed(self.plan.index[self.rank], self.plan.docs[self.rank], key_rank, self.plan, window)
+
+
+def _allowed(
+    q_index: torch.Tensor, q_doc: torch.Tensor, key_rank: int, plan: SplitPlan, window: int | None
+) -> torch.Tensor:
+    """``(B, Q, L)`` bool: queries at row index ``q_index (B, Q)`` of documents ``q_doc (B, Q)`` against rank
+    ``key_rank``'s keys: same document, not later in the row, inside the window; padding sees nothing."""
+    q_index, q_doc = q_index[:, :, None], q_doc[:, :, None]  # (B, Q, 1)
+    k_index, k_doc = plan.index[key_rank][:, None, :], plan.docs[key_rank][:, None, :]  # (B, 1, L)
+    allowed = (q_doc >= 0) & (k_doc == q_doc) & (k_index <= q_index)
+    if window is not None:
+        allowed = allowed & (q_index - k_index < window)
+    return allowed
 
 
 # -- all-gather -------------------------------------------------------------------------------------------
@@ -174,3 +190,68 @@ class RingAttention(_CPAttention):
             mask = self.mask(j, window)
             masks.append(mask if j == self.rank or bool(mask.any()) else None)  # None: nothing to see there
         return _RingFunction.apply(q, k, v, self, scale, masks)  # type: ignore[no-any-return]
+
+
+# -- all-to-all (DeepSpeed-Ulysses) -------------------------------------------------------------------------
+def _heads_to_tokens(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """``(B, L, H, d)`` (this rank's tokens, every head) -> ``(B, cp * L, H / cp, d)`` (every rank's tokens in
+    group order, this rank's share of the heads)."""
+    batch, width, heads, dim = x.shape
+    send = x.reshape(batch, width, size, heads // size, dim).permute(2, 0, 1, 3, 4).contiguous()  # (cp, B, L, H/cp, d)
+    recv = torch.empty_like(send)  # (cp, B, L, H/cp, d): part i is rank i's tokens
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.transpose(0, 1).reshape(batch, size * width, heads // size, dim)
+
+
+def _tokens_to_heads(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """The inverse of ``_heads_to_tokens``: ``(B, cp * L, h, d)`` -> ``(B, L, cp * h, d)``."""
+    batch, tokens, heads, dim = x.shape
+    send = x.reshape(batch, size, tokens // size, heads, dim).transpose(0, 1).contiguous()  # (cp, B, L, h, d)
+    recv = torch.empty_like(send)  # (cp, B, L, h, d): part j is rank j's heads of this rank's tokens
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 2, 0, 3, 4).reshape(batch, tokens // size, size * heads, dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Heads scattered and tokens gathered (``to_tokens``), or back; the backward is the other direction."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, size: int, to_tokens: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.group, ctx.size, ctx.to_tokens = group, size, to_tokens
+        return (_heads_to_tokens if to_tokens else _tokens_to_heads)(x, group, size)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        inverse = _tokens_to_heads if ctx.to_tokens else _heads_to_tokens
+        return inverse(grad, ctx.group, ctx.size), None, None, None
+
+
+class AllToAllAttention(_CPAttention):
+    """``kind = "a2a"`` (DeepSpeed-Ulysses): heads scattered, every token gathered, one attention (module docstring)."""
+
+    name: ClassVar[str] = "cp-a2a"
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BlockContext, scale: float, window: int | None
+    ) -> torch.Tensor:
+        heads, kv_heads, size = q.shape[2], k.shape[2], self.size
+        if heads % size:
+            fits = ", ".join(str(n) for n in range(2, heads + 1) if heads % n == 0) or "none above 1"
+            raise UserError(
+                f"parallel.cp.kind = 'a2a' splits attention heads over parallel.sizes.cp = {size}, but the attention "
+                f"has {heads} query heads (per tp rank); allowed: a cp dividing {heads} ({fits}), or parallel.cp.kind "
+                "= 'ring' or 'allgather'"
+            )
+        # kv heads repeated until they split over cp with each rank's query heads reading its own share
+        # (nkv < cp: every rank gets the kv head its query heads read); autograd sums the copies' gradients
+        copies = size // math.gcd(kv_heads, size)
+        if copies > 1:
+            k = k.repeat_interleave(copies, dim=2)  # (B, L, nkv * copies, hd)
+            v = v.repeat_interleave(copies, dim=2)  # (B, L, nkv * copies, hdv)
+        q_all = _AllToAll.apply(q, self.group, size, True)  # (B, cp * L, nh / cp, hd)
+        k_all = _AllToAll.apply(k, self.group, size, True)  # (B, cp * L, nkv * copies / cp, hd)
+        v_all = _AllToAll.apply(v, self.group, size, True)  # (B, cp * L, nkv * copies / cp, hdv)
+        index, docs = torch.cat(self.plan.index, dim=1), torch.cat(self.plan.docs, dim=1)  # (B, cp * L)
+        mask = torch.cat([_allowed(index, docs, j, self.plan, window) for j in range(size)], dim=2)  # (B, cp*L, cp*L)
+        out, _ = partial_attention(q_all, k_all, v_all, scale=scale, mask=mask)  # (B, cp * L, nh / cp, hdv) fp32
+        return _AllToAll.apply(out.to(q.dtype), self.group, size, False)  # type: ignore[no-any-return]  # (B, L, nh, hdv)
