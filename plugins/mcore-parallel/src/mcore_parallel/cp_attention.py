@@ -31,6 +31,7 @@ dim, hdv value head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -40,23 +41,34 @@ from mcore.errors import UserError
 from mcore.protocols.block import BlockContext
 from mcore_parallel.cp_split import SplitPlan
 from mcore_parallel.lse_merge import merge_with_lse, partial_attention, partial_attention_backward
+from mcore_parallel.token_comm import all_gather_tokens
 
 
 class _CPAttention:
-    """What both backends share: the group, this rank and the split plan that gives every mask."""
+    """What every backend shares: the group, this rank, the split plan that gives every mask, and the
+    masks already built. One instance serves every layer of a micro-batch (the layout makes one per
+    ``shard_batch``), so each mask is built once per micro-batch, not once per layer."""
 
     name: ClassVar[str] = "cp"
 
     def __init__(self, group: Any, plan: SplitPlan) -> None:
         self.group, self.plan = group, plan
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self._masks: dict[tuple[Any, ...], Any] = {}
+
+    def cached(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """``build()`` the first time ``key`` is asked for, the same object afterwards."""
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
 
     def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
         return True  # under cp this IS the kernel: a block's local default would see this rank's tokens only
 
     def mask(self, key_rank: int, window: int | None) -> torch.Tensor:
         """``(B, L, L)`` bool: this rank's queries (rows) against rank ``key_rank``'s keys (columns)."""
-        return _allowed(self.plan.index[self.rank], self.plan.docs[self.rank], key_rank, self.plan, window)
+        index, docs = self.plan.index[self.rank], self.plan.docs[self.rank]
+        return self.cached(("block", key_rank, window), lambda: _allowed(index, docs, key_rank, self.plan, window))
 
 
 def _allowed(
@@ -79,9 +91,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
         ctx.group, ctx.rank, ctx.width = group, dist.get_rank(group), x.shape[1]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)
+        return all_gather_tokens(x, group, dist.get_world_size(group))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -101,7 +111,9 @@ class AllGatherAttention(_CPAttention):
     ) -> torch.Tensor:
         k_all = _GatherTokens.apply(k, self.group)  # (B, cp * L, nkv, hd)
         v_all = _GatherTokens.apply(v, self.group)  # (B, cp * L, nkv, hdv)
-        mask = torch.cat([self.mask(j, window) for j in range(self.size)], dim=2)  # (B, L, cp * L)
+        mask = self.cached(  # (B, L, cp * L)
+            ("gathered", window), lambda: torch.cat([self.mask(j, window) for j in range(self.size)], dim=2)
+        )
         out, _ = partial_attention(q, k_all, v_all, scale=scale, mask=mask)  # (B, L, nh, hdv) fp32
         return out.to(q.dtype)
 
@@ -185,11 +197,16 @@ class RingAttention(_CPAttention):
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BlockContext, scale: float, window: int | None
     ) -> torch.Tensor:
-        masks = []
+        masks = self.cached(("ring", window), lambda: self._ring_masks(window))
+        return _RingFunction.apply(q, k, v, self, scale, masks)  # type: ignore[no-any-return]
+
+    def _ring_masks(self, window: int | None) -> list[torch.Tensor | None]:
+        """Each key rank's block mask, ``None`` where this rank's queries see nothing of it (skipped)."""
+        masks: list[torch.Tensor | None] = []
         for j in range(self.size):
             mask = self.mask(j, window)
-            masks.append(mask if j == self.rank or bool(mask.any()) else None)  # None: nothing to see there
-        return _RingFunction.apply(q, k, v, self, scale, masks)  # type: ignore[no-any-return]
+            masks.append(mask if j == self.rank or bool(mask.any()) else None)
+        return masks
 
 
 # -- all-to-all (DeepSpeed-Ulysses) -------------------------------------------------------------------------
@@ -251,7 +268,11 @@ class AllToAllAttention(_CPAttention):
         q_all = _AllToAll.apply(q, self.group, size, True)  # (B, cp * L, nh / cp, hd)
         k_all = _AllToAll.apply(k, self.group, size, True)  # (B, cp * L, nkv * copies / cp, hd)
         v_all = _AllToAll.apply(v, self.group, size, True)  # (B, cp * L, nkv * copies / cp, hdv)
-        index, docs = torch.cat(self.plan.index, dim=1), torch.cat(self.plan.docs, dim=1)  # (B, cp * L)
-        mask = torch.cat([_allowed(index, docs, j, self.plan, window) for j in range(size)], dim=2)  # (B, cp*L, cp*L)
+        mask = self.cached(("all", window), lambda: self._all_tokens_mask(window))  # (B, cp * L, cp * L)
         out, _ = partial_attention(q_all, k_all, v_all, scale=scale, mask=mask)  # (B, cp * L, nh / cp, hdv) fp32
         return _AllToAll.apply(out.to(q.dtype), self.group, size, False)  # type: ignore[no-any-return]  # (B, L, nh, hdv)
+
+    def _all_tokens_mask(self, window: int | None) -> torch.Tensor:
+        """``(B, cp * L, cp * L)`` bool: every rank's tokens (group order) against every rank's."""
+        index, docs = torch.cat(self.plan.index, dim=1), torch.cat(self.plan.docs, dim=1)  # (B, cp * L)
+        return torch.cat([_allowed(index, docs, j, self.plan, window) for j in range(self.size)], dim=2)

@@ -36,20 +36,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mcore.errors import UserError
 from mcore.params import collect_param_specs
 from mcore.train.recompute import BLOCK_LISTS, find_blocks
+from mcore_parallel.token_comm import all_gather_tokens
 from mcore_parallel.tp_plan import TPPlan
 
 __all__ = ["SequencePlan", "apply_sequence_parallel", "gather_tokens", "plan_sequence_parallel", "split_tokens"]
 
 TOKEN_DIM = 1  # hidden states are (B, T, H)
-_all_gather_single = (
-    getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-)  # torch < 2.13: the old name
 
 
 @dataclass(kw_only=True)
@@ -110,15 +107,6 @@ def _check_tokens(tokens: int, world: int) -> None:
         )
 
 
-def _all_gather_tokens(local: torch.Tensor, group: Any, world: int) -> torch.Tensor:
-    """``(B, Tl, *rest)`` from each rank -> ``(B, world * Tl, *rest)`` in rank order."""
-    local = local.contiguous()
-    batch, rows, *rest = local.shape
-    out = local.new_empty((world * batch, rows, *rest))  # ranks' tensors one after another along dim 0
-    _all_gather_single(out, local, group=group)
-    return out.view(world, batch, rows, *rest).movedim(0, 1).reshape(batch, world * rows, *rest)
-
-
 def _my_tokens(whole: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's ``(B, Tl, *rest)`` of ``(B, T, *rest)``."""
     return whole.chunk(world, dim=TOKEN_DIM)[rank].contiguous()
@@ -134,7 +122,7 @@ class _SplitTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return _all_gather_tokens(grad, ctx.group, ctx.world), None, None, None
+        return all_gather_tokens(grad, ctx.group, ctx.world), None, None, None
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -143,7 +131,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, group, rank, world):  # type: ignore[override]
         ctx.rank, ctx.world = rank, world
-        return _all_gather_tokens(local, group, world)
+        return all_gather_tokens(local, group, world)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

@@ -133,11 +133,11 @@ class TPLayout(DeferredSync):
         for path in plan.vocab_embeddings:
             embedding = model.get_submodule(path)
             assert isinstance(embedding, nn.Embedding)
-            _shard_rows(embedding.weight, device_mesh, owners)
+            _shard(embedding.weight, device_mesh, owners)
             start = rank * (embedding.num_embeddings // tp)
             swap_class(embedding, VocabShardEmbedding, tp_group=group, vocab_start=start)
         for name in plan.vocab_shards:
-            _shard_rows(model.get_parameter(name), device_mesh, owners)
+            _shard(model.get_parameter(name), device_mesh, owners)
         for path, (heads, head_rows) in plan.head_slices.items():
             linear = model.get_submodule(path)
             head = rank * heads // tp  # query heads split contiguously: rank r's read this key/value head
@@ -163,9 +163,7 @@ class TPLayout(DeferredSync):
         ``Shard(1)``, bias plain (summed over the group when it sees a rank's tokens only)."""
         linear = model.get_submodule(path)
         assert isinstance(linear, nn.Linear)
-        weight = linear.weight
-        new = nn.Parameter(distribute_tensor(weight.data, device_mesh, [Shard(1)]), requires_grad=weight.requires_grad)
-        _rebind(weight, new, owners)
+        _shard(linear.weight, device_mesh, owners, dim=1)
         mesh = self._require_mesh()
         swap_class(
             linear,
@@ -243,9 +241,11 @@ def _rebind(old: torch.Tensor, new: nn.Parameter, owners: dict[int, list[tuple[n
     owners[id(new)] = owners.pop(id(old), [])
 
 
-def _shard_rows(param: torch.Tensor, device_mesh: DeviceMesh, owners: dict[int, list[tuple[nn.Module, str]]]) -> None:
-    """Replace ``param`` (in every module holding it) by its ``Shard(0)`` DTensor over ``device_mesh``."""
-    new = nn.Parameter(distribute_tensor(param.data, device_mesh, [Shard(0)]), requires_grad=param.requires_grad)
+def _shard(
+    param: torch.Tensor, device_mesh: DeviceMesh, owners: dict[int, list[tuple[nn.Module, str]]], dim: int = 0
+) -> None:
+    """Replace ``param`` (in every module holding it) by its ``Shard(dim)`` DTensor over ``device_mesh``."""
+    new = nn.Parameter(distribute_tensor(param.data, device_mesh, [Shard(dim)]), requires_grad=param.requires_grad)
     _rebind(param, new, owners)
 
 

@@ -33,10 +33,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["OverlappedRowLinear"]
+from mcore_parallel.token_comm import all_gather_single, reduce_scatter_single
 
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # torch < 2.13
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+__all__ = ["OverlappedRowLinear"]
 
 
 def _chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
@@ -64,7 +63,7 @@ class _OverlappedRow(torch.autograd.Function):
                 partial = _rank_major(x, world, lo, hi) @ weight.T  # (world, B, Tc, H): contiguous
                 out = partial.new_empty(partial.shape[1:])  # (B, Tc, H): this rank's tokens, summed
                 flat = partial.view(-1, *partial.shape[2:])  # (world * B, Tc, H): rank r's part at rows r*B..
-                works.append(_reduce_scatter(out, flat, group=group, async_op=True))
+                works.append(reduce_scatter_single(out, flat, group=group, async_op=True))
                 outs.append(out)
         else:
             for lo, hi in _chunk_bounds(seq, chunks):
@@ -91,7 +90,7 @@ class _OverlappedRow(torch.autograd.Function):
         def start(lo: int, hi: int) -> tuple[torch.Tensor, Any]:
             piece = grad[:, lo:hi].contiguous()  # (B, Tc, H) of this rank's tokens
             whole = piece.new_empty((ctx.world * piece.shape[0], *piece.shape[1:]))  # (world * B, Tc, H)
-            return whole, _all_gather(whole, piece, group=ctx.group, async_op=True)
+            return whole, all_gather_single(whole, piece, group=ctx.group, async_op=True)
 
         pending = start(*bounds[0])
         for index, (lo, hi) in enumerate(bounds):

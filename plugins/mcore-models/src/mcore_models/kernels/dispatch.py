@@ -19,13 +19,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 
 def triton_usable() -> bool:
     """Whether Triton kernels may run: CUDA present, Triton importable, not disabled by the env."""
     if os.environ.get("MCORE_MODELS_KERNELS", "") == "reference":
         return False
-    import torch
-
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
@@ -49,8 +49,6 @@ class Dispatched:
         return fn
 
     def __call__(self, first: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
         if torch.compiler.is_compiling():  # traced: the reference, which inductor fuses (module docstring)
             return self.reference(first, *args, **kwargs)
         return self.implementation(first.device.type)(first, *args, **kwargs)
