@@ -138,6 +138,8 @@ def test_a_field_may_allow_infinity_but_never_nan() -> None:
         ("--train.spike_factor=0.5", "train.spike_factor = 0.5: must be 0 (off) or a finite number > 1"),
         ("--data.weights=1,0", "data.weights = [1.0, 0.0]: every weight must be finite and > 0"),
         ("--log.peak_tflops=0", "log.peak_tflops = 0.0: must be finite and > 0, or none"),
+        ("--log.profile_from=-1", "log.profile_from = -1: must be >= 0 (0 is off)"),
+        ("--log.profile_steps=0", "log.profile_steps = 0: must be >= 1"),
     ],
 )
 def test_core_ranges(host: Any, override: str, message: str) -> None:

@@ -103,7 +103,15 @@ def test_loss_falls_and_files_are_written(host: Any, corpus: str, tmp_path: Path
         corpus,
         {
             "train": {"steps": 30, "eval_every": 15},
-            "log": {"every": 5, "tensorboard": True, "plot": True, "layer_stats_every": 10, "peak_tflops": 1.0},
+            "log": {
+                "every": 5,
+                "tensorboard": True,
+                "plot": True,
+                "layer_stats_every": 10,
+                "peak_tflops": 1.0,
+                "profile_from": 3,
+                "profile_steps": 2,
+            },
             "checkpoint": {"every": 10, "save_final": True, "async_save": True},
         },
     )
@@ -119,6 +127,10 @@ def test_loss_falls_and_files_are_written(host: Any, corpus: str, tmp_path: Path
     assert (out / "checkpoints" / "loss.png").stat().st_size > 1000 and result.plot is not None
     assert len((out / "layer_stats.jsonl").read_text().splitlines()) == 3 * 2  # 3 steps x 2 layers
     assert ("start", 1) in events and ("end", 30) in events
+    trace = json.loads((out / "profile" / "rank0" / "trace.json").read_text())
+    assert any(e.get("name") in ("aten::mm", "aten::addmm", "aten::linear") for e in trace["traceEvents"])
+    top = (out / "profile" / "rank0" / "top_ops.txt").read_text()
+    assert top.startswith("steps 3-4:") and "aten::" in top
     assert [e for e in events if e[0] == "saved"] == [("saved", 10), ("saved", 20), ("saved", 30)]
     assert len([e for e in events if e[0] == "step"]) == 30
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000030"]

@@ -16,7 +16,9 @@ Candidates, each on the same bf16 inputs ``(B, T, nh, hd)`` with ``--docs`` equa
 * ``cudnn_full_causal``: one cuDNN SDPA call, causal over the whole row (no document mask: more work, a
   different function; the speed to beat);
 * ``sdpa_dense_mask``: ``SDPABackend`` through the seam, the dense boolean mask (the old default path);
-* ``flex_block_mask_build``: building the ``BlockMask`` for a new batch (once per step, not per layer).
+* ``flex_block_mask_build``: building the ``BlockMask`` for a new batch (once per step, not per layer),
+  from per-block document ids (``flex_blocks``); ``create_block_mask_build``: the same mask by
+  ``create_block_mask`` (every pair evaluated), the previous way.
 
 Timing (METHOD.md): warm-up first (compiles), then ``--repeats`` rounds; each round runs every candidate
 ``--iters`` times between two CUDA events, in an order rotated each round (interleaved, so drift hits all
@@ -173,6 +175,12 @@ def candidates(
         fresh = cu.clone()  # a new batch: nothing cached
         return ours.block_mask(fresh, batch, seq, seq, None, device)
 
+    def create_block_mask_build() -> Any:
+        """The previous way: ``create_block_mask`` evaluating the mask on every pair."""
+        return create_block_mask(
+            _mask_mod(document_ids(cu.clone(), batch, seq), 0, None), batch, None, seq, seq, device=device
+        )
+
     bthd = (q, k, v)
     steps = {
         "ours_flex": make_step(ours_flex, bthd, dout, args.fwd_only),
@@ -182,6 +190,7 @@ def candidates(
         "cudnn_full_causal": make_step(cudnn_full_causal, bthd, dout, args.fwd_only),
         "sdpa_dense_mask": make_step(sdpa_dense_mask, bthd, dout, args.fwd_only),
         "flex_block_mask_build": build_mask,
+        "create_block_mask_build": create_block_mask_build,
     }
     forwards = {
         "ours_flex": lambda: ours_flex(q, k, v),
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_ms": round(min(times[name]), 4),
             "max_ms": round(max(times[name]), 4),
         }
-        if name != "flex_block_mask_build":
+        if not name.endswith("_build"):
             row["tflops"] = round(flops / (median * 1e-3) / 1e12, 1)
         if name in errors:
             row["rel_err_vs_flex_direct"] = float(f"{errors[name]:.3e}")

@@ -1,5 +1,6 @@
 """``cp``: the zig-zag split, the harness's conformance suite (ring, all-gather and all-to-all on 2 ranks,
-with gradient accumulation), the core's run loop on 2 processes against one, and the errors.
+``a2a+ring`` on 4, with gradient accumulation), the core's run loop on 2 processes against one, MTP's
+labels ahead, and the errors.
 
 The gpt model under cp2/cp4 (GQA, MLA, sliding window, packed documents) is checked in
 ``integration_tests/test_cp_gpt.py``; the log-sum-exp merge in ``test_cp_lse.py``.
@@ -23,7 +24,7 @@ from mcore.mesh import ParallelMesh
 from mcore.train import run
 from mcore_parallel import plugin
 from mcore_parallel.cp import CPLayout
-from mcore_parallel.cp_split import document_positions, plan_split
+from mcore_parallel.cp_split import document_positions, labels_ahead, plan_split
 from mcore_testing import run_distributed
 from mcore_testing.conformance import LayoutConformance
 from mcore_testing.hosts import isolated_host
@@ -70,22 +71,47 @@ def test_rows_of_one_document_must_split_into_2cp_chunks() -> None:
 
 # -- errors without a process group ---------------------------------------------------------------------------
 def test_unknown_kind_is_refused_in_one_line() -> None:
-    with pytest.raises(ValueError, match=r"^parallel\.cp\.kind = 'a2a\+ring'; allowed: 'ring', 'allgather', 'a2a'$"):
+    with pytest.raises(
+        ValueError, match=r"^parallel\.cp\.kind = 'ulysses'; allowed: 'ring', 'allgather', 'a2a', 'a2a\+ring'$"
+    ):
+        CPLayout.Config(kind="ulysses")
+
+
+def _run_with_cp(cp: int, seq_len: int = 16, packing: str = "concat") -> Any:
+    return SimpleNamespace(
+        parallel=SimpleNamespace(sizes={"cp": cp}),
+        train=SimpleNamespace(seq_len=seq_len),
+        data=SimpleNamespace(packing=packing),
+    )
+
+
+def test_a2a_ring_needs_an_a2a_size_dividing_cp_between_1_and_cp() -> None:
+    with pytest.raises(
+        ValueError, match=r"^parallel\.cp\.a2a_size = None with parallel\.cp\.kind = 'a2a\+ring'; allowed"
+    ):
         CPLayout.Config(kind="a2a+ring")
+    with pytest.raises(ValueError, match=r"^parallel\.cp\.a2a_size = 1 with .*an int above 1 dividing"):
+        CPLayout.Config(kind="a2a+ring", a2a_size=1)
+    for a2a, cp, fits in ((4, 4, r"\(2\)"), (3, 8, r"\(2, 4\)"), (2, 2, r"\(none: use kind 'a2a' or 'ring'\)")):
+        config = CPLayout.Config(kind="a2a+ring", a2a_size=a2a)
+        with pytest.raises(UserError) as info:
+            CPLayout.check_run(config, _run_with_cp(cp))
+        message = str(info.value)
+        assert "\n" not in message and re.search(
+            rf"^parallel\.cp\.a2a_size = {a2a} with parallel\.cp\.kind = 'a2a\+ring' and parallel\.sizes\.cp = {cp}; "
+            rf"allowed: a divisor of {cp} above 1 and below it {fits}$",
+            message,
+        ), message
+    CPLayout.check_run(CPLayout.Config(kind="a2a+ring", a2a_size=2), _run_with_cp(4))
+    with pytest.warns(UserWarning, match=r"parallel\.cp\.a2a_size = 2 is not used by parallel\.cp\.kind = 'ring'"):
+        CPLayout.Config(kind="ring", a2a_size=2)
 
 
 def test_check_run_refuses_seq_len_not_divisible_by_2cp() -> None:
-    def run_of(seq_len: int, packing: str) -> Any:
-        return SimpleNamespace(
-            parallel=SimpleNamespace(sizes={"cp": 4}),
-            train=SimpleNamespace(seq_len=seq_len),
-            data=SimpleNamespace(packing=packing),
-        )
-
     with pytest.raises(UserError, match=r"train\.seq_len = 12 .* parallel\.sizes\.cp = 4; allowed: a multiple of 8"):
-        CPLayout.check_run(CPLayout.Config(), run_of(12, "concat"))
-    CPLayout.check_run(CPLayout.Config(), run_of(16, "concat"))
-    CPLayout.check_run(CPLayout.Config(), run_of(12, "thd"))  # packed: documents are padded
+        CPLayout.check_run(CPLayout.Config(), _run_with_cp(4, 12, "concat"))
+    CPLayout.check_run(CPLayout.Config(), _run_with_cp(4, 16, "concat"))
+    CPLayout.check_run(CPLayout.Config(), _run_with_cp(4, 12, "thd"))  # packed: documents are padded
 
 
 def test_resolve_config_refuses_seq_len_in_one_line(tmp_path: Path) -> None:
@@ -96,12 +122,30 @@ def test_resolve_config_refuses_seq_len_in_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(info.value) and re.search(r"train\.seq_len = 12 .*a multiple of 8", str(info.value))
 
 
-def test_mtp_is_refused_under_cp() -> None:
+def test_resolve_config_refuses_a2a_size_in_one_line(tmp_path: Path) -> None:
+    host = _host()
+    parallel = {"layouts": ["cp"], "sizes": {"cp": 4}, "cp": {"kind": "a2a+ring", "a2a_size": 4}}
+    with pytest.raises(ConfigError) as info:
+        run_config(host, tmp_path / "out", str(tmp_path / "corpus"), {"parallel": parallel})
+    assert "\n" not in str(info.value) and re.search(
+        r"parallel\.cp\.a2a_size = 4 with .*allowed: a divisor of 4 above 1 and below it \(2\)", str(info.value)
+    ), str(info.value)
+
+
+def test_mtp_is_accepted_under_cp() -> None:
+    """Multi-token prediction used to be refused; the layout now hands it the row ahead (``MTP_AHEAD``)."""
     model = torch.nn.Linear(2, 2)
-    model.config = SimpleNamespace(mtp_num_layers=1)  # type: ignore[assignment]
+    model.config = SimpleNamespace(mtp_num_layers=2)  # type: ignore[assignment]
     mesh = ParallelMesh(dim_names=("cp",), dim_sizes=(2,), device_type="cpu")
-    with pytest.raises(UserError, match=r"model\.mtp_num_layers = 1 .*allowed: mtp_num_layers = 0 under cp"):
-        CPLayout().apply(model, mesh)
+    assert CPLayout().apply(model, mesh) is model
+
+
+def test_mtp_labels_ahead_stop_at_document_ends() -> None:
+    """Depth d's labels from the whole row: ``labels[i + d]`` inside token i's document, else ignored."""
+    labels = torch.arange(10, 19)[None]  # (1, 9)
+    positions = document_positions(torch.tensor([0, 3, 9]), 1, 9, torch.device("cpu"))  # documents of 3 and 6
+    assert labels_ahead(labels, positions, 1).tolist() == [[11, 12, -100, 14, 15, 16, 17, 18, -100]]
+    assert labels_ahead(labels, positions, 2).tolist() == [[12, -100, -100, 15, 16, 17, 18, -100, -100]]
 
 
 # -- the harness's suite ---------------------------------------------------------------------------------------
@@ -123,6 +167,19 @@ class TestCPAllToAllConformance(TestCPRingConformance):
         return CPLayout(CPLayout.Config(kind="a2a"))
 
     @pytest.mark.slow  # accumulation is the layout's deferred sum, the same for every kind: one spawn in CI
+    def test_gradient_accumulation_matches_single_process(self) -> None:
+        super().test_gradient_accumulation_matches_single_process()
+
+
+class TestCPHybridConformance(TestCPRingConformance):
+    """``a2a+ring`` on 4 ranks: all-to-all inside pairs, a ring of 2 across them."""
+
+    world_size = 4
+
+    def make_layout(self) -> CPLayout:
+        return CPLayout(CPLayout.Config(kind="a2a+ring", a2a_size=2))
+
+    @pytest.mark.slow  # the deferred sum is the same for every kind: one spawn in CI
     def test_gradient_accumulation_matches_single_process(self) -> None:
         super().test_gradient_accumulation_matches_single_process()
 

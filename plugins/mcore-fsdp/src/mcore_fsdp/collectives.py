@@ -3,18 +3,23 @@
 Gather: the shard's plain prefix is all-gathered into a pooled ``(N, S_plain)`` buffer (cast
 to the compute dtype first when it differs) and copied out, parameter by parameter, into the
 pooled un-sharded buffer; parameters a precision recipe gathers in its own format are
-all-gathered (row-split) or broadcast from their owner (kept whole) as payloads and unpacked.
+all-gathered (row-split) or broadcast from their owner (kept whole) as payloads and unpacked:
+into the buffer when ``unpack`` gives a tensor, or attached to the parameter when it gives a
+``QuantizedWeight`` (``mcore.precision.quantized``: the recipe's GEMM reads the bytes itself).
 Reduce-scatter: gradients are laid out as the ``(N, S)`` input (row r: rank r's shard) and
 reduced into ``(S,)``. When a gradient is reduced and where it goes is ``gradients``'s call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from mcore.precision import quantized
+from mcore.precision.quantized import QuantizedWeight
 from mcore_fsdp import comm
 from mcore_fsdp.pool import Lease
 from mcore_fsdp.storage import Storage, UnitContext, alias
@@ -113,10 +118,14 @@ def complete_gather(store: Storage, ctx: UnitContext, gather: Gather) -> None:
             w.wait()
         slot = store.geometry.slots[i]
         full = store.gather_recipe.unpack(tuple(outs), metadata)
+        if isinstance(full, QuantizedWeight):  # to the recipe's GEMM as is; the buffer slot stays unwritten
+            quantized.attach(store.unsharded[i], dataclasses.replace(full, shape=torch.Size(slot.shape)))
+            continue
         if type(full) is not torch.Tensor or full.shape[0] < slot.shape[0]:
             raise ValueError(
                 f"fully_shard({store.label}): precision recipe unpack returned {type(full).__name__} of shape "
-                f"{tuple(full.shape)}; allowed: a plain tensor of at least {slot.shape[0]} rows"
+                f"{tuple(getattr(full, 'shape', ()))}; allowed: a plain tensor of at least {slot.shape[0]} rows "
+                "or a QuantizedWeight"
             )
         start = slot.full_offset
         param[start : start + slot.numel].view(slot.shape).copy_(full[: slot.shape[0]])

@@ -11,6 +11,13 @@ over the ``tp`` dim; ``fully_shard`` shards their local tensors and makes them D
 dp dims and ``tp`` (``tp_params``), so nothing here changes: the run loop calls this layout's
 ``finish_grad_sync`` before tp's, and tp's sums over its group then read the reduced shards.
 
+Borrowing ``cp`` (``[parallel.fsdp] borrow = ["cp"]`` with ``["cp", "fsdp"]``, torchtitan's layout): each
+parameter is sharded over the flattened ``dp_shard x cp`` mesh, so its reduce-scatter also sums the
+``cp`` ranks' partial gradients (the ``cp`` layout then leaves them alone) and the reduced gradient is
+divided by ``dp_shard`` only: ``cp``'s ranks hold parts of ONE micro-batch, whose losses add up.
+An option rather than the default: the core checks ``borrowed_dims`` before the mesh exists and
+refuses a borrowed dimension no other layout owns, so fsdp cannot borrow ``cp`` in every run.
+
 On one process without a process group, the parameters are DTensors over a ``LocalMesh``
 (``local_mesh``): ``apply`` starts no process group, so ``torch.distributed.is_initialized()``
 is what it was before.
@@ -50,6 +57,8 @@ DTYPES: dict[str, torch.dtype | None] = {
 
 
 WHOLE = ("none", "matrices", "all")
+#: What ``borrow`` may name: ``cp`` splits one micro-batch's tokens, so its ranks' gradients are summed, not averaged.
+BORROWABLE = ((), ("cp",))
 #: Roles of ``whole_params = "matrices"``: what Muon orthogonalises (``mcore.params``), not the embedding or head.
 WHOLE_ROLES = ("matrix", "expert")
 
@@ -123,12 +132,19 @@ class FSDPLayout:
         """Gather in the recipe's low-precision format when it offers one (gather_payload)."""
         whole_params: Literal["none", "matrices", "all"] = "none"
         """Parameters kept whole on one rank instead of split by rows: 'none', 'matrices' (declared matrix/expert, what Muon orthogonalises; not the embedding or head) or 'all'."""
+        borrow: tuple[str, ...] = ()
+        """Mesh dimensions of another layout that fsdp also shards over: ['cp'] shards every parameter over dp_shard x cp (module docstring); [] for dp_shard only."""
 
         def __post_init__(self) -> None:
             _dtype("param_dtype", self.param_dtype)
             _dtype("reduce_dtype", self.reduce_dtype)
             if self.prefetch < 0:
                 raise ValueError(f"parallel.fsdp.prefetch = {self.prefetch!r}; allowed: an int >= 0")
+            if isinstance(self.borrow, str):
+                self.borrow = (self.borrow,) if self.borrow else ()
+            self.borrow = tuple(self.borrow)
+            if self.borrow not in BORROWABLE:
+                raise ValueError(f"parallel.fsdp.borrow = {list(self.borrow)!r}; allowed: [] or ['cp']")
             if self.whole_params not in WHOLE:
                 raise ValueError(f"parallel.fsdp.whole_params = {self.whole_params!r}; allowed: {', '.join(WHOLE)}")
             factor = self.gradient_divide_factor
@@ -144,11 +160,18 @@ class FSDPLayout:
         self._model: nn.Module | None = None
         self._mesh: ParallelMesh | None = None
 
+    @property
+    def borrowed_dims(self) -> tuple[str, ...]:
+        """Mesh dimensions of another layout this one also shards over (``Config.borrow``)."""
+        return self.config.borrow
+
     # -- apply ---------------------------------------------------------------------------------
     def _device_mesh(self, mesh: ParallelMesh) -> DeviceMesh:
         if mesh.device_mesh is not None:
-            sub = mesh.submesh(self.mesh_dims)
+            sub = mesh.submesh(self.mesh_dims + self.borrowed_dims)
             assert sub is not None
+            if self.borrowed_dims:  # one flattened shard dim over dp_shard x cp
+                return sub._flatten("_".join(self.mesh_dims + self.borrowed_dims))  # type: ignore[no-any-return]
             return sub
         if dist.is_initialized():  # the caller's own (1-rank) group
             from torch.distributed.device_mesh import init_device_mesh
@@ -168,10 +191,13 @@ class FSDPLayout:
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
         device_mesh = self._device_mesh(mesh)
         cfg = self.config
+        divide = cfg.gradient_divide_factor
+        if divide is None and self.borrowed_dims:  # cp's ranks add up to one micro-batch's gradient
+            divide = float(mesh.size("dp_shard"))
         options: dict[str, Any] = {
             "mesh": device_mesh,
             "mp_policy": self._policy(precision),
-            "gradient_divide_factor": cfg.gradient_divide_factor,
+            "gradient_divide_factor": divide,
             "gather_recipe": precision if cfg.quantized_gather else None,
             "prefetch": cfg.prefetch,
             "keep_whole": keep_whole(model, cfg.whole_params),
@@ -228,6 +254,11 @@ class HSDPLayout(FSDPLayout):
         self._dp_group: dist.ProcessGroup | None = None
 
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
+        if self.borrowed_dims:
+            raise ValueError(
+                f"parallel.hsdp.borrow = {list(self.borrowed_dims)!r}: hsdp does not shard over other layouts' "
+                "dimensions yet; allowed: [] (or layout 'fsdp' with borrow = ['cp'])"
+            )
         model = super().apply(model, mesh, precision)
         if mesh.device_mesh is not None and mesh.size("dp_replicate") * mesh.size("dp_shard") > 1:
             flat = mesh.submesh(self.mesh_dims)._flatten("dp_replicate_shard")  # type: ignore[union-attr]

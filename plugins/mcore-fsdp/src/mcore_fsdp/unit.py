@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from mcore.precision import quantized
 from mcore_fsdp import collectives
 from mcore_fsdp.collectives import Gather
 from mcore_fsdp.geometry import Geometry
@@ -159,6 +160,9 @@ class Unit:
         if self.state is State.SHARDED:
             return
         self.store.register(self.sharded)
+        for param, q in zip(self.unsharded, self.store.quantized):
+            if q:  # a QuantizedWeight attached at the gather goes with the gathered buffer
+                quantized.detach(param)
         lease = self._param_lease
         if lease is not None:
             self.ctx.lent.pop(lease.tensor.untyped_storage().data_ptr(), None)

@@ -7,8 +7,10 @@ end of the model without touching ``GPT.forward``: a vocabulary-parallel loss un
 stage only under ``pp``. The head owns no parameters and is no child of the model: it computes with
 the model's own final norm, output weight, embedding (the tied head and the MTP depths' next-token
 embeddings) and MTP layers, held in ``LossHeadParts``, so the model's parameter names and state dict
-do not change. ``SwappableLossHead`` makes ``model.loss_head = Other(...)`` store the head as a plain
-attribute instead of registering a child module.
+do not change. MTP depth ``d`` reads the row ``d`` tokens ahead; a layout whose ranks hold parts of
+each row (``cp``) hands those tokens and labels in ``ctx.extra[MTP_AHEAD]`` (``mcore.protocols.block``),
+computed on the whole row. ``SwappableLossHead`` makes ``model.loss_head = Other(...)`` store the head
+as a plain attribute instead of registering a child module.
 
 Each loss is the sum over this call's labels divided by ``ctx.label_count(local_count)``: the
 count over every rank of ``ctx.loss_group``, so the losses of the ranks a layout split a
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcore.errors import UserError
-from mcore.protocols.block import AuxLosses, BlockContext
+from mcore.protocols.block import MTP_AHEAD, AuxLosses, BlockContext
 from mcore.vocab_parallel import group_size, local_vocab_rows, vocab_parallel_cross_entropy_sum, vocab_parallel_logits
 from mcore_models.blocks.mtp import NEXT_EMBEDDINGS
 from mcore_models.kernels.linear_ce import IGNORE_INDEX, linear_cross_entropy_sum
@@ -95,17 +97,30 @@ class GPTLossHead(nn.Module):
         loss = self.token_loss(p.final_norm(hidden, ctx), labels, ctx)
         if not len(p.mtp):
             return loss
+        mtp_total = torch.zeros((), dtype=torch.float32, device=tokens.device)
+        for depth, (module, norm) in enumerate(zip(p.mtp, p.mtp_norms, strict=True), start=1):
+            ahead, depth_labels = self.read_ahead(tokens, labels, ctx, depth)  # (B, T) each
+            next_embeddings = p.embed(ahead)  # (B, T, H): t[i + depth]
+            view = ctx.for_layer(p.first_mtp_layer + depth - 1, extra={NEXT_EMBEDDINGS: next_embeddings})
+            hidden = module(hidden, view)
+            mtp_total = mtp_total + self.token_loss(norm(hidden, view), depth_labels, ctx)
+        return loss + p.mtp_loss_weight / len(p.mtp) * mtp_total
+
+    @staticmethod
+    def read_ahead(
+        tokens: torch.Tensor, labels: torch.Tensor, ctx: BlockContext, depth: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP depth ``depth``'s inputs ``t[i + depth]`` and labels, ``(B, T)`` each: from ``ctx.extra[MTP_AHEAD]``
+        when a layout that splits rows (``cp``) computed them on the whole row, else from this call's row."""
+        given = ctx.extra.get(MTP_AHEAD)
+        if given is not None:
+            assert len(given) >= depth, f"ctx.extra[{MTP_AHEAD!r}] has {len(given)} MTP depths, the model {depth}+"
+            return given[depth - 1]  # type: ignore[no-any-return]
         batch, seq = tokens.shape
         positions = (
             ctx.positions if ctx.positions is not None else torch.arange(seq, device=tokens.device).expand(batch, seq)
         )
-        mtp_total = torch.zeros((), dtype=torch.float32, device=tokens.device)
-        for depth, (module, norm) in enumerate(zip(p.mtp, p.mtp_norms, strict=True), start=1):
-            next_embeddings = p.embed(tokens.roll(-depth, dims=1))  # (B, T, H): t[i + depth]
-            view = ctx.for_layer(p.first_mtp_layer + depth - 1, extra={NEXT_EMBEDDINGS: next_embeddings})
-            hidden = module(hidden, view)
-            mtp_total = mtp_total + self.token_loss(norm(hidden, view), mtp_labels(labels, positions, depth), ctx)
-        return loss + p.mtp_loss_weight / len(p.mtp) * mtp_total
+        return tokens.roll(-depth, dims=1), mtp_labels(labels, positions, depth)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(B, T, V)`` logits of the final-normed ``hidden (B, T, H)`` (muP's ``logit_scale`` applied)."""

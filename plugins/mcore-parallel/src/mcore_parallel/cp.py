@@ -4,8 +4,13 @@ Every rank of ``cp`` reads the same micro-batch (``data_parallel()`` is ``1``); 
 this rank's zig-zag part of every row (``cp_split``: chunks ``r`` and ``2 * cp - 1 - r`` of each
 sequence, packed documents each split on their own and padded) with positions kept global, and
 puts in the context the attention backend that sees the other ranks' keys (``cp_attention``:
-``[parallel.cp] kind = "ring"``, ``"allgather"`` or ``"a2a"``). The model is not touched: it stays whole on
-every rank (``apply`` returns it as it is, on the meta device too).
+``[parallel.cp] kind = "ring"``, ``"allgather"``, ``"a2a"`` or ``"a2a+ring"``: all-to-all inside groups
+of ``a2a_size`` consecutive cp ranks, a ring across them; ``apply`` creates those groups). The model is
+not touched: it stays whole on every rank (``apply`` returns it as it is, on the meta device too).
+Multi-token prediction reads the row a few tokens ahead, which a split row does not hold: for a
+model with ``config.mtp_num_layers`` depths the context's ``extra[MTP_AHEAD]`` (``mcore.protocols.block``)
+carries, per depth, this rank's part of the row's tokens and labels that far ahead, computed before
+the split.
 
 The loss is split: ``loss_group()`` is the ``cp`` group, so the model divides each rank's loss sum
 by the label count over the group and the ranks' losses (and their gradients) add up to the
@@ -14,29 +19,33 @@ micro-batch's. ``finish_grad_sync`` therefore SUMS the gradients over the group 
 rank, plain tensors counted once by the global norm.
 
 Composes with ``tp`` (``["tp", "cp"]``: the heads a rank holds, their K/V passed over ``cp``; tensor-
-parallel gradients are DTensors whose local shards are summed) and with ``fsdp`` (``["cp", "fsdp"]``:
-fsdp reduces over ``dp_shard``, this layout then sums each local shard over ``cp``; fsdp does not yet
-shard over ``dp_shard x cp``).
+parallel gradients are DTensors whose local shards are summed) and with ``fsdp`` (``["cp", "fsdp"]``).
+By default fsdp shards over ``dp_shard`` and reduces over it, and this layout then sums each local
+shard over ``cp``. With ``[parallel.fsdp] borrow = ["cp"]`` (torchtitan's layout) fsdp shards every
+parameter over ``dp_shard x cp``: its reduce-scatter already sums the ``cp`` ranks' gradients and
+divides by ``dp_shard`` only, so ``finish_grad_sync`` skips every gradient whose DTensor mesh holds all
+the ``cp`` ranks (no double sum).
 
-Not yet: the hybrid kind ``a2a+ring``, dynamic CP, a fused partial-attention kernel
-on GPU. Multi-token prediction reads tokens a few places ahead in the row, which a split row does
-not hold: a model with MTP depths is refused.
+Not yet: dynamic CP, a fused partial-attention kernel on GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mcore.errors import UserError
-from mcore.protocols.block import BlockContext
+from mcore.protocols.block import MTP_AHEAD, BlockContext
 from mcore.protocols.layout import DataParallelInfo
-from mcore_parallel.cp_attention import AllGatherAttention, AllToAllAttention, RingAttention
-from mcore_parallel.cp_split import check_seq_len, document_positions, plan_split
+from mcore_parallel.cp_attention import AllGatherAttention, AllToAllAttention, HybridAttention, RingAttention
+from mcore_parallel.cp_split import SplitPlan, check_seq_len, document_positions, labels_ahead, plan_split
 from mcore_parallel.group_grads import DeferredSync, local_grad, sum_over_group
 
 if TYPE_CHECKING:
@@ -44,11 +53,41 @@ if TYPE_CHECKING:
     from mcore.protocols.precision import PrecisionRecipe
 
 DIM = "cp"
-KINDS: dict[str, type[RingAttention] | type[AllGatherAttention] | type[AllToAllAttention]] = {
+KINDS: dict[str, type[RingAttention] | type[AllGatherAttention] | type[AllToAllAttention] | type[HybridAttention]] = {
     "ring": RingAttention,
     "allgather": AllGatherAttention,
     "a2a": AllToAllAttention,
+    "a2a+ring": HybridAttention,
 }
+HYBRID = "a2a+ring"
+
+
+def check_a2a_size(a2a_size: int, cp: int) -> None:
+    """``kind = 'a2a+ring'``: the all-to-all groups must tile ``cp`` with more than one group of more than one rank."""
+    if not (1 < a2a_size < cp and cp % a2a_size == 0):
+        fits = ", ".join(str(n) for n in range(2, cp) if cp % n == 0) or "none: use kind 'a2a' or 'ring'"
+        raise UserError(
+            f"parallel.cp.a2a_size = {a2a_size} with parallel.cp.kind = 'a2a+ring' and parallel.sizes.cp = {cp}; "
+            f"allowed: a divisor of {cp} above 1 and below it ({fits})"
+        )
+
+
+def _hybrid_groups(mesh: ParallelMesh, a2a_size: int) -> tuple[Any, Any]:
+    """This rank's all-to-all group (``a2a_size`` consecutive cp ranks) and ring group (the cp ranks with the
+    same place in their all-to-all group). Every rank creates every group, in the same order."""
+    assert mesh.device_mesh is not None
+    cp = mesh.size(DIM)
+    ranks = mesh.device_mesh.mesh.movedim(mesh.dim_names.index(DIM), -1).reshape(-1, cp)  # (cp groups, cp)
+    me = dist.get_rank()
+    mine: list[Any] = [None, None]
+    for row in ranks:
+        tiles = row.view(cp // a2a_size, a2a_size)  # (ring size, a2a_size): row g is all-to-all group g
+        for which, members in ((0, tiles), (1, tiles.t())):
+            for group_ranks in members.tolist():
+                group = dist.new_group(group_ranks)
+                if me in group_ranks:
+                    mine[which] = group
+    return mine[0], mine[1]
 
 
 class CPLayout(DeferredSync):
@@ -65,11 +104,26 @@ class CPLayout(DeferredSync):
         """How a rank's queries see the other ranks' keys: ``ring`` (K/V blocks passed around with
         point-to-point transfers, merged by log-sum-exp), ``allgather`` (K/V all-gathered) or ``a2a``
         (DeepSpeed-Ulysses: an all-to-all gives each rank every token of ``heads / cp`` heads; the query
-        heads, per tp rank, must divide by ``cp``)."""
+        heads, per tp rank, must divide by ``cp``) or ``a2a+ring`` (all-to-all inside groups of ``a2a_size``
+        consecutive cp ranks, a ring across the groups)."""
+        a2a_size: int | None = None
+        """``kind = "a2a+ring"``: ranks per all-to-all group (a node), dividing ``cp``, above 1 and below ``cp``;
+        the query heads, per tp rank, must divide by it."""
 
         def __post_init__(self) -> None:
             if self.kind not in KINDS:
                 raise ValueError(f"parallel.cp.kind = {self.kind!r}; allowed: {', '.join(map(repr, KINDS))}")
+            if self.kind == HYBRID and (not isinstance(self.a2a_size, int) or self.a2a_size < 2):
+                raise ValueError(
+                    f"parallel.cp.a2a_size = {self.a2a_size!r} with parallel.cp.kind = 'a2a+ring'; allowed: the ranks "
+                    "per all-to-all group, an int above 1 dividing parallel.sizes.cp and below it"
+                )
+            if self.kind != HYBRID and self.a2a_size is not None:
+                warnings.warn(
+                    f"parallel.cp.a2a_size = {self.a2a_size} is not used by parallel.cp.kind = {self.kind!r} "
+                    "(only by 'a2a+ring')",
+                    stacklevel=2,
+                )
 
     @staticmethod
     def check_run(config: Config, run: Any) -> None:
@@ -77,19 +131,22 @@ class CPLayout(DeferredSync):
         cp = run.parallel.sizes.get(DIM)
         if isinstance(cp, int) and cp > 1 and run.data.packing == "concat":
             check_seq_len(run.train.seq_len, cp)
+        if isinstance(cp, int) and config.kind == HYBRID and config.a2a_size is not None:
+            check_a2a_size(config.a2a_size, cp)
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or type(self).Config()
         self._mesh: ParallelMesh | None = None
         self._model: nn.Module | None = None
+        self._hybrid: tuple[Any, Any] | None = None  # kind a2a+ring: this rank's all-to-all and ring groups
+        self._mtp_depths = 0  # the model's multi-token prediction depths (``model.config.mtp_num_layers``)
 
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
         mtp = getattr(getattr(model, "config", None), "mtp_num_layers", 0)
-        if mesh.size(DIM) > 1 and isinstance(mtp, int) and mtp > 0:
-            raise UserError(
-                f"layout 'cp': model.mtp_num_layers = {mtp} reads tokens ahead in the row, which a rank of "
-                "parallel.sizes.cp does not hold; allowed: mtp_num_layers = 0 under cp"
-            )
+        self._mtp_depths = mtp if isinstance(mtp, int) else 0
+        if self.config.kind == HYBRID and mesh.size(DIM) > 1 and self.config.a2a_size is not None:
+            check_a2a_size(self.config.a2a_size, mesh.size(DIM))
+            self._hybrid = _hybrid_groups(mesh, self.config.a2a_size)
         self._mesh, self._model = mesh, model
         return model
 
@@ -108,17 +165,31 @@ class CPLayout(DeferredSync):
         positions = ctx.positions
         if positions is None:
             positions = document_positions(ctx.cu_seqlens, batch, seq, tokens.device)  # (B, T)
+        positions = positions.expand(batch, seq)
         local = plan.take(rank, tokens, 0)  # (B, L)
+        extra = dict(ctx.extra)
+        if self._mtp_depths:  # what MTP depth d reads d tokens ahead, from the whole row (``MTP_AHEAD``)
+            extra[MTP_AHEAD] = tuple(
+                (plan.take(rank, tokens.roll(-d, dims=1), 0), plan.take(rank, labels_ahead(labels, positions, d), -100))
+                for d in range(1, self._mtp_depths + 1)
+            )
         view = dataclasses.replace(
             ctx,
-            positions=plan.take(rank, positions.expand(batch, seq), 0),
+            extra=extra,
+            positions=plan.take(rank, positions, 0),
             cu_seqlens=None,  # the backend knows the documents; a local cu_seqlens would mislead
             max_seqlen=None,
             token_ids=local,
-            attention=KINDS[self.config.kind](group, plan),
+            attention=self._attention(group, plan),
             loss_group=group,
         )
         return local, plan.take(rank, labels, -100), view
+
+    def _attention(self, group: Any, plan: SplitPlan) -> Any:
+        """The backend of ``kind`` for this micro-batch's split (one per ``shard_batch``: it caches the masks)."""
+        if self._hybrid is not None:
+            return HybridAttention(group, plan, *self._hybrid)
+        return KINDS[self.config.kind](group, plan)  # type: ignore[call-arg]
 
     def loss_group(self) -> Any:
         """The ``cp`` group: its ranks hold the parts of one micro-batch (``None`` at size 1)."""
@@ -130,12 +201,25 @@ class CPLayout(DeferredSync):
         return DataParallelInfo(rank=0, size=1)
 
     def finish_grad_sync(self) -> None:
-        """Sum the gradients over ``cp``: each rank's are its tokens' share of the micro-batch's."""
+        """Sum the gradients over ``cp``: each rank's are its tokens' share of the micro-batch's; those
+        a layout already reduced over the ``cp`` ranks (fsdp borrowing ``cp``) are left as they are."""
         group = self._require_mesh().group(DIM)
         if not self.syncing or group is None or self._model is None:
             return
-        # a DTensor's local shard (tp, fsdp): the same placement on every cp rank
-        sum_over_group([local_grad(p) for p in self._model.parameters() if p.requires_grad], group)
+        peers = frozenset(dist.get_process_group_ranks(group))
+        covered: dict[int, bool] = {}  # by mesh: whether it holds every cp peer (its layout reduced over them)
+        grads = []
+        for p in self._model.parameters():
+            if not p.requires_grad:
+                continue
+            grad = local_grad(p)  # a DTensor's local shard (tp, fsdp): the same placement on every cp rank
+            mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            if mesh is not None and id(mesh) not in covered:
+                covered[id(mesh)] = peers <= set(mesh.mesh.flatten().tolist())
+            if mesh is None or not covered[id(mesh)]:
+                grads.append(grad)
+        if grads:
+            sum_over_group(grads, group)
 
     def state_dict_options(self) -> dict[str, Any]:
         """Nothing is split: plain tensors, the same on every rank."""

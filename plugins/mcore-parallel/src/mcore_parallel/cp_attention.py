@@ -20,9 +20,14 @@ less than ``window`` tokens back; padding sees and is seen by nothing. Three way
   all-to-all gives back ``(B, L, nh, hdv)``. Backward (a custom ``autograd.Function``) runs the
   inverse all-to-all of each. Query heads must divide by ``cp``; key/value heads are repeated until
   they do (``nkv < cp``: each rank gets the one its query heads read), their gradients summed back.
+* ``HybridAttention`` (``kind = "a2a+ring"``): the two combined for cp spanning nodes: an all-to-all over
+  heads inside groups of ``a2a_size`` consecutive cp ranks (a node), then a ring between the groups,
+  each rank's ring made of the ranks holding the same share of the heads.
 
-The (partial) attention is the fp32 torch reference (``lse_merge``) on every device: exact, not fast;
-a fused kernel (returning the log-sum-exp for the ring) is the next step on GPU.
+The (partial) attention is ``lse_merge``'s: on CUDA for bf16/fp16, flash-attention for the blocks that are
+causal or a fully visible rectangle (the zig-zag ring's, without documents) and FlexAttention for the others
+(documents, padding, windows; the all-gathered and all-to-all token orders); the fp32 torch reference
+elsewhere. Each mask is described once per micro-batch (``lse_kernels.describe_mask``, cached with it).
 
 Shape legend: B rows, L tokens per row on one rank, nh query heads, nkv key/value heads, hd head
 dim, hdv value head dim.
@@ -40,6 +45,7 @@ import torch.distributed as dist
 from mcore.errors import UserError
 from mcore.protocols.block import BlockContext
 from mcore_parallel.cp_split import SplitPlan
+from mcore_parallel.lse_kernels import BlockLayout, describe_mask
 from mcore_parallel.lse_merge import merge_with_lse, partial_attention, partial_attention_backward
 from mcore_parallel.token_comm import all_gather_tokens
 
@@ -68,20 +74,27 @@ class _CPAttention:
     def mask(self, key_rank: int, window: int | None) -> torch.Tensor:
         """``(B, L, L)`` bool: this rank's queries (rows) against rank ``key_rank``'s keys (columns)."""
         index, docs = self.plan.index[self.rank], self.plan.docs[self.rank]
-        return self.cached(("block", key_rank, window), lambda: _allowed(index, docs, key_rank, self.plan, window))
+        k_index, k_docs = self.plan.index[key_rank], self.plan.docs[key_rank]
+        return self.cached(("block", key_rank, window), lambda: _allowed(index, docs, k_index, k_docs, window))
 
 
 def _allowed(
-    q_index: torch.Tensor, q_doc: torch.Tensor, key_rank: int, plan: SplitPlan, window: int | None
+    q_index: torch.Tensor, q_doc: torch.Tensor, k_index: torch.Tensor, k_doc: torch.Tensor, window: int | None
 ) -> torch.Tensor:
-    """``(B, Q, L)`` bool: queries at row index ``q_index (B, Q)`` of documents ``q_doc (B, Q)`` against rank
-    ``key_rank``'s keys: same document, not later in the row, inside the window; padding sees nothing."""
+    """``(B, Q, K)`` bool: queries at row index ``q_index (B, Q)`` of documents ``q_doc (B, Q)`` against keys
+    at ``k_index (B, K)`` of ``k_doc (B, K)``: same document, not later in the row, inside the window;
+    padding sees nothing."""
     q_index, q_doc = q_index[:, :, None], q_doc[:, :, None]  # (B, Q, 1)
-    k_index, k_doc = plan.index[key_rank][:, None, :], plan.docs[key_rank][:, None, :]  # (B, 1, L)
+    k_index, k_doc = k_index[:, None, :], k_doc[:, None, :]  # (B, 1, K)
     allowed = (q_doc >= 0) & (k_doc == q_doc) & (k_index <= q_index)
     if window is not None:
         allowed = allowed & (q_index - k_index < window)
     return allowed
+
+
+def _layout(mask: torch.Tensor) -> BlockLayout:
+    """``mask (B, Q, K)`` described for ``lse_merge``'s kernels (once per micro-batch: callers cache it)."""
+    return describe_mask(mask, mask.shape[1], mask.shape[2])
 
 
 # -- all-gather -------------------------------------------------------------------------------------------
@@ -112,7 +125,7 @@ class AllGatherAttention(_CPAttention):
         k_all = _GatherTokens.apply(k, self.group)  # (B, cp * L, nkv, hd)
         v_all = _GatherTokens.apply(v, self.group)  # (B, cp * L, nkv, hdv)
         mask = self.cached(  # (B, L, cp * L)
-            ("gathered", window), lambda: torch.cat([self.mask(j, window) for j in range(self.size)], dim=2)
+            ("gathered", window), lambda: _layout(torch.cat([self.mask(j, window) for j in range(self.size)], dim=2))
         )
         out, _ = partial_attention(q, k_all, v_all, scale=scale, mask=mask)  # (B, L, nh, hdv) fp32
         return out.to(q.dtype)
@@ -120,10 +133,11 @@ class AllGatherAttention(_CPAttention):
 
 # -- ring -------------------------------------------------------------------------------------------------
 class _Ring:
-    """Point-to-point neighbours on the ring: send to ``rank + 1``, receive from ``rank - 1``."""
+    """Point-to-point neighbours on the ring ``group``: send to ``rank + 1``, receive from ``rank - 1``."""
 
-    def __init__(self, group: Any, rank: int, size: int) -> None:
+    def __init__(self, group: Any) -> None:
         self.group = group
+        self.rank, self.size = rank, size = dist.get_rank(group), dist.get_world_size(group)
         self.next = dist.get_global_rank(group, (rank + 1) % size)
         self.prev = dist.get_global_rank(group, (rank - 1) % size)
 
@@ -141,13 +155,13 @@ def _wait(requests: list[Any]) -> None:
 
 
 class _RingFunction(torch.autograd.Function):
-    """Ring attention forward and backward; ``masks[j]`` is this rank's mask against rank ``j``'s block."""
+    """Ring attention forward and backward; ``masks[j]`` is this rank's mask against ring rank ``j``'s block."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: RingAttention, scale: float, masks: Any
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: _Ring, scale: float, masks: Any
     ) -> torch.Tensor:
-        ring, size, rank = backend.ring, backend.size, backend.rank
+        size, rank = ring.size, ring.rank
         parts = []
         block = [k.contiguous(), v.contiguous()]
         for step in range(size):
@@ -159,14 +173,14 @@ class _RingFunction(torch.autograd.Function):
             block = incoming
         out, lse = merge_with_lse(parts)  # (B, L, nh, hdv), (B, nh, L): every rank sees at least its own block
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.backend, ctx.scale, ctx.masks = backend, scale, masks
+        ctx.ring, ctx.scale, ctx.masks = ring, scale, masks
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        backend, masks = ctx.backend, ctx.masks
-        ring, size, rank = backend.ring, backend.size, backend.rank
+        ring, masks = ctx.ring, ctx.masks
+        size, rank = ring.size, ring.rank
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         block = [k.contiguous(), v.contiguous()]
         acc = [torch.zeros(k.shape, dtype=torch.float32, device=k.device), torch.zeros_like(v, dtype=torch.float32)]
@@ -192,24 +206,46 @@ class RingAttention(_CPAttention):
 
     def __init__(self, group: Any, plan: SplitPlan) -> None:
         super().__init__(group, plan)
-        self.ring = _Ring(group, self.rank, self.size)
+        self.ring = _Ring(group)
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BlockContext, scale: float, window: int | None
     ) -> torch.Tensor:
         masks = self.cached(("ring", window), lambda: self._ring_masks(window))
-        return _RingFunction.apply(q, k, v, self, scale, masks)  # type: ignore[no-any-return]
+        return _RingFunction.apply(q, k, v, self.ring, scale, masks)  # type: ignore[no-any-return]
 
-    def _ring_masks(self, window: int | None) -> list[torch.Tensor | None]:
-        """Each key rank's block mask, ``None`` where this rank's queries see nothing of it (skipped)."""
-        masks: list[torch.Tensor | None] = []
+    def _ring_masks(self, window: int | None) -> list[BlockLayout | None]:
+        """Each key rank's block layout, ``None`` where this rank's queries see nothing of it (skipped)."""
+        masks: list[BlockLayout | None] = []
         for j in range(self.size):
-            mask = self.mask(j, window)
-            masks.append(mask if j == self.rank or bool(mask.any()) else None)
+            layout = _layout(self.mask(j, window))
+            masks.append(layout if j == self.rank or layout.kind != "empty" else None)
         return masks
 
 
 # -- all-to-all (DeepSpeed-Ulysses) -------------------------------------------------------------------------
+def _split_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, kind: str, over: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refuse query heads that do not split over ``size`` ranks (one line naming ``kind`` and ``over``); repeat
+    ``k``/``v`` heads until they split with each rank's query heads reading its own share (``nkv < size``:
+    every rank gets the kv head its query heads read; autograd sums the copies' gradients)."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads % size:
+        fits = ", ".join(str(n) for n in range(2, heads + 1) if heads % n == 0) or "none above 1"
+        option = "parallel.cp.a2a_size" if kind == "a2a+ring" else "a cp"
+        raise UserError(
+            f"parallel.cp.kind = {kind!r} splits attention heads over {over}, but the attention has {heads} query "
+            f"heads (per tp rank); allowed: {option} dividing {heads} ({fits}), or parallel.cp.kind = 'ring' or "
+            "'allgather'"
+        )
+    copies = size // math.gcd(kv_heads, size)
+    if copies > 1:
+        k = k.repeat_interleave(copies, dim=2)  # (B, L, nkv * copies, hd)
+        v = v.repeat_interleave(copies, dim=2)  # (B, L, nkv * copies, hdv)
+    return k, v
+
+
 def _heads_to_tokens(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     """``(B, L, H, d)`` (this rank's tokens, every head) -> ``(B, cp * L, H / cp, d)`` (every rank's tokens in
     group order, this rank's share of the heads)."""
@@ -251,28 +287,63 @@ class AllToAllAttention(_CPAttention):
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BlockContext, scale: float, window: int | None
     ) -> torch.Tensor:
-        heads, kv_heads, size = q.shape[2], k.shape[2], self.size
-        if heads % size:
-            fits = ", ".join(str(n) for n in range(2, heads + 1) if heads % n == 0) or "none above 1"
-            raise UserError(
-                f"parallel.cp.kind = 'a2a' splits attention heads over parallel.sizes.cp = {size}, but the attention "
-                f"has {heads} query heads (per tp rank); allowed: a cp dividing {heads} ({fits}), or parallel.cp.kind "
-                "= 'ring' or 'allgather'"
-            )
-        # kv heads repeated until they split over cp with each rank's query heads reading its own share
-        # (nkv < cp: every rank gets the kv head its query heads read); autograd sums the copies' gradients
-        copies = size // math.gcd(kv_heads, size)
-        if copies > 1:
-            k = k.repeat_interleave(copies, dim=2)  # (B, L, nkv * copies, hd)
-            v = v.repeat_interleave(copies, dim=2)  # (B, L, nkv * copies, hdv)
+        size = self.size
+        k, v = _split_heads(q, k, v, size, "a2a", f"parallel.sizes.cp = {size}")
         q_all = _AllToAll.apply(q, self.group, size, True)  # (B, cp * L, nh / cp, hd)
         k_all = _AllToAll.apply(k, self.group, size, True)  # (B, cp * L, nkv * copies / cp, hd)
         v_all = _AllToAll.apply(v, self.group, size, True)  # (B, cp * L, nkv * copies / cp, hdv)
-        mask = self.cached(("all", window), lambda: self._all_tokens_mask(window))  # (B, cp * L, cp * L)
+        mask = self.cached(("all", window), lambda: _layout(self._all_tokens_mask(window)))  # (B, cp * L, cp * L)
         out, _ = partial_attention(q_all, k_all, v_all, scale=scale, mask=mask)  # (B, cp * L, nh / cp, hdv) fp32
         return _AllToAll.apply(out.to(q.dtype), self.group, size, False)  # type: ignore[no-any-return]  # (B, L, nh, hdv)
 
     def _all_tokens_mask(self, window: int | None) -> torch.Tensor:
         """``(B, cp * L, cp * L)`` bool: every rank's tokens (group order) against every rank's."""
         index, docs = torch.cat(self.plan.index, dim=1), torch.cat(self.plan.docs, dim=1)  # (B, cp * L)
-        return torch.cat([_allowed(index, docs, j, self.plan, window) for j in range(self.size)], dim=2)
+        return _allowed(index, docs, index, docs, window)
+
+
+# -- a2a+ring: all-to-all inside groups of a2a_size consecutive cp ranks, ring across them ---------------------
+class HybridAttention(_CPAttention):
+    """``kind = "a2a+ring"``: cp rank ``g * a + i`` (``a = a2a_size``) is member ``i`` of all-to-all group ``g``
+    (ranks ``g * a .. g * a + a - 1``, a node) and rank ``g`` of ring ``i`` (the ranks ``i, a + i, ...``).
+
+    The all-to-all over its group gives each rank ``(B, a * L, nh / a, hd)``: its group's tokens (group order),
+    its share ``i`` of the heads; the ring then passes those K/V blocks between the groups (every rank of ring
+    ``i`` holds head share ``i``), merged by log-sum-exp as ``RingAttention`` does; the inverse all-to-all
+    gives back ``(B, L, nh, hdv)``. Query heads must divide by ``a``; key/value heads are repeated as for
+    ``a2a``."""
+
+    name: ClassVar[str] = "cp-a2a+ring"
+
+    def __init__(self, group: Any, plan: SplitPlan, a2a_group: Any, ring_group: Any) -> None:
+        super().__init__(group, plan)
+        self.a2a_group, self.a2a_size = a2a_group, dist.get_world_size(a2a_group)
+        self.ring = _Ring(ring_group)
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BlockContext, scale: float, window: int | None
+    ) -> torch.Tensor:
+        a, group = self.a2a_size, self.a2a_group
+        k, v = _split_heads(q, k, v, a, "a2a+ring", f"parallel.cp.a2a_size = {a}")
+        q_g = _AllToAll.apply(q, group, a, True)  # (B, a * L, nh / a, hd)
+        k_g = _AllToAll.apply(k, group, a, True)  # (B, a * L, nkv * copies / a, hd)
+        v_g = _AllToAll.apply(v, group, a, True)  # (B, a * L, nkv * copies / a, hdv)
+        masks = self.cached(("hybrid", window), lambda: self._group_masks(window))
+        out = _RingFunction.apply(q_g, k_g, v_g, self.ring, scale, masks)  # (B, a * L, nh / a, hdv)
+        return _AllToAll.apply(out, group, a, False)  # type: ignore[no-any-return]  # (B, L, nh, hdv)
+
+    def _group_masks(self, window: int | None) -> list[BlockLayout | None]:
+        """``(B, a * L, a * L)`` per ring rank: this group's tokens against that group's, ``None`` where they
+        see nothing of it (skipped)."""
+        a = self.a2a_size
+
+        def tokens(g: int) -> tuple[torch.Tensor, torch.Tensor]:  # (B, a * L) each, group order
+            ranks = range(g * a, (g + 1) * a)
+            return torch.cat([self.plan.index[r] for r in ranks], 1), torch.cat([self.plan.docs[r] for r in ranks], 1)
+
+        q_index, q_docs = tokens(self.ring.rank)
+        masks: list[BlockLayout | None] = []
+        for g in range(self.ring.size):
+            layout = _layout(_allowed(q_index, q_docs, *tokens(g), window))
+            masks.append(layout if g == self.ring.rank or layout.kind != "empty" else None)
+        return masks

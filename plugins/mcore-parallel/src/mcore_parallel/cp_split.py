@@ -66,6 +66,15 @@ def document_positions(cu_seqlens: torch.Tensor | None, batch: int, seq: int, de
     return (flat - cu[docs]).view(batch, seq)
 
 
+def labels_ahead(labels: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:
+    """``(B, T)``: ``labels[i + depth]`` where that token is still in token ``i``'s document (its position
+    ``depth`` further), ``-100`` elsewhere: multi-token prediction depth ``depth``'s labels of the whole row."""
+    ahead = torch.full_like(labels, -100)
+    same_doc = positions[:, depth:] == positions[:, :-depth] + depth  # (B, T - depth)
+    ahead[:, :-depth] = torch.where(same_doc, labels[:, depth:], -100)
+    return ahead
+
+
 def _spans(cu_seqlens: torch.Tensor | None, batch: int, seq: int) -> list[list[tuple[int, int]]]:
     """Each row's sequences as ``(start, length)`` in the row: documents cut at row ends."""
     if cu_seqlens is None:

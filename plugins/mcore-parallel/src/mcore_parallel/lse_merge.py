@@ -3,7 +3,8 @@
 Context parallelism computes a query chunk's attention one key block at a time (ring) and combines
 the blocks afterwards: with each block's output ``o_i`` and log-sum-exp ``l_i`` of its scores, the
 attention over all keys is ``sum_i exp(l_i - L) o_i`` with ``L = logsumexp_i l_i``, exactly. This
-module is the torch reference of that path (fp32 accumulation, CPU and GPU), forward and backward:
+module is that path, forward and backward: a torch reference (fp32 accumulation, any device) and, on
+CUDA for bf16/fp16 inputs, fused kernels (``lse_kernels``); which one runs is said below:
 
 * ``partial_attention(q, k, v, *, scale, mask) -> (out, lse)``: differentiable (autograd);
 * ``merge(parts)`` / ``merge_with_lse(parts)``: the exact combination, differentiable;
@@ -12,6 +13,16 @@ module is the torch reference of that path (fp32 accumulation, CPU and GPU), for
 
 A query row with no allowed key in a block (fully masked) gives ``lse = -inf`` and ``out = 0``, and
 no NaN in forward or backward.
+
+``mask`` is a dense bool tensor, ``None`` or a ``lse_kernels.BlockLayout`` (``describe_mask(mask)``: what the
+kernels need to know about it, found once by the caller; with a tensor the fast path describes it on
+every call, host syncs each time). Which path runs is chosen per call from the tensors (``_route``): on CUDA
+with bf16/fp16 inputs, flash-attention for a mask that is empty, fully visible on a rectangle or causal,
+FlexAttention for any other (documents, padding, windows); the reference otherwise (CPU, fp32, inside
+a compiled region, head dims a kernel does not take). The fast paths' output and log-sum-exp are fp32
+like the reference's. The flash path's autograd backward is the kernel's unless the log-sum-exp itself
+receives a gradient (then the reference's: the kernel's backward has no term for it); FlexAttention's
+backward takes both.
 
 Shape legend: B rows, T queries, S keys, nh query heads, nkv key/value heads (``nh % nkv == 0``:
 query head ``i`` reads key/value head ``i // (nh // nkv)``), hd query/key head dim, hdv value head
@@ -22,8 +33,24 @@ dim (MLA: ``hdv != hd``). ``mask``: bool ``(B or 1, T, S)``, True where the quer
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from mcore_parallel.lse_kernels import (
+    BlockLayout,
+    Kernel,
+    describe_mask,
+    fast_backward,
+    fast_forward,
+    fast_inputs,
+    flash_kernel,
+    flex_backward,
+    flex_forward,
+    flex_usable,
+)
+
+Mask = torch.Tensor | BlockLayout | None
 
 
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -47,11 +74,47 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor |
     return scores
 
 
+def _dense(mask: Mask) -> torch.Tensor | None:
+    return mask.mask if isinstance(mask, BlockLayout) else mask
+
+
+def _route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> tuple[Kernel | None, BlockLayout] | None:
+    """Which path runs (module docstring): ``(flash kernel, layout)``, ``(None, layout)`` for FlexAttention on a
+    general layout, or ``None`` for the reference."""
+    if not fast_inputs(q, k, v):
+        return None
+    layout = mask if isinstance(mask, BlockLayout) else describe_mask(mask, q.shape[1], k.shape[1])
+    if layout.kind == "general":
+        return (None, layout) if flex_usable(q, k, v, layout) else None
+    kernel = flash_kernel(q, k, v)
+    return None if kernel is None else (kernel, layout)
+
+
 def partial_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: Mask
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q k^T * scale + mask) v`` over this block's keys, ``(B, T, nh, hdv)`` fp32, and the
     scores' log-sum-exp ``(B, nh, T)`` fp32 (``-inf`` for a query that sees no key here)."""
+    route = _route(q, k, v, mask)
+    if route is None:
+        return reference_partial_attention(q, k, v, scale=scale, mask=_dense(mask))
+    kernel, layout = route
+    if kernel is None:
+        return flex_forward(q, k, v, scale=scale, block_mask=layout.block_mask)
+    return fast_partial_attention(kernel, q, k, v, scale=scale, layout=layout)
+
+
+def fast_partial_attention(
+    kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, layout: BlockLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``partial_attention`` through ``kernel`` for a layout that is not ``"general"``, differentiable."""
+    return _FastPartial.apply(q, k, v, kernel, layout, scale)  # type: ignore[no-any-return]
+
+
+def reference_partial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``partial_attention`` in fp32 torch on any device: autograd's backward, every mask."""
     scores = _scores(q, k, scale, mask)  # (B, nh, T, S)
     peak = scores.amax(dim=-1, keepdim=True).detach()  # (B, nh, T, 1): a stabiliser, not part of the value
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
@@ -97,12 +160,33 @@ def partial_attention_backward(
     grad_out: torch.Tensor,
     *,
     scale: float,
-    mask: torch.Tensor | None,
+    mask: Mask,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of the gradients ``(dq, dk, dv)`` (fp32, shapes of ``q``, ``k``, ``v``), given the
     MERGED output ``out (B, T, nh, hdv)`` and log-sum-exp ``lse (B, nh, T)`` over all blocks and their
     gradient ``grad_out``. Summing ``dq`` over the blocks gives the query gradient; each block's
     ``dk``/``dv`` is complete (flash-attention's backward: ``dS = P * (dP - rowsum(dO * O))``)."""
+    route = _route(q, k, v, mask)
+    if route is None:
+        return reference_partial_attention_backward(q, k, v, out, lse, grad_out, scale=scale, mask=_dense(mask))
+    kernel, layout = route
+    if kernel is None:
+        return flex_backward(q, k, v, out, lse, grad_out, scale=scale, block_mask=layout.block_mask)
+    return fast_backward(kernel, q, k, v, out, lse, grad_out, scale=scale, layout=layout)
+
+
+def reference_partial_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``partial_attention_backward`` in fp32 torch on any device, every mask."""
     heads, kv_heads = q.shape[2], k.shape[2]
     scores = _scores(q, k, scale, mask)  # (B, nh, T, S)
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]  # (B, nh, T, 1)
@@ -123,3 +207,35 @@ def partial_attention_backward(
         return x.view(batch, kv_heads, group, seq, -1).sum(dim=2).transpose(1, 2)
 
     return dq.transpose(1, 2), fold(dk), fold(dv)
+
+
+class _FastPartial(torch.autograd.Function):
+    """``partial_attention`` through a kernel: forward and backward are the kernel's, unless the log-sum-exp
+    receives a gradient (the kernel's backward has no term for it): then the reference's backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Kernel, layout: BlockLayout, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = fast_forward(kernel, q, k, v, scale=scale, layout=layout)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kernel, ctx.layout, ctx.scale = kernel, layout, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        grads: tuple[torch.Tensor | None, ...]
+        if grad_lse is not None:  # e.g. under ``merge_with_lse``: the reference, recomputed, takes both gradients
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                ref_out, ref_lse = reference_partial_attention(*leaves, scale=ctx.scale, mask=ctx.layout.mask)
+                grad_out = torch.zeros_like(ref_out) if grad_out is None else grad_out
+                grads = torch.autograd.grad((ref_out, ref_lse), leaves, (grad_out, grad_lse))
+        elif grad_out is None:
+            grads = (None, None, None)
+        else:
+            grads = fast_backward(ctx.kernel, q, k, v, out, lse, grad_out, scale=ctx.scale, layout=ctx.layout)
+        dq, dk, dv = (None if g is None else g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
+        return dq, dk, dv, None, None, None

@@ -247,10 +247,19 @@ class LogConfig:
     """Record per-layer statistics every this many steps (0: off)."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for MFU (none: known GPUs only; finite and > 0)."""
+    profile_from: int = 0
+    """Record steps profile_from .. profile_from + profile_steps - 1 with torch.profiler into
+    out_dir/profile/rank<r>/ (trace.json, top_ops.txt); 0: off."""
+    profile_steps: int = 2
+    """How many steps the profile records (>= 1)."""
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError(f"log.every = {self.every}: must be a positive int")
+        if self.profile_from < 0:
+            raise ValueError(f"log.profile_from = {self.profile_from}: must be >= 0 (0 is off)")
+        if self.profile_steps < 1:
+            raise ValueError(f"log.profile_steps = {self.profile_steps}: must be >= 1")
         if self.layer_stats_every < 0:
             raise ValueError(f"log.layer_stats_every = {self.layer_stats_every}: must be >= 0 (0 is off)")
         if self.peak_tflops is not None:

@@ -7,6 +7,7 @@ compute under ``torch.autocast``).
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -14,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from mcore.norms import fp32_norms
 from mcore.params import ParamSpec
 from mcore.protocols.precision import GatherPayload
 
@@ -25,7 +27,7 @@ def grads_finite(model: nn.Module) -> bool:
     local = [t for g in grads if (t := g.to_local() if hasattr(g, "to_local") else g).numel()]
     if not local:
         return True
-    peaks = [t.float().abs().amax() for t in local]
+    peaks = fp32_norms(local, math.inf)  # each gradient's largest magnitude; NaN propagates
     return bool(torch.isfinite(torch.stack([t.to(peaks[0].device) for t in peaks])).all())
 
 

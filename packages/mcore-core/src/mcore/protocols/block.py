@@ -240,6 +240,14 @@ class AuxLosses(Mapping[tuple[int, str], "torch.Tensor"]):
         return f"AuxLosses({sorted(self._losses)})"
 
 
+#: ``BlockContext.extra`` key of what multi-token prediction reads ahead in the row, set by a layout whose
+#: ranks hold parts of each row (``cp``): a tuple with one ``(tokens, labels)`` pair per MTP depth ``d = 1, 2,
+#: ...``, each ``(B, T)`` int64 at this call's tokens: the row's token ``d`` places ahead (the row rolled by
+#: ``-d``) and depth ``d``'s label (``-100`` past a document's end), computed on the whole row before the split.
+#: A model's MTP head uses them when present instead of reading ahead in the tokens it holds.
+MTP_AHEAD = "mcore.mtp_ahead"
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class BlockContext:
     """What every block's forward receives besides the hidden states: read-only, one view per call.

@@ -53,9 +53,14 @@ class PrecisionRecipe(Protocol):
           the recipe decides by role (embedding, head and router stay in high precision), never
           by name patterns. It may be asked with a tensor on the meta device and then answers
           from shape, dtype and role alone. (A recipe whose method takes only the shard is still
-          asked, without the two.) ``unpack(gathered, metadata)`` builds the full weight FSDP
-          hands to compute, a plain tensor (letting a quantized weight itself reach the GEMM is
-          the precision issue's work).
+          asked, without the two.) ``unpack(gathered, metadata)`` builds what FSDP hands to
+          compute: a plain tensor (the weight dequantised, copied into FSDP's buffer), or a
+          ``mcore.precision.quantized.QuantizedWeight`` (bytes + scales, never dequantised): FSDP
+          attaches it to the gathered parameter and the recipe's own GEMM modules (put in by
+          ``prepare``) read it with ``compute_weight`` and run the scaled GEMM on it; the
+          parameter's buffer slot is then not written, so a recipe answers this way only for weights
+          its modules consume. A recipe that does must also offer ``dequantize(weight) -> Tensor``
+          (its rows as the high-precision weight, for checks and tools).
         * ``after_step(model)``: re-quantize cached weights from the updated master
           weights (no-op for formats without cached weights).
         * optional ``grouped_linear(x, weight, group_sizes)``: the grouped expert GEMM of an MoE

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from mcore.mesh import ParallelMesh
+from mcore.norms import fp32_norms
 
 
 def mesh_all_reduce(value: torch.Tensor, mesh: ParallelMesh, op: str = "sum") -> torch.Tensor:
@@ -52,22 +53,21 @@ def global_grad_norm(
     """
     pairs = [(item if isinstance(item, tuple) else ("", item)) for item in params]
     world = mesh.world_size if mesh is not None and mesh.device_mesh is not None else 1
-    weighted: list[torch.Tensor] = []
-    device: torch.device | None = None
+    by_replicas: dict[float, list[torch.Tensor]] = {}  # one multi-tensor norm per weight, not one kernel per gradient
     for name, p in pairs:
         g = p.grad
         if g is None:
             continue
         local = g.to_local() if isinstance(g, DTensor) else g
-        square = torch.linalg.vector_norm(local.detach(), 2, dtype=torch.float32) ** 2
-        device = square.device
-        if world > 1:
-            square = square / _replicas(name, p, g, mesh, layouts, world)  # type: ignore[arg-type]
-        weighted.append(square)
-    if not weighted:
-        total = torch.zeros((), device=device or (mesh.device if mesh is not None else None))
+        copies = _replicas(name, p, g, mesh, layouts, world) if world > 1 else 1.0  # type: ignore[arg-type]
+        by_replicas.setdefault(copies, []).append(local.detach())
+    if not by_replicas:
+        total = torch.zeros((), device=mesh.device if mesh is not None else None)
     else:
-        total = torch.stack(weighted).sum()
+        total = sum(
+            ((torch.stack(fp32_norms(grads, 2.0)) ** 2).sum() / copies for copies, grads in by_replicas.items()),
+            torch.zeros((), device=next(iter(by_replicas.values()))[0].device),
+        )
     if world > 1:
         assert mesh is not None
         total = mesh_all_reduce(total.reshape(1).to(mesh.device), mesh)[0]
@@ -103,6 +103,5 @@ def clip_grads_(params: list[torch.nn.Parameter], max_norm: float, total: torch.
     coef = max_norm / (float(total) + 1e-6)
     if coef >= 1.0:
         return
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(coef)
+    grads = [g.to_local() if isinstance(g, DTensor) else g for p in params if (g := p.grad) is not None]
+    torch._foreach_mul_([g for g in grads if g.numel()], coef)  # a DTensor's local shard is its storage

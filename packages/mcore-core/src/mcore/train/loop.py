@@ -57,6 +57,7 @@ from mcore.observe.layer_stats import LayerStats
 from mcore.observe.memory import current_memory_gb
 from mcore.observe.metrics import MetricsWriter, read_metrics
 from mcore.observe.plot import plot_run
+from mcore.observe.profile import StepProfiler
 from mcore.observe.progress import Progress
 from mcore.protocols.block import BlockContext
 from mcore.train.build import Parts, build_parts
@@ -463,6 +464,9 @@ class Trainer:
         layer_stats = LayerStats(
             p.model, self.out_dir / "layer_stats.jsonl", enabled=cfg.log.layer_stats_every > 0 and self.is_main
         )
+        profiler = StepProfiler(
+            self.out_dir, first=cfg.log.profile_from, steps=cfg.log.profile_steps, rank=self.rank, device=p.mesh.device
+        )
         result = RunResult(out_dir=self.out_dir, start_step=start, steps_done=start)
         self.host.hook.mcore_run_start(config=cfg, mesh=p.mesh)
         t_start = time.perf_counter()
@@ -473,7 +477,9 @@ class Trainer:
                 for step in range(start, end):
                     if cfg.log.layer_stats_every and (step + 1) % cfg.log.layer_stats_every == 0:
                         layer_stats.begin()
+                    profiler.begin(step + 1)
                     metrics = self.guarded_step(step)
+                    profiler.end(step + 1)
                     layer_stats.end(step + 1)
                     tokens_seen += cfg.train.global_batch_size * cfg.train.seq_len
                     elapsed = time.perf_counter() - t_start
@@ -512,6 +518,7 @@ class Trainer:
                 result.last_checkpoint = self.wait_for_saves()
         finally:
             self.stop = None
+            profiler.close()
             progress.close()
             writer.close()
             with contextlib.suppress(UserError):
