@@ -10,12 +10,9 @@ Causal attention, forward + backward, on the same inputs ``(B, T, nh, hd)`` (def
 * ``ring_cp1``: what ``RingAttention`` computes at cp = 1: ``partial_attention`` on the one block (a
   causal ``BlockLayout``, described once as the layout caches it), ``merge_with_lse`` of that one part,
   and in backward ``partial_attention_backward`` from the merged output and log-sum-exp;
-* ``ring_cp1_cudnn``: ``ring_cp1`` with ``lse_kernels.CudnnKernel`` (cuDNN's fused attention with its
-  log-sum-exp) instead of flash-attention, which ``partial_attention`` does not choose yet: this row says
-  whether it should;
 * ``autograd_cp1``: ``partial_attention`` under autograd (what the all-gather and all-to-all kinds run);
-* ``flex_cp1``: the general-mask path (FlexAttention with a causal ``BlockMask``, backward by recompute),
-  what a packed-document block runs.
+* ``flex_cp1``: FlexAttention on a general layout given a causal ``BlockMask`` (backward by recompute), the
+  candidate for packed-document blocks (the ring runs those on the reference today, see ``lse_kernels``).
 
 Timing: warm-up first (compiles), then ``--repeats`` rounds; each round runs every candidate ``--iters``
 times between two CUDA events (host clock on CPU), in an order rotated each round (interleaved). Per
@@ -45,14 +42,11 @@ import torch.nn.functional as F
 
 from mcore_parallel.lse_kernels import (
     BlockLayout,
-    CudnnKernel,
     describe_mask,
-    fast_backward,
     flex_available,
     flex_block_mask,
 )
 from mcore_parallel.lse_merge import (
-    fast_partial_attention,
     merge_with_lse,
     partial_attention,
     partial_attention_backward,
@@ -137,20 +131,6 @@ def candidates(
 
     found["ring_cp1"] = (ring_cp1, {"layout": causal.kind})
     found["autograd_cp1"] = (autograd_cp1, {"layout": causal.kind})
-    if device.type == "cuda":
-        cudnn = CudnnKernel()
-
-        def ring_cp1_cudnn() -> torch.Tensor:
-            with torch.no_grad():
-                out, lse = merge_with_lse([fast_partial_attention(cudnn, q, k, v, scale=scale, layout=causal)])
-            fast_backward(cudnn, q, k, v, out, lse, grad, scale=scale, layout=causal)
-            return out.to(q.dtype)
-
-        try:
-            ring_cp1_cudnn()
-            found["ring_cp1_cudnn"] = (ring_cp1_cudnn, {"layout": causal.kind})
-        except RuntimeError as error:
-            found["ring_cp1_cudnn"] = (lambda: None, {"status": f"not available: {str(error).splitlines()[0][:200]}"})
     if device.type == "cuda" and flex_available():
         general = BlockLayout(
             kind="general", rows=(0, seq), cols=(0, seq), mask=dense, block_mask=flex_block_mask(dense)

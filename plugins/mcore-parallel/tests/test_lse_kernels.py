@@ -5,8 +5,9 @@ On CPU the fast path runs with ``MathKernel``, a plain-torch stand-in with flash
 log-sum-exp it is handed), so everything around the kernel (mask description, the rectangle cut, MLA
 padding, GQA repeat and fold, fully masked rows, the merged-statistics backward, the autograd
 wrapper) is checked here, and the real kernels' ATen calls on the meta device (argument order and types).
-The ``gpu`` tests run the real flash kernel and FlexAttention through ``partial_attention``'s dispatch, and
-``CudnnKernel`` directly, on bf16 inputs against the fp32 reference.
+The ``gpu`` tests run the real flash kernel through ``partial_attention``'s dispatch (packed documents: flash
+for the causal and rectangle blocks, the reference for the general ones) on bf16 inputs against the fp32
+reference.
 
 The masks are the real ones of the ``cp`` zig-zag split (``cp_split.plan_split``) plus packed documents.
 """
@@ -22,7 +23,6 @@ import torch
 from mcore_parallel.cp_split import SplitPlan, plan_split
 from mcore_parallel.lse_kernels import (
     BlockLayout,
-    CudnnKernel,
     FlashKernel,
     backward_by_recompute,
     describe_mask,
@@ -236,7 +236,7 @@ def test_backward_by_recompute_equals_block_backward(case) -> None:
             assert_rel_close(dvs[j], rdvs[j], 1e-5, name=f"rank {rank} dv {j}")
 
 
-@pytest.mark.parametrize("kernel", [FlashKernel(), CudnnKernel()], ids=["flash", "cudnn"])
+@pytest.mark.parametrize("kernel", [FlashKernel()], ids=["flash"])
 @pytest.mark.parametrize("kind", ["full", "causal"])
 def test_kernel_calls_match_the_aten_schemas(kernel: FlashKernel, kind: str) -> None:
     """The real kernels' ATen calls on the meta device (shapes only): arguments in the order and of the
@@ -310,10 +310,10 @@ def test_gpu_fast_ring_equals_reference(case, docs: bool) -> None:
     length = masks[0].shape[-1]  # documents padded to a multiple of 2 * cp: longer than case[1]
     case = (case[0], length, *case[2:])
     q, k, v = _qkv(case, 0, torch.bfloat16, "cuda")
-    if docs:  # FlexAttention on the general masks
+    if docs:  # the general masks take the reference (no BlockMask attached), the others flash
         layouts = [describe_mask(m, length, length) for m in masks]
         assert any(lay.kind == "general" for lay in layouts)
-        assert all(lay.block_mask is not None for lay in layouts if lay.kind == "general"), "FlexAttention unusable"
+        assert all(lay.block_mask is None for lay in layouts if lay.kind == "general")
     else:
         assert flash_kernel(q, k, v) is not None, "the flash kernel is not usable on this GPU"
         assert all(describe_mask(m, length, length).kind != "general" for m in masks)
@@ -369,36 +369,3 @@ def test_gpu_flash_autograd_and_empty_block() -> None:
     assert (out == 0).all() and torch.isneginf(lse).all()
     dq, dk, dv = partial_attention_backward(q, k, v, out, lse, grad, scale=0.125, mask=empty)
     assert not dq.any() and not dk.any() and not dv.any()
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("case", [(2, 64, 4, 4, 64, 64, 2), (1, 64, 4, 1, 96, 64, 2)])
-def test_gpu_cudnn_kernel_ring_equals_reference(case) -> None:
-    """``CudnnKernel`` (measured by ``bench_cp.py``, not chosen by the dispatch yet) on every rank's ring, bf16,
-    against the fp32 reference: output and merged-statistics gradients within 1e-2."""
-    kernel, length, cp = CudnnKernel(), case[1], case[-1]
-    masks = [m.cuda() for m in zigzag_masks(cp, length * cp, batch=case[0])]
-
-    def fast(q, k, v, scale, mask):
-        return fast_partial_attention(kernel, q, k, v, scale=scale, layout=describe_mask(mask, length, length))
-
-    def fast_bwd(q, k, v, out, lse, grad, scale, mask):
-        layout = describe_mask(mask, length, length)
-        return fast_backward(kernel, q, k, v, out, lse, grad, scale=scale, layout=layout)
-
-    def ref(q, k, v, scale, mask):
-        return reference_partial_attention(q, k, v, scale=scale, mask=mask)
-
-    def ref_bwd(q, k, v, out, lse, grad, scale, mask):
-        return reference_partial_attention_backward(q, k, v, out, lse, grad, scale=scale, mask=mask)
-
-    for rank in range(cp):
-        with torch.no_grad():
-            out, (dq, dks, dvs) = _ring(case, rank, masks, fast, fast_bwd, 9, torch.bfloat16, "cuda")
-            want, (rdq, rdks, rdvs) = _ring(case, rank, masks, ref, ref_bwd, 9, torch.float32, "cuda")
-        assert_rel_close(out, want, 1e-2, name=f"rank {rank} output")
-        assert_rel_close(dq, rdq, 1e-2, name=f"rank {rank} dq")
-        for j in range(cp):
-            assert_rel_close(dks[j], rdks[j], 1e-2, name=f"rank {rank} dk {j}")
-            assert_rel_close(dvs[j], rdvs[j], 1e-2, name=f"rank {rank} dv {j}")

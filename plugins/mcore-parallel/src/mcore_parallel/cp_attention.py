@@ -25,9 +25,8 @@ less than ``window`` tokens back; padding sees and is seen by nothing. Three way
   each rank's ring made of the ranks holding the same share of the heads.
 
 The (partial) attention is ``lse_merge``'s: on CUDA for bf16/fp16, flash-attention for the blocks that are
-causal or a fully visible rectangle (the zig-zag ring's, without documents) and FlexAttention for the others
-(documents, padding, windows; the all-gathered and all-to-all token orders); the fp32 torch reference
-elsewhere. Each mask is described once per micro-batch (``lse_kernels.describe_mask``, cached with it).
+causal or a fully visible rectangle (the zig-zag ring's, without documents); the fp32 torch reference for
+the others (documents, padding, windows; the all-gathered and all-to-all token orders) and on CPU. Each mask is described once per micro-batch (``lse_kernels.describe_mask``, cached with it).
 
 Shape legend: B rows, L tokens per row on one rank, nh query heads, nkv key/value heads, hd head
 dim, hdv value head dim.

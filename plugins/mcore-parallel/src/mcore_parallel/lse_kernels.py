@@ -10,8 +10,11 @@ is described once (``describe_mask``, a few reductions and host syncs; callers c
 per micro-batch) as a ``BlockLayout``: the rectangle of queries x keys that sees anything and whether
 it is fully visible or causal. The kernel runs on that rectangle only; the other queries get
 ``out = 0``, ``lse = -inf`` (and no gradient). Any other mask (documents, padding, windows) is
-``"general"``: on CUDA it runs FlexAttention (compiled) with a ``BlockMask`` built from the dense mask
-once, by ``describe_mask`` (tiles no query sees are skipped); elsewhere the reference.
+``"general"``: the reference runs it, unless the caller built the layout with a FlexAttention ``BlockMask``
+(``flex_block_mask``; ``benchmarks/bench_cp.py`` does): then compiled FlexAttention runs it. ``describe_mask``
+does not attach one: inside the ring's GPU test (small packed-document blocks, torch 2.11, H200,
+2026-12-05) inductor found no kernel for that FlexAttention call (``NoValidChoicesError``), though the
+same call compiles at 8k/32k; until that is understood the ring's document masks take the reference.
 
 The backward takes the MERGED output and log-sum-exp of all blocks: flash-attention's backward computes
 ``P = exp(s - lse)`` and ``delta = rowsum(dO * O)`` from exactly the tensors it is given, so handing it the
@@ -25,8 +28,9 @@ appended, which change no score and no output), a multiple of 8, at most 256; ke
 for GQA (their gradients summed back). The kernel sees ``(B, nh, T, d)`` tensors; bf16/fp16 only.
 FlexAttention takes GQA and ``hdv != hd`` as they are (head dims of at least 16).
 
-``CudnnKernel`` (cuDNN's fused attention, plain SDPA's kernel on Hopper) has the same contract; the dispatch
-does not choose it until the GPU tests and ``benchmarks/bench_cp.py`` say it is right and faster.
+cuDNN's fused attention (plain SDPA's kernel on Hopper, 1.8x flash's speed at 8k in ``bench_cp.py``) is not
+used: its ATen op refused the log-sum-exp layout this path hands it on torch 2.11 ("The dim for
+input_names::Stats is invalid", H200, 2026-12-05).
 
 Shape legend: B rows, T queries, S keys, nh query heads, nkv key/value heads, hd query/key head dim,
 hdv value head dim, d the kernel's head dim.
@@ -56,7 +60,8 @@ class BlockLayout:
     and nothing else is seen), ``"causal"`` (``rows`` and ``cols`` have one length and query ``rows[0] + i``
     sees keys ``cols[0] .. cols[0] + i``, nothing else), ``"general"`` (anything else). ``mask``: the dense
     ``(B or 1, T, S)`` bool mask it describes (``None``: every key), for the reference. ``block_mask``: for a
-    ``"general"`` mask on CUDA where FlexAttention runs, its ``BlockMask``; else ``None``.
+    ``"general"`` mask, FlexAttention's ``BlockMask`` when the caller built one (then FlexAttention runs it on
+    CUDA); else ``None`` (the reference).
     """
 
     kind: LayoutKind
@@ -75,14 +80,13 @@ def _span(seen: torch.Tensor) -> tuple[int, int] | None:
 
 def describe_mask(mask: torch.Tensor | None, queries: int, keys: int) -> BlockLayout:
     """The ``BlockLayout`` of ``mask (B or 1, T, S)`` (``None``: every key); a few reductions on the mask's
-    device and a few host syncs (and, for a general mask on CUDA, FlexAttention's ``BlockMask``), so callers
-    describe a mask once and reuse the layout."""
+    device and a few host syncs, so callers describe a mask once and reuse the layout. A general mask's layout
+    carries no ``BlockMask`` (module docstring): the reference runs it."""
     if mask is None:
         return BlockLayout(kind="full", rows=(0, queries), cols=(0, keys), mask=None)
 
     def general() -> BlockLayout:
-        block_mask = flex_block_mask(mask) if mask.is_cuda and flex_available() else None
-        return BlockLayout(kind="general", rows=(0, queries), cols=(0, keys), mask=mask, block_mask=block_mask)
+        return BlockLayout(kind="general", rows=(0, queries), cols=(0, keys), mask=mask)
 
     row_any, row_all = mask.any(-1).any(0), mask.any(-1).all(0)  # (T,): some row of the batch / every row sees a key
     col_any, col_all = mask.any(-2).any(0), mask.any(-2).all(0)  # (S,)
@@ -174,54 +178,6 @@ class FlashKernel:
             causal,
             no_seed,
             no_seed,
-            scale=scale,
-        )
-        return dq, dk, dv
-
-
-class CudnnKernel(FlashKernel):
-    """cuDNN's fused attention through ATen (``_scaled_dot_product_cudnn_attention`` and its backward), the
-    kernel of plain SDPA on Hopper. Not chosen by ``partial_attention`` yet (``bench_cp.py`` measures it and
-    the GPU tests check it against the reference); head dims as flash's."""
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False, scale=scale
-        )[:2]
-        return out, lse.reshape(q.shape[:3]).float()  # (B, nh, T): cuDNN may keep a trailing 1
-
-    def backward(
-        self,
-        grad: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        *,
-        causal: bool,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: not read
-        # None: undefined tensors (no bias; a defined cum_seq_q selects the nested-tensor kernel)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad,
-            q,
-            k,
-            v,
-            out,
-            lse.contiguous(),
-            seed,
-            seed,
-            None,
-            None,
-            None,
-            q.shape[2],
-            k.shape[2],
-            0.0,
-            causal,
             scale=scale,
         )
         return dq, dk, dv

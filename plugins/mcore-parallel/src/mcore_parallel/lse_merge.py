@@ -18,7 +18,8 @@ no NaN in forward or backward.
 kernels need to know about it, found once by the caller; with a tensor the fast path describes it on
 every call, host syncs each time). Which path runs is chosen per call from the tensors (``_route``): on CUDA
 with bf16/fp16 inputs, flash-attention for a mask that is empty, fully visible on a rectangle or causal,
-FlexAttention for any other (documents, padding, windows); the reference otherwise (CPU, fp32, inside
+FlexAttention for a general layout the caller gave a ``BlockMask`` (``describe_mask`` gives none, see
+``lse_kernels``); the reference otherwise (documents, padding and windows in the ring; CPU, fp32, inside
 a compiled region, head dims a kernel does not take). The fast paths' output and log-sum-exp are fp32
 like the reference's. The flash path's autograd backward is the kernel's unless the log-sum-exp itself
 receives a gradient (then the reference's: the kernel's backward has no term for it); FlexAttention's
