@@ -1,4 +1,4 @@
-"""mcore-parallel: replicated and tensor-parallel layouts (``ddp``, ``tp``; sequence parallel next).
+"""mcore-parallel: replicated, tensor-, context- and pipeline-parallel layouts (``ddp``, ``tp``, ``cp``, ``pp``).
 
 Importing this package imports no torch module (the plugin registry lists it cheaply);
 the names below load on first use.
@@ -13,6 +13,8 @@ from mcore_parallel.__about__ import __version__
 _LAZY = {
     "DDPLayout": "mcore_parallel.ddp",
     "TPLayout": "mcore_parallel.tp",
+    "CPLayout": "mcore_parallel.cp",
+    "PPLayout": "mcore_parallel.pp",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,4 +1,4 @@
-"""Registers the ``ddp``, ``tp`` and ``cp`` layouts with mcore (a lazy reference: no torch import)."""
+"""Registers the ``ddp``, ``tp``, ``cp`` and ``pp`` layouts with mcore (a lazy reference: no torch import)."""
 
 from __future__ import annotations
 
@@ -28,4 +28,7 @@ def mcore_register(registry: Any) -> None:
         "cp",
         "mcore_parallel.cp:CPLayout",
         summary="context parallel over cp: zig-zag split, ring (P2P, log-sum-exp merge) or all-gather K/V attention",
+    )
+    registry.add(
+        "layout", "pp", "mcore_parallel.pp:PPLayout", summary="pipeline parallel over pp: 1F1B, interleaved, ZB-H1"
     )

@@ -133,14 +133,29 @@ def _prune(node: Any, drop: frozenset[str]) -> Any:
     return node
 
 
+def _same_layout(meta: Mapping[str, Any], config: Mapping[str, Any] | None) -> bool:
+    """Whether the checkpoint was saved with this run's layouts and sizes (unknown: assumed so)."""
+    saved = (meta.get("config") or {}).get("parallel")
+    now = (config or {}).get("parallel")
+    if not isinstance(saved, Mapping) or not isinstance(now, Mapping):
+        return True
+    return all(saved.get(key) == now.get(key) for key in ("layouts", "sizes"))
+
+
 def _skeletons(
-    path: Path, rank_json: dict[str, Any], meta: Mapping[str, Any], world_size: int, others: frozenset[str]
+    path: Path,
+    rank_json: dict[str, Any],
+    meta: Mapping[str, Any],
+    world_size: int,
+    others: frozenset[str],
+    same_layout: bool = True,
 ) -> dict[str, Any]:
-    """The state skeletons this rank loads: its own when the world size is the one saved; else the
-    union of every saved rank's (each pipeline stage kept its own parameters' state, keyed by name)
-    without the entries of parameters this rank does not hold (``others``)."""
+    """The state skeletons this rank loads: its own when the world size and layouts are the ones saved;
+    else the union of every saved rank's (each pipeline stage kept its own parameters' state, keyed by
+    name: ``pp2 x fsdp2`` resumed as ``fsdp4`` on the same 4 ranks needs the other stage's) without the
+    entries of parameters this rank does not hold (``others``)."""
     saved_world = meta.get("world_size")
-    if not isinstance(saved_world, int) or saved_world == world_size:
+    if not isinstance(saved_world, int) or (saved_world == world_size and same_layout):
         return rank_json
     merged: dict[str, Any] = dict(rank_json)
     for other in range(saved_world if saved_world > 1 else 0):
@@ -274,7 +289,9 @@ def load_checkpoint(
 
     templates: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model_sd.items()}
     params = dict(model.named_parameters())
-    skeletons = _skeletons(path, rank_json, meta, world_size, frozenset(saved_model) - frozenset(model_sd))
+    skeletons = _skeletons(
+        path, rank_json, meta, world_size, frozenset(saved_model) - frozenset(model_sd), _same_layout(meta, config)
+    )
     device = next(iter(model_sd.values())).device if model_sd else torch.device("cpu")
     parts: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
     for part, obj in (("optimizer", optimizer), ("precision", precision)):

@@ -1,0 +1,209 @@
+"""The ``moe`` block: a mixture of SwiGLU experts in a model's MLP position.
+
+Shape legend: B rows, T tokens per row, N = B * T tokens, H hidden size, E experts, K experts per
+token, E_l experts on this rank, M rows routed to them, F expert FFN size, F_s shared FFN size.
+
+``forward``: the router picks K experts per token (``mcore_moe.router``), the dispatcher moves the rows
+to their experts (``allgather`` at ep=1: local, no communication; a layout swaps ``self.dispatcher`` and
+shards ``experts`` for ep > 1), the experts run as grouped GEMMs (``mcore_moe.experts``), the dispatcher
+combines the weighted outputs, and the shared experts (a dense SwiGLU over every token) are added.
+With ``chunk_tokens`` the routed rows go through the experts in chunks, each recomputed in backward,
+so at most one chunk's ``(rows, F)`` activations are alive (same result). Settings: ``[model.moe]``.
+After each call ``metrics()`` gives the tokens per expert and the dropped fraction, for a logger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mcore.errors import ConfigError
+from mcore.params import Init, ParamSpec
+from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
+from mcore.protocols.dispatcher import DispatchResult, TokenDispatcher
+from mcore_moe.dispatcher import AllGatherDispatcher, AllToAllDispatcher
+from mcore_moe.experts import GroupedSwiGLU, SwiGLU
+from mcore_moe.hash_router import HashRouter, HashRouterConfig
+from mcore_moe.router import DROPPED, RouterConfig, TopKRouter, check_router
+
+#: Routers the block builds by name (``router``).
+ROUTERS = ("topk", "hash")
+#: Dispatchers the block builds by name (``dispatcher``); ep > 1 is the ``ep`` layout's business.
+DISPATCHERS: dict[str, type[AllGatherDispatcher] | type[AllToAllDispatcher]] = {
+    "allgather": AllGatherDispatcher,
+    "alltoall": AllToAllDispatcher,
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class MoEConfig(RouterConfig):
+    """The ``[model.moe]`` table: the router's settings (``RouterConfig``) and the experts'."""
+
+    router: str = "topk"
+    """'topk' (scores choose the experts) or 'hash' (a token-id table chooses them; needs hash_vocab_size)."""
+    hash_vocab_size: int | None = None
+    """Rows of the hash router's table: the model's vocabulary size (router = 'hash' only)."""
+    moe_ffn_hidden_size: int = 512
+    """F: hidden size of each routed expert."""
+    num_shared_experts: int = 0
+    """Shared experts every token goes through (one dense SwiGLU of num_shared_experts * shared_ffn_hidden_size)."""
+    shared_ffn_hidden_size: int | None = None
+    """Hidden size of each shared expert (none: moe_ffn_hidden_size)."""
+    dispatcher: str = "allgather"
+    """Token dispatcher: 'allgather' or 'alltoall' (without an ep layout both are local)."""
+    chunk_tokens: int | None = None
+    """Routed rows per expert chunk, recomputed in backward to cap activation memory (none: one chunk)."""
+
+    def __post_init__(self) -> None:
+        check_router(self)
+        for key in (
+            "moe_ffn_hidden_size",
+            "num_shared_experts",
+            "shared_ffn_hidden_size",
+            "chunk_tokens",
+            "hash_vocab_size",
+        ):
+            value = getattr(self, key)
+            low = 0 if key == "num_shared_experts" else 1
+            if value is None and key not in ("moe_ffn_hidden_size", "num_shared_experts"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"model.moe.{key} = {value!r}: must be an int >= {low}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"model.moe.router = {self.router!r}: allowed: {', '.join(ROUTERS)}")
+        if self.router == "hash" and self.hash_vocab_size is None:
+            raise ConfigError("model.moe.hash_vocab_size = None: router = 'hash' needs the vocabulary size")
+        if self.dispatcher not in DISPATCHERS:
+            raise ConfigError(f"model.moe.dispatcher = {self.dispatcher!r}: allowed: {', '.join(DISPATCHERS)}")
+
+
+def _router(c: MoEConfig, hidden_size: int) -> TopKRouter | HashRouter:
+    if c.router == "topk":
+        return TopKRouter(c, hidden_size=hidden_size)
+    assert c.hash_vocab_size is not None
+    config = HashRouterConfig(
+        num_experts=c.num_experts,
+        top_k=c.top_k,
+        vocab_size=c.hash_vocab_size,
+        score_function=c.score_function,
+        normalize=c.normalize,
+        routed_scaling_factor=c.routed_scaling_factor,
+    )
+    return HashRouter(config, hidden_size=hidden_size)
+
+
+class MoE(nn.Module):
+    """Router + dispatcher + grouped SwiGLU experts (+ shared experts); registered as block ``moe``."""
+
+    Config = MoEConfig
+
+    def __init__(self, config: MoEConfig | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
+        super().__init__()
+        self.config = c = config or MoEConfig()
+        self.shared = shared or BlockShared(hidden_size=hidden_size)
+        self.router: TopKRouter | HashRouter = _router(c, hidden_size)
+        self.dispatcher: TokenDispatcher = DISPATCHERS[c.dispatcher](
+            None, c.num_experts
+        )  # a layout swaps it for ep > 1
+        self.experts = GroupedSwiGLU(c.num_experts, hidden_size, c.moe_ffn_hidden_size)
+        shared_ffn = c.num_shared_experts * (c.shared_ffn_hidden_size or c.moe_ffn_hidden_size)
+        self.shared_experts = SwiGLU(hidden_size, shared_ffn) if shared_ffn else None
+        self._load: torch.Tensor | None = None  # (E,) tokens per expert of the last call, after drops
+        self._dropped: torch.Tensor | None = None  # 0-d dropped fraction of the last call
+        self.reset_parameters()
+
+    # -- declarations --------------------------------------------------------------------------
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """Router ``(E, H)`` role ``router`` (replicated under TP); expert weights role ``expert`` (dim 0 the
+        experts): ``gate``/``up`` column-parallel, ``down`` row-parallel; the shared experts plain matrices."""
+        std, out = Init("normal", std=self.shared.init_std), Init("normal", std=self.shared.out_std)
+        specs = {
+            "router.weight": ParamSpec("router", init=std, tp="replicate"),
+            "experts.gate": ParamSpec("expert", init=std, tp="column"),
+            "experts.up": ParamSpec("expert", init=std, tp="column"),
+            "experts.down": ParamSpec("expert", init=out, tp="row"),
+        }
+        if self.shared_experts is not None:
+            specs |= {
+                "shared_experts.gate.weight": ParamSpec("matrix", init=std, tp="column"),
+                "shared_experts.up.weight": ParamSpec("matrix", init=std, tp="column"),
+                "shared_experts.down.weight": ParamSpec("matrix", init=out, tp="row"),
+            }
+        return specs
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Normal(``init_std``) inputs, normal(``output_init_std``) outputs, drawn on the CPU from ``generator``."""
+        for name, spec in self.param_specs().items():
+            param = self.get_parameter(name)
+            if not param.is_meta and spec.init is not None:
+                param.copy_(torch.randn(param.shape, generator=generator) * float(spec.init.std or 0.0))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self.router.reset_buffers()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops(self, shape: FlopsShape) -> int:
+        """Active parameters only: the router, K experts and the shared experts per token (2 per multiply-add)."""
+        c, h = self.config, self.shared.hidden_size
+        shared = 3 * h * self.shared_experts.gate.out_features if self.shared_experts is not None else 0
+        return 2 * shape.tokens * (h * c.num_experts + c.top_k * 3 * h * c.moe_ffn_hidden_size + shared)
+
+    # -- the network -----------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+        b, t, h = hidden.shape
+        x = hidden.reshape(b * t, h)  # (N, H)
+        token_ids = ctx.token_ids.reshape(-1) if ctx is not None and ctx.token_ids is not None else None
+        routing = self.router.route(x, token_ids, num_sequences=b)
+        for name, loss in self.router.aux_losses():
+            if ctx is None:
+                raise RuntimeError(f"moe: auxiliary loss {name!r} needs a BlockContext with an AuxLosses collector")
+            ctx.add_aux_loss(name, loss)
+        result = self.dispatcher.dispatch(x, routing)
+        out = self.dispatcher.combine(self._experts(result, ctx), result)  # (N, H)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        self._record(routing.experts)
+        return out.view(b, t, h).to(hidden.dtype)
+
+    def _experts(self, result: DispatchResult, ctx: BlockContext | None) -> torch.Tensor:
+        """The experts over ``result.tokens`` ``(M, H)``, in chunks of ``chunk_tokens`` rows when set."""
+        chunk = self.config.chunk_tokens
+        rows, counts = result.tokens, result.tokens_per_expert
+        if chunk is None or rows.shape[0] <= chunk:
+            return self.experts(rows, counts, ctx)
+        ends = torch.cumsum(counts, 0)  # (E_l,) end row of each expert
+        starts = ends - counts
+        outs = []
+        for a in range(0, rows.shape[0], chunk):
+            z = min(a + chunk, rows.shape[0])
+            part = (ends.clamp(a, z) - starts.clamp(a, z)).to(counts.dtype)  # (E_l,) rows of each expert in [a, z)
+            if torch.is_grad_enabled():
+                outs.append(checkpoint(self.experts, rows[a:z], part, ctx, use_reentrant=False))
+            else:
+                outs.append(self.experts(rows[a:z], part, ctx))
+        return torch.cat(outs)  # (M, H)
+
+    @torch.no_grad()
+    def _record(self, experts: torch.Tensor) -> None:
+        """Tokens per expert and the dropped fraction of the last call (this rank's tokens), kept on the
+        device: no host sync until a logger asks (``metrics``)."""
+        chosen = experts.reshape(-1)
+        dropped = chosen == DROPPED
+        self._load = torch.bincount(chosen.clamp(min=0), weights=(~dropped).float(), minlength=self.config.num_experts)
+        self._dropped = dropped.float().mean() if chosen.numel() else torch.zeros(())
+
+    def metrics(self) -> dict[str, float]:
+        """The last call's ``load/expert_<e>`` (tokens routed to expert e, after drops) and ``dropped_fraction``
+        (empty before the first call)."""
+        if self._load is None or self._dropped is None:
+            return {}
+        out = {f"load/expert_{e}": float(n) for e, n in enumerate(self._load.tolist())}
+        out["dropped_fraction"] = float(self._dropped)
+        return out

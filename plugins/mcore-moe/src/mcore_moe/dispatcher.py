@@ -1,0 +1,165 @@
+"""Token dispatchers (``mcore.protocols.dispatcher.TokenDispatcher``): routed rows to their experts and back.
+
+Shape legend: N tokens on this rank, H hidden size, K experts per token, E experts, W ranks of the ep
+group, E_l = E / W experts per rank, S token slots this rank sends, M rows its experts receive.
+
+Both dispatchers take the ep process group (``None``: every expert is local, no communication) and E;
+rank ``r`` owns experts ``r * E_l .. (r + 1) * E_l - 1``. Slots the router dropped (expert id ``-1``,
+``mcore_moe.router.DROPPED``) go nowhere and contribute zero. ``combine`` multiplies each expert row by
+its routing weight on the rank that owns the token (so the weights' gradient needs no communication
+with ``alltoall``) and accumulates the K contributions in fp32.
+
+* ``allgather``: every rank gathers all tokens of the group (padded to the longest rank) with their
+  routing, runs its experts on the rows that chose them, and a sum-scatter returns each rank its tokens'
+  outputs. Simple and friendly to expert TP; moves W times the tokens.
+* ``alltoall``: the per-expert row counts are exchanged first (one small all-to-all), then one
+  all-to-all sends each routed row to its expert's rank; the received rows, in (source rank, local expert)
+  order, are permuted to local expert order. ``combine`` runs the inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mcore.errors import ConfigError
+from mcore.protocols.dispatcher import DispatchResult, RoutingDecision
+
+
+def _group_size(group: Any) -> tuple[int, int]:
+    """``(world, rank)`` of ``group``; ``(1, 0)`` for ``None``."""
+    if group is None:
+        return 1, 0
+    import torch.distributed as dist
+
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _experts_per_rank(num_experts: int, world: int) -> int:
+    if num_experts % world:
+        raise ConfigError(f"moe: num_experts = {num_experts} is not divisible by the ep size {world}")
+    return num_experts // world
+
+
+def local_slots(experts: torch.Tensor, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of ``experts`` ``(N, K)`` that chose experts ``first .. first + count - 1``, sorted by expert
+    (stable: token order within an expert): ``(slots (M,), tokens_per_expert (count,))``; slot ``s`` is
+    token ``s // K``'s choice ``s % K``."""
+    flat = experts.reshape(-1)  # (N*K,)
+    local = flat - first
+    slots = ((local >= 0) & (local < count)).nonzero().squeeze(1)  # (M,)
+    local = local[slots]
+    order = torch.argsort(local, stable=True)
+    return slots[order], torch.bincount(local, minlength=count)
+
+
+def _weighted_sum(rows: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[t] = sum of rows[i] * weights[i] over i with tokens[i] == t`` ``(n, H)`` (fp32 accumulation)."""
+    out = rows.new_zeros((n, rows.shape[1]), dtype=torch.float32)
+    return out.index_add(0, tokens, rows.float() * weights.float().unsqueeze(-1)).to(rows.dtype)
+
+
+@dataclass(frozen=True)
+class _GatherHandle:
+    tokens: torch.Tensor  # (M,) row of each expert input among the gathered tokens
+    weights: torch.Tensor  # (M,) its routing weight (differentiable)
+    gathered: int  # rows gathered (W * longest N)
+    num_tokens: int  # N on this rank
+    longest: int  # longest N of the group
+
+
+class AllGatherDispatcher:
+    """``allgather``: gather the group's tokens, compute local experts, sum-scatter the outputs back."""
+
+    def __init__(self, group: Any, num_experts: int) -> None:
+        self.group = group
+        self.world, self.rank = _group_size(group)
+        self.num_experts = num_experts
+        self.local_experts = _experts_per_rank(num_experts, self.world)
+
+    def dispatch(self, hidden: torch.Tensor, routing: RoutingDecision) -> DispatchResult:
+        n, k = routing.experts.shape
+        experts, weights, longest = routing.experts, routing.weights, n
+        if self.world > 1:
+            from mcore_moe.comm import gather_rows
+
+            longest = int(gather_rows(torch.tensor([n], device=hidden.device), self.group).max())
+            pad = longest - n
+            if pad:  # padded rows choose no expert
+                hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+                experts = torch.cat([experts, experts.new_full((pad, k), -1)])
+                weights = torch.cat([weights, weights.new_zeros(pad, k)])
+            hidden = gather_rows(hidden, self.group)  # (W * longest, H)
+            experts = gather_rows(experts, self.group)  # (W * longest, K)
+            weights = gather_rows(weights, self.group)
+        slots, counts = local_slots(experts, self.rank * self.local_experts, self.local_experts)
+        tokens = torch.div(slots, k, rounding_mode="floor")
+        handle = _GatherHandle(tokens, weights.reshape(-1)[slots], hidden.shape[0], n, longest)
+        return DispatchResult(tokens=hidden[tokens], tokens_per_expert=counts, weights=handle.weights, handle=handle)
+
+    def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        h: _GatherHandle = result.handle
+        out = _weighted_sum(expert_out, h.weights, h.tokens, h.gathered)  # (W * longest, H)
+        if self.world > 1:
+            from mcore_moe.comm import scatter_sum_rows
+
+            out = scatter_sum_rows(out, self.group)[: h.num_tokens]  # (N, H)
+        return out
+
+
+@dataclass(frozen=True)
+class _AllToAllHandle:
+    tokens: torch.Tensor  # (S,) token of each sent slot, in send order
+    weights: torch.Tensor  # (S,) its routing weight (differentiable)
+    to_expert_order: torch.Tensor | None  # (M,) received row at each expert-ordered place (None: world 1)
+    send: list[int]  # rows sent to each rank
+    recv: list[int]  # rows received from each rank
+    num_tokens: int
+
+
+class AllToAllDispatcher:
+    """``alltoall``: counts exchanged first, then the routed rows; expert-order permutation on arrival."""
+
+    def __init__(self, group: Any, num_experts: int) -> None:
+        self.group = group
+        self.world, self.rank = _group_size(group)
+        self.num_experts = num_experts
+        self.local_experts = _experts_per_rank(num_experts, self.world)
+
+    def dispatch(self, hidden: torch.Tensor, routing: RoutingDecision) -> DispatchResult:
+        n, k = routing.experts.shape
+        slots, counts = local_slots(routing.experts, 0, self.num_experts)  # every valid slot, by global expert
+        tokens = torch.div(slots, k, rounding_mode="floor")  # (S,)
+        weights = routing.weights.reshape(-1)[slots]  # (S,)
+        rows = hidden[tokens]  # (S, H) in global expert order = destination rank order
+        if self.world == 1:
+            handle = _AllToAllHandle(tokens, weights, None, [], [], n)
+            return DispatchResult(tokens=rows, tokens_per_expert=counts, weights=weights, handle=handle)
+        from mcore_moe.comm import all_to_all_rows, exchange_counts
+
+        sent = counts.view(self.world, self.local_experts)  # (W, E_l)
+        received = exchange_counts(sent, self.group)  # (W, E_l): rows from each rank for each local expert
+        send, recv = sent.sum(1).tolist(), received.sum(1).tolist()  # the one host sync: split sizes
+        arrived = all_to_all_rows(rows, send, recv, self.group)  # (M, H) by (source rank, local expert)
+        arrived_w = all_to_all_rows(weights.detach(), send, recv, self.group)  # (M,)
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(self.local_experts, device=hidden.device).repeat(self.world), received.reshape(-1)
+        )  # (M,)
+        order = torch.argsort(expert_of_row, stable=True)  # (M,) by local expert, then source rank
+        handle = _AllToAllHandle(tokens, weights, order, send, recv, n)
+        return DispatchResult(
+            tokens=arrived[order], tokens_per_expert=received.sum(0), weights=arrived_w[order], handle=handle
+        )
+
+    def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        h: _AllToAllHandle = result.handle
+        rows = expert_out
+        if h.to_expert_order is not None:
+            from mcore_moe.comm import all_to_all_rows
+
+            back = torch.empty_like(h.to_expert_order)
+            back[h.to_expert_order] = torch.arange(back.numel(), device=back.device)  # inverse permutation
+            rows = all_to_all_rows(expert_out[back], h.recv, h.send, self.group)  # (S, H) in send order
+        return _weighted_sum(rows, h.weights, h.tokens, h.num_tokens)

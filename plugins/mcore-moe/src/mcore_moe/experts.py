@@ -1,0 +1,105 @@
+"""Routed SwiGLU experts as grouped GEMMs, and the grouped GEMM backend they use.
+
+Shape legend: M routed rows sorted by expert, H hidden size, F expert FFN size, E_l local experts.
+
+Each expert is ``down(silu(gate(x)) * up(x))``; the weights of all local experts are stacked into
+``gate``, ``up`` ``(E_l, F, H)`` and ``down`` ``(E_l, H, F)`` (role ``expert``: dim 0 indexes the experts,
+so an ``ep`` layout shards dim 0 and expert TP shards ``gate``/``up`` by rows and ``down`` by columns).
+Every GEMM is one ``mcore.precision.grouped.grouped_linear`` call, so a precision recipe can take it
+over; without one, CUDA devices with ``torch._grouped_mm`` (bf16, aligned sizes) use it, and everything
+else the per-expert torch reference. Whether ``torch._grouped_mm`` works is probed once per device
+(a tiny call checked against the reference); where it fails the reference runs, with one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcore.precision.grouped import grouped_linear, grouped_linear_reference
+
+
+def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` takes this call: CUDA bf16 tensors with 16-byte aligned feature sizes."""
+    return (
+        x.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and weight.shape[1] % 8 == 0
+        and weight.shape[2] % 8 == 0
+    )
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    offsets = torch.cumsum(group_sizes, 0).to(torch.int32)  # (E_l,) end row of each expert, no host sync
+    return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)  # (M, N)
+
+
+def grouped_mm_works(device: torch.device) -> bool:
+    """One small ``torch._grouped_mm`` call on ``device`` agrees with the reference (warns once when not)."""
+    try:
+        x = torch.randn(48, 32, device=device, dtype=torch.bfloat16)
+        w = torch.randn(3, 16, 32, device=device, dtype=torch.bfloat16)
+        sizes = torch.tensor([16, 0, 32], device=device)
+        ok = torch.allclose(
+            _grouped_mm(x, w, sizes).float(), grouped_linear_reference(x.float(), w.float(), sizes), rtol=0.05, atol=0.5
+        )
+    except RuntimeError as exc:
+        warnings.warn(f"moe: torch._grouped_mm failed on {device} ({exc}); experts use the reference", stacklevel=2)
+        return False
+    if not ok:
+        warnings.warn(f"moe: torch._grouped_mm disagrees with the reference on {device}; experts use it", stacklevel=2)
+    return ok
+
+
+def expert_linear(
+    x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor, ctx: Any, *, grouped_mm: bool = False
+) -> torch.Tensor:
+    """``x (M, K)`` rows of expert ``e`` times ``weight[e].T`` (``weight (E_l, N, K)``) -> ``(M, N)``.
+
+    The precision recipe's grouped GEMM when the context carries one, else ``torch._grouped_mm`` where it
+    fits and ``grouped_mm`` (the device's probe passed), else the reference (``grouped_linear``)."""
+    takes = getattr(getattr(ctx, "precision", None), "grouped_linear", None) is not None
+    if grouped_mm and not takes and _grouped_mm_fits(x, weight):
+        return _grouped_mm(x, weight, group_sizes)
+    return grouped_linear(x, weight, group_sizes, ctx=ctx)
+
+
+class GroupedSwiGLU(nn.Module):
+    """``E_l`` SwiGLU experts run over rows grouped by expert (``tokens_per_expert``)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.up = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+        self._grouped_mm: dict[torch.device, bool] = {}  # the probe's answer, once per CUDA device
+
+    def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        fast = False
+        if rows.is_cuda and hasattr(torch, "_grouped_mm"):
+            if rows.device not in self._grouped_mm:
+                self._grouped_mm[rows.device] = grouped_mm_works(rows.device)
+            fast = self._grouped_mm[rows.device]
+        gate = expert_linear(rows, self.gate, tokens_per_expert, ctx, grouped_mm=fast)  # (M, F)
+        up = expert_linear(rows, self.up, tokens_per_expert, ctx, grouped_mm=fast)  # (M, F)
+        return expert_linear(F.silu(gate) * up, self.down, tokens_per_expert, ctx, grouped_mm=fast)  # (M, H)
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP (the shared experts): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(hidden)) * self.up(hidden))  # (..., F) -> (..., H)

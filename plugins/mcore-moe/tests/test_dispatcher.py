@@ -1,0 +1,84 @@
+"""The dispatchers: conformance on 1 and 2 gloo ranks, identity round trip, gradients, dropped slots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from mcore.errors import ConfigError
+from mcore.protocols import RoutingDecision, TokenDispatcher
+from mcore_moe.dispatcher import AllGatherDispatcher, AllToAllDispatcher
+from mcore_testing.conformance.dispatcher import DispatcherConformance
+from mcore_testing.numerics import assert_rel_close, seeded_generator, seeded_randn
+
+DISPATCHERS = [AllGatherDispatcher, AllToAllDispatcher]
+
+
+class TestAllGatherConformance(DispatcherConformance):
+    def make_dispatcher(self, group: Any, num_experts: int) -> Any:
+        return AllGatherDispatcher(group, num_experts)
+
+
+class TestAllToAllConformance(DispatcherConformance):
+    def make_dispatcher(self, group: Any, num_experts: int) -> Any:
+        return AllToAllDispatcher(group, num_experts)
+
+
+def _routing(n: int, e: int, k: int, seed: int) -> RoutingDecision:
+    g = seeded_generator(seed)
+    experts = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    weights = torch.rand(n, k, generator=g).requires_grad_()
+    return RoutingDecision(experts=experts, weights=weights, num_experts=e)
+
+
+@pytest.mark.parametrize("cls", DISPATCHERS)
+def test_unit_weights_round_trip_is_identity(cls: type) -> None:
+    dispatcher = cls(None, 6)
+    assert isinstance(dispatcher, TokenDispatcher)
+    hidden = seeded_randn(10, 4, seed=1)
+    routing = _routing(10, 6, 1, seed=2)
+    ones = RoutingDecision(experts=routing.experts, weights=torch.ones(10, 1), num_experts=6)
+    result = dispatcher.dispatch(hidden, ones)
+    assert result.tokens_per_expert.tolist() == torch.bincount(routing.experts.reshape(-1), minlength=6).tolist()
+    assert torch.equal(dispatcher.combine(result.tokens, result), hidden)
+
+
+@pytest.mark.parametrize("cls", DISPATCHERS)
+def test_rows_grouped_by_expert_and_gradients_reach_weights(cls: type) -> None:
+    dispatcher = cls(None, 4)
+    hidden = seeded_randn(8, 3, seed=3).requires_grad_()
+    routing = _routing(8, 4, 2, seed=4)
+    result = dispatcher.dispatch(hidden, routing)
+    start = 0
+    for e, count in enumerate(result.tokens_per_expert.tolist()):  # rows of expert e are the tokens that chose e
+        chose = (routing.experts == e).any(-1).nonzero().squeeze(1)
+        assert torch.equal(result.tokens[start : start + count], hidden[chose])
+        start += count
+    out = dispatcher.combine(result.tokens * 2.0, result)
+    ref = 2.0 * hidden.detach() * routing.weights.detach().sum(-1, keepdim=True)
+    assert_rel_close(out, ref, 1e-6)
+    out.sum().backward()
+    assert routing.weights.grad is not None and hidden.grad is not None
+    expected = 2.0 * hidden.detach().sum(-1, keepdim=True).expand(8, 2)  # d out.sum() / d w[n, k]
+    assert_rel_close(routing.weights.grad, expected, 1e-6)
+
+
+@pytest.mark.parametrize("cls", DISPATCHERS)
+def test_dropped_slots_contribute_nothing(cls: type) -> None:
+    hidden = seeded_randn(4, 2, seed=5)
+    experts = torch.tensor([[0, -1], [1, 0], [-1, -1], [1, -1]])
+    weights = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [1.0, 0.0]])
+    dispatcher = cls(None, 2)
+    result = dispatcher.dispatch(hidden, RoutingDecision(experts=experts, weights=weights, num_experts=2))
+    assert result.tokens_per_expert.tolist() == [2, 2]
+    out = dispatcher.combine(result.tokens, result)
+    assert torch.equal(out[2], torch.zeros(2)) and torch.allclose(out[[0, 1, 3]], hidden[[0, 1, 3]])
+
+
+def test_experts_not_divisible_by_ep_is_refused() -> None:
+    from mcore_moe.dispatcher import _experts_per_rank
+
+    with pytest.raises(ConfigError, match="num_experts = 6 is not divisible by the ep size 4"):
+        _experts_per_rank(6, 4)
