@@ -62,3 +62,29 @@ def test_gpt_with_moe_layers_trains_and_moves_the_bias() -> None:
     bias = moes[0].router.expert_bias
     assert bias.abs().sum() > 0 and "layers.1.mlp.router.expert_bias" in model.state_dict()
     assert sum(moes[0].metrics()[f"load/expert_{e}"] for e in range(4)) == 4 * 16 * 2
+
+
+def test_gpt_hands_token_ids_to_a_hash_routed_moe() -> None:
+    """The hash router reads ``BlockContext.token_ids``: the model puts its input ids there (it did not)."""
+    host = _host()
+    gpt = host.load("model", "gpt")
+    moe = {"num_experts": 4, "top_k": 2, "moe_ffn_hidden_size": 32, "router": "hash", "hash_vocab_size": 64}
+    config = gpt.Config.from_values(
+        {
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "num_layers": 2,
+            "layers": ["2*attention/moe"],
+            "attention": {"num_heads": 4, "num_kv_heads": 2},
+            "moe": moe,
+        }
+    )
+    model = gpt.build(config, seed=0, device="cpu", block_lookup=lambda name: host.load("block", name))
+    tokens = seeded_tokens((2, 16), vocab_size=64, seed=2)
+    loss = model(tokens, labels=tokens.roll(-1, 1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    first = next(m for m in model.modules() if isinstance(m, MoE))
+    table = first.router.table  # (V, K): the experts each token id is sent to
+    load = torch.bincount(table[tokens.reshape(-1)].reshape(-1), minlength=4)
+    assert [first.metrics()[f"load/expert_{e}"] for e in range(4)] == load.tolist()

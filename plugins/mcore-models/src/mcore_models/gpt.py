@@ -267,8 +267,9 @@ class TransformerLayer(nn.Module):
 
 def batch_context(tokens: torch.Tensor, ctx: BlockContext | None, attention: Any = None) -> BlockContext:
     """The context of one model (or stage) call on ``tokens (B, T)``: ``ctx`` (or an empty one) with the
-    per-document positions of ``cu_seqlens``, unless it brings them, an ``AuxLosses`` collector of its own
-    and ``attention`` as the backend (one for every layer, so a document mask is built once per call)."""
+    per-document positions of ``cu_seqlens``, unless it brings them, the input ids as ``token_ids`` (blocks
+    that route by token: hash MoE), an ``AuxLosses`` collector of its own and ``attention`` as the backend
+    (one for every layer, so a document mask is built once per call)."""
     batch, seq = tokens.shape
     ctx = ctx if ctx is not None else BlockContext()
     if ctx.positions is None and ctx.cu_seqlens is not None:
@@ -277,6 +278,7 @@ def batch_context(tokens: torch.Tensor, ctx: BlockContext | None, attention: Any
         ctx,
         aux_losses=ctx.aux_losses if ctx.aux_losses is not None else AuxLosses(),
         attention=ctx.attention if ctx.attention is not None else attention,
+        token_ids=ctx.token_ids if ctx.token_ids is not None else tokens,
     )
 
 

@@ -45,10 +45,19 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mcore.errors import UserError
 from mcore.protocols.block import AuxLosses, BlockContext
-from mcore.protocols.layout import DataParallelInfo
+from mcore.protocols.layout import DataParallelInfo, StagePlan
 from mcore_parallel.pp_comm import StageComm
 from mcore_parallel.pp_grad import WeightGradStore, defer_linears
-from mcore_parallel.pp_schedule import SCHEDULES, Action, build, channel_orders, forwards_only, with_comms
+from mcore_parallel.pp_schedule import (
+    SCHEDULES,
+    Action,
+    build,
+    channel_orders,
+    forwards_only,
+    simulate,
+    unit_costs,
+    with_comms,
+)
 from mcore_parallel.pp_split import check_micro_batches, rank_stages, stage_counts, stage_ranges
 
 if TYPE_CHECKING:
@@ -197,6 +206,38 @@ class PPLayout:
         mbs = run.train.micro_batch_size
         rows = run.train.global_batch_size // dp
         check_micro_batches(rows // mbs if mbs else 1, pp, config.schedule)
+
+    def stage_plan(self, size: int, layers: int, micro_batches: int) -> list[StagePlan]:
+        """What each of the ``size`` ranks holds and keeps in flight (``ScheduledLayout``; ``mcore plan``):
+        its chunks' layers from the split, the peak of (micro-batch, chunk) forwards awaiting their backward
+        from the schedule's simulated timeline."""
+        cfg, v = self.config, self.config.virtual_stages
+        counts = stage_counts(
+            layers,
+            size,
+            v,
+            split=cfg.split,
+            first_stage_layers=cfg.first_stage_layers,
+            last_stage_layers=cfg.last_stage_layers,
+        )
+        ranges, stages = stage_ranges(counts), size * v
+        m = micro_batches if cfg.schedule != "interleaved" else -(-micro_batches // size) * size
+        timeline = simulate(
+            with_comms(build(cfg.schedule, size, m, v), size, stages),
+            unit_costs(cfg.schedule, v),
+            stages=stages,
+            micro_batches=m,
+        )
+        return [
+            StagePlan(
+                rank=rank,
+                chunks=tuple(tuple(ranges[s]) for s in rank_stages(rank, size, v)),
+                first=0 in rank_stages(rank, size, v),
+                last=stages - 1 in rank_stages(rank, size, v),
+                in_flight=timeline.peak_activations[rank],
+            )
+            for rank in range(size)
+        ]
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or type(self).Config()

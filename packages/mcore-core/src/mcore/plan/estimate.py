@@ -48,7 +48,9 @@ from mcore.config import RunConfig
 from mcore.errors import ConfigError, UserError
 from mcore.mesh import order_dims, resolve_sizes
 from mcore.params import collect_param_specs, tp_style
+from mcore.plan.stages import StageMemory, StageNumels, stage_memory, stage_numels
 from mcore.protocols.block import BlockContext
+from mcore.protocols.layout import StagePlan
 from mcore.protocols.optimizer import OptimizerStateSize
 from mcore.train.build import DATA_DIMS, build_model
 from mcore.train.recompute import ATTENTION_NAMES, find_blocks
@@ -83,6 +85,8 @@ class MemoryPlan:
     recompute: str = "none"
     device_memory: int | None = None
     assumptions: list[str] = field(default_factory=list)
+    #: per pipeline rank (``pp``), when a layout gives a stage plan; the peak above is the largest
+    stages: list[StageMemory] = field(default_factory=list)
 
     @property
     def fits(self) -> bool | None:
@@ -371,6 +375,33 @@ def plan_memory(
     acts //= seq_split
     peak_acts //= seq_split
     peak = params + optimizer + peak_acts
+    stages = pipeline_stages(config, host, sizes, layers)
+    if stages is not None:
+        layout, numels, plans = stages
+        kept_per_layer = [
+            layer.block_input
+            if mode == "full"
+            else layer.activations - layer.attention + layer.attention_input
+            if mode == "selective"
+            else layer.activations
+            for layer in layers
+        ]
+        size = sizes.get(layout.mesh_dims[0], 1)
+        per_stage = stage_memory(
+            plans,
+            numels,
+            bytes_per_param=pbytes * held / (other_shard // size),
+            optimizer_bytes_per_param=state.bytes / max(1, numel) * held / max(1, opt_shard // size),
+            kept_per_layer=kept_per_layer,
+            head_activations=other,
+            transient=transient,
+            seq_split=seq_split,
+        )
+        peak = max(stage.peak for stage in per_stage)
+        notes.append(
+            f"per pipeline rank from layout {layout.name!r}'s stage plan (its schedule's in-flight micro-batches "
+            "x its largest chunk's activations; the peak is the largest rank's)"
+        )
     tp_note = (
         f"; under tp {tp} a rank holds {held:.1%} of them (the declared column/row/vocab parameters split, the rest whole)"
         if tp > 1
@@ -403,7 +434,28 @@ def plan_memory(
         recompute=mode,
         device_memory=int(device_memory_gb * 2**30) if device_memory_gb else None,
         assumptions=assumptions,
+        stages=per_stage if stages is not None else [],
     )
+
+
+def pipeline_stages(
+    config: RunConfig, host: Any, sizes: dict[str, int], layers: list[LayerMemory]
+) -> tuple[Any, StageNumels, list[StagePlan]] | None:
+    """The layout with a ``stage_plan`` (``pp``), the model's stage sizes and the ranks' plans, or ``None``
+    (no such layout, a size of 1, or a model that cannot be cut)."""
+    for sel in config.layouts:
+        if not callable(getattr(sel.implementation.load(), "stage_plan", None)):
+            continue
+        layout = sel.instantiate()
+        size = sizes.get(layout.mesh_dims[0], 1)
+        numels = stage_numels(config, host) if size > 1 else None
+        if numels is None or len(numels.layers) != len(layers):
+            return None
+        dp = math.prod(sizes.get(d, 1) for d in DATA_DIMS)
+        rows = config.train.micro_batch_size or max(1, config.train.global_batch_size // dp)
+        micro_batches = max(1, config.train.global_batch_size // (rows * dp))
+        return layout, numels, list(layout.stage_plan(size, len(layers), micro_batches))
+    return None
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -428,5 +480,14 @@ def format_plan(plan: MemoryPlan) -> str:
             f"    {layer.name:<12} {gb(layer.activations)}  attn {gb(layer.attention)}  input {gb(layer.block_input)}"
         )
     lines.append(f"    {'other':<12} {gb(plan.other_activations)}  (embedding, head, loss)")
+    if plan.stages:
+        lines.append(
+            "  per pipeline rank (layers; micro-batch chunks in flight; params; optimizer; activations; peak):"
+        )
+        for st in plan.stages:
+            lines.append(
+                f"    rank {st.rank:<3} layers {st.layers:<12} in flight {st.in_flight:<3} {gb(st.params)} "
+                f"{gb(st.optimizer)} {gb(st.activations)}  peak {gb(st.peak)}"
+            )
     lines.append("  assumptions: " + "; ".join(plan.assumptions))
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from mcore.protocols.block import (
     RecurrentStateSpec,
 )
 from mcore.protocols.dispatcher import DispatchResult, Router, RoutingDecision, TokenDispatcher
-from mcore.protocols.layout import BatchShardingLayout, DataParallelInfo, ParallelLayout, ScheduledLayout
+from mcore.protocols.layout import BatchShardingLayout, DataParallelInfo, ParallelLayout, ScheduledLayout, StagePlan
 from mcore.protocols.model import LossHead, StagedModel
 from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory, OptimizerStateSize
 from mcore.protocols.precision import GatherPayload, PrecisionRecipe
@@ -43,6 +43,7 @@ __all__ = [
     "BlockContext",
     "BlockShared",
     "DataParallelInfo",
+    "StagePlan",
     "DeclaresCache",
     "DispatchResult",
     "FlopsShape",

@@ -23,6 +23,23 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    """What one pipeline rank holds, for ``mcore plan`` (``ScheduledLayout.stage_plan``).
+
+    ``rank``: its index along the layout's dimension; ``chunks``: the model layer indices of each stage it
+    runs (one chunk, or ``virtual_stages`` chunks); ``first``/``last``: whether it runs the embedding /
+    the loss head (final norm, output weight, MTP depths); ``in_flight``: the most (micro-batch, chunk)
+    forwards whose activations it keeps at once under the schedule (1F1B: ``pp - rank``).
+    """
+
+    rank: int
+    chunks: tuple[tuple[int, ...], ...]
+    first: bool
+    last: bool
+    in_flight: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataParallelInfo:
     """Where this rank sits among the replicas that see different data.
 
@@ -147,6 +164,10 @@ class ScheduledLayout(ParallelLayout, Protocol):
     ``model`` is what the layouts' ``apply`` returned (this rank's stage). Each micro-batch's
     model call gets its own ``AuxLosses`` collector: one context's collector is never shared
     across micro-batches.
+
+    Optional: ``stage_plan(size, layers, micro_batches) -> list[StagePlan]``, one per rank of the layout's
+    dimension of ``size`` ranks, for a model of ``layers`` stage layers run with ``micro_batches`` per step
+    (from the layout's config alone, before any process group): ``mcore plan`` shows each rank's memory.
     """
 
     def forward_backward(
