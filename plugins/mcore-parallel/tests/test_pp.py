@@ -121,6 +121,8 @@ def test_check_run_refuses_before_launch() -> None:
         PPLayout.check_run(PPLayout.Config(schedule="interleaved", virtual_stages=2), _run(8, 4, dp_shard=2))
     with pytest.raises(UserError, match=r"^parallel\.pp\.schedule = 'zb-h1' with layout 'fsdp'"):
         PPLayout.check_run(PPLayout.Config(schedule="zb-h1"), _run(8, 2, layouts=("pp", "fsdp")))
+    with pytest.raises(UserError, match=r"^parallel\.pp\.schedule = 'interleaved' with layout 'ddp'"):
+        PPLayout.check_run(PPLayout.Config(schedule="interleaved", virtual_stages=2), _run(8, 2, layouts=("pp", "ddp")))
     PPLayout.check_run(PPLayout.Config(schedule="interleaved", virtual_stages=2), _run(8, 2))
     PPLayout.check_run(PPLayout.Config(), _run(8, 2, dp_shard=-1))  # filled at launch: not known yet
 

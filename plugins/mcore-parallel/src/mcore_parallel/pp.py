@@ -187,6 +187,11 @@ class PPLayout:
                 f"parallel.pp.schedule = 'zb-h1' with layout {clash[0]!r}: deferred weight gradients bypass its "
                 "gradient hooks; allowed: schedule = '1f1b' or 'interleaved' with it, or zb-h1 with pp, tp, cp"
             )
+        if config.schedule == "interleaved" and "ddp" in names:
+            raise UserError(
+                "parallel.pp.schedule = 'interleaved' with layout 'ddp': ddp's buckets mix the chunks of a rank, "
+                "whose last backwards come apart; allowed: schedule = '1f1b' with ddp, or interleaved with fsdp"
+            )
         layers = getattr(getattr(run.model, "config", None), "num_layers", None)
         if isinstance(layers, int):
             stage_counts(
