@@ -11,8 +11,15 @@ import torch.distributed as dist
 from test_conformance_suites import AllGatherDispatcher, AllReduceLayout, DocumentAttention
 
 from mcore.precision.basic import FP32
+from mcore.protocols import RoutingDecision
 from mcore_testing import DistributedTestError
-from mcore_testing.conformance import BlockConformance, DispatcherConformance, LayoutConformance, PrecisionConformance
+from mcore_testing.conformance import (
+    BlockConformance,
+    DispatcherConformance,
+    LayoutConformance,
+    PrecisionConformance,
+    RouterConformance,
+)
 from mcore_testing.split_layouts import PipelineLayout, SequenceSplitLayout
 
 
@@ -143,3 +150,85 @@ def test_dispatcher_suite_catches_wrong_combine() -> None:
 def test_precision_suite_catches_missed_nan() -> None:
     with pytest.raises(AssertionError):
         BrokenPrecisionSuite().test_non_finite_gradients_detected()
+
+
+class ToyRouter(torch.nn.Module):
+    """A plain top-k softmax router with a bias buffer: passes the router suite."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden_size, num_experts, bias=False)
+        self.register_buffer("bias", torch.zeros(num_experts))
+        self.num_experts, self.top_k = num_experts, top_k
+
+    def route(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> RoutingDecision:
+        scores = torch.softmax(self.gate(hidden).float(), dim=-1)  # (N, E)
+        experts = torch.topk(scores + self.bias, self.top_k, dim=-1).indices  # (N, K)
+        return RoutingDecision(experts=experts, weights=scores.gather(-1, experts), num_experts=self.num_experts)
+
+    def aux_losses(self) -> list[tuple[str, torch.Tensor]]:
+        return []
+
+    def update_bias(self, load: torch.Tensor) -> None:
+        self.bias += 0.1 * torch.sign(load.float().mean() - load.float())
+
+
+class TwiceRouter(ToyRouter):
+    def route(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> RoutingDecision:
+        decision = super().route(hidden, token_ids)
+        experts = decision.experts[:, :1].expand(-1, self.top_k)  # the first choice in every slot
+        return dataclasses.replace(decision, experts=experts.contiguous())
+
+
+class DetachedRouter(ToyRouter):
+    def route(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> RoutingDecision:
+        decision = super().route(hidden, token_ids)
+        return dataclasses.replace(decision, weights=decision.weights.detach())
+
+
+class UnsavedBiasRouter(ToyRouter):
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int) -> None:
+        super().__init__(num_experts, top_k, hidden_size)
+        del self._buffers["bias"]
+        self.__dict__["bias"] = torch.zeros(num_experts)  # a plain attribute: not in the state dict
+
+
+class ToyRouterSuite(RouterConformance):
+    router: type[ToyRouter] = ToyRouter
+
+    def make_router(self, num_experts: int, top_k: int, hidden_size: int) -> Any:
+        return self.router(num_experts, top_k, hidden_size)
+
+
+class TwiceSuite(ToyRouterSuite):
+    router = TwiceRouter
+
+
+class DetachedSuite(ToyRouterSuite):
+    router = DetachedRouter
+
+
+class UnsavedBiasSuite(ToyRouterSuite):
+    router = UnsavedBiasRouter
+
+
+def test_router_suite_passes_a_plain_router() -> None:
+    suite = ToyRouterSuite()
+    for name in dir(suite):
+        if name.startswith("test_"):
+            getattr(suite, name)()
+
+
+def test_router_suite_catches_an_expert_picked_twice() -> None:
+    with pytest.raises(AssertionError, match="picked an expert twice"):
+        TwiceSuite().test_decision_is_well_formed()
+
+
+def test_router_suite_catches_weights_without_gradient() -> None:
+    with pytest.raises((AssertionError, RuntimeError)):
+        DetachedSuite().test_weights_carry_gradient_to_hidden_states()
+
+
+def test_router_suite_catches_state_missing_from_the_state_dict() -> None:
+    with pytest.raises(AssertionError):
+        UnsavedBiasSuite().test_state_survives_a_state_dict_round_trip()

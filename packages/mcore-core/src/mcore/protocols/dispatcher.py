@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 class RoutingDecision:
     """The router's output for N tokens.
 
-    ``experts``: ``(N, K)`` int64 global expert ids (a token never picks an expert twice).
-    ``weights``: ``(N, K)`` fp32 combine weights (already normalised as the router decided).
+    ``experts``: ``(N, K)`` int64 global expert ids (a token never picks an expert twice); ``-1`` marks a
+    slot a capacity limit dropped (its weight is 0; dispatchers skip it).
+    ``weights``: ``(N, K)`` fp32 combine weights, finite and >= 0 (already normalised as the router decided).
     ``num_experts``: E.
     """
 
