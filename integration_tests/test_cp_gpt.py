@@ -66,6 +66,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 MTP_VARIANTS: dict[str, dict[str, Any]] = {"mtp1": {"mtp_num_layers": 1}, "mtp2": {"mtp_num_layers": 2}}
 SEQ, STEPS = 16, 3
 PACKED = [0, 5, 16, 27, 32]  # documents of 5, 11, 11 (across the row end) and 5 tokens over 2 rows of 16
+#: dynamic CP's second step: the 23-token document is cut at the row end into spans of 12 and 11 tokens, each
+#: split over a pair of ranks under cp4; the 3-, 1- and 5-token documents stay whole on one rank each
+PACKED_LONG = [0, 3, 4, 27, 32]
 
 
 def _mesh(key: str) -> ParallelMesh:
@@ -94,7 +97,8 @@ def _check(key: str, kind: str, variant: str, packed: bool, mesh: ParallelMesh) 
     if key.endswith("+recompute"):  # the ring runs again in backward: every rank in the same order
         apply_recompute(model, "full")
     layouts: list[Any] = [TPLayout()] if "tp" in key else []  # the run's order: tp, then cp
-    layout = CPLayout(CPLayout.Config(kind=kind, a2a_size=2 if kind == "a2a+ring" else None))
+    kind, _, dynamic = kind.partition(" ")  # "allgather dynamic": dynamic CP with that kind
+    layout = CPLayout(CPLayout.Config(kind=kind, a2a_size=2 if kind == "a2a+ring" else None, dynamic=bool(dynamic)))
     layouts.append(layout)
     if "fsdp" in key:  # fsdp sharding every parameter over dp_shard x cp (both dp ranks read the same batch here)
         layouts.append(FSDPLayout(FSDPLayout.Config(borrow=("cp",))))
@@ -109,8 +113,10 @@ def _check(key: str, kind: str, variant: str, packed: bool, mesh: ParallelMesh) 
         labels = torch.randint(0, 128, (2, SEQ), generator=g)
         labels[0, : 3 + step] = -100
 
-        def ctx() -> BlockContext:
-            return BlockContext(cu_seqlens=torch.tensor(PACKED, dtype=torch.int32)) if packed else BlockContext()
+        documents = PACKED_LONG if dynamic and step == 1 else PACKED
+
+        def ctx(documents: list[int] = documents) -> BlockContext:
+            return BlockContext(cu_seqlens=torch.tensor(documents, dtype=torch.int32)) if packed else BlockContext()
 
         for opt in opts:
             opt.zero_grad()
@@ -120,7 +126,7 @@ def _check(key: str, kind: str, variant: str, packed: bool, mesh: ParallelMesh) 
         for each in layouts:
             if hasattr(each, "shard_batch"):
                 local_tokens, local_labels, view = each.shard_batch(local_tokens, local_labels, view)
-        assert view.loss_group is not None and local_tokens.shape[1] < SEQ, name
+        assert view.loss_group is not None and local_tokens.numel() < tokens.numel(), name
         assert view.attention is not None and view.attention.name == f"cp-{kind}", name
         loss = model(local_tokens, labels=local_labels, ctx=view)
         loss.backward()
@@ -183,6 +189,9 @@ FAST = [
     ("cp2 x fsdp2", "ring", "gqa", True),  # fsdp over dp_shard x cp: its reduce-scatter sums cp, divides by dp_shard
     ("cp4", "a2a+ring", "gqa", True),  # all-to-all inside pairs of ranks, a ring of 2 across them
     ("cp2", "ring", "mtp1", True),  # MTP reads the row ahead: the layout hands it this rank's tokens/labels
+    ("cp4", "allgather dynamic", "gqa", True),  # dynamic CP: documents over 1, 2 or 4 ranks, one row per rank
+    ("cp2 x fsdp2", "allgather dynamic", "mla", True),  # ... under fsdp (one forward per micro-batch on every rank)
+    ("cp4", "ring dynamic", "window", True),
 ]
 ALL = [
     (key, kind, variant, packed)
@@ -207,6 +216,13 @@ ALL_MTP = [
     for packed in (False, True)
 ]
 ALL_HYBRID = [("cp4", "a2a+ring", variant, packed) for variant in VARIANTS for packed in (False, True)]
+ALL_DYNAMIC = [
+    (key, f"{kind} dynamic", variant, packed)
+    for key in ("cp2", "cp4", "cp2 x tp2", "cp2 x fsdp2", "cp2 +recompute")
+    for kind in ("ring", "allgather", "a2a")
+    for variant in ("gqa", "mla", "window", "mtp1")
+    for packed in (False, True)
+]
 
 
 def test_cp_gpt_equals_one_process() -> None:
@@ -221,6 +237,11 @@ def test_cp_gpt_every_case_equals_one_process() -> None:
 @pytest.mark.slow
 def test_cp_gpt_every_a2a_case_equals_one_process() -> None:
     run_distributed(_run, 4, [c for c in ALL_A2A + ALL_HYBRID if c not in FAST], timeout=600)
+
+
+@pytest.mark.slow
+def test_cp_gpt_every_dynamic_case_equals_one_process() -> None:
+    run_distributed(_run, 4, [c for c in ALL_DYNAMIC if c not in FAST], timeout=600)
 
 
 @pytest.mark.slow
@@ -292,9 +313,9 @@ def test_run_cp2_fsdp2_equals_one_process_and_resumes_under_fsdp4(tmp_path: Path
 
 
 def test_fsdp_borrows_only_cp_and_only_with_a_cp_layout(tmp_path: Path) -> None:
-    """``[parallel.fsdp] borrow``: only ``cp``; the core refuses it without a layout owning ``cp``; ``hsdp``
+    """``[parallel.fsdp] borrow``: only ``cp`` or ``ep``; the core refuses it without a layout owning ``cp``; ``hsdp``
     does not borrow yet. Each a one-line error."""
-    with pytest.raises(ValueError, match=r"^parallel\.fsdp\.borrow = \['tp'\]; allowed: \[\] or \['cp'\]$"):
+    with pytest.raises(ValueError, match=r"^parallel\.fsdp\.borrow = \['tp'\]; allowed: \[\], \['cp'\] or \['ep'\]$"):
         FSDPLayout.Config(borrow=("tp",))
     alone = _config(tmp_path / "a", str(tmp_path / "corpus"), {"layouts": ["fsdp"], "fsdp": {"borrow": ["cp"]}})
     with pytest.raises(ConfigError, match=r"layout 'fsdp' works over mesh dimension 'cp', which no other layout owns"):

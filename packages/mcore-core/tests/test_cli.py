@@ -70,7 +70,9 @@ def test_unknown_name_exits_2_with_message():
         env={"MCORE_PLUGINS": "mcore_testing.plugin"},
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("mcore: error: unknown precision 'bf61'; did you mean 'bf16'? available precision")
+    assert result.stderr.startswith(
+        "mcore: error: unknown precision 'bf61' (did you mean 'bf16'?); available precision"
+    )
     assert len(result.stderr.strip().splitlines()) == 1
 
 

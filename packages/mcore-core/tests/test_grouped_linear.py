@@ -27,8 +27,13 @@ def test_reference_is_one_gemm_per_expert_over_consecutive_rows() -> None:
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
     empty = grouped_linear_reference(x[:0], w, torch.zeros(3, dtype=torch.long))
     assert empty.shape == (0, 5)
-    with pytest.raises(ValueError, match="sum to 8"):
-        grouped_linear_reference(x, w, torch.tensor([4, 0, 4]))
+    padded = grouped_linear_reference(x, w, torch.tensor([4, 0, 4]))  # the last row is padding: zeros
+    torch.testing.assert_close(padded[:8], out[:8])
+    assert torch.equal(padded[8], torch.zeros(5))
+    with pytest.raises(ValueError, match="sum to 10"):
+        grouped_linear_reference(x, w, torch.tensor([4, 0, 6]))
+    with pytest.raises(ValueError, match="negative: True"):
+        grouped_linear_reference(x, w, torch.tensor([4, -1, 5]))
     with pytest.raises(ValueError, match=r"must be \(N, K\), \(E, F, K\)"):
         grouped_linear_reference(x, w[0], sizes)
 

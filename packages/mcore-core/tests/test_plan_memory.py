@@ -109,6 +109,35 @@ class StorageReadingPlugin:
         registry.add("model", "storage-reading", Factory)
 
 
+class DataDependentPlugin:
+    """``reference-tiny`` whose first block takes the nonzero entries of its input (a shape from values)."""
+
+    MCORE_PLUGIN_API = 1
+
+    @hookimpl
+    def mcore_register(self, registry: Any) -> None:
+        from mcore_testing.reference import TinyModelFactory
+
+        class Factory(TinyModelFactory):
+            @staticmethod
+            def build(config: Any, *, seed: int, device: Any = "cpu", block_lookup: Any = None) -> torch.nn.Module:
+                model = TinyModelFactory.build(config, seed=seed, device=device)
+                model.layers[0].register_forward_pre_hook(lambda module, args: args[0].nonzero())
+                return model
+
+        registry.add("model", "data-dependent", Factory)
+
+
+def test_a_data_dependent_shape_is_a_one_line_user_error() -> None:
+    """It was a traceback (DynamicOutputShapeException), e.g. from a MoE block's routing."""
+    from mcore.errors import UserError
+
+    host = isolated_host("mcore_testing.plugin", DataDependentPlugin())
+    config = resolve_config({**RAW, "model": {**RAW["model"], "name": "data-dependent"}}, host)
+    with pytest.raises(UserError, match=r"model 'data-dependent' computes a shape from tensor values \(aten.nonzero"):
+        plan_memory(config, host)
+
+
 def test_a_kernel_reading_fake_memory_is_a_user_error() -> None:
     """On CUDA such a kernel got a pointer to nothing (an illegal memory access that kills the process)."""
     from mcore.errors import UserError

@@ -29,7 +29,7 @@ def test_unknown_name_lists_available_with_distribution_and_nearest():
         host.get("precision", "bf61")
     message = str(err.value)
     assert message == (
-        "unknown precision 'bf61'; did you mean 'bf16'? available precision implementations: "
+        "unknown precision 'bf61' (did you mean 'bf16'?); available precision implementations: "
         f"bf16 (mcore-core {__version__}), fp32 (mcore-core {__version__})"
     )
 

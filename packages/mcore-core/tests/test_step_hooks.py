@@ -3,6 +3,7 @@ step was applied, and given a reduction over exactly the ranks that saw distinct
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,10 @@ from torch import nn
 from mcore.checkpoint.store import load_model_weights
 from mcore.mesh import build_mesh
 from mcore.plugins import hookimpl
-from mcore.protocols import AfterOptimizerStep
+from mcore.protocols import AfterOptimizerStep, ReportsStepMetrics
 from mcore.train import run
 from mcore.train.microbatch import classify
-from mcore.train.step_hooks import after_optimizer_step, post_step_modules, token_groups
+from mcore.train.step_hooks import after_optimizer_step, metric_modules, post_step_modules, step_metrics, token_groups
 from mcore_testing import run_distributed
 from mcore_testing.hosts import isolated_host
 from mcore_testing.layouts import AllReduceLayout
@@ -35,6 +36,7 @@ class TokenCounter(nn.Module):
         self.register_buffer("counts", torch.zeros(vocab))
         self.register_buffer("bias", torch.zeros(vocab))
         self.calls: list[bool] = []
+        self.last_step: torch.Tensor | None = None  # the finished step's counts, for step_metrics
 
     def observe(self, tokens: torch.Tensor) -> None:
         if self.training:
@@ -44,8 +46,14 @@ class TokenCounter(nn.Module):
         total = reduce(self.counts.clone())
         if applied:
             self.bias += total
+        self.last_step = self.counts.clone()
         self.counts.zero_()
         self.calls.append(applied)
+
+    def step_metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        if self.last_step is None:
+            return {}
+        return {"counted_tokens": float(reduce(self.last_step.clone()).sum())}
 
 
 class CountingTiny(TinyTransformer):
@@ -79,16 +87,20 @@ def test_the_run_loop_calls_the_hook_once_per_step(tmp_path: Path) -> None:
     host = isolated_host("mcore_testing.plugin", CountingPlugin())
     update = {
         "model": {"name": "counting-tiny"},
-        "train": {"steps": 3, "eval_every": 1},
+        "train": {"steps": 4, "eval_every": 1},
         "checkpoint": {"save_final": True},
+        "log": {"every": 2},
     }
     result = run(make_config(host, tmp_path / "run", corpus, update), host)
     model = CountingTiny(TinyConfig(vocab_size=257, hidden_size=32, max_seq_len=32))
-    assert isinstance(model.counter, AfterOptimizerStep)
+    assert isinstance(model.counter, AfterOptimizerStep) and isinstance(model.counter, ReportsStepMetrics)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # every logged step (each has an evaluation here) carries that step's own count, not a running sum
+    assert [(r["step"], r["counted_tokens"]) for r in rows] == [(1, 128.0), (2, 128.0), (3, 128.0), (4, 128.0)]
     assert result.last_checkpoint is not None
     load_model_weights(result.last_checkpoint, model)
-    # every training token of the 3 steps (global batch 8 rows x 16 tokens) counted once, no eval token
-    assert float(model.counter.bias.sum()) == 3 * 8 * 16
+    # every training token of the 4 steps (global batch 8 rows x 16 tokens) counted once, no eval token
+    assert float(model.counter.bias.sum()) == 4 * 8 * 16
     assert float(model.counter.counts.sum()) == 0  # dropped after each step
 
 
@@ -112,6 +124,22 @@ def _reduce_over_distinct_ranks() -> None:
     seq = SequenceSplitLayout()
     seq.apply(nn.Linear(1, 1), seq_mesh)
     assert len(token_groups([seq], ["test-seq"], classify([seq], ["test-seq"]))) == 1
+
+
+def _stage_metrics_gathered() -> None:
+    rank = dist.get_rank()
+
+    class Stage(nn.Module):  # each rank holds a different layer (pipeline stages)
+        def step_metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+            return {f"layer/{rank}": float(rank + 1)}
+
+    modules = metric_modules(nn.Sequential(nn.Linear(1, 1), Stage()))
+    assert step_metrics(modules, lambda t: t, gather=False) == {f"layer/{rank}": rank + 1.0}
+    assert step_metrics(modules, lambda t: t, gather=True) == {"layer/0": 1.0, "layer/1": 2.0}
+
+
+def test_stage_metrics_are_gathered_for_the_writer() -> None:
+    run_distributed(_stage_metrics_gathered, 2, timeout=120)
 
 
 def test_reduction_spans_the_ranks_with_distinct_tokens() -> None:

@@ -19,7 +19,7 @@ from mcore_models.presets import PRESETS, preset_config
 from mcore_testing.conformance import PresetConformance
 from mcore_testing.numerics import assert_rel_close
 
-REQUIRED_PRESETS = {"tiny", "bench-0.9b", "llama3.2-1b", "llama3-8b", "qwen2.5-0.5b", "deepseek-v3-mini"}
+REQUIRED_PRESETS = {"tiny", "bench-0.9b", "llama3.2-1b", "llama3-8b", "qwen2.5-0.5b", "deepseek-v3-mini-dense"}
 
 
 def tiny(**overrides: object) -> GPTConfig:
@@ -35,7 +35,7 @@ def small_deepseek(**overrides: object) -> GPTConfig:
         "mla": {"q_lora_rank": 32, "kv_lora_rank": 24},
         "mtp_num_layers": 2,
     }
-    return preset_config("deepseek-v3-mini", **{**values, **overrides})
+    return preset_config("deepseek-v3-mini-dense", **{**values, **overrides})
 
 
 def test_registry_lists_blocks_and_model() -> None:
@@ -45,7 +45,7 @@ def test_registry_lists_blocks_and_model() -> None:
     )
     gpt = host.load("model", "gpt")
     assert gpt is GPT and set(host.registry.names("preset")) >= REQUIRED_PRESETS
-    assert set(host.registry.names("hf")) == {"llama", "qwen2", "mistral", "deepseek_v3"}
+    assert set(host.registry.names("hf")) == {"llama", "qwen2", "mistral", "deepseek_v3", "qwen3_moe", "mixtral"}
     for name in REQUIRED_PRESETS:  # every registered preset builds (its tables are its blocks' fields)
         preset = host.load("preset", name)
         assert isinstance(preset, Preset) and preset.model == "gpt" and preset is PRESETS[name]

@@ -253,15 +253,16 @@ TINY_MLA = {"mixer": "mla", "mla": {"num_heads": 4}}
         ("tiny", {"swiglu": {"mlp_bias": True}}, "swiglu.mlp_bias = true (needs false)"),
         ("tiny", {"rmsnorm": {"zero_centered_gamma": True}}, "rmsnorm.zero_centered_gamma = true (needs false)"),
         (
-            "deepseek-v3-mini",
+            "deepseek-v3-mini-dense",
             {"mixer": "attention", "attention": {"num_heads": 8}},
-            "layers = None, mixer = 'attention', mlp = 'swiglu' (needs every layer mla/swiglu)",
+            "layers = None, mixer = 'attention', mlp = 'swiglu' (needs every layer mla/swiglu or mla/moe, "
+            "the swiglu ones first)",
         ),
-        ("deepseek-v3-mini", {"rmsnorm": {"norm_eps": 1e-5}}, "rmsnorm.norm_eps = 1e-05 (needs 1e-06)"),
-        ("deepseek-v3-mini", {"mla": {"norm_eps": 1e-5}}, "mla.norm_eps = 1e-05 (needs 1e-06)"),
-        ("deepseek-v3-mini", {"mtp": {"norm_eps": 1e-5}}, "mtp.norm_eps = 1e-05 (needs 1e-06)"),
-        ("deepseek-v3-mini", {"mla": {"sliding_window": 8}}, "mla.sliding_window = 8 (needs none)"),
-        ("deepseek-v3-mini", {"mla": {"attention_scale": 0.1}}, "mla.attention_scale = 0.1 (needs none)"),
+        ("deepseek-v3-mini-dense", {"rmsnorm": {"norm_eps": 1e-5}}, "rmsnorm.norm_eps = 1e-05 (needs 1e-06)"),
+        ("deepseek-v3-mini-dense", {"mla": {"norm_eps": 1e-5}}, "mla.norm_eps = 1e-05 (needs 1e-06)"),
+        ("deepseek-v3-mini-dense", {"mtp": {"norm_eps": 1e-5}}, "mtp.norm_eps = 1e-05 (needs 1e-06)"),
+        ("deepseek-v3-mini-dense", {"mla": {"sliding_window": 8}}, "mla.sliding_window = 8 (needs none)"),
+        ("deepseek-v3-mini-dense", {"mla": {"attention_scale": 0.1}}, "mla.attention_scale = 0.1 (needs none)"),
     ],
 )
 def test_export_refusals_name_the_block_key(preset: str, overrides: dict, message: str) -> None:  # type: ignore[type-arg]
@@ -275,7 +276,9 @@ def test_export_refusals_name_the_block_key(preset: str, overrides: dict, messag
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(("preset", "overrides"), [("tiny", TINY_MLA), ("deepseek-v3-mini", {"mixer": "attention"})])
+@pytest.mark.parametrize(
+    ("preset", "overrides"), [("tiny", TINY_MLA), ("deepseek-v3-mini-dense", {"mixer": "attention"})]
+)
 def test_export_of_a_model_its_family_cannot_express_is_refused_before_writing(
     preset: str,
     overrides: dict,  # type: ignore[type-arg]
@@ -411,7 +414,7 @@ def test_core_reads_and_chooses_the_registered_families(family: str, tmp_path: P
 
 def test_deepseek_with_mtp_round_trips_and_loads_in_transformers(tmp_path: Path) -> None:
     cfg = preset_config(
-        "deepseek-v3-mini",
+        "deepseek-v3-mini-dense",
         hf_model_type="deepseek_v3",
         vocab_size=96,
         hidden_size=64,
@@ -431,15 +434,32 @@ def test_deepseek_with_mtp_round_trips_and_loads_in_transformers(tmp_path: Path)
         assert rel_error(model(tokens()), hf(tokens()).logits) < 1e-5
 
 
-def test_deepseek_moe_checkpoints_are_refused(tmp_path: Path) -> None:
-    from mcore_models.hf_deepseek import config_from_hf as deepseek_config_from_hf
+@pytest.mark.parametrize(
+    ("config_name", "values"),
+    [
+        ("DeepseekV3Config", {"first_k_dense_replace": 1}),
+        ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+        ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 2}),
+    ],
+)
+def test_moe_checkpoints_without_the_moe_plugin_are_refused_naming_it(
+    config_name: str,
+    values: dict,  # type: ignore[type-arg]
+    tmp_path: Path,
+) -> None:
+    """MoE layers are the moe block's to map: without mcore-moe, one line naming it, before any weight is read."""
+    from mcore.hf import load_hf
+    from mcore_testing.hosts import isolated_host
 
-    hf = transformers.DeepseekV3Config(**COMMON, first_k_dense_replace=1).to_dict()
-    with pytest.raises(ValueError, match="first_k_dense_replace = 1: layers from there on are MoE"):
-        deepseek_config_from_hf(hf)
-    (tmp_path / "config.json").write_text(json.dumps(hf))  # and through import, before any weight is read
-    with pytest.raises(ValueError, match="first_k_dense_replace = 1"):
-        import_hf(tmp_path)
+    hf = getattr(transformers, config_name)(**COMMON, **values).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(hf))  # no weights: the config is refused first
+    with pytest.raises(UserError, match="with 'moe' layers needs block 'moe' from mcore-moe: load through mcore"):
+        import_hf(tmp_path)  # Python use without a block lookup
+    with pytest.raises(
+        UserError, match="needs block 'moe' from mcore-moe: install it and check `mcore plugins`"
+    ) as info:
+        load_hf(tmp_path, isolated_host("mcore_models.plugin"))  # the registry has no block 'moe'
+    assert "\n" not in str(info.value) and "unknown block 'moe'" in str(info.value)
 
 
 def test_import_refuses_untruncated_yarn() -> None:
@@ -447,3 +467,50 @@ def test_import_refuses_untruncated_yarn() -> None:
           "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "truncate": False}}  # fmt: skip
     with pytest.raises(ValueError, match="truncate"):
         config_from_hf(hf)
+
+
+MOE_SKELETON = {"hf_model_type": "qwen3_moe", "mlp": "moe", "attention": {"qk_norm": True, "norm_eps": 1e-5}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"attention": {"qk_norm": False}}, "attention.qk_norm = false (qwen3_moe needs true)"),
+        ({"attention": {"norm_eps": 1e-6}}, "attention.norm_eps = 1e-06 (qwen3_moe needs rmsnorm.norm_eps = 1e-05)"),
+        ({"attention": {"sliding_window": 8}}, "attention.sliding_window = 8 (qwen3_moe here has none)"),
+        ({"attention": {"qkv_bias": True}}, "attention.qkv_bias != out_bias (qwen3_moe's attention_bias covers both)"),
+        ({"mtp_num_layers": 1}, "mtp_num_layers = 1 (needs 0)"),
+        ({"mixer": "mla"}, "(needs every layer attention/swiglu or attention/moe)"),
+        (
+            {"hf_model_type": "mixtral", "attention": {"qk_norm": True}},
+            "attention.qk_norm = true (mixtral needs false)",
+        ),
+        (
+            {"hf_model_type": "mixtral", "layers": ["attention/swiglu", "attention/moe"]},
+            "(needs every layer attention/moe)",
+        ),
+        (
+            {"hf_model_type": "mixtral", "attention": {"qk_norm": False, "out_bias": True}},
+            "mixtral has no attention bias",
+        ),
+    ],
+)
+def test_moe_family_skeleton_refusals_name_the_key(overrides: dict, message: str) -> None:  # type: ignore[type-arg]
+    """Qwen3-MoE / Mixtral skeleton checks come before the moe block is needed (no MoE plugin here)."""
+    from mcore.presets import deep_merge
+    from mcore_models.hf_moe import config_to_hf as moe_config_to_hf
+
+    cfg = preset_config("tiny", **deep_merge(MOE_SKELETON, overrides))
+    with pytest.raises(ValueError, match=f"cannot be exported as Hugging Face {cfg.hf_model_type!r}: ") as info:
+        moe_config_to_hf(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_deepseek_checkpoint_without_its_mtp_layer_says_so(tmp_path: Path) -> None:
+    """``transformers`` builds and saves no MTP layer: the error names the key to change, not a norm tensor."""
+    config_name, model_name, extra = FAMILIES["deepseek-v3-interleaved-yarn"]
+    config = transformers.DeepseekV3Config(**COMMON, **{**extra, "num_nextn_predict_layers": 1})
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="num_nextn_predict_layers = 1 but the checkpoint has no layer 2") as info:
+        import_hf(tmp_path)
+    assert "set num_nextn_predict_layers = 0" in str(info.value) and "\n" not in str(info.value)

@@ -143,7 +143,7 @@ def test_triton_dispatch_is_chosen_on_cuda() -> None:
     assert swiglu_packed.implementation("cuda") is swiglu_triton.swiglu_packed
 
 
-@pytest.mark.parametrize("preset", ["tiny", "deepseek-v3-mini"])
+@pytest.mark.parametrize("preset", ["tiny", "deepseek-v3-mini-dense"])
 def test_model_on_cuda_matches_cpu_reference(preset: str) -> None:
     from mcore.protocols.block import BlockContext
     from mcore_models.gpt import GPT

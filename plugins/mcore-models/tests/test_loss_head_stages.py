@@ -38,7 +38,7 @@ def tiny(**overrides: object) -> GPTConfig:
 
 
 def small_deepseek(**overrides: object) -> GPTConfig:
-    """MLA with dense MLPs (no MoE): deepseek-v3-mini's layer kinds at test size."""
+    """MLA with dense MLPs (no MoE): deepseek-v3-mini-dense's layer kinds at test size."""
     values = {
         "vocab_size": 128,
         "hidden_size": 64,
@@ -48,7 +48,7 @@ def small_deepseek(**overrides: object) -> GPTConfig:
         "mla": {"q_lora_rank": 32, "kv_lora_rank": 24},
         "mtp_num_layers": 2,
     }
-    return preset_config("deepseek-v3-mini", **{**values, **overrides})
+    return preset_config("deepseek-v3-mini-dense", **{**values, **overrides})
 
 
 def batch(cfg: GPTConfig, rows: int = 2, seq: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "tiny-clamped-swiglu-bias": ("tiny", {"mlp": "clamped-swiglu", "clamped-swiglu": {"mlp_bias": True}}),
-    "mla-no-q-lora-tied": ("deepseek-v3-mini", {"mla": {"q_lora_rank": None}, "tie_embeddings": True}),
+    "mla-no-q-lora-tied": ("deepseek-v3-mini-dense", {"mla": {"q_lora_rank": None}, "tie_embeddings": True}),
 }
 
 

@@ -90,14 +90,45 @@ def test_aux_losses_reach_the_collector_under_the_layer_index() -> None:
     assert sorted(losses) == [(5, "aux"), (5, "seq_aux"), (5, "z")]
 
 
-def test_metrics_give_load_per_expert_and_dropped_fraction() -> None:
-    block = MoE(_config(capacity_factor=0.5), hidden_size=8)
-    assert block.metrics() == {}
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def test_step_metrics_give_relative_load_dropped_fraction_and_aux_losses() -> None:
+    block = MoE(_config(capacity_factor=0.5, aux_loss_coeff=0.1), hidden_size=8)
+    ctx = BlockContext(aux_losses=AuxLosses()).for_layer(3)
+    assert block.step_metrics(_identity) == {}
+    aux = []
+    for seed in (4, 5):  # two micro-batches of one step
+        block(seeded_randn(1, 8, 8, seed=seed), ctx)
+        aux.append(float(ctx.aux_losses[(3, "aux")].detach()))
+    block.eval()
+    block(seeded_randn(1, 8, 8, seed=6), ctx)  # evaluation counts nothing
+    block.train()
+    block.after_optimizer_step(_identity, applied=True)
+    metrics = block.step_metrics(_identity)
+    loads = [metrics[f"moe/3/load/{e}"] for e in range(4)]
+    assert sum(loads) == pytest.approx(4.0)  # shares of the kept rows times E
+    assert metrics["moe/3/max_load"] == max(loads)
+    # 32 slots, capacity ceil(0.5 * 16 / 4) = 2 per expert and call: at most 16 kept
+    assert metrics["moe/3/dropped_fraction"] >= 0.5
+    assert metrics["moe/3/aux/aux"] == pytest.approx(sum(aux) / 2) and aux[0] != aux[1]
+    block(seeded_randn(1, 8, 8, seed=7), ctx)  # the next step counts afresh; the last step's numbers stay
+    assert block.step_metrics(_identity) == metrics
+
+
+def test_step_metrics_sum_over_ranks_through_reduce() -> None:
+    block = MoE(_config(), hidden_size=8)
     block(seeded_randn(1, 8, 8, seed=4), BlockContext())
-    metrics = block.metrics()
-    loads = [metrics[f"load/expert_{e}"] for e in range(4)]
-    assert max(loads) <= 2 and sum(loads) == 16 * (1 - metrics["dropped_fraction"])  # capacity ceil(0.5 * 16 / 4)
-    assert metrics["dropped_fraction"] > 0
+    block.after_optimizer_step(_identity, applied=True)
+    seen: list[torch.Tensor] = []
+
+    def doubled(t: torch.Tensor) -> torch.Tensor:  # another rank with the same counts
+        seen.append(t)
+        return t.mul_(2)
+
+    one, two = block.step_metrics(_identity), block.step_metrics(doubled)
+    assert len(seen) == 1 and one == two  # shares unchanged when every count doubles
 
 
 def test_flops_count_active_parameters() -> None:

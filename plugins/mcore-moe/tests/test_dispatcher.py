@@ -9,11 +9,11 @@ import torch
 
 from mcore.errors import ConfigError
 from mcore.protocols import RoutingDecision, TokenDispatcher
-from mcore_moe.dispatcher import AllGatherDispatcher, AllToAllDispatcher
+from mcore_moe.dispatcher import AllGatherDispatcher, AllGatherVDispatcher, AllToAllDispatcher
 from mcore_testing.conformance.dispatcher import DispatcherConformance
 from mcore_testing.numerics import assert_rel_close, seeded_generator, seeded_randn
 
-DISPATCHERS = [AllGatherDispatcher, AllToAllDispatcher]
+DISPATCHERS = [AllGatherDispatcher, AllToAllDispatcher, AllGatherVDispatcher]
 
 
 class TestAllGatherConformance(DispatcherConformance):
@@ -24,6 +24,11 @@ class TestAllGatherConformance(DispatcherConformance):
 class TestAllToAllConformance(DispatcherConformance):
     def make_dispatcher(self, group: Any, num_experts: int) -> Any:
         return AllToAllDispatcher(group, num_experts)
+
+
+class TestAllGatherVConformance(DispatcherConformance):
+    def make_dispatcher(self, group: Any, num_experts: int) -> Any:
+        return AllGatherVDispatcher(group, num_experts, max_tokens=20)  # 16 tokens padded to 20
 
 
 def _routing(n: int, e: int, k: int, seed: int) -> RoutingDecision:
@@ -82,3 +87,46 @@ def test_experts_not_divisible_by_ep_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="num_experts = 6 is not divisible by the ep size 4"):
         _experts_per_rank(6, 4)
+
+
+def test_allgatherv_has_static_shapes_and_padding_rows_are_ignored() -> None:
+    hidden = seeded_randn(5, 3, seed=6)
+    routing = _routing(5, 4, 2, seed=7)
+    dispatcher = AllGatherVDispatcher(None, 4, max_tokens=8)
+    result = dispatcher.dispatch(hidden, routing)
+    assert result.tokens.shape == (8 * 2, 3)  # W * C * min(K, E_l) rows whatever the routing
+    assert result.tokens_per_expert.tolist() == torch.bincount(routing.experts.reshape(-1), minlength=4).tolist()
+    real = int(result.tokens_per_expert.sum())
+    assert torch.equal(result.tokens[real:], torch.zeros(16 - real, 3))
+    garbage = result.tokens.clone()
+    garbage[real:] = float("nan")  # what a grouped GEMM may leave in the rows after the groups
+    out = dispatcher.combine(garbage, result)
+    ref = hidden * routing.weights.sum(-1, keepdim=True)
+    assert out.shape == (5, 3) and torch.isfinite(out).all()
+    assert_rel_close(out, ref, 1e-6)
+
+
+def test_allgatherv_refuses_more_tokens_than_its_capacity() -> None:
+    with pytest.raises(ValueError, match="got 5 tokens, more than its max_tokens = 4"):
+        AllGatherVDispatcher(None, 4, max_tokens=4).dispatch(seeded_randn(5, 3, seed=1), _routing(5, 4, 2, seed=2))
+    with pytest.raises(ConfigError, match="max_tokens = 0: must be an int >= 1"):
+        AllGatherVDispatcher(None, 4, max_tokens=0)
+
+
+@pytest.mark.gpu
+def test_allgatherv_makes_no_device_to_host_sync() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    hidden = seeded_randn(64, 16, seed=8).cuda().requires_grad_()
+    routing = _routing(64, 8, 2, seed=9)
+    routing = RoutingDecision(experts=routing.experts.cuda(), weights=routing.weights.cuda(), num_experts=8)
+    dispatcher = AllGatherVDispatcher(None, 8, max_tokens=64)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = dispatcher.dispatch(hidden, routing)
+        out = dispatcher.combine(result.tokens * 2.0, result)
+        out.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_rel_close(out, 2.0 * hidden.detach() * routing.weights.sum(-1, keepdim=True), 1e-6)

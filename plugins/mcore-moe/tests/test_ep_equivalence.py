@@ -10,6 +10,7 @@ from torch import nn
 
 from mcore.protocols import AuxLosses, BlockContext
 from mcore_moe.block import MoE, MoEConfig
+from mcore_moe.dispatcher import AllGatherVDispatcher
 from mcore_testing.dist import run_distributed
 from mcore_testing.numerics import assert_rel_close, seeded_generator, seeded_randn
 
@@ -53,7 +54,10 @@ def _check(dispatcher: str, capacity: float | None) -> None:
     for name in ("gate", "up", "down"):  # rank r keeps experts r * E_l .. (r + 1) * E_l - 1
         full = getattr(block.experts, name)
         setattr(block.experts, name, nn.Parameter(full.detach()[rank * local : (rank + 1) * local].clone()))
-    block.dispatcher = type(block.dispatcher)(dist.group.WORLD, E)
+    if dispatcher == "allgatherv":  # unequal token counts: a capacity every rank shares
+        block.dispatcher = AllGatherVDispatcher(dist.group.WORLD, E, max_tokens=8)
+    else:
+        block.dispatcher = type(block.dispatcher)(dist.group.WORLD, E)
     x, g = _inputs(rank)
     x = x.requires_grad_()
     out = block(x, BlockContext(aux_losses=AuxLosses()))
@@ -71,7 +75,7 @@ def _check(dispatcher: str, capacity: float | None) -> None:
         assert_rel_close(grad, want.grad, 1e-5, name="replicated grad")
 
 
-@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall", "allgatherv"])
 def test_two_ranks_dropless_equal_one_process(dispatcher: str) -> None:
     run_distributed(_check, 2, dispatcher, None, timeout=120)
 

@@ -63,8 +63,9 @@ def test_moe_block_with_the_hash_router_routes_by_token_id() -> None:
     out = block(x, BlockContext(aux_losses=AuxLosses(), token_ids=tokens))
     out.sum().backward()
     assert block.router.weight.grad is not None and x.grad is not None
-    loads = block.metrics()
-    assert [loads[f"load/expert_{e}"] for e in range(4)] == [0.0, 0.0, 4.0, 4.0]  # ids 1, 5, 9 -> experts 2, 3
+    block.after_optimizer_step(lambda t: t, applied=True)
+    loads = block.step_metrics(lambda t: t)
+    assert [loads[f"moe/0/load/{e}"] for e in range(4)] == [0.0, 0.0, 2.0, 2.0]  # ids 1, 5, 9 -> experts 2, 3
 
 
 def test_hash_router_needs_the_vocabulary_size() -> None:

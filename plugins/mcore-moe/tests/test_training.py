@@ -63,7 +63,7 @@ def test_a_model_with_moe_layers_trains_and_moves_the_bias() -> None:
     torch.manual_seed(0)
     model = _TinyMoEModel(block_cls, config, vocab=64, hidden=32, layers=2)
     hooks = post_step_modules(model)
-    assert hooks == [m.router for m in model.moes]  # type: ignore[union-attr]
+    assert hooks == [m for moe in model.moes for m in (moe, moe.router)]  # type: ignore[union-attr]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     tokens = seeded_tokens((4, 16), vocab_size=64, seed=1)
     losses = []

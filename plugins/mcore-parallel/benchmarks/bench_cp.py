@@ -29,10 +29,7 @@ line) on stdout and in ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -51,6 +48,7 @@ from mcore_parallel.lse_merge import (
     partial_attention,
     partial_attention_backward,
 )
+from mcore_testing.bench import emit, interleaved, rel_error, run_header, timing_row, write_lines
 
 Step = Callable[[], Any]
 
@@ -148,43 +146,6 @@ def candidates(
     return found
 
 
-class Timer:
-    """Milliseconds per call of ``iters`` calls: CUDA events on CUDA, the host clock on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, step: Step, iters: int) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                step()
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end)) / iters
-        begin = time.perf_counter()
-        for _ in range(iters):
-            step()
-        return (time.perf_counter() - begin) * 1e3 / iters
-
-
-def _peak_mib(step: Step, device: torch.device) -> float | None:
-    """Peak memory of one call above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(((out.double() - ref.double()).norm() / ref.double().norm()).item())
-
-
 def bench_seq(args: argparse.Namespace, seq: int, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(seq)
     b, nh, nkv, hd = args.batch, args.heads, args.kv_heads, args.head_dim
@@ -192,33 +153,20 @@ def bench_seq(args: argparse.Namespace, seq: int, device: torch.device, dtype: t
     v, grad = torch.randn(b, seq, nkv, hd, generator=g), torch.randn(b, seq, nh, hd, generator=g)
     q, k, v, grad = (x.to(device=device, dtype=dtype) for x in (q, k, v, grad))
     steps = candidates(q, k, v, grad, 1 / hd**0.5)
-    runnable = [name for name, (_, extra) in steps.items() if "status" not in extra]
-    outputs = {name: steps[name][0]() for name in runnable}  # warm-up call 1 (compiles), and the outputs
-    reference = outputs[runnable[0]]
-    for name in runnable:
-        for _ in range(args.warmup - 1):
-            steps[name][0]()
-    peaks = {name: _peak_mib(steps[name][0], device) for name in runnable}
-    timer = Timer(device)
-    times: dict[str, list[float]] = {name: [] for name in runnable}
-    for round_index in range(args.repeats):
-        shift = round_index % len(runnable)
-        for name in runnable[shift:] + runnable[:shift]:  # rotated order each round
-            times[name].append(timer(steps[name][0], args.iters))
+    runnable = {name: step for name, (step, extra) in steps.items() if "status" not in extra}
+    measured = interleaved(runnable, repeats=args.repeats, iters=args.iters, warmup=args.warmup, device=device)
+    first = next(iter(runnable))
     pairs = b * seq * (seq + 1) // 2
     flops = 3.5 * 4 * pairs * nh * hd
     rows = []
     for name, (_, extra) in steps.items():
         row: dict[str, Any] = {"candidate": name, "seq": seq, **extra}
-        if name in times:
-            median = statistics.median(times[name])
+        if name in measured:
+            row |= timing_row(measured[name]["times"])
             row |= {
-                "median_ms": round(median, 4),
-                "min_ms": round(min(times[name]), 4),
-                "max_ms": round(max(times[name]), 4),
-                "tflops": round(flops / (median * 1e-3) / 1e12, 2),
-                "peak_mib": peaks[name],
-                f"rel_err_vs_{runnable[0]}": float(f"{_rel_error(outputs[name], reference):.3e}"),
+                "tflops": round(flops / (row["median_ms"] * 1e-3) / 1e12, 2),
+                "peak_mib": measured[name]["peak_mib"],
+                f"rel_err_vs_{first}": rel_error(measured[name]["output"], measured[first]["output"]),
             }
         rows.append(row)
     return rows
@@ -228,29 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    header = {
-        "config": True,
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "dtype": str(dtype),
-        "batch": args.batch,
-        "heads": args.heads,
-        "kv_heads": args.kv_heads,
-        "head_dim": args.head_dim,
-        "causal": True,
-        "pass": "fwd+bwd",
-        "repeats": args.repeats,
-        "iters": args.iters,
-    }
-    lines = [header]
-    print(json.dumps(header), flush=True)
+    lines: list[dict[str, Any]] = []
+    settings = {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim}
+    settings |= {"causal": True, "pass": "fwd+bwd", "repeats": args.repeats, "iters": args.iters}
+    emit(lines, run_header(device, dtype, **settings))
     for seq in args.seqs:
         for row in bench_seq(args, seq, device, dtype):
-            lines.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.writelines(json.dumps(line) + "\n" for line in lines)
+            emit(lines, row)
+    write_lines(args.out, lines)
     return 0
 
 

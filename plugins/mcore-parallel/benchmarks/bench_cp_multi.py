@@ -32,10 +32,7 @@ One JSON line per kind and length (after a header line) on rank 0's stdout and i
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +44,7 @@ from mcore.errors import UserError
 from mcore.mesh import ParallelMesh, build_mesh
 from mcore.protocols.block import BlockContext
 from mcore_parallel.cp import KINDS, CPLayout
+from mcore_testing.bench import emit, interleaved, rel_error, run_header, timing_row, write_lines
 
 ALL_KINDS = ("ring", "a2a", "allgather", "a2a+ring")
 Step = Callable[[], torch.Tensor]
@@ -105,49 +103,6 @@ class Kind:
         return out.detach()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _slowest(value: float, device: torch.device) -> float:
-    """The largest ``value`` over the ranks."""
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def _timed(step: Step, iters: int, device: torch.device) -> float:
-    """Ms per step of ``iters`` steps, the slowest rank's."""
-    dist.barrier()
-    _sync(device)
-    begin = time.perf_counter()
-    for _ in range(iters):
-        step()
-    _sync(device)
-    return _slowest((time.perf_counter() - begin) * 1e3 / iters, device)
-
-
-def _peak_mib(step: Step, device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    _sync(device)
-    return round(_slowest((torch.cuda.max_memory_allocated() - before) / 2**20, device), 1)
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor, device: torch.device) -> float:
-    """``||out - ref|| / ||ref||`` over every rank's share."""
-    sums = torch.tensor(
-        [(out.double() - ref.double()).square().sum().item(), ref.double().square().sum().item()], device=device
-    )
-    dist.all_reduce(sums)
-    return float((sums[0] / sums[1]).sqrt().item())
-
-
 def bench_seq(args: argparse.Namespace, mesh: ParallelMesh, seq: int, dtype: torch.dtype) -> list[dict[str, Any]]:
     device, world = torch.device(mesh.device_type), mesh.size("cp")
     kinds: dict[str, Kind] = {}
@@ -160,30 +115,17 @@ def bench_seq(args: argparse.Namespace, mesh: ParallelMesh, seq: int, dtype: tor
             kinds.pop(name, None)
             rows[name] = {"kind": name, "seq": seq, "status": f"not available: {error}"}
     names = list(kinds)
-    outputs = {name: kinds[name].step() for name in names}
-    for name in names:
-        for _ in range(args.warmup - 1):
-            kinds[name].step()
-    peaks = {name: _peak_mib(kinds[name].step, device) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(args.repeats):
-        shift = round_index % max(len(names), 1)
-        for name in names[shift:] + names[:shift]:  # rotated order each round
-            times[name].append(_timed(kinds[name].step, args.iters, device))
+    steps = {name: kinds[name].step for name in names}
+    measured = interleaved(steps, repeats=args.repeats, iters=args.iters, warmup=args.warmup, device=device)
     tokens = args.batch * seq
     for name in names:
-        median = statistics.median(times[name])
-        rows[name] = {
-            "kind": name,
-            "seq": seq,
-            "cp": world,
-            "median_ms": round(median, 3),
-            "min_ms": round(min(times[name]), 3),
-            "max_ms": round(max(times[name]), 3),
+        row = {"kind": name, "seq": seq, "cp": world, **timing_row(measured[name]["times"], digits=3)}
+        median = row["median_ms"]
+        rows[name] = row | {
             "tokens_per_s": round(tokens / (median * 1e-3), 1),
             "tokens_per_s_per_gpu": round(tokens / (median * 1e-3) / world, 1),
-            "peak_mib": peaks[name],
-            f"rel_err_vs_{names[0]}": float(f"{_rel_error(outputs[name], outputs[names[0]], device):.3e}"),
+            "peak_mib": measured[name]["peak_mib"],
+            f"rel_err_vs_{names[0]}": rel_error(measured[name]["output"], measured[names[0]]["output"]),
         }
     return [rows[name] for name in args.kinds]
 
@@ -197,32 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     rank0 = dist.get_rank() == 0
-    header = {
-        "config": True,
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-        "world": mesh.size("cp"),
-        "dtype": str(dtype),
-        "batch": args.batch,
-        "heads": args.heads,
-        "kv_heads": args.kv_heads,
-        "head_dim": args.head_dim,
-        "causal": True,
-        "pass": "fwd+bwd",
-        "repeats": args.repeats,
-        "iters": args.iters,
-    }
-    lines = [header]
-    if rank0:
-        print(json.dumps(header), flush=True)
+    lines: list[dict[str, Any]] = []
+    settings = {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim}
+    settings |= {"causal": True, "pass": "fwd+bwd", "repeats": args.repeats, "iters": args.iters}
+    emit(lines, run_header(torch.device(device_type), dtype, **settings), show=rank0)
     for seq in args.seqs:
         for row in bench_seq(args, mesh, seq, dtype):
-            lines.append(row)
-            if rank0:
-                print(json.dumps(row), flush=True)
-    if rank0 and args.out:
-        with open(args.out, "w") as handle:
-            handle.writelines(json.dumps(line) + "\n" for line in lines)
+            emit(lines, row, show=rank0)
+    if rank0:
+        write_lines(args.out, lines)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The ``cp`` benchmarks run where CI runs: ``bench_cp.py --quick`` on CPU, ``bench_cp_multi.py --tiny`` on gloo ranks.
+"""The ``cp`` benchmarks run where CI runs: ``bench_cp.py --quick`` on CPU, ``bench_cp_multi.py --tiny`` on gloo ranks,
+``bench_cp_balance.py --quick`` (plans only).
 
 They are scripts, not modules of the package: loaded from their files. Each run must give one JSON line per
 candidate/kind with times, and outputs that agree (every candidate computes the same attention).
@@ -44,6 +45,18 @@ def test_bench_cp_quick_on_cpu(tmp_path: Path) -> None:
     assert [row["status"] for row in rows if row["candidate"] == "flex_cp1"] == [
         "not available: FlexAttention's compiled kernel needs CUDA"
     ]
+
+
+def test_bench_cp_balance_quick(tmp_path: Path) -> None:
+    out = tmp_path / "balance.jsonl"
+    assert _script("bench_cp_balance").main(["--quick", "--out", str(out)]) == 0
+    header, rows = _rows(out)
+    assert header["config"] and header["seq_len"] == 2048
+    by = {(row["cp"], row["plan"]): row for row in rows}
+    assert set(by) == {(cp, plan) for cp in (2, 4) for plan in ("static", "dynamic")}
+    for cp in (2, 4):
+        assert by[(cp, "static")]["needed_fraction"] == 1.0 > by[(cp, "dynamic")]["needed_fraction"]
+        assert by[(cp, "dynamic")]["max_over_mean_tokens"] < 1.2
 
 
 def _multi(tmp_path: Path, kinds: list[str], expect_refused: list[str]) -> None:

@@ -24,7 +24,14 @@ from mcore.mesh import ParallelMesh
 from mcore.train import run
 from mcore_parallel import plugin
 from mcore_parallel.cp import CPLayout
-from mcore_parallel.cp_split import document_positions, labels_ahead, plan_split
+from mcore_parallel.cp_split import (
+    document_positions,
+    labels_ahead,
+    plan_dynamic,
+    plan_split,
+    ranks_per_document,
+    split_balance,
+)
 from mcore_testing import run_distributed
 from mcore_testing.conformance import LayoutConformance
 from mcore_testing.hosts import isolated_host
@@ -62,6 +69,52 @@ def test_packed_documents_split_each_on_their_own_and_padded() -> None:
     assert document_positions(cu, 1, 9, torch.device("cpu")).tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5]]
     labels = torch.arange(9)[None]
     assert plan.take(0, labels, -100).tolist() == [[0, -100, 3, 4, -100, -100]]
+
+
+def test_dynamic_ranks_per_document_fit_the_mean_share() -> None:
+    # 64 tokens over cp4: 16 per rank; a document fits on s ranks when length <= 16 * s (s dividing 4)
+    assert ranks_per_document([40, 17, 4, 2, 1], 4) == [4, 2, 1, 1, 1]
+    assert ranks_per_document([100], 4) == [4]  # longer than the whole group's share: every rank
+    # 10 tokens over cp3: 4 per rank; only 1 and 3 divide 3
+    assert ranks_per_document([5, 5], 3) == [3, 3] and ranks_per_document([4, 4, 2], 3) == [1, 1, 1]
+
+
+def test_dynamic_plan_keeps_short_documents_whole_and_splits_long_ones() -> None:
+    """Documents of 40, 12, 6, 4 and 2 tokens in a row of 64 under cp4 (16 tokens per rank): the 40 zig-zag over
+    all 4 ranks (chunks of 5), the 12 over the pair that fits it (chunks of 3), the rest whole; every rank 16."""
+    cu = torch.tensor([0, 40, 52, 58, 62, 64], dtype=torch.int32)
+    plan = plan_dynamic(cu, 1, 64, 4, torch.device("cpu"))
+    rows = [i[0].tolist() for i in plan.index]
+    assert rows == [
+        [*range(0, 5), *range(35, 40), 40, 41, 42, 49, 50, 51],
+        [*range(5, 10), *range(30, 35), *range(43, 49)],
+        [*range(10, 15), *range(25, 30), *range(52, 58)],  # the 6-token document whole
+        [*range(15, 20), *range(20, 25), *range(58, 64)],  # the 4- and 2-token documents whole
+    ]
+    assert plan.flat and plan.shared == 16  # ranks 0 and 1 hold only split tokens
+    # two rows: a document across the row end is two spans (as in one process); every token exactly once
+    two_rows = plan_dynamic(torch.tensor([0, 3, 4, 27, 32]), 2, 16, 4, torch.device("cpu"))
+    assert sorted(t for i in two_rows.index for t in i.reshape(-1).tolist() if t >= 0) == list(range(32))
+    tokens = torch.arange(100, 132).view(2, 16)
+    flat = two_rows.index[1].clamp(min=0)
+    assert two_rows.take(1, tokens, -1).tolist() == torch.where(two_rows.index[1] >= 0, flat + 100, -1).tolist()
+
+
+def _balance(lengths: list[int], planner: Any) -> dict[str, float]:
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    seq = int(cu[-1])
+    return split_balance(planner(cu, 1, seq, 4, torch.device("cpu")), cu, 1, seq)
+
+
+def test_dynamic_plan_balances_and_exchanges_less_than_static() -> None:
+    long_tail = [900, 300, 120, 60, 40, 30, 20, 12, 8, 6, 4, 2, 2]  # 1504 tokens, one long document
+    static, dynamic = _balance(long_tail, plan_split), _balance(long_tail, plan_dynamic)
+    assert static["needed_fraction"] == 1.0 and dynamic["needed_fraction"] < 0.85  # the short ones stay local
+    assert dynamic["padding_fraction"] < static["padding_fraction"] and dynamic["max_over_mean_tokens"] < 1.01
+    short = [200] + [30] * 40 + [10] * 60  # nothing longer than a rank's share: nothing exchanged
+    static, dynamic = _balance(short, plan_split), _balance(short, plan_dynamic)
+    assert dynamic["sent_fraction"] == 0.0 and static["sent_fraction"] > 1.0
+    assert dynamic["max_over_mean_tokens"] == 1.0 < static["max_over_mean_tokens"]
 
 
 def test_rows_of_one_document_must_split_into_2cp_chunks() -> None:

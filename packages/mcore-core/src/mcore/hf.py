@@ -11,20 +11,26 @@ registered implements ``HFFamily``. The core chooses it:
 Everything read from a model directory stays inside it: ``model_file`` refuses absolute names,
 ``..`` and symbolic links that leave it (a Hugging Face cache snapshot's links into its
 repository's ``blobs`` are allowed).
+
+A block that a family does not own (a MoE plugin's ``moe`` in a model plugin's ``deepseek_v3``)
+maps its own part of the checkpoint through an ``hf`` class attribute implementing
+``HFBlockMapping``; the family finds it with ``block_lookup(name).hf`` on import and
+``type(module).hf`` on export, so plugins never import each other.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mcore.errors import UserError
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
-__all__ = ["HFFamily", "export_family", "load_hf", "model_file", "read_hf_config"]
+__all__ = ["HFBlockMapping", "HFFamily", "block_mapping", "export_family", "load_hf", "model_file", "read_hf_config"]
 
 
 @runtime_checkable
@@ -43,6 +49,45 @@ class HFFamily(Protocol):
     def load(self, path: Path, *, device: Any, block_lookup: Any) -> tuple[Any, nn.Module]: ...
 
     def export(self, model: nn.Module, config: Any, out_dir: Path) -> None: ...
+
+
+@runtime_checkable
+class HFBlockMapping(Protocol):
+    """How one block maps to its part of a Hugging Face checkpoint (the ``hf`` attribute of its class).
+
+    The family owns the skeleton (embeddings, attention, norms, which layers hold the block, and the
+    module the block sits in, e.g. ``model.layers.3.mlp.``); the block's mapping owns the rest, for
+    each ``model_type`` it supports, and raises ``ValueError`` naming the key and value it cannot map:
+
+    * ``config_from_hf(hf, model_type)``: the block's ``Config`` from ``config.json`` (``hf``);
+    * ``config_to_hf(config, model_type)``: the ``config.json`` keys that describe the block;
+    * ``state_from_hf(take, config, model_type)``: the block's tensors by our names relative to the block
+      (``router.weight``), read through ``take(name)``, which pops the Hugging Face tensor ``name``
+      relative to the block's module (``gate.weight``) and raises a ``UserError`` naming it when missing;
+    * ``state_to_hf(state, config, model_type)``: the Hugging Face tensors relative to the block's
+      module, from ``state`` (our names relative to the block, as ``state_dict`` gives them).
+
+    Export then import gives back the same tensors and an equal ``Config``.
+    """
+
+    def config_from_hf(self, hf: Mapping[str, Any], model_type: str) -> Any: ...
+
+    def config_to_hf(self, config: Any, model_type: str) -> dict[str, Any]: ...
+
+    def state_from_hf(self, take: Callable[[str], Tensor], config: Any, model_type: str) -> dict[str, Tensor]: ...
+
+    def state_to_hf(self, state: Mapping[str, Tensor], config: Any, model_type: str) -> dict[str, Tensor]: ...
+
+
+def block_mapping(block_cls: Any, name: str, model_type: str) -> HFBlockMapping:
+    """Block ``name``'s ``HFBlockMapping`` (its class's ``hf`` attribute); a ``UserError`` when it has none."""
+    mapping = getattr(block_cls, "hf", None)
+    if not isinstance(mapping, HFBlockMapping):
+        raise UserError(
+            f"block {name!r} ({getattr(block_cls, '__qualname__', block_cls)!r}) has no Hugging Face mapping "
+            f"(an 'hf' attribute implementing mcore.hf.HFBlockMapping), so model_type {model_type!r} cannot map it"
+        )
+    return mapping
 
 
 def _allowed_roots(path: Path) -> list[Path]:

@@ -18,6 +18,14 @@ divided by ``dp_shard`` only: ``cp``'s ranks hold parts of ONE micro-batch, whos
 An option rather than the default: the core checks ``borrowed_dims`` before the mesh exists and
 refuses a borrowed dimension no other layout owns, so fsdp cannot borrow ``cp`` in every run.
 
+Borrowing ``ep`` (``borrow = ["ep"]`` with ``["ep", "fsdp"]``, torchtitan's expert-parallel layout): the
+``ep`` ranks read different micro-batches, so the dense parameters are sharded over ``dp_shard x ep`` and
+their gradients averaged over both (the default divisor, the flattened mesh's size); the modules holding
+parameters that are already DTensors over ``ep`` (the experts) are ``fully_shard``-ed first, on their
+own, over ``dp_shard`` only (their local rows, as for ``tp``), averaged over ``dp_shard``; the ``ep``
+layout then divides them by ``ep`` once. Without ``borrow`` the same runs shard everything over
+``dp_shard`` only (the dense parameters replicated over ``ep``, which averages their shards).
+
 On one process without a process group, the parameters are DTensors over a ``LocalMesh``
 (``local_mesh``): ``apply`` starts no process group, so ``torch.distributed.is_initialized()``
 is what it was before.
@@ -34,6 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mcore.params import collect_param_specs
 from mcore.protocols.layout import DataParallelInfo
@@ -57,8 +66,9 @@ DTYPES: dict[str, torch.dtype | None] = {
 
 
 WHOLE = ("none", "matrices", "all")
-#: What ``borrow`` may name: ``cp`` splits one micro-batch's tokens, so its ranks' gradients are summed, not averaged.
-BORROWABLE = ((), ("cp",))
+#: What ``borrow`` may name: ``cp`` splits one micro-batch's tokens, so its ranks' gradients are summed, not
+#: averaged; ``ep`` ranks read different micro-batches (averaged), and its experts stay sharded over ``dp_shard``.
+BORROWABLE = ((), ("cp",), ("ep",))
 #: Roles of ``whole_params = "matrices"``: what Muon orthogonalises (``mcore.params``), not the embedding or head.
 WHOLE_ROLES = ("matrix", "expert")
 
@@ -106,6 +116,19 @@ def find_units(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
     return units
 
 
+def modules_over(model: nn.Module, dim: str) -> list[nn.Module]:
+    """The modules whose own parameters are DTensors over mesh dimension ``dim`` (``ep``'s experts)."""
+    return [
+        m
+        for m in model.modules()
+        if any(
+            isinstance(p, DTensor) and dim in (p.device_mesh.mesh_dim_names or ())
+            for p in m._parameters.values()
+            if p is not None
+        )
+    ]
+
+
 class FSDPLayout:
     """Fully sharded data parallel over the ``dp_shard`` mesh dimension."""
 
@@ -133,7 +156,7 @@ class FSDPLayout:
         whole_params: Literal["none", "matrices", "all"] = "none"
         """Parameters kept whole on one rank instead of split by rows: 'none', 'matrices' (declared matrix/expert, what Muon orthogonalises; not the embedding or head) or 'all'."""
         borrow: tuple[str, ...] = ()
-        """Mesh dimensions of another layout that fsdp also shards over: ['cp'] shards every parameter over dp_shard x cp (module docstring); [] for dp_shard only."""
+        """Mesh dimensions of another layout that fsdp also shards over: ['cp'] shards every parameter over dp_shard x cp, ['ep'] the dense ones over dp_shard x ep (module docstring); [] for dp_shard only."""
 
         def __post_init__(self) -> None:
             _dtype("param_dtype", self.param_dtype)
@@ -144,7 +167,7 @@ class FSDPLayout:
                 self.borrow = (self.borrow,) if self.borrow else ()
             self.borrow = tuple(self.borrow)
             if self.borrow not in BORROWABLE:
-                raise ValueError(f"parallel.fsdp.borrow = {list(self.borrow)!r}; allowed: [] or ['cp']")
+                raise ValueError(f"parallel.fsdp.borrow = {list(self.borrow)!r}; allowed: [], ['cp'] or ['ep']")
             if self.whole_params not in WHOLE:
                 raise ValueError(f"parallel.fsdp.whole_params = {self.whole_params!r}; allowed: {', '.join(WHOLE)}")
             factor = self.gradient_divide_factor
@@ -192,7 +215,7 @@ class FSDPLayout:
         device_mesh = self._device_mesh(mesh)
         cfg = self.config
         divide = cfg.gradient_divide_factor
-        if divide is None and self.borrowed_dims:  # cp's ranks add up to one micro-batch's gradient
+        if divide is None and "cp" in self.borrowed_dims:  # cp's ranks add up to one micro-batch's gradient
             divide = float(mesh.size("dp_shard"))
         options: dict[str, Any] = {
             "mesh": device_mesh,
@@ -203,6 +226,14 @@ class FSDPLayout:
             "keep_whole": keep_whole(model, cfg.whole_params),
             "describe_param": describe_params(model) if cfg.quantized_gather and precision is not None else None,
         }
+        if "ep" in self.borrowed_dims and mesh.device_mesh is not None:  # experts: over dp_shard only
+            own = {
+                **options,
+                "mesh": mesh.submesh(self.mesh_dims),
+                "gradient_divide_factor": cfg.gradient_divide_factor,
+            }
+            for holder in modules_over(model, "ep"):
+                fully_shard(holder, reshard_after_forward=cfg.reshard_after_forward, **own)
         for unit in find_units(model, cfg.units):
             fully_shard(unit, reshard_after_forward=cfg.reshard_after_forward, **options)
         fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **options)
@@ -257,7 +288,7 @@ class HSDPLayout(FSDPLayout):
         if self.borrowed_dims:
             raise ValueError(
                 f"parallel.hsdp.borrow = {list(self.borrowed_dims)!r}: hsdp does not shard over other layouts' "
-                "dimensions yet; allowed: [] (or layout 'fsdp' with borrow = ['cp'])"
+                "dimensions yet; allowed: [] (or layout 'fsdp' with borrow = ['cp'] or ['ep'])"
             )
         model = super().apply(model, mesh, precision)
         if mesh.device_mesh is not None and mesh.size("dp_replicate") * mesh.size("dp_shard") > 1:

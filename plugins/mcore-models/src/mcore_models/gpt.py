@@ -116,7 +116,8 @@ class GPTConfig:
     loss_vocab_chunk_size: int | None = None
     """Vocabulary entries per block of that loss (none: the whole vocabulary per token chunk)."""
     hf_model_type: str = "llama"
-    """Hugging Face family written by export: 'llama', 'qwen2', 'mistral', 'deepseek_v3', or a plugin's."""
+    """Hugging Face family written by export: 'llama', 'qwen2', 'mistral', 'deepseek_v3', 'qwen3_moe', 'mixtral', or a
+    plugin's."""
     blocks: dict[str, Any] = field(default_factory=dict)
     """Each block's Config by block name (written as tables [model.<block>]; a dict is validated at build)."""
 

@@ -1,5 +1,5 @@
-"""Hugging Face interop for ``gpt``: safetensors + ``config.json`` for Llama, Qwen2, Mistral (here)
-and DeepSeek-V3 with dense MLPs (``hf_deepseek``), each registered as a family (kind ``"hf"``).
+"""Hugging Face interop for ``gpt``: safetensors + ``config.json`` for Llama, Qwen2, Mistral (here),
+DeepSeek-V3 (``hf_deepseek``), Qwen3-MoE and Mixtral (``hf_moe``), each registered as a family (kind ``"hf"``).
 
 Our projections are Hugging Face's, renamed (``attention.q`` <-> ``self_attn.q_proj``, ...,
 ``mlp.gate`` <-> ``mlp.gate_proj``): weights are copied, never sliced or permuted, so export ->
@@ -7,7 +7,9 @@ import is exact. The config maps to the block tables: ``[model.attention]`` (hea
 RoPE), ``[model.swiglu]`` (``intermediate_size``) and ``[model.rmsnorm]`` (``rms_norm_eps``). RoPE
 variants (default, linear, llama3, yarn) are written both as ``rope_parameters`` (transformers
 >= 5) and as ``rope_theta`` + ``rope_scaling`` (older releases). Tokenizer files are the runtime's
-job. Every file read stays inside the model directory (``mcore.hf.model_file``).
+job. Every file read stays inside the model directory (``mcore.hf.model_file``). A layer whose MLP is
+another plugin's block (``moe``) is mapped by that block (``hf_blocks``): each codec function takes the
+family's ``HFBlocks``.
 """
 
 from __future__ import annotations
@@ -29,18 +31,27 @@ from mcore_models.blocks.mlp import SwiGLU
 from mcore_models.blocks.norms import RMSNorm
 from mcore_models.blocks.rope import RopeFields
 from mcore_models.gpt import GPT, GPTConfig, block_settings
+from mcore_models.hf_blocks import HFBlocks
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 # -- config ------------------------------------------------------------------------------------
-def check_layout(cfg: GPTConfig, family: str, mixer: str) -> list[str]:
-    """What a Hugging Face ``family`` cannot express in ``cfg``'s composition (every layer ``mixer/swiglu``)."""
+def check_layout(
+    cfg: GPTConfig, family: str, mixer: str, mlps: tuple[str, ...] = ("swiglu",), *, dense_first: bool = False
+) -> list[str]:
+    """What a Hugging Face ``family`` cannot express in ``cfg``'s composition: every layer ``mixer/<one of mlps>``
+    (with ``dense_first``, the ``swiglu`` layers before the others)."""
     problems = []
-    if any(kind != (mixer, "swiglu") for kind in cfg.layer_kinds()):
+    mlp_kinds = [mlp for _, mlp in cfg.layer_kinds()]
+    dense = mlp_kinds.count("swiglu")
+    if any(m != mixer or mlp not in mlps for m, mlp in cfg.layer_kinds()) or (
+        dense_first and mlp_kinds[:dense] != ["swiglu"] * dense
+    ):
+        needs = " or ".join(f"{mixer}/{mlp}" for mlp in mlps) + (", the swiglu ones first" if dense_first else "")
         problems.append(
-            f"layers = {cfg.layers!r}, mixer = {cfg.mixer!r}, mlp = {cfg.mlp!r} (needs every layer {mixer}/swiglu)"
+            f"layers = {cfg.layers!r}, mixer = {cfg.mixer!r}, mlp = {cfg.mlp!r} (needs every layer {needs})"
         )
     if cfg.norm != "rmsnorm":
         problems.append(f"norm = {cfg.norm!r} (needs 'rmsnorm')")
@@ -114,21 +125,14 @@ def rope_fields(rope_cfg: RopeFields) -> dict[str, Any]:
     return {"rope_theta": rope_cfg.rope_theta, "rope_scaling": legacy, "rope_parameters": rope}
 
 
-def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    family = cfg.hf_model_type
-    if family not in ARCHITECTURES:
-        raise ValueError(f"hf_model_type = {family!r}: this family maps {', '.join(ARCHITECTURES)}")
-    problems = _unsupported(cfg, family)
-    if problems:
-        raise ValueError(f"model cannot be exported as Hugging Face {family!r}: " + "; ".join(problems))
-    att, mlp, norm = (block_settings(cfg, n) for n in ("attention", "swiglu", "rmsnorm"))
-    head_dim = att.head_dim or cfg.hidden_size // att.num_heads
-    out: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[family]],
-        "model_type": family,
+def decoder_fields(cfg: GPTConfig, architecture: str, att: Any, norm: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """The ``config.json`` keys every llama-like family (llama, qwen2, mistral, qwen3_moe, mixtral) writes the
+    same way: its class and type, sizes, heads, norm eps, RoPE, init, dtype."""
+    return {
+        "architectures": [architecture],
+        "model_type": cfg.hf_model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
-        "intermediate_size": mlp.ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": att.num_heads,
         "num_key_value_heads": att.num_kv_heads or att.num_heads,
@@ -141,6 +145,18 @@ def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str
         "torch_dtype": _DTYPES.get(dtype, "float32"),
         "use_cache": True,
     }
+
+
+def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32, blocks: HFBlocks | None = None) -> dict[str, Any]:
+    family = cfg.hf_model_type
+    if family not in ARCHITECTURES:
+        raise ValueError(f"hf_model_type = {family!r}: this family maps {', '.join(ARCHITECTURES)}")
+    problems = _unsupported(cfg, family)
+    if problems:
+        raise ValueError(f"model cannot be exported as Hugging Face {family!r}: " + "; ".join(problems))
+    att, mlp, norm = (block_settings(cfg, n) for n in ("attention", "swiglu", "rmsnorm"))
+    head_dim = att.head_dim or cfg.hidden_size // att.num_heads
+    out = decoder_fields(cfg, ARCHITECTURES[family], att, norm, dtype) | {"intermediate_size": mlp.ffn_hidden_size}
     if family != "qwen2":
         out["head_dim"] = head_dim
     if family == "llama":
@@ -179,7 +195,7 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
+def config_from_hf(hf: dict[str, Any], blocks: HFBlocks | None = None) -> GPTConfig:
     family = hf.get("model_type")
     if family not in ARCHITECTURES:
         raise ValueError(f"config.json model_type = {family!r}: this family reads {', '.join(ARCHITECTURES)}")
@@ -244,7 +260,7 @@ def _layer_names(cfg: GPTConfig) -> list[tuple[str, str]]:
     return names
 
 
-def state_to_hf(model: GPT, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+def state_to_hf(model: GPT, cfg: GPTConfig, blocks: HFBlocks | None = None) -> dict[str, torch.Tensor]:
     ours = {k: v.detach() for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": ours["embed.weight"], "model.norm.weight": ours["final_norm.weight"]}
     if not cfg.tie_embeddings:
@@ -269,7 +285,9 @@ def check_all_taken(hf: dict[str, torch.Tensor]) -> None:
         raise UserError(f"checkpoint has tensors this config does not use, e.g. {leftover[:3]}")
 
 
-def state_from_hf(hf: dict[str, torch.Tensor], cfg: GPTConfig, hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def state_from_hf(
+    hf: dict[str, torch.Tensor], cfg: GPTConfig, hf_config: dict[str, Any], blocks: HFBlocks | None = None
+) -> dict[str, torch.Tensor]:
     def take(name: str) -> torch.Tensor:
         return take_tensor(hf, name)
 
@@ -312,7 +330,8 @@ def read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class Family:
     """One Hugging Face ``model_type`` read and written by ``codec`` (a module with ``config_to_hf``,
-    ``config_from_hf``, ``state_to_hf`` and ``state_from_hf``); implements ``mcore.hf.HFFamily``."""
+    ``config_from_hf``, ``state_to_hf`` and ``state_from_hf``, each given the family's ``HFBlocks`` last);
+    implements ``mcore.hf.HFFamily``."""
 
     name: str
     codec: Any
@@ -324,8 +343,9 @@ class Family:
         hf_config = read_hf_config(path)
         if hf_config.get("model_type") != self.name:
             raise UserError(f"{path}/config.json: model_type = {hf_config.get('model_type')!r}, not {self.name!r}")
+        blocks = HFBlocks(block_lookup, self.name)
         try:
-            config = self.codec.config_from_hf(hf_config)
+            config = self.codec.config_from_hf(hf_config, blocks)
         except (KeyError, TypeError) as exc:
             raise UserError(
                 f"{path}/config.json: missing or malformed key ({exc}) for model_type {self.name!r}"
@@ -335,15 +355,16 @@ class Family:
             model = GPT(config, block_lookup=block_lookup)
         dtype = next(iter(tensors.values())).dtype
         model = model.to(dtype=dtype).to_empty(device=device)
-        model.load_state_dict(self.codec.state_from_hf(tensors, config, hf_config), strict=True)
+        model.load_state_dict(self.codec.state_from_hf(tensors, config, hf_config, blocks), strict=True)
         return config, model
 
     def export(self, model: GPT, config: GPTConfig, out_dir: Path) -> None:
         """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` in the model's dtype."""
         if config.hf_model_type != self.name:
             raise UserError(f"model.hf_model_type = {config.hf_model_type!r}; this family writes {self.name!r}")
-        hf_config = self.codec.config_to_hf(config, model.embed.weight.dtype)  # refuses what does not map, first
-        tensors = self.codec.state_to_hf(model, config)
+        blocks = HFBlocks.of_model(model, config, self.name)
+        hf_config = self.codec.config_to_hf(config, model.embed.weight.dtype, blocks)  # refuses what does not map
+        tensors = self.codec.state_to_hf(model, config, blocks)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         weights = out_dir / "model.safetensors"
@@ -359,21 +380,22 @@ MISTRAL = Family("mistral", sys.modules[__name__])
 
 def family(name: str | None) -> Family:
     """This package's family for ``model_type`` ``name`` (Python use; runs resolve families through the registry)."""
-    if name == "deepseek_v3":
-        from mcore_models.hf_deepseek import DEEPSEEK_V3
+    from mcore_models.hf_deepseek import DEEPSEEK_V3
+    from mcore_models.hf_moe import MIXTRAL, QWEN3_MOE
 
-        return DEEPSEEK_V3
-    families = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL}
+    families = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL, "deepseek_v3": DEEPSEEK_V3}
+    families |= {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL}
     if name not in families:
-        raise UserError(
-            f"Hugging Face model_type = {name!r}: mcore-models maps {', '.join([*families, 'deepseek_v3'])}"
-        )
+        raise UserError(f"Hugging Face model_type = {name!r}: mcore-models maps {', '.join(families)}")
     return families[name]
 
 
-def import_hf(path: Path, *, device: torch.device | str = "cpu") -> tuple[GPTConfig, GPT]:
-    """Read a Hugging Face checkpoint directory into ``(config, model)`` on ``device`` (this package's families)."""
-    return family(read_hf_config(Path(path)).get("model_type")).load(Path(path), device=device)
+def import_hf(path: Path, *, device: torch.device | str = "cpu", block_lookup: Any = None) -> tuple[GPTConfig, GPT]:
+    """Read a Hugging Face checkpoint directory into ``(config, model)`` on ``device`` (this package's families;
+    ``block_lookup(name)`` gives the class of a plugin's block, e.g. ``moe``, for the layers that use one)."""
+    return family(read_hf_config(Path(path)).get("model_type")).load(
+        Path(path), device=device, block_lookup=block_lookup
+    )
 
 
 def export_hf(model: GPT, config: GPTConfig, out_dir: Path) -> None:

@@ -48,14 +48,22 @@ _PRESETS = {
     "llama3.2-1b": ("LLAMA3_2_1B", "Llama 3.2 1B shapes (tied embeddings, llama3 RoPE scaling)"),
     "llama3-8b": ("LLAMA3_8B", "Llama 3 8B shapes"),
     "qwen2.5-0.5b": ("QWEN2_5_0_5B", "Qwen2.5 0.5B shapes (QKV bias)"),
-    "deepseek-v3-mini": ("DEEPSEEK_V3_MINI", "small MLA + MTP model with DeepSeek-V3's layer shapes (dense MLPs)"),
+    "deepseek-v3-mini-dense": (
+        "DEEPSEEK_V3_MINI_DENSE",
+        "small MLA + MTP model with DeepSeek-V3's layer shapes, dense MLPs (deepseek-v3-mini: mcore-moe's)",
+    ),
 }
 
 _HF_FAMILIES = {
     "llama": ("mcore_models.hf:LLAMA", "LlamaForCausalLM <-> gpt"),
     "qwen2": ("mcore_models.hf:QWEN2", "Qwen2ForCausalLM <-> gpt"),
     "mistral": ("mcore_models.hf:MISTRAL", "MistralForCausalLM <-> gpt"),
-    "deepseek_v3": ("mcore_models.hf_deepseek:DEEPSEEK_V3", "DeepseekV3ForCausalLM (dense MLPs, MLA, MTP) <-> gpt"),
+    "deepseek_v3": (
+        "mcore_models.hf_deepseek:DEEPSEEK_V3",
+        "DeepseekV3ForCausalLM (MLA, MTP; MoE layers through the moe block) <-> gpt",
+    ),
+    "qwen3_moe": ("mcore_models.hf_moe:QWEN3_MOE", "Qwen3MoeForCausalLM (QK-norm; MoE layers: the moe block) <-> gpt"),
+    "mixtral": ("mcore_models.hf_moe:MIXTRAL", "MixtralForCausalLM (MoE layers: the moe block) <-> gpt"),
 }
 
 

@@ -3,9 +3,9 @@
 Each is an ``mcore.presets.Preset``: ``[model]`` keys, and one table per block
 (``attention``, ``swiglu``, ``rmsnorm``...). The public-model presets follow the published configs
 of those checkpoints, so importing the real weights gives the same architecture.
-``deepseek-v3-mini`` is a small MLA + MTP model with DeepSeek-V3's layer shapes scaled down (its
-MoE layers come with the MoE plugin, which registers its own presets; here the MLP is dense
-SwiGLU); it exports as a dense Hugging Face ``deepseek_v3`` model.
+``deepseek-v3-mini-dense`` is a small MLA + MTP model with DeepSeek-V3's layer shapes scaled down and
+every MLP dense SwiGLU; it exports as a dense Hugging Face ``deepseek_v3`` model. (``deepseek-v3-mini``,
+with its MoE layers, is the MoE plugin's preset.)
 
 ``preset_config(name, **overrides)`` gives a ``GPTConfig`` for Python use (tests, benchmarks).
 """
@@ -99,7 +99,7 @@ QWEN2_5_0_5B = Preset(
     ),
 )
 
-DEEPSEEK_V3_MINI = Preset(
+DEEPSEEK_V3_MINI_DENSE = Preset(
     "gpt",
     dict(
         vocab_size=32768,
@@ -132,7 +132,7 @@ PRESETS: Mapping[str, Preset] = {
     "llama3.2-1b": LLAMA3_2_1B,
     "llama3-8b": LLAMA3_8B,
     "qwen2.5-0.5b": QWEN2_5_0_5B,
-    "deepseek-v3-mini": DEEPSEEK_V3_MINI,
+    "deepseek-v3-mini-dense": DEEPSEEK_V3_MINI_DENSE,
 }
 
 

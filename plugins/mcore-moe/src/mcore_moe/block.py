@@ -9,12 +9,19 @@ shards ``experts`` for ep > 1), the experts run as grouped GEMMs (``mcore_moe.ex
 combines the weighted outputs, and the shared experts (a dense SwiGLU over every token) are added.
 With ``chunk_tokens`` the routed rows go through the experts in chunks, each recomputed in backward,
 so at most one chunk's ``(rows, F)`` activations are alive (same result). Settings: ``[model.moe]``.
-After each call ``metrics()`` gives the tokens per expert and the dropped fraction, for a logger.
+Each training forward (not a recompute, not evaluation) counts the rows kept per expert, the dropped
+slots and the auxiliary losses; the step's counts are set aside after the optimizer step and, on the
+steps the run logs, ``step_metrics`` sums them over the ranks that saw distinct tokens
+(``mcore.protocols.step.ReportsStepMetrics``): ``moe/<layer>/load/<e>`` (expert e's share of the kept
+rows times E: 1 is balanced), ``moe/<layer>/max_load``, ``moe/<layer>/dropped_fraction`` and
+``moe/<layer>/aux/<name>`` (the mean over the step's calls), into ``metrics.jsonl`` and TensorBoard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,17 +31,19 @@ from mcore.errors import ConfigError
 from mcore.params import Init, ParamSpec
 from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
 from mcore.protocols.dispatcher import DispatchResult, TokenDispatcher
-from mcore_moe.dispatcher import AllGatherDispatcher, AllToAllDispatcher
-from mcore_moe.experts import GroupedSwiGLU, SwiGLU
+from mcore_moe.dispatcher import AllGatherDispatcher, AllGatherVDispatcher, AllToAllDispatcher
+from mcore_moe.experts import GroupedSwiGLU, SwiGLU, storage_less
 from mcore_moe.hash_router import HashRouter, HashRouterConfig
-from mcore_moe.router import DROPPED, RouterConfig, TopKRouter, check_router
+from mcore_moe.hf_map import MoEHF
+from mcore_moe.router import DROPPED, RouterConfig, TopKRouter, check_router, expert_counts
 
 #: Routers the block builds by name (``router``).
 ROUTERS = ("topk", "hash")
 #: Dispatchers the block builds by name (``dispatcher``); ep > 1 is the ``ep`` layout's business.
-DISPATCHERS: dict[str, type[AllGatherDispatcher] | type[AllToAllDispatcher]] = {
+DISPATCHERS: dict[str, Callable[[Any, int], TokenDispatcher]] = {
     "allgather": AllGatherDispatcher,
     "alltoall": AllToAllDispatcher,
+    "allgatherv": AllGatherVDispatcher,
 }
 
 
@@ -53,7 +62,8 @@ class MoEConfig(RouterConfig):
     shared_ffn_hidden_size: int | None = None
     """Hidden size of each shared expert (none: moe_ffn_hidden_size)."""
     dispatcher: str = "allgather"
-    """Token dispatcher: 'allgather' or 'alltoall' (without an ep layout both are local)."""
+    """Token dispatcher: 'allgather', 'alltoall' or 'allgatherv' (static shapes, no host sync; without an ep layout
+    all are local)."""
     chunk_tokens: int | None = None
     """Routed rows per expert chunk, recomputed in backward to cap activation memory (none: one chunk)."""
 
@@ -99,6 +109,7 @@ class MoE(nn.Module):
     """Router + dispatcher + grouped SwiGLU experts (+ shared experts); registered as block ``moe``."""
 
     Config = MoEConfig
+    hf = MoEHF()  # its part of a Hugging Face checkpoint (mcore.hf.HFBlockMapping), found by model families
 
     def __init__(self, config: MoEConfig | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
         super().__init__()
@@ -111,8 +122,10 @@ class MoE(nn.Module):
         self.experts = GroupedSwiGLU(c.num_experts, hidden_size, c.moe_ffn_hidden_size)
         shared_ffn = c.num_shared_experts * (c.shared_ffn_hidden_size or c.moe_ffn_hidden_size)
         self.shared_experts = SwiGLU(hidden_size, shared_ffn) if shared_ffn else None
-        self._load: torch.Tensor | None = None  # (E,) tokens per expert of the last call, after drops
-        self._dropped: torch.Tensor | None = None  # 0-d dropped fraction of the last call
+        self._counts: torch.Tensor | None = None  # this step's (E + 2 + A,): kept rows per expert, slots, dropped, aux
+        self._last_step: torch.Tensor | None = None  # the same of the step that ended last
+        self._aux_names: tuple[str, ...] = ()  # A: names of the auxiliary losses counted
+        self._layer_index = self.shared.layer_index  # in the metric names; the context's when it has one
         self.reset_parameters()
 
     # -- declarations --------------------------------------------------------------------------
@@ -165,11 +178,16 @@ class MoE(nn.Module):
             if ctx is None:
                 raise RuntimeError(f"moe: auxiliary loss {name!r} needs a BlockContext with an AuxLosses collector")
             ctx.add_aux_loss(name, loss)
-        result = self.dispatcher.dispatch(x, routing)
-        out = self.dispatcher.combine(self._experts(result, ctx), result)  # (N, H)
+        planning = storage_less(x)
+        # ``mcore plan`` runs on tensors without storage, where a data-dependent shape cannot be known: the
+        # static-shape local dispatcher (N * min(K, E) rows, the dropless total) stands in for the real one
+        dispatcher = AllGatherVDispatcher(None, self.config.num_experts) if planning else self.dispatcher
+        result = dispatcher.dispatch(x, routing)
+        out = dispatcher.combine(self._experts(result, ctx), result)  # (N, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        self._record(routing.experts)
+        if not planning:
+            self._record(routing.experts, [loss for _, loss in self.router.aux_losses()], ctx)
         return out.view(b, t, h).to(hidden.dtype)
 
     def _experts(self, result: DispatchResult, ctx: BlockContext | None) -> torch.Tensor:
@@ -191,19 +209,41 @@ class MoE(nn.Module):
         return torch.cat(outs)  # (M, H)
 
     @torch.no_grad()
-    def _record(self, experts: torch.Tensor) -> None:
-        """Tokens per expert and the dropped fraction of the last call (this rank's tokens), kept on the
-        device: no host sync until a logger asks (``metrics``)."""
-        chosen = experts.reshape(-1)
+    def _record(self, experts: torch.Tensor, aux: list[torch.Tensor], ctx: BlockContext | None) -> None:
+        """Add a training call's kept rows per expert, slots, dropped slots and auxiliary losses to the step's
+        counts, on the device (no host sync; a recompute during backward and evaluation count nothing)."""
+        if not self.training or torch._C._current_graph_task_id() != -1:
+            return
+        chosen = experts.reshape(-1)  # (N*K,)
         dropped = chosen == DROPPED
-        self._load = torch.bincount(chosen.clamp(min=0), weights=(~dropped).float(), minlength=self.config.num_experts)
-        self._dropped = dropped.float().mean() if chosen.numel() else torch.zeros(())
+        load = expert_counts(chosen.clamp(min=0), self.config.num_experts, (~dropped).float())  # (E,)
+        slots = torch.tensor([float(chosen.numel())], device=load.device)
+        losses = [loss.detach().float().reshape(1).to(load.device) for loss in aux]
+        counts = torch.cat([load, slots, dropped.sum().float().reshape(1), *losses, torch.ones(1, device=load.device)])
+        self._aux_names = tuple(name for name, _ in self.router.aux_losses())
+        if ctx is not None and ctx.layer_index is not None:
+            self._layer_index = ctx.layer_index
+        self._counts = counts if self._counts is None else self._counts + counts
 
-    def metrics(self) -> dict[str, float]:
-        """The last call's ``load/expert_<e>`` (tokens routed to expert e, after drops) and ``dropped_fraction``
-        (empty before the first call)."""
-        if self._load is None or self._dropped is None:
+    @torch.no_grad()
+    def after_optimizer_step(self, reduce: Callable[[torch.Tensor], torch.Tensor], *, applied: bool) -> None:
+        """Set the finished step's counts aside for ``step_metrics`` and start the next step's (no collective)."""
+        self._last_step, self._counts = self._counts, None
+
+    @torch.no_grad()
+    def step_metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """The last step's expert loads, dropped fraction and mean auxiliary losses, summed over the ranks that
+        saw distinct tokens (``reduce``: every rank calls it once, with the same shape)."""
+        if self._last_step is None:
             return {}
-        out = {f"load/expert_{e}": float(n) for e, n in enumerate(self._load.tolist())}
-        out["dropped_fraction"] = float(self._dropped)
+        e = self.config.num_experts
+        total = reduce(self._last_step.clone()).tolist()
+        load, slots, dropped, aux, calls = total[:e], total[e], total[e + 1], total[e + 2 : -1], total[-1]
+        kept = sum(load)
+        prefix = "moe" if self._layer_index is None else f"moe/{self._layer_index}"
+        relative = [n * e / kept if kept else 0.0 for n in load]  # 1.0: balanced
+        out = {f"{prefix}/load/{i}": value for i, value in enumerate(relative)}
+        out[f"{prefix}/max_load"] = max(relative)
+        out[f"{prefix}/dropped_fraction"] = dropped / slots if slots else 0.0
+        out |= {f"{prefix}/aux/{name}": value / calls for name, value in zip(self._aux_names, aux)}
         return out

@@ -15,6 +15,10 @@ with ``alltoall``) and accumulates the K contributions in fp32.
 * ``alltoall``: the per-expert row counts are exchanged first (one small all-to-all), then one
   all-to-all sends each routed row to its expert's rank; the received rows, in (source rank, local expert)
   order, are permuted to local expert order. ``combine`` runs the inverse.
+* ``allgatherv``: ``allgather`` with static shapes and no device-to-host sync (inference, CUDA graphs):
+  every rank's tokens padded to ``max_tokens`` (C) rows, gathered, and the slots of local experts sorted
+  to the front of a fixed buffer of ``W * C * min(K, E_l)`` rows (the most a rank can receive); the
+  counts stay on the device and the buffer's unused rows are padding that ``combine`` ignores.
 """
 
 from __future__ import annotations
@@ -70,14 +74,18 @@ class _GatherHandle:
     longest: int  # longest N of the group
 
 
-class AllGatherDispatcher:
-    """``allgather``: gather the group's tokens, compute local experts, sum-scatter the outputs back."""
+class _GroupDispatcher:
+    """What every dispatcher holds: the ep group (``None``: one rank), its size and rank, E and E_l."""
 
     def __init__(self, group: Any, num_experts: int) -> None:
         self.group = group
         self.world, self.rank = _group_size(group)
         self.num_experts = num_experts
         self.local_experts = _experts_per_rank(num_experts, self.world)
+
+
+class AllGatherDispatcher(_GroupDispatcher):
+    """``allgather``: gather the group's tokens, compute local experts, sum-scatter the outputs back."""
 
     def dispatch(self, hidden: torch.Tensor, routing: RoutingDecision) -> DispatchResult:
         n, k = routing.experts.shape
@@ -119,14 +127,8 @@ class _AllToAllHandle:
     num_tokens: int
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(_GroupDispatcher):
     """``alltoall``: counts exchanged first, then the routed rows; expert-order permutation on arrival."""
-
-    def __init__(self, group: Any, num_experts: int) -> None:
-        self.group = group
-        self.world, self.rank = _group_size(group)
-        self.num_experts = num_experts
-        self.local_experts = _experts_per_rank(num_experts, self.world)
 
     def dispatch(self, hidden: torch.Tensor, routing: RoutingDecision) -> DispatchResult:
         n, k = routing.experts.shape
@@ -163,3 +165,69 @@ class AllToAllDispatcher:
             back[h.to_expert_order] = torch.arange(back.numel(), device=back.device)  # inverse permutation
             rows = all_to_all_rows(expert_out[back], h.recv, h.send, self.group)  # (S, H) in send order
         return _weighted_sum(rows, h.weights, h.tokens, h.num_tokens)
+
+
+@dataclass(frozen=True)
+class _PaddedHandle:
+    tokens: torch.Tensor  # (R,) gathered row of each buffer row (padding rows: any row)
+    weights: torch.Tensor  # (R,) its routing weight, 0 on padding rows (differentiable)
+    real: torch.Tensor  # (R,) bool: the row holds a routed slot
+    gathered: int  # W * C
+    num_tokens: int  # N on this rank
+
+
+class AllGatherVDispatcher(_GroupDispatcher):
+    """``allgatherv``: ``allgather`` into fixed-capacity buffers with device-side counts (no host sync).
+
+    ``max_tokens`` (C): the rows every rank's tokens are padded to; ``None`` takes each call's N, which
+    must then be the same on every rank of the group (fixed micro-batch shapes). The result has
+    ``R = W * C * min(K, E_l)`` rows whatever the routing: the real ones first, grouped by local expert.
+    """
+
+    def __init__(self, group: Any, num_experts: int, *, max_tokens: int | None = None) -> None:
+        super().__init__(group, num_experts)
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise ConfigError(f"moe: allgatherv max_tokens = {max_tokens!r}: must be an int >= 1 (or none)")
+        self.max_tokens = max_tokens
+
+    def dispatch(self, hidden: torch.Tensor, routing: RoutingDecision) -> DispatchResult:
+        n, k = routing.experts.shape
+        capacity = n if self.max_tokens is None else self.max_tokens
+        if n > capacity:
+            raise ValueError(f"moe: allgatherv got {n} tokens, more than its max_tokens = {capacity}")
+        experts, weights = routing.experts, routing.weights
+        if capacity > n:  # padded rows choose no expert
+            hidden = torch.cat([hidden, hidden.new_zeros(capacity - n, hidden.shape[1])])
+            experts = torch.cat([experts, experts.new_full((capacity - n, k), -1)])
+            weights = torch.cat([weights, weights.new_zeros(capacity - n, k)])
+        if self.world > 1:
+            from mcore_moe.comm import gather_rows
+
+            hidden = gather_rows(hidden, self.group)  # (W * C, H)
+            experts = gather_rows(experts, self.group)  # (W * C, K)
+            weights = gather_rows(weights, self.group)
+        local = experts.reshape(-1) - self.rank * self.local_experts  # (W*C*K,) local expert of each slot
+        real_slot = (local >= 0) & (local < self.local_experts)
+        key = torch.where(real_slot, local, self.local_experts)  # E_l: not ours (sorted last)
+        rows = self.world * capacity * min(k, self.local_experts)  # R: the most slots of ours there can be
+        order = torch.argsort(key, stable=True)[:rows]  # (R,) our slots by expert, token order within one
+        counts = torch.zeros(self.local_experts + 1, dtype=torch.long, device=key.device)
+        counts = counts.scatter_add_(0, key, torch.ones_like(key))[: self.local_experts]  # (E_l,) on the device
+        real = real_slot[order]  # (R,)
+        tokens = torch.div(order, k, rounding_mode="floor")  # (R,)
+        picked = torch.where(real.unsqueeze(-1), hidden[tokens], 0.0)  # (R, H), zeros on padding rows
+        w = torch.where(real, weights.reshape(-1)[order], 0.0)  # (R,)
+        handle = _PaddedHandle(tokens, w, real, hidden.shape[0], n)
+        return DispatchResult(tokens=picked, tokens_per_expert=counts, weights=w, handle=handle)
+
+    def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        h: _PaddedHandle = result.handle
+        rows = torch.where(h.real.unsqueeze(-1), expert_out, 0.0)  # padding rows may hold anything, NaN too
+        out = _weighted_sum(rows, h.weights, h.tokens, h.gathered)  # (W * C, H)
+        if self.world > 1:
+            from mcore_moe.comm import scatter_sum_rows
+
+            out = scatter_sum_rows(out, self.group)
+        return out[: h.num_tokens]  # (N, H)

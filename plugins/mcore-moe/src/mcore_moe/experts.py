@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mcore.precision.grouped import grouped_linear, grouped_linear_reference
 
@@ -71,6 +72,13 @@ def expert_linear(
     return grouped_linear(x, weight, group_sizes, ctx=ctx)
 
 
+def storage_less(x: torch.Tensor) -> bool:
+    """``x`` has no memory behind it (meta, or a fake tensor of ``mcore plan``'s memory estimate): only shapes."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return x.is_meta or is_fake(x)
+
+
 class GroupedSwiGLU(nn.Module):
     """``E_l`` SwiGLU experts run over rows grouped by expert (``tokens_per_expert``)."""
 
@@ -82,14 +90,19 @@ class GroupedSwiGLU(nn.Module):
         self._grouped_mm: dict[torch.device, bool] = {}  # the probe's answer, once per CUDA device
 
     def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        if storage_less(rows):  # shapes only (``mcore plan``): expert 0's weights give every row its sizes
+            gate, up = F.linear(rows, self.gate[0]), F.linear(rows, self.up[0])  # (M, F)
+            return F.linear(F.silu(gate) * up, self.down[0])  # (M, H)
         fast = False
         if rows.is_cuda and hasattr(torch, "_grouped_mm"):
             if rows.device not in self._grouped_mm:
                 self._grouped_mm[rows.device] = grouped_mm_works(rows.device)
             fast = self._grouped_mm[rows.device]
-        gate = expert_linear(rows, self.gate, tokens_per_expert, ctx, grouped_mm=fast)  # (M, F)
-        up = expert_linear(rows, self.up, tokens_per_expert, ctx, grouped_mm=fast)  # (M, F)
-        return expert_linear(F.silu(gate) * up, self.down, tokens_per_expert, ctx, grouped_mm=fast)  # (M, H)
+        # the local rows of weights an ``ep`` layout made DTensors (E_l experts; ``to_local`` is differentiable)
+        w_gate, w_up, w_down = (w.to_local() if isinstance(w, DTensor) else w for w in (self.gate, self.up, self.down))
+        gate = expert_linear(rows, w_gate, tokens_per_expert, ctx, grouped_mm=fast)  # (M, F)
+        up = expert_linear(rows, w_up, tokens_per_expert, ctx, grouped_mm=fast)  # (M, F)
+        return expert_linear(F.silu(gate) * up, w_down, tokens_per_expert, ctx, grouped_mm=fast)  # (M, H)
 
 
 class SwiGLU(nn.Module):

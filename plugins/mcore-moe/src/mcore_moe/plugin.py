@@ -1,5 +1,5 @@
-"""Registers the ``topk`` router, the ``allgather`` and ``alltoall`` dispatchers and the ``moe`` block
-with mcore (lazy references: no torch import)."""
+"""Registers the ``topk`` and ``hash`` routers, the ``allgather``, ``alltoall`` and ``allgatherv``
+dispatchers and the ``moe`` block with mcore (lazy references: no torch import)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,24 @@ def mcore_register(registry: Any) -> None:
         summary="token counts exchanged first, then an all-to-all of the routed rows and its inverse for combine",
     )
     registry.add(
+        "dispatcher",
+        "allgatherv",
+        "mcore_moe.dispatcher:AllGatherVDispatcher",
+        summary="allgather into fixed-capacity buffers with device-side counts: static shapes, no host sync",
+    )
+    registry.add(
         "block",
         "moe",
         "mcore_moe.block:MoE",
         summary="mixture of experts: router + dispatcher + grouped-GEMM SwiGLU experts, shared experts",
+    )
+    from mcore_moe.presets import PRESETS  # names and summaries only: no torch
+
+    for name, (attr, summary) in PRESETS.items():
+        registry.add("preset", name, f"mcore_moe.presets:{attr}", summary=summary)
+    registry.add(
+        "layout",
+        "ep",
+        "mcore_moe.ep:EPLayout",
+        summary="expert parallel over ep (carved out of data parallel): experts sharded, tokens dispatched to them",
     )

@@ -142,12 +142,21 @@ def group_limited_mask(choice: torch.Tensor, num_groups: int, topk_groups: int) 
     return keep.unsqueeze(-1).expand(n, num_groups, e // num_groups).reshape(n, e)
 
 
+def expert_counts(experts: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(E,)`` fp32: how many of ``experts``' ids (any shape, each in ``0..E-1``) name each expert, each
+    counted with its ``weights`` when given. A scatter-add, not ``bincount``: no data-dependent output
+    size, so it runs under fake tensors (``mcore plan``) and never syncs with the host."""
+    ids = experts.reshape(-1)
+    ones = torch.ones(ids.shape, dtype=torch.float32, device=ids.device) if weights is None else weights.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.float32, device=ids.device).scatter_add_(0, ids, ones.float())
+
+
 def balance_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch-style load-balancing loss of one set of tokens: ``E * sum_e f_e * P_e`` with ``f_e`` the
     fraction of the ``N * K`` chosen slots that went to ``e`` (no gradient) and ``P_e`` the mean over tokens
     of ``probs[:, e]`` (per-token scores normalised to sum 1). 1 when perfectly balanced."""
     n, k = experts.shape
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)  # (E,)
+    counts = expert_counts(experts, num_experts).to(probs.dtype)  # (E,)
     fraction = counts / max(n * k, 1)
     return num_experts * (fraction * probs.mean(0)).sum()
 
@@ -235,7 +244,7 @@ class TopKRouter(nn.Module):
 
         self._aux = self._losses(logits, scores, experts, num_sequences)
         if self.training and torch._C._current_graph_task_id() == -1:  # not a recompute during backward
-            self.step_load += torch.bincount(experts.reshape(-1), minlength=c.num_experts).float()
+            self.step_load += expert_counts(experts, c.num_experts)
         if c.capacity_factor is not None:
             capacity = math.ceil(c.capacity_factor * experts.numel() / c.num_experts)
             keep = capacity_keep(experts, weights, capacity, c.num_experts, by_weight=c.drop_policy == "probs")

@@ -26,7 +26,14 @@ parameter over ``dp_shard x cp``: its reduce-scatter already sums the ``cp`` ran
 divides by ``dp_shard`` only, so ``finish_grad_sync`` skips every gradient whose DTensor mesh holds all
 the ``cp`` ranks (no double sum).
 
-Not yet: dynamic CP, a fused partial-attention kernel on GPU.
+Dynamic CP (``[parallel.cp] dynamic = true``, Megatron's hybrid data x context parallelism): each
+micro-batch's documents are planned by ``cp_split.plan_dynamic``, each over as few ranks as its length
+needs, short ones whole on one rank; a rank's row then holds its parts of split documents first and its
+whole documents after them, every row of the micro-batch in one (``(1, L)``). Every rank still runs one
+forward per micro-batch, so fsdp's per-layer collectives line up. ``allgather`` exchanges only the split
+documents' keys; ``ring`` and ``a2a`` pass whole rows (masked: correct, without the saving).
+
+Not yet: a fused partial-attention kernel on GPU for document masks.
 """
 
 from __future__ import annotations
@@ -45,7 +52,14 @@ from mcore.errors import UserError
 from mcore.protocols.block import MTP_AHEAD, BlockContext
 from mcore.protocols.layout import DataParallelInfo
 from mcore_parallel.cp_attention import AllGatherAttention, AllToAllAttention, HybridAttention, RingAttention
-from mcore_parallel.cp_split import SplitPlan, check_seq_len, document_positions, labels_ahead, plan_split
+from mcore_parallel.cp_split import (
+    SplitPlan,
+    check_seq_len,
+    document_positions,
+    labels_ahead,
+    plan_dynamic,
+    plan_split,
+)
 from mcore_parallel.group_grads import DeferredSync, local_grad, sum_over_group
 
 if TYPE_CHECKING:
@@ -109,6 +123,10 @@ class CPLayout(DeferredSync):
         a2a_size: int | None = None
         """``kind = "a2a+ring"``: ranks per all-to-all group (a node), dividing ``cp``, above 1 and below ``cp``;
         the query heads, per tp rank, must divide by it."""
+        dynamic: bool = False
+        """Dynamic CP (hybrid data x context parallelism): each document of a micro-batch over as few cp ranks
+        as its length needs (short ones whole on one rank, long ones zig-zag over 2, 4, ... ranks), balancing
+        tokens per rank; with ``kind = "allgather"`` only the split documents' keys are exchanged."""
 
         def __post_init__(self) -> None:
             if self.kind not in KINDS:
@@ -129,7 +147,7 @@ class CPLayout(DeferredSync):
     def check_run(config: Config, run: Any) -> None:
         """Rows of one document (``data.packing = 'concat'``): ``train.seq_len`` must split into ``2 * cp`` chunks."""
         cp = run.parallel.sizes.get(DIM)
-        if isinstance(cp, int) and cp > 1 and run.data.packing == "concat":
+        if isinstance(cp, int) and cp > 1 and run.data.packing == "concat" and not config.dynamic:
             check_seq_len(run.train.seq_len, cp)
         if isinstance(cp, int) and config.kind == HYBRID and config.a2a_size is not None:
             check_a2a_size(config.a2a_size, cp)
@@ -161,7 +179,8 @@ class CPLayout(DeferredSync):
             return tokens, labels, ctx
         batch, seq = tokens.shape
         rank = mesh.rank(DIM)
-        plan = plan_split(ctx.cu_seqlens, batch, seq, size, tokens.device)
+        planner = plan_dynamic if self.config.dynamic else plan_split
+        plan = planner(ctx.cu_seqlens, batch, seq, size, tokens.device)
         positions = ctx.positions
         if positions is None:
             positions = document_positions(ctx.cu_seqlens, batch, seq, tokens.device)  # (B, T)

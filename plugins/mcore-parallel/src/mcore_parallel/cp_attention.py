@@ -7,7 +7,8 @@ same document, ``s`` does not come later in the row than ``t`` and, with a slidi
 less than ``window`` tokens back; padding sees and is seen by nothing. Three ways to get the keys:
 
 * ``AllGatherAttention`` (``kind = "allgather"``, the Llama-3 way): all-gather K and V over the
-  group, attend once; backward reduce-scatters their gradients back.
+  group, attend once; backward reduce-scatters their gradients back. Under a dynamic plan only each
+  rank's prefix of split documents is gathered (``SplitPlan.shared``); its whole documents stay local.
 * ``RingAttention`` (``kind = "ring"``): K/V blocks go around the ring with point-to-point
   transfers (``dist.batch_isend_irecv``), the next block's transfer posted before the partial
   attention on the block in hand; the blocks' results merge exactly by log-sum-exp
@@ -121,11 +122,22 @@ class AllGatherAttention(_CPAttention):
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: BlockContext, scale: float, window: int | None
     ) -> torch.Tensor:
-        k_all = _GatherTokens.apply(k, self.group)  # (B, cp * L, nkv, hd)
-        v_all = _GatherTokens.apply(v, self.group)  # (B, cp * L, nkv, hdv)
-        mask = self.cached(  # (B, L, cp * L)
-            ("gathered", window), lambda: _layout(torch.cat([self.mask(j, window) for j in range(self.size)], dim=2))
-        )
+        shared = k.shape[1] if self.plan.shared is None else self.plan.shared  # S: tokens other ranks need
+        if shared == 0:  # a dynamic plan that split no document (the same on every rank): nothing to exchange
+            mask = self.cached(("local", window), lambda: _layout(self.mask(self.rank, window)))
+            return partial_attention(q, k, v, scale=scale, mask=mask)[0].to(q.dtype)
+        k_all = _GatherTokens.apply(k[:, :shared], self.group)  # (B, cp * S, nkv, hd)
+        v_all = _GatherTokens.apply(v[:, :shared], self.group)  # (B, cp * S, nkv, hdv)
+        if shared < k.shape[1]:  # a dynamic plan: this rank's whole documents after the gathered prefixes
+            k_all, v_all = torch.cat([k_all, k[:, shared:]], dim=1), torch.cat([v_all, v[:, shared:]], dim=1)
+
+        def gathered_mask() -> BlockLayout:  # (B, L, cp * S [+ L - S])
+            parts = [self.mask(j, window)[:, :, :shared] for j in range(self.size)]
+            if shared < k.shape[1]:
+                parts.append(self.mask(self.rank, window)[:, :, shared:])
+            return _layout(torch.cat(parts, dim=2))
+
+        mask = self.cached(("gathered", window), gathered_mask)
         out, _ = partial_attention(q, k_all, v_all, scale=scale, mask=mask)  # (B, L, nh, hdv) fp32
         return out.to(q.dtype)
 

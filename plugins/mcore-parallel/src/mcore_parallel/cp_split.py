@@ -48,10 +48,19 @@ class SplitPlan:
 
     index: tuple[torch.Tensor, ...]
     docs: tuple[torch.Tensor, ...]
+    flat: bool = False
+    """Indices into the micro-batch flattened to one row ``(1, B * T)`` (a dynamic plan moves documents
+    between rows); every rank then holds one row ``(1, L)``."""
+    shared: int | None = None
+    """Only the first ``shared`` tokens of each rank's row belong to documents split over several ranks
+    (a dynamic plan); the rest are documents the rank holds whole, whose keys no other rank needs.
+    ``None``: any token may be needed anywhere."""
 
     def take(self, rank: int, values: torch.Tensor, fill: int) -> torch.Tensor:
-        """``values (B, T)`` at rank ``rank``'s tokens, ``fill`` at its padding: ``(B, L)``."""
+        """``values (B, T)`` at rank ``rank``'s tokens, ``fill`` at its padding: ``(B, L)`` (``(1, L)`` when flat)."""
         index = self.index[rank]
+        if self.flat:
+            values = values.reshape(1, -1)  # (1, B*T)
         taken = values.gather(1, index.clamp(min=0))
         return torch.where(index >= 0, taken, torch.full_like(taken, fill))
 
@@ -126,3 +135,114 @@ def plan_split(cu_seqlens: torch.Tensor | None, batch: int, seq: int, cp: int, d
         return torch.stack([torch.nn.functional.pad(r, (0, width - r.numel()), value=-1) for r in rows]).to(device)
 
     return SplitPlan(index=tuple(stack(index[r]) for r in range(cp)), docs=tuple(stack(docs[r]) for r in range(cp)))
+
+
+# -- dynamic CP: each document over as few ranks as its length needs ------------------------------------------
+def ranks_per_document(lengths: list[int], cp: int) -> list[int]:
+    """How many ranks each document is split over: the smallest divisor ``s`` of ``cp`` whose share
+    ``length / s`` fits the mean tokens per rank of the micro-batch (``cp`` when none does). Short documents
+    stay whole on one rank (data parallel across the group), long ones are split over 2, 4, ... ranks."""
+    target = max(1, -(-sum(lengths) // cp))  # ceil(total / cp)
+    sizes = [d for d in range(1, cp + 1) if cp % d == 0]
+    return [next((s for s in sizes if length <= target * s), cp) for length in lengths]
+
+
+def plan_dynamic(cu_seqlens: torch.Tensor | None, batch: int, seq: int, cp: int, device: torch.device) -> SplitPlan:
+    """Dynamic CP (Megatron's hybrid data x context parallelism) for one micro-batch the ``cp`` ranks share.
+
+    Each document (each row without ``cu_seqlens``; a document across a row end is one span per row, as in one
+    process) goes, longest first, to an aligned sub-group of ``s`` consecutive ranks: the smallest ``s`` from
+    ``ranks_per_document``'s up that keeps the sub-group's busiest rank within 5% of the mean share (else the
+    ``s`` with the lowest peak; a document of at most a quarter of the mean share always stays whole), the
+    sub-group whose busiest rank holds the fewest tokens (ties: the lowest). A document over ``s > 1`` ranks is split zig-zag over them (padded to a multiple of
+    ``2 * s``); one over a single rank stays whole there. Each rank's row is its split documents' tokens first
+    (padded to the longest such prefix, ``SplitPlan.shared``), then its whole documents, padded to the longest
+    row: indices into the flattened micro-batch (``flat``). Deterministic: every rank computes every rank's
+    part from the batch alone, and a resumed run plans the same steps the same way.
+    """
+    spans = [(r * seq + a, n) for r, row in enumerate(_spans(cu_seqlens, batch, seq)) for a, n in row]
+    lengths = [n for _, n in spans]
+    sizes = ranks_per_document(lengths, cp)
+    target = max(1, -(-sum(lengths) // cp))
+    limit = target + max(1, target // 20)  # a rank may end 5% above the mean share
+    divisors = [d for d in range(1, cp + 1) if cp % d == 0]
+    load = [0] * cp
+    split_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(cp)]  # [rank] -> (index, docs)
+    whole_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(cp)]
+    for doc in sorted(range(len(spans)), key=lambda d: (-lengths[d], d)):
+        start, length = spans[doc]
+        options = []  # (peak load, s, first rank of the sub-group) for each size from the document's least
+        short = length <= target // 4  # a filler: always whole, on the least loaded rank
+        for s in (d for d in divisors if d >= sizes[doc] and (d == 1 or not short)):
+            share = length if s == 1 else -(-length // (2 * s)) * 2  # tokens per rank, zig-zag padding included
+            first = min(range(0, cp, s), key=lambda g: (max(load[g : g + s]), g))  # the sub-group's first rank
+            options.append((max(load[first : first + s]) + share, s, first))
+            if options[-1][0] <= limit:  # the fewest ranks that keep the busiest one near the mean
+                break
+        _, s, first = options[-1] if options[-1][0] <= limit else min(options)
+        if s == 1:
+            whole_parts[first].append((torch.arange(start, start + length), torch.full((length,), doc)))
+            load[first] += length
+            continue
+        index, docs, owner = _row_split([(start, length)], doc, s)
+        for member in range(s):
+            mine = owner == member
+            split_parts[first + member].append((index[mine], docs[mine]))
+            load[first + member] += int(mine.sum())
+
+    def joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not parts:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        return torch.cat([i for i, _ in parts]), torch.cat([d for _, d in parts])
+
+    def padded(t: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.numel()), value=-1)
+
+    split = [joined(p) for p in split_parts]
+    whole = [joined(p) for p in whole_parts]
+    shared = max(i.numel() for i, _ in split)  # the longest split part: the prefix others need of every row
+    width = max(i.numel() + j.numel() for (i, _), (j, _) in zip(split, whole))
+    rows_index, rows_docs = [], []
+    for r in range(cp):  # a row shorter in split tokens sends a few of its whole documents' too (masked there)
+        rows_index.append(padded(torch.cat([split[r][0], whole[r][0]]), width)[None].to(device))
+        rows_docs.append(padded(torch.cat([split[r][1], whole[r][1]]), width)[None].to(device))
+    return SplitPlan(index=tuple(rows_index), docs=tuple(rows_docs), flat=True, shared=shared)
+
+
+def split_balance(plan: SplitPlan, cu_seqlens: torch.Tensor | None, batch: int, seq: int) -> dict[str, float]:
+    """How evenly ``plan`` spreads a micro-batch, and what it exchanges. Per rank: its real tokens and its
+    attention work (each query sees its document's keys up to itself: the sum of ``position + 1``); ``max/mean``
+    of each; the padding share of the ranks' rows; ``needed_fraction``: the share of real tokens whose keys
+    another rank needs (in split documents); ``sent_fraction``: the token slots the all-gather kind sends
+    (every rank's row, or its ``shared`` prefix) per real token."""
+    positions = document_positions(cu_seqlens, batch, seq, torch.device("cpu")).reshape(-1) + 1  # (B*T,)
+    tokens, work = [], []
+    for index in plan.index:
+        flat = index.reshape(-1).cpu()
+        if not plan.flat:  # (B, L) per-row indices -> flat ones
+            rows = torch.arange(index.shape[0]).repeat_interleave(index.shape[1])
+            flat = torch.where(flat >= 0, flat + rows * seq, -1)
+        real = flat[flat >= 0]
+        tokens.append(real.numel())
+        work.append(int(positions[real].sum()))
+    holders: dict[int, int] = {}  # document -> ranks holding part of it
+    for docs in plan.docs:
+        for d in docs.reshape(-1).unique().tolist():
+            if d >= 0:
+                holders[d] = holders.get(d, 0) + 1
+    doc_tokens: dict[int, int] = {}
+    for docs in plan.docs:
+        for d, n in zip(*docs.reshape(-1).unique(return_counts=True)):
+            doc_tokens[int(d)] = doc_tokens.get(int(d), 0) + int(n)
+    needed = sum(n for d, n in doc_tokens.items() if d >= 0 and holders[d] > 1)
+    total = sum(tokens)
+    width = plan.index[0].numel() if plan.shared is None else plan.shared * plan.index[0].shape[0]
+    mean_tokens, mean_work = total / len(tokens), sum(work) / len(work)
+    slots = sum(int(i.numel()) for i in plan.index)
+    return {
+        "max_over_mean_tokens": round(max(tokens) / mean_tokens, 4) if total else 0.0,
+        "max_over_mean_work": round(max(work) / mean_work, 4) if total else 0.0,
+        "padding_fraction": round(1 - total / slots, 4) if slots else 0.0,
+        "needed_fraction": round(needed / total, 4) if total else 0.0,
+        "sent_fraction": round(len(plan.index) * width / total, 4) if total else 0.0,
+    }

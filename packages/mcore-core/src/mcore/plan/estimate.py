@@ -55,7 +55,7 @@ from mcore.protocols.optimizer import OptimizerStateSize
 from mcore.train.build import DATA_DIMS, build_model
 from mcore.train.recompute import ATTENTION_NAMES, find_blocks
 
-SHARDING_DIMS = ("dp_shard", "tp", "pp", "ep")
+SHARDING_DIMS = ("dp_shard", "tp", "pp")  # and ep, which splits the experts only (``ep_fraction``)
 
 #: ``ParamSpec.tp`` styles a ``tp`` layout splits over its ranks (the others stay whole).
 TP_SPLIT_STYLES = ("column", "row", "vocab")
@@ -212,7 +212,7 @@ def fake_forward(
     be an illegal memory access that ends the process.
     """
     import torch._functorch.config as functorch_config
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
     model, _ = build_model(config, host, "meta")
     if precision.param_dtype != torch.float32:
@@ -236,6 +236,12 @@ def fake_forward(
             )
             with precision.autocast():
                 layers, other, largest = measure_activations(model, tokens, tokens, ctx)
+    except (DynamicOutputShapeException, DataDependentOutputException) as exc:
+        raise UserError(
+            f"mcore plan: model {config.model.name!r} computes a shape from tensor values ({exc.func}) in its forward, "
+            "which the estimate on storage-less tensors cannot follow; the block must give a static-shape path "
+            "for such tensors (see mcore_moe.experts.storage_less)"
+        ) from None
     except RuntimeError as exc:
         if "data pointer" not in str(exc):
             raise
@@ -306,6 +312,25 @@ def tp_split_numel(config: RunConfig, host: Any) -> tuple[int, int]:
     return split, whole
 
 
+def ep_fraction(config: RunConfig, host: Any, ep: int) -> tuple[float, str]:
+    """The fraction of the parameters a rank holds under expert parallelism of size ``ep``, and why: parameters
+    of role ``expert`` split over ``ep``; the others too when a layout borrows ``ep`` (fsdp sharding dense
+    parameters over ``dp_shard x ep``), else whole."""
+    model, _ = build_model(config, host, "meta")
+    specs = collect_param_specs(model)
+    total = experts = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            total += p.numel()
+            experts += p.numel() if specs[name].role == "expert" else 0
+    borrowed = any("ep" in (getattr(sel.config, "borrow", ()) or ()) for sel in config.layouts)
+    dense = (total - experts) / (ep if borrowed else 1)
+    why = f"expert parameters ({experts / max(total, 1):.1%}) divided by ep {ep}" + (
+        ", the others too (borrowed by a sharding layout)" if borrowed else ", the others whole"
+    )
+    return (dense + experts / ep) / max(total, 1), why
+
+
 def plan_memory(
     config: RunConfig, host: Any, *, world_size: int | None = None, device_memory_gb: float | None = None
 ) -> MemoryPlan:
@@ -318,7 +343,8 @@ def plan_memory(
         raise ConfigError(f"parallel: {exc} (plan for another --world-size?)") from None
     tp = sizes.get("tp", 1)
     shard = math.prod(sizes.get(d, 1) for d in SHARDING_DIMS)
-    dp = math.prod(sizes.get(d, 1) for d in DATA_DIMS)
+    ep = sizes.get("ep", 1)
+    dp = math.prod(sizes.get(d, 1) for d in DATA_DIMS) * ep  # ep ranks read different micro-batches
     seq_split = sizes.get("cp", 1)
 
     device = (
@@ -345,6 +371,11 @@ def plan_memory(
     if tp > 1:
         split, whole = tp_split_numel(config, host)
         held = (split / tp + whole) / max(1, split + whole)
+    ep_note = ""
+    if ep > 1:
+        fraction, why = ep_fraction(config, host, ep)
+        held *= fraction
+        ep_note = f"; {why}"
     other_shard = shard // tp
     params = int(numel * pbytes * held) // other_shard
     grads = params
@@ -408,7 +439,8 @@ def plan_memory(
         else ""
     )
     assumptions = [
-        f"parameters, gradients and optimizer state divided by {other_shard} (product of dp_shard, pp, ep sizes){tp_note}",
+        f"parameters, gradients and optimizer state divided by {other_shard} (product of dp_shard, pp sizes){tp_note}"
+        f"{ep_note}",
         f"activations of one micro-batch ({B} x {T} tokens) measured on fake (storage-less) tensors, divided by {seq_split} (cp)"
         + (
             "; not divided by tp (an upper bound: tp splits the heads' and MLP's inner activations, and with "
@@ -451,7 +483,7 @@ def pipeline_stages(
         numels = stage_numels(config, host) if size > 1 else None
         if numels is None or len(numels.layers) != len(layers):
             return None
-        dp = math.prod(sizes.get(d, 1) for d in DATA_DIMS)
+        dp = math.prod(sizes.get(d, 1) for d in DATA_DIMS) * sizes.get("ep", 1)
         rows = config.train.micro_batch_size or max(1, config.train.global_batch_size // dp)
         micro_batches = max(1, config.train.global_batch_size // (rows * dp))
         return layout, numels, list(layout.stage_plan(size, len(layers), micro_batches))

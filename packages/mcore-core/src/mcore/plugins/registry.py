@@ -170,9 +170,9 @@ class Registry:
                 "install a plugin that provides one and check `mcore plugins`"
             )
         nearest = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
-        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
         listing = ", ".join(f"{n} ({', '.join(str(e.source) for e in self._entries[(kind, n)])})" for n in available)
-        return f"unknown {kind} {name!r}{hint} available {kind} implementations: {listing}"
+        return f"unknown {kind} {name!r}{hint}; available {kind} implementations: {listing}"
 
 
 @dataclass

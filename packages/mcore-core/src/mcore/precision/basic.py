@@ -20,15 +20,16 @@ from mcore.params import ParamSpec
 from mcore.protocols.precision import GatherPayload
 
 
-def grads_finite(model: nn.Module) -> bool:
-    """True if every gradient on this rank is finite (one host sync for the whole model)."""
+def grads_finite(model: nn.Module) -> torch.Tensor:
+    """Whether every gradient on this rank is finite: a 0-d bool tensor on the gradients' device, computed
+    there (no host sync: the run loop reads it inside its one all-reduce of the step)."""
     grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
     # this rank's part of each gradient (a DTensor's local rows may be none: ragged splits)
     local = [t for g in grads if (t := g.to_local() if hasattr(g, "to_local") else g).numel()]
     if not local:
-        return True
+        return torch.ones((), dtype=torch.bool)
     peaks = fp32_norms(local, math.inf)  # each gradient's largest magnitude; NaN propagates
-    return bool(torch.isfinite(torch.stack([t.to(peaks[0].device) for t in peaks])).all())
+    return torch.isfinite(torch.stack([t.to(peaks[0].device) for t in peaks])).all()
 
 
 class _PlainRecipe:
@@ -48,7 +49,7 @@ class _PlainRecipe:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
-    def unscale_grads(self, model: nn.Module) -> bool:
+    def unscale_grads(self, model: nn.Module) -> torch.Tensor:
         return grads_finite(model)
 
     def update(self) -> None:

@@ -19,7 +19,8 @@ import torch
 
 
 def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-    """``x (N, K)``, ``weight (E, F, K)``, ``group_sizes (E,)`` int summing to N -> ``(N, F)``, one GEMM per expert."""
+    """``x (N, K)``, ``weight (E, F, K)``, ``group_sizes (E,)`` int summing to at most N -> ``(N, F)``, one GEMM
+    per expert; rows after the groups (a fixed-capacity dispatcher's padding) give zeros."""
     if weight.dim() != 3 or x.dim() != 2 or x.shape[1] != weight.shape[2]:
         raise ValueError(
             f"grouped_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (N, K), (E, F, K)"
@@ -27,12 +28,15 @@ def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, group_sizes:
     if group_sizes.shape != (weight.shape[0],):
         raise ValueError(f"grouped_linear: group_sizes {tuple(group_sizes.shape)} must be ({weight.shape[0]},)")
     sizes = [int(n) for n in group_sizes.tolist()]  # host sizes: one sync per call
-    if sum(sizes) != x.shape[0] or min(sizes, default=0) < 0:
+    if sum(sizes) > x.shape[0] or min(sizes, default=0) < 0:
         raise ValueError(
-            f"grouped_linear: group_sizes sum to {sum(sizes)} (negative: {min(sizes, default=0) < 0}); x has {x.shape[0]} rows"
+            f"grouped_linear: group_sizes sum to {sum(sizes)} (negative: {min(sizes, default=0) < 0}); "
+            f"x has {x.shape[0]} rows (allowed: a sum of non-negative sizes up to the rows)"
         )
-    parts = [rows @ weight[e].T for e, rows in enumerate(torch.split(x, sizes))]  # (n_e, F) each
-    return torch.cat(parts) if parts else x.new_zeros((0, weight.shape[1]))
+    padding = x.shape[0] - sum(sizes)
+    parts = [rows @ weight[e].T for e, rows in enumerate(torch.split(x[: sum(sizes)], sizes))]  # (n_e, F) each
+    parts.append(x.new_zeros((padding, weight.shape[1])))
+    return torch.cat(parts)
 
 
 def grouped_linear(

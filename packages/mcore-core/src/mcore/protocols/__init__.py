@@ -31,7 +31,7 @@ from mcore.protocols.model import LossHead, StagedModel
 from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory, OptimizerStateSize
 from mcore.protocols.precision import GatherPayload, PrecisionRecipe
 from mcore.protocols.sharded_grads import GradientShardingLayout, GradShards, ShardPiece, grad_sharding_layout
-from mcore.protocols.step import AfterOptimizerStep
+from mcore.protocols.step import AfterOptimizerStep, ReportsStepMetrics
 
 __all__ = [
     "AfterOptimizerStep",
@@ -64,6 +64,7 @@ __all__ = [
     "PrecisionRecipe",
     "RecurrentStateCache",
     "RecurrentStateSpec",
+    "ReportsStepMetrics",
     "Router",
     "RoutingDecision",
     "ScheduledLayout",

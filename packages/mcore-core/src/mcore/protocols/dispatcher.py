@@ -33,7 +33,10 @@ class DispatchResult:
     """Tokens delivered to this rank's experts.
 
     ``tokens``: ``(M, H)`` rows grouped contiguously by local expert, in local expert order
-    (so a grouped GEMM can consume them directly).
+    (so a grouped GEMM can consume them directly). A fixed-capacity dispatcher (``allgatherv``:
+    static shapes, no host sync) may end with padding rows after the ``tokens_per_expert.sum()``
+    real ones: experts may leave anything there (a grouped GEMM leaves them unwritten) and
+    ``combine`` ignores them, NaN included.
     ``tokens_per_expert``: ``(E_l,)`` int64 on the tokens' device; rows of expert ``i``
     are ``tokens[offsets[i]:offsets[i + 1]]``. Dispatchers built for inference must not
     force a device-to-host sync to produce it.

@@ -94,7 +94,7 @@ class ParallelLayout(Protocol):
           gradient norm and clipping count each element once). ``None`` (or no method): the
           default — a ``DTensor``'s placements decide, a plain tensor is on every rank. ``pp``
           answers 1 for a stage's own parameters and 2 for an embedding tied across the first
-          and last stage; ``ep`` answers 1 for experts.
+          and last stage; ``ep`` needs no answer: its experts are ``Shard(0)`` DTensors, counted by the default.
         * optional ``borrowed_dims``: mesh dimensions owned by another layout that this one also
           works over (``fsdp`` sharding over ``dp_shard`` x ``cp``, as torchtitan does); the core
           checks another layout owns each and ``ParallelMesh.submesh`` gives the flattened mesh.

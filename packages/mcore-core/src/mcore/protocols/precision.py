@@ -41,9 +41,11 @@ class PrecisionRecipe(Protocol):
           stay in high precision) come from the model's declarations.
         * ``autocast()``: context entered around forward (and the loss).
         * ``scale_loss(loss)``: returns the tensor to call ``backward`` on (loss scaling for
-          fp16, identity otherwise); ``unscale_grads(model) -> bool`` divides gradients by the
-          scale and returns ``True`` if this rank's gradients are all finite (the runtime
-          combines the answer across ranks before skipping a step); ``update()`` adjusts the scale
+          fp16, identity otherwise); ``unscale_grads(model)`` divides gradients by the
+          scale and answers whether this rank's gradients are all finite: ``True``/``False``, or
+          (better: no host sync) a 0-d bool tensor on the gradients' device, as the built-in
+          recipes do (the runtime combines the answer across ranks, inside its one all-reduce of
+          the step, before skipping a step); ``update()`` adjusts the scale
           after the step. The recipe owns its scaling state and checkpoints it through
           ``state_dict``/``load_state_dict``.
         * ``gather_payload(param_shard, *, name, spec)``: ``None`` to gather the shard as is, or a
@@ -82,7 +84,7 @@ class PrecisionRecipe(Protocol):
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor: ...
 
-    def unscale_grads(self, model: nn.Module) -> bool: ...
+    def unscale_grads(self, model: nn.Module) -> bool | torch.Tensor: ...
 
     def update(self) -> None: ...
 

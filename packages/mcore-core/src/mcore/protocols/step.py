@@ -39,3 +39,25 @@ class AfterOptimizerStep(Protocol):
     """
 
     def after_optimizer_step(self, reduce: Callable[[torch.Tensor], torch.Tensor], *, applied: bool) -> None: ...
+
+
+@runtime_checkable
+class ReportsStepMetrics(Protocol):
+    """A module (any module of the model) with numbers to log about the last optimizer step.
+
+    Contract:
+        * ``step_metrics(reduce)``: called by the run loop on the steps it logs (``log.every``, the
+          first and last step, a stop), on every rank, after ``after_optimizer_step``, in
+          ``model.modules()`` order. It describes the step that just ended (what the module counted
+          during that step's training forward passes, summed over its micro-batches): a module that
+          also has ``after_optimizer_step`` keeps a copy of the finished step's counts there, because
+          it starts counting the next step afresh. ``reduce`` is the same collective sum as
+          ``after_optimizer_step``'s (every rank holding the module calls it the same number of times
+          with the same shapes, whether or not it writes the log).
+        * Returns ``{name: value}`` of plain floats, names unique across the model (the layer index in
+          them, ``"moe/3/dropped_fraction"``); they go into ``metrics.jsonl`` and TensorBoard as
+          they are. Empty before the first step. Ranks holding different layers (pipeline stages)
+          report their own; the loop gathers them for the writer.
+    """
+
+    def step_metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]: ...

@@ -36,6 +36,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -68,7 +69,7 @@ from mcore.train.microbatch import StepLayouts, classify, forward_backward, forw
 from mcore.train.oom import OutOfMemory, oom_message
 from mcore.train.rundir import StartPlan, carry_out, plan_start, set_aside
 from mcore.train.signals import StopSignal
-from mcore.train.step_hooks import after_optimizer_step, post_step_modules, token_groups
+from mcore.train.step_hooks import after_optimizer_step, metric_modules, post_step_modules, step_metrics, token_groups
 
 #: Peak dense bf16 TFLOP/s of known devices, for MFU when ``log.peak_tflops`` is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0}
@@ -84,6 +85,36 @@ def model_flops_per_token(factory: Any, config: RunConfig, host: Any) -> float |
     if "block_lookup" in inspect.signature(fpt).parameters:
         kwargs["block_lookup"] = lambda name: host.load("block", name)
     return float(fpt(config.model.config, config.train.seq_len, **kwargs))
+
+
+def device_flag(value: bool, device: torch.device) -> torch.Tensor:
+    """``1.0`` or ``0.0`` as a 0-d fp64 tensor made on ``device`` (a fill, not a copy from the host)."""
+    return torch.full((), 1.0 if value else 0.0, dtype=torch.float64, device=device)
+
+
+def read_later(value: torch.Tensor) -> Callable[[], float]:
+    """``value`` (a 0-d device tensor) read by the returned call without waiting for work queued after this
+    one: on CUDA copied now into pinned host memory behind an event, so reading it after the optimizer's
+    kernels are queued waits for the copy only, not for them."""
+    if value.device.type != "cuda":
+        return lambda: float(value)
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> float:
+        copied.synchronize()
+        return float(host)
+
+    return read
+
+
+def not_finite_flag(finite: bool | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A recipe's ``unscale_grads`` answer (a bool, or a 0-d bool tensor: no host sync) as ``1.0`` when not finite."""
+    if isinstance(finite, torch.Tensor):
+        return torch.logical_not(finite.to(device)).double()
+    return device_flag(not finite, device)
 
 
 @dataclass
@@ -207,6 +238,11 @@ class Trainer:
         self.step_layouts: StepLayouts = classify(self.parts.layouts, config.parallel.layouts)
         self.token_groups = token_groups(self.parts.layouts, config.parallel.layouts, self.step_layouts)
         self.post_step = post_step_modules(self.parts.model)
+        self.metric_modules = metric_modules(self.parts.model)
+        # whether any rank reports step metrics: a pipeline stage without such modules must still join the
+        # gather of the stages' numbers (decided once, the same on every rank)
+        reports = torch.tensor([1.0 if self.metric_modules else 0.0], device=mesh.device)
+        self.step_metrics_on = bool(mesh_all_reduce(reports, mesh, "max").item() > 0)
         self.health = Health(config.train.spike_factor, config.train.spike_warmup_steps, config.train.max_skipped_steps)
         timeout = timedelta(seconds=config.parallel.timeout_s)
         ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if mesh.world_size > 1 else None
@@ -238,6 +274,11 @@ class Trainer:
         for group in self.token_groups:
             dist.all_reduce(value, group=group)
         return value
+
+    def module_metrics(self) -> dict[str, float]:
+        """The model's ``step_metrics`` for the step just ended (MoE loads), gathered over pipeline stages."""
+        with self.guard.phase("step metrics"):
+            return step_metrics(self.metric_modules, self.token_sum, gather=self.step_layouts.scheduled is not None)
 
     def loss_mean(self, share_sum: float) -> float:
         """The batch's mean loss from the ranks' summed loss shares: the ranks of a loss group hold
@@ -372,23 +413,28 @@ class Trainer:
             for layout in reversed(p.layouts):  # the outermost (applied last) first: its reductions land
                 layout.finish_grad_sync()
             finite_here = p.precision.unscale_grads(p.model)
-        # one all-reduce for the loss, the gradients' finiteness and a pending stop signal
+        # one all-reduce for the loss, the gradients' finiteness and a pending stop signal, built on the
+        # device (the loss share and the built-in recipes' finiteness are device tensors): the step's
+        # first host sync is reading its result
         stop_here = self.stop is not None and self.stop.requested is not None
-        agreed = torch.tensor(
-            [local_loss, 0.0 if finite_here else 1.0, 1.0 if stop_here else 0.0],
-            dtype=torch.float64,
-            device=p.mesh.device,
+        device = p.mesh.device
+        agreed = torch.stack(
+            [local_loss.to(device), not_finite_flag(finite_here, device), device_flag(stop_here, device)]
         )
         with self.guard.phase(f"loss all-reduce of step {n}"):
-            loss_sum, not_finite, stops = mesh_all_reduce(agreed, p.mesh).tolist()
-        loss_value, grads_finite = self.loss_mean(loss_sum), not_finite == 0
+            loss_sum, bad_ranks, stops = mesh_all_reduce(agreed, p.mesh).tolist()
+        loss_value, grads_finite = self.loss_mean(loss_sum), bad_ranks == 0
         self.stop_agreed = stops > 0
         with self.guard.phase(f"gradient norm of step {n}"):
-            grad_norm = float(global_grad_norm(self.named_params, p.mesh, p.layouts)) if grads_finite else math.nan
+            norm = global_grad_norm(self.named_params, p.mesh, p.layouts) if grads_finite else None
+            clipping = self.train.grad_clip > 0
+            # clipping needs the norm on the host now; without it the norm is read after the step is queued
+            grad_norm = float(norm) if norm is not None and clipping else math.nan
+            norm_later = read_later(norm) if norm is not None and not clipping else None
         problem = self.health.verdict(loss_value, grads_finite)
         with self.guard.phase(f"optimizer step {n}"):
             if problem is None:
-                if self.train.grad_clip > 0:
+                if clipping:  # problem is None: the gradients are finite, so the norm was computed
                     clip_grads_(self.params, self.train.grad_clip, torch.tensor(grad_norm))
                 p.optimizer.step()
                 self.health.good(loss_value)
@@ -396,6 +442,8 @@ class Trainer:
             p.precision.update()
             if problem is None:
                 p.precision.after_step(p.model)
+        if norm_later is not None:
+            grad_norm = norm_later()
         dt = time.perf_counter() - t0
         tokens_per_s = self.train.global_batch_size * self.train.seq_len / dt
         metrics: dict[str, Any] = {
@@ -456,7 +504,7 @@ class Trainer:
             p.precision,
         )
         p.model.train()
-        t = torch.tensor([share], dtype=torch.float64, device=p.mesh.device)
+        t = share.reshape(1).to(p.mesh.device)
         return self.loss_mean(float(mesh_all_reduce(t, p.mesh).item()))
 
     # -- the run --------------------------------------------------------------------------------
@@ -515,6 +563,8 @@ class Trainer:
                         or "eval_loss" in metrics
                         or stopping
                     ):
+                        if self.step_metrics_on:  # a collective: every rank, on the logged steps
+                            metrics.update(self.module_metrics())
                         writer.write({k: v for k, v in metrics.items() if k not in ("eta_s",)})
                         progress.update(metrics)
                     if stopping:  # every rank saw the signal in this step's all-reduce: stop here, together

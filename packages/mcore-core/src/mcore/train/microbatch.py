@@ -91,31 +91,41 @@ def shard(batch: MicroBatch, step_layouts: StepLayouts) -> MicroBatch:
     return tokens, labels, ctx
 
 
+def _mean_share(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The micro-batches' mean loss as a 0-d fp64 tensor on their device: summed there, never read by the host
+    (a ``float()`` per micro-batch stopped the host until the GPU caught up, leaving it idle while the next
+    micro-batch was launched)."""
+    return torch.stack([loss.detach().double() for loss in losses]).sum() / len(losses)
+
+
 def forward_backward(
     model: nn.Module, batches: Sequence[MicroBatch], step_layouts: StepLayouts, precision: Any
-) -> float:
-    """Forward and backward of every micro-batch (already ``shard``-ed); this rank's loss share."""
+) -> torch.Tensor:
+    """Forward and backward of every micro-batch (already ``shard``-ed); this rank's loss share, a 0-d fp64
+    tensor on the device (no host sync)."""
     if step_layouts.scheduled is not None:
         loss = step_layouts.scheduled.forward_backward(
             model, batches, precision=precision, no_grad_sync=step_layouts.no_grad_sync
         )
-        return float(loss.detach())
-    share = 0.0
+        return loss.detach().double()
+    losses = []
     for i, (tokens, labels, ctx) in enumerate(batches):
         with step_layouts.no_grad_sync() if i < len(batches) - 1 else contextlib.nullcontext():
             with precision.autocast():
                 loss = model(tokens, labels=labels, ctx=ctx)
             precision.scale_loss(loss / len(batches)).backward()
-        share += float(loss.detach()) / len(batches)
-    return share
+        losses.append(loss)
+    return _mean_share(losses)
 
 
-def forward_only(model: nn.Module, batches: Sequence[MicroBatch], step_layouts: StepLayouts, precision: Any) -> float:
-    """The loss share of ``batches`` without backward (evaluation)."""
+def forward_only(
+    model: nn.Module, batches: Sequence[MicroBatch], step_layouts: StepLayouts, precision: Any
+) -> torch.Tensor:
+    """The loss share of ``batches`` without backward (evaluation): a 0-d fp64 tensor on the device."""
     if step_layouts.scheduled is not None:
-        return float(step_layouts.scheduled.forward_only(model, batches, precision=precision).detach())
-    share = 0.0
+        return step_layouts.scheduled.forward_only(model, batches, precision=precision).detach().double()
+    losses = []
     for tokens, labels, ctx in batches:
         with precision.autocast():
-            share += float(model(tokens, labels=labels, ctx=ctx).detach()) / len(batches)
-    return share
+            losses.append(model(tokens, labels=labels, ctx=ctx))
+    return _mean_share(losses)

@@ -1,6 +1,7 @@
 """Calls the model's post-step hooks (``mcore.protocols.step.AfterOptimizerStep``) with the reduction
 over the ranks that saw distinct tokens of the step: every layout's data-parallel group and the
-loss group of a layout that splits the sequence."""
+loss group of a layout that splits the sequence; and, on logged steps, the modules' ``step_metrics``
+(``mcore.protocols.step.ReportsStepMetrics``: MoE expert loads) with the same reduction."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mcore.errors import ConfigError
@@ -43,3 +45,24 @@ def after_optimizer_step(
     """Call ``after_optimizer_step`` on each of ``modules`` (``post_step_modules``)."""
     for module in modules:
         module.after_optimizer_step(reduce, applied=applied)  # type: ignore[operator]
+
+
+def metric_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` with ``step_metrics`` (``ReportsStepMetrics``), in ``model.modules()`` order."""
+    return [m for m in model.modules() if callable(getattr(m, "step_metrics", None))]
+
+
+def step_metrics(
+    modules: list[nn.Module], reduce: Callable[[torch.Tensor], torch.Tensor], *, gather: bool
+) -> dict[str, float]:
+    """Every module's ``step_metrics`` merged (called on every rank). ``gather``: ranks hold different
+    modules (pipeline stages), so each rank's numbers are gathered and merged on every rank."""
+    merged: dict[str, float] = {}
+    for module in modules:
+        merged.update(module.step_metrics(reduce))  # type: ignore[operator]
+    if gather and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, merged)
+        for part in parts:
+            merged.update(part)
+    return merged

@@ -55,7 +55,7 @@ def _check_matches_single_process(cls: type[LayoutConformance], micro_batches: i
     ref_loss.backward()  # type: ignore[union-attr]
 
     micro = [shard((_local_rows(t, dp), _local_rows(y, dp), BlockContext(mesh=mesh)), steps) for t, y in batches]
-    share = torch.tensor([forward_backward(model, micro, steps, FP32())], dtype=torch.float64)
+    share = forward_backward(model, micro, steps, FP32()).reshape(1).cpu()  # (1,) fp64
     layout.finish_grad_sync()
     if dist.is_initialized():
         dist.all_reduce(share)

@@ -1,0 +1,49 @@
+"""The step's host syncs: the micro-batches' loss share and the gradients' finiteness stay on the device
+(one ``float()`` per micro-batch stopped the host until the GPU caught up; the GPU then idled while the next
+micro-batch was launched). The run loop reads them in its one all-reduce of the step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcore.precision.basic import FP32
+from mcore.train.microbatch import classify, forward_backward, forward_only
+from mcore_testing.reference import TinyTransformer, tiny_batches
+
+
+def _micro(device: str) -> list:
+    return [(t.to(device), y.to(device), None) for t, y in tiny_batches(3, seed=2)]
+
+
+def _run(device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model = TinyTransformer(seed=0).to(device)
+    steps = classify([], [])
+    micro = _micro(device)
+    share = forward_backward(model, micro, steps, FP32())
+    finite = FP32().unscale_grads(model)
+    with torch.no_grad():
+        evaluated = forward_only(model, micro, steps, FP32())
+    return share, finite, evaluated
+
+
+def test_loss_share_and_finiteness_are_device_tensors() -> None:
+    share, finite, evaluated = _run("cpu")
+    model = TinyTransformer(seed=0)
+    want = sum(model(t, labels=y).detach().double() for t, y, _ in _micro("cpu")) / 3
+    assert share.dtype == torch.float64 and share.shape == () and torch.allclose(share, want)
+    assert finite.dtype == torch.bool and bool(finite) and torch.allclose(evaluated, want)
+
+
+@pytest.mark.gpu
+def test_forward_backward_and_finiteness_make_no_host_sync() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    _run("cuda")  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        share, finite, _ = _run("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert share.is_cuda and finite.is_cuda and bool(finite)

@@ -1,0 +1,48 @@
+"""The experts of one ``ep`` rank: ``GroupedSwiGLU`` whose stacked weights are ``Shard(0)`` DTensors over ``ep``.
+
+Why a module of its own: the ``ep`` layout keeps each expert weight as a DTensor (``(E, F, H)`` globally,
+this rank's ``(E_l, F, H)`` rows locally) so the optimizer, the gradient norm and
+``torch.distributed.checkpoint`` see the whole tensor and a checkpoint reshards across ep sizes; the
+grouped GEMMs, though, run on the local rows. ``shard_experts`` swaps the module's class for
+``ShardedGroupedSwiGLU`` (as FSDP2's ``fully_shard`` does: same object, same parameter names); the forward
+reads each weight's local tensor (``to_local`` is differentiable: the gradient comes back as a DTensor with
+the parameter's placements). Under ``fsdp`` the weights it sees between gather and
+reshard are the same ep DTensors (``mcore_fsdp.tp_params``), so nothing changes there.
+
+Shape legend: E experts, E_l = E / ep experts on this rank, F expert FFN size, H hidden size, M routed rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from mcore_moe.experts import GroupedSwiGLU
+
+#: The stacked expert weights (dim 0: the experts) that the layout shards.
+WEIGHTS: tuple[str, ...] = ("gate", "up", "down")
+
+
+class ShardedGroupedSwiGLU(GroupedSwiGLU):
+    """``GroupedSwiGLU`` whose weights an ``ep`` layout sharded (``GroupedSwiGLU.forward`` computes with their
+    local rows): the class tells a later layout the experts are split already."""
+
+
+def shard_experts(experts: GroupedSwiGLU, device_mesh: Any, rank: int, size: int) -> None:
+    """Keep experts ``rank * E_l .. (rank + 1) * E_l - 1`` of ``experts`` as ``Shard(0)`` DTensors over
+    ``device_mesh`` (the ``ep`` sub-mesh), in place; on the meta device only the local shapes are made."""
+    for name in WEIGHTS:
+        full: nn.Parameter = getattr(experts, name)
+        per_rank = full.shape[0] // size
+        if full.is_meta:
+            local = torch.empty((per_rank, *full.shape[1:]), dtype=full.dtype, device="meta")
+        else:
+            local = full.detach()[rank * per_rank : (rank + 1) * per_rank].clone()  # (E_l, ...)
+        sharded = DTensor.from_local(
+            local, device_mesh, (Shard(0),), run_check=False, shape=full.shape, stride=full.stride()
+        )
+        setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+    experts.__class__ = ShardedGroupedSwiGLU
