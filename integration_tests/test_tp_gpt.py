@@ -9,6 +9,12 @@ one, so the output weight (the head, or the tied embedding) is split by rows.
 Each case runs again with sequence parallelism (``sequence_parallel = true``: norms on a rank's
 tokens, their scales' gradients summed).
 
+With ``overlap_chunks`` under sequence parallelism each block's input is gathered in chunks and
+the linears reading it (q, k, v or MLA's q / latent projections; gate, up) computed chunk by chunk
+(``tp_overlap_gather``): every such linear's output comes from the chunked GEMMs, and loss and
+gradients still equal one process (GQA split and shared, MLA, packed documents, recompute; the
+cross product on 2 and 4 ranks under ``slow``).
+
 QK-norm (its scales declared ``partial``: summed over the ranks) and MLA (its rope key, read by
 every head, summed through ``BlockContext.share_across_heads``) are covered too. The model is
 called with the context the layout's ``shard_batch`` makes, as the run loop does.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
@@ -29,6 +36,7 @@ from mcore_models.gpt import GPT
 from mcore_models.presets import preset_config
 from mcore_parallel.tp import TPLayout
 from mcore_parallel.tp_modules import HeadSliceLinear
+from mcore_parallel.tp_overlap_gather import GatheredInputLinear, GatherRegion
 from mcore_testing import run_distributed
 from mcore_testing.numerics import assert_rel_close
 
@@ -43,6 +51,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _served(model: torch.nn.Module) -> list[bool]:
+    """For each call of a linear that may read a gathered block input: whether its output came from
+    the region's chunked GEMMs (filled as the model runs)."""
+    calls: list[bool] = []
+    regions = {id(m.tp_gather): m.tp_gather for m in model.modules() if isinstance(m, GatheredInputLinear)}
+    for region in regions.values():
+
+        def take(linear: Any, x: torch.Tensor, region: GatherRegion = region) -> Any:
+            out = GatherRegion.take(region, linear, x)
+            calls.append(out is not None)
+            return out
+
+        region.take = take  # type: ignore[method-assign]
+    return calls
 
 
 def _check(
@@ -77,12 +101,23 @@ def _check(
     ref_loss.backward()
     norm_inputs: list[int] = []  # tokens per row the first norm sees: a rank's share under sequence parallelism
     model.layers[0].attn_norm.register_forward_pre_hook(lambda m, args: norm_inputs.append(args[0].shape[1]))
+    served = _served(model)
     tokens, labels, view = layout.shard_batch(tokens, labels, ctx() or BlockContext())
     assert view.head_group is not None and view.loss_group is None
     loss = model(tokens, labels=labels, ctx=view)
     loss.backward()
+    kept = [m.tp_gather._calls for m in model.modules() if isinstance(m, GatheredInputLinear)]
+    assert not any(kept), f"{name}: outputs of the chunked GEMMs kept after backward"
     layout.finish_grad_sync()
-    want = 16 // 2 if sequence_parallel else 16  # recompute runs the norm again in backward
+    if sequence_parallel and overlap_chunks > 1:  # q, k, v (MLA: q, latent); gate, up: each from the chunked GEMMs
+        attention = 2 if overrides.get("mixer") == "mla" else 3
+        # recompute calls the linears again in backward: full the layer (pre-hook included), selective the
+        # attention (its outputs kept from forward)
+        per_layer = {"none": attention + 2, "full": 2 * (attention + 2), "selective": 2 * attention + 2}[recompute]
+        assert served.count(True) == per_layer * len(model.layers), f"{name}: served {served}"
+    want = (
+        16 // layout._require_mesh().size("tp") if sequence_parallel else 16
+    )  # recompute runs the norm again in backward
     assert norm_inputs and set(norm_inputs) == {want}, f"{name}: the first norm saw {norm_inputs} tokens"
     assert_rel_close(loss.detach(), ref_loss.detach(), 1e-5, name=f"{name}: loss")
     ref = dict(reference.named_parameters())
@@ -103,7 +138,29 @@ def _all() -> None:
         _check("mla", VARIANTS["mla"], packed=True, sequence_parallel=True, recompute=recompute)
     for sp in (False, True):  # row-parallel reductions overlapped with their chunked GEMMs (MTP's too)
         _check("tied-mtp", VARIANTS["tied-mtp"], packed=True, sequence_parallel=sp, overlap_chunks=3)
+    # and under sequence parallelism the gathers before the column-parallel GEMMs, chunked alike
+    _check("gqa-shared-kv", VARIANTS["gqa-shared-kv"], packed=True, sequence_parallel=True, overlap_chunks=3)
+    _check("mla", VARIANTS["mla"], packed=True, sequence_parallel=True, recompute="full", overlap_chunks=3)
+    _check("gqa-split", {}, packed=False, sequence_parallel=True, recompute="selective", overlap_chunks=3)  # warned
 
 
 def test_tp2_gpt_variants_equal_one_process() -> None:
     run_distributed(_all, 2, timeout=240)
+
+
+def _overlap_cross_product() -> None:
+    """Every variant, packed or not, each recompute mode, with both sides of the overlap."""
+    for name, overrides in VARIANTS.items():
+        for packed in (False, True):
+            for recompute in ("none", "full", "selective"):
+                _check(name, overrides, packed, sequence_parallel=True, recompute=recompute, overlap_chunks=3)
+
+
+@pytest.mark.slow
+def test_tp2_gpt_overlap_cross_product() -> None:
+    run_distributed(_overlap_cross_product, 2, timeout=600)
+
+
+@pytest.mark.slow
+def test_tp4_gpt_overlap_cross_product() -> None:
+    run_distributed(_overlap_cross_product, 4, timeout=600)

@@ -2,8 +2,11 @@
 
 Arms (N = the world size torchrun starts):
 
-* ``tpN``, ``tpN+sp``, ``tpN+overlap``, ``tpN+sp+overlap``: ``parallel.layouts = ["tp"]`` over all N ranks,
-  with ``[parallel.tp] sequence_parallel`` and the communication-overlap option;
+* ``tpN``, ``tpN+sp``, ``tpN+overlap``, ``tpN+sp+overlap``, ``tpN+sp+overlap-rs``: ``parallel.layouts = ["tp"]``
+  over all N ranks, with ``[parallel.tp] sequence_parallel`` and the communication-overlap option
+  (``overlap_chunks = 4``): ``+overlap`` overlaps both sides under sequence parallelism (the row-parallel
+  reduce-scatters and the chunked all-gather before the column-parallel GEMMs), ``+overlap-rs`` the row side
+  only (``overlap_all_gather = false``), so the all-gather side's gain is its difference to ``+sp+overlap``;
 * ``tp2xfsdpM`` (M = N / 2) against ``fsdpN``: ``["tp", "fsdp"]`` against mcore-fsdp's ``["fsdp"]``;
 * ``ddpN`` against ``torch-ddpN``: mcore-parallel's ``ddp`` against ``torch.nn.parallel.DistributedDataParallel``
   around the same model, optimizer and step.
@@ -73,7 +76,17 @@ from mcore.train.grads import clip_grads_, global_grad_norm
 from mcore.train.loop import KNOWN_PEAK_TFLOPS, model_flops_per_token
 from mcore.train.microbatch import classify, forward_backward, shard
 
-ARM_FAMILIES = ("tp", "tp+sp", "tp+overlap", "tp+sp+overlap", "tp-fsdp", "fsdp", "ddp", "torch-ddp")
+ARM_FAMILIES = (
+    "tp",
+    "tp+sp",
+    "tp+overlap",
+    "tp+sp+overlap",
+    "tp+sp+overlap-rs",
+    "tp-fsdp",
+    "fsdp",
+    "ddp",
+    "torch-ddp",
+)
 COMM = re.compile(r"nccl|gloo|c10d|all_?reduce|reduce_?scatter|all_?gather|broadcast|all_to_all", re.IGNORECASE)
 
 
@@ -96,7 +109,9 @@ def make_arms(families: list[str], world: int) -> list[Arm]:
             if "+sp" in family:
                 tp["sequence_parallel"] = True
             if "+overlap" in family:
-                tp["overlap_chunks"] = 4  # row-parallel reductions overlapped with their chunked GEMMs
+                tp["overlap_chunks"] = 4  # reductions (and, under sp, the gathers) overlapped with chunked GEMMs
+            if family.endswith("+overlap-rs"):
+                tp["overlap_all_gather"] = False  # the row side only
             name = f"tp{world}{family[2:]}"
             out.append(Arm(name, family, {"layouts": ["tp"], "sizes": {"tp": world}, **({"tp": tp} if tp else {})}))
         elif family == "tp-fsdp":
@@ -161,7 +176,7 @@ def build_arm(arm: Arm, args: argparse.Namespace, host: Any) -> Built:
         norm = global_grad_norm(named, parts.mesh, parts.layouts)
         clip_grads_(params, 1.0, norm)
         parts.optimizer.step()
-        return share
+        return float(share)  # the step's loss on the host, as the torch DDP arm gives it
 
     return Built(step, model_flops_per_token(parts.factory, config, host), parts.dp.size)
 

@@ -36,6 +36,7 @@ from mcore_parallel import plugin
 from mcore_parallel.tp import TPLayout
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding
 from mcore_parallel.tp_overlap import OverlappedRowLinear
+from mcore_parallel.tp_overlap_gather import GatheredInputLinear
 from mcore_testing import run_distributed
 from mcore_testing.conformance import LayoutConformance
 from mcore_testing.hosts import isolated_host
@@ -139,13 +140,17 @@ def _check_grads(model: nn.Module, reference: nn.Module, what: str) -> None:
 
 def case_sgd_steps_equal_one_process() -> None:
     """tp2 (kv heads split) and tp4 (2 kv heads for 4 ranks: whole, summed), each without and with
-    sequence parallelism, and with the row-parallel reductions overlapped in chunks: 3 SGD steps, the second with two micro-batches (the first under
+    sequence parallelism, and with the row-parallel reductions (and, under sequence parallelism, the gathers
+    before the column-parallel GEMMs) overlapped in chunks: 3 SGD steps, the second with two micro-batches (the first under
     no_grad_sync), equal one process step by step, global gradient norm included."""
     for tp, sp, chunks in ((2, False, 1), (4, False, 1), (2, True, 1), (4, True, 1), (2, False, 3), (4, True, 2)):
         reference = TinyTransformer(GQA, seed=0)
         layout = TPLayout(TPLayout.Config(sequence_parallel=sp, overlap_chunks=chunks))
         model = layout.apply(copy.deepcopy(reference), _mesh(tp))
         assert isinstance(model.layers[0].mlp.down, OverlappedRowLinear) == (chunks > 1)
+        # under sequence parallelism, the all-gather side too: the linears reading a block's input
+        assert isinstance(model.layers[0].attn.q, GatheredInputLinear) == (sp and chunks > 1)
+        assert isinstance(model.layers[0].mlp.gate, GatheredInputLinear) == (sp and chunks > 1)
         summed = isinstance(model.layers[0].attn.k, HeadSliceLinear)
         assert summed == (tp == 4), tp
         assert isinstance(model.embed, VocabShardEmbedding) and isinstance(model.embed.weight, DTensor)
@@ -364,6 +369,9 @@ def test_sequence_parallel_config_and_run_checks() -> None:
             ValueError, match=r"^parallel\.tp\.overlap_chunks = .*; allowed: an integer from 1 \(off\) to 64$"
         ):
             TPLayout.Config(overlap_chunks=bad)  # type: ignore[arg-type]
+    assert TPLayout.Config().overlap_all_gather and not TPLayout.Config(overlap_all_gather=False).overlap_all_gather
+    with pytest.raises(ValueError, match=r"^parallel\.tp\.overlap_all_gather = 'no'; allowed: true or false$"):
+        TPLayout.Config(overlap_all_gather="no")  # type: ignore[arg-type]
 
 
 class _MixerWithoutHeads(nn.Module):

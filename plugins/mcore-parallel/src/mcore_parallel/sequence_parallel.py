@@ -12,6 +12,8 @@ residual stream between the model's layers' blocks is split by tokens: rank ``r`
   row-parallel linear) all-gathers its input by tokens first, and its row-parallel outputs are
   reduce-scattered by tokens (torch's ``RowwiseParallel(output_layouts=Shard(1))``) instead of
   all-reduced: the same bytes on the wire as plain ``tp``, a ``tp``-th of the activations;
+* with ``overlap_chunks`` a region's input is gathered by the layout's own chunked gather
+  (``tp_overlap_gather.py``), the GEMMs reading it started as its chunks arrive;
 * the first layer's input is split (each rank keeps its tokens of the embedding's output) and
   the last layer's output gathered, so the embedding and the loss head (vocab-parallel loss, MTP
   depths) see whole rows as without sequence parallelism.
@@ -32,8 +34,9 @@ step (what they output is the block's output, added to the residual stream).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -44,7 +47,14 @@ from mcore.train.recompute import BLOCK_LISTS, find_blocks
 from mcore_parallel.token_comm import all_gather_tokens
 from mcore_parallel.tp_plan import TPPlan
 
-__all__ = ["SequencePlan", "apply_sequence_parallel", "gather_tokens", "plan_sequence_parallel", "split_tokens"]
+__all__ = [
+    "RegionGather",
+    "SequencePlan",
+    "apply_sequence_parallel",
+    "gather_tokens",
+    "plan_sequence_parallel",
+    "split_tokens",
+]
 
 TOKEN_DIM = 1  # hidden states are (B, T, H)
 
@@ -159,8 +169,27 @@ def _replace_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], fn: Any) -> t
     raise TypeError("tp sequence_parallel: a layer or block was called without its hidden states (B, T, H)")
 
 
-def apply_sequence_parallel(model: nn.Module, sp: SequencePlan, group: Any, rank: int, world: int) -> None:
-    """Register the token split before the first layer, the gathers before each region and after the last layer."""
+class RegionGather(Protocol):
+    """A region's own gather (``tp_overlap_gather.GatherRegion``): ``gather`` in its pre-hook, ``release``
+    in its post-hook (what the call computed is dropped when the block returns)."""
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor: ...
+
+    def release(self) -> None: ...
+
+
+def apply_sequence_parallel(
+    model: nn.Module,
+    sp: SequencePlan,
+    group: Any,
+    rank: int,
+    world: int,
+    region_gathers: Mapping[str, RegionGather] | None = None,
+) -> None:
+    """Register the token split before the first layer, the gathers before each region and after the last layer.
+
+    ``region_gathers``: regions (by path) whose input is gathered by their own ``gather`` instead of
+    ``gather_tokens`` (the all-gather side of ``overlap_chunks``)."""
 
     def split(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return _replace_hidden(args, kwargs, lambda h: split_tokens(h, group, rank, world))
@@ -173,5 +202,26 @@ def apply_sequence_parallel(model: nn.Module, sp: SequencePlan, group: Any, rank
 
     model.get_submodule(sp.layers[0]).register_forward_pre_hook(split, with_kwargs=True)
     for path in sp.regions:
-        model.get_submodule(path).register_forward_pre_hook(gather, with_kwargs=True)
+        region = model.get_submodule(path)
+        own = (region_gathers or {}).get(path)
+        if own is None:
+            region.register_forward_pre_hook(gather, with_kwargs=True)
+            continue
+        region.register_forward_pre_hook(_own_gather(own), with_kwargs=True)
+        region.register_forward_hook(_own_release(own), always_call=True)
     model.get_submodule(sp.layers[-1]).register_forward_hook(gather_output)
+
+
+def _own_gather(own: RegionGather) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _replace_hidden(args, kwargs, own.gather)
+
+    return hook
+
+
+def _own_release(own: RegionGather) -> Any:
+    @torch.compiler.disable
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        own.release()
+
+    return hook

@@ -30,7 +30,11 @@ model on the meta device (it only records placements), and ``mcore.construct.ini
 rank's shard and the whole plain tensors with the single-process build's values.
 
 Sequence parallelism (``[parallel.tp] sequence_parallel = true``): the residual stream between
-blocks split by tokens (``sequence_parallel.py``). A data-parallel
+blocks split by tokens (``sequence_parallel.py``). Communication overlap (``overlap_chunks``):
+row-parallel linears reduce in token chunks while computing (``tp_overlap.py``); under sequence
+parallelism each block's input is gathered in chunks while the GEMMs reading it start on the
+chunks that have arrived (``tp_overlap_gather.py``: those column-parallel linears are then our
+``ColumnShardLinear``, not ``ColwiseParallel``). A data-parallel
 layout listed after ``tp`` works on each rank's local shards (``["tp", "ddp"]``: ``ddp`` reduces
 the local shards over ``dp_replicate``).
 """
@@ -52,6 +56,7 @@ from mcore_parallel.group_grads import DeferredSync, local_grad, sum_over_group
 from mcore_parallel.sequence_parallel import SequencePlan, apply_sequence_parallel, plan_sequence_parallel
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding, swap_class
 from mcore_parallel.tp_overlap import OverlappedRowLinear
+from mcore_parallel.tp_overlap_gather import ColumnShardLinear, GatheredInputLinear, GatherRegion
 from mcore_parallel.tp_plan import TPPlan, plan_tp
 
 if TYPE_CHECKING:
@@ -81,11 +86,21 @@ class TPLayout(DeferredSync):
         overlap_chunks: int = 1
         """Row-parallel linears compute their GEMM in this many token chunks, each chunk's reduction
         (all-reduce, or reduce-scatter under sequence parallelism) overlapping the next chunk's GEMM
-        (``tp_overlap.py``; 1: off, torch's ``RowwiseParallel``)."""
+        (``tp_overlap.py``; 1: off, torch's ``RowwiseParallel``). Under sequence parallelism the
+        all-gather side too (``overlap_all_gather``)."""
+
+        overlap_all_gather: bool = True
+        """With ``overlap_chunks > 1`` and ``sequence_parallel``: each block's input all-gathered in as
+        many chunks, the GEMMs of the linears reading it run on each chunk as it arrives, their input
+        gradient reduce-scattered chunk by chunk (``tp_overlap_gather.py``); false: the row side only."""
 
         def __post_init__(self) -> None:
             if not isinstance(self.sequence_parallel, bool):
                 raise ValueError(f"parallel.tp.sequence_parallel = {self.sequence_parallel!r}; allowed: true or false")
+            if not isinstance(self.overlap_all_gather, bool):
+                raise ValueError(
+                    f"parallel.tp.overlap_all_gather = {self.overlap_all_gather!r}; allowed: true or false"
+                )
             chunks = self.overlap_chunks
             if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= 64:
                 raise ValueError(f"parallel.tp.overlap_chunks = {chunks!r}; allowed: an integer from 1 (off) to 64")
@@ -107,6 +122,7 @@ class TPLayout(DeferredSync):
         self._plan: TPPlan | None = None
         self._sequence_plan: SequencePlan | None = None
         self._summed: list[tuple[nn.Module, str]] = []  # (module, attribute): read at each sync
+        self._regions: list[GatherRegion] = []  # the all-gather side of overlap: calls dropped after backward
 
     # -- apply -----------------------------------------------------------------------------------
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
@@ -121,7 +137,13 @@ class TPLayout(DeferredSync):
         device_mesh, group, rank = mesh.submesh([DIM]), mesh.group(DIM), mesh.rank(DIM)
         assert device_mesh is not None
         owners = _owners(model)
+        # the all-gather side of overlap: a region's column-parallel linears compute on its chunked gather
+        overlap_gather = self.config.overlap_chunks > 1 and self.config.overlap_all_gather
+        gathered = sp.regions if sp is not None and overlap_gather else []
         for path in plan.colwise:
+            if _inside(path, gathered):
+                self._column_shard(model.get_submodule(path), device_mesh, owners)
+                continue
             _parallelize(model, path, device_mesh, ColwiseParallel(), owners)
         for path in plan.rowwise:  # under sequence parallelism a block's outputs are reduce-scattered by tokens
             by_tokens = sp is not None and path in sp.row_outputs
@@ -151,7 +173,7 @@ class TPLayout(DeferredSync):
             for name in sp.summed:
                 path, _, key = name.rpartition(".")
                 self._summed.append((model.get_submodule(path), key))
-            apply_sequence_parallel(model, sp, group, rank, tp)
+            apply_sequence_parallel(model, sp, group, rank, tp, self._gather_regions(model, plan, gathered))
         if vocab_parallel:
             model.loss_head = loss_head.vocab_parallel(group)  # type: ignore[union-attr]
         return model
@@ -175,6 +197,39 @@ class TPLayout(DeferredSync):
         )
         if by_tokens and linear.bias is not None and linear.bias.requires_grad:
             self._summed.append((linear, "bias"))
+
+    def _column_shard(self, linear: nn.Module, device_mesh: DeviceMesh, owners: Any) -> None:
+        """A column-parallel linear inside a gathered region: weight and bias ``Shard(0)``, no input hook."""
+        assert isinstance(linear, nn.Linear)
+        _shard(linear.weight, device_mesh, owners)
+        if linear.bias is not None:
+            _shard(linear.bias, device_mesh, owners)
+        swap_class(linear, ColumnShardLinear, tp_group=self._require_mesh().group(DIM))
+
+    def _gather_regions(self, model: nn.Module, plan: TPPlan, regions: list[str]) -> dict[str, GatherRegion]:
+        """Each region's chunked gather (``tp_overlap_gather``), its candidates the linears inside it that
+        may read its input: column-parallel, head slices, replicated (not the row-parallel ones)."""
+        mesh = self._require_mesh()
+        whole = set(plan.whole)
+        out: dict[str, GatherRegion] = {}
+        for path in regions:
+            module = model.get_submodule(path)
+            region = GatherRegion(
+                group=mesh.group(DIM),
+                rank=mesh.rank(DIM),
+                world=mesh.size(DIM),
+                chunks=self.config.overlap_chunks,
+                rerun="forward" in vars(module),  # wrapped on the instance: train.recompute = "selective"
+            )
+            for name, linear in module.named_modules(prefix=path):
+                if not isinstance(linear, nn.Linear):
+                    continue
+                if name in plan.colwise or name in plan.head_slices or f"{name}.weight" in whole:
+                    swap_class(linear, GatheredInputLinear, tp_gather=region)
+                    region.candidates.append(linear)
+            out[path] = region
+            self._regions.append(region)
+        return out
 
     # -- the context: the ranks holding the other heads --------------------------------------------
     def shard_batch(
@@ -203,7 +258,9 @@ class TPLayout(DeferredSync):
 
     def finish_grad_sync(self) -> None:
         """Sum over the group the gradients of key/value projections kept whole (GQA, ``kv_heads < tp``)
-        and of ``partial`` parameters (QK-norm scales)."""
+        and of ``partial`` parameters (QK-norm scales); drop what the chunked gathers kept for a recompute."""
+        for region in self._regions:  # outputs kept for a recompute that never took them
+            region.reset()
         if not self.syncing or not self._summed:
             return
         # read through the holders: a layout applied after this one (fsdp) may have replaced the parameters
@@ -223,6 +280,10 @@ class TPLayout(DeferredSync):
         if self._mesh is None:
             raise RuntimeError(f"layout {self.name!r}: apply() has not been called")
         return self._mesh
+
+
+def _inside(path: str, regions: list[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in regions)
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

@@ -21,7 +21,8 @@ uses its local shard. The bias is a plain tensor added after the reduction (unde
 parallelism it sees a rank's tokens only, so the layout sums its gradient over the group). Under
 autocast the input and weight are cast before the chunked GEMMs, as ``F.linear`` would. Under
 ``torch.compile`` this linear runs eagerly (a graph break): torch's async TP is the compiled way
-to overlap. Equal results to the unchunked path are tested on gloo.
+to overlap. Equal results to the unchunked path are tested on gloo. The other side, the all-gather
+before a block's column-parallel GEMMs under sequence parallelism, is ``tp_overlap_gather``.
 """
 
 from __future__ import annotations
@@ -35,17 +36,17 @@ from torch.distributed.tensor import DTensor
 
 from mcore_parallel.token_comm import all_gather_single, reduce_scatter_single
 
-__all__ = ["OverlappedRowLinear"]
+__all__ = ["OverlappedRowLinear", "chunk_bounds", "rank_major"]
 
 
-def _chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
+def chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
     """``chunks`` near-equal ``[lo, hi)`` ranges of ``length`` (fewer when ``length`` is smaller)."""
     n = max(1, min(chunks, length))
     edges = [length * i // n for i in range(n + 1)]
     return [(edges[i], edges[i + 1]) for i in range(n) if edges[i + 1] > edges[i]]
 
 
-def _rank_major(x: torch.Tensor, world: int, lo: int, hi: int) -> torch.Tensor:
+def rank_major(x: torch.Tensor, world: int, lo: int, hi: int) -> torch.Tensor:
     """``(B, world * Tl, *)`` -> ``(world, B, hi - lo, *)``: tokens ``[lo, hi)`` of every rank's share."""
     batch, seq = x.shape[:2]
     return x.view(batch, world, seq // world, *x.shape[2:])[:, :, lo:hi].movedim(1, 0)
@@ -59,14 +60,14 @@ class _OverlappedRow(torch.autograd.Function):
         batch, seq = x.shape[:2]
         outs, works = [], []
         if sequence_parallel:
-            for lo, hi in _chunk_bounds(seq // world, chunks):
-                partial = _rank_major(x, world, lo, hi) @ weight.T  # (world, B, Tc, H): contiguous
+            for lo, hi in chunk_bounds(seq // world, chunks):
+                partial = rank_major(x, world, lo, hi) @ weight.T  # (world, B, Tc, H): contiguous
                 out = partial.new_empty(partial.shape[1:])  # (B, Tc, H): this rank's tokens, summed
                 flat = partial.view(-1, *partial.shape[2:])  # (world * B, Tc, H): rank r's part at rows r*B..
                 works.append(reduce_scatter_single(out, flat, group=group, async_op=True))
                 outs.append(out)
         else:
-            for lo, hi in _chunk_bounds(seq, chunks):
+            for lo, hi in chunk_bounds(seq, chunks):
                 out = x[:, lo:hi] @ weight.T  # (B, Tc, H) partial
                 works.append(dist.all_reduce(out, group=group, async_op=True))
                 outs.append(out)
@@ -85,7 +86,7 @@ class _OverlappedRow(torch.autograd.Function):
             torch.matmul(grad, weight, out=grad_x)
             grad_w.addmm_(grad.reshape(-1, grad.shape[-1]).T, x.reshape(-1, features))
             return grad_x, grad_w, None, None, None, None
-        bounds = _chunk_bounds(grad.shape[1], ctx.chunks)
+        bounds = chunk_bounds(grad.shape[1], ctx.chunks)
 
         def start(lo: int, hi: int) -> tuple[torch.Tensor, Any]:
             piece = grad[:, lo:hi].contiguous()  # (B, Tc, H) of this rank's tokens
@@ -99,8 +100,8 @@ class _OverlappedRow(torch.autograd.Function):
             if index + 1 < len(bounds):
                 pending = start(*bounds[index + 1])  # the next chunk travels while this one computes
             g = whole.view(ctx.world, -1, hi - lo, whole.shape[-1])  # (world, B, Tc, H)
-            _rank_major(grad_x, ctx.world, lo, hi).copy_(g @ weight)  # (world, B, Tc, F/tp)
-            grad_w.addmm_(g.reshape(-1, g.shape[-1]).T, _rank_major(x, ctx.world, lo, hi).reshape(-1, features))
+            rank_major(grad_x, ctx.world, lo, hi).copy_(g @ weight)  # (world, B, Tc, F/tp)
+            grad_w.addmm_(g.reshape(-1, g.shape[-1]).T, rank_major(x, ctx.world, lo, hi).reshape(-1, features))
         return grad_x, grad_w, None, None, None, None
 
 
