@@ -114,7 +114,7 @@ def resolve_error(host: Any, *overrides: str) -> str:
             ["--model.layers=attention/swiglu,none"],
             "model.layers = ['attention/swiglu', 'none']: every layer needs a mixer",
         ),
-        (["--model.mlp=geluu"], "unknown block 'geluu'; did you mean 'gelu-mlp'?"),
+        (["--model.mlp=geluu"], "unknown block 'geluu' (did you mean 'gelu-mlp'?); available block"),
         (["--model.attention.num_head=2"], "unknown key 'model.attention.num_head' (value '2'); block 'attention'"),
         (["--model.mla.kv_lora_rank=8"], "[model.mla] configures block 'mla', which this model does not use"),
         (["--model.num_heads=8"], "model.num_heads is no longer a [model] key (run config schema 2): it is attention"),
