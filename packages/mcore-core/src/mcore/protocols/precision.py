@@ -46,7 +46,9 @@ class PrecisionRecipe(Protocol):
           (better: no host sync) a 0-d bool tensor on the gradients' device, as the built-in
           recipes do (the runtime combines the answer across ranks, inside its one all-reduce of
           the step, before skipping a step); ``update()`` adjusts the scale
-          after the step. The recipe owns its scaling state and checkpoints it through
+          after the step; a recipe whose ``update`` takes a ``finite`` keyword is handed the step's
+          finiteness as agreed over all ranks (``update(finite=...)``), so every rank moves its scale
+          alike without a collective of its own. The recipe owns its scaling state and checkpoints it through
           ``state_dict``/``load_state_dict``.
         * ``gather_payload(param_shard, *, name, spec)``: ``None`` to gather the shard as is, or a
           ``GatherPayload`` for FSDP to all-gather: one or several tensors (quantized bytes and

@@ -239,6 +239,7 @@ class Trainer:
         self.token_groups = token_groups(self.parts.layouts, config.parallel.layouts, self.step_layouts)
         self.post_step = post_step_modules(self.parts.model)
         self.metric_modules = metric_modules(self.parts.model)
+        self.update_takes_finite = "finite" in inspect.signature(self.parts.precision.update).parameters
         # whether any rank reports step metrics: a pipeline stage without such modules must still join the
         # gather of the stages' numbers (decided once, the same on every rank)
         reports = torch.tensor([1.0 if self.metric_modules else 0.0], device=mesh.device)
@@ -439,7 +440,10 @@ class Trainer:
                 p.optimizer.step()
                 self.health.good(loss_value)
             after_optimizer_step(self.post_step, self.token_sum, applied=problem is None)
-            p.precision.update()
+            if self.update_takes_finite:  # the finiteness all ranks agreed on: every rank moves its scale alike
+                p.precision.update(finite=grads_finite)
+            else:
+                p.precision.update()
             if problem is None:
                 p.precision.after_step(p.model)
         if norm_later is not None:
