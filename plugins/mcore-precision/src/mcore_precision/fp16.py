@@ -30,9 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mcore.errors import ConfigError
-from mcore.params import ParamSpec
-from mcore.precision.basic import grads_finite
-from mcore.protocols.precision import GatherPayload
+from mcore.precision.basic import PlainRecipe, grads_finite
 
 __all__ = ["FP16"]
 
@@ -59,7 +57,7 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor's own rows
 
 
-class FP16:
+class FP16(PlainRecipe):
     """fp16 with dynamic loss scaling (module docstring)."""
 
     name: ClassVar[str] = "fp16"
@@ -116,9 +114,6 @@ class FP16:
         self._finite: torch.Tensor | None = None  # this step's answer of unscale_grads, read by update
 
     # -- model and forward ------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model.to(dtype=self.param_dtype)
-
     def autocast(self) -> AbstractContextManager[Any]:
         if self.config.params == "fp16":
             return nullcontext()
@@ -171,17 +166,6 @@ class FP16:
         self.good_steps = torch.where(grow, torch.zeros_like(count), count)
 
     # -- FSDP gather, steps, checkpoints ----------------------------------------------------------
-    def gather_payload(
-        self, param_shard: torch.Tensor, *, name: str = "", spec: ParamSpec | None = None
-    ) -> GatherPayload | None:
-        return None
-
-    def unpack(self, gathered: tuple[torch.Tensor, ...], metadata: Any) -> torch.Tensor:
-        return gathered[0]
-
-    def after_step(self, model: nn.Module) -> None:
-        return None
-
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale.detach().clone(), "good_steps": self.good_steps.detach().clone()}
 

@@ -26,7 +26,6 @@ choice; ``gemm = "emulated"`` forces the emulation.
 from __future__ import annotations
 
 import re
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -35,9 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mcore.errors import ConfigError
-from mcore.params import ParamSpec, collect_param_specs
-from mcore.precision.basic import grads_finite
-from mcore.protocols.precision import GatherPayload
+from mcore.params import collect_param_specs
+from mcore.precision.basic import PlainRecipe
 from mcore_precision.formats import E4M3, FORMATS, FP8Format, amax_to_scale, tensorwise_scale
 from mcore_precision.fp8_linear import FP8Linear, Scaler
 
@@ -139,7 +137,7 @@ def fp8_linear_names(model: nn.Module, *, first_layers_bf16: int = 0, last_layer
     return names
 
 
-class _FP8Recipe:
+class _FP8Recipe(PlainRecipe):
     """What ``fp8-current`` and ``fp8-delayed`` share: the swap, the plain loss and gradients, no gather payload."""
 
     name: ClassVar[str] = "fp8"
@@ -195,35 +193,8 @@ class _FP8Recipe:
             setattr(model.get_submodule(parent) if parent else model, child, new)
         return model
 
-    def autocast(self) -> AbstractContextManager[Any]:
-        return nullcontext()
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
-
-    def unscale_grads(self, model: nn.Module) -> torch.Tensor:
-        return grads_finite(model)
-
     def update(self) -> None:
         return None
-
-    def gather_payload(
-        self, param_shard: torch.Tensor, *, name: str = "", spec: ParamSpec | None = None
-    ) -> GatherPayload | None:
-        return None  # part 1: FSDP gathers the bf16 shard; the FP8 linear quantises the gathered weight
-
-    def unpack(self, gathered: tuple[torch.Tensor, ...], metadata: Any) -> torch.Tensor:
-        return gathered[0]
-
-    def after_step(self, model: nn.Module) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            raise ValueError(f"recipe {self.name!r} keeps no state, got keys {sorted(state_dict)[:3]}")
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:

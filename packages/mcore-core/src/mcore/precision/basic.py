@@ -32,8 +32,10 @@ def grads_finite(model: nn.Module) -> torch.Tensor:
     return torch.isfinite(torch.stack([t.to(peaks[0].device) for t in peaks])).all()
 
 
-class _PlainRecipe:
-    """Shared behaviour of formats that need no scaling state."""
+class PlainRecipe:
+    """A recipe that scales nothing and keeps no state: the base of ``fp32``/``bf16``, and of a plugin's recipe,
+    which overrides what differs (``prepare`` to swap in its GEMM modules, ``scale_loss``/``update`` to scale,
+    ``gather_payload``/``unpack`` to gather quantised weights, ``state_dict`` for its state)."""
 
     name: ClassVar[str] = "plain"
     param_dtype: torch.dtype = torch.float32
@@ -74,7 +76,7 @@ class _PlainRecipe:
             raise ValueError(f"recipe {self.name!r} keeps no state, got keys {sorted(state_dict)}")
 
 
-class FP32(_PlainRecipe):
+class FP32(PlainRecipe):
     """Everything in fp32."""
 
     name: ClassVar[str] = "fp32"
@@ -83,7 +85,7 @@ class FP32(_PlainRecipe):
         self.config = config
 
 
-class BF16(_PlainRecipe):
+class BF16(PlainRecipe):
     """bf16 compute with fp32 master weights and fp32 gradient reduction."""
 
     name: ClassVar[str] = "bf16"
