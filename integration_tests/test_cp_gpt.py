@@ -97,8 +97,10 @@ def _check(key: str, kind: str, variant: str, packed: bool, mesh: ParallelMesh) 
     if key.endswith("+recompute"):  # the ring runs again in backward: every rank in the same order
         apply_recompute(model, "full")
     layouts: list[Any] = [TPLayout()] if "tp" in key else []  # the run's order: tp, then cp
-    kind, _, dynamic = kind.partition(" ")  # "allgather dynamic": dynamic CP with that kind
-    layout = CPLayout(CPLayout.Config(kind=kind, a2a_size=2 if kind == "a2a+ring" else None, dynamic=bool(dynamic)))
+    kind, _, dynamic = kind.partition(" ")  # "allgather dynamic" / "ring dynamic-work": dynamic CP with that kind
+    balance = "work" if dynamic == "dynamic-work" else "tokens"
+    a2a_size = 2 if kind == "a2a+ring" else None
+    layout = CPLayout(CPLayout.Config(kind=kind, a2a_size=a2a_size, dynamic=bool(dynamic), dynamic_balance=balance))
     layouts.append(layout)
     if "fsdp" in key:  # fsdp sharding every parameter over dp_shard x cp (both dp ranks read the same batch here)
         layouts.append(FSDPLayout(FSDPLayout.Config(borrow=("cp",))))
@@ -191,7 +193,7 @@ FAST = [
     ("cp2", "ring", "mtp1", True),  # MTP reads the row ahead: the layout hands it this rank's tokens/labels
     ("cp4", "allgather dynamic", "gqa", True),  # dynamic CP: documents over 1, 2 or 4 ranks, one row per rank
     ("cp2 x fsdp2", "allgather dynamic", "mla", True),  # ... under fsdp (one forward per micro-batch on every rank)
-    ("cp4", "ring dynamic", "window", True),
+    ("cp4", "ring dynamic-work", "window", True),  # balancing tokens plus causal pairs
 ]
 ALL = [
     (key, kind, variant, packed)
@@ -217,9 +219,10 @@ ALL_MTP = [
 ]
 ALL_HYBRID = [("cp4", "a2a+ring", variant, packed) for variant in VARIANTS for packed in (False, True)]
 ALL_DYNAMIC = [
-    (key, f"{kind} dynamic", variant, packed)
+    (key, f"{kind} {balance}", variant, packed)
     for key in ("cp2", "cp4", "cp2 x tp2", "cp2 x fsdp2", "cp2 +recompute")
     for kind in ("ring", "allgather", "a2a")
+    for balance in ("dynamic", "dynamic-work")
     for variant in ("gqa", "mla", "window", "mtp1")
     for packed in (False, True)
 ]

@@ -6,8 +6,10 @@ its length needs), so this measures them exactly. Micro-batches are rows of ``--
 documents whose lengths follow a log-normal distribution (median ``--median``, sigma ``--sigma``: a long
 tail, as in web text with a few books), cut at row ends as the ``thd`` packing does. Per ``cp`` and plan, the
 mean over ``--batches`` micro-batches of ``cp_split.split_balance``: max/mean real tokens per rank, max/mean
-attention work per rank (causal pairs), padding share of the ranks' rows, share of tokens whose keys another
-rank needs, and token slots the all-gather kind sends per real token.
+attention work per rank (causal pairs), max/mean of the two weighed together (``document_cost`` with
+``6 * --hidden``: a token's attention at that position costs as much as the rest of its layer), padding share of
+the ranks' rows, share of tokens whose keys another rank needs, and token slots the all-gather kind sends per
+real token. Plans: ``static``, ``dynamic`` (balancing tokens), ``dynamic-work`` (balancing the weighed cost).
 
     python plugins/mcore-parallel/benchmarks/bench_cp_balance.py
     python plugins/mcore-parallel/benchmarks/bench_cp_balance.py --quick   # small, for tests
@@ -27,7 +29,7 @@ import torch
 from mcore_parallel.cp_split import plan_dynamic, plan_split, split_balance
 from mcore_testing.bench import emit, write_lines
 
-PLANS = {"static": plan_split, "dynamic": plan_dynamic}
+PLANS = ("static", "dynamic", "dynamic-work")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=1.6, help="log-normal sigma of the lengths")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size: attention weighs 1/(6*hidden) per pair")
     parser.add_argument("--out", default=None, help="also write the JSON lines here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -60,15 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     lines: list[dict[str, Any]] = []
     settings = {"seq_len": args.seq_len, "rows": args.rows, "median": args.median, "sigma": args.sigma}
+    settings["hidden"] = args.hidden
     emit(lines, {"config": True, "torch": torch.__version__, "batches": args.batches, "seed": args.seed, **settings})
     rng = random.Random(args.seed)
     batches = [packed_batch(rng, args.rows, args.seq_len, args.median, args.sigma) for _ in range(args.batches)]
+    attention_tokens = 6 * args.hidden  # where a token's attention costs as much as the rest of its layer
+    cpu = torch.device("cpu")
+
+    def plan(name: str, cu: torch.Tensor, cp: int) -> Any:
+        if name == "static":
+            return plan_split(cu, args.rows, args.seq_len, cp, cpu)
+        weigh = attention_tokens if name == "dynamic-work" else None
+        return plan_dynamic(cu, args.rows, args.seq_len, cp, cpu, attention_tokens=weigh)
+
     for cp in args.cps:
-        for name, planner in PLANS.items():
+        for name in PLANS:
             stats = [
-                split_balance(
-                    planner(cu, args.rows, args.seq_len, cp, torch.device("cpu")), cu, args.rows, args.seq_len
-                )
+                split_balance(plan(name, cu, cp), cu, args.rows, args.seq_len, attention_tokens=attention_tokens)
                 for cu in batches
             ]
             row: dict[str, Any] = {"cp": cp, "plan": name}

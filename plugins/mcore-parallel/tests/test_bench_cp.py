@@ -53,10 +53,11 @@ def test_bench_cp_balance_quick(tmp_path: Path) -> None:
     header, rows = _rows(out)
     assert header["config"] and header["seq_len"] == 2048
     by = {(row["cp"], row["plan"]): row for row in rows}
-    assert set(by) == {(cp, plan) for cp in (2, 4) for plan in ("static", "dynamic")}
+    assert set(by) == {(cp, plan) for cp in (2, 4) for plan in ("static", "dynamic", "dynamic-work")}
     for cp in (2, 4):
         assert by[(cp, "static")]["needed_fraction"] == 1.0 > by[(cp, "dynamic")]["needed_fraction"]
         assert by[(cp, "dynamic")]["max_over_mean_tokens"] < 1.2
+        assert by[(cp, "dynamic-work")]["max_over_mean_cost"] <= by[(cp, "dynamic")]["max_over_mean_cost"]
 
 
 def _multi(tmp_path: Path, kinds: list[str], expect_refused: list[str]) -> None:

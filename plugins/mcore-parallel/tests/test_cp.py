@@ -25,6 +25,7 @@ from mcore.train import run
 from mcore_parallel import plugin
 from mcore_parallel.cp import CPLayout
 from mcore_parallel.cp_split import (
+    document_cost,
     document_positions,
     labels_ahead,
     plan_dynamic,
@@ -115,6 +116,21 @@ def test_dynamic_plan_balances_and_exchanges_less_than_static() -> None:
     static, dynamic = _balance(short, plan_split), _balance(short, plan_dynamic)
     assert dynamic["sent_fraction"] == 0.0 and static["sent_fraction"] > 1.0
     assert dynamic["max_over_mean_tokens"] == 1.0 < static["max_over_mean_tokens"]
+
+
+def test_dynamic_work_balance_weighs_long_documents_by_their_pairs() -> None:
+    """Documents of 30 and 17 x 2 tokens under cp2: by tokens (32 a rank) the 30 stays whole; weighed with its
+    causal pairs (attention_tokens = 8: 30 + 465 / 8 = 88.1 of 128.5 in all) it is split over both ranks."""
+    lengths = [30] + [2] * 17
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    by_tokens = plan_dynamic(cu, 1, 64, 2, torch.device("cpu"))
+    by_work = plan_dynamic(cu, 1, 64, 2, torch.device("cpu"), attention_tokens=8)
+    assert by_tokens.shared == 0 and by_work.shared > 0  # only the work plan splits the long document
+    tokens, work = (split_balance(p, cu, 1, 64, attention_tokens=8) for p in (by_tokens, by_work))
+    assert work["max_over_mean_cost"] < tokens["max_over_mean_cost"]
+    assert document_cost(30, 8) == 30 + 30 * 31 / 16 and document_cost(30, None) == 30.0
+    with pytest.raises(ValueError, match=r"parallel\.cp\.dynamic_balance = 'flops'; allowed: 'tokens', 'work'"):
+        CPLayout.Config(dynamic=True, dynamic_balance="flops")
 
 
 def test_rows_of_one_document_must_split_into_2cp_chunks() -> None:

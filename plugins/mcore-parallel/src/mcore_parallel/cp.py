@@ -127,6 +127,9 @@ class CPLayout(DeferredSync):
         """Dynamic CP (hybrid data x context parallelism): each document of a micro-batch over as few cp ranks
         as its length needs (short ones whole on one rank, long ones zig-zag over 2, 4, ... ranks), balancing
         tokens per rank; with ``kind = "allgather"`` only the split documents' keys are exchanged."""
+        dynamic_balance: str = "tokens"
+        """What dynamic CP balances: ``tokens``, or ``work`` (tokens plus causal pairs weighed against the rest of
+        a layer: a token's attention at position ``6 * hidden_size`` costs as much as its projections and MLP)."""
 
         def __post_init__(self) -> None:
             if self.kind not in KINDS:
@@ -136,6 +139,8 @@ class CPLayout(DeferredSync):
                     f"parallel.cp.a2a_size = {self.a2a_size!r} with parallel.cp.kind = 'a2a+ring'; allowed: the ranks "
                     "per all-to-all group, an int above 1 dividing parallel.sizes.cp and below it"
                 )
+            if self.dynamic_balance not in ("tokens", "work"):
+                raise ValueError(f"parallel.cp.dynamic_balance = {self.dynamic_balance!r}; allowed: 'tokens', 'work'")
             if self.kind != HYBRID and self.a2a_size is not None:
                 warnings.warn(
                     f"parallel.cp.a2a_size = {self.a2a_size} is not used by parallel.cp.kind = {self.kind!r} "
@@ -158,10 +163,19 @@ class CPLayout(DeferredSync):
         self._model: nn.Module | None = None
         self._hybrid: tuple[Any, Any] | None = None  # kind a2a+ring: this rank's all-to-all and ring groups
         self._mtp_depths = 0  # the model's multi-token prediction depths (``model.config.mtp_num_layers``)
+        self._attention_tokens: int | None = None  # dynamic_balance = 'work': 6 * the model's hidden size
 
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
         mtp = getattr(getattr(model, "config", None), "mtp_num_layers", 0)
         self._mtp_depths = mtp if isinstance(mtp, int) else 0
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if self.config.dynamic and self.config.dynamic_balance == "work":
+            if not isinstance(hidden, int):
+                raise UserError(
+                    "parallel.cp.dynamic_balance = 'work' needs the model's config.hidden_size to weigh attention "
+                    f"against the rest of a layer; {type(model).__name__} has none; allowed: dynamic_balance = 'tokens'"
+                )
+            self._attention_tokens = 6 * hidden
         if self.config.kind == HYBRID and mesh.size(DIM) > 1 and self.config.a2a_size is not None:
             check_a2a_size(self.config.a2a_size, mesh.size(DIM))
             self._hybrid = _hybrid_groups(mesh, self.config.a2a_size)
@@ -179,8 +193,12 @@ class CPLayout(DeferredSync):
             return tokens, labels, ctx
         batch, seq = tokens.shape
         rank = mesh.rank(DIM)
-        planner = plan_dynamic if self.config.dynamic else plan_split
-        plan = planner(ctx.cu_seqlens, batch, seq, size, tokens.device)
+        if self.config.dynamic:
+            plan = plan_dynamic(
+                ctx.cu_seqlens, batch, seq, size, tokens.device, attention_tokens=self._attention_tokens
+            )
+        else:
+            plan = plan_split(ctx.cu_seqlens, batch, seq, size, tokens.device)
         positions = ctx.positions
         if positions is None:
             positions = document_positions(ctx.cu_seqlens, batch, seq, tokens.device)  # (B, T)

@@ -20,6 +20,7 @@ Shape legend: B rows, T tokens per row, L tokens per row on one rank.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -138,43 +139,72 @@ def plan_split(cu_seqlens: torch.Tensor | None, batch: int, seq: int, cp: int, d
 
 
 # -- dynamic CP: each document over as few ranks as its length needs ------------------------------------------
-def ranks_per_document(lengths: list[int], cp: int) -> list[int]:
-    """How many ranks each document is split over: the smallest divisor ``s`` of ``cp`` whose share
-    ``length / s`` fits the mean tokens per rank of the micro-batch (``cp`` when none does). Short documents
-    stay whole on one rank (data parallel across the group), long ones are split over 2, 4, ... ranks."""
-    target = max(1, -(-sum(lengths) // cp))  # ceil(total / cp)
+def ranks_per_document(costs: list[float], cp: int) -> list[int]:
+    """How many ranks each document is split over at least: the smallest divisor ``s`` of ``cp`` whose share
+    ``cost / s`` fits the mean cost per rank of the micro-batch (``cp`` when none does; ``costs`` are tokens, or
+    ``document_cost``'s). Short documents stay whole on one rank (data parallel across the group), long ones are
+    split over 2, 4, ... ranks."""
+    target = mean_share(costs, cp)
     sizes = [d for d in range(1, cp + 1) if cp % d == 0]
-    return [next((s for s in sizes if length <= target * s), cp) for length in lengths]
+    return [next((s for s in sizes if cost <= target * s + 1e-9), cp) for cost in costs]
 
 
-def plan_dynamic(cu_seqlens: torch.Tensor | None, batch: int, seq: int, cp: int, device: torch.device) -> SplitPlan:
+def mean_share(costs: list[float], cp: int) -> float:
+    """What each of ``cp`` ranks should hold: the mean cost, rounded up to a whole token unit (at least 1)."""
+    return float(max(1, math.ceil(sum(costs) / cp - 1e-9)))
+
+
+def document_cost(length: int, attention_tokens: int | None) -> float:
+    """A document's work in token units: its tokens, plus, with ``attention_tokens`` (the position at which a
+    token's attention costs as much as the rest of its layer, about ``6 * hidden_size``), its causal pairs
+    ``length * (length + 1) / 2`` divided by it. Without it: the tokens alone."""
+    if attention_tokens is None:
+        return float(length)
+    return length + length * (length + 1) / (2 * attention_tokens)
+
+
+def plan_dynamic(
+    cu_seqlens: torch.Tensor | None,
+    batch: int,
+    seq: int,
+    cp: int,
+    device: torch.device,
+    *,
+    attention_tokens: int | None = None,
+) -> SplitPlan:
     """Dynamic CP (Megatron's hybrid data x context parallelism) for one micro-batch the ``cp`` ranks share.
 
     Each document (each row without ``cu_seqlens``; a document across a row end is one span per row, as in one
     process) goes, longest first, to an aligned sub-group of ``s`` consecutive ranks: the smallest ``s`` from
     ``ranks_per_document``'s up that keeps the sub-group's busiest rank within 5% of the mean share (else the
     ``s`` with the lowest peak; a document of at most a quarter of the mean share always stays whole), the
-    sub-group whose busiest rank holds the fewest tokens (ties: the lowest). A document over ``s > 1`` ranks is split zig-zag over them (padded to a multiple of
-    ``2 * s``); one over a single rank stays whole there. Each rank's row is its split documents' tokens first
-    (padded to the longest such prefix, ``SplitPlan.shared``), then its whole documents, padded to the longest
-    row: indices into the flattened micro-batch (``flat``). Deterministic: every rank computes every rank's
-    part from the batch alone, and a resumed run plans the same steps the same way.
+    sub-group whose busiest rank holds the least (ties: the lowest). Shares are tokens, or with
+    ``attention_tokens`` each document's ``document_cost`` (tokens plus causal pairs weighed against the rest of
+    the layer: long documents weigh more than their tokens), a split document's spread evenly over its ranks as
+    the zig-zag spreads its pairs. A document over ``s > 1`` ranks is split zig-zag over them (padded to a multiple
+    of ``2 * s``); one over a single rank stays whole there. Each rank's row is its split documents' tokens
+    first, then its whole documents, padded to the longest row: indices into the flattened micro-batch
+    (``flat``); ``SplitPlan.shared`` is the longest split part, the prefix of every row the other ranks need.
+    Deterministic: every rank computes every rank's part from the batch alone, and a resumed run plans the same
+    steps the same way.
     """
     spans = [(r * seq + a, n) for r, row in enumerate(_spans(cu_seqlens, batch, seq)) for a, n in row]
     lengths = [n for _, n in spans]
-    sizes = ranks_per_document(lengths, cp)
-    target = max(1, -(-sum(lengths) // cp))
-    limit = target + max(1, target // 20)  # a rank may end 5% above the mean share
+    costs = [document_cost(n, attention_tokens) for n in lengths]
+    sizes = ranks_per_document(costs, cp)
+    target = mean_share(costs, cp)
+    limit = max(target * 1.05, target + 1)  # a rank may end 5% (at least a token) above the mean share
     divisors = [d for d in range(1, cp + 1) if cp % d == 0]
-    load = [0] * cp
+    load = [0.0] * cp
     split_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(cp)]  # [rank] -> (index, docs)
     whole_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(cp)]
-    for doc in sorted(range(len(spans)), key=lambda d: (-lengths[d], d)):
+    for doc in sorted(range(len(spans)), key=lambda d: (-costs[d], d)):
         start, length = spans[doc]
         options = []  # (peak load, s, first rank of the sub-group) for each size from the document's least
-        short = length <= target // 4  # a filler: always whole, on the least loaded rank
+        short = costs[doc] <= target / 4  # a filler: always whole, on the least loaded rank
         for s in (d for d in divisors if d >= sizes[doc] and (d == 1 or not short)):
-            share = length if s == 1 else -(-length // (2 * s)) * 2  # tokens per rank, zig-zag padding included
+            padded_tokens = length if s == 1 else -(-length // (2 * s)) * 2 * s  # zig-zag padding included
+            share = costs[doc] * padded_tokens / length / s  # per rank
             first = min(range(0, cp, s), key=lambda g: (max(load[g : g + s]), g))  # the sub-group's first rank
             options.append((max(load[first : first + s]) + share, s, first))
             if options[-1][0] <= limit:  # the fewest ranks that keep the busiest one near the mean
@@ -182,13 +212,13 @@ def plan_dynamic(cu_seqlens: torch.Tensor | None, batch: int, seq: int, cp: int,
         _, s, first = options[-1] if options[-1][0] <= limit else min(options)
         if s == 1:
             whole_parts[first].append((torch.arange(start, start + length), torch.full((length,), doc)))
-            load[first] += length
+            load[first] += costs[doc]
             continue
         index, docs, owner = _row_split([(start, length)], doc, s)
         for member in range(s):
             mine = owner == member
             split_parts[first + member].append((index[mine], docs[mine]))
-            load[first + member] += int(mine.sum())
+            load[first + member] += costs[doc] / s
 
     def joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         if not parts:
@@ -209,10 +239,13 @@ def plan_dynamic(cu_seqlens: torch.Tensor | None, batch: int, seq: int, cp: int,
     return SplitPlan(index=tuple(rows_index), docs=tuple(rows_docs), flat=True, shared=shared)
 
 
-def split_balance(plan: SplitPlan, cu_seqlens: torch.Tensor | None, batch: int, seq: int) -> dict[str, float]:
+def split_balance(
+    plan: SplitPlan, cu_seqlens: torch.Tensor | None, batch: int, seq: int, *, attention_tokens: int | None = None
+) -> dict[str, float]:
     """How evenly ``plan`` spreads a micro-batch, and what it exchanges. Per rank: its real tokens and its
     attention work (each query sees its document's keys up to itself: the sum of ``position + 1``); ``max/mean``
-    of each; the padding share of the ranks' rows; ``needed_fraction``: the share of real tokens whose keys
+    of each; with ``attention_tokens``, ``max/mean`` of their sum weighed as ``document_cost`` weighs it (the
+    work the ``work`` balance evens out); the padding share of the ranks' rows; ``needed_fraction``: the share of real tokens whose keys
     another rank needs (in split documents); ``sent_fraction``: the token slots the all-gather kind sends
     (every rank's row, or its ``shared`` prefix) per real token."""
     positions = document_positions(cu_seqlens, batch, seq, torch.device("cpu")).reshape(-1) + 1  # (B*T,)
@@ -239,7 +272,11 @@ def split_balance(plan: SplitPlan, cu_seqlens: torch.Tensor | None, batch: int, 
     width = plan.index[0].numel() if plan.shared is None else plan.shared * plan.index[0].shape[0]
     mean_tokens, mean_work = total / len(tokens), sum(work) / len(work)
     slots = sum(int(i.numel()) for i in plan.index)
-    return {
+    extra = {}
+    if attention_tokens is not None:
+        cost = [n + w / attention_tokens for n, w in zip(tokens, work)]
+        extra["max_over_mean_cost"] = round(max(cost) / (sum(cost) / len(cost)), 4) if total else 0.0
+    return extra | {
         "max_over_mean_tokens": round(max(tokens) / mean_tokens, 4) if total else 0.0,
         "max_over_mean_work": round(max(work) / mean_work, 4) if total else 0.0,
         "padding_fraction": round(1 - total / slots, 4) if slots else 0.0,
