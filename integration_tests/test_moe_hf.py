@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers  # the integration tests install it (mcore-models' test extra)
 
 from mcore.errors import UserError
 from mcore.hf import export_family, load_hf
@@ -22,8 +23,6 @@ from mcore_moe.block import MoEConfig
 from mcore_moe.hf_map import MoEHF
 from mcore_testing.hosts import isolated_host
 from mcore_testing.numerics import rel_error
-
-transformers = pytest.importorskip("transformers")
 
 COMMON = dict(
     vocab_size=96,

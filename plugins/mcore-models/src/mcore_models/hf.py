@@ -195,19 +195,25 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def attention_from_hf(hf: dict[str, Any], *, read_head_dim: bool = True) -> dict[str, Any]:
+    """The attention settings every llama-like family (llama, qwen2, mistral, qwen3_moe, mixtral) reads the same
+    way: heads, key/value heads, a head dim other than ``hidden / heads``, RoPE; only SiLU MLPs map."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act = {hf['hidden_act']!r}: allowed: silu")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") if read_head_dim else None
+    if head_dim == hf["hidden_size"] // heads:
+        head_dim = None
+    return dict(
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim, **rope_from_hf(hf)
+    )
+
+
 def config_from_hf(hf: dict[str, Any], blocks: HFBlocks | None = None) -> GPTConfig:
     family = hf.get("model_type")
     if family not in ARCHITECTURES:
         raise ValueError(f"config.json model_type = {family!r}: this family reads {', '.join(ARCHITECTURES)}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act = {hf['hidden_act']!r}: allowed: silu")
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") if family != "qwen2" else None
-    if head_dim == hf["hidden_size"] // heads:
-        head_dim = None
-    attention: dict[str, Any] = dict(
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim, **rope_from_hf(hf)
-    )
+    attention = attention_from_hf(hf, read_head_dim=family != "qwen2")
     if family == "llama":
         if hf.get("mlp_bias"):
             raise ValueError("config.json mlp_bias = true: not supported")

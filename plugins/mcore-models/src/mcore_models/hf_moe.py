@@ -26,10 +26,10 @@ from mcore_models.blocks.norms import RMSNorm
 from mcore_models.gpt import GPT, GPTConfig, block_settings
 from mcore_models.hf import (
     Family,
+    attention_from_hf,
     check_all_taken,
     check_layout,
     decoder_fields,
-    rope_from_hf,
     take_tensor,
 )
 from mcore_models.hf_blocks import HFBlocks, block_from_hf, block_to_hf, layer_pattern
@@ -114,15 +114,8 @@ def config_from_hf(hf: dict[str, Any], blocks: HFBlocks | None = None) -> GPTCon
     family = hf.get("model_type")
     if family not in ARCHITECTURES:
         raise ValueError(f"config.json model_type = {family!r}: this family reads {', '.join(ARCHITECTURES)}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act = {hf['hidden_act']!r}: allowed: silu")
-    heads, eps = hf["num_attention_heads"], hf.get("rms_norm_eps", 1e-6)
-    head_dim = hf.get("head_dim")
-    if head_dim == hf["hidden_size"] // heads:
-        head_dim = None
-    attention: dict[str, Any] = dict(
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim, **rope_from_hf(hf)
-    )
+    eps = hf.get("rms_norm_eps", 1e-6)
+    attention = attention_from_hf(hf)
     if family == "qwen3_moe":
         if hf.get("use_sliding_window"):
             raise ValueError("config.json use_sliding_window = true: Qwen3-MoE sliding windows are not supported")
