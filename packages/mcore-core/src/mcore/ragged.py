@@ -93,10 +93,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
     dim = row_dim(t)
     if dim is None:
-        return t.full_tensor()
+        return _waited(t.full_tensor())
+    # one kind of collective, issued and finished here, even for an even split: DTensor's own gather is a
+    # functional (async) collective that a rank may leave in flight while it enters the next tensor's
+    # ``row_counts``, and gloo was seen to hang on that mix
     (counts,) = row_counts([t])
-    if counts == even_counts(t.shape[0], len(counts)):
-        return t.full_tensor()
     local = t.to_local()
     most = max(counts)
     padded = local.new_zeros((most, *local.shape[1:]))
@@ -105,6 +106,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     _all_gather(gathered, padded, group=t.device_mesh.get_group(dim))
     pieces = [gathered[r * most : r * most + n] for r, n in enumerate(counts) if n]
     return torch.cat(pieces) if pieces else local.new_empty((0, *local.shape[1:]))
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its collective finished (DTensor answers an ``AsyncCollectiveTensor`` that waits on first use)."""
+    wait = getattr(t, "wait", None)
+    return wait() if callable(wait) else t
 
 
 def _chunk(t: DTensor, counts: tuple[int, ...], rank: int) -> ChunkStorageMetadata:

@@ -10,6 +10,8 @@ plugins) stays cheap.
 
 from mcore.protocols.attention import AttentionBackend
 from mcore.protocols.block import (
+    LOGIT_ROWS,
+    MTP_AHEAD,
     AttentionCacheSpec,
     AttentionKVCache,
     AuxLosses,
@@ -53,6 +55,8 @@ __all__ = [
     "GradShards",
     "KVCacheHandle",
     "LayerCacheSpec",
+    "LOGIT_ROWS",
+    "MTP_AHEAD",
     "LossHead",
     "MeshOptimizer",
     "ModelBlock",

@@ -171,6 +171,14 @@ class RecurrentStateCache(Protocol):
 class KVCacheHandle(AttentionKVCache, RecurrentStateCache, Protocol):
     """The inference engine's cache, as a model call sees it: what blocks use plus what the engine drives.
 
+    A model call under a cache (``BlockContext.kv_cache`` set) brings only each sequence's new tokens, packed
+    in one row: ``cu_seqlens`` over them, ``positions`` each token's position in its whole sequence. An attention
+    block appends the layer's new keys/values (``append``), then hands ``q`` and the new ``k``, ``v`` to
+    ``ctx.attention``, the engine's backend, which reads the layer's pages (``gather``): the step's query ``j``
+    of sequence ``i`` (``c_i`` new tokens) sits at position ``seq_lens[i] - c_i + j`` and sees the cached keys
+    up to it. A latent cache (MLA in its absorbed form) appends ``key (N, 1, latent)`` with no value and hands
+    the backend ``v = k[..., :hdv]``: the backend reads values as the first ``hdv`` channels of the keys.
+
     The engine builds it from ``{layer_index: LayerCacheSpec}`` (``DeclaresCache``); each layer has its
     own pages or state slots, selected by ``BlockContext.layer_index`` (MTP depths continue the main
     stack's numbering, so their cache is just more layers). A block types its use against the narrower
@@ -246,6 +254,12 @@ class AuxLosses(Mapping[tuple[int, str], "torch.Tensor"]):
 #: ``-d``) and depth ``d``'s label (``-100`` past a document's end), computed on the whole row before the split.
 #: A model's MTP head uses them when present instead of reading ahead in the tokens it holds.
 MTP_AHEAD = "mcore.mtp_ahead"
+
+#: ``BlockContext.extra`` key of the token rows whose logits the caller wants (the inference engine: the last new
+#: token of each sequence of the step): ``(R,)`` int64 indices into the call's flattened ``B * T`` tokens. A model
+#: called without labels and given it returns logits ``(1, R, V)`` of those rows only (its output projection runs
+#: on ``R`` rows, not ``B * T``); without it, ``(B, T, V)``.
+LOGIT_ROWS = "mcore.logit_rows"
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
