@@ -11,7 +11,7 @@ from test_train_loop import make_corpus
 
 import mcore.plugins
 from mcore.cli import main
-from mcore.plugins import hookimpl
+from mcore.plugins import Source, hookimpl
 from mcore_testing.hosts import isolated_host
 
 TOML = """
@@ -64,6 +64,30 @@ class ExportableTiny:
         registry.add("model", "exportable-tiny", Factory)
 
 
+class PlainLoopEngine:
+    """A ``GenerationEngine`` over the core's plain loop (greedy output must match ``--engine none``)."""
+
+    name = "plain-loop"
+    calls: list[dict[str, Any]] = []
+
+    def __init__(self, model: Any, max_model_len: int) -> None:
+        self.model, self.max_model_len = model, max_model_len
+
+    @classmethod
+    def from_model(cls, model: Any, *, tokenizer: Any, max_model_len: int) -> PlainLoopEngine:
+        cls.calls.append({"max_model_len": max_model_len})
+        return cls(model, max_model_len)
+
+    def generate_ids(self, prompts: Any, *, max_new_tokens: int, **sampling: Any) -> list[list[int]]:
+        from mcore.train.generate import generate_ids
+
+        out = []
+        for prompt in prompts:
+            ids = generate_ids(self.model, list(prompt), max_new_tokens=max_new_tokens, context=16, top_k=0)
+            out.append(ids[len(prompt) :])
+        return out
+
+
 @pytest.fixture
 def cli_host(monkeypatch: pytest.MonkeyPatch) -> Any:
     host = isolated_host("mcore_testing.plugin", ExportableTiny())
@@ -99,6 +123,19 @@ def test_train_generate_export_plan(
         main(["generate", str(ckpt), "--prompt", "x", "--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "5"])
         == 0
     )
+
+    capsys.readouterr()
+    # an installed engine (kind "engine") serves `mcore generate`; `--engine none` keeps the plain loop
+    cli_host.registry.add("engine", "plain-loop", PlainLoopEngine, source=Source("test-engine", "0", "test"))
+    PlainLoopEngine.calls.clear()
+    assert main(["generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == first and len(PlainLoopEngine.calls) == 1
+    assert PlainLoopEngine.calls[0]["max_model_len"] >= 8
+    assert main(["generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "8", "--engine", "none"]) == 0
+    assert capsys.readouterr().out == first and len(PlainLoopEngine.calls) == 1
+    assert main(["generate", str(ckpt), "--prompt", "def ", "--engine", "plain-lop"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown engine 'plain-lop'" in err and "did you mean 'plain-loop'" in err and "\n" not in err
 
     assert main(["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     from transformers import AutoTokenizer  # a test dependency (the [test] extra)

@@ -29,6 +29,7 @@ KINDS: Mapping[str, str] = {
     "router": "MoE router",
     "lr_schedule": "learning-rate schedule",
     "data_source": "training data source",
+    "engine": "inference engine behind `mcore generate` (GenerationEngine)",
 }
 
 

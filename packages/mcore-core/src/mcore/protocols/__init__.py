@@ -28,6 +28,7 @@ from mcore.protocols.block import (
     RecurrentStateSpec,
 )
 from mcore.protocols.dispatcher import DispatchResult, Router, RoutingDecision, TokenDispatcher
+from mcore.protocols.engine import GenerationEngine
 from mcore.protocols.layout import BatchShardingLayout, DataParallelInfo, ParallelLayout, ScheduledLayout, StagePlan
 from mcore.protocols.model import LossHead, StagedModel
 from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory, OptimizerStateSize
@@ -50,6 +51,7 @@ __all__ = [
     "DispatchResult",
     "FlopsShape",
     "GatherPayload",
+    "GenerationEngine",
     "grad_sharding_layout",
     "GradientShardingLayout",
     "GradShards",

@@ -2,8 +2,10 @@
 
 The checkpoint's own resolved config rebuilds the model (on one process, layout ``single``)
 and its tokenizer; decoding is greedy unless ``--temperature`` (> 0) or ``--top-k`` is given.
-Each new token re-runs the model over the last ``train.seq_len`` tokens (no KV cache: this is
-a check of a trained model, the inference plugin serves fast).
+With an inference engine installed (kind ``engine``, e.g. mcore-inference's paged-KV engine) the
+tokens come from it (``--engine auto``, the default, picks the installed one; ``--engine NAME``
+names one); without one, or with ``--engine none``, each new token re-runs the model over the last
+``train.seq_len`` tokens (no KV cache: a check of a trained model, not a server).
 """
 
 from __future__ import annotations
@@ -92,25 +94,52 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (default: greedy)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--engine", default="auto", help="inference engine: 'auto' (the installed one, if any), 'none', or a name"
+    )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be a positive int")
     from mcore.plugins import load_plugins
 
+    host = load_plugins()
+    engine_cls = pick_engine(host, args.engine)
     path = resolve_checkpoint(args.checkpoint)
-    model, tokenizer, config, _ = load_for_inference(path, load_plugins())
+    model, tokenizer, config, _ = load_for_inference(path, host)
     prompt = [int(i) for i in tokenizer.encode(args.prompt)] or [tokenizer.eos_id]
-    ids = generate_ids(
-        model,
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        context=config.train.seq_len,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-    sys.stdout.write(args.prompt + tokenizer.decode(ids[len(prompt) :]) + "\n")
+    if engine_cls is not None:
+        max_len = max(config.train.seq_len, len(prompt) + args.max_new_tokens)
+        engine = engine_cls.from_model(model, tokenizer=tokenizer, max_model_len=max_len)
+        (new_ids,) = engine.generate_ids(
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    else:
+        ids = generate_ids(
+            model,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            context=config.train.seq_len,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        new_ids = ids[len(prompt) :]
+    sys.stdout.write(args.prompt + tokenizer.decode(new_ids) + "\n")
     return 0
+
+
+def pick_engine(host: Any, choice: str) -> Any:
+    """The engine class ``--engine`` names: ``auto`` the installed one (the first by name), ``none`` ``None``."""
+    if choice == "none":
+        return None
+    names = host.registry.names("engine")
+    if choice == "auto":
+        return host.load("engine", names[0]) if names else None
+    return host.load("engine", choice)
 
 
 def main(argv: list[str] | None = None) -> int:
