@@ -73,10 +73,12 @@ class PlainLoopEngine:
     def __init__(self, model: Any, max_model_len: int) -> None:
         self.model, self.max_model_len = model, max_model_len
 
+    serves = True
+
     @classmethod
-    def from_model(cls, model: Any, *, tokenizer: Any, max_model_len: int) -> PlainLoopEngine:
+    def from_model(cls, model: Any, *, tokenizer: Any, max_model_len: int) -> PlainLoopEngine | None:
         cls.calls.append({"max_model_len": max_model_len})
-        return cls(model, max_model_len)
+        return cls(model, max_model_len) if cls.serves else None
 
     def generate_ids(self, prompts: Any, *, max_new_tokens: int, **sampling: Any) -> list[list[int]]:
         from mcore.train.generate import generate_ids
@@ -133,6 +135,10 @@ def test_train_generate_export_plan(
     assert PlainLoopEngine.calls[0]["max_model_len"] >= 8
     assert main(["generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "8", "--engine", "none"]) == 0
     assert capsys.readouterr().out == first and len(PlainLoopEngine.calls) == 1
+    PlainLoopEngine.serves = False  # an engine that cannot serve the model: the plain loop answers
+    assert main(["generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == first and len(PlainLoopEngine.calls) == 2
+    PlainLoopEngine.serves = True
     assert main(["generate", str(ckpt), "--prompt", "def ", "--engine", "plain-lop"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown engine 'plain-lop'" in err and "did you mean 'plain-loop'" in err and "\n" not in err

@@ -1,8 +1,9 @@
 """Static protocol conformance of mcore-models' registered classes (mypy in ``nox -s lint``)."""
 
-from mcore.protocols import AttentionBackend, LossHead, ModelBlock, ModelFactory, StagedModel
+from mcore.protocols import AttentionBackend, DeclaresCache, LossHead, ModelBlock, ModelFactory, StagedModel
 from mcore_models.attention_backends.auto import AutoBackend
 from mcore_models.attention_backends.flex import FlexBackend
+from mcore_models.attention_backends.paged import PagedBackend
 from mcore_models.attention_backends.sdpa import SDPABackend
 from mcore_models.blocks.attention import Attention
 from mcore_models.blocks.mla import MLA
@@ -31,5 +32,9 @@ def loss_head(h: GPTLossHead) -> LossHead:
     return h
 
 
-def attention_backends(s: SDPABackend, f: FlexBackend, a: AutoBackend) -> list[AttentionBackend]:
-    return [s, f, a]
+def attention_backends(s: SDPABackend, f: FlexBackend, a: AutoBackend, p: PagedBackend) -> list[AttentionBackend]:
+    return [s, f, a, p]
+
+
+def caches(a: Attention, m: MLA) -> list[DeclaresCache]:
+    return [a, m]

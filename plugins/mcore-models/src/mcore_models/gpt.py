@@ -21,6 +21,9 @@ Notable:
 * Each layer call gets its own frozen view ``ctx.for_layer(i)`` (MTP depths continue the numbering and
   get the next-token embeddings in ``extra``), so recompute re-runs a layer with what it first saw.
 * Packed rows (``ctx.cu_seqlens``): positions restart per document and attention never crosses one.
+* Inference (``ctx.kv_cache``, a step of new tokens): attention and MLA append to the cache and read it
+  (``cache_specs()`` says what each layer keeps); with ``LOGIT_ROWS`` in ``ctx.extra`` the head runs on those
+  rows only. MTP depths are not run without labels (they declare their cache for speculation later).
 * Init: normal(0, ``init_std``), output projections of each layer scaled by ``1/sqrt(2 * layers)``,
   declared per parameter (``ParamSpec.init``) and drawn by ``mcore.construct`` keyed by (seed,
   name, element index): the same weights for every layout, world size and device type; the
@@ -49,9 +52,18 @@ from mcore.config.coerce import build_dataclass, in_section
 from mcore.construct import init_params
 from mcore.params import Init, ParamSpec
 from mcore.protocols.attention import AttentionBackend
-from mcore.protocols.block import AuxLosses, BlockContext, BlockShared, FlopsShape
+from mcore.protocols.block import (
+    LOGIT_ROWS,
+    AuxLosses,
+    BlockContext,
+    BlockShared,
+    DeclaresCache,
+    FlopsShape,
+    LayerCacheSpec,
+)
 from mcore.protocols.model import LossHead
 from mcore_models.attention_backends.auto import AutoBackend
+from mcore_models.attention_backends.paged import step_bounds, step_positions
 from mcore_models.blocks.attention import Attention
 from mcore_models.blocks.base import check_non_negative, check_positive, normal_
 from mcore_models.blocks.masking import positions_from_cu_seqlens
@@ -268,12 +280,17 @@ class TransformerLayer(nn.Module):
 
 def batch_context(tokens: torch.Tensor, ctx: BlockContext | None, attention: Any = None) -> BlockContext:
     """The context of one model (or stage) call on ``tokens (B, T)``: ``ctx`` (or an empty one) with the
-    per-document positions of ``cu_seqlens``, unless it brings them, the input ids as ``token_ids`` (blocks
+    per-document positions of ``cu_seqlens`` (under a ``kv_cache``: each new token's position in its whole
+    sequence, from the cache's ``seq_lens``), unless it brings them, the input ids as ``token_ids`` (blocks
     that route by token: hash MoE), an ``AuxLosses`` collector of its own and ``attention`` as the backend
     (one for every layer, so a document mask is built once per call)."""
     batch, seq = tokens.shape
     ctx = ctx if ctx is not None else BlockContext()
-    if ctx.positions is None and ctx.cu_seqlens is not None:
+    if ctx.positions is None and ctx.kv_cache is not None:  # a step of new tokens: positions in whole sequences
+        bounds = step_bounds(ctx, batch, seq)
+        positions = step_positions(ctx.kv_cache.seq_lens, bounds, batch, seq).to(tokens.device)
+        ctx = dataclasses.replace(ctx, positions=positions)
+    elif ctx.positions is None and ctx.cu_seqlens is not None:
         ctx = dataclasses.replace(ctx, positions=positions_from_cu_seqlens(ctx.cu_seqlens, batch, seq))
     return dataclasses.replace(
         ctx,
@@ -406,12 +423,20 @@ class GPT(SwappableLossHead):
         hidden = self.embed(tokens)  # (B, T, H)
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, ctx.for_layer(index))  # each layer call gets its own view
+        if labels is None and LOGIT_ROWS in ctx.extra:  # the engine's rows only: (1, R, H) -> logits (1, R, V)
+            hidden, tokens = logit_rows(hidden, tokens, ctx.extra[LOGIT_ROWS])
         out = self.loss_head(hidden, tokens=tokens, labels=labels, ctx=ctx)  # logits (B, T, V), or the loss
         if labels is None:
             return out
         assert ctx.aux_losses is not None
         # once, after every layer: one entry per (layer, name); a split micro-batch's ranks: their mean
         return add_aux_losses(out, ctx.aux_losses, divisor=ctx.loss_group_size())
+
+    # -- inference --------------------------------------------------------------------------
+    def cache_specs(self) -> dict[int, LayerCacheSpec]:
+        """``{layer_index: spec}`` of every layer whose blocks use the inference cache (``DeclaresCache``), MTP
+        depths included under their indices after the main stack: what an engine sizes its cache from."""
+        return cache_specs(self)
 
     # -- pipeline stages (mcore.protocols.model.StagedModel) ----------------------------------
     def stage_layers(self) -> int:
@@ -514,6 +539,29 @@ class GPT(SwappableLossHead):
     def hf_family(cls, config: GPTConfig) -> str:
         """The registered Hugging Face family (kind ``"hf"``) this config exports as."""
         return config.hf_model_type
+
+
+def logit_rows(hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hidden (B, T, H)`` and ``tokens (B, T)`` narrowed to the flattened rows ``rows (R,)``: ``(1, R, H)``,
+    ``(1, R)`` (``mcore.protocols.block.LOGIT_ROWS``: the head then runs on ``R`` rows, not ``B * T``)."""
+    rows = rows.to(device=hidden.device, dtype=torch.long)
+    return hidden.flatten(0, 1)[rows][None], tokens.flatten()[rows][None]
+
+
+def cache_specs(model: nn.Module) -> dict[int, LayerCacheSpec]:
+    """``{layer_index: spec}`` over ``model.layers`` and then ``model.mtp`` (depth ``d`` is layer
+    ``len(model.layers) + d - 1``): the spec of each layer's block that declares one (``DeclaresCache``)."""
+    layers: list[Any] = list(getattr(model, "layers", []))
+    layers += [getattr(module, "layer", None) for module in getattr(model, "mtp", [])]
+    specs: dict[int, LayerCacheSpec] = {}
+    for index, layer in enumerate(layers):
+        blocks = [b for b in (getattr(layer, "attention", None), getattr(layer, "mlp", None)) if b is not None]
+        declared = [b.cache_spec() for b in blocks if isinstance(b, DeclaresCache)]
+        if len(declared) > 1:
+            raise ValueError(f"layer {index}: {len(declared)} blocks declare a cache spec; a layer may have one")
+        if declared:
+            specs[index] = declared[0]
+    return specs
 
 
 def _local_block(name: str) -> Any:

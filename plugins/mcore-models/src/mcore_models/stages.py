@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from mcore.params import ParamSpec
-from mcore.protocols.block import BlockContext
+from mcore.protocols.block import LOGIT_ROWS, BlockContext
 from mcore.protocols.model import LossHead
-from mcore_models.gpt import GPT, batch_context
+from mcore_models.gpt import GPT, batch_context, logit_rows
 from mcore_models.loss_head import SwappableLossHead, add_aux_losses
 
 
@@ -86,6 +86,8 @@ class GPTStage(SwappableLossHead):
             hidden = layer(hidden, ctx.for_layer(int(index)))  # the layer's index in the whole model
         if not self.last:
             return hidden
+        if labels is None and LOGIT_ROWS in ctx.extra:  # the engine's rows only: logits (1, R, V)
+            hidden, tokens = logit_rows(hidden, tokens, ctx.extra[LOGIT_ROWS])
         out = self.loss_head(hidden, tokens=tokens, labels=labels, ctx=ctx)  # logits (B, T, V), or the loss
         if labels is None:
             return out

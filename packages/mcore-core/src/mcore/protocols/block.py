@@ -132,7 +132,8 @@ class AttentionKVCache(Protocol):
     ``mcore.errors.UserError``.
     """
 
-    seq_lens: torch.Tensor
+    @property
+    def seq_lens(self) -> torch.Tensor: ...
 
     def append(self, layer_index: int, key: torch.Tensor, value: torch.Tensor | None) -> None: ...
 
@@ -158,7 +159,8 @@ class RecurrentStateCache(Protocol):
       its state. Wrong names, shapes or dtypes raise a one-line ``UserError``.
     """
 
-    seq_lens: torch.Tensor
+    @property
+    def seq_lens(self) -> torch.Tensor: ...
 
     def recurrent_state(self, layer_index: int) -> dict[str, torch.Tensor]: ...
 

@@ -23,7 +23,8 @@ class GenerationEngine(Protocol):
         * ``from_model(model, *, tokenizer, max_model_len)`` (a classmethod): an engine over an already
           loaded model (eval mode, on its device, single process); ``tokenizer`` is the run's
           ``mcore.data.tokenizer`` object (or ``None``), ``max_model_len`` the longest sequence
-          (prompt plus new tokens) the engine must serve.
+          (prompt plus new tokens) the engine must serve. ``None`` when the engine cannot serve this
+          model (e.g. no block declares a cache): the command then keeps its plain loop.
         * ``generate_ids(prompts, *, max_new_tokens, temperature, top_k, seed, stop_token_ids)``: for each
           prompt (token ids) its new token ids, at most ``max_new_tokens``, ending early after a token of
           ``stop_token_ids`` (kept in the output). ``temperature <= 0`` and ``top_k <= 0`` is greedy, and
@@ -34,7 +35,7 @@ class GenerationEngine(Protocol):
     name: ClassVar[str]
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, tokenizer: Any, max_model_len: int) -> GenerationEngine: ...
+    def from_model(cls, model: nn.Module, *, tokenizer: Any, max_model_len: int) -> GenerationEngine | None: ...
 
     def generate_ids(
         self,

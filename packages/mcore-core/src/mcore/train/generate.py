@@ -107,9 +107,9 @@ def _generate(argv: list[str]) -> int:
     path = resolve_checkpoint(args.checkpoint)
     model, tokenizer, config, _ = load_for_inference(path, host)
     prompt = [int(i) for i in tokenizer.encode(args.prompt)] or [tokenizer.eos_id]
-    if engine_cls is not None:
-        max_len = max(config.train.seq_len, len(prompt) + args.max_new_tokens)
-        engine = engine_cls.from_model(model, tokenizer=tokenizer, max_model_len=max_len)
+    max_len = max(config.train.seq_len, len(prompt) + args.max_new_tokens)
+    engine = None if engine_cls is None else engine_cls.from_model(model, tokenizer=tokenizer, max_model_len=max_len)
+    if engine is not None:
         (new_ids,) = engine.generate_ids(
             [prompt],
             max_new_tokens=args.max_new_tokens,

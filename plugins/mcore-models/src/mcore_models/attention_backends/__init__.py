@@ -8,5 +8,10 @@
 * ``auto`` (``auto.AutoBackend``): the blocks' default: ``flex`` for packed documents or windows on CUDA,
   ``sdpa`` otherwise.
 
-``seam.attend`` is what an attention block calls: the context's backend, else the block's default.
+* ``paged`` (``paged.PagedBackend``): under an inference cache (``ctx.kv_cache``), the step's new queries over
+  the layer's pages; what blocks fall back to there (the three above decline calls under a cache). Not
+  registered: it is no training choice, and an engine brings its own.
+
+``seam.attend`` is what an attention block calls: the context's backend, else the block's default (``paged``
+under a cache).
 """

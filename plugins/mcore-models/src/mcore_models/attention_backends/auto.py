@@ -32,7 +32,7 @@ class AutoBackend:
         self.flex_on_cuda = flex_on_cuda
 
     def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
-        return True
+        return ctx.kv_cache is None  # under an inference cache the keys are in its pages: the paged backend
 
     def choose(self, q: torch.Tensor, k: torch.Tensor, ctx: BlockContext, window: int | None) -> AttentionBackend:
         """The backend this call runs on."""

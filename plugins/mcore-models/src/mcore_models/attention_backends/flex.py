@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from mcore.errors import UserError
 from mcore.protocols.block import BlockContext
 from mcore_models.attention_backends.cache import MaskCache
 from mcore_models.attention_backends.flex_blocks import document_block_mask
@@ -78,8 +79,9 @@ class FlexBackend:
         self._masks = MaskCache(cache_size)
 
     def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
-        """FlexAttention exists for ``q``'s device, and on CUDA the head dim fills a Triton tile."""
-        if q.device.type not in self.devices:
+        """FlexAttention exists for ``q``'s device, on CUDA the head dim fills a Triton tile, and no inference
+        cache holds the keys (``ctx.kv_cache``: the paged backend reads its pages)."""
+        if q.device.type not in self.devices or ctx.kv_cache is not None:
             return False
         return q.device.type != "cuda" or q.shape[-1] >= MIN_CUDA_HEAD_DIM
 
@@ -95,6 +97,8 @@ class FlexBackend:
     ) -> torch.Tensor:
         from torch.nn.attention.flex_attention import create_mask
 
+        if ctx.kv_cache is not None:  # its mask would treat the step's new keys as the whole sequence
+            raise UserError("flex attention called under an inference cache (ctx.kv_cache); a paged backend reads it")
         batch, seq, heads = q.shape[:3]
         keys = k.shape[1]
         if keys < seq:

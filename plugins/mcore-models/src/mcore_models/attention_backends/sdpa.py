@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from mcore.errors import UserError
 from mcore.protocols.block import BlockContext
 from mcore_models.attention_backends.cache import MaskCache
 from mcore_models.blocks.masking import attend, attention_mask
@@ -29,7 +30,7 @@ class SDPABackend:
         self._masks = MaskCache(cache_size)
 
     def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
-        return True
+        return ctx.kv_cache is None  # under an inference cache the keys are in its pages: the paged backend
 
     def __call__(
         self,
@@ -41,6 +42,8 @@ class SDPABackend:
         scale: float,
         window: int | None,
     ) -> torch.Tensor:
+        if ctx.kv_cache is not None:  # its mask would treat the step's new keys as the whole sequence
+            raise UserError("sdpa attention called under an inference cache (ctx.kv_cache); a paged backend reads it")
         batch, seq = q.shape[:2]
         offset = k.shape[1] - seq  # cached keys before the new tokens
         if offset < 0:

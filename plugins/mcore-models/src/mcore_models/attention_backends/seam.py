@@ -2,7 +2,9 @@
 
 ``ctx.attention`` (set by a layout, the inference engine or the run config) wins when it takes the call;
 a backend with ``supports(q, ctx, window)`` that answers no (say, a kernel without sliding windows)
-leaves the call to the block's default backend (``auto.AutoBackend``).
+leaves the call to the block's default backend (``auto.AutoBackend``). Under an inference cache
+(``ctx.kv_cache``) the default is the ``paged`` backend instead: the keys of the call are only the step's new
+tokens, and the training backends (which decline calls under a cache) would attend to them alone.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import torch
 
 from mcore.protocols.attention import AttentionBackend
 from mcore.protocols.block import BlockContext
+from mcore_models.attention_backends.paged import PagedBackend
+
+#: The default under a cache (stateless, shared by every block).
+PAGED = PagedBackend()
 
 
 def attend(
@@ -24,6 +30,8 @@ def attend(
     default: AttentionBackend,
 ) -> torch.Tensor:
     """``q (B, T, nh, hd)``, ``k (B, S, nkv, hd)``, ``v (B, S, nkv, hdv)`` -> ``(B, T, nh, hdv)``."""
+    if ctx.kv_cache is not None:
+        default = PAGED
     backend = ctx.attention
     if backend is None:
         backend = default

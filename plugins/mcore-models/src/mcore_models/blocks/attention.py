@@ -6,10 +6,12 @@ Notable: separate ``q``, ``k`` and ``v`` projections (as Hugging Face stores the
 parallelism shards each by rows into whole heads, and ``forward`` reads the head counts from the
 tensors it gets (a rank holding some of the heads runs the same code); optional QK-norm (RMSNorm
 over each head's dims, before RoPE), optional sliding window, biases on Q/K/V and/or the output,
-per-document positions for packed rows. The attention itself is a seam: ``q``, ``k``, ``v`` go to
+per-document positions for packed rows. Under an inference cache (``ctx.kv_cache``, the engine's step of new
+tokens) it appends the step's keys and values (after QK-norm and RoPE) to the layer's pages and attends over
+them (``cache_spec`` says what it keeps). The attention itself is a seam: ``q``, ``k``, ``v`` go to
 ``ctx.attention`` (a layout's ring attention, the engine's paged attention, the run's choice) or else
 to the block's default backend (``auto``: FlexAttention for packed documents and windows on CUDA, SDPA
-otherwise; see ``mcore_models.attention_backends``).
+otherwise; ``paged`` under a cache; see ``mcore_models.attention_backends``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 from torch import nn
 
 from mcore.params import ParamSpec
-from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
+from mcore.protocols.block import AttentionCacheSpec, BlockContext, BlockShared, FlopsShape
 from mcore_models.attention_backends.auto import AutoBackend
+from mcore_models.attention_backends.paged import step_bounds, step_positions
 from mcore_models.attention_backends.seam import attend
 from mcore_models.blocks.base import Block, check_positive, linear_specs, prefixed, project
 from mcore_models.blocks.norms import RMSNorm
@@ -32,10 +35,13 @@ from mcore_models.kernels.rope import apply_rope
 
 
 def row_positions(hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-    """``ctx.positions`` or ``0..T-1`` for every row, ``(B, T)`` int64."""
+    """``ctx.positions``, else under a cache each new token's position in its sequence (from the cache's
+    ``seq_lens``), else ``0..T-1`` for every row; ``(B, T)`` int64."""
     if ctx.positions is not None:
         return ctx.positions
     batch, seq = hidden.shape[:2]
+    if ctx.kv_cache is not None:
+        return step_positions(ctx.kv_cache.seq_lens, step_bounds(ctx, batch, seq), batch, seq).to(hidden.device)
     return torch.arange(seq, device=hidden.device).expand(batch, seq)
 
 
@@ -119,9 +125,26 @@ class Attention(Block):
         v = v.view(batch, seq, -1, self.head_dim)  # (B, T, nkv, hd)
         cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, rd/2)
         q, k = apply_rope(q, k, cos, sin)
+        if ctx.kv_cache is not None:  # inference: store the step's keys/values; the backend reads the pages
+            dtype = self.k.weight.dtype
+            ctx.kv_cache.append(ctx.layer_index, k.flatten(0, 1).to(dtype), v.flatten(0, 1).to(dtype))  # (N, nkv, hd)
         window, default = self.config.sliding_window, self.default_attention
         out = attend(q, k, v, ctx=ctx, scale=self.scale, window=window, default=default)  # (B, T, nh, hd)
         return self.out(out.reshape(batch, seq, -1))  # (B, T, H)
+
+    def cache_spec(self) -> AttentionCacheSpec:
+        """What the inference cache keeps per token (``DeclaresCache``): this module's key/value heads (a
+        tensor-parallel rank's share), ``head_dim`` keys and values, in the parameters' dtype, and the window."""
+        weight = self.k.weight
+        local = weight.to_local() if hasattr(weight, "to_local") else weight  # a tp layout's DTensor: this rank's rows
+        kv_heads = local.shape[0] // self.head_dim
+        return AttentionCacheSpec(
+            kv_heads=kv_heads,
+            head_dim=self.head_dim,
+            value_dim=self.head_dim,
+            dtype=self.k.weight.dtype,
+            window=self.config.sliding_window,
+        )
 
     def flops(self, shape: FlopsShape) -> int:
         hidden = self.q.in_features

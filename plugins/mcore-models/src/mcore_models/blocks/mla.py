@@ -4,15 +4,16 @@ Shape legend: B rows, T new tokens, S keys (cached + new), H hidden, nh heads, c
 dn ``qk_nope_head_dim``, dr ``qk_rope_head_dim`` (shared by all heads for K), dv ``v_head_dim``.
 
 Training uses the plain form: the latent ``c_kv`` is expanded to per-head K and V. Decoding uses
-the absorbed form (``forward_absorbed``): ``W_uk`` is folded into the query and ``W_uv`` into the
-output, so attention runs as MQA over the cached latent ``(c + dr)`` per token and per-head K/V
-are never formed. Both forms compute the same function (checked in tests).
+the absorbed form: ``W_uk`` is folded into the query and ``W_uv`` into the output, so attention runs as
+MQA over the cached latent ``(c + dr)`` per token and per-head K/V are never formed. Both forms compute
+the same function (checked in tests).
 
-The training form hands ``q``, ``k``, ``v`` to the attention seam (``ctx.attention``, else the block's
-default backend; ``mcore_models.attention_backends``), like ``Attention``. The absorbed decode form
-keeps its own SDPA call (``masking.attend``) over the latent cache the caller holds: a backend the
-context names (a ring for ``cp``, the engine's paged kernel) expects the per-head training form's
-``q``, ``k``, ``v``, not this latent MQA, until the inference engine brings a paged MLA backend.
+Both forms hand ``q``, ``k``, ``v`` to the attention seam (``ctx.attention``, else the block's default
+backend; ``mcore_models.attention_backends``), like ``Attention``. Under an inference cache
+(``ctx.kv_cache``) ``forward`` runs the absorbed form: it appends the latent key ``[norm(c_kv) | roped k_pe]``
+``(N, 1, c + dr)`` to the layer's latent cache (``cache_spec``: no values) and hands the backend that key as
+``k`` and its first ``c`` channels as ``v``, with the plain form's softmax scale. ``forward_absorbed`` is the
+same form over a contiguous latent cache the caller holds (its own SDPA call).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from mcore.params import Init, ParamSpec
-from mcore.protocols.block import BlockContext, BlockShared, FlopsShape
+from mcore.protocols.block import AttentionCacheSpec, BlockContext, BlockShared, FlopsShape
 from mcore_models.attention_backends.auto import AutoBackend
 from mcore_models.attention_backends.seam import attend as attend_seam
 from mcore_models.blocks.attention import row_positions
@@ -36,7 +37,8 @@ from mcore_models.kernels.rope import apply_rope
 
 
 class MLA(Block):
-    """``forward(hidden (B, T, H), ctx) -> (B, T, H)``; ``forward_absorbed`` for decode with a latent cache."""
+    """``forward(hidden (B, T, H), ctx) -> (B, T, H)`` (absorbed under ``ctx.kv_cache``); ``forward_absorbed``
+    for decode with a contiguous latent cache."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(RopeFields):
@@ -136,6 +138,8 @@ class MLA(Block):
         dn, dv = cfg.qk_nope_head_dim, cfg.v_head_dim
         cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, dr/2)
         q_nope, q_pe, latent, k_pe = self._queries(hidden, cos, sin)
+        if ctx.kv_cache is not None:  # inference: the absorbed form over the latent cache
+            return self._forward_cached(q_nope, q_pe, latent, k_pe, ctx)
         # the rope key is computed once and read by every head: with heads split over ranks its gradient
         # is summed over them (identity without tensor parallelism)
         k_pe = ctx.share_across_heads(k_pe)
@@ -147,6 +151,43 @@ class MLA(Block):
         window = cfg.sliding_window
         out = attend_seam(q, k, v, ctx=ctx, scale=self.scale, window=window, default=self.default_attention)
         return self.out(out.reshape(batch, seq, nh * dv))  # (B, T, nh, dv) -> (B, T, H)
+
+    def _absorb(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_uk (nh, dn, c)`` and ``W_uv (nh, dv, c)``: ``kv_up``'s rows per head (the heads this module holds)."""
+        cfg = self.config
+        dn, dv = cfg.qk_nope_head_dim, cfg.v_head_dim
+        w_uk, w_uv = self.kv_up.weight.view(-1, dn + dv, cfg.kv_lora_rank).split([dn, dv], dim=1)
+        return w_uk, w_uv
+
+    def _forward_cached(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, ctx: BlockContext
+    ) -> torch.Tensor:
+        """The absorbed form under ``ctx.kv_cache``: append the step's latent keys, attend over the layer's pages."""
+        assert ctx.kv_cache is not None
+        batch, seq = latent.shape[:2]
+        c = self.config.kv_lora_rank
+        key = torch.cat([latent, k_pe], dim=-1)  # (B, T, c+dr)
+        ctx.kv_cache.append(ctx.layer_index, key.reshape(batch * seq, 1, -1).to(self.kv_down.weight.dtype), None)
+        w_uk, w_uv = self._absorb()  # (nh, dn, c), (nh, dv, c)
+        q_latent = torch.einsum("btnd,ndc->btnc", q_nope, w_uk)  # (B, T, nh, c)
+        q = torch.cat([q_latent, q_pe], dim=-1)  # (B, T, nh, c+dr)
+        k = key[:, :, None]  # (B, T, 1, c+dr): MQA over the latent
+        window = self.config.sliding_window
+        out = attend_seam(q, k, k[..., :c], ctx=ctx, scale=self.scale, window=window, default=self.default_attention)
+        out = torch.einsum("btnc,nvc->btnv", out, w_uv)  # (B, T, nh, c) -> (B, T, nh, dv)
+        return self.out(out.reshape(batch, seq, -1))  # (B, T, H)
+
+    def cache_spec(self) -> AttentionCacheSpec:
+        """What the inference cache keeps per token (``DeclaresCache``): the latent key ``c + dr`` (one head, no
+        values: the absorbed form reads values as its first ``c`` channels) in the parameters' dtype, and the window."""
+        cfg = self.config
+        return AttentionCacheSpec(
+            kv_heads=1,
+            head_dim=cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+            value_dim=None,
+            dtype=self.kv_down.weight.dtype,
+            window=cfg.sliding_window,
+        )
 
     def forward_absorbed(
         self,
@@ -161,7 +202,7 @@ class MLA(Block):
         """
         cfg = self.config
         batch, seq, _ = hidden.shape
-        dn, dv, c = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        dv = cfg.v_head_dim
         past = 0 if cache is None else cache[0].shape[1]
         positions = ctx.positions
         if positions is None:
@@ -170,7 +211,7 @@ class MLA(Block):
         q_nope, q_pe, latent, k_pe = self._queries(hidden, cos, sin)
         if cache is not None:
             latent, k_pe = torch.cat([cache[0], latent], dim=1), torch.cat([cache[1], k_pe], dim=1)  # (B, S, c|dr)
-        w_uk, w_uv = self.kv_up.weight.view(-1, dn + dv, c).split([dn, dv], dim=1)  # (nh, dn, c), (nh, dv, c)
+        w_uk, w_uv = self._absorb()  # (nh, dn, c), (nh, dv, c)
         nh = w_uk.shape[0]  # the heads held (a tensor-parallel rank's share)
         q_latent = torch.einsum("btnd,ndc->bntc", q_nope, w_uk)  # (B, nh, T, c)
         q = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1)  # (B, nh, T, c+dr)
