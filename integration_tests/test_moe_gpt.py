@@ -186,3 +186,22 @@ def test_mcore_plan_estimates_a_model_with_moe_layers() -> None:
     split = plan_memory(resolve_config(ep2, host), host, world_size=2)
     assert split.params == sparse.params - 4 * experts // 2
     assert any("expert parameters" in note for note in split.assumptions)
+
+
+def test_mcore_plan_counts_routed_experts_whole_under_tp_unless_expert_tp() -> None:
+    """Under ``["tp", "ep"]`` the routed experts stay whole on each tp rank (ep splits them) unless
+    ``[parallel.tp] expert_tp`` splits their FFN too; the plan's tp split follows that choice."""
+    from mcore.plan.estimate import tp_split_numel
+
+    host = isolated_host("mcore_testing.plugin", "mcore_models.plugin", "mcore_moe.plugin", "mcore_parallel.plugin")
+    moe = {"num_experts": 4, "top_k": 2, "moe_ffn_hidden_size": 32}
+    model = {"name": "gpt", "vocab_size": 257, "hidden_size": 64, "num_layers": 2, "layers": ["2*attention/moe"]}
+    model |= {"attention": {"num_heads": 4, "num_kv_heads": 2}, "moe": moe}
+    raw = {"optimizer": {"name": "reference-adamw"}, "train": {"seq_len": 32, "global_batch_size": 2}, "model": model}
+    experts = 2 * 4 * 3 * 64 * 32  # 2 layers x 4 experts x (gate, up, down) of 64 x 32
+    parallel = {"layouts": ["tp", "ep"], "sizes": {"tp": 2, "ep": 1}}
+    split_whole, whole_whole = tp_split_numel(resolve_config({**raw, "parallel": parallel}, host), host)
+    split_tp, whole_tp = tp_split_numel(
+        resolve_config({**raw, "parallel": parallel | {"tp": {"expert_tp": True}}}, host), host
+    )
+    assert split_tp - split_whole == experts and whole_whole - whole_tp == experts

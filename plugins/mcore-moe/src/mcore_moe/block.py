@@ -15,6 +15,8 @@ steps the run logs, ``step_metrics`` sums them over the ranks that saw distinct 
 (``mcore.protocols.step.ReportsStepMetrics``): ``moe/<layer>/load/<e>`` (expert e's share of the kept
 rows times E: 1 is balanced), ``moe/<layer>/max_load``, ``moe/<layer>/dropped_fraction`` and
 ``moe/<layer>/aux/<name>`` (the mean over the step's calls), into ``metrics.jsonl`` and TensorBoard.
+Under ``tp`` each rank of the group routes its own share of the tokens (``split_tokens_over``, set by the
+``ep`` layout): the auxiliary losses are the mean of the ranks' (capacity too is per rank), the loads their sum.
 """
 
 from __future__ import annotations
@@ -126,7 +128,15 @@ class MoE(nn.Module):
         self._last_step: torch.Tensor | None = None  # the same of the step that ended last
         self._aux_names: tuple[str, ...] = ()  # A: names of the auxiliary losses counted
         self._layer_index = self.shared.layer_index  # in the metric names; the context's when it has one
+        #: ranks that each route a share of this rank's tokens (``split_tokens_over``); ``None``: all of them here
+        self.token_group: Any = None
         self.reset_parameters()
+
+    def split_tokens_over(self, group: Any) -> None:
+        """Each rank of ``group`` routes its own share of the tokens (``tp`` splitting them, set by the ``ep``
+        layout): auxiliary losses become their mean over the group, expert loads and metrics its sum."""
+        self.token_group = group
+        self.router.token_group = group
 
     # -- declarations --------------------------------------------------------------------------
     def param_specs(self) -> dict[str, ParamSpec]:
@@ -174,7 +184,12 @@ class MoE(nn.Module):
         x = hidden.reshape(b * t, h)  # (N, H)
         token_ids = ctx.token_ids.reshape(-1) if ctx is not None and ctx.token_ids is not None else None
         routing = self.router.route(x, token_ids, num_sequences=b)
-        for name, loss in self.router.aux_losses():
+        aux = self.router.aux_losses()
+        if self.token_group is not None and aux:  # each tp rank routed a share of the tokens: their mean
+            from mcore_moe.comm import mean_over_ranks
+
+            aux = [(name, mean_over_ranks(loss, self.token_group)) for name, loss in aux]
+        for name, loss in aux:
             if ctx is None:
                 raise RuntimeError(f"moe: auxiliary loss {name!r} needs a BlockContext with an AuxLosses collector")
             ctx.add_aux_loss(name, loss)
@@ -185,9 +200,9 @@ class MoE(nn.Module):
         result = dispatcher.dispatch(x, routing)
         out = dispatcher.combine(self._experts(result, ctx), result)  # (N, H)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(hidden).reshape(b * t, h)  # (B, T, H): tp may split its tokens
         if not planning:
-            self._record(routing.experts, [loss for _, loss in self.router.aux_losses()], ctx)
+            self._record(routing.experts, [loss for _, loss in aux], ctx)
         return out.view(b, t, h).to(hidden.dtype)
 
     def _experts(self, result: DispatchResult, ctx: BlockContext | None) -> torch.Tensor:
@@ -237,7 +252,12 @@ class MoE(nn.Module):
         if self._last_step is None:
             return {}
         e = self.config.num_experts
-        total = reduce(self._last_step.clone()).tolist()
+        summed = reduce(self._last_step.clone())
+        if self.token_group is not None:
+            from mcore_moe.comm import sum_over_ranks
+
+            summed = sum_over_ranks(summed, self.token_group)
+        total = summed.tolist()
         load, slots, dropped, aux, calls = total[:e], total[e], total[e + 1], total[e + 2 : -1], total[-1]
         kept = sum(load)
         prefix = "moe" if self._layer_index is None else f"moe/{self._layer_index}"

@@ -8,6 +8,10 @@ Shape legend: N rows on this rank, W ranks in the group, H hidden size (any trai
   ranks; backward gathers the gradients.
 * ``all_to_all_rows(x, send, recv, group)``: rows ``send[r]`` to rank ``r``, ``recv[r]`` from it; backward is
   the inverse exchange.
+* ``mean_over_ranks(loss, group)``: a 0-d loss each rank computed on its share of the tokens (tp splitting a
+  moe block's tokens) -> their mean, the same on every rank; backward gives each rank ``1 / W`` of the
+  gradient (the ranks' parameter gradients are then summed over the group).
+* ``sum_over_ranks(x, group)``: counts summed over the group (no gradient).
 """
 
 from __future__ import annotations
@@ -73,6 +77,28 @@ def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group: Any) -> 
     out = x.new_empty((sum(recv), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
     return out
+
+
+class _MeanOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.world = dist.get_world_size(group)
+        return _summed(x, group) / ctx.world
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad / ctx.world, None
+
+
+def mean_over_ranks(loss: torch.Tensor, group: Any) -> torch.Tensor:
+    """The mean of each rank's ``loss`` over ``group`` (differentiable: each rank's share of the gradient)."""
+    return _MeanOverRanks.apply(loss, group)  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def sum_over_ranks(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """``x`` summed over ``group`` (a new tensor)."""
+    return _summed(x, group)
 
 
 def gather_rows(x: torch.Tensor, group: Any) -> torch.Tensor:

@@ -23,6 +23,18 @@ counted once), dense ones plain tensors equal on every rank after the average. T
 bias update sums the step's load over every data-parallel group, ``ep``'s included (``mcore.train.step_hooks``).
 Capacity and per-rank aux losses stay defined per rank and per micro-batch, as Megatron does.
 
+With ``tp`` (``["tp", "ep"]``, with or without sequence parallelism; expert TP = 1): ``tp`` splits attention and
+dense MLPs, the moe block's shared experts as it declares, and runs each moe block on a tp rank's share of the
+tokens (``mcore_parallel.tp_experts``); this layout hands the blocks the tp group (``MoE.split_tokens_over``:
+loads summed over it, auxiliary losses averaged, capacity per tp rank). The experts' gradients then hold a tp
+rank's share of the tokens: ``tp`` sums them over its group, unless they are sharded over it. MoE parallel
+folding (``[parallel.ep] borrow = ["tp"]``, Megatron's expert parallelism over the attention's tp ranks): the
+experts are ``Shard(0)`` over the flattened ``ep x tp`` ranks (rank ``e * tp + t``) and the tokens dispatched over
+that group, so ``tp`` alone (``ep = 1``) runs expert parallelism with no data-parallel factor; the experts'
+gradients then hold every token of the ``ep`` ranks' micro-batches (divided by ``ep`` as above). With expert TP
+(``[parallel.tp] expert_tp = true``, ``tp`` listed first) the tokens are not split: ``tp`` splits the experts'
+FFN, and each weight here becomes ``(Shard(0), Shard(d))`` over ``(ep, tp)``.
+
 Composition: ``["ep", "ddp"]`` (ddp averages everything over ``dp_replicate``, ep over ``ep``); ``["ep",
 "fsdp"]``: fsdp shards each parameter over ``dp_shard`` (the experts' ep-local rows, as for ``tp``) and
 averages over it, and this layout then averages the dense shards over ``ep`` and divides the experts by
@@ -45,7 +57,7 @@ from torch.distributed.tensor import DTensor
 from mcore.protocols.layout import DataParallelInfo
 from mcore.train.grads import mesh_all_reduce
 from mcore_moe.block import DISPATCHERS, MoE
-from mcore_moe.ep_experts import shard_experts
+from mcore_moe.ep_experts import shard_experts, split_over_tp
 
 if TYPE_CHECKING:
     from mcore.mesh import ParallelMesh
@@ -67,12 +79,17 @@ def declared_experts(model_config: Any) -> list[int]:
     return found
 
 
-def check_divides(num_experts: int, ep: int, where: str) -> None:
+def check_divides(num_experts: int, ep: int, where: str, what: str = "parallel.sizes.ep") -> None:
     if num_experts % ep:
         fits = ", ".join(str(d) for d in range(1, num_experts + 1) if num_experts % d == 0)
+        name = "ep" if what == "parallel.sizes.ep" else "ep x tp"
         raise ValueError(
-            f"{where} num_experts = {num_experts} is not divisible by parallel.sizes.ep = {ep}; allowed: ep in {fits}"
+            f"{where} num_experts = {num_experts} is not divisible by {what} = {ep}; allowed: {name} in {fits}"
         )
+
+
+#: What ``borrow`` may name.
+BORROWABLE = ((), ("tp",))
 
 
 class EPLayout:
@@ -88,7 +105,16 @@ class EPLayout:
         dispatcher: str = "alltoall"
         """Token dispatcher over the ep group, one of the moe block's: 'alltoall' (routed rows only), 'allgather' (every token, EP x TP friendly) or 'allgatherv' (fixed-capacity buffers, no host sync)."""
 
+        borrow: tuple[str, ...] = ()
+        """Mesh dimensions of other layouts the experts are sharded over too: [] or ['tp'] (MoE parallel folding:
+        experts Shard(0) over ep x tp, tokens dispatched over that group, so tp alone can run expert parallelism)."""
+
         def __post_init__(self) -> None:
+            if isinstance(self.borrow, str):
+                self.borrow = (self.borrow,) if self.borrow else ()
+            self.borrow = tuple(self.borrow)
+            if self.borrow not in BORROWABLE:
+                raise ValueError(f"parallel.ep.borrow = {list(self.borrow)!r}; allowed: [] or ['tp']")
             if self.dispatcher not in DISPATCHERS:
                 raise ValueError(
                     f"parallel.ep.dispatcher = {self.dispatcher!r}; allowed: {', '.join(map(repr, DISPATCHERS))}"
@@ -97,10 +123,12 @@ class EPLayout:
     @staticmethod
     def check_run(config: Config, run: Any) -> None:
         """Before launch: every MoE table's ``num_experts`` divides by ``parallel.sizes.ep``."""
-        ep = run.parallel.sizes.get(DIM)
-        if isinstance(ep, int) and ep > 1:
+        ep = run.parallel.sizes.get(DIM, 1)
+        tp = run.parallel.sizes.get("tp", 1) if "tp" in config.borrow else 1
+        if isinstance(ep, int) and isinstance(tp, int) and ep > 0 and tp > 0 and ep * tp > 1:
+            what = "parallel.sizes.ep x parallel.sizes.tp" if "tp" in config.borrow else "parallel.sizes.ep"
             for n in declared_experts(run.model.config):
-                check_divides(n, ep, "model.moe")
+                check_divides(n, ep * tp, "model.moe", what)
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or type(self).Config()
@@ -109,31 +137,54 @@ class EPLayout:
         self._blocks: list[MoE] = []
         self._sync = True
 
+    @property
+    def borrowed_dims(self) -> tuple[str, ...]:
+        """Mesh dimensions of another layout the experts are also sharded over (``Config.borrow``)."""
+        return self.config.borrow
+
     # -- apply -----------------------------------------------------------------------------------
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
         blocks = [m for m in model.modules() if isinstance(m, MoE)]
-        size = mesh.size(DIM)
+        folded = "tp" in self.config.borrow
+        size = mesh.size(DIM) * (mesh.size("tp") if folded else 1)  # ranks the experts are sharded over
+        what = "parallel.sizes.ep x parallel.sizes.tp" if folded else "parallel.sizes.ep"
         if size > 1 and not _on_any_rank(len(blocks), mesh):  # a pipeline stage may hold none: ask every rank
             raise ValueError(
-                f"parallel.sizes.ep = {size} but {type(model).__name__} has no moe block to split; allowed: ep = 1, "
+                f"{what} = {size} but {type(model).__name__} has no moe block to split; allowed: ep = 1, "
                 "or a model with moe layers (e.g. model.layers = ['attention/swiglu', 'attention/moe'])"
             )
-        for block in blocks:
-            check_divides(block.config.num_experts, size, "model.moe")
-            sharded = next((n for n, p in block.experts.named_parameters() if isinstance(p, DTensor)), None)
+        split = [split_over_tp(block.experts) for block in blocks]  # expert TP: tp split the FFN, not the tokens
+        for block, by_tp in zip(blocks, split, strict=True):
+            check_divides(block.config.num_experts, size, "model.moe", what)
+            if by_tp and folded:
+                raise ValueError(
+                    "ep: parallel.ep.borrow = ['tp'] with the experts' FFN split over tp (parallel.tp.expert_tp = "
+                    "true); allowed: one of them (experts over ep x tp, or experts over ep with their FFN over tp)"
+                )
+            sharded = next(
+                (n for n, p in block.experts.named_parameters() if isinstance(p, DTensor) and not by_tp), None
+            )
             if size > 1 and sharded is not None:
                 raise ValueError(
                     f"ep: the experts' {sharded!r} is already sharded by a layout listed before 'ep'; allowed: 'ep' "
                     "before the layouts that shard parameters (parallel.layouts = ['ep', 'fsdp'] or ['ep', 'ddp'])"
                 )
         self._mesh, self._model, self._blocks = mesh, model, blocks
-        group = mesh.group(DIM)
-        if size == 1 or group is None:
+        tp_group = mesh.group("tp")
+        if tp_group is not None:  # tp splits the blocks' tokens over its ranks (mcore_parallel.tp_experts)
+            for block, by_tp in zip(blocks, split, strict=True):
+                if not by_tp:
+                    block.split_tokens_over(tp_group)
+        if size == 1 or mesh.device_mesh is None:
             return model
-        device_mesh = mesh.submesh([DIM])
-        rank = mesh.rank(DIM)
+        if folded:  # one flattened dimension over ep x tp (ep outer): rank e * tp + t
+            device_mesh = mesh.submesh([DIM, "tp"])._flatten(f"{DIM}_tp")  # type: ignore[union-attr]
+            group, rank = device_mesh.get_group(), device_mesh.get_local_rank()
+        else:
+            device_mesh, group, rank = mesh.submesh([DIM]), mesh.group(DIM), mesh.rank(DIM)
+        tp_mesh = mesh.submesh([DIM, "tp"]) if any(split) else None  # expert TP: (ep, tp) placements
         for block in blocks:
-            shard_experts(block.experts, device_mesh, rank, size)
+            shard_experts(block.experts, device_mesh, rank, size, tp_mesh)
             block.dispatcher = DISPATCHERS[self.config.dispatcher](group, block.config.num_experts)
         return model
 

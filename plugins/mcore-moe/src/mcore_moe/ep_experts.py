@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Placement, Shard
 
 from mcore_moe.experts import GroupedSwiGLU
 
@@ -31,18 +31,30 @@ class ShardedGroupedSwiGLU(GroupedSwiGLU):
     local rows): the class tells a later layout the experts are split already."""
 
 
-def shard_experts(experts: GroupedSwiGLU, device_mesh: Any, rank: int, size: int) -> None:
+def split_over_tp(experts: GroupedSwiGLU) -> bool:
+    """Whether a ``tp`` layout split the experts' FFN already (expert TP): weights DTensors over ``tp``."""
+    return any(isinstance(w, DTensor) and "tp" in (w.device_mesh.mesh_dim_names or ()) for w in experts.parameters())
+
+
+def shard_experts(experts: GroupedSwiGLU, device_mesh: Any, rank: int, size: int, tp_mesh: Any = None) -> None:
     """Keep experts ``rank * E_l .. (rank + 1) * E_l - 1`` of ``experts`` as ``Shard(0)`` DTensors over
-    ``device_mesh`` (the ``ep`` sub-mesh), in place; on the meta device only the local shapes are made."""
+    ``device_mesh`` (the ``ep`` sub-mesh), in place; on the meta device only the local shapes are made.
+
+    ``tp_mesh``: the 2-d ``(ep, tp)`` mesh, for weights a ``tp`` layout split along the FFN already (expert TP):
+    their local FFN slice keeps its tp placement, ``(Shard(0), Shard(d))`` over ``(ep, tp)``."""
     for name in WEIGHTS:
         full: nn.Parameter = getattr(experts, name)
         per_rank = full.shape[0] // size
-        if full.is_meta:
-            local = torch.empty((per_rank, *full.shape[1:]), dtype=full.dtype, device="meta")
+        mesh: Any = device_mesh
+        placements: tuple[Placement, ...] = (Shard(0),)
+        source = full.detach()
+        if isinstance(full, DTensor):  # split over tp: (E, F / tp, H) or (E, H, F / tp) locally
+            mesh, placements = tp_mesh, (Shard(0), *full.placements)
+            source = full.to_local().detach()
+        if source.is_meta:
+            local = torch.empty((per_rank, *source.shape[1:]), dtype=full.dtype, device="meta")
         else:
-            local = full.detach()[rank * per_rank : (rank + 1) * per_rank].clone()  # (E_l, ...)
-        sharded = DTensor.from_local(
-            local, device_mesh, (Shard(0),), run_check=False, shape=full.shape, stride=full.stride()
-        )
+            local = source[rank * per_rank : (rank + 1) * per_rank].clone()  # (E_l, ...)
+        sharded = DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
         setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
     experts.__class__ = ShardedGroupedSwiGLU

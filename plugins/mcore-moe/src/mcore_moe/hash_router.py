@@ -12,6 +12,7 @@ falling frequency, each to the K least-loaded experts so far (greedy bin packing
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ class HashRouter(nn.Module):
         self.config = c = config or HashRouterConfig()
         self.weight = nn.Parameter(torch.empty(c.num_experts, hidden_size))
         self.register_buffer("table", torch.empty(c.vocab_size, c.top_k, dtype=torch.int64))
+        self.token_group: Any = None  # as ``TopKRouter``'s; the table keeps no load to sum
         self.reset_parameters()
 
     @torch.no_grad()

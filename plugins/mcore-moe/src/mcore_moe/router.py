@@ -15,7 +15,8 @@ Notable:
   ``seq_aux`` (the same per sequence, averaged), ``z`` (mean squared logsumexp of the logits);
 * the expert bias is an fp32 buffer (in the ``state_dict``, outside the optimizer), moved after the
   optimizer step by ``after_optimizer_step`` (``mcore.protocols.step``) from the step's load summed
-  over the ranks that saw distinct tokens;
+  over the ranks that saw distinct tokens (and over ``token_group``, the tp ranks that each routed a share of
+  the same tokens);
 * capacity (``capacity_factor``): each expert keeps at most ``ceil(factor * N * K / E)`` token slots of the
   call, chosen by weight (``drop_policy = "probs"``) or token order (``"position"``); a dropped slot has
   expert id ``-1`` and weight 0, which this plugin's dispatchers skip. ``None``: dropless.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +196,8 @@ class TopKRouter(nn.Module):
         # tokens per expert chosen during this optimizer step (not saved: a step never spans a checkpoint)
         self.register_buffer("step_load", torch.zeros(c.num_experts, dtype=torch.float32), persistent=False)
         self._aux: list[tuple[str, torch.Tensor]] = []
+        #: ranks that each route a share of this rank's tokens (tp, set by the ``ep`` layout): load summed over them
+        self.token_group: Any = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -292,6 +296,10 @@ class TopKRouter(nn.Module):
         when the step was ``applied``); forget the step's counts either way."""
         if self.config.expert_bias:
             load = reduce(self.step_load.clone())
+            if self.token_group is not None:  # the tp ranks each routed a share of the same micro-batches
+                from mcore_moe.comm import sum_over_ranks
+
+                load = sum_over_ranks(load, self.token_group)
             if applied:
                 self.update_bias(load)
         self.step_load.zero_()

@@ -25,6 +25,12 @@ declarations and checks every size before anything is touched; this module carri
   through ``BlockContext.share_across_heads``: the layout is a ``BatchShardingLayout`` whose
   ``shard_batch`` only puts the group in the context (``head_group``; the loss is not split).
 
+Expert blocks (parameters of role ``expert``: the ``moe`` block) run on a rank's share of the tokens, their
+routed experts left whole here (expert TP = 1) for an expert-parallel layout, their router's gradient (and the
+experts', unless sharded over the tp ranks) summed over the group (``tp_experts.py``); ``tp > 1`` with expert
+blocks needs the ``ep`` layout (any size), which sums what the router counts over the tp ranks too. With
+``expert_tp`` the experts' FFN is split over the group instead and expert blocks compute every token.
+
 Every rank of the group reads the same batch (``data_parallel()`` is ``1``). ``apply`` works on a
 model on the meta device (it only records placements), and ``mcore.construct.init_params`` fills each
 rank's shard and the whole plain tensors with the single-process build's values.
@@ -47,13 +53,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from mcore.protocols.block import BlockContext
 from mcore.protocols.layout import DataParallelInfo
 from mcore_parallel.group_grads import DeferredSync, local_grad, sum_over_group
 from mcore_parallel.sequence_parallel import SequencePlan, apply_sequence_parallel, plan_sequence_parallel
+from mcore_parallel.tp_experts import (
+    expert_grads_to_sum,
+    install_expert_tokens,
+    plan_expert_tokens,
+    sequence_plan,
+    with_expert_blocks,
+)
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding, swap_class
 from mcore_parallel.tp_overlap import OverlappedRowLinear
 from mcore_parallel.tp_overlap_gather import ColumnShardLinear, GatheredInputLinear, GatherRegion
@@ -94,7 +107,14 @@ class TPLayout(DeferredSync):
         many chunks, the GEMMs of the linears reading it run on each chunk as it arrives, their input
         gradient reduce-scattered chunk by chunk (``tp_overlap_gather.py``); false: the row side only."""
 
+        expert_tp: bool = False
+        """Split the routed experts' FFN over tp too (expert TP = attention TP): expert blocks then compute every
+        token as attention does, their stacked weights split along the FFN (``tp_experts.py``); false: each
+        rank routes its own share of the tokens through whole experts (expert TP = 1)."""
+
         def __post_init__(self) -> None:
+            if not isinstance(self.expert_tp, bool):
+                raise ValueError(f"parallel.tp.expert_tp = {self.expert_tp!r}; allowed: true or false")
             if not isinstance(self.sequence_parallel, bool):
                 raise ValueError(f"parallel.tp.sequence_parallel = {self.sequence_parallel!r}; allowed: true or false")
             if not isinstance(self.overlap_all_gather, bool):
@@ -122,6 +142,7 @@ class TPLayout(DeferredSync):
         self._plan: TPPlan | None = None
         self._sequence_plan: SequencePlan | None = None
         self._summed: list[tuple[nn.Module, str]] = []  # (module, attribute): read at each sync
+        self._experts: list[tuple[nn.Module, str]] = []  # expert weights: summed unless sharded over tp
         self._regions: list[GatherRegion] = []  # the all-gather side of overlap: calls dropped after backward
 
     # -- apply -----------------------------------------------------------------------------------
@@ -129,8 +150,17 @@ class TPLayout(DeferredSync):
         tp = mesh.size(DIM)
         loss_head = getattr(model, "loss_head", None)
         vocab_parallel = callable(getattr(loss_head, "vocab_parallel", None))
-        plan = plan_tp(model, tp, vocab_parallel_loss=vocab_parallel)  # every check, before anything changes
-        sp = plan_sequence_parallel(model, plan) if self.config.sequence_parallel else None
+        expert_tp = self.config.expert_tp
+        plan = plan_tp(model, tp, vocab_parallel_loss=vocab_parallel, expert_tp=expert_tp)  # every check first
+        experts = plan_expert_tokens(model, plan)
+        sp = None
+        if self.config.sequence_parallel:  # expert blocks run on the rank's tokens: not gathered (tp_experts)
+            sp = sequence_plan(plan_sequence_parallel(model, with_expert_blocks(plan)), experts)
+        if tp > 1 and experts.blocks and not experts.split and not mesh.has("ep"):
+            raise ValueError(
+                f"tp: {experts.blocks[0]!r} holds expert parameters ({plan.experts[0]!r}), whose tokens tp splits over "
+                "its ranks; allowed: with layout 'ep' too (parallel.layouts = ['tp', 'ep'], any parallel.sizes.ep)"
+            )
         self._mesh, self._plan, self._sequence_plan = mesh, plan, sp
         if tp == 1:
             return model  # the plain model: nothing to split, nothing to reduce
@@ -146,7 +176,7 @@ class TPLayout(DeferredSync):
                 continue
             _parallelize(model, path, device_mesh, ColwiseParallel(), owners)
         for path in plan.rowwise:  # under sequence parallelism a block's outputs are reduce-scattered by tokens
-            by_tokens = sp is not None and path in sp.row_outputs
+            by_tokens = (sp is not None and path in sp.row_outputs) or path in experts.row_outputs
             if self.config.overlap_chunks > 1:
                 self._overlap_row(model, path, device_mesh, owners, by_tokens=by_tokens)
                 continue
@@ -169,6 +199,23 @@ class TPLayout(DeferredSync):
             path, _, key = name.rpartition(".")
             if model.get_parameter(name).requires_grad:
                 self._summed.append((model.get_submodule(path), key))
+        for name, dim in plan.expert_splits.items():  # expert TP: the FFN of every expert split over the ranks
+            param = model.get_parameter(name)
+            if isinstance(param, DTensor):
+                raise ValueError(
+                    f"tp: expert weight {name!r} is already sharded by a layout listed before 'tp'; allowed with "
+                    "parallel.tp.expert_tp = true: 'tp' before 'ep' (parallel.layouts = ['tp', 'ep'])"
+                )
+            _shard(param, device_mesh, owners, dim=dim)
+        for name in experts.summed:  # an expert block's router sees the rank's tokens only
+            path, _, key = name.rpartition(".")
+            if model.get_parameter(name).requires_grad:
+                self._summed.append((model.get_submodule(path), key))
+        for name in plan.experts:  # summed unless a layout shards them over the tp ranks (read at each sync)
+            path, _, key = name.rpartition(".")
+            if model.get_parameter(name).requires_grad:
+                self._experts.append((model.get_submodule(path), key))
+        install_expert_tokens(model, experts, group, rank, tp, sequence_parallel=sp is not None)
         if sp is not None:  # norm scales see their rank's tokens only: gradients summed over the group
             for name in sp.summed:
                 path, _, key = name.rpartition(".")
@@ -261,11 +308,15 @@ class TPLayout(DeferredSync):
         and of ``partial`` parameters (QK-norm scales); drop what the chunked gathers kept for a recompute."""
         for region in self._regions:  # outputs kept for a recompute that never took them
             region.reset()
-        if not self.syncing or not self._summed:
+        if not self.syncing or not (self._summed or self._experts):
             return
-        # read through the holders: a layout applied after this one (fsdp) may have replaced the parameters
+        # read through the holders: a layout applied after this one (fsdp, ep) may have replaced the parameters
+        group = self._require_mesh().group(DIM)
         params = [module._parameters[key] for module, key in self._summed]
-        sum_over_group([local_grad(p) for p in params if p is not None], self._require_mesh().group(DIM))
+        experts = [module._parameters[key] for module, key in self._experts]
+        grads = [local_grad(p) for p in params if p is not None]
+        grads += expert_grads_to_sum([p for p in experts if p is not None], group)
+        sum_over_group(grads, group)
 
     def state_dict_options(self) -> dict[str, Any]:
         """Split parameters are DTensors: saved sharded, resharded on load; plain ones are saved once."""

@@ -16,7 +16,12 @@ beyond the two torch modules whose math tensor parallelism changes (``nn.Linear`
   the output head's rows split (``vocab_shards``) only when the model's loss head can compute a
   vocab-parallel loss (``LossHead.vocab_parallel``); otherwise the head stays whole, and so does a
   tied embedding (a model with no ``head`` parameter uses an embedding as its output weight);
-* ``replicate``: whole on every rank (``whole``), as is anything the plan keeps whole.
+* ``replicate``: whole on every rank (``whole``), as is anything the plan keeps whole;
+* role ``expert`` (stacked expert weights ``(E, out, in)``, dim 0 the experts): kept whole by ``tp``
+  (expert TP = 1) and left to an expert-parallel layout (``experts``); the module declaring them is an expert
+  block (``expert_blocks``): under ``tp`` each rank routes its own share of the tokens through it
+  (``tp_experts``). With ``expert_tp`` the declared ``column`` ones split dim 1 and the ``row`` ones dim 2
+  over the ranks (``expert_splits``; expert TP = attention TP).
 
 A matrix without a declared style is an error naming it. Fused weights (``splits``) with ``column``
 are refused for now (each logical matrix would have to split alike: not one ``Shard(0)``).
@@ -48,6 +53,12 @@ class TPPlan:
     """Parameter names that stay plain tensors, whole on every rank."""
     summed: list[str] = field(default_factory=list)
     """Of ``whole``: the ``partial`` ones, whose gradients the layout sums over the group."""
+    experts: list[str] = field(default_factory=list)
+    """Parameter names of role ``expert``: not split by ``tp`` (an expert-parallel layout may shard them)."""
+    expert_splits: dict[str, int] = field(default_factory=dict)
+    """With ``expert_tp``: expert parameter name -> the dim split over the ranks (1: ``column``, 2: ``row``)."""
+    expert_blocks: list[str] = field(default_factory=list)
+    """Modules declaring ``expert`` parameters (outermost): each rank routes its own tokens through them."""
 
 
 def _divisors(n: int) -> str:
@@ -81,11 +92,11 @@ def _undeclared(name: str, spec: ParamSpec) -> ValueError:
     )
 
 
-def plan_tp(model: nn.Module, tp: int, *, vocab_parallel_loss: bool) -> TPPlan:
+def plan_tp(model: nn.Module, tp: int, *, vocab_parallel_loss: bool, expert_tp: bool = False) -> TPPlan:
     """The plan for ``model`` over ``tp`` ranks (``ValueError`` naming the first problem; nothing touched).
 
     ``vocab_parallel_loss``: the model's loss head has ``vocab_parallel(group)``, so the output
-    weight may be split by rows.
+    weight may be split by rows. ``expert_tp``: split the experts' FFN over the ranks too.
     """
     specs = collect_param_specs(model)
     params = dict(model.named_parameters())
@@ -129,6 +140,19 @@ def plan_tp(model: nn.Module, tp: int, *, vocab_parallel_loss: bool) -> TPPlan:
     for name, spec in specs.items():
         if name in handled:
             continue
+        if spec.role == "expert":  # expert TP = 1: the experts stay whole here
+            plan.experts.append(name)
+            if expert_tp and spec.tp in ("column", "row"):
+                if params[name].dim() != 3:
+                    raise ValueError(
+                        f"tp: expert weight {name!r} has shape {tuple(params[name].shape)}; allowed with "
+                        "parallel.tp.expert_tp = true: stacked (experts, out, in) weights"
+                    )
+                dim = 1 if spec.tp == "column" else 2
+                what = "rows (FFN, dim 1)" if dim == 1 else "columns (FFN, dim 2)"
+                _check_rows(name, params[name].shape[dim], what, tp)
+                plan.expert_splits[name] = dim
+            continue
         style = tp_style(spec)
         if style is None:
             raise _undeclared(name, spec)
@@ -145,7 +169,25 @@ def plan_tp(model: nn.Module, tp: int, *, vocab_parallel_loss: bool) -> TPPlan:
             if style == "partial":
                 plan.summed.append(name)
     _check_head_slices(plan, model, tp)
+    plan.expert_blocks = _expert_blocks(model, plan.experts)
     return plan
+
+
+def _expert_blocks(model: nn.Module, experts: list[str]) -> list[str]:
+    """The outermost modules whose ``param_specs()`` declare some of ``experts`` (in ``named_modules`` order)."""
+    if not experts:
+        return []
+    found: list[str] = []
+    for path, module in model.named_modules():
+        if any(path == f or path.startswith(f + ".") for f in found):
+            continue
+        declare = getattr(module, "param_specs", None)
+        if not callable(declare):
+            continue
+        prefix = f"{path}." if path else ""
+        if any(f"{prefix}{name}" in experts for name in declare()):
+            found.append(path)
+    return found
 
 
 def _plan_embedding(

@@ -299,13 +299,17 @@ def tp_split_numel(config: RunConfig, host: Any) -> tuple[int, int]:
     # the output weight splits only when the model's loss head can compute a vocab-parallel loss
     vocab_loss = callable(getattr(getattr(model, "loss_head", None), "vocab_parallel", None))
     tied = not any(spec.role == "head" for spec in specs.values())
+    # routed experts stay whole on each tp rank (left to ``ep``) unless the tp layout splits them (``expert_tp``)
+    tp_layout = next((sel for sel in config.layouts if sel.name == "tp"), None)
+    expert_tp = bool(getattr(getattr(tp_layout, "config", None), "expert_tp", False))
     split = whole = 0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         spec = specs[name]
         output = spec.role == "head" or (tied and spec.role == "embedding")
-        if tp_style(spec) in TP_SPLIT_STYLES and (vocab_loss or not output):
+        expert_whole = spec.role == "expert" and not expert_tp
+        if tp_style(spec) in TP_SPLIT_STYLES and (vocab_loss or not output) and not expert_whole:
             split += p.numel()
         else:
             whole += p.numel()
