@@ -438,6 +438,19 @@ class GPT(SwappableLossHead):
         depths included under their indices after the main stack: what an engine sizes its cache from."""
         return cache_specs(self)
 
+    def pack_for_inference(self) -> int:
+        """Lay out each block's jointly projected weights (attention's q/k/v, gated MLPs' gate/up; blocks list them
+        in ``fused_groups()``) back to back in one buffer, so the one-GEMM projection reads them without a
+        concatenated copy under ``torch.no_grad``. An engine calls it once after loading. Returns the groups packed."""
+        from mcore_models.blocks.base import pack_linears
+
+        packed = 0
+        for module in self.modules():
+            groups = getattr(module, "fused_groups", None)
+            if callable(groups):
+                packed += sum(pack_linears(group) for group in groups())
+        return packed
+
     # -- pipeline stages (mcore.protocols.model.StagedModel) ----------------------------------
     def stage_layers(self) -> int:
         """Layers a pipeline layout distributes over stages (MTP depths stay with the loss head)."""

@@ -132,6 +132,10 @@ class Attention(Block):
         out = attend(q, k, v, ctx=ctx, scale=self.scale, window=window, default=default)  # (B, T, nh, hd)
         return self.out(out.reshape(batch, seq, -1))  # (B, T, H)
 
+    def fused_groups(self) -> list[tuple[nn.Linear, ...]]:
+        """The linears projected in one GEMM (``GPT.pack_for_inference`` lays them out back to back)."""
+        return [(self.q, self.k, self.v)]
+
     def cache_spec(self) -> AttentionCacheSpec:
         """What the inference cache keeps per token (``DeclaresCache``): this module's key/value heads (a
         tensor-parallel rank's share), ``head_dim`` keys and values, in the parameters' dtype, and the window."""

@@ -71,7 +71,59 @@ def _concat(tensors: list[torch.Tensor], device_type: str) -> torch.Tensor:
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
-    return torch.cat(tensors)
+    packed = _adjacent_view(tensors)
+    return packed if packed is not None else torch.cat(tensors)
+
+
+def _adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The concatenation of ``tensors`` as a view, without a copy, when they lie back to back in one storage
+    (``pack_linears`` put them there) and no gradient is wanted (a view of the storage would not route
+    gradients to each parameter); else ``None``. Inference reads each weight once per step instead of
+    reading it and writing and reading a concatenated copy (for a decode step: twice the weight traffic)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None  # compiled code cannot read storage addresses; the compiler fuses the copy away or keeps it
+    first = tensors[0]
+    expected = first.data_ptr()
+    for t in tensors:
+        if (
+            not t.is_contiguous()
+            or t.dtype != first.dtype
+            or t.device != first.device
+            or t.shape[1:] != first.shape[1:]
+            or t.data_ptr() != expected
+            or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        ):
+            return None
+        expected += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    offset = first.storage_offset()
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        first.untyped_storage(), offset, (rows, *first.shape[1:]), first.stride()
+    )
+
+
+@torch.no_grad()
+def pack_linears(linears: tuple[nn.Linear, ...]) -> bool:
+    """Put the weights (and biases) of ``linears`` back to back in one new buffer, each parameter a view of
+    it (same ``Parameter`` objects), so ``fused_projection`` under ``torch.no_grad`` reads them without a
+    concatenated copy. For inference: training layouts that re-create parameters undo it harmlessly. Returns
+    whether it packed (only plain tensors of one dtype and device)."""
+    for attr in ("weight", "bias"):
+        params = [getattr(linear, attr) for linear in linears]
+        if all(p is None for p in params):
+            continue
+        if any(p is None or not _plain(p) for p in params):
+            return False
+        first = params[0]
+        if any(p.dtype != first.dtype or p.device != first.device or p.shape[1:] != first.shape[1:] for p in params):
+            return False
+        buffer = torch.cat([p.detach() for p in params])  # (sum of rows, ...)
+        start = 0
+        for param in params:
+            rows = param.shape[0]
+            param.data = buffer[start : start + rows]
+            start += rows
+    return True
 
 
 def project(hidden: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:

@@ -85,6 +85,10 @@ class _Gated(Block):
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused_groups(self) -> list[tuple[nn.Linear, ...]]:
+        """The linears projected in one GEMM (``GPT.pack_for_inference`` lays them out back to back)."""
+        return [(self.gate, self.up)]
+
     def packed_activation(self, packed: torch.Tensor) -> torch.Tensor:
         """``activation`` of ``(..., 2F)`` rows ``[gate | up]`` (views of one GEMM's output)."""
         gate, up = packed.chunk(2, dim=-1)
