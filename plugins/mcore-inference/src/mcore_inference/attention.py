@@ -1,0 +1,175 @@
+"""The engine's paged attention backend: a step's queries against every sequence's cached pages.
+
+Why it exists: under the engine's cache an attention block appends its new keys/values and hands ``q`` to
+``ctx.attention``; this backend reads the layer's pages (``ctx.kv_cache.gather``) and attends. The torch path
+here is the reference and the CPU path, batched over the step's sequences: gather each sequence's pages into a
+padded ``(S, K)`` key row, scatter the packed queries into ``(S, C)`` rows and run one masked SDPA. Kernels
+(varlen prefill over a cached prefix) plug in later as ``kernel``.
+
+A step whose every sequence brings one token (``max_seqlen == 1``: decode) takes the decode path: one query per
+sequence against its pages, masked by the lengths, with static shapes and no host sync (what a CUDA graph
+captures, ``static_decode.py``). ``paged_decode_torch`` is its reference and CPU path; on CUDA the Triton
+kernel of ``triton_decode.py`` (GQA, split-K over long contexts) serves it when triton imports.
+
+Masking (``mcore.protocols.block.KVCacheHandle``): query ``j`` of sequence ``i`` (``c_i`` new tokens, ``L_i``
+cached once appended) sits at position ``L_i - c_i + j`` and sees key ``s`` when ``s <= L_i - c_i + j`` and,
+with a window ``w``, ``L_i - c_i + j - s < w``. A latent cache (MLA) has no value pages: values are the first
+``hdv`` channels of the keys.
+
+Shape legend: N new tokens of the step, S sequences, C most new tokens of one sequence, K = M * bs key slots
+of the longest table (of ``max_model_len`` in a static decode step), nh query heads, nkv key/value heads, hd key dim, hdv value dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mcore.errors import UserError
+from mcore.protocols.block import BlockContext, PagedKV
+
+#: A paged attention implementation: ``(q (N, nh, hd), paged, cu_seqlens (S+1,), max_seqlen, hdv, scale, window)``
+#: -> ``(N, nh, hdv)``; ``max_seqlen`` is the most new tokens of one sequence (a host int: no device sync).
+PagedKernel = Callable[[torch.Tensor, PagedKV, torch.Tensor, int, int, float, int | None], torch.Tensor]
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    paged: PagedKV,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    value_dim: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """The torch reference: ``q (N, nh, hd)`` packed by ``cu_seqlens`` -> ``(N, nh, hdv)`` in ``q``'s dtype."""
+    n, nh, _ = q.shape
+    table = paged.block_table.long()  # (S, M)
+    seqs, blocks = table.shape
+    bs, nkv = paged.key_cache.shape[1], paged.key_cache.shape[2]
+    cu = cu_seqlens.to(q.device).long()
+    counts = cu[1:] - cu[:-1]  # (S,)
+    lens = paged.seq_lens.to(q.device).long()  # (S,)
+    width = max_seqlen
+    owner = torch.repeat_interleave(torch.arange(seqs, device=q.device), counts, output_size=n)  # (N,) its sequence
+    row = torch.arange(n, device=q.device) - cu[owner]  # (N,) index among its sequence's new tokens
+    padded_q = q.new_zeros(seqs, width, nh, q.shape[-1])
+    padded_q[owner, row] = q  # (S, C, nh, hd)
+    safe = table.clamp(min=0)
+    keys = paged.key_cache[safe].flatten(1, 2).to(q.dtype)  # (S, K, nkv, hd)
+    if paged.value_cache is None:
+        values = keys[..., :value_dim]  # latent: values are the keys' first hdv channels
+    else:
+        values = paged.value_cache[safe].flatten(1, 2).to(q.dtype)  # (S, K, nkv, hdv)
+    slot = torch.arange(blocks * bs, device=q.device)  # (K,)
+    query_pos = (lens - counts)[:, None] + torch.arange(width, device=q.device)  # (S, C)
+    see = slot[None, None, :] <= query_pos[:, :, None]  # (S, C, K) causal
+    see &= slot[None, None, :] < lens[:, None, None]
+    see &= (table >= 0).repeat_interleave(bs, dim=1)[:, None, :]  # freed blocks: never read
+    if window is not None:
+        see &= query_pos[:, :, None] - slot[None, None, :] < window
+    group = nh // nkv
+    k = keys.permute(0, 2, 1, 3).repeat_interleave(group, dim=1)  # (S, nh, K, hd)
+    v = values.permute(0, 2, 1, 3).repeat_interleave(group, dim=1)  # (S, nh, K, hdv)
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2), k, v, attn_mask=see[:, None], scale=scale
+    )  # (S, nh, C, hdv)
+    return out.transpose(1, 2)[owner, row]  # (N, nh, hdv)
+
+
+#: A paged decode implementation: ``(q (S, nh, hd), paged, hdv, scale, window) -> (S, nh, hdv)``, one query per
+#: sequence at position ``seq_lens - 1``; static shapes, no host sync.
+PagedDecodeKernel = Callable[[torch.Tensor, PagedKV, int, float, int | None], torch.Tensor]
+
+
+def paged_decode_torch(
+    q: torch.Tensor, paged: PagedKV, value_dim: int, scale: float, window: int | None
+) -> torch.Tensor:
+    """The torch decode reference: ``q (S, nh, hd)`` -> ``(S, nh, hdv)`` in ``q``'s dtype. Reads every block of
+    the table (``-1`` entries as block 0) and masks by the lengths: no shape depends on the data."""
+    table = paged.block_table.long()  # (S, M)
+    bs = paged.key_cache.shape[1]
+    safe = table.clamp(min=0)
+    keys = paged.key_cache[safe].flatten(1, 2).to(q.dtype)  # (S, K, nkv, hd)
+    if paged.value_cache is None:
+        values = keys[..., :value_dim]  # latent: values are the keys' first hdv channels
+    else:
+        values = paged.value_cache[safe].flatten(1, 2).to(q.dtype)  # (S, K, nkv, hdv)
+    lens = paged.seq_lens.to(q.device).long()  # (S,)
+    slot = torch.arange(keys.shape[1], device=q.device)  # (K,)
+    held = (table >= 0)[:, :, None].expand(-1, -1, bs).reshape(table.shape[0], -1)  # (S, K); no sync, unlike
+    see = (slot[None, :] < lens[:, None]) & held  # repeat_interleave, which may read its count on the host
+    if window is not None:
+        see &= lens[:, None] - 1 - slot[None, :] < window
+    out = F.scaled_dot_product_attention(
+        q[:, :, None],  # (S, nh, 1, hd)
+        keys.transpose(1, 2),  # (S, nkv, K, hd)
+        values.transpose(1, 2),  # (S, nkv, K, hdv)
+        attn_mask=see[:, None, None],  # (S, 1, 1, K)
+        scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[2],
+    )  # (S, nh, 1, hdv)
+    return out[:, :, 0]
+
+
+def decode_kernel_for(device: torch.device) -> PagedDecodeKernel:
+    """The Triton decode kernel on CUDA when triton imports, else ``paged_decode_torch``."""
+    if device.type == "cuda":
+        try:
+            from mcore_inference.triton_decode import paged_decode_triton
+        except ImportError:
+            return paged_decode_torch
+        return paged_decode_triton
+    return paged_decode_torch
+
+
+class PagedAttention:
+    """``AttentionBackend`` of the engine: reads the layer's pages of ``ctx.kv_cache`` (the step's keys are in
+    them already). ``kernel`` replaces the torch path of steps with prefill (``None``: torch); ``decode_kernel``
+    serves pure-decode steps (``None``: chosen once per device type by ``decode_kernel_for``)."""
+
+    name: ClassVar[str] = "paged"
+
+    def __init__(self, kernel: PagedKernel | None = None, decode_kernel: PagedDecodeKernel | None = None) -> None:
+        self.kernel: PagedKernel = kernel if kernel is not None else paged_attention_torch
+        self.decode_kernel = decode_kernel
+        self._decode_for: dict[str, PagedDecodeKernel] = {}
+
+    def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
+        """Only calls under the engine's cache (a plain call has no pages to read)."""
+        return ctx.kv_cache is not None
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        ctx: BlockContext,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """``q (1, N, nh, hd)`` (``k``, ``v``: the step's new keys/values, already appended) -> ``(1, N, nh, hdv)``."""
+        if ctx.kv_cache is None:
+            raise UserError("paged attention was called without ctx.kv_cache: it only serves the inference engine")
+        if q.shape[0] != 1:
+            raise UserError(f"paged attention takes the step's tokens packed in one row; got {q.shape[0]} rows")
+        paged = ctx.kv_cache.gather(ctx.layer_index)
+        cu, longest = ctx.cu_seqlens, ctx.max_seqlen
+        if cu is None:
+            cu, longest = torch.tensor([0, q.shape[1]], dtype=torch.int32, device=q.device), q.shape[1]
+        if longest is None:
+            longest = int((cu[1:] - cu[:-1]).max())
+        window = window if window is not None else paged.window
+        if longest == 1:  # decode: one query per sequence
+            decode = self.decode_kernel
+            if decode is None:
+                decode = self._decode_for.get(q.device.type)
+                if decode is None:
+                    decode = self._decode_for[q.device.type] = decode_kernel_for(q.device)
+            return decode(q[0], paged, v.shape[-1], scale, window)[None]  # (1, S, nh, hdv)
+        out = self.kernel(q[0], paged, cu, longest, v.shape[-1], scale, window)  # (N, nh, hdv)
+        return out[None]

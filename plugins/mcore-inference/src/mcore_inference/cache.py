@@ -1,0 +1,588 @@
+"""``PagedKVCache``: the engine's ``KVCacheHandle``, paged attention caches and recurrent state slots.
+
+Why it exists: the model's blocks append their keys/values and read pages through the core's cache protocol
+(``mcore.protocols.block``); the engine sizes, shares and frees those pages. This module holds the tensors and
+the per-sequence tables; which block id a token gets, and prefix caching, live in ``block_pool.py``.
+
+Layout. Attention layers are grouped by their sliding window (every full-attention layer, GQA or latent, is
+one group): a group has ONE block id space and one block table per sequence, and each layer of the group its
+own pages over it, ``(P, bs, nkv, hd)`` keys and ``(P, bs, nkv, hdv)`` values (a latent cache: keys only). A
+recurrent layer has ``max_seqs`` state slots. Layers of a group may hold different lengths (a layer that sat a
+step out); a block is taken when the first of them crosses into it.
+
+Beyond the protocol the engine uses ``start_sequence`` (begin a sequence from its cached prefix blocks),
+``cache_prefix`` (name the sequence's full blocks for later requests), ``blocks_needed`` / ``num_free_blocks``
+(admission) and ``all_free`` (tests). Prefix caching is on when every layer is a full-attention layer.
+
+Static decode (``static_decode.py``, CUDA graphs): with ``scratch_block`` the pages hold one block more than the
+pool, never handed out, which the padding rows of a static-shape decode step write to and read.
+``begin_static_decode`` does a pure-decode step's bookkeeping on the host (blocks taken, lengths) and points
+``append`` / ``gather`` at persistent device buffers (slots, a padded block table, lengths), so that the
+layers' calls have static shapes and no host work: what a captured graph replays.
+
+Shape legend: P blocks, bs block size, nkv heads, hd key dim, hdv value dim, S sequences of the step, N new
+tokens of the step, M blocks of the step's longest table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mcore.errors import UserError
+from mcore.protocols.block import AttentionCacheSpec, LayerCacheSpec, PagedKV, RecurrentStateSpec
+from mcore_inference.block_pool import ROOT_HASH, BlockPool, block_hash, chain_hashes
+from mcore_inference.static_decode import StaticStep
+
+
+@dataclass
+class _Group:
+    """Attention layers sharing one block id space (same window)."""
+
+    window: int | None
+    pool: BlockPool
+    layers: list[int]
+    tables: dict[int, list[int]] = field(default_factory=dict)  # seq -> block per bs tokens, -1 once freed
+
+
+@dataclass
+class _AttentionLayer:
+    spec: AttentionCacheSpec
+    group: _Group
+    key_pages: torch.Tensor  # (P, bs, nkv, hd)
+    value_pages: torch.Tensor | None  # (P, bs, nkv, hdv); None: latent
+    lengths: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _RecurrentLayer:
+    spec: RecurrentStateSpec
+    slots_pool: dict[str, torch.Tensor]  # name -> (max_seqs, *shape)
+    free: list[int]
+    slots: dict[int, int] = field(default_factory=dict)
+    lengths: dict[int, int] = field(default_factory=dict)
+    # seq -> (length before its last write, {tokens into that write: state}) for rollback
+    history: dict[int, tuple[int, dict[int, dict[str, torch.Tensor]]]] = field(default_factory=dict)
+
+
+def bytes_per_block(specs: Mapping[int, LayerCacheSpec], block_size: int) -> int:
+    """Bytes one block id costs over all attention layers (each holds ``block_size`` tokens of it)."""
+    total = 0
+    for spec in specs.values():
+        if isinstance(spec, AttentionCacheSpec):
+            per_token = spec.kv_heads * (spec.head_dim + (spec.value_dim or 0))
+            total += block_size * per_token * torch.empty(0, dtype=spec.dtype).element_size()
+    return total
+
+
+class PagedKVCache:
+    """A ``KVCacheHandle`` over ``{layer_index: spec}`` with ``num_blocks`` blocks of ``block_size`` tokens per
+    attention group (or as many as ``memory_bytes`` holds) and ``max_seqs`` slots per recurrent layer."""
+
+    def __init__(
+        self,
+        specs: Mapping[int, LayerCacheSpec],
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        memory_bytes: int | None = None,
+        max_seqs: int = 256,
+        device: torch.device | str = "cpu",
+        enable_prefix_caching: bool = True,
+        scratch_block: bool = False,
+    ) -> None:
+        for key, value in (("block_size", block_size), ("max_seqs", max_seqs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"PagedKVCache {key} = {value!r}: must be a positive int")
+        if not specs:
+            raise UserError("PagedKVCache: the model declares no cache specs (no layer keeps keys/values or state)")
+        if (num_blocks is None) == (memory_bytes is None):
+            raise UserError("PagedKVCache: give exactly one of num_blocks and memory_bytes")
+        if num_blocks is None:
+            assert memory_bytes is not None
+            per_block = bytes_per_block(specs, block_size)
+            num_blocks = memory_bytes // per_block if per_block else 1
+            num_blocks -= int(scratch_block)  # the scratch block comes out of the budget too
+            if num_blocks < 1:
+                raise UserError(
+                    f"PagedKVCache: {memory_bytes} bytes hold no block of {block_size} tokens ({per_block} bytes each)"
+                )
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise UserError(f"PagedKVCache num_blocks = {num_blocks!r}: must be a positive int")
+        self.block_size, self.num_blocks, self.max_seqs = block_size, num_blocks, max_seqs
+        self.device = torch.device(device)
+        #: the block padding rows of a static decode step write to (never in a pool); None without one
+        self.scratch_block: int | None = num_blocks if scratch_block else None
+        pages = num_blocks + int(scratch_block)
+        self.groups: dict[int | None, _Group] = {}
+        self.layers: dict[int, _AttentionLayer | _RecurrentLayer] = {}
+        for index in sorted(specs):
+            spec = specs[index]
+            if isinstance(spec, AttentionCacheSpec):
+                group = self.groups.get(spec.window)
+                if group is None:
+                    group = self.groups[spec.window] = _Group(spec.window, BlockPool(num_blocks), [])
+                group.layers.append(index)
+                shape = (pages, block_size, spec.kv_heads)
+                keys = torch.zeros(*shape, spec.head_dim, dtype=spec.dtype, device=self.device)
+                values = None
+                if spec.value_dim is not None:
+                    values = torch.zeros(*shape, spec.value_dim, dtype=spec.dtype, device=self.device)
+                self.layers[index] = _AttentionLayer(spec, group, keys, values)
+            elif isinstance(spec, RecurrentStateSpec):
+                pools = {n: torch.zeros(max_seqs, *s, dtype=d, device=self.device) for n, (s, d) in spec.states.items()}
+                self.layers[index] = _RecurrentLayer(spec, pools, list(range(max_seqs - 1, -1, -1)))
+            else:
+                raise UserError(
+                    f"layer {index}: cache spec {spec!r} is not an AttentionCacheSpec or RecurrentStateSpec"
+                )
+        only_full = all(isinstance(s, AttentionCacheSpec) and s.window is None for s in specs.values())
+        self.prefix_caching = enable_prefix_caching and only_full
+        self._lengths: dict[int, int] = {}  # seq -> the longest length any layer may hold
+        self._last_step: dict[int, int] = {}  # seq -> its length before its last step (rollback floor)
+        self._hashes: dict[int, list[bytes]] = {}  # seq -> hashes of its full blocks named so far
+        self._step: tuple[list[int], list[int]] | None = None
+        self._written: set[int] = set()
+        self._memo: dict[tuple[Any, ...], Any] = {}  # per step: slots of an append, tables of a gather
+        self._static: StaticStep | None = None  # a static decode step's device buffers (begin_static_decode)
+        #: ``(S,)`` int32, each of the step's sequences' length with the step's tokens; empty between steps.
+        self.seq_lens = torch.zeros(0, dtype=torch.int32)
+
+    # ----- engine side (protocol) -----
+
+    def schedule(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> None:
+        ids, counts = list(seq_ids), list(num_tokens)
+        if not ids or len(ids) != len(counts):
+            raise UserError(f"schedule: {len(ids)} sequence ids and {len(counts)} token counts; need as many, >= 1")
+        if len(set(ids)) != len(ids):
+            raise UserError(f"schedule: sequence ids {ids} repeat; each sequence appears once per step")
+        for count in counts:
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise UserError(f"schedule: token count {count!r} must be a positive int")
+        new = [s for s in ids if s not in self._lengths]
+        self._check_slots(len(new))
+        for seq in new:
+            self._new_sequence(seq)
+        for seq in ids:
+            self._last_step[seq] = self._lengths[seq]
+            for group in self.groups.values():
+                if group.window is not None:
+                    self._free_outside_window(group, seq)
+        for seq, count in zip(ids, counts):
+            self._lengths[seq] += count
+        self._step, self._written, self._static = (ids, counts), set(), None
+        self._memo.clear()
+        self.seq_lens = torch.tensor([self._lengths[s] for s in ids], dtype=torch.int32)
+
+    def rollback(self, seq_id: int, k: int) -> None:
+        self._check_seq(seq_id, "rollback")
+        allowed = self._lengths[seq_id] - self._last_step[seq_id]
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= allowed:
+            raise UserError(
+                f"rollback of {k!r} tokens of sequence {seq_id}: must be an int in 0..{allowed} (its last step's tokens)"
+            )
+        keep = self._lengths[seq_id] - k
+        for index, layer in self.layers.items():  # check every layer can go back before changing any
+            if isinstance(layer, _RecurrentLayer) and layer.lengths[seq_id] > keep:
+                start, states = layer.history[seq_id]
+                if keep - start not in states:
+                    raise UserError(
+                        f"rollback of sequence {seq_id} to {keep} tokens: layer {index} set only its final state in "
+                        "its last step; set per-token states (per_token=True) to roll back inside a step"
+                    )
+        for layer in self.layers.values():
+            if layer.lengths[seq_id] <= keep:
+                continue
+            if isinstance(layer, _RecurrentLayer):
+                start, states = layer.history[seq_id]
+                for name, value in states[keep - start].items():
+                    layer.slots_pool[name][layer.slots[seq_id]] = value
+            layer.lengths[seq_id] = keep
+        for group in self.groups.values():
+            self._shrink_table(group, seq_id)
+        self._lengths[seq_id] = keep
+        del self._hashes[seq_id][keep // self.block_size :]
+        self._end_step()
+
+    def release(self, seq_id: int) -> None:
+        self._check_seq(seq_id, "release")
+        for group in self.groups.values():
+            group.pool.give_back([b for b in reversed(group.tables.pop(seq_id)) if b >= 0])
+        for layer in self.layers.values():
+            if isinstance(layer, _RecurrentLayer):
+                layer.free.append(layer.slots.pop(seq_id))
+                layer.history.pop(seq_id, None)
+            del layer.lengths[seq_id]
+        del self._lengths[seq_id], self._last_step[seq_id], self._hashes[seq_id]
+        self._end_step()
+
+    def free_blocks(self, layer_index: int) -> int:
+        layer = self._layer(layer_index, "free_blocks")
+        if isinstance(layer, _RecurrentLayer):
+            return len(layer.free)
+        return layer.group.pool.num_free()
+
+    # ----- block side (protocol) -----
+
+    def append(self, layer_index: int, key: torch.Tensor, value: torch.Tensor | None) -> None:
+        static = self._static  # a static decode step: its rows (padding included), slots precomputed
+        ids, counts = ([], []) if static is not None else self._current("append")
+        layer = self._layer(layer_index, "append")
+        if not isinstance(layer, _AttentionLayer):
+            raise UserError(f"append to layer {layer_index}: it keeps recurrent state, use set_recurrent_state")
+        self._check_once(layer_index, "append")
+        spec = layer.spec
+        n = static.rows if static is not None else sum(counts)
+        _check_tensor(f"layer {layer_index} key", key, (n, spec.kv_heads, spec.head_dim), spec.dtype)
+        if spec.value_dim is None:
+            if value is not None:
+                raise UserError(f"layer {layer_index} keeps a latent cache (value_dim None): pass value=None")
+        elif value is None:
+            raise UserError(f"layer {layer_index} keeps values of dim {spec.value_dim}: value must not be None")
+        else:
+            _check_tensor(f"layer {layer_index} value", value, (n, spec.kv_heads, spec.value_dim), spec.dtype)
+        if static is not None:  # blocks and lengths were done in begin_static_decode: device work only
+            self._write(layer, static.slots, key, value)
+            self._written.add(layer_index)
+            return
+        group, bs = layer.group, self.block_size
+        needed = sum(max(0, math.ceil((layer.lengths[s] + c) / bs) - len(group.tables[s])) for s, c in zip(ids, counts))
+        if needed > group.pool.num_free():
+            raise UserError(
+                f"append to layer {layer_index}: needs {needed} more blocks, {group.pool.num_free()} free "
+                f"({self.num_blocks} of {bs} tokens): release sequences or schedule fewer tokens"
+            )
+        starts = tuple(layer.lengths[s] for s in ids)
+        memo_key = ("slots", group.window, starts)
+        index = self._memo.get(memo_key)  # every layer of the group writes the same slots (unless one sat a step out)
+        if index is None:
+            if needed:
+                self._memo.clear()  # tables grow: block tables gathered before are stale
+            slots: list[int] = []  # flat page slot (block * bs + offset) of each new token
+            for seq, count, start in zip(ids, counts, starts):
+                table = group.tables[seq]
+                while len(table) < math.ceil((start + count) / bs):
+                    table.append(group.pool.take())  # a token crosses into a new block
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
+            index = self._memo[memo_key] = torch.tensor(slots, dtype=torch.int64).to(self.device)
+        for seq, count, start in zip(ids, counts, starts):
+            layer.lengths[seq] = start + count
+        self._write(layer, index, key, value)
+        self._written.add(layer_index)
+
+    @staticmethod
+    def _write(layer: _AttentionLayer, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None) -> None:
+        """Store ``key``/``value`` ``(N, nkv, hd|hdv)`` at flat page slots ``slots (N,)`` (block * bs + offset)."""
+        layer.key_pages.view(-1, *layer.key_pages.shape[2:]).index_copy_(0, slots, key.detach())
+        if value is not None and layer.value_pages is not None:
+            layer.value_pages.view(-1, *layer.value_pages.shape[2:]).index_copy_(0, slots, value.detach())
+
+    def gather(self, layer_index: int) -> PagedKV:
+        static = self._static
+        ids, _ = ([], []) if static is not None else self._current("gather")
+        layer = self._layer(layer_index, "gather")
+        if not isinstance(layer, _AttentionLayer):
+            raise UserError(f"gather of layer {layer_index}: it keeps recurrent state, use recurrent_state")
+        if static is not None:  # the padded table and lengths of the step's buffers
+            return PagedKV(
+                key_cache=layer.key_pages,
+                value_cache=layer.value_pages,
+                block_table=static.block_table,
+                seq_lens=static.seq_lens,
+                window=layer.spec.window,
+            )
+        lengths = tuple(layer.lengths[s] for s in ids)
+        memo_key = ("table", layer.group.window, lengths)
+        memo = self._memo.get(memo_key)  # one block table per group and step, whatever the layer count
+        if memo is None:
+            tables = [layer.group.tables[s] for s in ids]
+            width = max(1, *(len(t) for t in tables))
+            table = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)  # (S, M)
+            lens = torch.tensor(lengths, dtype=torch.int32)
+            memo = self._memo[memo_key] = (table.to(self.device), lens.to(self.device))
+        table, lens = memo
+        return PagedKV(
+            key_cache=layer.key_pages,
+            value_cache=layer.value_pages,
+            block_table=table,
+            seq_lens=lens,
+            window=layer.spec.window,
+        )
+
+    def recurrent_state(self, layer_index: int) -> dict[str, torch.Tensor]:
+        ids, _ = self._current("recurrent_state")
+        layer = self._recurrent(layer_index, "recurrent_state")
+        slots = torch.tensor([layer.slots[s] for s in ids], device=self.device)
+        return {name: pool[slots].clone() for name, pool in layer.slots_pool.items()}  # (S, *shape)
+
+    def set_recurrent_state(
+        self, layer_index: int, states: Mapping[str, torch.Tensor], *, per_token: bool = False
+    ) -> None:
+        ids, counts = self._current("set_recurrent_state")
+        layer = self._recurrent(layer_index, "set_recurrent_state")
+        self._check_once(layer_index, "set_recurrent_state")
+        if set(states) != set(layer.spec.states):
+            raise UserError(f"layer {layer_index} states {sorted(states)}: must be exactly {sorted(layer.spec.states)}")
+        rows = sum(counts) if per_token else len(ids)
+        for name, (shape, dtype) in layer.spec.states.items():
+            _check_tensor(f"layer {layer_index} state {name!r}", states[name], (rows, *shape), dtype)
+        first = 0
+        for i, (seq, count) in enumerate(zip(ids, counts)):
+            slot = layer.slots[seq]
+            history = {0: {n: pool[slot].clone() for n, pool in layer.slots_pool.items()}}
+            for t in range(1, count + 1):
+                if per_token or t == count:
+                    row = first + t - 1 if per_token else i
+                    history[t] = {n: states[n][row].detach().clone() for n in layer.slots_pool}
+            layer.history[seq] = (layer.lengths[seq], history)
+            for name, pool in layer.slots_pool.items():
+                pool[slot] = history[count][name]
+            layer.lengths[seq] += count
+            first += count
+        self._written.add(layer_index)
+
+    # ----- engine side (beyond the protocol) -----
+
+    @property
+    def static_decode_ok(self) -> bool:
+        """Whether ``begin_static_decode`` serves this cache: a scratch block, one attention group (full or one
+        window), no recurrent layers."""
+        attention_only = all(isinstance(x, _AttentionLayer) for x in self.layers.values())
+        return self.scratch_block is not None and len(self.groups) == 1 and attention_only
+
+    def begin_static_decode(self, step: StaticStep) -> tuple[list[list[int]], list[int], list[int]]:
+        """Run the step scheduled last (one new token per sequence, at most ``step.rows`` sequences) with static
+        shapes: take the blocks its tokens go to, count the tokens in every layer's length, and serve ``append``
+        and ``gather`` from ``step``'s device buffers until the step ends. Returns each sequence's block table,
+        length (with its new token) and the flat page slot (block * bs + offset) of its new token, which the
+        caller writes into ``step``'s buffers, with the padding rows after them (the scratch block, length 1).
+        With no step scheduled: a step of padding rows only (warm-up, graph capture), and empty lists."""
+        if not self.static_decode_ok:
+            raise UserError(
+                "static decode needs a cache with a scratch block, one attention group and no recurrent layers"
+            )
+        self._memo.clear()
+        self._written = set()
+        if self._step is None:
+            self._static = step
+            return [], [], []
+        ids, counts = self._step
+        if any(c != 1 for c in counts) or len(ids) > step.rows:
+            raise UserError(
+                f"static decode of {len(ids)} sequences in {step.rows} rows: one new token each, fewer rows"
+            )
+        (group,) = self.groups.values()
+        bs = self.block_size
+        needed = sum(1 for seq in ids if len(group.tables[seq]) * bs < self._lengths[seq])
+        if needed > group.pool.num_free():
+            raise UserError(
+                f"static decode step: needs {needed} more blocks, {group.pool.num_free()} free ({self.num_blocks} of "
+                f"{bs} tokens): release sequences or schedule fewer"
+            )
+        tables, lens, slots = [], [], []
+        for seq in ids:
+            length = self._lengths[seq]  # with the step's token
+            table = group.tables[seq]
+            while len(table) * bs < length:
+                table.append(group.pool.take())  # the token crosses into a new block
+            for index in group.layers:
+                layer = self.layers[index]
+                assert layer.lengths[seq] == length - 1, "a layer sat a step out: static decode needs every layer"
+                layer.lengths[seq] = length
+            tables.append(list(table))
+            lens.append(length)
+            slots.append(table[(length - 1) // bs] * bs + (length - 1) % bs)
+        self._static = step
+        return tables, lens, slots
+
+    def end_static_decode(self) -> None:
+        """Leave a padding-only static step (``begin_static_decode`` with no step scheduled)."""
+        if self._step is None:
+            self._static = None
+
+    def start_sequence(self, seq_id: int, token_ids: Sequence[int], extra_key: Hashable = None) -> int:
+        """Begin sequence ``seq_id`` (unknown until now) from the cached blocks of the longest cached prefix of
+        ``token_ids`` (its tokens known so far) and return how many tokens it starts with: a multiple of the
+        block size, below ``len(token_ids)`` so that at least one token is computed. 0 without prefix caching."""
+        if seq_id in self._lengths:
+            raise UserError(f"start_sequence: sequence {seq_id} already exists")
+        self._check_slots(1)
+        self._new_sequence(seq_id)
+        if not self.prefix_caching or len(token_ids) <= self.block_size:
+            return 0
+        (group,) = self.groups.values()
+        hashes = chain_hashes(token_ids[: len(token_ids) - 1], self.block_size, extra_key)
+        blocks = group.pool.lookup(hashes)
+        cached = len(blocks) * self.block_size
+        group.tables[seq_id].extend(blocks)
+        for index in group.layers:
+            self.layers[index].lengths[seq_id] = cached
+        self._lengths[seq_id] = self._last_step[seq_id] = cached
+        self._hashes[seq_id] = hashes[: len(blocks)]
+        return cached
+
+    def cached_prefix_tokens(self, token_ids: Sequence[int], extra_key: Hashable = None) -> int:
+        """The tokens ``start_sequence`` would start a new sequence with, changing nothing."""
+        if not self.prefix_caching or len(token_ids) <= self.block_size:
+            return 0
+        (group,) = self.groups.values()
+        hashes = chain_hashes(token_ids[: len(token_ids) - 1], self.block_size, extra_key)
+        return group.pool.peek(hashes) * self.block_size
+
+    def cache_prefix(self, seq_id: int, token_ids: Sequence[int], extra_key: Hashable = None) -> None:
+        """Name the sequence's full blocks (every layer holds their tokens) by their hash chain over
+        ``token_ids`` (the sequence's tokens, at least those in the cache), so later requests find them."""
+        self._check_seq(seq_id, "cache_prefix")
+        if not self.prefix_caching:
+            return
+        (group,) = self.groups.values()
+        held = min(self.layers[i].lengths[seq_id] for i in group.layers)
+        full = min(held, len(token_ids)) // self.block_size
+        hashes = self._hashes[seq_id]
+        if full <= len(hashes):
+            return
+        parent = hashes[-1] if hashes else ROOT_HASH  # continue the chain from the sequence's last named block
+        new = []
+        for j in range(len(hashes), full):
+            parent = block_hash(parent, token_ids[j * self.block_size : (j + 1) * self.block_size], extra_key)
+            new.append(parent)
+        table = group.tables[seq_id]
+        for j, h in enumerate(new, start=len(hashes)):
+            group.pool.register(table[j], h)
+        hashes.extend(new)
+
+    def blocks_needed(self, seq_id: int, num_tokens: int) -> int:
+        """New blocks (in the group that needs most) for ``num_tokens`` more tokens of ``seq_id`` (unknown: a
+        new sequence); a sliding window's frees are not counted."""
+        length = self._lengths.get(seq_id, 0)
+        worst = 0
+        for group in self.groups.values():
+            held = len(group.tables.get(seq_id, ()))
+            worst = max(worst, math.ceil((length + num_tokens) / self.block_size) - held)
+        return worst
+
+    def num_free_blocks(self) -> int:
+        """Free blocks of the group with fewest (the number admission goes by)."""
+        return min((g.pool.num_free() for g in self.groups.values()), default=self.num_blocks)
+
+    def num_free_slots(self) -> int:
+        """Free state slots of the recurrent layer with fewest (``max_seqs`` without recurrent layers)."""
+        return min((len(x.free) for x in self.layers.values() if isinstance(x, _RecurrentLayer)), default=self.max_seqs)
+
+    def length(self, seq_id: int) -> int:
+        """Tokens sequence ``seq_id`` holds (0 when unknown)."""
+        return self._lengths.get(seq_id, 0)
+
+    def has_sequence(self, seq_id: int) -> bool:
+        return seq_id in self._lengths
+
+    @property
+    def prefix_hits(self) -> int:
+        """Looked-up full blocks found in the prefix cache (all groups)."""
+        return sum(g.pool.hits for g in self.groups.values())
+
+    @property
+    def prefix_misses(self) -> int:
+        return sum(g.pool.misses for g in self.groups.values())
+
+    def all_free(self) -> bool:
+        """No sequence, every block free with reference count zero, every state slot free."""
+        blocks = all(
+            g.pool.num_free() == self.num_blocks and not any(g.pool.refcounts) and not g.tables
+            for g in self.groups.values()
+        )
+        slots = all(len(x.free) == self.max_seqs for x in self.layers.values() if isinstance(x, _RecurrentLayer))
+        return blocks and slots and not self._lengths
+
+    # ----- helpers -----
+
+    def _new_sequence(self, seq: int) -> None:
+        self._lengths[seq] = self._last_step[seq] = 0
+        self._hashes[seq] = []
+        for group in self.groups.values():
+            group.tables[seq] = []
+        for layer in self.layers.values():
+            layer.lengths[seq] = 0
+            if isinstance(layer, _RecurrentLayer):
+                slot = layer.slots[seq] = layer.free.pop()
+                for pool in layer.slots_pool.values():
+                    pool[slot].zero_()  # a new sequence starts from zero state
+
+    def _check_slots(self, new: int) -> None:
+        if new > self.num_free_slots():
+            raise UserError(f"schedule: {new} new sequences but {self.num_free_slots()} free state slots")
+
+    def _free_outside_window(self, group: _Group, seq: int) -> None:
+        """Give back each block whose tokens all lie ``window`` or more before every layer's length."""
+        assert group.window is not None
+        table = group.tables[seq]
+        length = min(self.layers[i].lengths[seq] for i in group.layers)
+        for j, block in enumerate(table):
+            if block >= 0 and (j + 1) * self.block_size - 1 <= length - group.window:
+                group.pool.give_back([block])
+                table[j] = -1
+
+    def _shrink_table(self, group: _Group, seq: int) -> None:
+        """After a rollback: give back blocks past the group's longest layer; a kept partial block that is named
+        (prefix cache) is made private before anything is written into it again."""
+        table = group.tables[seq]
+        longest = max(self.layers[i].lengths[seq] for i in group.layers)
+        needed = math.ceil(longest / self.block_size)
+        group.pool.give_back([b for b in reversed(table[needed:]) if b >= 0])
+        del table[needed:]
+        if longest % self.block_size == 0 or not table or table[-1] < 0:
+            return
+        last = table[-1]
+        if group.pool.refcounts[last] == 1:
+            group.pool.forget(last)
+        elif group.pool.has_hash(last) or group.pool.refcounts[last] > 1:  # shared: copy on write
+            if group.pool.num_free() == 0:
+                raise UserError(f"rollback of sequence {seq}: no free block to copy its shared last block into")
+            fresh = group.pool.take()
+            for index in group.layers:
+                layer = self.layers[index]
+                assert isinstance(layer, _AttentionLayer)
+                layer.key_pages[fresh] = layer.key_pages[last]
+                if layer.value_pages is not None:
+                    layer.value_pages[fresh] = layer.value_pages[last]
+            group.pool.give_back([last])
+            table[-1] = fresh
+
+    def _end_step(self) -> None:
+        self._step, self._static = None, None
+        self._memo.clear()
+        self.seq_lens = torch.zeros(0, dtype=torch.int32)
+
+    def _current(self, what: str) -> tuple[list[int], list[int]]:
+        if self._step is None:
+            raise UserError(f"{what}: no step scheduled; the engine calls schedule(seq_ids, num_tokens) first")
+        return self._step
+
+    def _layer(self, index: int, what: str) -> _AttentionLayer | _RecurrentLayer:
+        if index not in self.layers:
+            raise UserError(f"{what}: layer {index!r} has no cache spec; layers with one: {sorted(self.layers)}")
+        return self.layers[index]
+
+    def _recurrent(self, index: int, what: str) -> _RecurrentLayer:
+        layer = self._layer(index, what)
+        if not isinstance(layer, _RecurrentLayer):
+            raise UserError(f"{what} of layer {index}: it is an attention layer, use append/gather")
+        return layer
+
+    def _check_seq(self, seq_id: int, what: str) -> None:
+        if seq_id not in self._lengths:
+            raise UserError(f"{what}: unknown sequence {seq_id!r}; known: {sorted(self._lengths)}")
+
+    def _check_once(self, layer_index: int, what: str) -> None:
+        if layer_index in self._written:
+            raise UserError(f"{what}: layer {layer_index} already stored this step's tokens; once per step")
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise UserError(f"{name}: got {got}, expected {shape} {dtype}")

@@ -1,0 +1,344 @@
+"""``LLMEngine``: requests in, one model call per step, tokens out.
+
+Why it exists: it joins the pieces. ``add_request`` checks a request (a one-line ``UserError`` for a prompt that
+does not fit the context or the cache, or bad sampling values: the engine and the other requests go on);
+``step`` asks the scheduler for the step's sequences, tells the cache (``schedule``), calls the model once on the
+step's new tokens packed in one row, samples the sequences that have no pending tokens left, appends the tokens,
+names newly full blocks for the prefix cache and finishes the requests that stop (max tokens, end of document,
+stop ids or strings, the context's end).
+
+The model call (``mcore.protocols.block``): ``model(tokens (1, N), ctx=BlockContext(positions (1, N),
+cu_seqlens (S + 1,), max_seqlen, kv_cache, attention, extra={LOGIT_ROWS: (S,)}))`` -> logits ``(1, S, V)``, one
+row per sequence: its last new token.
+
+Static decode and CUDA graphs (``static_decode.py``): with ``static_decode`` (or ``cuda_graphs``) a step whose every
+sequence brings one token, and no more sequences than the largest of ``graph_batch_sizes``, runs with static
+shapes padded up to the next size; with ``cuda_graphs`` each size is captured as a CUDA graph when the engine is
+built and replayed. Prefill and mixed steps, and larger batches, run eagerly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcore.errors import UserError
+from mcore.protocols.block import LOGIT_ROWS, BlockContext, DeclaresCache, LayerCacheSpec
+from mcore_inference.attention import PagedAttention
+from mcore_inference.cache import PagedKVCache
+from mcore_inference.detokenize import IncrementalDetokenizer
+from mcore_inference.sampling import Sampler, SamplingParams, SamplingState, token_stop
+from mcore_inference.scheduler import Scheduler, SequenceState
+from mcore_inference.static_decode import StaticDecoder, default_graph_sizes
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: everything so far, and what this step added (``new_*``)."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    logprobs: list[float] | None = None  # of each output token, when the request asked for logprobs
+    top_logprobs: list[dict[int, float]] | None = None  # the top-n of each output token (n = params.logprobs)
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: int
+    seq: SequenceState
+    sampling: SamplingState
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    new_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.sampling.params
+
+    def output(self) -> RequestOutput:
+        out = RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=list(self.sampling.prompt_token_ids),
+            token_ids=list(self.sampling.output_token_ids),
+            text=self.text,
+            new_token_ids=self.new_ids,
+            new_text=self.new_text,
+            finished=self.finish_reason is not None,
+            finish_reason=self.finish_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            top_logprobs=None if self.top_logprobs is None else list(self.top_logprobs),
+        )
+        self.new_ids, self.new_text = [], ""
+        return out
+
+
+def model_cache_specs(model: nn.Module) -> dict[int, LayerCacheSpec]:
+    """``model.cache_specs()``, else ``{index: spec}`` of the modules under ``model.layers[index]`` that declare a
+    cache (``DeclaresCache``)."""
+    method = getattr(model, "cache_specs", None)
+    if callable(method):
+        return dict(method())
+    specs: dict[int, LayerCacheSpec] = {}
+    for index, layer in enumerate(getattr(model, "layers", [])):
+        declared = [m.cache_spec() for m in layer.modules() if isinstance(m, DeclaresCache)]
+        if len(declared) > 1:
+            raise UserError(f"layer {index}: {len(declared)} modules declare a cache spec; a layer may have one")
+        if declared:
+            specs[index] = declared[0]
+    return specs
+
+
+def _model_limit(model: nn.Module, name: str) -> int | None:
+    value = getattr(getattr(model, "config", None), name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+class LLMEngine:
+    """Continuous-batching engine over ``model`` (an mcore model whose blocks use ``ctx.kv_cache``).
+
+    The cache has ``num_blocks`` blocks of ``block_size`` tokens (or as many as ``memory_bytes`` holds);
+    ``max_model_len`` (default: the model's ``max_position_embeddings``) bounds prompt plus output.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tokenizer: Any = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        memory_bytes: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+        attention: Any = None,
+        cuda_graphs: bool = False,
+        graph_batch_sizes: Sequence[int] | None = None,
+        static_decode: bool | None = None,
+    ) -> None:
+        for key, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"LLMEngine {key} = {value!r}: must be a positive int")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(iter(model.parameters())).device
+        specs = model_cache_specs(model)
+        pack = getattr(model, "pack_for_inference", None)
+        if callable(pack):
+            pack()  # jointly projected weights back to back: decode reads them once, without a concatenated copy
+        if num_blocks is None and memory_bytes is None:
+            raise UserError("LLMEngine: give num_blocks or memory_bytes (the KV cache's size)")
+        self.cache = PagedKVCache(
+            specs,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            memory_bytes=memory_bytes,
+            max_seqs=max_num_seqs,
+            device=self.device,
+            enable_prefix_caching=enable_prefix_caching,
+            scratch_block=bool(cuda_graphs or static_decode),
+        )
+        self.max_model_len = (
+            max_model_len if max_model_len is not None else _model_limit(model, "max_position_embeddings")
+        )
+        if self.max_model_len is not None and (isinstance(self.max_model_len, bool) or self.max_model_len < 2):
+            raise UserError(f"LLMEngine max_model_len = {self.max_model_len!r}: must be an int >= 2")
+        self.vocab_size = _model_limit(model, "vocab_size")
+        self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_id", None)
+        self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        self.sampler = Sampler(seed=seed)
+        self.attention = attention if attention is not None else PagedAttention()
+        self.decoder: StaticDecoder | None = None
+        if cuda_graphs or static_decode:
+            if self.max_model_len is None:
+                raise UserError("static decode / cuda_graphs need max_model_len (the model declares none): give it")
+            sizes = graph_batch_sizes if graph_batch_sizes is not None else default_graph_sizes(max_num_seqs)
+            self.decoder = StaticDecoder(
+                model,
+                self.cache,
+                self.attention,
+                batch_sizes=sizes,
+                max_model_len=self.max_model_len,
+                cuda_graphs=bool(cuda_graphs),
+            )
+            self.decoder.capture()
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0  # model calls so far
+        self.num_computed_tokens = 0  # tokens those calls computed (a prefix-cache hit computes fewer)
+
+    # ----- requests -----
+
+    def add_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, *, extra_key: Hashable = None
+    ) -> int:
+        """Queue a request (text needs the engine's tokenizer); returns its id. ``extra_key`` (a LoRA or image id)
+        joins the prefix cache's block hashes: requests share cached blocks only with the same key. A bad request
+        raises a one-line ``UserError`` and changes nothing."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise UserError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        ids = self._encode(prompt)
+        bs, total = self.cache.block_size, len(ids) + params.max_tokens
+        if self.max_model_len is not None:
+            if len(ids) >= self.max_model_len:
+                raise UserError(
+                    f"prompt of {len(ids)} tokens: the context holds {self.max_model_len} (max_model_len) with room "
+                    "for at least one generated token; shorten the prompt"
+                )
+            total = min(total, self.max_model_len)
+        if -(-total // bs) > self.cache.num_blocks:
+            raise UserError(
+                f"a sequence of {total} tokens (prompt {len(ids)} + max_tokens {params.max_tokens}) needs "
+                f"{-(-total // bs)} blocks of {bs}; the cache has {self.cache.num_blocks}: lower max_tokens or "
+                "give the cache more blocks"
+            )
+        request_id = next(self._ids)
+        detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, ids, params)
+        seq = SequenceState(request_id, list(ids), extra_key=extra_key)
+        request = _Request(request_id, seq, SamplingState(params, list(ids)), detok)
+        if params.logprobs is not None:
+            request.logprobs, request.top_logprobs = [], []
+        self._requests[request_id] = request
+        self.scheduler.add(request.seq)
+        return request_id
+
+    def abort(self, request_id: int) -> RequestOutput | None:
+        """Stop a request (its blocks go back); its output so far, finish reason ``"abort"`` (None: unknown)."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request.seq)
+        if request.detok is not None:
+            request.new_text += request.detok.flush()
+            request.text = request.detok.text
+        request.finish_reason = "abort"
+        return request.output()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----- one step -----
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Run one model call; the outputs of the requests that got a token or finished in it."""
+        plan = self.scheduler.schedule()
+        if not plan.sequences:
+            return []
+        seqs, counts = plan.sequences, plan.num_tokens
+        self.num_steps += 1
+        self.num_computed_tokens += plan.total_tokens
+        self.cache.schedule([s.seq_id for s in seqs], counts)
+        tokens: list[int] = []
+        positions: list[int] = []
+        for seq, count in zip(seqs, counts):
+            tokens += seq.token_ids[seq.num_computed : seq.num_computed + count]
+            positions += range(seq.num_computed, seq.num_computed + count)
+        decoder = self.decoder
+        if decoder is not None and max(counts) == 1 and decoder.padded(len(seqs)) is not None:
+            logits = decoder.run(tokens)[None]  # (1, S, V)
+        else:
+            logits = self._forward(tokens, positions, counts)
+        for seq, count in zip(seqs, counts):
+            seq.num_computed += count
+        ready = [i for i, seq in enumerate(seqs) if seq.num_pending == 0]  # the others are mid-prefill
+        outputs: list[RequestOutput] = []
+        if ready:
+            requests = [self._requests[seqs[i].seq_id] for i in ready]
+            rows = logits[0] if len(ready) == len(seqs) else logits[0, ready]  # (R, V); all ready: no gather
+            sample = self.sampler.sample(rows, [r.sampling for r in requests])
+            chosen = sample.token_ids.tolist()  # the step's one host sync
+            want_logprobs = any(r.logprobs is not None for r in requests)
+            logprob = sample.logprob.tolist() if want_logprobs else None
+            top = sample.top_logprobs
+            top_ids = top.ids.tolist() if top is not None else None
+            top_values = top.values.tolist() if top is not None else None
+            for row, (request, token) in enumerate(zip(requests, chosen)):
+                if request.logprobs is not None and request.top_logprobs is not None and logprob is not None:
+                    request.logprobs.append(logprob[row])
+                    n = request.params.logprobs or 0
+                    picks = zip(top_ids[row][:n], top_values[row][:n]) if top_ids and top_values else ()
+                    request.top_logprobs.append(dict(picks))
+                self._append(request, token)
+        for seq in seqs:
+            current = self._requests[seq.seq_id]
+            self.cache.cache_prefix(seq.seq_id, seq.token_ids, seq.extra_key)  # later requests find these blocks
+            if current.finish_reason is not None:
+                self.scheduler.finish(seq)
+                del self._requests[seq.seq_id]
+            if current.new_ids or current.finish_reason is not None:
+                outputs.append(current.output())
+        return outputs
+
+    def _forward(self, tokens: list[int], positions: list[int], counts: list[int]) -> torch.Tensor:
+        """The eager model call of a step: logits ``(1, S, V)``, one row per sequence (its last new token)."""
+        cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32)
+        rows = (cu[1:] - 1).long()
+        ctx = BlockContext(
+            positions=torch.tensor([positions], dtype=torch.int64, device=self.device),
+            cu_seqlens=cu.to(self.device),
+            max_seqlen=max(counts),
+            kv_cache=self.cache,
+            attention=self.attention,
+            extra={LOGIT_ROWS: rows.to(self.device)},
+        )
+        logits = self.model(torch.tensor([tokens], dtype=torch.int64, device=self.device), ctx=ctx)
+        if logits.shape[1] != len(counts):  # a model that ignores LOGIT_ROWS: (1, N, V)
+            logits = logits[:, rows.to(logits.device)]
+        return logits
+
+    def _append(self, request: _Request, token: int) -> None:
+        request.seq.token_ids.append(token)
+        request.sampling.output_token_ids.append(token)
+        request.new_ids.append(token)
+        if request.detok is not None:
+            request.new_text += request.detok.push(token)
+            request.text = request.detok.text
+            reason = request.detok.finish_reason if request.detok.finished else None
+        else:
+            stop = token_stop(request.params, token, len(request.sampling.output_token_ids), self.eos_token_id)
+            reason = None if stop is None else stop[0]
+        if reason is None and self.max_model_len is not None and len(request.seq.token_ids) >= self.max_model_len:
+            reason = "length"
+            if request.detok is not None:
+                request.new_text += request.detok.flush()
+                request.text = request.detok.text
+        request.finish_reason = reason
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError("a text prompt needs a tokenizer; give token ids or an engine with a tokenizer")
+            ids = [int(i) for i in self.tokenizer.encode(prompt)]
+        elif isinstance(prompt, Iterable):
+            ids = list(prompt)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise UserError("a prompt must be a string or a list of int token ids")
+        else:
+            raise UserError(f"a prompt must be a string or a list of int token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise UserError("the prompt is empty: give at least one token")
+        vocab = self.vocab_size
+        bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+        if bad:
+            raise UserError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab}); check the tokenizer")
+        return ids

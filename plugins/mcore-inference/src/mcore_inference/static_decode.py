@@ -1,0 +1,246 @@
+"""Static-shape decode steps and their CUDA graphs.
+
+Why it exists: a decode step of a small model is hundreds of tiny kernels, and launching them costs more than
+running them. A step whose every sequence brings one token can run with STATIC shapes and no host work inside
+the model call: persistent device buffers hold the step's inputs (tokens, positions, the flat page slot of each
+new token, a block table padded to ``M`` blocks of ``max_model_len``, the lengths), the batch is padded up to
+one of a few sizes with rows that write and read only the cache's scratch block, and attention masks by the
+lengths rather than slicing by them. Such a call can be captured once per padded size as a CUDA graph and
+replayed; with graphs off the same static call runs eagerly (the CPU tests check it against the plain step).
+
+The host side of a step (which blocks its tokens take, the lengths) is ``PagedKVCache.begin_static_decode``;
+this module copies it into the buffers (one pinned staging tensor per dtype on CUDA, copied without a sync),
+runs or replays the call and hands back the real rows' logits. The sampler runs after, outside the graph.
+
+Shape legend: R rows of the largest padded size, Bp rows of a step's padded size, S real sequences (<= Bp),
+M blocks of ``max_model_len``, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcore.errors import UserError
+from mcore.protocols.block import LOGIT_ROWS, AttentionCacheSpec, BlockContext, LayerCacheSpec
+
+
+@dataclass(frozen=True)
+class StaticStep:
+    """Device views of one padded decode step of ``rows`` rows (slices of ``DecodeBuffers``: the same memory
+    for every step of that size, so a captured graph reads each step's inputs)."""
+
+    rows: int
+    tokens: torch.Tensor  # (Bp,) int64
+    positions: torch.Tensor  # (Bp,) int64
+    slots: torch.Tensor  # (Bp,) int64 flat page slot of each row's new token
+    seq_lens: torch.Tensor  # (Bp,) int32 each row's length with its new token
+    block_table: torch.Tensor  # (Bp, M) int32, -1 past a row's last block
+    cu_seqlens: torch.Tensor  # (Bp + 1,) int32: 0, 1, ..., Bp
+    logit_rows: torch.Tensor  # (Bp,) int64: 0, 1, ..., Bp - 1
+
+
+class DecodeBuffers:
+    """Persistent inputs for decode steps of up to ``max_rows`` rows over tables of ``max_blocks`` blocks, and
+    host staging for them (pinned on CUDA: the copies do not wait for the device)."""
+
+    def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
+        self.max_rows, self.max_blocks, self.device = max_rows, max_blocks, device
+        pin = device.type == "cuda"
+        self.ints = torch.zeros(3, max_rows, dtype=torch.int64, device=device)  # tokens, positions, slots
+        self.lens = torch.ones(max_rows, dtype=torch.int32, device=device)
+        self.table = torch.full((max_rows, max_blocks), -1, dtype=torch.int32, device=device)
+        self.cu = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
+        self.rows = torch.arange(max_rows, dtype=torch.int64, device=device)
+        self._host_ints = torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
+        self._host_lens = torch.ones(max_rows, dtype=torch.int32, pin_memory=pin)
+        self._host_table = torch.full((max_rows, max_blocks), -1, dtype=torch.int32, pin_memory=pin)
+        self._np_ints, self._np_lens = self._host_ints.numpy(), self._host_lens.numpy()
+        self._np_table = self._host_table.numpy()
+        self._width = 1  # the widest table row written so far
+        self._views: dict[int, StaticStep] = {}
+
+    def step(self, rows: int) -> StaticStep:
+        """The views of a ``rows``-row step (made once per size)."""
+        view = self._views.get(rows)
+        if view is None:
+            view = self._views[rows] = self._make_step(rows)
+        return view
+
+    def _make_step(self, rows: int) -> StaticStep:
+        return StaticStep(
+            rows=rows,
+            tokens=self.ints[0, :rows],
+            positions=self.ints[1, :rows],
+            slots=self.ints[2, :rows],
+            seq_lens=self.lens[:rows],
+            block_table=self.table[:rows],
+            cu_seqlens=self.cu[: rows + 1],
+            logit_rows=self.rows[:rows],
+        )
+
+    def fill(
+        self,
+        rows: int,
+        tokens: Sequence[int],
+        tables: Sequence[Sequence[int]],
+        lens: Sequence[int],
+        slots: Sequence[int],
+        scratch: int,
+        block_size: int,
+    ) -> None:
+        """Write the step's ``S`` sequences into rows ``0..S-1`` and padding into the rest of ``rows``: token 0 at
+        position 0, written to and read from the scratch block (length 1). The copies from the staging tensors
+        do not wait on CUDA: the caller syncs between steps (the engine reads the sampled tokens) before the
+        next ``fill`` rewrites them."""
+        real = len(tokens)
+        if real > rows:
+            raise UserError(f"static decode step of {real} sequences in {rows} rows: too many sequences")
+        widest = max((len(t) for t in tables), default=1)
+        if widest > self.max_blocks:
+            raise UserError(
+                f"static decode: a sequence holds {widest} blocks, the buffers {self.max_blocks} (max_model_len)"
+            )
+        ints, host_lens, host_table = self._np_ints, self._np_lens, self._np_table  # numpy views: cheap writes
+        ints[0, :real] = tokens
+        ints[1, :real] = lens
+        ints[1, :real] -= 1  # the new token's position
+        ints[2, :real] = slots
+        ints[:2, real:rows] = 0
+        ints[2, real:rows] = scratch * block_size
+        host_lens[:real] = lens
+        host_lens[real:rows] = 1
+        if self._width < widest:
+            self._width = widest
+        host_table[:rows, : self._width] = -1  # columns past it are -1 from the start
+        for i, table in enumerate(tables):
+            host_table[i, : len(table)] = table
+        host_table[real:rows, 0] = scratch
+        pin = self.device.type == "cuda"
+        # whole (contiguous) buffers: pinned, asynchronous copies; rows past ``rows`` are no view of this step
+        self.ints.copy_(self._host_ints, non_blocking=pin)
+        self.lens.copy_(self._host_lens, non_blocking=pin)
+        self.table[:rows].copy_(self._host_table[:rows], non_blocking=pin)
+
+
+def static_decode_supported(specs: Mapping[int, LayerCacheSpec]) -> bool:
+    """Whether a cache over ``specs`` serves static decode: attention layers only, all with one window."""
+    attention = [s for s in specs.values() if isinstance(s, AttentionCacheSpec)]
+    return bool(specs) and len(attention) == len(specs) and len({s.window for s in attention}) == 1
+
+
+def default_graph_sizes(max_rows: int) -> tuple[int, ...]:
+    """1, 2, 4, then every multiple of 8 up to ``max_rows`` (and ``max_rows``)."""
+    sizes = {s for s in (1, 2, 4) if s <= max_rows} | set(range(8, max_rows + 1, 8)) | {max_rows}
+    return tuple(sorted(sizes))
+
+
+class StaticDecoder:
+    """Runs pure-decode steps of ``model`` over ``cache`` with static shapes, padded up to the next of
+    ``batch_sizes``; with ``cuda_graphs`` each size is captured once (``capture``) and replayed."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: Any,
+        attention: Any,
+        *,
+        batch_sizes: Sequence[int],
+        max_model_len: int,
+        cuda_graphs: bool,
+    ) -> None:
+        sizes = sorted(set(batch_sizes))
+        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise UserError(f"graph_batch_sizes = {tuple(batch_sizes)!r}: must be positive ints, at least one")
+        if not cache.static_decode_ok:
+            raise UserError(
+                "static decode / CUDA graphs need a cache of one attention group (no recurrent layers, at most one "
+                "sliding window) with a scratch block"
+            )
+        device = cache.device
+        if cuda_graphs and device.type != "cuda":
+            raise UserError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+        self.model, self.cache, self.attention = model, cache, attention
+        self.sizes, self.cuda_graphs = sizes, cuda_graphs
+        self.buffers = DecodeBuffers(sizes[-1], math.ceil(max_model_len / cache.block_size), device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_replays = 0  # steps served by a graph
+        self.num_static = 0  # steps served by the static path (graph or eager)
+
+    @property
+    def max_rows(self) -> int:
+        return self.sizes[-1]
+
+    def padded(self, num_seqs: int) -> int | None:
+        """The smallest size that holds ``num_seqs`` rows (None: more than the largest)."""
+        return next((s for s in self.sizes if s >= num_seqs), None)
+
+    def forward(self, step: StaticStep) -> torch.Tensor:
+        """The model call on ``step``'s buffers: logits ``(Bp, V)`` (the cache in static mode already)."""
+        ctx = BlockContext(
+            positions=step.positions[None],
+            cu_seqlens=step.cu_seqlens,
+            max_seqlen=1,
+            kv_cache=self.cache,
+            attention=self.attention,
+            extra={LOGIT_ROWS: step.logit_rows},
+        )
+        logits = self.model(step.tokens[None], ctx=ctx)  # (1, Bp, V)
+        return logits[0]
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 2) -> None:
+        """Capture one graph per size, largest first, sharing one memory pool; padding rows only, so nothing but
+        the scratch block is written. Warm-up calls first (kernel compilation, cuBLAS workspaces)."""
+        if not self.cuda_graphs:
+            return
+        pool = None
+        for rows in reversed(self.sizes):
+            step = self.buffers.step(rows)
+            self._padding_only(step)
+            stream = torch.cuda.Stream(self.cache.device)
+            stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    self._padding_only(step)
+                    self.forward(step)
+                    self.cache.end_static_decode()
+            torch.cuda.current_stream(self.cache.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            self._padding_only(step)
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.forward(step)
+            self.cache.end_static_decode()
+            pool = graph.pool()
+            self.graphs[rows] = (graph, out)
+        torch.cuda.synchronize(self.cache.device)
+
+    @torch.no_grad()
+    def run(self, tokens: Sequence[int]) -> torch.Tensor:
+        """The step scheduled last (``cache.schedule``: one new token per sequence, ``tokens`` in its order):
+        logits ``(S, V)`` of its sequences."""
+        rows = self.padded(len(tokens))
+        if rows is None:
+            raise UserError(f"static decode of {len(tokens)} sequences: the largest size is {self.max_rows}")
+        step = self.buffers.step(rows)
+        tables, lens, slots = self.cache.begin_static_decode(step)
+        assert self.cache.scratch_block is not None
+        self.buffers.fill(rows, tokens, tables, lens, slots, self.cache.scratch_block, self.cache.block_size)
+        self.num_static += 1
+        captured = self.graphs.get(rows)
+        if captured is None:
+            return self.forward(step)[: len(tokens)]
+        graph, out = captured
+        graph.replay()
+        self.num_replays += 1
+        return out[: len(tokens)]
+
+    def _padding_only(self, step: StaticStep) -> None:
+        self.cache.begin_static_decode(step)
+        assert self.cache.scratch_block is not None
+        self.buffers.fill(step.rows, [], [], [], [], self.cache.scratch_block, self.cache.block_size)

@@ -1,0 +1,242 @@
+"""Paged decode attention in Triton: one query per sequence against its pages, GQA, split-K over long contexts.
+
+Why it exists: a decode step reads each sequence's whole cache once; the torch reference (``attention.py``)
+gathers the pages into a padded copy first and masks by the lengths, which costs a copy of every table's width.
+This kernel reads the pages in place, up to each sequence's length only, and fills the GPU at small batch with
+split-K: program ``(s, kv head, split)`` attends the ``GROUP`` query heads of one key/value head over one
+slice of the context (online softmax), writing a partial output and its log-sum-exp; a second kernel merges
+the slices. The grid depends only on shapes (the table's width, not the lengths), so a CUDA graph captures it.
+
+Imported only on CUDA when triton imports (``attention.decode_kernel_for``); a latent cache (MLA) goes to
+the torch reference. Shape legend: S sequences, nh query heads, nkv key/value heads, G = nh / nkv, hd key dim,
+hdv value dim, P blocks, bs block size, M table width, K splits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mcore.protocols.block import PagedKV
+from mcore_inference.attention import paged_decode_torch
+
+_BLOCK_N = 64  # keys per inner iteration
+_MIN_SPLIT = 256  # fewest keys one split covers
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    lens_ptr,
+    mid_ptr,
+    lse_ptr,
+    stride_qs,
+    stride_qh,
+    stride_kp,
+    stride_kb,
+    stride_kh,
+    stride_vp,
+    stride_vb,
+    stride_vh,
+    stride_ts,
+    stride_ms,
+    stride_mh,
+    stride_mk,
+    stride_ls,
+    stride_lh,
+    scale,
+    window,
+    split_tokens,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(lens_ptr + seq)
+    lo = split * split_tokens
+    hi = tl.minimum(lo + split_tokens, length)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, length - window)  # keys at least `window` back are never read (freed blocks too)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + g  # (BLOCK_G,) query heads of this key/value head
+    q = tl.load(
+        q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
+        mask=(g[:, None] < GROUP) & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )  # (BLOCK_G, BLOCK_D)
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)  # running max (finite: no inf - inf)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + n  # (BLOCK_N,) key positions
+        valid = pos < hi
+        block = tl.load(table_ptr + seq * stride_ts + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        k = tl.load(
+            k_ptr + block[:, None] * stride_kp + offset[:, None] * stride_kb + kv_head * stride_kh + d[None, :],
+            mask=valid[:, None] & (d[None, :] < HEAD_DIM),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        scores = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_G, BLOCK_N) fp32
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + block[:, None] * stride_vp + offset[:, None] * stride_vb + kv_head * stride_vh + dv[None, :],
+            mask=valid[:, None] & (dv[None, :] < VALUE_DIM),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_keys = l_i > 0  # an empty split (past the length, or before the window) has none
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    head_ok = g < GROUP
+    tl.store(
+        mid_ptr + seq * stride_ms + heads[:, None] * stride_mh + split * stride_mk + dv[None, :],
+        out,
+        mask=head_ok[:, None] & (dv[None, :] < VALUE_DIM),
+    )
+    tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    mid_ptr,
+    lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_ms,
+    stride_mh,
+    stride_mk,
+    stride_ls,
+    stride_lh,
+    stride_os,
+    stride_oh,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    k = tl.arange(0, BLOCK_K)
+    dv = tl.arange(0, BLOCK_DV)
+    lse = tl.load(lse_ptr + seq * stride_ls + head * stride_lh + k, mask=k < num_splits, other=float("-inf"))
+    weights = tl.exp(lse - tl.max(lse, 0))  # (BLOCK_K,), 0 for empty splits; at least one split has a key
+    part = tl.load(
+        mid_ptr + seq * stride_ms + head * stride_mh + k[:, None] * stride_mk + dv[None, :],
+        mask=(k[:, None] < num_splits) & (dv[None, :] < VALUE_DIM),
+        other=0.0,
+    )  # (BLOCK_K, BLOCK_DV)
+    out = tl.sum(weights[:, None] * part, 0) / tl.sum(weights, 0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < VALUE_DIM)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter (tests on the CPU): an H100's count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(programs: int, max_keys: int, sms: int) -> int:
+    """Splits of a context of up to ``max_keys`` keys so that ``programs`` (S * nkv) fill about two waves of
+    ``sms``; each split covers at least ``_MIN_SPLIT`` keys."""
+    wanted = math.ceil(2 * sms / max(programs, 1))
+    return max(1, min(wanted, math.ceil(max_keys / _MIN_SPLIT)))
+
+
+def paged_decode_triton(
+    q: torch.Tensor, paged: PagedKV, value_dim: int, scale: float, window: int | None
+) -> torch.Tensor:
+    """``q (S, nh, hd)`` -> ``(S, nh, hdv)`` in ``q``'s dtype, as ``paged_decode_torch``."""
+    if paged.value_cache is None:
+        return paged_decode_torch(q, paged, value_dim, scale, window)
+    keys, values, table, lens = paged.key_cache, paged.value_cache, paged.block_table, paged.seq_lens
+    dtype = q.dtype
+    q = q.to(keys.dtype)  # (the pages' dtype: tl.dot takes one)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    seqs, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = keys.shape
+    group = heads // kv_heads
+    max_keys = table.shape[1] * block_size
+    splits = num_splits(seqs * kv_heads, max_keys, _num_sms(q.device))
+    split_tokens = math.ceil(math.ceil(max_keys / splits) / _BLOCK_N) * _BLOCK_N
+    splits = math.ceil(max_keys / split_tokens)
+    mid = torch.empty(seqs, heads, splits, value_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(seqs, heads, value_dim, dtype=dtype, device=q.device)
+    block_dv = max(16, triton.next_power_of_2(value_dim))
+    _split_kernel[(seqs, kv_heads, splits)](
+        q,
+        keys,
+        values,
+        table,
+        lens,
+        mid,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        table.stride(0),
+        mid.stride(0),
+        mid.stride(1),
+        mid.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        scale,
+        window or 0,
+        split_tokens,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        VALUE_DIM=value_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_DV=block_dv,
+        BLOCK_N=_BLOCK_N,
+        HAS_WINDOW=window is not None,
+    )
+    _merge_kernel[(seqs, heads)](
+        mid,
+        lse,
+        out,
+        splits,
+        mid.stride(0),
+        mid.stride(1),
+        mid.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        VALUE_DIM=value_dim,
+        BLOCK_DV=block_dv,
+        BLOCK_K=max(2, triton.next_power_of_2(splits)),
+    )
+    return out
