@@ -32,7 +32,9 @@ class PagedEngine:
     def from_model(cls, model: nn.Module, *, tokenizer: Any, max_model_len: int) -> PagedEngine | None:
         if not model_cache_specs(model):
             return None
-        return cls(LLM(model, tokenizer=tokenizer, max_model_len=max_model_len, max_num_seqs=8))
+        seqs, block = 8, 16
+        blocks = -(-max_model_len // block) * seqs  # room for every sequence at full length, not 90% of the GPU
+        return cls(LLM(model, tokenizer=tokenizer, max_model_len=max_model_len, max_num_seqs=seqs, num_blocks=blocks))
 
     def generate_ids(
         self,
