@@ -17,3 +17,8 @@ def mcore_register(registry: Any) -> None:
         "mcore_inference.generation:PagedEngine",
         summary="paged KV cache, continuous batching, prefix caching: serves `mcore generate`",
     )
+
+
+@hookimpl
+def mcore_cli_commands(add: Any) -> None:
+    add("serve", "mcore_inference.server.cli:main", help="serve a model over an OpenAI-compatible HTTP API")

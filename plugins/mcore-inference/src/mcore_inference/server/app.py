@@ -1,0 +1,519 @@
+"""``build_app``: the FastAPI application of ``mcore serve`` (OpenAI's completions and chat completions API).
+
+Why it exists: it is the HTTP face of ``EngineLoop``. Each route checks the API key, reads the body (at most
+``max_body_bytes``: else 413), validates it (400 naming the field), checks the model name (404), turns prompts or
+messages into token ids (a prompt that leaves no room in the context: 400 ``context_length_exceeded``), submits
+its requests (``n`` per prompt) as one group and answers at once (``usage`` always) or as server-sent events.
+
+A request's engine requests are aborted as soon as its client goes away (a stream closed early, or a client that
+disconnects while waiting for a non-streaming answer), so their KV blocks go back at once.
+
+Logprobs are of the distribution after penalties and temperature (see ``sampling.py``); a token's string is its
+``tokenizer.decode([id])`` (a byte-level token that ends inside a character decodes to U+FFFD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from mcore.errors import UserError
+from mcore_inference.engine import LLMEngine, RequestOutput
+from mcore_inference.sampling import SamplingParams
+from mcore_inference.server.chat_template import ChatTemplate, tokenizer_template
+from mcore_inference.server.engine_loop import EngineLoop
+from mcore_inference.server.errors import APIError, from_validation
+from mcore_inference.server.protocol import ChatCompletionRequest, CompletionRequest
+
+#: Default request body limit (bytes).
+MAX_BODY_BYTES = 4 << 20
+#: ``max_tokens`` when a request gives none and the engine has no ``max_model_len`` to fill.
+DEFAULT_MAX_TOKENS = 256
+#: How often a non-streaming request checks whether its client is still there (seconds).
+_DISCONNECT_POLL = 0.2
+
+
+def build_app(
+    llm_or_engine: Any,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    chat_template: str | None = None,
+) -> FastAPI:
+    """The server's app over an ``LLM`` or an ``LLMEngine``. The engine runs in a thread started with the app
+    (its lifespan) and stopped with it; ``app.state.engine_loop`` is that ``EngineLoop``. ``chat_template``: a
+    Jinja template (default: the tokenizer's, else the plain one of ``chat_template.py``)."""
+    engine: LLMEngine = getattr(llm_or_engine, "engine", llm_or_engine)
+    if not isinstance(engine, LLMEngine):
+        raise UserError(f"build_app needs an LLM or an LLMEngine, got {type(llm_or_engine).__name__}")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise UserError(f"max_body_bytes = {max_body_bytes!r}: must be a positive int")
+    tokenizer = engine.tokenizer
+    eos = getattr(tokenizer, "eos_token", "") if tokenizer is not None else ""
+    template = ChatTemplate(
+        chat_template if chat_template is not None else tokenizer_template(tokenizer), eos_token=str(eos or "")
+    )
+    engine_loop = EngineLoop(engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine_loop.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine_loop.stop)
+
+    app = FastAPI(title="mcore serve", lifespan=lifespan)
+    app.state.engine_loop = engine_loop
+    server = _Server(engine, engine_loop, model_name, api_key, max_body_bytes, template)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = from_validation(list(exc.errors()))
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail))
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = engine_loop.running
+        return JSONResponse({"status": "ok" if ok else "stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        server.check_key(request)
+        card = {"id": model_name, "object": "model", "created": server.created, "owned_by": "mcore"}
+        card["max_model_len"] = engine.max_model_len
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.chat(request)
+
+    return app
+
+
+class _Group:
+    """One HTTP request's engine requests: submitted together, their outputs in arrival order, and aborted when the
+    HTTP request ends before they finish (``close``)."""
+
+    def __init__(self, engine_loop: EngineLoop, requests: Sequence[tuple[Sequence[int], SamplingParams]]) -> None:
+        self.engine_loop = engine_loop
+        self.requests = list(requests)
+        self.queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
+        self.ids: list[int] = []
+        self.pending = set(range(len(self.requests)))
+        self.closed = False
+
+    async def start(self) -> None:
+        future = self.engine_loop.submit(self.requests, self.queue)
+        try:
+            self.ids = await asyncio.shield(asyncio.wrap_future(future))
+        except UserError as exc:
+            raise APIError(400, str(exc)) from None
+        except asyncio.CancelledError:  # the client left while the group was being added: abort it once added
+            future.add_done_callback(self._abort_when_added)
+            raise
+        except RuntimeError as exc:
+            raise APIError(503, str(exc)) from None
+
+    def _abort_when_added(self, future: concurrent.futures.Future[list[int]]) -> None:
+        if future.exception() is None:
+            self.engine_loop.abort(future.result())
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while self.pending:
+            tag, item = await self.queue.get()
+            if isinstance(item, BaseException):
+                self.pending.discard(tag)
+                raise APIError(500, f"the engine failed: {type(item).__name__}: {item}")
+            if item.finished:
+                self.pending.discard(tag)
+            yield tag, item
+
+    def close(self) -> None:
+        """Abort what has not finished (its blocks go back); idempotent."""
+        if not self.closed:
+            self.closed = True
+            self.engine_loop.abort([self.ids[i] for i in sorted(self.pending) if i < len(self.ids)])
+            self.pending.clear()
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent event stream that calls ``on_close`` however it ends (finished, or the client went away)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+class _Server:
+    """The routes' shared logic (one per app: its engine loop, model name, key, limits and chat template)."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        engine_loop: EngineLoop,
+        model_name: str,
+        api_key: str | None,
+        max_body_bytes: int,
+        template: ChatTemplate,
+    ) -> None:
+        self.engine, self.engine_loop, self.model_name = engine, engine_loop, model_name
+        self.api_key, self.max_body_bytes, self.template = api_key, max_body_bytes, template
+        self.tokenizer = engine.tokenizer
+        self.created = int(time.time())
+
+    # ----- request checks -----
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(
+                401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+            )
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes: the limit is {limit}", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body over the limit of {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse(self, request: Request, kind: type[Any]) -> Any:
+        self.check_key(request)
+        body = await self.read_body(request)
+        try:
+            parsed = kind.model_validate_json(body)
+        except ValidationError as exc:
+            raise from_validation(list(exc.errors())) from None
+        if parsed.model != self.model_name:
+            raise APIError(
+                404,
+                f"model {parsed.model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return parsed
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "this server's model has no tokenizer: send prompts as token ids", param="prompt")
+        return [int(i) for i in self.tokenizer.encode(text)]
+
+    def check_length(self, ids: list[int], param: str) -> None:
+        limit = self.engine.max_model_len
+        if limit is not None and len(ids) >= limit:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this model's context holds {limit} with room for at least one "
+                "generated token: shorten it",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def max_tokens(self, asked: int | None, prompt_len: int) -> int:
+        if asked is not None:
+            return asked
+        limit = self.engine.max_model_len
+        return max(1, limit - prompt_len) if limit is not None else DEFAULT_MAX_TOKENS
+
+    def params(self, req: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return req.sampling_params(max_tokens=max_tokens, logprobs=logprobs)  # type: ignore[no-any-return]
+        except UserError as exc:
+            raise APIError(400, str(exc)) from None
+
+    def top_by_text(self, entry: dict[int, float]) -> dict[str, float]:
+        """``{token text: logprob}``, most likely first; tokens that decode alike (byte pieces of a character: all
+        U+FFFD) keep the likeliest one's value."""
+        out: dict[str, float] = {}
+        for token_id, value in sorted(entry.items(), key=lambda kv: -kv[1]):
+            out.setdefault(self.token_text(token_id), value)
+        return out
+
+    def token_text(self, token_id: int) -> str:
+        return "" if self.tokenizer is None else str(self.tokenizer.decode([token_id]))
+
+    # ----- running a group -----
+
+    async def collect(self, request: Request, group: _Group) -> dict[int, RequestOutput]:
+        """Every request's final output; aborts the group if the client disconnects first."""
+
+        async def run() -> dict[int, RequestOutput]:
+            last: dict[int, RequestOutput] = {}
+            async for tag, out in group.outputs():
+                last[tag] = out
+            return last
+
+        task = asyncio.ensure_future(run())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise APIError(499, "the client disconnected")
+        finally:
+            if not task.done():
+                task.cancel()
+            group.close()
+
+    # ----- /v1/completions -----
+
+    async def completions(self, request: Request) -> Response:
+        req: CompletionRequest = await self.parse(request, CompletionRequest)
+        prompts = self.completion_prompts(req.prompt)
+        for ids in prompts:
+            self.check_length(ids, "prompt")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs yet)", param="echo")
+        requests = []
+        for ids in prompts:
+            params = self.params(req, self.max_tokens(req.max_tokens, len(ids)), req.logprobs)
+            requests += [(ids, p) for p in _choices(params, req.n)]
+        group = _Group(self.engine_loop, requests)
+        await group.start()
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echoes = [self.tokenizer.decode(ids) if req.echo and self.tokenizer is not None else "" for ids in prompts]
+        echoes = [echoes[i // req.n] for i in range(len(requests))]
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        if req.stream:
+            return _EventStream(self.completion_events(req, group, rid, created, echoes, prompt_tokens), group.close)
+        final = await self.collect(request, group)
+        choices = []
+        for i in range(len(requests)):
+            out = final[i]
+            lp = (
+                self.completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs, 0)
+                if req.logprobs is not None
+                else None
+            )
+            choices.append(
+                {"index": i, "text": echoes[i] + out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+            )
+        completion_tokens = sum(len(out.token_ids) for out in final.values())
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                "usage": _usage(prompt_tokens, completion_tokens),
+            }
+        )
+
+    def completion_prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.encode(prompt)]
+        if not prompt:
+            raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        return [self.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+    def completion_logprobs(
+        self, ids: Sequence[int], logprobs: Sequence[float] | None, top: Sequence[dict[int, float]] | None, offset: int
+    ) -> dict[str, Any]:
+        """OpenAI's legacy completions shape: parallel lists of tokens, their logprobs, top dicts, text offsets."""
+        logprobs, top = logprobs or [], top or []
+        tokens = [self.token_text(t) for t in ids[: len(logprobs)]]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": list(logprobs),
+            "top_logprobs": [self.top_by_text(entry) for entry in top],
+            "text_offset": offsets,
+        }
+
+    async def completion_events(
+        self, req: CompletionRequest, group: _Group, rid: str, created: int, echoes: list[str], prompt_tokens: int
+    ) -> AsyncIterator[str]:
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        offsets = [len(e) for e in echoes]
+        completion_tokens = 0
+        for i, text in enumerate(echoes):
+            if text:
+                yield _sse(head | {"choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]})
+        try:
+            async for tag, out in group.outputs():
+                completion_tokens += len(out.new_token_ids)
+                if not (out.new_text or out.finished or (req.logprobs is not None and out.new_token_ids)):
+                    continue
+                lp = None
+                if req.logprobs is not None:
+                    k = len(out.new_token_ids)
+                    lp = self.completion_logprobs(
+                        out.new_token_ids,
+                        (out.logprobs or [])[len(out.logprobs or []) - k :],
+                        (out.top_logprobs or [])[len(out.top_logprobs or []) - k :],
+                        offsets[tag],
+                    )
+                offsets[tag] += len(out.new_text)
+                choice = {"index": tag, "text": out.new_text, "logprobs": lp, "finish_reason": _finish(out)}
+                yield _sse(head | {"choices": [choice]})
+        except APIError as exc:
+            yield _sse(exc.body())
+        if req.include_usage:
+            yield _sse(head | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield _sse("[DONE]")
+
+    # ----- /v1/chat/completions -----
+
+    async def chat(self, request: Request) -> Response:
+        req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt = self.template.render(messages)
+        except UserError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        ids = self.encode(prompt)
+        self.check_length(ids, "messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.params(req, self.max_tokens(asked, len(ids)), logprobs)
+        group = _Group(self.engine_loop, [(ids, p) for p in _choices(params, req.n)])
+        await group.start()
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return _EventStream(self.chat_events(req, group, rid, created, len(ids)), group.close)
+        final = await self.collect(request, group)
+        choices = []
+        for i in range(req.n):
+            out = final[i]
+            lp = self.chat_logprobs(out.token_ids, out.logprobs, out.top_logprobs) if req.logprobs else None
+            message = {"role": "assistant", "content": out.text}
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": out.finish_reason})
+        completion_tokens = sum(len(out.token_ids) for out in final.values())
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                "usage": _usage(len(ids), completion_tokens),
+            }
+        )
+
+    def chat_logprobs(
+        self, ids: Sequence[int], logprobs: Sequence[float] | None, top: Sequence[dict[int, float]] | None
+    ) -> dict[str, Any]:
+        """The chat shape: ``{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}``."""
+        content = []
+        for token_id, value, entry in zip(ids, logprobs or [], top or []):
+            text = self.token_text(token_id)
+            alts = []
+            for alt, alt_value in entry.items():
+                alt_text = self.token_text(alt)
+                alts.append({"token": alt_text, "logprob": alt_value, "bytes": list(alt_text.encode())})
+            content.append({"token": text, "logprob": value, "bytes": list(text.encode()), "top_logprobs": alts})
+        return {"content": content}
+
+    async def chat_events(
+        self, req: ChatCompletionRequest, group: _Group, rid: str, created: int, prompt_tokens: int
+    ) -> AsyncIterator[str]:
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        for i in range(req.n):
+            role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield _sse(head | {"choices": [role]})
+        completion_tokens = 0
+        try:
+            async for tag, out in group.outputs():
+                completion_tokens += len(out.new_token_ids)
+                if not (out.new_text or out.finished or (req.logprobs and out.new_token_ids)):
+                    continue
+                lp = None
+                if req.logprobs:
+                    k = len(out.new_token_ids)
+                    lp = self.chat_logprobs(
+                        out.new_token_ids,
+                        (out.logprobs or [])[len(out.logprobs or []) - k :],
+                        (out.top_logprobs or [])[len(out.top_logprobs or []) - k :],
+                    )
+                delta = {"content": out.new_text} if out.new_text else {}
+                choice = {"index": tag, "delta": delta, "logprobs": lp, "finish_reason": _finish(out)}
+                yield _sse(head | {"choices": [choice]})
+        except APIError as exc:
+            yield _sse(exc.body())
+        if req.include_usage:
+            yield _sse(head | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield _sse("[DONE]")
+
+
+def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The params of ``n`` choices: with a ``seed``, choice ``j`` draws with ``seed + j`` (the engine's draws depend
+    only on the seed and the position, so one seed would give ``n`` equal choices); choice 0 is what ``n=1`` gives."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=(params.seed + j) % 2**64) for j in range(n)]
+
+
+def _finish(out: RequestOutput) -> str | None:
+    return out.finish_reason if out.finished else None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

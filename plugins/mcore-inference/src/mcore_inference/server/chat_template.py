@@ -1,0 +1,88 @@
+"""Chat messages to one prompt string.
+
+Why it exists: a chat request is a list of ``{role, content}`` messages; the model reads one token sequence. A
+tokenizer that carries a Jinja chat template (Hugging Face's ``tokenizer_config.json`` ``chat_template``, or a
+``--chat-template`` file) renders them as it was trained to read them. Without one the default template is::
+
+    <role>: <content>\\n        (one line per message, in order)
+    assistant:                  (the generation prompt)
+
+which suits a base model; a chat-tuned model should ship its own template.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mcore.errors import UserError
+
+
+def default_render(messages: Sequence[dict[str, str]]) -> str:
+    """The default template (see the module docstring)."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def tokenizer_template(tokenizer: Any) -> str | None:
+    """The Jinja template a tokenizer carries: its ``chat_template`` attribute, or ``chat_template`` in the
+    ``tokenizer_config.json`` beside its ``tokenizer.json``; None when it has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        return template
+    path = getattr(tokenizer, "path", None)
+    if path is None:
+        return None
+    config = (
+        Path(path).parent / "tokenizer_config.json" if Path(path).is_file() else Path(path) / "tokenizer_config.json"
+    )
+    if not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+class ChatTemplate:
+    """Render messages with a Jinja ``template`` (None: the default template)."""
+
+    def __init__(self, template: str | None = None, *, eos_token: str = "", bos_token: str = "") -> None:
+        self.source = template
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self._compiled: Any = None
+        if template is not None:
+            try:
+                from jinja2 import TemplateError
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+            except ImportError:
+                raise UserError("a chat template needs jinja2: pip install jinja2") from None
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            try:
+                self._compiled = env.from_string(template)
+            except TemplateError as exc:
+                raise UserError(f"the chat template does not parse: {exc}") from None
+
+    def render(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt for ``messages``, ending with the assistant's generation prompt. A template that fails on
+        these messages raises a one-line ``UserError``."""
+        if self._compiled is None:
+            return default_render(messages)
+        try:
+            return str(
+                self._compiled.render(
+                    messages=list(messages),
+                    add_generation_prompt=True,
+                    eos_token=self.eos_token,
+                    bos_token=self.bos_token,
+                )
+            )
+        except Exception as exc:  # jinja raises TemplateError, and templates call raise_exception
+            raise UserError(f"the chat template failed on these messages: {exc}") from None

@@ -1,0 +1,96 @@
+"""``mcore serve PATH``: load a checkpoint (mcore or Hugging Face directory) and serve it with uvicorn.
+
+Why it exists: the command-line face of ``build_app``. It binds 127.0.0.1 unless ``--host`` says otherwise, and
+stops cleanly, exit code 0, on SIGINT or SIGTERM (uvicorn's shutdown: stop accepting, let open responses end within
+``--shutdown-timeout`` seconds, then the app's lifespan aborts what still runs and ends the engine thread).
+FastAPI and uvicorn are imported only here and in ``app``: without them ``mcore serve`` says which extra to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from mcore.cli import run_with_user_errors
+from mcore.errors import UserError
+
+_MISSING = "mcore serve needs FastAPI and uvicorn: pip install 'mcore-inference[serve]'"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcore serve", description="OpenAI-compatible HTTP server over a model")
+    parser.add_argument("path", help="an mcore checkpoint or run directory, or a Hugging Face model directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 route")
+    parser.add_argument("--model-name", default=None, help="the model's name in the API (default: PATH's name)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="most tokens of prompt plus output")
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=None, help="of the GPU's memory, for the cache")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoded together")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on a GPU)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file")
+    parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
+    parser.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds open responses get to end")
+    return parser
+
+
+def _serve(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be in [0, 65535]")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError(_MISSING) from None
+    template = None
+    if args.chat_template is not None:
+        if not args.chat_template.is_file():
+            raise UserError(f"--chat-template {str(args.chat_template)!r}: no such file")
+        template = args.chat_template.read_text()
+    from mcore_inference.llm import LLM
+    from mcore_inference.server.app import build_app
+
+    llm = LLM(
+        args.path,
+        max_model_len=args.max_model_len,
+        num_blocks=args.num_blocks,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+        max_num_seqs=args.max_num_seqs,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    name = args.model_name or Path(args.path).resolve().name
+    app = build_app(
+        llm, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes, chat_template=template
+    )
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout
+    )
+    _quiet_exit_server()(config).run()
+    return 0
+
+
+def _quiet_exit_server() -> Any:
+    """uvicorn's ``Server``, ending with exit code 0 after a graceful SIGINT/SIGTERM shutdown (uvicorn re-raises the
+    signal once shut down, so the process would die of it); a second SIGINT still forces the exit."""
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    return Server
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_with_user_errors(_serve, list(sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,375 @@
+"""``mcore serve``'s app on the toy model and the byte tokenizer, through a live server and the official ``openai``
+client: completions and chat, streaming and not, ``n``, stop strings, logprobs shapes, usage, OpenAI error objects,
+concurrent streams, client disconnects and the API key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from mcore_inference.engine import LLMEngine
+from mcore_inference.server.app import build_app
+from mcore_inference.server.chat_template import default_render
+from toy_model import ToyLM, greedy_reference
+
+from mcore.data.tokenizer import ByteTokenizer
+
+MODEL = "toy"
+MAX_LEN = 64
+GREEDY: dict[str, Any] = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
+
+@contextmanager
+def live_server(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 at a free port, in a thread, until the block ends; yields its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def _engine(model: torch.nn.Module | None = None, **kwargs: Any) -> LLMEngine:
+    model = model if model is not None else ToyLM(vocab=257, max_len=MAX_LEN)
+    return LLMEngine(model.eval(), tokenizer=ByteTokenizer(), block_size=4, num_blocks=256, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[str, LLMEngine, Any]]:
+    engine = _engine()
+    app = build_app(engine, model_name=MODEL, max_body_bytes=20_000)
+    with live_server(app) as url:
+        yield url, engine, app
+
+
+@pytest.fixture(scope="module")
+def client(served: tuple[str, LLMEngine, Any]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _reference(engine: LLMEngine, prompt: str, max_tokens: int) -> str:
+    tok = ByteTokenizer()
+    return tok.decode(greedy_reference(engine.model, tok.encode(prompt).tolist(), max_tokens))
+
+
+def _all_free(app: Any, timeout: float = 10.0) -> bool:
+    """Whether the engine is idle with every block free, waiting up to ``timeout`` for aborts to land."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check = app.state.engine_loop.call(lambda e: not e.has_unfinished() and e.cache.all_free())
+        if check.result(timeout):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_models_and_health(served: tuple[str, LLMEngine, Any], client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(served[0] + "/health").json() == {"status": "ok"}
+
+
+def test_completion_greedy_equals_reference_with_usage(
+    served: tuple[str, LLMEngine, Any], client: openai.OpenAI
+) -> None:
+    engine = served[1]
+    out = client.completions.create(model=MODEL, prompt="hello world", max_tokens=6, **GREEDY)
+    assert out.object == "text_completion" and len(out.choices) == 1
+    assert out.choices[0].text == _reference(engine, "hello world", 6)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (11, 6, 17)
+
+
+def test_completion_prompt_lists_n_and_echo(served: tuple[str, LLMEngine, Any], client: openai.OpenAI) -> None:
+    engine = served[1]
+    tok = ByteTokenizer()
+    ids = tok.encode("token ids").tolist()
+    out = client.completions.create(model=MODEL, prompt=["abc", "xyz"], max_tokens=4, n=2, **GREEDY)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [_reference(engine, "abc", 4)] * 2 + [_reference(engine, "xyz", 4)] * 2
+    assert out.usage is not None and (out.usage.prompt_tokens, out.usage.completion_tokens) == (6, 16)
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True, **GREEDY)
+    assert out.choices[0].text == "token ids" + _reference(engine, "token ids", 3)
+
+
+def test_completion_stream_equals_non_stream_with_usage(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = {"model": MODEL, "prompt": "stream me", "max_tokens": 8, "n": 2, "seed": 7}
+    full = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    texts, finishes = ["", ""], [[], []]  # type: list[str], list[list[str]]
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason is not None:
+                finishes[choice.index].append(choice.finish_reason)
+    assert texts == [c.text for c in full.choices]  # seeded: the same draws streamed or not
+    assert finishes == [["length"], ["length"]]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 16
+
+
+def test_seeded_choices_differ_and_choice_zero_is_n_one(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = {"model": MODEL, "prompt": "seeded", "max_tokens": 8, "seed": 11, "temperature": 1e5}
+    two = client.completions.create(n=2, **kwargs)  # the toy logits are huge: only a hot temperature samples
+    one = client.completions.create(n=1, **kwargs)
+    assert two.choices[0].text == one.choices[0].text  # reproducible by seed
+    assert two.choices[0].text != two.choices[1].text  # not n copies of one draw
+
+
+def test_stop_string_ends_the_text(served: tuple[str, LLMEngine, Any], client: openai.OpenAI) -> None:
+    text = _reference(served[1], "stop here", 12)
+    index, stop = next((i, c) for i, c in enumerate(text) if i > 0 and c != "\ufffd" and text.index(c) == i)
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(model=MODEL, prompt="stop here", max_tokens=12, stop=[stop],
+                                                    stream=True, **GREEDY))  # fmt: skip
+            got = "".join(c.choices[0].text for c in chunks)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+        else:
+            out = client.completions.create(model=MODEL, prompt="stop here", max_tokens=12, stop=stop, **GREEDY)
+            got, reason = out.choices[0].text, [out.choices[0].finish_reason]
+        assert got == text[:index] and reason == ["stop"]
+
+
+def test_chat_stream_and_not(served: tuple[str, LLMEngine, Any], client: openai.OpenAI) -> None:
+    engine = served[1]
+    messages: list[Any] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    prompt = default_render([{"role": m["role"], "content": m["content"]} for m in messages])
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=5, **GREEDY)
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == _reference(engine, prompt, 5)
+    assert out.usage is not None and out.usage.prompt_tokens == len(prompt.encode())
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, stream=True,
+                                                 stream_options={"include_usage": True}, n=2, **GREEDY))  # fmt: skip
+    first = {c.choices[0].index: c for c in chunks[:2]}
+    assert sorted(first) == [0, 1] and all(c.choices[0].delta.role == "assistant" for c in first.values())
+    content, finishes = ["", ""], [0, 0]
+    for chunk in chunks[2:-1]:
+        (choice,) = chunk.choices
+        content[choice.index] += choice.delta.content or ""
+        finishes[choice.index] += choice.finish_reason is not None
+    assert content == [out.choices[0].message.content] * 2 and finishes == [1, 1]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+
+
+def test_logprobs_shapes(client: openai.OpenAI) -> None:
+    out = client.completions.create(model=MODEL, prompt="logprobs", max_tokens=4, logprobs=3, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 3 and chosen == pytest.approx(max(top.values()))  # greedy took the most likely
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                          logprobs=True, top_logprobs=2, **GREEDY)  # fmt: skip
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 3
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.bytes == list(entry.token.encode())
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                 max_tokens=3, logprobs=True, stream=True, **GREEDY))  # fmt: skip
+    streamed = [e for c in chunks for e in ((c.choices[0].logprobs.content or []) if c.choices[0].logprobs else [])]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+
+
+def test_bad_requests_give_openai_errors_and_others_go_on(
+    served: tuple[str, LLMEngine, Any], client: openai.OpenAI
+) -> None:
+    url = served[0]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+    assert "temperature" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", n=0)
+    assert err.value.body["param"] == "n"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x" * MAX_LEN)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=[300])  # outside the vocabulary: the engine's UserError
+    assert "vocabulary" in err.value.message
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="other", prompt="x")
+    assert missing.value.code == "model_not_found"
+    for body, status in ((b"{not json", 400), (json.dumps({"model": MODEL}).encode(), 400),
+                         (json.dumps({"model": MODEL, "prompt": "x", "bogus": 1}).encode(), 400),
+                         (json.dumps({"model": MODEL, "prompt": "x" * 30_000}).encode(), 413)):  # fmt: skip
+        reply = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == status
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    wrong: list[tuple[dict[str, Any], str]] = [
+        ({"model": MODEL, "prompt": "x", "temperature": "0.5"}, "temperature"),  # strict types, as OpenAI
+        ({"model": MODEL, "prompt": [True]}, "prompt"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x", "extra": 1}]}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ]
+    for fields, param in wrong:
+        route = "/v1/chat/completions" if "messages" in fields else "/v1/completions"
+        reply = httpx.post(url + route, json=fields)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+    assert httpx.get(url + "/v1/nothing").json()["error"]["message"]
+    out = client.completions.create(model=MODEL, prompt="still fine", max_tokens=3, **GREEDY)
+    assert out.choices[0].text == _reference(served[1], "still fine", 3)
+
+
+def test_concurrent_streams_equal_greedy_and_free_every_block(served: tuple[str, LLMEngine, Any]) -> None:
+    url, engine, app = served
+    prompts = [f"request number {i}: " + "ab" * (i % 5) for i in range(16)]
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> str:
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, stream=True, **GREEDY)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def run() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    texts = asyncio.run(run())
+    assert texts == [_reference(engine, p, 10) for p in prompts]
+    assert _all_free(app)
+
+
+class _SlowToy(ToyLM):
+    """The toy model, 20 ms per call: a stream lasts long enough to leave it in the middle."""
+
+    def forward(self, tokens: torch.Tensor, *, ctx: Any = None) -> torch.Tensor:
+        time.sleep(0.02)
+        return super().forward(tokens, ctx=ctx)
+
+
+def test_client_disconnect_aborts_and_frees_blocks() -> None:
+    engine = _engine(_SlowToy(vocab=257, max_len=MAX_LEN))
+    app = build_app(engine, model_name=MODEL)
+    body = {"model": MODEL, "prompt": "leave early", "max_tokens": 50, "stream": True, "ignore_eos": True}
+    with live_server(app) as url:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as reply:
+            lines = reply.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # generation has started
+        assert _all_free(app, timeout=5)
+        steps = app.state.engine_loop.call(lambda e: e.num_steps).result(5)
+        assert steps < 40, f"{steps} steps: the request ran on after its client left"
+        # a non-streaming request whose client gives up is aborted too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body | {"stream": False}, timeout=0.3)
+        assert _all_free(app, timeout=5)
+        assert app.state.engine_loop.call(lambda e: e.num_steps).result(5) - steps < 40
+
+
+def test_api_key_on_every_v1_route() -> None:
+    app = build_app(_engine(), model_name=MODEL, api_key="sesame")
+    with live_server(app) as url:
+        wrong = openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model=MODEL, prompt="x", max_tokens=1)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+        assert httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 401
+        assert httpx.get(url + "/health").status_code == 200
+        right = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        assert right.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_serve_without_fastapi_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcore_inference.server.cli import main
+
+    monkeypatch.setitem(__import__("sys").modules, "fastapi", None)  # what an environment without it raises
+    assert main(["/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'mcore-inference[serve]'" in err and len(err.strip().splitlines()) == 1
+
+
+class _Exploding(ToyLM):
+    """The toy model, failing on any step that holds token 7: a bug in the model, not a bad request."""
+
+    def forward(self, tokens: torch.Tensor, *, ctx: Any = None) -> torch.Tensor:
+        if bool((tokens == 7).any()):
+            raise RuntimeError("boom")
+        return super().forward(tokens, ctx=ctx)
+
+
+def test_a_failing_step_is_a_500_and_the_server_goes_on() -> None:
+    engine = _engine(_Exploding(vocab=257, max_len=MAX_LEN))
+    app = build_app(engine, model_name=MODEL)
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model=MODEL, prompt=[7, 8], max_tokens=2)
+        assert "boom" in err.value.message
+        out = client.completions.create(model=MODEL, prompt="fine", max_tokens=3, **GREEDY)
+        assert out.choices[0].text == _reference(engine, "fine", 3)
+        assert _all_free(app)
+
+
+def test_chat_template_renders_the_prompt() -> None:
+    from mcore.errors import UserError
+
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    engine = _engine()
+    app = build_app(engine, model_name=MODEL, chat_template=template)
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "yo"}], max_tokens=4,
+                                             **GREEDY)  # fmt: skip
+        assert out.usage is not None and out.usage.prompt_tokens == len("<user>yo>")
+        assert out.choices[0].message.content == _reference(engine, "<user>yo>", 4)
+    with pytest.raises(UserError, match="chat template"):
+        build_app(engine, model_name=MODEL, chat_template="{% for %}")
+
+
+def test_engine_loop_stop_aborts_what_runs_and_refuses_new_work() -> None:
+    from mcore_inference.sampling import SamplingParams
+    from mcore_inference.server.engine_loop import EngineLoop
+
+    engine = _engine(_SlowToy(vocab=257, max_len=MAX_LEN))
+    loop = EngineLoop(engine)
+    loop.start()
+    request = [([104, 105], SamplingParams(max_tokens=50, ignore_eos=True))]
+
+    async def run() -> list[Any]:
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        await asyncio.wrap_future(loop.submit(request, out))
+        items = [(await out.get())[1]]  # generation has started
+        await asyncio.to_thread(loop.stop)
+        while not isinstance(items[-1], BaseException) and not items[-1].finished:
+            items.append((await out.get())[1])
+        with pytest.raises(RuntimeError, match="not running"):
+            await asyncio.wrap_future(loop.submit(request, out))
+        return items
+
+    items = asyncio.run(run())
+    assert isinstance(items[-1], RuntimeError) and "shutting down" in str(items[-1])
+    assert len(items) < 40 and not engine.has_unfinished() and engine.cache.all_free()
