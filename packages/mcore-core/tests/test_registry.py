@@ -47,10 +47,10 @@ def test_unknown_kind_is_rejected_with_allowed_kinds():
 
 def test_entry_point_plugin_is_discovered_with_its_distribution(site):
     make_distribution(
-        site, "acme-mcore", "2.3.0", "fake_acme", plugin_source('"precision", "mxfp8", "fake_acme:Recipe"')
+        site, "acme-mcore", "2.3.0", "fake_acme", plugin_source('"precision", "acme-fp6", "fake_acme:Recipe"')
     )
     host = load_plugins(unpackaged=False, env=False)
-    impl = host.get("precision", "mxfp8")
+    impl = host.get("precision", "acme-fp6")
     assert (impl.source.distribution, impl.source.version) == ("acme-mcore", "2.3.0")
     assert "fake_acme" in sys.modules and host.get("layout", "single")
 

@@ -311,3 +311,34 @@ def test_bad_input_errors(host: Any, corpus: str, tmp_path: Path) -> None:
         run(make_config(host, tmp_path / "r2", corpus, {"model": {"vocab_size": 64}}), host)
     with pytest.raises(ConfigError, match="global_batch_size = 6 is not a multiple of train.micro_batch_size = 4"):
         resolve_config(merge(BASE, {"train": {"global_batch_size": 6, "micro_batch_size": 4}}), host)
+
+
+def test_a_recipe_with_bind_mesh_gets_the_mesh_before_prepare(corpus: str, tmp_path: Path) -> None:
+    """``PrecisionRecipe.bind_mesh`` (optional): the run's mesh, once, before ``prepare``."""
+    from mcore.precision.basic import FP32
+
+    calls: list[str] = []
+
+    class MeshAware(FP32):
+        name = "mesh-aware"
+
+        def bind_mesh(self, mesh: Any) -> None:
+            calls.append(f"bind {mesh.size('dp_shard') if mesh.has('dp_shard') else 1}")
+
+        def prepare(self, model: Any) -> Any:
+            calls.append("prepare")
+            return super().prepare(model)
+
+    class Plugin:
+        MCORE_PLUGIN_API = 1
+
+        @hookimpl
+        def mcore_register(self, registry: Any) -> None:
+            registry.add("precision", "mesh-aware", MeshAware)
+
+    host = isolated_host("mcore_testing.plugin", Plugin())
+    run(
+        make_config(host, tmp_path / "run", corpus, {"precision": {"recipe": "mesh-aware"}, "train": {"steps": 1}}),
+        host,
+    )
+    assert calls == ["bind 1", "prepare"]

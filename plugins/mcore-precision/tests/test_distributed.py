@@ -1,6 +1,7 @@
 """Two gloo ranks (one spawn for all checks, to keep CI short): ``fp16`` ranks change their loss scale
 alike when only one rank's gradients overflow; ``fp8-delayed`` ranks end each step with the same amax
-histories (the max over the ranks); an FP8 linear refuses a sharded ``DTensor`` weight (per-tensor scales
+histories (the max over the ranks), and bound to a mesh with pipeline stages each stage reduces its own
+amaxes only while the checkpointed state holds every stage's; an FP8 linear refuses a sharded ``DTensor`` weight (per-tensor scales
 need the global amax) with a one-line error."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mcore.errors import UserError
+from mcore_precision.formats import E4M3, amax_to_scale
 from mcore_precision.fp8 import FP8Current, FP8Delayed
 from mcore_precision.fp16 import FP16
 from mcore_testing.dist import run_distributed
@@ -62,10 +64,35 @@ def _delayed_histories_agree() -> None:
     assert state["layers.0.attn.qkv.input.history"][1] >= local  # the max over the ranks
 
 
+def _delayed_stages_reduce_apart() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mcore.mesh import ParallelMesh
+
+    rank = dist.get_rank()
+    mesh = ParallelMesh(("pp",), (2,), "cpu", init_device_mesh("cpu", (2,), mesh_dim_names=("pp",)))
+    recipe = FP8Delayed(FP8Delayed.Config(amax_history_len=2, params="fp32"))
+    model = recipe.prepare(TinyTransformer(seed=0))  # the whole model on each rank, as before the layouts
+    recipe.bind_mesh(mesh)
+    model.layers[rank].mlp.down(torch.full((1, 64), 2.0 + rank))  # stage `rank` runs layer `rank` only
+    recipe.update()
+    own, other = (recipe.scalers[f"layers.{i}.mlp.down.input"] for i in (rank, 1 - rank))
+    assert own.history[1].item() == 2.0 + rank and other.history[1].item() == 0.0  # nothing crossed the stages
+    assert own.current.item() == amax_to_scale(torch.tensor(2.0 + rank), E4M3).item()
+    assert not bool(other.seen)
+    state = recipe.state_dict()  # the checkpoint's one copy holds every stage's linears
+    gathered: list[dict | None] = [None, None]
+    dist.all_gather_object(gathered, {k: v.tolist() for k, v in state.items()})
+    assert gathered[0] == gathered[1]
+    assert [state[f"layers.{i}.mlp.down.input.history"][1].item() for i in (0, 1)] == [2.0, 3.0]
+    assert state["layers.1.mlp.down.input.scale"].item() == amax_to_scale(torch.tensor(3.0), E4M3).item()
+
+
 def _all_checks() -> None:
     _ranks_back_off_alike()
     _sharded_weight_refused()
     _delayed_histories_agree()
+    _delayed_stages_reduce_apart()
 
 
 def test_two_ranks_agree_on_scales_and_refuse_sharded_weights() -> None:

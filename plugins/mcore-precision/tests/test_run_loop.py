@@ -1,6 +1,6 @@
 """The recipes inside the core's run loop: selected by name from the config, trained on real text, and a
 run stopped and resumed from its checkpoint continues bit-exact (the recipe's state: the fp16 loss scale,
-the fp8-delayed amax histories, goes through the core's checkpoint store)."""
+the fp8-delayed amax histories, nvfp4's stochastic-rounding streams, goes through the core's checkpoint store)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def losses(out_dir: Path) -> dict[int, float]:
 
 def test_the_plugin_registers_every_recipe() -> None:
     host = isolated_host("mcore_precision.plugin", builtins=False)
-    for name in ("fp16", "fp8-current", "fp8-delayed"):
+    for name in ("fp16", "fp8-current", "fp8-delayed", "fp8-rowwise", "fp8-blockwise", "mxfp8", "nvfp4"):
         cls = host.load("precision", name)
         recipe = cls(cls.Config())
         assert isinstance(recipe, PrecisionRecipe) and recipe.name == name
@@ -61,8 +61,9 @@ def test_the_plugin_registers_every_recipe() -> None:
             "max_scale": 2.0**40,
         },
         {"recipe": "fp8-delayed", "amax_history_len": 3, "params": "fp32"},
+        {"recipe": "nvfp4", "params": "fp32", "seed": 5},  # the stochastic-rounding draws resume where they stood
     ],
-    ids=["fp16", "fp8-delayed"],
+    ids=["fp16", "fp8-delayed", "nvfp4"],
 )
 def test_stopped_and_resumed_run_continues_bit_exact(precision: dict, corpus: str, tmp_path: Path) -> None:
     host = isolated_host("mcore_testing.plugin", "mcore_precision.plugin")

@@ -1,4 +1,5 @@
-"""mcore-precision: low-precision recipes (``fp16``, ``fp8-current``, ``fp8-delayed``) and FP8 formats.
+"""mcore-precision: low-precision recipes (``fp16``, ``fp8-current``, ``fp8-delayed``, ``fp8-rowwise``,
+``fp8-blockwise``, ``mxfp8``, ``nvfp4``) and the torch reference of their formats.
 
 Importing this package imports no torch module (the plugin registry lists it cheaply);
 the names below load on first use.
@@ -14,6 +15,10 @@ _LAZY = {
     "FP16": "mcore_precision.fp16",
     "FP8Current": "mcore_precision.fp8",
     "FP8Delayed": "mcore_precision.fp8",
+    "FP8Rowwise": "mcore_precision.fp8",
+    "FP8Blockwise": "mcore_precision.fp8",
+    "MXFP8": "mcore_precision.microscaling",
+    "NVFP4": "mcore_precision.microscaling",
     "FP8Linear": "mcore_precision.fp8_linear",
     "E4M3": "mcore_precision.formats",
     "E5M2": "mcore_precision.formats",

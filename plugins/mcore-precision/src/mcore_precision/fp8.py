@@ -1,26 +1,33 @@
-"""Recipes ``fp8-current`` and ``fp8-delayed``: per-tensor scaled FP8 GEMMs for the model's matrix linears.
+"""Recipes ``fp8-current``, ``fp8-delayed``, ``fp8-rowwise`` and ``fp8-blockwise``: FP8 GEMMs for the model's
+matrix linears (and the base every quantised recipe shares, ``_QuantizedRecipe``).
 
 ``prepare`` casts the model to ``params`` (bf16 by default; the optimizer keeps fp32 masters) and puts an
 ``FP8Linear`` (``fp8_linear``) in place of every ``nn.Linear`` whose weight's declared role
 (``mcore.params``) is ``matrix``: embedding, head, router and expert weights stay in high precision, and
 so do the linears of the first ``first_layers_bf16`` and last ``last_layers_bf16`` layers (the entries of
-the model's ``layers`` list). Inputs and weights are quantised to E4M3, output gradients to
-``grad_format`` (E5M2 by default, or E4M3).
+the model's ``layers`` list). Each linear gets the recipe's scaling scheme (``scaling``). Inputs and weights
+are quantised to E4M3, output gradients to ``grad_format`` (E5M2 by default for the per-tensor recipes, E4M3
+for rowwise and blockwise).
 
-Scales are per tensor, ``fmax / amax / 2**margin``:
+Scales are ``fmax / amax / 2**margin``:
 
-* ``fp8-current``: from each tensor's amax at the moment it is quantised (one extra pass over it, no state);
-* ``fp8-delayed``: from an amax history of the last ``amax_history_len`` steps per tensor (weights, inputs,
-  gradients of every FP8 linear): ``max`` over the window or the ``most_recent`` step. A step records each
-  tensor's amax (the max over its micro-batches) in slot 0 and quantises with the scale computed at the end
-  of the previous step (``update``); the first time a tensor is seen its current amax is used. The histories
-  and scales are the recipe's state (``state_dict``), so a resumed run quantises exactly as the first one.
-  With several ranks, ``update`` first reduces each step's amaxes (max) over all ranks, so every rank holds
-  the same histories and scales (and the checkpoint's one copy of them resumes every rank exactly).
+* ``fp8-current``: per tensor, from each tensor's amax at the moment it is quantised (one extra pass, no state);
+* ``fp8-delayed``: per tensor, from an amax history of the last ``amax_history_len`` steps per tensor (weights,
+  inputs, gradients of every FP8 linear): ``max`` over the window or the ``most_recent`` step. A step records
+  each tensor's amax (the max over its micro-batches) in slot 0 and quantises with the scale computed at the
+  end of the previous step (``update``); the first time a tensor is seen its current amax is used. The
+  histories and scales are the recipe's state (``state_dict``), so a resumed run quantises exactly as the
+  first one. With several ranks, ``update`` first reduces each step's amaxes (max) over the ranks that hold
+  the same weights with different data (all ranks, or those of one pipeline stage after ``bind_mesh``), so
+  they hold the same histories and scales; the checkpoint's one copy holds every stage's.
+* ``fp8-rowwise``: one scale per row of each GEMM operand along its reduction dim, from the current amaxes;
+* ``fp8-blockwise``: DeepSeek-V3's 1x128 tiles (inputs, gradients) and 128x128 blocks (weights).
 
 A NaN/inf amax is never recorded (the step is skipped by the finiteness check anyway) and never turns
-into a scale. Which GEMM path runs (native ``torch._scaled_mm`` or the fp32 emulation) is ``fp8_linear``'s
-choice; ``gemm = "emulated"`` forces the emulation.
+into a scale. Which GEMM path runs (native scaled-mm kernels or the fp32 emulation) is the scheme's choice
+(``native``); ``gemm = "emulated"`` forces the emulation. ``fp8-current`` and ``fp8-blockwise`` also take
+MoE's grouped expert GEMMs (``grouped_linear``); ``fp8-delayed`` leaves them to the reference (its scales
+live per linear).
 """
 
 from __future__ import annotations
@@ -34,12 +41,23 @@ import torch.distributed as dist
 from torch import nn
 
 from mcore.errors import ConfigError
+from mcore.mesh import ParallelMesh
 from mcore.params import collect_param_specs
 from mcore.precision.basic import PlainRecipe
 from mcore_precision.formats import E4M3, FORMATS, FP8Format, amax_to_scale, tensorwise_scale
-from mcore_precision.fp8_linear import FP8Linear, Scaler
+from mcore_precision.fp8_linear import FP8Linear, storage_less
+from mcore_precision.grouped import grouped_quantized_linear
+from mcore_precision.scaling import BlockwiseScheme, RowwiseScheme, Scaler, Scheme, TensorScheme
 
-__all__ = ["CurrentScaler", "DelayedScaler", "FP8Current", "FP8Delayed", "fp8_linear_names"]
+__all__ = [
+    "CurrentScaler",
+    "DelayedScaler",
+    "FP8Blockwise",
+    "FP8Current",
+    "FP8Delayed",
+    "FP8Rowwise",
+    "fp8_linear_names",
+]
 
 _OPERANDS = ("input", "weight", "grad")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -137,33 +155,27 @@ def fp8_linear_names(model: nn.Module, *, first_layers_bf16: int = 0, last_layer
     return names
 
 
-class _FP8Recipe(PlainRecipe):
-    """What ``fp8-current`` and ``fp8-delayed`` share: the swap, the plain loss and gradients, no gather payload."""
+class _QuantizedRecipe(PlainRecipe):
+    """What every recipe with quantised linears shares: the swap of the matrix linears (each gets the scheme
+    ``_scheme`` answers for it), the plain loss and gradients, no gather payload, and the grouped expert GEMM
+    (``grouped_linear``) where ``_grouped_scheme`` answers a scheme."""
 
-    name: ClassVar[str] = "fp8"
+    name: ClassVar[str] = "quantized"
     master_dtype: torch.dtype = torch.float32
     reduce_dtype: torch.dtype = torch.float32
 
     @dataclass(kw_only=True, slots=True)
     class Config:
         params: Literal["bf16", "fp32"] = "bf16"
-        """dtype of the parameters (and of everything that is not an FP8 GEMM); masters are fp32."""
-        grad_format: Literal["e5m2", "e4m3"] = "e5m2"
-        """Format of the output gradients in backward (inputs and weights are always E4M3)."""
-        margin: int = 0
-        """Scales are ``fmax / amax / 2**margin``: headroom of ``margin`` binades."""
+        """dtype of the parameters (and of everything that is not a quantised GEMM); masters are fp32."""
         first_layers_bf16: int = 0
         """The first N layers keep high-precision linears."""
         last_layers_bf16: int = 0
         """The last N layers keep high-precision linears."""
-        gemm: Literal["auto", "emulated"] = "auto"
-        """'auto': torch._scaled_mm where the card and shapes allow, else emulated; 'emulated': always emulated."""
 
         def __post_init__(self) -> None:
             _choice("params", self.params, ("bf16", "fp32"))
-            _choice("grad_format", self.grad_format, tuple(FORMATS))
-            _choice("gemm", self.gemm, ("auto", "emulated"))
-            for key in ("margin", "first_layers_bf16", "last_layers_bf16"):
+            for key in ("first_layers_bf16", "last_layers_bf16"):
                 _count(key, getattr(self, key), 0)
 
     config: Any
@@ -172,29 +184,71 @@ class _FP8Recipe(PlainRecipe):
         self.config = config if config is not None else type(self).Config()
         self.param_dtype = torch.bfloat16 if self.config.params == "bf16" else torch.float32
 
+    def _scheme(self, path: str) -> Scheme:
+        raise NotImplementedError
+
+    def _grouped_scheme(self) -> Scheme | None:
+        """The scheme of MoE's grouped expert GEMMs, or ``None``: the plain reference runs."""
+        return None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        cfg = self.config
+        model = model.to(dtype=self.param_dtype)
+        names = fp8_linear_names(model, first_layers_bf16=cfg.first_layers_bf16, last_layers_bf16=cfg.last_layers_bf16)
+        for path in names:
+            linear = model.get_submodule(path)
+            assert isinstance(linear, nn.Linear)
+            new = FP8Linear.from_scheme(linear, self._scheme(path))
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+        return model
+
+    def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> Any:
+        """MoE's grouped expert GEMM (``mcore.precision.grouped``) with every expert's GEMMs quantised by the
+        recipe's scheme, or ``NotImplemented`` (no grouped scheme, or storage-less tensors: the reference runs)."""
+        scheme = self._grouped_scheme()
+        if scheme is None or storage_less(x) or storage_less(weight):
+            return NotImplemented
+        return grouped_quantized_linear(x, weight, group_sizes, scheme)
+
+    def update(self) -> None:
+        return None
+
+
+class _FP8Recipe(_QuantizedRecipe):
+    """The FP8 recipes' keys: the gradient format, the margin and the GEMM path."""
+
+    name: ClassVar[str] = "fp8"
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(_QuantizedRecipe.Config):
+        grad_format: Literal["e5m2", "e4m3"] = "e5m2"
+        """Format of the output gradients in backward (inputs and weights are always E4M3)."""
+        margin: int = 0
+        """Scales are ``fmax / amax / 2**margin``: headroom of ``margin`` binades."""
+        gemm: Literal["auto", "emulated"] = "auto"
+        """'auto': torch's scaled-mm kernels where the card, torch and shapes allow, else emulated; 'emulated': always emulated."""
+
+        def __post_init__(self) -> None:
+            _QuantizedRecipe.Config.__post_init__(self)
+            _choice("grad_format", self.grad_format, tuple(FORMATS))
+            _choice("gemm", self.gemm, ("auto", "emulated"))
+            _count("margin", self.margin, 0)
+
     def _scaler(self, fmt: FP8Format) -> Scaler:
         raise NotImplementedError
 
     def _adopt(self, name: str, scalers: dict[str, Scaler]) -> None:
         """Hook for recipes with state: keep the new linear's scalers under its name."""
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        cfg = self.config
-        model = model.to(dtype=self.param_dtype)
-        names = fp8_linear_names(model, first_layers_bf16=cfg.first_layers_bf16, last_layers_bf16=cfg.last_layers_bf16)
-        grad_fmt = FORMATS[cfg.grad_format]
-        for path in names:
-            linear = model.get_submodule(path)
-            assert isinstance(linear, nn.Linear)
-            scalers = {"input": self._scaler(E4M3), "weight": self._scaler(E4M3), "grad": self._scaler(grad_fmt)}
-            self._adopt(path, scalers)
-            new = FP8Linear.from_linear(linear, **scalers, native=cfg.gemm == "auto")  # type: ignore[arg-type]
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-        return model
-
-    def update(self) -> None:
-        return None
+    def _scheme(self, path: str) -> Scheme:
+        scalers = {
+            "input": self._scaler(E4M3),
+            "weight": self._scaler(E4M3),
+            "grad": self._scaler(FORMATS[self.config.grad_format]),
+        }
+        self._adopt(path, scalers)
+        return TensorScheme(**scalers, native=self.config.gemm == "auto")
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -219,6 +273,50 @@ class FP8Current(_FP8Recipe):
     def _scaler(self, fmt: FP8Format) -> Scaler:
         return CurrentScaler(fmt, self.config.margin)
 
+    def _grouped_scheme(self) -> Scheme | None:
+        cfg = self.config
+        scalers = [CurrentScaler(fmt, cfg.margin) for fmt in (E4M3, E4M3, FORMATS[cfg.grad_format])]
+        return TensorScheme(input=scalers[0], weight=scalers[1], grad=scalers[2], native=cfg.gemm == "auto")
+
+
+class FP8Rowwise(_FP8Recipe):
+    """FP8 with one scale per row of each GEMM operand along its reduction dim (module docstring)."""
+
+    name: ClassVar[str] = "fp8-rowwise"
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(_FP8Recipe.Config):
+        grad_format: Literal["e5m2", "e4m3"] = "e4m3"
+        """Format of the output gradients (E4M3 by default: torch's rowwise kernel takes E4M3 operands)."""
+
+    def _scheme(self, path: str) -> Scheme:
+        cfg = self.config
+        return RowwiseScheme(FORMATS[cfg.grad_format], cfg.margin, native=cfg.gemm == "auto")
+
+
+class FP8Blockwise(_FP8Recipe):
+    """DeepSeek-V3 blockwise FP8: 1x128 activation/gradient tiles, 128x128 weight blocks (module docstring)."""
+
+    name: ClassVar[str] = "fp8-blockwise"
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(_FP8Recipe.Config):
+        grad_format: Literal["e5m2", "e4m3"] = "e4m3"
+        """Format of the output gradients (E4M3 by default, as DeepSeek-V3 trains)."""
+
+    def _scheme(self, path: str) -> Scheme:
+        cfg = self.config
+        return BlockwiseScheme(FORMATS[cfg.grad_format], cfg.margin, native=cfg.gemm == "auto")
+
+    def __init__(self, config: FP8Blockwise.Config | None = None) -> None:
+        super().__init__(config)
+        self._grouped: Scheme | None = None  # one scheme for every grouped call (it remembers its kernel checks)
+
+    def _grouped_scheme(self) -> Scheme | None:
+        if self._grouped is None:
+            self._grouped = self._scheme("")
+        return self._grouped
+
 
 class FP8Delayed(_FP8Recipe):
     """Per-tensor FP8 with scales from an amax history (module docstring)."""
@@ -242,6 +340,8 @@ class FP8Delayed(_FP8Recipe):
         self.scalers: dict[str, DelayedScaler] = {}  # "<linear path>.<operand>"
         self._pending: dict[str, dict[str, torch.Tensor]] = {}  # loaded before prepare
         self._checked = False  # the ranks' scaler counts compared (several ranks only)
+        self._group: dist.ProcessGroup | None = None  # the ranks whose amaxes are combined (None: all)
+        self._stages = False  # bound to a mesh with pipeline stages
 
     def _scaler(self, fmt: FP8Format) -> Scaler:
         cfg = self.config
@@ -260,24 +360,47 @@ class FP8Delayed(_FP8Recipe):
         for scaler in self.scalers.values():
             scaler.advance()
 
-    def _agree_over_ranks(self) -> None:
-        """Every rank ends the step with the same histories: this step's amax of each tensor is the max over the
-        ranks that saw it (ranks read different data, sequence parts or pipeline stages), in one all-reduce.
+    def bind_mesh(self, mesh: ParallelMesh) -> None:
+        """Reduce each step's amaxes over the ranks that hold the same weights with different data only.
 
-        Then every rank quantises with the same scales from the next step on, and the checkpoint (which keeps
-        one copy of the recipe's state) resumes every rank exactly. Every rank prepared the same whole model
-        (``prepare`` runs before the layouts), so every rank holds the same scalers, in the same order; the
-        first call checks that once. A single process needs none of it.
-        """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2 or not self.scalers:
+        Those are the ranks of this rank's pipeline stage: every mesh dimension but ``pp`` (data-parallel
+        replicas and shards, context-parallel sequence parts and expert-parallel ranks read different tokens
+        through the same non-expert weights; tensor-parallel ranks read the same ones, which the max leaves
+        unchanged). Without a ``pp`` dimension that is every rank, as unbound. A collective: every rank calls
+        it once, after the mesh is built and before the first step."""
+        self._group = None
+        self._stages = mesh.size("pp") > 1 and mesh.device_mesh is not None
+        if not self._stages:
             return
-        scalers = list(self.scalers.values())
+        assert mesh.device_mesh is not None
+        ranks = mesh.device_mesh.mesh.movedim(mesh.dim_names.index("pp"), 0)  # (pp, ...) the global ranks
+        per_stage = ranks.reshape(mesh.size("pp"), -1).tolist()  # the ranks of each stage
+        self._group, _ = dist.new_subgroups_by_enumeration(per_stage)
+
+    def _device(self) -> torch.device:
+        scalers = self.scalers.values()
         device = next((s.history.device for s in scalers if s.history.device.type != "cpu"), torch.device("cpu"))
         if dist.get_backend() == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def _agree_over_ranks(self) -> None:
+        """Every rank of the group (``bind_mesh``; all ranks when unbound) ends the step with the same histories:
+        this step's amax of each tensor is the max over the ranks that saw it, in one all-reduce.
+
+        Then every rank quantises with the same scales from the next step on. Every rank prepared the same whole
+        model (``prepare`` runs before the layouts), so every rank holds the same scalers, in the same order; the
+        first call checks that once. A single process needs none of it.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or not self.scalers:
+            return
+        if dist.get_world_size(self._group) < 2:
+            return
+        scalers = list(self.scalers.values())
+        device = self._device()
         if not self._checked:
             counts = torch.tensor([len(scalers), -len(scalers)], dtype=torch.float64, device=device)
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._group)
             if counts[0].item() != -counts[1].item():
                 raise RuntimeError(
                     "fp8-delayed: the ranks hold different numbers of FP8 linears; every rank must prepare the same "
@@ -287,12 +410,33 @@ class FP8Delayed(_FP8Recipe):
         for scaler in scalers:
             scaler.move_to(device)
         packed = torch.stack([torch.stack([s.history[0], s.seen.float()]) for s in scalers])  # (scalers, 2)
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self._group)
         for scaler, (amax, seen) in zip(scalers, packed.unbind(0)):
             scaler.history[0] = amax
             scaler.seen = seen > 0
 
+    def _combine_stages(self) -> None:
+        """With pipeline stages (``bind_mesh``), each stage holds the histories of its own linears only; the
+        checkpoint keeps one copy of the state, so before it is read every rank takes each linear's state from
+        the stage that ran it (one all-reduce over all ranks; a linear no stage saw keeps scale 1)."""
+        if not self._stages or not self.scalers:
+            return
+        scalers = list(self.scalers.values())
+        device = self._device()
+        for scaler in scalers:
+            scaler.move_to(device)
+        histories = torch.stack([s.history for s in scalers])  # (scalers, len): 0 where not seen
+        seen_scales = torch.stack([torch.where(s.seen, s.current, 0.0) for s in scalers])  # (scalers,)
+        dist.all_reduce(histories, op=dist.ReduceOp.MAX)
+        dist.all_reduce(seen_scales, op=dist.ReduceOp.MAX)
+        for scaler, history, scale in zip(scalers, histories.unbind(0), seen_scales.unbind(0)):
+            scaler.history, scaler.seen = history.clone(), scale > 0
+            scaler.current = torch.where(scale > 0, scale, torch.ones_like(scale))
+
     def state_dict(self) -> dict[str, Any]:
+        """The histories, scales and first-sight flags of every FP8 linear (a collective after ``bind_mesh`` of a
+        mesh with pipeline stages: ``_combine_stages``)."""
+        self._combine_stages()
         return {f"{key}.{field}": t for key, s in self.scalers.items() for field, t in s.state().items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,131 +1,129 @@
-"""The FP8 linear the ``fp8-*`` recipes put in place of a model's matrix ``nn.Linear``s, and its GEMM.
+"""The quantised linear the low-precision recipes put in place of a model's matrix ``nn.Linear``s, and its GEMMs.
 
 Shape legend: N rows of the input (batch and sequence flattened), K input features, F output features.
 
-Forward: the input ``(N, K)`` and the weight ``(F, K)`` are quantised to E4M3 with per-tensor scales
-(each from its ``Scaler``: current amax, or an amax history) and multiplied, ``y = x_q @ w_q.T``.
-Backward: the output gradient ``(N, F)`` is quantised to the gradient format (E5M2 or E4M3) and both
-gradient GEMMs reuse the saved quantised operands: ``dx = g_q @ w_q``, ``dw = g_q.T @ x_q`` (only the
-fp8 copies of ``x`` and ``w`` are kept for backward). The bias, when there is one, stays in high precision.
+Forward ``y = x @ w.T``; backward ``dx = g @ w`` and ``dw = g.T @ x``, every operand quantised by the linear's
+scaling scheme (``scaling``: per tensor, rowwise, blockwise, MXFP8, NVFP4) along that GEMM's reduction dim.
+An operand the scheme quantises once (per-tensor scales, weight blocks) is saved quantised and its transpose
+serves backward; the others are saved in high precision and quantised again in the other layout. The bias,
+when there is one, stays in high precision.
 
-The GEMM (``scaled_gemm``) runs natively through ``torch._scaled_mm`` (fp8 operands, fp32 accumulation)
-on CUDA cards with FP8 tensor cores when the shapes allow it, and is emulated elsewhere: the same fp8
-operands dequantised to fp32 and multiplied in fp32 (format-exact operands, accumulation unlike the
-hardware's). The module keeps the original linear's parameters (same objects, same names), so
-declarations, optimizers and checkpoints see the model unchanged; it is an ``nn.Linear`` subclass, so
-``isinstance`` checks of layouts still hold.
+Each GEMM runs natively (``native``: torch's scaled-mm kernels) where the scheme, card, torch and shapes allow
+it, and is emulated elsewhere: the same quantised operands dequantised to fp32 and multiplied in fp32
+(format-exact operands, accumulation unlike the hardware's). The module keeps the original linear's
+parameters (same objects, same names), so declarations, optimizers and checkpoints see the model unchanged;
+it is an ``nn.Linear`` subclass, so ``isinstance`` checks of layouts still hold. On storage-less tensors
+(meta, or ``mcore plan``'s fake tensors) it runs the plain linear: shapes only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+import dataclasses
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from mcore.errors import UserError
-from mcore_precision.formats import E4M3, E5M2, FP8Format, dequantize, quantize
+from mcore_precision import native
+from mcore_precision.scaling import Quantized, Scaler, Scheme, TensorScheme, Transposable
 
-__all__ = ["FP8Linear", "Scaler", "native_scaled_mm_available", "scaled_gemm"]
-
-
-class Scaler(Protocol):
-    """Answers the per-tensor scale to quantise a tensor with (recording its amax where it keeps a history)."""
-
-    fmt: FP8Format
-
-    def scale(self, x: torch.Tensor) -> torch.Tensor: ...
+__all__ = ["FP8Linear", "Scaler", "native_scaled_mm_available", "quantized_linear", "storage_less"]
 
 
 def native_scaled_mm_available(device: torch.device) -> bool:
-    """Whether ``torch._scaled_mm`` can run on ``device``: CUDA with FP8 tensor cores (capability 8.9+)."""
-    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    """Whether ``torch._scaled_mm`` can run on ``device`` (``native``)."""
+    return native.native_scaled_mm_available(device)
 
 
-def _native_shapes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    both_e5m2 = a.dtype == b.dtype == torch.float8_e5m2  # no E5M2 x E5M2 fp8 GEMM
-    return not both_e5m2 and all(d % 16 == 0 for d in (*a.shape, b.shape[0]))
+def storage_less(x: torch.Tensor) -> bool:
+    """``x`` has no memory behind it (meta, or a fake tensor of ``mcore plan``): shapes only."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return x.is_meta or is_fake(x)
 
 
-def scaled_gemm(
-    a: torch.Tensor,
-    scale_a: torch.Tensor,
-    b: torch.Tensor,
-    scale_b: torch.Tensor,
-    *,
-    out_dtype: torch.dtype,
-    native: bool,
-) -> torch.Tensor:
-    """``dequantize(a) @ dequantize(b).T`` for fp8 ``a (M, K)`` and ``b (P, K)`` with their scales -> ``(M, P)``
-    as ``out_dtype``: native (``torch._scaled_mm``) when ``native`` and the card and shapes allow, else emulated."""
-    if native and native_scaled_mm_available(a.device) and _native_shapes(a, b):
-        # _scaled_mm multiplies a row-major a by a column-major b.T and applies the dequantisation scales
-        return torch._scaled_mm(
-            a.contiguous(),
-            b.contiguous().t(),
-            scale_a=scale_a.float().reciprocal(),
-            scale_b=scale_b.float().reciprocal(),
-            out_dtype=out_dtype,
-        )
-    return (dequantize(a, scale_a) @ dequantize(b, scale_b).t()).to(out_dtype)
+def _saved(t: torch.Tensor, q: Quantized, reused: bool) -> tuple[list[torch.Tensor], Any]:
+    """What backward keeps of an operand: the quantised copy's tensors (and the copy, emptied of them) where the
+    scheme reuses it, else the high-precision tensor; all tensors through ``save_for_backward`` (so saved-tensor
+    hooks, recompute and offloading see them)."""
+    if not reused:
+        return [t], None
+    names = [f.name for f in dataclasses.fields(q) if isinstance(getattr(q, f.name), torch.Tensor)]  # type: ignore[arg-type]
+    return [getattr(q, n) for n in names], (dataclasses.replace(q, **dict.fromkeys(names)), names)  # type: ignore[type-var]
 
 
-@dataclass(frozen=True, eq=False)
-class _Scalers:
-    input: Scaler
-    weight: Scaler
-    grad: Scaler
-    native: bool
+def _restored(tensors: list[torch.Tensor], layout: Any) -> Any:
+    """The high-precision tensor, or the quantised copy rebuilt from its saved tensors (``_saved``)."""
+    if layout is None:
+        return tensors[0]
+    empty, names = layout
+    return dataclasses.replace(empty, **dict(zip(names, tensors)))
 
 
-class _FP8LinearFn(torch.autograd.Function):
+class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scalers: _Scalers
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme
     ) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # (N, K)
-        sx, sw = scalers.input.scale(x2), scalers.weight.scale(weight)
-        qx, qw = quantize(x2, sx, scalers.input.fmt), quantize(weight, sw, scalers.weight.fmt)
-        out = scaled_gemm(qx, sx, qw, sw, out_dtype=x.dtype, native=scalers.native)  # (N, F)
+        qx, qw = scheme.quantize(x2, "input", "fprop"), scheme.quantize(weight, "weight", "fprop")
+        out = scheme.gemm(qx, qw, x.dtype)  # (N, F)
         if bias is not None:
             out = out + bias.to(out.dtype)
-        ctx.save_for_backward(qx, sx, qw, sw)
-        ctx.scalers, ctx.lead = scalers, lead
+        # what backward needs: the quantised copy where the scheme reuses it, else the high-precision tensor
+        saved_x, ctx.x_layout = _saved(x2, qx, "input" in scheme.reuse)
+        saved_w, ctx.w_layout = _saved(weight, qw, "weight" in scheme.reuse)
+        ctx.save_for_backward(*saved_x, *saved_w)
+        ctx.split = len(saved_x)
+        ctx.scheme, ctx.lead, ctx.shape = scheme, lead, (weight.shape[0], k)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out.view(*lead, weight.shape[0])  # (..., F)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        qx, sx, qw, sw = ctx.saved_tensors
-        scalers: _Scalers = ctx.scalers
+        saved = list(ctx.saved_tensors)
+        x_saved = _restored(saved[: ctx.split], ctx.x_layout)  # (N, K): x2, or its quantised copy
+        w_saved = _restored(saved[ctx.split :], ctx.w_layout)  # (F, K): the weight, or its quantised copy
+        scheme: Scheme = ctx.scheme
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        g2 = grad_out.reshape(-1, qw.shape[0])  # (N, F)
-        sg = scalers.grad.scale(g2)
-        qg = quantize(g2, sg, scalers.grad.fmt)
+        f, k = ctx.shape
+        g2 = grad_out.reshape(-1, f)  # (N, F)
+        qg = scheme.quantize(g2, "grad", "dgrad")
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = scaled_gemm(qg, sg, qw.t(), sw, out_dtype=x_dtype, native=scalers.native)  # (N, K)
-            grad_x = grad_x.view(*ctx.lead, qw.shape[1])
+            reused = ctx.w_layout is not None
+            qwt = w_saved.t() if reused else scheme.quantize(w_saved.t(), "weight", "dgrad")  # (K, F)
+            grad_x = scheme.gemm(qg, qwt, x_dtype).view(*ctx.lead, k)  # (..., K)
         if ctx.needs_input_grad[1]:
-            grad_w = scaled_gemm(qg.t(), sg, qx.t(), sx, out_dtype=w_dtype, native=scalers.native)  # (F, K)
+            reused = ctx.x_layout is not None
+            qgt = (
+                cast(Transposable, qg).t() if "grad" in scheme.reuse else scheme.quantize(g2.t(), "grad", "wgrad")
+            )  # (F, N)
+            qxt = x_saved.t() if reused else scheme.quantize(x_saved.t(), "input", "wgrad")  # (K, N)
+            grad_w = scheme.gemm(qgt, qxt, w_dtype)  # (F, K)
         if ctx.needs_input_grad[2]:
             grad_b = g2.float().sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None
 
 
-class FP8Linear(nn.Linear):
-    """An ``nn.Linear`` whose GEMMs run in FP8 (module docstring). Build it with ``from_linear``."""
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
+    """``x (..., K) @ weight (F, K).T + bias`` with every GEMM quantised by ``scheme`` (module docstring)."""
+    if storage_less(x) or storage_less(weight):
+        return torch.nn.functional.linear(x, weight, bias)
+    out: torch.Tensor = _QuantizedLinearFn.apply(x, weight, bias, scheme)
+    return out
 
-    scalers: _Scalers
+
+class FP8Linear(nn.Linear):
+    """An ``nn.Linear`` whose GEMMs run quantised by its ``scheme`` (module docstring). Build it with
+    ``from_scheme``, or ``from_linear`` for per-tensor scales from three ``Scaler``s."""
+
+    scheme: Scheme
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, *, input: Scaler, weight: Scaler, grad: Scaler, native: bool = True
-    ) -> FP8Linear:
+    def from_scheme(cls, linear: nn.Linear, scheme: Scheme) -> FP8Linear:
         """The same parameters as ``linear`` (no copy, nothing read: works on the meta device)."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
@@ -135,21 +133,23 @@ class FP8Linear(nn.Linear):
             module.register_parameter("bias", None)
         else:
             module.bias = linear.bias
-        if input.fmt is not E4M3 or weight.fmt is not E4M3 or grad.fmt not in (E4M3, E5M2):
-            raise ValueError("FP8Linear: input and weight must be E4M3, the gradient E4M3 or E5M2")
-        module.scalers = _Scalers(input=input, weight=weight, grad=grad, native=native)
+        module.scheme = scheme
         return module
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, *, input: Scaler, weight: Scaler, grad: Scaler, native: bool = True
+    ) -> FP8Linear:
+        """Per-tensor scales (``TensorScheme``): input and weight E4M3, the gradient E4M3 or E5M2."""
+        return cls.from_scheme(linear, TensorScheme(input=input, weight=weight, grad=grad, native=native))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self.weight, "device_mesh") or hasattr(x, "device_mesh"):
             raise UserError(
-                "an fp8 recipe got a sharded DTensor weight or input for an FP8 linear: per-tensor FP8 scales need "
-                "the global amax; use fsdp (it gathers whole weights) instead of tensor parallelism with fp8 recipes"
+                "a low-precision recipe got a sharded DTensor weight or input for an FP8 linear: its scales need the "
+                "global amax; use fsdp (it gathers whole weights) instead of tensor parallelism with these recipes"
             )
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self.scalers)
+        return quantized_linear(x, self.weight, self.bias, self.scheme)
 
     def extra_repr(self) -> str:
-        s = self.scalers
-        return (
-            f"{super().extra_repr()}, fp8: input {s.input.fmt.name}, weight {s.weight.fmt.name}, grad {s.grad.fmt.name}"
-        )
+        return f"{super().extra_repr()}, {self.scheme.describe()}"

@@ -73,6 +73,10 @@ class PrecisionRecipe(Protocol):
           the plain reference run. Blocks reach it through ``mcore.precision.grouped.grouped_linear``
           and ``BlockContext.precision`` (the run loop sets it), never by importing the recipe's
           plugin. Its result equals the reference within the recipe's forward tolerance.
+        * optional ``bind_mesh(mesh)``: the run's ``ParallelMesh``, given once after the mesh is built and
+          before ``prepare`` (on every rank: it may create process groups, a collective), so a recipe with
+          state reduced over ranks (delayed-scaling amax) picks its groups from the mesh instead of the
+          default group. After binding, ``state_dict`` may be a collective (every rank calls it).
     """
 
     name: ClassVar[str]

@@ -116,6 +116,9 @@ def build_parts(config: RunConfig, host: Any) -> Parts:
     on_meta = builds_on_meta(factory, layouts)
     model, factory = build_model(config, host, "meta" if on_meta else mesh.device, factory=factory)
     precision = config.precision.instantiate()
+    bind_mesh = getattr(precision, "bind_mesh", None)
+    if callable(bind_mesh):
+        bind_mesh(mesh)  # a recipe reducing state over ranks picks its groups (protocols.precision)
     model = precision.prepare(model)
     apply_recompute(model, config.train.recompute)
     apply_compile(model, config.train.compile, backend=config.train.compile_backend)

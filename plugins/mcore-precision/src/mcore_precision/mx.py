@@ -1,0 +1,76 @@
+"""MXFP8 (OCP Microscaling): the torch reference of its E8M0 block scales and its quantisation.
+
+Shape legend: M rows, R the GEMM's reduction dim (the last one). A block is 32 consecutive elements of a row
+along R; each block shares one power-of-two scale ``X = 2**k`` (E8M0: ``k`` in ``[-127, 127]``, code 255 NaN).
+The elements are stored as ``fp8(x / X)`` (E4M3 or E5M2, saturating). Two rules pick ``k`` from the block's
+amax (``emax``: the exponent of the element format's largest binade, 8 for E4M3, 15 for E5M2):
+
+* ``"up"`` (NVIDIA's recipe, the default): the smallest ``k`` with ``amax / 2**k <= fmax``, so no element
+  saturates (``2**k`` is ``amax / fmax`` rounded up to a power of two);
+* ``"floor"`` (the OCP spec): ``k = floor(log2(amax)) - emax``; the block's largest elements may exceed
+  ``fmax`` by up to a binade and saturate.
+
+A block whose amax is 0 gets ``k = 0``; a non-finite amax gives a NaN scale (the block reads NaN, so the
+step's finiteness check still sees it). ``k`` is found from ``frexp`` and exact power-of-two arithmetic: no
+``log2`` rounding. A ragged last block (``R`` not a multiple of 32) takes the amax of the elements it has
+(as if zero-padded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mcore_precision.formats import FP8Format, quantize
+
+__all__ = ["MX_BLOCK", "MXTensor", "e8m0_exponents", "mx_quantize"]
+
+MX_BLOCK = 32
+Rounding = Literal["up", "floor"]
+
+
+def _emax(fmt: FP8Format) -> int:
+    return int(torch.frexp(torch.tensor(fmt.max)).exponent.item()) - 1  # 448 = 1.75 * 2**8 -> 8
+
+
+def e8m0_exponents(amax: torch.Tensor, fmt: FP8Format, rounding: Rounding = "up") -> torch.Tensor:
+    """The E8M0 exponent ``k`` (fp32, integral, in ``[-127, 127]``; NaN where ``amax`` is not finite) of each
+    block's scale ``2**k`` for block maxima ``amax`` (module docstring)."""
+    amax = amax.float()
+    floor_log2 = torch.frexp(amax).exponent.float() - 1  # amax = m * 2**e with m in [0.5, 1): floor(log2) = e - 1
+    k = floor_log2 - _emax(fmt)
+    if rounding == "up":  # amax / 2**k lies in [2**emax, 2**(emax+1)): one binade up where it exceeds fmax
+        k = torch.where(torch.ldexp(amax, -k) > fmt.max, k + 1, k)
+    k = torch.where(amax > 0, k.clamp(-127, 127), torch.zeros_like(k))
+    return torch.where(torch.isfinite(amax), k, torch.full_like(k, float("nan")))
+
+
+@dataclass(frozen=True, eq=False)
+class MXTensor:
+    """``data (M, R)`` fp8 codes and ``scale (M, ceil(R/32))``: each block's ``2**k`` in fp32 (NaN: E8M0 NaN)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """``q * 2**k`` in fp32."""
+        return self.data.float() * _expand(self.scale, self.data.shape[-1])
+
+
+def _expand(scale: torch.Tensor, columns: int) -> torch.Tensor:
+    return scale.repeat_interleave(MX_BLOCK, dim=-1)[..., :columns]  # (M, R)
+
+
+def mx_quantize(x: torch.Tensor, fmt: FP8Format, rounding: Rounding = "up") -> MXTensor:
+    """``x (M, R)`` in 1x32 blocks along ``R``: E8M0 scales by ``rounding`` and elements ``fp8(x / 2**k)``."""
+    if x.dim() != 2:
+        raise ValueError(f"mx_quantize: x has shape {tuple(x.shape)}; allowed: a 2-D (M, R) tensor")
+    m, r = x.shape
+    pad = -r % MX_BLOCK
+    a = torch.nn.functional.pad(x.detach().float().abs(), (0, pad))  # (M, R'): zeros add no amax
+    amax = a.view(m, (r + pad) // MX_BLOCK, MX_BLOCK).amax(dim=-1)  # (M, R'/32); NaN propagates
+    k = e8m0_exponents(amax, fmt, rounding)
+    scale = torch.where(torch.isnan(k), k, torch.exp2(k))  # 2**k exactly
+    return MXTensor(quantize(x, _expand(torch.exp2(-k), r), fmt), scale)
