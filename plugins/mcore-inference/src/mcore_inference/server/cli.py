@@ -84,7 +84,7 @@ def _quiet_exit_server() -> Any:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if self.should_exit and sig == signal.SIGINT:
+            if self.should_exit and sig == signal.SIGINT:  # type: ignore[has-type]  # uvicorn absent in lint
                 self.force_exit = True
             else:
                 self.should_exit = True
