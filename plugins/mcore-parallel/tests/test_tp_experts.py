@@ -14,7 +14,7 @@ from mcore.mesh import ParallelMesh
 from mcore.params import ParamSpec
 from mcore_parallel.sequence_parallel import plan_sequence_parallel
 from mcore_parallel.tp import TPLayout
-from mcore_parallel.tp_experts import plan_expert_tokens, sequence_plan, with_expert_blocks
+from mcore_parallel.tp_experts import plan_expert_tokens, sequence_plan
 from mcore_parallel.tp_plan import plan_tp
 
 H, E, F = 8, 4, 6
@@ -87,7 +87,9 @@ def test_sequence_parallel_runs_the_block_on_the_ranks_tokens() -> None:
     for shared, regions in ((True, ["layers.0.mlp.shared"]), (False, [])):
         model = Toy(shared=shared)
         plan = plan_tp(model, 2, vocab_parallel_loss=False)
-        sp = sequence_plan(plan_sequence_parallel(model, with_expert_blocks(plan)), plan_expert_tokens(model, plan))
+        sp = sequence_plan(
+            plan_sequence_parallel(model, plan, token_wise=plan.expert_blocks), plan_expert_tokens(model, plan)
+        )
         assert sp.regions == regions
         assert sp.row_outputs == ({"layers.0.mlp.shared.down"} if shared else set())
         assert sp.summed == ["layers.0.norm.weight"]
@@ -113,7 +115,7 @@ def test_expert_tp_splits_the_ffn_and_keeps_the_block_a_region() -> None:
     assert plan.expert_splits == {"layers.0.mlp.experts.weight": 1}  # declared column: (E, F, H) split along F
     experts = plan_expert_tokens(model, plan)
     assert experts.split == ["layers.0.mlp.experts"] and experts.regions == [] and experts.summed == []
-    sp = sequence_plan(plan_sequence_parallel(model, with_expert_blocks(plan)), experts)
+    sp = sequence_plan(plan_sequence_parallel(model, plan, token_wise=experts.blocks), experts)
     assert sp.regions == ["layers.0.mlp"]  # gathered as attention is; its row outputs all-reduce
     assert sp.row_outputs == set()
     alone = Toy(shared=False)

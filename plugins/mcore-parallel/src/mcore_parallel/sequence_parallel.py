@@ -34,7 +34,7 @@ step (what they output is the block's output, added to the residual stream).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,8 +72,11 @@ class SequencePlan:
     """Parameter names of the position-wise parts (norm scales): each rank's gradient from its tokens."""
 
 
-def plan_sequence_parallel(model: nn.Module, plan: TPPlan) -> SequencePlan:
-    """Regions, row outputs and summed parameters of ``model`` (``ValueError`` naming the first problem)."""
+def plan_sequence_parallel(model: nn.Module, plan: TPPlan, *, token_wise: Collection[str] = ()) -> SequencePlan:
+    """Regions, row outputs and summed parameters of ``model`` (``ValueError`` naming the first problem).
+
+    ``token_wise``: paths of layer children that run on the rank's tokens under their caller's own plan (expert
+    blocks, ``tp_experts``): neither gathered nor summed here."""
     layers = find_blocks(model)
     if not layers:
         raise ValueError(
@@ -87,6 +90,8 @@ def plan_sequence_parallel(model: nn.Module, plan: TPPlan) -> SequencePlan:
     for layer_path, layer in zip(out.layers, layers, strict=True):
         for child_name, child in layer.named_children():
             path = f"{layer_path}.{child_name}"
+            if path in token_wise:
+                continue
             inside = [r for r in plan.rowwise if r == path or r.startswith(path + ".")]
             if inside:
                 out.regions.append(path)

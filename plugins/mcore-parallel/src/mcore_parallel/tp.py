@@ -65,7 +65,6 @@ from mcore_parallel.tp_experts import (
     install_expert_tokens,
     plan_expert_tokens,
     sequence_plan,
-    with_expert_blocks,
 )
 from mcore_parallel.tp_modules import HeadSliceLinear, VocabShardEmbedding, swap_class
 from mcore_parallel.tp_overlap import OverlappedRowLinear
@@ -155,7 +154,7 @@ class TPLayout(DeferredSync):
         experts = plan_expert_tokens(model, plan)
         sp = None
         if self.config.sequence_parallel:  # expert blocks run on the rank's tokens: not gathered (tp_experts)
-            sp = sequence_plan(plan_sequence_parallel(model, with_expert_blocks(plan)), experts)
+            sp = sequence_plan(plan_sequence_parallel(model, plan, token_wise=experts.blocks), experts)
         if tp > 1 and experts.blocks and not experts.split and not mesh.has("ep"):
             raise ValueError(
                 f"tp: {experts.blocks[0]!r} holds expert parameters ({plan.experts[0]!r}), whose tokens tp splits over "

@@ -57,7 +57,6 @@ __all__ = [
     "install_expert_tokens",
     "plan_expert_tokens",
     "sequence_plan",
-    "with_expert_blocks",
 ]
 
 TOKEN_DIM = 1  # hidden states (B, T, H), context tensors (B, T)
@@ -120,27 +119,21 @@ def plan_expert_tokens(model: nn.Module, plan: TPPlan) -> ExpertTokens:
     return out
 
 
-def with_expert_blocks(plan: TPPlan) -> TPPlan:
-    """``plan`` with the expert blocks listed as row outputs, for ``plan_sequence_parallel``: each is then a
-    layer's child it accepts, which ``ExpertTokens.sequence_plan`` takes out again."""
-    return dataclasses.replace(plan, rowwise=[*plan.rowwise, *plan.expert_blocks])
-
-
 def sequence_plan(sp: SequencePlan, experts: ExpertTokens) -> SequencePlan:
-    """``sp`` (planned from ``with_expert_blocks``) with every expert block running on the rank's tokens
-    instead of being gathered: its regions (shared experts) gathered in its place."""
-    blocks = set(experts.blocks)
-    missing = [b for b in experts.blocks if b not in sp.regions]
+    """``sp`` (planned with the expert blocks as ``token_wise``) completed for them: each block runs on the rank's
+    tokens, its regions (shared experts) gathered; with expert TP each block is a gathered region instead, its
+    row-parallel outputs all-reduced (summed with the experts')."""
+    missing = [b for b in experts.blocks if b.rpartition(".")[0] not in sp.layers]
     if missing:
         raise ValueError(
             f"tp: expert block {missing[0]!r} is not a direct child of one of the model's layers; allowed under "
             "sequence_parallel: expert blocks in a layer's MLP position"
         )
-    if experts.split:  # gathered regions whose row-parallel outputs all-reduce (summed with the experts')
-        return dataclasses.replace(sp, row_outputs={r for r in sp.row_outputs if not _inside(r, blocks)})
-    regions = [r for r in sp.regions if r not in blocks] + experts.regions
-    rows = {r for r in sp.row_outputs if r not in blocks}
-    return dataclasses.replace(sp, regions=regions, row_outputs=rows)
+    if experts.split:
+        return dataclasses.replace(sp, regions=[*sp.regions, *experts.blocks])
+    return dataclasses.replace(
+        sp, regions=[*sp.regions, *experts.regions], row_outputs=sp.row_outputs | experts.row_outputs
+    )
 
 
 class _SumOutput(torch.autograd.Function):
