@@ -1,6 +1,7 @@
 """``mcore serve`` on a real model directory (mcore-models' tiny ``gpt`` exported for Hugging Face, byte tokenizer), driven by the official
 ``openai`` client: the CLI starts on 127.0.0.1, the answers (completions and chat, streamed and not) equal the
-offline ``LLM``'s greedy output, the API key is enforced, and SIGTERM ends the server cleanly (exit 0)."""
+offline ``LLM``'s greedy output, the API key is enforced, ``/metrics`` counts the tokens, and SIGTERM ends the
+server cleanly (exit 0), its engine process too; with the engine in its own process (the default) and in a thread."""
 
 from __future__ import annotations
 
@@ -42,7 +43,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_mcore_serve_answers_like_llm_and_stops_on_sigterm(tmp_path: Path) -> None:
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = path.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(path.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+@pytest.mark.parametrize("mode", ["--engine-process", "--no-engine-process"])
+def test_mcore_serve_answers_like_llm_and_stops_on_sigterm(tmp_path: Path, mode: str) -> None:
     run = _hf_directory(tmp_path)
     llm = LLM(run, num_blocks=32, block_size=8, device="cpu")
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -53,7 +76,7 @@ def test_mcore_serve_answers_like_llm_and_stops_on_sigterm(tmp_path: Path) -> No
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCORE_")} | {"OMP_NUM_THREADS": "1"}
     args = ["serve", str(run), "--port", str(port), "--api-key", "k3y", "--model-name", "tiny", "--device", "cpu",
-            "--num-blocks", "32"]  # fmt: skip
+            "--num-blocks", "32", mode]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "mcore", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -78,10 +101,19 @@ def test_mcore_serve_answers_like_llm_and_stops_on_sigterm(tmp_path: Path) -> No
         assert chat.choices[0].message.content == want_chat
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'mcore:generation_tokens_total{model_name="tiny"} 18' in metrics  # 3 answers of 6 tokens
+        assert 'mcore:request_success_total{model_name="tiny",finished_reason="length"} 3' in metrics
+        children = _children(proc.pid)
+        assert len(children) >= (1 if mode == "--engine-process" else 0)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err[-2000:]
         assert "Traceback" not in err
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in children), "a process of the server outlived it"
     finally:
         if proc.poll() is None:
             proc.kill()

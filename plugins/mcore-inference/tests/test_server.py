@@ -1,119 +1,57 @@
 """``mcore serve``'s app on the toy model and the byte tokenizer, through a live server and the official ``openai``
 client: completions and chat, streaming and not, ``n``, stop strings, logprobs shapes, usage, OpenAI error objects,
-concurrent streams, client disconnects and the API key."""
+concurrent streams, client disconnects and the API key; every test runs with the engine in a thread of the server
+and in an engine process of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import torch
-import uvicorn
-from mcore_inference.engine import LLMEngine
 from mcore_inference.server.app import build_app
 from mcore_inference.server.chat_template import default_render
-from toy_model import ToyLM, greedy_reference
-
-from mcore.data.tokenizer import ByteTokenizer
-
-MODEL = "toy"
-MAX_LEN = 64
-GREEDY: dict[str, Any] = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+from server_helpers import GREEDY, MAX_LEN, MODEL, MODES, all_free, live_server, make_app, make_engine, reference, stats
 
 
-@contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on 127.0.0.1 at a free port, in a thread, until the block ends; yields its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-
-def _engine(model: torch.nn.Module | None = None, **kwargs: Any) -> LLMEngine:
-    model = model if model is not None else ToyLM(vocab=257, max_len=MAX_LEN)
-    return LLMEngine(model.eval(), tokenizer=ByteTokenizer(), block_size=4, num_blocks=256, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[str, LLMEngine, Any]]:
-    engine = _engine()
-    app = build_app(engine, model_name=MODEL, max_body_bytes=20_000)
+@pytest.fixture(scope="module", params=MODES)
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
+    app = make_app(request.param, app_kwargs={"max_body_bytes": 20_000})
     with live_server(app) as url:
-        yield url, engine, app
+        yield url, app
 
 
 @pytest.fixture(scope="module")
-def client(served: tuple[str, LLMEngine, Any]) -> openai.OpenAI:
+def client(served: tuple[str, Any]) -> openai.OpenAI:
     return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def _reference(engine: LLMEngine, prompt: str, max_tokens: int) -> str:
-    tok = ByteTokenizer()
-    return tok.decode(greedy_reference(engine.model, tok.encode(prompt).tolist(), max_tokens))
-
-
-def _all_free(app: Any, timeout: float = 10.0) -> bool:
-    """Whether the engine is idle with every block free, waiting up to ``timeout`` for aborts to land."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        check = app.state.engine_loop.call(lambda e: not e.has_unfinished() and e.cache.all_free())
-        if check.result(timeout):
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_models_and_health(served: tuple[str, LLMEngine, Any], client: openai.OpenAI) -> None:
+def test_models_and_health(served: tuple[str, Any], client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(served[0] + "/health").json() == {"status": "ok"}
 
 
-def test_completion_greedy_equals_reference_with_usage(
-    served: tuple[str, LLMEngine, Any], client: openai.OpenAI
-) -> None:
-    engine = served[1]
+def test_completion_greedy_equals_reference_with_usage(served: tuple[str, Any], client: openai.OpenAI) -> None:
     out = client.completions.create(model=MODEL, prompt="hello world", max_tokens=6, **GREEDY)
     assert out.object == "text_completion" and len(out.choices) == 1
-    assert out.choices[0].text == _reference(engine, "hello world", 6)
+    assert out.choices[0].text == reference("hello world", 6)
     assert out.choices[0].finish_reason == "length"
     assert out.usage is not None
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (11, 6, 17)
 
 
-def test_completion_prompt_lists_n_and_echo(served: tuple[str, LLMEngine, Any], client: openai.OpenAI) -> None:
-    engine = served[1]
-    tok = ByteTokenizer()
-    ids = tok.encode("token ids").tolist()
+def test_completion_prompt_lists_n_and_echo(served: tuple[str, Any], client: openai.OpenAI) -> None:
+    ids = list(b"token ids")
     out = client.completions.create(model=MODEL, prompt=["abc", "xyz"], max_tokens=4, n=2, **GREEDY)
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
-    assert [c.text for c in out.choices] == [_reference(engine, "abc", 4)] * 2 + [_reference(engine, "xyz", 4)] * 2
+    assert [c.text for c in out.choices] == [reference("abc", 4)] * 2 + [reference("xyz", 4)] * 2
     assert out.usage is not None and (out.usage.prompt_tokens, out.usage.completion_tokens) == (6, 16)
     out = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True, **GREEDY)
-    assert out.choices[0].text == "token ids" + _reference(engine, "token ids", 3)
+    assert out.choices[0].text == "token ids" + reference("token ids", 3)
 
 
 def test_completion_stream_equals_non_stream_with_usage(client: openai.OpenAI) -> None:
@@ -140,8 +78,8 @@ def test_seeded_choices_differ_and_choice_zero_is_n_one(client: openai.OpenAI) -
     assert two.choices[0].text != two.choices[1].text  # not n copies of one draw
 
 
-def test_stop_string_ends_the_text(served: tuple[str, LLMEngine, Any], client: openai.OpenAI) -> None:
-    text = _reference(served[1], "stop here", 12)
+def test_stop_string_ends_the_text(served: tuple[str, Any], client: openai.OpenAI) -> None:
+    text = reference("stop here", 12)
     index, stop = next((i, c) for i, c in enumerate(text) if i > 0 and c != "\ufffd" and text.index(c) == i)
     for stream in (False, True):
         if stream:
@@ -155,14 +93,13 @@ def test_stop_string_ends_the_text(served: tuple[str, LLMEngine, Any], client: o
         assert got == text[:index] and reason == ["stop"]
 
 
-def test_chat_stream_and_not(served: tuple[str, LLMEngine, Any], client: openai.OpenAI) -> None:
-    engine = served[1]
+def test_chat_stream_and_not(served: tuple[str, Any], client: openai.OpenAI) -> None:
     messages: list[Any] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     prompt = default_render([{"role": m["role"], "content": m["content"]} for m in messages])
     out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=5, **GREEDY)
     assert out.object == "chat.completion"
     assert out.choices[0].message.role == "assistant"
-    assert out.choices[0].message.content == _reference(engine, prompt, 5)
+    assert out.choices[0].message.content == reference(prompt, 5)
     assert out.usage is not None and out.usage.prompt_tokens == len(prompt.encode())
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, stream=True,
                                                  stream_options={"include_usage": True}, n=2, **GREEDY))  # fmt: skip
@@ -198,9 +135,7 @@ def test_logprobs_shapes(client: openai.OpenAI) -> None:
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
 
 
-def test_bad_requests_give_openai_errors_and_others_go_on(
-    served: tuple[str, LLMEngine, Any], client: openai.OpenAI
-) -> None:
+def test_bad_requests_give_openai_errors_and_others_go_on(served: tuple[str, Any], client: openai.OpenAI) -> None:
     url = served[0]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt="x", temperature=-1)
@@ -237,11 +172,11 @@ def test_bad_requests_give_openai_errors_and_others_go_on(
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
     assert httpx.get(url + "/v1/nothing").json()["error"]["message"]
     out = client.completions.create(model=MODEL, prompt="still fine", max_tokens=3, **GREEDY)
-    assert out.choices[0].text == _reference(served[1], "still fine", 3)
+    assert out.choices[0].text == reference("still fine", 3)
 
 
-def test_concurrent_streams_equal_greedy_and_free_every_block(served: tuple[str, LLMEngine, Any]) -> None:
-    url, engine, app = served
+def test_concurrent_streams_equal_greedy_and_free_every_block(served: tuple[str, Any]) -> None:
+    url, app = served
     prompts = [f"request number {i}: " + "ab" * (i % 5) for i in range(16)]
 
     async def one(client: openai.AsyncOpenAI, prompt: str) -> str:
@@ -253,38 +188,31 @@ def test_concurrent_streams_equal_greedy_and_free_every_block(served: tuple[str,
             return await asyncio.gather(*(one(client, p) for p in prompts))
 
     texts = asyncio.run(run())
-    assert texts == [_reference(engine, p, 10) for p in prompts]
-    assert _all_free(app)
+    assert texts == [reference(p, 10) for p in prompts]
+    assert all_free(app)
 
 
-class _SlowToy(ToyLM):
-    """The toy model, 20 ms per call: a stream lasts long enough to leave it in the middle."""
-
-    def forward(self, tokens: torch.Tensor, *, ctx: Any = None) -> torch.Tensor:
-        time.sleep(0.02)
-        return super().forward(tokens, ctx=ctx)
-
-
-def test_client_disconnect_aborts_and_frees_blocks() -> None:
-    engine = _engine(_SlowToy(vocab=257, max_len=MAX_LEN))
-    app = build_app(engine, model_name=MODEL)
+@pytest.mark.parametrize("mode", MODES)
+def test_client_disconnect_aborts_and_frees_blocks(mode: str) -> None:
+    app = make_app(mode, "slow")
     body = {"model": MODEL, "prompt": "leave early", "max_tokens": 50, "stream": True, "ignore_eos": True}
     with live_server(app) as url:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as reply:
             lines = reply.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))  # generation has started
-        assert _all_free(app, timeout=5)
-        steps = app.state.engine_loop.call(lambda e: e.num_steps).result(5)
+        assert all_free(app, timeout=5)
+        steps = stats(app)["num_steps"]
         assert steps < 40, f"{steps} steps: the request ran on after its client left"
         # a non-streaming request whose client gives up is aborted too
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/completions", json=body | {"stream": False}, timeout=0.3)
-        assert _all_free(app, timeout=5)
-        assert app.state.engine_loop.call(lambda e: e.num_steps).result(5) - steps < 40
+        assert all_free(app, timeout=5)
+        assert stats(app)["num_steps"] - steps < 40
 
 
-def test_api_key_on_every_v1_route() -> None:
-    app = build_app(_engine(), model_name=MODEL, api_key="sesame")
+@pytest.mark.parametrize("mode", MODES)
+def test_api_key_on_every_v1_route(mode: str) -> None:
+    app = make_app(mode, app_kwargs={"api_key": "sesame"})
     with live_server(app) as url:
         wrong = openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
@@ -310,51 +238,42 @@ def test_serve_without_fastapi_names_the_extra(
     assert "pip install 'mcore-inference[serve]'" in err and len(err.strip().splitlines()) == 1
 
 
-class _Exploding(ToyLM):
-    """The toy model, failing on any step that holds token 7: a bug in the model, not a bad request."""
-
-    def forward(self, tokens: torch.Tensor, *, ctx: Any = None) -> torch.Tensor:
-        if bool((tokens == 7).any()):
-            raise RuntimeError("boom")
-        return super().forward(tokens, ctx=ctx)
-
-
-def test_a_failing_step_is_a_500_and_the_server_goes_on() -> None:
-    engine = _engine(_Exploding(vocab=257, max_len=MAX_LEN))
-    app = build_app(engine, model_name=MODEL)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failing_step_is_a_500_and_the_server_goes_on(mode: str) -> None:
+    app = make_app(mode, "exploding")
     with live_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
         with pytest.raises(openai.InternalServerError) as err:
             client.completions.create(model=MODEL, prompt=[7, 8], max_tokens=2)
-        assert "boom" in err.value.message
+        assert "boom" in err.value.message and "RuntimeError" in err.value.message
         out = client.completions.create(model=MODEL, prompt="fine", max_tokens=3, **GREEDY)
-        assert out.choices[0].text == _reference(engine, "fine", 3)
-        assert _all_free(app)
+        assert out.choices[0].text == reference("fine", 3)
+        assert all_free(app)
 
 
-def test_chat_template_renders_the_prompt() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_chat_template_renders_the_prompt(mode: str) -> None:
     from mcore.errors import UserError
 
     template = (
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
     )
-    engine = _engine()
-    app = build_app(engine, model_name=MODEL, chat_template=template)
+    app = make_app(mode, app_kwargs={"chat_template": template})
     with live_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
         out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "yo"}], max_tokens=4,
                                              **GREEDY)  # fmt: skip
         assert out.usage is not None and out.usage.prompt_tokens == len("<user>yo>")
-        assert out.choices[0].message.content == _reference(engine, "<user>yo>", 4)
+        assert out.choices[0].message.content == reference("<user>yo>", 4)
     with pytest.raises(UserError, match="chat template"):
-        build_app(engine, model_name=MODEL, chat_template="{% for %}")
+        build_app(make_engine(), model_name=MODEL, chat_template="{% for %}")
 
 
 def test_engine_loop_stop_aborts_what_runs_and_refuses_new_work() -> None:
     from mcore_inference.sampling import SamplingParams
     from mcore_inference.server.engine_loop import EngineLoop
 
-    engine = _engine(_SlowToy(vocab=257, max_len=MAX_LEN))
+    engine = make_engine("slow")
     loop = EngineLoop(engine)
     loop.start()
     request = [([104, 105], SamplingParams(max_tokens=50, ignore_eos=True))]

@@ -15,6 +15,13 @@ Static decode and CUDA graphs (``static_decode.py``): with ``static_decode`` (or
 sequence brings one token, and no more sequences than the largest of ``graph_batch_sizes``, runs with static
 shapes padded up to the next size; with ``cuda_graphs`` each size is captured as a CUDA graph when the engine is
 built and replayed. Prefill and mixed steps, and larger batches, run eagerly.
+
+Speculative decoding (``speculative_tokens=k``, ``speculative.py``): a model with MTP depths drafts up to ``k``
+tokens per decoding sequence after each step; the next step's call brings them after the pending token (the
+scheduler counts them like any token), returns the logits of all those rows and the main stack's hidden states,
+accepts a prefix of the drafts (``rejection.py``), rolls the rest out of the cache and feeds the MTP depths.
+The MTP depths' layers are kept out of the main cache (each draft depth has its own); ``spec_stats()`` counts
+acceptance per draft position.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ from torch import nn
 from mcore.errors import UserError
 from mcore.protocols.block import LOGIT_ROWS, BlockContext, DeclaresCache, LayerCacheSpec
 from mcore_inference.attention import PagedAttention
-from mcore_inference.cache import PagedKVCache
+from mcore_inference.cache import PagedKVCache, bytes_per_block
 from mcore_inference.detokenize import IncrementalDetokenizer
 from mcore_inference.sampling import Sampler, SamplingParams, SamplingState, token_stop
 from mcore_inference.scheduler import Scheduler, SequenceState
+from mcore_inference.speculative import SpecStats, Speculator, mtp_layers
 from mcore_inference.static_decode import StaticDecoder, default_graph_sizes
 
 
@@ -49,6 +57,7 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: eos, length, abort)
     logprobs: list[float] | None = None  # of each output token, when the request asked for logprobs
     top_logprobs: list[dict[int, float]] | None = None  # the top-n of each output token (n = params.logprobs)
 
@@ -61,6 +70,7 @@ class _Request:
     detok: IncrementalDetokenizer | None
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     new_ids: list[int] = field(default_factory=list)
@@ -80,6 +90,7 @@ class _Request:
             new_text=self.new_text,
             finished=self.finish_reason is not None,
             finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             top_logprobs=None if self.top_logprobs is None else list(self.top_logprobs),
         )
@@ -133,14 +144,31 @@ class LLMEngine:
         cuda_graphs: bool = False,
         graph_batch_sizes: Sequence[int] | None = None,
         static_decode: bool | None = None,
+        speculative_tokens: int = 0,
     ) -> None:
         for key, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"LLMEngine {key} = {value!r}: must be a positive int")
+        if isinstance(speculative_tokens, bool) or not isinstance(speculative_tokens, int) or speculative_tokens < 0:
+            raise UserError(f"LLMEngine speculative_tokens = {speculative_tokens!r}: must be an int >= 0 (0: off)")
+        if speculative_tokens and (cuda_graphs or static_decode):
+            raise UserError(
+                f"LLMEngine speculative_tokens = {speculative_tokens} with cuda_graphs/static_decode: not supported "
+                "yet; turn one off"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(iter(model.parameters())).device
-        specs = model_cache_specs(model)
+        all_specs = model_cache_specs(model)
+        drafting = set(mtp_layers(model))  # the MTP depths' layers: draft caches of their own, never the main cache
+        specs = {i: spec for i, spec in all_specs.items() if i not in drafting}
+        if speculative_tokens and memory_bytes is not None:  # the draft caches get as many blocks: split the bytes
+            main = bytes_per_block(specs, block_size)
+            memory_bytes = (
+                memory_bytes
+                * main
+                // (main + Speculator.bytes_per_block(model, all_specs, speculative_tokens, block_size))
+            )
         pack = getattr(model, "pack_for_inference", None)
         if callable(pack):
             pack()  # jointly projected weights back to back: decode reads them once, without a concatenated copy
@@ -166,6 +194,19 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         self.sampler = Sampler(seed=seed)
         self.attention = attention if attention is not None else PagedAttention()
+        self.speculator: Speculator | None = None
+        if speculative_tokens:
+            self.speculator = Speculator(
+                model,
+                speculative_tokens,
+                specs=all_specs,
+                block_size=block_size,
+                num_blocks=self.cache.num_blocks,
+                max_seqs=max_num_seqs,
+                device=self.device,
+                attention=self.attention,
+                seed=seed,
+            )
         self.decoder: StaticDecoder | None = None
         if cuda_graphs or static_decode:
             if self.max_model_len is None:
@@ -227,6 +268,8 @@ class LLMEngine:
         if request is None:
             return None
         self.scheduler.finish(request.seq)
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
         if request.detok is not None:
             request.new_text += request.detok.flush()
             request.text = request.detok.text
@@ -236,12 +279,21 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def spec_stats(self) -> SpecStats | None:
+        """Speculative decoding's acceptance counters per draft position (None: speculation is off)."""
+        return None if self.speculator is None else self.speculator.stats
+
     # ----- one step -----
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         """Run one model call; the outputs of the requests that got a token or finished in it."""
+        spec = self.speculator
+        if spec is not None:
+            spec.attach(self.scheduler.running)  # drafts join the pending tokens: the scheduler counts them
         plan = self.scheduler.schedule()
+        if spec is not None:
+            spec.after_schedule(plan)
         if not plan.sequences:
             return []
         seqs, counts = plan.sequences, plan.num_tokens
@@ -254,7 +306,12 @@ class LLMEngine:
             tokens += seq.token_ids[seq.num_computed : seq.num_computed + count]
             positions += range(seq.num_computed, seq.num_computed + count)
         decoder = self.decoder
-        if decoder is not None and max(counts) == 1 and decoder.padded(len(seqs)) is not None:
+        hidden = None
+        starts = [seq.num_computed for seq in seqs]
+        if spec is not None:  # each sequence's last row, then the rows that verify drafts; the hidden states
+            cu = list(itertools.accumulate(counts, initial=0))
+            logits, hidden = self._forward_with_hidden(tokens, positions, counts, spec.extra_rows(seqs, cu))
+        elif decoder is not None and max(counts) == 1 and decoder.padded(len(seqs)) is not None:
             logits = decoder.run(tokens)[None]  # (1, S, V)
         else:
             logits = self._forward(tokens, positions, counts)
@@ -262,6 +319,17 @@ class LLMEngine:
             seq.num_computed += count
         ready = [i for i, seq in enumerate(seqs) if seq.num_pending == 0]  # the others are mid-prefill
         outputs: list[RequestOutput] = []
+        if spec is not None and spec.verifying:  # drafting sequences: accept, roll back, append what is emitted
+            params = [self._requests[s.seq_id].params for s in seqs]
+            emitted = spec.verify(logits, seqs, params, self.cache)
+            for seq_id, emit in emitted.items():
+                request = self._requests[seq_id]
+                for token in emit:
+                    self._append(request, token)
+                    if request.finish_reason is not None:
+                        break
+            ready = [i for i in ready if seqs[i].seq_id not in emitted]
+            logits = logits[:, : len(seqs)]
         if ready:
             requests = [self._requests[seqs[i].seq_id] for i in ready]
             rows = logits[0] if len(ready) == len(seqs) else logits[0, ready]  # (R, V); all ready: no gather
@@ -285,15 +353,35 @@ class LLMEngine:
             if current.finish_reason is not None:
                 self.scheduler.finish(seq)
                 del self._requests[seq.seq_id]
+                if spec is not None:
+                    spec.forget(seq.seq_id)
             if current.new_ids or current.finish_reason is not None:
                 outputs.append(current.output())
+        if spec is not None and hidden is not None:  # the MTP depths read this step's hidden states and draft
+            alive = [i for i, seq in enumerate(seqs) if seq.seq_id in self._requests]
+            first_rows = list(itertools.accumulate(counts, initial=0))
+            spec.draft(
+                hidden,
+                [seqs[i] for i in alive],
+                [self._requests[seqs[i].seq_id].params for i in alive],
+                [first_rows[i] for i in alive],
+                [starts[i] for i in alive],
+                [self._draft_limit(self._requests[seqs[i].seq_id]) for i in alive],
+            )
         return outputs
 
-    def _forward(self, tokens: list[int], positions: list[int], counts: list[int]) -> torch.Tensor:
-        """The eager model call of a step: logits ``(1, S, V)``, one row per sequence (its last new token)."""
+    def _draft_limit(self, request: _Request) -> int:
+        """Most drafts worth verifying for ``request`` next step: all accepted plus the next token must fit its
+        ``max_tokens`` and the context."""
+        limit = request.params.max_tokens - len(request.sampling.output_token_ids) - 1
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len - len(request.seq.token_ids) - 1)
+        return max(0, limit)
+
+    def _context(self, positions: list[int], counts: list[int], rows: torch.Tensor) -> BlockContext:
+        """A step's model-call context: the new tokens packed in one row, logits wanted at packed ``rows``."""
         cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32)
-        rows = (cu[1:] - 1).long()
-        ctx = BlockContext(
+        return BlockContext(
             positions=torch.tensor([positions], dtype=torch.int64, device=self.device),
             cu_seqlens=cu.to(self.device),
             max_seqlen=max(counts),
@@ -301,10 +389,27 @@ class LLMEngine:
             attention=self.attention,
             extra={LOGIT_ROWS: rows.to(self.device)},
         )
+
+    def _forward(self, tokens: list[int], positions: list[int], counts: list[int]) -> torch.Tensor:
+        """The eager model call of a step: logits ``(1, S, V)``, one row per sequence (its last new token)."""
+        rows = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int64) - 1
+        ctx = self._context(positions, counts, rows)
         logits = self.model(torch.tensor([tokens], dtype=torch.int64, device=self.device), ctx=ctx)
         if logits.shape[1] != len(counts):  # a model that ignores LOGIT_ROWS: (1, N, V)
             logits = logits[:, rows.to(logits.device)]
         return logits
+
+    def _forward_with_hidden(
+        self, tokens: list[int], positions: list[int], counts: list[int], extra_rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A speculative step's model call: logits ``(1, S + X, V)`` (each sequence's last new token, then the
+        packed ``extra_rows``) and the main stack's hidden states ``(1, N, H)`` (``MTPModel.forward_with_hidden``)."""
+        rows = torch.tensor([*itertools.accumulate(counts)], dtype=torch.int64) - 1
+        rows = torch.cat([rows, torch.tensor(extra_rows, dtype=torch.int64)])
+        model: Any = self.model  # an MTPModel (checked when the speculator was built)
+        tensor = torch.tensor([tokens], dtype=torch.int64, device=self.device)
+        logits, hidden = model.forward_with_hidden(tensor, ctx=self._context(positions, counts, rows))
+        return logits, hidden
 
     def _append(self, request: _Request, token: int) -> None:
         request.seq.token_ids.append(token)
@@ -314,9 +419,12 @@ class LLMEngine:
             request.new_text += request.detok.push(token)
             request.text = request.detok.text
             reason = request.detok.finish_reason if request.detok.finished else None
+            request.stop_reason = request.detok.stop_reason if request.detok.finished else None
         else:
             stop = token_stop(request.params, token, len(request.sampling.output_token_ids), self.eos_token_id)
             reason = None if stop is None else stop[0]
+            named = reason == "stop" and token in request.params.stop_token_ids
+            request.stop_reason = token if named else None
         if reason is None and self.max_model_len is not None and len(request.seq.token_ids) >= self.max_model_len:
             reason = "length"
             if request.detok is not None:

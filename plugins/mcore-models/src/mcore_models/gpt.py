@@ -23,7 +23,8 @@ Notable:
 * Packed rows (``ctx.cu_seqlens``): positions restart per document and attention never crosses one.
 * Inference (``ctx.kv_cache``, a step of new tokens): attention and MLA append to the cache and read it
   (``cache_specs()`` says what each layer keeps); with ``LOGIT_ROWS`` in ``ctx.extra`` the head runs on those
-  rows only. MTP depths are not run without labels (they declare their cache for speculation later).
+  rows only. MTP depths are not run without labels; ``forward_with_hidden`` and ``mtp_forward`` serve
+  speculative decoding (mcore-inference drafts tokens with the MTP depths over their own caches).
 * Init: normal(0, ``init_std``), output projections of each layer scaled by ``1/sqrt(2 * layers)``,
   declared per parameter (``ParamSpec.init``) and drawn by ``mcore.construct`` keyed by (seed,
   name, element index): the same weights for every layout, world size and device type; the
@@ -69,7 +70,7 @@ from mcore_models.blocks.base import check_non_negative, check_positive, normal_
 from mcore_models.blocks.masking import positions_from_cu_seqlens
 from mcore_models.blocks.mla import MLA
 from mcore_models.blocks.mlp import ClampedSwiGLU, GeluMLP, SwiGLU
-from mcore_models.blocks.mtp import MTP
+from mcore_models.blocks.mtp import MTP, NEXT_EMBEDDINGS
 from mcore_models.blocks.norms import LayerNorm, RMSNorm
 from mcore_models.loss_head import GPTLossHead, LossHeadParts, SwappableLossHead, add_aux_losses
 
@@ -450,6 +451,43 @@ class GPT(SwappableLossHead):
             if callable(groups):
                 packed += sum(pack_linears(group) for group in groups())
         return packed
+
+    # -- speculative decoding (mcore-inference drafts with the MTP depths) ---------------------
+    def mtp_layer_indices(self) -> list[int]:
+        """The layer index of each MTP depth ``1, 2, ...`` (its ``BlockContext.layer_index`` and cache layer): the
+        main stack's indices go on."""
+        return [len(self.layers) + d for d in range(len(self.mtp))]
+
+    def forward_with_hidden(
+        self, tokens: torch.Tensor, *, ctx: BlockContext | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: ``forward``'s logits (``(1, R, V)`` of the ``LOGIT_ROWS`` rows when given, else ``(B, T, V)``)
+        and the main stack's output ``(B, T, H)`` of every token, before the final norm: what MTP depth 1 reads."""
+        ctx = batch_context(tokens, ctx, self.attention_backend)
+        hidden = self.embed(tokens)  # (B, T, H)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, ctx.for_layer(index))
+        rows, row_tokens = hidden, tokens
+        if LOGIT_ROWS in ctx.extra:
+            rows, row_tokens = logit_rows(hidden, tokens, ctx.extra[LOGIT_ROWS])
+        return self.loss_head(rows, tokens=row_tokens, labels=None, ctx=ctx), hidden
+
+    def mtp_forward(
+        self, depth: int, hidden: torch.Tensor, next_tokens: torch.Tensor, *, ctx: BlockContext | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: MTP depth ``depth`` (1-based) on ``hidden (B, T, H)`` (``forward_with_hidden``'s for depth 1,
+        depth ``depth - 1``'s output after) and ``next_tokens (B, T)`` (token ``i + depth`` at each position ``i``,
+        whose positions ``ctx.positions`` carries under a cache). Returns the depth's output ``(B, T, H)`` (the next
+        depth's input) and its logits, which predict token ``i + depth + 1`` (``(1, R, V)`` of the ``LOGIT_ROWS``
+        rows when given). Under a cache the depth appends to layer ``mtp_layer_indices()[depth - 1]``."""
+        ctx = batch_context(next_tokens, ctx, self.attention_backend)
+        view = ctx.for_layer(len(self.layers) + depth - 1, extra={NEXT_EMBEDDINGS: self.embed(next_tokens)})
+        out = self.mtp[depth - 1](hidden, view)  # (B, T, H)
+        rows = out
+        if LOGIT_ROWS in ctx.extra:
+            rows, _ = logit_rows(out, next_tokens, ctx.extra[LOGIT_ROWS])
+        head: Any = self.loss_head  # GPTLossHead or its vocab-parallel form: both have ``logits``
+        return out, head.logits(self.mtp_norms[depth - 1](rows, view))
 
     # -- pipeline stages (mcore.protocols.model.StagedModel) ----------------------------------
     def stage_layers(self) -> int:

@@ -1,9 +1,13 @@
 """``build_app``: the FastAPI application of ``mcore serve`` (OpenAI's completions and chat completions API).
 
-Why it exists: it is the HTTP face of ``EngineLoop``. Each route checks the API key, reads the body (at most
+Why it exists: it is the HTTP face of an ``EngineClient`` (the engine in a thread, ``EngineLoop``, or in its own
+process, ``EngineProcess``). Each route checks the API key, reads the body (at most
 ``max_body_bytes``: else 413), validates it (400 naming the field), checks the model name (404), turns prompts or
 messages into token ids (a prompt that leaves no room in the context: 400 ``context_length_exceeded``), submits
 its requests (``n`` per prompt) as one group and answers at once (``usage`` always) or as server-sent events.
+A group refused because ``max_waiting`` requests already wait is a 429 (OpenAI's ``rate_limit_exceeded``); an
+engine that is not running (shutting down, or its process died) is a 503. ``/metrics`` is Prometheus text
+(``metrics.py``); ``/health`` is 200 while the engine runs, else 503.
 
 A request's engine requests are aborted as soon as its client goes away (a stream closed early, or a client that
 disconnects while waiting for a non-streaming answer), so their KV blocks go back at once.
@@ -19,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,12 +38,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from mcore.errors import UserError
-from mcore_inference.engine import LLMEngine, RequestOutput
+from mcore_inference.engine import LLMEngine
 from mcore_inference.sampling import SamplingParams
 from mcore_inference.server.chat_template import ChatTemplate, tokenizer_template
+from mcore_inference.server.client import EngineClient, Item
+from mcore_inference.server.engine_core import EngineFailed, EngineStopped, QueueFull, ServedOutput, check_max_waiting
 from mcore_inference.server.engine_loop import EngineLoop
 from mcore_inference.server.errors import APIError, from_validation
+from mcore_inference.server.metrics import render as render_metrics
 from mcore_inference.server.protocol import ChatCompletionRequest, CompletionRequest
+
+_log = logging.getLogger(__name__)
 
 #: Default request body limit (bytes).
 MAX_BODY_BYTES = 4 << 20
@@ -49,43 +59,62 @@ _DISCONNECT_POLL = 0.2
 
 
 def build_app(
-    llm_or_engine: Any,
+    engine_or_client: Any,
     *,
     model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     chat_template: str | None = None,
+    max_waiting: int | None = None,
 ) -> FastAPI:
-    """The server's app over an ``LLM`` or an ``LLMEngine``. The engine runs in a thread started with the app
-    (its lifespan) and stopped with it; ``app.state.engine_loop`` is that ``EngineLoop``. ``chat_template``: a
-    Jinja template (default: the tokenizer's, else the plain one of ``chat_template.py``)."""
-    engine: LLMEngine = getattr(llm_or_engine, "engine", llm_or_engine)
-    if not isinstance(engine, LLMEngine):
-        raise UserError(f"build_app needs an LLM or an LLMEngine, got {type(llm_or_engine).__name__}")
-    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-        raise UserError(f"max_body_bytes = {max_body_bytes!r}: must be a positive int")
-    tokenizer = engine.tokenizer
-    eos = getattr(tokenizer, "eos_token", "") if tokenizer is not None else ""
-    template = ChatTemplate(
-        chat_template if chat_template is not None else tokenizer_template(tokenizer), eos_token=str(eos or "")
-    )
-    engine_loop = EngineLoop(engine)
+    """The server's app over an ``LLM`` or an ``LLMEngine`` (served from a thread: an ``EngineLoop`` over it,
+    refusing requests while ``max_waiting`` wait), or an ``EngineProcess`` (its own ``max_waiting``). The engine
+    is started with the app (its lifespan) and stopped with it; ``app.state.engine_loop`` is the client.
+    ``chat_template``: a Jinja template (default: the tokenizer's, else the plain one of ``chat_template.py``)."""
+    from mcore_inference.server.engine_process import EngineProcess
+
+    check_max_waiting(max_waiting, "build_app")
+    client: EngineClient
+    if isinstance(engine_or_client, EngineProcess):
+        if max_waiting is not None:
+            raise UserError("build_app max_waiting: give it to the EngineProcess (it admits the requests)")
+        engine_or_client.start()  # spawns the engine process (the tokenizer comes from it); a no-op once started
+        client = engine_or_client
+    else:
+        engine = getattr(engine_or_client, "engine", engine_or_client)
+        if not isinstance(engine, LLMEngine):
+            raise UserError(
+                f"build_app needs an LLM, an LLMEngine or an EngineProcess, got {type(engine_or_client).__name__}"
+            )
+        client = EngineLoop(engine, max_waiting=max_waiting)
+    try:
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise UserError(f"max_body_bytes = {max_body_bytes!r}: must be a positive int")
+        tokenizer = client.tokenizer
+        eos = getattr(tokenizer, "eos_token", "") if tokenizer is not None else ""
+        template = ChatTemplate(
+            chat_template if chat_template is not None else tokenizer_template(tokenizer), eos_token=str(eos or "")
+        )
+    except BaseException:
+        client.stop()  # an engine process started above ends with the failed build
+        raise
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine_loop.start()
+        client.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(engine_loop.stop)
+            await asyncio.to_thread(client.stop)
 
     app = FastAPI(title="mcore serve", lifespan=lifespan)
-    app.state.engine_loop = engine_loop
-    server = _Server(engine, engine_loop, model_name, api_key, max_body_bytes, template)
+    app.state.engine_loop = client
+    server = _Server(client, model_name, api_key, max_body_bytes, template)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 429 else None  # the queue drains within seconds
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,14 +133,22 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        ok = engine_loop.running
+        ok = client.running
         return JSONResponse({"status": "ok" if ok else "stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        try:
+            stats = await asyncio.wrap_future(client.stats())
+        except EngineStopped as exc:
+            raise APIError(503, str(exc), code="engine_unavailable") from None
+        return Response(render_metrics(stats, model_name), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         server.check_key(request)
         card = {"id": model_name, "object": "model", "created": server.created, "owned_by": "mcore"}
-        card["max_model_len"] = engine.max_model_len
+        card["max_model_len"] = client.max_model_len
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/completions")
@@ -129,10 +166,10 @@ class _Group:
     """One HTTP request's engine requests: submitted together, their outputs in arrival order, and aborted when the
     HTTP request ends before they finish (``close``)."""
 
-    def __init__(self, engine_loop: EngineLoop, requests: Sequence[tuple[Sequence[int], SamplingParams]]) -> None:
+    def __init__(self, engine_loop: EngineClient, requests: Sequence[tuple[Sequence[int], SamplingParams]]) -> None:
         self.engine_loop = engine_loop
         self.requests = list(requests)
-        self.queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
         self.ids: list[int] = []
         self.pending = set(range(len(self.requests)))
         self.closed = False
@@ -143,22 +180,28 @@ class _Group:
             self.ids = await asyncio.shield(asyncio.wrap_future(future))
         except UserError as exc:
             raise APIError(400, str(exc)) from None
+        except QueueFull as exc:
+            raise APIError(429, str(exc), code="rate_limit_exceeded") from None
         except asyncio.CancelledError:  # the client left while the group was being added: abort it once added
             future.add_done_callback(self._abort_when_added)
             raise
-        except RuntimeError as exc:
-            raise APIError(503, str(exc)) from None
+        except EngineStopped as exc:
+            raise APIError(503, str(exc), code="engine_unavailable") from None
 
     def _abort_when_added(self, future: concurrent.futures.Future[list[int]]) -> None:
         if future.exception() is None:
             self.engine_loop.abort(future.result())
 
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def outputs(self) -> AsyncIterator[tuple[int, ServedOutput]]:
         while self.pending:
             tag, item = await self.queue.get()
+            if isinstance(item, EngineStopped):
+                self.pending.discard(tag)
+                raise APIError(503, str(item), code="engine_unavailable")
             if isinstance(item, BaseException):
                 self.pending.discard(tag)
-                raise APIError(500, f"the engine failed: {type(item).__name__}: {item}")
+                detail = str(item) if isinstance(item, EngineFailed) else f"{type(item).__name__}: {item}"
+                raise APIError(500, f"the engine failed: {detail}")
             if item.finished:
                 self.pending.discard(tag)
             yield tag, item
@@ -172,7 +215,11 @@ class _Group:
 
 
 class _EventStream(StreamingResponse):
-    """A server-sent event stream that calls ``on_close`` however it ends (finished, or the client went away)."""
+    """A server-sent event stream that calls ``on_close`` however it ends (finished, or the client went away).
+
+    A client that goes away ends the stream inside Starlette; a cancellation that reaches here is the server's
+    (uvicorn cancels the responses still open when its graceful shutdown times out): the stream ends quietly,
+    its requests aborted, rather than with an error traceback in the log."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -181,6 +228,8 @@ class _EventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            _log.info("a stream was cut at shutdown; its requests are aborted")
         finally:
             self._on_close()
 
@@ -195,16 +244,16 @@ class _Server:
 
     def __init__(
         self,
-        engine: LLMEngine,
-        engine_loop: EngineLoop,
+        engine_loop: EngineClient,
         model_name: str,
         api_key: str | None,
         max_body_bytes: int,
         template: ChatTemplate,
     ) -> None:
-        self.engine, self.engine_loop, self.model_name = engine, engine_loop, model_name
+        self.engine_loop, self.model_name = engine_loop, model_name
         self.api_key, self.max_body_bytes, self.template = api_key, max_body_bytes, template
-        self.tokenizer = engine.tokenizer
+        self.tokenizer = engine_loop.tokenizer
+        self.max_model_len = engine_loop.max_model_len
         self.created = int(time.time())
 
     # ----- request checks -----
@@ -254,7 +303,7 @@ class _Server:
         return [int(i) for i in self.tokenizer.encode(text)]
 
     def check_length(self, ids: list[int], param: str) -> None:
-        limit = self.engine.max_model_len
+        limit = self.max_model_len
         if limit is not None and len(ids) >= limit:
             raise APIError(
                 400,
@@ -267,7 +316,7 @@ class _Server:
     def max_tokens(self, asked: int | None, prompt_len: int) -> int:
         if asked is not None:
             return asked
-        limit = self.engine.max_model_len
+        limit = self.max_model_len
         return max(1, limit - prompt_len) if limit is not None else DEFAULT_MAX_TOKENS
 
     def params(self, req: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -289,11 +338,11 @@ class _Server:
 
     # ----- running a group -----
 
-    async def collect(self, request: Request, group: _Group) -> dict[int, RequestOutput]:
+    async def collect(self, request: Request, group: _Group) -> dict[int, ServedOutput]:
         """Every request's final output; aborts the group if the client disconnects first."""
 
-        async def run() -> dict[int, RequestOutput]:
-            last: dict[int, RequestOutput] = {}
+        async def run() -> dict[int, ServedOutput]:
+            last: dict[int, ServedOutput] = {}
             async for tag, out in group.outputs():
                 last[tag] = out
             return last
@@ -342,7 +391,13 @@ class _Server:
                 else None
             )
             choices.append(
-                {"index": i, "text": echoes[i] + out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+                {
+                    "index": i,
+                    "text": echoes[i] + out.text,
+                    "logprobs": lp,
+                    "finish_reason": out.finish_reason,
+                    "stop_reason": out.stop_reason,
+                }
             )
         completion_tokens = sum(len(out.token_ids) for out in final.values())
         return JSONResponse(
@@ -398,15 +453,12 @@ class _Server:
                     continue
                 lp = None
                 if req.logprobs is not None:
-                    k = len(out.new_token_ids)
                     lp = self.completion_logprobs(
-                        out.new_token_ids,
-                        (out.logprobs or [])[len(out.logprobs or []) - k :],
-                        (out.top_logprobs or [])[len(out.top_logprobs or []) - k :],
-                        offsets[tag],
+                        out.new_token_ids, out.new_logprobs, out.new_top_logprobs, offsets[tag]
                     )
                 offsets[tag] += len(out.new_text)
-                choice = {"index": tag, "text": out.new_text, "logprobs": lp, "finish_reason": _finish(out)}
+                choice = {"index": tag, "text": out.new_text, "logprobs": lp, "finish_reason": _finish(out),
+                          "stop_reason": out.stop_reason}  # fmt: skip
                 yield _sse(head | {"choices": [choice]})
         except APIError as exc:
             yield _sse(exc.body())
@@ -441,7 +493,8 @@ class _Server:
             out = final[i]
             lp = self.chat_logprobs(out.token_ids, out.logprobs, out.top_logprobs) if req.logprobs else None
             message = {"role": "assistant", "content": out.text}
-            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": out.finish_reason})
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": out.finish_reason,
+                            "stop_reason": out.stop_reason})  # fmt: skip
         completion_tokens = sum(len(out.token_ids) for out in final.values())
         return JSONResponse(
             {
@@ -483,14 +536,10 @@ class _Server:
                     continue
                 lp = None
                 if req.logprobs:
-                    k = len(out.new_token_ids)
-                    lp = self.chat_logprobs(
-                        out.new_token_ids,
-                        (out.logprobs or [])[len(out.logprobs or []) - k :],
-                        (out.top_logprobs or [])[len(out.top_logprobs or []) - k :],
-                    )
+                    lp = self.chat_logprobs(out.new_token_ids, out.new_logprobs, out.new_top_logprobs)
                 delta = {"content": out.new_text} if out.new_text else {}
-                choice = {"index": tag, "delta": delta, "logprobs": lp, "finish_reason": _finish(out)}
+                choice = {"index": tag, "delta": delta, "logprobs": lp, "finish_reason": _finish(out),
+                          "stop_reason": out.stop_reason}  # fmt: skip
                 yield _sse(head | {"choices": [choice]})
         except APIError as exc:
             yield _sse(exc.body())
@@ -507,7 +556,7 @@ def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [dataclasses.replace(params, seed=(params.seed + j) % 2**64) for j in range(n)]
 
 
-def _finish(out: RequestOutput) -> str | None:
+def _finish(out: ServedOutput) -> str | None:
     return out.finish_reason if out.finished else None
 
 

@@ -2,17 +2,22 @@
 
 Why it exists: the command-line face of ``build_app``. It binds 127.0.0.1 unless ``--host`` says otherwise, and
 stops cleanly, exit code 0, on SIGINT or SIGTERM (uvicorn's shutdown: stop accepting, let open responses end within
-``--shutdown-timeout`` seconds, then the app's lifespan aborts what still runs and ends the engine thread).
+``--shutdown-timeout`` seconds, then the app's lifespan aborts what still runs and ends the engine).
+
+The engine runs in a process of its own (``--engine-process``, the default: ``engine_process.py``), which loads
+the model; ``--no-engine-process`` runs it in a thread of the server process instead. ``--max-waiting N`` refuses
+requests (HTTP 429) while N requests wait for a slot.
 FastAPI and uvicorn are imported only here and in ``app``: without them ``mcore serve`` says which extra to install.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mcore.cli import run_with_user_errors
 from mcore.errors import UserError
@@ -36,16 +41,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds open responses get to end")
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=None,
+        help="refuse requests (HTTP 429) while this many wait (default: no limit)",
+    )
+    parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine in a process of its own (default), or in a thread of the server (--no-engine-process)",
+    )
     return parser
+
+
+def _build_llm(path: str, options: dict[str, Any]) -> Any:
+    """The engine process's factory (module level: the spawned process imports it by name)."""
+    from mcore_inference.llm import LLM
+
+    return LLM(path, **options)
 
 
 def _serve(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be in [0, 65535]")
+    if args.max_waiting is not None and args.max_waiting < 1:
+        raise UserError(f"--max-waiting {args.max_waiting}: must be >= 1 (leave it out for no limit)")
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise UserError(_MISSING) from None
     template = None
@@ -53,27 +79,41 @@ def _serve(argv: list[str]) -> int:
         if not args.chat_template.is_file():
             raise UserError(f"--chat-template {str(args.chat_template)!r}: no such file")
         template = args.chat_template.read_text()
-    from mcore_inference.llm import LLM
     from mcore_inference.server.app import build_app
+    from mcore_inference.server.engine_process import EngineProcess
 
-    llm = LLM(
-        args.path,
-        max_model_len=args.max_model_len,
-        num_blocks=args.num_blocks,
-        gpu_memory_fraction=args.gpu_memory_fraction,
-        max_num_seqs=args.max_num_seqs,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    options = {
+        "max_model_len": args.max_model_len,
+        "num_blocks": args.num_blocks,
+        "gpu_memory_fraction": args.gpu_memory_fraction,
+        "max_num_seqs": args.max_num_seqs,
+        "dtype": args.dtype,
+        "device": args.device,
+    }
     name = args.model_name or Path(args.path).resolve().name
-    app = build_app(
-        llm, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes, chat_template=template
-    )
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout
-    )
-    _quiet_exit_server()(config).run()
+    common: dict[str, Any] = {"model_name": name, "api_key": args.api_key, "max_body_bytes": args.max_body_bytes}
+    if args.engine_process:
+        engine = EngineProcess(
+            functools.partial(_build_llm, args.path, options),
+            max_waiting=args.max_waiting,
+            stop_timeout=args.shutdown_timeout,
+        )
+        app = build_app(engine, chat_template=template, **common)
+    else:
+        app = build_app(_build_llm(args.path, options), chat_template=template, max_waiting=args.max_waiting, **common)
+    run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     return 0
+
+
+def run_server(app: Any, *, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until SIGINT or SIGTERM: stop accepting, give open responses ``shutdown_timeout``
+    seconds, then the app's lifespan ends the engine (its process too); returns normally."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=cast(Any, shutdown_timeout)
+    )  # a float works
+    _quiet_exit_server()(config).run()
 
 
 def _quiet_exit_server() -> Any:

@@ -1,8 +1,9 @@
 """OpenAI error objects: ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status OpenAI uses.
 
 Why it exists: the ``openai`` client turns the status into a typed exception (400 ``BadRequestError``, 401
-``AuthenticationError``, 404 ``NotFoundError``, ...) and reads the message from this body; every error the server
-returns goes through ``APIError`` so they all have the same shape.
+``AuthenticationError``, 404 ``NotFoundError``, 429 ``RateLimitError``, 5xx ``InternalServerError``, ...) and reads
+the message from this body; every error the server returns goes through ``APIError`` so they all have the same
+shape.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error"}
 _TYPES |= {413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+_TYPES[429] = "requests"  # OpenAI's type for a request-rate limit (code ``rate_limit_exceeded``)
 
 
 class APIError(Exception):
