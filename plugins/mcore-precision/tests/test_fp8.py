@@ -247,3 +247,21 @@ def test_native_scaled_mm_matches_the_emulation() -> None:
         outs.append((out.detach().float(), x.grad.float(), fp8.weight.grad.float()))
     for a, b in zip(*outs):
         assert float((a - b).norm() / b.norm()) < 1e-2  # same fp8 operands; accumulation and output rounding differ
+
+
+def test_saved_operand_keeps_only_the_transposed_copy() -> None:
+    """An operand quantised in both layouts (the native path writes ``data_t``) is saved for backward as its
+    transposed copy alone: ``data`` becomes a view of it, and the rebuilt operand reads back the same values."""
+    from mcore_precision import kernels
+    from mcore_precision.fp8_linear import _restored, _saved
+    from mcore_precision.scaling import FP8Tensor
+
+    x = torch.randn(48, 80)
+    q, q_t, scale, _ = kernels.quantize_tensorwise(x, E4M3, 0, None, True)
+    assert q_t is not None
+    tensors, layout = _saved(x, FP8Tensor(q, scale, None, q_t), reused=True)
+    storages = {t.untyped_storage().data_ptr() for t in tensors if t.dim() == 2}
+    assert storages == {q_t.untyped_storage().data_ptr()}  # one 2-d buffer: the transposed copy
+    back = _restored(tensors, layout)
+    torch.testing.assert_close(back.dequantize(), FP8Tensor(q, scale, None).dequantize(), rtol=0, atol=0)
+    torch.testing.assert_close(back.t().dequantize(), FP8Tensor(q, scale, None).t().dequantize(), rtol=0, atol=0)

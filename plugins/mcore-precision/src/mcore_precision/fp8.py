@@ -44,6 +44,7 @@ from mcore.errors import ConfigError
 from mcore.mesh import ParallelMesh
 from mcore.params import collect_param_specs
 from mcore.precision.basic import PlainRecipe
+from mcore_precision import kernels
 from mcore_precision.formats import E4M3, FORMATS, FP8Format, amax_to_scale, tensorwise_scale
 from mcore_precision.fp8_linear import FP8Linear, storage_less
 from mcore_precision.grouped import grouped_quantized_linear
@@ -71,6 +72,12 @@ class CurrentScaler:
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         return tensorwise_scale(x, self.fmt, self.margin)
+
+    def quantize(self, x: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(q, q.T or None, scale)`` of ``x (M, K)``: the amax pass and one fused cast (+ transpose) pass of
+        ``kernels.quantize_tensorwise`` (``scaling.FusedScaler``)."""
+        q, q_t, scale, _ = kernels.quantize_tensorwise(x, self.fmt, self.margin, None, transpose)
+        return q, q_t, scale
 
 
 class DelayedScaler:

@@ -49,6 +49,9 @@ def _saved(t: torch.Tensor, q: Quantized, reused: bool) -> tuple[list[torch.Tens
     hooks, recompute and offloading see them)."""
     if not reused:
         return [t], None
+    data_t = getattr(q, "data_t", None)
+    if data_t is not None:  # backward reads the transposed copy only: keep it, ``data`` a view of it (no 2nd copy)
+        q = dataclasses.replace(q, data=data_t.t())  # type: ignore[type-var]
     names = [f.name for f in dataclasses.fields(q) if isinstance(getattr(q, f.name), torch.Tensor)]  # type: ignore[arg-type]
     return [getattr(q, n) for n in names], (dataclasses.replace(q, **dict.fromkeys(names)), names)  # type: ignore[type-var]
 

@@ -18,21 +18,23 @@ step's finiteness check still sees it). ``k`` is found from ``frexp`` and exact 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from mcore_precision.formats import FP8Format, quantize
+from mcore_precision.kernels import quantize_mx
 
-__all__ = ["MX_BLOCK", "MXTensor", "e8m0_exponents", "mx_quantize"]
+__all__ = ["MX_BLOCK", "MXTensor", "e8m0_exponents", "mx_quantize", "mx_quantize_reference"]
 
 MX_BLOCK = 32
 Rounding = Literal["up", "floor"]
 
 
 def _emax(fmt: FP8Format) -> int:
-    return int(torch.frexp(torch.tensor(fmt.max)).exponent.item()) - 1  # 448 = 1.75 * 2**8 -> 8
+    return math.frexp(fmt.max)[1] - 1  # 448 = 1.75 * 2**8 -> 8 (plain Python: no graph break under compile)
 
 
 def e8m0_exponents(amax: torch.Tensor, fmt: FP8Format, rounding: Rounding = "up") -> torch.Tensor:
@@ -64,13 +66,22 @@ def _expand(scale: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 def mx_quantize(x: torch.Tensor, fmt: FP8Format, rounding: Rounding = "up") -> MXTensor:
-    """``x (M, R)`` in 1x32 blocks along ``R``: E8M0 scales by ``rounding`` and elements ``fp8(x / 2**k)``."""
+    """``x (M, R)`` in 1x32 blocks along ``R``: E8M0 scales by ``rounding`` and elements ``fp8(x / 2**k)``
+    (the Triton kernel on CUDA, ``mx_quantize_reference`` elsewhere: ``kernels``)."""
     if x.dim() != 2:
         raise ValueError(f"mx_quantize: x has shape {tuple(x.shape)}; allowed: a 2-D (M, R) tensor")
+    data, scale = quantize_mx(x, fmt, rounding)
+    return MXTensor(data, scale)
+
+
+def mx_quantize_reference(
+    x: torch.Tensor, fmt: FP8Format, rounding: Rounding = "up"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of ``mx_quantize``: ``(codes (M, R), scales (M, ceil(R/32)))``."""
     m, r = x.shape
     pad = -r % MX_BLOCK
     a = torch.nn.functional.pad(x.detach().float().abs(), (0, pad))  # (M, R'): zeros add no amax
     amax = a.view(m, (r + pad) // MX_BLOCK, MX_BLOCK).amax(dim=-1)  # (M, R'/32); NaN propagates
     k = e8m0_exponents(amax, fmt, rounding)
     scale = torch.where(torch.isnan(k), k, torch.exp2(k))  # 2**k exactly
-    return MXTensor(quantize(x, _expand(torch.exp2(-k), r), fmt), scale)
+    return quantize(x, _expand(torch.exp2(-k), r), fmt), scale

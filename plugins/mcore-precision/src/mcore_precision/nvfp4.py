@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mcore_precision.formats import E4M3, quantize
+from mcore_precision.kernels import quantize_nvfp4
 
 __all__ = [
     "E2M1_GRID",
@@ -33,6 +34,7 @@ __all__ = [
     "NVFP4_BLOCK",
     "hadamard",
     "nvfp4_quantize",
+    "nvfp4_quantize_reference",
     "random_hadamard",
     "rht",
     "round_e2m1",
@@ -110,9 +112,18 @@ def _block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 def nvfp4_quantize(
     x: torch.Tensor, block: tuple[int, int] = (1, NVFP4_BLOCK), generator: torch.Generator | None = None
 ) -> NVFP4Tensor:
-    """``x (M, R)`` to NVFP4 (module docstring): round to nearest, or stochastically with ``generator``."""
+    """``x (M, R)`` to NVFP4 (module docstring): round to nearest, or stochastically with ``generator`` (the
+    Triton kernel on CUDA, ``nvfp4_quantize_reference`` elsewhere: ``kernels``; the same draws either way)."""
     if x.dim() != 2:
         raise ValueError(f"nvfp4_quantize: x has shape {tuple(x.shape)}; allowed: a 2-D (M, R) tensor")
+    data, decode_block, encode = quantize_nvfp4(x, block, generator)
+    return NVFP4Tensor(data, decode_block, encode, block)
+
+
+def nvfp4_quantize_reference(
+    x: torch.Tensor, block: tuple[int, int] = (1, NVFP4_BLOCK), generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch reference of ``nvfp4_quantize``: ``(values (M, R) fp32, E4M3 block scales, tensor scale ())``."""
     amax = x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
     usable = torch.isfinite(amax) & (amax > 0)
     encode = torch.where(usable, (E4M3.max * E2M1_MAX / torch.where(usable, amax, 1.0)).clamp(max=_FP32_MAX), 1.0)
@@ -121,7 +132,7 @@ def nvfp4_quantize(
     factor = torch.where(d == 0, torch.zeros_like(d), encode / d)  # per block, fp32
     scaled = x.float() * _expand(factor, x.shape, block)
     data = round_e2m1(scaled) if generator is None else round_e2m1_stochastic(scaled, generator)
-    return NVFP4Tensor(data, decode_block, encode, block)
+    return data, decode_block, encode
 
 
 def hadamard(n: int = NVFP4_BLOCK) -> torch.Tensor:

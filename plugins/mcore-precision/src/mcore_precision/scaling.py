@@ -22,8 +22,10 @@ rowwise scales). The schemes:
 * ``NVFP4Scheme``: NVFP4 1x16 blocks along ``R`` (16x16 for weights) with E4M3 block scales and an fp32
   tensor scale (``nvfp4``); the wgrad operands get the random Hadamard transform, gradients stochastic rounding.
 
-Edge blocks that ``R`` or the rows do not fill are padded (they take the amax of the elements they have, the
-same as zero padding), on every path: no shape is refused. ``gemm`` runs the product natively where the
+The quantise step runs through ``kernels`` (Triton on CUDA, the torch reference of ``formats`` / ``mx`` /
+``nvfp4`` elsewhere: the same bytes and scales either way). Edge blocks that ``R`` or the rows do not fill
+are padded (they take the amax of the elements they have, the same as zero padding), on every path: no shape
+is refused. ``gemm`` runs the product natively where the
 device, torch and the shapes allow it (``native``), and else emulates it: the operands dequantised exactly
 to fp32 and multiplied in fp32 (format-exact operands; the accumulation differs from the hardware's).
 """
@@ -36,23 +38,17 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from mcore_precision.formats import (
-    E4M3,
-    FP8Format,
-    blockwise_scales,
-    dequantize,
-    expand_block_scales,
-    quantize,
-    rowwise_scales,
-)
+from mcore_precision import kernels
+from mcore_precision.formats import E4M3, FP8Format, dequantize, expand_block_scales
 from mcore_precision.mx import Rounding, mx_quantize
-from mcore_precision.native import native_fp8_mm
+from mcore_precision.native import native_fp8_mm, native_scaled_mm_available
 from mcore_precision.nvfp4 import NVFP4_BLOCK, nvfp4_quantize, random_hadamard, rht
 
 __all__ = [
     "BlockwiseScheme",
     "CheckedNative",
     "FP8Tensor",
+    "FusedScaler",
     "Gemm",
     "MXScheme",
     "NVFP4Scheme",
@@ -90,6 +86,14 @@ class Scaler(Protocol):
     def scale(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+class FusedScaler(Scaler, Protocol):
+    """A ``Scaler`` that also quantises in one go: ``(q, q.T or None, scale)`` of ``x`` in its format, its amax
+    recorded as ``scale`` would record it. ``TensorScheme`` uses it where a scaler has it (the fused kernels of
+    ``kernels.quantize_tensorwise``)."""
+
+    def quantize(self, x: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]: ...
+
+
 class Scheme(Protocol):
     """How the quantised linear quantises its operands and multiplies them (module docstring)."""
 
@@ -105,11 +109,14 @@ class Scheme(Protocol):
 @dataclass(frozen=True, eq=False)
 class FP8Tensor:
     """``data (M, R)`` fp8 codes with ``scale``: 0-d (``block`` ``None``) or one per ``block``, in the grid
-    ``(ceil(M/bm), ceil(R/br))``; the value read back is ``q / scale`` in fp32."""
+    ``(ceil(M/bm), ceil(R/br))``; the value read back is ``q / scale`` in fp32. ``data_t``, when present, is
+    ``data.T`` stored row-major (written by the same kernel): ``t()`` answers it, so a native GEMM wanting the
+    transposed layout copies nothing."""
 
     data: torch.Tensor
     scale: torch.Tensor
     block: tuple[int, int] | None
+    data_t: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.data, self.expanded_scale())
@@ -121,9 +128,10 @@ class FP8Tensor:
         return expand_block_scales(self.scale, (self.data.shape[0], self.data.shape[1]), self.block)
 
     def t(self) -> FP8Tensor:
+        data, data_t = (self.data.t(), None) if self.data_t is None else (self.data_t, self.data)
         if self.block is None:
-            return FP8Tensor(self.data.t(), self.scale, None)
-        return FP8Tensor(self.data.t(), self.scale.t(), (self.block[1], self.block[0]))
+            return FP8Tensor(data, self.scale, None, data_t)
+        return FP8Tensor(data, self.scale.t(), (self.block[1], self.block[0]), data_t)
 
 
 def _emulated(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
@@ -205,9 +213,16 @@ class TensorScheme:
         self.native = native
 
     def quantize(self, t: torch.Tensor, operand: Operand, gemm: Gemm) -> FP8Tensor:
+        """Both layouts at once where the native GEMM will want the transposed one (CUDA)."""
         scaler = self.scalers[operand]
-        s = scaler.scale(t)
-        return FP8Tensor(quantize(t, s, scaler.fmt), s, None)
+        transpose = self.native and native_scaled_mm_available(t.device)
+        fused = getattr(scaler, "quantize", None)
+        if fused is not None:
+            q, q_t, s = fused(t, transpose)
+        else:
+            s = scaler.scale(t)
+            q, q_t, _, _ = kernels.quantize_tensorwise(t, scaler.fmt, scale=s, transpose=transpose)
+        return FP8Tensor(q, s, None, q_t)
 
     def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
         return _fp8_gemm(a, b, out_dtype, self.native)
@@ -228,9 +243,8 @@ class RowwiseScheme:
         self.checked = CheckedNative("fp8-rowwise", native)
 
     def quantize(self, t: torch.Tensor, operand: Operand, gemm: Gemm) -> FP8Tensor:
-        fmt = self.fmts[operand]
-        s = rowwise_scales(t, fmt, self.margin)  # (M, 1)
-        return FP8Tensor(quantize(t, s, fmt), s, (1, max(t.shape[1], 1)))
+        q, s = kernels.quantize_rowwise(t, self.fmts[operand], self.margin)  # (M, R), (M, 1)
+        return FP8Tensor(q, s, (1, max(t.shape[1], 1)))
 
     def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
         return self.checked.gemm(a, b, out_dtype)
@@ -251,10 +265,9 @@ class BlockwiseScheme:
         self.checked = CheckedNative("fp8-blockwise", native)
 
     def quantize(self, t: torch.Tensor, operand: Operand, gemm: Gemm) -> FP8Tensor:
-        fmt = self.fmts[operand]
         block = (self.tile, self.tile) if operand == "weight" else (1, self.tile)
-        s = blockwise_scales(t, fmt, block, self.margin)
-        return FP8Tensor(quantize(t, expand_block_scales(s, (t.shape[0], t.shape[1]), block), fmt), s, block)
+        q, s = kernels.quantize_blockwise(t, self.fmts[operand], block, self.margin)  # (M, R), block grid
+        return FP8Tensor(q, s, block)
 
     def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
         return self.checked.gemm(a, b, out_dtype)
