@@ -54,6 +54,37 @@ def test_completion_prompt_lists_n_and_echo(served: tuple[str, Any], client: ope
     assert out.choices[0].text == "token ids" + reference("token ids", 3)
 
 
+def test_completion_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:
+    """``echo`` + ``logprobs``: the prompt's tokens come first, the first with a null logprob, each next one with its
+    logprob under the full-sequence model; streamed, the echo chunk carries the same."""
+    import torch
+    from server_helpers import _reference_model
+
+    from mcore.data.tokenizer import ByteTokenizer
+
+    prompt, n_top = "echo me", 2
+    ids = ByteTokenizer().encode(prompt).tolist()
+    with torch.no_grad():
+        want = torch.log_softmax(_reference_model()(torch.tensor([ids]))[0].double(), dim=-1)  # (T, V)
+    kwargs: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": n_top}
+    out = client.completions.create(**kwargs, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == prompt + reference(prompt, 3)
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None and lp.text_offset is not None
+    assert lp.tokens[: len(ids)] == list(prompt) and len(lp.tokens) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs is not None and lp.top_logprobs[0] is None
+    got = torch.tensor(lp.token_logprobs[1 : len(ids)], dtype=torch.float64)
+    expected = torch.stack([want[i, ids[i + 1]] for i in range(len(ids) - 1)])
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+    assert all(len(top) == n_top for top in lp.top_logprobs[1:])
+    assert lp.text_offset == list(range(len(ids) + 3))  # one byte per token
+    chunks = list(client.completions.create(stream=True, **kwargs, **GREEDY))
+    echo = chunks[0].choices[0]
+    assert echo.text == prompt and echo.logprobs is not None and echo.logprobs.token_logprobs is not None
+    assert echo.logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+    assert "".join(c.text for chunk in chunks for c in chunk.choices) == out.choices[0].text
+
+
 def test_completion_stream_equals_non_stream_with_usage(client: openai.OpenAI) -> None:
     kwargs: dict[str, Any] = {"model": MODEL, "prompt": "stream me", "max_tokens": 8, "n": 2, "seed": 7}
     full = client.completions.create(**kwargs)

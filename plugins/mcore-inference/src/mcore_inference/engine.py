@@ -44,6 +44,9 @@ from mcore_inference.scheduler import Scheduler, SequenceState
 from mcore_inference.speculative import SpecStats, Speculator, mtp_layers
 from mcore_inference.static_decode import StaticDecoder, default_graph_sizes
 
+#: ``extra_key`` of a request's own, never shared, prefix-cache chain (prompt logprobs need every prompt row computed)
+_OWN_PREFIX = "own-prefix"
+
 
 @dataclass
 class RequestOutput:
@@ -60,6 +63,9 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: eos, length, abort)
     logprobs: list[float] | None = None  # of each output token, when the request asked for logprobs
     top_logprobs: list[dict[int, float]] | None = None  # the top-n of each output token (n = params.logprobs)
+    # with params.prompt_logprobs: the logprob of prompt token i + 1 given tokens 0..i, and the top-n there
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(eq=False)
@@ -73,6 +79,8 @@ class _Request:
     stop_reason: str | int | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[dict[int, float]] | None = None
     new_ids: list[int] = field(default_factory=list)
     new_text: str = ""
 
@@ -93,6 +101,8 @@ class _Request:
             stop_reason=self.stop_reason,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             top_logprobs=None if self.top_logprobs is None else list(self.top_logprobs),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            prompt_top_logprobs=None if self.prompt_top_logprobs is None else list(self.prompt_top_logprobs),
         )
         self.new_ids, self.new_text = [], ""
         return out
@@ -253,11 +263,15 @@ class LLMEngine:
                 "give the cache more blocks"
             )
         request_id = next(self._ids)
+        if params.prompt_logprobs is not None:  # every prompt position must be computed: no prefix-cache hits
+            extra_key = (_OWN_PREFIX, request_id)
         detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, ids, params)
         seq = SequenceState(request_id, list(ids), extra_key=extra_key)
         request = _Request(request_id, seq, SamplingState(params, list(ids)), detok)
         if params.logprobs is not None:
             request.logprobs, request.top_logprobs = [], []
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs, request.prompt_top_logprobs = [], []
         self._requests[request_id] = request
         self.scheduler.add(request.seq)
         return request_id
@@ -308,13 +322,18 @@ class LLMEngine:
         decoder = self.decoder
         hidden = None
         starts = [seq.num_computed for seq in seqs]
+        prompt_rows, prompt_jobs = self._prompt_rows(seqs, counts)  # rows whose logits score prompt tokens
         if spec is not None:  # each sequence's last row, then the rows that verify drafts; the hidden states
             cu = list(itertools.accumulate(counts, initial=0))
-            logits, hidden = self._forward_with_hidden(tokens, positions, counts, spec.extra_rows(seqs, cu))
-        elif decoder is not None and max(counts) == 1 and decoder.padded(len(seqs)) is not None:
+            rows = [*spec.extra_rows(seqs, cu), *prompt_rows]
+            logits, hidden = self._forward_with_hidden(tokens, positions, counts, rows)
+        elif not prompt_rows and decoder is not None and max(counts) == 1 and decoder.padded(len(seqs)) is not None:
             logits = decoder.run(tokens)[None]  # (1, S, V)
         else:
-            logits = self._forward(tokens, positions, counts)
+            logits = self._forward(tokens, positions, counts, prompt_rows)
+        if prompt_rows:  # the last rows: score the prompt tokens, then drop them
+            self._record_prompt_logprobs(logits[0, logits.shape[1] - len(prompt_rows) :], prompt_jobs)
+            logits = logits[:, : logits.shape[1] - len(prompt_rows)]
         for seq, count in zip(seqs, counts):
             seq.num_computed += count
         ready = [i for i, seq in enumerate(seqs) if seq.num_pending == 0]  # the others are mid-prefill
@@ -390,14 +409,49 @@ class LLMEngine:
             extra={LOGIT_ROWS: rows.to(self.device)},
         )
 
-    def _forward(self, tokens: list[int], positions: list[int], counts: list[int]) -> torch.Tensor:
-        """The eager model call of a step: logits ``(1, S, V)``, one row per sequence (its last new token)."""
+    def _forward(
+        self, tokens: list[int], positions: list[int], counts: list[int], extra_rows: Sequence[int] = ()
+    ) -> torch.Tensor:
+        """The eager model call of a step: logits ``(1, S + X, V)``, one row per sequence (its last new token),
+        then the packed ``extra_rows``."""
         rows = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int64) - 1
+        rows = torch.cat([rows, torch.tensor(list(extra_rows), dtype=torch.int64)])
         ctx = self._context(positions, counts, rows)
         logits = self.model(torch.tensor([tokens], dtype=torch.int64, device=self.device), ctx=ctx)
-        if logits.shape[1] != len(counts):  # a model that ignores LOGIT_ROWS: (1, N, V)
+        if logits.shape[1] != len(rows):  # a model that ignores LOGIT_ROWS: (1, N, V)
             logits = logits[:, rows.to(logits.device)]
         return logits
+
+    def _prompt_rows(self, seqs: Sequence[SequenceState], counts: Sequence[int]) -> tuple[list[int], list[Any]]:
+        """The packed rows of this step whose logits score a prompt token not yet scored (requests with
+        ``prompt_logprobs``; after a preemption the recomputed positions are scored once), and per row
+        ``(request, next prompt token)``."""
+        rows: list[int] = []
+        jobs: list[Any] = []
+        first = 0
+        for seq, count in zip(seqs, counts):
+            request = self._requests[seq.seq_id]
+            if request.prompt_logprobs is not None:
+                prompt = request.sampling.prompt_token_ids
+                done = len(request.prompt_logprobs)  # positions 0 .. done - 1 are scored
+                for position in range(max(seq.num_computed, done), min(seq.num_computed + count, len(prompt) - 1)):
+                    rows.append(first + position - seq.num_computed)
+                    jobs.append((request, prompt[position + 1]))
+            first += count
+        return rows, jobs
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, jobs: list[Any]) -> None:
+        """``logits (X, V)`` of ``_prompt_rows``: each prompt token's logprob and the top-n (one host sync)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (X, V)
+        targets = torch.tensor([token for _, token in jobs], dtype=torch.int64, device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        most = max(request.params.prompt_logprobs or 0 for request, _ in jobs)
+        top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0])
+        values, ids = top_values.tolist(), top_ids.tolist()
+        for row, (request, _) in enumerate(jobs):
+            n = request.params.prompt_logprobs or 0
+            request.prompt_logprobs.append(chosen[row])
+            request.prompt_top_logprobs.append(dict(zip(ids[row][:n], values[row][:n])))
 
     def _forward_with_hidden(
         self, tokens: list[int], positions: list[int], counts: list[int], extra_rows: list[int]

@@ -88,6 +88,9 @@ class SamplingParams:
     """Return the chosen token's logprob and this many top logprobs (0: the chosen token's only), at most 20."""
     include_stop_str_in_output: bool = False
     """Keep the stop string that ended the output in its text."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob (from the first on; of the model's raw distribution) and this many top
+    logprobs per prompt position (0: the prompt token's only), at most 20. Such a request skips the prefix cache."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -120,6 +123,10 @@ class SamplingParams:
                 raise _fail(name, getattr(self, name), "must be true or false")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise _fail("logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise _fail("prompt_logprobs", self.prompt_logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

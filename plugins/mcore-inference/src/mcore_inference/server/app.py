@@ -367,29 +367,32 @@ class _Server:
         prompts = self.completion_prompts(req.prompt)
         for ids in prompts:
             self.check_length(ids, "prompt")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs yet)", param="echo")
+        scored = req.echo and req.logprobs is not None  # the echoed prompt carries its tokens' logprobs
         requests = []
         for ids in prompts:
             params = self.params(req, self.max_tokens(req.max_tokens, len(ids)), req.logprobs)
+            if scored:
+                params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
             requests += [(ids, p) for p in _choices(params, req.n)]
         group = _Group(self.engine_loop, requests)
         await group.start()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoes = [self.tokenizer.decode(ids) if req.echo and self.tokenizer is not None else "" for ids in prompts]
         echoes = [echoes[i // req.n] for i in range(len(requests))]
+        echoed = [prompts[i // req.n] for i in range(len(requests))]
         prompt_tokens = sum(len(ids) for ids in prompts)
         if req.stream:
-            return _EventStream(self.completion_events(req, group, rid, created, echoes, prompt_tokens), group.close)
+            events = self.completion_events(req, group, rid, created, echoes, echoed, prompt_tokens)
+            return _EventStream(events, group.close)
         final = await self.collect(request, group)
         choices = []
         for i in range(len(requests)):
             out = final[i]
-            lp = (
-                self.completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs, 0)
-                if req.logprobs is not None
-                else None
-            )
+            lp = None
+            if req.logprobs is not None:
+                lp = self.completion_logprobs(out.token_ids, out.logprobs, out.top_logprobs, len(echoes[i]))
+                if scored:
+                    lp = _joined(self.prompt_logprobs(echoed[i], out), lp)
             choices.append(
                 {
                     "index": i,
@@ -437,17 +440,41 @@ class _Server:
             "text_offset": offsets,
         }
 
+    def prompt_logprobs(self, ids: Sequence[int], out: ServedOutput) -> dict[str, Any]:
+        """The echoed prompt's part of a completions ``logprobs``: its first token has none (null), as OpenAI's."""
+        part = self.completion_logprobs(ids[1:], out.prompt_logprobs, out.prompt_top_logprobs, 0)
+        first = self.token_text(ids[0])
+        part["tokens"] = [first, *part["tokens"]]
+        part["token_logprobs"] = [None, *part["token_logprobs"]]
+        part["top_logprobs"] = [None, *part["top_logprobs"]]
+        part["text_offset"] = [0, *(offset + len(first) for offset in part["text_offset"])]
+        return part
+
     async def completion_events(
-        self, req: CompletionRequest, group: _Group, rid: str, created: int, echoes: list[str], prompt_tokens: int
+        self,
+        req: CompletionRequest,
+        group: _Group,
+        rid: str,
+        created: int,
+        echoes: list[str],
+        echoed: list[list[int]],
+        prompt_tokens: int,
     ) -> AsyncIterator[str]:
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         offsets = [len(e) for e in echoes]
         completion_tokens = 0
+        scored = req.echo and req.logprobs is not None  # each echo waits for its prompt's logprobs (first delta)
+        pending = set(range(len(echoes))) if scored else set()
         for i, text in enumerate(echoes):
-            if text:
+            if text and not scored:
                 yield _sse(head | {"choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]})
         try:
             async for tag, out in group.outputs():
+                if tag in pending and out.prompt_logprobs is not None:
+                    pending.discard(tag)
+                    lp = self.prompt_logprobs(echoed[tag], out)
+                    echo = {"index": tag, "text": echoes[tag], "logprobs": lp, "finish_reason": None}
+                    yield _sse(head | {"choices": [echo]})
                 completion_tokens += len(out.new_token_ids)
                 if not (out.new_text or out.finished or (req.logprobs is not None and out.new_token_ids)):
                     continue
@@ -554,6 +581,11 @@ def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
     if params.seed is None:
         return [params] * n
     return [dataclasses.replace(params, seed=(params.seed + j) % 2**64) for j in range(n)]
+
+
+def _joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two completions ``logprobs`` parts, one after the other (their offsets already absolute)."""
+    return {key: [*first[key], *second[key]] for key in first}
 
 
 def _finish(out: ServedOutput) -> str | None:

@@ -54,18 +54,23 @@ class OutputDelta:
     stop_reason: str | int | None = None
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float] | None = None  # once, in the first delta of a request that asked for them
+    prompt_top_logprobs: list[dict[int, float]] | None = None
 
     def to_wire(self) -> list[Any]:
         """JSON-able (top-logprob dicts as ``[[id, value], ...]``: JSON keys are strings)."""
-        top = None if self.new_top_logprobs is None else [list(d.items()) for d in self.new_top_logprobs]
+        top, prompt_top = (None if t is None else [list(d.items()) for d in t]
+                           for t in (self.new_top_logprobs, self.prompt_top_logprobs))  # fmt: skip
         return [self.request_id, self.new_token_ids, self.new_text, self.finished, self.finish_reason,
-                self.stop_reason, self.new_logprobs, top]  # fmt: skip
+                self.stop_reason, self.new_logprobs, top, self.prompt_logprobs, prompt_top]  # fmt: skip
 
     @classmethod
     def from_wire(cls, item: list[Any]) -> OutputDelta:
-        rid, ids, text, finished, reason, stop, logprobs, top = item
-        tops = None if top is None else [{int(k): float(v) for k, v in entry} for entry in top]
-        return cls(int(rid), [int(i) for i in ids], str(text), bool(finished), reason, stop, logprobs, tops)
+        rid, ids, text, finished, reason, stop, logprobs, top, prompt_logprobs, prompt_top = item
+        tops, prompt_tops = (None if t is None else [{int(k): float(v) for k, v in entry} for entry in t]
+                             for t in (top, prompt_top))  # fmt: skip
+        return cls(int(rid), [int(i) for i in ids], str(text), bool(finished), reason, stop, logprobs, tops,
+                   prompt_logprobs, prompt_tops)  # fmt: skip
 
 
 @dataclass
@@ -84,6 +89,8 @@ class ServedOutput:
     top_logprobs: list[dict[int, float]] | None = None
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[dict[int, float]] | None = None
 
 
 class Accumulator:
@@ -97,6 +104,8 @@ class Accumulator:
         self.text = ""
         self.logprobs: list[float] | None = None
         self.top_logprobs: list[dict[int, float]] | None = None
+        self.prompt_logprobs: list[float] | None = None
+        self.prompt_top_logprobs: list[dict[int, float]] | None = None
 
     def apply(self, delta: OutputDelta) -> ServedOutput:
         self.token_ids += delta.new_token_ids
@@ -106,6 +115,8 @@ class Accumulator:
                 self.logprobs, self.top_logprobs = [], []
             self.logprobs += delta.new_logprobs
             self.top_logprobs += delta.new_top_logprobs or []
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = delta.prompt_logprobs, delta.prompt_top_logprobs
         return ServedOutput(
             request_id=self.request_id,
             token_ids=self.token_ids,
@@ -119,6 +130,8 @@ class Accumulator:
             top_logprobs=self.top_logprobs,
             new_logprobs=delta.new_logprobs,
             new_top_logprobs=delta.new_top_logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            prompt_top_logprobs=self.prompt_top_logprobs,
         )
 
 
@@ -132,6 +145,7 @@ class _Live:
     arrival: float
     last_token: float | None = None
     logprobs_sent: int = 0
+    prompt_sent: bool = False
 
 
 class EngineCore:
@@ -229,6 +243,9 @@ class EngineCore:
             new_logprobs = out.logprobs[live.logprobs_sent :]
             new_top = (out.top_logprobs or [])[live.logprobs_sent :]
             live.logprobs_sent = len(out.logprobs)
+        prompt_logprobs = prompt_top = None
+        if out.prompt_logprobs is not None and not live.prompt_sent and (out.new_token_ids or out.finished):
+            prompt_logprobs, prompt_top, live.prompt_sent = out.prompt_logprobs, out.prompt_top_logprobs, True
         stop_reason = None
         if out.finished:
             self.metrics.on_finish(out.finish_reason, now, live.arrival)
@@ -243,6 +260,8 @@ class EngineCore:
             stop_reason=stop_reason,
             new_logprobs=new_logprobs,
             new_top_logprobs=new_top,
+            prompt_logprobs=prompt_logprobs,
+            prompt_top_logprobs=prompt_top,
         )
 
     def _forget(self, live: _Live) -> None:
