@@ -325,8 +325,8 @@ class LLMEngine:
         prompt_rows, prompt_jobs = self._prompt_rows(seqs, counts)  # rows whose logits score prompt tokens
         if spec is not None:  # each sequence's last row, then the rows that verify drafts; the hidden states
             cu = list(itertools.accumulate(counts, initial=0))
-            rows = [*spec.extra_rows(seqs, cu), *prompt_rows]
-            logits, hidden = self._forward_with_hidden(tokens, positions, counts, rows)
+            extra = [*spec.extra_rows(seqs, cu), *prompt_rows]
+            logits, hidden = self._forward_with_hidden(tokens, positions, counts, extra)
         elif not prompt_rows and decoder is not None and max(counts) == 1 and decoder.padded(len(seqs)) is not None:
             logits = decoder.run(tokens)[None]  # (1, S, V)
         else:

@@ -472,8 +472,8 @@ class _Server:
             async for tag, out in group.outputs():
                 if tag in pending and out.prompt_logprobs is not None:
                     pending.discard(tag)
-                    lp = self.prompt_logprobs(echoed[tag], out)
-                    echo = {"index": tag, "text": echoes[tag], "logprobs": lp, "finish_reason": None}
+                    scores = self.prompt_logprobs(echoed[tag], out)
+                    echo = {"index": tag, "text": echoes[tag], "logprobs": scores, "finish_reason": None}
                     yield _sse(head | {"choices": [echo]})
                 completion_tokens += len(out.new_token_ids)
                 if not (out.new_text or out.finished or (req.logprobs is not None and out.new_token_ids)):
