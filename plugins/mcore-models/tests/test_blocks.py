@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mcore.protocols.block import BlockContext
 from mcore_models.blocks.attention import Attention
@@ -250,3 +251,26 @@ def test_project_fuses_plain_weights_and_keeps_subclass_weights_apart() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = project(x, (linears[0], marked))
     assert [o.shape for o in out] == [(3, 5, 6), (3, 5, 2)] and all(o.dtype == torch.bfloat16 for o in out)
+
+
+def test_project_calls_each_linear_that_is_not_a_plain_linear() -> None:
+    """``project`` fuses q/k/v-style linears into one GEMM only when each is exactly ``nn.Linear``: a subclass (a
+    precision recipe's quantised linear) computes its own GEMM, so the fused path must not read its weight."""
+    from mcore_models.blocks.base import fused_projection, project
+
+    class Counting(nn.Linear):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            type(self).calls += 1
+            return super().forward(x) * 2.0
+
+    plain = (nn.Linear(8, 4, bias=False), nn.Linear(8, 6, bias=False))
+    hidden = torch.randn(3, 8)
+    assert fused_projection(hidden, plain) is not None
+    mixed = (plain[0], Counting(8, 6, bias=False))
+    assert fused_projection(hidden, mixed) is None
+    a, b = project(hidden, mixed)
+    assert Counting.calls == 1
+    torch.testing.assert_close(b, 2.0 * (hidden @ mixed[1].weight.t()))
+    torch.testing.assert_close(a, hidden @ plain[0].weight.t())

@@ -33,6 +33,7 @@ live per linear).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -42,9 +43,11 @@ from torch import nn
 
 from mcore.errors import ConfigError
 from mcore.mesh import ParallelMesh
-from mcore.params import collect_param_specs
+from mcore.params import ParamSpec, collect_param_specs
 from mcore.precision.basic import PlainRecipe
-from mcore_precision import kernels
+from mcore.precision.quantized import QuantizedWeight
+from mcore.protocols.precision import GatherPayload
+from mcore_precision import fsdp_gather, kernels
 from mcore_precision.formats import E4M3, FORMATS, FP8Format, amax_to_scale, tensorwise_scale
 from mcore_precision.fp8_linear import FP8Linear, storage_less
 from mcore_precision.grouped import grouped_quantized_linear
@@ -73,6 +76,10 @@ class CurrentScaler:
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         return tensorwise_scale(x, self.fmt, self.margin)
 
+    def scale_of_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The scale of a tensor whose amax is ``amax`` (a sharded weight's global amax: ``fsdp_gather``)."""
+        return amax_to_scale(amax, self.fmt, self.margin)
+
     def quantize(self, x: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(q, q.T or None, scale)`` of ``x (M, K)``: the amax pass and one fused cast (+ transpose) pass of
         ``kernels.quantize_tensorwise`` (``scaling.FusedScaler``)."""
@@ -96,8 +103,14 @@ class DelayedScaler:
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_meta:  # shape-only runs (memory planning): no state to touch
             return torch.ones((), device=x.device)
-        self.move_to(x.device)
-        amax = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+        return self.scale_of_amax(x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device))
+
+    def scale_of_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """``scale`` of a tensor whose amax is ``amax`` (a sharded weight's global amax: ``fsdp_gather``)."""
+        if amax.is_meta:
+            return torch.ones((), device=amax.device)
+        self.move_to(amax.device)
+        amax = amax.float()
         finite = torch.isfinite(amax)
         self.history[0] = torch.where(finite, torch.maximum(self.history[0], amax), self.history[0])
         # first sight: this amax; afterwards the scale fixed at the end of the previous step
@@ -164,7 +177,8 @@ def fp8_linear_names(model: nn.Module, *, first_layers_bf16: int = 0, last_layer
 
 class _QuantizedRecipe(PlainRecipe):
     """What every recipe with quantised linears shares: the swap of the matrix linears (each gets the scheme
-    ``_scheme`` answers for it), the plain loss and gradients, no gather payload, and the grouped expert GEMM
+    ``_scheme`` answers for it), the plain loss and gradients, FSDP's quantised gather of their weights
+    (``gather_payload``/``unpack``: ``fsdp_gather``), and the grouped expert GEMM
     (``grouped_linear``) where ``_grouped_scheme`` answers a scheme."""
 
     name: ClassVar[str] = "quantized"
@@ -190,6 +204,8 @@ class _QuantizedRecipe(PlainRecipe):
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else type(self).Config()
         self.param_dtype = torch.bfloat16 if self.config.params == "bf16" else torch.float32
+        self._linears: dict[str, FP8Linear] = {}  # weight name in the prepared model -> its linear (FSDP gather)
+        self._warned: set[str] = set()  # weights told to gather in high precision (blocks cut by shards)
 
     def _scheme(self, path: str) -> Scheme:
         raise NotImplementedError
@@ -206,9 +222,45 @@ class _QuantizedRecipe(PlainRecipe):
             linear = model.get_submodule(path)
             assert isinstance(linear, nn.Linear)
             new = FP8Linear.from_scheme(linear, self._scheme(path))
+            self._linears[f"{path}.weight" if path else "weight"] = new
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
         return model
+
+    def gather_payload(
+        self, param_shard: torch.Tensor, *, name: str = "", spec: ParamSpec | None = None
+    ) -> GatherPayload | None:
+        """The weight of one of this recipe's linears (``prepare``; FSDP names it as the prepared model does)
+        gathered in the linear's format (``fsdp_gather``), or ``None``: gathered as is (every other parameter;
+        a scheme or a shard whose blocks a shard boundary would cut: warned once per weight)."""
+        linear = self._linears.get(name)
+        align = fsdp_gather.block_rows(linear.scheme) if linear is not None else None
+        if linear is None or align is None or param_shard.dim() != 2:
+            return None
+        rows = param_shard.shape[0]
+        whole = rows >= linear.weight.shape[0]  # kept whole on one rank (or one rank): its own amax is global
+        if not whole and rows % align:
+            if name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"{self.name}: {name} has {rows} rows per rank, which cuts its {align}-row blocks; gathered in "
+                    f"high precision (allowed for a quantised gather: rows per rank a multiple of {align}, or "
+                    "parallel.fsdp.whole_params)",
+                    stacklevel=2,
+                )
+            return None
+        # before the layout sharded the weight, FSDP probes the payload's shapes on zeros: no scaler state touched
+        probe = not hasattr(linear.weight, "device_mesh")
+        shard = torch.zeros_like(param_shard, device="cpu") if param_shard.is_meta else param_shard.detach()
+        return fsdp_gather.payload(linear.scheme, shard, linear.weight, whole=whole, probe=probe)
+
+    def unpack(self, gathered: tuple[torch.Tensor, ...], metadata: Any) -> Any:
+        """The gathered payload as a ``QuantizedWeight`` for the linear's GEMMs (``FP8Linear.forward``)."""
+        return fsdp_gather.unpack(gathered, metadata)
+
+    def dequantize(self, weight: QuantizedWeight) -> torch.Tensor:
+        """A gathered weight's rows in high precision (checks and tools)."""
+        return fsdp_gather.dequantize(weight)
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> Any:
         """MoE's grouped expert GEMM (``mcore.precision.grouped``) with every expert's GEMMs quantised by the

@@ -12,7 +12,8 @@ Each GEMM runs natively (``native``: torch's scaled-mm kernels) where the scheme
 it, and is emulated elsewhere: the same quantised operands dequantised to fp32 and multiplied in fp32
 (format-exact operands, accumulation unlike the hardware's). The module keeps the original linear's
 parameters (same objects, same names), so declarations, optimizers and checkpoints see the model unchanged;
-it is an ``nn.Linear`` subclass, so ``isinstance`` checks of layouts still hold. On storage-less tensors
+it is an ``nn.Linear`` subclass, so ``isinstance`` checks of layouts still hold. A weight FSDP gathered in the
+scheme's format (``fsdp_gather``, attached as a ``QuantizedWeight``) is used as is: no quantisation of it here. On storage-less tensors
 (meta, or ``mcore plan``'s fake tensors) it runs the plain linear: shapes only.
 """
 
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from mcore.errors import UserError
-from mcore_precision import native
+from mcore.precision import quantized
+from mcore_precision import fsdp_gather, native
 from mcore_precision.scaling import Quantized, Scaler, Scheme, TensorScheme, Transposable
 
 __all__ = ["FP8Linear", "Scaler", "native_scaled_mm_available", "quantized_linear", "storage_less"]
@@ -67,17 +69,28 @@ def _restored(tensors: list[torch.Tensor], layout: Any) -> Any:
 class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        scheme: Scheme,
+        given: tuple[Quantized, Quantized | None] | None,
     ) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # (N, K)
-        qx, qw = scheme.quantize(x2, "input", "fprop"), scheme.quantize(weight, "weight", "fprop")
+        qx = scheme.quantize(x2, "input", "fprop")
+        qw = scheme.quantize(weight, "weight", "fprop") if given is None else given[0]
         out = scheme.gemm(qx, qw, x.dtype)  # (N, F)
         if bias is not None:
             out = out + bias.to(out.dtype)
-        # what backward needs: the quantised copy where the scheme reuses it, else the high-precision tensor
+        # what backward needs: the quantised copy where the scheme reuses it, else the high-precision tensor;
+        # a weight given quantised (FSDP's gather) is never read in high precision: its dgrad copy is kept
         saved_x, ctx.x_layout = _saved(x2, qx, "input" in scheme.reuse)
-        saved_w, ctx.w_layout = _saved(weight, qw, "weight" in scheme.reuse)
+        ctx.w_direct = given is not None and given[1] is not None  # dgrad's (K, F) operand itself
+        if given is None:
+            saved_w, ctx.w_layout = _saved(weight, qw, "weight" in scheme.reuse)
+        else:
+            saved_w, ctx.w_layout = _saved(weight, given[1] if ctx.w_direct else qw, True)  # type: ignore[arg-type]
         ctx.save_for_backward(*saved_x, *saved_w)
         ctx.split = len(saved_x)
         ctx.scheme, ctx.lead, ctx.shape = scheme, lead, (weight.shape[0], k)
@@ -97,7 +110,10 @@ class _QuantizedLinearFn(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             reused = ctx.w_layout is not None
-            qwt = w_saved.t() if reused else scheme.quantize(w_saved.t(), "weight", "dgrad")  # (K, F)
+            if ctx.w_direct:
+                qwt = w_saved  # (K, F): the gathered column-wise copy
+            else:
+                qwt = w_saved.t() if reused else scheme.quantize(w_saved.t(), "weight", "dgrad")  # (K, F)
             grad_x = scheme.gemm(qg, qwt, x_dtype).view(*ctx.lead, k)  # (..., K)
         if ctx.needs_input_grad[1]:
             reused = ctx.x_layout is not None
@@ -108,14 +124,24 @@ class _QuantizedLinearFn(torch.autograd.Function):
             grad_w = scheme.gemm(qgt, qxt, w_dtype)  # (F, K)
         if ctx.needs_input_grad[2]:
             grad_b = g2.float().sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scheme: Scheme) -> torch.Tensor:
-    """``x (..., K) @ weight (F, K).T + bias`` with every GEMM quantised by ``scheme`` (module docstring)."""
+def quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scheme: Scheme,
+    given: tuple[Quantized, Quantized | None] | None = None,
+) -> torch.Tensor:
+    """``x (..., K) @ weight (F, K).T + bias`` with every GEMM quantised by ``scheme`` (module docstring).
+
+    ``given``: the weight already quantised (FSDP gathered it in the scheme's format, ``fsdp_gather``): the forward
+    operand ``(F, K)`` and dgrad's ``(K, F)`` (or ``None``: the forward one's transpose); ``weight`` is then only
+    what its gradient flows to (its values are not read)."""
     if storage_less(x) or storage_less(weight):
         return torch.nn.functional.linear(x, weight, bias)
-    out: torch.Tensor = _QuantizedLinearFn.apply(x, weight, bias, scheme)
+    out: torch.Tensor = _QuantizedLinearFn.apply(x, weight, bias, scheme, given)
     return out
 
 
@@ -152,7 +178,10 @@ class FP8Linear(nn.Linear):
                 "a low-precision recipe got a sharded DTensor weight or input for an FP8 linear: its scales need the "
                 "global amax; use fsdp (it gathers whole weights) instead of tensor parallelism with these recipes"
             )
-        return quantized_linear(x, self.weight, self.bias, self.scheme)
+        given = quantized.compute_weight(self.weight)  # FSDP gathered the weight quantised: its GEMMs read that
+        return quantized_linear(
+            x, self.weight, self.bias, self.scheme, fsdp_gather.operands(given) if given is not None else None
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.scheme.describe()}"

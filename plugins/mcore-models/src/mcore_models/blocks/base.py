@@ -52,7 +52,10 @@ def _plain(weight: torch.Tensor) -> bool:
 def fused_projection(hidden: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor | None:
     """One GEMM over the concatenated weights of ``linears``: ``(..., H) -> (..., sum of out_i)``, or
     ``None`` when a weight (or bias) is not a plain tensor (a layout's ``DTensor`` shard, a quantized
-    weight: concatenating it would gather or dequantize it)."""
+    weight: concatenating it would gather or dequantize it), or when a linear is not exactly ``nn.Linear`` (a
+    subclass such as a precision recipe's quantised linear computes its own GEMM)."""
+    if any(type(linear) is not nn.Linear for linear in linears):
+        return None
     weights = [linear.weight for linear in linears]
     biases = [linear.bias for linear in linears]
     if not all(_plain(w) for w in weights):
