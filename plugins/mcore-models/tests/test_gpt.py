@@ -45,7 +45,8 @@ def test_registry_lists_blocks_and_model() -> None:
     )
     gpt = host.load("model", "gpt")
     assert gpt is GPT and set(host.registry.names("preset")) >= REQUIRED_PRESETS
-    assert set(host.registry.names("hf")) == {"llama", "qwen2", "mistral", "deepseek_v3", "qwen3_moe", "mixtral"}
+    families = {"llama", "qwen2", "mistral", "deepseek_v3", "qwen3_moe", "mixtral", "qwen3_next", "nemotron_h"}
+    assert set(host.registry.names("hf")) == families
     for name in REQUIRED_PRESETS:  # every registered preset builds (its tables are its blocks' fields)
         preset = host.load("preset", name)
         assert isinstance(preset, Preset) and preset.model == "gpt" and preset is PRESETS[name]

@@ -1,5 +1,6 @@
 """Hugging Face interop for ``gpt``: safetensors + ``config.json`` for Llama, Qwen2, Mistral (here),
-DeepSeek-V3 (``hf_deepseek``), Qwen3-MoE and Mixtral (``hf_moe``), each registered as a family (kind ``"hf"``).
+DeepSeek-V3 (``hf_deepseek``), Qwen3-MoE and Mixtral (``hf_moe``), Qwen3-Next (``hf_qwen3_next``), each registered
+as a family (kind ``"hf"``).
 
 Our projections are Hugging Face's, renamed (``attention.q`` <-> ``self_attn.q_proj``, ...,
 ``mlp.gate`` <-> ``mlp.gate_proj``): weights are copied, never sliced or permuted, so export ->
@@ -74,8 +75,12 @@ def _unsupported(cfg: GPTConfig, family: str) -> list[str]:
     att = block_settings(cfg, "attention")
     if att.qk_norm:
         problems.append("attention.qk_norm = true (needs false)")
+    if att.output_gate:
+        problems.append("attention.output_gate = true (needs false; qwen3_next has gated attention)")
     if att.rotary_fraction != 1.0:
         problems.append(f"attention.rotary_fraction = {att.rotary_fraction} (needs 1.0)")
+    if att.no_rope:
+        problems.append("attention.no_rope = true (needs false; nemotron_h has NoPE attention)")
     if att.attention_scale is not None:
         problems.append(f"attention.attention_scale = {att.attention_scale} (needs none)")
     if cfg.mtp_num_layers:
@@ -388,9 +393,10 @@ def family(name: str | None) -> Family:
     """This package's family for ``model_type`` ``name`` (Python use; runs resolve families through the registry)."""
     from mcore_models.hf_deepseek import DEEPSEEK_V3
     from mcore_models.hf_moe import MIXTRAL, QWEN3_MOE
+    from mcore_models.hf_qwen3_next import QWEN3_NEXT
 
     families = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL, "deepseek_v3": DEEPSEEK_V3}
-    families |= {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL}
+    families |= {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "qwen3_next": QWEN3_NEXT}
     if name not in families:
         raise UserError(f"Hugging Face model_type = {name!r}: mcore-models maps {', '.join(families)}")
     return families[name]

@@ -19,7 +19,7 @@ from mcore.hf import HFBlockMapping, block_mapping
 from mcore_models.gpt import GPTConfig, block_config
 
 #: The plugin that registers each block a family may need (for the error when it is missing).
-PLUGIN_OF = {"moe": "mcore-moe"}
+PLUGIN_OF = {"moe": "mcore-moe", "gdn": "mcore-ssm", "mamba2": "mcore-ssm"}
 
 
 class HFBlocks:

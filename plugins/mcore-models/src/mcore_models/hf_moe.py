@@ -64,6 +64,12 @@ def _unsupported(cfg: GPTConfig, family: str) -> list[str]:
             problems.append("attention.qkv_bias/out_bias (mixtral has no attention bias)")
     if att.rotary_fraction != 1.0:
         problems.append(f"attention.rotary_fraction = {att.rotary_fraction} (needs 1.0)")
+    if att.no_rope:
+        problems.append("attention.no_rope = true (needs false; nemotron_h has NoPE attention)")
+    if att.output_gate:
+        problems.append("attention.output_gate = true (needs false; qwen3_next has gated attention)")
+    if att.qk_norm_zero_centered:
+        problems.append("attention.qk_norm_zero_centered = true (needs false)")
     if att.attention_scale is not None:
         problems.append(f"attention.attention_scale = {att.attention_scale} (needs none)")
     if cfg.mtp_num_layers:

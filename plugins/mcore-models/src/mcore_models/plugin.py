@@ -22,7 +22,7 @@ _BLOCKS = {
     ),
     "mla": ("mcore_models.blocks.mla:MLA", "multi-head latent attention (DeepSeek-V3), absorbed decode form"),
     "swiglu": ("mcore_models.blocks.mlp:SwiGLU", "SwiGLU MLP (separate gate/up; Triton activation on CUDA)"),
-    "gelu-mlp": ("mcore_models.blocks.mlp:GeluMLP", "two-layer GeLU MLP"),
+    "gelu-mlp": ("mcore_models.blocks.mlp:GeluMLP", "two-layer GeLU MLP (or squared ReLU: activation = relu2)"),
     "clamped-swiglu": ("mcore_models.blocks.mlp:ClampedSwiGLU", "SwiGLU with clamped gate and up projections"),
     "mtp": ("mcore_models.blocks.mtp:MTP", "multi-token prediction module (DeepSeek-V3 style)"),
 }
@@ -64,6 +64,14 @@ _HF_FAMILIES = {
     ),
     "qwen3_moe": ("mcore_models.hf_moe:QWEN3_MOE", "Qwen3MoeForCausalLM (QK-norm; MoE layers: the moe block) <-> gpt"),
     "mixtral": ("mcore_models.hf_moe:MIXTRAL", "MixtralForCausalLM (MoE layers: the moe block) <-> gpt"),
+    "qwen3_next": (
+        "mcore_models.hf_qwen3_next:QWEN3_NEXT",
+        "Qwen3NextForCausalLM (gated attention; gdn and moe layers through their blocks) <-> gpt",
+    ),
+    "nemotron_h": (
+        "mcore_models.hf_nemotron_h:NEMOTRON_H",
+        "NemotronHForCausalLM (mixer-only layers: mamba2 through its block, NoPE attention, squared-ReLU MLP) <-> gpt",
+    ),
 }
 
 

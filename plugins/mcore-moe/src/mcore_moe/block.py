@@ -6,9 +6,12 @@ token, E_l experts on this rank, M rows routed to them, F expert FFN size, F_s s
 ``forward``: the router picks K experts per token (``mcore_moe.router``), the dispatcher moves the rows
 to their experts (``allgather`` at ep=1: local, no communication; a layout swaps ``self.dispatcher`` and
 shards ``experts`` for ep > 1), the experts run as grouped GEMMs (``mcore_moe.experts``), the dispatcher
-combines the weighted outputs, and the shared experts (a dense SwiGLU over every token) are added.
+combines the weighted outputs, and the shared experts (a dense SwiGLU over every token) are added, scaled per
+token by ``sigmoid(shared_gate(x))`` with ``shared_expert_gate`` (Qwen3-Next's ``shared_expert_gate``).
 With ``chunk_tokens`` the routed rows go through the experts in chunks, each recomputed in backward,
 so at most one chunk's ``(rows, F)`` activations are alive (same result). Settings: ``[model.moe]``.
+Under an inference cache (``ctx.kv_cache`` set) the routed part runs ``mcore_moe.inference`` instead: dropless,
+static shapes (``allgatherv``, static grouped GEMMs), no host sync, no aux losses or counts (CUDA-graph capturable).
 Each training forward (not a recompute, not evaluation) counts the rows kept per expert, the dropped
 slots and the auxiliary losses; the step's counts are set aside after the optimizer step and, on the
 steps the run logs, ``step_metrics`` sums them over the ranks that saw distinct tokens
@@ -37,6 +40,7 @@ from mcore_moe.dispatcher import AllGatherDispatcher, AllGatherVDispatcher, AllT
 from mcore_moe.experts import GroupedSwiGLU, SwiGLU, storage_less
 from mcore_moe.hash_router import HashRouter, HashRouterConfig
 from mcore_moe.hf_map import MoEHF
+from mcore_moe.inference import inference_dispatcher, static_moe
 from mcore_moe.router import DROPPED, RouterConfig, TopKRouter, check_router, expert_counts
 
 #: Routers the block builds by name (``router``).
@@ -63,6 +67,9 @@ class MoEConfig(RouterConfig):
     """Shared experts every token goes through (one dense SwiGLU of num_shared_experts * shared_ffn_hidden_size)."""
     shared_ffn_hidden_size: int | None = None
     """Hidden size of each shared expert (none: moe_ffn_hidden_size)."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid of a learned (1, H) projection of the input
+    (Qwen3-Next); needs num_shared_experts >= 1."""
     dispatcher: str = "allgather"
     """Token dispatcher: 'allgather', 'alltoall' or 'allgatherv' (static shapes, no host sync; without an ep layout
     all are local)."""
@@ -88,6 +95,10 @@ class MoEConfig(RouterConfig):
             raise ConfigError(f"model.moe.router = {self.router!r}: allowed: {', '.join(ROUTERS)}")
         if self.router == "hash" and self.hash_vocab_size is None:
             raise ConfigError("model.moe.hash_vocab_size = None: router = 'hash' needs the vocabulary size")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ConfigError(
+                "model.moe.shared_expert_gate = true: needs num_shared_experts >= 1 (got 0); set it or the gate off"
+            )
         if self.dispatcher not in DISPATCHERS:
             raise ConfigError(f"model.moe.dispatcher = {self.dispatcher!r}: allowed: {', '.join(DISPATCHERS)}")
 
@@ -124,6 +135,8 @@ class MoE(nn.Module):
         self.experts = GroupedSwiGLU(c.num_experts, hidden_size, c.moe_ffn_hidden_size)
         shared_ffn = c.num_shared_experts * (c.shared_ffn_hidden_size or c.moe_ffn_hidden_size)
         self.shared_experts = SwiGLU(hidden_size, shared_ffn) if shared_ffn else None
+        #: (1, H): the shared experts' per-token sigmoid gate (``shared_expert_gate``)
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if c.shared_expert_gate else None
         self._counts: torch.Tensor | None = None  # this step's (E + 2 + A,): kept rows per expert, slots, dropped, aux
         self._last_step: torch.Tensor | None = None  # the same of the step that ended last
         self._aux_names: tuple[str, ...] = ()  # A: names of the auxiliary losses counted
@@ -141,7 +154,9 @@ class MoE(nn.Module):
     # -- declarations --------------------------------------------------------------------------
     def param_specs(self) -> dict[str, ParamSpec]:
         """Router ``(E, H)`` role ``router`` (replicated under TP); expert weights role ``expert`` (dim 0 the
-        experts): ``gate``/``up`` column-parallel, ``down`` row-parallel; the shared experts plain matrices."""
+        experts): ``gate``/``up`` column-parallel, ``down`` row-parallel; the shared experts plain matrices; the
+        shared experts' gate ``(1, H)`` role ``router`` (a per-token score, not a hidden matrix: Muon and muP leave it
+        alone), normal(``init_std``), replicated like the router."""
         std, out = Init("normal", std=self.shared.init_std), Init("normal", std=self.shared.out_std)
         specs = {
             "router.weight": ParamSpec("router", init=std, tp="replicate"),
@@ -155,6 +170,8 @@ class MoE(nn.Module):
                 "shared_experts.up.weight": ParamSpec("matrix", init=std, tp="column"),
                 "shared_experts.down.weight": ParamSpec("matrix", init=out, tp="row"),
             }
+        if self.shared_gate is not None:
+            specs["shared_gate.weight"] = ParamSpec("router", init=std, tp="replicate")  # a score, like the router
         return specs
 
     @torch.no_grad()
@@ -176,6 +193,7 @@ class MoE(nn.Module):
         """Active parameters only: the router, K experts and the shared experts per token (2 per multiply-add)."""
         c, h = self.config, self.shared.hidden_size
         shared = 3 * h * self.shared_experts.gate.out_features if self.shared_experts is not None else 0
+        shared += h if self.shared_gate is not None else 0
         return 2 * shape.tokens * (h * c.num_experts + c.top_k * 3 * h * c.moe_ffn_hidden_size + shared)
 
     # -- the network -----------------------------------------------------------------------------
@@ -183,8 +201,11 @@ class MoE(nn.Module):
         b, t, h = hidden.shape
         x = hidden.reshape(b * t, h)  # (N, H)
         token_ids = ctx.token_ids.reshape(-1) if ctx is not None and ctx.token_ids is not None else None
-        routing = self.router.route(x, token_ids, num_sequences=b)
-        aux = self.router.aux_losses()
+        planning = storage_less(x)
+        # under an inference cache: dropless routing, static shapes, no host sync (``mcore_moe.inference``)
+        inference = ctx is not None and ctx.kv_cache is not None and not planning
+        routing = self.router.route(x, token_ids, num_sequences=b, inference=inference)
+        aux = [] if inference else self.router.aux_losses()
         if self.token_group is not None and aux:  # each tp rank routed a share of the tokens: their mean
             from mcore_moe.comm import mean_over_ranks
 
@@ -193,15 +214,20 @@ class MoE(nn.Module):
             if ctx is None:
                 raise RuntimeError(f"moe: auxiliary loss {name!r} needs a BlockContext with an AuxLosses collector")
             ctx.add_aux_loss(name, loss)
-        planning = storage_less(x)
-        # ``mcore plan`` runs on tensors without storage, where a data-dependent shape cannot be known: the
-        # static-shape local dispatcher (N * min(K, E) rows, the dropless total) stands in for the real one
-        dispatcher = AllGatherVDispatcher(None, self.config.num_experts) if planning else self.dispatcher
-        result = dispatcher.dispatch(x, routing)
-        out = dispatcher.combine(self._experts(result, ctx), result)  # (N, H)
+        if inference:
+            out = static_moe(inference_dispatcher(self.dispatcher, self.config.num_experts), self.experts, x, routing)
+        else:
+            # ``mcore plan`` runs on tensors without storage, where a data-dependent shape cannot be known: the
+            # static-shape local dispatcher (N * min(K, E) rows, the dropless total) stands in for the real one
+            dispatcher = AllGatherVDispatcher(None, self.config.num_experts) if planning else self.dispatcher
+            result = dispatcher.dispatch(x, routing)
+            out = dispatcher.combine(self._experts(result, ctx), result)  # (N, H)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden).reshape(b * t, h)  # (B, T, H): tp may split its tokens
-        if not planning:
+            shared_out = self.shared_experts(hidden)  # (B, T, H): tp may split its tokens
+            if self.shared_gate is not None:  # per-token sigmoid gate (B, T, 1)
+                shared_out = shared_out * torch.sigmoid(self.shared_gate(hidden))
+            out = out + shared_out.reshape(b * t, h)
+        if not planning and not inference:
             self._record(routing.experts, [loss for _, loss in aux], ctx)
         return out.view(b, t, h).to(hidden.dtype)
 

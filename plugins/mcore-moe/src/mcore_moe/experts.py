@@ -73,9 +73,12 @@ def expert_linear(
 
 
 def storage_less(x: torch.Tensor) -> bool:
-    """``x`` has no memory behind it (meta, or a fake tensor of ``mcore plan``'s memory estimate): only shapes."""
+    """``x`` has no memory behind it (meta, or a fake tensor of ``mcore plan``'s memory estimate): only shapes.
+    Never while dynamo traces (``torch.compile``): its fake tensors stand for real ones."""
     from torch._subclasses.fake_tensor import is_fake
 
+    if torch.compiler.is_compiling():
+        return False
     return x.is_meta or is_fake(x)
 
 

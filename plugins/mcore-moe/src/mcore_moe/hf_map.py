@@ -2,7 +2,7 @@
 
 Shape legend: E routed experts, F expert FFN size, H hidden size, F_s shared FFN size.
 
-A model plugin's family (``deepseek_v3``, ``qwen3_moe``, ``mixtral``) maps the skeleton and hands this
+A model plugin's family (``deepseek_v3``, ``qwen3_moe``, ``mixtral``, ``qwen3_next``) maps the skeleton and hands this
 mapping the MoE layer's module (``model.layers.i.mlp.``, Mixtral's ``block_sparse_moe.``); this module
 maps ``[model.moe]`` <-> the MoE keys of ``config.json`` and the router, the experts and the shared
 experts <-> their tensors. Hugging Face stores expert ``i`` as its own matrices
@@ -17,6 +17,9 @@ Routing, per model type, exactly as ``transformers`` computes it:
   ``moe_intermediate_size`` each (one dense SwiGLU of ``F_s = n * F``).
 * ``qwen3_moe``: softmax over all experts, top-k, renormalised when ``norm_topk_prob``; no shared experts.
 * ``mixtral``: the same, always renormalised; the experts' FFN size is ``intermediate_size``.
+* ``qwen3_next``: routed as ``qwen3_moe``, plus one shared expert of ``shared_expert_intermediate_size``
+  (``shared_expert.*``) scaled per token by ``sigmoid(shared_expert_gate(x))`` (our ``shared_expert_gate``,
+  ``shared_gate.weight``).
 
 Hugging Face renormalises one chosen weight to 1 where our router (like Megatron's) keeps ``s`` at
 ``top_k = 1``: softmax routers then use ``softmax_after_topk`` (also exactly 1); DeepSeek's is refused.
@@ -37,13 +40,16 @@ if TYPE_CHECKING:  # block.py imports this module for ``MoE.hf``
     from mcore_moe.block import MoEConfig
 
 #: Model types this mapping reads and writes.
-MODEL_TYPES = ("deepseek_v3", "qwen3_moe", "mixtral")
+MODEL_TYPES = ("deepseek_v3", "qwen3_moe", "mixtral", "qwen3_next")
 #: Hugging Face's names of each expert's gate, up and down matrices.
 _EXPERT_NAMES = {
     "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
     "mixtral": ("w1", "w3", "w2"),
+    "qwen3_next": ("gate_proj", "up_proj", "down_proj"),
 }
+#: Where each model type keeps its shared experts (relative to the MoE module).
+_SHARED_MODULE = {"deepseek_v3": "shared_experts", "qwen3_next": "shared_expert"}
 _SHARED = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
 
 
@@ -71,7 +77,8 @@ def _aux_from_hf(hf: Mapping[str, Any], model_type: str) -> tuple[float, float]:
 
 
 class MoEHF:
-    """``mcore.hf.HFBlockMapping`` of the ``moe`` block for ``deepseek_v3``, ``qwen3_moe`` and ``mixtral``."""
+    """``mcore.hf.HFBlockMapping`` of the ``moe`` block for ``deepseek_v3``, ``qwen3_moe``, ``mixtral`` and
+    ``qwen3_next``."""
 
     # -- config ----------------------------------------------------------------------------------
     def config_from_hf(self, hf: Mapping[str, Any], model_type: str) -> MoEConfig:
@@ -115,6 +122,12 @@ class MoEHF:
         else:
             experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
             norm, ffn = bool(hf.get("norm_topk_prob", False)), hf["moe_intermediate_size"]
+        shared: dict[str, Any] = {}
+        if model_type == "qwen3_next":  # one gated shared expert, always present
+            size = hf.get("shared_expert_intermediate_size", 512)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"config.json shared_expert_intermediate_size = {size!r}: allowed: an int >= 1")
+            shared = dict(num_shared_experts=1, shared_ffn_hidden_size=size, shared_expert_gate=True)
         return MoEConfig(
             num_experts=experts,
             top_k=top_k,
@@ -124,6 +137,7 @@ class MoEHF:
             moe_ffn_hidden_size=ffn,
             aux_loss_coeff=aux,
             seq_aux_loss_coeff=seq_aux,
+            **shared,
         )
 
     def config_to_hf(self, config: MoEConfig, model_type: str) -> dict[str, Any]:
@@ -145,6 +159,8 @@ class MoEHF:
                 )
             if c.num_groups > 1 and c.num_experts // c.num_groups < 2:
                 problems.append(f"moe.num_groups = {c.num_groups} (deepseek_v3 needs at least 2 experts per group)")
+            if c.shared_expert_gate:
+                problems.append("moe.shared_expert_gate = true (deepseek_v3 has no shared-expert gate)")
             _refuse(model_type, problems)
             return {
                 "n_routed_experts": c.num_experts,
@@ -168,7 +184,12 @@ class MoEHF:
             problems.append(f"moe.num_groups = {c.num_groups} ({model_type} needs 1)")
         if c.routed_scaling_factor != 1.0:
             problems.append(f"moe.routed_scaling_factor = {c.routed_scaling_factor} ({model_type} needs 1.0)")
-        if c.num_shared_experts:
+        if model_type == "qwen3_next":
+            if c.num_shared_experts != 1:
+                problems.append(f"moe.num_shared_experts = {c.num_shared_experts} (qwen3_next has exactly 1)")
+            if not c.shared_expert_gate:
+                problems.append("moe.shared_expert_gate = false (qwen3_next gates its shared expert: needs true)")
+        elif c.num_shared_experts:
             problems.append(f"moe.num_shared_experts = {c.num_shared_experts} ({model_type} has none)")
         if model_type == "mixtral" and not _sums_to_one(c):
             problems.append(
@@ -179,6 +200,8 @@ class MoEHF:
         out: dict[str, Any] = {"num_experts_per_tok": c.top_k, "router_aux_loss_coef": c.aux_loss_coeff}
         if model_type == "mixtral":
             return out | {"num_local_experts": c.num_experts, "intermediate_size": c.moe_ffn_hidden_size}
+        if model_type == "qwen3_next":
+            out["shared_expert_intermediate_size"] = c.shared_ffn_hidden_size or c.moe_ffn_hidden_size
         return out | {
             "num_experts": c.num_experts,
             "moe_intermediate_size": c.moe_ffn_hidden_size,
@@ -201,10 +224,13 @@ class MoEHF:
         for ours, theirs in zip(("gate", "up", "down"), _EXPERT_NAMES[model_type], strict=True):
             per_expert = [take(f"experts.{e}.{theirs}.weight") for e in range(c.num_experts)]
             out[f"experts.{ours}"] = torch.stack(per_expert)  # (E, F, H) or (E, H, F)
-        if model_type == "deepseek_v3":
-            shared = {ours: take(f"shared_experts.{theirs}.weight") for ours, theirs in _SHARED}
+        if model_type in _SHARED_MODULE:
+            module = _SHARED_MODULE[model_type]
+            shared = {ours: take(f"{module}.{theirs}.weight") for ours, theirs in _SHARED}
             if c.num_shared_experts:  # n_shared_experts = 0: Hugging Face keeps empty (0, H) matrices
                 out |= {f"shared_experts.{ours}.weight": w for ours, w in shared.items()}
+        if model_type == "qwen3_next":
+            out["shared_gate.weight"] = take("shared_expert_gate.weight")  # (1, H)
         return out
 
     def state_to_hf(
@@ -219,14 +245,17 @@ class MoEHF:
         for ours, theirs in zip(("gate", "up", "down"), _EXPERT_NAMES[model_type], strict=True):
             stacked = state[f"experts.{ours}"]  # (E, F, H) or (E, H, F)
             out |= {f"experts.{e}.{theirs}.weight": stacked[e].clone() for e in range(c.num_experts)}
-        if model_type == "deepseek_v3":
+        if model_type in _SHARED_MODULE:
+            module = _SHARED_MODULE[model_type]
             for ours, theirs in _SHARED:
                 key = f"shared_experts.{ours}.weight"
                 if key in state:
-                    out[f"shared_experts.{theirs}.weight"] = state[key]
+                    out[f"{module}.{theirs}.weight"] = state[key]
                 else:  # no shared experts: Hugging Face's zero-width MLP
                     rows, cols = (0, _hidden_size(state)) if ours != "down" else (_hidden_size(state), 0)
-                    out[f"shared_experts.{theirs}.weight"] = state["router.weight"].new_empty(rows, cols)
+                    out[f"{module}.{theirs}.weight"] = state["router.weight"].new_empty(rows, cols)
+        if model_type == "qwen3_next":
+            out["shared_expert_gate.weight"] = state["shared_gate.weight"]
         return out
 
 

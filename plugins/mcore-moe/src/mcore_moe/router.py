@@ -224,10 +224,16 @@ class TopKRouter(nn.Module):
 
     # -- routing ---------------------------------------------------------------------------------
     def route(
-        self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None, *, num_sequences: int = 1
+        self,
+        hidden: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        *,
+        num_sequences: int = 1,
+        inference: bool = False,
     ) -> RoutingDecision:
         """``hidden`` ``(N, H)`` -> the ``RoutingDecision``; ``num_sequences`` rows of ``N / S`` tokens each
-        (for the sequence aux loss). Records the call's aux losses and, in training, its load."""
+        (for the sequence aux loss). Records the call's aux losses and, in training, its load. ``inference``:
+        dropless whatever ``capacity_factor`` (no slot dropped), no aux losses, no load counted (no bias update)."""
         c = self.config
         logits = F.linear(hidden.float(), self.weight.float())  # (N, E) fp32
         scores = scores_of(logits, c.score_function)  # (N, E)
@@ -246,6 +252,9 @@ class TopKRouter(nn.Module):
                 weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * c.routed_scaling_factor
 
+        if inference:
+            self._aux = []
+            return RoutingDecision(experts=experts, weights=weights, num_experts=c.num_experts)
         self._aux = self._losses(logits, scores, experts, num_sequences)
         if self.training and torch._C._current_graph_task_id() == -1:  # not a recompute during backward
             self.step_load += expert_counts(experts, c.num_experts)

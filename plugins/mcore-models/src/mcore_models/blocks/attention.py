@@ -5,9 +5,11 @@ Shape legend: B rows, T tokens, H hidden, nh query heads, nkv key/value heads, h
 Notable: separate ``q``, ``k`` and ``v`` projections (as Hugging Face stores them), so tensor
 parallelism shards each by rows into whole heads, and ``forward`` reads the head counts from the
 tensors it gets (a rank holding some of the heads runs the same code); optional QK-norm (RMSNorm
-over each head's dims, before RoPE), optional sliding window, biases on Q/K/V and/or the output,
-per-document positions for packed rows. Under an inference cache (``ctx.kv_cache``, the engine's step of new
-tokens) it appends the step's keys and values (after QK-norm and RoPE) to the layer's pages and attends over
+over each head's dims, before RoPE; ``1 + w`` scales with ``qk_norm_zero_centered``), optional sliding window,
+biases on Q/K/V and/or the output, per-document positions for packed rows, an optional sigmoid output gate
+(``output_gate``, Qwen3-Next's gated attention: ``out(attn * sigmoid(gate(x)))``, ``gate`` a query-sized
+projection of its own, split into heads like ``q``). Under an inference cache (``ctx.kv_cache``, the engine's
+step of new tokens) it appends the step's keys and values (after QK-norm and RoPE) to the layer's pages and attends over
 them (``cache_spec`` says what it keeps). The attention itself is a seam: ``q``, ``k``, ``v`` go to
 ``ctx.attention`` (a layout's ring attention, the engine's paged attention, the run's choice) or else
 to the block's default backend (``auto``: FlexAttention for packed documents and windows on CUDA, SDPA
@@ -64,10 +66,18 @@ class Attention(Block):
         """RMSNorm over each query and key head before RoPE."""
         norm_eps: float = 1e-5
         """Epsilon of the QK-norm (finite, > 0)."""
+        qk_norm_zero_centered: bool = False
+        """QK-norm scales stored as gamma - 1 (effective scale 1 + w, initialised to 0), as Qwen3-Next's."""
+        output_gate: bool = False
+        """Gated attention (Qwen3-Next): the heads' output times sigmoid of a query-sized projection of the
+        input (``gate``, with the q/k/v bias setting), before the output projection."""
         sliding_window: int | None = None
         """Each token sees at most this many tokens, itself included (none: the whole row)."""
         attention_scale: float | None = None
         """Softmax scale of the scores (none: 1/sqrt(head_dim), or 1/head_dim under muP)."""
+        no_rope: bool = False
+        """No positional encoding (NoPE, as Nemotron-H's attention layers): queries and keys are not rotated and
+        the rope_* keys are unused."""
 
         def __post_init__(self) -> None:
             for key in ("num_heads", "num_kv_heads", "head_dim", "sliding_window", "norm_eps", "attention_scale"):
@@ -90,7 +100,8 @@ class Attention(Block):
         self.k = nn.Linear(hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.v = nn.Linear(hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.out = nn.Linear(q_dim, hidden_size, bias=cfg.out_bias)
-        norm_cfg = RMSNorm.Config(norm_eps=cfg.norm_eps)
+        self.gate = nn.Linear(hidden_size, q_dim, bias=cfg.qkv_bias) if cfg.output_gate else None
+        norm_cfg = RMSNorm.Config(norm_eps=cfg.norm_eps, zero_centered_gamma=cfg.qk_norm_zero_centered)
         self.q_norm = RMSNorm(norm_cfg, hidden_size=self.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(norm_cfg, hidden_size=self.head_dim) if cfg.qk_norm else nn.Identity()
         self.rotary = Rotary(cfg, self.head_dim)
@@ -100,14 +111,15 @@ class Attention(Block):
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
-        """``q``, ``k``, ``v`` rows (and bias entries) are heads of ``head_dim`` rows each; ``out`` is a plain
-        matrix. Inits: normal(``init_std``) for q/k/v, normal(``output_init_std``) for ``out``, zero biases
-        (the QK-norm scales are ones). Tensor parallelism: q/k/v ``column`` in whole heads (``forward``
+        """``q``, ``k``, ``v`` (and ``gate``) rows (and bias entries) are heads of ``head_dim`` rows each; ``out`` is a
+        plain matrix. Inits: normal(``init_std``) for q/k/v/gate, normal(``output_init_std``) for ``out``, zero
+        biases (the QK-norm scales are ones, zeros when zero-centred). Tensor parallelism: q/k/v/gate ``column`` in
+        whole heads (``forward``
         counts heads with ``-1``), ``out`` ``row`` (its bias ``replicate``); the QK-norm scales ``partial``
         (whole on every rank, each rank's gradient from its own heads: the layout sums them)."""
         specs: dict[str, ParamSpec] = {}
         std = self.shared.init_std
-        for name in ("q", "k", "v"):
+        for name in ("q", "k", "v") + (("gate",) if self.gate is not None else ()):
             specs |= prefixed(
                 name, linear_specs(getattr(self, name), "matrix", std, head_rows=self.head_dim, tp="column")
             )
@@ -119,22 +131,27 @@ class Attention(Block):
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         batch, seq, _ = hidden.shape
         # head counts come from the projections' outputs: a tensor-parallel rank holds some of the heads
-        q, k, v = project(hidden, (self.q, self.k, self.v))  # one GEMM while the weights are plain tensors
+        linears = (self.q, self.k, self.v) if self.gate is None else (self.q, self.k, self.v, self.gate)
+        q, k, v, *gate = project(hidden, linears)  # one GEMM while the weights are plain tensors
         q = self.q_norm(q.view(batch, seq, -1, self.head_dim))  # (B, T, nh, hd)
         k = self.k_norm(k.view(batch, seq, -1, self.head_dim))  # (B, T, nkv, hd)
         v = v.view(batch, seq, -1, self.head_dim)  # (B, T, nkv, hd)
-        cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, rd/2)
-        q, k = apply_rope(q, k, cos, sin)
+        if not self.config.no_rope:
+            cos, sin = self.rotary(row_positions(hidden, ctx))  # (B, T, rd/2)
+            q, k = apply_rope(q, k, cos, sin)
         if ctx.kv_cache is not None:  # inference: store the step's keys/values; the backend reads the pages
             dtype = self.k.weight.dtype
             ctx.kv_cache.append(ctx.layer_index, k.flatten(0, 1).to(dtype), v.flatten(0, 1).to(dtype))  # (N, nkv, hd)
         window, default = self.config.sliding_window, self.default_attention
         out = attend(q, k, v, ctx=ctx, scale=self.scale, window=window, default=default)  # (B, T, nh, hd)
-        return self.out(out.reshape(batch, seq, -1))  # (B, T, H)
+        out = out.reshape(batch, seq, -1)  # (B, T, nh*hd)
+        if gate:  # gated attention: each output element times sigmoid of its gate
+            out = out * torch.sigmoid(gate[0])
+        return self.out(out)  # (B, T, H)
 
     def fused_groups(self) -> list[tuple[nn.Linear, ...]]:
         """The linears projected in one GEMM (``GPT.pack_for_inference`` lays them out back to back)."""
-        return [(self.q, self.k, self.v)]
+        return [(self.q, self.k, self.v) if self.gate is None else (self.q, self.k, self.v, self.gate)]
 
     def cache_spec(self) -> AttentionCacheSpec:
         """What the inference cache keeps per token (``DeclaresCache``): this module's key/value heads (a
@@ -153,6 +170,7 @@ class Attention(Block):
     def flops(self, shape: FlopsShape) -> int:
         hidden = self.q.in_features
         rows = self.q.out_features + self.k.out_features + self.v.out_features + self.out.in_features
+        rows += self.gate.out_features if self.gate is not None else 0
         projections = 2 * shape.tokens * hidden * rows
         scores = 2 * 2 * shape.attended * self.num_heads * self.head_dim  # QK^T and PV
         return projections + scores

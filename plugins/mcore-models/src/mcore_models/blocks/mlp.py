@@ -1,4 +1,4 @@
-"""Feed-forward blocks: SwiGLU, GeLU MLP and clamped SwiGLU.
+"""Feed-forward blocks: SwiGLU, GeLU MLP (or squared ReLU) and clamped SwiGLU.
 
 Shape legend: B rows, T tokens, H hidden, F ``ffn_hidden_size``.
 
@@ -33,6 +33,8 @@ from mcore_models.kernels.swiglu import clamped_swiglu_reference, swiglu, swiglu
 
 #: Values of ``gelu_approximate`` (``torch.nn.functional.gelu``'s ``approximate``).
 GELU_APPROXIMATIONS = ("none", "tanh")
+#: Values of ``gelu-mlp``'s ``activation``: GeLU, or squared ReLU ``relu(x)^2`` (Nemotron-H's MLPs).
+TWO_LAYER_ACTIVATIONS = ("gelu", "relu2")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -144,22 +146,31 @@ class ClampedSwiGLU(_Gated):
 
 
 class GeluMLP(Block):
-    """``down(gelu(up(x)))`` (GPT-2 style); ``gelu_approximate`` is ``none`` or ``tanh``."""
+    """``down(gelu(up(x)))`` (GPT-2 style); ``gelu_approximate`` is ``none`` or ``tanh``. With ``activation =
+    "relu2"``: ``down(relu(up(x))^2)`` (squared ReLU, Nemotron-H's MLP layers)."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(MLPConfig):
         gelu_approximate: str = "none"
         """'none' (exact GeLU) or 'tanh' (the tanh approximation)."""
+        activation: str = "gelu"
+        """'gelu', or 'relu2' (squared ReLU, as Nemotron-H's MLPs; gelu_approximate must then be 'none')."""
 
         def __post_init__(self) -> None:
             check_mlp(self)
             check_choice("mlp", "gelu_approximate", self.gelu_approximate, GELU_APPROXIMATIONS)
+            check_choice("mlp", "activation", self.activation, TWO_LAYER_ACTIVATIONS)
+            if self.activation == "relu2" and self.gelu_approximate != "none":
+                raise ValueError(
+                    f"gelu_approximate = {self.gelu_approximate!r} with activation = 'relu2': allowed only 'none'"
+                )
 
     def __init__(self, config: Config | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
         super().__init__()
         config = self.config = config or self.Config()
         self.shared = shared or BlockShared(hidden_size=hidden_size)
         self.approximate = config.gelu_approximate
+        self.squared_relu = config.activation == "relu2"
         self.up = nn.Linear(hidden_size, config.ffn_hidden_size, bias=config.mlp_bias)
         self.down = nn.Linear(config.ffn_hidden_size, hidden_size, bias=config.mlp_bias)
         self.reset_parameters()
@@ -168,7 +179,10 @@ class GeluMLP(Block):
         return _specs(self, ("up",))
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
-        return self.down(F.gelu(self.up(hidden), approximate=self.approximate))  # (B, T, F) -> (B, T, H)
+        up = self.up(hidden)  # (B, T, F)
+        if self.squared_relu:
+            return self.down(torch.square(F.relu(up)))  # (B, T, H)
+        return self.down(F.gelu(up, approximate=self.approximate))
 
     def flops(self, shape: FlopsShape) -> int:
         return 2 * shape.tokens * (_matmul_size(self.up) + _matmul_size(self.down))

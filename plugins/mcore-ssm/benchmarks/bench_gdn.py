@@ -1,0 +1,167 @@
+"""The chunked gated delta rule, forward and forward + backward: our Triton kernel against the torch references and fla.
+
+Usage (GPU): ``python bench_gdn.py [--batch 8 --seq 4096 --qk-heads 16 --v-heads 32 --head-dim 128 --docs 1]``.
+Smoke test anywhere: ``python bench_gdn.py --device cpu --tiny`` (tiny shapes, fp32, no Triton).
+
+Candidates, each on the same inputs (bf16 on CUDA): q, k ``(B, T, hk, dk)`` L2-normalised, v ``(B, T, hv, dv)``,
+``g = -softplus`` decay and ``beta = sigmoid``, ``--docs`` equal documents per row (``cu_seqlens``):
+
+* ``triton``: ``mcore_ssm.gdn_triton.gated_delta_rule_triton`` (Triton forward and backward; the backward
+  differentiates the per-chunk terms in torch, batched);
+* ``torch_chunked``: ``mcore_ssm.gdn_reference.chunk_gated_delta_rule`` eager;
+* ``torch_chunked_compiled``: the same under ``torch.compile`` (the issue's baseline: goal >= 3x);
+* ``fla``: ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (the ``fla-core`` wheel) when it imports, q and k
+  repeated to the value heads beforehand (outside the timing).
+
+Timing: ``mcore_testing.bench.interleaved`` (warm-up, then rotated rounds between CUDA events). TFLOP/s counts
+the chunked form's multiply-adds per token and value head, ``2 (3 C dk + 2 C dv + 3 dk dv)`` forward, backward
+twice that. Each candidate's output is checked against ``torch_chunked`` (fp32 rel error). One JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mcore_ssm.gdn_reference import chunk_gated_delta_rule
+from mcore_testing.bench import emit, interleaved, rel_error, run_header, timing_row, write_lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and few repeats (smoke test)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--docs", type=int, default=1, help="equal documents per row")
+    parser.add_argument("--qk-heads", type=int, default=16)
+    parser.add_argument("--v-heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128, help="dk = dv")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--fwd-only", action="store_true")
+    parser.add_argument("--only", nargs="*", default=None, help="candidates to run (default: all available)")
+    parser.add_argument("--out", default=None, help="also write the JSON lines here")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch, args.seq, args.qk_heads, args.v_heads, args.head_dim = 1, 160, 1, 2, 16
+        args.repeats, args.iters, args.warmup = 2, 1, 1
+    if args.seq % args.docs or args.v_heads % args.qk_heads:
+        parser.error("--docs must divide --seq and --qk-heads must divide --v-heads")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu --tiny for a smoke test")
+    return args
+
+
+def make_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    b, t, hk, hv, d = args.batch, args.seq, args.qk_heads, args.v_heads, args.head_dim
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    q = F.normalize(randn(b, t, hk, d), dim=-1).to(dtype)
+    k = F.normalize(randn(b, t, hk, d), dim=-1).to(dtype)
+    v = randn(b, t, hv, d).to(dtype)
+    g = -F.softplus(randn(b, t, hv)) * 0.3  # fp32, as the block passes it
+    beta = torch.sigmoid(randn(b, t, hv))
+    per_doc = t // args.docs
+    cu = torch.arange(0, b * t + 1, per_doc, dtype=torch.int32, device=device) if args.docs > 1 else None
+    return {"q": q, "k": k, "v": v, "g": g, "beta": beta, "cu_seqlens": cu}
+
+
+def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
+    found: dict[str, Callable[..., torch.Tensor]] = {}
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from mcore_ssm.gdn_triton import gated_delta_rule_triton
+
+        found["triton"] = lambda q, k, v, g, beta, cu_seqlens: gated_delta_rule_triton(
+            q, k, v, g, beta, cu_seqlens=cu_seqlens
+        )[0]
+    found["torch_chunked"] = lambda q, k, v, g, beta, cu_seqlens: chunk_gated_delta_rule(
+        q, k, v, g, beta, cu_seqlens=cu_seqlens
+    )[0]
+    compiled = torch.compile(chunk_gated_delta_rule)
+    found["torch_chunked_compiled"] = lambda q, k, v, g, beta, cu_seqlens: compiled(
+        q, k, v, g, beta, cu_seqlens=cu_seqlens
+    )[0]
+    if device.type == "cuda" and importlib.util.find_spec("fla") is not None:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_rule
+
+        def fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, beta, cu_seqlens) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            b, t = v.shape[:2]
+            flat = (lambda x: x.flatten(0, 1)[None]) if cu_seqlens is not None else (lambda x: x)
+            out, _ = fla_rule(
+                flat(q),
+                flat(k),
+                flat(v),
+                flat(g),
+                flat(beta),
+                cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
+            )
+            return out.view(b, t, *out.shape[2:])
+
+        found["fla"] = fla
+    if args.only:
+        found = {name: fn for name, fn in found.items() if name in args.only}
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    inputs = make_inputs(args, device, dtype)
+    hv, d, chunk = args.v_heads, args.head_dim, 64
+    tokens = args.batch * args.seq
+    fwd_flops = 2 * tokens * hv * (3 * chunk * d + 2 * chunk * d + 3 * d * d)
+    lines: list[dict[str, Any]] = []
+    emit(
+        lines, run_header(device, dtype, **{k: v for k, v in vars(args).items() if k not in ("out", "only", "device")})
+    )
+    fns = candidates(args, device)
+    group = max(1, args.v_heads // args.qk_heads)
+
+    def call(name: str, grad: bool) -> Callable[[], torch.Tensor]:
+        fn = fns[name]
+        given = dict(inputs)
+        if name == "fla":  # fla's own head layout: one q/k head per value head
+            given["q"] = given["q"].repeat_interleave(group, dim=2)
+            given["k"] = given["k"].repeat_interleave(group, dim=2)
+        leaves = {n: t.detach().requires_grad_(grad) for n, t in given.items() if n != "cu_seqlens"}
+        probe = torch.randn_like(inputs["v"])
+
+        def step() -> torch.Tensor:
+            out = fn(**leaves, cu_seqlens=given["cu_seqlens"])
+            if grad:
+                torch.autograd.backward(out, probe)
+                for t in leaves.values():
+                    t.grad = None
+            return out.detach()
+
+        return step
+
+    for mode, grad, flops in (("fwd", False, fwd_flops), ("fwd+bwd", True, 3 * fwd_flops)):
+        if grad and args.fwd_only:
+            continue
+        steps = {name: call(name, grad) for name in fns}
+        with torch.set_grad_enabled(grad):
+            results = interleaved(steps, repeats=args.repeats, iters=args.iters, warmup=args.warmup, device=device)
+        reference = results["torch_chunked"]["output"] if "torch_chunked" in results else None
+        for name, result in results.items():
+            row = {"candidate": name, "mode": mode, **timing_row(result["times"]), "peak_mib": result["peak_mib"]}
+            row["tflops"] = round(flops / (row["median_ms"] * 1e-3) / 1e12, 3)
+            if reference is not None:
+                row["rel_error_vs_torch_chunked"] = rel_error(result["output"].float(), reference.float())
+            emit(lines, row)
+    write_lines(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()

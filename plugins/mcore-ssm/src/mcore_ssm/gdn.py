@@ -1,0 +1,311 @@
+"""Gated DeltaNet (``gdn``): a recurrent token mixer with the gated delta rule, as in Qwen3-Next's linear layers.
+
+Shape legend: B rows, T tokens, H hidden, N = B * T, S sequences (rows, or documents under ``cu_seqlens``),
+hk query/key heads, hv value heads (a multiple of hk), dk key dim, dv value dim, K conv width.
+
+Notable: separate ``q``, ``k``, ``v``, ``z`` (output gate), ``b`` (beta) and ``a`` (decay) projections, so
+tensor parallelism splits each by rows into whole heads, and ``forward`` counts heads from the tensors it
+gets (a rank holding some heads runs the same code; value head ``i`` reads query/key head
+``i // (hv // hk)``, so a contiguous split keeps each group on one rank; with fewer query/key heads than
+ranks the layout keeps q/k whole and each rank reads its group's rows). The conv filters and ``A_log``
+are ``PerChannel`` (an ``nn.Linear``'s weight) so the layout splits them with their heads. Causal
+depthwise conv1d + SiLU on q, k, v (one filter per projection, no window across documents), L2-normalised
+q and k (eps 1e-6), ``beta = sigmoid(b)``, decay ``g = -exp(A_log) * softplus(a + dt_bias)`` (``dt_bias``
+is the ``a`` projection's bias), the gated delta rule (chunked WY form, fp32 state; ``mcore_ssm.gdn_kernels``
+picks the Triton kernels on CUDA or the torch reference), a gated RMSNorm per value head with ``z``
+(normalise, then ``* silu(z)``; one ``(dv,)`` scale shared by the heads), and the output projection.
+
+Hugging Face Qwen3-Next (``Qwen3NextGatedDeltaNet``) names: ``in_proj_qkvz`` holds, per query/key head, the rows
+``[q (dk) | k (dk) | v (r * dv) | z (r * dv)]`` (``r = hv // hk``) and ``in_proj_ba`` per query/key head ``[b (r) |
+a (r)]``: regrouped they are ``q``, ``k``, ``v``, ``z``, ``b``, ``a``; ``conv1d.weight (C, 1, K)`` over the channels
+``[q | k | v]`` is ``conv_q``/``conv_k``/``conv_v``; ``dt_bias`` is ``a.bias``; ``A_log (hv,)`` is ``A_log.weight
+(hv, 1)``; ``norm.weight`` is ``norm_weight`` (ones-centred, not zero-centred); ``out_proj`` is ``out``.
+
+State: per sequence ``{"conv_q": (hk*dk, K-1), "conv_k": (hk*dk, K-1), "conv_v": (hv*dv, K-1)}`` in the
+parameters' dtype (the last ``K - 1`` pre-conv inputs) and ``"ssm": (hv, dk, dv)`` fp32 (``state_shapes``,
+``cache_spec``). ``forward_with_state`` runs a step from given states and returns the final ones (prefill,
+an engine step of packed sequences); ``step`` is the one-token decode update; ``forward`` under an
+inference cache (``ctx.kv_cache``) reads and writes the states there (``RecurrentStateCache``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcore.params import Init, ParamSpec
+from mcore.protocols.block import BlockContext, BlockShared, FlopsShape, RecurrentStateSpec
+from mcore_ssm.block_utils import (
+    PerChannel,
+    check_positive_float,
+    check_positive_int,
+    draw_declared_,
+    project,
+)
+from mcore_ssm.conv import causal_conv1d, causal_conv1d_step
+from mcore_ssm.gdn_kernels import KERNELS, gated_delta_rule
+from mcore_ssm.gdn_reference import gated_delta_rule_step
+from mcore_ssm.hf_map import GatedDeltaNetHF
+from mcore_ssm.norm import gated_rms_norm
+from mcore_ssm.packing import documents
+
+#: The names of a sequence's state tensors (``state_shapes``).
+STATE_NAMES: tuple[str, ...] = ("conv_q", "conv_k", "conv_v", "ssm")
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim, in fp32 (fp64 stays fp64); ``x``'s dtype out."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet token mixer; ``forward(hidden (B, T, H), ctx) -> (B, T, H)``."""
+
+    hf = GatedDeltaNetHF()  # its part of a Hugging Face checkpoint (mcore.hf.HFBlockMapping), found by model families
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        num_qk_heads: int = 4
+        """Query/key heads (Qwen3-Next: linear_num_key_heads)."""
+        num_v_heads: int | None = None
+        """Value heads, a multiple of num_qk_heads (none: num_qk_heads; Qwen3-Next: linear_num_value_heads)."""
+        head_k_dim: int | None = None
+        """Dims per query/key head (none: hidden_size // num_v_heads)."""
+        head_v_dim: int | None = None
+        """Dims per value head (none: head_k_dim)."""
+        conv_kernel: int = 4
+        """Width of the causal depthwise conv on q, k, v (>= 2)."""
+        norm_eps: float = 1e-6
+        """Epsilon of the gated RMSNorm on the output (finite, > 0)."""
+        chunk_size: int = 64
+        """Tokens per chunk of the chunked gated delta rule."""
+        out_bias: bool = False
+        """Bias on the output projection."""
+        kernel: str = "auto"
+        """Chunked rule: 'auto' (Triton kernels on CUDA with chunk_size 64, else torch), 'torch' or 'triton'."""
+
+        def __post_init__(self) -> None:
+            for key in ("num_qk_heads", "conv_kernel", "chunk_size"):
+                check_positive_int(key, getattr(self, key))
+            for key in ("num_v_heads", "head_k_dim", "head_v_dim"):
+                check_positive_int(key, getattr(self, key), allow_none=True)
+            check_positive_float("norm_eps", self.norm_eps)
+            if self.kernel not in KERNELS:
+                raise ValueError(f"kernel = {self.kernel!r}; allowed: {', '.join(KERNELS)}")
+            if self.conv_kernel < 2:
+                raise ValueError(f"conv_kernel = {self.conv_kernel}; allowed: an int >= 2")
+            if self.num_v_heads is not None and self.num_v_heads % self.num_qk_heads:
+                raise ValueError(
+                    f"num_v_heads = {self.num_v_heads}; allowed: a multiple of num_qk_heads = {self.num_qk_heads}"
+                )
+
+    def __init__(self, config: Config | None = None, *, hidden_size: int, shared: BlockShared | None = None) -> None:
+        super().__init__()
+        cfg = self.config = config or self.Config()
+        self.shared = shared or BlockShared(hidden_size=hidden_size)
+        hk = cfg.num_qk_heads
+        hv = cfg.num_v_heads or hk
+        if cfg.head_k_dim is None and hidden_size % hv:
+            raise ValueError(f"num_v_heads = {hv}: must divide hidden_size = {hidden_size}, or set head_k_dim")
+        self.head_k_dim = dk = cfg.head_k_dim or hidden_size // hv
+        self.head_v_dim = dv = cfg.head_v_dim or dk
+        self.q = nn.Linear(hidden_size, hk * dk, bias=False)
+        self.k = nn.Linear(hidden_size, hk * dk, bias=False)
+        self.v = nn.Linear(hidden_size, hv * dv, bias=False)
+        self.z = nn.Linear(hidden_size, hv * dv, bias=False)  # output gate
+        self.b = nn.Linear(hidden_size, hv, bias=False)  # beta = sigmoid(b)
+        self.a = nn.Linear(hidden_size, hv, bias=True)  # decay input; its bias is dt_bias
+        self.conv_q = PerChannel(hk * dk, cfg.conv_kernel)  # (hk*dk, K)
+        self.conv_k = PerChannel(hk * dk, cfg.conv_kernel)  # (hk*dk, K)
+        self.conv_v = PerChannel(hv * dv, cfg.conv_kernel)  # (hv*dv, K)
+        self.A_log = PerChannel(hv, 1)  # (hv, 1): A = exp(A_log) > 0
+        self.norm_weight = nn.Parameter(torch.ones(dv))  # gated RMSNorm scale, shared by the value heads
+        self.out = nn.Linear(hv * dv, hidden_size, bias=cfg.out_bias)
+        self.reset_parameters()
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """Inits: projections normal(``init_std``), ``out`` normal(``output_init_std``), conv filters
+        uniform(+-1/sqrt(K)) (``nn.Conv1d``'s default), ``A_log`` uniform(0, log 16) (A in [1, 16]),
+        ``dt_bias`` (``a.bias``) ones, the norm scale ones. Roles: the projections are matrices; conv
+        filters, ``A_log`` and ``dt_bias`` are ``bias`` (per-channel vectors: AdamW, no weight decay).
+        Tensor parallelism: every projection and per-channel parameter ``column`` in whole heads (rows per
+        head: dk, dv or 1), ``out`` ``row``, the norm scale ``partial`` (each rank's gradient from its heads)."""
+        std, dk, dv = self.shared.init_std, self.head_k_dim, self.head_v_dim
+        bound = 1.0 / math.sqrt(self.config.conv_kernel)
+        conv_init = Init("uniform", a=-bound, b=bound)
+        specs = {
+            "q.weight": ParamSpec("matrix", head_rows=dk, init=Init("normal", std=std), tp="column"),
+            "k.weight": ParamSpec("matrix", head_rows=dk, init=Init("normal", std=std), tp="column"),
+            "v.weight": ParamSpec("matrix", head_rows=dv, init=Init("normal", std=std), tp="column"),
+            "z.weight": ParamSpec("matrix", head_rows=dv, init=Init("normal", std=std), tp="column"),
+            "b.weight": ParamSpec("matrix", head_rows=1, init=Init("normal", std=std), tp="column"),
+            "a.weight": ParamSpec("matrix", head_rows=1, init=Init("normal", std=std), tp="column"),
+            "a.bias": ParamSpec("bias", head_rows=1, init=Init("ones"), tp="column"),
+            "conv_q.weight": ParamSpec("bias", head_rows=dk, init=conv_init, tp="column"),
+            "conv_k.weight": ParamSpec("bias", head_rows=dk, init=conv_init, tp="column"),
+            "conv_v.weight": ParamSpec("bias", head_rows=dv, init=conv_init, tp="column"),
+            "A_log.weight": ParamSpec("bias", head_rows=1, init=Init("uniform", a=0.0, b=math.log(16.0)), tp="column"),
+            "norm_weight": ParamSpec("norm", init=Init("ones"), tp="partial"),
+            "out.weight": ParamSpec("matrix", init=Init("normal", std=self.shared.out_std), tp="row"),
+        }
+        if self.out.bias is not None:
+            specs["out.bias"] = ParamSpec("bias", init=Init("zeros"), tp="replicate")
+        return specs
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        draw_declared_(self, generator)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------------------------------------- forward
+
+    def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        if ctx.kv_cache is None:
+            return self.forward_with_state(hidden, ctx, None, return_state=False)[0]
+        cache = ctx.kv_cache  # inference: this step's new tokens of each sequence, packed (cu_seqlens)
+        states = cache.recurrent_state(ctx.layer_index)
+        out, final = self.forward_with_state(hidden, ctx, states, return_state=True)
+        assert final is not None
+        dtypes = {name: dtype for name, (_, dtype) in self.state_shapes().items()}
+        cache.set_recurrent_state(ctx.layer_index, {name: t.to(dtypes[name]) for name, t in final.items()})
+        return out
+
+    def forward_with_state(
+        self,
+        hidden: torch.Tensor,
+        ctx: BlockContext,
+        state: Mapping[str, torch.Tensor] | None,
+        *,
+        return_state: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """``hidden (B, T, H)`` from ``state`` (``{name: (S, *shape)}`` as ``state_shapes``, one per row, or per
+        document under ``ctx.cu_seqlens``; ``None``: zeros) -> ``(out (B, T, H), final state or None)``."""
+        batch, seq, _ = hidden.shape
+        dk, dv, cu = self.head_k_dim, self.head_v_dim, ctx.cu_seqlens
+        segments = documents(batch, seq, cu, hidden.device) if cu is not None else None  # once for the block
+        q, k, v, z, b, a = project(hidden, (self.q, self.k, self.v, self.z, self.b, self.a))
+        state = dict(state) if state is not None else {}
+        finals: dict[str, torch.Tensor] = {}
+        mixed = []
+        for name, x, conv in (("conv_q", q, self.conv_q), ("conv_k", k, self.conv_k), ("conv_v", v, self.conv_v)):
+            weight = conv.local_weight()  # (C, K): this rank's channels
+            self._check_channels(name, x, weight)
+            y, last = causal_conv1d(
+                x,
+                weight,
+                cu_seqlens=cu,
+                initial_state=state.get(name),
+                return_final_state=return_state,
+                segments=segments,
+            )  # (B, T, C)
+            mixed.append(y)
+            if last is not None:
+                finals[name] = last
+        q = l2_normalize(mixed[0].unflatten(-1, (-1, dk)))  # (B, T, hk, dk)
+        k = l2_normalize(mixed[1].unflatten(-1, (-1, dk)))  # (B, T, hk, dk)
+        v = mixed[2].unflatten(-1, (-1, dv))  # (B, T, hv, dv)
+        beta, g = self._gates(b, a)  # (B, T, hv) each, fp32
+        o, ssm = gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=state.get("ssm"),
+            cu_seqlens=cu,
+            output_final_state=return_state,
+            chunk_size=self.config.chunk_size,
+            kernel=self.config.kernel,
+            segments=segments,
+        )  # (B, T, hv, dv)
+        out = self._output(o, z)  # (B, T, H)
+        if ssm is None:
+            return out, None
+        finals["ssm"] = ssm  # fp32 (fp64 for fp64 inputs)
+        return out, finals
+
+    def step(
+        self, hidden: torch.Tensor, state: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One new token per sequence (decode): ``hidden (S, H)``, ``state {name: (S, *shape)}`` ->
+        ``(out (S, H), new state)``; the given state tensors are not modified."""
+        dk, dv = self.head_k_dim, self.head_v_dim
+        q, k, v, z, b, a = project(hidden, (self.q, self.k, self.v, self.z, self.b, self.a))
+        new: dict[str, torch.Tensor] = {}
+        mixed = []
+        for name, x, conv in (("conv_q", q, self.conv_q), ("conv_k", k, self.conv_k), ("conv_v", v, self.conv_v)):
+            weight = conv.local_weight()  # (C, K)
+            self._check_channels(name, x, weight)
+            y, new[name] = causal_conv1d_step(x, state[name], weight)  # (S, C)
+            mixed.append(y)
+        q = l2_normalize(mixed[0].unflatten(-1, (-1, dk)))  # (S, hk, dk)
+        k = l2_normalize(mixed[1].unflatten(-1, (-1, dk)))  # (S, hk, dk)
+        v = mixed[2].unflatten(-1, (-1, dv))  # (S, hv, dv)
+        beta, g = self._gates(b, a)  # (S, hv)
+        o, new["ssm"] = gated_delta_rule_step(q, k, v, g, beta, state["ssm"])  # (S, hv, dv)
+        return self._output(o, z), new
+
+    def _gates(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``beta = sigmoid(b)`` and ``g = -exp(A_log) * softplus(a + dt_bias)`` (``a`` has the bias), in fp32
+        (fp64 for fp64 inputs)."""
+        compute = torch.promote_types(a.dtype, torch.float32)
+        decay = self.A_log.local_weight()[:, 0].to(compute).exp()  # (hv,) A
+        return torch.sigmoid(b.to(compute)), -decay * F.softplus(a.to(compute))
+
+    def _output(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Gated RMSNorm per value head, then the output projection: ``o (..., hv, dv)`` -> ``(..., H)``."""
+        gate = z.unflatten(-1, (-1, self.head_v_dim))  # (..., hv, dv)
+        normed = gated_rms_norm(o, gate, self.norm_weight, self.config.norm_eps).to(z.dtype)  # (..., hv, dv)
+        return self.out(normed.flatten(-2))
+
+    def _check_channels(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+        if x.shape[-1] != weight.shape[0]:
+            raise ValueError(
+                f"gdn: {name} filter holds {weight.shape[0]} channels for {x.shape[-1]} projected ones: its rows "
+                "must be split over tensor-parallel ranks like the projection's"
+            )
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def state_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{name: (shape, dtype)}`` of one sequence's state on this rank (a tensor-parallel rank: its heads)."""
+        width = self.config.conv_kernel - 1
+        dtype = self.q.weight.dtype
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            name: ((conv.local_weight().shape[0], width), dtype)
+            for name, conv in (("conv_q", self.conv_q), ("conv_k", self.conv_k), ("conv_v", self.conv_v))
+        }
+        heads = self.A_log.local_weight().shape[0]
+        shapes["ssm"] = ((heads, self.head_k_dim, self.head_v_dim), torch.float32)
+        return shapes
+
+    def zero_state(self, sequences: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """``{name: zeros (sequences, *shape)}``: the state before a sequence's first token."""
+        device = device if device is not None else self.q.weight.device
+        return {
+            name: torch.zeros(sequences, *shape, dtype=dtype, device=device)
+            for name, (shape, dtype) in self.state_shapes().items()
+        }
+
+    def cache_spec(self) -> RecurrentStateSpec:
+        """What the inference cache keeps per sequence (``DeclaresCache``): ``state_shapes``."""
+        return RecurrentStateSpec(states=self.state_shapes())
+
+    def flops(self, shape: FlopsShape) -> int:
+        """Projections, conv and the chunked rule (per token and value head: the inter-chunk state products,
+        about ``3 dk dv``, and the intra-chunk ones, about ``C (2 dk + 2 dv)``, multiply-adds)."""
+        hidden = self.q.in_features
+        rows = sum(lin.out_features for lin in (self.q, self.k, self.v, self.z, self.b, self.a))
+        projections = 2 * shape.tokens * hidden * (rows + self.out.in_features)
+        channels = self.conv_q.out_features + self.conv_k.out_features + self.conv_v.out_features
+        conv = 2 * shape.tokens * channels * self.config.conv_kernel
+        dk, dv, heads = self.head_k_dim, self.head_v_dim, self.A_log.out_features
+        rule = 2 * shape.tokens * heads * (3 * dk * dv + self.config.chunk_size * (2 * dk + 2 * dv))
+        return projections + conv + rule

@@ -1,0 +1,149 @@
+"""The Triton chunked gated delta rule (``mcore_ssm.gdn_triton``, ``gdn_triton_bwd``), forward and backward, against
+the torch references, and the kernel choice (``mcore_ssm.gdn_kernels``). The kernel tests need CUDA (``gpu``); one
+runs the kernels in Triton's CPU interpreter (``slow``: a subprocess, as the interpreter is chosen when Triton is
+imported)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mcore.protocols.block import BlockContext
+from mcore_ssm.gdn import GatedDeltaNet
+from mcore_ssm.gdn_kernels import pick
+from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def inputs(batch, seq, hk, hv, dk, dv, *, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(batch, seq, hk, dk, generator=g), dim=-1)
+    k = F.normalize(torch.randn(batch, seq, hk, dk, generator=g), dim=-1)
+    v = torch.randn(batch, seq, hv, dv, generator=g)
+    gate = -F.softplus(torch.randn(batch, seq, hv, generator=g)) * 0.3
+    beta = torch.sigmoid(torch.randn(batch, seq, hv, generator=g))
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v, gate, beta)]
+
+
+def test_auto_takes_the_reference_on_cpu_and_names_bad_kernels(monkeypatch):
+    assert pick("auto", torch.device("cpu"), 64) == "torch"
+    assert pick("torch", torch.device("cuda"), 64) == "torch"
+    assert pick("triton", torch.device("cpu"), 64) == "triton"
+    with pytest.raises(ValueError, match="kernel = 'cuda'"):
+        pick("cuda", torch.device("cpu"), 64)
+    with pytest.raises(ValueError, match="kernel = 'fast'"):
+        GatedDeltaNet.Config(kernel="fast")
+    monkeypatch.setenv("MCORE_SSM_KERNELS", "reference")
+    assert pick("auto", torch.device("cuda"), 64) == "torch"
+
+
+INTERPRETED = """
+import torch, torch.nn.functional as F
+from mcore_ssm.gdn_triton import gated_delta_rule_triton
+from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
+g = torch.Generator().manual_seed(0)
+B, T, hk, hv, dk, dv = 2, 70, 1, 2, 12, 20
+q = F.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1)
+k = F.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1)
+v = torch.randn(B, T, hv, dv, generator=g)
+gate = -F.softplus(torch.randn(B, T, hv, generator=g)) * 0.3
+beta = torch.sigmoid(torch.randn(B, T, hv, generator=g))
+cu = torch.tensor([0, 3, 70, 140], dtype=torch.int32)
+h0 = torch.randn(3, hv, dk, dv, generator=g) * 0.3
+args = [t.requires_grad_() for t in (q, k, v, gate, beta, h0)]
+out, final = gated_delta_rule_triton(*args[:5], cu_seqlens=cu, initial_state=args[5], output_final_state=True)
+ref, ref_final = recurrent_gated_delta_rule(
+    *(t.detach().double() for t in args[:5]), cu_seqlens=cu, initial_state=h0.detach().double(), output_final_state=True
+)
+rel = lambda a, b: float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+errors = [rel(out, ref), rel(final, ref_final)]
+probe, probe_s = torch.randn(out.shape, generator=g), torch.randn(final.shape, generator=g)
+got = torch.autograd.grad((out * probe).sum() + (final * probe_s).sum(), args)
+want_out, want_final = chunk_gated_delta_rule(*args[:5], cu_seqlens=cu, initial_state=args[5], output_final_state=True)
+want = torch.autograd.grad((want_out * probe).sum() + (want_final * probe_s).sum(), args)
+errors += [rel(a, b) for a, b in zip(got, want)]
+print(*errors)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_in_triton_interpreter_equal_references():
+    """Forward (vs the fp64 recurrence) and every gradient (vs the torch chunked reference's autograd), packed
+    documents with initial states, in Triton's interpreter on the CPU."""
+    pytest.importorskip("triton")  # not a dependency of the package: only the GPU path needs it
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = [float(x) for x in run.stdout.split()]
+    assert len(errors) == 8 and all(e < 1e-5 for e in errors), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dk", "dv"), [(16, 16), (12, 80), (128, 128)])
+def test_kernel_fp32_equals_recurrence_packed_with_states(dk, dv):
+    from mcore_ssm.gdn_triton import gated_delta_rule_triton
+
+    q, k, v, gate, beta = inputs(2, 300, 2, 4, dk, dv, device="cuda")
+    cu = torch.tensor([0, 1, 64, 65, 300, 429, 600], dtype=torch.int32, device="cuda")
+    h0 = (torch.randn(6, 4, dk, dv, device="cuda") * 0.3).requires_grad_()
+    out, final = gated_delta_rule_triton(q, k, v, gate, beta, cu_seqlens=cu, initial_state=h0, output_final_state=True)
+    args64 = [t.detach().double() for t in (q, k, v, gate, beta)]
+    ref, ref_final = recurrent_gated_delta_rule(
+        *args64, cu_seqlens=cu, initial_state=h0.detach().double(), output_final_state=True
+    )
+    assert rel(out, ref) < 1e-5 and rel(final, ref_final) < 1e-5
+    probe, probe_s = torch.randn_like(out), torch.randn_like(final)
+    got = torch.autograd.grad((out * probe).sum() + (final * probe_s).sum(), [q, k, v, gate, beta, h0])
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v, gate, beta, h0)]
+    want_out, want_final = chunk_gated_delta_rule(
+        *exact[:5], cu_seqlens=cu, initial_state=exact[5], output_final_state=True
+    )
+    want = torch.autograd.grad((want_out * probe.double()).sum() + (want_final * probe_s.double()).sum(), exact)
+    for a, e in zip(got, want, strict=True):
+        assert rel(a, e) < 1e-5
+
+
+@pytest.mark.gpu
+def test_kernel_bf16_within_1e2_forward_and_gradients():
+    from mcore_ssm.gdn_triton import gated_delta_rule_triton
+
+    args = inputs(2, 512, 2, 4, 64, 64, device="cuda")
+    low = [t.detach().bfloat16().requires_grad_() if i < 3 else t.detach().requires_grad_() for i, t in enumerate(args)]
+    out, _ = gated_delta_rule_triton(*low)
+    exact = [t.detach().double().requires_grad_() for t in low]
+    ref, _ = chunk_gated_delta_rule(*exact)
+    assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
+    probe = torch.randn(out.shape, device="cuda", dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * probe).sum(), low)
+    want = torch.autograd.grad((ref * probe).sum(), exact)
+    for a, e in zip(got, want, strict=True):
+        assert rel(a, e) < 1e-2
+
+
+@pytest.mark.gpu
+def test_block_auto_kernel_equals_torch_kernel_on_cuda():
+    cfg = {"num_qk_heads": 2, "num_v_heads": 4, "head_k_dim": 32, "head_v_dim": 32}
+    auto = GatedDeltaNet(GatedDeltaNet.Config(**cfg), hidden_size=64).cuda()
+    ref = GatedDeltaNet(GatedDeltaNet.Config(**cfg, kernel="torch"), hidden_size=64).cuda()
+    ref.load_state_dict(auto.state_dict())
+    hidden = torch.randn(2, 200, 64, device="cuda", requires_grad=True)
+    cu = torch.tensor([0, 70, 200, 400], dtype=torch.int32, device="cuda")
+    out = auto(hidden, BlockContext(cu_seqlens=cu))
+    want = ref(hidden, BlockContext(cu_seqlens=cu))
+    assert rel(out, want) < 1e-5
+    (grad,) = torch.autograd.grad(out.sum(), [hidden])
+    (grad_ref,) = torch.autograd.grad(want.sum(), [hidden])
+    assert rel(grad, grad_ref) < 1e-5
