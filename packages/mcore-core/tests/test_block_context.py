@@ -142,3 +142,19 @@ def test_recompute_re_runs_each_layer_with_its_own_view(mode: str) -> None:
         assert layer.attention.seen == [index, index]  # forward, then the recompute in backward
     assert [layer.attention.seen for layer in model.layers] == [[0], [1], [2]]
     assert list(aux_rc) == list(aux) == [(0, "probe"), (1, "probe"), (2, "probe")]  # counted once
+
+
+def test_sequence_state_blocks_lists_the_modules_whose_class_declares_it() -> None:
+    from mcore.protocols.block import sequence_state_blocks
+
+    class Recurrent(nn.Module):
+        carries_sequence_state = True
+
+    class Plain(nn.Module):
+        pass
+
+    model = nn.Sequential(Plain(), nn.Sequential(Recurrent(), Plain()), Recurrent())
+    assert sequence_state_blocks(model) == ["1.0", "2"]
+    model[2].carries_sequence_state = False  # an instance attribute does not count: the class declares it
+    assert sequence_state_blocks(model) == ["1.0", "2"]
+    assert sequence_state_blocks(nn.Linear(2, 2)) == []

@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mcore.errors import UserError
-from mcore.protocols.block import MTP_AHEAD, BlockContext
+from mcore.protocols.block import MTP_AHEAD, BlockContext, sequence_state_blocks
 from mcore.protocols.layout import DataParallelInfo
 from mcore_parallel.cp_attention import AllGatherAttention, AllToAllAttention, HybridAttention, RingAttention
 from mcore_parallel.cp_split import (
@@ -166,6 +166,13 @@ class CPLayout(DeferredSync):
         self._attention_tokens: int | None = None  # dynamic_balance = 'work': 6 * the model's hidden size
 
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
+        recurrent = sequence_state_blocks(model) if mesh.size(DIM) > 1 else []
+        if recurrent:
+            raise UserError(
+                f"cp: {recurrent[0]!r} ({type(model.get_submodule(recurrent[0])).__name__}) runs a state along the "
+                "whole sequence, which context parallelism would split over ranks (it does not pass that state yet); "
+                "allowed: parallel.sizes.cp = 1 for models with recurrent layers (tp, fsdp and pp work)"
+            )
         mtp = getattr(getattr(model, "config", None), "mtp_num_layers", 0)
         self._mtp_depths = mtp if isinstance(mtp, int) else 0
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)

@@ -420,6 +420,11 @@ class BlockShared:
         return self.init_std if self.output_init_std is None else self.output_init_std
 
 
+def sequence_state_blocks(model: nn.Module) -> list[str]:
+    """Paths of ``model``'s modules whose class says ``carries_sequence_state = True`` (``ModelBlock``)."""
+    return [path for path, module in model.named_modules() if getattr(type(module), "carries_sequence_state", False)]
+
+
 @runtime_checkable
 class ModelBlock(Protocol):
     """A layer of a model, registered under kind ``"block"``.
@@ -438,6 +443,10 @@ class ModelBlock(Protocol):
         * optional ``cache_spec() -> LayerCacheSpec`` (``DeclaresCache``): what the inference
           cache keeps for this layer (attention keys/values and their sliding window, or
           recurrent state), read by the engine to build its ``KVCacheHandle``.
+        * optional class attribute ``carries_sequence_state = True``: the block runs a state along
+          the whole sequence (a recurrent mixer: GDN, Mamba), so each rank must see a document's
+          tokens in order; a layout that splits sequences over ranks refuses it unless it passes
+          that state (``sequence_state_blocks``).
         * Blocks are constructed by their factory from a typed ``Config`` (a keyword-only
           dataclass attribute of the registered class; its ``[model.<block>]`` table) plus
           ``hidden_size`` and, when the constructor takes it, ``shared`` (a ``BlockShared``:
