@@ -11,6 +11,10 @@ sequence against its pages, masked by the lengths, with static shapes and no hos
 captures, ``static_decode.py``). ``paged_decode_torch`` is its reference and CPU path; on CUDA the Triton
 kernel of ``triton_decode.py`` (GQA, split-K over long contexts) serves it when triton imports.
 
+FP8 pages (``kv_quant.py``): when the cache has ``kv_scales`` for the layer, both steps take the torch paths,
+which dequantise the gathered pages (times the per-head scales) before attending; the Triton decode kernel
+and a custom ``kernel`` read pages in the model's dtype only.
+
 Masking (``mcore.protocols.block.KVCacheHandle``): query ``j`` of sequence ``i`` (``c_i`` new tokens, ``L_i``
 cached once appended) sits at position ``L_i - c_i + j`` and sees key ``s`` when ``s <= L_i - c_i + j`` and,
 with a window ``w``, ``L_i - c_i + j - s < w``. A latent cache (MLA) has no value pages: values are the first
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from mcore.errors import UserError
 from mcore.protocols.block import BlockContext, PagedKV
+from mcore_inference.kv_quant import dequantize, take_pages
 
 #: A paged attention implementation: ``(q (N, nh, hd), paged, cu_seqlens (S+1,), max_seqlen, hdv, scale, window)``
 #: -> ``(N, nh, hdv)``; ``max_seqlen`` is the most new tokens of one sequence (a host int: no device sync).
@@ -44,8 +49,12 @@ def paged_attention_torch(
     value_dim: int,
     scale: float,
     window: int | None,
+    *,
+    key_scale: torch.Tensor | None = None,
+    value_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The torch reference: ``q (N, nh, hd)`` packed by ``cu_seqlens`` -> ``(N, nh, hdv)`` in ``q``'s dtype."""
+    """The torch reference: ``q (N, nh, hd)`` packed by ``cu_seqlens`` -> ``(N, nh, hdv)`` in ``q``'s dtype;
+    FP8 pages are dequantised with ``key_scale`` / ``value_scale`` ``(nkv,)`` (``None``: a plain cast)."""
     n, nh, _ = q.shape
     table = paged.block_table.long()  # (S, M)
     seqs, blocks = table.shape
@@ -59,11 +68,11 @@ def paged_attention_torch(
     padded_q = q.new_zeros(seqs, width, nh, q.shape[-1])
     padded_q[owner, row] = q  # (S, C, nh, hd)
     safe = table.clamp(min=0)
-    keys = paged.key_cache[safe].flatten(1, 2).to(q.dtype)  # (S, K, nkv, hd)
+    keys = dequantize(take_pages(paged.key_cache, safe).flatten(1, 2), key_scale, q.dtype)  # (S, K, nkv, hd)
     if paged.value_cache is None:
         values = keys[..., :value_dim]  # latent: values are the keys' first hdv channels
     else:
-        values = paged.value_cache[safe].flatten(1, 2).to(q.dtype)  # (S, K, nkv, hdv)
+        values = dequantize(take_pages(paged.value_cache, safe).flatten(1, 2), value_scale, q.dtype)  # (S, K, nkv, hdv)
     slot = torch.arange(blocks * bs, device=q.device)  # (K,)
     query_pos = (lens - counts)[:, None] + torch.arange(width, device=q.device)  # (S, C)
     see = slot[None, None, :] <= query_pos[:, :, None]  # (S, C, K) causal
@@ -86,18 +95,26 @@ PagedDecodeKernel = Callable[[torch.Tensor, PagedKV, int, float, int | None], to
 
 
 def paged_decode_torch(
-    q: torch.Tensor, paged: PagedKV, value_dim: int, scale: float, window: int | None
+    q: torch.Tensor,
+    paged: PagedKV,
+    value_dim: int,
+    scale: float,
+    window: int | None,
+    *,
+    key_scale: torch.Tensor | None = None,
+    value_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The torch decode reference: ``q (S, nh, hd)`` -> ``(S, nh, hdv)`` in ``q``'s dtype. Reads every block of
-    the table (``-1`` entries as block 0) and masks by the lengths: no shape depends on the data."""
+    the table (``-1`` entries as block 0) and masks by the lengths: no shape depends on the data. FP8 pages are
+    dequantised with ``key_scale`` / ``value_scale`` ``(nkv,)``."""
     table = paged.block_table.long()  # (S, M)
     bs = paged.key_cache.shape[1]
     safe = table.clamp(min=0)
-    keys = paged.key_cache[safe].flatten(1, 2).to(q.dtype)  # (S, K, nkv, hd)
+    keys = dequantize(take_pages(paged.key_cache, safe).flatten(1, 2), key_scale, q.dtype)  # (S, K, nkv, hd)
     if paged.value_cache is None:
         values = keys[..., :value_dim]  # latent: values are the keys' first hdv channels
     else:
-        values = paged.value_cache[safe].flatten(1, 2).to(q.dtype)  # (S, K, nkv, hdv)
+        values = dequantize(take_pages(paged.value_cache, safe).flatten(1, 2), value_scale, q.dtype)  # (S, K, nkv, hdv)
     lens = paged.seq_lens.to(q.device).long()  # (S,)
     slot = torch.arange(keys.shape[1], device=q.device)  # (K,)
     held = (table >= 0)[:, :, None].expand(-1, -1, bs).reshape(table.shape[0], -1)  # (S, K); no sync, unlike
@@ -164,6 +181,24 @@ class PagedAttention:
         if longest is None:
             longest = int((cu[1:] - cu[:-1]).max())
         window = window if window is not None else paged.window
+        kv_scales = getattr(ctx.kv_cache, "kv_scales", None)
+        scales = kv_scales(ctx.layer_index) if callable(kv_scales) else None
+        if scales is not None:  # FP8 pages: the torch paths dequantise them
+            if self.kernel is not paged_attention_torch or self.decode_kernel not in (None, paged_decode_torch):
+                raise UserError(
+                    "paged attention: the cache is FP8 (kv_cache_dtype='fp8_e4m3') and a custom kernel reads pages "
+                    "in the model's dtype only; drop the kernel or use kv_cache_dtype='auto'"
+                )
+            key_scale, value_scale = scales
+            if longest == 1:
+                out = paged_decode_torch(
+                    q[0], paged, v.shape[-1], scale, window, key_scale=key_scale, value_scale=value_scale
+                )
+            else:
+                out = paged_attention_torch(
+                    q[0], paged, cu, longest, v.shape[-1], scale, window, key_scale=key_scale, value_scale=value_scale
+                )
+            return out[None]  # (1, N, nh, hdv)
         if longest == 1:  # decode: one query per sequence
             decode = self.decode_kernel
             if decode is None:

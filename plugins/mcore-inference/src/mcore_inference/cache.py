@@ -20,6 +20,11 @@ pool, never handed out, which the padding rows of a static-shape decode step wri
 ``append`` / ``gather`` at persistent device buffers (slots, a padded block table, lengths), so that the
 layers' calls have static shapes and no host work: what a captured graph replays.
 
+FP8 KV cache (``kv_cache_dtype="fp8_e4m3"``, ``kv_quant.py``): every attention layer's pages are
+``float8_e4m3fn`` (half a bf16 block's bytes: ``bytes_per_block`` counts it), ``append`` quantises with the
+layer's per-head scales (fixed by its first eager append; a static decode step before any freezes them at 1),
+``gather`` hands out the fp8 pages and ``kv_scales`` the scales, which ``PagedAttention`` dequantises with.
+
 Shape legend: P blocks, bs block size, nkv heads, hd key dim, hdv value dim, S sequences of the step, N new
 tokens of the step, M blocks of the step's longest table.
 """
@@ -36,6 +41,7 @@ import torch
 from mcore.errors import UserError
 from mcore.protocols.block import AttentionCacheSpec, LayerCacheSpec, PagedKV, RecurrentStateSpec
 from mcore_inference.block_pool import ROOT_HASH, BlockPool, block_hash, chain_hashes
+from mcore_inference.kv_quant import calibrate, quantize, resolve_kv_cache_dtype
 from mcore_inference.static_decode import StaticStep
 
 
@@ -56,6 +62,10 @@ class _AttentionLayer:
     key_pages: torch.Tensor  # (P, bs, nkv, hd)
     value_pages: torch.Tensor | None  # (P, bs, nkv, hdv); None: latent
     lengths: dict[int, int] = field(default_factory=dict)
+    # FP8 pages only: per-head fp32 dequantisation scales (nkv,), and whether they are fixed yet
+    key_scale: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+    calibrated: bool = False
 
 
 @dataclass
@@ -69,19 +79,23 @@ class _RecurrentLayer:
     history: dict[int, tuple[int, dict[int, dict[str, torch.Tensor]]]] = field(default_factory=dict)
 
 
-def bytes_per_block(specs: Mapping[int, LayerCacheSpec], block_size: int) -> int:
-    """Bytes one block id costs over all attention layers (each holds ``block_size`` tokens of it)."""
+def bytes_per_block(specs: Mapping[int, LayerCacheSpec], block_size: int, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one block id costs over all attention layers (each holds ``block_size`` tokens of it), with pages
+    in ``kv_cache_dtype`` (``"auto"``: each spec's dtype; ``"fp8_e4m3"``: one byte an element)."""
+    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
     total = 0
     for spec in specs.values():
         if isinstance(spec, AttentionCacheSpec):
             per_token = spec.kv_heads * (spec.head_dim + (spec.value_dim or 0))
-            total += block_size * per_token * torch.empty(0, dtype=spec.dtype).element_size()
+            dtype = kv_dtype if kv_dtype is not None else spec.dtype
+            total += block_size * per_token * torch.empty(0, dtype=dtype).element_size()
     return total
 
 
 class PagedKVCache:
     """A ``KVCacheHandle`` over ``{layer_index: spec}`` with ``num_blocks`` blocks of ``block_size`` tokens per
-    attention group (or as many as ``memory_bytes`` holds) and ``max_seqs`` slots per recurrent layer."""
+    attention group (or as many as ``memory_bytes`` holds) and ``max_seqs`` slots per recurrent layer; attention
+    pages in ``kv_cache_dtype`` (``"auto"``: the specs' dtypes, ``"fp8_e4m3"``: FP8 with per-head scales)."""
 
     def __init__(
         self,
@@ -94,7 +108,9 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         enable_prefix_caching: bool = True,
         scratch_block: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
+        kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         for key, value in (("block_size", block_size), ("max_seqs", max_seqs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"PagedKVCache {key} = {value!r}: must be a positive int")
@@ -104,7 +120,7 @@ class PagedKVCache:
             raise UserError("PagedKVCache: give exactly one of num_blocks and memory_bytes")
         if num_blocks is None:
             assert memory_bytes is not None
-            per_block = bytes_per_block(specs, block_size)
+            per_block = bytes_per_block(specs, block_size, kv_cache_dtype)
             num_blocks = memory_bytes // per_block if per_block else 1
             num_blocks -= int(scratch_block)  # the scratch block comes out of the budget too
             if num_blocks < 1:
@@ -115,6 +131,7 @@ class PagedKVCache:
             raise UserError(f"PagedKVCache num_blocks = {num_blocks!r}: must be a positive int")
         self.block_size, self.num_blocks, self.max_seqs = block_size, num_blocks, max_seqs
         self.device = torch.device(device)
+        self.kv_cache_dtype = kv_cache_dtype
         #: the block padding rows of a static decode step write to (never in a pool); None without one
         self.scratch_block: int | None = num_blocks if scratch_block else None
         pages = num_blocks + int(scratch_block)
@@ -127,12 +144,17 @@ class PagedKVCache:
                 if group is None:
                     group = self.groups[spec.window] = _Group(spec.window, BlockPool(num_blocks), [])
                 group.layers.append(index)
-                shape = (pages, block_size, spec.kv_heads)
-                keys = torch.zeros(*shape, spec.head_dim, dtype=spec.dtype, device=self.device)
+                shape, dtype = (pages, block_size, spec.kv_heads), kv_dtype if kv_dtype is not None else spec.dtype
+                keys = torch.zeros(*shape, spec.head_dim, dtype=dtype, device=self.device)
                 values = None
                 if spec.value_dim is not None:
-                    values = torch.zeros(*shape, spec.value_dim, dtype=spec.dtype, device=self.device)
-                self.layers[index] = _AttentionLayer(spec, group, keys, values)
+                    values = torch.zeros(*shape, spec.value_dim, dtype=dtype, device=self.device)
+                layer = _AttentionLayer(spec, group, keys, values)
+                if kv_dtype is not None:  # scale 1 until the first eager append fixes them
+                    layer.key_scale = torch.ones(spec.kv_heads, dtype=torch.float32, device=self.device)
+                    if values is not None:
+                        layer.value_scale = torch.ones(spec.kv_heads, dtype=torch.float32, device=self.device)
+                self.layers[index] = layer
             elif isinstance(spec, RecurrentStateSpec):
                 pools = {n: torch.zeros(max_seqs, *s, dtype=d, device=self.device) for n, (s, d) in spec.states.items()}
                 self.layers[index] = _RecurrentLayer(spec, pools, list(range(max_seqs - 1, -1, -1)))
@@ -245,6 +267,11 @@ class PagedKVCache:
             raise UserError(f"layer {layer_index} keeps values of dim {spec.value_dim}: value must not be None")
         else:
             _check_tensor(f"layer {layer_index} value", value, (n, spec.kv_heads, spec.value_dim), spec.dtype)
+        if static is None and layer.key_scale is not None and not layer.calibrated:
+            calibrate(key, layer.key_scale)  # the layer's first eager append fixes its FP8 scales
+            if value is not None and layer.value_scale is not None:
+                calibrate(value, layer.value_scale)
+            layer.calibrated = True
         if static is not None:  # blocks and lengths were done in begin_static_decode: device work only
             self._write(layer, static.slots, key, value)
             self._written.add(layer_index)
@@ -276,10 +303,11 @@ class PagedKVCache:
 
     @staticmethod
     def _write(layer: _AttentionLayer, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None) -> None:
-        """Store ``key``/``value`` ``(N, nkv, hd|hdv)`` at flat page slots ``slots (N,)`` (block * bs + offset)."""
-        layer.key_pages.view(-1, *layer.key_pages.shape[2:]).index_copy_(0, slots, key.detach())
+        """Store ``key``/``value`` ``(N, nkv, hd|hdv)`` at flat page slots ``slots (N,)`` (block * bs + offset),
+        quantised with the layer's scales when its pages are FP8."""
+        _store(layer.key_pages, slots, key, layer.key_scale)
         if value is not None and layer.value_pages is not None:
-            layer.value_pages.view(-1, *layer.value_pages.shape[2:]).index_copy_(0, slots, value.detach())
+            _store(layer.value_pages, slots, value, layer.value_scale)
 
     def gather(self, layer_index: int) -> PagedKV:
         static = self._static
@@ -312,6 +340,14 @@ class PagedKVCache:
             seq_lens=lens,
             window=layer.spec.window,
         )
+
+    def kv_scales(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """FP8 pages: the layer's dequantisation scales ``(key (nkv,), value (nkv,) or None for a latent cache)``
+        fp32, page value times scale = the stored value; ``None`` when the pages are in the model's dtype."""
+        layer = self._layer(layer_index, "kv_scales")
+        if not isinstance(layer, _AttentionLayer) or layer.key_scale is None:
+            return None
+        return layer.key_scale, layer.value_scale
 
     def recurrent_state(self, layer_index: int) -> dict[str, torch.Tensor]:
         ids, _ = self._current("recurrent_state")
@@ -370,6 +406,9 @@ class PagedKVCache:
         if self._step is None:
             self._static = step
             return [], [], []
+        for layer in self.layers.values():  # real tokens before any eager append: FP8 scales stay at 1 for good
+            if isinstance(layer, _AttentionLayer):
+                layer.calibrated = True
         ids, counts = self._step
         if any(c != 1 for c in counts) or len(ids) > step.rows:
             raise UserError(
@@ -580,6 +619,16 @@ class PagedKVCache:
     def _check_once(self, layer_index: int, what: str) -> None:
         if layer_index in self._written:
             raise UserError(f"{what}: layer {layer_index} already stored this step's tokens; once per step")
+
+
+def _store(pages: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """``pages (P, bs, nkv, d)`` at flat slots ``slots (N,)`` := ``x (N, nkv, d)`` (quantised with ``scale``)."""
+    flat = pages.view(-1, *pages.shape[2:])  # (P * bs, nkv, d)
+    if scale is None:
+        flat.index_copy_(0, slots, x.detach())
+        return
+    quantized = quantize(x, scale, pages.dtype)  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
+    flat.view(torch.uint8).index_copy_(0, slots, quantized.view(torch.uint8))
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:

@@ -39,6 +39,7 @@ from mcore.protocols.block import LOGIT_ROWS, BlockContext, DeclaresCache, Layer
 from mcore_inference.attention import PagedAttention
 from mcore_inference.cache import PagedKVCache, bytes_per_block
 from mcore_inference.detokenize import IncrementalDetokenizer
+from mcore_inference.kv_quant import resolve_kv_cache_dtype
 from mcore_inference.sampling import Sampler, SamplingParams, SamplingState, token_stop
 from mcore_inference.scheduler import Scheduler, SequenceState
 from mcore_inference.speculative import SpecStats, Speculator, mtp_layers
@@ -134,6 +135,8 @@ class LLMEngine:
 
     The cache has ``num_blocks`` blocks of ``block_size`` tokens (or as many as ``memory_bytes`` holds);
     ``max_model_len`` (default: the model's ``max_position_embeddings``) bounds prompt plus output.
+    ``kv_cache_dtype`` ``"fp8_e4m3"`` stores the main cache's keys/values in FP8 (``kv_quant.py``; ``"auto"``: the
+    model's dtype); the draft caches of speculative decoding keep the model's dtype.
     """
 
     def __init__(
@@ -155,7 +158,14 @@ class LLMEngine:
         graph_batch_sizes: Sequence[int] | None = None,
         static_decode: bool | None = None,
         speculative_tokens: int = 0,
+        kv_cache_dtype: str = "auto",
     ) -> None:
+        fp8_kv = resolve_kv_cache_dtype(kv_cache_dtype) is not None
+        if fp8_kv and attention is not None and not isinstance(attention, PagedAttention):
+            raise UserError(
+                f"LLMEngine kv_cache_dtype = {kv_cache_dtype!r} needs the engine's PagedAttention (it dequantises the "
+                f"pages); got attention {type(attention).__name__}"
+            )
         for key, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"LLMEngine {key} = {value!r}: must be a positive int")
@@ -173,7 +183,7 @@ class LLMEngine:
         drafting = set(mtp_layers(model))  # the MTP depths' layers: draft caches of their own, never the main cache
         specs = {i: spec for i, spec in all_specs.items() if i not in drafting}
         if speculative_tokens and memory_bytes is not None:  # the draft caches get as many blocks: split the bytes
-            main = bytes_per_block(specs, block_size)
+            main = bytes_per_block(specs, block_size, kv_cache_dtype)
             memory_bytes = (
                 memory_bytes
                 * main
@@ -193,6 +203,7 @@ class LLMEngine:
             device=self.device,
             enable_prefix_caching=enable_prefix_caching,
             scratch_block=bool(cuda_graphs or static_decode),
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.max_model_len = (
             max_model_len if max_model_len is not None else _model_limit(model, "max_position_embeddings")

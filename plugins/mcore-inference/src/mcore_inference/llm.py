@@ -5,7 +5,8 @@ Why it exists: ``LLMEngine`` is step by step and takes a built model; most users
 ``load_for_inference``, or a Hugging Face directory (``config.json``) through ``mcore.hf.load_hf`` and the
 families the installed plugins register; an ``nn.Module`` is served as it is. The KV cache takes ``num_blocks``
 blocks, or ``gpu_memory_fraction`` of the GPU's memory (less what is in use once the model is loaded); without
-either, 90% on a GPU and room for 8 full-length sequences on the CPU.
+either, 90% on a GPU and room for 8 full-length sequences on the CPU. ``kv_cache_dtype="fp8_e4m3"`` stores keys
+and values in FP8 with per-head scales (``kv_quant.py``): the same memory holds twice a bf16 cache's blocks.
 
 Decode steps run as CUDA graphs (``static_decode.py``) when the model is on a GPU and its cache is one attention
 group (``cuda_graphs=None``, the default; ``False`` turns them off, ``True`` insists and fails loudly). By
@@ -25,6 +26,7 @@ from torch import nn
 
 from mcore.errors import UserError
 from mcore_inference.engine import LLMEngine, RequestOutput, model_cache_specs
+from mcore_inference.kv_quant import resolve_kv_cache_dtype
 from mcore_inference.sampling import SamplingParams
 from mcore_inference.static_decode import static_decode_supported
 
@@ -102,8 +104,10 @@ class LLM:
         device: torch.device | str | None = None,
         cuda_graphs: bool | None = None,
         graph_batch_sizes: Sequence[int] | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         want = _dtype(dtype)
+        fp8_kv = resolve_kv_cache_dtype(kv_cache_dtype) is not None
         dev = (
             torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
@@ -137,8 +141,8 @@ class LLM:
         if graphs is None:  # the default: on CUDA, for a cache of one attention group and a known context length
             length = max_model_len if max_model_len is not None else declared_len
             specs = model_cache_specs(module)
-            # a latent (MLA) cache decodes with the torch path, which reads the whole padded table: short ones only
-            latent = any(getattr(spec, "value_dim", 0) is None for spec in specs.values())
+            # a latent (MLA) or FP8 cache decodes with the torch path, which reads the whole padded table: short ones
+            latent = fp8_kv or any(getattr(spec, "value_dim", 0) is None for spec in specs.values())
             graphs = (
                 on_cuda
                 and isinstance(length, int)
@@ -160,6 +164,7 @@ class LLM:
                 seed=seed,
                 cuda_graphs=with_graphs,
                 graph_batch_sizes=graph_batch_sizes,
+                kv_cache_dtype=kv_cache_dtype,
             )
 
         try:
