@@ -27,35 +27,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kernel_bench import add_common_args, check_device, documents, run, select
 
 from mcore_ssm.gdn_reference import chunk_gated_delta_rule
-from mcore_testing.bench import emit, interleaved, rel_error, run_header, timing_row, write_lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes and few repeats (smoke test)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--docs", type=int, default=1, help="equal documents per row")
+    add_common_args(parser)
     parser.add_argument("--qk-heads", type=int, default=16)
     parser.add_argument("--v-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128, help="dk = dv")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--fwd-only", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="candidates to run (default: all available)")
-    parser.add_argument("--out", default=None, help="also write the JSON lines here")
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.seq, args.qk_heads, args.v_heads, args.head_dim = 1, 160, 1, 2, 16
         args.repeats, args.iters, args.warmup = 2, 1, 1
     if args.seq % args.docs or args.v_heads % args.qk_heads:
         parser.error("--docs must divide --seq and --qk-heads must divide --v-heads")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here; use --device cpu --tiny for a smoke test")
+    check_device(parser, args)
     return args
 
 
@@ -71,9 +60,7 @@ def make_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     v = randn(b, t, hv, d).to(dtype)
     g = -F.softplus(randn(b, t, hv)) * 0.3  # fp32, as the block passes it
     beta = torch.sigmoid(randn(b, t, hv))
-    per_doc = t // args.docs
-    cu = torch.arange(0, b * t + 1, per_doc, dtype=torch.int32, device=device) if args.docs > 1 else None
-    return {"q": q, "k": k, "v": v, "g": g, "beta": beta, "cu_seqlens": cu}
+    return {"q": q, "k": k, "v": v, "g": g, "beta": beta, "cu_seqlens": documents(args, device)}
 
 
 def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
@@ -108,59 +95,25 @@ def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Call
             return out.view(b, t, *out.shape[2:])
 
         found["fla"] = fla
-    if args.only:
-        found = {name: fn for name, fn in found.items() if name in args.only}
-    return found
+    return select(args, found)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    inputs = make_inputs(args, device, dtype)
     hv, d, chunk = args.v_heads, args.head_dim, 64
-    tokens = args.batch * args.seq
-    fwd_flops = 2 * tokens * hv * (3 * chunk * d + 2 * chunk * d + 3 * d * d)
-    lines: list[dict[str, Any]] = []
-    emit(
-        lines, run_header(device, dtype, **{k: v for k, v in vars(args).items() if k not in ("out", "only", "device")})
-    )
-    fns = candidates(args, device)
+    fwd_flops = 2 * args.batch * args.seq * hv * (3 * chunk * d + 2 * chunk * d + 3 * d * d)
     group = max(1, args.v_heads // args.qk_heads)
 
-    def call(name: str, grad: bool) -> Callable[[], torch.Tensor]:
-        fn = fns[name]
-        given = dict(inputs)
+    def adapt(name: str, given: dict[str, Any]) -> dict[str, Any]:
         if name == "fla":  # fla's own head layout: one q/k head per value head
             given["q"] = given["q"].repeat_interleave(group, dim=2)
             given["k"] = given["k"].repeat_interleave(group, dim=2)
-        leaves = {n: t.detach().requires_grad_(grad) for n, t in given.items() if n != "cu_seqlens"}
-        probe = torch.randn_like(inputs["v"])
+        return given
 
-        def step() -> torch.Tensor:
-            out = fn(**leaves, cu_seqlens=given["cu_seqlens"])
-            if grad:
-                torch.autograd.backward(out, probe)
-                for t in leaves.values():
-                    t.grad = None
-            return out.detach()
-
-        return step
-
-    for mode, grad, flops in (("fwd", False, fwd_flops), ("fwd+bwd", True, 3 * fwd_flops)):
-        if grad and args.fwd_only:
-            continue
-        steps = {name: call(name, grad) for name in fns}
-        with torch.set_grad_enabled(grad):
-            results = interleaved(steps, repeats=args.repeats, iters=args.iters, warmup=args.warmup, device=device)
-        reference = results["torch_chunked"]["output"] if "torch_chunked" in results else None
-        for name, result in results.items():
-            row = {"candidate": name, "mode": mode, **timing_row(result["times"]), "peak_mib": result["peak_mib"]}
-            row["tflops"] = round(flops / (row["median_ms"] * 1e-3) / 1e12, 3)
-            if reference is not None:
-                row["rel_error_vs_torch_chunked"] = rel_error(result["output"].float(), reference.float())
-            emit(lines, row)
-    write_lines(args.out, lines)
+    inputs = make_inputs(args, device, dtype)
+    run(args, device, dtype, inputs, candidates(args, device), fwd_flops=fwd_flops, probe_like="v", adapt=adapt)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ Usage (GPU): ``python bench_mamba2.py [--batch 8 --seq 4096 --heads 64 --head-di
 Candidates, each on the same inputs (x, B, C in bf16 on CUDA; dt before softplus, A, D, dt_bias fp32), as the
 ``mamba2`` block passes them, ``--docs`` equal documents per row (``cu_seqlens``):
 
-* ``triton``: ``mcore_ssm.mamba2_triton.ssd_chunked_triton`` (Triton forward; backward recomputes the torch
-  reference, so its fwd+bwd row measures that);
+* ``triton``: ``mcore_ssm.mamba2_triton.ssd_chunked_triton`` (Triton forward and backward);
 * ``torch_chunked``: ``mcore_ssm.mamba2_reference.ssd_chunked`` eager;
 * ``torch_chunked_compiled``: the same under ``torch.compile`` (the issue's baseline: goal >= 3x);
 * ``mamba_ssm``: ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`` when it imports (documents as
@@ -27,37 +26,26 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from kernel_bench import add_common_args, check_device, documents, run, select
 
 from mcore_ssm.mamba2_reference import ssd_chunked
-from mcore_testing.bench import emit, interleaved, rel_error, run_header, timing_row, write_lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes and few repeats (smoke test)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--docs", type=int, default=1, help="equal documents per row")
+    add_common_args(parser)
     parser.add_argument("--heads", type=int, default=64)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--d-state", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--fwd-only", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="candidates to run (default: all available)")
-    parser.add_argument("--out", default=None, help="also write the JSON lines here")
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.seq, args.heads, args.head_dim, args.groups, args.d_state = 1, 160, 2, 16, 1, 16
         args.chunk, args.repeats, args.iters, args.warmup = 16, 2, 1, 1
     if args.seq % args.docs or args.heads % args.groups:
         parser.error("--docs must divide --seq and --groups must divide --heads")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here; use --device cpu --tiny for a smoke test")
+    check_device(parser, args)
     return args
 
 
@@ -68,7 +56,6 @@ def make_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device)
 
-    per_doc = t // args.docs
     return {
         "x": randn(b, t, h, p).to(dtype),
         "dt": randn(b, t, h) - 2.0,  # fp32, before softplus, as the block passes it
@@ -77,7 +64,7 @@ def make_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         "C": randn(b, t, g, n).to(dtype),
         "D": torch.ones(h, device=device),
         "dt_bias": randn(h) * 0.5,
-        "cu_seqlens": torch.arange(0, b * t + 1, per_doc, dtype=torch.int32, device=device) if args.docs > 1 else None,
+        "cu_seqlens": documents(args, device),
     }
 
 
@@ -109,53 +96,17 @@ def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Scan
             )  # fmt: skip
 
         found["mamba_ssm"] = mamba_ssm
-    if args.only:
-        found = {name: fn for name, fn in found.items() if name in args.only}
-    return found
+    return select(args, found)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    inputs = make_inputs(args, device, dtype)
     h, p, g, n, q = args.heads, args.head_dim, args.groups, args.d_state, args.chunk
     fwd_flops = 2 * args.batch * args.seq * (q * g * n + q * h * p + 2 * h * p * n)
-    lines: list[dict[str, Any]] = []
-    emit(
-        lines, run_header(device, dtype, **{k: v for k, v in vars(args).items() if k not in ("out", "only", "device")})
-    )
-    fns = candidates(args, device)
-
-    def call(name: str, grad: bool) -> Callable[[], torch.Tensor]:
-        fn = fns[name]
-        leaves = {k: t.detach().requires_grad_(grad) for k, t in inputs.items() if k != "cu_seqlens"}
-        probe = torch.randn_like(inputs["x"])
-
-        def step() -> torch.Tensor:
-            out = fn(cu_seqlens=inputs["cu_seqlens"], **leaves)
-            if grad:
-                torch.autograd.backward(out, probe)
-                for t in leaves.values():
-                    t.grad = None
-            return out.detach()
-
-        return step
-
-    for mode, grad, flops in (("fwd", False, fwd_flops), ("fwd+bwd", True, 3 * fwd_flops)):
-        if grad and args.fwd_only:
-            continue
-        steps = {name: call(name, grad) for name in fns}
-        with torch.set_grad_enabled(grad):
-            results = interleaved(steps, repeats=args.repeats, iters=args.iters, warmup=args.warmup, device=device)
-        reference = results["torch_chunked"]["output"] if "torch_chunked" in results else None
-        for name, result in results.items():
-            row = {"candidate": name, "mode": mode, **timing_row(result["times"]), "peak_mib": result["peak_mib"]}
-            row["tflops"] = round(flops / (row["median_ms"] * 1e-3) / 1e12, 3)
-            if reference is not None:
-                row["rel_error_vs_torch_chunked"] = rel_error(result["output"].float(), reference.float())
-            emit(lines, row)
-    write_lines(args.out, lines)
+    inputs = make_inputs(args, device, dtype)
+    run(args, device, dtype, inputs, candidates(args, device), fwd_flops=fwd_flops, probe_like="x")
 
 
 if __name__ == "__main__":

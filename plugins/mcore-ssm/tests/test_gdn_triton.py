@@ -5,25 +5,15 @@ imported)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
+from ssm_cases import rel, run_interpreted
 
 from mcore.protocols.block import BlockContext
 from mcore_ssm.gdn import GatedDeltaNet
 from mcore_ssm.gdn_kernels import pick
 from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def inputs(batch, seq, hk, hv, dk, dv, *, device="cpu", dtype=torch.float32, seed=0):
@@ -81,14 +71,8 @@ print(*errors)
 def test_kernels_in_triton_interpreter_equal_references():
     """Forward (vs the fp64 recurrence) and every gradient (vs the torch chunked reference's autograd), packed
     documents with initial states, in Triton's interpreter on the CPU."""
-    pytest.importorskip("triton")  # not a dependency of the package: only the GPU path needs it
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    errors = [float(x) for x in run.stdout.split()]
-    assert len(errors) == 8 and all(e < 1e-5 for e in errors), errors
+    errors = run_interpreted(INTERPRETED, 8)
+    assert all(e < 1e-5 for e in errors), errors
 
 
 @pytest.mark.gpu

@@ -11,34 +11,18 @@ from typing import Any
 
 import pytest
 import torch
+from ssm_cases import SCAN_NAMES as NAMES
+from ssm_cases import rel, scan_inputs
 
 from mcore_ssm.mamba2_reference import discretize_dt, ssd_chunked, ssd_sequential
-
-NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return float((a - b).norm() / b.norm())
 
 
 def inputs(
     batch: int, seq: int, heads: int, head_dim: int, groups: int, d_state: int, states: int | None, seed: int = 0
 ) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed)
-    out = {
-        "x": torch.randn(batch, seq, heads, head_dim, generator=g),
-        "dt": torch.randn(batch, seq, heads, generator=g) - 1.0,
-        "A": -(torch.rand(heads, generator=g) * 3 + 0.5),
-        "B": torch.randn(batch, seq, groups, d_state, generator=g),
-        "C": torch.randn(batch, seq, groups, d_state, generator=g),
-        "D": torch.randn(heads, generator=g),
-        "dt_bias": torch.randn(heads, generator=g) * 0.5,
+    return {
+        k: v.double() for k, v in scan_inputs(batch, seq, heads, head_dim, groups, d_state, states, seed=seed).items()
     }
-    if states is not None:
-        out["initial_state"] = torch.randn(states, heads, head_dim, d_state, generator=g)
-    return {k: v.double() for k, v in out.items()}
 
 
 def run(fn, args: dict[str, torch.Tensor], dtype: torch.dtype, **kwargs):  # type: ignore[no-untyped-def]

@@ -1,5 +1,9 @@
 """Small helpers the recurrent blocks share: per-channel parameters, local shards, fused projections, init, checks.
 
+Also ``step_tokens``: a cached step's tokens run one at a time through a block's single-token ``step``, keeping
+the state after each token (``RecurrentStateCache.set_recurrent_state(..., per_token=True)``) so the engine can roll
+a speculative verify step back to any of its tokens.
+
 Why: plugins never import each other, so what ``mcore_models.blocks.base`` gives its blocks (drawing the
 declared inits from a CPU generator, one GEMM for several projections) is re-done here in a few lines.
 """
@@ -7,6 +11,7 @@ declared inits from a CPU generator, one GEMM for several projections) is re-don
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +98,59 @@ def check_positive_float(key: str, value: object) -> None:
     """``ValueError`` naming ``key`` unless ``value`` is a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{key} = {value!r}; allowed: a finite number > 0")
+
+
+PER_TOKEN_MAX_TOKENS = 8
+"""A cached step whose sequences bring at most this many tokens each (decode, a speculative verify of a few
+drafts) runs token by token and sets the state after every token (``per_token=True``): ``KVCacheHandle.rollback``
+can then end inside the step. Longer steps (prefill) run the chunked form and set only the final state; the
+protocol does not say when the engine means to roll back, so the block decides by this length."""
+
+StepFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def per_token_counts(batch: int, seq: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> list[int] | None:
+    """The tokens of each sequence of a cached step (``cu_seqlens``' differences, else ``seq`` for each of ``batch``
+    rows) when none brings more than ``PER_TOKEN_MAX_TOKENS``, else ``None`` (the chunked form, final state only).
+    ``max_seqlen`` (a host int) spares the device sync for long steps and for decode (one token each)."""
+    longest = max_seqlen if max_seqlen is not None else seq if cu_seqlens is None else None
+    if longest is not None and longest > PER_TOKEN_MAX_TOKENS:
+        return None
+    if longest == 1:
+        return [1] * (batch * seq)
+    counts: list[int] = [seq] * batch if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return counts if max(counts, default=0) <= PER_TOKEN_MAX_TOKENS else None
+
+
+def step_tokens(
+    step: StepFn, tokens: torch.Tensor, counts: list[int], state: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``counts[i]`` tokens of each sequence through ``step`` one token at a time.
+
+    ``tokens (N, H)`` sequence after sequence (``sum(counts) == N``), ``state {name: (S, *shape)}`` before the
+    step, ``step(hidden (s, H), state {name: (s, *shape)}) -> (out (s, H), new state)`` a block's single-token
+    update. Returns ``(out (N, H), {name: (N, *shape)})``: each token's output and the state after it."""
+    if sum(counts) != tokens.shape[0] or len(counts) != next(iter(state.values())).shape[0]:
+        raise ValueError(f"step_tokens: counts {counts} for {tokens.shape[0]} tokens and {len(counts)} states")
+    if len(counts) == tokens.shape[0]:  # one token each (decode): the step itself
+        return step(tokens, state)
+    device = tokens.device
+    count_t = torch.tensor(counts, device=device)  # (S,)
+    starts = torch.cumsum(count_t, 0) - count_t  # (S,)
+    current = dict(state)
+    outs: torch.Tensor | None = None
+    after: dict[str, torch.Tensor] = {}
+    for t in range(max(counts, default=0)):
+        active = torch.nonzero(count_t > t).flatten()  # (s,) sequences with a t-th token
+        rows = starts[active] + t  # (s,) that token's row
+        out, new = step(tokens[rows], {name: value[active] for name, value in current.items()})
+        if outs is None:
+            outs = out.new_zeros(tokens.shape[0], *out.shape[1:])
+            after = {name: value.new_zeros(tokens.shape[0], *value.shape[1:]) for name, value in new.items()}
+        outs = outs.index_copy(0, rows, out)
+        for name, value in new.items():
+            after[name] = after[name].index_copy(0, rows, value)
+            previous = current[name].to(value.dtype)
+            current[name] = previous.index_copy(0, active, value)
+    assert outs is not None
+    return outs, after

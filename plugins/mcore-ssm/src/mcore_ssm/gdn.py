@@ -45,12 +45,15 @@ from mcore_ssm.block_utils import (
     check_positive_float,
     check_positive_int,
     draw_declared_,
+    per_token_counts,
     project,
+    step_tokens,
 )
 from mcore_ssm.conv import causal_conv1d, causal_conv1d_step
-from mcore_ssm.gdn_kernels import KERNELS, gated_delta_rule
+from mcore_ssm.gdn_kernels import gated_delta_rule
 from mcore_ssm.gdn_reference import gated_delta_rule_step
 from mcore_ssm.hf_map import GatedDeltaNetHF
+from mcore_ssm.kernel_choice import check_kernel
 from mcore_ssm.norm import gated_rms_norm
 from mcore_ssm.packing import documents
 
@@ -68,6 +71,7 @@ class GatedDeltaNet(nn.Module):
     """Gated DeltaNet token mixer; ``forward(hidden (B, T, H), ctx) -> (B, T, H)``."""
 
     hf = GatedDeltaNetHF()  # its part of a Hugging Face checkpoint (mcore.hf.HFBlockMapping), found by model families
+    carries_sequence_state = True  # a state runs along each document: layouts must not split sequences
 
     @dataclass(kw_only=True, slots=True)
     class Config:
@@ -96,8 +100,7 @@ class GatedDeltaNet(nn.Module):
             for key in ("num_v_heads", "head_k_dim", "head_v_dim"):
                 check_positive_int(key, getattr(self, key), allow_none=True)
             check_positive_float("norm_eps", self.norm_eps)
-            if self.kernel not in KERNELS:
-                raise ValueError(f"kernel = {self.kernel!r}; allowed: {', '.join(KERNELS)}")
+            check_kernel(self.kernel)
             if self.conv_kernel < 2:
                 raise ValueError(f"conv_kernel = {self.conv_kernel}; allowed: an int >= 2")
             if self.num_v_heads is not None and self.num_v_heads % self.num_qk_heads:
@@ -171,9 +174,17 @@ class GatedDeltaNet(nn.Module):
             return self.forward_with_state(hidden, ctx, None, return_state=False)[0]
         cache = ctx.kv_cache  # inference: this step's new tokens of each sequence, packed (cu_seqlens)
         states = cache.recurrent_state(ctx.layer_index)
+        dtypes = {name: dtype for name, (_, dtype) in self.state_shapes().items()}
+        batch, seq, hidden_size = hidden.shape
+        counts = per_token_counts(batch, seq, ctx.cu_seqlens, ctx.max_seqlen)
+        if counts is not None:  # decode / speculative verify: the state after every token
+            on_device = {name: t.to(hidden.device) for name, t in states.items()}
+            flat, after = step_tokens(self.step, hidden.reshape(batch * seq, hidden_size), counts, on_device)
+            per_token = {name: t.to(dtypes[name]) for name, t in after.items()}  # (N, *shape)
+            cache.set_recurrent_state(ctx.layer_index, per_token, per_token=True)
+            return flat.view(batch, seq, hidden_size)
         out, final = self.forward_with_state(hidden, ctx, states, return_state=True)
         assert final is not None
-        dtypes = {name: dtype for name, (_, dtype) in self.state_shapes().items()}
         cache.set_recurrent_state(ctx.layer_index, {name: t.to(dtypes[name]) for name, t in final.items()})
         return out
 

@@ -1,40 +1,23 @@
-"""Which implementation of the chunked gated delta rule runs: chosen here, once per call, not in the block.
-
-``auto``: the Triton kernels (``mcore_ssm.gdn_triton``, forward and backward) for CUDA tensors
-when Triton imports and the chunk is 64, outside ``torch.compile`` tracing (the compiler fuses the
-reference instead); the torch chunked reference (``mcore_ssm.gdn_reference``) everywhere else.
-``torch`` always takes the reference; ``triton`` always the kernel (on CPU only under ``TRITON_INTERPRET=1``,
-Triton's interpreter, for checking it). ``MCORE_SSM_KERNELS=reference`` makes ``auto`` take the reference.
-CPU calls never import Triton.
+"""Which implementation of the chunked gated delta rule runs (``kernel_choice``): the Triton kernels
+(``mcore_ssm.gdn_triton``, forward and backward; chunk 64 only) or the torch chunked reference
+(``mcore_ssm.gdn_reference``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
+from typing import Unpack
 
 import torch
 
-from mcore_ssm.gdn_reference import chunk_gated_delta_rule
-from mcore_ssm.packing import Segments
+from mcore_ssm.gdn_reference import CHUNK, ChunkRuleOptions, chunk_gated_delta_rule
+from mcore_ssm.kernel_choice import KERNELS, choose
 
-KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
+__all__ = ["KERNELS", "gated_delta_rule", "pick"]
 
 
 def pick(kernel: str, device: torch.device, chunk_size: int) -> str:
     """``"torch"`` or ``"triton"``: what ``kernel`` (``KERNELS``) means for tensors on ``device``."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel = {kernel!r}; allowed: {', '.join(KERNELS)}")
-    if kernel != "auto":
-        return kernel
-    usable = (
-        device.type == "cuda"
-        and chunk_size == 64
-        and os.environ.get("MCORE_SSM_KERNELS", "") != "reference"
-        and not torch.compiler.is_compiling()
-        and importlib.util.find_spec("triton") is not None
-    )
-    return "triton" if usable else "torch"
+    return choose(kernel, device, triton_takes=chunk_size == CHUNK)
 
 
 def gated_delta_rule(
@@ -44,25 +27,12 @@ def gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = 64,
     kernel: str = "auto",
-    segments: Segments | None = None,
+    **options: Unpack[ChunkRuleOptions],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``chunk_gated_delta_rule``'s arguments and results, computed by the implementation ``kernel`` picks."""
-    kwargs = {
-        "segments": segments,
-        "scale": scale,
-        "initial_state": initial_state,
-        "cu_seqlens": cu_seqlens,
-        "output_final_state": output_final_state,
-        "chunk_size": chunk_size,
-    }
-    if pick(kernel, v.device, chunk_size) == "triton":
+    if pick(kernel, v.device, options.get("chunk_size", CHUNK)) == "triton":
         from mcore_ssm.gdn_triton import gated_delta_rule_triton
 
-        return gated_delta_rule_triton(q, k, v, g, beta, **kwargs)  # type: ignore[arg-type]
-    return chunk_gated_delta_rule(q, k, v, g, beta, **kwargs)  # type: ignore[arg-type]
+        return gated_delta_rule_triton(q, k, v, g, beta, **options)
+    return chunk_gated_delta_rule(q, k, v, g, beta, **options)

@@ -32,10 +32,26 @@ underflows to zero instead of overflowing.
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
 
 from mcore_ssm.packing import Segments, check_state_count, from_padded, segments_of, to_padded
+
+#: The default chunk size of the chunked form (the Triton kernels' only one).
+CHUNK = 64
+
+
+class ChunkRuleOptions(TypedDict, total=False):
+    """``chunk_gated_delta_rule``'s keyword arguments (its signature holds their defaults), as
+    ``gdn_triton.gated_delta_rule_triton`` and ``gdn_kernels.gated_delta_rule`` take and pass them on."""
+
+    scale: float | None
+    initial_state: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    output_final_state: bool
+    chunk_size: int
+    segments: Segments | None
 
 
 def _check(
@@ -161,7 +177,7 @@ def chunk_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK,
     segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunked WY form of ``recurrent_gated_delta_rule`` (same arguments and results; ``chunk_size`` C;

@@ -26,15 +26,14 @@ anything from the forward but its inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import triton
 import triton.language as tl
 
+from mcore_ssm.gdn_reference import CHUNK, ChunkRuleOptions
 from mcore_ssm.packing import Segments, check_state_count, segments_of
-
-CHUNK = 64
 
 
 @triton.jit
@@ -347,28 +346,6 @@ def run_states(
     return out, ht if final else None, states if store_states else None
 
 
-def chunk_gated_delta_rule_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    segments: Segments | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kernels' forward, no autograd: the arguments and results of ``chunk_gated_delta_rule``."""
-    launch = launch_for(q, k, v, g, beta, scale, initial_state, cu_seqlens, segments)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    prepared = prepare(launch, k, v, g.float().contiguous(), beta.float().contiguous())
-    out, final, _ = run_states(launch, q, k, prepared, initial_state, final=output_final_state, store_states=False)
-    batch, seq = v.shape[:2]
-    return out.view(batch, seq, launch.hv, launch.dv).to(v.dtype), final
-
-
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     """Forward: the two kernels. Backward: ``mcore_ssm.gdn_triton_bwd`` (recomputes the forward's factors and
     chunk states, walks the chunks in reverse in Triton, differentiates the per-chunk terms in torch)."""
@@ -402,18 +379,22 @@ def gated_delta_rule_triton(
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    chunk_size: int = CHUNK,
-    segments: Segments | None = None,
+    **options: Unpack[ChunkRuleOptions],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``chunk_gated_delta_rule`` computed by the Triton kernels, forward and backward (``chunk_size`` must be 64)."""
+    chunk_size = options.get("chunk_size", CHUNK)
     if chunk_size != CHUNK:
         raise ValueError(f"chunk_size = {chunk_size}; allowed with the Triton kernel: {CHUNK}")
     out, final = _ChunkGatedDeltaRule.apply(
-        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, segments
+        q,
+        k,
+        v,
+        g,
+        beta,
+        options.get("initial_state"),
+        options.get("cu_seqlens"),
+        options.get("scale"),
+        options.get("output_final_state", False),
+        options.get("segments"),
     )
     return out, final

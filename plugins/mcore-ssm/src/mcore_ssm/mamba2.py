@@ -30,6 +30,7 @@ Notable:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +44,14 @@ from mcore_ssm.block_utils import (
     check_positive_int,
     draw_declared_,
     local,
+    per_token_counts,
     project,
+    step_tokens,
 )
 from mcore_ssm.conv import causal_conv1d, causal_conv1d_step
 from mcore_ssm.hf_map_mamba2 import Mamba2HF
-from mcore_ssm.mamba2_kernels import KERNELS, ssd_scan
+from mcore_ssm.kernel_choice import check_kernel
+from mcore_ssm.mamba2_kernels import ssd_scan
 from mcore_ssm.mamba2_reference import discretize_dt
 from mcore_ssm.norm import gated_rms_norm
 
@@ -75,6 +79,7 @@ class Mamba2(nn.Module):
     """Mamba2 (SSD) mixer; ``forward(hidden (B, T, H), ctx) -> (B, T, H)``."""
 
     hf = Mamba2HF()  # its part of a Hugging Face checkpoint (mcore.hf.HFBlockMapping), found by model families
+    carries_sequence_state = True  # a state runs along each document: layouts must not split sequences
 
     @dataclass(kw_only=True, slots=True)
     class Config:
@@ -131,8 +136,7 @@ class Mamba2(nn.Module):
                 raise ValueError(
                     f"dt_limit_max = {self.dt_limit_max}: must exceed dt_limit_min = {self.dt_limit_min} (or be none)"
                 )
-            if self.kernel not in KERNELS:
-                raise ValueError(f"kernel = {self.kernel!r}; allowed: {', '.join(KERNELS)}")
+            check_kernel(self.kernel)
             if self.num_heads is not None and self.num_heads % self.ngroups:
                 raise ValueError(f"ngroups = {self.ngroups}: must divide num_heads = {self.num_heads}")
 
@@ -332,12 +336,26 @@ class Mamba2(nn.Module):
         states = cache.recurrent_state(ctx.layer_index)  # {"conv": (S, X, K - 1), "ssm": (S, h, p, n)}
         conv_state, ssm_state = states["conv"].to(hidden.device), states["ssm"].to(hidden.device)
         batch, seq, hidden_size = hidden.shape
-        if conv_state.shape[0] == batch * seq:  # one new token per sequence (decode)
-            out, conv_next, ssm_next = self.step(hidden.reshape(batch * seq, hidden_size), conv_state, ssm_state)
-            out = out.view(batch, seq, hidden_size)
-        else:
-            out, conv_next, ssm_next = self.forward_with_state(hidden, ctx, conv_state, ssm_state)
+        counts = per_token_counts(batch, seq, ctx.cu_seqlens, ctx.max_seqlen)
+        if counts is not None:  # decode / speculative verify: the state after every token
+            flat, after = step_tokens(
+                self._step_states,
+                hidden.reshape(batch * seq, hidden_size),
+                counts,
+                {"conv": conv_state, "ssm": ssm_state},
+            )  # (N, H), {name: (N, *shape)}
+            per_token = {name: t.to(states[name].dtype) for name, t in after.items()}
+            cache.set_recurrent_state(ctx.layer_index, per_token, per_token=True)
+            return flat.view(batch, seq, hidden_size)
+        out, conv_next, ssm_next = self.forward_with_state(hidden, ctx, conv_state, ssm_state)
         cache.set_recurrent_state(
             ctx.layer_index, {"conv": conv_next.to(states["conv"].dtype), "ssm": ssm_next.to(states["ssm"].dtype)}
         )
         return out
+
+    def _step_states(
+        self, hidden: torch.Tensor, state: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``step`` with the state as ``{"conv", "ssm"}`` (``block_utils.step_tokens``' form)."""
+        out, conv_next, ssm_next = self.step(hidden, state["conv"], state["ssm"])
+        return out, {"conv": conv_next, "ssm": ssm_next}

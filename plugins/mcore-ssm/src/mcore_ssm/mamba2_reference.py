@@ -29,13 +29,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
 
 from mcore_ssm.packing import Segments, check_state_count, documents, from_padded, to_padded
 
-__all__ = ["ChunkLayout", "Chunks", "discretize_dt", "ssd_chunked", "ssd_sequential", "to_chunks"]
+__all__ = [
+    "CHUNK",
+    "ChunkLayout",
+    "Chunks",
+    "ScanOptions",
+    "discretize_dt",
+    "ssd_chunked",
+    "ssd_sequential",
+    "to_chunks",
+]
+
+#: The default chunk size of the chunked scan.
+CHUNK = 64
+
+
+class ScanOptions(TypedDict, total=False):
+    """The chunked scan's keyword arguments (``to_chunks``' signature holds their defaults), as ``ssd_chunked``,
+    ``mamba2_triton.ssd_chunked_triton`` and ``mamba2_kernels.ssd_scan`` take and pass them on."""
+
+    dt_bias: torch.Tensor | None
+    dt_softplus: bool
+    dt_limit: tuple[float, float]
+    initial_state: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    chunk_size: int
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -232,7 +257,7 @@ def to_chunks(
     dt_limit: tuple[float, float] = (0.0, math.inf),
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK,
 ) -> Chunks:
     """Check the scan's arguments (``ssd_sequential``'s) and lay them out in chunks (``Chunks``)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -291,19 +316,11 @@ def ssd_chunked(
     B: torch.Tensor,
     C: torch.Tensor,
     D: torch.Tensor | None = None,
-    *,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = True,
-    dt_limit: tuple[float, float] = (0.0, math.inf),
-    initial_state: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    **options: Unpack[ScanOptions],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunked SSD form (module docstring); same arguments and results as ``ssd_sequential``."""
-    chunks = to_chunks(
-        x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-    )  # fmt: skip
+    """The chunked SSD form (module docstring); same arguments and results as ``ssd_sequential``, plus
+    ``chunk_size`` (``ScanOptions``, keyword-only; defaults as ``to_chunks``')."""
+    chunks = to_chunks(x, dt, A, B, C, D, **options)
     xc, dtc, Bc, Cc, state0 = chunks.x, chunks.dt, chunks.B, chunks.C, chunks.initial_state
     layout, dtype = chunks.layout, xc.dtype
     total, count, nchunks, first = layout.total, layout.count, layout.nchunks, layout.first

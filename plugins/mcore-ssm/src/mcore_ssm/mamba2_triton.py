@@ -1,4 +1,4 @@
-"""Triton forward of the chunked SSD scan (Mamba2), beside its torch reference ``mamba2_reference.ssd_chunked``.
+"""Triton forward and backward of the chunked SSD scan (Mamba2), beside its torch reference ``mamba2_reference.ssd_chunked``.
 
 Shape legend: c chunks, Q chunk size, h heads, p head dim, g groups, n ``d_state``, S segments,
 BP / BN the blocks of p / n a program holds.
@@ -13,28 +13,63 @@ has ``dt = 0``; torch, cheap), then three kernels compute what ``ssd_chunked`` c
 3. ``_chunk_scan``: per (chunk, head, p block) ``y = ((C B^T) * exp(cum_i - cum_j) [j <= i] * dt_j) x
    + exp(cum_i) C H_entering``.
 
+The backward mirrors them (the forward saves ``cum`` and the entering states):
+
+4. ``_entering_grad``: per (chunk, head, p block) the gradient of the entering state, ``sum_i exp(cum_i) dy_i C_i^T``;
+5. ``_state_passing_bwd``: per (segment, head, block of p*n) the chunks in reverse from the final state's gradient:
+   the gradient of each chunk's own state, of the initial state, and of each chunk's total log-decay;
+6. ``_chunk_bwd``: per (chunk, head, p block) every per-chunk gradient: ``dx``, and this p block's share of
+   ``ddt``, ``da`` (the log-decay ``a = dt A`` of each token, summed as sums over the pairs it lies between, not
+   as differences of cumulative sums, which cancel), ``dB`` and ``dC`` per head; torch sums the shares, the
+   heads of a group, and ``dA = sum da dt``. What lies outside the chunks (``dt`` discretisation, the layout,
+   the ``D`` skip) is ``to_chunks``'s torch autograd.
+
 All in fp32 (fp64 inputs too): ``tl.dot`` in IEEE fp32 for fp32 inputs, so the result matches the
-reference to fp32 rounding, TF32 for bf16/fp16 inputs (which TF32 holds exactly). The backward is the
-reference's (recomputed under autograd from the saved inputs): a Triton backward is not written yet.
+reference to fp32 rounding, TF32 for bf16/fp16 inputs (which TF32 holds exactly).
 ``ssd_chunked_triton`` takes the arguments of ``ssd_chunked``; chunk sizes must be powers of two >= 16
 (``mamba2_kernels.triton_chunk``). Triton's CPU interpreter (``TRITON_INTERPRET=1`` before import) runs it too.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import triton
 import triton.language as tl
 
 from mcore_ssm.mamba2_kernels import triton_chunk
-from mcore_ssm.mamba2_reference import ssd_chunked, to_chunks
+from mcore_ssm.mamba2_reference import CHUNK, ChunkLayout, ScanOptions, to_chunks
 
 __all__ = ["ssd_chunked_triton"]
 
-_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
+
+@triton.jit
+def _tile_ids(heads_per_group, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """A per-chunk program's ids: chunk ``c`` (int64), head ``h``, its group ``g``, and the index vectors of
+    the chunk's rows ``q (Q,)``, this program's head-dim block ``p (BP,)`` and the state dims ``n (BN,)``."""
+    c = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    p = tl.program_id(2) * BP + tl.arange(0, BP)
+    return c, h, h // heads_per_group, tl.arange(0, Q), p, tl.arange(0, BN)
+
+
+@triton.jit
+def _token_tile(c, q, h, p, H, P, Q: tl.constexpr):
+    """Offsets and mask of the ``(Q, BP)`` tile of a ``(c, Q, h, p)`` tensor (x, y and their gradients)."""
+    return ((c * Q + q[:, None]) * H + h) * P + p[None, :], p[None, :] < P
+
+
+@triton.jit
+def _group_tile(c, q, g, n, G, N, Q: tl.constexpr):
+    """Offsets and mask of the ``(Q, BN)`` tile of a ``(c, Q, g, n)`` tensor (B, C)."""
+    return ((c * Q + q[:, None]) * G + g) * N + n[None, :], n[None, :] < N
+
+
+@triton.jit
+def _state_tile(c, h, p, n, H, P, N):
+    """Offsets and mask of the ``(BP, BN)`` tile of a ``(c, h, p, n)`` state tensor."""
+    return ((c * H + h) * P + p[:, None]) * N + n[None, :], (p[:, None] < P) & (n[None, :] < N)
 
 
 @triton.jit
@@ -55,24 +90,20 @@ def _chunk_state(
     BN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    pb = tl.program_id(2)
-    g = h // heads_per_group
-    q = tl.arange(0, Q)
-    p = pb * BP + tl.arange(0, BP)
-    n = tl.arange(0, BN)
+    c, h, g, q, p, n = _tile_ids(heads_per_group, Q, BP, BN)
     dt = tl.load(dt_ptr + (c * Q + q) * H + h)  # (Q,)
     cum = tl.cumsum(dt * tl.load(a_ptr + h), axis=0)  # (Q,) inclusive log-decay
-    if pb == 0:
+    if tl.program_id(2) == 0:
         tl.store(cum_ptr + (c * H + h) * Q + q, cum)
     last = tl.sum(tl.where(q == Q - 1, cum, 0.0), axis=0)
     w = tl.exp(last - cum) * dt  # (Q,)
-    x = tl.load(x_ptr + ((c * Q + q[:, None]) * H + h) * P + p[None, :], mask=p[None, :] < P, other=0.0)  # (Q, BP)
-    b = tl.load(b_ptr + ((c * Q + q[:, None]) * G + g) * N + n[None, :], mask=n[None, :] < N, other=0.0)  # (Q, BN)
+    tokens, pmask = _token_tile(c, q, h, p, H, P, Q)
+    rows, nmask = _group_tile(c, q, g, n, G, N, Q)
+    x = tl.load(x_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
+    b = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
     state = tl.dot(tl.trans(x * w[:, None]), b, input_precision=PRECISION)  # (BP, BN)
-    mask = (p[:, None] < P) & (n[None, :] < N)
-    tl.store(states_ptr + ((c * H + h) * P + p[:, None]) * N + n[None, :], state, mask=mask)
+    square, smask = _state_tile(c, h, p, n, H, P, N)
+    tl.store(states_ptr + square, state, mask=smask)
 
 
 @triton.jit
@@ -127,122 +158,318 @@ def _chunk_scan(
     BN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    pb = tl.program_id(2)
-    g = h // heads_per_group
-    q = tl.arange(0, Q)
-    p = pb * BP + tl.arange(0, BP)
-    n = tl.arange(0, BN)
+    c, h, g, q, p, n = _tile_ids(heads_per_group, Q, BP, BN)
     cum = tl.load(cum_ptr + (c * H + h) * Q + q)  # (Q,)
     dt = tl.load(dt_ptr + (c * Q + q) * H + h)  # (Q,)
-    rows = ((c * Q + q[:, None]) * G + g) * N + n[None, :]
-    cm = tl.load(c_ptr + rows, mask=n[None, :] < N, other=0.0)  # (Q, BN)
-    bm = tl.load(b_ptr + rows, mask=n[None, :] < N, other=0.0)  # (Q, BN)
+    rows, nmask = _group_tile(c, q, g, n, G, N, Q)
+    cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+    bm = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
     scores = tl.dot(cm, tl.trans(bm), input_precision=PRECISION)  # (Q, Q): C_i . B_j
     causal = q[:, None] >= q[None, :]
     decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0))  # (Q, Q)
     weights = tl.where(causal, scores * decay * dt[None, :], 0.0)
-    x = tl.load(x_ptr + ((c * Q + q[:, None]) * H + h) * P + p[None, :], mask=p[None, :] < P, other=0.0)  # (Q, BP)
+    tokens, pmask = _token_tile(c, q, h, p, H, P, Q)
+    x = tl.load(x_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
     y = tl.dot(weights, x, input_precision=PRECISION)  # (Q, BP)
-    entering = tl.load(
-        entering_ptr + ((c * H + h) * P + p[None, :]) * N + n[:, None],
-        mask=(n[:, None] < N) & (p[None, :] < P),
-        other=0.0,
-    )  # (BN, BP): the state entering the chunk, transposed
-    y += tl.exp(cum)[:, None] * tl.dot(cm, entering, input_precision=PRECISION)
-    tl.store(y_ptr + ((c * Q + q[:, None]) * H + h) * P + p[None, :], y, mask=p[None, :] < P)
+    square, smask = _state_tile(c, h, p, n, H, P, N)
+    entering = tl.load(entering_ptr + square, mask=smask, other=0.0)  # (BP, BN): the state entering the chunk
+    y += tl.exp(cum)[:, None] * tl.dot(cm, tl.trans(entering), input_precision=PRECISION)
+    tl.store(y_ptr + tokens, y, mask=pmask)
 
 
-def _forward(
-    x: torch.Tensor,
-    dt: torch.Tensor,
+@triton.jit
+def _entering_grad(
+    dy_ptr,
+    c_ptr,
+    cum_ptr,
+    dentering_ptr,
+    H,
+    G,
+    P,
+    N,
+    heads_per_group,
+    Q: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per (chunk, head, p block): the gradient of the state entering the chunk, ``sum_i exp(cum_i) dy_i C_i^T``."""
+    c, h, g, q, p, n = _tile_ids(heads_per_group, Q, BP, BN)
+    cum = tl.load(cum_ptr + (c * H + h) * Q + q)  # (Q,)
+    tokens, pmask = _token_tile(c, q, h, p, H, P, Q)
+    rows, nmask = _group_tile(c, q, g, n, G, N, Q)
+    dy = tl.load(dy_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
+    cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+    grad = tl.dot(tl.trans(dy * tl.exp(cum)[:, None]), cm, input_precision=PRECISION)  # (BP, BN)
+    square, smask = _state_tile(c, h, p, n, H, P, N)
+    tl.store(dentering_ptr + square, grad, mask=smask)
+
+
+@triton.jit
+def _state_passing_bwd(
+    dentering_ptr,
+    cum_ptr,
+    entering_ptr,
+    dfinal_ptr,
+    dstates_ptr,
+    dinit_ptr,
+    dlast_ptr,
+    first_ptr,
+    nchunks_ptr,
+    H,
+    PN,
+    total,
+    Q: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+):
+    """``_state_passing`` in reverse, per (segment, head, block of p*n): from the final state's gradient back over
+    the segment's chunks, the gradient of each chunk's own state ``(c, h, p, n)``, of the initial state, and this
+    block's share of the gradient of each chunk's total log-decay ``(blocks, c, h)``."""
+    s = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    blk = tl.program_id(2)
+    off = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = off < PN
+    first = tl.load(first_ptr + s)
+    count = tl.load(nchunks_ptr + s)
+    if HAS_DFINAL:
+        grad = tl.load(dfinal_ptr + (s * H + h) * PN + off, mask=mask, other=0.0)
+    else:
+        grad = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, count):
+        c = first + count - 1 - i
+        tl.store(dstates_ptr + (c * H + h) * PN + off, grad, mask=mask)  # the state after chunk c: its own + decayed
+        decay = tl.exp(tl.load(cum_ptr + (c * H + h) * Q + Q - 1))
+        entering = tl.load(entering_ptr + (c * H + h) * PN + off, mask=mask, other=0.0)
+        tl.store(dlast_ptr + (blk * total + c) * H + h, decay * tl.sum(grad * entering, axis=0))
+        grad = tl.load(dentering_ptr + (c * H + h) * PN + off, mask=mask, other=0.0) + decay * grad
+    if HAS_INIT:
+        tl.store(dinit_ptr + (s * H + h) * PN + off, grad, mask=mask)
+
+
+@triton.jit
+def _chunk_bwd(
+    x_ptr,
+    dt_ptr,
+    b_ptr,
+    c_ptr,
+    cum_ptr,
+    entering_ptr,
+    dy_ptr,
+    dstates_ptr,
+    dx_ptr,
+    ddt_ptr,
+    da_ptr,
+    db_ptr,
+    dc_ptr,
+    total,
+    H,
+    G,
+    P,
+    N,
+    heads_per_group,
+    Q: tl.constexpr,
+    BP: tl.constexpr,
+    BN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per (chunk, head, p block): the gradients of ``_chunk_scan``'s output and ``_chunk_state``'s state through
+    one chunk. ``dx`` is whole; ``ddt``, ``da`` (of the log-decay ``a = dt A`` of each token, but for the chunk's
+    total decay, whose gradient ``_state_passing_bwd`` gives), ``dB`` and ``dC`` (per head) are this p block's share, written to the block's slice ``(blocks, ...)`` and summed by the caller."""
+    c, h, g, q, p, n = _tile_ids(heads_per_group, Q, BP, BN)
+    cum = tl.load(cum_ptr + (c * H + h) * Q + q)  # (Q,)
+    dt = tl.load(dt_ptr + (c * Q + q) * H + h)  # (Q,)
+    last = tl.sum(tl.where(q == Q - 1, cum, 0.0), axis=0)
+    rows, nmask = _group_tile(c, q, g, n, G, N, Q)
+    cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+    bm = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+    tokens, pmask = _token_tile(c, q, h, p, H, P, Q)
+    x = tl.load(x_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
+    dy = tl.load(dy_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
+    square, smask = _state_tile(c, h, p, n, H, P, N)
+    entering = tl.load(entering_ptr + square, mask=smask, other=0.0)  # (BP, BN)
+    dstate = tl.load(dstates_ptr + square, mask=smask, other=0.0)  # (BP, BN): d(this chunk's own state)
+
+    # intra-chunk: y_i = sum_{j <= i} scores_ij decay_ij dt_j x_j
+    scores = tl.dot(cm, tl.trans(bm), input_precision=PRECISION)  # (Q, Q): C_i . B_j
+    causal = q[:, None] >= q[None, :]
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0))  # (Q, Q)
+    mixed = tl.where(causal, scores * decay, 0.0)  # (Q, Q)
+    dyx = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # (Q, Q): dy_i . x_j (this p block)
+    dx = tl.dot(tl.trans(mixed), dy, input_precision=PRECISION) * dt[:, None]  # (Q, BP)
+    ddt = tl.sum(mixed * dyx, axis=0)  # (Q,)
+    # d/d(cum_i - cum_j), and cum_i - cum_j = sum_{j < k <= i} a_k: da_k = sum_{i >= k, j < k} (no cancelling
+    # differences: a reverse cumsum over i, then a masked sum over j)
+    weighted = mixed * dyx * dt[None, :]  # (Q, Q)
+    below = tl.cumsum(weighted, axis=0, reverse=True)  # (Q, Q): [k, j] = sum_{i >= k} weighted_ij
+    da = tl.sum(tl.where(q[None, :] < q[:, None], below, 0.0), axis=1)  # (Q,)
+    dscores = tl.where(causal, dyx * dt[None, :] * decay, 0.0)  # (Q, Q)
+    dc = tl.dot(dscores, bm, input_precision=PRECISION)  # (Q, BN)
+    db = tl.dot(tl.trans(dscores), cm, input_precision=PRECISION)  # (Q, BN)
+
+    # inter-chunk: y_i += exp(cum_i) C_i H^T
+    grow = tl.exp(cum)  # (Q,)
+    inter = grow[:, None] * tl.dot(cm, tl.trans(entering), input_precision=PRECISION)  # (Q, BP)
+    dc += grow[:, None] * tl.dot(dy, entering, input_precision=PRECISION)
+    da += tl.cumsum(tl.sum(dy * inter, axis=1), axis=0, reverse=True)  # cum_i = sum_{k <= i} a_k
+
+    # the chunk's own state: sum_j exp(last - cum_j) dt_j x_j B_j^T
+    to_end = tl.exp(last - cum)  # (Q,)
+    w = to_end * dt  # (Q,)
+    db += w[:, None] * tl.dot(x, dstate, input_precision=PRECISION)
+    bds = tl.dot(bm, tl.trans(dstate), input_precision=PRECISION)  # (Q, BP): dS B_j
+    dx += w[:, None] * bds
+    sb = tl.sum(x * bds, axis=1)  # (Q,): x_j . dS B_j
+    ddt += to_end * sb
+    ws = w * sb  # (Q,): d/d(last - cum_j), and last - cum_j = sum_{j < k} a_k
+    da += tl.sum(tl.where(q[None, :] < q[:, None], ws[None, :], 0.0), axis=1)
+
+    tl.store(dx_ptr + tokens, dx, mask=pmask)
+    part = tl.program_id(2) * total + c  # this p block's share
+    tl.store(ddt_ptr + (part * Q + q) * H + h, ddt)
+    tl.store(da_ptr + (part * Q + q) * H + h, da)
+    per_head = ((part * Q + q[:, None]) * H + h) * N + n[None, :]
+    tl.store(db_ptr + per_head, db, mask=nmask)
+    tl.store(dc_ptr + per_head, dc, mask=nmask)
+
+
+def _blocks(head_dim: int, d_state: int) -> tuple[int, int]:
+    """``(BP, BN)``: the p block a program holds and the padded ``d_state``."""
+    return max(16, min(64, triton.next_power_of_2(head_dim))), max(16, triton.next_power_of_2(d_state))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"  # bf16/fp16 inputs: tf32
+
+
+def _scan(
+    layout: ChunkLayout,
+    xc: torch.Tensor,
+    dtc: torch.Tensor,
     A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None,
-    options: dict[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels on ``to_chunks``'s layout (fp32); results as ``ssd_chunked``'s."""
-    chunks = to_chunks(x, dt, A, B, C, D, dt_bias=dt_bias, initial_state=initial_state, **options)
-    layout = chunks.layout
-    xc, dtc = chunks.x.float().contiguous(), chunks.dt.float().contiguous()  # (c, Q, h, p), (c, Q, h)
-    bc, cc = chunks.B.float().contiguous(), chunks.C.float().contiguous()  # (c, Q, g, n)
+    bc: torch.Tensor,
+    cc: torch.Tensor,
+    init: torch.Tensor | None,
+    precision: str,
+) -> tuple[torch.Tensor, ...]:
+    """The forward kernels on the chunks (fp32, contiguous): ``xc (c, Q, h, p)``, ``dtc (c, Q, h)``, ``A (h,)``,
+    ``bc, cc (c, Q, g, n)``, ``init (S, h, p, n)`` -> ``y (c, Q, h, p)``, ``final (S, h, p, n)``, ``cum (c, h, Q)``,
+    ``entering (c, h, p, n)``."""
     total, Q, heads, head_dim = xc.shape
     groups, d_state = bc.shape[2], bc.shape[3]
-    count = layout.count
-    a = A.float().contiguous()
-    BP = max(16, min(64, triton.next_power_of_2(head_dim)))
-    BN = max(16, triton.next_power_of_2(d_state))
-    precision = "ieee" if chunks.dtype in (torch.float32, torch.float64) else "tf32"  # bf16/fp16 inputs: tf32
+    count, rep = layout.count, heads // groups
+    BP, BN = _blocks(head_dim, d_state)
     states = xc.new_empty(total, heads, head_dim, d_state)
     cum = xc.new_empty(total, heads, Q)
     entering = xc.new_empty(total, heads, head_dim, d_state)
     final = xc.new_empty(count, heads, head_dim, d_state)
     y = xc.new_empty(total, Q, heads, head_dim)
+    grid = (total, heads, triton.cdiv(head_dim, BP))
     if total:
-        grid = (total, heads, triton.cdiv(head_dim, BP))
-        rep = heads // groups
-        _chunk_state[grid](xc, dtc, a, bc, states, cum, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision)
-    init = chunks.initial_state
-    init_arg = init.float().contiguous() if init is not None else final  # unread without HAS_INIT
+        _chunk_state[grid](xc, dtc, A, bc, states, cum, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision)
     block = min(1024, triton.next_power_of_2(head_dim * d_state))
     pass_grid = (count, heads, triton.cdiv(head_dim * d_state, block))
+    first, nchunks = layout.first.contiguous(), layout.nchunks.contiguous()
+    init_arg = init if init is not None else final  # unread without HAS_INIT
     _state_passing[pass_grid](
-        states,
-        cum,
-        init_arg,
-        entering,
-        final,
-        layout.first.contiguous(),
-        layout.nchunks.contiguous(),
-        heads,
-        head_dim * d_state,
-        Q,
-        block,
-        init is not None,
+        states, cum, init_arg, entering, final, first, nchunks, heads, head_dim * d_state, Q, block, init is not None
     )
     if total:
         _chunk_scan[grid](
             xc, dtc, bc, cc, cum, entering, y, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision
         )
-    out = chunks.output(y.to(chunks.x.dtype))
-    return out, final.to(chunks.x.dtype)
+    return y, final, cum, entering
 
 
-class _TritonScan(torch.autograd.Function):
-    """Forward: the kernels; backward: the reference's gradients, recomputed from the saved inputs."""
+def _scan_bwd(
+    layout: ChunkLayout,
+    saved: tuple[torch.Tensor, ...],
+    dy: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    has_init: bool,
+    precision: str,
+) -> tuple[torch.Tensor | None, ...]:
+    """The backward kernels, then the reductions in torch: ``(dxc, ddtc, dA, dbc, dcc, dinit or None)``, fp32."""
+    xc, dtc, A, bc, cc, cum, entering = saved
+    total, Q, heads, head_dim = xc.shape
+    groups, d_state = bc.shape[2], bc.shape[3]
+    count, rep = layout.count, heads // groups
+    BP, BN = _blocks(head_dim, d_state)
+    pblocks = triton.cdiv(head_dim, BP)
+    grid = (total, heads, pblocks)
+    dentering = torch.empty_like(entering)
+    if total:
+        _entering_grad[grid](dy, cc, cum, dentering, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision)
+    block = min(1024, triton.next_power_of_2(head_dim * d_state))
+    nblocks = triton.cdiv(head_dim * d_state, block)
+    dstates = torch.empty_like(entering)
+    dinit = xc.new_empty(count, heads, head_dim, d_state) if has_init else None
+    dlast = xc.new_zeros(nblocks, total, heads)
+    _state_passing_bwd[(count, heads, nblocks)](
+        dentering,
+        cum,
+        entering,
+        dfinal if dfinal is not None else dentering,  # unread without HAS_DFINAL
+        dstates,
+        dinit if dinit is not None else dstates,  # unwritten without HAS_INIT
+        dlast,
+        layout.first.contiguous(),
+        layout.nchunks.contiguous(),
+        heads,
+        head_dim * d_state,
+        total,
+        Q,
+        block,
+        dfinal is not None,
+        has_init,
+    )
+    dxc = torch.empty_like(xc)
+    ddt = xc.new_empty(pblocks, total, Q, heads)
+    da = xc.new_empty(pblocks, total, Q, heads)
+    db = xc.new_empty(pblocks, total, Q, heads, d_state)
+    dc = xc.new_empty(pblocks, total, Q, heads, d_state)
+    if total:
+        _chunk_bwd[grid](
+            xc, dtc, bc, cc, cum, entering, dy, dstates, dxc, ddt, da, db, dc,
+            total, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision,
+        )  # fmt: skip
+    da = da.sum(0) + dlast.sum(0)[:, None, :]  # (c, Q, h): the chunk's total decay sums every token's a_k
+    ddtc = ddt.sum(0) + da * A  # (c, Q, h)
+    dA = (da * dtc).sum((0, 1))  # (h,)
+    dbc = db.sum(0).view(total, Q, groups, rep, d_state).sum(3)  # (c, Q, g, n): the group's heads summed
+    dcc = dc.sum(0).view(total, Q, groups, rep, d_state).sum(3)
+    return dxc, ddtc, dA, dbc, dcc, dinit
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The scan on ``to_chunks``'s layout: forward and backward by the kernels; what lies outside the chunks
+    (discretisation, layout, ``D`` skip, group broadcast of ``B``/``C`` stays per group) is torch's autograd."""
 
     @staticmethod
-    def forward(ctx: Any, options: dict[str, Any], *tensors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        ctx.options = options
-        ctx.save_for_backward(*tensors)
-        return _forward(*tensors, options)  # type: ignore[arg-type,call-arg]
+    def forward(
+        ctx: Any, layout: ChunkLayout, precision: str, *tensors: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        xc, dtc, A, bc, cc, init = tensors
+        assert xc is not None and dtc is not None and A is not None and bc is not None and cc is not None
+        fp32 = [t.float().contiguous() for t in (xc, dtc, A, bc, cc)]
+        init32 = init.float().contiguous() if init is not None else None
+        xf, dtf, af, bf, cf = fp32
+        y, final, cum, entering = _scan(layout, xf, dtf, af, bf, cf, init32, precision)
+        ctx.layout, ctx.precision, ctx.has_init = layout, precision, init is not None
+        ctx.dtypes = [None if t is None else t.dtype for t in tensors]
+        ctx.save_for_backward(*fp32, cum, entering)
+        return y.to(xc.dtype), final.to(xc.dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor | None, dfinal: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:]
-        with torch.enable_grad():
-            leaves = [
-                None if t is None else t.detach().requires_grad_(bool(need))
-                for t, need in zip(saved, needs, strict=True)
-            ]
-            y, final = ssd_chunked(**dict(zip(_NAMES, leaves, strict=True)), **ctx.options)  # type: ignore[arg-type]
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            outputs, grads_out = [], []
-            for out, grad in ((y, dy), (final, dfinal)):
-                if grad is not None:
-                    outputs.append(out)
-                    grads_out.append(grad)
-            grads = torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True) if outputs else []
-        found = iter(grads)
-        result: list[torch.Tensor | None] = [None]
-        for t in leaves:
-            result.append(next(found) if t is not None and t.requires_grad else None)
-        return tuple(result)
+        dy32 = saved[0].new_zeros(saved[0].shape) if dy is None else dy.float().contiguous()
+        dfinal32 = None if dfinal is None else dfinal.float().contiguous()
+        grads = _scan_bwd(ctx.layout, saved, dy32, dfinal32, ctx.has_init, ctx.precision)
+        out = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
+        return (None, None, *out)
 
 
 def ssd_chunked_triton(
@@ -252,16 +479,22 @@ def ssd_chunked_triton(
     B: torch.Tensor,
     C: torch.Tensor,
     D: torch.Tensor | None = None,
-    *,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = True,
-    dt_limit: tuple[float, float] = (0.0, math.inf),
-    initial_state: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    **options: Unpack[ScanOptions],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mamba2_reference.ssd_chunked`` with the forward in Triton (module docstring); same arguments and results."""
+    """``mamba2_reference.ssd_chunked`` with the chunked scan in Triton, forward and backward (module docstring);
+    same arguments and results."""
+    chunk_size = options.get("chunk_size", CHUNK)
     if not triton_chunk(chunk_size):
         raise ValueError(f"ssd (triton): chunk_size = {chunk_size!r}; allowed: a power of two >= 16")
-    options = {"dt_softplus": dt_softplus, "dt_limit": dt_limit, "cu_seqlens": cu_seqlens, "chunk_size": chunk_size}
-    return _TritonScan.apply(options, x, dt, A, B, C, D, dt_bias, initial_state)  # type: ignore[no-any-return]
+    chunks = to_chunks(x, dt, A, B, C, D, **options)  # torch, differentiable: discretisation, layout, D skip
+    y, final = _ChunkedScan.apply(
+        chunks.layout,
+        _precision(chunks.dtype),
+        chunks.x,
+        chunks.dt,
+        A.to(chunks.x.dtype),
+        chunks.B,
+        chunks.C,
+        chunks.initial_state,
+    )  # (c, Q, h, p), (S, h, p, n) in the compute dtype
+    return chunks.output(y), final

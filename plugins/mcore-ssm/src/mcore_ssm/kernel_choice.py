@@ -1,0 +1,40 @@
+"""Which implementation of a chunked scan runs (the ``kernel`` setting of the ``gdn`` and ``mamba2`` blocks).
+
+Why: both scans choose the same way, once per call, not in the block; ``gdn_kernels`` and ``mamba2_kernels`` say
+only which chunk sizes their Triton kernels take. ``auto``: Triton for CUDA tensors when Triton imports and the
+kernel takes the chunk size, outside ``torch.compile`` tracing (the compiler fuses the torch reference instead);
+the torch reference everywhere else. ``torch`` always takes the reference; ``triton`` always the kernel (on CPU
+only under ``TRITON_INTERPRET=1``, Triton's interpreter, for checking it). ``MCORE_SSM_KERNELS=reference`` makes
+``auto`` take the reference. CPU calls never import Triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
+
+
+def check_kernel(kernel: object, key: str = "kernel") -> None:
+    """``ValueError`` naming ``key`` unless ``kernel`` is one of ``KERNELS``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"{key} = {kernel!r}; allowed: {', '.join(KERNELS)}")
+
+
+def choose(kernel: str, device: torch.device, *, triton_takes: bool) -> str:
+    """``"torch"`` or ``"triton"``: what ``kernel`` (``KERNELS``) means for tensors on ``device``, where
+    ``triton_takes`` says whether the Triton kernel supports the call's chunk size."""
+    check_kernel(kernel)
+    if kernel != "auto":
+        return kernel
+    usable = (
+        device.type == "cuda"
+        and triton_takes
+        and os.environ.get("MCORE_SSM_KERNELS", "") != "reference"
+        and not torch.compiler.is_compiling()
+        and importlib.util.find_spec("triton") is not None
+    )
+    return "triton" if usable else "torch"

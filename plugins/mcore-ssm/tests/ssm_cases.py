@@ -1,0 +1,70 @@
+"""Test helpers the mcore-ssm test files share: the relative error, random inputs of the Mamba2 scan, and running a
+script in Triton's CPU interpreter (a subprocess: the interpreter is chosen when Triton is imported).
+
+Named uniquely (not ``helpers``): pytest puts each tests folder on ``sys.path`` and other plugins have a ``helpers``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+#: The Mamba2 scan's tensor arguments, in ``ssd_chunked``'s order.
+SCAN_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in fp64; NaN or inf in either fails."""
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def scan_inputs(
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    groups: int,
+    d_state: int,
+    states: int | None,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random fp32 arguments of the Mamba2 scan (``dt`` before softplus, ``A < 0``); ``initial_state`` only when
+    ``states`` (its count) is given."""
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "x": torch.randn(batch, seq, heads, head_dim, generator=g),
+        "dt": torch.randn(batch, seq, heads, generator=g) - 1.0,
+        "A": -(torch.rand(heads, generator=g) * 3 + 0.5),
+        "B": torch.randn(batch, seq, groups, d_state, generator=g),
+        "C": torch.randn(batch, seq, groups, d_state, generator=g),
+        "D": torch.randn(heads, generator=g),
+        "dt_bias": torch.randn(heads, generator=g) * 0.5,
+    }
+    if states is not None:
+        out["initial_state"] = torch.randn(states, heads, head_dim, d_state, generator=g)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def run_interpreted(script: str, count: int, timeout: int = 300) -> list[float]:
+    """Run ``script`` under ``TRITON_INTERPRET=1`` and return the ``count`` numbers it prints (skipped without
+    Triton: not a dependency of the package, only the GPU path needs it)."""
+    pytest.importorskip("triton")
+    here = os.path.dirname(os.path.abspath(__file__))  # the script may import this module
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH", "")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    numbers = [float(x) for x in run.stdout.split()]
+    assert len(numbers) == count, run.stdout[-2000:]
+    return numbers
