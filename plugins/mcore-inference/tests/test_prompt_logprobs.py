@@ -87,3 +87,32 @@ def test_prompt_logprobs_skip_prefix_hits_and_survive_preemption() -> None:
 def test_prompt_logprobs_out_of_range_is_refused() -> None:
     with pytest.raises(UserError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
+
+
+def test_prompt_logprobs_beside_speculating_requests() -> None:
+    """A request scoring its prompt shares steps with requests that draft and verify (speculative decoding): its
+    prompt logprobs are the full forward's and the drafting requests' tokens are the plain engine's."""
+    from test_speculative_engine import VOCAB, ToyMTPLM
+
+    model = ToyMTPLM(depths=1, good=True)
+    prompts = _prompts(6, [9, 14, 11], vocab=VOCAB)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    scored = SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=1)
+    asks = [greedy, scored, greedy]
+    plain = _finish(LLMEngine(model, block_size=4, num_blocks=64, max_num_batched_tokens=16), prompts, asks)
+    engine = LLMEngine(model, block_size=4, num_blocks=64, max_num_batched_tokens=16, speculative_tokens=2)
+    ids = [engine.add_request(prompts[0], greedy)]
+    engine.step()  # the first request decodes (and drafts) while the others prefill
+    ids += [engine.add_request(p, q) for p, q in zip(prompts[1:], asks[1:])]
+    done: dict[int, RequestOutput] = {}
+    for _ in range(200):
+        done |= {out.request_id: out for out in engine.step() if out.finished}
+        if len(done) == len(ids):
+            break
+    outs = [done[i] for i in ids]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    chosen, _ = _expected(model, prompts[1], 1)
+    _close(outs[1].prompt_logprobs, chosen)
+    stats = engine.spec_stats()
+    assert stats is not None and sum(stats.proposed) > 0 and sum(stats.accepted) > 0  # drafting really happened
+    assert engine.cache.all_free()
