@@ -118,9 +118,9 @@ def test_kernel_bf16_within_1e2_forward_and_gradients():
 
 
 @pytest.mark.gpu
-def test_block_auto_kernel_equals_torch_kernel_on_cuda():
+def test_block_triton_kernel_equals_torch_kernel_on_cuda():
     cfg = {"num_qk_heads": 2, "num_v_heads": 4, "head_k_dim": 32, "head_v_dim": 32}
-    auto = GatedDeltaNet(GatedDeltaNet.Config(**cfg), hidden_size=64).cuda()
+    auto = GatedDeltaNet(GatedDeltaNet.Config(**cfg, kernel="triton"), hidden_size=64).cuda()
     ref = GatedDeltaNet(GatedDeltaNet.Config(**cfg, kernel="torch"), hidden_size=64).cuda()
     ref.load_state_dict(auto.state_dict())
     hidden = torch.randn(2, 200, 64, device="cuda", requires_grad=True)

@@ -28,7 +28,7 @@ def test_auto_takes_the_reference_on_cpu_and_names_bad_kernels(monkeypatch):
 
 
 def test_auto_on_cuda_needs_a_power_of_two_chunk(monkeypatch):
-    monkeypatch.delenv("MCORE_SSM_KERNELS", raising=False)
+    monkeypatch.setenv("MCORE_SSM_KERNELS", "triton")
     for chunk in (8, 48):  # too small for tl.dot, not a power of two: the reference
         assert pick("auto", torch.device("cuda"), chunk) == "torch"
 
@@ -164,9 +164,9 @@ def test_kernel_bf16_gradients_within_1e2():
 
 
 @pytest.mark.gpu
-def test_block_auto_kernel_equals_torch_kernel_on_cuda():
+def test_block_triton_kernel_equals_torch_kernel_on_cuda():
     torch.manual_seed(0)
-    block = Mamba2(Mamba2.Config(d_state=64, headdim=32, ngroups=2), hidden_size=128).cuda()
+    block = Mamba2(Mamba2.Config(d_state=64, headdim=32, ngroups=2, kernel="triton"), hidden_size=128).cuda()
     hidden = torch.randn(1, 300, 128, device="cuda", requires_grad=True)
     ctx = BlockContext(cu_seqlens=torch.tensor([0, 100, 101, 300], dtype=torch.int32, device="cuda"), max_seqlen=199)
     out = block(hidden, ctx)

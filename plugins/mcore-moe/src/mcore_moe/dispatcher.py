@@ -177,7 +177,8 @@ class _PaddedHandle:
 
 
 class AllGatherVDispatcher(_GroupDispatcher):
-    """``allgatherv``: ``allgather`` into fixed-capacity buffers with device-side counts (no host sync).
+    """``allgatherv``: ``allgather`` into fixed-capacity buffers with device-side counts (no host sync in forward;
+    the backward synchronised once on an H100, 2026-12-05: not yet found).
 
     ``max_tokens`` (C): the rows every rank's tokens are padded to; ``None`` takes each call's N, which
     must then be the same on every rank of the group (fixed micro-batch shapes). The result has

@@ -40,7 +40,7 @@ def mcore_register(registry: Any) -> None:
         "dispatcher",
         "allgatherv",
         "mcore_moe.dispatcher:AllGatherVDispatcher",
-        summary="allgather into fixed-capacity buffers with device-side counts: static shapes, no host sync",
+        summary="allgather into fixed-capacity buffers with device-side counts: static shapes, no host sync in forward",
     )
     registry.add(
         "block",

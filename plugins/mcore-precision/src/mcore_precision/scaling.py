@@ -172,7 +172,7 @@ class CheckedNative:
             return _emulated(a, b, out_dtype)
         try:
             out = native_fp8_mm(a, b, out_dtype)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # torch checks scale layouts with ValueError
             if trusted:
                 raise
             return self._distrust(key, a, b, out_dtype, f"failed ({exc})")

@@ -1,5 +1,8 @@
-"""The quantisation kernels: each entry point runs its Triton kernel on CUDA tensors when Triton imports, and
-its torch reference (``reference``) everywhere else. The choice is made once per device type, not with ``if``
+"""The quantisation kernels: each entry point runs its Triton kernel on CUDA tensors when Triton imports and
+``MCORE_PRECISION_KERNELS=triton`` opts in, and its torch reference (``reference``) everywhere else. Opt-in because
+their first GPU run (H100, torch 2.11, Triton 3.6, 2026-12-05) matched the references byte for byte for the rowwise
+and blockwise kernels and small per-tensor shapes only: large per-tensor shapes, MXFP8 and NVFP4 differed there
+(they match in Triton's CPU interpreter); the default stays the reference until they match on the card. The choice is made once per device type, not with ``if``
 chains in the schemes; CPU calls never import Triton.
 
 Entry points (signatures and results in ``reference``; every kernel equals its reference byte for byte):
@@ -35,8 +38,8 @@ __all__ = [
 
 
 def triton_usable() -> bool:
-    """Whether Triton kernels may run: CUDA present, Triton importable, not disabled by the environment."""
-    if os.environ.get("MCORE_PRECISION_KERNELS", "") == "reference":
+    """Whether Triton kernels may run: opted in (``MCORE_PRECISION_KERNELS=triton``), CUDA present, Triton importable."""
+    if os.environ.get("MCORE_PRECISION_KERNELS", "") != "triton":
         return False
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
