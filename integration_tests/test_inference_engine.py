@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from mcore_inference.engine import LLMEngine, RequestOutput
+from engine_helpers import greedy_reference, run_arrivals
+from mcore_inference.engine import LLMEngine
 from mcore_inference.sampling import SamplingParams
 
 from mcore_models.gpt import GPT, GPTConfig
@@ -42,29 +43,12 @@ def config(kind: str) -> GPTConfig:
     return GPTConfig.from_values({**base, "mixer": "mla", "mla": {**mla, "v_head_dim": 6}})
 
 
-def reference(model: GPT, prompt: list[int], max_tokens: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt) :]
+def reference(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    return greedy_reference(model, prompt, max_tokens)
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], arrive: list[int]) -> list[list[int]]:
-    ids: dict[int, int] = {}
-    done: dict[int, RequestOutput] = {}
-    step = 0
-    while len(done) < len(prompts):
-        for i, when in enumerate(arrive):
-            if when == step:
-                ids[engine.add_request(prompts[i], GREEDY)] = i
-        for out in engine.step():
-            if out.finished:
-                done[ids[out.request_id]] = out
-        step += 1
-        assert step < 300
-    assert engine.cache.all_free(), "blocks or slots held after every request finished"
-    return [done[i].token_ids for i in range(len(prompts))]
+    return run_arrivals(engine, prompts, arrive, GREEDY)
 
 
 @pytest.mark.parametrize("kind", ["gqa", "window", "mla"])
