@@ -12,7 +12,7 @@ the steps):
 * ``pp`` with 2 stages (1F1B, 4 micro-batches; the recurrent layers on the first stage, attention and the MLP-only
   layer on the second);
 * packed documents (``cu_seqlens``: no conv window and no recurrent state crosses a document);
-* ``cp`` refused (a recurrent state runs along each sequence, which context parallelism would split);
+* (``cp``, by a head-parallel all-to-all in the recurrent layers, is ``test_hybrid_cp.py``);
 * meta-device construction through ``build_parts`` (blocks found in the registry): the ``fsdp`` shards gathered
   equal the one-process build bit for bit.
 
@@ -35,7 +35,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mcore.config import resolve_config
-from mcore.errors import UserError
 from mcore.mesh import ParallelMesh, build_mesh
 from mcore.protocols import BlockContext
 from mcore.ragged import full_tensor
@@ -43,7 +42,6 @@ from mcore.train.build import build_parts, builds_on_meta
 from mcore_fsdp.layout import FSDPLayout
 from mcore_models.gpt import GPT, GPTConfig
 from mcore_optim.adamw import AdamWFactory
-from mcore_parallel.cp import CPLayout
 from mcore_parallel.pp import PPLayout
 from mcore_parallel.tp import TPLayout
 from mcore_testing import run_distributed
@@ -228,15 +226,7 @@ def _meta_init(ref_path: str) -> None:
 
 
 # -- the groups ---------------------------------------------------------------------------------------------
-def _cp_refused() -> None:
-    """Context parallelism would split the recurrent layers' sequences: refused in one line naming the layer."""
-    mesh = build_mesh(("cp",), {}, fill="cp", device_type="cpu")
-    with pytest.raises(UserError, match=r"cp: 'layers\.0\.attention' \(GatedDeltaNet\) runs a state along"):
-        CPLayout().apply(_reference(), mesh)
-
-
 def _ci(ref_path: str) -> None:
-    _cp_refused()
     _steps_equal_one_process("tp")
     _steps_equal_one_process("tp", sp=True, packed=True)
     _steps_equal_one_process("fsdp", packed=True)

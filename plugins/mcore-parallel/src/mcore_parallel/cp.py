@@ -33,12 +33,22 @@ whole documents after them, every row of the micro-batch in one (``(1, L)``). Ev
 forward per micro-batch, so fsdp's per-layer collectives line up. ``allgather`` exchanges only the split
 documents' keys; ``ring`` and ``a2a`` pass whole rows (masked: correct, without the saving).
 
+Recurrent layers (blocks with ``carries_sequence_state`` and ``supports_sequence_split``: GDN, Mamba2) run by a
+head-parallel all-to-all (Ulysses): for a model that has them ``shard_batch`` also puts a
+``mcore.sequence_split.SequenceSplit`` in the context (every rank's token indices in group order, and the full
+rows' positions and documents), with which each such block gives every rank the whole sequence for
+``heads / cp`` of its heads around its conv and recurrence. It runs over the whole ``cp`` group whatever the
+attention ``kind`` (``a2a+ring``'s groups are attention's only); under dynamic CP the full "row" is the flattened
+micro-batch, its documents cut at the row ends. A recurrent block that does not declare
+``supports_sequence_split`` is refused in ``apply`` in one line.
+
 Not yet: a fused partial-attention kernel on GPU for document masks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -51,6 +61,7 @@ from torch.distributed.tensor import DTensor
 from mcore.errors import UserError
 from mcore.protocols.block import MTP_AHEAD, BlockContext, sequence_state_blocks
 from mcore.protocols.layout import DataParallelInfo
+from mcore.sequence_split import SequenceSplit
 from mcore_parallel.cp_attention import AllGatherAttention, AllToAllAttention, HybridAttention, RingAttention
 from mcore_parallel.cp_split import (
     SplitPlan,
@@ -164,15 +175,21 @@ class CPLayout(DeferredSync):
         self._hybrid: tuple[Any, Any] | None = None  # kind a2a+ring: this rank's all-to-all and ring groups
         self._mtp_depths = 0  # the model's multi-token prediction depths (``model.config.mtp_num_layers``)
         self._attention_tokens: int | None = None  # dynamic_balance = 'work': 6 * the model's hidden size
+        self._recurrent = False  # the model has recurrent blocks: they get the cp all-to-all (``SequenceSplit``)
 
     def apply(self, model: nn.Module, mesh: ParallelMesh, precision: PrecisionRecipe | None = None) -> nn.Module:
         recurrent = sequence_state_blocks(model) if mesh.size(DIM) > 1 else []
-        if recurrent:
+        unsupported = [
+            p for p in recurrent if not getattr(type(model.get_submodule(p)), "supports_sequence_split", False)
+        ]
+        if unsupported:
             raise UserError(
-                f"cp: {recurrent[0]!r} ({type(model.get_submodule(recurrent[0])).__name__}) runs a state along the "
-                "whole sequence, which context parallelism would split over ranks (it does not pass that state yet); "
-                "allowed: parallel.sizes.cp = 1 for models with recurrent layers (tp, fsdp and pp work)"
+                f"cp: {unsupported[0]!r} ({type(model.get_submodule(unsupported[0])).__name__}) runs a state along the "
+                "whole sequence, which context parallelism would split over ranks, and does not declare "
+                "supports_sequence_split (the all-to-all to its whole sequence); allowed: parallel.sizes.cp = 1 for "
+                "this model (tp, fsdp and pp work), or a block that reads BlockContext.sequence_split"
             )
+        self._recurrent = bool(recurrent)
         mtp = getattr(getattr(model, "config", None), "mtp_num_layers", 0)
         self._mtp_depths = mtp if isinstance(mtp, int) else 0
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
@@ -226,6 +243,7 @@ class CPLayout(DeferredSync):
             token_ids=local,
             attention=self._attention(group, plan),
             loss_group=group,
+            sequence_split=self._sequence_split(group, plan, ctx, positions) if self._recurrent else None,
         )
         return local, plan.take(rank, labels, -100), view
 
@@ -234,6 +252,35 @@ class CPLayout(DeferredSync):
         if self._hybrid is not None:
             return HybridAttention(group, plan, *self._hybrid)
         return KINDS[self.config.kind](group, plan)  # type: ignore[call-arg]
+
+    @staticmethod
+    def _sequence_split(group: Any, plan: SplitPlan, ctx: BlockContext, positions: torch.Tensor) -> SequenceSplit:
+        """The all-to-all the recurrent blocks run over the whole ``cp`` group (whatever the attention ``kind``):
+        every rank's tokens in group order, and the full rows' documents. A dynamic plan indexes the micro-batch
+        flattened to one row, so the full "row" is that one: its documents are ``cu_seqlens`` cut at the row
+        ends (no state crosses a row end, as in one process)."""
+        batch, seq = positions.shape
+        index = torch.cat(plan.index, dim=1)  # (B, cp * L), or (1, cp * L) flat
+        if not plan.flat:
+            return SequenceSplit(
+                group=group,
+                index=index,
+                seq_len=seq,
+                positions=positions,
+                cu_seqlens=ctx.cu_seqlens,
+                max_seqlen=ctx.max_seqlen,
+            )
+        ends = set(range(0, batch * seq + 1, seq))
+        bounds = sorted(ends | (set(ctx.cu_seqlens.tolist()) if ctx.cu_seqlens is not None else set()))
+        cu = torch.tensor(bounds, dtype=torch.int32, device=positions.device)  # (D + 1,) over the flat row
+        return SequenceSplit(
+            group=group,
+            index=index,
+            seq_len=batch * seq,
+            positions=positions.reshape(1, -1),
+            cu_seqlens=cu,
+            max_seqlen=max(b - a for a, b in itertools.pairwise(bounds)),
+        )
 
     def loss_group(self) -> Any:
         """The ``cp`` group: its ranks hold the parts of one micro-batch (``None`` at size 1)."""

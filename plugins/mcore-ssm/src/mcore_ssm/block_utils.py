@@ -62,6 +62,19 @@ def project(hidden: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.
     return [out if linear.bias is None else out + linear.bias for out, linear in zip(outs, linears, strict=True)]
 
 
+def repeat_groups(t: torch.Tensor, groups: int, copies: int, dim: int) -> torch.Tensor:
+    """Each of ``groups`` equal runs along ``dim`` repeated ``copies`` times in place (``[g0, g0, g1, g1]``), as
+    attention repeats GQA's key/value heads: ``(..., g * n, ...) -> (..., g * copies * n, ...)``. After it a
+    contiguous split of the heads over ranks gives each rank the groups its heads read."""
+    if copies == 1:
+        return t
+    return (
+        t.unflatten(dim % t.dim(), (groups, -1))
+        .repeat_interleave(copies, dim=dim % t.dim())
+        .flatten(dim % t.dim(), dim % t.dim() + 1)
+    )
+
+
 @torch.no_grad()
 def draw_declared_(module: nn.Module, generator: torch.Generator | None) -> None:
     """Set every parameter under ``module`` from its declared ``init`` (``param_specs``), drawing in fp32 on

@@ -26,12 +26,16 @@ parameters' dtype (the last ``K - 1`` pre-conv inputs) and ``"ssm": (hv, dk, dv)
 ``cache_spec``). ``forward_with_state`` runs a step from given states and returns the final ones (prefill,
 an engine step of packed sequences); ``step`` is the one-token decode update; ``forward`` under an
 inference cache (``ctx.kv_cache``) reads and writes the states there (``RecurrentStateCache``).
+
+Context parallelism: under ``ctx.sequence_split`` (``mcore.sequence_split``, set by ``cp``) the block projects its
+own tokens, all-to-alls to every token of the full rows for ``1 / cp`` of its heads, runs conv and rule there and
+all-to-alls back before the gated norm (``_forward_split``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +44,7 @@ from torch import nn
 
 from mcore.params import Init, ParamSpec
 from mcore.protocols.block import BlockContext, BlockShared, FlopsShape, RecurrentStateSpec
+from mcore.sequence_split import SequenceSplit
 from mcore_ssm.block_utils import (
     PerChannel,
     check_positive_float,
@@ -61,6 +66,10 @@ from mcore_ssm.packing import documents
 STATE_NAMES: tuple[str, ...] = ("conv_q", "conv_k", "conv_v", "ssm")
 
 
+def _all_rows(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(sum(x^2) + eps)`` over the last dim, in fp32 (fp64 stays fp64); ``x``'s dtype out."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -72,6 +81,7 @@ class GatedDeltaNet(nn.Module):
 
     hf = GatedDeltaNetHF()  # its part of a Hugging Face checkpoint (mcore.hf.HFBlockMapping), found by model families
     carries_sequence_state = True  # a state runs along each document: layouts must not split sequences
+    supports_sequence_split = True  # ... unless they pass ``ctx.sequence_split``: the whole sequence, some heads
 
     @dataclass(kw_only=True, slots=True)
     class Config:
@@ -170,6 +180,8 @@ class GatedDeltaNet(nn.Module):
     # ----------------------------------------------------------------------------------------------- forward
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        if ctx.sequence_split is not None:
+            return self._forward_split(hidden, ctx, ctx.sequence_split)
         if ctx.kv_cache is None:
             return self.forward_with_state(hidden, ctx, None, return_state=False)[0]
         cache = ctx.kv_cache  # inference: this step's new tokens of each sequence, packed (cu_seqlens)
@@ -198,15 +210,49 @@ class GatedDeltaNet(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """``hidden (B, T, H)`` from ``state`` (``{name: (S, *shape)}`` as ``state_shapes``, one per row, or per
         document under ``ctx.cu_seqlens``; ``None``: zeros) -> ``(out (B, T, H), final state or None)``."""
-        batch, seq, _ = hidden.shape
-        dk, dv, cu = self.head_k_dim, self.head_v_dim, ctx.cu_seqlens
-        segments = documents(batch, seq, cu, hidden.device) if cu is not None else None  # once for the block
         q, k, v, z, b, a = project(hidden, (self.q, self.k, self.v, self.z, self.b, self.a))
+        o, finals = self._mix(q, k, v, b, a, ctx, state, return_state=return_state)  # (B, T, hv, dv)
+        return self._output(o, z), finals  # (B, T, H)
+
+    def _forward_split(self, hidden: torch.Tensor, ctx: BlockContext, split: SequenceSplit) -> torch.Tensor:
+        """Under a sequence split (``cp``): this rank's tokens ``hidden (B, L, H)`` projected, an all-to-all to
+        every token of the full rows for ``1 / cp`` of the heads (whole query/key groups: both head counts must
+        divide by ``cp``), the conv and the rule on them, the all-to-all back; the gated norm and the output
+        projection on this rank's tokens (the norm is per value head, so where it runs changes nothing)."""
+        if ctx.kv_cache is not None:
+            raise ValueError("gdn: an inference cache under a sequence split (cp) is not supported; allowed: cp = 1")
+        q, k, v, z, b, a = project(hidden, (self.q, self.k, self.v, self.z, self.b, self.a))  # (B, L, *)
+        split.check_heads("gdn query/key heads", q.shape[-1] // self.head_k_dim)
+        split.check_heads("gdn value heads", v.shape[-1] // self.head_v_dim)
+        q, k, v, b, a = split.to_full_sequence(q, k, v, b, a)  # (B, T, */cp): every token, this rank's heads
+        o, _ = self._mix(q, k, v, b, a, split.full_context(ctx), None, return_state=False, rows=split.my_channels)
+        (o_local,) = split.to_local_tokens(o.flatten(-2))  # (B, L, hv * dv)
+        return self._output(o_local.unflatten(-1, (-1, self.head_v_dim)), z)  # (B, L, H)
+
+    def _mix(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        b: torch.Tensor,
+        a: torch.Tensor,
+        ctx: BlockContext,
+        state: Mapping[str, torch.Tensor] | None,
+        *,
+        return_state: bool,
+        rows: Callable[[torch.Tensor], torch.Tensor] = _all_rows,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Conv, gates and the gated delta rule on projected ``q, k (B, T, hk*dk)``, ``v (B, T, hv*dv)``, ``b, a
+        (B, T, hv)`` -> ``(o (B, T, hv, dv), final state or None)``. ``rows`` picks the per-channel parameters'
+        rows that go with the channels given (a sequence split's share; default: all this module holds)."""
+        batch, seq, _ = q.shape
+        dk, dv, cu = self.head_k_dim, self.head_v_dim, ctx.cu_seqlens
+        segments = documents(batch, seq, cu, q.device) if cu is not None else None  # once for the block
         state = dict(state) if state is not None else {}
         finals: dict[str, torch.Tensor] = {}
         mixed = []
         for name, x, conv in (("conv_q", q, self.conv_q), ("conv_k", k, self.conv_k), ("conv_v", v, self.conv_v)):
-            weight = conv.local_weight()  # (C, K): this rank's channels
+            weight = rows(conv.local_weight())  # (C, K): this rank's channels
             self._check_channels(name, x, weight)
             y, last = causal_conv1d(
                 x,
@@ -222,7 +268,7 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(mixed[0].unflatten(-1, (-1, dk)))  # (B, T, hk, dk)
         k = l2_normalize(mixed[1].unflatten(-1, (-1, dk)))  # (B, T, hk, dk)
         v = mixed[2].unflatten(-1, (-1, dv))  # (B, T, hv, dv)
-        beta, g = self._gates(b, a)  # (B, T, hv) each, fp32
+        beta, g = self._gates(b, a, rows(self.A_log.local_weight()))  # (B, T, hv) each, fp32
         o, ssm = gated_delta_rule(
             q,
             k,
@@ -236,11 +282,10 @@ class GatedDeltaNet(nn.Module):
             kernel=self.config.kernel,
             segments=segments,
         )  # (B, T, hv, dv)
-        out = self._output(o, z)  # (B, T, H)
         if ssm is None:
-            return out, None
+            return o, None
         finals["ssm"] = ssm  # fp32 (fp64 for fp64 inputs)
-        return out, finals
+        return o, finals
 
     def step(
         self, hidden: torch.Tensor, state: Mapping[str, torch.Tensor]
@@ -259,15 +304,15 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(mixed[0].unflatten(-1, (-1, dk)))  # (S, hk, dk)
         k = l2_normalize(mixed[1].unflatten(-1, (-1, dk)))  # (S, hk, dk)
         v = mixed[2].unflatten(-1, (-1, dv))  # (S, hv, dv)
-        beta, g = self._gates(b, a)  # (S, hv)
+        beta, g = self._gates(b, a, self.A_log.local_weight())  # (S, hv)
         o, new["ssm"] = gated_delta_rule_step(q, k, v, g, beta, state["ssm"])  # (S, hv, dv)
         return self._output(o, z), new
 
-    def _gates(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``beta = sigmoid(b)`` and ``g = -exp(A_log) * softplus(a + dt_bias)`` (``a`` has the bias), in fp32
-        (fp64 for fp64 inputs)."""
+    def _gates(self, b: torch.Tensor, a: torch.Tensor, a_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``beta = sigmoid(b)`` and ``g = -exp(A_log) * softplus(a + dt_bias)`` (``a`` has the bias; ``a_log (hv, 1)``
+        the heads' rows), in fp32 (fp64 for fp64 inputs)."""
         compute = torch.promote_types(a.dtype, torch.float32)
-        decay = self.A_log.local_weight()[:, 0].to(compute).exp()  # (hv,) A
+        decay = a_log[:, 0].to(compute).exp()  # (hv,) A
         return torch.sigmoid(b.to(compute)), -decay * F.softplus(a.to(compute))
 
     def _output(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ Notable:
   chunked prefill); ``step`` is the single-token recurrent update (decode). Under an inference cache
   (``ctx.kv_cache``) ``forward`` reads the layer's state slots, runs the step's new tokens (``step`` when
   every sequence brings one token) and writes the states back; ``cache_spec`` declares them.
+* Context parallelism: under ``ctx.sequence_split`` (set by ``cp``) an all-to-all gives the conv and scan every
+  token of the full rows for ``1 / cp`` of the heads (groups fewer than ``cp`` repeated), another brings them back
+  before the gated norm (``_forward_split``).
 * Init (declared, ``mcore.params.Init``): projections normal(``init_std``), ``out_proj``
   normal(``output_init_std``), the conv as ``nn.Conv1d`` (uniform +-1/sqrt(K)), ``D`` ones, the norm ones;
   ``A = -exp(A_log)`` log-uniform in ``[a_init_min, a_init_max]`` (Mamba2 draws ``A`` uniform there); the
@@ -38,6 +41,7 @@ from torch import nn
 
 from mcore.params import Init, ParamSpec
 from mcore.protocols.block import BlockContext, BlockShared, FlopsShape, RecurrentStateSpec
+from mcore.sequence_split import SequenceSplit
 from mcore_ssm.block_utils import (
     PerChannel,
     check_positive_float,
@@ -46,6 +50,7 @@ from mcore_ssm.block_utils import (
     local,
     per_token_counts,
     project,
+    repeat_groups,
     step_tokens,
 )
 from mcore_ssm.conv import causal_conv1d, causal_conv1d_step
@@ -80,6 +85,7 @@ class Mamba2(nn.Module):
 
     hf = Mamba2HF()  # its part of a Hugging Face checkpoint (mcore.hf.HFBlockMapping), found by model families
     carries_sequence_state = True  # a state runs along each document: layouts must not split sequences
+    supports_sequence_split = True  # ... unless they pass ``ctx.sequence_split``: the whole sequence, some heads
 
     @dataclass(kw_only=True, slots=True)
     class Config:
@@ -277,9 +283,31 @@ class Mamba2(nn.Module):
         """``hidden (B, T, H)`` after each sequence's ``conv_state (S, X, K - 1)`` and ``ssm_state (S, h, p, n)``
         (zeros when ``None``; one per row, or per document of ``ctx.cu_seqlens``, which then must lie in one
         row each). Returns ``(out (B, T, H), conv_state, ssm_state)``: the states after each sequence."""
-        batch, seq, _ = hidden.shape
         z, x, b, c, dt = self._project(hidden)  # (B, T, I), (B, T, I), (B, T, g*n) x2, (B, T, h)
         weight, bias = self._conv_params(x, b)  # (X, K), (X,)
+        y, conv_final, ssm_final = self._scan(
+            x, b, c, dt, weight, bias, local(self.A_log.weight), local(self.D.weight), ctx, conv_state, ssm_state
+        )  # (B, T, I), (S, X, K - 1), (S, h, p, n)
+        return self._gate_norm_out(y, z), conv_final, ssm_final
+
+    def _scan(
+        self,
+        x: torch.Tensor,
+        b: torch.Tensor,
+        c: torch.Tensor,
+        dt: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a_log: torch.Tensor,
+        d: torch.Tensor,
+        ctx: BlockContext,
+        conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The conv over ``[x | B | C]`` (``weight (X, K)``, ``bias (X,)``) and the scan with the ``D`` skip:
+        ``x (B, T, h*p)``, ``b``, ``c (B, T, g*n)``, ``dt (B, T, h)``, ``a_log``, ``d (h, 1)`` the heads' rows ->
+        ``(y (B, T, h*p), conv_state (S, X, K - 1), ssm_state (S, h, p, n))``."""
+        batch, seq, _ = x.shape
         xbc, conv_final = causal_conv1d(
             torch.cat([x, b, c], dim=-1),  # (B, T, X)
             weight,
@@ -293,10 +321,10 @@ class Mamba2(nn.Module):
         y, ssm_final = ssd_scan(
             x.reshape(batch, seq, -1, self.head_dim),  # (B, T, h, p): heads counted, a tp rank holds some
             dt,
-            -torch.exp(local(self.A_log.weight)[:, 0].float()),  # (h,)
+            -torch.exp(a_log[:, 0].float()),  # (h,)
             b.reshape(batch, seq, -1, self.d_state),  # (B, T, g, n)
             c.reshape(batch, seq, -1, self.d_state),
-            local(self.D.weight)[:, 0],
+            d[:, 0],
             dt_limit=self._dt_limit(),
             initial_state=ssm_state,
             cu_seqlens=ctx.cu_seqlens,
@@ -304,7 +332,46 @@ class Mamba2(nn.Module):
             kernel=self.config.kernel,
         )  # (B, T, h, p), (S, h, p, n)
         assert conv_final is not None
-        return self._gate_norm_out(y.reshape(batch, seq, -1), z), conv_final, ssm_final
+        return y.reshape(batch, seq, -1), conv_final, ssm_final
+
+    def _forward_split(self, hidden: torch.Tensor, ctx: BlockContext, split: SequenceSplit) -> torch.Tensor:
+        """Under a sequence split (``cp``): this rank's tokens ``hidden (B, L, H)`` projected, an all-to-all to
+        every token of the full rows for ``1 / cp`` of the heads (the heads must divide by ``cp``; with fewer
+        groups than ``cp`` each group's ``B``/``C`` channels are repeated, as attention repeats GQA's key/value
+        heads, so every rank gets the group its heads read and autograd sums the copies' gradients), the conv
+        and the scan on them, the all-to-all back; the gated norm (over ``ngroups`` groups, which may span
+        ranks) and ``out_proj`` on this rank's tokens with every head."""
+        if ctx.kv_cache is not None:
+            raise ValueError("mamba2: an inference cache under a sequence split (cp) is not supported; allowed: cp = 1")
+        z, x, b, c, dt = self._project(hidden)  # (B, L, I), (B, L, I), (B, L, g*n) x2, (B, L, h)
+        split.check_heads("mamba2 heads", dt.shape[-1])
+        weight, bias = self._conv_params(x, b)  # (X, K), (X,)
+        groups = b.shape[-1] // self.d_state
+        copies = split.size // math.gcd(groups, split.size)  # each group this many times: g * copies divides by cp
+        sizes = [x.shape[-1], b.shape[-1], c.shape[-1]]
+
+        def share(per_channel: torch.Tensor) -> torch.Tensor:  # (X, ...) -> this rank's rows of [x | B' | C']
+            px, pb, pc = per_channel.split(sizes)
+            pb, pc = repeat_groups(pb, groups, copies, 0), repeat_groups(pc, groups, copies, 0)
+            return torch.cat([split.my_channels(t) for t in (px, pb, pc)])
+
+        b, c = repeat_groups(b, groups, copies, -1), repeat_groups(c, groups, copies, -1)  # (B, L, g*copies*n)
+        x, b, c, dt = split.to_full_sequence(x, b, c, dt)  # (B, T, */cp): every token, this rank's heads
+        y, _, _ = self._scan(
+            x,
+            b,
+            c,
+            dt,
+            share(weight),
+            None if bias is None else share(bias),
+            split.my_channels(local(self.A_log.weight)),
+            split.my_channels(local(self.D.weight)),
+            split.full_context(ctx),
+            None,
+            None,
+        )  # (B, T, h/cp * p)
+        (y_local,) = split.to_local_tokens(y)  # (B, L, I)
+        return self._gate_norm_out(y_local, z)
 
     def step(
         self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
@@ -329,6 +396,8 @@ class Mamba2(nn.Module):
         return self._gate_norm_out(y.reshape(count, -1).to(x.dtype), z), conv_next, state
 
     def forward(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        if ctx.sequence_split is not None:
+            return self._forward_split(hidden, ctx, ctx.sequence_split)
         cache = ctx.kv_cache
         if cache is None:  # training, or a full forward: every sequence starts from zeros
             return self.forward_with_state(hidden, ctx)[0]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from mcore.mesh import ParallelMesh
     from mcore.protocols.attention import AttentionBackend
     from mcore.protocols.precision import PrecisionRecipe
+    from mcore.sequence_split import SequenceSplit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,6 +311,10 @@ class BlockContext:
         loss_group: the ranks that hold parts of this micro-batch (a ``BatchShardingLayout``'s
             ``loss_group()``, set by the run loop); ``None``: this call holds all of it. The loss
             divides its sum by ``label_count``, so the ranks' losses add up to the batch mean.
+        sequence_split: set by a layout that splits rows by tokens (``cp``): a ``mcore.sequence_split.
+            SequenceSplit`` whose all-to-all gives a recurrent block (``supports_sequence_split``) every token
+            of the full rows for its share of the heads, and the full rows' ``positions``/``cu_seqlens``
+            (this view's are the local tokens'); ``None``: this call holds whole rows.
     """
 
     positions: torch.Tensor | None = None
@@ -325,6 +330,7 @@ class BlockContext:
     precision: PrecisionRecipe | None = None
     head_group: ProcessGroup | None = None
     loss_group: ProcessGroup | None = None
+    sequence_split: SequenceSplit | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))  # our own copy, read-only
@@ -446,7 +452,9 @@ class ModelBlock(Protocol):
         * optional class attribute ``carries_sequence_state = True``: the block runs a state along
           the whole sequence (a recurrent mixer: GDN, Mamba), so each rank must see a document's
           tokens in order; a layout that splits sequences over ranks refuses it unless it passes
-          that state (``sequence_state_blocks``).
+          that state (``sequence_state_blocks``). With ``supports_sequence_split = True`` too, the block
+          reads ``ctx.sequence_split`` when set (its whole sequence for a share of its heads, by all-to-all),
+          so such a layout may run it.
         * Blocks are constructed by their factory from a typed ``Config`` (a keyword-only
           dataclass attribute of the registered class; its ``[model.<block>]`` table) plus
           ``hidden_size`` and, when the constructor takes it, ``shared`` (a ``BlockShared``:
