@@ -64,7 +64,11 @@ class PrecisionRecipe(Protocol):
           ``prepare``) read it with ``compute_weight`` and run the scaled GEMM on it; the
           parameter's buffer slot is then not written, so a recipe answers this way only for weights
           its modules consume. A recipe that does must also offer ``dequantize(weight) -> Tensor``
-          (its rows as the high-precision weight, for checks and tools).
+          (its rows as the high-precision weight, for checks and tools). Optional
+          ``gather_payloads(shards, asks)``: the payloads of a whole FSDP unit at once (``asks`` holds
+          each shard's ``gather_payload`` keywords), so state reduced over ranks (per-tensor amaxes) takes
+          one collective per unit instead of one per weight; the answers equal one ``gather_payload``
+          call each.
         * ``after_step(model)``: re-quantize cached weights from the updated master
           weights (no-op for formats without cached weights).
         * optional ``grouped_linear(x, weight, group_sizes)``: the grouped expert GEMM of an MoE

@@ -261,6 +261,7 @@ class Trainer:
         self.stop: StopSignal | None = None  # set while the loop runs
         self.last_good_step = 0  # the newest step whose verdict was good (or the resumed-from step)
         self.stop_agreed = False  # some rank received SIGTERM during the last step
+        self.prefetched: tuple[int, list[tuple[torch.Tensor, torch.Tensor, BlockContext]]] | None = None
 
     # -- helpers ------------------------------------------------------------------------------
     def barrier(self) -> None:
@@ -269,6 +270,22 @@ class Trainer:
     def device_batches(self, rows: list[PackedRows]) -> list[tuple[torch.Tensor, torch.Tensor, BlockContext]]:
         """Host rows -> this rank's micro-batches on the device, through the batch-sharding layouts."""
         return [shard(to_batch(r, self.parts, self.data.thd, self.attention), self.step_layouts) for r in rows]
+
+    def step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, BlockContext]]:
+        """Step ``step``'s micro-batches on the device: the ones ``prefetch`` queued during the step before, or
+        made now."""
+        ready, self.prefetched = self.prefetched, None
+        if ready is not None and ready[0] == step:
+            return ready[1]
+        return self.device_batches(self.data.micro_batches(step))
+
+    def prefetch(self, step: int) -> None:
+        """Make step ``step``'s micro-batches now (rows packed on the host, copied, block masks queued), while
+        the device still runs this step's backward: the host work of a step start no longer leaves the device
+        idle. The batches are a pure function of the step (``TrainData.micro_batches``), so nothing a
+        checkpoint records moves; a step that never comes (the last, a stop) just drops them."""
+        if step < self.train.steps:
+            self.prefetched = (step, self.device_batches(self.data.micro_batches(step)))
 
     def token_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum ``value`` in place over the ranks that saw distinct tokens of the step (``AfterOptimizerStep``)."""
@@ -408,12 +425,15 @@ class Trainer:
         lr = self.set_lr(step)
         p.optimizer.zero_grad(set_to_none=True)
         with self.guard.phase(f"forward/backward of step {n}"):
-            micro = self.device_batches(self.data.micro_batches(step))
+            micro = self.step_batches(step)
             local_loss = forward_backward(p.model, micro, self.step_layouts, p.precision)
+            del micro
         with self.guard.phase(f"gradient sync of step {n}"):
             for layout in reversed(p.layouts):  # the outermost (applied last) first: its reductions land
                 layout.finish_grad_sync()
             finite_here = p.precision.unscale_grads(p.model)
+        with self.guard.phase(f"preparing the batches of step {n + 1}"):
+            self.prefetch(step + 1)  # before this step's first host sync (below)
         # one all-reduce for the loss, the gradients' finiteness and a pending stop signal, built on the
         # device (the loss share and the built-in recipes' finiteness are device tensors): the step's
         # first host sync is reading its result
