@@ -2,7 +2,8 @@
 a row shard of a linear's weight (a ``DTensor``, zero-padded as FSDP pads it), ask the recipe for its payload,
 all-gather it by hand and unpack it: the operands the linear's GEMMs read equal, byte for byte, the whole weight
 quantised by one process (per-tensor scales from the global amax); the linear run on the gathered weight gives
-the same output and gradients as on the whole weight, without quantising the weight itself. Misaligned blocks
+the same output and gradients as on the whole weight, without quantising the weight itself; a unit's batch
+(``payloads``) gives the same bytes with one amax all-reduce for all its weights. Misaligned blocks
 fall back to the plain gather with a warning; FSDP's shape probe leaves ``fp8-delayed``'s state alone; the byte
 codecs (E8M0 scales, packed E2M1) round-trip exactly.
 """
@@ -149,11 +150,65 @@ def _misaligned_falls_back() -> None:
     assert _gathered_weight("fp8-rowwise", rowwise, rnet, seeded_randn(64, 32, seed=4)) is None
 
 
+def _batched_payloads_equal_one_by_one() -> None:
+    """``fsdp_gather.payloads`` (FSDP's batch for a unit): the same bytes as one ``payload`` per weight, the global
+    amaxes of the per-tensor scales (fp8-current, NVFP4's tensor scale) in ONE all-reduce instead of one per weight;
+    a NaN on one rank reaches that weight's scale only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    requests: list[fsdp_gather.Request | None] = [None]  # a weight gathered as is
+    per_tensor = 0
+    for j, (name, nan) in enumerate(
+        [("fp8-current", False), ("fp8-current", True), ("nvfp4", False), ("fp8-blockwise", False), ("mxfp8", False)]
+    ):
+        f, k = SHAPES[name]
+        full = seeded_randn(f, k, seed=40 + j) * (1 + j)
+        if nan:
+            full[-1, 0] = float("nan")  # on the last rank's rows
+        rows = -(-f // world)
+        shard = torch.nn.functional.pad(full, (0, 0, 0, rows * world - f))[rank * rows : (rank + 1) * rows]
+        weight = distribute_tensor(full, mesh, [Shard(0)])
+        lin = RECIPES[name]().prepare(_Net(f, k)).lin
+        requests.append(fsdp_gather.Request(lin.scheme, shard.clone(), weight, whole=False))
+        per_tensor += name in ("fp8-current", "nvfp4")
+    calls: list[int] = []
+    original = dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted  # type: ignore[assignment]
+    try:
+        one_by_one = [
+            None if r is None else fsdp_gather.payload(r.scheme, r.shard, r.weight, whole=r.whole) for r in requests
+        ]
+        assert len(calls) == per_tensor == 3, calls
+        calls.clear()
+        batched = fsdp_gather.payloads(requests)
+        assert len(calls) == 1, calls
+    finally:
+        dist.all_reduce = original  # type: ignore[assignment]
+    assert batched[0] is None and one_by_one[0] is None
+    for j, (mine, ref) in enumerate(zip(batched[1:], one_by_one[1:])):
+        assert mine is not None and ref is not None and mine.metadata == ref.metadata
+        assert len(mine.tensors) == len(ref.tensors)
+        for a, b in zip(mine.tensors, ref.tensors):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), j
+    local = [torch.tensor(1.0 + rank), torch.tensor(float("nan") if rank == world - 1 else 2.0)]
+    amaxes = fsdp_gather.global_amaxes(local, [weight, weight])  # one all-reduce: the max, a NaN kept NaN
+    assert amaxes[0].item() == float(world) and torch.isnan(amaxes[1])
+
+
 def _ranks() -> None:
     torch.set_num_threads(1)
     for name in RECIPES:
         _check_recipe(name)
     _misaligned_falls_back()
+    _batched_payloads_equal_one_by_one()
 
 
 def test_gathered_payload_equals_whole_weight_quantised() -> None:

@@ -5,7 +5,13 @@ to the compute dtype first when it differs) and copied out, parameter by paramet
 pooled un-sharded buffer; parameters a precision recipe gathers in its own format are
 all-gathered (row-split) or broadcast from their owner (kept whole) as payloads and unpacked:
 into the buffer when ``unpack`` gives a tensor, or attached to the parameter when it gives a
-``QuantizedWeight`` (``mcore.precision.quantized``: the recipe's GEMM reads the bytes itself).
+``QuantizedWeight`` (``mcore.precision.quantized``: the recipe's GEMM reads the bytes itself;
+such a parameter has no room in the un-sharded buffer, ``geometry``'s ``buffered``).
+
+A recipe may offer ``gather_payloads(shards, asks)`` (optional, found by ``getattr``): the payloads of
+all the unit's row-split shards at once, each what ``gather_payload(shard, **ask)`` answers, so that
+the collectives the payloads need (the global amax of per-tensor scales) run once per unit gather
+instead of once per parameter.
 Reduce-scatter: gradients are laid out as the ``(N, S)`` input (row r: rank r's shard) and
 reduced into ``(S,)``. When a gradient is reduced and where it goes is ``gradients``'s call.
 """
@@ -20,6 +26,7 @@ import torch
 
 from mcore.precision import quantized
 from mcore.precision.quantized import QuantizedWeight
+from mcore.protocols.precision import GatherPayload
 from mcore_fsdp import comm
 from mcore_fsdp.pool import Lease
 from mcore_fsdp.storage import Storage, UnitContext, alias
@@ -70,14 +77,13 @@ def _issue_quantized(store: Storage, gather: Gather) -> None:
     broadcast (the others receive into buffers shaped by the probe)."""
     n, rank, group = store.geometry.world, store.groups.shard_rank, store.groups.shard_group
     recipe = store.gather_recipe
+    split = _split_payloads(store)
     for i, (slot, q) in enumerate(zip(store.geometry.slots, store.quantized)):
         if not q:
             continue
         outs, works = [], []
         if slot.owner is None:
-            # the padded local chunk: (rows, *shape[1:]) including zero padding rows
-            padded = store.shard[slot.offset : slot.offset + slot.chunk_numel].view(slot.rows, *slot.shape[1:])
-            payload = recipe.gather_payload(padded, **store.payload_asks[i])
+            payload = split[i]
             for t in payload.tensors:
                 t = t.contiguous()
                 out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
@@ -94,6 +100,34 @@ def _issue_quantized(store: Storage, gather: Gather) -> None:
             works = [comm.broadcast(t, slot.owner, group) for t in outs]
             metadata = spec.metadata
         gather.quantized.append((i, outs, metadata, works))
+
+
+def _split_payloads(store: Storage) -> dict[int, GatherPayload]:
+    """The payloads of the row-split quantized parameters (slot index -> payload): one
+    ``gather_payloads`` call when the recipe offers it (module docstring), else one
+    ``gather_payload`` call per parameter. Every rank asks for the same parameters in the same
+    order, so the collectives a recipe runs inside line up."""
+    recipe = store.gather_recipe
+    slots = store.geometry.slots
+    indices = [i for i, (slot, q) in enumerate(zip(slots, store.quantized)) if q and slot.owner is None]
+    # each the padded local chunk: (rows, *shape[1:]) including zero padding rows
+    shards = [
+        store.shard[slots[i].offset : slots[i].offset + slots[i].chunk_numel].view(slots[i].rows, *slots[i].shape[1:])
+        for i in indices
+    ]
+    asks = [store.payload_asks[i] for i in indices]
+    batch = getattr(recipe, "gather_payloads", None)
+    if batch is not None and indices:
+        payloads = list(batch(shards, asks))
+    else:
+        payloads = [recipe.gather_payload(shard, **ask) for shard, ask in zip(shards, asks)]
+    if len(payloads) != len(indices) or any(p is None for p in payloads):
+        raise ValueError(
+            f"fully_shard({store.label}): precision recipe answered {len(payloads)} payloads (None among them: "
+            f"{any(p is None for p in payloads)}) for {len(indices)} parameters it gathers in its own format; "
+            "allowed: one payload per parameter, as at sharding time"
+        )
+    return dict(zip(indices, payloads))
 
 
 def complete_gather(store: Storage, ctx: UnitContext, gather: Gather) -> None:
@@ -121,11 +155,15 @@ def complete_gather(store: Storage, ctx: UnitContext, gather: Gather) -> None:
         if isinstance(full, QuantizedWeight):  # to the recipe's GEMM as is; the buffer slot stays unwritten
             quantized.attach(store.unsharded[i], dataclasses.replace(full, shape=torch.Size(slot.shape)))
             continue
-        if type(full) is not torch.Tensor or full.shape[0] < slot.shape[0]:
+        if type(full) is not torch.Tensor or full.shape[0] < slot.shape[0] or not slot.buffered:
+            allowed = (
+                f"a plain tensor of at least {slot.shape[0]} rows or a QuantizedWeight"
+                if slot.buffered
+                else "a QuantizedWeight, as for the shape probe at sharding time (the parameter has no buffer room)"
+            )
             raise ValueError(
                 f"fully_shard({store.label}): precision recipe unpack returned {type(full).__name__} of shape "
-                f"{tuple(getattr(full, 'shape', ()))}; allowed: a plain tensor of at least {slot.shape[0]} rows "
-                "or a QuantizedWeight"
+                f"{tuple(getattr(full, 'shape', ()))}; allowed: {allowed}"
             )
         start = slot.full_offset
         param[start : start + slot.numel].view(slot.shape).copy_(full[: slot.shape[0]])

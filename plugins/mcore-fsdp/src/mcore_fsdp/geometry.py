@@ -16,7 +16,10 @@ row-split parameters first and then its whole ones, so the plain all-gather cove
 prefix ``[:plain_numel]``. Gathering the N flat shards gives an ``(N, S)`` buffer; the
 un-sharded (copied-out) buffer holds each parameter at ``full_offset``: a row-split one as
 its padded full tensor ``(N * rows, *shape[1:])`` (first ``d0`` rows are the parameter), a
-whole one as itself. Reduce-scatter uses the same ``(N, S)`` layout in reverse.
+whole one as itself. A parameter whose gathered form is not a high-precision tensor (a precision
+recipe's ``QuantizedWeight``, handed to its GEMM as the gathered bytes) takes no room there
+(``buffered`` false): the un-sharded buffer holds only what is copied into it. Reduce-scatter
+uses the same ``(N, S)`` layout in reverse.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Slot:
     offset: int  # start inside a rank's flat shard (the owner's, when whole)
     full_offset: int  # start inside the un-sharded (copied-out) buffer
     owner: int | None = None  # None: rows split over the ranks; r: whole on rank r
+    buffered: bool = True  # False: no room in the un-sharded buffer (gathered as a QuantizedWeight)
 
     @property
     def numel(self) -> int:
@@ -64,7 +68,10 @@ class Slot:
         return 0 if self.owner is not None else min(rank * self.rows, self.shape[0])
 
     def full_numel(self, world: int) -> int:
-        """Elements in the un-sharded buffer (padded to ``world * rows`` rows when row-split)."""
+        """Elements in the un-sharded buffer (padded to ``world * rows`` rows when row-split; 0 when not
+        ``buffered``)."""
+        if not self.buffered:
+            return 0
         return self.numel if self.owner is not None else world * self.chunk_numel
 
 
@@ -91,15 +98,18 @@ def plan(
     *,
     whole: Sequence[bool] | None = None,
     groups: Sequence[int] | None = None,
+    buffered: Sequence[bool] | None = None,
 ) -> Geometry:
     """Lay out parameters for ``world`` shards, in the given order within each group.
 
     ``whole[i]``: keep parameter ``i`` whole on one rank; ``groups[i]``: 0 for the plain
-    all-gather, 1 for parameters gathered in their own format (they go last).
+    all-gather, 1 for parameters gathered in their own format (they go last); ``buffered[i]``
+    false: parameter ``i`` takes no room in the un-sharded buffer (module docstring).
     """
     n = len(shapes)
     whole = list(whole) if whole is not None else [False] * n
     groups = list(groups) if groups is not None else [0] * n
+    buffered = list(buffered) if buffered is not None else [True] * n
     for shape in shapes:
         if len(shape) == 0:
             raise ValueError(
@@ -144,7 +154,7 @@ def plan(
     # the un-sharded buffer: every parameter one after another, in the unit's order
     full = 0
     placed: list[Slot] = []
-    for slot in slots:
+    for slot, keep in zip(slots, buffered):
         assert slot is not None
         placed.append(
             Slot(
@@ -154,9 +164,10 @@ def plan(
                 offset=slot.offset,
                 full_offset=full,
                 owner=slot.owner,
+                buffered=keep,
             )
         )
-        full += slot.full_numel(world)
+        full += placed[-1].full_numel(world)
     if 0 not in groups:
         plain_numel = 0
     return Geometry(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from mcore.precision.quantized import QuantizedWeight
 from mcore_fsdp.geometry import Geometry, Slot, plan
 from mcore_fsdp.groups import MeshGroups
 from mcore_fsdp.tp_params import ParamLayout, describe_params, local_tensor
@@ -52,10 +53,13 @@ class ParamEntry:
 
 @dataclass(frozen=True, slots=True)
 class PayloadSpec:
-    """The payload a precision recipe gathers for a parameter: tensor shapes/dtypes, metadata."""
+    """The payload a precision recipe gathers for a parameter: tensor shapes/dtypes, metadata, and
+    whether ``unpack`` answers a ``QuantizedWeight`` (``attached``: it needs no room in the
+    un-sharded buffer) rather than a tensor copied into that buffer."""
 
     tensors: list[tuple[torch.Size, torch.dtype]]
     metadata: Any
+    attached: bool = False
 
 
 class UnitContext(Protocol):
@@ -124,7 +128,12 @@ def probe_payload(
     payload = recipe.gather_payload(probe, **kwargs)
     if payload is None:
         return None
-    return PayloadSpec([(t.shape, t.dtype) for t in payload.tensors], payload.metadata)
+    # what ``unpack`` makes of the gathered probe (N copies along dim 0 for a row-split parameter): a
+    # QuantizedWeight goes to the recipe's GEMM and takes no room in the un-sharded buffer
+    copies = 1 if whole else n
+    gathered = tuple(t.expand(copies, *t.shape).reshape(copies * t.shape[0], *t.shape[1:]) for t in payload.tensors)
+    attached = isinstance(recipe.unpack(gathered, payload.metadata), QuantizedWeight)
+    return PayloadSpec([(t.shape, t.dtype) for t in payload.tensors], payload.metadata, attached)
 
 
 class Storage:
@@ -190,13 +199,22 @@ class Storage:
         }
         #: per slot: how the parameter is described sharded and un-sharded (``tp_params``)
         self.layouts: list[ParamLayout] = describe_params([e.name for e in ordered], [e.param for e in ordered], groups)
+        #: per slot: gathered into the un-sharded buffer (false: the recipe's ``unpack`` answers a
+        #: ``QuantizedWeight``, attached to the parameter; one rank gathers nothing quantised)
+        attached = [probe is not None and probe.attached for probe in probes]
+        self.buffered = [not (n > 1 and attached[i]) for i in order]
         self.geometry: Geometry = plan(
             [lay.local_shape for lay in self.layouts],
             n,
             whole=[whole[i] for i in order],
             groups=[int(q) for q in self.quantized],
+            buffered=self.buffered,
         )
         self.plain_numel = self.geometry.plain_numel
+        #: what an un-sharded parameter gathered as a ``QuantizedWeight`` points at: one NaN, broadcast to
+        #: its shape (its gradient still needs a tensor of that shape; a read of its values shows as NaN)
+        fill = float("nan") if self.compute_dtype.is_floating_point else 0
+        self.absent = torch.full((1,), fill, dtype=self.compute_dtype, device=device)
         # (S,) this rank's rows of every parameter, padded per parameter; zeros, so padding is
         # zero (a quantized gather reads the padded rows)
         self.shard = torch.zeros(self.geometry.shard_numel, dtype=self.orig_dtype, device=device)
@@ -258,11 +276,19 @@ class Storage:
         return views[key]
 
     def bind(self, full: torch.Tensor, lease: Lease | None) -> None:
-        """Point the un-sharded parameters at ``full`` (the un-sharded buffer) and register them."""
+        """Point the un-sharded parameters at ``full`` (the un-sharded buffer), those that take no room in
+        it at ``absent``, and register them."""
         slots = self.geometry.slots
-        views = self.cached(
-            lease, "bind", lambda: [full[sl.full_offset : sl.full_offset + sl.numel].view(sl.shape) for sl in slots]
-        )
+
+        def views_of() -> list[torch.Tensor]:
+            return [
+                full[sl.full_offset : sl.full_offset + sl.numel].view(sl.shape)
+                if sl.buffered
+                else self.absent.expand(sl.shape)
+                for sl in slots
+            ]
+
+        views = self.cached(lease, "bind", views_of)
         for view, p, layout in zip(views, self.unsharded, self.layouts):
             layout.bind(p, view)
         self.register(self.unsharded)

@@ -233,6 +233,15 @@ class _QuantizedRecipe(PlainRecipe):
         """The weight of one of this recipe's linears (``prepare``; FSDP names it as the prepared model does)
         gathered in the linear's format (``fsdp_gather``), or ``None``: gathered as is (every other parameter;
         a scheme or a shard whose blocks a shard boundary would cut: warned once per weight)."""
+        return fsdp_gather.payloads([self._gather_request(param_shard, name)])[0]
+
+    def gather_payloads(self, shards: list[torch.Tensor], asks: list[dict[str, Any]]) -> list[GatherPayload | None]:
+        """FSDP's batch of a unit's row-split shards (each as ``gather_payload(shard, **ask)``): the global amaxes of
+        their per-tensor scales in one all-reduce per unit gather (``fsdp_gather.payloads``), the same bytes."""
+        return fsdp_gather.payloads([self._gather_request(s, ask.get("name", "")) for s, ask in zip(shards, asks)])
+
+    def _gather_request(self, param_shard: torch.Tensor, name: str) -> fsdp_gather.Request | None:
+        """What ``fsdp_gather.payload`` is asked for ``name``'s shard, or ``None``: gathered as is."""
         linear = self._linears.get(name)
         align = fsdp_gather.block_rows(linear.scheme) if linear is not None else None
         if linear is None or align is None or param_shard.dim() != 2:
@@ -252,7 +261,7 @@ class _QuantizedRecipe(PlainRecipe):
         # before the layout sharded the weight, FSDP probes the payload's shapes on zeros: no scaler state touched
         probe = not hasattr(linear.weight, "device_mesh")
         shard = torch.zeros_like(param_shard, device="cpu") if param_shard.is_meta else param_shard.detach()
-        return fsdp_gather.payload(linear.scheme, shard, linear.weight, whole=whole, probe=probe)
+        return fsdp_gather.Request(linear.scheme, shard, linear.weight, whole=whole, probe=probe)
 
     def unpack(self, gathered: tuple[torch.Tensor, ...], metadata: Any) -> Any:
         """The gathered payload as a ``QuantizedWeight`` for the linear's GEMMs (``FP8Linear.forward``)."""

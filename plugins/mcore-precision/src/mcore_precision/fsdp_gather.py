@@ -13,9 +13,11 @@ Every payload tensor is gathered along dim 0, so each rank's piece must be the s
 as the whole weight's would be:
 
 * per-tensor FP8 (``TensorScheme``: ``fp8-current``, ``fp8-delayed``): the scale comes from the GLOBAL amax,
-  one all-reduce (max) of the shard's amax over the shard group per gather (``global_amax``: the group is read
-  off the linear's sharded ``DTensor`` weight); ``fp8-delayed`` records that amax in its weight history, as a
-  single process records the whole weight's. Payload ``(codes (rows, K) uint8, scale (1,))``.
+  an all-reduce (max) of the shard's amax over the shard group (``global_amaxes``: the group is read off the
+  linear's sharded ``DTensor`` weight); ``fp8-delayed`` records that amax in its weight history, as a single
+  process records the whole weight's. Payload ``(codes (rows, K) uint8, scale (1,))``. ``payloads`` serves
+  FSDP's batch (a recipe's ``gather_payloads``): the amaxes of all the unit's weights stacked into one tensor,
+  ONE all-reduce per unit gather instead of one per weight (max is exact in any order: the same bytes).
 * ``fp8-blockwise`` (``tile`` x ``tile`` weight blocks), MXFP8 (1x32 blocks along K for the forward copy, 32x1
   along F for the backward one: the row- and column-wise copies, both gathered, E8M0 scales as bytes) and NVFP4 (16x16 weight blocks, plus the fp32
   tensor scale from the global amax): a block must never be cut by a shard boundary, so the weight is gathered
@@ -31,6 +33,7 @@ single process quantises from the whole weight, byte for byte. Emulated GEMMs th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,11 +44,22 @@ from mcore.precision.quantized import QuantizedWeight
 from mcore.protocols.precision import GatherPayload
 from mcore_precision import kernels
 from mcore_precision.formats import E4M3
-from mcore_precision.mx import MX_BLOCK, MXTensor, mx_quantize
+from mcore_precision.mx import MX_BLOCK, MXTensor, mx_quantize, pow2
 from mcore_precision.nvfp4 import E2M1_GRID, NVFP4_BLOCK, NVFP4Tensor, nvfp4_quantize
 from mcore_precision.scaling import BlockwiseScheme, FP8Tensor, MXScheme, NVFP4Scheme, Quantized, TensorScheme
 
-__all__ = ["GatherLayout", "block_rows", "dequantize", "global_amax", "operands", "payload", "unpack"]
+__all__ = [
+    "GatherLayout",
+    "Request",
+    "block_rows",
+    "dequantize",
+    "global_amax",
+    "global_amaxes",
+    "operands",
+    "payload",
+    "payloads",
+    "unpack",
+]
 
 Kind = Literal["tensor", "block", "mx", "nvfp4"]
 
@@ -76,36 +90,99 @@ def block_rows(scheme: Any) -> int | None:
     return None
 
 
-def global_amax(local: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The amax of the whole weight from this shard's ``local`` amax (0-d fp32): the max over the mesh dims on
-    which ``weight`` (the linear's sharded ``DTensor``) is split; a NaN on any rank stays NaN. A plain tensor
-    (one process, a probe before sharding, a weight kept whole) is whole already."""
+def _shard_groups(weight: torch.Tensor) -> list[Any]:
+    """The process groups of the mesh dims on which ``weight`` (a sharded ``DTensor``) is split; none for a plain
+    tensor (one process, a probe before sharding, a weight kept whole: whole already)."""
     mesh, placements = getattr(weight, "device_mesh", None), getattr(weight, "placements", ())
-    dims = [d for d, p in enumerate(placements) if p.is_shard()]
-    if mesh is None or not dims:
-        return local
-    packed = torch.stack([torch.nan_to_num(local, nan=0.0), torch.isnan(local).float()])  # (2,): amax, NaN seen
-    for d in dims:
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
-    return torch.where(packed[1] > 0, torch.full_like(packed[0], float("nan")), packed[0])
+    if mesh is None:
+        return []
+    return [mesh.get_group(d) for d, p in enumerate(placements) if p.is_shard()]
+
+
+def global_amaxes(local: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The amax of each whole weight from this shard's ``local[i]`` amax (0-d fp32): the max over the mesh dims on
+    which ``weights[i]`` (a linear's sharded ``DTensor``) is split; a NaN on any rank stays NaN. Weights split
+    over the same groups share one all-reduce per group (their amaxes stacked: ``(2, M)``), so every rank must
+    ask for the same weights in the same order (FSDP's unit does)."""
+    out = list(local)
+    batches: dict[tuple[int, ...], tuple[list[Any], list[int]]] = {}
+    for i, weight in enumerate(weights):
+        groups = _shard_groups(weight)
+        if groups:
+            batches.setdefault(tuple(id(g) for g in groups), (groups, []))[1].append(i)
+    for groups, members in batches.values():
+        amax = torch.stack([out[i] for i in members])  # (M,)
+        packed = torch.stack([torch.nan_to_num(amax, nan=0.0), torch.isnan(amax).float()])  # (2, M): amax, NaN seen
+        for group in groups:
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+        result = torch.where(packed[1] > 0, torch.full_like(packed[0], float("nan")), packed[0])  # (M,)
+        for j, i in enumerate(members):
+            out[i] = result[j]
+    return out
+
+
+def global_amax(local: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``global_amaxes`` of one weight (one all-reduce per mesh dim it is split on)."""
+    return global_amaxes([local], [weight])[0]
 
 
 def _amax(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
 
 
+def _needs_global_amax(scheme: Any, whole: bool, probe: bool) -> bool:
+    return not (whole or probe) and isinstance(scheme, (TensorScheme, NVFP4Scheme))
+
+
+@dataclass(frozen=True)
+class Request:
+    """One weight's ``payload`` arguments, for ``payloads``."""
+
+    scheme: Any
+    shard: torch.Tensor
+    weight: torch.Tensor
+    whole: bool
+    probe: bool = False
+
+
+def payloads(requests: Sequence[Request | None]) -> list[GatherPayload | None]:
+    """``payload`` of each request (``None`` answers ``None``), the global amaxes of all those that need one in a
+    single all-reduce (``global_amaxes``; a unit's weights share their shard group): the same bytes as one
+    ``payload`` call each. Collective: every rank of the group passes the same weights in the same order."""
+    chosen = [
+        (i, r) for i, r in enumerate(requests) if r is not None and _needs_global_amax(r.scheme, r.whole, r.probe)
+    ]
+    amaxes = global_amaxes([_amax(r.shard) for _, r in chosen], [r.weight for _, r in chosen])
+    given = {i: amax for (i, _), amax in zip(chosen, amaxes)}
+    return [
+        None if r is None else payload(r.scheme, r.shard, r.weight, whole=r.whole, probe=r.probe, amax=given.get(i))
+        for i, r in enumerate(requests)
+    ]
+
+
 def payload(
-    scheme: Any, shard: torch.Tensor, weight: torch.Tensor, *, whole: bool, probe: bool = False
+    scheme: Any,
+    shard: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    whole: bool,
+    probe: bool = False,
+    amax: torch.Tensor | None = None,
 ) -> GatherPayload:
     """The gathered form of ``shard (rows, K)`` (module docstring) for ``scheme`` (``block_rows`` not ``None``;
     the caller checked the alignment). ``weight``: the linear's parameter (its mesh gives the amax's group);
     ``whole``: the shard is the whole weight (no all-reduce); ``probe``: FSDP asks for shapes only (no
-    collective, no scaler state touched)."""
+    collective, no scaler state touched); ``amax``: the weight's global amax, already all-reduced (``payloads``)."""
     rows, k = shard.shape
-    amax = (lambda: _amax(shard)) if whole or probe else (lambda: global_amax(_amax(shard), weight))
+
+    def amax_of() -> torch.Tensor:  # read only by the formats with a per-tensor scale
+        if amax is not None:
+            return amax
+        return _amax(shard) if whole or probe else global_amax(_amax(shard), weight)
+
     if isinstance(scheme, TensorScheme):
         scaler = scheme.scalers["weight"]
-        scale = torch.ones((), device=shard.device) if probe else scaler.scale_of_amax(amax())  # type: ignore[attr-defined]
+        scale = torch.ones((), device=shard.device) if probe else scaler.scale_of_amax(amax_of())  # type: ignore[attr-defined]
         q, _, s, _ = kernels.quantize_tensorwise(shard, scaler.fmt, scale=scale)  # (rows, K) fp8, ()
         layout = GatherLayout("tensor", k, q.dtype, 1, shard.dtype)
         return GatherPayload(tensors=(q.view(torch.uint8), s.reshape(1)), metadata=layout)
@@ -128,7 +205,7 @@ def payload(
     if isinstance(scheme, NVFP4Scheme):
         # the tensor scale from the global amax: one extra 16-row block holding it (its own blocks, dropped)
         top = torch.zeros(NVFP4_BLOCK, k, dtype=shard.dtype, device=shard.device)
-        top[0, 0] = amax().to(shard.dtype)
+        top[0, 0] = amax_of().to(shard.dtype)
         q = nvfp4_quantize(torch.cat([shard, top]), (NVFP4_BLOCK, NVFP4_BLOCK))
         scales = q.block_scale[: rows // NVFP4_BLOCK]  # (rows/16, K/16) e4m3
         packed = (_pack_e2m1(q.data[:rows]), scales.view(torch.uint8), q.global_scale.reshape(1))
@@ -178,7 +255,7 @@ def _e8m0(scale: torch.Tensor) -> torch.Tensor:
 
 def _from_e8m0(codes: torch.Tensor) -> torch.Tensor:
     """The inverse of ``_e8m0``: fp32 ``2**(code - 127)``, NaN for 255."""
-    scale = torch.ldexp(torch.ones_like(codes, dtype=torch.float32), codes.int() - 127)
+    scale = pow2((codes.int() - 127).float())  # exact on CUDA too (``mx.pow2``)
     return torch.where(codes == 255, torch.full_like(scale, float("nan")), scale)
 
 

@@ -37,6 +37,16 @@ def _emax(fmt: FP8Format) -> int:
     return math.frexp(fmt.max)[1] - 1  # 448 = 1.75 * 2**8 -> 8 (plain Python: no graph break under compile)
 
 
+def pow2(k: torch.Tensor) -> torch.Tensor:
+    """``2**k`` in fp32 for integral fp32 ``k`` in ``[-127, 127]`` (NaN stays NaN), exactly on every device: built
+    from the bits. ``torch.exp2`` is not exact on CUDA (an H100 gave ``2**-127`` one ulp low, 2026-12-06) and
+    ``torch.ldexp`` multiplies by a power computed the same way."""
+    whole = torch.nan_to_num(k, nan=0.0).to(torch.int32)
+    normal = ((whole + 127).clamp(min=1) << 23).view(torch.float32)  # 2**k for k >= -126
+    exact = torch.where(whole >= -126, normal, torch.full_like(normal, 2.0**-127))  # 2**-127 is subnormal
+    return torch.where(torch.isnan(k), k.float(), exact)
+
+
 def e8m0_exponents(amax: torch.Tensor, fmt: FP8Format, rounding: Rounding = "up") -> torch.Tensor:
     """The E8M0 exponent ``k`` (fp32, integral, in ``[-127, 127]``; NaN where ``amax`` is not finite) of each
     block's scale ``2**k`` for block maxima ``amax`` (module docstring)."""
@@ -44,7 +54,7 @@ def e8m0_exponents(amax: torch.Tensor, fmt: FP8Format, rounding: Rounding = "up"
     floor_log2 = torch.frexp(amax).exponent.float() - 1  # amax = m * 2**e with m in [0.5, 1): floor(log2) = e - 1
     k = floor_log2 - _emax(fmt)
     if rounding == "up":  # amax / 2**k lies in [2**emax, 2**(emax+1)): one binade up where it exceeds fmax
-        k = torch.where(torch.ldexp(amax, -k) > fmt.max, k + 1, k)
+        k = torch.where(amax * pow2(-k.clamp(-127, 127)) > fmt.max, k + 1, k)
     k = torch.where(amax > 0, k.clamp(-127, 127), torch.zeros_like(k))
     return torch.where(torch.isfinite(amax), k, torch.full_like(k, float("nan")))
 
@@ -83,5 +93,5 @@ def mx_quantize_reference(
     a = torch.nn.functional.pad(x.detach().float().abs(), (0, pad))  # (M, R'): zeros add no amax
     amax = a.view(m, (r + pad) // MX_BLOCK, MX_BLOCK).amax(dim=-1)  # (M, R'/32); NaN propagates
     k = e8m0_exponents(amax, fmt, rounding)
-    scale = torch.where(torch.isnan(k), k, torch.exp2(k))  # 2**k exactly
-    return quantize(x, _expand(torch.exp2(-k), r), fmt), scale
+    scale = pow2(k)  # 2**k exactly (NaN: a block with a non-finite amax)
+    return quantize(x, _expand(pow2(-k), r), fmt), scale

@@ -39,7 +39,7 @@ def _e4m3_value(code):
     mag = tl.where(
         e == 0, m.to(tl.float32) * pow2(tl.full(code.shape, -9, tl.int32)), (8 + m).to(tl.float32) * pow2(e - 10)
     )
-    val = tl.where((code & 0x80) != 0, -mag, mag)
+    val = tl.where((code & 0x80) != 0, mag * -1.0, mag)  # (compiled, ``-mag`` is ``0 - mag``: +0 for 0)
     return tl.where((code & 0x7F) == 0x7F, float("nan"), val)
 
 
@@ -59,7 +59,7 @@ def _round_e2m1(s, u, STOCHASTIC: tl.constexpr):
         odd = (low.to(tl.int32) % 2) == 1
         up = (hi - ax < ax - lo) | ((hi - ax == ax - lo) & odd)
     mag = tl.where(up, hi, lo)
-    out = tl.where(s < 0, -mag, mag)
+    out = tl.where(s < 0, mag * -1.0, mag)  # -0.0 for a negative rounded to 0 (``-mag`` compiles to ``0 - mag``)
     return tl.where(s != s, s, out)
 
 
