@@ -218,8 +218,10 @@ class AllGatherVDispatcher(_GroupDispatcher):
         counts = counts.scatter_add_(0, key, torch.ones_like(key))[: self.local_experts]  # (E_l,) on the device
         real = real_slot[order]  # (R,)
         tokens = torch.div(order, k, rounding_mode="floor")  # (R,)
-        picked = torch.where(real.unsqueeze(-1), hidden[tokens], 0.0)  # (R, H), zeros on padding rows
-        w = torch.where(real, weights.reshape(-1)[order], 0.0)  # (R,)
+        # index_select (backward: an index_add) rather than advanced indexing (backward: index_put with
+        # accumulate); the backward still synchronised once on an H100 (2026-12-06): the op is not yet found
+        picked = torch.where(real.unsqueeze(-1), hidden.index_select(0, tokens), 0.0)  # (R, H), zeros on padding
+        w = torch.where(real, weights.reshape(-1).index_select(0, order), 0.0)  # (R,)
         handle = _PaddedHandle(tokens, w, real, hidden.shape[0], n)
         return DispatchResult(tokens=picked, tokens_per_expert=counts, weights=w, handle=handle)
 
