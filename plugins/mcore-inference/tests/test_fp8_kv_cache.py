@@ -17,6 +17,7 @@ from mcore_inference.engine import LLMEngine, RequestOutput
 from mcore_inference.kv_quant import FP8_MAX, MARGIN, calibrate, dequantize, quantize
 from mcore_inference.llm import LLM
 from mcore_inference.sampling import SamplingParams
+from mcore_inference.static_decode import StaticStep
 from toy_model import ToyLM
 
 from mcore.errors import UserError
@@ -291,6 +292,60 @@ def test_a_static_step_before_any_eager_append_freezes_the_scales_at_one() -> No
         scales = static.cache.kv_scales(index)
         assert scales is not None and all(s.tolist() == [1.0, 1.0] for s in scales if s is not None)
         assert static.cache.layers[index].calibrated  # type: ignore[union-attr]
+
+
+# ----- saturated values -----
+
+
+def test_saturated_values_are_counted_per_layer() -> None:
+    """The first append fixes the scales (amax x 4 / 448): nothing saturates; a later one with values beyond 4x
+    that amax counts each of them (keys and values), per layer, and nothing else."""
+    spec = AttentionCacheSpec(kv_heads=2, head_dim=8, value_dim=4, dtype=torch.float32)
+    cache = PagedKVCache({0: spec, 1: spec}, block_size=4, num_blocks=8, kv_cache_dtype=FP8)
+    assert PagedKVCache({0: spec}, block_size=4, num_blocks=8).fp8_clipped() is None  # not FP8
+    gen = torch.Generator().manual_seed(3)
+    first_k, first_v = torch.randn(6, 2, 8, generator=gen), torch.randn(6, 2, 4, generator=gen)
+    cache.schedule([0], [6])
+    for layer in (0, 1):
+        cache.append(layer, first_k, first_v)
+    assert cache.fp8_clipped() == {0: 0, 1: 0}
+    k, v = first_k[:3].clone(), first_v[:3].clone()  # within the margin: stored unclipped
+    k[0, 1, 2] = 4.5 * MARGIN * first_k[:, 1].abs().max()  # beyond it: saturate
+    k[2, 0, 7] = -9 * MARGIN * first_k[:, 0].abs().max()
+    v[1, 0, 0] = 5 * MARGIN * first_v[:, 0].abs().max()
+    cache.schedule([0], [3])
+    cache.append(0, k, v)
+    cache.append(1, first_k[:3], first_v[:3])
+    assert cache.fp8_clipped() == {0: 3, 1: 0}
+    held = dequantize(cache.gather(0).key_cache, cache.kv_scales(0)[0], torch.float32)  # type: ignore[index]
+    assert bool(torch.isfinite(held).all())  # saturated at +-448 x scale, never NaN
+    cache.release(0)
+
+
+def test_padding_rows_of_a_static_step_are_not_counted() -> None:
+    spec = AttentionCacheSpec(kv_heads=1, head_dim=4, value_dim=4, dtype=torch.float32)
+    cache = PagedKVCache({0: spec}, block_size=4, num_blocks=4, kv_cache_dtype=FP8, scratch_block=True)
+    cache.schedule([0], [2])
+    cache.append(0, torch.ones(2, 1, 4), torch.ones(2, 1, 4))  # scales: 4 / 448
+    cache.schedule([0], [1])
+    rows = 3
+    step = StaticStep(
+        rows=rows,
+        tokens=torch.zeros(rows, dtype=torch.int64),
+        positions=torch.zeros(rows, dtype=torch.int64),
+        slots=torch.full((rows,), cache.num_blocks * cache.block_size, dtype=torch.int64),  # padding: scratch
+        seq_lens=torch.ones(rows, dtype=torch.int32),
+        block_table=torch.full((rows, 1), -1, dtype=torch.int32),
+        cu_seqlens=torch.arange(rows + 1, dtype=torch.int32),
+        logit_rows=torch.arange(rows, dtype=torch.int64),
+    )
+    _, _, slots = cache.begin_static_decode(step)
+    step.slots[0] = slots[0]
+    big = torch.full((rows, 1, 4), 100.0)  # 25x the calibration chunk: every value saturates
+    cache.append(0, big, big)
+    assert cache.fp8_clipped() == {0: 8}  # the real row's 4 keys and 4 values; not the 2 padding rows
+    cache.release(0)
+    assert cache.all_free()
 
 
 def test_llm_passes_kv_cache_dtype_to_its_engine() -> None:

@@ -4,6 +4,7 @@ early close of a stream, logprobs, and one-line errors."""
 from __future__ import annotations
 
 import pytest
+import torch
 from mcore_inference.llm import LLM
 from mcore_inference.sampling import SamplingParams
 from toy_model import ToyLM, greedy_reference
@@ -83,3 +84,46 @@ def test_errors_are_one_line_and_nothing_is_left_running() -> None:
         LLM(ToyLM(), num_blocks=4, gpu_memory_fraction=0.5)
     with pytest.raises(UserError):
         LLM("/nonexistent/checkpoint")
+
+
+def test_speculative_tokens_give_the_plain_greedy_output() -> None:
+    """``LLM(speculative_tokens=2)`` over a model with MTP layers: drafts are made, verified, partly accepted,
+    and the greedy output equals the plain ``LLM``'s (and the full forward's); every main and draft block free."""
+    from test_speculative_engine import VOCAB, ToyMTPLM
+
+    model = ToyMTPLM(2, good=True).eval()
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 11, 6, 1)]
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    plain = LLM(model, block_size=4, num_blocks=64)
+    spec = LLM(model, block_size=4, num_blocks=64, speculative_tokens=2)
+    assert plain.engine.speculator is None
+    speculator = spec.engine.speculator
+    assert speculator is not None and speculator.k == 2
+    want = [o.token_ids for o in plain.generate(prompts, greedy)]
+    got = [o.token_ids for o in spec.generate(prompts, greedy)]
+    assert got == want
+    assert want == [greedy_reference(model, p, 10) for p in prompts]
+    stats = speculator.stats
+    assert stats.proposed[0] > 0 and 0 < sum(stats.accepted) < sum(stats.proposed), stats  # real drafts, some rejected
+    assert spec.engine.cache.all_free() and all(c.all_free() for c in speculator.caches)
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "2", None])
+def test_bad_speculative_tokens_are_refused_in_one_line(bad: object) -> None:
+    from test_speculative_engine import ToyMTPLM
+
+    with pytest.raises(UserError, match=r"^LLM speculative_tokens = .*: must be an int >= 0 \(0: off\)$"):
+        LLM(ToyMTPLM(1, good=True), block_size=4, num_blocks=16, speculative_tokens=bad)  # type: ignore[arg-type]
+
+
+def test_speculative_tokens_without_mtp_layers_or_with_cuda_graphs_are_refused() -> None:
+    from test_speculative_engine import ToyMTPLM
+
+    with pytest.raises(UserError, match=r"^LLM speculative_tokens = 2: the model has no MTP layers .*allowed: 0$"):
+        LLM(ToyLM(), block_size=4, num_blocks=16, speculative_tokens=2)
+    with pytest.raises(
+        UserError, match=r"^LLM speculative_tokens = 1 with cuda_graphs=True: .*cuda_graphs=None or False$"
+    ):
+        LLM(ToyMTPLM(1, good=True), block_size=4, num_blocks=16, speculative_tokens=1, cuda_graphs=True)
+    assert LLM(ToyLM(), block_size=4, num_blocks=16, speculative_tokens=0).engine.speculator is None

@@ -175,3 +175,18 @@ def test_speculation_counters_per_draft_position() -> None:
         assert value_of(samples, "mcore:spec_decode_acceptance_rate", position=position) == accepted / proposed
     assert value_of(samples, "mcore:spec_decode_num_verifications_total") == 8
     assert value_of(samples, "mcore:spec_decode_num_emitted_tokens_total") == 17
+
+
+def test_fp8_kv_cache_saturations_per_layer() -> None:
+    from mcore_inference.server.engine_core import EngineCore
+    from server_helpers import make_engine
+
+    plain = EngineCore(make_engine())
+    assert plain.stats()["kv_fp8_clipped"] is None and "fp8_clipped" not in render(plain.stats(), MODEL)
+    engine = make_engine(kv_cache_dtype="fp8_e4m3")
+    core = EngineCore(engine)
+    assert core.stats()["kv_fp8_clipped"] == {str(i): 0 for i in engine.cache.layers}
+    engine.cache.layers[1].clipped.fill_(7)  # type: ignore[union-attr]  # what saturating appends leave
+    samples = parse(render(core.stats(), MODEL))
+    for layer in engine.cache.layers:
+        assert value_of(samples, "mcore:kv_cache_fp8_clipped_total", layer=str(layer)) == (7 if layer == 1 else 0)

@@ -11,9 +11,11 @@ sequence against its pages, masked by the lengths, with static shapes and no hos
 captures, ``static_decode.py``). ``paged_decode_torch`` is its reference and CPU path; on CUDA the Triton
 kernel of ``triton_decode.py`` (GQA, split-K over long contexts) serves it when triton imports.
 
-FP8 pages (``kv_quant.py``): when the cache has ``kv_scales`` for the layer, both steps take the torch paths,
-which dequantise the gathered pages (times the per-head scales) before attending; the Triton decode kernel
-and a custom ``kernel`` read pages in the model's dtype only.
+FP8 pages (``kv_quant.py``): when the cache has ``kv_scales`` for the layer, a decode step takes the built-in
+decode kernel of the device with the per-head scales (on CUDA the Triton kernel, which dequantises in registers,
+when opted in with ``MCORE_INFERENCE_FP8_DECODE=triton``; otherwise ``paged_decode_torch``) and a step with prefill the torch path, which dequantises the gathered pages
+(times the scales) before attending. A latent (MLA) cache decodes through the torch path, FP8 or not. A custom
+``kernel`` or ``decode_kernel`` reads pages in the model's dtype only: it is refused over FP8 pages.
 
 Masking (``mcore.protocols.block.KVCacheHandle``): query ``j`` of sequence ``i`` (``c_i`` new tokens, ``L_i``
 cached once appended) sits at position ``L_i - c_i + j`` and sees key ``s`` when ``s <= L_i - c_i + j`` and,
@@ -26,8 +28,9 @@ of the longest table (of ``max_model_len`` in a static decode step), nh query he
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -132,8 +135,36 @@ def paged_decode_torch(
     return out[:, :, 0]
 
 
-def decode_kernel_for(device: torch.device) -> PagedDecodeKernel:
-    """The Triton decode kernel on CUDA when triton imports, else ``paged_decode_torch``."""
+class ScaledPagedDecodeKernel(Protocol):
+    """A built-in paged decode kernel: a ``PagedDecodeKernel`` that also reads FP8 pages, given the per-head
+    dequantisation scales ``key_scale`` / ``value_scale`` ``(nkv,)`` fp32."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        paged: PagedKV,
+        value_dim: int,
+        scale: float,
+        window: int | None,
+        *,
+        key_scale: torch.Tensor | None = None,
+        value_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+FP8_DECODE_ENV = "MCORE_INFERENCE_FP8_DECODE"
+"""``MCORE_INFERENCE_FP8_DECODE=triton`` opts FP8 decode steps on CUDA into the Triton kernel. Opt-in until its GPU
+tests have run on a card: it matches the torch FP8 path in Triton's CPU interpreter (2026-12-06), but no GPU was
+lent to run the compiled kernel that day; unset, FP8 pages decode through ``paged_decode_torch``."""
+
+
+def fp8_decode_in_triton() -> bool:
+    """Whether FP8 decode steps on CUDA take the Triton kernel (``FP8_DECODE_ENV``)."""
+    return os.environ.get(FP8_DECODE_ENV, "") == "triton"
+
+
+def decode_kernel_for(device: torch.device) -> ScaledPagedDecodeKernel:
+    """The Triton decode kernel on CUDA when triton imports, else ``paged_decode_torch``; both read FP8 pages."""
     if device.type == "cuda":
         try:
             from mcore_inference.triton_decode import paged_decode_triton
@@ -153,7 +184,7 @@ class PagedAttention:
     def __init__(self, kernel: PagedKernel | None = None, decode_kernel: PagedDecodeKernel | None = None) -> None:
         self.kernel: PagedKernel = kernel if kernel is not None else paged_attention_torch
         self.decode_kernel = decode_kernel
-        self._decode_for: dict[str, PagedDecodeKernel] = {}
+        self._decode_for: dict[str, ScaledPagedDecodeKernel] = {}
 
     def supports(self, q: torch.Tensor, ctx: BlockContext, window: int | None) -> bool:
         """Only calls under the engine's cache (a plain call has no pages to read)."""
@@ -183,28 +214,31 @@ class PagedAttention:
         window = window if window is not None else paged.window
         kv_scales = getattr(ctx.kv_cache, "kv_scales", None)
         scales = kv_scales(ctx.layer_index) if callable(kv_scales) else None
-        if scales is not None:  # FP8 pages: the torch paths dequantise them
+        if scales is not None:  # FP8 pages: the built-in kernels dequantise them
             if self.kernel is not paged_attention_torch or self.decode_kernel not in (None, paged_decode_torch):
                 raise UserError(
                     "paged attention: the cache is FP8 (kv_cache_dtype='fp8_e4m3') and a custom kernel reads pages "
                     "in the model's dtype only; drop the kernel or use kv_cache_dtype='auto'"
                 )
             key_scale, value_scale = scales
-            if longest == 1:
-                out = paged_decode_torch(
-                    q[0], paged, v.shape[-1], scale, window, key_scale=key_scale, value_scale=value_scale
-                )
+            if longest == 1:  # decode: the device's kernel (Triton on CUDA, opted in) unless torch was asked for
+                builtin = self.decode_kernel is None and (q.device.type != "cuda" or fp8_decode_in_triton())
+                scaled = self._builtin_decode(q.device) if builtin else paged_decode_torch
+                out = scaled(q[0], paged, v.shape[-1], scale, window, key_scale=key_scale, value_scale=value_scale)
             else:
                 out = paged_attention_torch(
                     q[0], paged, cu, longest, v.shape[-1], scale, window, key_scale=key_scale, value_scale=value_scale
                 )
             return out[None]  # (1, N, nh, hdv)
         if longest == 1:  # decode: one query per sequence
-            decode = self.decode_kernel
-            if decode is None:
-                decode = self._decode_for.get(q.device.type)
-                if decode is None:
-                    decode = self._decode_for[q.device.type] = decode_kernel_for(q.device)
+            decode = self.decode_kernel if self.decode_kernel is not None else self._builtin_decode(q.device)
             return decode(q[0], paged, v.shape[-1], scale, window)[None]  # (1, S, nh, hdv)
         out = self.kernel(q[0], paged, cu, longest, v.shape[-1], scale, window)  # (N, nh, hdv)
         return out[None]
+
+    def _builtin_decode(self, device: torch.device) -> ScaledPagedDecodeKernel:
+        """``decode_kernel_for(device)``, chosen once per device type."""
+        decode = self._decode_for.get(device.type)
+        if decode is None:
+            decode = self._decode_for[device.type] = decode_kernel_for(device)
+        return decode

@@ -24,6 +24,8 @@ FP8 KV cache (``kv_cache_dtype="fp8_e4m3"``, ``kv_quant.py``): every attention l
 ``float8_e4m3fn`` (half a bf16 block's bytes: ``bytes_per_block`` counts it), ``append`` quantises with the
 layer's per-head scales (fixed by its first eager append; a static decode step before any freezes them at 1),
 ``gather`` hands out the fp8 pages and ``kv_scales`` the scales, which ``PagedAttention`` dequantises with.
+Each layer counts the values its appends saturated on the device (``fp8_clipped``; padding rows of a static step
+are not counted).
 
 Shape legend: P blocks, bs block size, nkv heads, hd key dim, hdv value dim, S sequences of the step, N new
 tokens of the step, M blocks of the step's longest table.
@@ -66,6 +68,7 @@ class _AttentionLayer:
     key_scale: torch.Tensor | None = None
     value_scale: torch.Tensor | None = None
     calibrated: bool = False
+    clipped: torch.Tensor | None = None  # () int64: keys and values saturated by quantisation so far
 
 
 @dataclass
@@ -151,6 +154,7 @@ class PagedKVCache:
                     values = torch.zeros(*shape, spec.value_dim, dtype=dtype, device=self.device)
                 layer = _AttentionLayer(spec, group, keys, values)
                 if kv_dtype is not None:  # scale 1 until the first eager append fixes them
+                    layer.clipped = torch.zeros((), dtype=torch.int64, device=self.device)
                     layer.key_scale = torch.ones(spec.kv_heads, dtype=torch.float32, device=self.device)
                     if values is not None:
                         layer.value_scale = torch.ones(spec.kv_heads, dtype=torch.float32, device=self.device)
@@ -273,7 +277,8 @@ class PagedKVCache:
                 calibrate(value, layer.value_scale)
             layer.calibrated = True
         if static is not None:  # blocks and lengths were done in begin_static_decode: device work only
-            self._write(layer, static.slots, key, value)
+            real = static.slots < self.num_blocks * self.block_size if layer.clipped is not None else None
+            self._write(layer, static.slots, key, value, real)  # (padding rows write to the scratch block)
             self._written.add(layer_index)
             return
         group, bs = layer.group, self.block_size
@@ -302,12 +307,19 @@ class PagedKVCache:
         self._written.add(layer_index)
 
     @staticmethod
-    def _write(layer: _AttentionLayer, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None) -> None:
+    def _write(
+        layer: _AttentionLayer,
+        slots: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor | None,
+        real: torch.Tensor | None = None,
+    ) -> None:
         """Store ``key``/``value`` ``(N, nkv, hd|hdv)`` at flat page slots ``slots (N,)`` (block * bs + offset),
-        quantised with the layer's scales when its pages are FP8."""
-        _store(layer.key_pages, slots, key, layer.key_scale)
+        quantised with the layer's scales when its pages are FP8, saturated values of the rows ``real (N,)`` bool
+        (``None``: all) counted."""
+        _store(layer.key_pages, slots, key, layer.key_scale, layer.clipped, real)
         if value is not None and layer.value_pages is not None:
-            _store(layer.value_pages, slots, value, layer.value_scale)
+            _store(layer.value_pages, slots, value, layer.value_scale, layer.clipped, real)
 
     def gather(self, layer_index: int) -> PagedKV:
         static = self._static
@@ -348,6 +360,16 @@ class PagedKVCache:
         if not isinstance(layer, _AttentionLayer) or layer.key_scale is None:
             return None
         return layer.key_scale, layer.value_scale
+
+    def fp8_clipped(self) -> dict[int, int] | None:
+        """FP8 pages: per attention layer, the keys and values its appends saturated at +-448 (beyond ``MARGIN``
+        times the calibration chunk's largest) so far; ``None`` when the pages are in the model's dtype. Reads the
+        device counters (one host sync)."""
+        counters = {i: x.clipped for i, x in self.layers.items() if isinstance(x, _AttentionLayer)}
+        if not counters or any(c is None for c in counters.values()):
+            return None
+        values = torch.stack([c for c in counters.values() if c is not None]).tolist()
+        return dict(zip(counters, values, strict=True))
 
     def recurrent_state(self, layer_index: int) -> dict[str, torch.Tensor]:
         ids, _ = self._current("recurrent_state")
@@ -621,13 +643,23 @@ class PagedKVCache:
             raise UserError(f"{what}: layer {layer_index} already stored this step's tokens; once per step")
 
 
-def _store(pages: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
-    """``pages (P, bs, nkv, d)`` at flat slots ``slots (N,)`` := ``x (N, nkv, d)`` (quantised with ``scale``)."""
+def _store(
+    pages: torch.Tensor,
+    slots: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor | None,
+    clipped: torch.Tensor | None = None,
+    real: torch.Tensor | None = None,
+) -> None:
+    """``pages (P, bs, nkv, d)`` at flat slots ``slots (N,)`` := ``x (N, nkv, d)`` (quantised with ``scale``,
+    saturated values of the rows ``real (N,)`` added to ``clipped``)."""
     flat = pages.view(-1, *pages.shape[2:])  # (P * bs, nkv, d)
     if scale is None:
         flat.index_copy_(0, slots, x.detach())
         return
-    quantized = quantize(x, scale, pages.dtype)  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
+    quantized = quantize(
+        x, scale, pages.dtype, clipped=clipped, rows=real
+    )  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
     flat.view(torch.uint8).index_copy_(0, slots, quantized.view(torch.uint8))
 
 

@@ -12,6 +12,11 @@ fixed scale keeps a page's bytes the same whoever reads them: prefix-cache hits,
 rollback, CUDA-graph replays (the graphs read the scale tensors, which calibration updates in place). E4M3 has
 3 mantissa bits: a value in the normal range is stored with relative error at most 2^-4.
 
+Clipping: values beyond ``MARGIN`` times the calibration chunk's largest saturate. ``quantize`` can count them
+into a device counter (no host sync); the cache keeps one per layer (``PagedKVCache.fp8_clipped``) and the
+server exports it (``mcore:kv_cache_fp8_clipped_total{layer}``), so a user sees when the first chunk set the
+scales too low.
+
 Shape legend: N tokens, nkv heads, d key or value dim.
 """
 
@@ -43,10 +48,25 @@ def calibrate(x: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(torch.where(amax > 0, amax * (MARGIN / FP8_MAX), torch.ones_like(amax)))
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x (N, nkv, d)`` -> ``round(x / scale)`` saturated to +-448, in ``dtype`` (fp8), ``scale (nkv,)`` fp32."""
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    clipped: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x (N, nkv, d)`` -> ``round(x / scale)`` saturated to +-448, in ``dtype`` (fp8), ``scale (nkv,)`` fp32.
+    ``clipped`` (a 0-d int64 tensor on ``x``'s device): add the number of saturated values to it, in place,
+    counting only the rows where ``rows (N,)`` bool is true (``None``: all)."""
     scaled = x.detach().float() / scale[:, None]  # (N, nkv, d)
-    return scaled.clamp(-FP8_MAX, FP8_MAX).to(dtype)  # clamp: out-of-range casts are NaN on some devices
+    clamped = scaled.clamp(-FP8_MAX, FP8_MAX)  # clamp: out-of-range casts are NaN on some devices
+    if clipped is not None:
+        beyond = clamped != scaled  # (N, nkv, d); NaN inputs count too
+        if rows is not None:
+            beyond &= rows[:, None, None]
+        clipped.add_(beyond.sum())
+    return clamped.to(dtype)
 
 
 def take_pages(pages: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

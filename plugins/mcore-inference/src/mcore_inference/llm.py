@@ -11,6 +11,11 @@ and values in FP8 with per-head scales (``kv_quant.py``): the same memory holds 
 Decode steps run as CUDA graphs (``static_decode.py``) when the model is on a GPU and its cache is one attention
 group (``cuda_graphs=None``, the default; ``False`` turns them off, ``True`` insists and fails loudly). By
 default a model whose decode step cannot be captured (a host sync inside) warns and decodes eagerly.
+
+``speculative_tokens=k`` (``k >= 1``; 0, the default, is off) turns on MTP speculative decoding
+(``speculative.py``): a model with MTP layers drafts up to ``k`` tokens per sequence and step, which the next
+model call verifies; greedy output is the plain one. A model without MTP layers is refused; speculation runs
+eagerly (no CUDA graphs: ``cuda_graphs=None`` then means off, ``True`` is refused).
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import torch
 from torch import nn
 
 from mcore.errors import UserError
+from mcore_inference.attention import fp8_decode_in_triton
 from mcore_inference.engine import LLMEngine, RequestOutput, model_cache_specs
 from mcore_inference.kv_quant import resolve_kv_cache_dtype
 from mcore_inference.sampling import SamplingParams
+from mcore_inference.speculative import mtp_layers
 from mcore_inference.static_decode import static_decode_supported
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -105,9 +112,18 @@ class LLM:
         cuda_graphs: bool | None = None,
         graph_batch_sizes: Sequence[int] | None = None,
         kv_cache_dtype: str = "auto",
+        speculative_tokens: int = 0,
     ) -> None:
         want = _dtype(dtype)
-        fp8_kv = resolve_kv_cache_dtype(kv_cache_dtype) is not None
+        fp8_kv = resolve_kv_cache_dtype(kv_cache_dtype) is not None  # a bad value fails before the model loads
+        k = speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise UserError(f"LLM speculative_tokens = {k!r}: must be an int >= 0 (0: off)")
+        if k and cuda_graphs:
+            raise UserError(
+                f"LLM speculative_tokens = {k} with cuda_graphs=True: speculative decoding runs eagerly; "
+                "pass cuda_graphs=None or False"
+            )
         dev = (
             torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
@@ -120,6 +136,11 @@ class LLM:
         if want is not None:
             module = module.to(want)
         module.eval()
+        if k and not mtp_layers(module):
+            raise UserError(
+                f"LLM speculative_tokens = {k}: the model has no MTP layers (mtp_num_layers = 0, or no "
+                "forward_with_hidden/mtp_forward); allowed: 0"
+            )
         self.model = module
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         memory_bytes = None
@@ -141,10 +162,13 @@ class LLM:
         if graphs is None:  # the default: on CUDA, for a cache of one attention group and a known context length
             length = max_model_len if max_model_len is not None else declared_len
             specs = model_cache_specs(module)
-            # a latent (MLA) or FP8 cache decodes with the torch path, which reads the whole padded table: short ones
-            latent = fp8_kv or any(getattr(spec, "value_dim", 0) is None for spec in specs.values())
+            # a latent (MLA) cache, or an FP8 one unless its decode is opted into the Triton kernel, decodes with the
+            # torch path, which reads the whole padded table: short ones only
+            torch_fp8 = fp8_kv and not fp8_decode_in_triton()
+            latent = torch_fp8 or any(getattr(spec, "value_dim", 0) is None for spec in specs.values())
             graphs = (
-                on_cuda
+                not k
+                and on_cuda
                 and isinstance(length, int)
                 and static_decode_supported(specs)
                 and (not latent or length <= _LATENT_GRAPH_LEN)
@@ -165,6 +189,7 @@ class LLM:
                 cuda_graphs=with_graphs,
                 graph_batch_sizes=graph_batch_sizes,
                 kv_cache_dtype=kv_cache_dtype,
+                speculative_tokens=k,
             )
 
         try:

@@ -7,9 +7,16 @@ split-K: program ``(s, kv head, split)`` attends the ``GROUP`` query heads of on
 slice of the context (online softmax), writing a partial output and its log-sum-exp; a second kernel merges
 the slices. The grid depends only on shapes (the table's width, not the lengths), so a CUDA graph captures it.
 
-Imported only on CUDA when triton imports (``attention.decode_kernel_for``); a latent cache (MLA) goes to
-the torch reference. Shape legend: S sequences, nh query heads, nkv key/value heads, G = nh / nkv, hd key dim,
-hdv value dim, P blocks, bs block size, M table width, K splits.
+FP8 pages (``kv_cache_dtype="fp8_e4m3"``, ``kv_quant.py``): the kernel loads the pages' bytes, turns them into
+the query's dtype in registers (exact: every E4M3 value is a bf16, fp16 and fp32 value) and folds the per-head
+scales in where they cost nothing: the key scale into the score scale, the value scale into the split's output.
+So an FP8 step reads a quarter of an fp32 cache's bytes (half a bf16 one's) and accumulates in fp32 as the
+others do. A latent cache (MLA, no value pages), FP8 or not, goes to the torch reference
+(``paged_decode_torch``), which dequantises the gathered pages first.
+
+Imported only on CUDA when triton imports (``attention.decode_kernel_for``); tests run it on the CPU through
+Triton's interpreter (``TRITON_INTERPRET=1``). Shape legend: S sequences, nh query heads, nkv key/value heads,
+G = nh / nkv, hd key dim, hdv value dim, P blocks, bs block size, M table width, K splits.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mcore.errors import UserError
 from mcore.protocols.block import PagedKV
 from mcore_inference.attention import paged_decode_torch
 
@@ -37,6 +45,8 @@ def _split_kernel(
     lens_ptr,
     mid_ptr,
     lse_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_qs,
     stride_qh,
     stride_kp,
@@ -63,6 +73,7 @@ def _split_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,6 +93,8 @@ def _split_kernel(
         mask=(g[:, None] < GROUP) & (d[None, :] < HEAD_DIM),
         other=0.0,
     )  # (BLOCK_G, BLOCK_D)
+    if FP8:  # pages of E4M3 bytes: the key scale joins the score scale, the value scale the output
+        scale = scale * tl.load(k_scale_ptr + kv_head)
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)  # running max (finite: no inf - inf)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp
     acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
@@ -89,12 +102,15 @@ def _split_kernel(
         pos = start + n  # (BLOCK_N,) key positions
         valid = pos < hi
         block = tl.load(table_ptr + seq * stride_ts + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        valid = valid & (block >= 0)  # a freed block (-1) is never read
         offset = pos % BLOCK_SIZE
         k = tl.load(
             k_ptr + block[:, None] * stride_kp + offset[:, None] * stride_kb + kv_head * stride_kh + d[None, :],
             mask=valid[:, None] & (d[None, :] < HEAD_DIM),
             other=0.0,
         )  # (BLOCK_N, BLOCK_D)
+        if FP8:
+            k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)  # exact in bf16 / fp16 / fp32
         scores = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_G, BLOCK_N) fp32
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -106,10 +122,14 @@ def _split_kernel(
             mask=valid[:, None] & (dv[None, :] < VALUE_DIM),
             other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
+        if FP8:
+            v = v.to(tl.float8e4nv, bitcast=True).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     has_keys = l_i > 0  # an empty split (past the length, or before the window) has none
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr + kv_head)
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     head_ok = g < GROUP
     tl.store(
@@ -167,14 +187,30 @@ def num_splits(programs: int, max_keys: int, sms: int) -> int:
 
 
 def paged_decode_triton(
-    q: torch.Tensor, paged: PagedKV, value_dim: int, scale: float, window: int | None
+    q: torch.Tensor,
+    paged: PagedKV,
+    value_dim: int,
+    scale: float,
+    window: int | None,
+    *,
+    key_scale: torch.Tensor | None = None,
+    value_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``q (S, nh, hd)`` -> ``(S, nh, hdv)`` in ``q``'s dtype, as ``paged_decode_torch``."""
+    """``q (S, nh, hd)`` -> ``(S, nh, hdv)`` in ``q``'s dtype, as ``paged_decode_torch``. FP8 pages
+    (``float8_e4m3fn``) need ``key_scale`` / ``value_scale`` ``(nkv,)`` fp32; a latent cache goes to the torch path."""
     if paged.value_cache is None:
-        return paged_decode_torch(q, paged, value_dim, scale, window)
+        return paged_decode_torch(q, paged, value_dim, scale, window, key_scale=key_scale, value_scale=value_scale)
     keys, values, table, lens = paged.key_cache, paged.value_cache, paged.block_table, paged.seq_lens
     dtype = q.dtype
-    q = q.to(keys.dtype)  # (the pages' dtype: tl.dot takes one)
+    fp8 = keys.dtype == torch.float8_e4m3fn
+    if fp8:
+        if key_scale is None or value_scale is None or values.dtype != keys.dtype:
+            raise UserError("paged_decode_triton: FP8 key and value pages need key_scale and value_scale (nkv,)")
+        keys, values = keys.view(torch.uint8), values.view(torch.uint8)  # bytes; decoded in the kernel
+        k_scale, v_scale = key_scale.float().contiguous(), value_scale.float().contiguous()
+    else:
+        q = q.to(keys.dtype)  # (the pages' dtype: tl.dot takes one)
+        k_scale = v_scale = lens  # unread
     if q.stride(-1) != 1:
         q = q.contiguous()
     seqs, heads, head_dim = q.shape
@@ -196,6 +232,8 @@ def paged_decode_triton(
         lens,
         mid,
         lse,
+        k_scale,
+        v_scale,
         q.stride(0),
         q.stride(1),
         keys.stride(0),
@@ -222,6 +260,7 @@ def paged_decode_triton(
         BLOCK_DV=block_dv,
         BLOCK_N=_BLOCK_N,
         HAS_WINDOW=window is not None,
+        FP8=fp8,
     )
     _merge_kernel[(seqs, heads)](
         mid,

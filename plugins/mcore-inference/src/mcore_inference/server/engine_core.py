@@ -287,7 +287,15 @@ class EngineCore:
             "prefix_cache_hit_tokens": hits * block_size,
             "metrics": self.metrics.snapshot(time.monotonic()),
             "spec": _spec_stats(engine),
+            "kv_fp8_clipped": _fp8_clipped(cache),
         }
+
+
+def _fp8_clipped(cache: Any) -> dict[str, int] | None:
+    """An FP8 cache's saturated keys/values per layer (``PagedKVCache.fp8_clipped``), None for other caches."""
+    method = getattr(cache, "fp8_clipped", None)
+    counts = method() if callable(method) else None
+    return None if counts is None else {str(layer): int(n) for layer, n in counts.items()}
 
 
 def _spec_stats(engine: LLMEngine) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ format is a few lines of text.
 
 Counters end in ``_total``; histograms have cumulative ``_bucket{le=...}`` lines (the last ``+Inf``), ``_sum``
 and ``_count``. Every sample carries ``model_name``. With speculative decoding on, the drafts proposed and accepted
-per draft position (``LLMEngine.spec_stats()``) and their acceptance rates are there too. Times are seconds on the monotonic clock (system-wide on
+per draft position (``LLMEngine.spec_stats()``) and their acceptance rates are there too; with an FP8 KV cache,
+the values each layer saturated (``PagedKVCache.fp8_clipped``). Times are seconds on the monotonic clock (system-wide on
 Linux and macOS, so an arrival time taken in the HTTP process compares with one taken in the engine process).
 """
 
@@ -185,6 +186,11 @@ def render(stats: dict[str, Any], model_name: str) -> str:
     spec = stats.get("spec")
     if spec is not None:
         _speculation(w, spec)
+    clipped = stats.get("kv_fp8_clipped")
+    if clipped is not None:  # an FP8 KV cache: values saturated beyond the scales fixed at the first chunk
+        w.head("mcore:kv_cache_fp8_clipped_total", "counter", "FP8 KV cache values saturated at +-448, by layer.")
+        for layer, count in clipped.items():
+            w.sample("mcore:kv_cache_fp8_clipped_total", count, {"layer": layer})
     w.histogram("mcore:time_to_first_token_seconds", "Arrival to first generated token.", m["ttft"])
     w.histogram("mcore:inter_token_latency_seconds", "Time between two generated tokens of a request.", m["itl"])
     w.histogram("mcore:e2e_request_latency_seconds", "Arrival to finish of a request.", m["e2e"])
