@@ -5,10 +5,9 @@ NoPE attention and squared-ReLU MLP layers).
 Greedy output of the engine equals token-by-token argmax of the model's full-sequence forward for ragged prompts
 arriving at different steps, chunked to a small token budget (a recurrent layer continues its state over a prompt's
 chunks), decoded together, and preempted (a preempted sequence's state slots go back and its prompt is recomputed
-from zeros); every block and every state slot is free after. Prefix caching: a cached block holds keys and values,
-not the recurrent state after it, so the cache turns prefix caching off for a model with recurrent layers
-(``PagedKVCache.prefix_caching``; mcore-inference's README says so): the same prompt sent twice is computed twice,
-with the same tokens, and counts no hits.
+from zeros); every block and every state slot is free after. Prefix caching with recurrent-state snapshots is tested
+in ``test_hybrid_prefix_cache.py``; here, with no snapshots (``state_snapshots=0``) it is off: the same prompt sent
+twice is computed twice, with the same tokens, and counts no hits.
 """
 
 from __future__ import annotations
@@ -82,10 +81,10 @@ def test_hybrid_engine_greedy_equals_full_forward_argmax(model: GPT, prompts: li
     assert run(few_slots, prompts, [0, 0, 0, 0]) == want
 
 
-def test_hybrid_engine_turns_prefix_caching_off(model: GPT, prompts: list[list[int]]) -> None:
+def test_hybrid_engine_without_state_snapshots_turns_prefix_caching_off(model: GPT, prompts: list[list[int]]) -> None:
     shared = prompts[1] + prompts[3]  # 31 tokens: 7 full blocks of 4 an attention-only model would reuse
     want = reference(model, shared, GREEDY.max_tokens)
-    engine = LLMEngine(model, block_size=4, num_blocks=48, enable_prefix_caching=True)
+    engine = LLMEngine(model, block_size=4, num_blocks=48, enable_prefix_caching=True, state_snapshots=0)
     assert not engine.cache.prefix_caching
     assert run(engine, [shared], [0]) == [want]
     assert run(engine, [shared, shared], [0, 2]) == [want, want]  # again, and while the first copy decodes

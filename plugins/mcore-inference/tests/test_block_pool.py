@@ -55,3 +55,21 @@ def test_a_hash_already_held_by_another_block_stays_with_it() -> None:
     pool.register(first, key)
     pool.register(second, key)
     assert pool.has_hash(first) and not pool.has_hash(second)
+
+
+def test_on_forget_hears_every_forgotten_hash_and_usable_cuts_a_hit_back() -> None:
+    forgotten: list[bytes] = []
+    pool = BlockPool(3, on_forget=forgotten.append)
+    h = chain_hashes(list(range(12)), 4)
+    blocks = [pool.take() for _ in range(3)]
+    for block, key in zip(blocks, h):
+        pool.register(block, key)
+    pool.give_back(list(reversed(blocks)))
+    assert pool.lookup(h, usable=lambda key: key == h[1]) == blocks[:2], "cut back to the deepest usable block"
+    assert (pool.hits, pool.misses) == (2, 1)
+    assert pool.lookup(h, usable=lambda key: False) == [] and pool.misses == 4
+    pool.give_back(list(reversed(blocks[:2])))
+    assert pool.take() == blocks[2] and forgotten == [h[2]], "eviction forgets the evicted block's hash"
+    pool.forget(blocks[2])  # not named any more: nothing to tell
+    pool.reset_prefix_cache()
+    assert sorted(forgotten) == sorted(h)

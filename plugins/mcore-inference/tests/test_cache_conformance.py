@@ -19,12 +19,13 @@ class TestPagedKVCacheConformance(KVCacheConformance):
 
 
 class TestPagedKVCacheFromMemoryBudget(KVCacheConformance):
-    """Sized by bytes: exactly ``num_blocks`` blocks' worth."""
+    """Sized by bytes: exactly ``num_blocks`` blocks' worth (no recurrent-state snapshots for prefix caching, whose
+    bytes would come out of the budget first)."""
 
     def make_cache(
         self, specs: Mapping[int, LayerCacheSpec], *, block_size: int, num_blocks: int, max_seqs: int
     ) -> Any:
         budget = bytes_per_block(specs, block_size) * num_blocks
-        cache = PagedKVCache(specs, block_size=block_size, memory_bytes=budget, max_seqs=max_seqs)
+        cache = PagedKVCache(specs, block_size=block_size, memory_bytes=budget, max_seqs=max_seqs, state_snapshots=0)
         assert cache.num_blocks == num_blocks
         return cache

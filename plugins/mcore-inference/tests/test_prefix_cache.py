@@ -96,12 +96,15 @@ def test_rollback_into_an_unshared_cached_block_forgets_its_hash() -> None:
     assert cache.all_free()
 
 
-def test_prefix_caching_is_off_with_windows_or_recurrent_layers() -> None:
+def test_prefix_caching_is_off_with_windows_or_without_state_snapshots() -> None:
+    """Sliding windows turn it off; recurrent layers need state snapshots (``test_state_snapshots.py``): with none
+    (``state_snapshots=0``), or with no attention layer at all, it is off."""
     window = AttentionCacheSpec(kv_heads=1, head_dim=2, value_dim=2, dtype=torch.float32, window=4)
     state = RecurrentStateSpec(states={"s": ((2,), torch.float32)})
-    for specs in ({0: SPEC, 1: window}, {0: SPEC, 1: state}):
-        cache = PagedKVCache(specs, block_size=4, num_blocks=8, max_seqs=2)
+    for specs, snapshots in (({0: SPEC, 1: window}, None), ({0: SPEC, 1: state}, 0), ({0: state}, None)):
+        cache = PagedKVCache(specs, block_size=4, num_blocks=8, max_seqs=2, state_snapshots=snapshots)
         assert not cache.prefix_caching and cache.start_sequence(0, list(range(12))) == 0
+        assert cache.snapshots is None
         cache.release(0)
         assert cache.all_free()
 

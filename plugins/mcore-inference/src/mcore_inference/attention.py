@@ -3,8 +3,10 @@
 Why it exists: under the engine's cache an attention block appends its new keys/values and hands ``q`` to
 ``ctx.attention``; this backend reads the layer's pages (``ctx.kv_cache.gather``) and attends. The torch path
 here is the reference and the CPU path, batched over the step's sequences: gather each sequence's pages into a
-padded ``(S, K)`` key row, scatter the packed queries into ``(S, C)`` rows and run one masked SDPA. Kernels
-(varlen prefill over a cached prefix) plug in later as ``kernel``.
+padded ``(S, K)`` key row, scatter the packed queries into ``(S, C)`` rows and run one masked SDPA. On CUDA,
+opted in with ``MCORE_INFERENCE_PREFILL=triton``, steps with prefill take the Triton varlen kernel of
+``triton_prefill.py`` instead (it reads the pages in place; GQA caches, FP8 or not); a custom ``kernel`` replaces
+both.
 
 A step whose every sequence brings one token (``max_seqlen == 1``: decode) takes the decode path: one query per
 sequence against its pages, masked by the lengths, with static shapes and no host sync (what a CUDA graph
@@ -13,9 +15,12 @@ kernel of ``triton_decode.py`` (GQA, split-K over long contexts) serves it when 
 
 FP8 pages (``kv_quant.py``): when the cache has ``kv_scales`` for the layer, a decode step takes the built-in
 decode kernel of the device with the per-head scales (on CUDA the Triton kernel, which dequantises in registers,
-when opted in with ``MCORE_INFERENCE_FP8_DECODE=triton``; otherwise ``paged_decode_torch``) and a step with prefill the torch path, which dequantises the gathered pages
-(times the scales) before attending. A latent (MLA) cache decodes through the torch path, FP8 or not. A custom
-``kernel`` or ``decode_kernel`` reads pages in the model's dtype only: it is refused over FP8 pages.
+when opted in with ``MCORE_INFERENCE_FP8_DECODE=triton``; otherwise ``paged_decode_torch``) and a step with prefill
+the torch path, which dequantises the gathered pages (times the scales) before attending, or on CUDA, opted in with
+``MCORE_INFERENCE_PREFILL=triton``, the Triton prefill kernel, which dequantises in registers. A latent (MLA) cache
+prefills through the torch path, FP8 or not, and decodes through it too unless, on CUDA, opted in with
+``MCORE_INFERENCE_MLA_DECODE=triton`` (the absorbed MLA decode kernel of ``triton_mla_decode.py``). A custom ``kernel`` or ``decode_kernel`` reads pages in
+the model's dtype only: it is refused over FP8 pages.
 
 Masking (``mcore.protocols.block.KVCacheHandle``): query ``j`` of sequence ``i`` (``c_i`` new tokens, ``L_i``
 cached once appended) sits at position ``L_i - c_i + j`` and sees key ``s`` when ``s <= L_i - c_i + j`` and,
@@ -135,6 +140,25 @@ def paged_decode_torch(
     return out[:, :, 0]
 
 
+class ScaledPagedKernel(Protocol):
+    """A built-in paged prefill kernel: a ``PagedKernel`` that also reads FP8 pages, given the per-head
+    dequantisation scales ``key_scale`` / ``value_scale`` ``(nkv,)`` fp32."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        paged: PagedKV,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        value_dim: int,
+        scale: float,
+        window: int | None,
+        *,
+        key_scale: torch.Tensor | None = None,
+        value_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
 class ScaledPagedDecodeKernel(Protocol):
     """A built-in paged decode kernel: a ``PagedDecodeKernel`` that also reads FP8 pages, given the per-head
     dequantisation scales ``key_scale`` / ``value_scale`` ``(nkv,)`` fp32."""
@@ -174,15 +198,59 @@ def decode_kernel_for(device: torch.device) -> ScaledPagedDecodeKernel:
     return paged_decode_torch
 
 
+PREFILL_ENV = "MCORE_INFERENCE_PREFILL"
+"""``MCORE_INFERENCE_PREFILL=triton`` opts steps with prefill on CUDA into the Triton varlen kernel
+(``triton_prefill.py``; GQA caches, FP8 or not). Opt-in until its GPU tests have run on a card: it matches the torch
+path in Triton's CPU interpreter (2026-12-06), but no GPU was lent to run the compiled kernel that day; unset (or on
+the CPU, or for a latent MLA cache), prefill goes through ``paged_attention_torch``."""
+
+
+def prefill_in_triton() -> bool:
+    """Whether steps with prefill on CUDA take the Triton kernel (``PREFILL_ENV``)."""
+    return os.environ.get(PREFILL_ENV, "") == "triton"
+
+
+def prefill_kernel_for(device: torch.device) -> ScaledPagedKernel:
+    """The Triton prefill kernel on CUDA when opted in (``PREFILL_ENV``) and triton imports, else
+    ``paged_attention_torch``; both read FP8 pages."""
+    if device.type == "cuda" and prefill_in_triton():
+        try:
+            from mcore_inference.triton_prefill import paged_prefill_triton
+        except ImportError:
+            return paged_attention_torch
+        return paged_prefill_triton
+    return paged_attention_torch
+
+
+MLA_DECODE_ENV = "MCORE_INFERENCE_MLA_DECODE"
+"""``MCORE_INFERENCE_MLA_DECODE=triton`` opts decode steps of a latent (MLA) cache on CUDA, FP8 or not, into the
+absorbed MLA decode kernel (``triton_mla_decode.py``). Opt-in until its GPU tests have run on a card (it matches the
+torch path in Triton's CPU interpreter, 2026-12-06); unset, latent caches decode through ``paged_decode_torch``."""
+
+
+def latent_decode_kernel_for(device: torch.device) -> ScaledPagedDecodeKernel:
+    """The Triton absorbed MLA decode kernel on CUDA when opted in (``MLA_DECODE_ENV``) and triton imports, else
+    ``paged_decode_torch``; both read FP8 latent pages."""
+    if device.type == "cuda" and os.environ.get(MLA_DECODE_ENV, "") == "triton":
+        try:
+            from mcore_inference.triton_mla_decode import paged_mla_decode_triton
+        except ImportError:
+            return paged_decode_torch
+        return paged_mla_decode_triton
+    return paged_decode_torch
+
+
 class PagedAttention:
     """``AttentionBackend`` of the engine: reads the layer's pages of ``ctx.kv_cache`` (the step's keys are in
-    them already). ``kernel`` replaces the torch path of steps with prefill (``None``: torch); ``decode_kernel``
-    serves pure-decode steps (``None``: chosen once per device type by ``decode_kernel_for``)."""
+    them already). ``kernel`` serves steps with prefill (``None``: ``prefill_kernel_for`` the device, torch unless
+    opted in to Triton on CUDA); ``decode_kernel`` serves pure-decode steps (``None``: chosen once per device type by
+    ``decode_kernel_for``)."""
 
     name: ClassVar[str] = "paged"
 
     def __init__(self, kernel: PagedKernel | None = None, decode_kernel: PagedDecodeKernel | None = None) -> None:
         self.kernel: PagedKernel = kernel if kernel is not None else paged_attention_torch
+        self._builtin_kernel = kernel is None
         self.decode_kernel = decode_kernel
         self._decode_for: dict[str, ScaledPagedDecodeKernel] = {}
 
@@ -224,17 +292,30 @@ class PagedAttention:
             if longest == 1:  # decode: the device's kernel (Triton on CUDA, opted in) unless torch was asked for
                 builtin = self.decode_kernel is None and (q.device.type != "cuda" or fp8_decode_in_triton())
                 scaled = self._builtin_decode(q.device) if builtin else paged_decode_torch
+                if self.decode_kernel is None and paged.value_cache is None:  # latent: its own opt-in
+                    scaled = latent_decode_kernel_for(q.device)
                 out = scaled(q[0], paged, v.shape[-1], scale, window, key_scale=key_scale, value_scale=value_scale)
             else:
-                out = paged_attention_torch(
+                prefill = self._builtin_prefill(q.device, paged) if self._builtin_kernel else paged_attention_torch
+                out = prefill(
                     q[0], paged, cu, longest, v.shape[-1], scale, window, key_scale=key_scale, value_scale=value_scale
                 )
             return out[None]  # (1, N, nh, hdv)
         if longest == 1:  # decode: one query per sequence
             decode = self.decode_kernel if self.decode_kernel is not None else self._builtin_decode(q.device)
+            if self.decode_kernel is None and paged.value_cache is None:  # latent (MLA): its own opt-in
+                decode = latent_decode_kernel_for(q.device)
             return decode(q[0], paged, v.shape[-1], scale, window)[None]  # (1, S, nh, hdv)
-        out = self.kernel(q[0], paged, cu, longest, v.shape[-1], scale, window)  # (N, nh, hdv)
+        kernel = self._builtin_prefill(q.device, paged) if self._builtin_kernel else self.kernel
+        out = kernel(q[0], paged, cu, longest, v.shape[-1], scale, window)  # (N, nh, hdv)
         return out[None]
+
+    @staticmethod
+    def _builtin_prefill(device: torch.device, paged: PagedKV) -> ScaledPagedKernel:
+        """``prefill_kernel_for(device)`` for a GQA cache; a latent (MLA) cache stays on torch."""
+        if paged.value_cache is None:
+            return paged_attention_torch
+        return prefill_kernel_for(device)
 
     def _builtin_decode(self, device: torch.device) -> ScaledPagedDecodeKernel:
         """``decode_kernel_for(device)``, chosen once per device type."""

@@ -10,6 +10,10 @@ count (the sequences whose table holds it). A block whose count falls to zero go
 has no hash, or to the tail of an LRU queue of free cached blocks if it has one: it can still be found by its
 hash and revived. New blocks come from the free list first; only when it is empty is the least recently used
 cached block evicted (its hash forgotten). Hits and misses count looked-up full blocks.
+
+Whoever keeps data per cached block outside the pages (the recurrent state snapshots of ``cache.py``) passes
+``on_forget``: it is called with each hash the pool forgets (eviction, ``forget``, ``reset_prefix_cache``), and a
+lookup's ``usable`` predicate cuts the hit back to the deepest block whose data is still there.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 #: The parent hash of a sequence's first block.
 ROOT_HASH = b"mcore-inference/root"
@@ -44,10 +48,12 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, extra_key: Hashable 
 
 
 class BlockPool:
-    """``num_blocks`` block ids with reference counts, a free list and an LRU queue of free cached blocks."""
+    """``num_blocks`` block ids with reference counts, a free list and an LRU queue of free cached blocks;
+    ``on_forget(hash)`` is told of every hash the pool forgets."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, on_forget: Callable[[bytes], None] | None = None) -> None:
         self.num_blocks = num_blocks
+        self._on_forget = on_forget
         self.refcounts = [0] * num_blocks
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # taken from the end: block 0 first
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # LRU first; blocks with a hash, count 0
@@ -80,7 +86,7 @@ class BlockPool:
             block = self._free.pop()
         else:
             block, _ = self._cached_free.popitem(last=False)
-            del self._by_hash[self._hash_of.pop(block)]
+            self._drop_hash(self._hash_of.pop(block))
         assert self.refcounts[block] == 0, f"block {block} taken while in use"
         self.refcounts[block] = 1
         return block
@@ -99,14 +105,17 @@ class BlockPool:
 
     # ----- prefix caching -----
 
-    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
-        """The longest run of cached blocks for the chain ``hashes``, each with one more reference (revived from
-        the LRU queue when free); counts hits and misses over ``hashes``."""
+    def lookup(self, hashes: Sequence[bytes], usable: Callable[[bytes], bool] | None = None) -> list[int]:
+        """The longest run of cached blocks for the chain ``hashes`` (with ``usable``: cut back to its deepest
+        block whose hash is usable), each with one more reference (revived from the LRU queue when free); counts
+        hits and misses over ``hashes``."""
+        count = self.peek(hashes)
+        if usable is not None:
+            while count and not usable(hashes[count - 1]):
+                count -= 1
         found: list[int] = []
-        for h in hashes:
-            block = self._by_hash.get(h)
-            if block is None:
-                break
+        for h in hashes[:count]:
+            block = self._by_hash[h]
             if self.refcounts[block] == 0:
                 del self._cached_free[block]
             self.refcounts[block] += 1
@@ -135,15 +144,25 @@ class BlockPool:
     def has_hash(self, block: int) -> bool:
         return block in self._hash_of
 
+    def is_cached(self, h: bytes) -> bool:
+        """Whether some block holds the hash ``h``."""
+        return h in self._by_hash
+
     def forget(self, block: int) -> None:
         """Drop the hash of an in-use block about to be written again (a rollback into it)."""
         h = self._hash_of.pop(block, None)
         if h is not None:
-            del self._by_hash[h]
+            self._drop_hash(h)
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash; free cached blocks become plain free blocks."""
         self._free.extend(reversed(self._cached_free))
         self._cached_free.clear()
-        self._by_hash.clear()
+        for h in list(self._by_hash):
+            self._drop_hash(h)
         self._hash_of.clear()
+
+    def _drop_hash(self, h: bytes) -> None:
+        del self._by_hash[h]
+        if self._on_forget is not None:
+            self._on_forget(h)

@@ -12,7 +12,14 @@ step out); a block is taken when the first of them crosses into it.
 
 Beyond the protocol the engine uses ``start_sequence`` (begin a sequence from its cached prefix blocks),
 ``cache_prefix`` (name the sequence's full blocks for later requests), ``blocks_needed`` / ``num_free_blocks``
-(admission) and ``all_free`` (tests). Prefix caching is on when every layer is a full-attention layer.
+(admission) and ``all_free`` (tests). Prefix caching is on when every attention layer is a full-attention layer
+(one group). With recurrent layers too (hybrid models) it also needs state snapshots (``state_snapshots.py``,
+``state_snapshots`` of them, default ``max_seqs``): ``cache_prefix`` snapshots a sequence's recurrent states when
+its length is exactly a multiple of the block size (the state right after a named block's last token, keyed by
+that block's hash), and ``start_sequence`` cuts a hit back to the deepest block with a snapshot and copies it into
+the new sequence's slots. Which boundaries a sequence's steps end on is the scheduler's business
+(``Scheduler(align_prefill=True)`` cuts prefill chunks at block boundaries); a boundary no step ends on gets no
+snapshot.
 
 Static decode (``static_decode.py``, CUDA graphs): with ``scratch_block`` the pages hold one block more than the
 pool, never handed out, which the padding rows of a static-shape decode step write to and read.
@@ -44,6 +51,7 @@ from mcore.errors import UserError
 from mcore.protocols.block import AttentionCacheSpec, LayerCacheSpec, PagedKV, RecurrentStateSpec
 from mcore_inference.block_pool import ROOT_HASH, BlockPool, block_hash, chain_hashes
 from mcore_inference.kv_quant import calibrate, quantize, resolve_kv_cache_dtype
+from mcore_inference.state_snapshots import StateSnapshots
 from mcore_inference.static_decode import StaticStep
 
 
@@ -95,10 +103,21 @@ def bytes_per_block(specs: Mapping[int, LayerCacheSpec], block_size: int, kv_cac
     return total
 
 
+def snapshot_bytes_each(specs: Mapping[int, RecurrentStateSpec]) -> int:
+    """Bytes one recurrent-state snapshot costs: every state of every recurrent layer of ``specs``."""
+    total = 0
+    for spec in specs.values():
+        for shape, dtype in spec.states.values():
+            total += math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return total
+
+
 class PagedKVCache:
     """A ``KVCacheHandle`` over ``{layer_index: spec}`` with ``num_blocks`` blocks of ``block_size`` tokens per
     attention group (or as many as ``memory_bytes`` holds) and ``max_seqs`` slots per recurrent layer; attention
-    pages in ``kv_cache_dtype`` (``"auto"``: the specs' dtypes, ``"fp8_e4m3"``: FP8 with per-head scales)."""
+    pages in ``kv_cache_dtype`` (``"auto"``: the specs' dtypes, ``"fp8_e4m3"``: FP8 with per-head scales); with
+    recurrent layers, ``state_snapshots`` recurrent-state snapshots for prefix caching (``None``: ``max_seqs``;
+    0: prefix caching off); sized by ``memory_bytes``, the snapshots come out of it (the state slots do not)."""
 
     def __init__(
         self,
@@ -112,23 +131,40 @@ class PagedKVCache:
         enable_prefix_caching: bool = True,
         scratch_block: bool = False,
         kv_cache_dtype: str = "auto",
+        state_snapshots: int | None = None,
     ) -> None:
         kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         for key, value in (("block_size", block_size), ("max_seqs", max_seqs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"PagedKVCache {key} = {value!r}: must be a positive int")
+        if state_snapshots is not None and (
+            isinstance(state_snapshots, bool) or not isinstance(state_snapshots, int) or state_snapshots < 0
+        ):
+            raise UserError(f"PagedKVCache state_snapshots = {state_snapshots!r}: must be an int >= 0 (None: max_seqs)")
         if not specs:
             raise UserError("PagedKVCache: the model declares no cache specs (no layer keeps keys/values or state)")
         if (num_blocks is None) == (memory_bytes is None):
             raise UserError("PagedKVCache: give exactly one of num_blocks and memory_bytes")
+        recurrent = {i: s for i, s in specs.items() if isinstance(s, RecurrentStateSpec)}
+        windows = {s.window for s in specs.values() if isinstance(s, AttentionCacheSpec)}
+        count = max_seqs if state_snapshots is None else state_snapshots
+        #: prefix caching: attention layers all full (at least one); with recurrent layers, snapshots too
+        self.prefix_caching = enable_prefix_caching and windows == {None} and (not recurrent or count > 0)
+        snapshot_bytes = count * snapshot_bytes_each(recurrent) if self.prefix_caching else 0
         if num_blocks is None:
             assert memory_bytes is not None
             per_block = bytes_per_block(specs, block_size, kv_cache_dtype)
+            memory_bytes -= snapshot_bytes  # the snapshots come out of the budget
             num_blocks = memory_bytes // per_block if per_block else 1
             num_blocks -= int(scratch_block)  # the scratch block comes out of the budget too
             if num_blocks < 1:
                 raise UserError(
                     f"PagedKVCache: {memory_bytes} bytes hold no block of {block_size} tokens ({per_block} bytes each)"
+                    + (
+                        f" after {snapshot_bytes} bytes of state snapshots (lower state_snapshots)"
+                        if snapshot_bytes
+                        else ""
+                    )
                 )
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise UserError(f"PagedKVCache num_blocks = {num_blocks!r}: must be a positive int")
@@ -140,12 +176,15 @@ class PagedKVCache:
         pages = num_blocks + int(scratch_block)
         self.groups: dict[int | None, _Group] = {}
         self.layers: dict[int, _AttentionLayer | _RecurrentLayer] = {}
+        #: recurrent states at block boundaries (hybrid models with prefix caching); None: none kept
+        self.snapshots: StateSnapshots | None = None
         for index in sorted(specs):
             spec = specs[index]
             if isinstance(spec, AttentionCacheSpec):
                 group = self.groups.get(spec.window)
                 if group is None:
-                    group = self.groups[spec.window] = _Group(spec.window, BlockPool(num_blocks), [])
+                    pool = BlockPool(num_blocks, on_forget=self._forget_snapshot)
+                    group = self.groups[spec.window] = _Group(spec.window, pool, [])
                 group.layers.append(index)
                 shape, dtype = (pages, block_size, spec.kv_heads), kv_dtype if kv_dtype is not None else spec.dtype
                 keys = torch.zeros(*shape, spec.head_dim, dtype=dtype, device=self.device)
@@ -166,8 +205,8 @@ class PagedKVCache:
                 raise UserError(
                     f"layer {index}: cache spec {spec!r} is not an AttentionCacheSpec or RecurrentStateSpec"
                 )
-        only_full = all(isinstance(s, AttentionCacheSpec) and s.window is None for s in specs.values())
-        self.prefix_caching = enable_prefix_caching and only_full
+        if self.prefix_caching and recurrent:
+            self.snapshots = StateSnapshots(recurrent, count, self.device)
         self._lengths: dict[int, int] = {}  # seq -> the longest length any layer may hold
         self._last_step: dict[int, int] = {}  # seq -> its length before its last step (rollback floor)
         self._hashes: dict[int, list[bytes]] = {}  # seq -> hashes of its full blocks named so far
@@ -477,11 +516,18 @@ class PagedKVCache:
             return 0
         (group,) = self.groups.values()
         hashes = chain_hashes(token_ids[: len(token_ids) - 1], self.block_size, extra_key)
-        blocks = group.pool.lookup(hashes)
+        snapshots = self.snapshots
+        blocks = group.pool.lookup(hashes, None if snapshots is None else snapshots.__contains__)
         cached = len(blocks) * self.block_size
         group.tables[seq_id].extend(blocks)
-        for index in group.layers:
-            self.layers[index].lengths[seq_id] = cached
+        if snapshots is not None and blocks:  # the recurrent layers continue from the deepest hit block's states
+            for index, states in snapshots.load(hashes[len(blocks) - 1]).items():
+                layer = self.layers[index]
+                assert isinstance(layer, _RecurrentLayer)
+                for name, value in states.items():
+                    layer.slots_pool[name][layer.slots[seq_id]].copy_(value)
+        for layer in self.layers.values():
+            layer.lengths[seq_id] = cached
         self._lengths[seq_id] = self._last_step[seq_id] = cached
         self._hashes[seq_id] = hashes[: len(blocks)]
         return cached
@@ -492,14 +538,39 @@ class PagedKVCache:
             return 0
         (group,) = self.groups.values()
         hashes = chain_hashes(token_ids[: len(token_ids) - 1], self.block_size, extra_key)
-        return group.pool.peek(hashes) * self.block_size
+        count = group.pool.peek(hashes)
+        while self.snapshots is not None and count and hashes[count - 1] not in self.snapshots:
+            count -= 1
+        return count * self.block_size
 
     def cache_prefix(self, seq_id: int, token_ids: Sequence[int], extra_key: Hashable = None) -> None:
         """Name the sequence's full blocks (every layer holds their tokens) by their hash chain over
-        ``token_ids`` (the sequence's tokens, at least those in the cache), so later requests find them."""
+        ``token_ids`` (the sequence's tokens, at least those in the cache), so later requests find them; with
+        recurrent layers, snapshot their states when the sequence ends exactly on a named block."""
         self._check_seq(seq_id, "cache_prefix")
         if not self.prefix_caching:
             return
+        self._name_blocks(seq_id, token_ids, extra_key)
+        snapshots, length = self.snapshots, self._lengths[seq_id]
+        if (
+            snapshots is None
+            or length % self.block_size
+            or not 0 < length // self.block_size <= len(self._hashes[seq_id])
+        ):
+            return
+        if any(layer.lengths[seq_id] != length for layer in self.layers.values()):
+            return  # a layer sat the step out: the states are not all at the boundary
+        h = self._hashes[seq_id][length // self.block_size - 1]
+        (group,) = self.groups.values()
+        if group.pool.is_cached(h):  # (named just now, or earlier by another sequence)
+            states = {}
+            for index, layer in self.layers.items():
+                if isinstance(layer, _RecurrentLayer):
+                    states[index] = {n: pool[layer.slots[seq_id]] for n, pool in layer.slots_pool.items()}
+            snapshots.save(h, states)
+
+    def _name_blocks(self, seq_id: int, token_ids: Sequence[int], extra_key: Hashable) -> None:
+        """Register the sequence's newly full blocks (held by every attention layer) under their hash chain."""
         (group,) = self.groups.values()
         held = min(self.layers[i].lengths[seq_id] for i in group.layers)
         full = min(held, len(token_ids)) // self.block_size
@@ -557,7 +628,24 @@ class PagedKVCache:
             for g in self.groups.values()
         )
         slots = all(len(x.free) == self.max_seqs for x in self.layers.values() if isinstance(x, _RecurrentLayer))
-        return blocks and slots and not self._lengths
+        snapshots = self.snapshots is None or (
+            len(self.snapshots) + self.snapshots.num_free() == self.snapshots.count
+            and all(self._hash_cached(h) for h in self.snapshots.hashes())
+        )
+        return blocks and slots and snapshots and not self._lengths
+
+    @property
+    def num_snapshots(self) -> int:
+        """Recurrent-state snapshots kept (each belongs to a cached block)."""
+        return 0 if self.snapshots is None else len(self.snapshots)
+
+    def _hash_cached(self, h: bytes) -> bool:
+        return any(g.pool.is_cached(h) for g in self.groups.values())
+
+    def _forget_snapshot(self, h: bytes) -> None:
+        """The block pool forgot hash ``h``: its recurrent-state snapshot goes too."""
+        if self.snapshots is not None:
+            self.snapshots.forget(h)
 
     # ----- helpers -----
 

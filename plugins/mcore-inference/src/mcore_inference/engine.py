@@ -136,7 +136,9 @@ class LLMEngine:
     The cache has ``num_blocks`` blocks of ``block_size`` tokens (or as many as ``memory_bytes`` holds);
     ``max_model_len`` (default: the model's ``max_position_embeddings``) bounds prompt plus output.
     ``kv_cache_dtype`` ``"fp8_e4m3"`` stores the main cache's keys/values in FP8 (``kv_quant.py``; ``"auto"``: the
-    model's dtype); the draft caches of speculative decoding keep the model's dtype.
+    model's dtype); the draft caches of speculative decoding keep the model's dtype. A hybrid model (recurrent
+    layers) keeps ``state_snapshots`` recurrent-state snapshots at block boundaries for prefix caching (``None``:
+    ``max_num_seqs``; 0 turns prefix caching off for it); its prefill chunks are cut at block boundaries.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class LLMEngine:
         static_decode: bool | None = None,
         speculative_tokens: int = 0,
         kv_cache_dtype: str = "auto",
+        state_snapshots: int | None = None,
     ) -> None:
         fp8_kv = resolve_kv_cache_dtype(kv_cache_dtype) is not None
         if fp8_kv and attention is not None and not isinstance(attention, PagedAttention):
@@ -204,6 +207,7 @@ class LLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             scratch_block=bool(cuda_graphs or static_decode),
             kv_cache_dtype=kv_cache_dtype,
+            state_snapshots=state_snapshots,
         )
         self.max_model_len = (
             max_model_len if max_model_len is not None else _model_limit(model, "max_position_embeddings")
@@ -212,7 +216,12 @@ class LLMEngine:
             raise UserError(f"LLMEngine max_model_len = {self.max_model_len!r}: must be an int >= 2")
         self.vocab_size = _model_limit(model, "vocab_size")
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_id", None)
-        self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.cache,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            align_prefill=self.cache.snapshots is not None and not speculative_tokens,  # steps end on boundaries
+        )
         self.sampler = Sampler(seed=seed)
         self.attention = attention if attention is not None else PagedAttention()
         self.speculator: Speculator | None = None

@@ -11,6 +11,11 @@ yet scheduled this step is preempted by recompute: its blocks go back (its full 
 prefix cache), and it returns to the front of the waiting queue with ``num_computed`` 0, so its prompt and the
 tokens it generated so far are prefilled again and it continues with identical output. A waiting sequence that
 does not fit stops admission (FIFO: nothing overtakes it).
+
+``align_prefill`` (hybrid models with prefix caching): a chunk of more than one token that crosses a block
+boundary is cut to end on the last boundary it crosses, so that the step ends there and the cache can snapshot
+the recurrent states at that block (``PagedKVCache.cache_prefix``). A prompt whose length is not a multiple of
+the block size thus takes one step more (its last partial block alone); decode steps are never cut.
 """
 
 from __future__ import annotations
@@ -55,8 +60,11 @@ class SchedulerOutput:
 class Scheduler:
     """FIFO continuous batching over a ``PagedKVCache`` (see the module docstring)."""
 
-    def __init__(self, cache: PagedKVCache, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, cache: PagedKVCache, *, max_num_seqs: int, max_num_batched_tokens: int, align_prefill: bool = False
+    ) -> None:
         self.cache = cache
+        self.align_prefill = align_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[SequenceState] = deque()
@@ -90,7 +98,7 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted earlier in this loop
                 continue
-            count = min(seq.num_pending, budget)
+            count = self._chunk(seq, budget)
             need = self.cache.blocks_needed(seq.seq_id, count)
             while need > self.cache.num_free_blocks() - reserved:
                 victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
@@ -110,7 +118,7 @@ class Scheduler:
             if self.cache.num_free_slots() < 1:
                 break
             seq.num_computed = self.cache.start_sequence(seq.seq_id, seq.token_ids, seq.extra_key)
-            count = min(seq.num_pending, budget)
+            count = self._chunk(seq, budget)
             need = self.cache.blocks_needed(seq.seq_id, count)
             if need > self.cache.num_free_blocks() - reserved:
                 self.cache.release(seq.seq_id)  # its cached blocks go back; it waits for room
@@ -123,6 +131,17 @@ class Scheduler:
             budget -= count
             reserved += need
         return out
+
+    def _chunk(self, seq: SequenceState, budget: int) -> int:
+        """Tokens of ``seq`` for this step: its pending ones within ``budget``, cut to a block boundary under
+        ``align_prefill`` (see the module docstring)."""
+        count = min(seq.num_pending, budget)
+        if self.align_prefill and count > 1:
+            bs = self.cache.block_size
+            boundary = (seq.num_computed + count) // bs * bs
+            if boundary > seq.num_computed:
+                count = boundary - seq.num_computed
+        return count
 
     def _preempt(self, seq: SequenceState, out: SchedulerOutput) -> None:
         self.running.remove(seq)
