@@ -54,12 +54,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def hybrid_model(name: str) -> GPT:
+    """The tiny hybrid ``gpt`` ``MODELS[name]`` (seed 7, CPU, fp32, eval mode)."""
+    host = isolated_host("mcore_models.plugin", "mcore_ssm.plugin")
+    lookup = lambda block: host.load("block", block)  # noqa: E731
+    values = {**COMMON, **MODELS[name]}
+    return GPT.build(GPTConfig.from_values(values), seed=7, device="cpu", block_lookup=lookup).eval()
+
+
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def model(request: pytest.FixtureRequest) -> GPT:
-    host = isolated_host("mcore_models.plugin", "mcore_ssm.plugin")
-    lookup = lambda name: host.load("block", name)  # noqa: E731
-    values = {**COMMON, **MODELS[request.param]}
-    return GPT.build(GPTConfig.from_values(values), seed=7, device="cpu", block_lookup=lookup).eval()
+    return hybrid_model(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,9 @@ import torch
 from engine_helpers import greedy_reference, run_arrivals
 from mcore_inference.engine import LLMEngine
 from mcore_inference.sampling import SamplingParams
-from test_hybrid_inference import COMMON, MODELS
+from test_hybrid_inference import COMMON, MODELS, hybrid_model
 
-from mcore_models.gpt import GPT, GPTConfig
-from mcore_testing.hosts import isolated_host
+from mcore_models.gpt import GPT
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
 BS = 4
@@ -41,10 +40,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def model(request: pytest.FixtureRequest) -> GPT:
-    host = isolated_host("mcore_models.plugin", "mcore_ssm.plugin")
-    lookup = lambda name: host.load("block", name)  # noqa: E731
-    values = {**COMMON, **MODELS[request.param]}
-    return GPT.build(GPTConfig.from_values(values), seed=7, device="cpu", block_lookup=lookup).eval()
+    return hybrid_model(request.param)
 
 
 def _tokens(n: int, seed: int) -> list[int]:

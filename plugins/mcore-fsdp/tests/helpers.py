@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from mcore.protocols.precision import GatherPayload
 from mcore.ragged import full_tensor
 from mcore_fsdp import fully_shard
+from mcore_testing.numerics import seeded_randn
 from mcore_testing.reference import TinyConfig, TinyTransformer, tiny_batches
 
 #: Dimensions that do not divide 2 or 4: vocab 61 rows, hidden 36 -> qkv 108 rows, ffn 50.
@@ -107,3 +109,24 @@ def dequantized(model: nn.Module) -> nn.Module:
                 q, scale = quantize_rows(p)
                 p.copy_(q.float() * scale)
     return model
+
+
+def sgd_steps(
+    model: nn.Module, rank: int, world: int, out_features: int
+) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    """Three SGD steps of ``model (12 -> out_features)`` on seeded MSE batches split by rows over ``world`` ranks:
+    the mean loss and every full gradient of each step (what the quantised-gather tests compare with one rank)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses, grads = [], []
+    for step in range(3):
+        x, y = seeded_randn(8, 12, seed=20 + step), seeded_randn(8, out_features, seed=30 + step)
+        loss = F.mse_loss(model(local_rows(x, rank, world)), local_rows(y, rank, world))
+        loss.backward()
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+        losses.append(value.item() / world)
+        grads.append({n: getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    return losses, grads

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from helpers import local_rows, quantize_rows
+from helpers import quantize_rows, sgd_steps
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -102,20 +101,7 @@ class Net(nn.Module):
 
 
 def _steps(model: Net, rank: int, world: int) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses, grads = [], []
-    for step in range(3):
-        x, y = seeded_randn(8, 12, seed=20 + step), seeded_randn(8, 5, seed=30 + step)
-        loss = F.mse_loss(model(local_rows(x, rank, world)), local_rows(y, rank, world))
-        loss.backward()
-        value = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(value)
-        losses.append(value.item() / world)
-        grads.append({n: getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for n, p in model.named_parameters()})
-        opt.step()
-        opt.zero_grad()
-    return losses, grads
+    return sgd_steps(model, rank, world, out_features=5)
 
 
 @distributed(2, timeout=120)

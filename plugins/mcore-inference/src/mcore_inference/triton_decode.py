@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -186,6 +187,69 @@ def num_splits(programs: int, max_keys: int, sms: int) -> int:
     return max(1, min(wanted, math.ceil(max_keys / _MIN_SPLIT)))
 
 
+@dataclass(frozen=True)
+class PageOperands:
+    """What a paged kernel reads (``page_operands``): ``q`` in the pages' dtype (as given over FP8 pages) with
+    a contiguous last dim, the pages (FP8 ones as their bytes), the per-head scales (``lens`` as an unread
+    placeholder when the pages are not FP8) and whether they are."""
+
+    q: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor | None
+    key_scale: torch.Tensor
+    value_scale: torch.Tensor
+    fp8: bool
+
+
+def page_operands(
+    who: str,
+    q: torch.Tensor,
+    paged: PagedKV,
+    key_scale: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+) -> PageOperands:
+    """The operands of ``who``'s launch over ``paged`` (``PageOperands``); FP8 pages (``float8_e4m3fn``) need
+    ``key_scale`` ``(nkv,)``, and ``value_scale`` too when there are value pages."""
+    keys, values, lens = paged.key_cache, paged.value_cache, paged.seq_lens
+    fp8 = keys.dtype == torch.float8_e4m3fn
+    if fp8:
+        if key_scale is None or (values is not None and (value_scale is None or values.dtype != keys.dtype)):
+            raise UserError(f"{who}: FP8 pages need their per-head scales: key_scale (and value_scale) of shape (nkv,)")
+        keys = keys.view(torch.uint8)  # bytes; decoded in the kernel
+        values = None if values is None else values.view(torch.uint8)
+        k_scale = key_scale.float().contiguous()
+        v_scale = value_scale.float().contiguous() if value_scale is not None else lens
+    else:
+        q = q.to(keys.dtype)  # (the pages' dtype: tl.dot takes one)
+        k_scale = v_scale = lens  # unread
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return PageOperands(q, keys, values, k_scale, v_scale, fp8)
+
+
+def merge_splits(mid: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, block_dv: int) -> torch.Tensor:
+    """``out (S, nh, hdv)``: the split-K partial outputs ``mid (S, nh, K, hdv)`` merged by their log-sum-exps
+    ``lse (S, nh, K)`` (``_merge_kernel``)."""
+    seqs, heads, splits, value_dim = mid.shape
+    _merge_kernel[(seqs, heads)](
+        mid,
+        lse,
+        out,
+        splits,
+        mid.stride(0),
+        mid.stride(1),
+        mid.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        VALUE_DIM=value_dim,
+        BLOCK_DV=block_dv,
+        BLOCK_K=max(2, triton.next_power_of_2(splits)),
+    )
+    return out
+
+
 def paged_decode_triton(
     q: torch.Tensor,
     paged: PagedKV,
@@ -200,19 +264,10 @@ def paged_decode_triton(
     (``float8_e4m3fn``) need ``key_scale`` / ``value_scale`` ``(nkv,)`` fp32; a latent cache goes to the torch path."""
     if paged.value_cache is None:
         return paged_decode_torch(q, paged, value_dim, scale, window, key_scale=key_scale, value_scale=value_scale)
-    keys, values, table, lens = paged.key_cache, paged.value_cache, paged.block_table, paged.seq_lens
-    dtype = q.dtype
-    fp8 = keys.dtype == torch.float8_e4m3fn
-    if fp8:
-        if key_scale is None or value_scale is None or values.dtype != keys.dtype:
-            raise UserError("paged_decode_triton: FP8 key and value pages need key_scale and value_scale (nkv,)")
-        keys, values = keys.view(torch.uint8), values.view(torch.uint8)  # bytes; decoded in the kernel
-        k_scale, v_scale = key_scale.float().contiguous(), value_scale.float().contiguous()
-    else:
-        q = q.to(keys.dtype)  # (the pages' dtype: tl.dot takes one)
-        k_scale = v_scale = lens  # unread
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    table, lens, dtype = paged.block_table, paged.seq_lens, q.dtype
+    ops = page_operands("paged_decode_triton", q, paged, key_scale, value_scale)
+    q, keys, values = ops.q, ops.keys, ops.values
+    assert values is not None
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = keys.shape
     group = heads // kv_heads
@@ -232,8 +287,8 @@ def paged_decode_triton(
         lens,
         mid,
         lse,
-        k_scale,
-        v_scale,
+        ops.key_scale,
+        ops.value_scale,
         q.stride(0),
         q.stride(1),
         keys.stride(0),
@@ -260,22 +315,6 @@ def paged_decode_triton(
         BLOCK_DV=block_dv,
         BLOCK_N=_BLOCK_N,
         HAS_WINDOW=window is not None,
-        FP8=fp8,
+        FP8=ops.fp8,
     )
-    _merge_kernel[(seqs, heads)](
-        mid,
-        lse,
-        out,
-        splits,
-        mid.stride(0),
-        mid.stride(1),
-        mid.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        VALUE_DIM=value_dim,
-        BLOCK_DV=block_dv,
-        BLOCK_K=max(2, triton.next_power_of_2(splits)),
-    )
-    return out
+    return merge_splits(mid, lse, out, block_dv)

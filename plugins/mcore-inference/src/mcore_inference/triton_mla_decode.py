@@ -27,7 +27,7 @@ import triton.language as tl
 
 from mcore.errors import UserError
 from mcore.protocols.block import PagedKV
-from mcore_inference.triton_decode import _merge_kernel, _num_sms, num_splits
+from mcore_inference.triton_decode import _num_sms, merge_splits, num_splits, page_operands
 
 _BLOCK_H = 16  # query heads per program (tl.dot needs 16 rows)
 _KV_TILE_BYTES = 32 * 1024  # most bytes of one iteration's key tile
@@ -152,17 +152,8 @@ def paged_mla_decode_triton(
             f"with value_dim {value_dim}: needs equal key dims, 0 < value_dim <= head dim and nh a multiple of nkv"
         )
     dtype = q.dtype
-    fp8 = keys.dtype == torch.float8_e4m3fn
-    if fp8:
-        if key_scale is None:
-            raise UserError("paged_mla_decode_triton: FP8 latent pages need key_scale (nkv,)")
-        keys = keys.view(torch.uint8)  # bytes; decoded in the kernel
-        k_scale = key_scale.float().contiguous()
-    else:
-        q = q.to(keys.dtype)  # (the pages' dtype: tl.dot takes one)
-        k_scale = lens  # unread
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    ops = page_operands("paged_mla_decode_triton", q, paged, key_scale, None)
+    q, keys = ops.q, ops.keys
     group = heads // kv_heads
     tiles = kv_heads * triton.cdiv(group, _BLOCK_H)
     max_keys = table.shape[1] * block_size
@@ -183,7 +174,7 @@ def paged_mla_decode_triton(
         lens,
         mid,
         lse,
-        k_scale,
+        ops.key_scale,
         q.stride(0),
         q.stride(1),
         keys.stride(0),
@@ -207,25 +198,9 @@ def paged_mla_decode_triton(
         BLOCK_DR=block_dr,
         BLOCK_N=block_n,
         HAS_WINDOW=window is not None,
-        FP8=fp8,
+        FP8=ops.fp8,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8 if _BLOCK_H * block_dv * 4 > 16 * 1024 else 4,
         num_stages=2,
     )
-    _merge_kernel[(seqs, heads)](
-        mid,
-        lse,
-        out,
-        splits,
-        mid.stride(0),
-        mid.stride(1),
-        mid.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        VALUE_DIM=value_dim,
-        BLOCK_DV=block_dv,
-        BLOCK_K=max(2, triton.next_power_of_2(splits)),
-    )
-    return out
+    return merge_splits(mid, lse, out, block_dv)

@@ -33,6 +33,7 @@ import triton.language as tl
 from mcore.errors import UserError
 from mcore.protocols.block import PagedKV
 from mcore_inference.attention import paged_attention_torch
+from mcore_inference.triton_decode import page_operands
 
 _ROWS = 64  # query rows (tokens x heads of a group) per program
 _KV_TILE_BYTES = 64 * 1024  # most bytes of one iteration's key and value tiles (two are in flight: num_stages=2)
@@ -171,19 +172,10 @@ def paged_prefill_triton(
         return paged_attention_torch(
             q, paged, cu_seqlens, max_seqlen, value_dim, scale, window, key_scale=key_scale, value_scale=value_scale
         )
-    keys, values, table, lens = paged.key_cache, paged.value_cache, paged.block_table, paged.seq_lens
-    dtype = q.dtype
-    fp8 = keys.dtype == torch.float8_e4m3fn
-    if fp8:
-        if key_scale is None or value_scale is None or values.dtype != keys.dtype:
-            raise UserError("paged_prefill_triton: FP8 key and value pages need key_scale and value_scale (nkv,)")
-        keys, values = keys.view(torch.uint8), values.view(torch.uint8)  # bytes; decoded in the kernel
-        k_scale, v_scale = key_scale.float().contiguous(), value_scale.float().contiguous()
-    else:
-        q = q.to(keys.dtype)  # (the pages' dtype: tl.dot takes one)
-        k_scale = v_scale = lens  # unread
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    table, lens, dtype = paged.block_table, paged.seq_lens, q.dtype
+    ops = page_operands("paged_prefill_triton", q, paged, key_scale, value_scale)
+    q, keys, values = ops.q, ops.keys, ops.values
+    assert values is not None
     tokens, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = keys.shape
     if heads % kv_heads != 0:
@@ -212,8 +204,8 @@ def paged_prefill_triton(
         cu,
         table,
         lens,
-        k_scale,
-        v_scale,
+        ops.key_scale,
+        ops.value_scale,
         q.stride(0),
         q.stride(1),
         keys.stride(0),
@@ -238,7 +230,7 @@ def paged_prefill_triton(
         BLOCK_DV=block_dv,
         BLOCK_N=block_n,
         HAS_WINDOW=window is not None,
-        FP8=fp8,
+        FP8=ops.fp8,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps,
         num_stages=2,
