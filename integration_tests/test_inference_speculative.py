@@ -263,8 +263,31 @@ def test_speculative_tokens_is_checked() -> None:
         LLMEngine(build(0, good=False), num_blocks=8, speculative_tokens=2)
     with pytest.raises(UserError, match="speculative_tokens = -1"):
         LLMEngine(build(1), num_blocks=8, speculative_tokens=-1)
-    with pytest.raises(UserError, match="cuda_graphs/static_decode"):
-        LLMEngine(build(1), num_blocks=8, max_model_len=64, static_decode=True, speculative_tokens=2)
+
+
+@pytest.mark.parametrize("mixer", ["gqa", "window", "mla"])
+def test_static_speculation_equals_eager_on_gpt(mixer: str) -> None:
+    """Static-shape verify and draft steps (what CUDA graphs capture) on mcore's ``gpt``: the tokens and the
+    acceptance counters of eager speculation and the full forward's argmax. The MTP projections read the hidden
+    states too (the "good" build's ``[I | 0]`` ignores them, which would hide a wrong hidden-state row)."""
+    model = build(2, mixer=mixer)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for module in model.mtp:
+            module.proj.weight[:, HIDDEN:] = 0.3 * torch.randn(HIDDEN, HIDDEN, generator=gen)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    prompts = prompts_for((7, 13, 2, 9), seed=4)
+    prompts.append([*prompts[1][:12], 5])  # 3 full blocks shared with prompt 1: a prefix-cache hit
+    want = [reference(model, p, greedy.max_tokens) for p in prompts]
+    kwargs: dict[str, Any] = dict(block_size=4, num_blocks=96, max_model_len=64, speculative_tokens=2)
+    eager = LLMEngine(model, **kwargs)
+    static = LLMEngine(model, static_decode=True, **kwargs)
+    for engine in (eager, static):
+        assert run(engine, prompts, [0, 0, 0, 0, 4], greedy) == want
+    eager_stats, static_stats = eager.spec_stats(), static.spec_stats()
+    assert eager_stats is not None and static_stats is not None
+    assert (static_stats.proposed, static_stats.accepted) == (eager_stats.proposed, eager_stats.accepted)
+    assert 0 < sum(static_stats.accepted) < sum(static_stats.proposed), "both accepted and rejected drafts"
 
 
 def chi_square_bound(df: int) -> float:

@@ -80,14 +80,19 @@ def _prompts(lengths: tuple[int, ...], seed: int) -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _run(engine: LLMEngine, prompts: list[list[int]], arrive: list[int], params: SamplingParams) -> list[list[int]]:
+def _run(
+    engine: LLMEngine, prompts: list[list[int]], arrive: list[int], params: SamplingParams | list[SamplingParams]
+) -> list[list[int]]:
+    """Each prompt added at its ``arrive`` step (with its own ``params`` when a list), run to the end: the token
+    ids of each, in prompt order; every main and draft cache block free afterwards."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
     ids: dict[int, int] = {}
     done: dict[int, list[int]] = {}
     step = 0
     while len(done) < len(prompts):
         for i, when in enumerate(arrive):
             if when == step:
-                ids[engine.add_request(prompts[i], params)] = i
+                ids[engine.add_request(prompts[i], each[i])] = i
         done.update({ids[o.request_id]: o.token_ids for o in engine.step() if o.finished})
         step += 1
         assert step < 400
@@ -116,6 +121,29 @@ def test_a_byte_budget_is_split_between_the_main_and_the_draft_caches() -> None:
     assert spec.cache.num_blocks == 25 and all(c.num_blocks == 25 for c in spec.speculator.caches)  # 2 + 2 layers
 
 
+def draft_errors(engine: LLMEngine, request_ids: Any, model: Any, depths: int, temperature: float) -> list[float]:
+    """For every running request of ``request_ids`` with drafts: the relative error of each draft position's
+    distribution against the full-sequence forward of the MTP depths (``model``: the same weights, any dtype)."""
+    assert engine.speculator is not None
+    errors = []
+    for request_id in request_ids:
+        drafts, q = engine.speculator.drafts(request_id)
+        request = engine._requests.get(request_id)
+        if request is None or not drafts:
+            continue
+        assert q is not None
+        known = list(request.seq.token_ids)
+        ext = torch.tensor([known + drafts])
+        with torch.no_grad():
+            _, hidden = model.forward_with_hidden(ext[:, : len(known)])
+            hidden = hidden[:, : len(known) - 1]  # positions 0 .. T-2
+            for s in range(1, len(drafts) + 1):
+                hidden, logits = model.mtp_forward(min(s, depths), hidden, ext[:, s : s + len(known) - 1])
+                want = torch.softmax(logits[0, -1].double() / temperature, dim=-1)
+                errors.append(float((q[s - 1].double() - want).norm() / want.norm()))
+    return errors
+
+
 @pytest.mark.parametrize(("depths", "k"), [(1, 2), (2, 3)])
 def test_drafts_are_the_full_forward_of_the_depths(depths: int, k: int) -> None:
     model = ToyMTPLM(depths, good=True).eval()
@@ -126,23 +154,9 @@ def test_drafts_are_the_full_forward_of_the_depths(depths: int, k: int) -> None:
     checked = 0
     while engine.has_unfinished():
         engine.step()
-        for request_id in ids:
-            drafts, q = engine.speculator.drafts(request_id)
-            request = engine._requests.get(request_id)
-            if request is None or not drafts:
-                continue
-            assert q is not None
-            known = list(request.seq.token_ids)
-            ext = torch.tensor([known + drafts])
-            with torch.no_grad():
-                _, hidden = model.forward_with_hidden(ext[:, : len(known)])
-                hidden = hidden[:, : len(known) - 1]
-                for s in range(1, len(drafts) + 1):
-                    hidden, logits = model.mtp_forward(min(s, depths), hidden, ext[:, s : s + len(known) - 1])
-                    want = torch.softmax(logits[0, -1].double() / params.temperature, dim=-1)
-                    err = float((q[s - 1].double() - want).norm() / want.norm())
-                    assert err < 1e-5, (request_id, s, err)
-                    checked += 1
+        errors = draft_errors(engine, ids, model, depths, params.temperature)
+        assert all(err < 1e-5 for err in errors), errors
+        checked += len(errors)
     assert checked >= 10 * k
 
 

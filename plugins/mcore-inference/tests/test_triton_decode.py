@@ -178,7 +178,7 @@ def test_paged_attention_decodes_an_fp8_cache_with_triton_on_cuda(monkeypatch: p
         return kernel(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(triton_decode, "paged_decode_triton", spy)
-    monkeypatch.setenv("MCORE_INFERENCE_FP8_DECODE", "triton")  # opt-in until this file has passed on a card
+    monkeypatch.setenv("MCORE_INFERENCE_FP8_DECODE", "triton")  # opt-in until timed on a card
     engine = LLMEngine(ToyLM().cuda(), block_size=4, num_blocks=64, kv_cache_dtype="fp8_e4m3")
     ids = [engine.add_request(p, SamplingParams(max_tokens=4, temperature=0.0)) for p in ([1, 2, 3], [4, 5, 6, 7, 8])]
     outs = {}

@@ -102,7 +102,7 @@ def test_paged_attention_prefills_with_triton_on_cuda_when_opted_in(monkeypatch:
         return kernel(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(triton_prefill, "paged_prefill_triton", spy)
-    monkeypatch.setenv(PREFILL_ENV, "triton")  # opt-in until this file has passed on a card
+    monkeypatch.setenv(PREFILL_ENV, "triton")  # opt-in until timed on a card
     model = ToyLM(window=6).cuda()
     engine = LLMEngine(
         model, block_size=4, num_blocks=64, max_num_batched_tokens=10, kv_cache_dtype="fp8_e4m3" if fp8 else "auto"

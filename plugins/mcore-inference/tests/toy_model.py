@@ -45,7 +45,7 @@ class ToyAttention(nn.Module):
         else:
             group = self.heads // self.kv_heads
             qt, kt, vt = (z.transpose(1, 2) for z in (q, k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)))
-            pos = torch.arange(t)
+            pos = torch.arange(t, device=x.device)
             mask = pos[None, :] <= pos[:, None]
             if self.window is not None:
                 mask &= pos[:, None] - pos[None, :] < self.window
@@ -83,7 +83,9 @@ class ToyLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, ctx: BlockContext | None = None) -> torch.Tensor:
         ctx = ctx if ctx is not None else BlockContext()
-        positions = ctx.positions if ctx.positions is not None else torch.arange(tokens.shape[1])[None]
+        positions = (
+            ctx.positions if ctx.positions is not None else torch.arange(tokens.shape[1], device=tokens.device)[None]
+        )
         x = self.embed(tokens) + self.pos(positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx.for_layer(i))
@@ -95,7 +97,8 @@ class ToyLM(nn.Module):
 def greedy_reference(model: nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
     """Token-by-token argmax of the full-sequence forward."""
     ids = list(prompt)
+    device = next(model.parameters()).device  # a CUDA model reads CUDA token ids
     with torch.no_grad():
         for _ in range(max_tokens):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
     return ids[len(prompt) :]

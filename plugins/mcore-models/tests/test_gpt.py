@@ -19,7 +19,15 @@ from mcore_models.presets import PRESETS, preset_config
 from mcore_testing.conformance import PresetConformance
 from mcore_testing.numerics import assert_rel_close
 
-REQUIRED_PRESETS = {"tiny", "bench-0.9b", "llama3.2-1b", "llama3-8b", "qwen2.5-0.5b", "deepseek-v3-mini-dense"}
+REQUIRED_PRESETS = {
+    "tiny",
+    "bench-0.9b",
+    "gpt-125m",
+    "llama3.2-1b",
+    "llama3-8b",
+    "qwen2.5-0.5b",
+    "deepseek-v3-mini-dense",
+}
 
 
 def tiny(**overrides: object) -> GPTConfig:
@@ -79,6 +87,14 @@ def test_bench_preset_has_889m_parameters_without_allocating() -> None:
     with torch.device("meta"):
         model = GPT(preset_config("bench-0.9b"))
     assert model.num_parameters() == 889_260_032
+
+
+def test_gpt_125m_preset_has_gpt2_small_body() -> None:
+    # GPT-2 small's 85M non-embedding parameters (12 x (4 x 768^2 + 3 x 768 x 2048 + norms)), 32k untied vocabulary
+    with torch.device("meta"):
+        model = GPT(preset_config("gpt-125m"))
+    embedding = 2 * 32768 * 768
+    assert model.num_parameters() == 12 * (4 * 768**2 + 3 * 768 * 2048 + 2 * 768) + 768 + embedding == 135_285_504
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,10 @@ The issue's shape by default: 8192 tokens, hidden 2048, 64 experts top-8, expert
 top-k routing, dropless, no shared expert; routing, permutation, the three expert GEMMs, SwiGLU and the
 weighted combine are all inside the timed step. Every candidate uses the same weights and inputs:
 
-* ``mcore_moe``: our block (``topk`` router, ``allgather`` dispatcher at ep = 1, ``GroupedSwiGLU``);
+* ``mcore_moe``: our block (``topk`` router, ``allgather`` dispatcher at ep = 1, ``GroupedSwiGLU``): on CUDA one
+  grouped GEMM for gate and up, the Triton SwiGLU, the permute and combine by the known permutation (Triton);
+* ``mcore_moe_unfused``: the same block on its reference paths (two gate/up GEMMs, torch ``silu(gate) * up``,
+  advanced-indexing permute, fp32 ``index_add`` combine): what the fusions gain, in the same run;
 * ``mcore_moe_chunked``: the same with ``chunk_tokens`` = a quarter of the routed rows (memory against time);
 * ``grouped_mm_plain``: the baseline to beat by 1.5x: a plain layer on ``torch._grouped_mm`` with torch
   permutes (argsort by expert, gather, grouped GEMMs, ``index_add`` combine) (the issue's H200 anchor: 10.76 ms);
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -60,6 +65,25 @@ def _block(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, c
     block = MoE(config, hidden_size=args.hidden)
     block.reset_parameters(torch.Generator().manual_seed(0))
     return block.to(device=device, dtype=dtype)
+
+
+@contextmanager
+def _unfused(block: MoE) -> Iterator[None]:
+    """``block`` on its reference paths while inside: the experts' ``forward_reference``, no Triton kernel."""
+    import mcore_moe.dispatcher
+    import mcore_moe.swiglu
+
+    modules = (mcore_moe.dispatcher, mcore_moe.swiglu)
+    saved = [m.use_triton for m in modules]
+    block.experts.forward = block.experts.forward_reference  # type: ignore[method-assign]
+    for m in modules:
+        setattr(m, "use_triton", lambda x, kernel="auto": False)  # noqa: B010
+    try:
+        yield
+    finally:
+        del block.experts.forward
+        for m, use in zip(modules, saved):
+            setattr(m, "use_triton", use)  # noqa: B010
 
 
 def _route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +128,8 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
         _block(args, device, dtype, max(1, args.tokens * args.top_k // 4)),
     )
     chunked.load_state_dict(ours.state_dict())
+    unfused = _block(args, device, dtype, None)
+    unfused.load_state_dict(ours.state_dict())
     weights = {
         "router": ours.router.weight.detach(),
         "gate": ours.experts.gate.detach(),
@@ -113,11 +139,16 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
     params = {name: value.clone().requires_grad_() for name, value in weights.items()}
     b_t_h = (1, args.tokens, args.hidden)
 
-    def block_step(block: MoE) -> Step:
+    def block_step(block: MoE, reference: bool = False) -> Step:
         def step() -> torch.Tensor:
             inp = x.detach().requires_grad_()
-            out = block(inp.view(b_t_h), BlockContext(aux_losses=AuxLosses())).view(x.shape)
-            out.backward(grad)
+            if reference:
+                with _unfused(block):
+                    out = block(inp.view(b_t_h), BlockContext(aux_losses=AuxLosses())).view(x.shape)
+                    out.backward(grad)
+            else:
+                out = block(inp.view(b_t_h), BlockContext(aux_losses=AuxLosses())).view(x.shape)
+                out.backward(grad)
             return out.detach()
 
         return step
@@ -150,6 +181,7 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
     if not args.skip_loop:
         out["per_expert_loop"] = (plain_step(_per_expert_loop), "")
     out["mcore_moe"] = (block_step(ours), "")
+    out["mcore_moe_unfused"] = (block_step(unfused, reference=True), "")
     out["mcore_moe_chunked"] = (block_step(chunked), "")
     out["grouped_mm_plain"] = (
         (plain_step(_plain_grouped_mm), "")

@@ -30,9 +30,16 @@ def test_bench_moe_quick_on_cpu(tmp_path: Path) -> None:
     header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert header["config"] and header["experts"] == 8 and header["dtype"] == "torch.float32"
     by_name = {row["candidate"]: row for row in rows}
-    assert set(by_name) == {"per_expert_loop", "mcore_moe", "mcore_moe_chunked", "grouped_mm_plain", "dense_ceiling"}
+    assert set(by_name) == {
+        "per_expert_loop",
+        "mcore_moe",
+        "mcore_moe_unfused",
+        "mcore_moe_chunked",
+        "grouped_mm_plain",
+        "dense_ceiling",
+    }
     assert by_name["grouped_mm_plain"]["status"].startswith("not available")  # CPU
-    for name in ("mcore_moe", "mcore_moe_chunked"):
+    for name in ("mcore_moe", "mcore_moe_unfused", "mcore_moe_chunked"):
         row = by_name[name]
         assert row["rel_err_vs_reference"] < 1e-5 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
 

@@ -68,3 +68,38 @@ def run_interpreted(script: str, count: int, timeout: int = 300) -> list[float]:
     numbers = [float(x) for x in run.stdout.split()]
     assert len(numbers) == count, run.stdout[-2000:]
     return numbers
+
+
+def gdn_strong_decay_errors(gate_min: float, device: str = "cpu", rule: str = "triton") -> list[float]:
+    """The gated delta rule in fp32 (``rule``: ``"triton"``, the kernels; ``"chunked"``, the torch chunked form)
+    against the fp64 recurrence with per-token gates ``g`` uniform in ``(gate_min, 0)``, packed documents whose
+    last chunks are partial, initial and final states: the relative errors of the output, the final state and the
+    gradients of ``q, k, v, g, beta, h0`` (``rel`` fails on NaN/inf). The cumulative decay of a chunk reaches
+    ``64 * gate_min``: its exp must underflow, never overflow, and ``dg`` must not cancel."""
+    import torch.nn.functional as F
+
+    from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
+
+    if rule == "triton":
+        from mcore_ssm.gdn_triton import gated_delta_rule_triton as tested
+    else:
+        tested = chunk_gated_delta_rule
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, hk, hv, dk, dv = 210, 1, 2, 16, 16
+    cu = torch.tensor([0, 70, 71, 210], dtype=torch.int32, device=device)  # last chunks of 6, 1 and 11 tokens
+    q = F.normalize(torch.randn(1, tokens, hk, dk, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(1, tokens, hk, dk, generator=gen), dim=-1)
+    v = torch.randn(1, tokens, hv, dv, generator=gen)
+    gate = torch.rand(1, tokens, hv, generator=gen) * gate_min
+    beta = torch.rand(1, tokens, hv, generator=gen)
+    h0 = torch.randn(3, hv, dk, dv, generator=gen) * 0.3
+    probe, probe_s = torch.randn(1, tokens, hv, dv, generator=gen), torch.randn(3, hv, dk, dv, generator=gen)
+    results = []
+    for fn, dtype in ((tested, torch.float32), (recurrent_gated_delta_rule, torch.float64)):
+        leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v, gate, beta, h0)]
+        out, final = fn(*leaves[:5], cu_seqlens=cu, initial_state=leaves[5], output_final_state=True)
+        assert final is not None
+        loss = (out * probe.to(out)).sum() + (final * probe_s.to(final)).sum()
+        results.append([out, final, *torch.autograd.grad(loss, leaves)])
+    return [rel(a, b) for a, b in zip(*results, strict=True)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ssm_cases import gdn_strong_decay_errors
 
 from mcore_ssm.gdn_reference import chunk_gated_delta_rule, gated_delta_rule_step, recurrent_gated_delta_rule
 
@@ -93,6 +94,14 @@ def test_chunked_fp32_within_1e5_of_fp64_recurrence():
     assert rel(out.double(), ref) < 1e-5 and rel(final.double(), ref_final) < 1e-5
     for name, a, e in zip(("q", "k", "v", "g", "beta", "initial_state"), got, want, strict=True):
         assert rel(a.double(), e) < 1e-5, name
+
+
+@pytest.mark.parametrize("gate_min", [-30.0, -100.0])
+def test_chunked_fp32_with_strong_decay_equals_fp64_recurrence(gate_min):
+    """Gates down to -30 / -100 a token: finite, and ``dg`` within 1e-5 (with ``G_i - G_j`` formed as a difference
+    of cumulative sums its gradient cancelled to 3e-5 relative at -30)."""
+    errors = gdn_strong_decay_errors(gate_min, rule="chunked")
+    assert all(e < 1e-5 for e in errors), errors
 
 
 @pytest.mark.parametrize("fn", [chunk_gated_delta_rule, recurrent_gated_delta_rule])

@@ -87,11 +87,12 @@ cases = [  # (rows, seq, heads, p, groups, n, states, cu_seqlens, chunk, outputs
     (1, 100, 2, 80, 1, 8, 2, [0, 70, 100], 64, "y"),  # two p blocks, a segment of two chunks
     (1, 100, 2, 80, 1, 8, 2, [0, 70, 100], 64, "final"),  # only the final state's gradient
     (2, 40, 4, 16, 2, 5, None, None, 16, "both"),  # rows, no initial state, 2 heads a group
+    (1, 100, 2, 40, 1, 72, 2, [0, 70, 100], 32, "both"),  # d_state in 3 blocks (the last masked), 2 p blocks
 ]
 for b, t, h, p, g, n, states, cu, chunk, reads in cases:
     args = scan_inputs(b, t, h, p, g, n, states, seed=len(errors))
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    grads = []
+    grads, outputs = [], []
     for fn in (ssd_chunked_triton, ssd_chunked):
         leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
         y, final = fn(**leaves, cu_seqlens=cu, chunk_size=chunk)
@@ -100,6 +101,8 @@ for b, t, h, p, g, n, states, cu, chunk, reads in cases:
         loss = (y * wy).sum() * (reads != "final") + (final * ws).sum() * (reads != "y")
         loss.backward()
         grads.append({k: v.grad for k, v in leaves.items()})
+        outputs.append((y.detach(), final.detach()))
+    errors += [rel(outputs[0][0], outputs[1][0]), rel(outputs[0][1], outputs[1][1])]
     for name, want in grads[1].items():  # the loss reads y times 0 for "final": zero gradients must match too
         errors.append(rel(grads[0][name], want))
 print(*errors)
@@ -109,8 +112,9 @@ print(*errors)
 @pytest.mark.slow
 def test_triton_backward_in_interpreter_equals_the_reference_gradients():
     """The Triton backward (``_entering_grad``, ``_state_passing_bwd``, ``_chunk_bwd``) against the torch chunked
-    reference's autograd, fp32: every input's gradient, several p blocks, the final state's gradient alone, rows."""
-    errors = run_interpreted(BACKWARD, 8 + 8 + 7)
+    reference's autograd, fp32: the outputs and every input's gradient, several p blocks, several d_state blocks,
+    the final state's gradient alone, rows."""
+    errors = run_interpreted(BACKWARD, 4 * 2 + 8 + 8 + 7 + 8)
     assert all(e < 1e-5 for e in errors), errors
 
 

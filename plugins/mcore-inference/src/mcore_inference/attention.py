@@ -13,6 +13,13 @@ sequence against its pages, masked by the lengths, with static shapes and no hos
 captures, ``static_decode.py``). ``paged_decode_torch`` is its reference and CPU path; on CUDA the Triton
 kernel of ``triton_decode.py`` (GQA, split-K over long contexts) serves it when triton imports.
 
+A step whose every sequence brings the same ``q`` tokens and says so (``ctx.extra[QUERIES_PER_SEQUENCE] = q``: the
+static verification and draft steps of speculative decoding, ``static_speculative.py``) takes the decode path too:
+query ``j`` of sequence ``i`` is a decode query over the same pages with length ``L_i - q + 1 + j``
+(``expand_queries``), so the causal mask among the step's tokens is the decode kernels' length mask, and the call
+keeps static shapes and no host sync. It reads each sequence's pages ``q`` times (a fused multi-query decode kernel
+would read them once).
+
 FP8 pages (``kv_quant.py``): when the cache has ``kv_scales`` for the layer, a decode step takes the built-in
 decode kernel of the device with the per-head scales (on CUDA the Triton kernel, which dequantises in registers,
 when opted in with ``MCORE_INFERENCE_FP8_DECODE=triton``; otherwise ``paged_decode_torch``) and a step with prefill
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import ClassVar, Protocol
 
 import torch
@@ -95,6 +103,23 @@ def paged_attention_torch(
         padded_q.transpose(1, 2), k, v, attn_mask=see[:, None], scale=scale
     )  # (S, nh, C, hdv)
     return out.transpose(1, 2)[owner, row]  # (N, nh, hdv)
+
+
+#: ``BlockContext.extra`` key: every sequence of the step brings this many new tokens (an int; static speculative
+#: steps), which lets the decode kernels serve the step (``expand_queries``).
+QUERIES_PER_SEQUENCE = "mcore_inference.queries_per_sequence"
+
+
+def expand_queries(paged: PagedKV, queries: int) -> PagedKV:
+    """``paged`` of a step of ``queries`` new tokens per sequence as a decode step of ``S * queries`` rows: row
+    ``i * queries + j`` reads sequence ``i``'s table with length ``L_i - queries + 1 + j`` (its causal prefix)."""
+    lens = paged.seq_lens.long()  # (S,)
+    offsets = torch.arange(1 - queries, 1, device=lens.device)  # (q,)
+    return replace(
+        paged,
+        block_table=paged.block_table.repeat_interleave(queries, dim=0),  # (S * q, M); an int count: no sync
+        seq_lens=(lens[:, None] + offsets[None, :]).flatten().to(torch.int32),  # (S * q,)
+    )
 
 
 #: A paged decode implementation: ``(q (S, nh, hd), paged, hdv, scale, window) -> (S, nh, hdv)``, one query per
@@ -177,9 +202,9 @@ class ScaledPagedDecodeKernel(Protocol):
 
 
 FP8_DECODE_ENV = "MCORE_INFERENCE_FP8_DECODE"
-"""``MCORE_INFERENCE_FP8_DECODE=triton`` opts FP8 decode steps on CUDA into the Triton kernel. Opt-in until its GPU
-tests have run on a card: it matches the torch FP8 path in Triton's CPU interpreter (2026-12-06), but no GPU was
-lent to run the compiled kernel that day; unset, FP8 pages decode through ``paged_decode_torch``."""
+"""``MCORE_INFERENCE_FP8_DECODE=triton`` opts FP8 decode steps on CUDA into the Triton kernel. It matches the torch
+FP8 path in Triton's CPU interpreter and on a card (``gpu`` tests, H200 and H100, 2026-12-06); opt-in until
+``benchmarks/bench_decode.py`` has timed it on a card. Unset, FP8 pages decode through ``paged_decode_torch``."""
 
 
 def fp8_decode_in_triton() -> bool:
@@ -200,9 +225,9 @@ def decode_kernel_for(device: torch.device) -> ScaledPagedDecodeKernel:
 
 PREFILL_ENV = "MCORE_INFERENCE_PREFILL"
 """``MCORE_INFERENCE_PREFILL=triton`` opts steps with prefill on CUDA into the Triton varlen kernel
-(``triton_prefill.py``; GQA caches, FP8 or not). Opt-in until its GPU tests have run on a card: it matches the torch
-path in Triton's CPU interpreter (2026-12-06), but no GPU was lent to run the compiled kernel that day; unset (or on
-the CPU, or for a latent MLA cache), prefill goes through ``paged_attention_torch``."""
+(``triton_prefill.py``; GQA caches, FP8 or not). It matches the torch path in Triton's
+CPU interpreter and on a card (``test_triton_prefill``, H100, 2026-12-06); opt-in until it has been timed on a card.
+Unset (or on the CPU, or for a latent MLA cache), prefill goes through ``paged_attention_torch``."""
 
 
 def prefill_in_triton() -> bool:
@@ -224,8 +249,9 @@ def prefill_kernel_for(device: torch.device) -> ScaledPagedKernel:
 
 MLA_DECODE_ENV = "MCORE_INFERENCE_MLA_DECODE"
 """``MCORE_INFERENCE_MLA_DECODE=triton`` opts decode steps of a latent (MLA) cache on CUDA, FP8 or not, into the
-absorbed MLA decode kernel (``triton_mla_decode.py``). Opt-in until its GPU tests have run on a card (it matches the
-torch path in Triton's CPU interpreter, 2026-12-06); unset, latent caches decode through ``paged_decode_torch``."""
+absorbed MLA decode kernel (``triton_mla_decode.py``). It matches the torch path in Triton's CPU
+interpreter and on a card (``test_triton_mla_decode``, H100, 2026-12-06); opt-in until it has been timed on a card.
+Unset, latent caches decode through ``paged_decode_torch``."""
 
 
 def latent_decode_kernel_for(device: torch.device) -> ScaledPagedDecodeKernel:
@@ -280,6 +306,14 @@ class PagedAttention:
         if longest is None:
             longest = int((cu[1:] - cu[:-1]).max())
         window = window if window is not None else paged.window
+        queries = ctx.extra.get(QUERIES_PER_SEQUENCE)
+        if queries is not None and longest > 1:  # q tokens per sequence: a decode step of S * q rows
+            if longest != queries or q.shape[1] % queries:
+                raise UserError(
+                    f"paged attention: {QUERIES_PER_SEQUENCE} = {queries!r} but the step has max_seqlen {longest} and "
+                    f"{q.shape[1]} tokens; every sequence must bring exactly that many"
+                )
+            paged, longest = expand_queries(paged, queries), 1
         kv_scales = getattr(ctx.kv_cache, "kv_scales", None)
         scales = kv_scales(ctx.layer_index) if callable(kv_scales) else None
         if scales is not None:  # FP8 pages: the built-in kernels dequantise them

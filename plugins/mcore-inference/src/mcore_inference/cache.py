@@ -301,7 +301,7 @@ class PagedKVCache:
             raise UserError(f"append to layer {layer_index}: it keeps recurrent state, use set_recurrent_state")
         self._check_once(layer_index, "append")
         spec = layer.spec
-        n = static.rows if static is not None else sum(counts)
+        n = static.rows * static.queries if static is not None else sum(counts)
         _check_tensor(f"layer {layer_index} key", key, (n, spec.kv_heads, spec.head_dim), spec.dtype)
         if spec.value_dim is None:
             if value is not None:
@@ -452,12 +452,13 @@ class PagedKVCache:
         return self.scratch_block is not None and len(self.groups) == 1 and attention_only
 
     def begin_static_decode(self, step: StaticStep) -> tuple[list[list[int]], list[int], list[int]]:
-        """Run the step scheduled last (one new token per sequence, at most ``step.rows`` sequences) with static
-        shapes: take the blocks its tokens go to, count the tokens in every layer's length, and serve ``append``
-        and ``gather`` from ``step``'s device buffers until the step ends. Returns each sequence's block table,
-        length (with its new token) and the flat page slot (block * bs + offset) of its new token, which the
-        caller writes into ``step``'s buffers, with the padding rows after them (the scratch block, length 1).
-        With no step scheduled: a step of padding rows only (warm-up, graph capture), and empty lists."""
+        """Run the step scheduled last (``step.queries`` new tokens per sequence: one for decode, ``k + 1`` for a
+        speculative verification; at most ``step.rows`` sequences) with static shapes: take the blocks its tokens
+        go to, count the tokens in every layer's length, and serve ``append`` and ``gather`` from ``step``'s
+        device buffers until the step ends. Returns each sequence's block table, length (with its new tokens)
+        and the flat page slots (block * bs + offset) of its new tokens (sequence after sequence), which the
+        caller writes into ``step``'s buffers, with the padding rows after them (the scratch block). With no
+        step scheduled: a step of padding rows only (warm-up, graph capture), and empty lists."""
         if not self.static_decode_ok:
             raise UserError(
                 "static decode needs a cache with a scratch block, one attention group and no recurrent layers"
@@ -471,31 +472,35 @@ class PagedKVCache:
             if isinstance(layer, _AttentionLayer):
                 layer.calibrated = True
         ids, counts = self._step
-        if any(c != 1 for c in counts) or len(ids) > step.rows:
+        q = step.queries
+        if any(c != q for c in counts) or len(ids) > step.rows:
             raise UserError(
-                f"static decode of {len(ids)} sequences in {step.rows} rows: one new token each, fewer rows"
+                f"static step of {len(ids)} sequences with {sorted(set(counts))} new tokens in {step.rows} rows: "
+                f"{q} new tokens each, at most that many sequences"
             )
         (group,) = self.groups.values()
         bs = self.block_size
-        needed = sum(1 for seq in ids if len(group.tables[seq]) * bs < self._lengths[seq])
+        needed = sum(max(0, math.ceil(self._lengths[seq] / bs) - len(group.tables[seq])) for seq in ids)
         if needed > group.pool.num_free():
             raise UserError(
                 f"static decode step: needs {needed} more blocks, {group.pool.num_free()} free ({self.num_blocks} of "
                 f"{bs} tokens): release sequences or schedule fewer"
             )
-        tables, lens, slots = [], [], []
+        tables: list[list[int]] = []
+        lens: list[int] = []
+        slots: list[int] = []
         for seq in ids:
-            length = self._lengths[seq]  # with the step's token
+            length = self._lengths[seq]  # with the step's tokens
             table = group.tables[seq]
             while len(table) * bs < length:
-                table.append(group.pool.take())  # the token crosses into a new block
+                table.append(group.pool.take())  # a token crosses into a new block
             for index in group.layers:
                 layer = self.layers[index]
-                assert layer.lengths[seq] == length - 1, "a layer sat a step out: static decode needs every layer"
+                assert layer.lengths[seq] == length - q, "a layer sat a step out: static steps need every layer"
                 layer.lengths[seq] = length
             tables.append(list(table))
             lens.append(length)
-            slots.append(table[(length - 1) // bs] * bs + (length - 1) % bs)
+            slots.extend(table[p // bs] * bs + p % bs for p in range(length - q, length))
         self._static = step
         return tables, lens, slots
 

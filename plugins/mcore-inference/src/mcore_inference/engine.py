@@ -21,7 +21,10 @@ tokens per decoding sequence after each step; the next step's call brings them a
 scheduler counts them like any token), returns the logits of all those rows and the main stack's hidden states,
 accepts a prefix of the drafts (``rejection.py``), rolls the rest out of the cache and feeds the MTP depths.
 The MTP depths' layers are kept out of the main cache (each draft depth has its own); ``spec_stats()`` counts
-acceptance per draft position.
+acceptance per draft position. With ``static_decode`` or ``cuda_graphs`` too, a step whose every sequence brings
+``k + 1`` tokens verifies with static shapes and its draft depths run as static steps
+(``static_speculative.py``; graphs captured per size); other steps (prefill, fewer drafts) run eagerly, and the
+plain static decoder is not built (every speculative step needs the hidden states).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from mcore_inference.sampling import Sampler, SamplingParams, SamplingState, tok
 from mcore_inference.scheduler import Scheduler, SequenceState
 from mcore_inference.speculative import SpecStats, Speculator, mtp_layers
 from mcore_inference.static_decode import StaticDecoder, default_graph_sizes
+from mcore_inference.static_speculative import StaticSpeculation
 
 #: ``extra_key`` of a request's own, never shared, prefix-cache chain (prompt logprobs need every prompt row computed)
 _OWN_PREFIX = "own-prefix"
@@ -174,11 +178,6 @@ class LLMEngine:
                 raise UserError(f"LLMEngine {key} = {value!r}: must be a positive int")
         if isinstance(speculative_tokens, bool) or not isinstance(speculative_tokens, int) or speculative_tokens < 0:
             raise UserError(f"LLMEngine speculative_tokens = {speculative_tokens!r}: must be an int >= 0 (0: off)")
-        if speculative_tokens and (cuda_graphs or static_decode):
-            raise UserError(
-                f"LLMEngine speculative_tokens = {speculative_tokens} with cuda_graphs/static_decode: not supported "
-                "yet; turn one off"
-            )
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(iter(model.parameters())).device
@@ -236,12 +235,29 @@ class LLMEngine:
                 device=self.device,
                 attention=self.attention,
                 seed=seed,
+                scratch_block=bool(cuda_graphs or static_decode),
             )
         self.decoder: StaticDecoder | None = None
         if cuda_graphs or static_decode:
             if self.max_model_len is None:
                 raise UserError("static decode / cuda_graphs need max_model_len (the model declares none): give it")
             sizes = graph_batch_sizes if graph_batch_sizes is not None else default_graph_sizes(max_num_seqs)
+        if self.speculator is not None and (cuda_graphs or static_decode):  # static verification and drafts
+            assert self.max_model_len is not None
+            self.speculator.static = StaticSpeculation(
+                model,
+                self.cache,
+                self.speculator.caches,
+                self.speculator.modules,
+                self.attention,
+                k=speculative_tokens,
+                batch_sizes=sizes,
+                max_model_len=self.max_model_len,
+                cuda_graphs=bool(cuda_graphs),
+            )
+            self.speculator.static.capture()
+        elif cuda_graphs or static_decode:
+            assert self.max_model_len is not None
             self.decoder = StaticDecoder(
                 model,
                 self.cache,
@@ -331,6 +347,10 @@ class LLMEngine:
         if not plan.sequences:
             return []
         seqs, counts = plan.sequences, plan.num_tokens
+        prompt_rows, prompt_jobs = self._prompt_rows(seqs, counts)  # rows whose logits score prompt tokens
+        static = spec is not None and not prompt_rows and self._static_verification(seqs, counts)
+        if spec is not None and not static:
+            spec.resolve(seqs)  # drafts a static pass left on the device: the eager call reads them from the host
         self.num_steps += 1
         self.num_computed_tokens += plan.total_tokens
         self.cache.schedule([s.seq_id for s in seqs], counts)
@@ -342,8 +362,12 @@ class LLMEngine:
         decoder = self.decoder
         hidden = None
         starts = [seq.num_computed for seq in seqs]
-        prompt_rows, prompt_jobs = self._prompt_rows(seqs, counts)  # rows whose logits score prompt tokens
-        if spec is not None:  # each sequence's last row, then the rows that verify drafts; the hidden states
+        if static:  # every sequence verifies k drafts: the static (CUDA-graph) call, same rows and hidden states
+            assert spec is not None and spec.static is not None
+            q = spec.k + 1
+            pending = [tokens[i * q] for i in range(len(seqs))]  # the drafts come from the device
+            logits, hidden = spec.static.verify([[t] for t in pending], spec.draft_tokens(seqs))
+        elif spec is not None:  # each sequence's last row, then the rows that verify drafts; the hidden states
             cu = list(itertools.accumulate(counts, initial=0))
             extra = [*spec.extra_rows(seqs, cu), *prompt_rows]
             logits, hidden = self._forward_with_hidden(tokens, positions, counts, extra)
@@ -406,8 +430,19 @@ class LLMEngine:
                 [first_rows[i] for i in alive],
                 [starts[i] for i in alive],
                 [self._draft_limit(self._requests[seqs[i].seq_id]) for i in alive],
+                static=static,
             )
         return outputs
+
+    def _static_verification(self, seqs: Sequence[SequenceState], counts: Sequence[int]) -> bool:
+        """Whether the step runs as a static verification: static speculation is on, every sequence brings its
+        pending token and ``k`` drafts, and a padded size holds them (others, e.g. prefill or fewer drafts near
+        ``max_tokens``, run eagerly)."""
+        spec = self.speculator
+        if spec is None or spec.static is None or spec.static.padded(len(seqs)) is None:
+            return False
+        k = spec.k
+        return all(c == k + 1 and spec.verifying.get(s.seq_id) == k for s, c in zip(seqs, counts))
 
     def _draft_limit(self, request: _Request) -> int:
         """Most drafts worth verifying for ``request`` next step: all accepted plus the next token must fit its

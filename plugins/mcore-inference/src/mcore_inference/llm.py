@@ -14,8 +14,9 @@ default a model whose decode step cannot be captured (a host sync inside) warns 
 
 ``speculative_tokens=k`` (``k >= 1``; 0, the default, is off) turns on MTP speculative decoding
 (``speculative.py``): a model with MTP layers drafts up to ``k`` tokens per sequence and step, which the next
-model call verifies; greedy output is the plain one. A model without MTP layers is refused; speculation runs
-eagerly (no CUDA graphs: ``cuda_graphs=None`` then means off, ``True`` is refused).
+model call verifies; greedy output is the plain one. A model without MTP layers is refused. ``cuda_graphs=True``
+captures its verification and draft steps (``static_speculative.py``); ``None`` means off with speculation until
+those graphs' GPU tests have run on a card (written, not yet run: 2026-12-06).
 """
 
 from __future__ import annotations
@@ -119,11 +120,6 @@ class LLM:
         k = speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise UserError(f"LLM speculative_tokens = {k!r}: must be an int >= 0 (0: off)")
-        if k and cuda_graphs:
-            raise UserError(
-                f"LLM speculative_tokens = {k} with cuda_graphs=True: speculative decoding runs eagerly; "
-                "pass cuda_graphs=None or False"
-            )
         dev = (
             torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )

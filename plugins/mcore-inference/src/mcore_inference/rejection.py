@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from mcore_inference.sampling import SamplingParams
+from mcore_inference.sampling import SamplingParams, upload
 
 
 def target_distribution(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -37,23 +37,23 @@ def target_distribution(logits: torch.Tensor, params: Sequence[SamplingParams]) 
     rows, vocab = logits.shape
     device = logits.device
     x = logits.to(torch.float32, copy=True)  # (R, V)
-    greedy = torch.tensor([p.greedy for p in params], device=device)  # (R,)
-    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+    greedy = upload([p.greedy for p in params], torch.bool, device)  # (R,); no host sync
+    temps = upload([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
     x = x / temps[:, None]
     if any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy):
         sorted_logits, order = x.sort(dim=-1, descending=True)  # (R, V)
-        ks = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=device)
+        ks = upload([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.int64, device)
         kth = sorted_logits.gather(1, ks[:, None] - 1)  # (R, 1)
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        top_p = upload([p.top_p for p in params], torch.float32, device)[:, None]
         drop = mass_before >= top_p
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
         x = torch.empty_like(x).scatter_(1, order, sorted_logits)
     if any(p.min_p > 0 for p in params if not p.greedy):
-        log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], device=device)
+        log_min_p = upload([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], torch.float32, device)
         floor = x.max(dim=-1, keepdim=True).values + log_min_p[:, None]  # log(min_p * p_max), unnormalised
         x = x.masked_fill(x < floor, -math.inf)
     probs = x.softmax(dim=-1)  # (R, V)

@@ -182,7 +182,7 @@ class SampleOutput(NamedTuple):
     top_logprobs: TopLogprobs | None  # n = the largest ``logprobs`` of the batch; None when no request asks for any
 
 
-def _upload(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def upload(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on ``device`` without a host sync (pinned, non-blocking copy on CUDA)."""
     host = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
@@ -258,18 +258,18 @@ class Sampler:
         greedy = [p.greedy for p in params]
         if not all(greedy):  # greedy rows divide by 1: their argmax and logprobs are of the penalised logits
             temps = [1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)]
-            x = x.div_(_upload(temps, torch.float32, device)[:, None])
+            x = x.div_(upload(temps, torch.float32, device)[:, None])
         token_ids = x.argmax(dim=-1) if any(greedy) else torch.empty(num_rows, dtype=torch.int64, device=device)
 
         rows = [i for i, g in enumerate(greedy) if not g]
         if rows:
             if positions is None:
-                positions = _upload([s.num_tokens for s in states], torch.int64, device)
+                positions = upload([s.num_tokens for s in states], torch.int64, device)
             sampled = self._sample_random(x, params, rows, positions)
             if len(rows) == num_rows:
                 token_ids = sampled
             else:
-                token_ids = token_ids.index_copy(0, _upload(rows, torch.int64, device), sampled)
+                token_ids = token_ids.index_copy(0, upload(rows, torch.int64, device), sampled)
 
         norm = torch.logsumexp(x, dim=-1)  # (S,)
         logprob = x.gather(1, token_ids[:, None])[:, 0] - norm
@@ -300,14 +300,14 @@ class Sampler:
             s._counted = len(s.output_token_ids)
         counts = torch.stack([s._counts for s in states if s._counts is not None])  # (P, V) int32
         if pair_tokens:
-            pairs = _upload([pair_rows, pair_tokens], torch.int64, device)  # (2, N)
+            pairs = upload([pair_rows, pair_tokens], torch.int64, device)  # (2, N)
             counts.index_put_((pairs[0], pairs[1]), torch.ones_like(pairs[0], dtype=torch.int32), accumulate=True)
             for j in sorted(set(pair_rows)):
                 s_counts = states[j]._counts
                 assert s_counts is not None
                 s_counts.copy_(counts[j])
 
-        index = None if len(rows) == num_rows else _upload(rows, torch.int64, device)
+        index = None if len(rows) == num_rows else upload(rows, torch.int64, device)
         sub = x if index is None else x.index_select(0, index)  # (P, V)
         params = [s.params for s in states]
         rep = [p.repetition_penalty for p in params]
@@ -316,10 +316,10 @@ class Sampler:
             for j, s in enumerate(states):
                 if s.params.repetition_penalty != 1:
                     seen[j] |= self._prompt_mask(s, vocab, device)
-            penalty = _upload(rep, torch.float32, device)[:, None].expand_as(sub)
+            penalty = upload(rep, torch.float32, device)[:, None].expand_as(sub)
             scaled = torch.where(sub > 0, sub / penalty, sub * penalty)
             sub = torch.where(seen, scaled, sub)
-        factors = _upload([[p.frequency_penalty, p.presence_penalty] for p in params], torch.float32, device)  # (P, 2)
+        factors = upload([[p.frequency_penalty, p.presence_penalty] for p in params], torch.float32, device)  # (P, 2)
         sub = sub - factors[:, :1] * counts - factors[:, 1:] * (counts > 0)
         if index is None:
             x.copy_(sub)
@@ -333,7 +333,7 @@ class Sampler:
             mask = torch.zeros(vocab, dtype=torch.bool, device=device)
             ids = [t for t in state.prompt_token_ids if 0 <= t < vocab]
             if ids:
-                mask[_upload(ids, torch.int64, device)] = True
+                mask[upload(ids, torch.int64, device)] = True
             state._prompt_mask = mask
         return mask
 
@@ -342,26 +342,24 @@ class Sampler:
     ) -> torch.Tensor:
         """Tokens (R,) for the non-greedy rows ``rows`` of the temperature-scaled logits ``x`` (S, V)."""
         device, vocab = x.device, x.shape[1]
-        index = None if len(rows) == x.shape[0] else _upload(rows, torch.int64, device)
+        index = None if len(rows) == x.shape[0] else upload(rows, torch.int64, device)
         sub = x if index is None else x.index_select(0, index)  # (R, V)
         chosen = [params[i] for i in rows]
 
         if any(p.top_k > 0 or p.top_p < 1 for p in chosen):
             sorted_logits, order = sub.sort(dim=-1, descending=True)  # (R, V)
             ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in chosen]
-            kth = sorted_logits.gather(1, _upload(ks, torch.int64, device)[:, None] - 1)  # (R, 1)
+            kth = sorted_logits.gather(1, upload(ks, torch.int64, device)[:, None] - 1)  # (R, 1)
             sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, -math.inf)
             probs = sorted_logits.softmax(dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-            top_p = _upload([p.top_p for p in chosen], torch.float32, device)[:, None]
+            top_p = upload([p.top_p for p in chosen], torch.float32, device)[:, None]
             drop = mass_before >= top_p
             drop[:, 0] = False
             sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
             sub = torch.empty_like(sub).scatter_(1, order, sorted_logits)
         if any(p.min_p > 0 for p in chosen):
-            log_min_p = _upload(
-                [math.log(p.min_p) if p.min_p > 0 else -math.inf for p in chosen], torch.float32, device
-            )
+            log_min_p = upload([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in chosen], torch.float32, device)
             floor = sub.max(dim=-1, keepdim=True).values + log_min_p[:, None]  # log(min_p * p_max), unnormalised
             sub = sub.masked_fill(sub < floor, -math.inf)
 
@@ -374,9 +372,9 @@ class Sampler:
             self._put(log_e, unseeded, draws.clamp_min_(torch.finfo(torch.float32).tiny).log_(), device)
         if seeded:
             seeds = [[p.seed & _M32, (p.seed >> 32) & _M32] for p in (chosen[j] for j in seeded) if p.seed is not None]
-            seeded_rows = _upload([rows[j] for j in seeded], torch.int64, device)
+            seeded_rows = upload([rows[j] for j in seeded], torch.int64, device)
             pos = positions.to(device=device, dtype=torch.int64).index_select(0, seeded_rows)
-            self._put(log_e, seeded, seeded_log_exponentials(_upload(seeds, torch.int64, device), pos, vocab), device)
+            self._put(log_e, seeded, seeded_log_exponentials(upload(seeds, torch.int64, device), pos, vocab), device)
         return (sub - log_e).argmax(dim=-1)
 
     @staticmethod
@@ -384,4 +382,4 @@ class Sampler:
         if len(rows) == out.shape[0]:
             out.copy_(values)
         else:
-            out.index_copy_(0, _upload(rows, torch.int64, device), values)
+            out.index_copy_(0, upload(rows, torch.int64, device), values)

@@ -55,8 +55,9 @@ from mcore.errors import UserError
 from mcore.protocols.block import LOGIT_ROWS, AttentionCacheSpec, BlockContext, LayerCacheSpec
 from mcore_inference.cache import PagedKVCache, bytes_per_block
 from mcore_inference.rejection import gumbel_pick, rejection_sample, target_distribution
-from mcore_inference.sampling import SamplingParams, seeded_log_exponentials
+from mcore_inference.sampling import SamplingParams, seeded_log_exponentials, upload
 from mcore_inference.scheduler import SchedulerOutput, SequenceState
+from mcore_inference.static_speculative import StaticSpeculation
 
 _M32 = 0xFFFFFFFF
 #: Salts of a seeded request's three kinds of draws (draft, acceptance, the emitted token).
@@ -119,8 +120,10 @@ class _Track:
     start: int  # the first position its draft caches hold
     committed: list[int]  # per depth: positions [start, committed) in its cache, all from real inputs
     stash: list[torch.Tensor | None]  # per depth: its output (H,) at position committed - 1
-    drafts: list[int] = field(default_factory=list)  # for the next verification
+    drafts: list[int] = field(default_factory=list)  # for the next verification (-1 until resolved)
     draft_probs: torch.Tensor | None = None  # (n, V): q of each draft
+    draft_ids: torch.Tensor | None = None  # (n,) int64 on the device: the drafts
+    resolved: bool = True  # whether ``drafts`` holds the values (a static draft pass leaves them on the device)
 
 
 @dataclass(eq=False)
@@ -149,6 +152,7 @@ class Speculator:
         device: torch.device,
         attention: Any,
         seed: int | None,
+        scratch_block: bool = False,
     ) -> None:
         indices = mtp_layers(model)
         if not indices:
@@ -173,6 +177,7 @@ class Speculator:
                     max_seqs=max_seqs,
                     device=device,
                     enable_prefix_caching=False,
+                    scratch_block=scratch_block,  # static draft steps: padding rows write there
                 )
             )
         self.device = device
@@ -183,6 +188,8 @@ class Speculator:
         self._tracks: dict[int, _Track] = {}
         self._attached: dict[int, tuple[SequenceState, int]] = {}  # seq -> (it, drafts appended) this step
         self.verifying: dict[int, int] = {}  # seq -> drafts its scheduled tokens verify this step
+        #: static (CUDA-graph) verification and draft steps; set by the engine (None: all eager)
+        self.static: StaticSpeculation | None = None
 
     @staticmethod
     def bytes_per_block(model: nn.Module, specs: dict[int, LayerCacheSpec], k: int, block_size: int) -> int:
@@ -225,7 +232,33 @@ class Speculator:
     def drafts(self, seq_id: int) -> tuple[list[int], torch.Tensor | None]:
         """The drafts sequence ``seq_id`` brings to its next verification and their distributions ``(n, V)``."""
         track = self._tracks.get(seq_id)
-        return ([], None) if track is None else (list(track.drafts), track.draft_probs)
+        if track is None:
+            return [], None
+        self._resolve([track])
+        return list(track.drafts), track.draft_probs
+
+    def resolve(self, seqs: Sequence[SequenceState]) -> None:
+        """Before an eager step: read the drafts a static draft pass left on the device (one host sync) and put
+        them in place of the placeholders among the verifying sequences' tokens."""
+        pending = [(seq, self._tracks[seq.seq_id]) for seq in seqs if seq.seq_id in self.verifying]
+        self._resolve([track for _, track in pending])
+        for seq, track in pending:
+            n = self.verifying[seq.seq_id]
+            seq.token_ids[len(seq.token_ids) - n :] = track.drafts[:n]
+
+    def _resolve(self, tracks: Sequence[_Track]) -> None:
+        todo = [t for t in tracks if not t.resolved and t.draft_ids is not None]
+        if not todo:
+            return
+        values = torch.cat([t.draft_ids for t in todo if t.draft_ids is not None]).tolist()
+        for t in todo:
+            t.drafts, values = values[: len(t.drafts)], values[len(t.drafts) :]
+            t.resolved = True
+
+    def draft_tokens(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
+        """``(S, k)`` the device drafts of ``seqs`` (each verifying ``k``), for a static verification's inputs."""
+        ids = [self._tracks[s.seq_id].draft_ids for s in seqs]
+        return torch.stack([x[: self.k] for x in ids if x is not None])
 
     def forget(self, seq_id: int) -> None:
         """Drop a sequence's draft state and caches (finished, aborted or preempted)."""
@@ -269,18 +302,23 @@ class Speculator:
             n = self.verifying[seqs[i].seq_id]
             target_rows += [*range(offsets[i], offsets[i] + n), i] + [i] * (n_max - n)  # padding: ignored
             row_params += [params[i]] * (n_max + 1)
-        index = torch.tensor(target_rows, dtype=torch.int64, device=logits.device)
+        device = logits.device
+        index = upload(target_rows, torch.int64, device)
         target = target_distribution(logits[0].index_select(0, index), row_params).view(batch, n_max + 1, vocab)
-        draft = torch.full((batch, n_max, vocab), 1.0 / vocab, device=logits.device)
-        tokens = torch.zeros(batch, n_max, dtype=torch.int64)
-        counts: list[int] = []
-        for b, i in enumerate(order):
-            track = self._tracks[seqs[i].seq_id]
-            n = self.verifying[seqs[i].seq_id]
-            assert track.draft_probs is not None
-            draft[b, :n] = track.draft_probs[:n]
-            tokens[b, :n] = torch.tensor(track.drafts[:n])
-            counts.append(n)
+        tracks = [self._tracks[seqs[i].seq_id] for i in order]
+        counts = [self.verifying[seqs[i].seq_id] for i in order]
+        probs_of = [t.draft_probs for t in tracks]
+        ids_of = [t.draft_ids for t in tracks]
+        if all(n == n_max for n in counts):  # the usual case: no padding
+            draft = torch.stack([q[:n_max] for q in probs_of if q is not None])  # (B, n, V)
+            tokens = torch.stack([x[:n_max] for x in ids_of if x is not None])  # (B, n)
+        else:
+            draft = torch.full((batch, n_max, vocab), 1.0 / vocab, device=device)
+            tokens = torch.zeros(batch, n_max, dtype=torch.int64, device=device)
+            for b, (q, x, n) in enumerate(zip(probs_of, ids_of, counts, strict=True)):
+                assert q is not None and x is not None
+                draft[b, :n], tokens[b, :n] = q[:n], x[:n]
+        assert draft.shape[0] == batch and tokens.shape[0] == batch
         positions = [len(seqs[i].token_ids) - self.verifying[seqs[i].seq_id] for i in order]  # first draft's
         rows_params = [params[i] for i in order]
         uniforms = self._uniforms(rows_params, positions, n_max, _ACCEPT_SALT)  # (B, n)
@@ -288,17 +326,18 @@ class Speculator:
         verdict = rejection_sample(
             target,
             draft,
-            tokens.to(logits.device),
-            torch.tensor(counts, device=logits.device),
+            tokens,
+            upload(counts, torch.int64, device),
             uniforms,
             log_e,
         )
-        accepted = verdict.num_accepted.tolist()  # the host sync of verification
-        nxt = verdict.next_token.tolist()
+        # the host sync of verification: accepted counts, next tokens and the drafts (those of a static draft pass
+        # were never read)
+        read = torch.cat([verdict.num_accepted, verdict.next_token, tokens.flatten()]).tolist()
+        accepted, nxt, drafted = read[:batch], read[batch : 2 * batch], read[2 * batch :]
         out: dict[int, list[int]] = {}
         for b, i in enumerate(order):
             seq = seqs[i]
-            track = self._tracks[seq.seq_id]
             n, m = counts[b], accepted[b]
             for j in range(n):
                 self.stats.proposed[j] += 1
@@ -309,7 +348,7 @@ class Speculator:
                 cache.rollback(seq.seq_id, n - m)
                 seq.num_computed -= n - m
             del seq.token_ids[len(seq.token_ids) - n :]
-            out[seq.seq_id] = [*track.drafts[:m], nxt[b]]
+            out[seq.seq_id] = [*drafted[b * n_max : b * n_max + m], nxt[b]]
         return out
 
     # ----- drafting -----
@@ -323,10 +362,13 @@ class Speculator:
         first_rows: Sequence[int],
         starts: Sequence[int],
         limits: Sequence[int],
+        static: bool = False,
     ) -> None:
         """After the step's tokens are appended: feed the draft depths this step's main hidden states ``hidden
         (1, N, H)`` (sequence ``i``'s first computed position ``starts[i]`` at packed row ``first_rows[i]``; its
-        kept positions end at ``seq.num_computed``) and draft up to ``limits[i]`` tokens for each decoding one."""
+        kept positions end at ``seq.num_computed``) and draft up to ``limits[i]`` tokens for each decoding one.
+        ``static``: the step was a static verification (``k + 1`` rows per sequence); when every sequence is in
+        steady state the depths run as static steps (``_draft_static``)."""
         work: list[_Work] = []
         for seq, p, row, start, limit in zip(seqs, params, first_rows, starts, limits, strict=True):
             if not eligible(p):
@@ -335,10 +377,13 @@ class Speculator:
             if track is None:
                 track = self._tracks[seq.seq_id] = _Track(start, [start] * self.k, [None] * self.k)
             assert track.committed[0] == start, (seq.seq_id, track.committed, start)
-            track.drafts, track.draft_probs = [], None
+            track.drafts, track.draft_probs, track.draft_ids, track.resolved = [], None, None, True
             num_drafts = min(self.k, limit) if seq.num_pending == 1 else 0
             work.append(_Work(seq, p, track, row - start, num_drafts))
         if not work:
+            return
+        if static and self._steady(work, len(seqs), hidden.shape[1]):
+            self._draft_static(hidden, work)
             return
         # what the previous depth leaves the next, per sequence: its output rows of this step and the position of
         # the first, its stash from before this step, and where its real (committed) positions end
@@ -404,6 +449,71 @@ class Speculator:
         for i, w in enumerate(work):
             if w.num_drafts:
                 w.track.draft_probs = torch.stack(probs[i])  # (n, V)
+                w.track.draft_ids = upload(w.track.drafts, torch.int64, self.device)
+
+    def _steady(self, work: list[_Work], num_seqs: int, num_rows: int) -> bool:
+        """Whether a static draft pass serves ``work``: the static verification's every sequence drafts ``k`` tokens,
+        its rows start at its depth-1 cache's end, and each depth ``s`` ends ``s - 1`` positions before depth 1,
+        with the stash the next depth reads (``static_speculative.py``)."""
+        k, static = self.k, self.static
+        if static is None or len(work) != num_seqs or num_rows != num_seqs * (k + 1) or static.padded(num_seqs) is None:
+            return False
+        for i, w in enumerate(work):
+            track, first = w.track, w.track.committed[0]
+            accepted = len(w.seq.token_ids) - first - 2
+            if w.num_drafts != k or w.row_offset + first != i * (k + 1) or not 0 <= accepted <= k:
+                return False
+            for s in range(1, k + 1):
+                cache = self.caches[s - 1]
+                if track.committed[s - 1] != first - s + 1 or not cache.has_sequence(w.seq.seq_id):
+                    return False
+                held = cache.length(w.seq.seq_id)  # its entries: positions start .. committed - 1
+                if held != track.committed[s - 1] - track.start or (s < k and track.stash[s - 1] is None):
+                    return False
+        return True
+
+    def _draft_static(self, hidden: torch.Tensor, work: list[_Work]) -> None:
+        """``draft`` in steady state as ``k`` static depth steps (``StaticSpeculation.depth``): the drafts stay on the
+        device (the next verification reads them with its verdict, ``resolve`` before an eager step). Each track
+        ends as the eager pass leaves it."""
+        static = self.static
+        assert static is not None
+        k, num = self.k, len(work)
+        ids = [w.seq.seq_id for w in work]
+        params = [w.params for w in work]
+        first = [w.track.committed[0] for w in work]  # depth 1's window starts here: the step's first position
+        known = [len(w.seq.token_ids) for w in work]  # T
+        accepted = [t - f - 2 for t, f in zip(known, first)]  # m: the window's first m + 1 positions are committed
+        tail = [w.seq.token_ids[f + 1 :] for w, f in zip(work, first)]  # token i + s at window index i: m + 1 known
+        m = upload(accepted, torch.int64, self.device)
+        starts = [w.track.start for w in work]
+        drafts = torch.zeros(num, k, dtype=torch.int64, device=self.device)
+        probs: list[torch.Tensor] = []
+        inputs = hidden[0].view(num, k + 1, -1)  # depth 1: the verification's hidden states (S, k + 1, H)
+        every = torch.arange(num, device=self.device)
+        for s in range(1, k + 1):
+            cache = self.caches[s - 1]
+            cache.schedule(ids, [k + s] * num)
+            rows = [a + s - 1 for a in accepted]  # window index of position T - 2: the draft's logits
+            out, logits = static.depth(s, inputs, tail, m, drafts, rows, starts)  # (S, k + s, H), (S, V)
+            q = target_distribution(logits, params)  # (S, V)
+            log_e = self._log_exponentials(params, [t - 1 + s for t in known], 1, logits.shape[-1], _DRAFT_SALT)
+            drafts[:, s - 1] = gumbel_pick(q, log_e[:, 0])
+            probs.append(q)
+            stash = out[every, m]  # (S, H): the output at each sequence's last committed position
+            before = [w.track.stash[s - 1] for w in work]
+            for i, w in enumerate(work):
+                w.track.stash[s - 1] = stash[i]
+                w.track.committed[s - 1] = known[i] - s
+                cache.rollback(ids[i], k + s - accepted[i] - 1)  # the uncommitted entries leave at once
+            if s < k:  # depth s + 1 reads depth s's stash from the last step, then its outputs
+                previous = torch.stack([b for b in before if b is not None])  # (S, H)
+                inputs = torch.cat([previous[:, None], out], dim=1)  # (S, k + s + 1, H)
+        stacked = torch.stack(probs, dim=1)  # (S, k, V)
+        for i, w in enumerate(work):  # no host sync: the next verification reads the drafts with its verdict
+            w.track.drafts, w.track.draft_probs, w.track.draft_ids = [-1] * k, stacked[i], drafts[i]
+            w.track.resolved = False
+        static.num_draft += 1
 
     def _run_depth(
         self,
@@ -457,7 +567,10 @@ class Speculator:
         unseeded = [b for b, p in enumerate(params) if p.seed is None]
         if unseeded:
             draws = torch.empty(len(unseeded), rows, vocab, device=self.device).exponential_(generator=self.generator)
-            out[unseeded] = draws.clamp_min_(torch.finfo(torch.float32).tiny).log_()
+            draws = draws.clamp_min_(torch.finfo(torch.float32).tiny).log_()
+            if not seeded:
+                return draws
+            out.index_copy_(0, upload(unseeded, torch.int64, self.device), draws)  # a list index would sync
         if seeded:
             seeds, pos = [], []
             for b in seeded:
@@ -467,11 +580,11 @@ class Speculator:
                     seeds.append([(seed & _M32) ^ salt, (seed >> 32) & _M32])
                     pos.append(first_positions[b] + r)
             values = seeded_log_exponentials(
-                torch.tensor(seeds, dtype=torch.int64, device=self.device),
-                torch.tensor(pos, dtype=torch.int64, device=self.device),
-                vocab,
+                upload(seeds, torch.int64, self.device), upload(pos, torch.int64, self.device), vocab
             )
-            out[seeded] = values.view(len(seeded), rows, vocab)
+            if not unseeded:
+                return values.view(len(seeded), rows, vocab)
+            out.index_copy_(0, upload(seeded, torch.int64, self.device), values.view(len(seeded), rows, vocab))
         return out
 
     def _uniforms(

@@ -19,9 +19,9 @@ M blocks of ``max_model_len``, V vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -33,16 +33,71 @@ from mcore.protocols.block import LOGIT_ROWS, AttentionCacheSpec, BlockContext, 
 @dataclass(frozen=True)
 class StaticStep:
     """Device views of one padded decode step of ``rows`` rows (slices of ``DecodeBuffers``: the same memory
-    for every step of that size, so a captured graph reads each step's inputs)."""
+    for every step of that size, so a captured graph reads each step's inputs). A speculative step
+    (``static_speculative.py``) brings ``queries`` tokens per row (q below; 1 for decode)."""
 
     rows: int
-    tokens: torch.Tensor  # (Bp,) int64
-    positions: torch.Tensor  # (Bp,) int64
-    slots: torch.Tensor  # (Bp,) int64 flat page slot of each row's new token
-    seq_lens: torch.Tensor  # (Bp,) int32 each row's length with its new token
+    tokens: torch.Tensor  # (Bp * q,) int64
+    positions: torch.Tensor  # (Bp * q,) int64
+    slots: torch.Tensor  # (Bp * q,) int64 flat page slot of each new token
+    seq_lens: torch.Tensor  # (Bp,) int32 each row's length with its new tokens
     block_table: torch.Tensor  # (Bp, M) int32, -1 past a row's last block
-    cu_seqlens: torch.Tensor  # (Bp + 1,) int32: 0, 1, ..., Bp
-    logit_rows: torch.Tensor  # (Bp,) int64: 0, 1, ..., Bp - 1
+    cu_seqlens: torch.Tensor  # (Bp + 1,) int32: 0, q, ..., Bp * q
+    logit_rows: torch.Tensor  # (Bp,) int64: 0, 1, ..., Bp - 1 (a speculative step: its own rows)
+    queries: int = 1
+
+
+T = TypeVar("T")
+
+
+def checked_sizes(batch_sizes: Sequence[int], caches: Sequence[Any], cuda_graphs: bool, what: str) -> list[int]:
+    """The sorted padded sizes of a static runner over ``caches`` (refused in one line: sizes that are not positive
+    ints, a cache that cannot serve static steps, graphs off CUDA); ``what`` names the runner in the messages."""
+    sizes = sorted(set(batch_sizes))
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise UserError(f"graph_batch_sizes = {tuple(batch_sizes)!r}: must be positive ints, at least one")
+    if not all(c.static_decode_ok for c in caches):
+        raise UserError(
+            f"{what} need caches of one attention group (no recurrent layers, at most one sliding window) with a "
+            "scratch block"
+        )
+    device = caches[0].device
+    if cuda_graphs and device.type != "cuda":
+        raise UserError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+    return sizes
+
+
+def capture_graphs(
+    sizes: Sequence[int],
+    device: torch.device,
+    pad: Callable[[int], None],
+    call: Callable[[int], T],
+    end: Callable[[], None],
+    warmup: int = 2,
+) -> dict[int, tuple[torch.cuda.CUDAGraph, T]]:
+    """One CUDA graph of ``call(rows)`` per size, largest first, sharing one memory pool. ``pad(rows)`` writes
+    padding-only inputs (so nothing but the scratch block is written) and ``end()`` closes the cache's static step
+    after each call; warm-up calls first, on a side stream (kernel compilation, cuBLAS workspaces)."""
+    graphs: dict[int, tuple[torch.cuda.CUDAGraph, T]] = {}
+    pool = None
+    for rows in sorted(sizes, reverse=True):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                pad(rows)
+                call(rows)
+                end()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        pad(rows)
+        with torch.cuda.graph(graph, pool=pool):
+            out = call(rows)
+        end()
+        pool = graph.pool()
+        graphs[rows] = (graph, out)
+    torch.cuda.synchronize(device)
+    return graphs
 
 
 class DecodeBuffers:
@@ -154,17 +209,8 @@ class StaticDecoder:
         max_model_len: int,
         cuda_graphs: bool,
     ) -> None:
-        sizes = sorted(set(batch_sizes))
-        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise UserError(f"graph_batch_sizes = {tuple(batch_sizes)!r}: must be positive ints, at least one")
-        if not cache.static_decode_ok:
-            raise UserError(
-                "static decode / CUDA graphs need a cache of one attention group (no recurrent layers, at most one "
-                "sliding window) with a scratch block"
-            )
+        sizes = checked_sizes(batch_sizes, [cache], cuda_graphs, "static decode / CUDA graphs")
         device = cache.device
-        if cuda_graphs and device.type != "cuda":
-            raise UserError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
         self.model, self.cache, self.attention = model, cache, attention
         self.sizes, self.cuda_graphs = sizes, cuda_graphs
         self.buffers = DecodeBuffers(sizes[-1], math.ceil(max_model_len / cache.block_size), device)
@@ -199,26 +245,14 @@ class StaticDecoder:
         the scratch block is written. Warm-up calls first (kernel compilation, cuBLAS workspaces)."""
         if not self.cuda_graphs:
             return
-        pool = None
-        for rows in reversed(self.sizes):
-            step = self.buffers.step(rows)
-            self._padding_only(step)
-            stream = torch.cuda.Stream(self.cache.device)
-            stream.wait_stream(torch.cuda.current_stream(self.cache.device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    self._padding_only(step)
-                    self.forward(step)
-                    self.cache.end_static_decode()
-            torch.cuda.current_stream(self.cache.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            self._padding_only(step)
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.forward(step)
-            self.cache.end_static_decode()
-            pool = graph.pool()
-            self.graphs[rows] = (graph, out)
-        torch.cuda.synchronize(self.cache.device)
+        self.graphs = capture_graphs(
+            self.sizes,
+            self.cache.device,
+            lambda rows: self._padding_only(self.buffers.step(rows)),
+            lambda rows: self.forward(self.buffers.step(rows)),
+            self.cache.end_static_decode,
+            warmup,
+        )
 
     @torch.no_grad()
     def run(self, tokens: Sequence[int]) -> torch.Tensor:

@@ -45,6 +45,7 @@ _ATTENTION = {
 _PRESETS = {
     "tiny": ("TINY", "2 layers, hidden 64: for tests and first runs"),
     "bench-0.9b": ("BENCH_0_9B", "0.9B Llama-style model of the benchmarks"),
+    "gpt-125m": ("GPT_125M", "GPT-2-small-sized Llama-style model (135M with its 32k untied vocabulary)"),
     "llama3.2-1b": ("LLAMA3_2_1B", "Llama 3.2 1B shapes (tied embeddings, llama3 RoPE scaling)"),
     "llama3-8b": ("LLAMA3_8B", "Llama 3 8B shapes"),
     "qwen2.5-0.5b": ("QWEN2_5_0_5B", "Qwen2.5 0.5B shapes (QKV bias)"),

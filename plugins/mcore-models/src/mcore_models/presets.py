@@ -3,6 +3,9 @@
 Each is an ``mcore.presets.Preset``: ``[model]`` keys, and one table per block
 (``attention``, ``swiglu``, ``rmsnorm``...). The public-model presets follow the published configs
 of those checkpoints, so importing the real weights gives the same architecture.
+``gpt-125m`` is GPT-2 small's size (hidden 768, 12 layers, 12 heads: its 85M non-embedding parameters) in
+this model's Llama style (RoPE, RMSNorm, SwiGLU of 2048 = 8/3 x 768, no biases) with an untied 32k
+vocabulary, 135M parameters in all: the model of mcore-precision's loss-curve runs.
 ``deepseek-v3-mini-dense`` is a small MLA + MTP model with DeepSeek-V3's layer shapes scaled down and
 every MLP dense SwiGLU; it exports as a dense Hugging Face ``deepseek_v3`` model. (``deepseek-v3-mini``,
 with its MoE layers, is the MoE plugin's preset.)
@@ -41,6 +44,21 @@ BENCH_0_9B = Preset(
         loss_chunk_size=8192,  # one chunk per micro-batch of 2 x 4096 tokens
         attention=dict(num_heads=16, num_kv_heads=8, rope_theta=10000.0),
         swiglu=dict(ffn_hidden_size=5632),
+        rmsnorm=dict(norm_eps=1e-5),
+    ),
+)
+
+GPT_125M = Preset(
+    "gpt",
+    dict(
+        vocab_size=32768,  # a 32k tokenizer (``mcore data train-tokenizer --vocab-size 32768``) or bytes
+        hidden_size=768,
+        num_layers=12,
+        tie_embeddings=False,
+        max_position_embeddings=2048,
+        loss_chunk_size=8192,
+        attention=dict(num_heads=12, rope_theta=10000.0),
+        swiglu=dict(ffn_hidden_size=2048),
         rmsnorm=dict(norm_eps=1e-5),
     ),
 )
@@ -129,6 +147,7 @@ DEEPSEEK_V3_MINI_DENSE = Preset(
 PRESETS: Mapping[str, Preset] = {
     "tiny": TINY,
     "bench-0.9b": BENCH_0_9B,
+    "gpt-125m": GPT_125M,
     "llama3.2-1b": LLAMA3_2_1B,
     "llama3-8b": LLAMA3_8B,
     "qwen2.5-0.5b": QWEN2_5_0_5B,

@@ -75,6 +75,8 @@ class MoEConfig(RouterConfig):
     all are local)."""
     chunk_tokens: int | None = None
     """Routed rows per expert chunk, recomputed in backward to cap activation memory (none: one chunk)."""
+    swiglu_limit: float | None = None
+    """Clamped SwiGLU in the routed experts: silu(min(gate, a)) * clamp(up, -a, a) with a = this (> 0; none: plain)."""
 
     def __post_init__(self) -> None:
         check_router(self)
@@ -91,6 +93,9 @@ class MoEConfig(RouterConfig):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"model.moe.{key} = {value!r}: must be an int >= {low}")
+        limit = self.swiglu_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0):
+            raise ConfigError(f"model.moe.swiglu_limit = {limit!r}: must be a number > 0 (or none)")
         if self.router not in ROUTERS:
             raise ConfigError(f"model.moe.router = {self.router!r}: allowed: {', '.join(ROUTERS)}")
         if self.router == "hash" and self.hash_vocab_size is None:
@@ -132,7 +137,7 @@ class MoE(nn.Module):
         self.dispatcher: TokenDispatcher = DISPATCHERS[c.dispatcher](
             None, c.num_experts
         )  # a layout swaps it for ep > 1
-        self.experts = GroupedSwiGLU(c.num_experts, hidden_size, c.moe_ffn_hidden_size)
+        self.experts = GroupedSwiGLU(c.num_experts, hidden_size, c.moe_ffn_hidden_size, swiglu_limit=c.swiglu_limit)
         shared_ffn = c.num_shared_experts * (c.shared_ffn_hidden_size or c.moe_ffn_hidden_size)
         self.shared_experts = SwiGLU(hidden_size, shared_ffn) if shared_ffn else None
         #: (1, H): the shared experts' per-token sigmoid gate (``shared_expert_gate``)

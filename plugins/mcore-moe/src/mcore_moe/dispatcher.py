@@ -7,7 +7,10 @@ Both dispatchers take the ep process group (``None``: every expert is local, no 
 rank ``r`` owns experts ``r * E_l .. (r + 1) * E_l - 1``. Slots the router dropped (expert id ``-1``,
 ``mcore_moe.router.DROPPED``) go nowhere and contribute zero. ``combine`` multiplies each expert row by
 its routing weight on the rank that owns the token (so the weights' gradient needs no communication
-with ``alltoall``) and accumulates the K contributions in fp32.
+with ``alltoall``) and accumulates the K contributions in fp32. On CUDA with Triton both directions go by
+the known permutation (``mcore_moe.permute``): the rows are one gather of the tokens (backward: each token's
+rows summed), the combine gathers each token's K rows and sums them in fp32 registers (no ``index_add``, a
+deterministic backward); elsewhere the torch path below (advanced indexing, fp32 ``index_add``) is the reference.
 
 * ``allgather``: every rank gathers all tokens of the group (padded to the longest rank) with their
   routing, runs its experts on the rows that chose them, and a sum-scatter returns each rank its tokens'
@@ -30,6 +33,8 @@ import torch
 
 from mcore.errors import ConfigError
 from mcore.protocols.dispatcher import DispatchResult, RoutingDecision
+from mcore_moe.kernel_choice import use_triton
+from mcore_moe.permute import combine_rows, permute_rows, slot_positions, slot_positions_padded
 
 
 def _group_size(group: Any) -> tuple[int, int]:
@@ -56,7 +61,8 @@ def local_slots(experts: torch.Tensor, first: int, count: int) -> tuple[torch.Te
     slots = ((local >= 0) & (local < count)).nonzero().squeeze(1)  # (M,)
     local = local[slots]
     order = torch.argsort(local, stable=True)
-    return slots[order], torch.bincount(local, minlength=count)
+    counts = torch.zeros(count, dtype=torch.long, device=local.device).scatter_add_(0, local, torch.ones_like(local))
+    return slots[order], counts  # (scatter_add: bincount would read the largest id back to the host)
 
 
 def _weighted_sum(rows: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor, n: int) -> torch.Tensor:
@@ -66,12 +72,34 @@ def _weighted_sum(rows: torch.Tensor, weights: torch.Tensor, tokens: torch.Tenso
 
 
 @dataclass(frozen=True)
+class _Fused:
+    """The permutation for ``mcore_moe.permute`` (set when the Triton path runs)."""
+
+    positions: torch.Tensor  # (N', K) row of each slot, -1 where none (N': the tokens combined)
+    weights: torch.Tensor  # (N', K) routing weights in slot order (differentiable)
+
+
+def _fused(hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> _Fused | None:
+    """The permutation of ``slots (M,)`` (the slot of each row) among ``weights (N', K)``'s slots, where Triton runs."""
+    if not use_triton(hidden):
+        return None
+    positions = slot_positions(slots, weights.numel()).view(weights.shape)  # (N', K)
+    return _Fused(positions, weights)
+
+
+def _permute(hidden: torch.Tensor, tokens: torch.Tensor, fused: _Fused | None) -> torch.Tensor:
+    """``hidden[tokens]`` ``(M, H)``: by ``permute_rows`` when fused, else advanced indexing (the reference)."""
+    return hidden[tokens] if fused is None else permute_rows(hidden, tokens, fused.positions)
+
+
+@dataclass(frozen=True)
 class _GatherHandle:
     tokens: torch.Tensor  # (M,) row of each expert input among the gathered tokens
     weights: torch.Tensor  # (M,) its routing weight (differentiable)
     gathered: int  # rows gathered (W * longest N)
     num_tokens: int  # N on this rank
     longest: int  # longest N of the group
+    fused: _Fused | None  # the Triton path's permutation (None: the torch reference)
 
 
 class _GroupDispatcher:
@@ -104,12 +132,17 @@ class AllGatherDispatcher(_GroupDispatcher):
             weights = gather_rows(weights, self.group)
         slots, counts = local_slots(experts, self.rank * self.local_experts, self.local_experts)
         tokens = torch.div(slots, k, rounding_mode="floor")
-        handle = _GatherHandle(tokens, weights.reshape(-1)[slots], hidden.shape[0], n, longest)
-        return DispatchResult(tokens=hidden[tokens], tokens_per_expert=counts, weights=handle.weights, handle=handle)
+        fused = _fused(hidden, slots, weights)
+        handle = _GatherHandle(tokens, weights.reshape(-1)[slots], hidden.shape[0], n, longest, fused)
+        rows = _permute(hidden, tokens, fused)  # (M, H)
+        return DispatchResult(tokens=rows, tokens_per_expert=counts, weights=handle.weights, handle=handle)
 
     def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         h: _GatherHandle = result.handle
-        out = _weighted_sum(expert_out, h.weights, h.tokens, h.gathered)  # (W * longest, H)
+        if h.fused is not None:
+            out = combine_rows(expert_out, h.fused.weights, h.fused.positions)  # (W * longest, H)
+        else:
+            out = _weighted_sum(expert_out, h.weights, h.tokens, h.gathered)  # (W * longest, H)
         if self.world > 1:
             from mcore_moe.comm import scatter_sum_rows
 
@@ -125,6 +158,7 @@ class _AllToAllHandle:
     send: list[int]  # rows sent to each rank
     recv: list[int]  # rows received from each rank
     num_tokens: int
+    fused: _Fused | None  # the Triton path's permutation of the sent slots (None: the torch reference)
 
 
 class AllToAllDispatcher(_GroupDispatcher):
@@ -135,9 +169,10 @@ class AllToAllDispatcher(_GroupDispatcher):
         slots, counts = local_slots(routing.experts, 0, self.num_experts)  # every valid slot, by global expert
         tokens = torch.div(slots, k, rounding_mode="floor")  # (S,)
         weights = routing.weights.reshape(-1)[slots]  # (S,)
-        rows = hidden[tokens]  # (S, H) in global expert order = destination rank order
+        fused = _fused(hidden, slots, routing.weights)
+        rows = _permute(hidden, tokens, fused)  # (S, H) in global expert order = destination rank order
         if self.world == 1:
-            handle = _AllToAllHandle(tokens, weights, None, [], [], n)
+            handle = _AllToAllHandle(tokens, weights, None, [], [], n, fused)
             return DispatchResult(tokens=rows, tokens_per_expert=counts, weights=weights, handle=handle)
         from mcore_moe.comm import all_to_all_rows, exchange_counts
 
@@ -150,7 +185,7 @@ class AllToAllDispatcher(_GroupDispatcher):
             torch.arange(self.local_experts, device=hidden.device).repeat(self.world), received.reshape(-1)
         )  # (M,)
         order = torch.argsort(expert_of_row, stable=True)  # (M,) by local expert, then source rank
-        handle = _AllToAllHandle(tokens, weights, order, send, recv, n)
+        handle = _AllToAllHandle(tokens, weights, order, send, recv, n, fused)
         return DispatchResult(
             tokens=arrived[order], tokens_per_expert=received.sum(0), weights=arrived_w[order], handle=handle
         )
@@ -164,6 +199,8 @@ class AllToAllDispatcher(_GroupDispatcher):
             back = torch.empty_like(h.to_expert_order)
             back[h.to_expert_order] = torch.arange(back.numel(), device=back.device)  # inverse permutation
             rows = all_to_all_rows(expert_out[back], h.recv, h.send, self.group)  # (S, H) in send order
+        if h.fused is not None:
+            return combine_rows(rows, h.fused.weights, h.fused.positions)  # (N, H)
         return _weighted_sum(rows, h.weights, h.tokens, h.num_tokens)
 
 
@@ -174,11 +211,12 @@ class _PaddedHandle:
     real: torch.Tensor  # (R,) bool: the row holds a routed slot
     gathered: int  # W * C
     num_tokens: int  # N on this rank
+    fused: _Fused | None  # the Triton path's permutation (None: the torch reference)
 
 
 class AllGatherVDispatcher(_GroupDispatcher):
-    """``allgatherv``: ``allgather`` into fixed-capacity buffers with device-side counts (no host sync in forward;
-    the backward synchronised once on an H100, 2026-12-05: not yet found).
+    """``allgatherv``: ``allgather`` into fixed-capacity buffers with device-side counts (no host sync, forward or
+    backward).
 
     ``max_tokens`` (C): the rows every rank's tokens are padded to; ``None`` takes each call's N, which
     must then be the same on every rank of the group (fixed micro-batch shapes). The result has
@@ -218,17 +256,25 @@ class AllGatherVDispatcher(_GroupDispatcher):
         counts = counts.scatter_add_(0, key, torch.ones_like(key))[: self.local_experts]  # (E_l,) on the device
         real = real_slot[order]  # (R,)
         tokens = torch.div(order, k, rounding_mode="floor")  # (R,)
-        # index_select (backward: an index_add) rather than advanced indexing (backward: index_put with
-        # accumulate); the backward still synchronised once on an H100 (2026-12-06): the op is not yet found
-        picked = torch.where(real.unsqueeze(-1), hidden.index_select(0, tokens), 0.0)  # (R, H), zeros on padding
+        # index_select (backward: an index_add) rather than advanced indexing (backward: index_put with accumulate)
+        fused = None
+        if use_triton(hidden):  # the row of each slot; padding rows belong to none
+            positions = slot_positions_padded(order, real, weights.numel()).view(weights.shape)  # (W * C, K)
+            fused = _Fused(positions, weights)
+            picked = torch.where(real.unsqueeze(-1), permute_rows(hidden, tokens, positions), 0.0)  # (R, H)
+        else:
+            picked = torch.where(real.unsqueeze(-1), hidden.index_select(0, tokens), 0.0)  # (R, H), zeros on padding
         w = torch.where(real, weights.reshape(-1).index_select(0, order), 0.0)  # (R,)
-        handle = _PaddedHandle(tokens, w, real, hidden.shape[0], n)
+        handle = _PaddedHandle(tokens, w, real, hidden.shape[0], n, fused)
         return DispatchResult(tokens=picked, tokens_per_expert=counts, weights=w, handle=handle)
 
     def combine(self, expert_out: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         h: _PaddedHandle = result.handle
-        rows = torch.where(h.real.unsqueeze(-1), expert_out, 0.0)  # padding rows may hold anything, NaN too
-        out = _weighted_sum(rows, h.weights, h.tokens, h.gathered)  # (W * C, H)
+        if h.fused is not None:  # padding rows are never read (they may hold anything, NaN too)
+            out = combine_rows(expert_out, h.fused.weights, h.fused.positions, padded=True)  # (W * C, H)
+        else:
+            rows = torch.where(h.real.unsqueeze(-1), expert_out, 0.0)  # padding rows may hold anything, NaN too
+            out = _weighted_sum(rows, h.weights, h.tokens, h.gathered)  # (W * C, H)
         if self.world > 1:
             from mcore_moe.comm import scatter_sum_rows
 

@@ -2,13 +2,18 @@
 
 Shape legend: M routed rows sorted by expert, H hidden size, F expert FFN size, E_l local experts.
 
-Each expert is ``down(silu(gate(x)) * up(x))``; the weights of all local experts are stacked into
-``gate``, ``up`` ``(E_l, F, H)`` and ``down`` ``(E_l, H, F)`` (role ``expert``: dim 0 indexes the experts,
-so an ``ep`` layout shards dim 0 and expert TP shards ``gate``/``up`` by rows and ``down`` by columns).
-Every GEMM is one ``mcore.precision.grouped.grouped_linear`` call, so a precision recipe can take it
-over; without one, CUDA devices with ``torch._grouped_mm`` (bf16, aligned sizes) use it, and everything
+Each expert is ``down(silu(gate(x)) * up(x))`` (``swiglu_limit`` a: ``silu(min(gate(x), a)) * clamp(up(x), -a, a)``);
+the weights of all local experts are stacked into ``gate``, ``up`` ``(E_l, F, H)`` and ``down`` ``(E_l, H, F)``
+(role ``expert``: dim 0 indexes the experts, so an ``ep`` layout shards dim 0 and expert TP shards ``gate``/``up``
+by rows and ``down`` by columns). Gate and up run as ONE grouped GEMM giving ``(M, 2F)`` rows ``[gate | up]``
+(``mcore_moe.gate_up``), the activation reads it in place (``mcore_moe.swiglu``: a Triton kernel on CUDA), then the
+``down`` GEMM. Under a precision recipe (``ctx.precision.grouped_linear``) the unfused path runs instead, each
+weight its own ``mcore.precision.grouped.grouped_linear`` call (the recipe quantises each with its own scales);
+without one, CUDA devices with ``torch._grouped_mm`` (bf16, aligned sizes) use it, and everything
 else the per-expert torch reference. Whether ``torch._grouped_mm`` works is probed once per device
 (a tiny call checked against the reference); where it fails the reference runs, with one warning.
+``GroupedSwiGLU.forward_reference`` keeps the unfused path (two GEMMs, torch ``silu(gate) * up``) the fused one is
+tested against.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mcore.precision.grouped import grouped_linear, grouped_linear_reference
+from mcore_moe.gate_up import gate_up_linear
+from mcore_moe.swiglu import swiglu
 
 
 def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -82,30 +89,60 @@ def storage_less(x: torch.Tensor) -> bool:
     return x.is_meta or is_fake(x)
 
 
-class GroupedSwiGLU(nn.Module):
-    """``E_l`` SwiGLU experts run over rows grouped by expert (``tokens_per_expert``)."""
+def _activation(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """The unfused torch SwiGLU of separate ``(M, F)`` gate and up (clamped to ``limit`` when given)."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up  # (M, F)
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int) -> None:
+
+class GroupedSwiGLU(nn.Module):
+    """``E_l`` SwiGLU experts run over rows grouped by expert (``tokens_per_expert``); ``swiglu_limit``: clamped."""
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, ffn_hidden_size: int, *, swiglu_limit: float | None = None
+    ) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.up = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+        self.swiglu_limit = swiglu_limit
         self._grouped_mm: dict[torch.device, bool] = {}  # the probe's answer, once per CUDA device
+
+    def _fast(self, rows: torch.Tensor) -> bool:
+        """``torch._grouped_mm`` may run on ``rows``' device (probed once per CUDA device)."""
+        if not (rows.is_cuda and hasattr(torch, "_grouped_mm")):
+            return False
+        if rows.device not in self._grouped_mm:
+            self._grouped_mm[rows.device] = grouped_mm_works(rows.device)
+        return self._grouped_mm[rows.device]
+
+    def _local_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The local rows of weights an ``ep`` layout made DTensors (E_l experts; ``to_local`` is differentiable)."""
+        w_gate, w_up, w_down = (w.to_local() if isinstance(w, DTensor) else w for w in (self.gate, self.up, self.down))
+        return w_gate, w_up, w_down
 
     def forward(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         if storage_less(rows):  # shapes only (``mcore plan``): expert 0's weights give every row its sizes
             gate, up = F.linear(rows, self.gate[0]), F.linear(rows, self.up[0])  # (M, F)
-            return F.linear(F.silu(gate) * up, self.down[0])  # (M, H)
-        fast = False
-        if rows.is_cuda and hasattr(torch, "_grouped_mm"):
-            if rows.device not in self._grouped_mm:
-                self._grouped_mm[rows.device] = grouped_mm_works(rows.device)
-            fast = self._grouped_mm[rows.device]
-        # the local rows of weights an ``ep`` layout made DTensors (E_l experts; ``to_local`` is differentiable)
-        w_gate, w_up, w_down = (w.to_local() if isinstance(w, DTensor) else w for w in (self.gate, self.up, self.down))
+            return F.linear(_activation(gate, up, self.swiglu_limit), self.down[0])  # (M, H)
+        if getattr(getattr(ctx, "precision", None), "grouped_linear", None) is not None:
+            return self.forward_reference(rows, tokens_per_expert, ctx)  # the recipe's GEMMs, one per weight
+        fast = self._fast(rows)
+        w_gate, w_up, w_down = self._local_weights()
+        one_mm = fast and _grouped_mm_fits(rows, w_gate) and _grouped_mm_fits(rows, w_up)
+        gate_up = gate_up_linear(rows, w_gate, w_up, tokens_per_expert, ctx, grouped_mm=one_mm)  # (M, 2F)
+        act = swiglu(gate_up, self.swiglu_limit)  # (M, F)
+        return expert_linear(act, w_down, tokens_per_expert, ctx, grouped_mm=fast)  # (M, H)
+
+    def forward_reference(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        """The unfused path: separate gate and up GEMMs, torch ``silu(gate) * up`` (what ``forward`` must equal)."""
+        fast = self._fast(rows)
+        w_gate, w_up, w_down = self._local_weights()
         gate = expert_linear(rows, w_gate, tokens_per_expert, ctx, grouped_mm=fast)  # (M, F)
         up = expert_linear(rows, w_up, tokens_per_expert, ctx, grouped_mm=fast)  # (M, F)
-        return expert_linear(F.silu(gate) * up, w_down, tokens_per_expert, ctx, grouped_mm=fast)  # (M, H)
+        act = _activation(gate, up, self.swiglu_limit)  # (M, F)
+        return expert_linear(act, w_down, tokens_per_expert, ctx, grouped_mm=fast)  # (M, H)
 
 
 class SwiGLU(nn.Module):

@@ -149,6 +149,8 @@ class MoEHF:
             problems.append(f"moe.router = {c.router!r} (needs 'topk')")
         if c.capacity_factor is not None:
             problems.append(f"moe.capacity_factor = {c.capacity_factor} (Hugging Face MoE is dropless: needs none)")
+        if c.swiglu_limit is not None:
+            problems.append(f"moe.swiglu_limit = {c.swiglu_limit} ({model_type} experts are plain SwiGLU: needs none)")
         if model_type == "deepseek_v3":
             if c.score_function != "sigmoid":
                 problems.append(f"moe.score_function = {c.score_function!r} (deepseek_v3 needs 'sigmoid')")

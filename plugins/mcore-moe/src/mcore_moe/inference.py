@@ -11,7 +11,8 @@ Under an inference cache (``BlockContext.kv_cache`` set: the engine's calls) the
   ep group of the block's dispatcher when a layout set one (every rank brings the same ``N``, or ``max_tokens``);
 * the experts as grouped GEMMs of static shapes (``static_grouped_linear``): ``torch._grouped_mm`` with offsets
   computed on the device where it takes the call, else a masked per-expert reference (static too, E times the
-  FLOPs); rows past the last offset are padding, which ``combine`` ignores.
+  FLOPs); gate and up as one GEMM over ``[gate | up]`` and the SwiGLU on its ``(R, 2F)`` output
+  (``mcore_moe.swiglu``: Triton on CUDA); rows past the last offset are padding, which ``combine`` ignores.
 
 Shape legend: N tokens, H hidden size, F expert FFN size, E_l local experts, R rows of the dispatch buffer.
 """
@@ -21,13 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mcore.protocols.dispatcher import RoutingDecision
 from mcore_moe.dispatcher import AllGatherVDispatcher
 from mcore_moe.experts import GroupedSwiGLU, grouped_mm_works
+from mcore_moe.swiglu import swiglu
 
 
 def _grouped_mm_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
@@ -87,9 +88,9 @@ def static_experts(experts: GroupedSwiGLU, rows: torch.Tensor, tokens_per_expert
         if rows.device not in experts._grouped_mm:
             experts._grouped_mm[rows.device] = grouped_mm_works(rows.device)
         fast = experts._grouped_mm[rows.device]
-    h_gate = static_grouped_linear(rows, gate, tokens_per_expert, grouped_mm=fast)  # (R, F)
-    h_up = static_grouped_linear(rows, up, tokens_per_expert, grouped_mm=fast)  # (R, F)
-    return static_grouped_linear(F.silu(h_gate) * h_up, down, tokens_per_expert, grouped_mm=fast)  # (R, H)
+    gate_up = static_grouped_linear(rows, torch.cat([gate, up], dim=1), tokens_per_expert, grouped_mm=fast)  # (R, 2F)
+    act = swiglu(gate_up, experts.swiglu_limit)  # (R, F)
+    return static_grouped_linear(act, down, tokens_per_expert, grouped_mm=fast)  # (R, H)
 
 
 def inference_dispatcher(dispatcher: Any, num_experts: int) -> AllGatherVDispatcher:

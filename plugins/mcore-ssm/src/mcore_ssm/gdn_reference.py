@@ -26,7 +26,8 @@ factors ``U~ = (I + A)^-1 diag(beta) V`` and ``W = (I + A)^-1 diag(beta exp(G)) 
 Chunks never straddle segments: each segment is cut into its own chunks, the last one padded with
 tokens that have ``k = v = q = 0``, ``beta = 0``, ``g = 0`` (they change nothing, exactly). Only ratios
 ``exp(G_i - G_j)`` with ``j <= i`` and ``exp(G)`` are formed (never ``exp(-G)``), so a strong decay
-underflows to zero instead of overflowing.
+underflows to zero instead of overflowing; the exponents ``G_i - G_j`` are sums of the ``g`` between the two
+tokens (``mcore_ssm.segsum``), not differences of ``G``, which lose them and ``dg`` to rounding at strong decay.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import TypedDict
 import torch
 
 from mcore_ssm.packing import Segments, check_state_count, from_padded, segments_of, to_padded
+from mcore_ssm.segsum import segsum
 
 #: The default chunk size of the chunked form (the Triton kernels' only one).
 CHUNK = 64
@@ -215,8 +217,8 @@ def chunk_gated_delta_rule(
 
     qc, kc, vc, gc, bc = (chunked(t) for t in (qx, kx, vx, gx, bx))  # (M, hv, C, dk | dv | -)
     cum = gc.cumsum(-1)  # (M, hv, C) G
-    causal = torch.ones(size, size, dtype=torch.bool, device=v.device).tril()  # (C, C) j <= i
-    ratio = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, -math.inf).exp()  # (M, hv, C, C) D
+    between = segsum(gc)  # (M, hv, C, C) G_i - G_j as the sum of the g between them (-inf for j > i)
+    ratio = between.exp()  # (M, hv, C, C) D
     strict = (kc * bc[..., None]) @ kc.transpose(-1, -2) * ratio.tril(-1)  # (M, hv, C, C) A
     eye = torch.eye(size, dtype=vx.dtype, device=v.device)
     rhs = torch.cat([vc * bc[..., None], kc * (bc * cum.exp())[..., None]], dim=-1)  # (M, hv, C, dv + dk)
@@ -225,7 +227,7 @@ def chunk_gated_delta_rule(
     scores = qc @ kc.transpose(-1, -2) * ratio  # (M, hv, C, C) tril(Q K^T * D)
     q_decayed = qc * cum.exp()[..., None]  # (M, hv, C, dk)
     last = cum[..., -1]  # (M, hv) G_C
-    k_to_end = kc * (last[..., None] - cum).exp()[..., None]  # (M, hv, C, dk)
+    k_to_end = kc * between[..., -1, :].exp()[..., None]  # (M, hv, C, dk) exp(G_C - G) K
 
     state = _initial(initial_state, segments, cu_seqlens, (hv, dk, dv), vx)[order]  # (S, hv, dk, dv) sorted
     outs = []

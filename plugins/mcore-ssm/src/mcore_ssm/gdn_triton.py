@@ -5,7 +5,9 @@ heads, dk key dim, dv value dim, C = 64 chunk, BK dk padded to a power of two, B
 
 The math is ``mcore_ssm.gdn_reference.chunk_gated_delta_rule`` (its docstring derives it). Chunks never
 straddle segments: each segment is cut into its own chunks, and the rows of a chunk past its segment's end
-load as zeros (``k = v = q = 0``, ``beta = g = 0``: inert). Two kernels:
+load as zeros (``k = v = q = 0``, ``beta = g = 0``: inert; their ``G`` is the chunk's last, ``G_C``). Every exp
+takes a non-positive argument (``G`` falls along a chunk; masked entries are set to ``-inf`` before the exp), so
+a strong decay underflows to 0 and never overflows into ``inf * 0 = NaN``. Two kernels:
 
 1. ``_chunk_prepare_kernel``, one program per (chunk, value head), all in parallel: ``G = cumsum(g)``,
    ``A = tril_{-1}(diag(beta) K K^T * exp(G_i - G_j))``, ``T = (I + A)^-1`` by forward substitution row by
@@ -76,7 +78,9 @@ def _chunk_prepare_kernel(
     beta = tl.load(beta_ptr + flat * HV + head, mask=valid, other=0.0)  # (C,)
 
     cum = tl.cumsum(g, axis=0)  # (C,) G
-    ratio = tl.where(lower, tl.exp(cum[:, None] - cum[None, :]), 0.0)  # (C, C) exp(G_i - G_j), j <= i
+    # exp(G_i - G_j) for j <= i only (G falls along the chunk: the argument is <= 0); above the diagonal it is
+    # -inf before the exp, never exp of the positive difference (overflows to inf at strong decay)
+    ratio = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))  # (C, C)
     kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)  # (C, C)
     a = tl.where(strict, beta[:, None] * kk * ratio, 0.0)  # (C, C) A
 
@@ -168,12 +172,15 @@ def _chunk_state_kernel(
         v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
         v_mask = valid[:, None] & vmask[None, :]
         u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) U~
-        cum = tl.load(cum_ptr + flat * HV + head, mask=valid, other=0.0)  # (C,) G
         last_tok = start + tl.minimum(chunk_first + C, length) - 1
         last = tl.load(cum_ptr + last_tok * HV + head)  # G_C: G at the chunk's last token
+        # rows past the segment's end hold G_C (their g is 0), not 0: with 0 there, exp(G_i - G_j) of a padding
+        # row i overflowed at strong decay, and inf * 0 = NaN
+        cum = tl.load(cum_ptr + flat * HV + head, mask=valid, other=0.0)
+        cum = tl.where(valid, cum, last)  # (C,) G
 
         u = u - tl.dot(w, state, input_precision=PRECISION)  # (C, BV) U
-        ratio = tl.where(lower, tl.exp(cum[:, None] - cum[None, :]), 0.0)  # (C, C)
+        ratio = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))  # (C, C) exp(G_i - G_j), j <= i
         scores = tl.where(lower, tl.dot(q, tl.trans(k), input_precision=PRECISION) * ratio, 0.0)  # (C, C)
         out = tl.dot(q * tl.exp(cum)[:, None], state, input_precision=PRECISION)  # (C, BV)
         out += tl.dot(scores, u, input_precision=PRECISION)
@@ -219,14 +226,24 @@ class Launch:
     def dims(self) -> dict[str, int]:
         block_k = max(16, triton.next_power_of_2(self.dk))
         # fp32 (ieee) dots at dk 128 with 64 value columns needed 296 KB of shared memory on an H100 (2026-12-06;
-        # 227 KB there): halve the value block for them
-        widest = 32 if self.precision == "ieee" and block_k >= 128 else 64
+        # 227 KB there); offline sm_90 builds (Triton 3.9, 2026-12-06) of the backward state kernel at dk 128 with
+        # tf32 dots and 64 value columns asked for 417 KB (288 KB with one stage): 32 value columns at dk >= 128
+        widest = 32 if block_k >= 128 else 64
         block_v = min(widest, max(16, triton.next_power_of_2(self.dv)))
         return {"HK": self.hk, "HV": self.hv, "DK": self.dk, "DV": self.dv, "BK": block_k, "BV": block_v, "C": CHUNK}
 
     @property
     def warps(self) -> int:
         return 8 if self.dims["BK"] >= 64 else 4
+
+    @property
+    def stages(self) -> int:
+        """Software-pipelining stages of the kernels that walk a segment's chunks: one. Prefetching the next
+        chunk's q, k, W, U~ into shared memory (Triton's default 3) took the backward state kernel to 345 KB
+        (dk 128, ieee, 32 value columns), 417 KB (dk 128, tf32, 64) and 241 KB (dk 64, tf32, 64) in offline sm_90
+        builds (Triton 3.9, 2026-12-06), over the 227 KB an H100/H200 block may use; one stage: 144, 208, 160 KB
+        (dk 128 tf32 at 32 columns)."""
+        return 1
 
     @property
     def value_blocks(self) -> int:
@@ -345,6 +362,7 @@ def run_states(
         STORE_STATES=store_states,
         PRECISION=launch.precision,
         num_warps=launch.warps,
+        num_stages=launch.stages,
     )
     return out, ht if final else None, states if store_states else None
 

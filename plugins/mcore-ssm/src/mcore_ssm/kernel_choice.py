@@ -3,9 +3,9 @@
 Why: both scans choose the same way, once per call, not in the block; ``gdn_kernels`` and ``mamba2_kernels`` say
 only which chunk sizes their Triton kernels take. ``auto``: Triton for CUDA tensors when Triton imports and the
 kernel takes the chunk size and ``MCORE_SSM_KERNELS=triton`` opts in, outside ``torch.compile`` tracing (the
-compiler fuses the torch reference instead); the torch reference everywhere else. Opt-in because the kernels' first
-GPU run (H100, torch 2.11, Triton 3.6, 2026-12-05) did not pass every GPU test (they match the references in
-Triton's CPU interpreter). ``torch`` always takes the reference; ``triton`` always the kernel (on CPU only under
+compiler fuses the torch reference instead); the torch reference everywhere else. Opt-in until they are timed on a card:
+their GPU tests pass (H100, torch 2.11, Triton 3.6, 2026-12-06, after the strong-decay and compile-size fixes),
+but ``benchmarks/bench_gdn.py`` / ``bench_mamba2.py`` have not run against the compiled torch forms yet. ``torch`` always takes the reference; ``triton`` always the kernel (on CPU only under
 ``TRITON_INTERPRET=1``, Triton's interpreter, for checking it). CPU calls never import Triton.
 """
 

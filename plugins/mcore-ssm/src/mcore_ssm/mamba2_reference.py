@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mcore_ssm.packing import Segments, check_state_count, documents, from_padded, to_padded
+from mcore_ssm.segsum import segsum
 
 __all__ = [
     "CHUNK",
@@ -179,17 +180,6 @@ def ssd_sequential(
     return y.reshape(batch, seq, heads, head_dim).to(x.dtype), state
 
 
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """``a (..., m)`` -> ``(..., m, m)`` with ``[i, j] = sum_{j < k <= i} a_k`` (``-inf`` above the diagonal),
-    by a cumulative sum of the masked repeats (no difference of two running sums)."""
-    m = a.shape[-1]
-    lower = torch.tril(torch.ones(m, m, dtype=torch.bool, device=a.device), diagonal=-1)  # (m, m)
-    rep = a[..., None, :].expand(*a.shape, m).transpose(-1, -2)  # (..., m, m): [i, j] = a_i
-    sums = torch.cumsum(rep.masked_fill(~lower, 0.0), dim=-2)  # [i, j] = sum_{j < k <= i} a_k
-    keep = torch.tril(torch.ones(m, m, dtype=torch.bool, device=a.device))
-    return sums.masked_fill(~keep, -math.inf)
-
-
 @dataclass(frozen=True, kw_only=True)
 class ChunkLayout:
     """Where the tokens go when every segment starts on a chunk boundary: segment ``s`` holds chunks
@@ -332,12 +322,13 @@ def ssd_chunked(
 
     # intra-chunk: y_i = sum_{j <= i} (C_i . B_j) exp(sum_{j < k <= i} a_k) dt_j x_j
     scores = torch.einsum("cign,cjgn->cgij", Cc, Bc).repeat_interleave(rep, dim=1)  # (c, h, Q, Q)
-    weights = scores * torch.exp(_segsum(a))  # (c, h, Q, Q)
+    between = segsum(a)  # (c, h, Q, Q): [i, j] = sum_{j < k <= i} a_k, -inf for j > i
+    weights = scores * torch.exp(between)  # (c, h, Q, Q)
     dtx = xc * dtc[..., None]  # (c, Q, h, p)
     y = torch.einsum("chij,cjhp->cihp", weights, dtx)  # (c, Q, h, p)
 
     # each chunk's final state from a zero start: sum_j exp(sum_{j < k <= last} a_k) dt_j x_j B_j^T
-    to_end = torch.exp(cum[..., -1:] - cum)  # (c, h, Q); within one chunk: small sums
+    to_end = torch.exp(between[..., -1, :])  # (c, h, Q): exp(cum_last - cum_j), summed, not differenced
     Bh = Bc.repeat_interleave(rep, dim=2)  # (c, Q, h, n)
     chunk_states = torch.einsum("cjhp,chj,cjhn->chpn", dtx, to_end, Bh)  # (c, h, p, n)
 
@@ -352,7 +343,7 @@ def ssd_chunked(
     if state0 is not None:
         values = values.index_put((torch.arange(count, device=x.device), torch.zeros_like(nchunks)), state0)
     decays = a.new_zeros(count, entries, heads).index_put((owner, entry), cum[..., -1])  # (S, M, h)
-    mix = torch.exp(_segsum(decays.transpose(1, 2)))  # (S, h, M, M)
+    mix = torch.exp(segsum(decays.transpose(1, 2)))  # (S, h, M, M)
     after = torch.einsum("shef,sfhpn->sehpn", mix, values)  # (S, M, h, p, n): the state after each entry
     entering = after[owner, entry - 1]  # (c, h, p, n)
     final = after[torch.arange(count, device=x.device), nchunks]  # (S, h, p, n): after the last chunk

@@ -24,6 +24,10 @@ The backward mirrors them (the forward saves ``cum`` and the entering states):
    heads of a group, and ``dA = sum da dt``. What lies outside the chunks (``dt`` discretisation, the layout,
    the ``D`` skip) is ``to_chunks``'s torch autograd.
 
+The per-chunk kernels (1, 3, 4, 6) take ``d_state`` a block of BN at a time in a loop (sums over it accumulate
+in ``(Q, Q)`` / ``(Q, BP)`` tiles; per-state outputs are stored block by block; ``_chunk_bwd`` loops twice: the
+sums, then ``dB``/``dC``), so no register tile spans the whole ``d_state`` (``_blocks`` says why and how big).
+
 All in fp32 (fp64 inputs too): ``tl.dot`` in IEEE fp32 for fp32 inputs, so the result matches the
 reference to fp32 rounding, TF32 for bf16/fp16 inputs (which TF32 holds exactly).
 ``ssd_chunked_triton`` takes the arguments of ``ssd_chunked``; chunk sizes must be powers of two >= 16
@@ -73,6 +77,20 @@ def _state_tile(c, h, p, n, H, P, N):
 
 
 @triton.jit
+def _times_group_blocks(lhs, src_ptr, dst_ptr, c, q, g, h, p, n, H, G, P, N, Q: tl.constexpr, BN: tl.constexpr,
+                        PRECISION: tl.constexpr):  # fmt: skip
+    """``lhs (BP, Q)`` times the chunk's ``(Q, N)`` rows of a group tensor (B or C) at ``src_ptr``, stored as the
+    ``(BP, N)`` tile of a ``(c, h, p, n)`` state tensor at ``dst_ptr``, one ``(Q, BN)`` block of ``d_state`` at a
+    time (the blocks keep the register tiles small)."""
+    for n_first in range(0, N, BN):
+        rows, nmask = _group_tile(c, q, g, n_first + n, G, N, Q)
+        rhs = tl.load(src_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+        out = tl.dot(lhs, rhs, input_precision=PRECISION)  # (BP, BN)
+        square, smask = _state_tile(c, h, p, n_first + n, H, P, N)
+        tl.store(dst_ptr + square, out, mask=smask)
+
+
+@triton.jit
 def _chunk_state(
     x_ptr,
     dt_ptr,
@@ -98,12 +116,8 @@ def _chunk_state(
     last = tl.sum(tl.where(q == Q - 1, cum, 0.0), axis=0)
     w = tl.exp(last - cum) * dt  # (Q,)
     tokens, pmask = _token_tile(c, q, h, p, H, P, Q)
-    rows, nmask = _group_tile(c, q, g, n, G, N, Q)
-    x = tl.load(x_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
-    b = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
-    state = tl.dot(tl.trans(x * w[:, None]), b, input_precision=PRECISION)  # (BP, BN)
-    square, smask = _state_tile(c, h, p, n, H, P, N)
-    tl.store(states_ptr + square, state, mask=smask)
+    xw = tl.trans(tl.load(x_ptr + tokens, mask=pmask, other=0.0) * w[:, None])  # (BP, Q)
+    _times_group_blocks(xw, b_ptr, states_ptr, c, q, g, h, p, n, H, G, P, N, Q, BN, PRECISION)  # the chunk's state
 
 
 @triton.jit
@@ -161,19 +175,23 @@ def _chunk_scan(
     c, h, g, q, p, n = _tile_ids(heads_per_group, Q, BP, BN)
     cum = tl.load(cum_ptr + (c * H + h) * Q + q)  # (Q,)
     dt = tl.load(dt_ptr + (c * Q + q) * H + h)  # (Q,)
-    rows, nmask = _group_tile(c, q, g, n, G, N, Q)
-    cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
-    bm = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
-    scores = tl.dot(cm, tl.trans(bm), input_precision=PRECISION)  # (Q, Q): C_i . B_j
+    scores = tl.zeros((Q, Q), dtype=tl.float32)  # C_i . B_j
+    read = tl.zeros((Q, BP), dtype=tl.float32)  # C_i H^T: the entering state read by C
+    for n_first in range(0, N, BN):  # sums over d_state, a block at a time
+        rows, nmask = _group_tile(c, q, g, n_first + n, G, N, Q)
+        cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+        bm = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+        scores += tl.dot(cm, tl.trans(bm), input_precision=PRECISION)
+        square, smask = _state_tile(c, h, p, n_first + n, H, P, N)
+        entering = tl.load(entering_ptr + square, mask=smask, other=0.0)  # (BP, BN): the state entering the chunk
+        read += tl.dot(cm, tl.trans(entering), input_precision=PRECISION)
     causal = q[:, None] >= q[None, :]
     decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0))  # (Q, Q)
     weights = tl.where(causal, scores * decay * dt[None, :], 0.0)
     tokens, pmask = _token_tile(c, q, h, p, H, P, Q)
     x = tl.load(x_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
     y = tl.dot(weights, x, input_precision=PRECISION)  # (Q, BP)
-    square, smask = _state_tile(c, h, p, n, H, P, N)
-    entering = tl.load(entering_ptr + square, mask=smask, other=0.0)  # (BP, BN): the state entering the chunk
-    y += tl.exp(cum)[:, None] * tl.dot(cm, tl.trans(entering), input_precision=PRECISION)
+    y += tl.exp(cum)[:, None] * read
     tl.store(y_ptr + tokens, y, mask=pmask)
 
 
@@ -197,12 +215,8 @@ def _entering_grad(
     c, h, g, q, p, n = _tile_ids(heads_per_group, Q, BP, BN)
     cum = tl.load(cum_ptr + (c * H + h) * Q + q)  # (Q,)
     tokens, pmask = _token_tile(c, q, h, p, H, P, Q)
-    rows, nmask = _group_tile(c, q, g, n, G, N, Q)
-    dy = tl.load(dy_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
-    cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
-    grad = tl.dot(tl.trans(dy * tl.exp(cum)[:, None]), cm, input_precision=PRECISION)  # (BP, BN)
-    square, smask = _state_tile(c, h, p, n, H, P, N)
-    tl.store(dentering_ptr + square, grad, mask=smask)
+    dy = tl.trans(tl.load(dy_ptr + tokens, mask=pmask, other=0.0) * tl.exp(cum)[:, None])  # (BP, Q)
+    _times_group_blocks(dy, c_ptr, dentering_ptr, c, q, g, h, p, n, H, G, P, N, Q, BN, PRECISION)
 
 
 @triton.jit
@@ -282,22 +296,32 @@ def _chunk_bwd(
     cum = tl.load(cum_ptr + (c * H + h) * Q + q)  # (Q,)
     dt = tl.load(dt_ptr + (c * Q + q) * H + h)  # (Q,)
     last = tl.sum(tl.where(q == Q - 1, cum, 0.0), axis=0)
-    rows, nmask = _group_tile(c, q, g, n, G, N, Q)
-    cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
-    bm = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
     tokens, pmask = _token_tile(c, q, h, p, H, P, Q)
     x = tl.load(x_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
     dy = tl.load(dy_ptr + tokens, mask=pmask, other=0.0)  # (Q, BP)
-    square, smask = _state_tile(c, h, p, n, H, P, N)
-    entering = tl.load(entering_ptr + square, mask=smask, other=0.0)  # (BP, BN)
-    dstate = tl.load(dstates_ptr + square, mask=smask, other=0.0)  # (BP, BN): d(this chunk's own state)
+
+    # the sums over d_state, a block of it at a time
+    scores = tl.zeros((Q, Q), dtype=tl.float32)  # C_i . B_j
+    read = tl.zeros((Q, BP), dtype=tl.float32)  # C_i H^T: the entering state read by C
+    bds = tl.zeros((Q, BP), dtype=tl.float32)  # dS B_j
+    for n_first in range(0, N, BN):
+        rows, nmask = _group_tile(c, q, g, n_first + n, G, N, Q)
+        cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+        bm = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+        square, smask = _state_tile(c, h, p, n_first + n, H, P, N)
+        entering = tl.load(entering_ptr + square, mask=smask, other=0.0)  # (BP, BN)
+        dstate = tl.load(dstates_ptr + square, mask=smask, other=0.0)  # (BP, BN): d(this chunk's own state)
+        scores += tl.dot(cm, tl.trans(bm), input_precision=PRECISION)
+        read += tl.dot(cm, tl.trans(entering), input_precision=PRECISION)
+        bds += tl.dot(bm, tl.trans(dstate), input_precision=PRECISION)
 
     # intra-chunk: y_i = sum_{j <= i} scores_ij decay_ij dt_j x_j
-    scores = tl.dot(cm, tl.trans(bm), input_precision=PRECISION)  # (Q, Q): C_i . B_j
     causal = q[:, None] >= q[None, :]
     decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0))  # (Q, Q)
     mixed = tl.where(causal, scores * decay, 0.0)  # (Q, Q)
     dyx = tl.dot(dy, tl.trans(x), input_precision=PRECISION)  # (Q, Q): dy_i . x_j (this p block)
+    dscores = tl.where(causal, dyx * dt[None, :] * decay, 0.0)  # (Q, Q); the last use of decay: at Q = 128 each
+    # (Q, Q) tile is 64 registers a thread (8 warps), so the order keeps at most three of them live
     dx = tl.dot(tl.trans(mixed), dy, input_precision=PRECISION) * dt[:, None]  # (Q, BP)
     ddt = tl.sum(mixed * dyx, axis=0)  # (Q,)
     # d/d(cum_i - cum_j), and cum_i - cum_j = sum_{j < k <= i} a_k: da_k = sum_{i >= k, j < k} (no cancelling
@@ -305,21 +329,14 @@ def _chunk_bwd(
     weighted = mixed * dyx * dt[None, :]  # (Q, Q)
     below = tl.cumsum(weighted, axis=0, reverse=True)  # (Q, Q): [k, j] = sum_{i >= k} weighted_ij
     da = tl.sum(tl.where(q[None, :] < q[:, None], below, 0.0), axis=1)  # (Q,)
-    dscores = tl.where(causal, dyx * dt[None, :] * decay, 0.0)  # (Q, Q)
-    dc = tl.dot(dscores, bm, input_precision=PRECISION)  # (Q, BN)
-    db = tl.dot(tl.trans(dscores), cm, input_precision=PRECISION)  # (Q, BN)
 
     # inter-chunk: y_i += exp(cum_i) C_i H^T
     grow = tl.exp(cum)  # (Q,)
-    inter = grow[:, None] * tl.dot(cm, tl.trans(entering), input_precision=PRECISION)  # (Q, BP)
-    dc += grow[:, None] * tl.dot(dy, entering, input_precision=PRECISION)
-    da += tl.cumsum(tl.sum(dy * inter, axis=1), axis=0, reverse=True)  # cum_i = sum_{k <= i} a_k
+    da += tl.cumsum(tl.sum(dy * read * grow[:, None], axis=1), axis=0, reverse=True)  # cum_i = sum_{k <= i} a_k
 
     # the chunk's own state: sum_j exp(last - cum_j) dt_j x_j B_j^T
     to_end = tl.exp(last - cum)  # (Q,)
     w = to_end * dt  # (Q,)
-    db += w[:, None] * tl.dot(x, dstate, input_precision=PRECISION)
-    bds = tl.dot(bm, tl.trans(dstate), input_precision=PRECISION)  # (Q, BP): dS B_j
     dx += w[:, None] * bds
     sb = tl.sum(x * bds, axis=1)  # (Q,): x_j . dS B_j
     ddt += to_end * sb
@@ -330,14 +347,40 @@ def _chunk_bwd(
     part = tl.program_id(2) * total + c  # this p block's share
     tl.store(ddt_ptr + (part * Q + q) * H + h, ddt)
     tl.store(da_ptr + (part * Q + q) * H + h, da)
-    per_head = ((part * Q + q[:, None]) * H + h) * N + n[None, :]
-    tl.store(db_ptr + per_head, db, mask=nmask)
-    tl.store(dc_ptr + per_head, dc, mask=nmask)
+
+    # dB and dC per head, a block of d_state at a time
+    for n_first in range(0, N, BN):
+        rows, nmask = _group_tile(c, q, g, n_first + n, G, N, Q)
+        cm = tl.load(c_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+        bm = tl.load(b_ptr + rows, mask=nmask, other=0.0)  # (Q, BN)
+        square, smask = _state_tile(c, h, p, n_first + n, H, P, N)
+        entering = tl.load(entering_ptr + square, mask=smask, other=0.0)  # (BP, BN)
+        dstate = tl.load(dstates_ptr + square, mask=smask, other=0.0)  # (BP, BN)
+        dc = tl.dot(dscores, bm, input_precision=PRECISION)  # (Q, BN)
+        dc += grow[:, None] * tl.dot(dy, entering, input_precision=PRECISION)
+        db = tl.dot(tl.trans(dscores), cm, input_precision=PRECISION)  # (Q, BN)
+        db += w[:, None] * tl.dot(x, dstate, input_precision=PRECISION)
+        per_head = ((part * Q + q[:, None]) * H + h) * N + n_first + n[None, :]
+        tl.store(db_ptr + per_head, db, mask=nmask)
+        tl.store(dc_ptr + per_head, dc, mask=nmask)
 
 
-def _blocks(head_dim: int, d_state: int) -> tuple[int, int]:
-    """``(BP, BN)``: the p block a program holds and the padded ``d_state``."""
-    return max(16, min(64, triton.next_power_of_2(head_dim))), max(16, triton.next_power_of_2(d_state))
+def _blocks(chunk: int, head_dim: int, d_state: int, precision: str) -> tuple[int, int, int]:
+    """``(BP, BN, num_warps)`` of the per-chunk kernels: the p block a program holds, the block of ``d_state`` its
+    loops take at a time, and its warps.
+
+    A program holds a few ``(Q, Q)`` tiles (``_chunk_bwd``: scores, decay and their products) besides ``(Q, BP)``,
+    ``(Q, BN)`` and ``(BP, BN)`` ones, all fp32 in registers (IEEE fp32 dots run on FMA units with their operands
+    in registers too). Holding the whole ``d_state`` (BN = 128) at Q = BP = 64 with IEEE dots and 4 warps made
+    ptxas spill 117 KB and take 95 s to compile ``_chunk_bwd`` (sm_90, offline compile, 2026-12-06; the GPU test
+    never finished), and its TF32 build asked for 320 KB of shared memory. With BP = 32, BN = 32 (IEEE) / 64
+    (TF32) and 8 warps it spills < 100 bytes; Q = 128 stays heavy (each ``(Q, Q)`` tile is 64 registers a thread
+    at 8 warps; IEEE takes 16 warps, 128 registers a thread, ~2.5 KB spilled)."""
+    fp32 = precision == "ieee"
+    bp = max(16, min(32, triton.next_power_of_2(head_dim)))
+    bn = max(16, min(32 if fp32 or chunk >= 128 else 64, triton.next_power_of_2(d_state)))
+    warps = 4 if chunk <= 32 else 16 if fp32 and chunk >= 128 else 8
+    return bp, bn, warps
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -360,7 +403,7 @@ def _scan(
     total, Q, heads, head_dim = xc.shape
     groups, d_state = bc.shape[2], bc.shape[3]
     count, rep = layout.count, heads // groups
-    BP, BN = _blocks(head_dim, d_state)
+    BP, BN, warps = _blocks(Q, head_dim, d_state, precision)
     states = xc.new_empty(total, heads, head_dim, d_state)
     cum = xc.new_empty(total, heads, Q)
     entering = xc.new_empty(total, heads, head_dim, d_state)
@@ -368,7 +411,10 @@ def _scan(
     y = xc.new_empty(total, Q, heads, head_dim)
     grid = (total, heads, triton.cdiv(head_dim, BP))
     if total:
-        _chunk_state[grid](xc, dtc, A, bc, states, cum, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision)
+        _chunk_state[grid](
+            xc, dtc, A, bc, states, cum, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision,
+            num_warps=warps, num_stages=2,
+        )  # fmt: skip
     block = min(1024, triton.next_power_of_2(head_dim * d_state))
     pass_grid = (count, heads, triton.cdiv(head_dim * d_state, block))
     first, nchunks = layout.first.contiguous(), layout.nchunks.contiguous()
@@ -378,8 +424,9 @@ def _scan(
     )
     if total:
         _chunk_scan[grid](
-            xc, dtc, bc, cc, cum, entering, y, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision
-        )
+            xc, dtc, bc, cc, cum, entering, y, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision,
+            num_warps=warps, num_stages=2,
+        )  # fmt: skip
     return y, final, cum, entering
 
 
@@ -396,12 +443,15 @@ def _scan_bwd(
     total, Q, heads, head_dim = xc.shape
     groups, d_state = bc.shape[2], bc.shape[3]
     count, rep = layout.count, heads // groups
-    BP, BN = _blocks(head_dim, d_state)
+    BP, BN, warps = _blocks(Q, head_dim, d_state, precision)
     pblocks = triton.cdiv(head_dim, BP)
     grid = (total, heads, pblocks)
     dentering = torch.empty_like(entering)
     if total:
-        _entering_grad[grid](dy, cc, cum, dentering, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision)
+        _entering_grad[grid](
+            dy, cc, cum, dentering, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision,
+            num_warps=warps, num_stages=2,
+        )  # fmt: skip
     block = min(1024, triton.next_power_of_2(head_dim * d_state))
     nblocks = triton.cdiv(head_dim * d_state, block)
     dstates = torch.empty_like(entering)
@@ -433,7 +483,7 @@ def _scan_bwd(
     if total:
         _chunk_bwd[grid](
             xc, dtc, bc, cc, cum, entering, dy, dstates, dxc, ddt, da, db, dc,
-            total, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision,
+            total, heads, groups, head_dim, d_state, rep, Q, BP, BN, precision, num_warps=warps, num_stages=1,
         )  # fmt: skip
     da = da.sum(0) + dlast.sum(0)[:, None, :]  # (c, Q, h): the chunk's total decay sums every token's a_k
     ddtc = ddt.sum(0) + da * A  # (c, Q, h)

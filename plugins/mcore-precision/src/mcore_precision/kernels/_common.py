@@ -3,7 +3,7 @@
 Imported only where Triton is (the dispatch in ``kernels/__init__`` imports nothing of Triton on CPU). Each
 helper computes bit for bit what the torch reference (``formats``, ``mx``) computes, in integer arithmetic
 where the reference relies on a rounding rule (the interpreter's FP8 conversions are not trusted; compiled on a
-card with FP8 conversions, ``fp8_code`` uses the card's, ``HW_CVT_ON_CUDA``):
+card with FP8 conversions, ``fp8_code`` could use the card's, ``HW_CVT_ON_CUDA``, off: it miscompiled):
 
 * ``fp8_code``: the byte of ``formats.quantize``'s result for an already scaled fp32 ``y``: finite values
   saturate to ``±fmax`` and round to nearest even (subnormals included); NaN stays NaN; ``±inf`` stays
@@ -34,11 +34,13 @@ __all__ = [
     "to_f32",
 ]
 
-HW_CVT_ON_CUDA = True
-"""Compiled on CUDA cards with FP8 conversions (capability 8.9+), ``fp8_code`` rounds with the card's
-conversion (``cvt.rn.satfinite``: one instruction per two values; the specials are set around it) instead of
-the integer emulation, whose ~25 integer operations an element come near the bandwidth limit of a memory-bound
-pass. Both must equal the reference (``test_kernels_gpu``); ``False`` here falls back to the emulation."""
+HW_CVT_ON_CUDA = False
+"""Whether ``fp8_code`` rounds with the card's conversion (``cvt.rn.satfinite``, capability 8.9+) instead of the
+integer emulation. Off: on an H100 and an H200 (torch 2.11, Triton 3.6, 2026-12-06) the compiled conversion wrote
+wrong bytes for whole 128-column groups whenever the input tile was read column-major (a transposed view:
+per-tensor casts of ``x.t()`` and MXFP8 of fp32 ``x.t()``), while every contiguous case matched; with the
+emulation all of ``test_kernels_gpu`` (62 cases, H100) equals the references byte for byte. ``True`` brings the
+conversion back for a Triton that compiles it right (``test_kernels_gpu`` decides)."""
 
 
 def fmt_args(fmt: FP8Format, device: torch.device) -> dict[str, object]:

@@ -1,0 +1,75 @@
+"""The experts' gate and up projections as ONE grouped GEMM producing ``(M, 2F)`` rows ``[gate | up]``.
+
+Why: two grouped GEMMs read the routed rows twice and launch twice; one over the weights stacked along the FFN dim
+reads them once, and its output is what the fused SwiGLU (``mcore_moe.swiglu``) takes. The parameters stay separate
+``gate`` and ``up`` ``(E_l, F, H)`` (checkpoints, Hugging Face maps and expert TP, which shards each by FFN rows,
+are unchanged); the forward stacks them into a transient ``(E_l, 2F, H)``.
+
+* ``torch._grouped_mm`` path (CUDA bf16, the device's probe passed): ``_GateUpGroupedMM``, whose backward computes
+  ``d rows`` as one grouped GEMM over the stacked weight and ``d gate``, ``d up`` straight into their own contiguous
+  ``(E_l, F, H)`` (no gradient of the stack to split and copy); the stack is rebuilt in backward, not saved.
+* otherwise ``grouped_linear`` over ``cat([gate, up], 1)`` (the per-expert reference): autograd through the
+  concatenation. (``GroupedSwiGLU`` sends a precision recipe's calls down its unfused path, one GEMM per weight.)
+
+Shape legend: M routed rows sorted by expert, H hidden size, F expert FFN size, E_l local experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mcore.precision.grouped import grouped_linear
+
+
+class _GateUpGroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, offsets: torch.Tensor
+    ) -> torch.Tensor:
+        stacked = torch.cat([gate, up], dim=1)  # (E_l, 2F, H), transient
+        ctx.save_for_backward(rows, gate, up, offsets)
+        return torch._grouped_mm(rows, stacked.transpose(-2, -1), offs=offsets)  # (M, 2F)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, gate, up, offsets = ctx.saved_tensors
+        f = gate.shape[1]
+        grad = grad.contiguous()  # (M, 2F)
+        d_rows = d_gate = d_up = None
+        if ctx.needs_input_grad[0]:
+            stacked = torch.cat([gate, up], dim=1)  # (E_l, 2F, H)
+            d_rows = torch._grouped_mm(grad, stacked, offs=offsets)  # (M, H): one GEMM over both halves
+        if ctx.needs_input_grad[1]:
+            d_gate = torch._grouped_mm(grad[:, :f].t(), rows, offs=offsets)  # (E_l, F, H)
+        if ctx.needs_input_grad[2]:
+            d_up = torch._grouped_mm(grad[:, f:].t(), rows, offs=offsets)  # (E_l, F, H)
+        return d_rows, d_gate, d_up, None
+
+
+def gate_up_grouped_mm(
+    rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, tokens_per_expert: torch.Tensor
+) -> torch.Tensor:
+    """``rows (M, H)`` grouped by expert times ``[gate | up][e].T`` -> ``(M, 2F)`` by one ``torch._grouped_mm``
+    (offsets on the device: no host sync; rows past the groups are padding)."""
+    offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # (E_l,) end row of each expert
+    return _GateUpGroupedMM.apply(rows, gate, up, offsets)  # type: ignore[no-any-return]
+
+
+def gate_up_linear(
+    rows: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    ctx: Any = None,
+    *,
+    grouped_mm: bool = False,
+) -> torch.Tensor:
+    """``rows (M, H)`` of expert ``e`` times ``[gate | up][e].T`` (``gate``, ``up`` ``(E_l, F, H)``) -> ``(M, 2F)``.
+
+    ``grouped_mm``: the caller found ``torch._grouped_mm`` fits (device, dtype, sizes) and no precision recipe takes
+    the call; else ``grouped_linear`` (the recipe's, or the reference) over the stacked weight."""
+    if grouped_mm:
+        return gate_up_grouped_mm(rows, gate, up, tokens_per_expert)
+    return grouped_linear(rows, torch.cat([gate, up], dim=1), tokens_per_expert, ctx=ctx)  # (M, 2F)
