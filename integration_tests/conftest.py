@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).parent
 
@@ -30,3 +32,13 @@ def installed_example_plugin():
     subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", str(HERE / "example_plugin")], check=True)
     yield "my-fp64"
     subprocess.run([*pip, "uninstall", "-y", "my-fp64"], check=True)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is as fast, and spinning threads on a shared CPU are 20x slower. Files of
+    tiny-model tests use it for every test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,7 +13,6 @@ every block, state slot and snapshot is free (or belongs to a cached block) afte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,13 +28,7 @@ GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
 BS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast, and spinning threads on a shared CPU are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

@@ -7,7 +7,6 @@ equals token-by-token argmax of the model's full-sequence forward: GQA with QK-n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,7 @@ VOCAB = 64
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast, and spinning threads on a shared CPU are 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def config(kind: str) -> GPTConfig:

@@ -12,7 +12,6 @@ graphs give the tokens of the same static step run eagerly.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -75,15 +74,6 @@ def test_moe_gpt_prefill_and_decode_through_the_cache_equal_the_full_forward() -
 VOCAB = 64
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast, and spinning threads on a shared CPU are much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def moe_gpt(hidden: int = 32, device: str = "cpu", **moe: Any) -> Any:

@@ -19,7 +19,6 @@ well but not perfectly (its layers' outputs are scaled up until about half the d
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,12 +32,7 @@ from mcore_models.gpt import GPT, GPTConfig
 VOCAB, HIDDEN = 64, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def build(depths: int, *, vocab: int = VOCAB, scale: float = 50.0, good: bool = True, mixer: str = "gqa") -> GPT:

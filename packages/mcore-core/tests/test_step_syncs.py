@@ -81,3 +81,49 @@ def test_the_loop_hands_update_the_agreed_finiteness(tmp_path: Path) -> None:
     update = {"precision": {"recipe": "agreed-update"}, "train": {"steps": 2}}
     run(make_config(host, tmp_path / "run", make_corpus(tmp_path), update), host)
     assert AgreedUpdate.seen == [True, True]  # one call per step, with the all-reduced answer
+
+
+def _old_clip(grads: list[torch.Tensor], max_norm: float, total: float) -> list[torch.Tensor]:
+    """Clipping as the loop did it before it stayed on the device: the factor read on the host."""
+    out = [g.clone() for g in grads]
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        torch._foreach_mul_(out, coef)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("max_norm", [0.37, 1.0, 1e6])
+def test_clipping_from_the_norm_tensor_equals_the_host_factor(dtype: torch.dtype, max_norm: float) -> None:
+    from mcore.train.grads import clip_grads_, global_grad_norm
+
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n in (1000, 37, 1)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(dtype) * 3
+    params.append(torch.nn.Parameter(torch.zeros(4)))  # no gradient: skipped
+    norm = global_grad_norm(params)
+    want = _old_clip([p.grad for p in params[:3]], max_norm, float(norm))  # type: ignore[misc]
+    clip_grads_(params, max_norm, norm)
+    for p, w in zip(params[:3], want, strict=True):
+        assert p.grad is not None and torch.equal(p.grad, w)  # the same bits, clipped or not
+
+
+@pytest.mark.gpu
+def test_clipping_fp32_gradients_makes_no_host_sync() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mcore.train.grads import clip_grads_, global_grad_norm
+
+    params = [torch.nn.Parameter(torch.zeros(n, device="cuda")) for n in (4096, 33)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 5
+    clip_grads_(params, 1.0, global_grad_norm(params))  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        clip_grads_(params, 1.0, global_grad_norm(params))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    total = torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm()
+    assert abs(float(total) - 1.0) < 1e-4

@@ -8,6 +8,9 @@ weighted combine are all inside the timed step. Every candidate uses the same we
   grouped GEMM for gate and up, the Triton SwiGLU, the permute and combine by the known permutation (Triton);
 * ``mcore_moe_unfused``: the same block on its reference paths (two gate/up GEMMs, torch ``silu(gate) * up``,
   advanced-indexing permute, fp32 ``index_add`` combine): what the fusions gain, in the same run;
+* ``mcore_moe_triton_gemm``: the same block with ``MCORE_MOE_GROUPED_GEMM=triton`` while it runs: gate, up and the
+  SwiGLU as one Triton grouped GEMM with the activation in its epilogue (``grouped_swiglu_triton``; autotuned on
+  its first call, inside the warm-up); on the CPU the choice falls back to the torch path;
 * ``mcore_moe_chunked``: the same with ``chunk_tokens`` = a quarter of the routed rows (memory against time);
 * ``grouped_mm_plain``: the baseline to beat by 1.5x: a plain layer on ``torch._grouped_mm`` with torch
   permutes (argsort by expert, gather, grouped GEMMs, ``index_add`` combine) (the issue's H200 anchor: 10.76 ms);
@@ -27,6 +30,7 @@ all run in the benchmark dtype). A candidate that cannot run here is a row with 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +90,22 @@ def _unfused(block: MoE) -> Iterator[None]:
             setattr(m, "use_triton", use)  # noqa: B010
 
 
+@contextmanager
+def _grouped_gemm(kernel: str) -> Iterator[None]:
+    """``MCORE_MOE_GROUPED_GEMM`` = ``kernel`` while inside (the experts read it per call), then as before."""
+    from mcore_moe.kernel_choice import GROUPED_GEMM_ENV
+
+    saved = os.environ.get(GROUPED_GEMM_ENV)
+    os.environ[GROUPED_GEMM_ENV] = kernel
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[GROUPED_GEMM_ENV]
+        else:
+            os.environ[GROUPED_GEMM_ENV] = saved
+
+
 def _route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k of the router logits, renormalised (fp32, as the block's default router):
     ``(experts (N, K), weights (N, K))``."""
@@ -130,6 +150,8 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
     chunked.load_state_dict(ours.state_dict())
     unfused = _block(args, device, dtype, None)
     unfused.load_state_dict(ours.state_dict())
+    triton_gemm = _block(args, device, dtype, None)
+    triton_gemm.load_state_dict(ours.state_dict())
     weights = {
         "router": ours.router.weight.detach(),
         "gate": ours.experts.gate.detach(),
@@ -139,7 +161,7 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
     params = {name: value.clone().requires_grad_() for name, value in weights.items()}
     b_t_h = (1, args.tokens, args.hidden)
 
-    def block_step(block: MoE, reference: bool = False) -> Step:
+    def block_step(block: MoE, reference: bool = False, kernel: str = "torch") -> Step:
         def step() -> torch.Tensor:
             inp = x.detach().requires_grad_()
             if reference:
@@ -147,8 +169,9 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
                     out = block(inp.view(b_t_h), BlockContext(aux_losses=AuxLosses())).view(x.shape)
                     out.backward(grad)
             else:
-                out = block(inp.view(b_t_h), BlockContext(aux_losses=AuxLosses())).view(x.shape)
-                out.backward(grad)
+                with _grouped_gemm(kernel):
+                    out = block(inp.view(b_t_h), BlockContext(aux_losses=AuxLosses())).view(x.shape)
+                    out.backward(grad)
             return out.detach()
 
         return step
@@ -182,6 +205,7 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
         out["per_expert_loop"] = (plain_step(_per_expert_loop), "")
     out["mcore_moe"] = (block_step(ours), "")
     out["mcore_moe_unfused"] = (block_step(unfused, reference=True), "")
+    out["mcore_moe_triton_gemm"] = (block_step(triton_gemm, kernel="triton"), "")
     out["mcore_moe_chunked"] = (block_step(chunked), "")
     out["grouped_mm_plain"] = (
         (plain_step(_plain_grouped_mm), "")

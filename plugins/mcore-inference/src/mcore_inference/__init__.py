@@ -14,6 +14,7 @@ _LAZY: dict[str, str] = {
     "LLM": "mcore_inference.llm",
     "CompletionOutput": "mcore_inference.llm",
     "LLMEngine": "mcore_inference.engine",
+    "LockstepEngine": "mcore_inference.lockstep",
     "RequestOutput": "mcore_inference.engine",
     "SamplingParams": "mcore_inference.sampling",
     "Sampler": "mcore_inference.sampling",

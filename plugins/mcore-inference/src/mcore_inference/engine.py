@@ -129,6 +129,17 @@ def model_cache_specs(model: nn.Module) -> dict[int, LayerCacheSpec]:
     return specs
 
 
+def _sharded_parameter(model: nn.Module) -> tuple[str, int] | None:
+    """The first parameter of ``model`` that is a DTensor over more than one rank, and that rank count (None: none
+    is): such a model runs collectives in its forward, so every rank must call it in lockstep."""
+    from torch.distributed.tensor import DTensor
+
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor) and param.device_mesh.size() > 1:
+            return name, param.device_mesh.size()
+    return None
+
+
 def _model_limit(model: nn.Module, name: str) -> int | None:
     value = getattr(getattr(model, "config", None), name, None)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
@@ -143,6 +154,8 @@ class LLMEngine:
     model's dtype); the draft caches of speculative decoding keep the model's dtype. A hybrid model (recurrent
     layers) keeps ``state_snapshots`` recurrent-state snapshots at block boundaries for prefix caching (``None``:
     ``max_num_seqs``; 0 turns prefix caching off for it); its prefill chunks are cut at block boundaries.
+    A model whose parameters are sharded over several ranks (DTensors: e.g. the ``ep`` layout's experts) needs
+    ``lockstep_group``: every rank builds the engine and steps it in lockstep (``lockstep.LockstepEngine``).
     """
 
     def __init__(
@@ -166,7 +179,17 @@ class LLMEngine:
         speculative_tokens: int = 0,
         kv_cache_dtype: str = "auto",
         state_snapshots: int | None = None,
+        lockstep_group: Any = None,
     ) -> None:
+        sharded = _sharded_parameter(model)
+        if sharded is not None and lockstep_group is None:
+            name, ranks = sharded
+            raise UserError(
+                f"LLMEngine: the model's parameter {name!r} is sharded over {ranks} ranks (a parallel layout, e.g. "
+                "ep); every rank must run the same steps: give lockstep_group (a gloo group of those ranks) and "
+                "drive the engine through mcore_inference.lockstep.LockstepEngine"
+            )
+        self.lockstep_group = lockstep_group
         fp8_kv = resolve_kv_cache_dtype(kv_cache_dtype) is not None
         if fp8_kv and attention is not None and not isinstance(attention, PagedAttention):
             raise UserError(

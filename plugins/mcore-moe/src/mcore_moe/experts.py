@@ -12,6 +12,8 @@ weight its own ``mcore.precision.grouped.grouped_linear`` call (the recipe quant
 without one, CUDA devices with ``torch._grouped_mm`` (bf16, aligned sizes) use it, and everything
 else the per-expert torch reference. Whether ``torch._grouped_mm`` works is probed once per device
 (a tiny call checked against the reference); where it fails the reference runs, with one warning.
+With ``MCORE_MOE_GROUPED_GEMM=triton`` (``kernel_choice.grouped_gemm``, opt-in) gate, up and the SwiGLU run as one
+Triton grouped GEMM with the activation in its epilogue (``mcore_moe.grouped_swiglu_triton``) where Triton runs.
 ``GroupedSwiGLU.forward_reference`` keeps the unfused path (two GEMMs, torch ``silu(gate) * up``) the fused one is
 tested against.
 """
@@ -28,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from mcore.precision.grouped import grouped_linear, grouped_linear_reference
 from mcore_moe.gate_up import gate_up_linear
+from mcore_moe.kernel_choice import grouped_gemm
 from mcore_moe.swiglu import swiglu
 
 
@@ -131,8 +134,13 @@ class GroupedSwiGLU(nn.Module):
         fast = self._fast(rows)
         w_gate, w_up, w_down = self._local_weights()
         one_mm = fast and _grouped_mm_fits(rows, w_gate) and _grouped_mm_fits(rows, w_up)
-        gate_up = gate_up_linear(rows, w_gate, w_up, tokens_per_expert, ctx, grouped_mm=one_mm)  # (M, 2F)
-        act = swiglu(gate_up, self.swiglu_limit)  # (M, F)
+        if grouped_gemm(rows) == "triton":  # opt-in: gate, up and the SwiGLU in one Triton kernel
+            from mcore_moe.grouped_swiglu_triton import grouped_swiglu
+
+            act = grouped_swiglu(rows, w_gate, w_up, tokens_per_expert, self.swiglu_limit, grouped_mm=one_mm)
+        else:
+            gate_up = gate_up_linear(rows, w_gate, w_up, tokens_per_expert, ctx, grouped_mm=one_mm)  # (M, 2F)
+            act = swiglu(gate_up, self.swiglu_limit)  # (M, F)
         return expert_linear(act, w_down, tokens_per_expert, ctx, grouped_mm=fast)  # (M, H)
 
     def forward_reference(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, ctx: Any = None) -> torch.Tensor:

@@ -35,17 +35,30 @@ class _GateUpGroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, gate, up, offsets = ctx.saved_tensors
-        f = gate.shape[1]
-        grad = grad.contiguous()  # (M, 2F)
-        d_rows = d_gate = d_up = None
-        if ctx.needs_input_grad[0]:
-            stacked = torch.cat([gate, up], dim=1)  # (E_l, 2F, H)
-            d_rows = torch._grouped_mm(grad, stacked, offs=offsets)  # (M, H): one GEMM over both halves
-        if ctx.needs_input_grad[1]:
-            d_gate = torch._grouped_mm(grad[:, :f].t(), rows, offs=offsets)  # (E_l, F, H)
-        if ctx.needs_input_grad[2]:
-            d_up = torch._grouped_mm(grad[:, f:].t(), rows, offs=offsets)  # (E_l, F, H)
-        return d_rows, d_gate, d_up, None
+        return (*gate_up_grads(grad, rows, gate, up, offsets, tuple(ctx.needs_input_grad[:3])), None)
+
+
+def gate_up_grads(
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    offsets: torch.Tensor,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``d rows (M, H)``, ``d gate``, ``d up`` ``(E_l, F, H)`` (each where ``needs`` says) of ``[gate | up]``
+    rows given their gradient ``grad (M, 2F)``, by ``torch._grouped_mm`` (``offsets``: end rows, int32)."""
+    f = gate.shape[1]
+    grad = grad.contiguous()  # (M, 2F)
+    d_rows = d_gate = d_up = None
+    if needs[0]:
+        stacked = torch.cat([gate, up], dim=1)  # (E_l, 2F, H)
+        d_rows = torch._grouped_mm(grad, stacked, offs=offsets)  # (M, H): one GEMM over both halves
+    if needs[1]:
+        d_gate = torch._grouped_mm(grad[:, :f].t(), rows, offs=offsets)  # (E_l, F, H)
+    if needs[2]:
+        d_up = torch._grouped_mm(grad[:, f:].t(), rows, offs=offsets)  # (E_l, F, H)
+    return d_rows, d_gate, d_up
 
 
 def gate_up_grouped_mm(

@@ -12,7 +12,10 @@ Under an inference cache (``BlockContext.kv_cache`` set: the engine's calls) the
 * the experts as grouped GEMMs of static shapes (``static_grouped_linear``): ``torch._grouped_mm`` with offsets
   computed on the device where it takes the call, else a masked per-expert reference (static too, E times the
   FLOPs); gate and up as one GEMM over ``[gate | up]`` and the SwiGLU on its ``(R, 2F)`` output
-  (``mcore_moe.swiglu``: Triton on CUDA); rows past the last offset are padding, which ``combine`` ignores.
+  (``mcore_moe.swiglu``: Triton on CUDA), or with ``MCORE_MOE_GROUPED_GEMM=triton`` the Triton grouped GEMM with
+  the SwiGLU in its epilogue (``mcore_moe.grouped_swiglu_triton``: no host sync; its autotuning runs on the first
+  call of a shape, which must come before a graph capture); rows past the last offset are padding, which
+  ``combine`` ignores.
 
 Shape legend: N tokens, H hidden size, F expert FFN size, E_l local experts, R rows of the dispatch buffer.
 """
@@ -28,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from mcore.protocols.dispatcher import RoutingDecision
 from mcore_moe.dispatcher import AllGatherVDispatcher
 from mcore_moe.experts import GroupedSwiGLU, grouped_mm_works
+from mcore_moe.kernel_choice import grouped_gemm
 from mcore_moe.swiglu import swiglu
 
 
@@ -88,8 +92,13 @@ def static_experts(experts: GroupedSwiGLU, rows: torch.Tensor, tokens_per_expert
         if rows.device not in experts._grouped_mm:
             experts._grouped_mm[rows.device] = grouped_mm_works(rows.device)
         fast = experts._grouped_mm[rows.device]
-    gate_up = static_grouped_linear(rows, torch.cat([gate, up], dim=1), tokens_per_expert, grouped_mm=fast)  # (R, 2F)
-    act = swiglu(gate_up, experts.swiglu_limit)  # (R, F)
+    if grouped_gemm(rows) == "triton":  # opt-in: one kernel, device-side tile map (autotuned on the first call)
+        from mcore_moe.grouped_swiglu_triton import grouped_swiglu
+
+        act = grouped_swiglu(rows, gate, up, tokens_per_expert, experts.swiglu_limit, grouped_mm=fast)  # (R, F)
+    else:
+        gate_up = static_grouped_linear(rows, torch.cat([gate, up], dim=1), tokens_per_expert, grouped_mm=fast)
+        act = swiglu(gate_up, experts.swiglu_limit)  # (R, F) from (R, 2F)
     return static_grouped_linear(act, down, tokens_per_expert, grouped_mm=fast)  # (R, H)
 
 

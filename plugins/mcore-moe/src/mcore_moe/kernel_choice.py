@@ -6,15 +6,24 @@ imports, outside ``torch.compile`` tracing (the compiler fuses the torch referen
 everywhere else (CPU calls never import Triton). ``kernel``: ``auto``
 (that rule), ``torch`` (always the reference) or ``triton`` (always the kernel: on the CPU only under
 ``TRITON_INTERPRET=1``, Triton's interpreter, for checking it).
+
+The experts' gate-and-up grouped GEMM has its own choice (``grouped_gemm``): ``torch._grouped_mm`` then the SwiGLU
+kernel (``torch``, the default) or the Triton grouped GEMM with the SwiGLU in its epilogue (``triton``,
+``mcore_moe.grouped_swiglu_triton``), named by the environment variable ``MCORE_MOE_GROUPED_GEMM``: opt-in until
+a benchmark on a card shows it beats ``torch._grouped_mm``; the Triton one runs only where ``use_triton`` holds.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Mapping
 
 import torch
 
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
+GROUPED_GEMM_ENV = "MCORE_MOE_GROUPED_GEMM"
+GROUPED_GEMMS: tuple[str, ...] = ("torch", "triton")
 
 
 def use_triton(x: torch.Tensor, kernel: str = "auto") -> bool:
@@ -31,3 +40,12 @@ def use_triton(x: torch.Tensor, kernel: str = "auto") -> bool:
         and not is_fake(x)
         and importlib.util.find_spec("triton") is not None
     )
+
+
+def grouped_gemm(x: torch.Tensor, environ: Mapping[str, str] | None = None) -> str:
+    """The gate-and-up grouped GEMM for rows ``x``: ``triton`` where ``MCORE_MOE_GROUPED_GEMM=triton`` and
+    ``use_triton(x)``, else ``torch``; ``ValueError`` naming another value of the variable."""
+    value = (os.environ if environ is None else environ).get(GROUPED_GEMM_ENV, "torch") or "torch"
+    if value not in GROUPED_GEMMS:
+        raise ValueError(f"moe: {GROUPED_GEMM_ENV} = {value!r}; allowed: {', '.join(GROUPED_GEMMS)}")
+    return "triton" if value == "triton" and use_triton(x) else "torch"

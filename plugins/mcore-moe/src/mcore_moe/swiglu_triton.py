@@ -80,14 +80,21 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
-        f = x.shape[1] // 2
-        dx = torch.empty_like(x)  # (M, 2F): [d gate | d up], one buffer
-        dy = dy.reshape(-1, f).contiguous()  # (M, F)
-        clamp = ctx.limit is not None
-        _launch(
-            _swiglu_bwd, x.shape[0], f, x, dy, dx, f, x.stride(0), 0.0 if ctx.limit is None else float(ctx.limit), clamp
-        )
-        return dx.view(ctx.shape), None
+        return swiglu_triton_backward(x, dy, ctx.limit).view(ctx.shape), None
+
+
+def swiglu_triton_backward(gate_up: torch.Tensor, dy: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """The gradient ``(M, 2F)`` ``[d gate | d up]`` of ``swiglu_triton`` at ``gate_up (M, 2F)`` (contiguous rows)
+    for ``dy (..., F)``; also the backward of the fused grouped GEMM (``grouped_swiglu_triton``)."""
+    f = gate_up.shape[1] // 2
+    dx = torch.empty_like(gate_up)  # (M, 2F): [d gate | d up], one buffer
+    dy = dy.reshape(-1, f).contiguous()  # (M, F)
+    clamp = limit is not None
+    x_stride = gate_up.stride(0)
+    _launch(
+        _swiglu_bwd, gate_up.shape[0], f, gate_up, dy, dx, f, x_stride, 0.0 if limit is None else float(limit), clamp
+    )
+    return dx
 
 
 def swiglu_triton(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:

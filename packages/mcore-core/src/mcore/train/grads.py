@@ -99,9 +99,20 @@ def _replicas(
 
 
 def clip_grads_(params: list[torch.nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
-    """Scale every gradient by ``min(1, max_norm / total)`` (``total`` from ``global_grad_norm``)."""
-    coef = max_norm / (float(total) + 1e-6)
-    if coef >= 1.0:
-        return
+    """Scale every gradient by ``min(1, max_norm / total)`` (``total`` from ``global_grad_norm``). fp32/fp64
+    gradients are scaled on the device with no host sync: the factor computed in float64 as Python computes it
+    (``max_norm / (total + 1e-6)``), multiplied as the same fp32 number a Python scalar would be, and by exactly 1
+    where no clipping is needed, which changes no value. Lower-precision gradients take the factor from the host
+    (a multi-tensor multiply by a 0-d tensor rounds the factor to their dtype; a Python scalar does not)."""
     grads = [g.to_local() if isinstance(g, DTensor) else g for p in params if (g := p.grad) is not None]
-    torch._foreach_mul_([g for g in grads if g.numel()], coef)  # a DTensor's local shard is its storage
+    grads = [g for g in grads if g.numel()]  # a DTensor's local shard is its storage
+    wide = [g for g in grads if g.dtype in (torch.float32, torch.float64)]
+    narrow = [g for g in grads if g.dtype not in (torch.float32, torch.float64)]
+    if wide:
+        coef = (max_norm / (total.detach().to(wide[0].device, torch.float64) + 1e-6)).clamp(max=1.0)  # 0-d
+        for dtype in {g.dtype for g in wide}:
+            torch._foreach_mul_([g for g in wide if g.dtype == dtype], coef.to(dtype))
+    if narrow:
+        factor = max_norm / (float(total) + 1e-6)
+        if factor < 1.0:
+            torch._foreach_mul_(narrow, factor)

@@ -434,9 +434,13 @@ class Trainer:
             finite_here = p.precision.unscale_grads(p.model)
         with self.guard.phase(f"preparing the batches of step {n + 1}"):
             self.prefetch(step + 1)  # before this step's first host sync (below)
+        with self.guard.phase(f"gradient norm of step {n}"):
+            # queued before the first host sync, so the device computes it while the host waits for the loss;
+            # used (clipping on the device, the metric read later) only if every rank's gradients are finite
+            norm = global_grad_norm(self.named_params, p.mesh, p.layouts)
         # one all-reduce for the loss, the gradients' finiteness and a pending stop signal, built on the
         # device (the loss share and the built-in recipes' finiteness are device tensors): the step's
-        # first host sync is reading its result
+        # only host sync before the optimizer step is reading its result
         stop_here = self.stop is not None and self.stop.requested is not None
         device = p.mesh.device
         agreed = torch.stack(
@@ -446,17 +450,13 @@ class Trainer:
             loss_sum, bad_ranks, stops = mesh_all_reduce(agreed, p.mesh).tolist()
         loss_value, grads_finite = self.loss_mean(loss_sum), bad_ranks == 0
         self.stop_agreed = stops > 0
-        with self.guard.phase(f"gradient norm of step {n}"):
-            norm = global_grad_norm(self.named_params, p.mesh, p.layouts) if grads_finite else None
-            clipping = self.train.grad_clip > 0
-            # clipping needs the norm on the host now; without it the norm is read after the step is queued
-            grad_norm = float(norm) if norm is not None and clipping else math.nan
-            norm_later = read_later(norm) if norm is not None and not clipping else None
+        norm_later = read_later(norm) if grads_finite else None  # the metric, read after the step is queued
+        grad_norm = math.nan
         problem = self.health.verdict(loss_value, grads_finite)
         with self.guard.phase(f"optimizer step {n}"):
             if problem is None:
-                if clipping:  # problem is None: the gradients are finite, so the norm was computed
-                    clip_grads_(self.params, self.train.grad_clip, torch.tensor(grad_norm))
+                if self.train.grad_clip > 0:  # on the device, from the norm tensor: no host sync
+                    clip_grads_(self.params, self.train.grad_clip, norm)
                 p.optimizer.step()
                 self.health.good(loss_value)
             after_optimizer_step(self.post_step, self.token_sum, applied=problem is None)

@@ -39,6 +39,7 @@ from starlette.types import Receive, Scope, Send
 
 from mcore.errors import UserError
 from mcore_inference.engine import LLMEngine
+from mcore_inference.lockstep import LockstepEngine
 from mcore_inference.sampling import SamplingParams
 from mcore_inference.server.chat_template import ChatTemplate, tokenizer_template
 from mcore_inference.server.client import EngineClient, Item
@@ -67,8 +68,9 @@ def build_app(
     chat_template: str | None = None,
     max_waiting: int | None = None,
 ) -> FastAPI:
-    """The server's app over an ``LLM`` or an ``LLMEngine`` (served from a thread: an ``EngineLoop`` over it,
-    refusing requests while ``max_waiting`` wait), or an ``EngineProcess`` (its own ``max_waiting``). The engine
+    """The server's app over an ``LLM``, an ``LLMEngine`` or the leader's ``LockstepEngine`` (served from a thread:
+    an ``EngineLoop`` over it, refusing requests while ``max_waiting`` wait), or an ``EngineProcess`` (its own
+    ``max_waiting``). The engine
     is started with the app (its lifespan) and stopped with it; ``app.state.engine_loop`` is the client.
     ``chat_template``: a Jinja template (default: the tokenizer's, else the plain one of ``chat_template.py``)."""
     from mcore_inference.server.engine_process import EngineProcess
@@ -80,6 +82,13 @@ def build_app(
             raise UserError("build_app max_waiting: give it to the EngineProcess (it admits the requests)")
         engine_or_client.start()  # spawns the engine process (the tokenizer comes from it); a no-op once started
         client = engine_or_client
+    elif isinstance(engine_or_client, LockstepEngine):  # the leader of ranks serving a sharded model (ep)
+        if not engine_or_client.is_leader:
+            raise UserError(
+                f"build_app: rank {engine_or_client.rank} of the lockstep group follows (call its follow()); "
+                "allowed: the leader, group rank 0, serves"
+            )
+        client = EngineLoop(engine_or_client, max_waiting=max_waiting)
     else:
         engine = getattr(engine_or_client, "engine", engine_or_client)
         if not isinstance(engine, LLMEngine):

@@ -20,6 +20,7 @@ from typing import Any
 
 from mcore.errors import UserError
 from mcore_inference.engine import LLMEngine, RequestOutput
+from mcore_inference.lockstep import LockstepEngine
 from mcore_inference.sampling import SamplingParams
 from mcore_inference.server.metrics import EngineMetrics
 
@@ -155,7 +156,7 @@ class EngineCore:
     no limit.
     """
 
-    def __init__(self, engine: LLMEngine, *, max_waiting: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine | LockstepEngine, *, max_waiting: int | None = None) -> None:
         check_max_waiting(max_waiting, "EngineCore")
         self.engine = engine
         self.max_waiting = max_waiting
@@ -298,7 +299,7 @@ def _fp8_clipped(cache: Any) -> dict[str, int] | None:
     return None if counts is None else {str(layer): int(n) for layer, n in counts.items()}
 
 
-def _spec_stats(engine: LLMEngine) -> dict[str, Any] | None:
+def _spec_stats(engine: LLMEngine | LockstepEngine) -> dict[str, Any] | None:
     """Speculative decoding's counters per draft position (``LLMEngine.spec_stats()``), None when it is off."""
     method = getattr(engine, "spec_stats", None)
     spec = method() if callable(method) else None

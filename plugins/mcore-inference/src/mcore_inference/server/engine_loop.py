@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from mcore_inference.engine import LLMEngine
+from mcore_inference.lockstep import LockstepEngine
 from mcore_inference.sampling import SamplingParams
 from mcore_inference.server.client import Item, Sink, SinkTable
 from mcore_inference.server.engine_core import EngineCore, EngineStopped
@@ -60,8 +61,10 @@ class _Call:
 class EngineLoop:
     """Run ``engine`` in a background thread; ``start()``, then ``submit``/``abort``/``stats``; ``stop()``."""
 
-    def __init__(self, engine: LLMEngine, *, max_waiting: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine | LockstepEngine, *, max_waiting: int | None = None) -> None:
         self.engine = engine  # touched only by the loop thread once started
+        # the leader of engines run in lockstep over ranks: keepalives while idle, the stop record at shutdown
+        self._lockstep = engine if isinstance(engine, LockstepEngine) else None
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self._core = EngineCore(engine, max_waiting=max_waiting)
@@ -101,7 +104,7 @@ class EngineLoop:
             self._sinks.drop(request_ids)
             self._commands.put(_Abort(list(request_ids)))
 
-    def call(self, function: Callable[[LLMEngine], T]) -> concurrent.futures.Future[T]:
+    def call(self, function: Callable[[Any], T]) -> concurrent.futures.Future[T]:
         """Run ``function(engine)`` on the loop thread, between steps (checks in tests)."""
         result: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._send(_Call(lambda core: function(core.engine), result), result)
@@ -137,6 +140,8 @@ class EngineLoop:
                 except queue.Empty:
                     command = None
             if self._stopping.is_set() or not core.has_work():
+                if self._lockstep is not None and not self._stopping.is_set():
+                    self._keepalive(self._lockstep)
                 continue
             try:
                 deltas = core.step()
@@ -146,6 +151,15 @@ class EngineLoop:
                 continue
             self._sinks.deliver(deltas)
         self._shutdown()
+
+    def _keepalive(self, lockstep: LockstepEngine) -> None:
+        """An idle leader's keepalive (the followers wait for a record at most the group's timeout); a failure (a
+        follower gone) stops the loop: the model cannot run without them."""
+        try:
+            lockstep.keepalive()
+        except Exception:
+            _log.exception("lockstep keepalive failed (a rank that follows is gone?); stopping the engine")
+            self._stopping.set()
 
     def _handle(self, command: _Add | _Abort | _Call) -> None:
         core = self._core
@@ -168,6 +182,11 @@ class EngineLoop:
     def _shutdown(self) -> None:
         """Abort what runs and fail what waits: nothing is left holding blocks or awaiting a queue."""
         self._core.abort_all()
+        if self._lockstep is not None:
+            try:
+                self._lockstep.stop()  # the aborts and the stop record: the followers' follow() returns
+            except Exception:
+                _log.exception("could not send the stop record to the ranks that follow")
         self._sinks.fail(None, EngineStopped("the server is shutting down"))
         self._fail_waiting()
 
