@@ -202,6 +202,9 @@ def run_one(
         rec = json.loads(done.read_text())
         return RunRecord(variant.name, rnd, rec["ok"], rec["wall_s"], rec["error"], read_metrics(run_dir / "run"))
     if run_dir.exists():  # a run cut off before it finished (a killed bench under --resume): start it again
+        if not (run_dir / "train.log").is_file():  # not a run this script started: never delete it
+            error = f"{run_dir} exists and is not a run of this benchmark (no train.log); left as it is"
+            return RunRecord(variant.name, rnd, False, 0.0, error, [])
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     log = run_dir / "train.log"

@@ -44,7 +44,7 @@ from mcore.config import resolve_model
 from mcore.plugins import load_plugins
 from mcore.presets import deep_merge
 from mcore.protocols.block import AuxLosses, BlockContext
-from mcore_testing.bench import emit, run_header, timing_row, write_lines
+from mcore_testing.bench import emit, rotated_rounds, run_header, timing_row, write_lines
 
 #: ``--quick``'s overrides of ``moe-bench`` (merged key by key).
 QUICK = dict(
@@ -114,30 +114,6 @@ class WithTrainingPath:
             return self.run()
 
 
-def rounds(candidates: dict[str, Callable[[], float]], repeats: int) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """One warm-up call each, then ``repeats`` rounds rotated each round: ms per step per round; a candidate that
-    raises drops out with its error."""
-    errors: dict[str, str] = {}
-    for name, run in list(candidates.items()):
-        try:
-            run()
-        except Exception as err:
-            errors[name] = repr(err)
-    names = [n for n in candidates if n not in errors]
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % max(len(names), 1)
-        for name in names[shift:] + names[:shift]:
-            if name in errors:
-                continue
-            try:
-                times[name].append(candidates[name]())
-            except Exception as err:
-                errors[name] = repr(err)
-                del times[name]
-    return times, errors
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="bench_moe_decode", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="moe-bench")
@@ -195,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                 candidates[name] = make()
             except Exception as err:
                 errors[name] = repr(err)
-        times, failed = rounds(candidates, args.repeats)
+        times, failed = rotated_rounds(candidates, args.repeats)
         errors |= failed
         base = times.get("engine-training-moe")
         base_tok_s = batch * 1e3 / statistics.median(base) if base else None

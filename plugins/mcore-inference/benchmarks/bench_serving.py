@@ -62,7 +62,7 @@ from mcore_inference.sampling import SamplingParams
 
 from mcore_models.gpt import GPT
 from mcore_models.presets import preset_config
-from mcore_testing.bench import emit, run_header, write_lines
+from mcore_testing.bench import emit, rotated_rounds, run_header, write_lines
 
 SECTIONS = ("workload", "prefix", "server")
 BLOCK = 16
@@ -236,15 +236,11 @@ def run_engine(
 
 
 def rotated(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
-    """One warm-up call each, then ``repeats`` rounds in an order rotated each round; each call's result."""
-    for run in candidates.values():
-        run()
-    results: dict[str, list[Any]] = {name: [] for name in candidates}
-    names = list(candidates)
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            results[name].append(candidates[name]())
+    """``rotated_rounds`` over the candidates; any failure fails the section (its message names the candidate)."""
+    results, errors = rotated_rounds(candidates, repeats)
+    if errors:
+        name, err = next(iter(errors.items()))
+        raise RuntimeError(f"{name}: {err}")
     return results
 
 

@@ -56,7 +56,7 @@ from mcore_inference.sampling import SamplingParams
 
 from mcore.data.sources import source_files
 from mcore.data.tokenizer import ByteTokenizer
-from mcore_testing.bench import emit, run_header, timing_row, write_lines
+from mcore_testing.bench import emit, rotated_rounds, run_header, timing_row, write_lines
 
 #: Fraction of the stdlib corpus's bytes, at its end, prompts come from (inside the 2% ``mcore train`` holds out).
 HELD_OUT_FRACTION = 0.01
@@ -200,28 +200,11 @@ def build(model: Any, prompts: list[list[int]], k: int, args: argparse.Namespace
 
 
 def rounds(candidates: dict[int, Decode], repeats: int) -> dict[int, list[dict[str, Any]]]:
-    """One warm-up call each, then ``repeats`` rounds rotated each round; a failing candidate drops out."""
-    results: dict[int, list[dict[str, Any]]] = {k: [] for k in candidates}
-    live = dict(candidates)
-    for k in list(live):
-        try:
-            live[k]()
-        except Exception as err:
-            print(f"k={k}: failed: {err!r}", flush=True)
-            del live[k]
-    names = list(live)
-    for r in range(repeats):
-        shift = r % max(len(names), 1)
-        for k in names[shift:] + names[:shift]:
-            if k not in live:
-                continue
-            try:
-                results[k].append(live[k]())
-            except Exception as err:
-                print(f"k={k}: failed: {err!r}", flush=True)
-                del live[k]
-                results[k] = []
-    return results
+    """``rotated_rounds`` over the candidates; a failing one is printed and has no results."""
+    results, errors = rotated_rounds(candidates, repeats)
+    for k, err in errors.items():
+        print(f"k={k}: failed: {err}", flush=True)
+    return {k: results.get(k, []) for k in candidates}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -355,4 +338,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as exc:  # a bad --checkpoint or --prompt (mcore's UserError is one): one line, exit 2
+        print(f"bench_speculative.py: {exc}", file=sys.stderr)
+        sys.exit(2)

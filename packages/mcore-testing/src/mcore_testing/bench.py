@@ -13,13 +13,27 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Step", "Timer", "emit", "interleaved", "peak_mib", "rel_error", "run_header", "timing_row", "write_lines"]
+__all__ = [
+    "Step",
+    "Timer",
+    "emit",
+    "interleaved",
+    "peak_mib",
+    "rel_error",
+    "rotated_rounds",
+    "run_header",
+    "timing_row",
+    "write_lines",
+]
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 #: One benchmarked call (forward + backward of a candidate, say).
 Step = Callable[[], Any]
@@ -101,6 +115,31 @@ def interleaved(
         for name in names[shift:] + names[:shift]:  # rotated order each round
             out[name]["times"].append(timer(steps[name], iters))
     return out
+
+
+def rotated_rounds(candidates: Mapping[K, Callable[[], T]], repeats: int) -> tuple[dict[K, list[T]], dict[K, str]]:
+    """Whole-run candidates (each call does its own timing and returns its result): one warm-up call each, then
+    ``repeats`` rounds in an order rotated each round. Returns each candidate's results per round and the errors of
+    those that raised (``repr``); a candidate that raises drops out, its results with it, and the others go on."""
+    errors: dict[K, str] = {}
+    for key, run in candidates.items():
+        try:
+            run()
+        except Exception as err:
+            errors[key] = repr(err)
+    names = [key for key in candidates if key not in errors]
+    results: dict[K, list[T]] = {key: [] for key in names}
+    for round_index in range(repeats):
+        shift = round_index % max(len(names), 1)
+        for key in names[shift:] + names[:shift]:
+            if key in errors:
+                continue
+            try:
+                results[key].append(candidates[key]())
+            except Exception as err:
+                errors[key] = repr(err)
+                del results[key]
+    return results, errors
 
 
 def timing_row(times: Sequence[float], digits: int = 4) -> dict[str, float]:

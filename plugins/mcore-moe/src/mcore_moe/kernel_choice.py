@@ -21,6 +21,8 @@ from collections.abc import Mapping
 
 import torch
 
+from mcore.errors import UserError
+
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
 GROUPED_GEMM_ENV = "MCORE_MOE_GROUPED_GEMM"
 GROUPED_GEMMS: tuple[str, ...] = ("torch", "triton")
@@ -29,7 +31,7 @@ GROUPED_GEMMS: tuple[str, ...] = ("torch", "triton")
 def use_triton(x: torch.Tensor, kernel: str = "auto") -> bool:
     """Whether ``kernel`` (``KERNELS``) means the Triton kernel for ``x``; ``ValueError`` naming it otherwise."""
     if kernel not in KERNELS:
-        raise ValueError(f"moe: kernel = {kernel!r}; allowed: {', '.join(KERNELS)}")
+        raise UserError(f"moe: kernel = {kernel!r}; allowed: {', '.join(KERNELS)}")
     if kernel != "auto":
         return kernel == "triton"
     from torch._subclasses.fake_tensor import is_fake
@@ -47,5 +49,5 @@ def grouped_gemm(x: torch.Tensor, environ: Mapping[str, str] | None = None) -> s
     ``use_triton(x)``, else ``torch``; ``ValueError`` naming another value of the variable."""
     value = (os.environ if environ is None else environ).get(GROUPED_GEMM_ENV, "torch") or "torch"
     if value not in GROUPED_GEMMS:
-        raise ValueError(f"moe: {GROUPED_GEMM_ENV} = {value!r}; allowed: {', '.join(GROUPED_GEMMS)}")
+        raise UserError(f"moe: {GROUPED_GEMM_ENV} = {value!r}; allowed: {', '.join(GROUPED_GEMMS)}")
     return "triton" if value == "triton" and use_triton(x) else "torch"
