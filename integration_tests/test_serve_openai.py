@@ -21,6 +21,8 @@ from mcore_inference.llm import LLM
 from mcore_inference.sampling import SamplingParams
 from mcore_inference.server.chat_template import default_render
 
+from mcore_testing import procs
+
 
 def _hf_directory(root: Path) -> Path:
     """A tiny ``gpt`` (llama-shaped) exported as a Hugging Face directory, with the byte tokenizer's files."""
@@ -41,26 +43,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = path.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(path.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
@@ -104,16 +86,16 @@ def test_mcore_serve_answers_like_llm_and_stops_on_sigterm(tmp_path: Path, mode:
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'mcore:generation_tokens_total{model_name="tiny"} 18' in metrics  # 3 answers of 6 tokens
         assert 'mcore:request_success_total{model_name="tiny",finished_reason="length"} 3' in metrics
-        children = _children(proc.pid)
+        children = procs.children(proc.pid)
         assert len(children) >= (1 if mode == "--engine-process" else 0)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err[-2000:]
         assert "Traceback" not in err
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        while any(procs.alive(p) for p in children) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(p) for p in children), "a process of the server outlived it"
+        assert not any(procs.alive(p) for p in children), "a process of the server outlived it"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -23,39 +23,15 @@ from mcore_inference.server.engine_process import EngineProcess
 from server_helpers import GREEDY, MODEL, all_free, live_server, make_app, make_engine, reference
 
 from mcore.errors import UserError
+from mcore_testing import procs
 
 TESTS = Path(__file__).parent
 linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 
 
-def _state(pid: int) -> str | None:
-    """The process' state letter (``Z``: a zombie), None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def _alive(pid: int) -> bool:
-    return _state(pid) not in (None, "Z")
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = path.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(path.parent.name))
-    return found
-
-
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+    while (alive := [p for p in pids if procs.alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     return alive
 
@@ -158,7 +134,7 @@ def test_sigterm_finishes_or_cuts_streams_and_both_processes_exit(
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.1)
-        family = [engine_pid, *_children(proc.pid)]
+        family = [engine_pid, *procs.children(proc.pid)]
         body = {"model": MODEL, "prompt": "last words", "max_tokens": max_tokens, "stream": True, "temperature": 0.0,
                 "ignore_eos": True}  # fmt: skip
         done = False
@@ -210,7 +186,7 @@ def test_a_killed_server_leaves_no_engine_process() -> None:
     try:
         assert proc.stdout is not None
         engine_pid = int(proc.stdout.readline())
-        assert _alive(engine_pid)
+        assert procs.alive(engine_pid)
         proc.kill()  # no shutdown at all: the engine process sees its pipe close
         proc.wait(10)
         assert _wait_gone([engine_pid], 10) == []

@@ -19,10 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +27,7 @@ from mcore_inference.attention import paged_attention_torch
 from mcore_inference.kv_quant import calibrate, quantize
 
 from mcore.protocols import PagedKV
+from mcore_testing.interpreted import interpreted_lines
 
 #: (name, GQA group, cached prefixes, new-token counts, window, head dim, value dim, FP8 pages)
 CASES: list[tuple[str, int, list[int], list[int], int | None, int, int, bool]] = [
@@ -184,15 +181,7 @@ def engine_main() -> None:
 
 def _interpret(entry: str) -> list[dict[str, Any]]:
     """Run ``entry`` of this module in a child process under ``TRITON_INTERPRET=1``; its JSON lines."""
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH", "")]))
-    script = f"import torch; torch.set_num_threads(1); import test_triton_prefill_interpreted as t; t.{entry}()"
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=here
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return interpreted_lines(__file__, entry)
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

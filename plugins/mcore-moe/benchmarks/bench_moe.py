@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=5, help="calls per candidate per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-loop", action="store_true", help="leave out the (slow) per-expert loop")
+    parser.add_argument("--only", nargs="*", default=None, help="candidates to run (default: all available)")
     parser.add_argument("--out", default=None, help="also write the JSON lines here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -228,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**shape, "ffn": args.ffn, "pass": "fwd+bwd", "repeats": args.repeats, "iters": args.iters}
     emit(lines, run_header(device, dtype, **settings))
     steps = candidates(args, x, grad)
+    if args.only is not None:
+        unknown = sorted(set(args.only) - set(steps))
+        if unknown:
+            print(f"bench_moe: unknown --only {', '.join(unknown)}; allowed: {', '.join(steps)}", file=sys.stderr)
+            return 2
+        steps = {name: entry for name, entry in steps.items() if name in args.only}
     runnable = {name: step for name, (step, _) in steps.items() if step is not None}
     measured = interleaved(runnable, repeats=args.repeats, iters=args.iters, warmup=args.warmup, device=device)
     flops = 18 * args.tokens * args.top_k * args.hidden * args.ffn  # the expert GEMMs, forward + backward

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from mcore_testing.interpreted import interpreted_lines
 
 SWIGLU_CASES = [(37, 40, None), (37, 40, 0.7), (3, 1100, None), (5, 24, 1.5), (0, 16, None)]  # (M, F, limit)
 DISPATCHERS = ("allgather", "alltoall", "allgatherv")
@@ -167,15 +165,7 @@ def interpreted_main() -> None:
 
 
 def _run_child(entry: Callable[[], None]) -> list[dict[str, Any]]:
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH", "")]))
-    script = f"import {Path(__file__).stem} as t; t.{entry.__name__}()"
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=here
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return interpreted_lines(__file__, entry.__name__)
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

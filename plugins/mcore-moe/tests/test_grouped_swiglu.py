@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +25,7 @@ import torch.nn.functional as F
 
 from mcore.precision.grouped import grouped_linear_reference
 from mcore_moe.kernel_choice import GROUPED_GEMM_ENV, grouped_gemm
+from mcore_testing.interpreted import interpreted_records
 
 # (name, sizes per expert, M rows (past the sizes: padding), H, F, limit)
 CASES: list[tuple[str, list[int], int, int, int, float | None]] = [
@@ -170,15 +167,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 @pytest.fixture(scope="module")
 def records() -> dict[str, dict[str, Any]]:
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH", "")]))
-    script = f"import {Path(__file__).stem} as t; t.interpreted_main()"
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=here
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {r["name"]: r for r in (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))}
+    return interpreted_records(__file__)
 
 
 @needs_triton

@@ -88,7 +88,7 @@ def test_bf16_params_keep_fp32_master_weights() -> None:
         ("lr", -1.0, "number >= 0"),
         ("betas", (0.9, 1.5), "two numbers in [0, 1)"),
         ("eps", 0.0, "number > 0"),
-        ("impl", "cuda", "allowed: ['auto', 'foreach', 'fused']"),
+        ("impl", "cuda", "allowed: ['auto', 'foreach', 'fused', 'triton']"),
         ("no_decay_roles", ("norms",), "allowed roles"),
         ("mup_width", 0, "positive int"),
     ],

@@ -21,6 +21,7 @@ import pytest
 import torch
 from quant_cases import assert_bits, assert_codes, fp8_edges, inputs
 
+from mcore.errors import UserError
 from mcore_precision import kernels
 from mcore_precision.formats import E4M3, E5M2, FP8Format
 from mcore_precision.kernels import reference as ref
@@ -215,6 +216,14 @@ def test_dispatch_honours_the_reference_switch(monkeypatch: pytest.MonkeyPatch) 
     assert not kernels.triton_usable()
     fresh = kernels.Dispatched("t", "mcore_precision.kernels.reference:quantize_mx", "no.such.module:f")
     assert fresh.implementation("cuda") is ref.quantize_mx  # never imports the kernel module
+
+
+def test_dispatch_refuses_an_unknown_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCORE_PRECISION_KERNELS", "fast")
+    with pytest.raises(UserError, match="MCORE_PRECISION_KERNELS = 'fast'; allowed: triton, reference"):
+        kernels.triton_usable()
+    monkeypatch.setenv("MCORE_PRECISION_KERNELS", "")  # unset or empty: the kernels where CUDA and Triton are
+    assert kernels.triton_usable() == (torch.cuda.is_available() and importlib.util.find_spec("triton") is not None)
 
 
 def test_kernels_refuse_bad_shapes() -> None:

@@ -26,7 +26,7 @@ FMTS = pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
 
 @pytest.fixture(autouse=True)
 def _opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MCORE_PRECISION_KERNELS", "triton")  # the kernels are opt-in (kernels/__init__.py)
+    monkeypatch.setenv("MCORE_PRECISION_KERNELS", "triton")  # the default; explicit against a caller's environment
 
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -111,9 +111,9 @@ print(*errors)
 
 @pytest.mark.slow
 def test_triton_backward_in_interpreter_equals_the_reference_gradients():
-    """The Triton backward (``_entering_grad``, ``_state_passing_bwd``, ``_chunk_bwd``) against the torch chunked
-    reference's autograd, fp32: the outputs and every input's gradient, several p blocks, several d_state blocks,
-    the final state's gradient alone, rows."""
+    """The Triton backward (``mamba2_triton_bwd``: ``_entering_grad``, ``_state_passing_bwd``, ``_chunk_bwd_dx``,
+    ``_chunk_bwd_bc``) against the torch chunked reference's autograd, fp32: the outputs and every input's gradient,
+    several p blocks, several d_state blocks, the final state's gradient alone, rows."""
     errors = run_interpreted(BACKWARD, 4 * 2 + 8 + 8 + 7 + 8)
     assert all(e < 1e-5 for e in errors), errors
 
@@ -151,7 +151,7 @@ def test_kernel_bf16_within_1e2():
 
 @pytest.mark.gpu
 def test_kernel_bf16_gradients_within_1e2():
-    """bf16 x, B, C (TF32 products, fp32 accumulation): every gradient within 1e-2 of the fp32 torch reference's."""
+    """bf16 x, B, C (bf16 tile products, fp32 accumulation): every gradient within 1e-2 of the fp32 reference's."""
     from mcore_ssm.mamba2_triton import ssd_chunked_triton
 
     cu = torch.tensor([0, 700, 701, 1024], dtype=torch.int32, device="cuda")

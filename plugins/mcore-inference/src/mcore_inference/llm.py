@@ -17,6 +17,9 @@ default a model whose decode step cannot be captured (a host sync inside) warns 
 model call verifies; greedy output is the plain one. A model without MTP layers is refused. ``cuda_graphs=True``
 captures its verification and draft steps (``static_speculative.py``); ``None`` means off with speculation until
 those graphs' GPU tests have run on a card (written, not yet run: 2026-12-06).
+
+``lockstep_group`` is ``LLMEngine``'s: a model sharded over ranks (``ep``) is built on every rank with the same
+options and driven through ``lockstep.LockstepEngine`` (``mcore serve --ep``: ``server/ep_serve.py``).
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ class LLM:
         graph_batch_sizes: Sequence[int] | None = None,
         kv_cache_dtype: str = "auto",
         speculative_tokens: int = 0,
+        lockstep_group: Any = None,
     ) -> None:
         want = _dtype(dtype)
         fp8_kv = resolve_kv_cache_dtype(kv_cache_dtype) is not None  # a bad value fails before the model loads
@@ -186,6 +190,7 @@ class LLM:
                 graph_batch_sizes=graph_batch_sizes,
                 kv_cache_dtype=kv_cache_dtype,
                 speculative_tokens=k,
+                lockstep_group=lockstep_group,
             )
 
         try:

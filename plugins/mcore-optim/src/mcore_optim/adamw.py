@@ -10,10 +10,11 @@ declarations (``roles.classify``), with the user's ``role_overrides``.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import torch
 
@@ -30,7 +31,20 @@ if TYPE_CHECKING:
     from mcore.params import ParamSpec
     from mcore.protocols.layout import ParallelLayout
 
-IMPLS = ("auto", "foreach", "fused")
+IMPLS = ("auto", "foreach", "fused", "triton")
+
+
+class GroupTensors(NamedTuple):
+    """One param group's tensors for an update, parameters without a gradient left out: the fp32 weight (the
+    master where there is one), gradient, moments, step count, and the low-precision parameter the master is
+    copied into (``None`` where the weight is the parameter)."""
+
+    weights: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    steps: list[torch.Tensor]
+    targets: list[torch.Tensor | None]
 
 
 class AdamW:
@@ -53,11 +67,14 @@ class AdamW:
         fused: bool,
         master_weights: bool,
         model_params: Sequence[NamedParam] | None = None,
+        triton: bool = False,
     ) -> None:
         self._named = list(named)
         self._model_params = list(model_params) if model_params is not None else self._named
         self.param_groups = make_groups(self._named, settings) if self._named else []
         self.betas, self.eps, self.fused = betas, eps, fused
+        self.triton = triton  # adamw_triton's one-pass kernel where triton_takes (CUDA, fp32 state)
+        self._triton_tables: dict[int, dict[Any, Any]] = {}  # per param group: the kernel's address tables
         self.master_weights = master_weights
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
@@ -75,39 +92,87 @@ class AdamW:
 
     @torch.no_grad()
     def step(self) -> None:
+        self._update(None)
+
+    @torch.no_grad()
+    def step_scaled(self, grad_scale: torch.Tensor) -> None:
+        """``step()`` on the gradients times ``grad_scale`` (a 0-d fp32 tensor on their device: the run loop's
+        clipping factor, no host sync); ``.grad`` may be left unscaled (``mcore.protocols.optimizer.ScaledStep``)."""
+        self._update(grad_scale)
+
+    @torch.no_grad()
+    def step_guarded(self, ok: torch.Tensor, grad_scale: torch.Tensor | None = None) -> bool:
+        """``step_scaled(grad_scale)`` (``step()`` without it) where the 0-d bool device tensor ``ok`` is true, nothing
+        where it is false, decided on the device (``mcore.protocols.optimizer.GuardedStep``): on the Triton path
+        only; ``False`` (nothing done) where a group would take a torch path."""
+        groups = [self._group_tensors(group) for group in self.param_groups]
+        takes = (triton_takes(g.weights, g.grads, g.exp_avgs, g.exp_avg_sqs, g.targets) for g in groups if g.weights)
+        if not self.triton or not all(takes):
+            return False
+        self._update(grad_scale, ok=ok, groups=groups)
+        return True
+
+    def _group_tensors(self, group: Mapping[str, Any]) -> GroupTensors:
+        """A group's (weights, grads, exp_avgs, exp_avg_sqs, steps, low-precision targets) of parameters with a
+        gradient: the weight is the fp32 master where there is one (then the target is the parameter)."""
+        out = GroupTensors([], [], [], [], [], [])
+        weights, grads, exp_avgs, exp_avg_sqs, steps, targets = out
+        for name, p in zip(group["names"], group["params"]):
+            if p.grad is None:
+                continue
+            st = self.state[name]
+            weights.append(st.get("master", local(p)))
+            grads.append(local(p.grad))
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+            targets.append(local(p) if "master" in st else None)
+        return out
+
+    def _update(
+        self,
+        grad_scale: torch.Tensor | None,
+        *,
+        ok: torch.Tensor | None = None,
+        groups: list[GroupTensors] | None = None,
+    ) -> None:
         beta1, beta2 = self.betas
-        for group in self.param_groups:
-            weights, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            targets, masters = [], []
-            for name, p in zip(group["names"], group["params"]):
-                if p.grad is None:
-                    continue
-                st = self.state[name]
-                weight = st.get("master", local(p))
-                grad = local(p.grad)
-                weights.append(weight)
-                grads.append(grad if grad.dtype == weight.dtype else grad.to(weight.dtype))
-                exp_avgs.append(st["exp_avg"])
-                exp_avg_sqs.append(st["exp_avg_sq"])
-                steps.append(st["step"])
-                if "master" in st:
-                    targets.append(local(p))
-                    masters.append(st["master"])
-            adamw_step(
-                weights,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=self.eps,
-                weight_decay=float(group["weight_decay"]),
-                fused=self.fused,
-            )
-            if targets:
-                torch._foreach_copy_(targets, masters)
+        groups = [self._group_tensors(g) for g in self.param_groups] if groups is None else groups
+        for index, (group, tensors) in enumerate(zip(self.param_groups, groups, strict=True)):
+            weights, grads, exp_avgs, exp_avg_sqs, steps, targets = tensors
+            if not weights:
+                continue
+            hyper = {
+                "lr": float(group["lr"]),
+                "beta1": beta1,
+                "beta2": beta2,
+                "eps": self.eps,
+                "weight_decay": float(group["weight_decay"]),
+            }
+            if self.triton and triton_takes(weights, grads, exp_avgs, exp_avg_sqs, targets):
+                from mcore_optim.adamw_triton import adamw_step_triton  # CUDA only: imports Triton
+
+                cache = self._triton_tables.setdefault(index, {})
+                adamw_step_triton(
+                    weights,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    steps,
+                    targets,
+                    grad_scale=grad_scale,
+                    ok=ok,
+                    cache=cache,
+                    **hyper,
+                )
+                continue
+            grads = [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, weights)]
+            if grad_scale is not None:  # clipping, as clip_grads_ would have done on .grad
+                torch._foreach_mul_(grads, grad_scale.to(grads[0].dtype))
+            adamw_step(weights, grads, exp_avgs, exp_avg_sqs, steps, fused=self.fused, **hyper)
+            masters = [w for w, t in zip(weights, targets) if t is not None]
+            if masters:
+                torch._foreach_copy_([t for t in targets if t is not None], masters)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         zero_grad(self.param_groups, set_to_none)
@@ -185,11 +250,42 @@ def adamw_state_bytes(shape: Sequence[int], param_dtype: torch.dtype, *, master_
 
 
 def use_fused(impl: str, named: Sequence[NamedParam]) -> bool:
+    """torch's fused kernel: ``fused``, or ``auto``/``triton`` with every parameter on CUDA (the fallback of
+    ``triton`` for what its kernel does not take)."""
     if impl not in IMPLS:
         raise ValueError(f"impl = {impl!r}; allowed: {list(IMPLS)}")
-    if impl == "auto":
+    if impl in ("auto", "triton"):
         return bool(named) and all(local(n.param).is_cuda for n in named)
     return impl == "fused"
+
+
+def use_triton(impl: str, named: Sequence[NamedParam]) -> bool:
+    """``adamw_triton``'s kernel: ``triton`` (an error without CUDA parameters or Triton) or ``auto`` where every
+    parameter is on CUDA and Triton imports."""
+    if impl not in ("auto", "triton"):
+        return False
+    cuda = bool(named) and all(local(n.param).is_cuda for n in named)
+    available = cuda and importlib.util.find_spec("triton") is not None
+    if impl == "triton" and not available:
+        raise ValueError(
+            "impl = 'triton' needs CUDA parameters and Triton installed; allowed here: auto, foreach, fused"
+        )
+    return available
+
+
+def triton_takes(
+    weights: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    targets: list[torch.Tensor | None],
+) -> bool:
+    """Whether ``adamw_triton`` can run this group: fp32 weights and moments, everything contiguous (the kernel
+    walks each tensor's elements in one flat order) and on CUDA."""
+    state = [*weights, *exp_avgs, *exp_avg_sqs]
+    if any(t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cuda for t in state):
+        return False
+    return all(g.is_contiguous() and g.is_cuda for g in grads) and all(t is None or t.is_contiguous() for t in targets)
 
 
 class AdamWFactory:
@@ -205,8 +301,9 @@ class AdamWFactory:
         """Decay rates of the first and second moment, each in [0, 1)."""
         eps: float = 1e-8
         """Added to the root of the second moment (finite, > 0)."""
-        impl: Literal["auto", "foreach", "fused"] = "auto"
-        """'fused' (torch's kernel), 'foreach' (the reference path here), 'auto' (fused on CUDA)."""
+        impl: Literal["auto", "foreach", "fused", "triton"] = "auto"
+        """'triton' (one pass a parameter: cast, clipping, update, low-precision copy), 'fused' (torch's kernel),
+        'foreach' (the reference path here), 'auto' (triton on CUDA with Triton installed, else fused on CUDA)."""
         master_weights: bool = True
         """Keep fp32 master copies of low-precision parameters (fp32 parameters need none)."""
         no_decay_roles: tuple[str, ...] = ("norm", "bias", "embedding")
@@ -248,6 +345,7 @@ class AdamWFactory:
             fused=use_fused(self.config.impl, model_params or named),
             master_weights=self.config.master_weights,
             model_params=model_params,
+            triton=use_triton(self.config.impl, model_params or named),
         )
 
     def build(self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]) -> AdamW:

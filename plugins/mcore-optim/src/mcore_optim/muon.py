@@ -419,8 +419,8 @@ class MuonFactory:
         """Betas of that AdamW, each in [0, 1)."""
         adamw_eps: float = 1e-8
         """Eps of that AdamW (finite, > 0)."""
-        adamw_impl: Literal["auto", "foreach", "fused"] = "auto"
-        """Implementation of that AdamW: 'auto' (fused on CUDA), 'foreach' or 'fused'."""
+        adamw_impl: Literal["auto", "foreach", "fused", "triton"] = "auto"
+        """Implementation of that AdamW: 'auto' (triton, else fused, on CUDA), 'foreach', 'fused' or 'triton'."""
         master_weights: bool = True
         """Keep fp32 master copies of low-precision parameters."""
         no_decay_roles: tuple[str, ...] = ("norm", "bias", "embedding")

@@ -1,32 +1,47 @@
 """Triton forward kernels of the chunked gated delta rule (chunk 64, fp32 state); imported only on CUDA.
 
 Shape legend: N flattened tokens, S segments (``mcore_ssm.packing``), M chunks, hk query/key heads, hv value
-heads, dk key dim, dv value dim, C = 64 chunk, BK dk padded to a power of two, BV a block of the value dims.
+heads, dk key dim, dv value dim, C = 64 chunk, BK dk padded to a power of two, BV a
+block of the value dims.
 
 The math is ``mcore_ssm.gdn_reference.chunk_gated_delta_rule`` (its docstring derives it). Chunks never
 straddle segments: each segment is cut into its own chunks, and the rows of a chunk past its segment's end
 load as zeros (``k = v = q = 0``, ``beta = g = 0``: inert; their ``G`` is the chunk's last, ``G_C``). Every exp
 takes a non-positive argument (``G`` falls along a chunk; masked entries are set to ``-inf`` before the exp), so
-a strong decay underflows to 0 and never overflows into ``inf * 0 = NaN``. Two kernels:
+a strong decay underflows to 0 and never overflows into ``inf * 0 = NaN``. Three kernels; only the second walks
+the chunks in order, and it does nothing but the state recurrence:
 
-1. ``_chunk_prepare_kernel``, one program per (chunk, value head), all in parallel: ``G = cumsum(g)``,
-   ``A = tril_{-1}(diag(beta) K K^T * exp(G_i - G_j))``, ``T = (I + A)^-1`` by forward substitution row by
-   row (exact, as ``solve_triangular``; no power series, which cancels badly when keys repeat), then the WY
-   factors ``W = T diag(beta exp(G)) K`` and ``U~ = T diag(beta) V``, stored fp32 per token with ``G``.
+1. ``_chunk_wy_kernel``, one program per (chunk, value head): ``G = cumsum(g)``, ``A = tril_{-1}(diag(beta) K K^T *
+   exp(G_i - G_j))`` (``tl.dot`` on the inputs' dtype, fp32 accumulate), ``T = (I + A)^-1`` by doubling the
+   inverted diagonal blocks, 1 -> 2 -> ... -> 64 (``_double``: five levels of two ``(C, C)`` dots after the first;
+   exact, a reordered triangular solve, where the old row-by-row substitution took 64 dependent steps; no power
+   series, which cancels badly when keys repeat), then the WY factors ``W = T diag(beta exp(G)) K`` and ``U~ = T
+   diag(beta) V`` by dots, stored in the scratch dtype (the inputs' for 16-bit inputs, else fp32) with ``G``
+   (fp32). The inverse and the factors' dots run in tf32 for 16-bit inputs: in an fp32 emulation of tf32 rounding
+   (2026-12-06, 256 chunks of dk 128 bench-like inputs), W came out 2e-4 relative off (4e-4 with keys repeated),
+   against 1.7e-3 with T rounded to bf16 and 2e-8 in fp32.
 2. ``_chunk_state_kernel``, one program per (segment, value head, block of BV value dims): the columns of the
    state ``S (dk, dv)`` evolve independently (``u = beta (v - S^T k)`` is per value column), so a program holds
-   ``S[:, block]`` in registers in fp32 and walks its segment's chunks in order: ``U = U~ - W S``;
-   ``O = (exp(G) Q) S + tril(Q K^T * exp(G_i - G_j)) U``; ``S = exp(G_C) S + (exp(G_C - G) K)^T U``.
+   ``S[:, block]`` in registers in fp32 and walks its segment's chunks in order, storing the state entering
+   each chunk (scratch dtype, or fp32 when asked) and ``U = U~ - W S``; then ``S = exp(G_C) S + K~^T U`` with
+   ``K~ = exp(G_C - G) K``.
+3. ``_chunk_output_kernel``, one program per (chunk, value head, block of value dims), all in parallel:
+   ``O = scale ((exp(G) Q) S_in + tril(Q K^T * exp(G_i - G_j)) U)``, stored in the inputs' dtype.
 
-Dots run in fp32 (``ieee``) for fp32 inputs and in tf32 for 16-bit inputs (which carry fewer bits than
-tf32 keeps). The WY factors cost ``N * hv * (dk + dv + 1)`` fp32 of scratch during the call. Backward
-(``gated_delta_rule_triton`` is an ``autograd.Function``): ``mcore_ssm.gdn_triton_bwd``, which reruns these
-kernels with ``STORE_STATES`` (the state entering every chunk, ``M * hv * dk * dv`` fp32) instead of keeping
-anything from the forward but its inputs.
+``K K^T`` and the dots of kernels 2 and 3 take 16-bit operands (fp32 accumulate) when the inputs are 16-bit; all
+dots run in fp32 (``ieee``) for fp32 inputs; the backward asks for fp32 factors and states (tf32 dots for 16-bit
+inputs, as before). Work per (chunk, value head), dk = dv = d: kernel 1 ``2 C^2 d`` (A) + ``20 C^3`` (T, tf32) +
+``4 C^2 d`` (W, U, tf32), kernel 2 ``4 C d^2``, kernel 3 ``2 C d^2 + 4 C^2 d``; scratch ``W, U~, U`` (``N hv d``
+each) and the chunk states (``M hv d^2``) in the scratch dtype. Block sizes, warps and stages of kernels 2 and 3
+are autotuned on CUDA over a few configs (a config over the shared memory of the card is skipped by the autotuner);
+Triton's interpreter takes fixed ones. Backward (``gated_delta_rule_triton`` is an ``autograd.Function``):
+``mcore_ssm.gdn_triton_bwd``, which reruns kernels 1 and 2 in fp32 for the factors and the chunk states instead of
+keeping anything from the forward but its inputs.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Unpack
 
@@ -39,13 +54,25 @@ from mcore_ssm.packing import Segments, check_state_count, segments_of
 
 
 @triton.jit
-def _chunk_prepare_kernel(
+def _double(inv, a, rows, S: tl.constexpr, PRECISION: tl.constexpr):
+    """One level of the blocked inverse: ``inv``, the inverse of the blocks of ``S`` on the diagonal of ``I + a``
+    (``(C, C)``, ``a`` strictly lower), becomes that of the blocks of ``2 S``. Within each ``2 S`` block
+    ``[[L00, 0], [L10, L11]]``, the inverse is ``[[T00, 0], [-T11 L10 T00, T11]]``: ``inv - inv E inv`` with
+    ``E`` the ``L10`` parts of ``a``. Exact (a reordered triangular solve, not a power series)."""
+    pair = (rows // (2 * S))[:, None] == (rows // (2 * S))[None, :]  # (C, C) same block of 2 S
+    apart = (rows // S)[:, None] != (rows // S)[None, :]  # different blocks of S
+    e = tl.where(pair & apart, a, 0.0)  # (C, C) E
+    return inv - tl.dot(inv, tl.dot(e, inv, input_precision=PRECISION), input_precision=PRECISION)
+
+
+@triton.jit
+def _chunk_wy_kernel(
     k_ptr,  # (N, hk, dk)
     v_ptr,  # (N, hv, dv)
     g_ptr,  # (N, hv) fp32
     beta_ptr,  # (N, hv) fp32
-    w_ptr,  # (N, hv, dk) fp32 out: W
-    u_ptr,  # (N, hv, dv) fp32 out: U~
+    w_ptr,  # (N, hv, dk) scratch dtype out: W
+    u_ptr,  # (N, hv, dv) scratch dtype out: U~
     cum_ptr,  # (N, hv) fp32 out: G
     chunk_start_ptr,  # (M,) int64 first flat token of each chunk
     chunk_len_ptr,  # (M,) int64 its tokens (1..C)
@@ -68,58 +95,55 @@ def _chunk_prepare_kernel(
     dks = tl.arange(0, BK)  # (BK,)
     valid = rows < count
     flat = start + rows  # (C,) flat token index
-    lower = rows[:, None] >= rows[None, :]  # (C, C) j <= i
-    strict = rows[:, None] > rows[None, :]  # (C, C) j < i
-
-    k_off = (flat[:, None] * HK + qk_head) * DK + dks[None, :]  # (C, BK)
     k_mask = valid[:, None] & (dks < DK)[None, :]
-    k = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)  # (C, BK)
+    k = tl.load(k_ptr + (flat[:, None] * HK + qk_head) * DK + dks[None, :], mask=k_mask, other=0.0)  # (C, BK)
     g = tl.load(g_ptr + flat * HV + head, mask=valid, other=0.0)  # (C,)
     beta = tl.load(beta_ptr + flat * HV + head, mask=valid, other=0.0)  # (C,)
-
-    cum = tl.cumsum(g, axis=0)  # (C,) G
-    # exp(G_i - G_j) for j <= i only (G falls along the chunk: the argument is <= 0); above the diagonal it is
-    # -inf before the exp, never exp of the positive difference (overflows to inf at strong decay)
-    ratio = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))  # (C, C)
-    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)  # (C, C)
-    a = tl.where(strict, beta[:, None] * kk * ratio, 0.0)  # (C, C) A
-
-    # T = (I + A)^-1 by forward substitution: row i = e_i - sum_{j < i} A[i, j] T[j, :]
-    inv = tl.zeros((C, C), dtype=tl.float32)
-    for i in range(C):
-        a_row = tl.sum(tl.where(rows[:, None] == i, a, 0.0), axis=0)  # (C,) A[i, :]
-        row = tl.sum(a_row[:, None] * inv, axis=0)  # (C,) sum_j A[i, j] T[j, :]
-        e_i = tl.where(rows == i, 1.0, 0.0)
-        inv = tl.where(rows[:, None] == i, (e_i - row)[None, :], inv)
-
-    w = tl.dot(inv, k * (beta * tl.exp(cum))[:, None], input_precision=PRECISION)  # (C, BK) W
-    w_off = (flat[:, None] * HV + head) * DK + dks[None, :]  # (C, BK)
-    tl.store(w_ptr + w_off, w, mask=k_mask)
+    cum = tl.cumsum(g, axis=0)  # (C,) G; rows past the end keep G_C (their g is 0)
     tl.store(cum_ptr + flat * HV + head, cum, mask=valid)
+
+    # A = tril_{-1}(diag(beta) K K^T * exp(G_i - G_j)): -inf on and above the diagonal before the exp
+    strict = rows[:, None] > rows[None, :]  # (C, C) j < i
+    kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)  # (C, C) fp32
+    a = beta[:, None] * kk * tl.exp(tl.where(strict, cum[:, None] - cum[None, :], float("-inf")))  # (C, C)
+    # T = (I + A)^-1, doubling the inverted diagonal blocks: 1 -> 2 -> ... -> 64
+    # level 1 without dots: the inverse of each [[1, 0], [a, 1]] is [[1, 0], [-a, 1]]
+    pair = (rows // 2)[:, None] == (rows // 2)[None, :]  # (C, C) same block of 2
+    inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) - tl.where(pair, a, 0.0)  # (C, C)
+    inv = _double(inv, a, rows, 2, PRECISION)
+    inv = _double(inv, a, rows, 4, PRECISION)
+    inv = _double(inv, a, rows, 8, PRECISION)
+    inv = _double(inv, a, rows, 16, PRECISION)
+    inv = _double(inv, a, rows, 32, PRECISION)
+
+    # W = T diag(beta exp(G)) K and U~ = T diag(beta) V: T and the right sides in fp32 (tf32 dots for 16-bit
+    # inputs: T in 16 bits would cost W ~2e-3 relative), stored in the scratch dtype
+    x = k.to(tl.float32) * (beta * tl.exp(cum))[:, None]  # (C, BK)
+    w = tl.dot(inv, x, input_precision=PRECISION)  # (C, BK)
+    w_off = (flat[:, None] * HV + head) * DK + dks[None, :]  # (C, BK)
+    tl.store(w_ptr + w_off, w.to(w_ptr.dtype.element_ty), mask=k_mask)
     for v_first in range(0, DV, BV):
         dvs = v_first + tl.arange(0, BV)  # (BV,)
         v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
         v_mask = valid[:, None] & (dvs < DV)[None, :]
         v = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV)
         u = tl.dot(inv, v * beta[:, None], input_precision=PRECISION)  # (C, BV) U~
-        tl.store(u_ptr + v_off, u, mask=v_mask)
+        tl.store(u_ptr + v_off, u.to(u_ptr.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
 def _chunk_state_kernel(
-    q_ptr,  # (N, hk, dk)
     k_ptr,  # (N, hk, dk)
-    w_ptr,  # (N, hv, dk) fp32: W
-    u_ptr,  # (N, hv, dv) fp32: U~
+    w_ptr,  # (N, hv, dk) scratch dtype: W
+    u_ptr,  # (N, hv, dv) scratch dtype: U~
     cum_ptr,  # (N, hv) fp32: G
-    out_ptr,  # (N, hv, dv) fp32 out
-    h0_ptr,  # (S, hv, dk, dv) fp32 (unused without HAS_H0)
+    vnew_ptr,  # (N, hv, dv) scratch dtype out: U = U~ - W S
+    h0_ptr,  # (S, hv, dk, dv) (unused without HAS_H0)
     ht_ptr,  # (S, hv, dk, dv) fp32 out (unused without STORE_HT)
-    states_ptr,  # (M, hv, dk, dv) fp32 out: the state entering each chunk (unused without STORE_STATES)
+    states_ptr,  # (M, hv, dk, dv) out: the state entering each chunk
     starts_ptr,  # (S,) int64
     lengths_ptr,  # (S,) int64
     first_chunk_ptr,  # (S,) int64 each segment's first chunk
-    scale,
     HK: tl.constexpr,
     HV: tl.constexpr,
     DK: tl.constexpr,
@@ -129,7 +153,6 @@ def _chunk_state_kernel(
     C: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
-    STORE_STATES: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0)
@@ -138,58 +161,141 @@ def _chunk_state_kernel(
     qk_head = head // (HV // HK)
     start = tl.load(starts_ptr + seg)
     length = tl.load(lengths_ptr + seg)
+    first_chunk = tl.load(first_chunk_ptr + seg)
+    scratch = w_ptr.dtype.element_ty
 
     rows = tl.arange(0, C)  # (C,)
     dks = tl.arange(0, BK)  # (BK,)
     dvs = vblock * BV + tl.arange(0, BV)  # (BV,) this program's value columns
     kmask = dks < DK
     vmask = dvs < DV
-    lower = rows[:, None] >= rows[None, :]  # (C, C) j <= i
-
-    state_off = ((seg * HV + head) * DK + dks[:, None]) * DV + dvs[None, :]  # (BK, BV)
+    state_cols = dks[:, None] * DV + dvs[None, :]  # (BK, BV) inside one (dk, dv) state
     state_mask = kmask[:, None] & vmask[None, :]
     if HAS_H0:
-        state = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0)  # (BK, BV) fp32
+        state = tl.load(h0_ptr + (seg * HV + head) * DK * DV + state_cols, mask=state_mask, other=0.0)
+        state = state.to(tl.float32)  # (BK, BV)
     else:
         state = tl.zeros((BK, BV), dtype=tl.float32)
 
-    first_chunk = tl.load(first_chunk_ptr + seg)
     for chunk_first in range(0, length, C):
-        if STORE_STATES:  # for the backward: the state this chunk starts from
-            chunk_id = first_chunk + chunk_first // C
-            tl.store(
-                states_ptr + ((chunk_id * HV + head) * DK + dks[:, None]) * DV + dvs[None, :], state, mask=state_mask
-            )
+        chunk_id = first_chunk + chunk_first // C
+        states_off = (chunk_id * HV + head) * DK * DV + state_cols  # (BK, BV)
+        tl.store(states_ptr + states_off, state.to(states_ptr.dtype.element_ty), mask=state_mask)
         tok = chunk_first + rows  # (C,) position in the segment
         valid = tok < length
         flat = start + tok  # (C,) flat token index
-        qk_off = (flat[:, None] * HK + qk_head) * DK + dks[None, :]  # (C, BK)
-        qk_mask = valid[:, None] & kmask[None, :]
-        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32) * scale  # (C, BK)
-        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # (C, BK)
-        w_off = (flat[:, None] * HV + head) * DK + dks[None, :]  # (C, BK)
-        w = tl.load(w_ptr + w_off, mask=qk_mask, other=0.0)  # (C, BK)
+        k_mask = valid[:, None] & kmask[None, :]
+        k = tl.load(k_ptr + (flat[:, None] * HK + qk_head) * DK + dks[None, :], mask=k_mask, other=0.0)  # (C, BK)
+        w = tl.load(w_ptr + (flat[:, None] * HV + head) * DK + dks[None, :], mask=k_mask, other=0.0)  # (C, BK)
         v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
         v_mask = valid[:, None] & vmask[None, :]
         u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) U~
         last_tok = start + tl.minimum(chunk_first + C, length) - 1
         last = tl.load(cum_ptr + last_tok * HV + head)  # G_C: G at the chunk's last token
-        # rows past the segment's end hold G_C (their g is 0), not 0: with 0 there, exp(G_i - G_j) of a padding
-        # row i overflowed at strong decay, and inf * 0 = NaN
+        # rows past the segment's end hold G_C (their g is 0): exp(G_C - G) of those rows is 1, never of 0 - G
         cum = tl.load(cum_ptr + flat * HV + head, mask=valid, other=0.0)
         cum = tl.where(valid, cum, last)  # (C,) G
 
-        u = u - tl.dot(w, state, input_precision=PRECISION)  # (C, BV) U
-        ratio = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))  # (C, C) exp(G_i - G_j), j <= i
-        scores = tl.where(lower, tl.dot(q, tl.trans(k), input_precision=PRECISION) * ratio, 0.0)  # (C, C)
-        out = tl.dot(q * tl.exp(cum)[:, None], state, input_precision=PRECISION)  # (C, BV)
-        out += tl.dot(scores, u, input_precision=PRECISION)
-        tl.store(out_ptr + v_off, out, mask=v_mask)
-        k_end = tl.where(valid[:, None], k * tl.exp(last - cum)[:, None], 0.0)  # (C, BK)
-        state = state * tl.exp(last) + tl.dot(tl.trans(k_end), u, input_precision=PRECISION)  # (BK, BV)
+        vnew = u.to(tl.float32) - tl.dot(w, state.to(scratch), input_precision=PRECISION)  # (C, BV) U
+        vnew = vnew.to(scratch)
+        tl.store(vnew_ptr + v_off, vnew, mask=v_mask)
+        k_end = tl.where(valid[:, None], k.to(tl.float32) * tl.exp(last - cum)[:, None], 0.0).to(scratch)  # K~
+        state = state * tl.exp(last) + tl.dot(tl.trans(k_end), vnew, input_precision=PRECISION)  # (BK, BV)
 
     if STORE_HT:
-        tl.store(ht_ptr + state_off, state, mask=state_mask)
+        tl.store(ht_ptr + (seg * HV + head) * DK * DV + state_cols, state, mask=state_mask)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    q_ptr,  # (N, hk, dk)
+    k_ptr,  # (N, hk, dk)
+    vnew_ptr,  # (N, hv, dv) scratch dtype: U
+    cum_ptr,  # (N, hv) fp32: G
+    states_ptr,  # (M, hv, dk, dv): the state entering each chunk
+    out_ptr,  # (N, hv, dv) out, the inputs' dtype
+    chunk_start_ptr,  # (M,) int64
+    chunk_len_ptr,  # (M,) int64
+    scale,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)  # int64: chunk * hv * dk * dv passes 2^31 at long batches
+    head = tl.program_id(1)
+    vblock = tl.program_id(2)
+    qk_head = head // (HV // HK)
+    start = tl.load(chunk_start_ptr + chunk)
+    count = tl.load(chunk_len_ptr + chunk)
+    scratch = vnew_ptr.dtype.element_ty
+
+    rows = tl.arange(0, C)  # (C,)
+    dks = tl.arange(0, BK)  # (BK,)
+    dvs = vblock * BV + tl.arange(0, BV)  # (BV,)
+    valid = rows < count
+    flat = start + rows  # (C,)
+    k_mask = valid[:, None] & (dks < DK)[None, :]
+    qk_off = (flat[:, None] * HK + qk_head) * DK + dks[None, :]  # (C, BK)
+    q = tl.load(q_ptr + qk_off, mask=k_mask, other=0.0)  # (C, BK)
+    k = tl.load(k_ptr + qk_off, mask=k_mask, other=0.0)  # (C, BK)
+    last = tl.load(cum_ptr + (start + count - 1) * HV + head)  # G_C
+    cum = tl.load(cum_ptr + flat * HV + head, mask=valid, other=0.0)
+    cum = tl.where(valid, cum, last)  # (C,) G, G_C past the segment's end
+    v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
+    v_mask = valid[:, None] & (dvs < DV)[None, :]
+    vnew = tl.load(vnew_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) U
+    state_off = (chunk * HV + head) * DK * DV + dks[:, None] * DV + dvs[None, :]  # (BK, BV)
+    state = tl.load(states_ptr + state_off, mask=(dks < DK)[:, None] & (dvs < DV)[None, :], other=0.0)
+
+    q_decayed = (q.to(tl.float32) * tl.exp(cum)[:, None]).to(scratch)  # (C, BK) exp(G) Q
+    out = tl.dot(q_decayed, state.to(scratch), input_precision=PRECISION)  # (C, BV)
+    lower = rows[:, None] >= rows[None, :]  # (C, C) j <= i
+    # exp(G_i - G_j) for j <= i only: -inf above the diagonal before the exp
+    ratio = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))  # (C, C)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * ratio  # (C, C)
+    out += tl.dot(scores.to(scratch), vnew, input_precision=PRECISION)
+    tl.store(out_ptr + v_off, (out * scale).to(out_ptr.dtype.element_ty), mask=v_mask)
+
+
+def _value_configs(widths: tuple[tuple[int, int, int], ...]) -> list[triton.Config]:
+    """Autotuning configs ``(BV, num_warps, num_stages)`` of a kernel over value blocks."""
+    return [triton.Config({"BV": bv}, num_warps=warps, num_stages=stages) for bv, warps, stages in widths]
+
+
+def _prune_wide(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    """Drop configs whose value block is wider than the value dims need (one kept at least)."""
+    dv = kwargs.get("DV", named_args.get("DV"))
+    need = max(16, triton.next_power_of_2(int(dv))) if dv is not None else None
+    kept = [c for c in configs if need is None or c.kwargs["BV"] <= need]
+    return kept or configs[-1:]
+
+
+# Kernel 2: the walk holds S (BK, BV) fp32. Offline sm_90 builds (Triton 3.9, 2026-12-06) at dk = dv = 128, bf16:
+# 255 registers in each config; local-memory spills of 64 bytes (64 columns, 8 warps), 0 (32 columns, 8 warps),
+# 0 (16, 4), 72 (32, 4), 656 (64, 4: left out); 22-40 KB of shared memory (80-144 KB with the backward's fp32
+# factors and tf32 dots), under the 227 KB of an H100/H200 block.
+_chunk_state_tuned = triton.autotune(
+    configs=_value_configs(((64, 8, 2), (32, 8, 2), (64, 8, 1), (32, 4, 2), (16, 4, 2))),
+    key=["HV", "DK", "DV", "HAS_H0", "STORE_HT", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_wide},
+)(_chunk_state_kernel)
+# Kernel 3: no loop; one chunk's q, k (C, BK), U (C, BV) and S_in (BK, BV) per program. Offline builds as above:
+# 207 registers, no spill, 72 KB (64 columns, 8 warps); 253, none, 96 KB (128, 8); 255, 32 bytes, 72 KB (64, 4).
+_chunk_output_tuned = triton.autotune(
+    configs=_value_configs(((64, 8, 1), (128, 8, 1), (64, 4, 1))),
+    key=["HV", "DK", "DV", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_wide},
+)(_chunk_output_kernel)
+
+
+def _interpreted() -> bool:
+    """Triton's CPU interpreter runs the kernels (its autotuner would time on a GPU): fixed configs then."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def chunk_layout(segments: Segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,14 +405,21 @@ def launch_for(
 
 
 def prepare(
-    launch: Launch, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+    launch: Launch,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, ...]:
-    """Kernel 1: ``(W (N, hv, dk), U~ (N, hv, dv), G (N, hv))`` in fp32 (inputs contiguous, g and beta fp32)."""
+    """Kernel 1: ``(W (N, hv, dk), U~ (N, hv, dv))`` in ``dtype`` (``scratch_dtype``'s, or fp32) and
+    ``G (N, hv)`` fp32 (inputs contiguous, g and beta fp32)."""
     tokens = v.shape[0] * v.shape[1]
-    w = torch.empty(tokens, launch.hv, launch.dk, device=v.device, dtype=torch.float32)
-    u = torch.empty(tokens, launch.hv, launch.dv, device=v.device, dtype=torch.float32)
+    w = torch.empty(tokens, launch.hv, launch.dk, device=v.device, dtype=dtype)
+    u = torch.empty(tokens, launch.hv, launch.dv, device=v.device, dtype=dtype)
     cum = torch.empty(tokens, launch.hv, device=v.device, dtype=torch.float32)
-    _chunk_prepare_kernel[(launch.chunk_starts.numel(), launch.hv)](
+    dims = launch.dims
+    _chunk_wy_kernel[(launch.chunk_starts.numel(), launch.hv)](
         k,
         v,
         g,
@@ -316,69 +429,83 @@ def prepare(
         cum,
         launch.chunk_starts,
         launch.chunk_lengths,
-        **launch.dims,
+        HK=dims["HK"],
+        HV=dims["HV"],
+        DK=dims["DK"],
+        DV=dims["DV"],
+        BK=dims["BK"],
+        BV=min(64, max(16, triton.next_power_of_2(launch.dv))),
+        C=CHUNK,
         PRECISION=launch.precision,
-        num_warps=launch.warps,
+        num_warps=8,  # offline sm_90 build, dk 128 bf16: wgmma, 255 registers, 168 bytes spilled (320 with 4 warps)
     )
     return w, u, cum
 
 
 def run_states(
     launch: Launch,
-    q: torch.Tensor,
     k: torch.Tensor,
     prepared: tuple[torch.Tensor, ...],
     initial_state: torch.Tensor | None,
     *,
     final: bool,
-    store_states: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Kernel 2: ``(out (N, hv, dv) fp32, final state (S, hv, dk, dv) or None, entering state of every chunk
-    (M, hv, dk, dv) or None)``."""
+    states_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Kernel 2: ``(U (N, hv, dv) in the factors' dtype, the state entering every chunk (M, hv, dk, dv) in
+    ``states_dtype``, final state (S, hv, dk, dv) fp32 or None)``."""
     w, u, cum = prepared
-    tokens = q.shape[0] * q.shape[1]
     count, chunks = launch.segments.count, launch.chunk_starts.numel()
-    out = torch.empty(tokens, launch.hv, launch.dv, device=q.device, dtype=torch.float32)
-    h0 = initial_state.float().contiguous() if initial_state is not None else out.new_empty(1)
-    ht = out.new_empty(count, launch.hv, launch.dk, launch.dv) if final else out.new_empty(1)
-    states = out.new_empty(chunks, launch.hv, launch.dk, launch.dv) if store_states else out.new_empty(1)
-    _chunk_state_kernel[(count, launch.hv, launch.value_blocks)](
-        q,
-        k,
-        w,
-        u,
-        cum,
-        out,
-        h0,
-        ht,
-        states,
-        launch.segments.starts,
-        launch.segments.lengths,
-        launch.first_chunk,
-        launch.scale,
-        **launch.dims,
-        HAS_H0=initial_state is not None,
-        STORE_HT=final,
-        STORE_STATES=store_states,
-        PRECISION=launch.precision,
-        num_warps=launch.warps,
-        num_stages=launch.stages,
-    )
-    return out, ht if final else None, states if store_states else None
+    vnew = torch.empty_like(u)
+    h0 = initial_state.contiguous() if initial_state is not None else cum.new_empty(1)
+    ht = cum.new_empty(count, launch.hv, launch.dk, launch.dv) if final else cum.new_empty(1)
+    states = torch.empty(chunks, launch.hv, launch.dk, launch.dv, device=u.device, dtype=states_dtype)
+    args = (k, w, u, cum, vnew, h0, ht, states, launch.segments.starts, launch.segments.lengths, launch.first_chunk)
+    flags = {"HAS_H0": initial_state is not None, "STORE_HT": final, "PRECISION": launch.precision}
+    dims = {key: size for key, size in launch.dims.items() if key != "BV"}
+    if _interpreted():
+        grid = (count, launch.hv, launch.value_blocks)
+        _chunk_state_kernel[grid](*args, **dims, BV=launch.dims["BV"], **flags, num_warps=launch.warps, num_stages=1)
+    else:
+        _chunk_state_tuned[lambda meta: (count, launch.hv, triton.cdiv(launch.dv, meta["BV"]))](*args, **dims, **flags)
+    return vnew, states, ht if final else None
+
+
+def run_output(
+    launch: Launch, q: torch.Tensor, k: torch.Tensor, cum: torch.Tensor, vnew: torch.Tensor, states: torch.Tensor
+) -> torch.Tensor:
+    """Kernel 3: ``out (N, hv, dv)`` in q's dtype."""
+    chunks = launch.chunk_starts.numel()
+    out = torch.empty(vnew.shape, device=q.device, dtype=q.dtype)
+    args = (q, k, vnew, cum, states, out, launch.chunk_starts, launch.chunk_lengths, launch.scale)
+    dims = {key: size for key, size in launch.dims.items() if key != "BV"}
+    if _interpreted():
+        grid = (chunks, launch.hv, launch.value_blocks)
+        _chunk_output_kernel[grid](*args, **dims, BV=launch.dims["BV"], PRECISION=launch.precision, num_warps=4)
+    else:
+        grid_of = lambda meta: (chunks, launch.hv, triton.cdiv(launch.dv, meta["BV"]))  # noqa: E731
+        _chunk_output_tuned[grid_of](*args, **dims, PRECISION=launch.precision)
+    return out
+
+
+def scratch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The forward's dtype of W, U~, U and the chunk states: 16-bit inputs keep theirs, others take fp32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
-    """Forward: the two kernels. Backward: ``mcore_ssm.gdn_triton_bwd`` (recomputes the forward's factors and
+    """Forward: the three kernels. Backward: ``mcore_ssm.gdn_triton_bwd`` (recomputes the forward's factors and
     chunk states, walks the chunks in reverse in Triton, differentiates the per-chunk terms in torch)."""
 
     @staticmethod
     def forward(ctx: Any, q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, segments):  # type: ignore[override]
         launch = launch_for(q, k, v, g, beta, scale, initial_state, cu_seqlens, segments)
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
-        prepared = prepare(launch, kc, vc, g.float().contiguous(), beta.float().contiguous())
-        out, final, _ = run_states(
-            launch, qc, kc, prepared, initial_state, final=output_final_state, store_states=False
+        scratch = scratch_dtype(q.dtype)
+        prepared = prepare(launch, kc, vc, g.float().contiguous(), beta.float().contiguous(), scratch)
+        vnew, states, final = run_states(
+            launch, kc, prepared, initial_state, final=output_final_state, states_dtype=scratch
         )
+        out = run_output(launch, qc, kc, prepared[2], vnew, states)
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.launch, ctx.output_final_state = launch, output_final_state
         return out.view(*v.shape[:2], launch.hv, launch.dv).to(v.dtype), final

@@ -12,7 +12,8 @@ Backward, walking each segment's chunks in reverse with ``dS'`` (the final state
 ``dU = P^T dO + K~ dS'``; ``dS = Qe^T dO + gamma dS' - W^T dU``; and the per-chunk terms' gradients
 ``dU~ = dU``, ``dW = -dU S^T``, ``dQe = dO S^T``, ``dP = dO U^T``, ``dK~ = U dS'^T``, ``dgamma = <S, dS'>``.
 That walk is ``_chunk_state_bwd_kernel`` (one program per segment, value head and block of value dims, like
-the forward; it reads the state entering each chunk, which the forward kernel stores when asked, and writes
+the forward; it reads the state entering each chunk, which the forward's state kernel stores (rerun here in
+fp32), and writes
 per value block partial sums that are added here). The per-chunk terms are then recomputed in torch on all
 chunks at once (no loop: batched matmuls and a batched triangular solve) and differentiated by autograd with
 those gradients, which carries them to ``q, k, v, g, beta``; ``dS`` at each segment's start is the initial
@@ -194,9 +195,8 @@ def chunk_gated_delta_rule_bwd(
     without an initial state) of the forward's ``out`` (``grad_out (B, T, hv, dv)``) and final state."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     gf, bf = g.float().contiguous(), beta.float().contiguous()
-    prepared = prepare(launch, k, v, gf, bf)
-    _, _, states = run_states(launch, q, k, prepared, initial_state, final=False, store_states=True)
-    assert states is not None
+    prepared = prepare(launch, k, v, gf, bf, torch.float32)  # fp32 factors and states, whatever the inputs
+    _, states, _ = run_states(launch, k, prepared, initial_state, final=False, states_dtype=torch.float32)
     w, u, cum = prepared
     tokens, chunks, blocks = v.shape[0] * v.shape[1], launch.chunk_starts.numel(), launch.value_blocks
     hv, dk, dv = launch.hv, launch.dk, launch.dv

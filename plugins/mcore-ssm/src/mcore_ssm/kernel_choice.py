@@ -3,10 +3,12 @@
 Why: both scans choose the same way, once per call, not in the block; ``gdn_kernels`` and ``mamba2_kernels`` say
 only which chunk sizes their Triton kernels take. ``auto``: Triton for CUDA tensors when Triton imports and the
 kernel takes the chunk size and ``MCORE_SSM_KERNELS=triton`` opts in, outside ``torch.compile`` tracing (the
-compiler fuses the torch reference instead); the torch reference everywhere else. Opt-in until they are timed on a card:
-their GPU tests pass (H100, torch 2.11, Triton 3.6, 2026-12-06, after the strong-decay and compile-size fixes),
-but ``benchmarks/bench_gdn.py`` / ``bench_mamba2.py`` have not run against the compiled torch forms yet. ``torch`` always takes the reference; ``triton`` always the kernel (on CPU only under
-``TRITON_INTERPRET=1``, Triton's interpreter, for checking it). CPU calls never import Triton.
+compiler fuses the torch reference instead); the torch reference everywhere else. Opt-in: the first timings on a
+card (H100, 2026-12-06, ``benchmarks/RESULTS.md``) found GDN's forward 7x slower than fla's and Mamba2's
+forward + backward only 1.3x the compiled reference; both were rewritten the same day and have not run on a GPU
+since, so they stay opt-in until ``benchmarks/bench_gdn.py`` / ``bench_mamba2.py`` time the rewrites. ``torch``
+always takes the reference; ``triton`` always the kernel (on CPU only under ``TRITON_INTERPRET=1``, Triton's
+interpreter, for checking it). CPU calls never import Triton.
 """
 
 from __future__ import annotations

@@ -234,6 +234,48 @@ class Chunks:
         return out.reshape(self.shape).to(self.dtype)
 
 
+def chunk_layout(
+    x: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+    state_dtype: torch.dtype,
+) -> tuple[ChunkLayout, torch.Tensor | None]:
+    """Where each token of ``x`` ``(B, T, h, p)`` lands in the chunks (rows, or the packed segments of
+    ``cu_seqlens``: chunks never straddle a segment) and the checked initial state in ``state_dtype``; the
+    tensors themselves are not laid out (``to_chunks`` does that, the Triton kernels read them as they come)."""
+    batch, seq = x.shape[:2]
+    if cu_seqlens is None:  # rows: the layout follows from the shapes (no host sync, no graph break)
+        if initial_state is not None and initial_state.shape[0] != batch:
+            raise ValueError(f"ssd initial_state holds {initial_state.shape[0]} states for {batch} rows")
+        state0 = None if initial_state is None else _check_state(x, initial_state, state_dtype)
+        per_row = -(-seq // chunk_size)
+        rows = torch.arange(batch, device=x.device)
+        place = rows[:, None] * (per_row * chunk_size) + torch.arange(seq, device=x.device)  # (B, T)
+        layout = ChunkLayout(
+            chunk_size=chunk_size,
+            nchunks=torch.full((batch,), per_row, dtype=torch.int64, device=x.device),
+            first=rows * per_row,
+            place=place.reshape(batch * seq),
+            total=batch * per_row,
+            longest=per_row,
+            identity=seq % chunk_size == 0,
+        )
+        return layout, state0
+    segments, state0 = _segments_and_state(x, cu_seqlens, initial_state, state_dtype)
+    nchunks = (segments.lengths + chunk_size - 1) // chunk_size  # (S,)
+    first = torch.cumsum(nchunks, 0) - nchunks  # (S,)
+    layout = ChunkLayout(
+        chunk_size=chunk_size,
+        nchunks=nchunks,
+        first=first,
+        place=first[segments.seg] * chunk_size + segments.pos,
+        total=int(nchunks.sum()),
+        longest=int(nchunks.max()),
+    )
+    return layout, state0
+
+
 def to_chunks(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -256,34 +298,7 @@ def to_chunks(
     dtype = _compute_dtype(x)
     batch, seq, _, head_dim = x.shape
     tokens = batch * seq
-    if cu_seqlens is None:  # rows: the layout follows from the shapes (no host sync, no graph break)
-        if initial_state is not None and initial_state.shape[0] != batch:
-            raise ValueError(f"ssd initial_state holds {initial_state.shape[0]} states for {batch} rows")
-        state0 = None if initial_state is None else _check_state(x, initial_state, dtype)
-        per_row = -(-seq // chunk_size)
-        rows = torch.arange(batch, device=x.device)
-        place = rows[:, None] * (per_row * chunk_size) + torch.arange(seq, device=x.device)  # (B, T)
-        layout = ChunkLayout(
-            chunk_size=chunk_size,
-            nchunks=torch.full((batch,), per_row, dtype=torch.int64, device=x.device),
-            first=rows * per_row,
-            place=place.reshape(tokens),
-            total=batch * per_row,
-            longest=per_row,
-            identity=seq % chunk_size == 0,
-        )
-    else:
-        segments, state0 = _segments_and_state(x, cu_seqlens, initial_state, dtype)
-        nchunks = (segments.lengths + chunk_size - 1) // chunk_size  # (S,)
-        first = torch.cumsum(nchunks, 0) - nchunks  # (S,)
-        layout = ChunkLayout(
-            chunk_size=chunk_size,
-            nchunks=nchunks,
-            first=first,
-            place=first[segments.seg] * chunk_size + segments.pos,
-            total=int(nchunks.sum()),
-            longest=int(nchunks.max()),
-        )
+    layout, state0 = chunk_layout(x, cu_seqlens, initial_state, chunk_size, dtype)
     step = discretize_dt(dt, dt_bias, softplus=dt_softplus, limit=dt_limit, dtype=dtype)  # (B, T, h)
     flat_x = x.reshape(tokens, heads, head_dim).to(dtype)  # (N, h, p)
     return Chunks(

@@ -31,7 +31,13 @@ from mcore.protocols.dispatcher import DispatchResult, Router, RoutingDecision, 
 from mcore.protocols.engine import GenerationEngine
 from mcore.protocols.layout import BatchShardingLayout, DataParallelInfo, ParallelLayout, ScheduledLayout, StagePlan
 from mcore.protocols.model import LossHead, StagedModel
-from mcore.protocols.optimizer import MeshOptimizer, OptimizerFactory, OptimizerStateSize
+from mcore.protocols.optimizer import (
+    GuardedStep,
+    MeshOptimizer,
+    OptimizerFactory,
+    OptimizerStateSize,
+    ScaledStep,
+)
 from mcore.protocols.precision import GatherPayload, PrecisionRecipe
 from mcore.protocols.sharded_grads import GradientShardingLayout, GradShards, ShardPiece, grad_sharding_layout
 from mcore.protocols.step import AfterOptimizerStep, ReportsStepMetrics
@@ -60,11 +66,13 @@ __all__ = [
     "LOGIT_ROWS",
     "MTP_AHEAD",
     "LossHead",
+    "GuardedStep",
     "MeshOptimizer",
     "ModelBlock",
     "ModelFactory",
     "OptimizerFactory",
     "OptimizerStateSize",
+    "ScaledStep",
     "PagedKV",
     "ParallelLayout",
     "PrecisionRecipe",

@@ -51,6 +51,39 @@ class MeshOptimizer(Protocol):
 
 
 @runtime_checkable
+class ScaledStep(Protocol):
+    """Optional: a ``MeshOptimizer`` that multiplies the gradients by a factor inside its update.
+
+    Gradient clipping is a multiply of every gradient by ``min(1, max_norm / norm)``: one more pass over all
+    gradients before the update. When the optimizer has this method the run loop hands it the factor instead
+    (``step_scaled(grad_scale)``; ``grad_scale`` a 0-d fp32 tensor on the gradients' device, read on the device,
+    no host sync) and calls it in place of ``step()``; the update must equal ``step()`` after ``.grad`` had been
+    multiplied by ``grad_scale`` (fp32 gradients exactly; lower-precision ones may be multiplied after widening,
+    which rounds less). ``.grad`` may be left unscaled: nothing reads it after the step. Without the method the
+    loop scales ``.grad`` (``mcore.train.grads.clip_grads_``) and calls ``step()``.
+    """
+
+    def step_scaled(self, grad_scale: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class GuardedStep(Protocol):
+    """Optional: a ``MeshOptimizer`` that can skip a bad step on the device.
+
+    The run loop decides whether a step is good (finite loss and gradients on every rank, no loss spike) from
+    numbers it must read on the host, and that read waits for the whole backward: the GPU then idles until the
+    host has queued the update and the next forward. ``step_guarded(ok, grad_scale)`` lets it queue the update
+    first: ``ok`` is the loop's decision as a 0-d bool tensor on the parameters' device; where it is false the
+    call must leave every parameter, every state tensor and every step count exactly as they were (read on the
+    device: no host sync); where true it is ``step_scaled(grad_scale)`` (``step()`` when ``grad_scale`` is
+    ``None``). It returns ``False``, having done nothing, when it cannot guard this step on the device (then
+    the loop reads the decision and calls ``step``/``step_scaled`` as without this method).
+    """
+
+    def step_guarded(self, ok: torch.Tensor, grad_scale: torch.Tensor | None = None) -> bool: ...
+
+
+@runtime_checkable
 class OptimizerFactory(Protocol):
     """Registered under kind ``"optimizer"`` (``adamw``, ``muon``, ...).
 

@@ -98,6 +98,13 @@ def _replicas(
     return float(max(copies, 1))
 
 
+def clip_factor(max_norm: float, total: torch.Tensor) -> torch.Tensor:
+    """``min(1, max_norm / (total + 1e-6))`` as a 0-d fp32 tensor on ``total``'s device (no host sync): computed in
+    float64 as Python would, then rounded once to fp32, so multiplying fp32 gradients by it is what ``clip_grads_``
+    does to them (and exactly 1 where nothing is clipped)."""
+    return (max_norm / (total.detach().to(torch.float64) + 1e-6)).clamp(max=1.0).to(torch.float32)
+
+
 def clip_grads_(params: list[torch.nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
     """Scale every gradient by ``min(1, max_norm / total)`` (``total`` from ``global_grad_norm``). fp32/fp64
     gradients are scaled on the device with no host sync: the factor computed in float64 as Python computes it

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mcore.errors import UserError
 
 
@@ -51,6 +53,16 @@ class Health:
         ):
             return f"the loss {loss:.4f} spiked above {self.spike_factor} x its running mean {self.ema:.4f}"
         return None
+
+    def device_ok(self, loss: torch.Tensor, bad_ranks: torch.Tensor) -> torch.Tensor:
+        """``verdict(loss, bad_ranks == 0) is None`` computed on the device (a 0-d bool tensor, no host sync), from
+        the mean loss and the count of ranks with non-finite gradients as 0-d fp64 tensors: the same comparisons
+        in the same float64 arithmetic, the spike threshold from this host's running mean. An optimizer that can
+        skip on the device (``GuardedStep``) is handed it before the host reads the step's numbers."""
+        ok = torch.isfinite(loss) & (bad_ranks == 0)
+        if self.spike_factor > 0 and self.ema is not None and self.good_steps >= self.spike_warmup_steps:
+            ok = ok & ~(loss > self.spike_factor * self.ema)
+        return ok
 
     def good(self, loss: float) -> None:
         self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss

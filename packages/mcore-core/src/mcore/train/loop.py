@@ -10,8 +10,10 @@ One optimizer step:
    then ``finish_grad_sync``;
 3. ``unscale_grads`` and the finiteness of the gradients agreed by all ranks, the loss
    averaged over all ranks (parts of one loss group summed), the global gradient norm with
-   every element counted once (``grads``) and clipping;
-4. the NaN/spike policy, then the optimizer step with the LR of the schedule, the model's
+   every element counted once (``grads``) and clipping (folded into the update by an optimizer that
+   takes the factor, ``ScaledStep``);
+4. the NaN/spike policy (decided on the device, so an optimizer that can skip there, ``GuardedStep``, is
+   queued before the host reads the decision), then the optimizer step with the LR of the schedule, the model's
    post-step hooks (``AfterOptimizerStep``: state such as MoE routing biases, reduced over the
    ranks that saw distinct tokens), ``update`` and ``after_step`` of the recipe;
 5. metrics, lifecycle hooks, periodic eval and checkpoints.
@@ -61,8 +63,9 @@ from mcore.observe.plot import plot_run
 from mcore.observe.profile import StepProfiler
 from mcore.observe.progress import Progress
 from mcore.protocols.block import BlockContext
+from mcore.protocols.optimizer import GuardedStep, ScaledStep
 from mcore.train.build import Parts, build_parts
-from mcore.train.grads import clip_grads_, global_grad_norm, mesh_all_reduce
+from mcore.train.grads import clip_factor, clip_grads_, global_grad_norm, mesh_all_reduce
 from mcore.train.hangs import HangGuard
 from mcore.train.health import Health, TrainingHalted
 from mcore.train.microbatch import StepLayouts, classify, forward_backward, forward_only, shard
@@ -439,25 +442,33 @@ class Trainer:
             # used (clipping on the device, the metric read later) only if every rank's gradients are finite
             norm = global_grad_norm(self.named_params, p.mesh, p.layouts)
         # one all-reduce for the loss, the gradients' finiteness and a pending stop signal, built on the
-        # device (the loss share and the built-in recipes' finiteness are device tensors): the step's
-        # only host sync before the optimizer step is reading its result
+        # device (the loss share and the built-in recipes' finiteness are device tensors): reading its result
+        # is the step's one host sync. The good/bad decision is made on the device from it too, so an optimizer
+        # that can skip on the device (``GuardedStep``) has its update queued before that read: the GPU goes
+        # from the backward to the update without waiting for the host.
         stop_here = self.stop is not None and self.stop.requested is not None
         device = p.mesh.device
         agreed = torch.stack(
             [local_loss.to(device), not_finite_flag(finite_here, device), device_flag(stop_here, device)]
         )
         with self.guard.phase(f"loss all-reduce of step {n}"):
-            loss_sum, bad_ranks, stops = mesh_all_reduce(agreed, p.mesh).tolist()
+            reduced = mesh_all_reduce(agreed, p.mesh)  # (3,) fp64: loss share sum, bad ranks, stops
+        mean_loss = reduced[0] * self.step_layouts.loss_group_size() / p.mesh.world_size  # loss_mean, on the device
+        ok = self.health.device_ok(mean_loss, reduced[1])
+        norm_later = read_later(norm)  # the metric, read after the step is queued (used only if finite)
+        with self.guard.phase(f"optimizer step {n}"):
+            guarded = self.device_guarded_update(ok, norm)
+        with self.guard.phase(f"loss all-reduce of step {n}"):
+            loss_sum, bad_ranks, stops, ok_read = torch.cat([reduced, ok.reshape(1).to(reduced.dtype)]).tolist()
         loss_value, grads_finite = self.loss_mean(loss_sum), bad_ranks == 0
         self.stop_agreed = stops > 0
-        norm_later = read_later(norm) if grads_finite else None  # the metric, read after the step is queued
         grad_norm = math.nan
-        problem = self.health.verdict(loss_value, grads_finite)
+        # the device's decision is the one the update followed; the host's names the reason (the same test)
+        problem = None if ok_read else self.health.verdict(loss_value, grads_finite) or "the step was judged bad"
         with self.guard.phase(f"optimizer step {n}"):
             if problem is None:
-                if self.train.grad_clip > 0:  # on the device, from the norm tensor: no host sync
-                    clip_grads_(self.params, self.train.grad_clip, norm)
-                p.optimizer.step()
+                if not guarded:
+                    self.optimizer_step(norm)
                 self.health.good(loss_value)
             after_optimizer_step(self.post_step, self.token_sum, applied=problem is None)
             if self.update_takes_finite:  # the finiteness all ranks agreed on: every rank moves its scale alike
@@ -466,7 +477,7 @@ class Trainer:
                 p.precision.update()
             if problem is None:
                 p.precision.after_step(p.model)
-        if norm_later is not None:
+        if grads_finite:
             grad_norm = norm_later()
         dt = time.perf_counter() - t0
         tokens_per_s = self.train.global_batch_size * self.train.seq_len / dt
@@ -485,6 +496,26 @@ class Trainer:
         if problem is not None:
             metrics["problem"] = problem
         return metrics
+
+    def device_guarded_update(self, ok: torch.Tensor, norm: torch.Tensor) -> bool:
+        """Queue the update guarded by the device's decision ``ok`` (``GuardedStep``: skipped on the device if the
+        step is bad), with clipping's factor; ``False`` when the optimizer cannot, and nothing was done."""
+        optimizer, max_norm = self.parts.optimizer, self.train.grad_clip
+        if not isinstance(optimizer, GuardedStep):
+            return False
+        return optimizer.step_guarded(ok, clip_factor(max_norm, norm) if max_norm > 0 else None)
+
+    def optimizer_step(self, norm: torch.Tensor) -> None:
+        """The update, with clipping on the device from the norm tensor (no host sync): folded into the update by
+        an optimizer that takes the factor (``ScaledStep``: one pass less over the gradients), else applied to
+        ``.grad`` first."""
+        optimizer, max_norm = self.parts.optimizer, self.train.grad_clip
+        if max_norm > 0 and isinstance(optimizer, ScaledStep):
+            optimizer.step_scaled(clip_factor(max_norm, norm))
+            return
+        if max_norm > 0:
+            clip_grads_(self.params, max_norm, norm)
+        optimizer.step()
 
     def out_of_memory(self, exc: BaseException, where: str) -> OutOfMemory:
         rows = self.train.micro_batch_size or self.train.global_batch_size // self.parts.dp.size

@@ -7,6 +7,11 @@ stops cleanly, exit code 0, on SIGINT or SIGTERM (uvicorn's shutdown: stop accep
 The engine runs in a process of its own (``--engine-process``, the default: ``engine_process.py``), which loads
 the model; ``--no-engine-process`` runs it in a thread of the server process instead. ``--max-waiting N`` refuses
 requests (HTTP 429) while N requests wait for a slot.
+
+``--ep N`` serves a model with moe layers over N ranks started by torchrun (``torchrun --nproc-per-node N -m mcore
+serve PATH --ep N``): each rank holds ``E / N`` experts, rank 0 serves HTTP and the others follow its steps
+(``ep_serve.py``); without ``--ep`` nothing changes (``--seed`` seeds the engine's sampling in either mode).
+
 FastAPI and uvicorn are imported only here and in ``app``: without them ``mcore serve`` says which extra to install.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -50,8 +56,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="run the engine in a process of its own (default), or in a thread of the server (--no-engine-process)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="the engine's sampling seed (default: none; 0 with --ep)"
+    )
+    parser.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="split the moe experts over this many ranks, started by torchrun (--nproc-per-node EP)",
+    )
+    parser.add_argument(
+        "--lockstep-timeout",
+        type=float,
+        default=300.0,
+        help="with --ep: seconds a rank waits for the others (a lost rank fails the server within it)",
     )
     return parser
 
@@ -69,6 +90,10 @@ def _serve(argv: list[str]) -> int:
         raise UserError(f"--port {args.port}: must be in [0, 65535]")
     if args.max_waiting is not None and args.max_waiting < 1:
         raise UserError(f"--max-waiting {args.max_waiting}: must be >= 1 (leave it out for no limit)")
+    if args.ep is not None:  # before the heavy imports: a launch without torchrun fails at once
+        from mcore_inference.server.ep_serve import launch_ranks
+
+        launch_ranks(args.ep, os.environ)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -89,10 +114,15 @@ def _serve(argv: list[str]) -> int:
         "max_num_seqs": args.max_num_seqs,
         "dtype": args.dtype,
         "device": args.device,
+        "seed": args.seed,
     }
     name = args.model_name or Path(args.path).resolve().name
     common: dict[str, Any] = {"model_name": name, "api_key": args.api_key, "max_body_bytes": args.max_body_bytes}
-    if args.engine_process:
+    if args.ep is not None:
+        from mcore_inference.server.ep_serve import serve_ep
+
+        return serve_ep(args, options, common, template)
+    if args.engine_process is None or args.engine_process:
         engine = EngineProcess(
             functools.partial(_build_llm, args.path, options),
             max_waiting=args.max_waiting,

@@ -1,9 +1,9 @@
-"""The quantisation kernels: each entry point runs its Triton kernel on CUDA tensors when Triton imports and
-``MCORE_PRECISION_KERNELS=triton`` opts in, and its torch reference (``reference``) everywhere else. Every kernel
-equals its reference byte for byte on the card (``test_kernels_gpu``: 62 cases on an H100, torch 2.11, Triton 3.6,
-2026-12-06, after the FP8 rounding moved off the card's conversion, ``_common.HW_CVT_ON_CUDA``); they stay opt-in
-until ``benchmarks/bench_quant.py`` has measured them against the references on the card. The choice is made once
-per device type, not with ``if`` chains in the schemes; CPU calls never import Triton.
+"""The quantisation kernels: each entry point runs its Triton kernel on CUDA tensors when Triton imports, and its
+torch reference (``reference``) everywhere else. Every kernel equals its reference byte for byte on the card
+(``test_kernels_gpu``: 62 cases on an H100, torch 2.11, Triton 3.6, 2026-12-06, after the FP8 rounding moved off
+the card's conversion, ``_common.HW_CVT_ON_CUDA``) and is 2x to 37x faster than the eager reference
+(``benchmarks/bench_quant.py``, same card and date: ``benchmarks/RESULTS.md``), so they are the default on CUDA.
+The choice is made once per device type, not with ``if`` chains in the schemes; CPU calls never import Triton.
 
 Entry points (signatures and results in ``reference``; every kernel equals its reference byte for byte):
 ``quantize_tensorwise`` (``tensorwise``: amax, then one fused cast + transpose; or cast with a given scale
@@ -12,7 +12,7 @@ and the amax in the same pass), ``quantize_rowwise`` (``rowwise``), ``quantize_b
 and fp32 tensor scales, nearest or stochastic rounding with the reference's draws).
 
 ``MCORE_PRECISION_KERNELS=reference`` forces the references everywhere (debugging, the eager baselines of
-``benchmarks/bench_quant.py``). Inside a region ``torch.compile`` traces the reference runs (inductor fuses
+``benchmarks/bench_quant.py``); ``triton`` (or unset) lets the kernels run on CUDA; any other value is an error. Inside a region ``torch.compile`` traces the reference runs (inductor fuses
 it; dynamo does not trace a raw Triton launch).
 """
 
@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from mcore.errors import UserError
+
 __all__ = [
     "Dispatched",
     "quantize_blockwise",
@@ -37,9 +39,17 @@ __all__ = [
 ]
 
 
+#: Values of ``MCORE_PRECISION_KERNELS`` (unset is ``triton``).
+CHOICES = ("triton", "reference")
+
+
 def triton_usable() -> bool:
-    """Whether Triton kernels may run: opted in (``MCORE_PRECISION_KERNELS=triton``), CUDA present, Triton importable."""
-    if os.environ.get("MCORE_PRECISION_KERNELS", "") != "triton":
+    """Whether Triton kernels may run: not forced off (``MCORE_PRECISION_KERNELS=reference``), CUDA present, Triton
+    importable. ``UserError`` (one line from the CLI) naming the variable for a value outside ``CHOICES``."""
+    choice = os.environ.get("MCORE_PRECISION_KERNELS", "") or "triton"
+    if choice not in CHOICES:
+        raise UserError(f"MCORE_PRECISION_KERNELS = {choice!r}; allowed: {', '.join(CHOICES)} (unset: triton)")
+    if choice == "reference":
         return False
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 

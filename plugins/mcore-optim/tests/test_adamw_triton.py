@@ -1,0 +1,224 @@
+"""AdamW's one-pass Triton kernel (``adamw_triton``) and the clipping factor folded into the step (``step_scaled``).
+
+CPU: the kernel in Triton's interpreter (a child process, ``TRITON_INTERPRET=1``, CUDA hidden) against the
+``foreach`` reference of ``adamw_math`` over several steps: fp32 parameters (updated in place), bf16 parameters
+with fp32 master weights (the bf16 copy within one bf16 step of the master: the interpreter truncates where the GPU
+rounds; the GPU test checks the rounding exactly), a clipping factor,
+sizes that end inside a block, a one-element and an empty tensor, parameters at different step counts; within
+1e-6 of the reference (the kernel reads ``beta^t`` as ``exp2(t log2 beta)`` in fp32). In-process: ``AdamW``'s
+``step_scaled`` on the torch paths equals clipping ``.grad`` and ``step()``, and ``impl`` errors. GPU (``-m gpu``):
+``impl="triton"`` against ``impl="fused"`` with clipping on a bf16 model and an fp32 one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Any
+
+import pytest
+import torch
+from helpers import SINGLE, batches, tiny_model
+
+from mcore_optim.adamw import AdamWFactory
+from mcore_optim.adamw_math import adamw_step
+from mcore_testing.interpreted import interpreted_records
+
+HYPER = {"lr": 3e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
+SIZES = (5000, 2048, 1, 0, 4097)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30)) if a.numel() else 0.0
+
+
+def _case(low: bool, scaled: bool, seed: int) -> dict[str, Any]:
+    """Four steps of the kernel and of the reference from the same state; the worst relative errors."""
+    from mcore_optim.adamw_triton import adamw_step_triton
+
+    g = torch.Generator().manual_seed(seed)
+    masters = [torch.randn(n, generator=g) for n in SIZES]
+    ref_w = [m.clone() for m in masters]
+    ours_w = [m.clone() for m in masters]
+    params = [m.to(torch.bfloat16) for m in masters] if low else None
+    ours_m, ours_v = [torch.zeros(n) for n in SIZES], [torch.zeros(n) for n in SIZES]
+    ref_m, ref_v = [torch.zeros(n) for n in SIZES], [torch.zeros(n) for n in SIZES]
+    ours_t = [torch.tensor(float(i % 2)) for i in range(len(SIZES))]  # parameters at different step counts
+    ref_t = [t.clone() for t in ours_t]
+    worst = {"w": 0.0, "m": 0.0, "v": 0.0, "param_is_master_in_bf16": True}
+    cache: dict[Any, Any] = {}  # the address tables, kept between steps as AdamW keeps them
+    for step in range(4):
+        if step == 2:  # a state tensor moved (e.g. loaded anew): the tables must follow it
+            ours_w[0] = ours_w[0].clone()
+        grads = [torch.randn(n, generator=g) * 3 for n in SIZES]
+        if low:
+            grads = [x.to(torch.bfloat16) for x in grads]
+        scale = torch.tensor(0.37) if scaled else None
+        adamw_step_triton(
+            ours_w, grads, ours_m, ours_v, ours_t, list(params) if params else [None] * len(SIZES),
+            grad_scale=scale, cache=cache, **HYPER,
+        )  # fmt: skip
+        wide = [x.float() for x in grads]
+        if scale is not None:
+            torch._foreach_mul_(wide, scale)
+        adamw_step(ref_w, wide, ref_m, ref_v, ref_t, fused=False, **HYPER)
+        for key, a, b in (("w", ours_w, ref_w), ("m", ours_m, ref_m), ("v", ours_v, ref_v)):
+            worst[key] = max(worst[key], _rel(torch.cat(a), torch.cat(b)))  # over all parameters, as one vector
+        if params:  # the interpreter truncates fp32 -> bf16 stores (the GPU rounds): within one bf16 step
+            worst["param_is_master_in_bf16"] &= all(
+                bool(((p.float() - w).abs() <= w.abs() * 2.0**-7).all()) for p, w in zip(params, ours_w, strict=True)
+            )
+    worst["steps_equal"] = all(torch.equal(a, b) for a, b in zip(ours_t, ref_t, strict=True))
+    return worst
+
+
+def _guarded_case() -> dict[str, Any]:
+    """A bad step (``ok`` false) leaves every tensor as it was; a good one equals the unguarded step."""
+    from mcore_optim.adamw_triton import adamw_step_triton
+
+    g = torch.Generator().manual_seed(11)
+
+    def state() -> list[list[torch.Tensor]]:
+        w = [torch.randn(n, generator=g) for n in SIZES]
+        return [w, [torch.randn(n, generator=g).abs() for n in SIZES], [torch.rand(n, generator=g) for n in SIZES],
+                [torch.tensor(3.0) for _ in SIZES], [x.to(torch.bfloat16) for x in w]]  # fmt: skip
+
+    grads = [torch.randn(n, generator=g).to(torch.bfloat16) for n in SIZES]
+    guarded = state()
+    before = [[x.clone() for x in part] for part in guarded]
+    w, m, v, t, p = guarded
+    adamw_step_triton(w, grads, m, v, t, list(p), grad_scale=torch.tensor(0.5), ok=torch.tensor(False), **HYPER)
+    untouched = all(torch.equal(a, b) for part, old in zip(guarded, before) for a, b in zip(part, old))
+    plain = [[x.clone() for x in part] for part in before]
+    pw, pm, pv, pt, pp = plain
+    adamw_step_triton(pw, grads, pm, pv, pt, list(pp), grad_scale=torch.tensor(0.5), **HYPER)
+    adamw_step_triton(w, grads, m, v, t, list(p), grad_scale=torch.tensor(0.5), ok=torch.tensor(True), **HYPER)
+    same = all(torch.equal(a, b) for part, other in zip(guarded, plain) for a, b in zip(part, other))
+    return {"name": "guarded", "bad_step_untouched": untouched, "good_step_equals_unguarded": same}
+
+
+def interpreted_main() -> None:
+    """(Child process, ``TRITON_INTERPRET=1``.) One JSON line per case."""
+    torch.set_num_threads(1)
+    print(json.dumps(_guarded_case()))
+    for low in (False, True):
+        for scaled in (False, True):
+            print(json.dumps({"name": f"low={low}-scaled={scaled}", **_case(low, scaled, seed=3 + 2 * low + scaled)}))
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def records() -> dict[str, dict[str, Any]]:
+    return interpreted_records(__file__)
+
+
+@needs_triton
+@pytest.mark.parametrize("low", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_kernel_matches_the_foreach_reference(records: dict[str, dict[str, Any]], low: bool, scaled: bool) -> None:
+    r = records[f"low={low}-scaled={scaled}"]
+    assert r["w"] < 1e-6 and r["m"] < 1e-6 and r["v"] < 1e-6, r  # NaN fails
+    assert r["param_is_master_in_bf16"] and r["steps_equal"], r
+
+
+@needs_triton
+def test_a_guarded_bad_step_changes_nothing(records: dict[str, dict[str, Any]]) -> None:
+    r = records["guarded"]
+    assert r["bad_step_untouched"] and r["good_step_equals_unguarded"], r
+
+
+def test_step_guarded_declines_off_the_triton_path() -> None:
+    model = tiny_model()
+    opt = AdamWFactory(AdamWFactory.Config(impl="foreach")).build(model, mesh=SINGLE, layouts=[])
+    x, y = batches(1)[0]
+    model(x, labels=y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    assert opt.step_guarded(torch.tensor(True), torch.tensor(0.5)) is False  # the loop then steps as before
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(float(st["step"]) == 0 for st in opt.state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_scaled_equals_clipping_the_grads_then_step(dtype: torch.dtype) -> None:
+    """On the torch paths (here ``foreach``): the factor multiplies the (widened) gradients before the update.
+    fp32: the same bits as clipping ``.grad`` over three steps. bf16: the moments of one step (Adam's update
+    itself hardly sees a common factor) within bf16 rounding: widened then scaled rounds once less."""
+    factory = AdamWFactory(AdamWFactory.Config(lr=1e-2, impl="foreach"))
+    scaled_model, clipped_model = tiny_model().to(dtype), tiny_model().to(dtype)
+    scaled = factory.build(scaled_model, mesh=SINGLE, layouts=[])
+    clipped = factory.build(clipped_model, mesh=SINGLE, layouts=[])
+    factor = torch.tensor(0.3)
+    for x, y in batches(3 if dtype == torch.float32 else 1):
+        for model in (scaled_model, clipped_model):
+            model.zero_grad(set_to_none=True)
+            model(x, labels=y).backward()
+        torch._foreach_mul_([p.grad for p in clipped_model.parameters() if p.grad is not None], factor)
+        scaled.step_scaled(factor)
+        clipped.step()
+    for (name, a), b in zip(scaled_model.named_parameters(), clipped_model.parameters(), strict=True):
+        if dtype == torch.float32:
+            assert torch.equal(a, b), name
+        else:
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert _rel(scaled.state[name][key], clipped.state[name][key]) < 1e-2, (name, key)
+
+
+def test_triton_impl_needs_cuda() -> None:
+    factory = AdamWFactory(AdamWFactory.Config(impl="triton"))
+    with pytest.raises(ValueError, match="impl = 'triton' needs CUDA"):
+        factory.build(tiny_model(), mesh=SINGLE, layouts=[])
+    assert not AdamWFactory(AdamWFactory.Config(impl="auto")).build(tiny_model(), mesh=SINGLE, layouts=[]).triton
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_impl_matches_fused_with_clipping_on_cuda(dtype: torch.dtype) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mcore.train.grads import clip_factor, clip_grads_, global_grad_norm
+
+    ours_model, ref_model = tiny_model().cuda().to(dtype), tiny_model().cuda().to(dtype)
+    ours = AdamWFactory(AdamWFactory.Config(lr=3e-3, impl="auto")).build(ours_model, mesh=SINGLE, layouts=[])
+    ref = AdamWFactory(AdamWFactory.Config(lr=3e-3, impl="fused")).build(ref_model, mesh=SINGLE, layouts=[])
+    assert ours.triton and not ref.triton
+    for x, y in batches(4):
+        x, y = x.cuda(), y.cuda()
+        for model in (ours_model, ref_model):
+            model.zero_grad(set_to_none=True)
+            model(x, labels=y).backward()
+        ours.step_scaled(clip_factor(0.1, global_grad_norm(list(ours_model.parameters()))))
+        clip_grads_(list(ref_model.parameters()), 0.1, global_grad_norm(list(ref_model.parameters())))
+        ref.step()
+    if dtype == torch.bfloat16:  # the kernel wrote each parameter as its master weight rounded to bf16
+        for name, p in ours_model.named_parameters():
+            assert torch.equal(p, ours.state[name]["master"].to(torch.bfloat16)), name
+    start = dict(tiny_model().named_parameters())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters(), strict=True):
+        begin = start[name].detach().double().cuda()
+        assert _rel(a.detach() - begin, b.detach() - begin) < tol, name  # the change the steps made
+
+
+@pytest.mark.gpu
+def test_step_guarded_on_cuda_skips_or_steps_on_the_device() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    guarded_model, scaled_model = tiny_model().cuda().bfloat16(), tiny_model().cuda().bfloat16()
+    factory = AdamWFactory(AdamWFactory.Config(lr=3e-3))
+    guarded = factory.build(guarded_model, mesh=SINGLE, layouts=[])
+    scaled = factory.build(scaled_model, mesh=SINGLE, layouts=[])
+    x, y = (t.cuda() for t in batches(1)[0])
+    for model in (guarded_model, scaled_model):
+        model(x, labels=y).backward()
+    before = [p.detach().clone() for p in guarded_model.parameters()]
+    factor = torch.tensor(0.5, device="cuda")
+    assert guarded.step_guarded(torch.tensor(False, device="cuda"), factor)
+    assert all(torch.equal(p, q) for p, q in zip(guarded_model.parameters(), before))
+    assert all(float(st["step"]) == 0 for st in guarded.state.values())
+    assert guarded.step_guarded(torch.tensor(True, device="cuda"), factor)
+    scaled.step_scaled(factor)
+    for (name, p), q in zip(guarded_model.named_parameters(), scaled_model.parameters(), strict=True):
+        assert torch.equal(p, q), name
