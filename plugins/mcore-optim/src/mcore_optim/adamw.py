@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import torch
 
+from mcore.errors import UserError
 from mcore_optim import state as state_format
 from mcore_optim.adamw_math import adamw_step
 from mcore_optim.dist import like_param, local
@@ -260,14 +261,14 @@ def use_fused(impl: str, named: Sequence[NamedParam]) -> bool:
 
 
 def use_triton(impl: str, named: Sequence[NamedParam]) -> bool:
-    """``adamw_triton``'s kernel: ``triton`` (an error without CUDA parameters or Triton) or ``auto`` where every
-    parameter is on CUDA and Triton imports."""
+    """``adamw_triton``'s kernel: ``triton`` (a one-line ``UserError`` without CUDA parameters or Triton) or
+    ``auto`` where every parameter is on CUDA and Triton imports."""
     if impl not in ("auto", "triton"):
         return False
     cuda = bool(named) and all(local(n.param).is_cuda for n in named)
     available = cuda and importlib.util.find_spec("triton") is not None
     if impl == "triton" and not available:
-        raise ValueError(
+        raise UserError(
             "impl = 'triton' needs CUDA parameters and Triton installed; allowed here: auto, foreach, fused"
         )
     return available
