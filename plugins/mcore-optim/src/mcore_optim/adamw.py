@@ -150,7 +150,8 @@ class AdamW:
                 "eps": self.eps,
                 "weight_decay": float(group["weight_decay"]),
             }
-            if self.triton and triton_takes(weights, grads, exp_avgs, exp_avg_sqs, targets):
+            # a guarded update (ok given) comes from step_guarded, which checked every group already
+            if self.triton and (ok is not None or triton_takes(weights, grads, exp_avgs, exp_avg_sqs, targets)):
                 from mcore_optim.adamw_triton import adamw_step_triton  # CUDA only: imports Triton
 
                 cache = self._triton_tables.setdefault(index, {})

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -76,6 +76,10 @@ from mcore.train.step_hooks import after_optimizer_step, metric_modules, post_st
 
 #: Peak dense bf16 TFLOP/s of known devices, for MFU when ``log.peak_tflops`` is not given.
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0, "L40S": 362.0}
+
+
+#: A loss read on the host (float) or kept on the device (0-d fp64 tensor): ``loss_mean`` takes either.
+LossValue = TypeVar("LossValue", float, torch.Tensor)
 
 
 def model_flops_per_token(factory: Any, config: RunConfig, host: Any) -> float | None:
@@ -301,7 +305,7 @@ class Trainer:
         with self.guard.phase("step metrics"):
             return step_metrics(self.metric_modules, self.token_sum, gather=self.step_layouts.scheduled is not None)
 
-    def loss_mean(self, share_sum: float) -> float:
+    def loss_mean(self, share_sum: LossValue) -> LossValue:
         """The batch's mean loss from the ranks' summed loss shares: the ranks of a loss group hold
         parts of one micro-batch, every other rank a copy or another batch (``microbatch``)."""
         return share_sum * self.step_layouts.loss_group_size() / self.parts.mesh.world_size
@@ -453,8 +457,7 @@ class Trainer:
         )
         with self.guard.phase(f"loss all-reduce of step {n}"):
             reduced = mesh_all_reduce(agreed, p.mesh)  # (3,) fp64: loss share sum, bad ranks, stops
-        mean_loss = reduced[0] * self.step_layouts.loss_group_size() / p.mesh.world_size  # loss_mean, on the device
-        ok = self.health.device_ok(mean_loss, reduced[1])
+        ok = self.health.device_ok(self.loss_mean(reduced[0]), reduced[1])  # the same arithmetic, on the device
         norm_later = read_later(norm)  # the metric, read after the step is queued (used only if finite)
         with self.guard.phase(f"optimizer step {n}"):
             guarded = self.device_guarded_update(ok, norm)
