@@ -16,6 +16,9 @@ Candidates, each on the same bf16 inputs ``(B, T, nh, hd)`` with ``--docs`` equa
 * ``cudnn_full_causal``: one cuDNN SDPA call, causal over the whole row (no document mask: more work, a
   different function; the speed to beat);
 * ``sdpa_dense_mask``: ``SDPABackend`` through the seam, the dense boolean mask (the old default path);
+* ``ours_flex_opts<i>`` (``--flex-options``): ``FlexBackend(kernel_options=...)`` through the seam, one per
+  given dict (tile sizes, warps, stages of forward and backward); ``ours_flex_autotune`` (``--autotune``):
+  the ``flex-autotune`` backend (inductor times its tile configs on the first call, during the warm-up);
 * ``flex_block_mask_build``: building the ``BlockMask`` for a new batch (once per step, not per layer),
   from per-block document ids (``flex_blocks``); ``create_block_mask_build``: the same mask by
   ``create_block_mask`` (every pair evaluated), the previous way.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -43,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from mcore.protocols.block import BlockContext
-from mcore_models.attention_backends.flex import FlexBackend, _mask_mod
+from mcore_models.attention_backends.flex import FlexAutotuneBackend, FlexBackend, _mask_mod
 from mcore_models.attention_backends.sdpa import SDPABackend
 from mcore_models.attention_backends.seam import attend
 from mcore_models.blocks.masking import document_ids
@@ -65,7 +69,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20, help="calls per candidate per round")
     parser.add_argument("--warmup", type=int, default=5, help="calls per candidate before timing")
     parser.add_argument("--fwd-only", action="store_true", help="time the forward alone")
+    parser.add_argument(
+        "--flex-options",
+        default="[]",
+        help="JSON list of FlexAttention kernel_options dicts: one candidate ours_flex_opts<i> each (CUDA)",
+    )
+    parser.add_argument(
+        "--autotune", action="store_true", help="add ours_flex_autotune (flex-autotune: inductor picks the tiles)"
+    )
+    parser.add_argument("--only", default="", help="comma-separated candidates to time (default: all)")
     args = parser.parse_args(argv)
+    try:
+        args.flex_options = json.loads(args.flex_options)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--flex-options: not JSON ({exc.msg}); expected a list of objects")
+    if not isinstance(args.flex_options, list) or not all(isinstance(o, dict) for o in args.flex_options):
+        parser.error("--flex-options: expected a JSON list of objects, e.g. '[{\"BLOCK_M1\": 32}]'")
     if args.tiny:
         args.batch, args.seq, args.docs, args.heads, args.kv_heads, args.head_dim = 1, 64, 2, 2, 1, 16
         args.repeats, args.iters, args.warmup = 2, 2, 1
@@ -181,6 +200,14 @@ def candidates(
             _mask_mod(document_ids(cu.clone(), batch, seq), 0, None), batch, None, seq, seq, device=device
         )
 
+    variants = {f"ours_flex_opts{i}": FlexBackend(kernel_options=opts) for i, opts in enumerate(args.flex_options)}
+    if args.autotune:
+        variants["ours_flex_autotune"] = FlexAutotuneBackend()
+
+    def through(backend: FlexBackend) -> Callable[..., torch.Tensor]:
+        ctx = BlockContext(cu_seqlens=cu, max_seqlen=doc_len, attention=backend)
+        return lambda a, b, c: attend(a, b, c, ctx=ctx, scale=scale, window=None, default=dense)
+
     bthd = (q, k, v)
     steps = {
         "ours_flex": make_step(ours_flex, bthd, dout, args.fwd_only),
@@ -199,6 +226,17 @@ def candidates(
         "flash_per_document": lambda: flash_per_document(q, k, v),
         "sdpa_dense_mask": lambda: sdpa_dense_mask(q, k, v),
     }
+    for name, backend in variants.items():
+        fn = through(backend)
+        steps[name] = make_step(fn, bthd, dout, args.fwd_only)
+        forwards[name] = functools.partial(fn, q, k, v)
+    if args.only:
+        keep = set(args.only.split(",")) | {"flex_direct"}  # the correctness reference always runs
+        unknown = keep - set(steps)
+        if unknown:
+            raise SystemExit(f"--only: unknown candidates {sorted(unknown)}; known: {sorted(steps)}")
+        steps = {name: step for name, step in steps.items() if name in keep}
+        forwards = {name: fn for name, fn in forwards.items() if name in keep}
     return steps, forwards, pairs
 
 

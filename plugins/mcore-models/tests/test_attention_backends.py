@@ -22,7 +22,7 @@ from mcore.plugins import load_plugins
 from mcore.protocols.attention import AttentionBackend
 from mcore.protocols.block import BlockContext
 from mcore_models.attention_backends.auto import AutoBackend
-from mcore_models.attention_backends.flex import FlexBackend
+from mcore_models.attention_backends.flex import FlexAutotuneBackend, FlexBackend
 from mcore_models.attention_backends.sdpa import SDPABackend
 from mcore_models.blocks.attention import Attention
 from mcore_models.blocks.masking import attention_mask
@@ -99,7 +99,7 @@ CASES: dict[str, tuple[Any, ...]] = {
     "offset": (2, 3, 8, 4, 2, 8, 8, None, None),  # 5 cached keys precede 3 queries (decode)
     "offset-window": (2, 3, 8, 4, 2, 8, 8, None, 4),
 }
-BACKENDS = {"sdpa": SDPABackend, "flex": FlexBackend, "auto": AutoBackend}
+BACKENDS = {"sdpa": SDPABackend, "flex": FlexBackend, "auto": AutoBackend, "flex-autotune": FlexAutotuneBackend}
 
 
 def _run(backend: AttentionBackend, case: tuple[Any, ...], dtype: torch.dtype, grad: bool, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -309,8 +309,23 @@ def test_auto_uses_sdpa_on_cpu() -> None:
 
 def test_backends_are_registered_under_kind_attention() -> None:
     host = load_plugins(entry_points=False, env=False, unpackaged=False, extra=["mcore_models.plugin"])
-    assert {"sdpa", "flex", "auto"} <= set(host.registry.names("attention"))
+    assert {"sdpa", "flex", "flex-autotune", "auto"} <= set(host.registry.names("attention"))
     for name, cls in BACKENDS.items():
         loaded = host.load("attention", name)
         assert loaded is cls and loaded.name == name
         assert isinstance(loaded(), AttentionBackend)
+
+
+def test_tile_options_and_autotuning_change_only_the_cuda_kernel() -> None:
+    """``kernel_options`` and ``autotune`` reach the compiled CUDA kernel only: on CPU the same outputs, and the
+    options are handed over on CUDA alone (their CUDA numerics: ``test_kernels_gpu.py``)."""
+    tiles = {"BLOCK_M": 64, "BLOCK_N": 32}
+    tuned, tiled = FlexAutotuneBackend(), FlexBackend(kernel_options=tiles)
+    assert tuned.autotune and not FlexBackend().autotune and FlexBackend(autotune=True).autotune
+    assert tiled._options(torch.device("cuda")) == {"kernel_options": tiles}
+    assert tiled._options(torch.device("cpu")) == {} and FlexBackend()._options(torch.device("cuda")) == {}
+    tiles["BLOCK_M"] = 16  # the backend keeps its own copy
+    assert tiled.kernel_options == {"BLOCK_M": 64, "BLOCK_N": 32}
+    for backend in (tuned, tiled):
+        _run(backend, CASES["window-documents"], torch.float32, grad=False, seed=5)
+        _run(backend, CASES["documents"], torch.float32, grad=True, seed=6)

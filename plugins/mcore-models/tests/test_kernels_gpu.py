@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -189,7 +191,7 @@ def _attention_reference(q, k, v, cu_seqlens, scale, window):  # type: ignore[no
     return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
 
 
-@pytest.mark.parametrize("backend", ["flex", "sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["flex", "sdpa", "auto", "flex-tiles"])
 @pytest.mark.parametrize(
     ("seq", "bounds", "heads", "kv_heads", "hd", "window"),
     [
@@ -202,19 +204,43 @@ def test_attention_backend_packed_batch_on_cuda(
     backend: str, seq: int, bounds: tuple[int, ...], heads: int, kv_heads: int, hd: int, window: int | None
 ) -> None:
     """bf16 flex and sdpa against the fp32 reference on a packed batch of two rows, forward and backward."""
-    from mcore.protocols.block import BlockContext
     from mcore_models.attention_backends.auto import AutoBackend
     from mcore_models.attention_backends.flex import FlexBackend
     from mcore_models.attention_backends.sdpa import SDPABackend
 
-    impl = {"flex": FlexBackend, "sdpa": SDPABackend, "auto": AutoBackend}[backend]()
+    impl = {"flex": FlexBackend, "sdpa": SDPABackend, "auto": AutoBackend, "flex-tiles": _small_tiles}[backend]()
+    _check_packed(impl, seq, bounds, heads, kv_heads, hd, window)
+
+
+def test_flex_autotune_backend_packed_batch_on_cuda() -> None:
+    """``flex-autotune`` (inductor's autotuned tiles: one shape, its tuning takes a while) against the reference."""
+    from mcore_models.attention_backends.flex import FlexAutotuneBackend
+
+    _check_packed(FlexAutotuneBackend(), 2048, (0, 700, 1024, 2500, 4096), 8, 4, 128, None)
+
+
+def _small_tiles() -> Any:
+    """``flex`` with forward and backward tile sizes of its own (``kernel_options``), not inductor's defaults."""
+    from mcore_models.attention_backends.flex import FlexBackend
+
+    tiles = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+    return FlexBackend(kernel_options={**tiles, "num_warps": 4, "num_stages": 2})
+
+
+def _check_packed(
+    impl: Any, seq: int, bounds: tuple[int, ...], heads: int, kv_heads: int, hd: int, window: int | None
+) -> None:
+    """``impl`` on a bf16 packed batch of two rows (documents ``bounds``) against the fp32 reference, fwd + bwd."""
+    from mcore.protocols.block import BlockContext
+    from mcore_models.attention_backends.auto import AutoBackend
+
     cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
     q = _randn(2, seq, heads, hd, dtype=torch.bfloat16, seed=0)
     k = _randn(2, seq, kv_heads, hd, dtype=torch.bfloat16, seed=1)
     v = _randn(2, seq, kv_heads, hd, dtype=torch.bfloat16, seed=2)
     dout = _randn(2, seq, heads, hd, dtype=torch.bfloat16, seed=3)
     ctx = BlockContext(cu_seqlens=cu)
-    if backend == "auto":
+    if isinstance(impl, AutoBackend):
         assert impl.choose(q, k, ctx, window) is impl.flex  # packed documents on CUDA take FlexAttention
     _compare(
         lambda a, b, c: impl(a, b, c, ctx=ctx, scale=hd**-0.5, window=window),

@@ -36,6 +36,10 @@ _ATTENTION = {
         "mcore_models.attention_backends.flex:FlexBackend",
         "FlexAttention with a block-sparse document/window mask built once per call (compiled on CUDA)",
     ),
+    "flex-autotune": (
+        "mcore_models.attention_backends.flex:FlexAutotuneBackend",
+        "flex with inductor's autotuned tile sizes (CUDA; timed once per shape on its first call)",
+    ),
     "auto": (
         "mcore_models.attention_backends.auto:AutoBackend",
         "flex for packed documents or sliding windows on CUDA, sdpa otherwise (the blocks' default)",

@@ -51,8 +51,11 @@ class PlainRecipe:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
-    def unscale_grads(self, model: nn.Module) -> torch.Tensor:
-        return grads_finite(model)
+    def unscale_grads(self, model: nn.Module, *, finite_from_norm: bool = False) -> bool | torch.Tensor:
+        """Nothing to unscale: whether this rank's gradients are finite, or ``True`` without looking when the run
+        loop judges that from the global gradient norm (``finite_from_norm``: a NaN or Inf element makes the norm
+        NaN or Inf, so a scan of its own would be a second pass over every gradient for the same answer)."""
+        return True if finite_from_norm else grads_finite(model)
 
     def update(self) -> None:
         return None

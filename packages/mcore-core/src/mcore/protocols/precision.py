@@ -45,7 +45,11 @@ class PrecisionRecipe(Protocol):
           scale and answers whether this rank's gradients are all finite: ``True``/``False``, or
           (better: no host sync) a 0-d bool tensor on the gradients' device, as the built-in
           recipes do (the runtime combines the answer across ranks, inside its one all-reduce of
-          the step, before skipping a step); ``update()`` adjusts the scale
+          the step, before skipping a step). The runtime also skips a step whose global gradient norm
+          is NaN or Inf (a NaN or Inf gradient element makes it so): a recipe whose ``unscale_grads``
+          takes a keyword ``finite_from_norm`` is called with it ``True`` and may answer ``True``
+          without scanning the gradients (the built-in recipes do; fp16 still reports what its
+          unscaling finds); ``update()`` adjusts the scale
           after the step; a recipe whose ``update`` takes a ``finite`` keyword is handed the step's
           finiteness as agreed over all ranks (``update(finite=...)``), so every rank moves its scale
           alike without a collective of its own. The recipe owns its scaling state and checkpoints it through

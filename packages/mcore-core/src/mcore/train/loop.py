@@ -8,7 +8,8 @@ One optimizer step:
    ``forward_backward``, or the plain loop under the recipe's autocast, the scaled loss divided
    by the number of micro-batches, every layout's ``no_grad_sync`` held for all but the last;
    then ``finish_grad_sync``;
-3. ``unscale_grads`` and the finiteness of the gradients agreed by all ranks, the loss
+3. ``unscale_grads`` and the finiteness of the gradients agreed by all ranks (the recipe's answer and the
+   global gradient norm being finite: a NaN or Inf element makes it NaN or Inf), the loss
    averaged over all ranks (parts of one loss group summed), the global gradient norm with
    every element counted once (``grads``) and clipping (folded into the update by an optimizer that
    takes the factor, ``ScaledStep``);
@@ -117,11 +118,17 @@ def read_later(value: torch.Tensor) -> Callable[[], float]:
     return read
 
 
-def not_finite_flag(finite: bool | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A recipe's ``unscale_grads`` answer (a bool, or a 0-d bool tensor: no host sync) as ``1.0`` when not finite."""
+def not_finite_flag(finite: bool | torch.Tensor, norm: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``1.0`` when a recipe's ``unscale_grads`` answer (a bool, or a 0-d bool tensor: no host sync) says this
+    rank's gradients are not all finite, or the global gradient norm (``global_grad_norm``, the same on every rank)
+    is NaN or Inf: any NaN or Inf gradient element makes it so, which is how a plain recipe's answer is judged
+    without a pass of its own (``finite_from_norm``); a 0-d fp64 device tensor."""
+    bad = torch.logical_not(torch.isfinite(norm.to(device)))
     if isinstance(finite, torch.Tensor):
-        return torch.logical_not(finite.to(device)).double()
-    return device_flag(not finite, device)
+        bad = bad | torch.logical_not(finite.to(device))
+    elif not finite:
+        bad = torch.ones_like(bad)
+    return bad.double()
 
 
 @dataclass
@@ -247,6 +254,13 @@ class Trainer:
         self.post_step = post_step_modules(self.parts.model)
         self.metric_modules = metric_modules(self.parts.model)
         self.update_takes_finite = "finite" in inspect.signature(self.parts.precision.update).parameters
+        # the step's finiteness is judged from the global gradient norm (always computed): a recipe that only
+        # scans for it is told so and skips its own pass over every gradient
+        self.unscale_kwargs = (
+            {"finite_from_norm": True}
+            if "finite_from_norm" in inspect.signature(self.parts.precision.unscale_grads).parameters
+            else {}
+        )
         # whether any rank reports step metrics: a pipeline stage without such modules must still join the
         # gather of the stages' numbers (decided once, the same on every rank)
         reports = torch.tensor([1.0 if self.metric_modules else 0.0], device=mesh.device)
@@ -438,7 +452,7 @@ class Trainer:
         with self.guard.phase(f"gradient sync of step {n}"):
             for layout in reversed(p.layouts):  # the outermost (applied last) first: its reductions land
                 layout.finish_grad_sync()
-            finite_here = p.precision.unscale_grads(p.model)
+            finite_here = p.precision.unscale_grads(p.model, **self.unscale_kwargs)
         with self.guard.phase(f"preparing the batches of step {n + 1}"):
             self.prefetch(step + 1)  # before this step's first host sync (below)
         with self.guard.phase(f"gradient norm of step {n}"):
@@ -453,7 +467,7 @@ class Trainer:
         stop_here = self.stop is not None and self.stop.requested is not None
         device = p.mesh.device
         agreed = torch.stack(
-            [local_loss.to(device), not_finite_flag(finite_here, device), device_flag(stop_here, device)]
+            [local_loss.to(device), not_finite_flag(finite_here, norm, device), device_flag(stop_here, device)]
         )
         with self.guard.phase(f"loss all-reduce of step {n}"):
             reduced = mesh_all_reduce(agreed, p.mesh)  # (3,) fp64: loss share sum, bad ranks, stops

@@ -11,8 +11,9 @@ H200); with cached keys (decode) ``create_block_mask`` builds it. The block mask
 and shared by every layer of the forward (``cache.MaskCache``, keyed on the ``cu_seqlens`` tensor).
 
 On CUDA the kernel is ``torch.compile(flex_attention)`` (eager FlexAttention materialises the scores);
-it is compiled once per process (``_compiled_flex``) so backend instances share one compiled kernel
-instead of compiling it again each. Inside a region already being compiled the plain function is
+it is compiled once per process and mode (``_compiled_flex``) so backend instances share one compiled
+kernel instead of compiling it again each; ``flex-autotune`` compiles it with inductor's autotuning of
+the tile sizes, and ``kernel_options`` fixes them. Inside a region already being compiled the plain function is
 traced. On CPU the eager function runs; torch has no FlexAttention backward on CPU, so a call that
 needs gradients there runs SDPA over the same ``mask_mod`` evaluated densely (tests check the mask).
 """
@@ -43,11 +44,16 @@ def flex_devices() -> frozenset[str]:
     return frozenset({"cpu", "cuda"} if importlib.util.find_spec("triton") is not None else {"cpu"})
 
 
+#: ``torch.compile`` mode of the autotuned kernel: inductor times its list of FlexAttention tile configs (forward
+#: and backward) on the first call of each shape and keeps the fastest; CUDA graphs stay off (the step owns them).
+AUTOTUNE_MODE = "max-autotune-no-cudagraphs"
+
+
 @functools.cache
-def _compiled_flex() -> Callable[..., Any]:
+def _compiled_flex(mode: str | None = None) -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False, mode=mode)
 
 
 def _mask_mod(docs: torch.Tensor | None, offset: int, window: int | None) -> Callable[..., torch.Tensor]:
@@ -69,12 +75,26 @@ class FlexBackend:
     """``__call__(q (B, T, nh, hd), k (B, S, nkv, hd), v (B, S, nkv, hdv), *, ctx, scale, window) -> (B, T, nh, hdv)``.
 
     ``compile``: compile the kernel on CUDA (none: yes). ``cache_size``: block masks kept per instance.
+    ``autotune``: compile it in ``AUTOTUNE_MODE`` (inductor picks the tile sizes by timing them on the first call
+    of a shape, seconds to minutes once; ``flex-autotune`` registers this). ``kernel_options``: FlexAttention's
+    ``kernel_options`` (tile sizes, warps, stages of forward and backward) passed on every call, for a
+    configuration measured to beat the defaults (``benchmarks/bench_attention.py --flex-options``).
     """
 
     name: ClassVar[str] = "flex"
+    autotune_default: ClassVar[bool] = False
 
-    def __init__(self, *, compile: bool | None = None, cache_size: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        compile: bool | None = None,
+        cache_size: int = 8,
+        autotune: bool | None = None,
+        kernel_options: dict[str, Any] | None = None,
+    ) -> None:
         self.compile = compile
+        self.autotune = self.autotune_default if autotune is None else autotune
+        self.kernel_options = dict(kernel_options) if kernel_options else None
         self.devices = flex_devices()  # looked up once, not per call (nor inside a compiled region)
         self._masks = MaskCache(cache_size)
 
@@ -107,7 +127,8 @@ class FlexBackend:
         gqa = heads != k.shape[2]
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T|S, d) views
         try:
-            out = self._kernel(q.device)(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+            kernel, options = self._kernel(q.device), self._options(q.device)
+            out = kernel(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=gqa, **options)
         except NotImplementedError:
             if q.device.type != "cpu" or not torch.is_grad_enabled():
                 raise
@@ -122,7 +143,11 @@ class FlexBackend:
 
         if device.type != "cuda" or self.compile is False or torch.compiler.is_compiling():
             return flex_attention
-        return _compiled_flex()
+        return _compiled_flex(AUTOTUNE_MODE if self.autotune else None)
+
+    def _options(self, device: torch.device) -> dict[str, Any]:
+        """``{"kernel_options": ...}`` for the Triton kernel on CUDA when set (the CPU kernel takes none)."""
+        return {"kernel_options": self.kernel_options} if self.kernel_options and device.type == "cuda" else {}
 
     @torch.compiler.disable
     def block_mask(
@@ -149,3 +174,10 @@ class FlexBackend:
             return create_block_mask(mask_mod, None if docs is None else batch, None, seq, keys, device=device)
 
         return self._masks.get(cu_seqlens, (batch, seq, keys, window, str(device)), build)
+
+
+class FlexAutotuneBackend(FlexBackend):
+    """``flex`` whose CUDA kernel's tile sizes inductor autotunes (``AUTOTUNE_MODE``) on each new shape's first call."""
+
+    name: ClassVar[str] = "flex-autotune"
+    autotune_default: ClassVar[bool] = True
