@@ -36,7 +36,8 @@ each) and the chunk states (``M hv d^2``) in the scratch dtype. Block sizes, war
 are autotuned on CUDA over a few configs (a config over the shared memory of the card is skipped by the autotuner);
 Triton's interpreter takes fixed ones. Backward (``gated_delta_rule_triton`` is an ``autograd.Function``):
 ``mcore_ssm.gdn_triton_bwd``, which reruns kernels 1 and 2 in fp32 for the factors and the chunk states instead of
-keeping anything from the forward but its inputs.
+keeping anything from the forward but its inputs, walks the chunks in reverse for the state gradients, and
+differentiates the per-chunk terms in Triton, all chunks in parallel (``mcore_ssm.gdn_triton_chunk_bwd``).
 """
 
 from __future__ import annotations
@@ -494,7 +495,7 @@ def scratch_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     """Forward: the three kernels. Backward: ``mcore_ssm.gdn_triton_bwd`` (recomputes the forward's factors and
-    chunk states, walks the chunks in reverse in Triton, differentiates the per-chunk terms in torch)."""
+    chunk states, walks the chunks in reverse, differentiates the per-chunk terms in parallel; all in Triton)."""
 
     @staticmethod
     def forward(ctx: Any, q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, segments):  # type: ignore[override]

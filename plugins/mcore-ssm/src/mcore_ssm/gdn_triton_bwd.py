@@ -1,6 +1,8 @@
-"""Backward of the Triton chunked gated delta rule: a reverse state kernel plus the per-chunk terms' autograd.
+"""Backward of the Triton chunked gated delta rule: a reverse walk over the chunks, then the per-chunk terms'
+gradients in parallel (``mcore_ssm.gdn_triton_chunk_bwd``).
 
-Shape legend: N tokens, S segments, M chunks, hv value heads, dk key dim, dv value dim, C = 64, NVB value blocks.
+Shape legend: N tokens, S segments, M chunks, hv value heads, dk key dim, dv value dim, C = 64, BV a block of
+value dims.
 
 The forward (``mcore_ssm.gdn_triton``) is per chunk, with the per-chunk terms ``W``, ``U~`` (the WY factors),
 ``P = tril(scale Q K^T * exp(G_i - G_j))``, ``Qe = scale Q exp(G)``, ``K~ = exp(G_C - G) K`` and
@@ -9,15 +11,24 @@ The forward (``mcore_ssm.gdn_triton``) is per chunk, with the per-chunk terms ``
     U = U~ - W S;   O = Qe S + P U;   S' = gamma S + K~^T U
 
 Backward, walking each segment's chunks in reverse with ``dS'`` (the final state's gradient, else zero):
-``dU = P^T dO + K~ dS'``; ``dS = Qe^T dO + gamma dS' - W^T dU``; and the per-chunk terms' gradients
-``dU~ = dU``, ``dW = -dU S^T``, ``dQe = dO S^T``, ``dP = dO U^T``, ``dK~ = U dS'^T``, ``dgamma = <S, dS'>``.
-That walk is ``_chunk_state_bwd_kernel`` (one program per segment, value head and block of value dims, like
-the forward; it reads the state entering each chunk, which the forward's state kernel stores (rerun here in
-fp32), and writes
-per value block partial sums that are added here). The per-chunk terms are then recomputed in torch on all
-chunks at once (no loop: batched matmuls and a batched triangular solve) and differentiated by autograd with
-those gradients, which carries them to ``q, k, v, g, beta``; ``dS`` at each segment's start is the initial
-state's gradient.
+``dU = P^T dO + K~ dS'``; ``dS = Qe^T dO + gamma dS' - W^T dU``. ``P^T dO`` needs no state: ``_local_du_kernel``
+forms it for all chunks in parallel first. The walk, ``_chunk_state_bwd_kernel`` (one program per segment, value
+head and block of BV value dims, like the forward's state kernel), then only adds ``K~ dS'`` and carries ``dS``:
+no ``(C, C)`` work in the sequential loop; it stores ``dU`` and the ``dS'`` leaving each chunk (fp32), nothing
+else; ``dS`` at each segment's start is the initial state's gradient. Offline sm_90 builds (Triton 3.9, 2026-12-06,
+dk = dv = 128, bf16, 8 warps): the walk 255 registers, 288 bytes spilled, 64 KB shared memory at 32 value columns
+(the walk it replaced: 2 KB spilled, 208 KB); ``_local_du_kernel`` 150 registers, no spill.
+
+Everything else is parallel over chunks, in ``gdn_triton_chunk_bwd``: the terms' gradients
+``dU~ = dU``, ``dW = -dU S^T``, ``dQe = dO S^T``, ``dP = dO U^T``, ``dK~ = U dS'^T``, ``dgamma = <S, dS'>``
+(from the chunk states and ``U`` of the forward's kernels, rerun here in fp32) carried on to ``q, k, v, g, beta``.
+The walk used to write those terms itself, per block of value dims (partial sums of ``(C, dk)`` and ``(C, C)`` fp32
+tiles, summed after: ~7.5 GB at the bench shape), then differentiate torch's per-chunk terms by autograd;
+``_chunk_terms`` (that torch form) stays here as the test oracle (``chunk_terms_bwd_reference``).
+
+Exps: ``exp(G_i - G_j)`` takes the sum of the gates between ``j`` and ``i`` (a ``(C, C)`` cumsum), not the
+difference of two ``G``: at gates of -30 a token ``G`` reaches -2000 in a chunk and its rounding (~1e-4) would be the
+relative error of the terms next to the diagonal.
 """
 
 from __future__ import annotations
@@ -27,7 +38,59 @@ import triton
 import triton.language as tl
 
 from mcore_ssm.gdn_triton import CHUNK, Launch, prepare, run_states
+from mcore_ssm.gdn_triton_chunk_bwd import chunk_terms_bwd
 from mcore_ssm.segsum import segsum
+
+
+@triton.jit
+def _local_du_kernel(
+    q_ptr,  # (N, hk, dk)
+    k_ptr,  # (N, hk, dk)
+    g_ptr,  # (N, hv) fp32: the gates
+    dout_ptr,  # (N, hv, dv) the output's dtype: dO
+    du_ptr,  # (N, hv, dv) fp32 out: P^T dO, the part of dU within the chunk
+    chunk_start_ptr,  # (M,) int64
+    chunk_len_ptr,  # (M,) int64
+    scale,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``P^T dO`` of each chunk, all chunks in parallel (one program per chunk and value head), so that the
+    reverse walk only adds ``K~ dS'`` to it."""
+    chunk = tl.program_id(0)
+    head = tl.program_id(1)
+    qk_head = head // (HV // HK)
+    start = tl.load(chunk_start_ptr + chunk)
+    count = tl.load(chunk_len_ptr + chunk)
+
+    rows = tl.arange(0, C)  # (C,)
+    dks = tl.arange(0, BK)  # (BK,)
+    valid = rows < count
+    flat = start + rows  # (C,)
+    qk_off = (flat[:, None] * HK + qk_head) * DK + dks[None, :]  # (C, BK)
+    qk_mask = valid[:, None] & (dks < DK)[None, :]
+    q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0)  # (C, BK) inputs' dtype
+    k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0)  # (C, BK)
+    g = tl.load(g_ptr + flat * HV + head, mask=valid, other=0.0)  # (C,)
+    lower = rows[:, None] >= rows[None, :]  # (C, C) j <= i
+    # exp(G_i - G_j) as the exp of the sum of the g between (no difference of two G: see gdn_triton_chunk_bwd)
+    between = tl.cumsum(tl.where(rows[:, None] > rows[None, :], g[:, None], 0.0), axis=0)  # (C, C)
+    ratio = tl.exp(tl.where(lower, between, float("-inf")))  # (C, C) j <= i only
+    # Q K^T on the inputs' dtype: products of 16-bit inputs are exact in the fp32 accumulator
+    p = tl.where(lower, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale * ratio, 0.0)  # (C, C) P
+    p_t = tl.trans(p)  # (C, C)
+    for v_first in range(0, DV, BV):
+        dvs = v_first + tl.arange(0, BV)  # (BV,)
+        v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
+        v_mask = valid[:, None] & (dvs < DV)[None, :]
+        dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV)
+        tl.store(du_ptr + v_off, tl.dot(p_t, dout, input_precision=PRECISION), mask=v_mask)
 
 
 @triton.jit
@@ -35,24 +98,16 @@ def _chunk_state_bwd_kernel(
     q_ptr,  # (N, hk, dk)
     k_ptr,  # (N, hk, dk)
     w_ptr,  # (N, hv, dk) fp32: W
-    u_ptr,  # (N, hv, dv) fp32: U~
-    cum_ptr,  # (N, hv) fp32: G
-    states_ptr,  # (M, hv, dk, dv) fp32: the state entering each chunk
-    dout_ptr,  # (N, hv, dv) fp32
+    g_ptr,  # (N, hv) fp32: the gates
+    dout_ptr,  # (N, hv, dv) the output's dtype: dO
     dht_ptr,  # (S, hv, dk, dv) fp32 (unused without HAS_DHT)
     dh0_ptr,  # (S, hv, dk, dv) fp32 out
-    du_ptr,  # (N, hv, dv) fp32 out: dU~
-    dw_ptr,  # (NVB, N, hv, dk) fp32 out: partial dW
-    dqe_ptr,  # (NVB, N, hv, dk) fp32 out: partial dQe
-    dkt_ptr,  # (NVB, N, hv, dk) fp32 out: partial dK~
-    dp_ptr,  # (NVB, M, hv, C, C) fp32 out: partial dP
-    dgamma_ptr,  # (NVB, M, hv) fp32 out: partial dgamma
+    du_ptr,  # (N, hv, dv) fp32 in: P^T dO (``_local_du_kernel``), out: dU (= dU~)
+    dstates_ptr,  # (M, hv, dk, dv) fp32 out: dS', the gradient of the state leaving each chunk
     starts_ptr,  # (S,) int64
     lengths_ptr,  # (S,) int64
     first_chunk_ptr,  # (S,) int64
     scale,
-    tokens,
-    chunks,
     HK: tl.constexpr,
     HV: tl.constexpr,
     DK: tl.constexpr,
@@ -63,9 +118,11 @@ def _chunk_state_bwd_kernel(
     HAS_DHT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    seg = tl.program_id(0)
+    # the value blocks of one (segment, head) are neighbours in the launch order: they run at once and walk the
+    # same chunks, so their shared loads (q, k, W, g) come from L2
+    vblock = tl.program_id(0) % tl.cdiv(DV, BV)
+    seg = (tl.program_id(0) // tl.cdiv(DV, BV)).to(tl.int64)  # int64: seg * hv * dk * dv passes 2^31 (documents)
     head = tl.program_id(1)
-    vblock = tl.program_id(2)
     qk_head = head // (HV // HK)
     start = tl.load(starts_ptr + seg)
     length = tl.load(lengths_ptr + seg)
@@ -76,7 +133,6 @@ def _chunk_state_bwd_kernel(
     dvs = vblock * BV + tl.arange(0, BV)  # (BV,)
     kmask = dks < DK
     vmask = dvs < DV
-    lower = rows[:, None] >= rows[None, :]  # (C, C) j <= i
     state_mask = kmask[:, None] & vmask[None, :]
     state_cols = dks[:, None] * DV + dvs[None, :]  # (BK, BV) inside one (dk, dv) state
     seg_state = (seg * HV + head) * DK * DV + state_cols
@@ -88,51 +144,31 @@ def _chunk_state_bwd_kernel(
     count = (length + C - 1) // C
     for back in range(0, count):
         j = count - 1 - back  # chunks in reverse
-        chunk_id = first_chunk + j
+        chunk_id = (first_chunk + j).to(tl.int64)
+        tl.store(dstates_ptr + (chunk_id * HV + head) * DK * DV + state_cols, dstate, mask=state_mask)
         tok = j * C + rows  # (C,) position in the segment
         valid = tok < length
         flat = start + tok  # (C,)
         qk_off = (flat[:, None] * HK + qk_head) * DK + dks[None, :]  # (C, BK)
         qk_mask = valid[:, None] & kmask[None, :]
-        q = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32) * scale  # (C, BK)
-        k = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32)  # (C, BK)
-        hk_off = (flat[:, None] * HV + head) * DK + dks[None, :]  # (C, BK) per value head
-        w = tl.load(w_ptr + hk_off, mask=qk_mask, other=0.0)  # (C, BK)
+        g = tl.load(g_ptr + flat * HV + head, mask=valid, other=0.0)  # (C,)
+        cum = tl.cumsum(g, axis=0)  # (C,) G (rows past the end: G_C)
+        # G_C - G_i = sum_{l > i} g_l: a reverse cumsum of the next token's gate (no difference of two G)
+        after = (rows < C - 1) & (tok + 1 < length)
+        to_end = tl.cumsum(tl.load(g_ptr + (flat + 1) * HV + head, mask=after, other=0.0), axis=0, reverse=True)
+        qe = tl.load(q_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32) * (scale * tl.exp(cum))[:, None]  # Qe
+        kt = tl.load(k_ptr + qk_off, mask=qk_mask, other=0.0).to(tl.float32) * tl.exp(to_end)[:, None]  # K~
+        w = tl.load(w_ptr + (flat[:, None] * HV + head) * DK + dks[None, :], mask=qk_mask, other=0.0)  # (C, BK)
         v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
         v_mask = valid[:, None] & vmask[None, :]
-        u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) U~
-        dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV)
-        last_tok = start + tl.minimum(j * C + C, length) - 1
-        last = tl.load(cum_ptr + last_tok * HV + head)  # G_C
-        cum = tl.load(cum_ptr + flat * HV + head, mask=valid, other=0.0)
-        cum = tl.where(valid, cum, last)  # (C,) G: G_C past the segment's end, as in the forward
-        state = tl.load(states_ptr + (chunk_id * HV + head) * DK * DV + state_cols, mask=state_mask, other=0.0)
+        dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV)
+        du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) P^T dO
+        gamma = tl.exp(tl.sum(tl.where(rows == C - 1, cum, 0.0), axis=0))  # e^{G_C}
 
-        u = u - tl.dot(w, state, input_precision=PRECISION)  # (C, BV) U
-        ratio = tl.exp(tl.where(lower, cum[:, None] - cum[None, :], float("-inf")))  # (C, C) j <= i only
-        p = tl.where(lower, tl.dot(q, tl.trans(k), input_precision=PRECISION) * ratio, 0.0)  # (C, C) P
-        qe = q * tl.exp(cum)[:, None]  # (C, BK)
-        kt = tl.where(valid[:, None], k * tl.exp(last - cum)[:, None], 0.0)  # (C, BK) K~
-        gamma = tl.exp(last)
-
-        du = tl.dot(tl.trans(p), dout, input_precision=PRECISION)  # (C, BV)
-        du += tl.dot(kt, dstate, input_precision=PRECISION)
-        dqe = tl.dot(dout, tl.trans(state), input_precision=PRECISION)  # (C, BK)
-        dp = tl.dot(dout, tl.trans(u), input_precision=PRECISION)  # (C, C)
-        dkt = tl.dot(u, tl.trans(dstate), input_precision=PRECISION)  # (C, BK)
-        dgamma = tl.sum(tl.sum(state * dstate, axis=1), axis=0)
-        dw = -tl.dot(du, tl.trans(state), input_precision=PRECISION)  # (C, BK)
+        du += tl.dot(kt, dstate, input_precision=PRECISION)  # dU = P^T dO + K~ dS'
         dstate_prev = tl.dot(tl.trans(qe), dout, input_precision=PRECISION) + gamma * dstate  # (BK, BV)
         dstate = dstate_prev - tl.dot(tl.trans(w), du, input_precision=PRECISION)
-
         tl.store(du_ptr + v_off, du, mask=v_mask)
-        part = vblock.to(tl.int64) * tokens * HV * DK + hk_off  # (C, BK) in this value block's partial
-        tl.store(dw_ptr + part, dw, mask=qk_mask)
-        tl.store(dqe_ptr + part, dqe, mask=qk_mask)
-        tl.store(dkt_ptr + part, dkt, mask=qk_mask)
-        dp_off = ((vblock * chunks + chunk_id) * HV + head) * C * C + rows[:, None] * C + rows[None, :]
-        tl.store(dp_ptr + dp_off, dp)
-        tl.store(dgamma_ptr + (vblock * chunks + chunk_id) * HV + head, dgamma)
 
     tl.store(dh0_ptr + seg_state, dstate, mask=state_mask)
 
@@ -157,18 +193,19 @@ def _chunk_terms(
     group = launch.hv // launch.hk
     index = _chunk_index(launch)
     chunks = launch.chunk_starts.numel()
-    flat = [t.flatten(0, 1) for t in (q, k, v, g, beta)]  # (N, h, ...)
-    qc = _to_chunks(flat[0].float().repeat_interleave(group, dim=1) * launch.scale, index, chunks)
-    kc = _to_chunks(flat[1].float().repeat_interleave(group, dim=1), index, chunks)
-    vc = _to_chunks(flat[2].float(), index, chunks)
-    gc, bc = (_to_chunks(t.float(), index, chunks) for t in flat[3:])  # (M, hv, C)
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32  # float64 for a float64 oracle
+    flat = [t.flatten(0, 1).to(work) for t in (q, k, v, g, beta)]  # (N, h, ...)
+    qc = _to_chunks(flat[0].repeat_interleave(group, dim=1) * launch.scale, index, chunks)
+    kc = _to_chunks(flat[1].repeat_interleave(group, dim=1), index, chunks)
+    vc = _to_chunks(flat[2], index, chunks)
+    gc, bc = (_to_chunks(t, index, chunks) for t in flat[3:])  # (M, hv, C)
     cum = gc.cumsum(-1)  # (M, hv, C)
     # exponents as sums of the g between two tokens (no difference of G): autograd then gives dg without the
     # cancellation that cost it ~3e-5 relative at gates of -30 per token
     between = segsum(gc)  # (M, hv, C, C) G_i - G_j, -inf for j > i
     ratio = between.exp()  # (M, hv, C, C)
     strict = (kc * bc[..., None]) @ kc.transpose(-1, -2) * ratio.tril(-1)
-    eye = torch.eye(CHUNK, device=v.device)
+    eye = torch.eye(CHUNK, device=v.device, dtype=work)
     rhs = torch.cat([vc * bc[..., None], kc * (bc * cum.exp())[..., None]], dim=-1)
     u_tilde, w = torch.linalg.solve_triangular(eye + strict, rhs, upper=False, unitriangular=True).split(
         [launch.dv, launch.dk], dim=-1
@@ -178,6 +215,36 @@ def _chunk_terms(
     last = cum[..., -1]  # (M, hv) G_C (padding adds 0)
     kt = kc * between[..., -1, :].exp()[..., None]  # exp(G_C - G) K
     return w, u_tilde, p, qe, kt, last.exp()
+
+
+def chunk_terms_bwd_reference(
+    launch: Launch,
+    inputs: tuple[torch.Tensor, ...],
+    saved: tuple[torch.Tensor, ...],
+    grads: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, ...]:
+    """The test oracle of ``gdn_triton_chunk_bwd.chunk_terms_bwd`` (same arguments): the terms' gradients
+    ``dU~ = dU``, ``dW = -dU S^T``, ``dQe = dO S^T``, ``dK~ = U dS'^T``, ``dP = dO U^T``, ``dgamma = <S, dS'>``
+    in torch, then autograd through ``_chunk_terms``; ``(dq, dk, dv, dg, dbeta)`` in float64 for float64 inputs."""
+    u, states, dstates = saved
+    dout, du = grads
+    index = _chunk_index(launch)
+    chunks = launch.chunk_starts.numel()
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        terms = _chunk_terms(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], launch)
+        dtype = terms[0].dtype
+        uc, doc, duc = (_to_chunks(t.to(dtype), index, chunks) for t in (u, dout, du))  # (M, hv, C, dv)
+        s, ds = states.to(dtype), dstates.to(dtype)  # (M, hv, dk, dv)
+        chunked = (
+            -duc @ s.transpose(-1, -2),
+            duc,
+            doc @ uc.transpose(-1, -2),
+            doc @ s.transpose(-1, -2),
+            uc @ ds.transpose(-1, -2),
+            (s * ds).sum((-1, -2)),
+        )
+        return torch.autograd.grad(terms, leaves, chunked)
 
 
 def chunk_gated_delta_rule_bwd(
@@ -196,57 +263,52 @@ def chunk_gated_delta_rule_bwd(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     gf, bf = g.float().contiguous(), beta.float().contiguous()
     prepared = prepare(launch, k, v, gf, bf, torch.float32)  # fp32 factors and states, whatever the inputs
-    _, states, _ = run_states(launch, k, prepared, initial_state, final=False, states_dtype=torch.float32)
-    w, u, cum = prepared
-    tokens, chunks, blocks = v.shape[0] * v.shape[1], launch.chunk_starts.numel(), launch.value_blocks
+    vnew, states, _ = run_states(launch, k, prepared, initial_state, final=False, states_dtype=torch.float32)
+    w = prepared[0]
+    tokens, chunks = v.shape[0] * v.shape[1], launch.chunk_starts.numel()
     hv, dk, dv = launch.hv, launch.dk, launch.dv
-    dout = grad_out.float().contiguous()
-    dht = grad_final.float().contiguous() if grad_final is not None else dout.new_empty(1)
-    dh0 = dout.new_empty(launch.segments.count, hv, dk, dv)
-    du = dout.new_zeros(tokens, hv, dv)
-    dw, dqe, dkt = (dout.new_zeros(blocks, tokens, hv, dk) for _ in range(3))
-    dp = dout.new_zeros(blocks, chunks, hv, CHUNK, CHUNK)
-    dgamma = dout.new_zeros(blocks, chunks, hv)
-    _chunk_state_bwd_kernel[(launch.segments.count, hv, blocks)](
+    dout = grad_out.contiguous()  # read in its dtype by the kernels (no fp32 copy)
+    dht = grad_final.float().contiguous() if grad_final is not None else gf.new_empty(1)
+    dh0 = gf.new_empty(launch.segments.count, hv, dk, dv)  # fp32, as the next three
+    du = gf.new_empty(tokens, hv, dv)  # every entry written (the segments cover every token): no fill
+    dstates = gf.new_empty(chunks, hv, dk, dv)
+    widths = triton.next_power_of_2(dv)
+    _local_du_kernel[(chunks, hv)](
+        q,
+        k,
+        gf,
+        dout,
+        du,
+        launch.chunk_starts,
+        launch.chunk_lengths,
+        launch.scale,
+        **{**launch.dims, "BV": max(16, min(64, widths))},
+        PRECISION=launch.precision,
+        num_warps=launch.warps,
+    )
+    # 32 value columns at every dk (offline sm_90 builds, bf16: dk 128 ~200-300 bytes spilled, dk 64 none; 64 columns
+    # spilled 592 / 696 bytes)
+    dims = {**launch.dims, "BV": max(16, min(32, widths))}
+    _chunk_state_bwd_kernel[(triton.cdiv(dv, dims["BV"]) * launch.segments.count, hv)](
         q,
         k,
         w,
-        u,
-        cum,
-        states,
+        gf,
         dout,
         dht,
         dh0,
         du,
-        dw,
-        dqe,
-        dkt,
-        dp,
-        dgamma,
+        dstates,
         launch.segments.starts,
         launch.segments.lengths,
         launch.first_chunk,
         launch.scale,
-        tokens,
-        chunks,
-        **launch.dims,
+        **dims,
         HAS_DHT=grad_final is not None,
         PRECISION=launch.precision,
         num_warps=launch.warps,
         num_stages=launch.stages,
     )
-    index = _chunk_index(launch)
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
-        terms = _chunk_terms(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], launch)
-        grads = (
-            _to_chunks(dw.sum(0), index, chunks),
-            _to_chunks(du, index, chunks),
-            dp.sum(0),
-            _to_chunks(dqe.sum(0), index, chunks),
-            _to_chunks(dkt.sum(0), index, chunks),
-            dgamma.sum(0),
-        )
-        dq, dk_, dv_, dg, dbeta = torch.autograd.grad(terms, leaves, grads)
+    dq, dk_, dv_, dg, dbeta = chunk_terms_bwd(launch, (q, k, v, gf, bf), (vnew, states, dstates), (dout, du))
     d_initial = dh0.to(initial_state.dtype) if initial_state is not None else None
-    return dq, dk_, dv_, dg, dbeta, d_initial
+    return dq, dk_, dv_, dg.to(g.dtype), dbeta.to(beta.dtype), d_initial
