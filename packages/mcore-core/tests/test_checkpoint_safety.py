@@ -422,7 +422,18 @@ def test_missing_rank_json_is_caught(run: Run) -> None:
     one_line(exc)
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"a string"', '{"step": "x", "config": {}}', "\udcff"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[1, 2]",
+        '"a string"',
+        '{"step": "x", "config": {}}',
+        "\udcff",
+        '{"step": -5, "config": {}}',  # was an IndexError traceback on resume
+        '{"step": 1, "config": {"model": "x"}}',  # was an IndexError traceback on resume
+    ],
+)
 def test_malformed_meta_json_is_one_line(run: Run, text: str) -> None:
     ckpt = run.save(1)
     (ckpt / "meta.json").write_bytes(text.encode("utf-8", "surrogateescape"))

@@ -153,6 +153,21 @@ def test_previous_export_is_replaced_only_with_overwrite(
     assert siblings(out) == ["hf"]  # no temporary or old directory left beside it
 
 
+def test_files_added_to_a_previous_export_are_never_deleted(
+    cli: None, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--overwrite`` replaced the whole directory, with a README the user had added beside the export."""
+    out = tmp_path / "hf"
+    assert main(["export", str(trained_run), "--out", str(out)]) == 0
+    (out / "README.md").write_text("mine")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["export", str(trained_run), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not write (README.md)" in err and "never deletes" in err
+    assert snapshot(out) == before and siblings(out) == ["hf"]
+
+
 def test_marker_without_config_json_is_not_an_export(
     cli: None, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -128,7 +128,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     file = model_file(Path(path), "config.json")
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: arrays nested too deep
         raise UserError(f"{file}: not valid JSON ({' '.join(str(exc).split())})") from None
     if not isinstance(value, dict):
         raise UserError(f"{file}: expected a JSON object, got {type(value).__name__}")

@@ -71,8 +71,13 @@ def publish_dir(out: Path, *, manifest: str, what: str, overwrite: bool) -> Iter
     """
     out = Path(out)
     check_output_dir(out, manifest=manifest, what=what, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:  # read-only, no permission, a file on the way, a path the system will not create
+        raise UserError(
+            f"--out {out}: cannot create the {what} there ({exc.strerror or exc}); give a directory you can write"
+        ) from None
     try:
         yield tmp
         if not (tmp / manifest).is_file():

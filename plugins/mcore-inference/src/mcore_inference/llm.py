@@ -80,14 +80,14 @@ def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Any]:
         raise UserError(f"{str(path)!r}: no such checkpoint, run or Hugging Face directory")
     host = load_plugins()
     if (root / "config.json").is_file() and not (root / "meta.json").is_file():
-        from mcore.hf import load_hf
+        from mcore.hf import load_hf, model_file
 
         _, _, model = load_hf(root, host, device=device)
         tokenizer = None
         if (root / "tokenizer.json").is_file():
             from mcore.data.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(root)
+            tokenizer = load_tokenizer(model_file(root, "tokenizer.json"))  # a link out of the directory is refused
         return model.eval(), tokenizer
     from mcore.train.generate import load_for_inference, resolve_checkpoint
 

@@ -89,6 +89,9 @@ LOCAL_BLOCKS: Mapping[str, type[nn.Module]] = {
 #: The MLP name of a layer without one (a hybrid's mixer-only layers).
 NO_MLP = "none"
 
+#: Most layers a model may have (the deepest published ones have a few hundred): a typo such as 10**12 layers is
+#: refused before a list that long is built.
+MAX_LAYERS = 1 << 16
 _LAYER_ITEM = re.compile(r"^\s*(?:(\d+)\s*\*\s*)?([A-Za-z0-9_.-]+)\s*(?:/\s*([A-Za-z0-9_.-]+)\s*)?$")
 
 
@@ -163,6 +166,8 @@ class GPTConfig:
 
 def parse_layers(pattern: list[str] | None, num_layers: int, mixer: str, mlp: str) -> list[tuple[str, str]]:
     """The layer pattern as one ``(mixer, mlp)`` per layer; ``ValueError`` naming ``model.layers`` when it is wrong."""
+    if num_layers > MAX_LAYERS:
+        raise ValueError(f"num_layers = {num_layers}: at most {MAX_LAYERS}")
     if pattern is None:
         return [(mixer, mlp)] * num_layers
     if isinstance(pattern, str) or not all(isinstance(item, str) for item in pattern):
@@ -175,6 +180,8 @@ def parse_layers(pattern: list[str] | None, num_layers: int, mixer: str, mlp: st
                 f"layers item {item!r}: expected '[N*]mixer[/mlp]' with N >= 1, e.g. '3*attention/swiglu' or 'mla/moe'"
             )
         count = int(match.group(1) or 1)
+        if len(kinds) + count > MAX_LAYERS:
+            raise ValueError(f"layers item {item!r}: the pattern gives more than {MAX_LAYERS} layers")
         kinds += [(match.group(2), match.group(3) or mlp)] * count
     if len(kinds) != num_layers:
         raise ValueError(
@@ -556,9 +563,19 @@ class GPT(SwappableLossHead):
 
     @classmethod
     def check_blocks(cls, config: GPTConfig, *, block_lookup: Callable[[str], Any] | None = None) -> None:
-        """Rules that need the blocks (a head count against ``hidden_size``): builds the model on the meta device."""
-        with torch.device("meta"):
-            cls(config, block_lookup=block_lookup)
+        """Rules that need the blocks (a head count against ``hidden_size``): builds the model on the meta device.
+
+        A size no tensor can have (``hidden_size = 10**10``: a weight of 10**20 elements) is a ``ValueError``."""
+        try:
+            with torch.device("meta"):
+                cls(config, block_lookup=block_lookup)
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise ValueError(
+                f"model sizes too large for a tensor (hidden_size = {config.hidden_size}, vocab_size = "
+                f"{config.vocab_size}; {' '.join(str(exc).split())})"
+            ) from None
 
     @classmethod
     def check_run(cls, config: GPTConfig, run: Any) -> None:

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from mcore.errors import UserError
 from mcore.hf import model_file, read_hf_config
@@ -333,8 +335,39 @@ def read_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
     targets = [model_file(path, name, named_in=index_name if indexed else "") for name in files]
     tensors: dict[str, torch.Tensor] = {}
     for target in targets:
-        tensors.update(load_file(str(target), device=device))
+        try:
+            tensors.update(load_file(str(target), device=device))
+        except (SafetensorError, OSError) as exc:  # truncated, garbage, a header claiming more than the file holds
+            raise UserError(f"{target}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+    if not tensors:
+        raise UserError(f"{path}: the weight files hold no tensors")
     return tensors
+
+
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """A ``UserError`` unless ``state`` has exactly ``model``'s (meta) tensors, each of its shape and floating point.
+
+    Checked before any memory is allocated for the model: a ``config.json`` claiming sizes its weights do not have
+    (hidden_size = 10**6 beside a small file) must not allocate what it claims.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unused = [k for k in state if k not in expected]
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} in the weights, {tuple(v.shape)} from config.json"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if wrong:
+        raise UserError(f"{path}: the weights do not fit config.json ({'; '.join(wrong[:3])})")
+    if missing or unused:
+        detail = f"no weights for {missing[:3]}" if missing else f"weights the model has no place for: {unused[:3]}"
+        raise UserError(f"{path}: the weights do not fit config.json ({detail})")
+    not_float = [k for k, t in state.items() if not t.is_floating_point()]
+    if not_float:
+        raise UserError(
+            f"{path}: tensor {not_float[0]!r} is {state[not_float[0]].dtype}; weights must be floating point"
+        )
 
 
 # -- families (registered under kind "hf") ---------------------------------------------------------
@@ -357,16 +390,19 @@ class Family:
         blocks = HFBlocks(block_lookup, self.name)
         try:
             config = self.codec.config_from_hf(hf_config, blocks)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ArithmeticError) as exc:
             raise UserError(
-                f"{path}/config.json: missing or malformed key ({exc}) for model_type {self.name!r}"
+                f"{path}/config.json: missing or malformed key ({exc!r}) for model_type {self.name!r}"
             ) from None
         tensors = read_tensors(path, str(device))
+        dtype = next(iter(tensors.values())).dtype
+        # the tensors first: a config.json claiming more layers than the weights hold stops at the first missing one
+        state = self.codec.state_from_hf(tensors, config, hf_config, blocks)
         with torch.device("meta"):
             model = GPT(config, block_lookup=block_lookup)
-        dtype = next(iter(tensors.values())).dtype
+        check_state_fits(model, state, path)
         model = model.to(dtype=dtype).to_empty(device=device)
-        model.load_state_dict(self.codec.state_from_hf(tensors, config, hf_config, blocks), strict=True)
+        model.load_state_dict(state, strict=True)
         return config, model
 
     def export(self, model: GPT, config: GPTConfig, out_dir: Path) -> None:

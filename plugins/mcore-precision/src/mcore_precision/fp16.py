@@ -130,8 +130,10 @@ class FP16(PlainRecipe):
         self._on(loss.device)
         return loss.float() * self.scale
 
-    def unscale_grads(self, model: nn.Module) -> torch.Tensor:
-        """Divide every gradient by the scale in place; whether all are finite (0-d bool tensor, no host sync)."""
+    def unscale_grads(self, model: nn.Module, *, finite_from_norm: bool = False) -> torch.Tensor:
+        """Divide every gradient by the scale in place; whether all are finite (0-d bool tensor, no host sync).
+        The answer is always looked for (``finite_from_norm`` or not): ``update`` without the run loop's agreed
+        finiteness backs off from it."""
         grads = [_local(p.grad.detach()) for p in model.parameters() if p.grad is not None]
         grads = [g for g in grads if g.numel()]
         if grads:

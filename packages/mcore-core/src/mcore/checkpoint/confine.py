@@ -14,23 +14,20 @@ from pathlib import Path, PurePosixPath
 from mcore.errors import UserError
 
 
-def inside(root: Path, name: object, *, what: str = "file") -> Path:
+def inside(root: Path, name: object, *, what: str = "file", owner: str = "checkpoint") -> Path:
     """``root / name`` if ``name`` is a plain relative name that resolves inside ``root``.
 
     Refused (``UserError``): a non-string, an empty name, an absolute path, any ``..`` part,
-    a backslash, and a name whose resolved path (symlinks followed) leaves ``root``.
+    a backslash, and a name whose resolved path (symlinks followed) leaves ``root``. ``owner``
+    names what ``root`` is in the message (a prepared dataset's index names files too).
     """
     if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
-        raise UserError(f"checkpoint {root} names a {what} {name!r}, which is not a plain file name; it was not read")
+        raise UserError(f"{owner} {root} names a {what} {name!r}, which is not a plain file name; it was not read")
     pure = PurePosixPath(name)
     if pure.is_absolute() or ".." in pure.parts:
-        raise UserError(
-            f"checkpoint {root} names a {what} {name!r} outside its directory; only files inside it are read"
-        )
+        raise UserError(f"{owner} {root} names a {what} {name!r} outside its directory; only files inside it are read")
     base = Path(root).resolve()
     path = Path(root) / pure
     if not path.resolve().is_relative_to(base):
-        raise UserError(
-            f"checkpoint {root}: {name!r} is a link leading outside the checkpoint directory; it was not read"
-        )
+        raise UserError(f"{owner} {root}: {name!r} is a link leading outside the {owner} directory; it was not read")
     return path

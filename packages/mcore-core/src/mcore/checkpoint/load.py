@@ -69,10 +69,18 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = _read_json(path, "meta.json")
     except FileNotFoundError:
         raise UserError(f"{path} is not a complete checkpoint (no meta.json); use another one or 'latest'") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
+    step = meta.get("step") if isinstance(meta, dict) else None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, int)
+        or step < 0
+        or not isinstance(config, dict)
+        or not all(isinstance(section, dict) for key, section in config.items() if key != "schema_version")
+    ):
         raise UserError(
-            f"checkpoint {path}: meta.json is malformed (expected an object with an int 'step' and a 'config' "
-            "table); use another checkpoint"
+            f"checkpoint {path}: meta.json is malformed (expected an object with an int 'step' >= 0 and a 'config' "
+            "of tables); use another checkpoint"
         )
     return meta
 
@@ -239,6 +247,35 @@ def _check_files(
     return read_meta(path), frozenset(manifest.files)
 
 
+def _check_fits(
+    path: Path, meta: Mapping[str, Any], model_sd: Mapping[str, torch.Tensor], stored: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The checkpoint's model entries (``model/`` stripped), after checking that each of ``model_sd``'s tensors is
+    there with its shape: a one-line ``UserError`` naming the first that is not."""
+    saved_model = {k[len("model/") :]: m for k, m in stored.items() if k.startswith("model/")}
+    where = f"checkpoint {path} (model {meta.get('model_name', '?')!r}) does not fit this model"
+    for name, tensor in model_sd.items():
+        if name not in saved_model:
+            raise UserError(f"{where}: it has no parameter {name!r}; load a checkpoint of the same model config")
+        m = saved_model[name]
+        if isinstance(m, TensorStorageMetadata) and tuple(m.size) != tuple(tensor.shape):
+            raise UserError(
+                f"{where}: {name!r} has shape {tuple(m.size)} in the checkpoint but {tuple(tensor.shape)} in the model; "
+                "use the model config the checkpoint was saved with"
+            )
+    return saved_model
+
+
+def check_model_fits(path: Path, model: torch.nn.Module) -> None:
+    """``load_checkpoint``'s name and shape check alone, for ``model`` on the meta device: a checkpoint whose
+    ``meta.json`` claims sizes its tensors do not have (an edited file) is refused before the model is allocated.
+    Checksums are left to the load that follows."""
+    path = Path(path)
+    meta, files = _check_files(path, rank=0, world_size=1, group=None, verify_checksums=False)
+    stored = SafeFileSystemReader(str(path), allowed_files=files).read_metadata().state_dict_metadata
+    _check_fits(path, meta, model.state_dict(), stored)
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -267,17 +304,8 @@ def load_checkpoint(
     if any(isinstance(m, BytesStorageMetadata) for m in stored.values()):
         raise UserError(f"checkpoint {path} holds pickled objects, which mcore never loads; use an mcore checkpoint")
     model_sd = model.state_dict()
-    saved_model = {k[len("model/") :]: m for k, m in stored.items() if k.startswith("model/")}
+    saved_model = _check_fits(path, meta, model_sd, stored)
     where = f"checkpoint {path} (model {meta.get('model_name', '?')!r}) does not fit this model"
-    for name, tensor in model_sd.items():
-        if name not in saved_model:
-            raise UserError(f"{where}: it has no parameter {name!r}; load a checkpoint of the same model config")
-        m = saved_model[name]
-        if isinstance(m, TensorStorageMetadata) and tuple(m.size) != tuple(tensor.shape):
-            raise UserError(
-                f"{where}: {name!r} has shape {tuple(m.size)} in the checkpoint but {tuple(tensor.shape)} in the model; "
-                "use the model config the checkpoint was saved with"
-            )
     held = set(model_sd)
     if world_size > 1 and group is not None:  # pipeline stages hold different parameters: the union is the model
         every: list[Any] = [None] * world_size

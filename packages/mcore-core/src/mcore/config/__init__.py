@@ -275,6 +275,10 @@ def resolve_config(raw: dict[str, Any], host: PluginHost) -> RunConfig:
         for name, cls in CORE_SECTIONS.items()
         if name != "parallel"
     }
+    train: TrainConfig = core["train"]
+    host.get("lr_schedule", train.lr_schedule)  # named implementations of [train]: refused now, not after the data
+    if train.attention != "auto":
+        host.get("attention", train.attention)
     run = RunConfig(
         model=selections["model"],
         optimizer=selections["optimizer"],

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+#: Most CPU threads or tokenizer processes a run may ask for: a typo (100000) would crash torch or fork for minutes.
+MAX_PROCESSES = 1024
+
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
     """``ValueError("<key> = <value>: <allowed>")`` unless ``ok``."""
@@ -149,6 +152,10 @@ class TrainConfig:
                 f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size = {self.micro_batch_size}; choose sizes where it is"
             )
+        _require(0 <= self.seed < 1 << 63, "train.seed", self.seed, "must be an integer in [0, 2**63)")
+        _require(  # torch crashes (a segmentation fault) on far more threads than any machine has cores
+            self.cpu_threads <= MAX_PROCESSES, "train.cpu_threads", self.cpu_threads, f"must be at most {MAX_PROCESSES}"
+        )
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _require(0.0 <= self.decay_fraction <= 1.0, "train.decay_fraction", self.decay_fraction, "must be in [0, 1]")
         _require(
@@ -196,8 +203,10 @@ class DataConfig:
     """Text that is not valid UTF-8: 'warn' (replace the bad bytes, count them and warn) or 'error' (refuse the source)."""
 
     def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise ValueError(f"data.workers = {self.workers}: must be >= 0 (0 tokenizes in the main process)")
+        if not 0 <= self.workers <= MAX_PROCESSES:
+            raise ValueError(
+                f"data.workers = {self.workers}: must be in [0, {MAX_PROCESSES}] (0 tokenizes in the main process)"
+            )
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"data.max_tokens = {self.max_tokens}: must be a positive int or none")
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")

@@ -4,7 +4,8 @@
 [--invalid-utf8 warn|error]`` streams the source through tokenizer workers into
 memory-mapped shards (see ``mcore.data.shards``); ``DIR`` must be new, empty, or (with
 ``--overwrite``) a previous prepared dataset: nothing else is ever deleted.
-``train-tokenizer --source SRC --out DIR --vocab-size N`` trains a byte-level BPE.
+``train-tokenizer --source SRC --out DIR --vocab-size N [--overwrite]`` trains a byte-level BPE into ``DIR``:
+new, empty, or (with ``--overwrite``) holding only a previous tokenizer's files.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mcore.cli import run_with_user_errors
+from mcore.config.sections import MAX_PROCESSES
 from mcore.errors import UserError
 
 
@@ -41,7 +43,12 @@ def _data(argv: list[str]) -> int:
     prep.add_argument("--shard-tokens", type=int, default=1 << 26)
     tok = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a source")
     tok.add_argument("--source", required=True)
-    tok.add_argument("--out", required=True, type=Path)
+    tok.add_argument(
+        "--out", required=True, type=Path, help="a new or empty directory, or a previous tokenizer (with --overwrite)"
+    )
+    tok.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds only a previous tokenizer's files"
+    )
     tok.add_argument("--vocab-size", type=int, default=8192)
     tok.add_argument("--text-field", default="text")
     args = parser.parse_args(argv)
@@ -51,8 +58,12 @@ def _data(argv: list[str]) -> int:
     if args.action == "prepare":
         from mcore.data.shards import prepare
 
-        if args.workers < 0:
-            raise UserError(f"--workers {args.workers}: must be >= 0 (0 tokenizes in this process)")
+        if not 0 <= args.workers <= MAX_PROCESSES:
+            raise UserError(f"--workers {args.workers}: must be in [0, {MAX_PROCESSES}] (0 tokenizes in this process)")
+        if args.shard_tokens < 1:
+            raise UserError(f"--shard-tokens {args.shard_tokens}: must be >= 1 (tokens per shard file)")
+        if args.max_tokens is not None and args.max_tokens < 1:
+            raise UserError(f"--max-tokens {args.max_tokens}: must be >= 1 (leave it out for the whole source)")
         docs = iter_documents(args.source, text_field=args.text_field, invalid_utf8=args.invalid_utf8)
         shards = prepare(
             docs,
@@ -68,7 +79,8 @@ def _data(argv: list[str]) -> int:
     else:
         from mcore.data.tokenizer import train_bpe
 
-        t = train_bpe(iter_documents(args.source, text_field=args.text_field), vocab_size=args.vocab_size, out=args.out)
+        docs = iter_documents(args.source, text_field=args.text_field)
+        t = train_bpe(docs, vocab_size=args.vocab_size, out=args.out, overwrite=args.overwrite)
         print(f"wrote a {t.vocab_size}-token BPE tokenizer to {args.out / 'tokenizer.json'}")
     return 0
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from mcore.checkpoint.confine import inside
 from mcore.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_description
 from mcore.data.workers import ordered_map
 from mcore.errors import UserError
@@ -171,6 +172,24 @@ def check_prepare_dir(out: Path, *, overwrite: bool) -> None:
                 "mcore never deletes it: give a new or empty directory"
             )
     check_output_dir(out, manifest=INDEX, what="prepared dataset", overwrite=overwrite)
+    if overwrite and index.is_file():
+        added = sorted(set(p.name for p in out.iterdir()) - _written_by_prepare(index))
+        if added:
+            raise UserError(
+                f"--out {out} holds files the previous prepare did not write ({', '.join(added[:3])}); mcore never "
+                "deletes them: move them out first, or give another --out"
+            )
+
+
+def _written_by_prepare(index: Path) -> set[str]:
+    """The names ``prepare`` wrote beside ``index`` (its shards, the tokenizer, the index itself)."""
+    names = {INDEX, "tokenizer"}
+    try:
+        shards = json.loads(index.read_text()).get("shards", [])
+        names.update(str(entry[key]) for entry in shards for key in ("tokens", "docs"))
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        pass
+    return names
 
 
 def prepare(
@@ -302,7 +321,9 @@ class TokenShards:
 
     @staticmethod
     def _open_shard(path: Path, entry: dict[str, Any], dtype: np.dtype, verify: bool, fix: str) -> Shard:
-        tokens_file, docs_file = path / entry["tokens"], path / entry["docs"]
+        # the index names its files: only plain names inside the dataset directory are opened
+        tokens_file = inside(path, entry["tokens"], what="shard file", owner="prepared dataset")
+        docs_file = inside(path, entry["docs"], what="shard file", owner="prepared dataset")
         n, d = int(entry["num_tokens"]), int(entry["num_docs"])
         for f, expected in ((tokens_file, n * dtype.itemsize), (docs_file, (d + 1) * 8)):
             if not f.is_file():

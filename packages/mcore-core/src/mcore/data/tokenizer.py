@@ -20,6 +20,10 @@ from mcore.errors import UserError
 #: Special tokens tried, in order, as the end-of-document token of a Hugging Face tokenizer.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 BYTE_EOS = "<|endoftext|>"
+#: The files a saved tokenizer is: a directory holding only these is a previous ``train_bpe`` output.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: Largest vocabulary ``train_bpe`` trains (published models use 32k-256k; the trainer allocates per entry).
+MAX_VOCAB = 1 << 24
 
 
 class Tokenizer(Protocol):
@@ -32,6 +36,8 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def save(self, directory: Path) -> None: ...
+
+    def saved_json(self) -> str: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -81,7 +87,11 @@ class ByteTokenizer:
         return tok.to_str()
 
     def save(self, directory: Path) -> None:
-        _write_hf_files(directory, self.hf_json(), BYTE_EOS)
+        _write_hf_files(directory, self.saved_json(), BYTE_EOS)
+
+    def saved_json(self) -> str:
+        """The ``tokenizer.json`` text ``save`` writes."""
+        return self.hf_json()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "byte", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
@@ -120,7 +130,11 @@ class HFTokenizer:
         return str(self.inner.decode([int(i) for i in ids], skip_special_tokens=False))
 
     def save(self, directory: Path) -> None:
-        _write_hf_files(directory, self.inner.to_str(), self.eos_token)
+        _write_hf_files(directory, self.saved_json(), self.eos_token)
+
+    def saved_json(self) -> str:
+        """The ``tokenizer.json`` text ``save`` writes."""
+        return str(self.inner.to_str())
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "hf", "path": str(self.path), "vocab_size": self.vocab_size, "eos_id": self.eos_id}
@@ -164,13 +178,37 @@ def tokenizer_from_description(info: dict[str, Any], directory: Path | None = No
     return load_tokenizer(info["path"])
 
 
-def train_bpe(texts: Iterator[str], *, vocab_size: int, out: Path) -> HFTokenizer:
-    """Train a byte-level BPE tokenizer with ``<|endoftext|>`` on ``texts``; write ``out/tokenizer.json``."""
+def check_tokenizer_out(out: Path, *, overwrite: bool) -> None:
+    """Refuse ``out`` unless it is new, empty, or (with ``overwrite``) holds only a saved tokenizer's files."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} exists and is not a directory; give a new directory for the tokenizer")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    other = [name for name in names if name not in TOKENIZER_FILES]
+    if other:
+        raise UserError(
+            f"--out {out} holds files that are not a tokenizer's ({', '.join(other[:3])}); mcore never replaces them: "
+            "give a new or empty directory"
+        )
+    if names and not overwrite:
+        raise UserError(f"--out {out} holds a tokenizer; pass --overwrite to replace it, or give another --out")
+
+
+def train_bpe(texts: Iterator[str], *, vocab_size: int, out: Path, overwrite: bool = False) -> HFTokenizer:
+    """Train a byte-level BPE tokenizer with ``<|endoftext|>`` on ``texts``; write ``out/tokenizer.json``.
+
+    ``out`` must be new, empty, or (with ``overwrite``) a previous tokenizer: checked before training, and the files
+    appear together when complete (``mcore.outputs.publish_dir``)."""
     from tokenizers import Tokenizer as HF
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257 + 1:
-        raise UserError(f"--vocab-size {vocab_size}: must exceed 257 (the 256 bytes and <|endoftext|>)")
+    from mcore.outputs import publish_dir
+
+    if not 257 < vocab_size <= MAX_VOCAB:
+        raise UserError(
+            f"--vocab-size {vocab_size}: must exceed 257 (the 256 bytes and <|endoftext|>) and be at most {MAX_VOCAB}"
+        )
+    check_tokenizer_out(out, overwrite=overwrite)
     tok = HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -183,5 +221,6 @@ def train_bpe(texts: Iterator[str], *, vocab_size: int, out: Path) -> HFTokenize
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() <= 257:
         raise UserError("the corpus is empty: no text to train a tokenizer on")
-    _write_hf_files(out, tok.to_str(), BYTE_EOS)
+    with publish_dir(out, manifest=TOKENIZER_FILES[0], what="tokenizer", overwrite=overwrite) as tmp:
+        _write_hf_files(tmp, tok.to_str(), BYTE_EOS)
     return HFTokenizer(out / "tokenizer.json")

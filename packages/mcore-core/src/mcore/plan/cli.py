@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 from mcore.cli import run_with_user_errors
@@ -56,8 +57,8 @@ def _plan(argv: list[str]) -> int:
         )
     if args.world_size is not None and args.world_size < 1:
         raise UserError(f"--world-size {args.world_size}: must be a positive int")
-    if args.device_memory_gb is not None and not args.device_memory_gb > 0:
-        raise UserError(f"--device-memory-gb {args.device_memory_gb}: must be a positive number")
+    if args.device_memory_gb is not None and not 0 < args.device_memory_gb < math.inf:
+        raise UserError(f"--device-memory-gb {args.device_memory_gb}: must be a finite positive number")
     from mcore.train.cli import resolve
 
     config, host = resolve(args.config, rest)

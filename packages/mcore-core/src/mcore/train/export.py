@@ -37,6 +37,18 @@ def check_export_dir(out: Path, *, overwrite: bool) -> None:
             "mcore never deletes it: give a new or empty directory"
         )
     check_output_dir(out, manifest=MANIFEST, what=WHAT, overwrite=overwrite)
+    if overwrite and (out / MANIFEST).is_file():
+        try:
+            listed = json.loads((out / MANIFEST).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            listed = None
+        if isinstance(listed, list):  # files added after the export (a README, a template) are the user's
+            added = sorted(p.name for p in out.iterdir() if p.name != MANIFEST and p.name not in listed)
+            if added:
+                raise UserError(
+                    f"--out {out} holds files the previous export did not write ({', '.join(added[:3])}); mcore "
+                    "never deletes them: move them out first, or give another --out"
+                )
 
 
 def export_checkpoint(checkpoint: Path, out: Path, host: Any, *, overwrite: bool = False) -> Path:

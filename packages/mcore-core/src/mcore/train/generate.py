@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,18 +39,24 @@ def load_for_inference(path: Path, host: Any) -> tuple[Any, Any, Any, dict[str, 
     """``(model, tokenizer, config, meta)`` from a checkpoint, on one process."""
     import torch
 
-    from mcore.checkpoint.load import check_stored_schema
+    from mcore.checkpoint.load import check_model_fits, check_stored_schema
     from mcore.checkpoint.store import load_model_weights, read_meta
     from mcore.config import resolve_config
     from mcore.data.tokenizer import tokenizer_from_description
-    from mcore.train.build import build_model
+    from mcore.train.build import build_model, load_model_factory
 
     meta = read_meta(path)
     check_stored_schema(path, meta["config"])
     raw = copy.deepcopy(meta["config"])
     raw["parallel"] = {"layouts": ["single"]}
     config = resolve_config(raw, host)
-    model, factory = build_model(config, host, "cuda" if torch.cuda.is_available() else "cpu")
+    factory = load_model_factory(config)
+    if (
+        getattr(factory, "supports_meta_init", False) is True
+    ):  # meta.json's sizes against the tensors, before allocating
+        skeleton, _ = build_model(config, host, "meta", factory=factory)
+        check_model_fits(path, skeleton)
+    model, factory = build_model(config, host, "cuda" if torch.cuda.is_available() else "cpu", factory=factory)
     load_model_weights(path, model)
     model.eval()
     tokenizer = tokenizer_from_description(meta["tokenizer"], path.parent.parent / "tokenizer")
@@ -100,6 +107,10 @@ def _generate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be a positive int")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature {args.temperature}: must be a finite number >= 0 (0: greedy)")
+    if args.top_k < 0:
+        raise UserError(f"--top-k {args.top_k}: must be >= 0 (0: no top-k)")
     from mcore.plugins import load_plugins
 
     host = load_plugins()
@@ -108,7 +119,15 @@ def _generate(argv: list[str]) -> int:
     model, tokenizer, config, _ = load_for_inference(path, host)
     prompt = [int(i) for i in tokenizer.encode(args.prompt)] or [tokenizer.eos_id]
     max_len = max(config.train.seq_len, len(prompt) + args.max_new_tokens)
-    engine = None if engine_cls is None else engine_cls.from_model(model, tokenizer=tokenizer, max_model_len=max_len)
+    try:
+        engine = (
+            None if engine_cls is None else engine_cls.from_model(model, tokenizer=tokenizer, max_model_len=max_len)
+        )
+    except MemoryError:  # the engine's cache for max_len tokens
+        raise UserError(
+            f"--max-new-tokens {args.max_new_tokens}: a cache for {max_len:,} tokens does not fit in memory; ask for "
+            "fewer tokens"
+        ) from None
     if engine is not None:
         (new_ids,) = engine.generate_ids(
             [prompt],

@@ -225,8 +225,14 @@ class Trainer:
                     carry_out(start)
                 self.barrier()
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save(self.out_dir / "tokenizer")
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self.tokenizer.save(self.out_dir / "tokenizer")
+            except OSError as exc:  # a path the system will not create (/proc/x) or a full disk: one line
+                raise UserError(
+                    f"train.out_dir = {str(self.out_dir)!r}: cannot write the run there ({exc.strerror or exc}); "
+                    "give a directory you can write"
+                ) from None
         torch.manual_seed(config.train.seed + self.rank)  # dropout etc. differ per rank; weights do not
         with self.guard.phase("data preparation (rank 0 tokenizes data.source while the other ranks wait)"):
             self.data: TrainData = build_train_data(

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,49 @@ def _names(paths: tuple[Path, ...] | list[Path], out_dir: Path) -> str:
 
 
 def plan_start(config: RunConfig) -> StartPlan:
-    """Decide how the run of ``config`` starts (reads files only); a ``UserError`` when it must not."""
+    """Decide how the run of ``config`` starts (reads files only); a ``UserError`` when it must not.
+
+    A run that will write is refused at once where it cannot (``out_dir`` under a directory without write
+    permission, on a read-only file system). A ``tokenizer/`` in ``out_dir`` that is not the tokenizer this run
+    writes there (another run's, or files of the user's) is set aside with the run's outputs, never overwritten.
+    """
+    plan = _plan(config)
+    if plan.finished:
+        return plan
+    _check_writable(plan.out_dir)
+    return _set_aside_other_tokenizer(plan, config)
+
+
+def _check_writable(out: Path) -> None:
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == out else f" ('{existing}' is the nearest existing directory)"
+        raise UserError(
+            f"train.out_dir = '{out}' cannot be written{where}: no permission or a read-only file system; "
+            "choose a directory you can write"
+        )
+
+
+def _set_aside_other_tokenizer(plan: StartPlan, config: RunConfig) -> StartPlan:
+    """``plan``, moving ``out_dir/tokenizer`` aside too when it is not the tokenizer this run saves there."""
+    from mcore.data.tokenizer import load_tokenizer
+
+    directory = plan.out_dir / "tokenizer"
+    if not directory.exists() and not directory.is_symlink():
+        return plan
+    try:
+        same = (directory / "tokenizer.json").read_text() == load_tokenizer(config.data.tokenizer).saved_json()
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if same and not directory.is_symlink():
+        return plan
+    archive = plan.archive if plan.move or plan.copy else archive_dir(plan.out_dir, [directory])
+    assert archive is not None
+    message = f"{plan.message}; the tokenizer/ there is not data.tokenizer: moved to {archive}"
+    return replace(plan, message=message, archive=archive, move=(*plan.move, directory))
+
+
+def _plan(config: RunConfig) -> StartPlan:
     train = config.train
     out = Path(os.path.abspath(train.out_dir))
     if out.exists() and not out.is_dir():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mcore.errors import UserError
+from mcore.hf import model_file
 
 
 def default_render(messages: Sequence[dict[str, str]]) -> str:
@@ -34,15 +35,15 @@ def tokenizer_template(tokenizer: Any) -> str | None:
     path = getattr(tokenizer, "path", None)
     if path is None:
         return None
-    config = (
-        Path(path).parent / "tokenizer_config.json" if Path(path).is_file() else Path(path) / "tokenizer_config.json"
-    )
-    if not config.is_file():
+    directory = Path(path).parent if Path(path).is_file() else Path(path)
+    if not (directory / "tokenizer_config.json").is_file():
         return None
+    config = model_file(directory, "tokenizer_config.json")  # a link out of the tokenizer's directory is refused
     try:
-        value = json.loads(config.read_text()).get("chat_template")
-    except (OSError, ValueError):
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    value = data.get("chat_template") if isinstance(data, dict) else None
     return value if isinstance(value, str) and value else None
 
 

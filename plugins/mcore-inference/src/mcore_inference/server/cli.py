@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -90,6 +92,13 @@ def _serve(argv: list[str]) -> int:
         raise UserError(f"--port {args.port}: must be in [0, 65535]")
     if args.max_waiting is not None and args.max_waiting < 1:
         raise UserError(f"--max-waiting {args.max_waiting}: must be >= 1 (leave it out for no limit)")
+    if args.api_key is not None and (not args.api_key or any(c.isspace() for c in args.api_key)):
+        # an empty key (``--api-key "$KEY"`` with KEY unset) let 'Authorization: Bearer' in; a spaced one matches nothing
+        raise UserError(f"--api-key {args.api_key!r}: must be non-empty without spaces (leave it out for no key)")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise UserError(f"--shutdown-timeout {args.shutdown_timeout}: must be a finite number of seconds >= 0")
+    if not (math.isfinite(args.lockstep_timeout) and args.lockstep_timeout > 0):
+        raise UserError(f"--lockstep-timeout {args.lockstep_timeout}: must be a finite number of seconds > 0")
     if args.ep is not None:  # before the heavy imports: a launch without torchrun fails at once
         from mcore_inference.server.ep_serve import launch_ranks
 
@@ -122,6 +131,7 @@ def _serve(argv: list[str]) -> int:
         from mcore_inference.server.ep_serve import serve_ep
 
         return serve_ep(args, options, common, template)
+    check_bind(args.host, args.port)  # before the model loads: a busy port or an unknown host fails at once
     if args.engine_process is None or args.engine_process:
         engine = EngineProcess(
             functools.partial(_build_llm, args.path, options),
@@ -133,6 +143,18 @@ def _serve(argv: list[str]) -> int:
         app = build_app(_build_llm(args.path, options), chat_template=template, max_waiting=args.max_waiting, **common)
     run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     return 0
+
+
+def check_bind(host: str, port: int) -> None:
+    """A ``UserError`` naming ``host:port`` unless a listening socket can be bound there now (as uvicorn binds it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:  # socket.gaierror included: a host name that does not resolve
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
 
 
 def run_server(app: Any, *, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> None:
