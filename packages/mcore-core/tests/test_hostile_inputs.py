@@ -236,3 +236,25 @@ def test_plan_refuses_an_infinite_device_memory(capsys: pytest.CaptureFixture[st
     """Was an ``OverflowError`` traceback."""
     err = one_line_error(capsys, main(["plan", "--device-memory-gb", "inf"]))
     assert "--device-memory-gb inf: must be a finite positive number" in err
+
+
+# -- a saved tokenizer is read from inside its run or dataset only ---------------------------------------------------
+def test_a_saved_tokenizer_is_read_only_from_inside_its_directory(tmp_path: Path) -> None:
+    """A checkpoint's ``meta.json`` (or a dataset's index) names the tokenizer it was made with; a loader never opens
+    that path (anyone may write the file), nor a ``tokenizer.json`` linked out of the directory."""
+    from mcore.data.tokenizer import tokenizer_from_description
+
+    run_dir, outside = tmp_path / "run", tmp_path / "elsewhere"
+    ByteTokenizer().save(outside)  # a valid tokenizer.json, outside the run
+    info = {"kind": "hf", "path": str(outside / "tokenizer.json")}
+    with pytest.raises(UserError, match="no tokenizer/tokenizer.json in it .* does not open from outside"):
+        tokenizer_from_description(info, run_dir / "tokenizer", confined_to=run_dir)
+    (run_dir / "tokenizer").mkdir(parents=True)
+    (run_dir / "tokenizer" / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    with pytest.raises(UserError, match="link leading outside"):
+        tokenizer_from_description(info, run_dir / "tokenizer", confined_to=run_dir)
+    (run_dir / "tokenizer" / "tokenizer.json").unlink()
+    ByteTokenizer().save(run_dir / "tokenizer")  # the run's own copy
+    loaded = tokenizer_from_description(info, run_dir / "tokenizer", confined_to=run_dir)
+    assert list(loaded.encode("def f(x):")) == list(ByteTokenizer().encode("def f(x):"))
+    assert tokenizer_from_description(info, tmp_path / "missing").vocab_size > 0  # unconfined: the named path

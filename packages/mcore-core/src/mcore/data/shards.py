@@ -293,7 +293,7 @@ class TokenShards:
         return dict(self.index["tokenizer"])
 
     def tokenizer(self) -> Tokenizer:
-        return tokenizer_from_description(self.tokenizer_info, self.path / "tokenizer")
+        return tokenizer_from_description(self.tokenizer_info, self.path / "tokenizer", confined_to=self.path)
 
     @classmethod
     def open(cls, path: Path, *, verify: bool = True) -> TokenShards:

@@ -169,10 +169,28 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     return HFTokenizer(path)
 
 
-def tokenizer_from_description(info: dict[str, Any], directory: Path | None = None) -> Tokenizer:
-    """Rebuild the tokenizer a checkpoint or shard index describes (files from ``directory``)."""
+def tokenizer_from_description(
+    info: dict[str, Any], directory: Path | None = None, *, confined_to: Path | None = None
+) -> Tokenizer:
+    """Rebuild the tokenizer a checkpoint or shard index describes (files from ``directory``).
+
+    With ``confined_to`` (a loader reading files anyone may have written: a checkpoint's run directory, a
+    prepared dataset), ``directory/tokenizer.json`` is read only if it resolves inside ``confined_to`` (no link
+    out of it), and the path the description names is never opened when that file is missing: a ``UserError``
+    says how to bring the tokenizer back. Without it, the described path is the fallback."""
     if info.get("kind") == "byte":
         return ByteTokenizer()
+    if confined_to is not None:
+        from mcore.checkpoint.confine import inside
+
+        if directory is None or not (directory / "tokenizer.json").is_file():
+            raise UserError(
+                f"{confined_to}: no tokenizer/tokenizer.json in it (it names the tokenizer {str(info.get('path'))!r}, "
+                "which mcore does not open from outside the directory); put the tokenizer/ directory that was saved "
+                "with it back"
+            )
+        relative = (directory / "tokenizer.json").relative_to(confined_to)
+        return HFTokenizer(inside(confined_to, relative.as_posix(), what="tokenizer file", owner="directory"))
     if directory is not None and (directory / "tokenizer.json").is_file():
         return HFTokenizer(directory / "tokenizer.json")
     return load_tokenizer(info["path"])

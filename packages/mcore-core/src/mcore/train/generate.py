@@ -59,7 +59,8 @@ def load_for_inference(path: Path, host: Any) -> tuple[Any, Any, Any, dict[str, 
     model, factory = build_model(config, host, "cuda" if torch.cuda.is_available() else "cpu", factory=factory)
     load_model_weights(path, model)
     model.eval()
-    tokenizer = tokenizer_from_description(meta["tokenizer"], path.parent.parent / "tokenizer")
+    run_dir = path.parent.parent  # <run>/checkpoints/step_N: the run's tokenizer/, and nothing outside the run
+    tokenizer = tokenizer_from_description(meta["tokenizer"], run_dir / "tokenizer", confined_to=run_dir)
     return model, tokenizer, config, meta
 
 
