@@ -131,8 +131,8 @@ def resolve_sizes(
     elif fixed != world_size:
         raise ValueError(
             f"parallel sizes {resolved} multiply to {fixed} but the world size is {world_size}; "
-            "their product must equal the number of processes "
-            + ("(add a data-parallel layout such as 'ddp' or 'fsdp' to use more processes)" if not dims else "")
+            "their product must equal the number of processes"
+            + (" (add a data-parallel layout such as 'ddp' or 'fsdp' to use more processes)" if not dims else "")
         )
     return resolved
 

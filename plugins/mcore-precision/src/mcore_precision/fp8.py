@@ -207,6 +207,16 @@ class _QuantizedRecipe(PlainRecipe):
         self._linears: dict[str, FP8Linear] = {}  # weight name in the prepared model -> its linear (FSDP gather)
         self._warned: set[str] = set()  # weights told to gather in high precision (blocks cut by shards)
 
+    @staticmethod
+    def check_run(config: Any, run: Any) -> None:
+        """Before launch: no tensor parallelism (``tp > 1``), whose sharded weights ``FP8Linear`` refuses."""
+        tp = run.parallel.sizes.get("tp")
+        if "tp" in [layout.name for layout in run.layouts] and isinstance(tp, int) and tp != 1:
+            raise ValueError(
+                f"precision.recipe = {run.precision.name!r} with parallel.sizes.tp = {tp}: its scales need the global "
+                "amax of whole weights; allowed: parallel.sizes.tp = 1, or fsdp (it gathers whole weights) instead of tp"
+            )
+
     def _scheme(self, path: str) -> Scheme:
         raise NotImplementedError
 

@@ -152,12 +152,15 @@ def build_train_data(
 
     ``vocab_size`` is the model's: a dataset holding a token id it cannot embed is refused here.
     """
-    micro = train.micro_batch_size or train.global_batch_size // dp_size
-    if train.global_batch_size % (dp_size * micro):
+    gbs, given = train.global_batch_size, train.micro_batch_size
+    unit = dp_size * (given or 1)  # every data-parallel rank reads whole micro-batches
+    if gbs < unit or gbs % unit:
+        what = f" x train.micro_batch_size = {given}" if given else ""
         raise ConfigError(
-            f"train.global_batch_size = {train.global_batch_size} must be a multiple of data-parallel size {dp_size} "
-            f"x train.micro_batch_size = {micro}; change one of them"
+            f"train.global_batch_size = {gbs} does not split over the data-parallel size {dp_size}{what}; "
+            f"allowed: a multiple of {unit} (e.g. {max(unit, gbs // unit * unit)})"
         )
+    micro = given or gbs // dp_size
     cache_dir = data.cache_dir or (Path(train.out_dir) / "data")
     specs, weights = split_sources(data)
     datasets, train_rows, eval_slots = [], [], []

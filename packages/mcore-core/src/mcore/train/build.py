@@ -5,7 +5,8 @@ wraps its blocks, ``train.compile`` compiles them (with their recompute), the la
 the optimizer is built last for the parallelized model. The data-parallel position is the
 product over the layouts' ``data_parallel()`` answers. Each mesh dimension is owned by one
 layout; another may work over it too when it names it in ``borrowed_dims`` (``fsdp`` sharding
-over ``dp_shard`` x ``cp``).
+over ``dp_shard`` x ``cp``). One data-parallel layout at most, listed after the layouts that replace or cut
+parameters (``tp``, ``pp``, ``ep``): other orders are refused in one line (``check_order``).
 
 Where the model is built (``builds_on_meta``): on the meta device when the model factory says
 its models can be (``supports_meta_init = True``, see ``ModelFactory``) and every layout says
@@ -35,6 +36,10 @@ from mcore.train.recompute import apply_recompute
 
 #: Mesh dimensions that split the data, in the order their ranks nest.
 DATA_DIMS = ("dp_replicate", "dp_shard")
+
+#: Mesh dimensions whose layouts replace or cut the model's parameters: listed before any data-parallel
+#: layout, which takes the parameters as they are when it applies (``check_order``).
+RESHAPING_DIMS = ("tp", "pp", "ep")
 
 
 @dataclass
@@ -88,8 +93,35 @@ def build_model(
     return model, factory
 
 
+def check_order(names: list[str], owned: list[tuple[str, ...]]) -> None:
+    """Refuse layout orders that cannot apply (``owned``: each layout's mesh dims, in ``names``' order).
+
+    One data-parallel layout at most (``hsdp`` is replicate x shard), and it comes after every layout
+    that replaces or cuts parameters (``tp``, ``pp``, ``ep``): it shards or buckets them as it finds them.
+    """
+    data = [i for i, dims in enumerate(owned) if any(d in DATA_DIMS for d in dims)]
+    if len(data) > 1:
+        both = " and ".join(repr(names[i]) for i in data)
+        raise ConfigError(
+            f"parallel.layouts = {names}: {both} are both data parallel; allowed: one of them "
+            "('hsdp' replicates over dp_replicate and shards over dp_shard)"
+        )
+    if not data:
+        return
+    later = [names[i] for i in range(data[0] + 1, len(names)) if any(d in RESHAPING_DIMS for d in owned[i])]
+    if later:
+        order = (
+            [n for n in names[: data[0]] if n not in later] + later + [n for n in names[data[0] :] if n not in later]
+        )
+        raise ConfigError(
+            f"parallel.layouts = {names}: {later[0]!r} is listed after the data-parallel layout {names[data[0]]!r}, "
+            f"which must apply last of these; allowed: parallel.layouts = {order}"
+        )
+
+
 def build_parts(config: RunConfig, host: Any) -> Parts:
     layouts = [sel.instantiate() for sel in config.layouts]
+    check_order([sel.name for sel in config.layouts], [tuple(layout.mesh_dims) for layout in layouts])
     dims: list[str] = []
     for layout in layouts:
         for d in layout.mesh_dims:
