@@ -167,6 +167,9 @@ def _sleep_on_rank_1(root: Path) -> Any:
 
 
 def _one_rank_is_late(root: str, corpus: str) -> None:
+    # No store address: no heartbeat (test_heartbeat.py covers it), so this is the process group's timeout
+    # path, the one a run launched without MASTER_ADDR (an init_method URL) relies on.
+    os.environ.pop("MASTER_ADDR")
     root_path = Path(root)
     host = isolated_host(
         "mcore_testing.plugin", LayoutsPlugin(), WrappedTiny("sleepy-tiny", _sleep_on_rank_1(root_path))

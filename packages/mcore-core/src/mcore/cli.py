@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mcore.__about__ import PLUGIN_API_VERSION, __version__
-from mcore.errors import UserError
+from mcore.errors import EXIT_USER_ERROR, UserError
 
 if TYPE_CHECKING:
     from mcore.plugins import PluginHost
 
-EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 BUILTIN_COMMANDS = ("plugins", "config", "version")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: The exit code of a command that ended on a ``UserError`` (bad input, a stopped peer rank...).
+EXIT_USER_ERROR = 2
+
 
 class UserError(ValueError):
     """Something the user can fix: a name, a value, a path. The message says what and how."""

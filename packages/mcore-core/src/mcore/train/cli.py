@@ -46,8 +46,8 @@ the old checkpoints, metrics and logs are moved to out_dir/previous/<time>/, nev
 and is refused where a run already is; a checkpoint directory resumes from it (going back within
 a run moves its later checkpoints to previous/). The checkpoint a run resumed from is never
 pruned. SIGTERM stops after the current step with a checkpoint (exit 0); a second one ends at
-once. A collective waiting longer than parallel.timeout_s ends every rank with one line naming
-the phase and the late ranks."""
+once. A rank stopped or behind ends every rank waiting for it within parallel.timeout_s, with
+one line naming the phase and the late ranks."""
 
 
 def _demo_text() -> str:

@@ -1,6 +1,10 @@
-"""No silent hangs: a collective that times out ends the run with one line saying what it waited for.
+"""No silent hangs: a rank that waits too long for the others ends the run with one line saying what it waited for.
 
-Every process group of a run is created with ``[parallel] timeout_s``, so a rank that stopped
+Two mechanisms, the first to fire wins. Each rank's ``Heartbeat`` thread (``heartbeat.py``) sees
+its own phase last ``timeout_s - 2 * check`` while another rank is stopped or behind, prints the
+line naming them and ends the process (exit code 2) before any collective's own timeout, which
+is the only way to end cleanly on NCCL, whose watchdog otherwise aborts the process. Behind it,
+every process group of a run is created with ``[parallel] timeout_s``, so a rank that stopped
 (SIGSTOP, a dead node, a deadlock) makes the others' next collective fail after that long
 instead of waiting forever. The run loop wraps each phase of a step in ``HangGuard.phase``;
 when a collective in it times out, the guard asks which ranks are late with a
@@ -26,6 +30,7 @@ from typing import Any
 import torch.distributed as dist
 
 from mcore.errors import UserError
+from mcore.train.heartbeat import Heartbeat
 
 #: The longest ``monitored_barrier`` wait after a timeout: ranks that are merely waiting for
 #: the same late rank arrive within moments of each other.
@@ -69,20 +74,41 @@ class HangGuard:
     process, where nothing can hang on another rank).
     """
 
-    def __init__(self, timeout_s: float, *, rank: int, world_size: int, group: Any = None) -> None:
+    def __init__(
+        self, timeout_s: float, *, rank: int, world_size: int, group: Any = None, heartbeat: Heartbeat | None = None
+    ) -> None:
         self.timeout_s, self.rank, self.world_size, self.group = timeout_s, rank, world_size, group
+        self.heartbeat = heartbeat
 
     @classmethod
     def for_run(cls, timeout_s: float) -> HangGuard:
-        """A guard for this process (collective: every rank calls it, once)."""
+        """A guard for this process (collective: every rank calls it, once); ``close`` it when the run ends."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return cls(timeout_s, rank=0, world_size=1)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        heartbeat = Heartbeat.from_env(rank, world_size, timeout_s)
+        if heartbeat is not None:
+            heartbeat.publish()  # before the group's creation, which every rank passes together
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        return cls(timeout_s, rank=dist.get_rank(), world_size=dist.get_world_size(), group=group)
+        return cls(
+            timeout_s,
+            rank=rank,
+            world_size=world_size,
+            group=group,
+            heartbeat=heartbeat.start() if heartbeat is not None else None,
+        )
+
+    def close(self) -> None:
+        """Stop this rank's heartbeat, telling the other ranks it has finished (idempotent)."""
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+            self.heartbeat = None
 
     @contextmanager
     def phase(self, what: str) -> Iterator[None]:
         """Turn a timed-out collective inside the block into ``CollectiveTimeout`` naming ``what``."""
+        if self.heartbeat is not None:
+            self.heartbeat.enter(what)
         try:
             yield
         except CollectiveTimeout:
@@ -92,6 +118,9 @@ class HangGuard:
             if kind is None:
                 raise
             raise CollectiveTimeout(self.describe(what, kind)) from exc
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.leave()
 
     def describe(self, what: str, kind: str) -> str:
         if kind == "gone":

@@ -214,10 +214,18 @@ class Trainer:
         self.attention = None if name == "auto" else host.get("attention", name).load()()
         torch.manual_seed(config.train.seed)
         self.parts = build_parts(config, host)
-        mesh = self.parts.mesh
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_main = self.rank == 0
         self.guard = HangGuard.for_run(config.parallel.timeout_s)
+        try:
+            self.prepare(config, host, start)
+        except BaseException:
+            self.guard.close()  # its heartbeat thread must not outlive a run that never started
+            raise
+
+    def prepare(self, config: RunConfig, host: Any, start: StartPlan) -> None:
+        """Everything after the process groups: the run directory, the data, the step's parts, checkpointing."""
+        mesh = self.parts.mesh
         if start.move or start.copy:
             with self.guard.phase("setting the previous run aside"):
                 self.barrier()  # every rank has read the directory before rank 0 changes it
@@ -719,7 +727,11 @@ def run(config: RunConfig, host: Any, *, stop_at_step: int | None = None) -> Run
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return Trainer(config, host, start).run(stop_at_step=stop_at_step)
+        trainer = Trainer(config, host, start)
+        try:
+            return trainer.run(stop_at_step=stop_at_step)
+        finally:
+            trainer.guard.close()
     finally:
         torch.use_deterministic_algorithms(previous)
         torch.set_num_threads(threads)
