@@ -145,6 +145,15 @@ def test_a_finished_rank_is_not_waited_on_and_close_stops_the_thread() -> None:
     assert Record.decode(store.get("0")).position == FINISHED
 
 
+def test_a_garbled_record_reads_as_none_and_a_tiny_timeout_does_not_spin() -> None:
+    store = dist.PrefixStore("t4", dist.HashStore())
+    beat = Heartbeat(store, rank=0, world_size=3, timeout_s=1e-6, on_hang=Hangs())
+    assert beat.beat_s >= 0.05
+    beat.publish()
+    store.set("1", b"not|a record")
+    assert beat.read() == {0: Record.decode(store.get("0")), 1: None, 2: None}
+
+
 # -- two `mcore train` processes ------------------------------------------------------------
 
 

@@ -41,6 +41,8 @@ from mcore.errors import EXIT_USER_ERROR
 
 #: The longest pause between the two reads of a check: a live rank's beat moves within it.
 MAX_CHECK_S = 30.0
+#: The shortest pause between beats (a tiny ``timeout_s`` must not turn the thread into a busy loop on the store).
+MIN_BEAT_S = 0.05
 #: Where this rank's records live in the store (one key per rank under it).
 STORE_PREFIX = "mcore-heartbeat"
 #: The position a rank publishes once its run has ended: after every phase of every rank.
@@ -132,7 +134,7 @@ class Heartbeat:
         self.on_hang, self.clock = on_hang, clock
         self.check_s = check_seconds(timeout_s)
         self.deadline_s = timeout_s - 2 * self.check_s
-        self.beat_s = min(1.0, self.check_s / 4)
+        self.beat_s = max(MIN_BEAT_S, min(1.0, self.check_s / 4))
         self.lock = threading.Lock()
         self.phases = 0
         self.position, self.label, self.since = 1, "startup", clock()
@@ -195,9 +197,15 @@ class Heartbeat:
 
     def read(self) -> dict[int, Record | None]:
         keys = [str(r) for r in range(self.world_size)]
-        present = [k for k in keys if self.store.check([k])]
+        # one request when every rank has published (the usual case), one per rank only otherwise
+        present = keys if self.store.check(keys) else [k for k in keys if self.store.check([k])]
         values = self.store.multi_get(present) if hasattr(self.store, "multi_get") else map(self.store.get, present)
-        found = {int(k): Record.decode(bytes(v)) for k, v in zip(present, values, strict=True)}
+        found: dict[int, Record | None] = {}
+        for key, raw in zip(present, values, strict=True):
+            try:
+                found[int(key)] = Record.decode(bytes(raw))
+            except ValueError:  # not a record this code wrote: as if that rank never published one
+                found[int(key)] = None
         return {r: found.get(r) for r in range(self.world_size)}
 
     def loop(self) -> None:
