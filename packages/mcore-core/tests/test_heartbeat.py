@@ -21,7 +21,7 @@ import pytest
 import torch.distributed as dist
 from test_train_loop import make_corpus
 
-from mcore.train.heartbeat import FINISHED, Heartbeat, Record, check_seconds, judge
+from mcore.train.heartbeat import DONE, ENDED, Heartbeat, Record, check_seconds, judge
 from mcore_testing.dist import free_port
 
 TIMEOUT_S = 5.0
@@ -36,7 +36,8 @@ def test_judge_names_stopped_and_behind_ranks_and_lets_finished_and_ahead_ones_b
         0: Record(39, 10, "gradient sync of step 3"),
         1: Record(7, 9, "after forward/backward of step 3"),  # behind, alive
         2: Record(12, 10, "gradient sync of step 3"),  # same place, stopped
-        3: Record(3, FINISHED, "finished"),  # ended its run: never late
+        3: Record(3, 8, "after gradient norm of step 2", DONE),  # ended its run: never late
+        7: Record(30, 10, "gradient sync of step 3", ENDED),  # ended on a hang it saw: not late either
         4: Record(20, 12, "gradient norm of step 3"),  # ahead, alive
         6: Record(5, 11, "after gradient sync of step 3"),  # ahead, gone
     }
@@ -44,21 +45,37 @@ def test_judge_names_stopped_and_behind_ranks_and_lets_finished_and_ahead_ones_b
     message = judge(0, mine, 41.7, 60.0, 6.0, first, {**second, 0: mine})
     assert message == (
         "rank 0: gradient sync of step 3 waited 42 s for the other ranks (parallel.timeout_s = 60 s); late: "
-        "rank 1 (alive, still in after forward/backward of step 3), "
         "rank 2 (no heartbeat for 6 s: stopped or gone; last in gradient sync of step 3), "
         "rank 5 (no heartbeat for 6 s: stopped or gone; it never published one), "
         "rank 6 (no heartbeat for 6 s: stopped or gone; it was ahead of this rank, in after gradient sync of step 3); "
+        "behind it: rank 1 (alive, still in after forward/backward of step 3); "
         "if that phase is legitimately slow, raise --parallel.timeout_s"
     )
-    everyone_fine = {0: mine, 4: Record(22, 12, "x"), 3: Record(3, FINISHED, "finished")}
+    everyone_fine = {0: mine, 4: Record(22, 12, "x"), 3: first[3]}
     assert (
         judge(0, mine, 50.0, 60.0, 6.0, {0: mine, 4: Record(20, 12, "x"), 3: everyone_fine[3]}, everyone_fine) is None
     )
+    gave_up = {0: Record(39, 10, "gradient sync of step 3", ENDED), 4: Record(20, 12, "x")}
+    moving = {**gave_up, 4: Record(22, 12, "x")}
+    left_behind = judge(1, Record(3, 9, "after forward/backward of step 3"), 44.0, 60.0, 6.0, gave_up, moving)
+    assert left_behind is not None and left_behind.startswith("rank 1: after forward/backward of step 3 has lasted")
+
+
+def test_rank_0_stays_only_for_live_peers_at_its_place_or_later() -> None:
+    mine = Record(40, 10, "gradient sync of step 3", ENDED)
+    seen = {0: mine, 1: Record(7, 10, "gradient sync of step 3"), 2: Record(5, 9, "after x"), 3: Record(2, 10, "y")}
+    waiting = {**seen, 1: Record(8, 10, "gradient sync of step 3")}  # rank 1 waits too and has not decided
+    assert Heartbeat.peers_still_judging(mine, seen, waiting)
+    decided = {**waiting, 1: Record(9, 10, "gradient sync of step 3", ENDED)}
+    behind_and_stopped = {**decided, 2: Record(6, 9, "after x")}  # rank 2 behind (named late), rank 3 stopped
+    assert not Heartbeat.peers_still_judging(mine, seen, behind_and_stopped)
 
 
 def test_records_round_trip_and_the_check_is_a_fifth_of_the_timeout_at_most_30_s() -> None:
-    record = Record(5, 2 * 7 + 1, "after checkpoint save of step 7 | with a bar")
-    assert Record.decode(record.encode()) == record
+    for record in (Record(5, 2 * 7 + 1, "after checkpoint save of step 7 | with a bar"), Record(1, 4, "x", ENDED)):
+        assert Record.decode(record.encode()) == record
+    with pytest.raises(ValueError):
+        Record.decode(b"1|2|sleeping|x")
     assert check_seconds(600) == 30.0 and check_seconds(5) == 1.0
 
 
@@ -120,11 +137,12 @@ def test_a_rank_behind_is_named_and_one_long_phase_on_every_rank_is_no_hang() ->
         assert "late: rank 1 (alive, still in after forward/backward of step 1)" in message, message
         # the rank behind judged rank 0 alive and ahead (no verdict); once rank 0 ended, it says so in turn
         assert hangs_behind.event.wait(4 * TIMEOUT_S), "no verdict on the rank left behind"
-        (at_behind, message_behind), *_ = hangs_behind.messages
-        assert at_behind > hangs_ahead.messages[0][0]
-        assert message_behind.endswith(
-            "late: rank 0 (no heartbeat for 1 s: stopped or gone; it was ahead of this rank, in gradient sync of "
-            "step 1); if that phase is legitimately slow, raise --parallel.timeout_s"
+        message_behind = hangs_behind.messages[0][1]
+        assert re.fullmatch(
+            r"rank 1: after forward/backward of step 1 has lasted \d+ s, and the run ended on a hang: rank 0 \(in "
+            r"gradient sync of step 1\) waited more than the timeout for the other ranks \(their lines name the "
+            r"late ones\)",
+            message_behind,
         ), message_behind
     finally:
         ahead.close(), behind.close()
@@ -142,7 +160,7 @@ def test_a_finished_rank_is_not_waited_on_and_close_stops_the_thread() -> None:
         assert not hangs.messages
     finally:
         waiting.close()
-    assert Record.decode(store.get("0")).position == FINISHED
+    assert Record.decode(store.get("0")).state == DONE
 
 
 def test_a_garbled_record_reads_as_none_and_a_tiny_timeout_does_not_spin() -> None:
@@ -158,11 +176,12 @@ def test_a_garbled_record_reads_as_none_and_a_tiny_timeout_does_not_spin() -> No
 
 
 def launch(
-    tmp_path: Path, corpus: str, *, sleep: str | None = None, steps: int = 100000
+    tmp_path: Path, corpus: str, *, sleep: str | None = None, steps: int = 100000, world: int = 2, device: str = "cpu"
 ) -> list[subprocess.Popen[str]]:
-    """``python -m mcore train`` on 2 ranks joined through ``MASTER_ADDR:MASTER_PORT``, as torchrun joins them."""
+    """``python -m mcore train`` on ``world`` ranks joined through ``MASTER_ADDR:MASTER_PORT``, as torchrun joins them."""
     port = free_port()
     args = [
+        f"--parallel.device={device}",
         "--model.name=sleepy-tiny",
         "--model.vocab_size=257",
         "--model.hidden_size=32",
@@ -172,7 +191,7 @@ def launch(
         f"--parallel.timeout_s={TIMEOUT_S}",
         f"--train.steps={steps}",
         "--train.seq_len=16",
-        "--train.global_batch_size=8",
+        f"--train.global_batch_size={4 * world}",  # one micro-batch of 4 rows a rank: forward call n is step n
         "--train.micro_batch_size=4",
         "--train.cpu_threads=1",
         f"--train.out_dir={tmp_path / 'run'}",
@@ -185,14 +204,14 @@ def launch(
         "--checkpoint.every=0",
     ]
     procs = []
-    for rank in range(2):
+    for rank in range(world):
         env = {
             **os.environ,
             "MCORE_PLUGINS": "mcore_testing.plugin,mcore_testing.cli_plugin",
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
         }
@@ -235,36 +254,62 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_corpus(tmp_path_factory.mktemp("data"))
 
 
-def test_a_sigstopped_rank_ends_the_other_with_one_line_within_the_timeout(tmp_path: Path, corpus: str) -> None:
-    procs = launch(tmp_path, corpus)
-    rank0, rank1 = procs
+def stop_one_rank(tmp_path: Path, corpus: str, *, world: int, device: str) -> None:
+    """SIGSTOP the last rank of a training run at step 3: every other rank ends with one line naming it, in time."""
+    procs = launch(tmp_path, corpus, world=world, device=device)
+    *waiting, stopped = procs
+    ended: list[tuple[int, float, str]] = []
     try:
-        assert rank0.stderr is not None
+        assert waiting[0].stderr is not None
         seen = []
-        for line in rank0.stderr:  # rank 0 reports steps: both ranks are training
+        for line in waiting[0].stderr:  # rank 0 reports steps: every rank is training
             seen.append(line)
             if line.startswith("step 3"):
                 break
         assert seen and seen[-1].startswith("step 3"), "".join(seen)
-        os.kill(rank1.pid, signal.SIGSTOP)
+        os.kill(stopped.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
-        code = rank0.wait(timeout=6 * TIMEOUT_S)
-        ended_after = time.monotonic() - stopped_at
-        stderr = rank0.stderr.read()
+        for p in waiting:
+            code = p.wait(timeout=6 * TIMEOUT_S)
+            assert p.stderr is not None
+            ended.append((code, time.monotonic() - stopped_at, p.stderr.read()))
     finally:
-        os.kill(rank1.pid, signal.SIGKILL)
+        os.kill(stopped.pid, signal.SIGKILL)
         finish(procs)
-    assert code == 2, stderr
-    (line,) = error_lines(stderr)
-    assert re.fullmatch(
-        r"mcore: error: rank 0: .+ waited \d+ s for the other ranks \(parallel\.timeout_s = 5 s\); late: rank 1 "
-        r"\(no heartbeat for 1 s: stopped or gone; (last in|it was ahead of this rank, in) .+\); if that phase is legitimately slow, raise "
-        r"--parallel\.timeout_s",
-        line,
-    ), line
-    assert "Traceback" not in stderr, stderr
-    # Rank 0's wait began after the stop (a step lasts milliseconds): it ended within the timeout.
-    assert ended_after < TIMEOUT_S + 1.0, f"rank 0 ended {ended_after:.1f} s after rank 1 stopped"
+    late = world - 1
+    for rank, (code, ended_after, stderr) in enumerate(ended):
+        assert code == 2, stderr
+        (line,) = error_lines(stderr)
+        assert re.fullmatch(
+            rf"mcore: error: rank {rank}: .+ waited \d+ s for the other ranks \(parallel\.timeout_s = 5 s\); late: "
+            rf"rank {late} \(no heartbeat for 1 s: stopped or gone; (last in|it was ahead of this rank, in) [^)]+\); "
+            r"(behind it: (rank \d+ \(alive, still in [^)]+\)(, )?)+; )?if that phase is legitimately slow, raise --parallel\.timeout_s",
+            line,
+        ), line
+        assert "Traceback" not in stderr, stderr
+        # The wait began after the stop (a step lasts milliseconds): each rank ended within the timeout
+        # (the processes are waited for in rank order, so a later rank's time is an upper bound).
+        assert ended_after < TIMEOUT_S + 1.0, f"rank {rank} ended {ended_after:.1f} s after rank {late} stopped"
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_a_sigstopped_rank_ends_every_other_rank_with_one_line_within_the_timeout(
+    tmp_path: Path, corpus: str, world: int
+) -> None:
+    stop_one_rank(tmp_path, corpus, world=world, device="cpu")
+
+
+@pytest.mark.gpu
+def test_on_nccl_a_sigstopped_rank_ends_every_other_rank_with_one_line_within_the_timeout(
+    tmp_path: Path, corpus: str
+) -> None:
+    """The NCCL watchdog would abort the processes at the timeout; the heartbeat ends them first, in one line each."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"needs 2 or more GPUs for NCCL ranks on distinct devices; this machine has {gpus}")
+    stop_one_rank(tmp_path, corpus, world=min(gpus, 8), device="cuda")
 
 
 def test_a_rank_behind_is_named_and_every_rank_ends_with_a_line(tmp_path: Path, corpus: str) -> None:
@@ -276,8 +321,11 @@ def test_a_rank_behind_is_named_and_every_rank_ends_with_a_line(tmp_path: Path, 
     assert line0.startswith(
         "mcore: error: rank 0: "
     ) and "late: rank 1 (alive, still in forward/backward of step 3)" in (line0), line0
-    (line1,) = error_lines(err1)  # the sleeper outlives rank 0, sees it gone and says so
-    assert line1.startswith("mcore: error: rank 1: forward/backward of step 3 waited "), line1
+    # the sleeper outlives rank 0 and sees that it ended the run (or, when rank 0 was the store's host and left
+    # first, that the store is gone)
+    (line1,) = error_lines(err1)
+    assert line1.startswith("mcore: error: rank 1: forward/backward of step 3 "), line1
+    assert "the run ended on a hang: rank 0 (in " in line1 or "the launcher's store stopped answering" in line1, line1
     assert "Traceback" not in err0 + err1
 
 

@@ -19,6 +19,11 @@ the run's one-line message. So each rank of a multi-process run also runs a smal
 
    and ends the process with exit code 2, ``check_s`` before the process group's own timeout.
 
+A rank that ends on a hang publishes so first (state ``ENDED``): the ranks that waited with it do not name it
+late, and a rank left behind ends too, with a line saying the run ended on a hang. Rank 0, whose process
+serves the store when no torchrun agent does, stays up to ``check_s`` more, until the ranks waiting with it
+have decided: ``deadline + check + linger <= timeout_s``.
+
 When no rank is stopped or behind, this rank is the slow one or every rank is in the same long
 phase (a first-step compile): not a hang, and nothing happens (rank 0 says so once per phase).
 Positions compare because every rank runs the same phases in the same order; where they do
@@ -45,8 +50,8 @@ MAX_CHECK_S = 30.0
 MIN_BEAT_S = 0.05
 #: Where this rank's records live in the store (one key per rank under it).
 STORE_PREFIX = "mcore-heartbeat"
-#: The position a rank publishes once its run has ended: after every phase of every rank.
-FINISHED = 1 << 62
+#: A record's state: the rank is running; its run ended normally (``close``); it ended on a hang it saw.
+RUNNING, DONE, ENDED = "run", "done", "hang"
 
 
 @dataclass(frozen=True)
@@ -56,14 +61,17 @@ class Record:
     beat: int  # counts publications: a live rank's moves every beat_s
     position: int  # 2n inside the n-th phase, 2n+1 after it
     label: str  # the phase's name, or "after <name>"
+    state: str = RUNNING  # RUNNING, DONE or ENDED
 
     def encode(self) -> bytes:
-        return f"{self.beat}|{self.position}|{self.label}".encode()
+        return f"{self.beat}|{self.position}|{self.state}|{self.label}".encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Record:
-        beat, position, label = raw.decode(errors="replace").split("|", 2)
-        return cls(int(beat), int(position), label)
+        beat, position, state, label = raw.decode(errors="replace").split("|", 3)
+        if state not in (RUNNING, DONE, ENDED):
+            raise ValueError(f"unknown heartbeat state {state!r}")
+        return cls(int(beat), int(position), label, state)
 
 
 def check_seconds(timeout_s: float) -> float:
@@ -80,14 +88,20 @@ def judge(
     first: Mapping[int, Record | None],
     second: Mapping[int, Record | None],
 ) -> str | None:
-    """The hang message, or ``None``: no rank is stopped (beat unchanged across the reads) or behind ``mine``."""
-    late: list[str] = []
+    """The hang message, or ``None``: no rank is stopped (beat unchanged across the reads) or behind ``mine``, and
+    none has ended the run on a hang it saw (then this rank, left behind, ends too)."""
+    stopped: list[str] = []
+    behind: list[str] = []
+    ended: list[str] = []
     for rank in sorted(second):
         if rank == me:
             continue
         before, now = first.get(rank), second[rank]
-        if now is not None and now.position == FINISHED:
-            continue  # it ended its run and said so
+        if now is not None and now.state == ENDED:
+            ended.append(f"rank {rank} (in {now.label})")
+            continue  # not late: it saw a hang and said so
+        if now is not None and now.state == DONE:
+            continue  # it ended its run normally
         if now is None or before is None or now.beat == before.beat:
             if now is None:
                 where = "; it never published one"
@@ -95,14 +109,22 @@ def judge(
                 where = f"; it was ahead of this rank, in {now.label}"
             else:
                 where = f"; last in {now.label}"
-            late.append(f"rank {rank} (no heartbeat for {check_s:g} s: stopped or gone{where})")
+            stopped.append(f"rank {rank} (no heartbeat for {check_s:g} s: stopped or gone{where})")
         elif now.position < mine.position:
-            late.append(f"rank {rank} (alive, still in {now.label})")
+            behind.append(f"rank {rank} (alive, still in {now.label})")
+    # a stopped rank holds up every rank: those behind are most likely waiting for it too, so named apart
+    late = stopped or behind
+    also = f"; behind it: {', '.join(behind)}" if stopped and behind else ""
+    if not late and ended:
+        return (
+            f"rank {me}: {mine.label} has lasted {waited_s:.0f} s, and the run ended on a hang: "
+            f"{', '.join(ended)} waited more than the timeout for the other ranks (their lines name the late ones)"
+        )
     if not late:
         return None
     return (
         f"rank {me}: {mine.label} waited {waited_s:.0f} s for the other ranks (parallel.timeout_s = {timeout_s:g} s); "
-        f"late: {', '.join(late)}; if that phase is legitimately slow, raise --parallel.timeout_s"
+        f"late: {', '.join(late)}{also}; if that phase is legitimately slow, raise --parallel.timeout_s"
     )
 
 
@@ -138,6 +160,7 @@ class Heartbeat:
         self.lock = threading.Lock()
         self.phases = 0
         self.position, self.label, self.since = 1, "startup", clock()
+        self.state = RUNNING
         self.beats = 0
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.loop, name=f"mcore-heartbeat-{rank}", daemon=True)
@@ -180,14 +203,14 @@ class Heartbeat:
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(timeout=2 * self.beat_s + self.check_s)
         with self.lock:
-            self.position, self.label = FINISHED, "finished"
+            self.state = DONE
         self.publish()
 
     # -- the thread ------------------------------------------------------------------------
     def current(self) -> tuple[Record, float]:
         with self.lock:
             self.beats += 1
-            return Record(self.beats, self.position, self.label), self.clock() - self.since
+            return Record(self.beats, self.position, self.label, self.state), self.clock() - self.since
 
     def publish(self) -> Record:
         mine, _ = self.current()
@@ -207,6 +230,32 @@ class Heartbeat:
             except ValueError:  # not a record this code wrote: as if that rank never published one
                 found[int(key)] = None
         return {r: found.get(r) for r in range(self.world_size)}
+
+    def end(self, mine: Record, seen: Mapping[int, Record | None]) -> None:
+        """Publish that this rank ends on a hang; rank 0 (the store's host unless torchrun's agent is) then stays up
+        to ``check_s`` more, until every rank that waits as it does has seen the hang too (or the store goes)."""
+        with self.lock:
+            self.state = ENDED
+        self.publish()
+        if self.rank != 0:
+            return
+        until = self.clock() + self.check_s
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            while self.clock() < until:
+                time.sleep(1.5 * self.beat_s)  # a live rank's beat moves within it
+                if not self.peers_still_judging(mine, seen, self.read()):
+                    break
+
+    @staticmethod
+    def peers_still_judging(mine: Record, seen: Mapping[int, Record | None], now: Mapping[int, Record | None]) -> bool:
+        """Whether a rank still runs, its beat moving, at this rank's position or later: it waits, undecided."""
+        for rank, record in now.items():
+            before = seen.get(rank)
+            if record is None or before is None or record.state != RUNNING or record.beat == before.beat:
+                continue
+            if record.position >= mine.position:
+                return True
+        return False
 
     def loop(self) -> None:
         first: dict[int, Record | None] | None = None
@@ -234,6 +283,7 @@ class Heartbeat:
                 return
             verdict = judge(self.rank, mine, waited, self.timeout_s, self.check_s, first, second)
             if verdict is not None and not self.stopped.is_set():
+                self.end(mine, second)
                 self.on_hang(verdict)
                 return
             first, first_at = second, self.clock()
