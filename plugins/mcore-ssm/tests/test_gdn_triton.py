@@ -5,6 +5,8 @@ imported)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,8 +36,11 @@ def test_auto_takes_the_reference_on_cpu_and_names_bad_kernels(monkeypatch):
         pick("cuda", torch.device("cpu"), 64)
     with pytest.raises(ValueError, match="kernel = 'fast'"):
         GatedDeltaNet.Config(kernel="fast")
-    monkeypatch.setenv("MCORE_SSM_KERNELS", "reference")
-    assert pick("auto", torch.device("cuda"), 64) == "torch"
+    monkeypatch.delenv("MCORE_SSM_KERNELS", raising=False)  # the default on CUDA: the kernel, where Triton is
+    assert pick("auto", torch.device("cuda"), 64) == ("triton" if importlib.util.find_spec("triton") else "torch")
+    for opt_out in ("torch", "reference"):
+        monkeypatch.setenv("MCORE_SSM_KERNELS", opt_out)
+        assert pick("auto", torch.device("cuda"), 64) == "torch"
 
 
 INTERPRETED = """

@@ -4,6 +4,8 @@ Triton's CPU interpreter (``slow``: a subprocess, since the interpreter is chose
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from ssm_cases import SCAN_NAMES, rel, run_interpreted
@@ -23,8 +25,11 @@ def test_auto_takes_the_reference_on_cpu_and_names_bad_kernels(monkeypatch):
         pick("cuda", torch.device("cpu"), 64)
     with pytest.raises(ValueError, match="kernel = 'fast'"):
         Mamba2.Config(kernel="fast")
-    monkeypatch.setenv("MCORE_SSM_KERNELS", "reference")
-    assert pick("auto", torch.device("cuda"), 64) == "torch"
+    monkeypatch.delenv("MCORE_SSM_KERNELS", raising=False)  # the default on CUDA: the kernel, where Triton is
+    assert pick("auto", torch.device("cuda"), 64) == ("triton" if importlib.util.find_spec("triton") else "torch")
+    for opt_out in ("torch", "reference"):
+        monkeypatch.setenv("MCORE_SSM_KERNELS", opt_out)
+        assert pick("auto", torch.device("cuda"), 64) == "torch"
 
 
 def test_auto_on_cuda_needs_a_power_of_two_chunk(monkeypatch):

@@ -2,12 +2,12 @@
 
 Why: both scans choose the same way, once per call, not in the block; ``gdn_kernels`` and ``mamba2_kernels`` say
 only which chunk sizes their Triton kernels take. ``auto``: Triton for CUDA tensors when Triton imports and the
-kernel takes the chunk size and ``MCORE_SSM_KERNELS=triton`` opts in, outside ``torch.compile`` tracing (the
-compiler fuses the torch reference instead); the torch reference everywhere else. Opt-in: the first timings on a
-card (H100, 2026-12-06, ``benchmarks/RESULTS.md``) found GDN's forward 7x slower than fla's and Mamba2's
-forward + backward only 1.3x the compiled reference; both were rewritten the same day and have not run on a GPU
-since, so they stay opt-in until ``benchmarks/bench_gdn.py`` / ``bench_mamba2.py`` time the rewrites. ``torch``
-always takes the reference; ``triton`` always the kernel (on CPU only under ``TRITON_INTERPRET=1``, Triton's
+kernel takes the chunk size, outside ``torch.compile`` tracing (the compiler fuses the torch reference instead);
+the torch reference everywhere else, or everywhere with ``MCORE_SSM_KERNELS=torch`` (an opt-out). The default
+since their GPU tests passed and ``benchmarks/bench_gdn.py`` / ``bench_mamba2.py`` timed them on a card (H100,
+2026-12-06, ``benchmarks/RESULTS.md``): forward + backward 2.1x (GDN) and 3.6x (Mamba2) the compiled
+reference, the ``hybrid-bench`` training step 3.9x faster than on the reference. ``torch`` always takes the
+reference; ``triton`` always the kernel (on CPU only under ``TRITON_INTERPRET=1``, Triton's
 interpreter, for checking it). CPU calls never import Triton.
 """
 
@@ -19,6 +19,8 @@ import os
 import torch
 
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
+#: ``MCORE_SSM_KERNELS`` values that make ``auto`` take the torch reference on CUDA too.
+OPT_OUT: tuple[str, ...] = ("torch", "reference")
 
 
 def check_kernel(kernel: object, key: str = "kernel") -> None:
@@ -36,7 +38,7 @@ def choose(kernel: str, device: torch.device, *, triton_takes: bool) -> str:
     usable = (
         device.type == "cuda"
         and triton_takes
-        and os.environ.get("MCORE_SSM_KERNELS", "") == "triton"  # opt-in until checked on a card (module docstring)
+        and os.environ.get("MCORE_SSM_KERNELS", "") not in OPT_OUT
         and not torch.compiler.is_compiling()
         and importlib.util.find_spec("triton") is not None
     )
