@@ -282,6 +282,9 @@ class Heartbeat:
                 )
                 return
             verdict = judge(self.rank, mine, waited, self.timeout_s, self.check_s, first, second)
+            if self.position != mine.position:  # the wait ended while the records were read: no verdict
+                first = None
+                continue
             if verdict is not None and not self.stopped.is_set():
                 self.end(mine, second)
                 self.on_hang(verdict)
