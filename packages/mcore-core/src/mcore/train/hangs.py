@@ -87,8 +87,6 @@ class HangGuard:
             return cls(timeout_s, rank=0, world_size=1)
         rank, world_size = dist.get_rank(), dist.get_world_size()
         heartbeat = Heartbeat.from_env(rank, world_size, timeout_s)
-        if heartbeat is not None:
-            heartbeat.publish()  # before the group's creation, which every rank passes together
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         return cls(
             timeout_s,
