@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from mcore.protocols.block import BlockContext
-from mcore_models.attention_backends.flex import FlexAutotuneBackend, FlexBackend, _mask_mod
+from mcore_models.attention_backends.flex import FlexAutotuneBackend, FlexBackend, _mask_mod, recompile_room
 from mcore_models.attention_backends.sdpa import SDPABackend
 from mcore_models.attention_backends.seam import attend
 from mcore_models.blocks.masking import document_ids
@@ -162,13 +162,20 @@ def candidates(
     douth = dout.transpose(1, 2).contiguous()
 
     def flex_direct(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return flex(a, b, c, block_mask=block_mask, scale=scale, enable_gqa=gqa)  # (B, nh, T, hd)
+        with recompile_room():  # it shares flex_attention's compiled variants with the candidates below
+            return flex(a, b, c, block_mask=block_mask, scale=scale, enable_gqa=gqa)  # (B, nh, T, hd)
 
     def flex_direct_views(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The same kernel on ``(B, T, n, hd)`` tensors seen as ``(B, n, T, hd)`` (what a block hands over)."""
-        out = flex(
-            a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), block_mask=block_mask, scale=scale, enable_gqa=gqa
-        )
+        with recompile_room():
+            out = flex(
+                a.transpose(1, 2),
+                b.transpose(1, 2),
+                c.transpose(1, 2),
+                block_mask=block_mask,
+                scale=scale,
+                enable_gqa=gqa,
+            )
         return out.transpose(1, 2)
 
     def kernel(backend: Any) -> Any:

@@ -22,7 +22,7 @@ from mcore.plugins import load_plugins
 from mcore.protocols.attention import AttentionBackend
 from mcore.protocols.block import BlockContext
 from mcore_models.attention_backends.auto import AutoBackend
-from mcore_models.attention_backends.flex import FlexAutotuneBackend, FlexBackend
+from mcore_models.attention_backends.flex import FlexAutotuneBackend, FlexBackend, recompile_room
 from mcore_models.attention_backends.sdpa import SDPABackend
 from mcore_models.blocks.attention import Attention
 from mcore_models.blocks.masking import attention_mask
@@ -187,6 +187,38 @@ def test_block_mask_cache_is_bounded() -> None:
     for window in (2, 3, 4, 5):
         backend.block_mask(None, 1, 8, 8, window, torch.device("cpu"))
     assert len(backend._masks) == 2
+
+
+def _scaled_a(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _scaled_b(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_recompile_room_keeps_compiling_past_dynamos_limit() -> None:
+    """Past dynamo's recompile limit a compiled function silently runs eager (for FlexAttention: the scores
+    materialised, 60x slower); ``recompile_room`` (around every compiled flex call) lets each new variant compile."""
+    limit = int(torch._dynamo.config.recompile_limit)
+    graphs: dict[str, int] = {"plain": 0, "room": 0}
+
+    def counting(name: str) -> Any:
+        def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+            graphs[name] += 1
+            return gm.forward
+
+        return backend
+
+    plain = torch.compile(_scaled_a, backend=counting("plain"), dynamic=False)
+    roomy = torch.compile(_scaled_b, backend=counting("room"), dynamic=False)
+    variants = limit + 4  # one shape each: a new variant with dynamic=False
+    for n in range(1, variants + 1):
+        torch.testing.assert_close(plain(torch.ones(n)), torch.full((n,), 2.0))
+        with recompile_room(variants + 1):
+            torch.testing.assert_close(roomy(torch.ones(n)), torch.full((n,), 2.0))
+    assert graphs == {"plain": limit, "room": variants}  # without the room the last 4 ran eager
+    assert torch._dynamo.config.recompile_limit == limit  # restored
 
 
 def test_mask_sees_an_in_place_change_of_cu_seqlens() -> None:

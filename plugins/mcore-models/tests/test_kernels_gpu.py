@@ -219,6 +219,35 @@ def test_flex_autotune_backend_packed_batch_on_cuda() -> None:
     _check_packed(FlexAutotuneBackend(), 2048, (0, 700, 1024, 2500, 4096), 8, 4, 128, None)
 
 
+def test_flex_stays_compiled_past_dynamos_recompile_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More compiled variants of FlexAttention than dynamo's limit (set to 1 here: shapes, gradient modes) still run
+    the compiled kernel, not the eager one that materialises the scores and warns that it was not compiled."""
+    import warnings
+
+    import torch.nn.attention.flex_attention as flex_module
+
+    from mcore.protocols.block import BlockContext
+    from mcore_models.attention_backends.flex import FlexBackend
+
+    monkeypatch.setattr(flex_module, "_WARNINGS_SHOWN", set())  # torch warns once a process: forget earlier tests
+
+    backend = FlexBackend()
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with config.patch(**{name: 1}), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seq in (256, 384, 512):
+            cu = torch.tensor([0, seq // 2, 2 * seq], dtype=torch.int32, device="cuda")
+            q, k, v = (_randn(2, seq, 4, 64, dtype=torch.bfloat16, seed=i).requires_grad_() for i in range(3))
+            out = backend(q, k, v, ctx=BlockContext(cu_seqlens=cu), scale=0.125, window=None)
+            out.float().square().sum().backward()
+            with torch.no_grad():
+                backend(q, k, v, ctx=BlockContext(cu_seqlens=cu), scale=0.125, window=None)
+            assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    eager = [str(w.message) for w in caught if "without torch.compile" in str(w.message)]
+    assert not eager, eager[0]
+
+
 def _small_tiles() -> Any:
     """``flex`` with forward and backward tile sizes of its own (``kernel_options``), not inductor's defaults."""
     from mcore_models.attention_backends.flex import FlexBackend

@@ -12,14 +12,16 @@ and shared by every layer of the forward (``cache.MaskCache``, keyed on the ``cu
 
 On CUDA the kernel is ``torch.compile(flex_attention)`` (eager FlexAttention materialises the scores);
 it is compiled once per process and mode (``_compiled_flex``) so backend instances share one compiled
-kernel instead of compiling it again each; ``flex-autotune`` compiles it with inductor's autotuning of
-the tile sizes, and ``kernel_options`` fixes them. Inside a region already being compiled the plain function is
-traced. On CPU the eager function runs; torch has no FlexAttention backward on CPU, so a call that
+kernel instead of compiling it again each, and called with room for ``FLEX_RECOMPILE_LIMIT`` compiled
+variants (``recompile_room``: past dynamo's default of 8 it would silently run the eager kernel);
+``flex-autotune`` compiles it with inductor's autotuning of the tile sizes, and ``kernel_options`` fixes them.
+Inside a region already being compiled the plain function is traced. On CPU the eager function runs; torch has no FlexAttention backward on CPU, so a call that
 needs gradients there runs SDPA over the same ``mask_mod`` evaluated densely (tests check the mask).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from collections.abc import Callable
@@ -49,11 +51,32 @@ def flex_devices() -> frozenset[str]:
 AUTOTUNE_MODE = "max-autotune-no-cudagraphs"
 
 
+#: Compiled variants of FlexAttention a process may hold before dynamo gives up compiling it. Dynamo counts them per
+#: code object -- every backend instance, mode and tile option shares ``flex_attention``'s, and each shape, window,
+#: GQA ratio, input layout and gradient mode is one more -- and past its default of 8 it runs the eager kernel, which
+#: materialises the scores: 59-61 ms a call against 0.99 compiled (H100, ``bench_attention.py``, 4,096 tokens,
+#: fwd + bwd, 2026-12-06, where the tile sweep's candidates hit the limit).
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def recompile_room(limit: int = FLEX_RECOMPILE_LIMIT) -> contextlib.AbstractContextManager[Any]:
+    """Dynamo's recompile limit raised to at least ``limit`` for the calls inside (restored after them)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    return config.patch(name, max(int(getattr(config, name)), limit))
+
+
 @functools.cache
 def _compiled_flex(mode: str | None = None) -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False, mode=mode)
+    compiled = torch.compile(flex_attention, dynamic=False, mode=mode)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with recompile_room():
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def _mask_mod(docs: torch.Tensor | None, offset: int, window: int | None) -> Callable[..., torch.Tensor]:
