@@ -19,7 +19,6 @@ Candidates, each on the same bf16 inputs ``(B, T, nh, hd)`` with ``--docs`` equa
 * ``ours_flex_opts<i>`` (``--flex-options``): ``FlexBackend(kernel_options=...)`` through the seam, one per
   given dict (tile sizes, warps, stages of forward and backward); ``ours_flex_autotune`` (``--autotune``):
   the ``flex-autotune`` backend (inductor times its tile configs on the first call, during the warm-up);
-  ``ours_flex_headmajor``: the ``flex-headmajor`` backend (contiguous head-major copies of q, k, v, CUDA);
 * ``flex_block_mask_build``: building the ``BlockMask`` for a new batch (once per step, not per layer),
   from per-block document ids (``flex_blocks``); ``create_block_mask_build``: the same mask by
   ``create_block_mask`` (every pair evaluated), the previous way.
@@ -48,13 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from mcore.protocols.block import BlockContext
-from mcore_models.attention_backends.flex import (
-    FlexAutotuneBackend,
-    FlexBackend,
-    FlexHeadMajorBackend,
-    _mask_mod,
-    recompile_room,
-)
+from mcore_models.attention_backends.flex import FlexAutotuneBackend, FlexBackend, _mask_mod, recompile_room
 from mcore_models.attention_backends.sdpa import SDPABackend
 from mcore_models.attention_backends.seam import attend
 from mcore_models.blocks.masking import document_ids
@@ -217,8 +210,6 @@ def candidates(
     variants = {f"ours_flex_opts{i}": FlexBackend(kernel_options=opts) for i, opts in enumerate(args.flex_options)}
     if args.autotune:
         variants["ours_flex_autotune"] = FlexAutotuneBackend()
-    if cuda:
-        variants["ours_flex_headmajor"] = FlexHeadMajorBackend()
 
     def through(backend: FlexBackend) -> Callable[..., torch.Tensor]:
         ctx = BlockContext(cu_seqlens=cu, max_seqlen=doc_len, attention=backend)

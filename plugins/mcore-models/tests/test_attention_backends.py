@@ -22,12 +22,7 @@ from mcore.plugins import load_plugins
 from mcore.protocols.attention import AttentionBackend
 from mcore.protocols.block import BlockContext
 from mcore_models.attention_backends.auto import AutoBackend
-from mcore_models.attention_backends.flex import (
-    FlexAutotuneBackend,
-    FlexBackend,
-    FlexHeadMajorBackend,
-    recompile_room,
-)
+from mcore_models.attention_backends.flex import FlexAutotuneBackend, FlexBackend, recompile_room
 from mcore_models.attention_backends.sdpa import SDPABackend
 from mcore_models.blocks.attention import Attention
 from mcore_models.blocks.masking import attention_mask
@@ -104,13 +99,7 @@ CASES: dict[str, tuple[Any, ...]] = {
     "offset": (2, 3, 8, 4, 2, 8, 8, None, None),  # 5 cached keys precede 3 queries (decode)
     "offset-window": (2, 3, 8, 4, 2, 8, 8, None, 4),
 }
-BACKENDS = {
-    "sdpa": SDPABackend,
-    "flex": FlexBackend,
-    "auto": AutoBackend,
-    "flex-autotune": FlexAutotuneBackend,
-    "flex-headmajor": FlexHeadMajorBackend,
-}
+BACKENDS = {"sdpa": SDPABackend, "flex": FlexBackend, "auto": AutoBackend, "flex-autotune": FlexAutotuneBackend}
 
 
 def _run(backend: AttentionBackend, case: tuple[Any, ...], dtype: torch.dtype, grad: bool, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -352,7 +341,7 @@ def test_auto_uses_sdpa_on_cpu() -> None:
 
 def test_backends_are_registered_under_kind_attention() -> None:
     host = load_plugins(entry_points=False, env=False, unpackaged=False, extra=["mcore_models.plugin"])
-    assert {"sdpa", "flex", "flex-autotune", "flex-headmajor", "auto"} <= set(host.registry.names("attention"))
+    assert {"sdpa", "flex", "flex-autotune", "auto"} <= set(host.registry.names("attention"))
     for name, cls in BACKENDS.items():
         loaded = host.load("attention", name)
         assert loaded is cls and loaded.name == name

@@ -191,7 +191,7 @@ def _attention_reference(q, k, v, cu_seqlens, scale, window):  # type: ignore[no
     return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
 
 
-@pytest.mark.parametrize("backend", ["flex", "sdpa", "auto", "flex-tiles", "flex-headmajor"])
+@pytest.mark.parametrize("backend", ["flex", "sdpa", "auto", "flex-tiles"])
 @pytest.mark.parametrize(
     ("seq", "bounds", "heads", "kv_heads", "hd", "window"),
     [
@@ -205,16 +205,10 @@ def test_attention_backend_packed_batch_on_cuda(
 ) -> None:
     """bf16 flex and sdpa against the fp32 reference on a packed batch of two rows, forward and backward."""
     from mcore_models.attention_backends.auto import AutoBackend
-    from mcore_models.attention_backends.flex import FlexBackend, FlexHeadMajorBackend
+    from mcore_models.attention_backends.flex import FlexBackend
     from mcore_models.attention_backends.sdpa import SDPABackend
 
-    impl = {
-        "flex": FlexBackend,
-        "sdpa": SDPABackend,
-        "auto": AutoBackend,
-        "flex-tiles": _small_tiles,
-        "flex-headmajor": FlexHeadMajorBackend,
-    }[backend]()
+    impl = {"flex": FlexBackend, "sdpa": SDPABackend, "auto": AutoBackend, "flex-tiles": _small_tiles}[backend]()
     _check_packed(impl, seq, bounds, heads, kv_heads, hd, window)
 
 

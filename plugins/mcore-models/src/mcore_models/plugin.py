@@ -40,10 +40,6 @@ _ATTENTION = {
         "mcore_models.attention_backends.flex:FlexAutotuneBackend",
         "flex with inductor's autotuned tile sizes (CUDA; timed once per shape on its first call)",
     ),
-    "flex-headmajor": (
-        "mcore_models.attention_backends.flex:FlexHeadMajorBackend",
-        "flex given contiguous head-major copies of q, k, v on CUDA (the block's tensors are token-major)",
-    ),
     "auto": (
         "mcore_models.attention_backends.auto:AutoBackend",
         "flex for packed documents or sliding windows on CUDA, sdpa otherwise (the blocks' default)",

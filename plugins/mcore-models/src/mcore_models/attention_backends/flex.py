@@ -101,15 +101,11 @@ class FlexBackend:
     ``autotune``: compile it in ``AUTOTUNE_MODE`` (inductor picks the tile sizes by timing them on the first call
     of a shape, seconds to minutes once; ``flex-autotune`` registers this). ``kernel_options``: FlexAttention's
     ``kernel_options`` (tile sizes, warps, stages of forward and backward) passed on every call, for a
-    configuration measured to beat the defaults (``benchmarks/bench_attention.py --flex-options``). ``head_major``:
-    on CUDA copy ``q, k, v`` to contiguous ``(B, n, T|S, d)`` before the kernel instead of handing it the block's
-    ``(B, T, n, d)`` tensors seen transposed (``flex-headmajor`` registers this; the output stays head-major,
-    seen as ``(B, T, nh, hdv)``).
+    configuration measured to beat the defaults (``benchmarks/bench_attention.py --flex-options``).
     """
 
     name: ClassVar[str] = "flex"
     autotune_default: ClassVar[bool] = False
-    head_major_default: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -118,10 +114,8 @@ class FlexBackend:
         cache_size: int = 8,
         autotune: bool | None = None,
         kernel_options: dict[str, Any] | None = None,
-        head_major: bool | None = None,
     ) -> None:
         self.compile = compile
-        self.head_major = self.head_major_default if head_major is None else head_major
         self.autotune = self.autotune_default if autotune is None else autotune
         self.kernel_options = dict(kernel_options) if kernel_options else None
         self.devices = flex_devices()  # looked up once, not per call (nor inside a compiled region)
@@ -155,8 +149,6 @@ class FlexBackend:
         block_mask = self.block_mask(ctx.cu_seqlens, batch, seq, keys, window, q.device)
         gqa = heads != k.shape[2]
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T|S, d) views
-        if self.head_major and q.device.type == "cuda":
-            qt, kt, vt = qt.contiguous(), kt.contiguous(), vt.contiguous()  # (B, n, T|S, d) head-major copies
         try:
             kernel, options = self._kernel(q.device), self._options(q.device)
             out = kernel(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=gqa, **options)
@@ -167,7 +159,7 @@ class FlexBackend:
             b = block_mask.shape[0]
             dense = create_mask(block_mask.mask_mod, b, 1, seq, keys, q.device)  # (B or 1, 1, T, S)
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=dense, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2)  # (B, T, nh, hdv), laid out like the kernel's q
+        return out.transpose(1, 2)  # (B, T, nh, hdv): the kernel lays its output out like q
 
     def _kernel(self, device: torch.device) -> Callable[..., Any]:
         from torch.nn.attention.flex_attention import flex_attention
@@ -212,10 +204,3 @@ class FlexAutotuneBackend(FlexBackend):
 
     name: ClassVar[str] = "flex-autotune"
     autotune_default: ClassVar[bool] = True
-
-
-class FlexHeadMajorBackend(FlexBackend):
-    """``flex`` handing its CUDA kernel contiguous head-major copies of ``q, k, v`` (``head_major``)."""
-
-    name: ClassVar[str] = "flex-headmajor"
-    head_major_default: ClassVar[bool] = True
