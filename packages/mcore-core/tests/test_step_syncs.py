@@ -271,3 +271,29 @@ def test_the_device_verdict_mirrors_the_host_verdict() -> None:
                     want = health.verdict(loss, bad_ranks == 0) is None
                     got = health.device_ok(torch.tensor(loss, dtype=torch.float64), torch.tensor(bad_ranks).double())
                     assert got.dtype == torch.bool and bool(got) == want, (loss, bad_ranks, ema, good_steps, factor)
+
+
+def test_read_later_returns_the_values_on_cpu() -> None:
+    from mcore.train.loop import read_later
+
+    values = torch.tensor([1.5, 0.0, float("nan")], dtype=torch.float64)
+    read = read_later(values)
+    values.zero_()  # on the host the values are read when asked
+    assert read() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.gpu
+def test_read_later_does_not_wait_for_work_queued_after_it() -> None:
+    """The step's verdict is copied out before the update is queued: reading it waits for the copy, not for the
+    update (the GPU keeps working while the host reads, logs and queues the next step)."""
+    from mcore.train.loop import read_later
+
+    values = torch.tensor([3.0, 1.0, float("inf")], device="cuda", dtype=torch.float64)
+    read = read_later(values)
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued after the copy: the "update"
+    values.fill_(-1.0)  # queued after the sleep: not what the copy saw
+    got = read()
+    busy = not torch.cuda.current_stream().query()  # the sleep still runs: the read did not wait for it
+    torch.cuda.synchronize()
+    assert got == [3.0, 1.0, math.inf]
+    assert busy

@@ -100,20 +100,21 @@ def device_flag(value: bool, device: torch.device) -> torch.Tensor:
     return torch.full((), 1.0 if value else 0.0, dtype=torch.float64, device=device)
 
 
-def read_later(value: torch.Tensor) -> Callable[[], float]:
-    """``value`` (a 0-d device tensor) read by the returned call without waiting for work queued after this
-    one: on CUDA copied now into pinned host memory behind an event, so reading it after the optimizer's
-    kernels are queued waits for the copy only, not for them."""
-    if value.device.type != "cuda":
-        return lambda: float(value)
-    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-    host.copy_(value, non_blocking=True)
+def read_later(values: torch.Tensor) -> Callable[[], list[float]]:
+    """``values`` (a 1-d device tensor) read by the returned call without waiting for work queued after this one:
+    on CUDA copied now into pinned host memory behind an event, so reading them after the optimizer's kernels are
+    queued waits for the copy only, not for them (the GPU runs the update while the host reads, logs and queues
+    the next step's first kernels, instead of idling while it does)."""
+    if values.device.type != "cuda":
+        return lambda: [float(x) for x in values.tolist()]
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
 
-    def read() -> float:
+    def read() -> list[float]:
         copied.synchronize()
-        return float(host)
+        return [float(x) for x in host.tolist()]
 
     return read
 
@@ -486,11 +487,14 @@ class Trainer:
         with self.guard.phase(f"loss all-reduce of step {n}"):
             reduced = mesh_all_reduce(agreed, p.mesh)  # (3,) fp64: loss share sum, bad ranks, stops
         ok = self.health.device_ok(self.loss_mean(reduced[0]), reduced[1])  # the same arithmetic, on the device
-        norm_later = read_later(norm)  # the metric, read after the step is queued (used only if finite)
+        # the verdict and the norm (the metric, used only if finite), copied out before the update is queued
+        verdict_later = read_later(
+            torch.cat([reduced, ok.reshape(1).to(reduced.dtype), norm.reshape(1).to(device, reduced.dtype)])
+        )
         with self.guard.phase(f"optimizer step {n}"):
             guarded = self.device_guarded_update(ok, norm)
         with self.guard.phase(f"loss all-reduce of step {n}"):
-            loss_sum, bad_ranks, stops, ok_read = torch.cat([reduced, ok.reshape(1).to(reduced.dtype)]).tolist()
+            loss_sum, bad_ranks, stops, ok_read, norm_read = verdict_later()
         loss_value, grads_finite = self.loss_mean(loss_sum), bad_ranks == 0
         self.stop_agreed = stops > 0
         grad_norm = math.nan
@@ -509,7 +513,7 @@ class Trainer:
             if problem is None:
                 p.precision.after_step(p.model)
         if grads_finite:
-            grad_norm = norm_later()
+            grad_norm = norm_read
         dt = time.perf_counter() - t0
         tokens_per_s = self.train.global_batch_size * self.train.seq_len / dt
         metrics: dict[str, Any] = {
