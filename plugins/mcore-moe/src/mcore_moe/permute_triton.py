@@ -25,19 +25,22 @@ _BLOCK_H = 256
 def _gather_sum(
     ROWS, POS, W, OUT, H, K: tl.constexpr, K_PAD: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr
 ):
-    """``OUT[t, cols] = sum over k of W[t, k] * ROWS[POS[t, k], cols]`` (slots with ``POS < 0`` give nothing)."""
+    """``OUT[t, cols] = sum over k of W[t, k] * ROWS[POS[t, k], cols]`` (slots with ``POS < 0`` give nothing), one
+    token each, its H columns in blocks."""
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, K_PAD)  # (K_PAD,)
     pos = tl.load(POS + t * K + ks, mask=ks < K, other=-1)  # (K_PAD,) int64 row of each slot
     valid = pos >= 0
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
-    cmask = cols < H
-    tile = tl.load(ROWS + pos[:, None] * H + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
-    tile = tile.to(tl.float32)  # (K_PAD, BLOCK_H)
     if WEIGHTED:
         w = tl.load(W + t * K + ks, mask=valid, other=0.0).to(tl.float32)  # (K_PAD,)
-        tile = tile * w[:, None]
-    tl.store(OUT + t * H + cols, tl.sum(tile, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+    for start in range(0, H, BLOCK_H):
+        cols = start + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+        cmask = cols < H
+        tile = tl.load(ROWS + pos[:, None] * H + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+        tile = tile.to(tl.float32)  # (K_PAD, BLOCK_H)
+        if WEIGHTED:
+            tile = tile * w[:, None]
+        tl.store(OUT + t * H + cols, tl.sum(tile, axis=0).to(OUT.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -70,7 +73,7 @@ def gather_sum(rows: torch.Tensor, positions: torch.Tensor, weights: torch.Tenso
     out = rows.new_empty((n, h))
     if n:
         w = positions if weights is None else weights.contiguous()  # (an unread placeholder when unweighted)
-        grid = (n, triton.cdiv(h, _BLOCK_H))
+        grid = (n,)  # one program a token (a (token, column block) grid of tiny programs was latency-bound)
         k_pad = max(2, triton.next_power_of_2(k))  # (a power of two; not 1: a (1, BLOCK_H) tile)
         _gather_sum[grid](rows, positions, w, out, h, K=k, K_PAD=k_pad, WEIGHTED=weights is not None, BLOCK_H=_BLOCK_H)
     return out
