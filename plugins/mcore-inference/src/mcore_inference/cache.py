@@ -214,8 +214,17 @@ class PagedKVCache:
         self._written: set[int] = set()
         self._memo: dict[tuple[Any, ...], Any] = {}  # per step: slots of an append, tables of a gather
         self._static: StaticStep | None = None  # a static decode step's device buffers (begin_static_decode)
-        #: ``(S,)`` int32, each of the step's sequences' length with the step's tokens; empty between steps.
-        self.seq_lens = torch.zeros(0, dtype=torch.int32)
+        self._seq_lens: torch.Tensor | None = torch.zeros(0, dtype=torch.int32)  # None: made on first read
+        self._windowed = [g for g in self.groups.values() if g.window is not None]  # blocks fall out of windows
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """``(S,)`` int32, each of the step's sequences' length with the step's tokens; empty between steps. Made
+        on first read (the engine's model calls bring positions: most steps never read it)."""
+        if self._seq_lens is None:
+            assert self._step is not None
+            self._seq_lens = torch.tensor([self._lengths[s] for s in self._step[0]], dtype=torch.int32)
+        return self._seq_lens
 
     # ----- engine side (protocol) -----
 
@@ -225,23 +234,25 @@ class PagedKVCache:
             raise UserError(f"schedule: {len(ids)} sequence ids and {len(counts)} token counts; need as many, >= 1")
         if len(set(ids)) != len(ids):
             raise UserError(f"schedule: sequence ids {ids} repeat; each sequence appears once per step")
-        for count in counts:
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise UserError(f"schedule: token count {count!r} must be a positive int")
-        new = [s for s in ids if s not in self._lengths]
-        self._check_slots(len(new))
-        for seq in new:
-            self._new_sequence(seq)
-        for seq in ids:
-            self._last_step[seq] = self._lengths[seq]
-            for group in self.groups.values():
-                if group.window is not None:
-                    self._free_outside_window(group, seq)
+        if not all(type(count) is int and count > 0 for count in counts):  # the common case in one pass
+            for count in counts:
+                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                    raise UserError(f"schedule: token count {count!r} must be a positive int")
+        lengths, last_step = self._lengths, self._last_step
+        new = [s for s in ids if s not in lengths]
+        if new:
+            self._check_slots(len(new))
+            for seq in new:
+                self._new_sequence(seq)
+        windowed = self._windowed
         for seq, count in zip(ids, counts):
-            self._lengths[seq] += count
+            last_step[seq] = lengths[seq]
+            for group in windowed:
+                self._free_outside_window(group, seq)
+            lengths[seq] += count
         self._step, self._written, self._static = (ids, counts), set(), None
         self._memo.clear()
-        self.seq_lens = torch.tensor([self._lengths[s] for s in ids], dtype=torch.int32)
+        self._seq_lens = None
 
     def rollback(self, seq_id: int, k: int) -> None:
         self._check_seq(seq_id, "rollback")
@@ -457,7 +468,8 @@ class PagedKVCache:
         go to, count the tokens in every layer's length, and serve ``append`` and ``gather`` from ``step``'s
         device buffers until the step ends. Returns each sequence's block table, length (with its new tokens)
         and the flat page slots (block * bs + offset) of its new tokens (sequence after sequence), which the
-        caller writes into ``step``'s buffers, with the padding rows after them (the scratch block). With no
+        caller writes into ``step``'s buffers, with the padding rows after them (the scratch block); the tables
+        are the cache's own lists (read them now, never change them). With no
         step scheduled: a step of padding rows only (warm-up, graph capture), and empty lists."""
         if not self.static_decode_ok:
             raise UserError(
@@ -479,28 +491,33 @@ class PagedKVCache:
                 f"{q} new tokens each, at most that many sequences"
             )
         (group,) = self.groups.values()
-        bs = self.block_size
-        needed = sum(max(0, math.ceil(self._lengths[seq] / bs) - len(group.tables[seq])) for seq in ids)
-        if needed > group.pool.num_free():
+        bs, pool, all_tables = self.block_size, group.pool, group.tables
+        lens = [self._lengths[seq] for seq in ids]  # with the step's tokens
+        tables = [all_tables[seq] for seq in ids]
+        needed = 0
+        for length, table in zip(lens, tables):
+            more = -(-length // bs) - len(table)
+            if more > 0:
+                needed += more
+        if needed > pool.num_free():
             raise UserError(
-                f"static decode step: needs {needed} more blocks, {group.pool.num_free()} free ({self.num_blocks} of "
+                f"static decode step: needs {needed} more blocks, {pool.num_free()} free ({self.num_blocks} of "
                 f"{bs} tokens): release sequences or schedule fewer"
             )
-        tables: list[list[int]] = []
-        lens: list[int] = []
+        before = {seq: length - q for seq, length in zip(ids, lens)}
+        after = dict(zip(ids, lens))
+        for index in group.layers:  # dict views compare and update in C: cheap with many layers
+            held = self.layers[index].lengths
+            assert before.items() <= held.items(), "a layer sat a step out: static steps need every layer"
+            held.update(after)
         slots: list[int] = []
-        for seq in ids:
-            length = self._lengths[seq]  # with the step's tokens
-            table = group.tables[seq]
+        for length, table in zip(lens, tables):
             while len(table) * bs < length:
-                table.append(group.pool.take())  # a token crosses into a new block
-            for index in group.layers:
-                layer = self.layers[index]
-                assert layer.lengths[seq] == length - q, "a layer sat a step out: static steps need every layer"
-                layer.lengths[seq] = length
-            tables.append(list(table))
-            lens.append(length)
-            slots.extend(table[p // bs] * bs + p % bs for p in range(length - q, length))
+                table.append(pool.take())  # a token crosses into a new block
+            if q == 1:
+                slots.append(table[(length - 1) // bs] * bs + (length - 1) % bs)
+            else:
+                slots.extend(table[p // bs] * bs + p % bs for p in range(length - q, length))
         self._static = step
         return tables, lens, slots
 
@@ -552,9 +569,13 @@ class PagedKVCache:
         """Name the sequence's full blocks (every layer holds their tokens) by their hash chain over
         ``token_ids`` (the sequence's tokens, at least those in the cache), so later requests find them; with
         recurrent layers, snapshot their states when the sequence ends exactly on a named block."""
-        self._check_seq(seq_id, "cache_prefix")
+        hashes = self._hashes.get(seq_id)
+        if hashes is None:
+            self._check_seq(seq_id, "cache_prefix")
         if not self.prefix_caching:
             return
+        if self.snapshots is None and self._lengths[seq_id] // self.block_size <= len(hashes or ()):
+            return  # no full block past the named ones (every layer holds at most _lengths tokens): nothing to do
         self._name_blocks(seq_id, token_ids, extra_key)
         snapshots, length = self.snapshots, self._lengths[seq_id]
         if (
@@ -595,11 +616,12 @@ class PagedKVCache:
     def blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         """New blocks (in the group that needs most) for ``num_tokens`` more tokens of ``seq_id`` (unknown: a
         new sequence); a sliding window's frees are not counted."""
-        length = self._lengths.get(seq_id, 0)
+        blocks = -(-(self._lengths.get(seq_id, 0) + num_tokens) // self.block_size)
         worst = 0
         for group in self.groups.values():
-            held = len(group.tables.get(seq_id, ()))
-            worst = max(worst, math.ceil((length + num_tokens) / self.block_size) - held)
+            more = blocks - len(group.tables.get(seq_id, ()))
+            if more > worst:
+                worst = more
         return worst
 
     def num_free_blocks(self) -> int:
@@ -709,7 +731,7 @@ class PagedKVCache:
     def _end_step(self) -> None:
         self._step, self._static = None, None
         self._memo.clear()
-        self.seq_lens = torch.zeros(0, dtype=torch.int32)
+        self._seq_lens = torch.zeros(0, dtype=torch.int32)
 
     def _current(self, what: str) -> tuple[list[int], list[int]]:
         if self._step is None:

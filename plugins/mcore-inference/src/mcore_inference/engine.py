@@ -42,6 +42,7 @@ from mcore.protocols.block import LOGIT_ROWS, BlockContext, DeclaresCache, Layer
 from mcore_inference.attention import PagedAttention
 from mcore_inference.cache import PagedKVCache, bytes_per_block
 from mcore_inference.detokenize import IncrementalDetokenizer
+from mcore_inference.grad import no_grad
 from mcore_inference.kv_quant import resolve_kv_cache_dtype
 from mcore_inference.sampling import Sampler, SamplingParams, SamplingState, token_stop
 from mcore_inference.scheduler import Scheduler, SequenceState
@@ -291,6 +292,7 @@ class LLMEngine:
             )
             self.decoder.capture()
         self._requests: dict[int, _Request] = {}
+        self._scored: set[int] = set()  # live requests with prompt_logprobs (steps without any skip the scan)
         self._ids = itertools.count()
         self.num_steps = 0  # model calls so far
         self.num_computed_tokens = 0  # tokens those calls computed (a prefix-cache hit computes fewer)
@@ -331,6 +333,7 @@ class LLMEngine:
             request.logprobs, request.top_logprobs = [], []
         if params.prompt_logprobs is not None:
             request.prompt_logprobs, request.prompt_top_logprobs = [], []
+            self._scored.add(request_id)
         self._requests[request_id] = request
         self.scheduler.add(request.seq)
         return request_id
@@ -340,6 +343,7 @@ class LLMEngine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return None
+        self._scored.discard(request_id)
         self.scheduler.finish(request.seq)
         if self.speculator is not None:
             self.speculator.forget(request_id)
@@ -358,7 +362,7 @@ class LLMEngine:
 
     # ----- one step -----
 
-    @torch.no_grad()
+    @no_grad
     def step(self) -> list[RequestOutput]:
         """Run one model call; the outputs of the requests that got a token or finished in it."""
         spec = self.speculator
@@ -377,14 +381,18 @@ class LLMEngine:
         self.num_steps += 1
         self.num_computed_tokens += plan.total_tokens
         self.cache.schedule([s.seq_id for s in seqs], counts)
-        tokens: list[int] = []
-        positions: list[int] = []
-        for seq, count in zip(seqs, counts):
-            tokens += seq.token_ids[seq.num_computed : seq.num_computed + count]
-            positions += range(seq.num_computed, seq.num_computed + count)
+        starts = [seq.num_computed for seq in seqs]
+        one_each = plan.total_tokens == len(seqs)  # every sequence brings one token (a decode step, mostly)
+        if one_each:  # one token each: no slicing
+            tokens = [seq.token_ids[start] for seq, start in zip(seqs, starts)]
+            positions = starts
+        else:
+            tokens, positions = [], []
+            for seq, count, start in zip(seqs, counts, starts):
+                tokens += seq.token_ids[start : start + count]
+                positions += range(start, start + count)
         decoder = self.decoder
         hidden = None
-        starts = [seq.num_computed for seq in seqs]
         if static:  # every sequence verifies k drafts: the static (CUDA-graph) call, same rows and hidden states
             assert spec is not None and spec.static is not None
             q = spec.k + 1
@@ -394,7 +402,7 @@ class LLMEngine:
             cu = list(itertools.accumulate(counts, initial=0))
             extra = [*spec.extra_rows(seqs, cu), *prompt_rows]
             logits, hidden = self._forward_with_hidden(tokens, positions, counts, extra)
-        elif not prompt_rows and decoder is not None and max(counts) == 1 and decoder.padded(len(seqs)) is not None:
+        elif not prompt_rows and decoder is not None and one_each and decoder.padded(len(seqs)) is not None:
             logits = decoder.run(tokens)[None]  # (1, S, V)
         else:
             logits = self._forward(tokens, positions, counts, prompt_rows)
@@ -403,7 +411,7 @@ class LLMEngine:
             logits = logits[:, : logits.shape[1] - len(prompt_rows)]
         for seq, count in zip(seqs, counts):
             seq.num_computed += count
-        ready = [i for i, seq in enumerate(seqs) if seq.num_pending == 0]  # the others are mid-prefill
+        ready = [i for i, seq in enumerate(seqs) if seq.num_computed == len(seq.token_ids)]  # others: mid-prefill
         outputs: list[RequestOutput] = []
         if spec is not None and spec.verifying:  # drafting sequences: accept, roll back, append what is emitted
             params = [self._requests[s.seq_id].params for s in seqs]
@@ -419,26 +427,33 @@ class LLMEngine:
         if ready:
             requests = [self._requests[seqs[i].seq_id] for i in ready]
             rows = logits[0] if len(ready) == len(seqs) else logits[0, ready]  # (R, V); all ready: no gather
-            sample = self.sampler.sample(rows, [r.sampling for r in requests])
-            chosen = sample.token_ids.tolist()  # the step's one host sync
             want_logprobs = any(r.logprobs is not None for r in requests)
-            logprob = sample.logprob.tolist() if want_logprobs else None
-            top = sample.top_logprobs
-            top_ids = top.ids.tolist() if top is not None else None
-            top_values = top.values.tolist() if top is not None else None
-            for row, (request, token) in enumerate(zip(requests, chosen)):
-                if request.logprobs is not None and request.top_logprobs is not None and logprob is not None:
-                    request.logprobs.append(logprob[row])
-                    n = request.params.logprobs or 0
-                    picks = zip(top_ids[row][:n], top_values[row][:n]) if top_ids and top_values else ()
-                    request.top_logprobs.append(dict(picks))
-                self._append(request, token)
+            sample = self.sampler.sample(rows, [r.sampling for r in requests], logprobs=want_logprobs)
+            chosen = sample.token_ids.tolist()  # the step's one host sync
+            if want_logprobs:
+                assert sample.logprob is not None
+                logprob = sample.logprob.tolist()
+                top = sample.top_logprobs
+                top_ids = top.ids.tolist() if top is not None else None
+                top_values = top.values.tolist() if top is not None else None
+                for row, (request, token) in enumerate(zip(requests, chosen)):
+                    if request.logprobs is not None and request.top_logprobs is not None:
+                        request.logprobs.append(logprob[row])
+                        n = request.params.logprobs or 0
+                        picks = zip(top_ids[row][:n], top_values[row][:n]) if top_ids and top_values else ()
+                        request.top_logprobs.append(dict(picks))
+                    self._append(request, token)
+            else:
+                for request, token in zip(requests, chosen):
+                    self._append(request, token)
+        cache_prefix, live = self.cache.cache_prefix, self._requests
         for seq in seqs:
-            current = self._requests[seq.seq_id]
-            self.cache.cache_prefix(seq.seq_id, seq.token_ids, seq.extra_key)  # later requests find these blocks
+            current = live[seq.seq_id]
+            cache_prefix(seq.seq_id, seq.token_ids, seq.extra_key)  # later requests find these blocks
             if current.finish_reason is not None:
                 self.scheduler.finish(seq)
-                del self._requests[seq.seq_id]
+                del live[seq.seq_id]
+                self._scored.discard(seq.seq_id)
                 if spec is not None:
                     spec.forget(seq.seq_id)
             if current.new_ids or current.finish_reason is not None:
@@ -506,6 +521,8 @@ class LLMEngine:
         ``(request, next prompt token)``."""
         rows: list[int] = []
         jobs: list[Any] = []
+        if not self._scored:  # no live request asks for prompt logprobs
+            return rows, jobs
         first = 0
         for seq, count in zip(seqs, counts):
             request = self._requests[seq.seq_id]

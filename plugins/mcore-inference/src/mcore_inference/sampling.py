@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from mcore.errors import UserError
+from mcore_inference.grad import no_grad
 
 #: Temperatures below this are greedy (dividing by them overflows the logits).
 GREEDY_BELOW = 1e-5
@@ -178,7 +179,8 @@ class TopLogprobs(NamedTuple):
 
 class SampleOutput(NamedTuple):
     token_ids: torch.Tensor  # (S,) int64 on the logits' device
-    logprob: torch.Tensor  # (S,) float32: logprob of each chosen token (see the module docstring)
+    # (S,) float32: logprob of each chosen token (see the module docstring); None: not asked (sample(logprobs=False))
+    logprob: torch.Tensor | None
     top_logprobs: TopLogprobs | None  # n = the largest ``logprobs`` of the batch; None when no request asks for any
 
 
@@ -238,17 +240,26 @@ class Sampler:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    @torch.no_grad()
+    @no_grad
     def sample(
-        self, logits: torch.Tensor, states: Sequence[SamplingState], positions: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        states: Sequence[SamplingState],
+        positions: torch.Tensor | None = None,
+        *,
+        logprobs: bool = True,
     ) -> SampleOutput:
         """``logits`` (S, V) of each request's next token; ``positions`` (S,) int64: that token's index in its
         sequence (default: each state's ``num_tokens``). Returns tokens, logprobs and top logprobs on the logits'
-        device."""
+        device; with ``logprobs=False`` the chosen tokens' logprobs are not computed (``logprob`` None), nor the
+        top-n unless a request asks for it. A batch of greedy, unpenalised rows with no logprobs wanted is one
+        ``argmax`` of the logits as they come (the same tokens: widening to float32 is exact)."""
         assert logits.dim() == 2 and logits.shape[0] == len(states), (tuple(logits.shape), len(states))
         num_rows, vocab = logits.shape
         device = logits.device
         params = [s.params for s in states]
+        if not logprobs and all(p.temperature < GREEDY_BELOW and not p.logprobs and not p.penalised for p in params):
+            return SampleOutput(token_ids=logits.argmax(dim=-1), logprob=None, top_logprobs=None)
         x = logits.to(torch.float32, copy=True)  # (S, V)
 
         penalised = [i for i, p in enumerate(params) if p.penalised]
@@ -271,9 +282,11 @@ class Sampler:
             else:
                 token_ids = token_ids.index_copy(0, upload(rows, torch.int64, device), sampled)
 
-        norm = torch.logsumexp(x, dim=-1)  # (S,)
-        logprob = x.gather(1, token_ids[:, None])[:, 0] - norm
         top_n = max((p.logprobs or 0 for p in params), default=0)
+        if not logprobs and top_n == 0:
+            return SampleOutput(token_ids=token_ids, logprob=None, top_logprobs=None)
+        norm = torch.logsumexp(x, dim=-1)  # (S,)
+        logprob = x.gather(1, token_ids[:, None])[:, 0] - norm if logprobs else None
         top = None
         if top_n > 0:
             values, ids = torch.topk(x, min(top_n, vocab), dim=-1)

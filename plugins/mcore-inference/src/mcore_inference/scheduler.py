@@ -92,17 +92,29 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         reserved = 0  # blocks the scheduled sequences take during the step
         scheduled: set[int] = set()
-        queue = [s for s in self.running if s.num_pending == 1] + [s for s in self.running if s.num_pending > 1]
-        for seq in queue:
+        decodes: list[SequenceState] = []
+        prefills: list[SequenceState] = []
+        for s in self.running:
+            pending = len(s.token_ids) - s.num_computed
+            if pending == 1:
+                decodes.append(s)
+            elif pending > 1:
+                prefills.append(s)
+        cache = self.cache
+        free = cache.num_free_blocks()  # changes only when a sequence is preempted in this loop
+        preempted: set[int] = set()
+        for seq in (*decodes, *prefills):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted earlier in this loop
+            if seq.seq_id in preempted:  # preempted earlier in this loop
                 continue
-            count = self._chunk(seq, budget)
-            need = self.cache.blocks_needed(seq.seq_id, count)
-            while need > self.cache.num_free_blocks() - reserved:
+            count = 1 if len(seq.token_ids) - seq.num_computed == 1 else self._chunk(seq, budget)
+            need = cache.blocks_needed(seq.seq_id, count)
+            while need > free - reserved:
                 victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
                 self._preempt(victim, out)
+                preempted.add(victim.seq_id)
+                free = cache.num_free_blocks()
                 if victim is seq:
                     break
             else:

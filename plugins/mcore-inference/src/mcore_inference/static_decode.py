@@ -23,11 +23,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from mcore.errors import UserError
 from mcore.protocols.block import LOGIT_ROWS, AttentionCacheSpec, BlockContext, LayerCacheSpec
+from mcore_inference.grad import no_grad
 
 
 @dataclass(frozen=True)
@@ -102,22 +104,36 @@ def capture_graphs(
 
 class DecodeBuffers:
     """Persistent inputs for decode steps of up to ``max_rows`` rows over tables of ``max_blocks`` blocks, and
-    host staging for them (pinned on CUDA: the copies do not wait for the device)."""
+    host staging for them (pinned on CUDA: the copies do not wait for the device).
+
+    The inputs are typed views of ONE byte buffer (tokens, positions and slots int64, then the lengths and the
+    block table int32), so a step's inputs travel in one host-to-device copy. The staging remembers each table row
+    it holds: a step rewrites only the rows whose table changed (a new block, another sequence in the row)."""
 
     def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
         self.max_rows, self.max_blocks, self.device = max_rows, max_blocks, device
         pin = device.type == "cuda"
-        self.ints = torch.zeros(3, max_rows, dtype=torch.int64, device=device)  # tokens, positions, slots
-        self.lens = torch.ones(max_rows, dtype=torch.int32, device=device)
-        self.table = torch.full((max_rows, max_blocks), -1, dtype=torch.int32, device=device)
+        lens_at = 3 * max_rows * 8  # byte offsets: int64 (3, R), then int32 (R,), then int32 (R, M) 8-aligned
+        self._table_at = table_at = lens_at + -(-max_rows * 4 // 8) * 8
+        self._row_bytes = max_blocks * 4
+        size = table_at + max_rows * self._row_bytes
+        raw = torch.zeros(size, dtype=torch.uint8, device=device)
+        self._host_raw = torch.zeros(size, dtype=torch.uint8, pin_memory=pin)
+        self._raw = raw
+        self.ints = raw[:lens_at].view(torch.int64).view(3, max_rows)  # tokens, positions, slots
+        self.lens = raw[lens_at : lens_at + max_rows * 4].view(torch.int32)
+        self.table = raw[table_at:].view(torch.int32).view(max_rows, max_blocks)
         self.cu = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
         self.rows = torch.arange(max_rows, dtype=torch.int64, device=device)
-        self._host_ints = torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
-        self._host_lens = torch.ones(max_rows, dtype=torch.int32, pin_memory=pin)
-        self._host_table = torch.full((max_rows, max_blocks), -1, dtype=torch.int32, pin_memory=pin)
-        self._np_ints, self._np_lens = self._host_ints.numpy(), self._host_lens.numpy()
-        self._np_table = self._host_table.numpy()
-        self._width = 1  # the widest table row written so far
+        host = self._host_raw.numpy()
+        self._np_ints = host[:lens_at].view(np.int64).reshape(3, max_rows)
+        self._np_lens = host[lens_at : lens_at + max_rows * 4].view(np.int32)
+        self._np_table = host[table_at:].view(np.int32).reshape(max_rows, max_blocks)
+        self._np_lens[:] = 1
+        self._np_table[:] = -1
+        self.lens.fill_(1)
+        self.table.fill_(-1)
+        self._held: list[list[int]] = [[] for _ in range(max_rows)]  # the table each staging row holds (-1 after)
         self._views: dict[int, StaticStep] = {}
 
     def step(self, rows: int) -> StaticStep:
@@ -156,31 +172,42 @@ class DecodeBuffers:
         real = len(tokens)
         if real > rows:
             raise UserError(f"static decode step of {real} sequences in {rows} rows: too many sequences")
-        widest = max((len(t) for t in tables), default=1)
-        if widest > self.max_blocks:
-            raise UserError(
-                f"static decode: a sequence holds {widest} blocks, the buffers {self.max_blocks} (max_model_len)"
-            )
-        ints, host_lens, host_table = self._np_ints, self._np_lens, self._np_table  # numpy views: cheap writes
-        ints[0, :real] = tokens
-        ints[1, :real] = lens
-        ints[1, :real] -= 1  # the new token's position
-        ints[2, :real] = slots
-        ints[:2, real:rows] = 0
-        ints[2, real:rows] = scratch * block_size
-        host_lens[:real] = lens
-        host_lens[real:rows] = 1
-        if self._width < widest:
-            self._width = widest
-        host_table[:rows, : self._width] = -1  # columns past it are -1 from the start
+        ints, host_lens = self._np_ints, self._np_lens  # numpy views: cheap writes
+        if real:
+            ints[0, :real] = tokens
+            positions = ints[1, :real]
+            positions[:] = lens
+            positions -= 1  # the new token's position
+            ints[2, :real] = slots
+            host_lens[:real] = lens
+        if real < rows:
+            ints[:2, real:rows] = 0
+            ints[2, real:rows] = scratch * block_size
+            host_lens[real:rows] = 1
+        held = self._held
         for i, table in enumerate(tables):
-            host_table[i, : len(table)] = table
-        host_table[real:rows, 0] = scratch
-        pin = self.device.type == "cuda"
-        # whole (contiguous) buffers: pinned, asynchronous copies; rows past ``rows`` are no view of this step
-        self.ints.copy_(self._host_ints, non_blocking=pin)
-        self.lens.copy_(self._host_lens, non_blocking=pin)
-        self.table[:rows].copy_(self._host_table[:rows], non_blocking=pin)
+            if held[i] != table:  # a new block or another sequence: rewrite the row
+                self._write_row(i, table)
+        padding = [scratch]
+        for i in range(real, rows):
+            if held[i] != padding:
+                self._write_row(i, padding)
+        # the inputs and this step's table rows in one pinned, asynchronous copy (rows past ``rows``: no view of it)
+        end = self._table_at + rows * self._row_bytes
+        self._raw[:end].copy_(self._host_raw[:end], non_blocking=self.device.type == "cuda")
+
+    def _write_row(self, i: int, table: Sequence[int]) -> None:
+        """Staging row ``i`` := ``table``, then -1 (refused in one line: more blocks than the buffers hold)."""
+        n, before = len(table), len(self._held[i])
+        if n > self.max_blocks:
+            raise UserError(
+                f"static decode: a sequence holds {n} blocks, the buffers {self.max_blocks} (max_model_len)"
+            )
+        row = self._np_table[i]
+        if before > n:
+            row[n:before] = -1
+        row[:n] = table
+        self._held[i] = list(table)  # a copy: the cache's lists grow
 
 
 def static_decode_supported(specs: Mapping[int, LayerCacheSpec]) -> bool:
@@ -254,7 +281,7 @@ class StaticDecoder:
             warmup,
         )
 
-    @torch.no_grad()
+    @no_grad
     def run(self, tokens: Sequence[int]) -> torch.Tensor:
         """The step scheduled last (``cache.schedule``: one new token per sequence, ``tokens`` in its order):
         logits ``(S, V)`` of its sequences."""
