@@ -39,6 +39,8 @@ import triton.language as tl
 
 from mcore_ssm.gdn_triton import CHUNK, Launch, prepare, run_states
 from mcore_ssm.gdn_triton_chunk_bwd import chunk_terms_bwd
+from mcore_ssm.gdn_triton_chunk_bwd_split import chunk_terms_bwd_split
+from mcore_ssm.kernel_choice import gdn_chunk_bwd
 from mcore_ssm.segsum import segsum
 
 
@@ -309,6 +311,7 @@ def chunk_gated_delta_rule_bwd(
         num_warps=launch.warps,
         num_stages=launch.stages,
     )
-    dq, dk_, dv_, dg, dbeta = chunk_terms_bwd(launch, (q, k, v, gf, bf), (vnew, states, dstates), (dout, du))
+    terms_bwd = chunk_terms_bwd_split if gdn_chunk_bwd() == "split" else chunk_terms_bwd
+    dq, dk_, dv_, dg, dbeta = terms_bwd(launch, (q, k, v, gf, bf), (vnew, states, dstates), (dout, du))
     d_initial = dh0.to(initial_state.dtype) if initial_state is not None else None
     return dq, dk_, dv_, dg.to(g.dtype), dbeta.to(beta.dtype), d_initial

@@ -43,3 +43,17 @@ def choose(kernel: str, device: torch.device, *, triton_takes: bool) -> str:
         and importlib.util.find_spec("triton") is not None
     )
     return "triton" if usable else "torch"
+
+
+#: ``MCORE_SSM_GDN_CHUNK_BWD``: the GDN per-chunk terms' backward as ``one`` kernel (the default) or ``split`` into
+#: three (``gdn_triton_chunk_bwd_split``: no register spills at dk = dv = 128 in offline sm_90 builds; opt-in until
+#: timed on a card).
+GDN_CHUNK_BWD: tuple[str, ...] = ("one", "split")
+
+
+def gdn_chunk_bwd() -> str:
+    """``MCORE_SSM_GDN_CHUNK_BWD`` (``GDN_CHUNK_BWD``, default ``one``); ``ValueError`` naming it otherwise."""
+    value = os.environ.get("MCORE_SSM_GDN_CHUNK_BWD", "") or "one"
+    if value not in GDN_CHUNK_BWD:
+        raise ValueError(f"MCORE_SSM_GDN_CHUNK_BWD = {value!r}; allowed: {', '.join(GDN_CHUNK_BWD)}")
+    return value
