@@ -3,9 +3,9 @@
 Why it exists: on a GPU a decode step of the engine costs its captured graph's replay plus the host work around
 it (scheduling, cache bookkeeping, the step's inputs, sampling launches, ``tolist``, appending tokens,
 detokenisation, prefix-cache naming, outputs), during which the device idles. This script measures that host
-work on any device: it builds an ``LLMEngine`` over the ``tiny`` preset (random weights, fp32 on the CPU),
-adds ``--batch`` greedy requests of ``--prompt`` random token ids, runs the prefill steps, then times
-``--steps`` decode steps, with the engine's parts wrapped in ``time.perf_counter_ns`` timers:
+work on any device: it builds an ``LLMEngine`` over ``--preset`` (default ``tiny``; random weights, fp32 on the
+CPU, bf16 on CUDA), adds ``--batch`` greedy requests of ``--prompt`` random token ids, runs the prefill steps,
+then times ``--steps`` decode steps, with the engine's parts wrapped in ``time.perf_counter_ns`` timers:
 
 * ``schedule``: ``Scheduler.schedule``; ``cache.schedule``: ``PagedKVCache.schedule``;
 * ``inputs``: the static decoder's host side (``begin_static_decode`` and the buffer fill) or, eager, the
@@ -81,7 +81,9 @@ class PhaseTimer:
 
 def build(args: argparse.Namespace, batch: int, device: torch.device) -> LLMEngine:
     overrides = {"vocab_size": 257} if args.detok else {}
-    model = GPT.build(preset_config("tiny", **overrides), seed=0, device=device).eval()
+    model = GPT.build(preset_config(args.preset, **overrides), seed=0, device=device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)  # what serving runs
     tokenizer = None
     if args.detok:
         from mcore.data.tokenizer import ByteTokenizer
@@ -205,6 +207,7 @@ def print_profile(profiler: cProfile.Profile) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[32])
+    parser.add_argument("--preset", default="tiny", help="model preset (random weights; bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--output", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="decode steps timed (at most output - warmup - 2)")
