@@ -37,7 +37,9 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 def test_64_concurrent_streams_complete_and_free_every_block() -> None:
-    app = make_app("process", num_blocks=128)  # 64 sequences of up to 9 blocks: some are preempted and recomputed
+    # 64 sequences of up to 9 blocks in 32: any few running at once outgrow the cache, so some are preempted and
+    # recomputed however the requests interleave (with 128 blocks that took more overlap than a loaded CI machine gave)
+    app = make_app("process", num_blocks=32)
     prompts = [f"stream {i:02d}: " + "xy" * (i % 7) for i in range(64)]
 
     async def one(client: openai.AsyncOpenAI, prompt: str) -> str:
