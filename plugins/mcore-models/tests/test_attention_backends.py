@@ -219,6 +219,11 @@ def test_recompile_room_keeps_compiling_past_dynamos_limit() -> None:
             torch.testing.assert_close(roomy(torch.ones(n)), torch.full((n,), 2.0))
     assert graphs == {"plain": limit, "room": variants}  # without the room the last 4 ran eager
     assert torch._dynamo.config.recompile_limit == limit  # restored
+    with pytest.raises(RuntimeError), recompile_room(limit + 50):
+        with recompile_room(limit + 10):  # nested: never lowers the outer room
+            assert torch._dynamo.config.recompile_limit == limit + 50
+        raise RuntimeError("a failing call inside")
+    assert torch._dynamo.config.recompile_limit == limit  # restored after an error too
 
 
 def test_mask_sees_an_in_place_change_of_cu_seqlens() -> None:
