@@ -150,5 +150,7 @@ def test_the_split_backward_is_opt_in_by_name(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MCORE_SSM_GDN_CHUNK_BWD", "split")
     assert gdn_chunk_bwd() == "split"
     monkeypatch.setenv("MCORE_SSM_GDN_CHUNK_BWD", "fast")
-    with pytest.raises(ValueError, match="MCORE_SSM_GDN_CHUNK_BWD = 'fast'; allowed: one, split"):
+    from mcore.errors import UserError
+
+    with pytest.raises(UserError, match="MCORE_SSM_GDN_CHUNK_BWD = 'fast'; allowed: one, split"):
         gdn_chunk_bwd()

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from mcore.errors import UserError
+
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
 #: ``MCORE_SSM_KERNELS`` values that make ``auto`` take the torch reference on CUDA too.
 OPT_OUT: tuple[str, ...] = ("torch", "reference")
@@ -52,8 +54,9 @@ GDN_CHUNK_BWD: tuple[str, ...] = ("one", "split")
 
 
 def gdn_chunk_bwd() -> str:
-    """``MCORE_SSM_GDN_CHUNK_BWD`` (``GDN_CHUNK_BWD``, default ``one``); ``ValueError`` naming it otherwise."""
+    """``MCORE_SSM_GDN_CHUNK_BWD`` (``GDN_CHUNK_BWD``, default ``one``); otherwise a ``UserError`` naming it (the CLI
+    prints it as one line and exits 2, even when the first backward reads it mid-run)."""
     value = os.environ.get("MCORE_SSM_GDN_CHUNK_BWD", "") or "one"
     if value not in GDN_CHUNK_BWD:
-        raise ValueError(f"MCORE_SSM_GDN_CHUNK_BWD = {value!r}; allowed: {', '.join(GDN_CHUNK_BWD)}")
+        raise UserError(f"MCORE_SSM_GDN_CHUNK_BWD = {value!r}; allowed: {', '.join(GDN_CHUNK_BWD)}")
     return value
