@@ -141,16 +141,16 @@ def test_bench_heads_fp32_split_equals_fp64_autograd():
         assert rel(a, e) < 1e-5
 
 
-def test_the_split_backward_is_opt_in_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``MCORE_SSM_GDN_CHUNK_BWD`` picks the one-kernel (default) or the split backward; anything else is refused."""
+def test_the_backward_kernel_is_chosen_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MCORE_SSM_GDN_CHUNK_BWD`` picks the split (default) or the one-kernel backward; anything else is refused."""
     from mcore_ssm.kernel_choice import gdn_chunk_bwd
 
     monkeypatch.delenv("MCORE_SSM_GDN_CHUNK_BWD", raising=False)
-    assert gdn_chunk_bwd() == "one"
-    monkeypatch.setenv("MCORE_SSM_GDN_CHUNK_BWD", "split")
     assert gdn_chunk_bwd() == "split"
+    monkeypatch.setenv("MCORE_SSM_GDN_CHUNK_BWD", "one")
+    assert gdn_chunk_bwd() == "one"
     monkeypatch.setenv("MCORE_SSM_GDN_CHUNK_BWD", "fast")
     from mcore.errors import UserError
 
-    with pytest.raises(UserError, match="MCORE_SSM_GDN_CHUNK_BWD = 'fast'; allowed: one, split"):
+    with pytest.raises(UserError, match="MCORE_SSM_GDN_CHUNK_BWD = 'fast'; allowed: split, one"):
         gdn_chunk_bwd()
