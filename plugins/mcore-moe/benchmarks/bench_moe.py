@@ -19,7 +19,8 @@ weighted combine are all inside the timed step. Every candidate uses the same we
   matmul speed the grouped GEMMs are compared to.
 
 Per candidate: median/min/max ms over interleaved rounds (``mcore_testing.bench``), TFLOP/s of the expert
-GEMMs (``18 N K H F`` for forward + backward), peak memory of one call above the inputs, and the output's
+GEMMs (``18 N K H F`` for forward + backward; every step starts with the weights' gradients set to ``None``, as a
+training step does, so no candidate pays for accumulating into old ones), peak memory of one call above the inputs, and the output's
 relative error against ``per_expert_loop`` (fp32 reference math in the loop's accumulation is not claimed:
 all run in the benchmark dtype). A candidate that cannot run here is a row with ``"status"``.
 
@@ -164,6 +165,8 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
 
     def block_step(block: MoE, reference: bool = False, kernel: str = "torch") -> Step:
         def step() -> torch.Tensor:
+            for p in block.parameters():
+                p.grad = None  # as a training step leaves them: each backward writes fresh gradients
             inp = x.detach().requires_grad_()
             if reference:
                 with _unfused(block):
@@ -179,6 +182,8 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
 
     def plain_step(layer: Any) -> Step:
         def step() -> torch.Tensor:
+            for p in params.values():
+                p.grad = None
             inp = x.detach().requires_grad_()
             out = layer(inp, params, args.top_k)
             out.backward(grad)
@@ -196,6 +201,8 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
     dense_grad = torch.randn(rows, args.hidden, device=device, dtype=dtype)
 
     def dense_ceiling() -> None:
+        for p in dense.values():
+            p.grad = None
         inp = dense_in.detach().requires_grad_()
         out = F.linear(F.silu(F.linear(inp, dense["gate"])) * F.linear(inp, dense["up"]), dense["down"])
         out.backward(dense_grad)
