@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU machine's driver: install this checkout, then run the named targets, each under what is left of
+# TOTAL seconds (a target not started in time is skipped and says so); each target's output in $OUT/<target>.txt
+# and its last lines on stdout. From the repository root, on the device (see ../shared/device/README.md):
+#   bash benchmarks/device/run.sh kp14 kp_moe b_fp8        (TOTAL=540 TAIL=40 OUT=... optional)
+# Targets: t_<pkg> (a package's GPU tests), b_* (benchmarks), kp_* (profiles), sweepg, lc (loss curves).
+set -uo pipefail
+if ! command -v nvidia-smi > /dev/null; then
+  echo "run.sh: no nvidia-smi here: this is the GPU machine's driver (it installs packages into its Python)" >&2
+  exit 2
+fi
+START=$(date +%s)
+TOTAL=${TOTAL:-540}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -f .device/install-on-device.sh ]; then
+  bash .device/install-on-device.sh > "$OUT/install.txt" 2>&1 || { cat "$OUT/install.txt"; exit 1; }
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  date -u
+} > "$OUT/env.txt" 2>&1
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+PY=python3
+D=benchmarks/device
+
+t_t_core() { $PY -m pytest -q -m gpu packages/mcore-core 2>&1 | tail -5; }
+t_t_models() { $PY -m pytest -q -m gpu plugins/mcore-models 2>&1 | tail -5; }
+t_t_moe() { $PY -m pytest -q -m gpu plugins/mcore-moe 2>&1 | tail -5; }
+t_t_inf() { $PY -m pytest -q -m gpu plugins/mcore-inference 2>&1 | tail -5; }
+t_t_prec() { $PY -m pytest -q -m gpu plugins/mcore-precision 2>&1 | tail -5; }
+t_t_ssm() { $PY -m pytest -q -m gpu plugins/mcore-ssm 2>&1 | tail -5; }
+t_bare() { $PY plugins/mcore-models/benchmarks/bench.py --sections step_ours_compiled --out /tmp/bare; }
+t_b14() { $PY packages/mcore-core/benchmarks/bench_train.py --out /tmp/b14 --suite issue14 --variant default= --repeats "${ROUNDS:-2}" --steps 50; }
+t_kp14() {  # the default bench-0.9b step under torch.profiler: top ops and the GPU's idle gaps
+  $PY -m mcore train --model.preset=bench-0.9b --train.seq_len=4096 --train.global_batch_size=2 \
+    --precision.recipe=bf16 --data.max_tokens=5000000 --train.out_dir=/tmp/kp14 --train.steps=24 --log.every=1 \
+    --log.profile_from=20 --log.profile_steps=3 > /tmp/kp14.log 2>&1
+  tail -3 /tmp/kp14.log
+  cp /tmp/kp14/profile/rank0/top_ops.txt "$OUT/kp14_top_ops.txt"
+  head -45 /tmp/kp14/profile/rank0/top_ops.txt | cut -c1-180
+  $PY $D/profile_gaps.py /tmp/kp14/profile/rank0/trace.json 3
+}
+t_kp_moe() { $PY $D/profile_moe.py; }
+t_kp_gdn() { $PY $D/profile_gdn.py; }
+t_kp_eng() { $PY $D/profile_engine.py; }
+t_sweepg() { $PY $D/sweep_gather_sum.py; }
+t_b_moe() { $PY plugins/mcore-moe/benchmarks/bench_moe.py --skip-loop --repeats 5; }
+t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
+t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
+t_b_host() {
+  $PY plugins/mcore-inference/benchmarks/bench_host.py --preset bench-0.9b --batch 1 32
+  $PY plugins/mcore-inference/benchmarks/bench_host.py --preset bench-0.9b --batch 1 32 --eager
+}
+t_b_dec() { $PY plugins/mcore-inference/benchmarks/bench_decode.py --presets bench-0.9b --batches 1 32 --repeats 3 --hf-presets; }
+t_b_serv() {
+  $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections server --repeats 3 --server-requests 64 \
+    --server-output 128 --kv-gib 8
+}
+t_lc() {  # loss curves (issue 19): LC_RECIPES, LC_BUDGET seconds; result.json + metrics.jsonl of each run to $OUT/lc
+  $PY plugins/mcore-precision/benchmarks/loss_curves.py --out /tmp/lc --recipes "${LC_RECIPES:-bf16,fp8-current}" \
+    --long-steps 1000 --short-steps 300 --budget "${LC_BUDGET:-400}" --timeout "${LC_BUDGET:-400}" \
+    --checkpoint-every 100000
+  mkdir -p "$OUT/lc"
+  cp /tmp/lc/summary.* /tmp/lc/*.png "$OUT/lc/" 2>/dev/null
+  for d in /tmp/lc/*/; do
+    n=$(basename "$d")
+    [ -f "$d/result.json" ] && mkdir -p "$OUT/lc/$n" && cp "$d/result.json" "$d/metrics.jsonl" "$OUT/lc/$n/"
+  done
+  tail -8 /tmp/lc/summary.md 2>/dev/null
+}
+
+for t in "$@"; do
+  if ! declare -F "t_$t" > /dev/null; then echo "unknown target $t"; continue; fi
+  if [ "$(left)" -lt 20 ]; then echo "SKIP $t (time)"; continue; fi
+  echo "=== $t ($(left) s left)"
+  s=$(date +%s)
+  timeout $(( $(left) - 10 )) bash -c "$(declare -f "t_$t"); $(declare -p PY D OUT); t_$t" > "$OUT/$t.txt" 2>&1
+  echo "rc=$? $(( $(date +%s) - s )) s" >> "$OUT/$t.txt"
+  grep -v '^{' "$OUT/$t.txt" | grep -v -i warning | tail -"${TAIL:-25}"
+done
+echo "done in $(( $(date +%s) - START )) s"
