@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -48,6 +47,7 @@ from mcore_inference.server.engine_loop import EngineLoop
 from mcore_inference.server.errors import APIError, from_validation
 from mcore_inference.server.metrics import render as render_metrics
 from mcore_inference.server.protocol import ChatCompletionRequest, CompletionRequest
+from mcore_inference.server.sse import ChunkTemplate, coalesce, dumps
 
 _log = logging.getLogger(__name__)
 
@@ -201,19 +201,29 @@ class _Group:
         if future.exception() is None:
             self.engine_loop.abort(future.result())
 
-    async def outputs(self) -> AsyncIterator[tuple[int, ServedOutput]]:
+    async def batches(self) -> AsyncIterator[list[tuple[int, ServedOutput]]]:
+        """What arrived since the last batch: everything the queue holds once it holds something, each request's
+        outputs merged into one (``sse.coalesce``; requests in the order they first appear). A stream that falls
+        behind the engine thus catches up in one pass. An engine failure raises (after the outputs before it)."""
+        queue = self.queue
         while self.pending:
-            tag, item = await self.queue.get()
-            if isinstance(item, EngineStopped):
-                self.pending.discard(tag)
-                raise APIError(503, str(item), code="engine_unavailable")
-            if isinstance(item, BaseException):
-                self.pending.discard(tag)
-                detail = str(item) if isinstance(item, EngineFailed) else f"{type(item).__name__}: {item}"
-                raise APIError(500, f"the engine failed: {detail}")
-            if item.finished:
-                self.pending.discard(tag)
-            yield tag, item
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            by_tag: dict[int, list[ServedOutput]] = {}
+            failure: APIError | None = None
+            for tag, item in items:
+                if isinstance(item, BaseException):
+                    self.pending.discard(tag)
+                    failure = _failure(item)
+                    break
+                by_tag.setdefault(tag, []).append(item)
+                if item.finished:
+                    self.pending.discard(tag)
+            if by_tag:
+                yield [(tag, outs[0] if len(outs) == 1 else coalesce(outs)) for tag, outs in by_tag.items()]
+            if failure is not None:
+                raise failure
 
     def close(self) -> None:
         """Abort what has not finished (its blocks go back); idempotent."""
@@ -221,6 +231,14 @@ class _Group:
             self.closed = True
             self.engine_loop.abort([self.ids[i] for i in sorted(self.pending) if i < len(self.ids)])
             self.pending.clear()
+
+
+def _failure(exc: BaseException) -> APIError:
+    """The HTTP error of an engine that failed a request: 503 if it stopped, else 500."""
+    if isinstance(exc, EngineStopped):
+        return APIError(503, str(exc), code="engine_unavailable")
+    detail = str(exc) if isinstance(exc, EngineFailed) else f"{type(exc).__name__}: {exc}"
+    return APIError(500, f"the engine failed: {detail}")
 
 
 class _EventStream(StreamingResponse):
@@ -241,11 +259,6 @@ class _EventStream(StreamingResponse):
             _log.info("a stream was cut at shutdown; its requests are aborted")
         finally:
             self._on_close()
-
-
-def _sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {data}\n\n"
 
 
 class _Server:
@@ -352,8 +365,8 @@ class _Server:
 
         async def run() -> dict[int, ServedOutput]:
             last: dict[int, ServedOutput] = {}
-            async for tag, out in group.outputs():
-                last[tag] = out
+            async for batch in group.batches():
+                last.update(batch)
             return last
 
         task = asyncio.ensure_future(run())
@@ -470,37 +483,43 @@ class _Server:
         prompt_tokens: int,
     ) -> AsyncIterator[str]:
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        template = ChunkTemplate(head, chat=False)
         offsets = [len(e) for e in echoes]
         completion_tokens = 0
         scored = req.echo and req.logprobs is not None  # each echo waits for its prompt's logprobs (first delta)
         pending = set(range(len(echoes))) if scored else set()
         for i, text in enumerate(echoes):
             if text and not scored:
-                yield _sse(head | {"choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]})
+                yield dumps(head | {"choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]})
         try:
-            async for tag, out in group.outputs():
-                if tag in pending and out.prompt_logprobs is not None:
-                    pending.discard(tag)
-                    scores = self.prompt_logprobs(echoed[tag], out)
-                    echo = {"index": tag, "text": echoes[tag], "logprobs": scores, "finish_reason": None}
-                    yield _sse(head | {"choices": [echo]})
-                completion_tokens += len(out.new_token_ids)
-                if not (out.new_text or out.finished or (req.logprobs is not None and out.new_token_ids)):
-                    continue
-                lp = None
-                if req.logprobs is not None:
+            async for batch in group.batches():  # one write per batch: every event of it in one string
+                events = []
+                for tag, out in batch:
+                    if tag in pending and out.prompt_logprobs is not None:
+                        pending.discard(tag)
+                        scores = self.prompt_logprobs(echoed[tag], out)
+                        echo = {"index": tag, "text": echoes[tag], "logprobs": scores, "finish_reason": None}
+                        events.append(dumps(head | {"choices": [echo]}))
+                    completion_tokens += len(out.new_token_ids)
+                    if not (out.new_text or out.finished or (req.logprobs is not None and out.new_token_ids)):
+                        continue
+                    if req.logprobs is None:
+                        events.append(template.event(tag, out.new_text, _finish(out), out.stop_reason))
+                        continue
                     lp = self.completion_logprobs(
                         out.new_token_ids, out.new_logprobs, out.new_top_logprobs, offsets[tag]
                     )
-                offsets[tag] += len(out.new_text)
-                choice = {"index": tag, "text": out.new_text, "logprobs": lp, "finish_reason": _finish(out),
-                          "stop_reason": out.stop_reason}  # fmt: skip
-                yield _sse(head | {"choices": [choice]})
+                    offsets[tag] += len(out.new_text)
+                    choice = {"index": tag, "text": out.new_text, "logprobs": lp, "finish_reason": _finish(out),
+                              "stop_reason": out.stop_reason}  # fmt: skip
+                    events.append(dumps(head | {"choices": [choice]}))
+                if events:
+                    yield "".join(events)
         except APIError as exc:
-            yield _sse(exc.body())
+            yield dumps(exc.body())
         if req.include_usage:
-            yield _sse(head | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-        yield _sse("[DONE]")
+            yield dumps(head | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield dumps("[DONE]")
 
     # ----- /v1/chat/completions -----
 
@@ -563,25 +582,31 @@ class _Server:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         for i in range(req.n):
             role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield _sse(head | {"choices": [role]})
+            yield dumps(head | {"choices": [role]})
+        template = ChunkTemplate(head, chat=True)
         completion_tokens = 0
         try:
-            async for tag, out in group.outputs():
-                completion_tokens += len(out.new_token_ids)
-                if not (out.new_text or out.finished or (req.logprobs and out.new_token_ids)):
-                    continue
-                lp = None
-                if req.logprobs:
+            async for batch in group.batches():  # one write per batch: every event of it in one string
+                events = []
+                for tag, out in batch:
+                    completion_tokens += len(out.new_token_ids)
+                    if not (out.new_text or out.finished or (req.logprobs and out.new_token_ids)):
+                        continue
+                    if not req.logprobs:
+                        events.append(template.event(tag, out.new_text, _finish(out), out.stop_reason))
+                        continue
                     lp = self.chat_logprobs(out.new_token_ids, out.new_logprobs, out.new_top_logprobs)
-                delta = {"content": out.new_text} if out.new_text else {}
-                choice = {"index": tag, "delta": delta, "logprobs": lp, "finish_reason": _finish(out),
-                          "stop_reason": out.stop_reason}  # fmt: skip
-                yield _sse(head | {"choices": [choice]})
+                    delta = {"content": out.new_text} if out.new_text else {}
+                    choice = {"index": tag, "delta": delta, "logprobs": lp, "finish_reason": _finish(out),
+                              "stop_reason": out.stop_reason}  # fmt: skip
+                    events.append(dumps(head | {"choices": [choice]}))
+                if events:
+                    yield "".join(events)
         except APIError as exc:
-            yield _sse(exc.body())
+            yield dumps(exc.body())
         if req.include_usage:
-            yield _sse(head | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-        yield _sse("[DONE]")
+            yield dumps(head | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield dumps("[DONE]")
 
 
 def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:

@@ -88,17 +88,20 @@ class SinkTable:
                 self._entries[request_id] = (sink, Accumulator(request_id))
 
     def deliver(self, deltas: Sequence[OutputDelta]) -> None:
-        """Hand a step's deltas to their requests' queues: one wake-up of each event loop per call, not per delta."""
-        ready: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Item], Item]]] = {}
+        """Hand a step's deltas to their requests' queues: one wake-up of each event loop per call, not per delta;
+        the deltas are folded into outputs (``Accumulator``) on the event loop, not in the caller's thread (the
+        engine's, in a thread of the server: it goes on to its next step at once)."""
+        ready: dict[asyncio.AbstractEventLoop, list[tuple[Sink, Accumulator, OutputDelta]]] = {}
+        entries = self._entries
         with self._lock:
-            entries = [(delta, self._entries.get(delta.request_id)) for delta in deltas]
-            for delta, entry in entries:
-                if entry is not None and delta.finished:
-                    del self._entries[delta.request_id]
-        for delta, entry in entries:
-            if entry is not None:
+            for delta in deltas:
+                entry = entries.get(delta.request_id)
+                if entry is None:
+                    continue
+                if delta.finished:
+                    del entries[delta.request_id]
                 sink, acc = entry
-                ready.setdefault(sink.loop, []).append((sink.queue, (sink.tag, acc.apply(delta))))
+                ready.setdefault(sink.loop, []).append((sink, acc, delta))
         for loop, items in ready.items():
             with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, items)
@@ -122,6 +125,7 @@ class SinkTable:
             return len(self._entries)
 
 
-def _put_all(items: list[tuple[asyncio.Queue[Item], Item]]) -> None:
-    for out, item in items:
-        out.put_nowait(item)
+def _put_all(items: list[tuple[Sink, Accumulator, OutputDelta]]) -> None:
+    """On the event loop: each delta folded into its request's output, onto its queue (in the engine's order)."""
+    for sink, acc, delta in items:
+        sink.queue.put_nowait((sink.tag, acc.apply(delta)))

@@ -60,6 +60,9 @@ class OutputDelta:
 
     def to_wire(self) -> list[Any]:
         """JSON-able (top-logprob dicts as ``[[id, value], ...]``: JSON keys are strings)."""
+        if self.new_top_logprobs is None and self.prompt_top_logprobs is None:
+            return [self.request_id, self.new_token_ids, self.new_text, self.finished, self.finish_reason,
+                    self.stop_reason, self.new_logprobs, None, self.prompt_logprobs, None]  # fmt: skip
         top, prompt_top = (None if t is None else [list(d.items()) for d in t]
                            for t in (self.new_top_logprobs, self.prompt_top_logprobs))  # fmt: skip
         return [self.request_id, self.new_token_ids, self.new_text, self.finished, self.finish_reason,
@@ -67,11 +70,14 @@ class OutputDelta:
 
     @classmethod
     def from_wire(cls, item: list[Any]) -> OutputDelta:
+        """From ``to_wire``'s list as JSON decoded it (ids and counts are ints already: nothing is converted per
+        token; the top-logprob pairs become dicts again)."""
         rid, ids, text, finished, reason, stop, logprobs, top, prompt_logprobs, prompt_top = item
+        if top is None and prompt_top is None:
+            return cls(rid, ids, text, finished, reason, stop, logprobs, None, prompt_logprobs, None)
         tops, prompt_tops = (None if t is None else [{int(k): float(v) for k, v in entry} for entry in t]
                              for t in (top, prompt_top))  # fmt: skip
-        return cls(int(rid), [int(i) for i in ids], str(text), bool(finished), reason, stop, logprobs, tops,
-                   prompt_logprobs, prompt_tops)  # fmt: skip
+        return cls(rid, ids, text, finished, reason, stop, logprobs, tops, prompt_logprobs, prompt_tops)
 
 
 @dataclass
@@ -204,9 +210,10 @@ class EngineCore:
                 continue
             out = self.engine.abort(live.engine_id)
             if out is not None:
-                deltas.append(self._delta(live, out))
+                deltas.append(self._delta(live, out, time.monotonic()))
             else:
                 self._forget(live)
+        self._generated(deltas)
         return deltas
 
     def abort_all(self) -> list[int]:
@@ -227,15 +234,18 @@ class EngineCore:
 
     def step(self) -> list[OutputDelta]:
         """One engine step's deltas (an exception from the model propagates: call ``fail_all``)."""
-        deltas = []
-        for out in self.engine.step():
-            live = self._by_engine_id.get(out.request_id)
-            if live is not None:
-                deltas.append(self._delta(live, out))
+        outs = self.engine.step()
+        now, by_engine_id = time.monotonic(), self._by_engine_id  # one clock read a step: its tokens came together
+        deltas = [self._delta(live, out, now) for out in outs if (live := by_engine_id.get(out.request_id)) is not None]
+        self._generated(deltas)
         return deltas
 
-    def _delta(self, live: _Live, out: RequestOutput) -> OutputDelta:
-        now = time.monotonic()
+    def _generated(self, deltas: list[OutputDelta]) -> None:
+        count = sum(len(d.new_token_ids) for d in deltas)
+        if count:
+            self.metrics.on_generated(count, time.monotonic())
+
+    def _delta(self, live: _Live, out: RequestOutput, now: float) -> OutputDelta:
         if out.new_token_ids:
             self.metrics.on_tokens(len(out.new_token_ids), now, live.arrival, live.last_token)
             live.last_token = now
@@ -254,7 +264,7 @@ class EngineCore:
             self._forget(live)
         return OutputDelta(
             request_id=live.request_id,
-            new_token_ids=list(out.new_token_ids),
+            new_token_ids=out.new_token_ids,  # the engine's fresh list each step: no copy
             new_text=out.new_text,
             finished=out.finished,
             finish_reason=out.finish_reason,

@@ -69,15 +69,19 @@ class EngineMetrics:
         self._note(now, prompt_tokens, 0)
 
     def on_tokens(self, count: int, now: float, arrival: float, last: float | None) -> None:
-        """``count`` new tokens of one request at ``now``; ``last``: when its previous ones came (None: first)."""
+        """``count`` new tokens of one request at ``now``; ``last``: when its previous ones came (None: first). The
+        rate window counts them through ``on_generated`` (once per step, not per request)."""
         self.generation_tokens += count
-        self._note(now, 0, count)
         if last is None:
             self.ttft.observe(max(0.0, now - arrival))
             count -= 1  # the first token's wait is the TTFT; the rest of the step's tokens came with it
             last = now
         if count > 0:
             self.itl.observe(max(0.0, now - last) / count, count)
+
+    def on_generated(self, count: int, now: float) -> None:
+        """``count`` tokens generated at ``now`` (a step's, over its requests: ``on_tokens`` counted each)."""
+        self._note(now, 0, count)
 
     def on_finish(self, reason: str | None, now: float, arrival: float) -> None:
         key = reason if reason in self.finished else "error"
