@@ -72,6 +72,8 @@ def sweep(n: int, k: int, h: int, dev: torch.device) -> None:
         "copy": lambda: dst.copy_(src),
         "index_select": lambda: rows.index_select(0, flat),
         "torch_ref": lambda: (rows[pos].float() * w[..., None]).sum(1).to(rows.dtype),
+        # a gather then a batched (1, K) x (K, H) product: 3 passes over the rows' bytes, but at copy speed?
+        "gather_bmm": lambda: torch.bmm(w.to(rows.dtype)[:, None, :], rows.index_select(0, flat).view(n, k, h))[:, 0],
     }
     for bh, warps in [(256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8)]:
         steps[f"tile{bh}w{warps}"] = lambda bh=bh, warps=warps: tile(rows, pos, w, bh, warps)
