@@ -5,6 +5,7 @@ overflowing scale that recovers and learns."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -106,7 +107,14 @@ def test_training_recovers_from_an_overflowing_scale_and_learns() -> None:
     batches = tiny_batches(40, seed=3)
     finite = [step(recipe, model, opt, b) for b in batches[:30]]
     assert finite[0] is False  # loss x 2^24 overflows fp16 gradients
-    assert recipe.scale.item() < 2.0**24 and all(finite[-10:])
+    assert recipe.scale.item() < 2.0**24
+    first_good = finite.index(True)  # the scale backed off until the gradients fit
+    assert first_good < 10
+    # from then on an overflow is an event the scaler absorbs (growing gradients, CPU-dependent rounding), not a
+    # state: never two skipped steps in a row, and few of them
+    after = finite[first_good:]
+    assert not any(not a and not b for a, b in itertools.pairwise(after)), finite
+    assert finite[-20:].count(False) <= 2, finite
     tokens, labels = batches[30]
     with torch.no_grad():
         first = TinyTransformer(seed=0).half()(tokens, labels=labels).item()
