@@ -24,7 +24,8 @@ the chunks in order, and it does nothing but the state recurrence:
    state ``S (dk, dv)`` evolve independently (``u = beta (v - S^T k)`` is per value column), so a program holds
    ``S[:, block]`` in registers in fp32 and walks its segment's chunks in order, storing the state entering
    each chunk (scratch dtype, or fp32 when asked) and ``U = U~ - W S``; then ``S = exp(G_C) S + K~^T U`` with
-   ``K~ = exp(G_C - G) K``.
+   ``K~ = exp(G_C - G) K``. ``MCORE_SSM_GDN_FWD=v2`` (opt-in; dk <= 128) runs ``mcore_ssm.gdn_triton_state_v2``
+   here instead, and kernel 1 ``narrow`` (``W`` by 64 key columns, 4 warps): same results, fewer registers.
 3. ``_chunk_output_kernel``, one program per (chunk, value head, block of value dims), all in parallel:
    ``O = scale ((exp(G) Q) S_in + tril(Q K^T * exp(G_i - G_j)) U)``, stored in the inputs' dtype.
 
@@ -51,6 +52,7 @@ import triton
 import triton.language as tl
 
 from mcore_ssm.gdn_reference import CHUNK, ChunkRuleOptions
+from mcore_ssm.kernel_choice import gdn_fwd
 from mcore_ssm.packing import Segments, check_state_count, segments_of
 
 
@@ -83,6 +85,7 @@ def _chunk_wy_kernel(
     DV: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    BW: tl.constexpr,  # key columns of W per dot: BK (the first version), or fewer (K reloaded per block)
     C: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -119,10 +122,19 @@ def _chunk_wy_kernel(
 
     # W = T diag(beta exp(G)) K and U~ = T diag(beta) V: T and the right sides in fp32 (tf32 dots for 16-bit
     # inputs: T in 16 bits would cost W ~2e-3 relative), stored in the scratch dtype
-    x = k.to(tl.float32) * (beta * tl.exp(cum))[:, None]  # (C, BK)
-    w = tl.dot(inv, x, input_precision=PRECISION)  # (C, BK)
-    w_off = (flat[:, None] * HV + head) * DK + dks[None, :]  # (C, BK)
-    tl.store(w_ptr + w_off, w.to(w_ptr.dtype.element_ty), mask=k_mask)
+    row_scale = beta * tl.exp(cum)  # (C,)
+    if BW == BK:  # W at once from the K held since A (the first version)
+        w = tl.dot(inv, k.to(tl.float32) * row_scale[:, None], input_precision=PRECISION)  # (C, BK)
+        w_off = (flat[:, None] * HV + head) * DK + dks[None, :]  # (C, BK)
+        tl.store(w_ptr + w_off, w.to(w_ptr.dtype.element_ty), mask=k_mask)
+    else:  # W by blocks of BW key columns, K reloaded (L2) per block: fewer live registers (v2)
+        for k_first in range(0, BK, BW):
+            dws = k_first + tl.arange(0, BW)  # (BW,)
+            kw_mask = valid[:, None] & (dws < DK)[None, :]
+            kw = tl.load(k_ptr + (flat[:, None] * HK + qk_head) * DK + dws[None, :], mask=kw_mask, other=0.0)
+            w = tl.dot(inv, kw.to(tl.float32) * row_scale[:, None], input_precision=PRECISION)  # (C, BW)
+            w_off = (flat[:, None] * HV + head) * DK + dws[None, :]  # (C, BW)
+            tl.store(w_ptr + w_off, w.to(w_ptr.dtype.element_ty), mask=kw_mask)
     for v_first in range(0, DV, BV):
         dvs = v_first + tl.arange(0, BV)  # (BV,)
         v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
@@ -294,6 +306,13 @@ _chunk_output_tuned = triton.autotune(
 )(_chunk_output_kernel)
 
 
+# Kernel 1 (one launch, no autotuning; ``prepare``). Default: W at once (BW = BK), 64 value columns, 8 warps; offline
+# sm_90 builds (Triton 3.9, ptxas 13.4, 2026-12-06) at dk = dv = 128, bf16: wgmma, 255 registers, 20 bytes spilled
+# (268 with 4 warps), 32 KB shared: one program an SM. ``narrow`` (MCORE_SSM_GDN_FWD=v2): W by 64 key columns with K
+# reloaded, 4 warps: 243 registers, no spill, 16 KB: two programs an SM. fp32 inputs (ieee dots) keep 8 warps with
+# 32 value columns when narrow (4.2 KB spilled, against 6.4 KB by default; at 4 warps ~100 KB).
+
+
 def _interpreted() -> bool:
     """Triton's CPU interpreter runs the kernels (its autotuner would time on a GPU): fixed configs then."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -412,14 +431,19 @@ def prepare(
     g: torch.Tensor,
     beta: torch.Tensor,
     dtype: torch.dtype,
+    *,
+    narrow: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Kernel 1: ``(W (N, hv, dk), U~ (N, hv, dv))`` in ``dtype`` (``scratch_dtype``'s, or fp32) and
-    ``G (N, hv)`` fp32 (inputs contiguous, g and beta fp32)."""
+    ``G (N, hv)`` fp32 (inputs contiguous, g and beta fp32). ``narrow`` (``MCORE_SSM_GDN_FWD=v2``): W by blocks of
+    64 key columns, 4 warps for 16-bit inputs (two programs an SM in offline builds), same results."""
     tokens = v.shape[0] * v.shape[1]
     w = torch.empty(tokens, launch.hv, launch.dk, device=v.device, dtype=dtype)
     u = torch.empty(tokens, launch.hv, launch.dv, device=v.device, dtype=dtype)
     cum = torch.empty(tokens, launch.hv, device=v.device, dtype=torch.float32)
     dims = launch.dims
+    two_per_sm = narrow and launch.precision == "tf32"  # narrow with 16-bit inputs: 4 warps
+    block_v = min(32 if narrow and not two_per_sm else 64, max(16, triton.next_power_of_2(launch.dv)))
     _chunk_wy_kernel[(launch.chunk_starts.numel(), launch.hv)](
         k,
         v,
@@ -435,10 +459,11 @@ def prepare(
         DK=dims["DK"],
         DV=dims["DV"],
         BK=dims["BK"],
-        BV=min(64, max(16, triton.next_power_of_2(launch.dv))),
+        BV=block_v,
+        BW=min(64, dims["BK"]) if narrow else dims["BK"],
         C=CHUNK,
         PRECISION=launch.precision,
-        num_warps=8,  # offline sm_90 build, dk 128 bf16: wgmma, 255 registers, 168 bytes spilled (320 with 4 warps)
+        num_warps=4 if two_per_sm else 8,  # offline builds: the comment above ``_interpreted``
     )
     return w, u, cum
 
@@ -502,10 +527,13 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         launch = launch_for(q, k, v, g, beta, scale, initial_state, cu_seqlens, segments)
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
         scratch = scratch_dtype(q.dtype)
-        prepared = prepare(launch, kc, vc, g.float().contiguous(), beta.float().contiguous(), scratch)
-        vnew, states, final = run_states(
-            launch, kc, prepared, initial_state, final=output_final_state, states_dtype=scratch
-        )
+        v2 = gdn_fwd() == "v2" and launch.dims["BK"] <= 128  # v2 takes dk <= 128
+        gf, bf = g.float().contiguous(), beta.float().contiguous()
+        prepared = prepare(launch, kc, vc, gf, bf, scratch, narrow=v2)
+        walk = run_states
+        if v2:
+            from mcore_ssm.gdn_triton_state_v2 import run_states_v2 as walk
+        vnew, states, final = walk(launch, kc, prepared, initial_state, final=output_final_state, states_dtype=scratch)
         out = run_output(launch, qc, kc, prepared[2], vnew, states)
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.launch, ctx.output_final_state = launch, output_final_state

@@ -60,3 +60,18 @@ def gdn_chunk_bwd() -> str:
     if value not in GDN_CHUNK_BWD:
         raise UserError(f"MCORE_SSM_GDN_CHUNK_BWD = {value!r}; allowed: {', '.join(GDN_CHUNK_BWD)}")
     return value
+
+
+#: ``MCORE_SSM_GDN_FWD``: the GDN forward, ``v1`` (the default) or ``v2`` (opt-in; not yet timed on a card): the WY
+#: kernel with ``W`` by 64 key columns at 4 warps and the state walk of ``gdn_triton_state_v2`` (64-key state blocks,
+#: gated ``U``, 4 warps): two programs an SM where v1 fits one, in offline sm_90 builds at dk = dv = 128. Same results;
+#: v2 takes dk <= 128, larger dk runs v1. The backward does not depend on it (it reruns its own fp32 forward).
+GDN_FWD: tuple[str, ...] = ("v1", "v2")
+
+
+def gdn_fwd() -> str:
+    """``MCORE_SSM_GDN_FWD`` (``GDN_FWD``, default ``v1``); otherwise a ``UserError`` naming it."""
+    value = os.environ.get("MCORE_SSM_GDN_FWD", "") or "v1"
+    if value not in GDN_FWD:
+        raise UserError(f"MCORE_SSM_GDN_FWD = {value!r}; allowed: {', '.join(GDN_FWD)}")
+    return value

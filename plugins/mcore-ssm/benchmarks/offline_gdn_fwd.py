@@ -1,0 +1,103 @@
+"""Registers, spills and shared memory of the GDN forward kernels in offline sm_90 builds: no GPU needed.
+
+Why: the machine without a card can still tell whether a launch shape spills or fits two programs an SM
+(``benchmarks/RESULTS.md``, "GDN forward v2"). Each kernel is compiled by ``triton.compile`` for
+``GPUTarget("cuda", 90, 64)``; its PTX goes through the ptxas that Triton ships (``-v``) for registers and spill
+bytes; shared memory comes from Triton's metadata, ``wgmma`` from the PTX.
+
+Usage: ``python offline_gdn_fwd.py [--dk 128 --dv 128 --precision tf32]`` (tf32: bf16 inputs; ieee: fp32 inputs).
+One line per (kernel, config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mcore_ssm import gdn_triton, gdn_triton_state_v2
+
+TARGET = GPUTarget("cuda", 90, 64)
+
+
+def ptxas() -> str:
+    """The ptxas Triton uses for sm_90 (``ptxas-blackwell``: the newer one, which reads Triton 3.9's PTX)."""
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.join(folder, "ptxas-blackwell")
+
+
+def build(fn: Any, pointers: dict[str, str], constants: dict[str, Any], warps: int, stages: int) -> str:
+    """One offline build: ``regs, spill stores/loads, shared KB, wgmma``."""
+    signature = {**pointers, **{name: "constexpr" for name in constants}}
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constants),
+        target=TARGET,
+        options={"num_warps": warps, "num_stages": stages},
+    )
+    ptx = kernel.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    command = [ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", f.name, "-o", os.devnull]
+    log = subprocess.run(command, capture_output=True, text=True).stderr
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spill is None:
+        return f"ptxas said: {log.strip()[-300:]}"
+    return (
+        f"{regs.group(1)} regs, spill {spill.group(1)}/{spill.group(2)} B, "
+        f"shared {kernel.metadata.shared / 1024:.0f} KB, wgmma {'wgmma' in ptx}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--dk", type=int, default=128)
+    parser.add_argument("--dv", type=int, default=128)
+    parser.add_argument("--qk-heads", type=int, default=16)
+    parser.add_argument("--v-heads", type=int, default=32)
+    parser.add_argument("--precision", choices=("tf32", "ieee"), default="tf32")
+    args = parser.parse_args()
+    data = "*bf16" if args.precision == "tf32" else "*fp32"
+    f32, i64 = "*fp32", "*i64"
+    bk = max(16, triton.next_power_of_2(args.dk))
+    sizes = {"HK": args.qk_heads, "HV": args.v_heads, "DK": args.dk, "DV": args.dv, "C": 64}
+    prec = {"PRECISION": args.precision}
+
+    wy = dict.fromkeys(("k_ptr", "v_ptr", "w_ptr", "u_ptr"), data)
+    wy |= {"g_ptr": f32, "beta_ptr": f32, "cum_ptr": f32, "chunk_start_ptr": i64, "chunk_len_ptr": i64}
+    for bw, bv, warps in ((bk, 64, 8), (min(64, bk), 64, 4), (min(64, bk), 32, 8)):
+        consts = {**sizes, "BK": bk, "BV": bv, "BW": bw, **prec}
+        print(f"wy BW {bw} BV {bv} warps {warps}:", build(gdn_triton._chunk_wy_kernel, wy, consts, warps, 3))
+
+    walk = dict.fromkeys(("k_ptr", "w_ptr", "u_ptr", "vnew_ptr", "states_ptr"), data)
+    walk |= {"cum_ptr": f32, "h0_ptr": f32, "ht_ptr": f32, "starts_ptr": i64, "lengths_ptr": i64}
+    walk["first_chunk_ptr"] = i64
+    flags = {"HAS_H0": False, "STORE_HT": False, **prec}
+    for config in gdn_triton._chunk_state_tuned.configs:
+        consts = {**sizes, "BK": bk, **config.kwargs, **flags}
+        line = build(gdn_triton._chunk_state_kernel, walk, consts, config.num_warps, config.num_stages)
+        print(f"walk v1 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
+    if bk <= 128:
+        for config in gdn_triton_state_v2._state_v2_tuned.configs:
+            consts = {**sizes, "KB": min(bk, 64), "NKB": max(1, bk // 64), **config.kwargs, **flags}
+            line = build(gdn_triton_state_v2._chunk_state_v2_kernel, walk, consts, config.num_warps, config.num_stages)
+            print(f"walk v2 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
+
+    out = dict.fromkeys(("q_ptr", "k_ptr", "vnew_ptr", "states_ptr", "out_ptr"), data)
+    out |= {"cum_ptr": f32, "chunk_start_ptr": i64, "chunk_len_ptr": i64, "scale": "fp32"}
+    for config in gdn_triton._chunk_output_tuned.configs:
+        consts = {**sizes, "BK": bk, **config.kwargs, **prec}
+        line = build(gdn_triton._chunk_output_kernel, out, consts, config.num_warps, config.num_stages)
+        print(f"output {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
+
+
+if __name__ == "__main__":
+    main()
