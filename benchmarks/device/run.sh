@@ -47,6 +47,10 @@ t_kp_gdn() { $PY $D/profile_gdn.py; }
 t_kp_eng() { $PY $D/profile_engine.py; }
 t_sweepg() { $PY $D/sweep_gather_sum.py; }
 t_b_moe() { $PY plugins/mcore-moe/benchmarks/bench_moe.py --skip-loop --repeats 5; }
+t_gdnv2() {  # the opt-in v2 GDN forward: its GPU tests, then timed against the default and fla
+  $PY -m pytest -q -m gpu plugins/mcore-ssm/tests/test_gdn_triton_state_v2.py 2>&1 | tail -3
+  $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --only triton triton_v2 fla --repeats 5
+}
 t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
 t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
 t_b_host() {
