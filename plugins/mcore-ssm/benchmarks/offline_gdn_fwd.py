@@ -45,8 +45,10 @@ def build(fn: Any, pointers: dict[str, str], constants: dict[str, Any], warps: i
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     command = [ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", f.name, "-o", os.devnull]
-    log = subprocess.run(command, capture_output=True, text=True).stderr
-    os.unlink(f.name)
+    try:
+        log = subprocess.run(command, capture_output=True, text=True).stderr
+    finally:
+        os.unlink(f.name)  # the temporary file made above
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None or spill is None:

@@ -53,13 +53,18 @@ def choose(kernel: str, device: torch.device, *, triton_takes: bool) -> str:
 GDN_CHUNK_BWD: tuple[str, ...] = ("split", "one")
 
 
-def gdn_chunk_bwd() -> str:
-    """``MCORE_SSM_GDN_CHUNK_BWD`` (``GDN_CHUNK_BWD``, default ``split``); otherwise a ``UserError`` naming it (the CLI
-    prints it as one line and exits 2, even when the first backward reads it mid-run)."""
-    value = os.environ.get("MCORE_SSM_GDN_CHUNK_BWD", "") or "split"
-    if value not in GDN_CHUNK_BWD:
-        raise UserError(f"MCORE_SSM_GDN_CHUNK_BWD = {value!r}; allowed: {', '.join(GDN_CHUNK_BWD)}")
+def _env_choice(name: str, allowed: tuple[str, ...]) -> str:
+    """Environment variable ``name``, one of ``allowed`` (unset or empty: the first); otherwise a ``UserError``
+    naming it (the CLI prints it as one line and exits 2, even when a backward reads it mid-run)."""
+    value = os.environ.get(name, "") or allowed[0]
+    if value not in allowed:
+        raise UserError(f"{name} = {value!r}; allowed: {', '.join(allowed)}")
     return value
+
+
+def gdn_chunk_bwd() -> str:
+    """``MCORE_SSM_GDN_CHUNK_BWD`` (``GDN_CHUNK_BWD``, default ``split``)."""
+    return _env_choice("MCORE_SSM_GDN_CHUNK_BWD", GDN_CHUNK_BWD)
 
 
 #: ``MCORE_SSM_GDN_FWD``: the GDN forward, ``v1`` (the default) or ``v2`` (opt-in; not yet timed on a card): the WY
@@ -70,8 +75,5 @@ GDN_FWD: tuple[str, ...] = ("v1", "v2")
 
 
 def gdn_fwd() -> str:
-    """``MCORE_SSM_GDN_FWD`` (``GDN_FWD``, default ``v1``); otherwise a ``UserError`` naming it."""
-    value = os.environ.get("MCORE_SSM_GDN_FWD", "") or "v1"
-    if value not in GDN_FWD:
-        raise UserError(f"MCORE_SSM_GDN_FWD = {value!r}; allowed: {', '.join(GDN_FWD)}")
-    return value
+    """``MCORE_SSM_GDN_FWD`` (``GDN_FWD``, default ``v1``)."""
+    return _env_choice("MCORE_SSM_GDN_FWD", GDN_FWD)

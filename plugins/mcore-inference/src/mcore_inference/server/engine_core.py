@@ -213,7 +213,7 @@ class EngineCore:
                 deltas.append(self._delta(live, out, time.monotonic()))
             else:
                 self._forget(live)
-        self._generated(deltas)
+        self._generated(deltas, time.monotonic())
         return deltas
 
     def abort_all(self) -> list[int]:
@@ -237,13 +237,13 @@ class EngineCore:
         outs = self.engine.step()
         now, by_engine_id = time.monotonic(), self._by_engine_id  # one clock read a step: its tokens came together
         deltas = [self._delta(live, out, now) for out in outs if (live := by_engine_id.get(out.request_id)) is not None]
-        self._generated(deltas)
+        self._generated(deltas, now)
         return deltas
 
-    def _generated(self, deltas: list[OutputDelta]) -> None:
+    def _generated(self, deltas: list[OutputDelta], now: float) -> None:
         count = sum(len(d.new_token_ids) for d in deltas)
         if count:
-            self.metrics.on_generated(count, time.monotonic())
+            self.metrics.on_generated(count, now)
 
     def _delta(self, live: _Live, out: RequestOutput, now: float) -> OutputDelta:
         if out.new_token_ids:
