@@ -7,6 +7,8 @@ parameter but an untied embedding table) over the copy bandwidth measured in the
 device-to-device copy (bytes read + written per second). Candidates:
 
 * ``engine+graphs``: ``LLM(model, cuda_graphs=True)``, one graph at the batch size;
+* ``engine+graphs+overlap``: the same with ``overlap_decode=True`` (each decode step launched before the one before
+  it is read: ``overlap.py``);
 * ``engine``: the same engine decoding eagerly (``cuda_graphs=False``);
 * ``plain-graph``: a few dozen lines over the same weights: preallocated ``(B, L, nkv, hd)`` caches, torch SDPA,
   the whole step (argmax and position update included) captured as one CUDA graph;
@@ -67,7 +69,7 @@ def sync(device: torch.device) -> None:
 class EngineDecode:
     """Prefill ``prompts`` in one step, then time the decode steps of ``LLM``'s engine."""
 
-    def __init__(self, model: Any, batch: int, prompt: int, output: int, graphs: bool) -> None:
+    def __init__(self, model: Any, batch: int, prompt: int, output: int, graphs: bool, overlap: bool = False) -> None:
         total = prompt + output
         self.llm = LLM(
             model,
@@ -78,6 +80,7 @@ class EngineDecode:
             enable_prefix_caching=False,
             cuda_graphs=graphs,
             graph_batch_sizes=(batch,),
+            overlap_decode=overlap,
         )
         gen = torch.Generator().manual_seed(0)
         self.prompts = [
@@ -304,6 +307,9 @@ def main() -> None:
             if graphs:
                 with_graphs = EngineDecode(model, batch, args.prompt, args.output, graphs=True)
                 candidates["engine+graphs"] = with_graphs
+                candidates["engine+graphs+overlap"] = EngineDecode(
+                    model, batch, args.prompt, args.output, graphs=True, overlap=True
+                )
                 with_graphs()  # the graph's buffers then hold a real step's inputs
                 candidates["engine-replay-only"] = ReplayOnly(with_graphs, batch, args.output - 1)
             candidates["engine"] = EngineDecode(model, batch, args.prompt, args.output, graphs=False)

@@ -16,6 +16,11 @@ sequence brings one token, and no more sequences than the largest of ``graph_bat
 shapes padded up to the next size; with ``cuda_graphs`` each size is captured as a CUDA graph when the engine is
 built and replayed. Prefill and mixed steps, and larger batches, run eagerly.
 
+Overlapped decode (``overlap_decode``, ``overlap.py``): a static decode step is left in flight; the next ``step``
+launches the decode step after it (its inputs copied on the device from the sampled tokens) and only then reads
+it, so the host's work of one step runs while the GPU computes the next. A step that would differ once the tokens
+are known (a request might be admitted, blocks are short, penalties) reads first and schedules as usual.
+
 Speculative decoding (``speculative_tokens=k``, ``speculative.py``): a model with MTP depths drafts up to ``k``
 tokens per decoding sequence after each step; the next step's call brings them after the pending token (the
 scheduler counts them like any token), returns the logits of all those rows and the main stack's hidden states,
@@ -44,7 +49,8 @@ from mcore_inference.cache import PagedKVCache, bytes_per_block
 from mcore_inference.detokenize import IncrementalDetokenizer
 from mcore_inference.grad import no_grad
 from mcore_inference.kv_quant import resolve_kv_cache_dtype
-from mcore_inference.sampling import Sampler, SamplingParams, SamplingState, token_stop
+from mcore_inference.overlap import InFlight, Readback
+from mcore_inference.sampling import Sampler, SamplingParams, SamplingState, token_stop, upload
 from mcore_inference.scheduler import Scheduler, SequenceState
 from mcore_inference.speculative import SpecStats, Speculator, mtp_layers
 from mcore_inference.static_decode import StaticDecoder, default_graph_sizes
@@ -157,6 +163,8 @@ class LLMEngine:
     ``max_num_seqs``; 0 turns prefix caching off for it); its prefill chunks are cut at block boundaries.
     A model whose parameters are sharded over several ranks (DTensors: e.g. the ``ep`` layout's experts) needs
     ``lockstep_group``: every rank builds the engine and steps it in lockstep (``lockstep.LockstepEngine``).
+    ``overlap_decode`` (with ``static_decode`` or ``cuda_graphs``, without speculation) launches each decode step
+    before reading the one before it (see the module docstring).
     """
 
     def __init__(
@@ -181,6 +189,7 @@ class LLMEngine:
         kv_cache_dtype: str = "auto",
         state_snapshots: int | None = None,
         lockstep_group: Any = None,
+        overlap_decode: bool = False,
     ) -> None:
         sharded = _sharded_parameter(model)
         if sharded is not None and lockstep_group is None:
@@ -291,6 +300,14 @@ class LLMEngine:
                 cuda_graphs=bool(cuda_graphs),
             )
             self.decoder.capture()
+        if overlap_decode and (self.decoder is None or self.speculator is not None):
+            raise UserError(
+                "LLMEngine overlap_decode=True needs static decode steps (static_decode or cuda_graphs) and no "
+                "speculative_tokens"
+            )
+        self.overlap_decode = bool(overlap_decode)
+        self._in_flight: InFlight | None = None  # a decode step launched and not yet read (overlap_decode)
+        self.num_overlapped_steps = 0  # decode steps launched before the step before them was read
         self._requests: dict[int, _Request] = {}
         self._scored: set[int] = set()  # live requests with prompt_logprobs (steps without any skip the scan)
         self._ids = itertools.count()
@@ -364,7 +381,21 @@ class LLMEngine:
 
     @no_grad
     def step(self) -> list[RequestOutput]:
-        """Run one model call; the outputs of the requests that got a token or finished in it."""
+        """Run one model call; the outputs of the requests that got a token or finished in it. With
+        ``overlap_decode`` a decode step's tokens are read in the next call, after the step that follows it has been
+        launched (``overlap.py``): a call may return the outputs of the step before it, or none."""
+        flight = self._in_flight
+        if flight is not None:
+            self._in_flight = None
+            launched = self._launch_after(flight)  # the next decode step, on the device before this one is read
+            outputs = self._read(flight)
+            if launched is not None:
+                self._in_flight = launched
+                return outputs
+            return outputs + self._step()  # a drain: plain scheduling from the host's now complete state
+        return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         spec = self.speculator
         if spec is not None:
             spec.attach(self.scheduler.running)  # drafts join the pending tokens: the scheduler counts them
@@ -393,6 +424,7 @@ class LLMEngine:
                 positions += range(start, start + count)
         decoder = self.decoder
         hidden = None
+        decoded = False  # a static decode step: it may be left in flight
         if static:  # every sequence verifies k drafts: the static (CUDA-graph) call, same rows and hidden states
             assert spec is not None and spec.static is not None
             q = spec.k + 1
@@ -404,6 +436,7 @@ class LLMEngine:
             logits, hidden = self._forward_with_hidden(tokens, positions, counts, extra)
         elif not prompt_rows and decoder is not None and one_each and decoder.padded(len(seqs)) is not None:
             logits = decoder.run(tokens)[None]  # (1, S, V)
+            decoded = True
         else:
             logits = self._forward(tokens, positions, counts, prompt_rows)
         if prompt_rows:  # the last rows: score the prompt tokens, then drop them
@@ -412,7 +445,6 @@ class LLMEngine:
         for seq, count in zip(seqs, counts):
             seq.num_computed += count
         ready = [i for i, seq in enumerate(seqs) if seq.num_computed == len(seq.token_ids)]  # others: mid-prefill
-        outputs: list[RequestOutput] = []
         if spec is not None and spec.verifying:  # drafting sequences: accept, roll back, append what is emitted
             params = [self._requests[s.seq_id].params for s in seqs]
             emitted = spec.verify(logits, seqs, params, self.cache)
@@ -429,35 +461,12 @@ class LLMEngine:
             rows = logits[0] if len(ready) == len(seqs) else logits[0, ready]  # (R, V); all ready: no gather
             want_logprobs = any(r.logprobs is not None for r in requests)
             sample = self.sampler.sample(rows, [r.sampling for r in requests], logprobs=want_logprobs)
-            chosen = sample.token_ids.tolist()  # the step's one host sync
-            if want_logprobs:
-                assert sample.logprob is not None
-                logprob = sample.logprob.tolist()
-                top = sample.top_logprobs
-                top_ids = top.ids.tolist() if top is not None else None
-                top_values = top.values.tolist() if top is not None else None
-                for row, (request, token) in enumerate(zip(requests, chosen)):
-                    if request.logprobs is not None and request.top_logprobs is not None:
-                        request.logprobs.append(logprob[row])
-                        n = request.params.logprobs or 0
-                        picks = zip(top_ids[row][:n], top_values[row][:n]) if top_ids and top_values else ()
-                        request.top_logprobs.append(dict(picks))
-                    self._append(request, token)
-            else:
-                for request, token in zip(requests, chosen):
-                    self._append(request, token)
-        cache_prefix, live = self.cache.cache_prefix, self._requests
-        for seq in seqs:
-            current = live[seq.seq_id]
-            cache_prefix(seq.seq_id, seq.token_ids, seq.extra_key)  # later requests find these blocks
-            if current.finish_reason is not None:
-                self.scheduler.finish(seq)
-                del live[seq.seq_id]
-                self._scored.discard(seq.seq_id)
-                if spec is not None:
-                    spec.forget(seq.seq_id)
-            if current.new_ids or current.finish_reason is not None:
-                outputs.append(current.output())
+            if decoded and self.overlap_decode and self._overlappable(requests):
+                assert len(requests) == len(seqs)  # a decode step: every row is ready
+                self._in_flight = InFlight(seqs, requests, sample.token_ids, Readback(sample))
+                return []  # read in the next call, after the step that follows this one is launched
+            self._record(requests, Readback(sample).lists())  # the step's one host sync
+        outputs = self._close(seqs)
         if spec is not None and hidden is not None:  # the MTP depths read this step's hidden states and draft
             alive = [i for i, seq in enumerate(seqs) if seq.seq_id in self._requests]
             first_rows = list(itertools.accumulate(counts, initial=0))
@@ -471,6 +480,100 @@ class LLMEngine:
                 static=static,
             )
         return outputs
+
+    def _record(self, requests: Sequence[_Request], read: list[Any]) -> None:
+        """Append each request's chosen token (and logprobs) from ``Readback.lists()``."""
+        chosen, logprob, top_ids, top_values = read
+        for row, (request, token) in enumerate(zip(requests, chosen)):
+            if request.logprobs is not None and request.top_logprobs is not None and logprob is not None:
+                request.logprobs.append(logprob[row])
+                n = request.params.logprobs or 0
+                picks = zip(top_ids[row][:n], top_values[row][:n]) if top_ids and top_values else ()
+                request.top_logprobs.append(dict(picks))
+            self._append(request, token)
+
+    def _close(self, seqs: Sequence[SequenceState]) -> list[RequestOutput]:
+        """After a step's tokens are appended: name its sequences' full blocks for the prefix cache, finish the
+        requests that stopped, and return the outputs of those that got a token or finished."""
+        outputs: list[RequestOutput] = []
+        cache_prefix, live, spec = self.cache.cache_prefix, self._requests, self.speculator
+        for seq in seqs:
+            current = live[seq.seq_id]
+            cache_prefix(seq.seq_id, seq.token_ids, seq.extra_key)  # later requests find these blocks
+            if current.finish_reason is not None:
+                self.scheduler.finish(seq)
+                del live[seq.seq_id]
+                self._scored.discard(seq.seq_id)
+                if spec is not None:
+                    spec.forget(seq.seq_id)
+            if current.new_ids or current.finish_reason is not None:
+                outputs.append(current.output())
+        return outputs
+
+    # ----- overlapped decode (overlap.py) -----
+
+    def _overlappable(self, requests: Sequence[_Request]) -> bool:
+        """Whether a decode step of ``requests`` may be followed before it is read: no penalties (their counts are
+        of the host's tokens)."""
+        return not any(r.params.penalised for r in requests)
+
+    def _continues(self, request: _Request) -> bool:
+        """Whether ``request``, live, goes on after the token in flight whatever that token is (it does not reach
+        ``max_tokens`` or the context's end with it)."""
+        if self._requests.get(request.request_id) is not request:
+            return False  # aborted since
+        if len(request.sampling.output_token_ids) + 1 >= request.params.max_tokens:
+            return False
+        return self.max_model_len is None or len(request.seq.token_ids) + 1 < self.max_model_len
+
+    def _launch_after(self, flight: InFlight) -> InFlight | None:
+        """Launch the decode step after ``flight`` before reading it: its sequences that go on, one token each (the
+        tokens in flight, copied on the device). None (nothing launched): the step would differ from what plain
+        scheduling picks once ``flight`` is read, or cannot run statically."""
+        decoder, scheduler = self.decoder, self.scheduler
+        assert decoder is not None
+        if scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs:
+            return None  # a waiting request might be admitted: schedule from the complete state
+        keep = [i for i, request in enumerate(flight.requests) if self._continues(request)]
+        if not keep or decoder.padded(len(keep)) is None:
+            return None
+        seqs = [flight.seqs[i] for i in keep]
+        requests = [flight.requests[i] for i in keep]
+        cache = self.cache
+        if sum(cache.blocks_needed(s.seq_id, 1) for s in seqs) > cache.num_free_blocks():
+            return None  # blocks are short: the scheduler preempts from the complete state
+        self.num_steps += 1
+        self.num_computed_tokens += len(seqs)
+        self.num_overlapped_steps += 1
+        cache.schedule([s.seq_id for s in seqs], [1] * len(seqs))
+        tokens = flight.token_ids
+        if len(keep) < len(flight.seqs):
+            tokens = tokens.index_select(0, upload(keep, torch.int64, tokens.device))
+        logits = decoder.run(tokens)  # (S, V)
+        for seq in seqs:
+            seq.num_computed += 1  # the token in flight is in the cache now; it joins token_ids when read
+        states = [r.sampling for r in requests]
+        positions = None
+        if not all(r.params.greedy for r in requests):  # the sampled token's index: one past the unread one
+            positions = upload([s.num_tokens + 1 for s in states], torch.int64, logits.device)
+        want_logprobs = any(r.logprobs is not None for r in requests)
+        sample = self.sampler.sample(logits, states, positions, logprobs=want_logprobs)
+        return InFlight(seqs, requests, sample.token_ids, Readback(sample))
+
+    def _read(self, flight: InFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens and append them to the requests still live (an aborted request's row, or
+        one of a request that ended on the token before, is dropped)."""
+        live = [i for i, r in enumerate(flight.requests) if self._requests.get(r.request_id) is r]
+        if not live:
+            return []
+        chosen, logprob, top_ids, top_values = flight.readback.lists()
+        if len(live) < len(flight.requests):
+            chosen = [chosen[i] for i in live]
+            logprob = None if logprob is None else [logprob[i] for i in live]
+            top_ids = None if top_ids is None else [top_ids[i] for i in live]
+            top_values = None if top_values is None else [top_values[i] for i in live]
+        self._record([flight.requests[i] for i in live], [chosen, logprob, top_ids, top_values])
+        return self._close([flight.seqs[i] for i in live])
 
     def _static_verification(self, seqs: Sequence[SequenceState], counts: Sequence[int]) -> bool:
         """Whether the step runs as a static verification: static speculation is on, every sequence brings its

@@ -18,6 +18,9 @@ model call verifies; greedy output is the plain one. A model without MTP layers 
 captures its verification and draft steps (``static_speculative.py``); ``None`` means off with speculation until
 those graphs' GPU tests have run on a card (written, not yet run: 2026-12-06).
 
+``overlap_decode=True`` launches each CUDA-graph decode step before the host reads the step before it
+(``overlap.py``: the host's work runs while the GPU computes; the same tokens); it applies when graphs are on.
+
 ``lockstep_group`` is ``LLMEngine``'s: a model sharded over ranks (``ep``) is built on every rank with the same
 options and driven through ``lockstep.LockstepEngine`` (``mcore serve --ep``: ``server/ep_serve.py``).
 """
@@ -118,6 +121,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         speculative_tokens: int = 0,
         lockstep_group: Any = None,
+        overlap_decode: bool = False,
     ) -> None:
         want = _dtype(dtype)
         fp8_kv = resolve_kv_cache_dtype(kv_cache_dtype) is not None  # a bad value fails before the model loads
@@ -191,6 +195,7 @@ class LLM:
                 kv_cache_dtype=kv_cache_dtype,
                 speculative_tokens=k,
                 lockstep_group=lockstep_group,
+                overlap_decode=overlap_decode and with_graphs,
             )
 
         try:

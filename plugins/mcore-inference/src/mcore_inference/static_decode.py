@@ -135,6 +135,7 @@ class DecodeBuffers:
         self.table.fill_(-1)
         self._held: list[list[int]] = [[] for _ in range(max_rows)]  # the table each staging row holds (-1 after)
         self._views: dict[int, StaticStep] = {}
+        self._copied: torch.cuda.Event | None = None  # the last staging copy (CUDA): the next fill waits for it
 
     def step(self, rows: int) -> StaticStep:
         """The views of a ``rows``-row step (made once per size)."""
@@ -158,7 +159,7 @@ class DecodeBuffers:
     def fill(
         self,
         rows: int,
-        tokens: Sequence[int],
+        tokens: Sequence[int] | torch.Tensor,
         tables: Sequence[Sequence[int]],
         lens: Sequence[int],
         slots: Sequence[int],
@@ -166,15 +167,19 @@ class DecodeBuffers:
         block_size: int,
     ) -> None:
         """Write the step's ``S`` sequences into rows ``0..S-1`` and padding into the rest of ``rows``: token 0 at
-        position 0, written to and read from the scratch block (length 1). The copies from the staging tensors
-        do not wait on CUDA: the caller syncs between steps (the engine reads the sampled tokens) before the
-        next ``fill`` rewrites them."""
+        position 0, written to and read from the scratch block (length 1). ``tokens`` on the device ((S,) int64:
+        an overlapped step's inputs, the previous step's sampled tokens) are copied there after the staging copy.
+        The copy from the staging tensors does not wait on CUDA; the next ``fill`` waits for it (an event) before
+        rewriting the staging, which under overlapped decode is still queued behind the step before."""
         real = len(tokens)
         if real > rows:
             raise UserError(f"static decode step of {real} sequences in {rows} rows: too many sequences")
+        if self._copied is not None:
+            self._copied.synchronize()
         ints, host_lens = self._np_ints, self._np_lens  # numpy views: cheap writes
         if real:
-            ints[0, :real] = tokens
+            if not isinstance(tokens, torch.Tensor):
+                ints[0, :real] = tokens
             positions = ints[1, :real]
             positions[:] = lens
             positions -= 1  # the new token's position
@@ -194,7 +199,13 @@ class DecodeBuffers:
                 self._write_row(i, padding)
         # the inputs and this step's table rows in one pinned, asynchronous copy (rows past ``rows``: no view of it)
         end = self._table_at + rows * self._row_bytes
-        self._raw[:end].copy_(self._host_raw[:end], non_blocking=self.device.type == "cuda")
+        on_cuda = self.device.type == "cuda"
+        self._raw[:end].copy_(self._host_raw[:end], non_blocking=on_cuda)
+        if on_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        if isinstance(tokens, torch.Tensor) and real:
+            self.ints[0, :real].copy_(tokens)  # (S,) on the device, after the staging's stale tokens
 
     def _write_row(self, i: int, table: Sequence[int]) -> None:
         """Staging row ``i`` := ``table``, then -1 (refused in one line: more blocks than the buffers hold)."""
@@ -282,9 +293,9 @@ class StaticDecoder:
         )
 
     @no_grad
-    def run(self, tokens: Sequence[int]) -> torch.Tensor:
-        """The step scheduled last (``cache.schedule``: one new token per sequence, ``tokens`` in its order):
-        logits ``(S, V)`` of its sequences."""
+    def run(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The step scheduled last (``cache.schedule``: one new token per sequence, ``tokens`` in its order, host
+        ints or (S,) int64 on the device): logits ``(S, V)`` of its sequences."""
         rows = self.padded(len(tokens))
         if rows is None:
             raise UserError(f"static decode of {len(tokens)} sequences: the largest size is {self.max_rows}")
