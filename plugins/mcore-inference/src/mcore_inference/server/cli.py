@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run the engine in a process of its own (default), or in a thread of the server (--no-engine-process)",
     )
     parser.add_argument(
+        "--overlap-decode",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="launch each CUDA-graph decode step before reading the one before it (host work hidden behind the GPU)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=None, help="the engine's sampling seed (default: none; 0 with --ep)"
     )
     parser.add_argument(
@@ -124,6 +130,7 @@ def _serve(argv: list[str]) -> int:
         "dtype": args.dtype,
         "device": args.device,
         "seed": args.seed,
+        "overlap_decode": args.overlap_decode,
     }
     name = args.model_name or Path(args.path).resolve().name
     common: dict[str, Any] = {"model_name": name, "api_key": args.api_key, "max_body_bytes": args.max_body_bytes}
