@@ -10,6 +10,8 @@ about 6.9B parameters) with random weights in bf16, ``--prompt`` random tokens p
 tokens generated (greedy, no stop), at each batch size of ``--batches``. Candidates:
 
 * ``engine+graphs``: ``LLM(model, cuda_graphs=True)``: the inference path, one graph at the batch size (CUDA);
+* ``engine+graphs-unpacked``: the same on a copy of the model whose experts the engine does not pack (each call
+  concatenates every expert's gate and up weights: what ran before ``GroupedSwiGLU.pack_for_inference``; CUDA);
 * ``engine``: the same engine decoding eagerly (``cuda_graphs=False``): the inference path without graphs;
 * ``engine-training-moe``: the eager engine with every MoE block handed its context without the cache (and with
   an aux-loss collector), so it takes the training path; attention still reads the engine's paged cache. There
@@ -30,6 +32,7 @@ experts), fp32, no graphs.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import statistics
@@ -152,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     blocks = moe_blocks(model)
     if not blocks:
         raise SystemExit(f"bench_moe_decode: --preset = {args.preset!r} has no mcore-moe MoE layers")
+    unpacked = None
+    if graphs:  # before any engine packs the model: a copy whose experts stay separate tensors
+        unpacked = copy.deepcopy(model)
+        unpacked.pack_for_inference = lambda: 0  # type: ignore[assignment,method-assign]
     table: list[str] = []
     for batch in args.batches:
         candidates: dict[str, Callable[[], float]] = {}
@@ -159,6 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         makers: list[tuple[str, Callable[..., Callable[[], float]]]] = []
         if graphs:
             makers.append(("engine+graphs", lambda b=batch: EngineDecode(model, b, args.prompt, args.output, True)))
+            makers.append(
+                (
+                    "engine+graphs-unpacked",
+                    lambda b=batch: EngineDecode(unpacked, b, args.prompt, args.output, True),
+                )
+            )
         makers.append(("engine", lambda b=batch: EngineDecode(model, b, args.prompt, args.output, False)))
         makers.append(
             (

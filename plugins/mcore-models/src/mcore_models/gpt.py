@@ -449,7 +449,9 @@ class GPT(SwappableLossHead):
     def pack_for_inference(self) -> int:
         """Lay out each block's jointly projected weights (attention's q/k/v, gated MLPs' gate/up; blocks list them
         in ``fused_groups()``) back to back in one buffer, so the one-GEMM projection reads them without a
-        concatenated copy under ``torch.no_grad``. An engine calls it once after loading. Returns the groups packed."""
+        concatenated copy under ``torch.no_grad``. A submodule with a ``pack_for_inference()`` of its own (a plugin's
+        block, e.g. the MoE experts' gate/up) packs itself and returns its count. An engine calls it once after
+        loading. Returns the groups packed."""
         from mcore_models.blocks.base import pack_linears
 
         packed = 0
@@ -457,6 +459,9 @@ class GPT(SwappableLossHead):
             groups = getattr(module, "fused_groups", None)
             if callable(groups):
                 packed += sum(pack_linears(group) for group in groups())
+            own = getattr(module, "pack_for_inference", None)
+            if module is not self and callable(own):
+                packed += int(own())
         return packed
 
     # -- speculative decoding (mcore-inference drafts with the MTP depths) ---------------------

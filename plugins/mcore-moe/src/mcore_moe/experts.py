@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mcore.precision.grouped import grouped_linear, grouped_linear_reference
-from mcore_moe.gate_up import gate_up_linear
+from mcore_moe.gate_up import gate_up_linear, stacked_gate_up
 from mcore_moe.kernel_choice import grouped_gemm
 from mcore_moe.swiglu import swiglu
 
@@ -111,6 +111,22 @@ class GroupedSwiGLU(nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
         self.swiglu_limit = swiglu_limit
         self._grouped_mm: dict[torch.device, bool] = {}  # the probe's answer, once per CUDA device
+
+    def pack_for_inference(self) -> int:
+        """Lay ``gate`` and ``up`` out in one ``(E_l, 2, F, H)`` buffer, each a view of it (the same ``Parameter``
+        objects and values), so the one gate/up GEMM reads ``[gate | up]`` in place (``gate_up.stacked_gate_up``)
+        instead of concatenating every expert's weights per call (a decode step's largest cost otherwise).
+        For inference: the views are not contiguous, which optimizers that flatten parameters refuse. Returns 1
+        when packed (plain tensors of one dtype and device), else 0 (DTensors of a layout: the copy stays)."""
+        gate, up = self.gate, self.up
+        if isinstance(gate, DTensor) or isinstance(up, DTensor) or gate.is_meta:
+            return 0
+        if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+            return 0
+        if stacked_gate_up(gate, up) is None:
+            buffer = torch.stack([gate.detach(), up.detach()], dim=1)  # (E_l, 2, F, H)
+            gate.data, up.data = buffer[:, 0], buffer[:, 1]
+        return 1
 
     def _fast(self, rows: torch.Tensor) -> bool:
         """``torch._grouped_mm`` may run on ``rows``' device (probed once per CUDA device)."""

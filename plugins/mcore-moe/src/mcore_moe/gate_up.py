@@ -3,7 +3,9 @@
 Why: two grouped GEMMs read the routed rows twice and launch twice; one over the weights stacked along the FFN dim
 reads them once, and its output is what the fused SwiGLU (``mcore_moe.swiglu``) takes. The parameters stay separate
 ``gate`` and ``up`` ``(E_l, F, H)`` (checkpoints, Hugging Face maps and expert TP, which shards each by FFN rows,
-are unchanged); the forward stacks them into a transient ``(E_l, 2F, H)``.
+are unchanged); the forward stacks them into a transient ``(E_l, 2F, H)``, unless ``stacked_gate_up`` finds them
+packed back to back per expert already (``GroupedSwiGLU.pack_for_inference``: what an inference engine does once),
+where the stack is a view and nothing is copied.
 
 * ``torch._grouped_mm`` path (CUDA bf16, the device's probe passed): ``_GateUpGroupedMM``, whose backward computes
   ``d rows`` as one grouped GEMM over the stacked weight and ``d gate``, ``d up`` straight into their own contiguous
@@ -23,12 +25,38 @@ import torch
 from mcore.precision.grouped import grouped_linear
 
 
+def stacked_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """``[gate | up]`` ``(E_l, 2F, H)`` as a view when ``gate`` and ``up`` ``(E_l, F, H)`` lie in one
+    ``(E_l, 2, F, H)`` buffer (expert ``e``'s up right after its gate: ``GroupedSwiGLU.pack_for_inference``);
+    None otherwise (separate tensors, DTensors, while tracing), where callers concatenate."""
+    if torch.compiler.is_compiling() or type(gate) not in _PLAIN or type(up) not in _PLAIN:
+        return None
+    e, f, h = gate.shape
+    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device or gate.is_meta:
+        return None
+    strides = (2 * f * h, h, 1)
+    if gate.stride() != strides or up.stride() != strides or up.storage_offset() != gate.storage_offset() + f * h:
+        return None
+    if gate.untyped_storage().data_ptr() != up.untyped_storage().data_ptr():
+        return None
+    return gate.detach().as_strided((e, 2 * f, h), strides)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _stack(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``[gate | up]`` ``(E_l, 2F, H)``: a view when packed, else a concatenated copy (no autograd through it)."""
+    view = stacked_gate_up(gate, up)
+    return view if view is not None else torch.cat([gate, up], dim=1)
+
+
 class _GateUpGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, offsets: torch.Tensor
     ) -> torch.Tensor:
-        stacked = torch.cat([gate, up], dim=1)  # (E_l, 2F, H), transient
+        stacked = _stack(gate, up)  # (E_l, 2F, H): a view when packed, else transient
         ctx.save_for_backward(rows, gate, up, offsets)
         return torch._grouped_mm(rows, stacked.transpose(-2, -1), offs=offsets)  # (M, 2F)
 
@@ -52,7 +80,7 @@ def gate_up_grads(
     grad = grad.contiguous()  # (M, 2F)
     d_rows = d_gate = d_up = None
     if needs[0]:
-        stacked = torch.cat([gate, up], dim=1)  # (E_l, 2F, H)
+        stacked = _stack(gate, up)  # (E_l, 2F, H)
         d_rows = torch._grouped_mm(grad, stacked, offs=offsets)  # (M, H): one GEMM over both halves
     if needs[1]:
         d_gate = torch._grouped_mm(grad[:, :f].t(), rows, offs=offsets)  # (E_l, F, H)

@@ -54,6 +54,7 @@ def _grouped_swiglu_fwd(
     H,
     F,
     E,
+    W_EXPERT,  # elements between two experts' weights (F * H contiguous; 2 * F * H packed [gate | up])
     limit,
     CLAMP: tl.constexpr,
     SAVE_PRE: tl.constexpr,
@@ -88,7 +89,7 @@ def _grouped_swiglu_fwd(
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if e < E:  # the padding group keeps zeros
-            w_base = e.to(tl.int64) * F * H
+            w_base = e.to(tl.int64) * W_EXPERT
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
                 k_ok = ks < H
@@ -129,6 +130,15 @@ _tuned = triton.autotune(configs=_configs(), key=["H", "F"])(_grouped_swiglu_fwd
 _INTERPRETED = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}  # the CPU (interpreter) config: small, quick
 
 
+def _rows_contiguous(weight: torch.Tensor) -> torch.Tensor:
+    """``weight (E_l, F, H)`` itself when each expert's ``(F, H)`` is contiguous (strides ``(s, H, 1)``: a packed
+    ``[gate | up]`` view, ``GroupedSwiGLU.pack_for_inference``), else a contiguous copy."""
+    _, f, h = weight.shape
+    if weight.stride(2) == 1 and weight.stride(1) == h and weight.stride(0) >= f * h:
+        return weight
+    return weight.contiguous()
+
+
 def grouped_swiglu_forward(
     rows: torch.Tensor,
     gate: torch.Tensor,
@@ -140,7 +150,9 @@ def grouped_swiglu_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel: ``rows (M, H)``, ``gate``/``up`` ``(E_l, F, H)`` -> ``act (M, F)`` and ``pre (M, 2F)`` (``None``
     unless ``save_pre``); rows past ``tokens_per_expert``'s sum are padding (zeros out)."""
-    x, wg, wu = rows.contiguous(), gate.contiguous(), up.contiguous()
+    x, wg, wu = rows.contiguous(), _rows_contiguous(gate), _rows_contiguous(up)
+    if wg.stride(0) != wu.stride(0):
+        wg, wu = wg.contiguous(), wu.contiguous()
     m, h = x.shape
     e, f = wg.shape[0], wg.shape[1]
     act = x.new_empty((m, f))  # (M, F)
@@ -153,7 +165,7 @@ def grouped_swiglu_forward(
             pre.zero_()
         return act, (pre if save_pre else None)
     sizes = tokens_per_expert.to(device=x.device)
-    args = (x, wg, wu, sizes, act, pre, m, h, f, e, 0.0 if limit is None else float(limit))
+    args = (x, wg, wu, sizes, act, pre, m, h, f, e, wg.stride(0), 0.0 if limit is None else float(limit))
     consts: dict[str, Any] = {
         "CLAMP": limit is not None,
         "SAVE_PRE": save_pre,

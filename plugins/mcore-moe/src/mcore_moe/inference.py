@@ -11,7 +11,8 @@ Under an inference cache (``BlockContext.kv_cache`` set: the engine's calls) the
   ep group of the block's dispatcher when a layout set one (every rank brings the same ``N``, or ``max_tokens``);
 * the experts as grouped GEMMs of static shapes (``static_grouped_linear``): ``torch._grouped_mm`` with offsets
   computed on the device where it takes the call, else a masked per-expert reference (static too, E times the
-  FLOPs); gate and up as one GEMM over ``[gate | up]`` and the SwiGLU on its ``(R, 2F)`` output
+  FLOPs); gate and up as one GEMM over ``[gate | up]`` (a view of the weights once the engine packed them,
+  ``GroupedSwiGLU.pack_for_inference``; else a concatenated copy per call) and the SwiGLU on its ``(R, 2F)`` output
   (``mcore_moe.swiglu``: Triton on CUDA), or with ``MCORE_MOE_GROUPED_GEMM=triton`` the Triton grouped GEMM with
   the SwiGLU in its epilogue (``mcore_moe.grouped_swiglu_triton``: no host sync; its autotuning runs on the first
   call of a shape, which must come before a graph capture); rows past the last offset are padding, which
@@ -31,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from mcore.protocols.dispatcher import RoutingDecision
 from mcore_moe.dispatcher import AllGatherVDispatcher
 from mcore_moe.experts import GroupedSwiGLU, grouped_mm_works
+from mcore_moe.gate_up import stacked_gate_up
 from mcore_moe.kernel_choice import grouped_gemm
 from mcore_moe.swiglu import swiglu
 
@@ -97,7 +99,9 @@ def static_experts(experts: GroupedSwiGLU, rows: torch.Tensor, tokens_per_expert
 
         act = grouped_swiglu(rows, gate, up, tokens_per_expert, experts.swiglu_limit, grouped_mm=fast)  # (R, F)
     else:
-        gate_up = static_grouped_linear(rows, torch.cat([gate, up], dim=1), tokens_per_expert, grouped_mm=fast)
+        stacked = stacked_gate_up(gate, up)  # a view once the engine packed the experts, else a copy per call
+        stacked = stacked if stacked is not None else torch.cat([gate, up], dim=1)  # (E_l, 2F, H)
+        gate_up = static_grouped_linear(rows, stacked, tokens_per_expert, grouped_mm=fast)
         act = swiglu(gate_up, experts.swiglu_limit)  # (R, F) from (R, 2F)
     return static_grouped_linear(act, down, tokens_per_expert, grouped_mm=fast)  # (R, H)
 
