@@ -72,6 +72,7 @@ from mcore_models.blocks.mla import MLA
 from mcore_models.blocks.mlp import ClampedSwiGLU, GeluMLP, SwiGLU
 from mcore_models.blocks.mtp import MTP, NEXT_EMBEDDINGS
 from mcore_models.blocks.norms import LayerNorm, RMSNorm
+from mcore_models.blocks.rope import share_rotaries
 from mcore_models.loss_head import GPTLossHead, LossHeadParts, SwappableLossHead, add_aux_losses
 
 #: Blocks used when the model is built without a registry (same names as registered).
@@ -408,6 +409,7 @@ class GPT(SwappableLossHead):
         )
         #: the attention backend of every layer when the context names none (one document mask per call)
         self.attention_backend: AttentionBackend = AutoBackend()
+        share_rotaries(self)  # one RoPE table per call, not per layer (no parameters: state dicts unchanged)
         self.reset_parameters()
 
     def param_specs(self) -> dict[str, ParamSpec]:
