@@ -70,7 +70,8 @@ t_b_serv() {
 }
 t_lc() {  # loss curves (issue 19): LC_RECIPES, LC_BUDGET seconds; result.json + metrics.jsonl of each run to $OUT/lc
   $PY plugins/mcore-precision/benchmarks/loss_curves.py --out /tmp/lc --recipes "${LC_RECIPES:-bf16,fp8-current}" \
-    --long-steps 1000 --short-steps 300 --budget "${LC_BUDGET:-400}" --timeout "${LC_BUDGET:-400}" \
+    --long-steps 1000 --short-steps 300 --budget "${LC_BUDGET:-$(( LEFT - 40 ))}" \
+    --timeout "${LC_BUDGET:-$(( LEFT - 40 ))}" \
     --checkpoint-every 100000
   mkdir -p "$OUT/lc"
   cp /tmp/lc/summary.* /tmp/lc/*.png "$OUT/lc/" 2>/dev/null
@@ -86,7 +87,8 @@ for t in "$@"; do
   if [ "$(left)" -lt 20 ]; then echo "SKIP $t (time)"; continue; fi
   echo "=== $t ($(left) s left)"
   s=$(date +%s)
-  timeout $(( $(left) - 10 )) bash -c "$(declare -f "t_$t"); $(declare -p PY D OUT); t_$t" > "$OUT/$t.txt" 2>&1
+  export LEFT=$(( $(left) - 10 ))  # what a target may take (t_lc sizes its budget from it)
+  timeout "$LEFT" bash -c "$(declare -f "t_$t"); $(declare -p PY D OUT); t_$t" > "$OUT/$t.txt" 2>&1
   echo "rc=$? $(( $(date +%s) - s )) s" >> "$OUT/$t.txt"
   grep -v '^{' "$OUT/$t.txt" | grep -v -i warning | tail -"${TAIL:-25}"
 done
