@@ -62,6 +62,10 @@ t_b_ovl() {  # overlapped decode: its GPU test, then the decode benchmark withou
   $PY -m pytest -q -m gpu plugins/mcore-inference/tests/test_overlap_decode.py 2>&1 | tail -3
   $PY plugins/mcore-inference/benchmarks/bench_decode.py --presets bench-0.9b --batches 1 32 --repeats 3 --hf-presets
 }
+t_hyb() {  # hybrid models' static decode: the GPU tests (graphs vs eager static), then decode speed
+  $PY -m pytest -q -m gpu integration_tests/test_hybrid_static_decode.py 2>&1 | tail -3
+  $PY plugins/mcore-inference/benchmarks/bench_hybrid_decode.py --batches 1 32 --repeats 3
+}
 t_b_moedec() { $PY plugins/mcore-inference/benchmarks/bench_moe_decode.py --batches 1 32 --repeats 3; }
 t_b_dec() { $PY plugins/mcore-inference/benchmarks/bench_decode.py --presets bench-0.9b --batches 1 32 --repeats 3 --hf-presets; }
 t_b_serv() {

@@ -25,7 +25,11 @@ Static decode (``static_decode.py``, CUDA graphs): with ``scratch_block`` the pa
 pool, never handed out, which the padding rows of a static-shape decode step write to and read.
 ``begin_static_decode`` does a pure-decode step's bookkeeping on the host (blocks taken, lengths) and points
 ``append`` / ``gather`` at persistent device buffers (slots, a padded block table, lengths), so that the
-layers' calls have static shapes and no host work: what a captured graph replays.
+layers' calls have static shapes and no host work: what a captured graph replays. Recurrent layers too (hybrid
+models): a sequence has ONE state slot, the same in every recurrent layer, and the pools hold one slot more
+(``scratch_state``, never handed out) for the padding rows; in a static step ``recurrent_state`` gathers the rows'
+states by the step's device slot index and ``set_recurrent_state`` writes them back with ``index_copy_``. A static
+step keeps no per-token states (no rollback inside it): static speculative steps refuse recurrent caches.
 
 FP8 KV cache (``kv_cache_dtype="fp8_e4m3"``, ``kv_quant.py``): every attention layer's pages are
 ``float8_e4m3fn`` (half a bf16 block's bytes: ``bytes_per_block`` counts it), ``append`` quantises with the
@@ -81,10 +85,13 @@ class _AttentionLayer:
 
 @dataclass
 class _RecurrentLayer:
+    """A recurrent layer's state pools; ``free`` and ``slots`` are the cache's, shared by every recurrent layer (a
+    sequence has the same slot in each: one device index serves a static step)."""
+
     spec: RecurrentStateSpec
-    slots_pool: dict[str, torch.Tensor]  # name -> (max_seqs, *shape)
+    slots_pool: dict[str, torch.Tensor]  # name -> (max_seqs [+ 1 scratch], *shape)
     free: list[int]
-    slots: dict[int, int] = field(default_factory=dict)
+    slots: dict[int, int]  # seq -> its state slot
     lengths: dict[int, int] = field(default_factory=dict)
     # seq -> (length before its last write, {tokens into that write: state}) for rollback
     history: dict[int, tuple[int, dict[int, dict[str, torch.Tensor]]]] = field(default_factory=dict)
@@ -173,6 +180,11 @@ class PagedKVCache:
         self.kv_cache_dtype = kv_cache_dtype
         #: the block padding rows of a static decode step write to (never in a pool); None without one
         self.scratch_block: int | None = num_blocks if scratch_block else None
+        #: the state slot padding rows of a static decode step read and write (never a sequence's); None without
+        self.scratch_state: int | None = max_seqs if scratch_block and recurrent else None
+        self._has_recurrent = bool(recurrent)
+        self._free_slots = list(range(max_seqs - 1, -1, -1))  # state slots, shared by the recurrent layers
+        self._slots: dict[int, int] = {}  # seq -> its state slot (every recurrent layer's)
         pages = num_blocks + int(scratch_block)
         self.groups: dict[int | None, _Group] = {}
         self.layers: dict[int, _AttentionLayer | _RecurrentLayer] = {}
@@ -199,8 +211,9 @@ class PagedKVCache:
                         layer.value_scale = torch.ones(spec.kv_heads, dtype=torch.float32, device=self.device)
                 self.layers[index] = layer
             elif isinstance(spec, RecurrentStateSpec):
-                pools = {n: torch.zeros(max_seqs, *s, dtype=d, device=self.device) for n, (s, d) in spec.states.items()}
-                self.layers[index] = _RecurrentLayer(spec, pools, list(range(max_seqs - 1, -1, -1)))
+                rows = max_seqs + int(self.scratch_state is not None)
+                pools = {n: torch.zeros(rows, *s, dtype=d, device=self.device) for n, (s, d) in spec.states.items()}
+                self.layers[index] = _RecurrentLayer(spec, pools, self._free_slots, self._slots)
             else:
                 raise UserError(
                     f"layer {index}: cache spec {spec!r} is not an AttentionCacheSpec or RecurrentStateSpec"
@@ -264,7 +277,12 @@ class PagedKVCache:
         keep = self._lengths[seq_id] - k
         for index, layer in self.layers.items():  # check every layer can go back before changing any
             if isinstance(layer, _RecurrentLayer) and layer.lengths[seq_id] > keep:
-                start, states = layer.history[seq_id]
+                start, states = layer.history.get(seq_id, (0, {}))
+                if not states or start + max(states) != layer.lengths[seq_id]:  # written since by a static step
+                    raise UserError(
+                        f"rollback of sequence {seq_id}: layer {index}'s last step was a static decode step, which "
+                        "keeps no per-token states (speculative steps on recurrent layers run eagerly)"
+                    )
                 if keep - start not in states:
                     raise UserError(
                         f"rollback of sequence {seq_id} to {keep} tokens: layer {index} set only its final state in "
@@ -277,6 +295,8 @@ class PagedKVCache:
                 start, states = layer.history[seq_id]
                 for name, value in states[keep - start].items():
                     layer.slots_pool[name][layer.slots[seq_id]] = value
+                for t in [t for t in states if t > keep - start]:  # the forgotten tokens' states go
+                    del states[t]
             layer.lengths[seq_id] = keep
         for group in self.groups.values():
             self._shrink_table(group, seq_id)
@@ -288,9 +308,11 @@ class PagedKVCache:
         self._check_seq(seq_id, "release")
         for group in self.groups.values():
             group.pool.give_back([b for b in reversed(group.tables.pop(seq_id)) if b >= 0])
+        slot = self._slots.pop(seq_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
         for layer in self.layers.values():
             if isinstance(layer, _RecurrentLayer):
-                layer.free.append(layer.slots.pop(seq_id))
                 layer.history.pop(seq_id, None)
             del layer.lengths[seq_id]
         del self._lengths[seq_id], self._last_step[seq_id], self._hashes[seq_id]
@@ -422,6 +444,11 @@ class PagedKVCache:
         return dict(zip(counters, values, strict=True))
 
     def recurrent_state(self, layer_index: int) -> dict[str, torch.Tensor]:
+        static = self._static
+        if static is not None:  # the rows' states gathered by the step's device slot index (padding: scratch)
+            layer = self._recurrent(layer_index, "recurrent_state")
+            index = self._static_state_index(static)  # (Bp,)
+            return {name: pool.index_select(0, index) for name, pool in layer.slots_pool.items()}  # (Bp, *shape)
         ids, _ = self._current("recurrent_state")
         layer = self._recurrent(layer_index, "recurrent_state")
         slots = torch.tensor([layer.slots[s] for s in ids], device=self.device)
@@ -430,14 +457,22 @@ class PagedKVCache:
     def set_recurrent_state(
         self, layer_index: int, states: Mapping[str, torch.Tensor], *, per_token: bool = False
     ) -> None:
-        ids, counts = self._current("set_recurrent_state")
+        static = self._static
+        ids, counts = ([], []) if static is not None else self._current("set_recurrent_state")
         layer = self._recurrent(layer_index, "set_recurrent_state")
         self._check_once(layer_index, "set_recurrent_state")
-        if set(states) != set(layer.spec.states):
-            raise UserError(f"layer {layer_index} states {sorted(states)}: must be exactly {sorted(layer.spec.states)}")
-        rows = sum(counts) if per_token else len(ids)
-        for name, (shape, dtype) in layer.spec.states.items():
-            _check_tensor(f"layer {layer_index} state {name!r}", states[name], (rows, *shape), dtype)
+        pools = layer.slots_pool  # (the spec's states, as a plain dict: what a traced static step reads)
+        if states.keys() != pools.keys():
+            raise UserError(f"layer {layer_index} states {sorted(states)}: must be exactly {sorted(pools)}")
+        rows = static.rows if static is not None else sum(counts) if per_token else len(ids)
+        for name, pool in pools.items():
+            _check_tensor(f"layer {layer_index} state {name!r}", states[name], (rows, *pool.shape[1:]), pool.dtype)
+        if static is not None:  # one token per row (per-token states are the final ones); lengths: begin_static_decode
+            index = self._static_state_index(static)  # (Bp,)
+            for name, pool in pools.items():
+                pool.index_copy_(0, index, states[name].detach())  # padding rows: the scratch slot
+            self._written.add(layer_index)
+            return
         first = 0
         for i, (seq, count) in enumerate(zip(ids, counts)):
             slot = layer.slots[seq]
@@ -457,10 +492,23 @@ class PagedKVCache:
 
     @property
     def static_decode_ok(self) -> bool:
-        """Whether ``begin_static_decode`` serves this cache: a scratch block, one attention group (full or one
-        window), no recurrent layers."""
-        attention_only = all(isinstance(x, _AttentionLayer) for x in self.layers.values())
-        return self.scratch_block is not None and len(self.groups) == 1 and attention_only
+        """Whether ``begin_static_decode`` serves this cache: a scratch block (and with recurrent layers a scratch
+        state slot), one attention group (full or one window)."""
+        return self.scratch_block is not None and len(self.groups) == 1
+
+    @property
+    def has_recurrent_state(self) -> bool:
+        """Whether some layer keeps recurrent state (a static step of it brings one token per sequence)."""
+        return self._has_recurrent
+
+    def static_state_slots(self) -> list[int]:
+        """The state slot of each sequence of the step scheduled last (every recurrent layer's), which the caller of
+        ``begin_static_decode`` writes into ``step.state_slots`` (the padding rows: ``scratch_state``); empty
+        without recurrent layers or a step."""
+        if self._step is None or self.scratch_state is None:
+            return []
+        slots = self._slots
+        return [slots[seq] for seq in self._step[0]]
 
     def begin_static_decode(self, step: StaticStep) -> tuple[list[list[int]], list[int], list[int]]:
         """Run the step scheduled last (``step.queries`` new tokens per sequence: one for decode, ``k + 1`` for a
@@ -470,10 +518,15 @@ class PagedKVCache:
         and the flat page slots (block * bs + offset) of its new tokens (sequence after sequence), which the
         caller writes into ``step``'s buffers, with the padding rows after them (the scratch block); the tables
         are the cache's own lists (read them now, never change them). With no
-        step scheduled: a step of padding rows only (warm-up, graph capture), and empty lists."""
+        step scheduled: a step of padding rows only (warm-up, graph capture), and empty lists. With recurrent
+        layers ``step.state_slots`` holds each row's state slot (``static_state_slots``, then ``scratch_state``):
+        one new token per sequence only."""
         if not self.static_decode_ok:
+            raise UserError("static decode needs a cache with a scratch block and one attention group")
+        if self.scratch_state is not None and (step.queries != 1 or step.state_slots is None):
             raise UserError(
-                "static decode needs a cache with a scratch block, one attention group and no recurrent layers"
+                f"static step of {step.queries} tokens per row on a cache with recurrent layers: static steps of "
+                "recurrent layers bring one token per row with a state slot index (speculative steps run eagerly)"
             )
         self._memo.clear()
         self._written = set()
@@ -506,8 +559,8 @@ class PagedKVCache:
             )
         before = {seq: length - q for seq, length in zip(ids, lens)}
         after = dict(zip(ids, lens))
-        for index in group.layers:  # dict views compare and update in C: cheap with many layers
-            held = self.layers[index].lengths
+        for layer in self.layers.values():  # dict views compare and update in C: cheap with many layers
+            held = layer.lengths
             assert before.items() <= held.items(), "a layer sat a step out: static steps need every layer"
             held.update(after)
         slots: list[int] = []
@@ -681,10 +734,12 @@ class PagedKVCache:
         self._hashes[seq] = []
         for group in self.groups.values():
             group.tables[seq] = []
+        slot = None
         for layer in self.layers.values():
             layer.lengths[seq] = 0
             if isinstance(layer, _RecurrentLayer):
-                slot = layer.slots[seq] = layer.free.pop()
+                if slot is None:  # one slot for every recurrent layer
+                    slot = self._slots[seq] = self._free_slots.pop()
                 for pool in layer.slots_pool.values():
                     pool[slot].zero_()  # a new sequence starts from zero state
 
@@ -748,6 +803,12 @@ class PagedKVCache:
         if not isinstance(layer, _RecurrentLayer):
             raise UserError(f"{what} of layer {index}: it is an attention layer, use append/gather")
         return layer
+
+    def _static_state_index(self, static: StaticStep) -> torch.Tensor:
+        """``(Bp,)`` int64: the static step's state slot of each row."""
+        if static.state_slots is None:
+            raise UserError("static step without a state slot index on a cache with recurrent layers")
+        return static.state_slots
 
     def _check_seq(self, seq_id: int, what: str) -> None:
         if seq_id not in self._lengths:

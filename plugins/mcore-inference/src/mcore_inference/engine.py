@@ -14,7 +14,8 @@ row per sequence: its last new token.
 Static decode and CUDA graphs (``static_decode.py``): with ``static_decode`` (or ``cuda_graphs``) a step whose every
 sequence brings one token, and no more sequences than the largest of ``graph_batch_sizes``, runs with static
 shapes padded up to the next size; with ``cuda_graphs`` each size is captured as a CUDA graph when the engine is
-built and replayed. Prefill and mixed steps, and larger batches, run eagerly.
+built and replayed. Prefill and mixed steps, and larger batches, run eagerly. Hybrid models (recurrent layers
+beside one attention group) too: the recurrent layers gather and write their states by a device slot index.
 
 Overlapped decode (``overlap_decode``, ``overlap.py``): a static decode step is left in flight; the next ``step``
 launches the decode step after it (its inputs copied on the device from the sampled tokens) and only then reads

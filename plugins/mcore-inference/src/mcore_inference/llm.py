@@ -9,7 +9,7 @@ either, 90% on a GPU and room for 8 full-length sequences on the CPU. ``kv_cache
 and values in FP8 with per-head scales (``kv_quant.py``): the same memory holds twice a bf16 cache's blocks.
 
 Decode steps run as CUDA graphs (``static_decode.py``) when the model is on a GPU and its cache is one attention
-group (``cuda_graphs=None``, the default; ``False`` turns them off, ``True`` insists and fails loudly). By
+group, recurrent layers (hybrid models) beside it or not (``cuda_graphs=None``, the default; ``False`` turns them off, ``True`` insists and fails loudly). By
 default a model whose decode step cannot be captured (a host sync inside) warns and decodes eagerly.
 
 ``speculative_tokens=k`` (``k >= 1``; 0, the default, is off) turns on MTP speculative decoding
@@ -163,7 +163,7 @@ class LLM:
         on_cuda = next(iter(module.parameters())).device.type == "cuda"
         declared_len = getattr(getattr(module, "config", None), "max_position_embeddings", None)
         graphs = cuda_graphs
-        if graphs is None:  # the default: on CUDA, for a cache of one attention group and a known context length
+        if graphs is None:  # the default: on CUDA, for a cache of one attention group (hybrid too), a known length
             length = max_model_len if max_model_len is not None else declared_len
             specs = model_cache_specs(module)
             # a latent (MLA) cache, or an FP8 one unless its decode is opted into the Triton kernel, decodes with the

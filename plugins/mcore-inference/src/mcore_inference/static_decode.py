@@ -7,6 +7,9 @@ new token, a block table padded to ``M`` blocks of ``max_model_len``, the length
 one of a few sizes with rows that write and read only the cache's scratch block, and attention masks by the
 lengths rather than slicing by them. Such a call can be captured once per padded size as a CUDA graph and
 replayed; with graphs off the same static call runs eagerly (the CPU tests check it against the plain step).
+Hybrid models (recurrent layers beside attention) too: the buffers also hold each row's recurrent state slot
+(the padding rows: the cache's scratch state slot), through which the recurrent layers gather and write back
+their states (``PagedKVCache.recurrent_state`` / ``set_recurrent_state`` in a static step).
 
 The host side of a step (which blocks its tokens take, the lengths) is ``PagedKVCache.begin_static_decode``;
 this module copies it into the buffers (one pinned staging tensor per dtype on CUDA, copied without a sync),
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 from mcore.errors import UserError
-from mcore.protocols.block import LOGIT_ROWS, AttentionCacheSpec, BlockContext, LayerCacheSpec
+from mcore.protocols.block import LOGIT_ROWS, AttentionCacheSpec, BlockContext, LayerCacheSpec, RecurrentStateSpec
 from mcore_inference.grad import no_grad
 
 
@@ -47,21 +50,27 @@ class StaticStep:
     cu_seqlens: torch.Tensor  # (Bp + 1,) int32: 0, q, ..., Bp * q
     logit_rows: torch.Tensor  # (Bp,) int64: 0, 1, ..., Bp - 1 (a speculative step: its own rows)
     queries: int = 1
+    state_slots: torch.Tensor | None = None  # (Bp,) int64 each row's recurrent state slot; None: none held
 
 
 T = TypeVar("T")
 
 
-def checked_sizes(batch_sizes: Sequence[int], caches: Sequence[Any], cuda_graphs: bool, what: str) -> list[int]:
+def checked_sizes(
+    batch_sizes: Sequence[int], caches: Sequence[Any], cuda_graphs: bool, what: str, *, recurrent: bool = False
+) -> list[int]:
     """The sorted padded sizes of a static runner over ``caches`` (refused in one line: sizes that are not positive
-    ints, a cache that cannot serve static steps, graphs off CUDA); ``what`` names the runner in the messages."""
+    ints, a cache that cannot serve static steps, or has recurrent layers unless ``recurrent``, graphs off CUDA);
+    ``what`` names the runner in the messages."""
     sizes = sorted(set(batch_sizes))
     if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
         raise UserError(f"graph_batch_sizes = {tuple(batch_sizes)!r}: must be positive ints, at least one")
     if not all(c.static_decode_ok for c in caches):
+        raise UserError(f"{what} need caches of one attention group (at most one sliding window) with a scratch block")
+    if not recurrent and any(c.has_recurrent_state for c in caches):
         raise UserError(
-            f"{what} need caches of one attention group (no recurrent layers, at most one sliding window) with a "
-            "scratch block"
+            f"{what} need caches without recurrent layers: rolling back inside a step needs per-token states, which "
+            "static steps do not keep"
         )
     device = caches[0].device
     if cuda_graphs and device.type != "cuda":
@@ -106,27 +115,28 @@ class DecodeBuffers:
     """Persistent inputs for decode steps of up to ``max_rows`` rows over tables of ``max_blocks`` blocks, and
     host staging for them (pinned on CUDA: the copies do not wait for the device).
 
-    The inputs are typed views of ONE byte buffer (tokens, positions and slots int64, then the lengths and the
-    block table int32), so a step's inputs travel in one host-to-device copy. The staging remembers each table row
-    it holds: a step rewrites only the rows whose table changed (a new block, another sequence in the row)."""
+    The inputs are typed views of ONE byte buffer (tokens, positions, slots and recurrent state slots int64, then
+    the lengths and the block table int32), so a step's inputs travel in one host-to-device copy. The staging
+    remembers each table row it holds: a step rewrites only the rows whose table changed (a new block, another
+    sequence in the row)."""
 
     def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
         self.max_rows, self.max_blocks, self.device = max_rows, max_blocks, device
         pin = device.type == "cuda"
-        lens_at = 3 * max_rows * 8  # byte offsets: int64 (3, R), then int32 (R,), then int32 (R, M) 8-aligned
+        lens_at = 4 * max_rows * 8  # byte offsets: int64 (4, R), then int32 (R,), then int32 (R, M) 8-aligned
         self._table_at = table_at = lens_at + -(-max_rows * 4 // 8) * 8
         self._row_bytes = max_blocks * 4
         size = table_at + max_rows * self._row_bytes
         raw = torch.zeros(size, dtype=torch.uint8, device=device)
         self._host_raw = torch.zeros(size, dtype=torch.uint8, pin_memory=pin)
         self._raw = raw
-        self.ints = raw[:lens_at].view(torch.int64).view(3, max_rows)  # tokens, positions, slots
+        self.ints = raw[:lens_at].view(torch.int64).view(4, max_rows)  # tokens, positions, slots, state slots
         self.lens = raw[lens_at : lens_at + max_rows * 4].view(torch.int32)
         self.table = raw[table_at:].view(torch.int32).view(max_rows, max_blocks)
         self.cu = torch.arange(max_rows + 1, dtype=torch.int32, device=device)
         self.rows = torch.arange(max_rows, dtype=torch.int64, device=device)
         host = self._host_raw.numpy()
-        self._np_ints = host[:lens_at].view(np.int64).reshape(3, max_rows)
+        self._np_ints = host[:lens_at].view(np.int64).reshape(4, max_rows)
         self._np_lens = host[lens_at : lens_at + max_rows * 4].view(np.int32)
         self._np_table = host[table_at:].view(np.int32).reshape(max_rows, max_blocks)
         self._np_lens[:] = 1
@@ -154,6 +164,7 @@ class DecodeBuffers:
             block_table=self.table[:rows],
             cu_seqlens=self.cu[: rows + 1],
             logit_rows=self.rows[:rows],
+            state_slots=self.ints[3, :rows],
         )
 
     def fill(
@@ -165,10 +176,14 @@ class DecodeBuffers:
         slots: Sequence[int],
         scratch: int,
         block_size: int,
+        state_slots: Sequence[int] = (),
+        scratch_state: int = 0,
     ) -> None:
         """Write the step's ``S`` sequences into rows ``0..S-1`` and padding into the rest of ``rows``: token 0 at
-        position 0, written to and read from the scratch block (length 1). ``tokens`` on the device ((S,) int64:
-        an overlapped step's inputs, the previous step's sampled tokens) are copied there after the staging copy.
+        position 0, written to and read from the scratch block (length 1) and the recurrent state slot
+        ``scratch_state``; ``state_slots`` (empty: the cache holds no recurrent state) each sequence's state slot.
+        ``tokens`` on the device ((S,) int64: an overlapped step's inputs, the previous step's sampled tokens) are
+        copied there after the staging copy.
         The copy from the staging tensors does not wait on CUDA; the next ``fill`` waits for it (an event) before
         rewriting the staging, which under overlapped decode is still queued behind the step before."""
         real = len(tokens)
@@ -184,10 +199,13 @@ class DecodeBuffers:
             positions[:] = lens
             positions -= 1  # the new token's position
             ints[2, :real] = slots
+            if state_slots:
+                ints[3, :real] = state_slots
             host_lens[:real] = lens
         if real < rows:
             ints[:2, real:rows] = 0
             ints[2, real:rows] = scratch * block_size
+            ints[3, real:rows] = scratch_state
             host_lens[real:rows] = 1
         held = self._held
         for i, table in enumerate(tables):
@@ -222,9 +240,11 @@ class DecodeBuffers:
 
 
 def static_decode_supported(specs: Mapping[int, LayerCacheSpec]) -> bool:
-    """Whether a cache over ``specs`` serves static decode: attention layers only, all with one window."""
+    """Whether a cache over ``specs`` serves static decode: attention layers all with one window (at least one),
+    any recurrent layers beside them."""
     attention = [s for s in specs.values() if isinstance(s, AttentionCacheSpec)]
-    return bool(specs) and len(attention) == len(specs) and len({s.window for s in attention}) == 1
+    others = [s for s in specs.values() if not isinstance(s, (AttentionCacheSpec, RecurrentStateSpec))]
+    return bool(attention) and not others and len({s.window for s in attention}) == 1
 
 
 def default_graph_sizes(max_rows: int) -> tuple[int, ...]:
@@ -247,7 +267,7 @@ class StaticDecoder:
         max_model_len: int,
         cuda_graphs: bool,
     ) -> None:
-        sizes = checked_sizes(batch_sizes, [cache], cuda_graphs, "static decode / CUDA graphs")
+        sizes = checked_sizes(batch_sizes, [cache], cuda_graphs, "static decode / CUDA graphs", recurrent=True)
         device = cache.device
         self.model, self.cache, self.attention = model, cache, attention
         self.sizes, self.cuda_graphs = sizes, cuda_graphs
@@ -300,9 +320,13 @@ class StaticDecoder:
         if rows is None:
             raise UserError(f"static decode of {len(tokens)} sequences: the largest size is {self.max_rows}")
         step = self.buffers.step(rows)
-        tables, lens, slots = self.cache.begin_static_decode(step)
-        assert self.cache.scratch_block is not None
-        self.buffers.fill(rows, tokens, tables, lens, slots, self.cache.scratch_block, self.cache.block_size)
+        cache = self.cache
+        tables, lens, slots = cache.begin_static_decode(step)
+        assert cache.scratch_block is not None
+        state_slots, scratch_state = cache.static_state_slots(), cache.scratch_state or 0
+        self.buffers.fill(
+            rows, tokens, tables, lens, slots, cache.scratch_block, cache.block_size, state_slots, scratch_state
+        )
         self.num_static += 1
         captured = self.graphs.get(rows)
         if captured is None:
@@ -313,6 +337,8 @@ class StaticDecoder:
         return out[: len(tokens)]
 
     def _padding_only(self, step: StaticStep) -> None:
-        self.cache.begin_static_decode(step)
-        assert self.cache.scratch_block is not None
-        self.buffers.fill(step.rows, [], [], [], [], self.cache.scratch_block, self.cache.block_size)
+        cache = self.cache
+        cache.begin_static_decode(step)
+        assert cache.scratch_block is not None
+        scratch_state = cache.scratch_state or 0
+        self.buffers.fill(step.rows, [], [], [], [], cache.scratch_block, cache.block_size, (), scratch_state)

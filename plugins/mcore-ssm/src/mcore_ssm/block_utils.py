@@ -2,7 +2,9 @@
 
 Also ``step_tokens``: a cached step's tokens run one at a time through a block's single-token ``step``, keeping
 the state after each token (``RecurrentStateCache.set_recurrent_state(..., per_token=True)``) so the engine can roll
-a speculative verify step back to any of its tokens.
+a speculative verify step back to any of its tokens; and ``one_token_each``: a decode step (every sequence brings
+one token, known on the host), which a block runs as one ``step`` of all rows and whose final states are the
+per-token ones, with no host work (what the engine's static-shape steps and CUDA graphs need).
 
 Why: plugins never import each other, so what ``mcore_models.blocks.base`` gives its blocks (drawing the
 declared inits from a CPU generator, one GEMM for several projections) is re-done here in a few lines.
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcore.params import collect_param_specs
+from mcore.protocols.block import BlockContext
 
 
 class PerChannel(nn.Linear):
@@ -114,10 +117,18 @@ def check_positive_float(key: str, value: object) -> None:
 
 
 PER_TOKEN_MAX_TOKENS = 8
-"""A cached step whose sequences bring at most this many tokens each (decode, a speculative verify of a few
-drafts) runs token by token and sets the state after every token (``per_token=True``): ``KVCacheHandle.rollback``
+"""A cached step whose sequences bring at most this many tokens each (a speculative verify of a few drafts; a
+decode step, one token each, is ``one_token_each``'s single update) runs token by token and sets the state after every token (``per_token=True``): ``KVCacheHandle.rollback``
 can then end inside the step. Longer steps (prefill) run the chunked form and set only the final state; the
 protocol does not say when the engine means to roll back, so the block decides by this length."""
+
+
+def one_token_each(hidden: torch.Tensor, ctx: BlockContext) -> bool:
+    """Whether every sequence of the cached step of ``hidden (B, T, H)`` brings one token: ``ctx.max_seqlen == 1``
+    (a host int: the engine's decode steps, static-shape ones included) under ``ctx.cu_seqlens``, else rows of one
+    token. Its tokens are then its sequences (padding rows too)."""
+    return ctx.max_seqlen == 1 if ctx.cu_seqlens is not None else hidden.shape[1] == 1
+
 
 StepFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

@@ -25,7 +25,9 @@ State: per sequence ``{"conv_q": (hk*dk, K-1), "conv_k": (hk*dk, K-1), "conv_v":
 parameters' dtype (the last ``K - 1`` pre-conv inputs) and ``"ssm": (hv, dk, dv)`` fp32 (``state_shapes``,
 ``cache_spec``). ``forward_with_state`` runs a step from given states and returns the final ones (prefill,
 an engine step of packed sequences); ``step`` is the one-token decode update; ``forward`` under an
-inference cache (``ctx.kv_cache``) reads and writes the states there (``RecurrentStateCache``).
+inference cache (``ctx.kv_cache``) reads and writes the states there (``RecurrentStateCache``): a decode step
+(``ctx.max_seqlen == 1``, as in the engine's static-shape steps) is one ``step`` of every row and writes the final
+states once, with no host work; a step of a few tokens per sequence keeps the state after each token (rollback).
 
 Context parallelism: under ``ctx.sequence_split`` (``mcore.sequence_split``, set by ``cp``) the block projects its
 own tokens, all-to-alls to every token of the full rows for ``1 / cp`` of its heads, runs conv and rule there and
@@ -50,6 +52,7 @@ from mcore_ssm.block_utils import (
     check_positive_float,
     check_positive_int,
     draw_declared_,
+    one_token_each,
     per_token_counts,
     project,
     step_tokens,
@@ -188,6 +191,11 @@ class GatedDeltaNet(nn.Module):
         states = cache.recurrent_state(ctx.layer_index)
         dtypes = {name: dtype for name, (_, dtype) in self.state_shapes().items()}
         batch, seq, hidden_size = hidden.shape
+        if one_token_each(hidden, ctx):  # decode (a static step too): one update of every row, the final states once
+            on_device = {name: t.to(hidden.device) for name, t in states.items()}
+            flat, new = self.step(hidden.reshape(batch * seq, hidden_size), on_device)  # (S, H), {name: (S, *shape)}
+            cache.set_recurrent_state(ctx.layer_index, {name: t.to(dtypes[name]) for name, t in new.items()})
+            return flat.view(batch, seq, hidden_size)
         counts = per_token_counts(batch, seq, ctx.cu_seqlens, ctx.max_seqlen)
         if counts is not None:  # decode / speculative verify: the state after every token
             on_device = {name: t.to(hidden.device) for name, t in states.items()}

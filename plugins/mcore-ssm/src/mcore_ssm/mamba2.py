@@ -18,8 +18,9 @@ Notable:
 * Packed documents (``ctx.cu_seqlens``): no conv window and no state crosses a document (or a row end).
 * Recurrent state: ``forward_with_state`` takes and returns each sequence's conv and SSM state (prefill,
   chunked prefill); ``step`` is the single-token recurrent update (decode). Under an inference cache
-  (``ctx.kv_cache``) ``forward`` reads the layer's state slots, runs the step's new tokens (``step`` when
-  every sequence brings one token) and writes the states back; ``cache_spec`` declares them.
+  (``ctx.kv_cache``) ``forward`` reads the layer's state slots, runs the step's new tokens and writes the states
+  back (a decode step, ``ctx.max_seqlen == 1`` as in the engine's static-shape steps: one ``step`` of every row,
+  the final states once, no host work); ``cache_spec`` declares them.
 * Context parallelism: under ``ctx.sequence_split`` (set by ``cp``) an all-to-all gives the conv and scan every
   token of the full rows for ``1 / cp`` of the heads (groups fewer than ``cp`` repeated), another brings them back
   before the gated norm (``_forward_split``).
@@ -48,6 +49,7 @@ from mcore_ssm.block_utils import (
     check_positive_int,
     draw_declared_,
     local,
+    one_token_each,
     per_token_counts,
     project,
     repeat_groups,
@@ -405,6 +407,11 @@ class Mamba2(nn.Module):
         states = cache.recurrent_state(ctx.layer_index)  # {"conv": (S, X, K - 1), "ssm": (S, h, p, n)}
         conv_state, ssm_state = states["conv"].to(hidden.device), states["ssm"].to(hidden.device)
         batch, seq, hidden_size = hidden.shape
+        if one_token_each(hidden, ctx):  # decode (a static step too): one update of every row, the final states once
+            out, conv_next, ssm_next = self.step(hidden.reshape(batch * seq, hidden_size), conv_state, ssm_state)
+            final = {"conv": conv_next.to(states["conv"].dtype), "ssm": ssm_next.to(states["ssm"].dtype)}
+            cache.set_recurrent_state(ctx.layer_index, final)
+            return out.view(batch, seq, hidden_size)
         counts = per_token_counts(batch, seq, ctx.cu_seqlens, ctx.max_seqlen)
         if counts is not None:  # decode / speculative verify: the state after every token
             flat, after = step_tokens(
