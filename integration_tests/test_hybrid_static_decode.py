@@ -195,8 +195,9 @@ def test_hybrid_specs_support_static_decode(model: GPT) -> None:
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_hybrid_cuda_graph_tokens_equal_eager_static_tokens(name: str) -> None:
-    """bf16 on CUDA: graphs captured per padded size replay the tokens of the same static steps run eagerly; ``LLM``
-    turns graphs on for the hybrid model by default (and ``cuda_graphs=False`` keeps them off)."""
+    """bf16 on CUDA: graphs captured per padded size replay the tokens of the same static steps run eagerly;
+    ``LLM(cuda_graphs=True)`` captures them for the hybrid model (its default keeps hybrid models eager until this
+    test has run on a card; ``cuda_graphs=False`` keeps them off)."""
     from mcore_inference.llm import LLM
 
     model = hybrid_model(name).to(device="cuda", dtype=torch.bfloat16)
@@ -217,7 +218,8 @@ def test_hybrid_cuda_graph_tokens_equal_eager_static_tokens(name: str) -> None:
     assert eager.decoder is not None and eager.decoder.num_replays == 0 and eager.decoder.num_static >= 5
     overlapped = LLMEngine(model, cuda_graphs=True, overlap_decode=True, **kwargs)
     assert run_arrivals(overlapped, prompts, arrive, params) == run_arrivals(eager, prompts, arrive, params)
-    llm = LLM(model, block_size=16, num_blocks=64, max_model_len=256)
+    llm = LLM(model, block_size=16, num_blocks=64, max_model_len=256, cuda_graphs=True)
     assert llm.engine.decoder is not None and llm.engine.decoder.cuda_graphs
+    assert [c.token_ids for c in llm.generate(prompts, params)] == run_arrivals(eager, prompts, [0] * 6, params)
     off = LLM(model, block_size=16, num_blocks=64, max_model_len=256, cuda_graphs=False)
     assert off.engine.decoder is None
