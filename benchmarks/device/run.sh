@@ -72,6 +72,10 @@ t_b_serv() {
   $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections server --repeats 3 --server-requests 64 \
     --server-output 128 --kv-gib 8
 }
+t_b_servo() {  # the server section with overlapped decode in the engines
+  $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections server --repeats 3 --server-requests 64 \
+    --server-output 128 --kv-gib 8 --overlap-decode
+}
 t_lc() {  # loss curves (issue 19): LC_RECIPES, LC_BUDGET seconds; result.json + metrics.jsonl of each run to $OUT/lc
   $PY plugins/mcore-precision/benchmarks/loss_curves.py --out /tmp/lc --recipes "${LC_RECIPES:-bf16,fp8-current}" \
     --long-steps 1000 --short-steps 300 --budget "${LC_BUDGET:-$(( LEFT - 40 ))}" \

@@ -201,6 +201,7 @@ def make_engine(model: Any, args: argparse.Namespace, *, prefix_caching: bool, t
         max_model_len=args.context,
         enable_prefix_caching=prefix_caching,
         cuda_graphs=graphs,
+        overlap_decode=graphs and args.overlap_decode,
     )
 
 
@@ -636,6 +637,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--server-output", type=int, default=256)
     p.add_argument("--server-mode", choices=("thread", "process"), default="thread")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--overlap-decode", action="store_true", help="engines with overlap_decode (CUDA graphs only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny preset, fp32, short (flags given win)")
     p.add_argument("--out", default=None)
