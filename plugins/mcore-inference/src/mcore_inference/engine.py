@@ -50,7 +50,7 @@ from mcore_inference.cache import PagedKVCache, bytes_per_block
 from mcore_inference.detokenize import IncrementalDetokenizer
 from mcore_inference.grad import no_grad
 from mcore_inference.kv_quant import resolve_kv_cache_dtype
-from mcore_inference.overlap import InFlight, Readback
+from mcore_inference.overlap import InFlight, Readback, read_now
 from mcore_inference.sampling import Sampler, SamplingParams, SamplingState, token_stop, upload
 from mcore_inference.scheduler import Scheduler, SequenceState
 from mcore_inference.speculative import SpecStats, Speculator, mtp_layers
@@ -466,7 +466,7 @@ class LLMEngine:
                 assert len(requests) == len(seqs)  # a decode step: every row is ready
                 self._in_flight = InFlight(seqs, requests, sample.token_ids, Readback(sample))
                 return []  # read in the next call, after the step that follows this one is launched
-            self._record(requests, Readback(sample).lists())  # the step's one host sync
+            self._record(requests, read_now(sample))  # the step's one host sync
         outputs = self._close(seqs)
         if spec is not None and hidden is not None:  # the MTP depths read this step's hidden states and draft
             alive = [i for i, seq in enumerate(seqs) if seq.seq_id in self._requests]
@@ -483,7 +483,7 @@ class LLMEngine:
         return outputs
 
     def _record(self, requests: Sequence[_Request], read: list[Any]) -> None:
-        """Append each request's chosen token (and logprobs) from ``Readback.lists()``."""
+        """Append each request's chosen token (and logprobs) from ``read_now`` / ``Readback.lists()``."""
         chosen, logprob, top_ids, top_values = read
         for row, (request, token) in enumerate(zip(requests, chosen)):
             if request.logprobs is not None and request.top_logprobs is not None and logprob is not None:
@@ -567,13 +567,10 @@ class LLMEngine:
         live = [i for i, r in enumerate(flight.requests) if self._requests.get(r.request_id) is r]
         if not live:
             return []
-        chosen, logprob, top_ids, top_values = flight.readback.lists()
+        read = flight.readback.lists()
         if len(live) < len(flight.requests):
-            chosen = [chosen[i] for i in live]
-            logprob = None if logprob is None else [logprob[i] for i in live]
-            top_ids = None if top_ids is None else [top_ids[i] for i in live]
-            top_values = None if top_values is None else [top_values[i] for i in live]
-        self._record([flight.requests[i] for i in live], [chosen, logprob, top_ids, top_values])
+            read = [None if part is None else [part[i] for i in live] for part in read]
+        self._record([flight.requests[i] for i in live], read)
         return self._close([flight.seqs[i] for i in live])
 
     def _static_verification(self, seqs: Sequence[SequenceState], counts: Sequence[int]) -> bool:

@@ -30,18 +30,23 @@ import torch
 from mcore_inference.sampling import SampleOutput
 
 
+def _parts(sample: SampleOutput) -> list[torch.Tensor | None]:
+    """``[token_ids, logprob?, top ids?, top values?]`` of a sampler output (absent parts: None)."""
+    top = sample.top_logprobs
+    return [sample.token_ids, sample.logprob, None if top is None else top.ids, None if top is None else top.values]
+
+
+def read_now(sample: SampleOutput) -> list[Any]:
+    """The parts of ``sample`` as lists, read at once (a plain step: the host waits for everything queued)."""
+    return [None if part is None else part.tolist() for part in _parts(sample)]
+
+
 class Readback:
     """A step's sampler output on its way to the host: ``lists()`` waits for that step only (not for work queued
-    after it) and returns ``[token_ids, logprob?, top ids?, top values?]`` as lists (absent parts: None)."""
+    after it) and returns ``read_now``'s lists."""
 
     def __init__(self, sample: SampleOutput) -> None:
-        top = sample.top_logprobs
-        parts = [
-            sample.token_ids,
-            sample.logprob,
-            None if top is None else top.ids,
-            None if top is None else top.values,
-        ]
+        parts = _parts(sample)
         self._event: torch.cuda.Event | None = None
         if sample.token_ids.device.type == "cuda":
             host: list[torch.Tensor | None] = []

@@ -145,7 +145,9 @@ class DecodeBuffers:
         self.table.fill_(-1)
         self._held: list[list[int]] = [[] for _ in range(max_rows)]  # the table each staging row holds (-1 after)
         self._views: dict[int, StaticStep] = {}
-        self._copied: torch.cuda.Event | None = None  # the last staging copy (CUDA): the next fill waits for it
+        # the last staging copy (CUDA): the next fill waits for it before rewriting the staging
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._copy_pending = False
 
     def step(self, rows: int) -> StaticStep:
         """The views of a ``rows``-row step (made once per size)."""
@@ -189,7 +191,7 @@ class DecodeBuffers:
         real = len(tokens)
         if real > rows:
             raise UserError(f"static decode step of {real} sequences in {rows} rows: too many sequences")
-        if self._copied is not None:
+        if self._copied is not None and self._copy_pending:
             self._copied.synchronize()
         ints, host_lens = self._np_ints, self._np_lens  # numpy views: cheap writes
         if real:
@@ -217,11 +219,10 @@ class DecodeBuffers:
                 self._write_row(i, padding)
         # the inputs and this step's table rows in one pinned, asynchronous copy (rows past ``rows``: no view of it)
         end = self._table_at + rows * self._row_bytes
-        on_cuda = self.device.type == "cuda"
-        self._raw[:end].copy_(self._host_raw[:end], non_blocking=on_cuda)
-        if on_cuda:
-            self._copied = torch.cuda.Event()
+        self._raw[:end].copy_(self._host_raw[:end], non_blocking=self._copied is not None)
+        if self._copied is not None:
             self._copied.record()
+            self._copy_pending = True
         if isinstance(tokens, torch.Tensor) and real:
             self.ints[0, :real].copy_(tokens)  # (S,) on the device, after the staging's stale tokens
 

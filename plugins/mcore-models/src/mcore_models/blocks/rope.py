@@ -209,11 +209,10 @@ def share_rotaries(model: nn.Module) -> int:
         rotary = getattr(module, "rotary", None)
         if not isinstance(rotary, Rotary):
             continue
-        same = next((r for r in kept if r is not rotary and r.same_tables(rotary)), None)
+        same = next((r for r in kept if r.same_tables(rotary)), None)
         if same is None:
-            if rotary not in kept:
-                kept.append(rotary)
-            continue
-        module.rotary = same
-        replaced += 1
+            kept.append(rotary)
+        elif same is not rotary:
+            module.rotary = same
+            replaced += 1
     return replaced
