@@ -45,7 +45,7 @@ tokens of the step, M blocks of the step's longest table.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +178,7 @@ class PagedKVCache:
         self.block_size, self.num_blocks, self.max_seqs = block_size, num_blocks, max_seqs
         self.device = torch.device(device)
         self.kv_cache_dtype = kv_cache_dtype
+        self._store_kv = kv_store_for(self.device)  # one launch for keys and values (CUDA), or None
         #: the block padding rows of a static decode step write to (never in a pool); None without one
         self.scratch_block: int | None = num_blocks if scratch_block else None
         #: the state slot padding rows of a static decode step read and write (never a sequence's); None without
@@ -378,8 +379,8 @@ class PagedKVCache:
         self._write(layer, index, key, value)
         self._written.add(layer_index)
 
-    @staticmethod
     def _write(
+        self,
         layer: _AttentionLayer,
         slots: torch.Tensor,
         key: torch.Tensor,
@@ -388,7 +389,12 @@ class PagedKVCache:
     ) -> None:
         """Store ``key``/``value`` ``(N, nkv, hd|hdv)`` at flat page slots ``slots (N,)`` (block * bs + offset),
         quantised with the layer's scales when its pages are FP8, saturated values of the rows ``real (N,)`` bool
-        (``None``: all) counted."""
+        (``None``: all) counted. Keys and values into pages of their own dtype take one launch where there is one
+        (``kv_store_for``)."""
+        store = self._store_kv
+        if store is not None and layer.key_scale is None and value is not None and layer.value_pages is not None:
+            store(layer.key_pages, layer.value_pages, slots, key, value)
+            return
         _store(layer.key_pages, slots, key, layer.key_scale, layer.clipped, real)
         if value is not None and layer.value_pages is not None:
             _store(layer.value_pages, slots, value, layer.value_scale, layer.clipped, real)
@@ -817,6 +823,22 @@ class PagedKVCache:
     def _check_once(self, layer_index: int, what: str) -> None:
         if layer_index in self._written:
             raise UserError(f"{what}: layer {layer_index} already stored this step's tokens; once per step")
+
+
+KVStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``store(key_pages, value_pages, slots, key, value)``: both rows of a step into their pages' flat slots."""
+
+
+def kv_store_for(device: torch.device) -> KVStore | None:
+    """The one-launch Triton store of keys and values (``triton_store.py``) on CUDA when triton imports; None
+    elsewhere (an ``index_copy_`` each, ``_store``)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from mcore_inference.triton_store import store_kv_triton
+    except ImportError:
+        return None
+    return store_kv_triton
 
 
 def _store(

@@ -5,7 +5,7 @@ gathers the pages into a padded copy first and masks by the lengths, which costs
 This kernel reads the pages in place, up to each sequence's length only, and fills the GPU at small batch with
 split-K: program ``(s, kv head, split)`` attends the ``GROUP`` query heads of one key/value head over one
 slice of the context (online softmax), writing a partial output and its log-sum-exp; a second kernel merges
-the slices. The grid depends only on shapes (the table's width, not the lengths), so a CUDA graph captures it.
+the slices (with one slice, the first kernel writes the output itself: one launch). The grid depends only on shapes (the table's width, not the lengths), so a CUDA graph captures it.
 
 FP8 pages (``kv_cache_dtype="fp8_e4m3"``, ``kv_quant.py``): the kernel loads the pages' bytes, turns them into
 the query's dtype in registers (exact: every E4M3 value is a bf16, fp16 and fp32 value) and folds the per-head
@@ -75,6 +75,7 @@ def _split_kernel(
     BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     FP8: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -131,14 +132,15 @@ def _split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if FP8:
         out = out * tl.load(v_scale_ptr + kv_head)
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     head_ok = g < GROUP
-    tl.store(
+    tl.store(  # DIRECT (one split): the output itself, in its dtype; else the split's fp32 partial
         mid_ptr + seq * stride_ms + heads[:, None] * stride_mh + split * stride_mk + dv[None, :],
-        out,
+        out.to(mid_ptr.dtype.element_ty),
         mask=head_ok[:, None] & (dv[None, :] < VALUE_DIM),
     )
-    tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=head_ok)
+    if not DIRECT:
+        lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=head_ok)
 
 
 @triton.jit
@@ -275,9 +277,13 @@ def paged_decode_triton(
     splits = num_splits(seqs * kv_heads, max_keys, _num_sms(q.device))
     split_tokens = math.ceil(math.ceil(max_keys / splits) / _BLOCK_N) * _BLOCK_N
     splits = math.ceil(max_keys / split_tokens)
-    mid = torch.empty(seqs, heads, splits, value_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(seqs, heads, value_dim, dtype=dtype, device=q.device)
+    direct = splits == 1  # one split writes the output itself: no partials, no merge launch
+    if direct:
+        mid, lse = out[:, :, None], out  # (S, nh, 1, hdv) view of the output; lse unread
+    else:
+        mid = torch.empty(seqs, heads, splits, value_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
     block_dv = max(16, triton.next_power_of_2(value_dim))
     _split_kernel[(seqs, kv_heads, splits)](
         q,
@@ -316,5 +322,6 @@ def paged_decode_triton(
         BLOCK_N=_BLOCK_N,
         HAS_WINDOW=window is not None,
         FP8=ops.fp8,
+        DIRECT=direct,
     )
-    return merge_splits(mid, lse, out, block_dv)
+    return out if direct else merge_splits(mid, lse, out, block_dv)
