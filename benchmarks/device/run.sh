@@ -61,6 +61,7 @@ t_b_host() {
 t_b_ovl() {  # overlapped decode: its GPU test, then the decode benchmark without HF (engine+graphs+overlap)
   $PY -m pytest -q -m gpu plugins/mcore-inference/tests/test_overlap_decode.py plugins/mcore-inference/tests/test_triton_store.py \
     plugins/mcore-inference/tests/test_triton_decode.py 2>&1 | tail -3
+  $PY -m pytest -q -m gpu plugins/mcore-models/tests/test_add_rmsnorm.py 2>&1 | tail -3
   $PY plugins/mcore-inference/benchmarks/bench_decode.py --presets bench-0.9b --batches 1 32 --repeats 3 --hf-presets
 }
 t_hyb() {  # hybrid models' static decode: the GPU tests (graphs vs eager static), then decode speed

@@ -25,6 +25,8 @@ Notable:
   (``cache_specs()`` says what each layer keeps); with ``LOGIT_ROWS`` in ``ctx.extra`` the head runs on those
   rows only. MTP depths are not run without labels; ``forward_with_hidden`` and ``mtp_forward`` serve
   speculative decoding (mcore-inference drafts tokens with the MTP depths over their own caches).
+* With gradients off (``run_layers``) each residual add is done with the RMSNorm after it, one kernel on CUDA
+  (``kernels/add_rmsnorm.py``, the same values): a layer's last add stays pending into the next layer's norm.
 * Init: normal(0, ``init_std``), output projections of each layer scaled by ``1/sqrt(2 * layers)``,
   declared per parameter (``ParamSpec.init``) and drawn by ``mcore.construct`` keyed by (seed,
   name, element index): the same weights for every layout, world size and device type; the
@@ -44,7 +46,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import torch
 from torch import nn
@@ -73,6 +75,7 @@ from mcore_models.blocks.mlp import ClampedSwiGLU, GeluMLP, SwiGLU
 from mcore_models.blocks.mtp import MTP, NEXT_EMBEDDINGS
 from mcore_models.blocks.norms import LayerNorm, RMSNorm
 from mcore_models.blocks.rope import share_rotaries
+from mcore_models.kernels.add_rmsnorm import add_rms_norm
 from mcore_models.loss_head import GPTLossHead, LossHeadParts, SwappableLossHead, add_aux_losses
 
 #: Blocks used when the model is built without a registry (same names as registered).
@@ -93,6 +96,7 @@ NO_MLP = "none"
 #: Most layers a model may have (the deepest published ones have a few hundred): a typo such as 10**12 layers is
 #: refused before a list that long is built.
 MAX_LAYERS = 1 << 16
+_M = TypeVar("_M", bound=nn.Module)
 _LAYER_ITEM = re.compile(r"^\s*(?:(\d+)\s*\*\s*)?([A-Za-z0-9_.-]+)\s*(?:/\s*([A-Za-z0-9_.-]+)\s*)?$")
 
 
@@ -278,6 +282,19 @@ class TransformerLayer(nn.Module):
             return hidden
         return hidden + self.mlp(self.mlp_norm(hidden, ctx), ctx)
 
+    def forward_residual(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, ctx: BlockContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference (gradients off): this layer on the residual stream ``hidden + delta`` whose add is still
+        pending (``delta`` None: nothing pending), each add done with the norm after it (``add_norm``). Returns the
+        stream and the last sublayer's output, whose add is left to the next norm: ``forward``'s result is their sum."""
+        hidden, normed = add_norm(hidden, delta, self.attn_norm, ctx)  # (B, T, H) each
+        delta = self.attention(normed, ctx)
+        if self.mlp is None:
+            return hidden, delta
+        hidden, normed = add_norm(hidden, delta, self.mlp_norm, ctx)
+        return hidden, self.mlp(normed, ctx)
+
     def flops(self, shape: FlopsShape) -> int:
         return self.attention.flops(shape) + (self.mlp.flops(shape) if self.mlp is not None else 0)
 
@@ -285,6 +302,25 @@ class TransformerLayer(nn.Module):
         for block in (self.attn_norm, self.attention, self.mlp_norm, self.mlp):
             if block is not None:
                 block.reset_parameters(generator)
+
+
+def runs_plain(module: nn.Module, cls: type[_M]) -> TypeGuard[_M]:
+    """Whether ``module`` is exactly a ``cls`` whose call is its class's ``forward``: no hooks (a layout's gathers,
+    splits, FSDP's unshard) and no ``forward`` replaced on the instance (``train.compile``, recompute), so code
+    that bypasses the call (a fused kernel, ``forward_residual``) computes what the call would."""
+    plain = not (module._forward_hooks or module._forward_pre_hooks) and "forward" not in module.__dict__
+    return type(module) is cls and plain
+
+
+def add_norm(
+    hidden: torch.Tensor, delta: torch.Tensor | None, norm: Any, ctx: BlockContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hidden + delta`` (``hidden`` when ``delta`` is None) and ``norm`` of it: one fused kernel when ``norm`` is a
+    plain ``RMSNorm`` (``kernels/add_rmsnorm.py``, the same values), else the add and the norm module's call."""
+    if delta is not None and runs_plain(norm, RMSNorm):
+        return add_rms_norm(hidden, delta, norm.weight, norm.eps, norm.offset)
+    hidden = hidden if delta is None else hidden + delta  # (B, T, H)
+    return hidden, norm(hidden, ctx)
 
 
 def batch_context(tokens: torch.Tensor, ctx: BlockContext | None, attention: Any = None) -> BlockContext:
@@ -430,9 +466,7 @@ class GPT(SwappableLossHead):
         self, tokens: torch.Tensor, *, labels: torch.Tensor | None = None, ctx: BlockContext | None = None
     ) -> torch.Tensor:
         ctx = batch_context(tokens, ctx, self.attention_backend)  # positions, aux collector, shared attention
-        hidden = self.embed(tokens)  # (B, T, H)
-        for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, ctx.for_layer(index))  # each layer call gets its own view
+        hidden = self.run_layers(self.embed(tokens), ctx)  # (B, T, H)
         if labels is None and LOGIT_ROWS in ctx.extra:  # the engine's rows only: (1, R, H) -> logits (1, R, V)
             hidden, tokens = logit_rows(hidden, tokens, ctx.extra[LOGIT_ROWS])
         out = self.loss_head(hidden, tokens=tokens, labels=labels, ctx=ctx)  # logits (B, T, V), or the loss
@@ -441,6 +475,24 @@ class GPT(SwappableLossHead):
         assert ctx.aux_losses is not None
         # once, after every layer: one entry per (layer, name); a split micro-batch's ranks: their mean
         return add_aux_losses(out, ctx.aux_losses, divisor=ctx.loss_group_size())
+
+    def run_layers(self, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        """The layer stack on the embeddings ``hidden (B, T, H)``, each layer call with its own view of ``ctx``.
+        With gradients off (inference) each residual add is fused with the RMSNorm after it: a plain
+        ``TransformerLayer`` (``runs_plain``) runs ``forward_residual`` and leaves its last add pending; any other
+        layer gets the stream with the pending add done; the last add is a plain one. The same values either way."""
+        if torch.is_grad_enabled():
+            for index, layer in enumerate(self.layers):
+                hidden = layer(hidden, ctx.for_layer(index))
+            return hidden
+        delta: torch.Tensor | None = None  # the pending add's other term
+        for index, layer in enumerate(self.layers):
+            if runs_plain(layer, TransformerLayer):
+                hidden, delta = layer.forward_residual(hidden, delta, ctx.for_layer(index))
+                continue
+            hidden = layer(hidden if delta is None else hidden + delta, ctx.for_layer(index))
+            delta = None
+        return hidden if delta is None else hidden + delta
 
     # -- inference --------------------------------------------------------------------------
     def cache_specs(self) -> dict[int, LayerCacheSpec]:
@@ -478,9 +530,7 @@ class GPT(SwappableLossHead):
         """Inference: ``forward``'s logits (``(1, R, V)`` of the ``LOGIT_ROWS`` rows when given, else ``(B, T, V)``)
         and the main stack's output ``(B, T, H)`` of every token, before the final norm: what MTP depth 1 reads."""
         ctx = batch_context(tokens, ctx, self.attention_backend)
-        hidden = self.embed(tokens)  # (B, T, H)
-        for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, ctx.for_layer(index))
+        hidden = self.run_layers(self.embed(tokens), ctx)  # (B, T, H)
         rows, row_tokens = hidden, tokens
         if LOGIT_ROWS in ctx.extra:
             rows, row_tokens = logit_rows(hidden, tokens, ctx.extra[LOGIT_ROWS])
