@@ -440,15 +440,28 @@ def server_engine(preset: str, device: str, dtype: str, args: argparse.Namespace
     return make_engine(model, args, prefix_caching=False, tokenizer=IdTokenizer(model.config.vocab_size))
 
 
+def server_stack(http: str, loop: str) -> str:
+    """What uvicorn runs for ``http``/``loop`` (``auto`` resolved as uvicorn resolves it: httptools and uvloop when
+    they import)."""
+    if http == "auto":
+        http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    if loop == "auto":
+        loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{http}+{loop}"
+
+
 @contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn on 127.0.0.1 at a free port, in a thread, until the block ends; yields its URL."""
+def live_server(app: Any, http: str = "auto", loop: str = "auto") -> Iterator[str]:
+    """``app`` under uvicorn on 127.0.0.1 at a free port, in a thread, until the block ends; yields its URL. ``http``
+    and ``loop``: uvicorn's protocol and event loop (``auto``: httptools and uvloop where installed, as ``mcore
+    serve`` runs)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=http, loop=loop)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 300
@@ -544,7 +557,7 @@ def section_server(model: Any, args: argparse.Namespace, lines: list[dict[str, A
         local = None
     work = [(r.prompt, r.max_tokens) for r in requests]
     spawn = multiprocessing.get_context("spawn")
-    with live_server(app) as url, concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
+    with live_server(app, args.http, args.loop) as url, concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
         loop = app.state.engine_loop
         events: list[float] = []
 
@@ -574,6 +587,7 @@ def section_server(model: Any, args: argparse.Namespace, lines: list[dict[str, A
             "section": "server",
             "preset": args.preset,
             "mode": args.server_mode,
+            "uvicorn": server_stack(args.http, args.loop),
             "clients": args.clients,
             "requests": len(requests),
             "prompt": args.server_prompt,
@@ -638,6 +652,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--server-mode", choices=("thread", "process"), default="thread")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--overlap-decode", action="store_true", help="engines with overlap_decode (CUDA graphs only)")
+    p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn's HTTP protocol")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="uvicorn's event loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny preset, fp32, short (flags given win)")
     p.add_argument("--out", default=None)

@@ -96,12 +96,16 @@ def _client(mode: str) -> Any:
 
 async def _held(group: _Group, events: AsyncIterator[str]) -> list[str]:
     """Start ``group``, then hold the event loop (as a busy server would) until the engine has finished the
-    request (its stats say so: every output was handed to the loop before that answer); then read the stream."""
+    request (its stats say so: every output was handed to the loop before that answer), let the loop fold them;
+    then read the stream."""
     await group.start()
     deadline = time.monotonic() + 60.0
     while group.engine_loop.stats().result(timeout=60.0)["has_unfinished"]:  # blocks the event loop meanwhile
         assert time.monotonic() < deadline, "the engine did not finish the request within 60 s"
         time.sleep(0.01)
+    # the outputs handed over meanwhile wait as loop callbacks: one turn of the loop folds them all into the
+    # stream's buffer (without it, outputs folded during ``start`` would be read alone, a timing-dependent split)
+    await asyncio.sleep(0)
     return [event async for event in events]
 
 
