@@ -58,11 +58,11 @@ t_b_host() {
   $PY plugins/mcore-inference/benchmarks/bench_host.py --preset bench-0.9b --batch 1 32
   $PY plugins/mcore-inference/benchmarks/bench_host.py --preset bench-0.9b --batch 1 32 --eager
 }
-t_b_ovl() {  # overlapped decode: its GPU test, then the decode benchmark without HF (engine+graphs+overlap)
+t_b_ovl() {  # overlapped decode and the fused decode kernels: GPU tests, then the decode benchmark (HF on bench-0.9b)
   $PY -m pytest -q -m gpu plugins/mcore-inference/tests/test_overlap_decode.py plugins/mcore-inference/tests/test_triton_store.py \
     plugins/mcore-inference/tests/test_triton_decode.py 2>&1 | tail -3
   $PY -m pytest -q -m gpu plugins/mcore-models/tests/test_add_rmsnorm.py 2>&1 | tail -3
-  $PY plugins/mcore-inference/benchmarks/bench_decode.py --presets bench-0.9b --batches 1 32 --repeats 3 --hf-presets
+  $PY plugins/mcore-inference/benchmarks/bench_decode.py --presets bench-0.9b llama3-8b --batches 1 32 --repeats 3
 }
 t_hyb() {  # hybrid models' static decode: the GPU tests (graphs vs eager static), then decode speed
   $PY -m pytest -q -m gpu integration_tests/test_hybrid_static_decode.py 2>&1 | tail -3
