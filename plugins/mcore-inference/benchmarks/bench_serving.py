@@ -557,7 +557,10 @@ def section_server(model: Any, args: argparse.Namespace, lines: list[dict[str, A
         local = None
     work = [(r.prompt, r.max_tokens) for r in requests]
     spawn = multiprocessing.get_context("spawn")
-    with live_server(app, args.http, args.loop) as url, concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
+    with (
+        live_server(app, args.http, args.loop) as url,
+        concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients,
+    ):
         loop = app.state.engine_loop
         events: list[float] = []
 

@@ -46,11 +46,20 @@ class Exploding(ToyLM):
         return super().forward(tokens, ctx=ctx)
 
 
-_MODELS = {"toy": ToyLM, "slow": SlowToy, "exploding": Exploding}
+class SoftToy(ToyLM):
+    """The toy model with logits of O(1) (the plain one's are ~1e4): a ``logit_bias`` of 100 forces a token."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        with torch.no_grad():
+            self.head.weight.mul_(1e-4)
+
+
+_MODELS = {"toy": ToyLM, "slow": SlowToy, "exploding": Exploding, "soft": SoftToy}
 
 
 def make_engine(kind: str = "toy", **kwargs: Any) -> LLMEngine:
-    """A toy engine (byte tokenizer, 256 blocks of 4); ``kind``: toy, slow or exploding. Picklable by name."""
+    """A toy engine (byte tokenizer, 256 blocks of 4); ``kind``: toy, slow, exploding or soft. Picklable by name."""
     torch.set_num_threads(1)  # also in an engine process, which does not run conftest
     model = _MODELS[kind](vocab=257, max_len=MAX_LEN).eval()
     return LLMEngine(model, tokenizer=ByteTokenizer(), block_size=4, num_blocks=kwargs.pop("num_blocks", 256), **kwargs)

@@ -8,7 +8,8 @@ tokens), and a stop string can span tokens. ``IncrementalDetokenizer.push`` retu
   character) it is held back until a later token completes it, or the request ends;
 * stop strings are searched in the decoded text, across token boundaries; while streaming, a tail of the text that
   could be the start of a stop string is held back; the output ends before the first stop string (or after it,
-  with ``include_stop_str_in_output``);
+  with ``include_stop_str_in_output``); as in vLLM, stop strings are honoured only in text that tokens after the
+  first ``min_tokens`` add (a stop string may begin in earlier text and end in that text);
 * a stop token (``stop_token_ids``, or the tokenizer's ``eos_id`` unless ``ignore_eos``) ends the output and adds
   no text; ``max_tokens`` ends it with finish reason ``"length"``. At the end the held-back text is flushed.
 """
@@ -41,6 +42,7 @@ class IncrementalDetokenizer:
         self._read = len(self._window)
         self._emitted = 0  # characters of self.text returned by push
         self._longest_stop = max((len(s) for s in params.stop), default=0)
+        self._stop_from = 0  # a stop string must end past this character of self.text (min_tokens)
 
     def push(self, token_id: int) -> str:
         """Add one output token; return the text that became final (may be empty)."""
@@ -83,10 +85,16 @@ class IncrementalDetokenizer:
             del self._window[: self._prefix]
             self._read -= self._prefix
             self._prefix = 0
-        self._find_stop(max(0, old - self._longest_stop + 1))
+        if len(self.token_ids) <= self.params.min_tokens:
+            self._stop_from = len(self.text)  # text of the first min_tokens tokens: no stop string ends in it
+            return
+        self._find_stop(max(old, self._stop_from))
 
-    def _find_stop(self, start: int) -> None:
-        hits = [(i, len(s), s) for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+    def _find_stop(self, end_after: int) -> None:
+        """End the text at the first stop string that ends past character ``end_after`` (the text before it was
+        searched already, or is exempt by ``min_tokens``)."""
+        stops = self.params.stop
+        hits = [(i, len(s), s) for s in stops if (i := self.text.find(s, max(0, end_after - len(s) + 1))) >= 0]
         if not hits:
             return
         index, length, stop = min(hits)

@@ -20,7 +20,9 @@ beside one attention group) too: the recurrent layers gather and write their sta
 Overlapped decode (``overlap_decode``, ``overlap.py``): a static decode step is left in flight; the next ``step``
 launches the decode step after it (its inputs copied on the device from the sampled tokens) and only then reads
 it, so the host's work of one step runs while the GPU computes the next. A step that would differ once the tokens
-are known (a request might be admitted, blocks are short, penalties) reads first and schedules as usual.
+are known (a request might be admitted, blocks are short, penalties, a request short of ``min_tokens``) reads first
+and schedules as usual. The sampler (logit bias, the ``min_tokens`` mask) runs outside any CUDA graph, on the logits
+the static or eager call hands back, so every path samples alike.
 
 Speculative decoding (``speculative_tokens=k``, ``speculative.py``): a model with MTP depths drafts up to ``k``
 tokens per decoding sequence after each step; the next step's call brings them after the pending token (the
@@ -30,7 +32,9 @@ The MTP depths' layers are kept out of the main cache (each draft depth has its 
 acceptance per draft position. With ``static_decode`` or ``cuda_graphs`` too, a step whose every sequence brings
 ``k + 1`` tokens verifies with static shapes and its draft depths run as static steps
 (``static_speculative.py``; graphs captured per size); other steps (prefill, fewer drafts) run eagerly, and the
-plain static decoder is not built (every speculative step needs the hidden states).
+plain static decoder is not built (every speculative step needs the hidden states). A request's ``logit_bias``
+shapes its drafts and its verification alike (``rejection.target_distribution``); a request short of ``min_tokens``
+does not draft (``_draft_limit``), so its tokens come from the sampler's masked rows until then.
 """
 
 from __future__ import annotations
@@ -255,7 +259,7 @@ class LLMEngine:
             max_num_batched_tokens=max_num_batched_tokens,
             align_prefill=self.cache.snapshots is not None and not speculative_tokens,  # steps end on boundaries
         )
-        self.sampler = Sampler(seed=seed)
+        self.sampler = Sampler(seed=seed, eos_token_id=self.eos_token_id)
         self.attention = attention if attention is not None else PagedAttention()
         self.speculator: Speculator | None = None
         if speculative_tokens:
@@ -327,6 +331,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise UserError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         ids = self._encode(prompt)
+        vocab = self.vocab_size
+        if vocab is not None and params.bias_pairs and params.bias_pairs[-1][0] >= vocab:
+            token = params.bias_pairs[-1][0]  # the largest id
+            raise UserError(f"SamplingParams.logit_bias key {token}: outside the vocabulary [0, {vocab})")
         bs, total = self.cache.block_size, len(ids) + params.max_tokens
         if self.max_model_len is not None:
             if len(ids) >= self.max_model_len:
@@ -515,8 +523,9 @@ class LLMEngine:
 
     def _overlappable(self, requests: Sequence[_Request]) -> bool:
         """Whether a decode step of ``requests`` may be followed before it is read: no penalties (their counts are
-        of the host's tokens)."""
-        return not any(r.params.penalised for r in requests)
+        of the host's tokens), and no request still short of ``min_tokens`` (the sampler decides the mask from the
+        host's output count, which lacks the token in flight): such rows read first."""
+        return not any(r.params.penalised or len(r.sampling.output_token_ids) < r.params.min_tokens for r in requests)
 
     def _continues(self, request: _Request) -> bool:
         """Whether ``request``, live, goes on after the token in flight whatever that token is (it does not reach
@@ -585,7 +594,10 @@ class LLMEngine:
 
     def _draft_limit(self, request: _Request) -> int:
         """Most drafts worth verifying for ``request`` next step: all accepted plus the next token must fit its
-        ``max_tokens`` and the context."""
+        ``max_tokens`` and the context. None before ``min_tokens`` output tokens: verification does not mask stop
+        tokens, so such a request decodes one token per step through the sampler (which does) until then."""
+        if len(request.sampling.output_token_ids) < request.params.min_tokens:
+            return 0
         limit = request.params.max_tokens - len(request.sampling.output_token_ids) - 1
         if self.max_model_len is not None:
             limit = min(limit, self.max_model_len - len(request.seq.token_ids) - 1)

@@ -12,8 +12,10 @@ token is drawn from ``p_{n+1}``. Each emitted token is then distributed as ``p``
 A greedy request has one-hot ``p`` (its argmax) and ``q`` (its draft): the rule becomes "accept while the draft
 is the target's argmax, then emit the argmax": exactly greedy decoding.
 
-``target_distribution`` turns logits into ``p`` (or ``q``) with the request's temperature, top-k, top-p and
-min-p, as ``sampling.Sampler`` does (penalties are not applied: the engine drafts only for requests without).
+``target_distribution`` turns logits into ``p`` (or ``q``) with the request's logit bias, temperature, top-k, top-p
+and min-p, as ``sampling.Sampler`` does (penalties are not applied: the engine drafts only for requests without; nor
+is the ``min_tokens`` mask: a request drafts only once it has ``min_tokens`` output tokens, so no verified row needs
+it). The drafts use the same function, so they see the bias too (a forced token is drafted, and accepted).
 
 Shape legend: B sequences, n most drafts of one sequence, V vocabulary.
 """
@@ -26,17 +28,20 @@ from typing import NamedTuple
 
 import torch
 
-from mcore_inference.sampling import SamplingParams, upload
+from mcore_inference.sampling import SamplingParams, apply_logit_bias, upload
 
 
 def target_distribution(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Probabilities ``(R, V)`` float32 of the rows of ``logits (R, V)``, each under its ``params``: greedy rows
     one-hot at the argmax, the others softmax of ``logits / temperature`` after top-k (ties with the k-th kept),
-    top-p (the smallest head reaching ``top_p``, the most likely token always kept) and min-p."""
+    top-p (the smallest head reaching ``top_p``, the most likely token always kept) and min-p; each row's
+    ``logit_bias`` is added first (greedy rows too)."""
     assert logits.dim() == 2 and logits.shape[0] == len(params), (tuple(logits.shape), len(params))
     rows, vocab = logits.shape
     device = logits.device
     x = logits.to(torch.float32, copy=True)  # (R, V)
+    apply_logit_bias(x, params)
+    biased = x  # (R, V): the greedy rows' argmax is of these
     greedy = upload([p.greedy for p in params], torch.bool, device)  # (R,); no host sync
     temps = upload([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
     x = x / temps[:, None]
@@ -58,7 +63,7 @@ def target_distribution(logits: torch.Tensor, params: Sequence[SamplingParams]) 
         x = x.masked_fill(x < floor, -math.inf)
     probs = x.softmax(dim=-1)  # (R, V)
     if any(p.greedy for p in params):  # from the host-side params: no device sync
-        one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        one_hot = torch.zeros_like(probs).scatter_(1, biased.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], one_hot, probs)
     return probs
 

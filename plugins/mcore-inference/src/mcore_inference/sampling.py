@@ -3,10 +3,15 @@
 The engine keeps one ``SamplingState`` per request (its ``SamplingParams``, prompt and output token ids) and calls
 ``Sampler.sample(logits, states)`` once per step. The pipeline for each row, in this order:
 
+0. logits processors that change the argmax, as vLLM's v1 sampler orders them (``vllm/v1/sample/sampler.py``: min
+   tokens, then logit bias, then penalties): ``min_tokens`` (while a request has fewer output tokens than it, the
+   logits of its ``stop_token_ids`` and of the end-of-document token, unless ``ignore_eos``, are -inf) and
+   ``logit_bias`` (each listed token's bias added to its logit); both as one ``index_put_`` over the step's
+   (row, token) pairs, uploaded once;
 1. penalties, as vLLM and OpenAI define them: repetition (over prompt and output tokens: positive logits divided by
    the penalty, negative ones multiplied), then frequency (times each token's output count) and presence (once for
    every token that appeared in the output) subtracted;
-2. greedy rows (temperature 0, or below ``GREEDY_BELOW``) take the exact ``argmax`` of the penalised logits;
+2. greedy rows (temperature 0, or below ``GREEDY_BELOW``) take the exact ``argmax`` of the biased, penalised logits;
 3. the other rows divide by their temperature, then keep top-k (ties with the k-th logit kept), then top-p over the
    renormalised top-k distribution (the smallest head of the sorted distribution whose mass reaches ``top_p``; the
    most likely token is always kept), then min-p (tokens whose probability is at least ``min_p`` times the largest);
@@ -15,20 +20,21 @@ The engine keeps one ``SamplingState`` per request (its ``SamplingParams``, prom
    the positions: not on the batch it shares, its row, preemption or CUDA graphs. Requests without a seed draw from
    the sampler's generator.
 
-Logprobs (``SampleOutput.logprob`` and the top-n) are of the distribution after penalties and temperature (greedy
-rows: temperature 1), before top-k/top-p/min-p truncation, so a truncated token still has a finite logprob. vLLM's
-default ("raw") is before penalties; ours is the distribution the draw starts from.
+Logprobs (``SampleOutput.logprob`` and the top-n) are of the distribution after the logit bias, the min-tokens mask,
+penalties and temperature (greedy rows: temperature 1), before top-k/top-p/min-p truncation, so a truncated token
+still has a finite logprob (a masked stop token's is -inf). vLLM's default ("raw") is before all of these; ours is
+the distribution the draw starts from.
 
-Nothing here reads a device value on the host: the decisions (which rows are greedy, penalised, seeded) come from
-the host-side parameters, and per-row parameters travel in small pinned, non-blocking copies.
+Nothing here reads a device value on the host: the decisions (which rows are greedy, penalised, biased, seeded)
+come from the host-side parameters, and per-row parameters travel in small pinned, non-blocking copies.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -39,6 +45,12 @@ from mcore_inference.grad import no_grad
 GREEDY_BELOW = 1e-5
 #: The most top logprobs a request may ask for.
 MAX_LOGPROBS = 20
+#: The most ``logit_bias`` entries of one request. OpenAI's API takes at most 300 (its limit, as its users report it,
+#: e.g. https://github.com/dottxt-ai/outlines/issues/99: "OpenAI currently only allows to send 300 values via the
+#: logit_bias parameters"); we keep the same bound.
+MAX_LOGIT_BIAS = 300
+#: A ``logit_bias`` value's range, as OpenAI's: -100 effectively bans a token, 100 forces it.
+LOGIT_BIAS_RANGE = 100.0
 
 _M32 = 0xFFFFFFFF
 
@@ -92,6 +104,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """Return each prompt token's logprob (from the first on; of the model's raw distribution) and this many top
     logprobs per prompt position (0: the prompt token's only), at most 20. Such a request skips the prefix cache."""
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] | None = None
+    """Added to the listed tokens' logits before sampling: ``{token id: bias}``, biases in [-100, 100], at most 300
+    entries (OpenAI's ``logit_bias``). Kept as a tuple of ``(id, bias)`` pairs sorted by id (None when empty), so the
+    params stay frozen and hashable. Ids at or above the model's vocabulary are refused when the request is added."""
+    min_tokens: int = 0
+    """No stop token (``stop_token_ids``, or the end-of-document token unless ``ignore_eos``) is sampled, and no stop
+    string is honoured, before this many output tokens (vLLM's ``min_tokens``); <= ``max_tokens``."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -128,22 +147,58 @@ class SamplingParams:
             not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
         ):
             raise _fail("prompt_logprobs", self.prompt_logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise _fail("min_tokens", self.min_tokens, f"must be an integer in [0, max_tokens = {self.max_tokens}]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
     @property
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as stored: ``(id, bias)`` pairs sorted by id (empty: no bias)."""
+        return cast("tuple[tuple[int, float], ...]", self.logit_bias or ())
+
+    @property
     def penalised(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...] | None:
+    """``logit_bias`` (a mapping, or ``(id, bias)`` pairs) as pairs sorted by id; None when empty. A bad entry is
+    named on its own (the whole map may hold 300)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = [(p[0], p[1]) for p in value]
+    else:
+        raise _fail("logit_bias", value, "must be a mapping {token id: bias} or None")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise UserError(f"SamplingParams.logit_bias has {len(pairs)} entries: at most {MAX_LOGIT_BIAS} are allowed")
+    out: dict[int, float] = {}
+    for token, bias in pairs:
+        if not _is_int(token) or token < 0 or token in out:
+            raise _fail("logit_bias", f"{{{token!r}: ...}}", "each key must be a distinct token id (an integer >= 0)")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
+            raise _fail(f"logit_bias[{token}]", bias, "must be a finite number in [-100, 100]")
+        if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+            raise _fail(f"logit_bias[{token}]", bias, "must be in [-100, 100] (-100 bans the token, 100 forces it)")
+        out[token] = float(bias)
+    return tuple(sorted(out.items())) or None
 
 
 def token_stop(params: SamplingParams, token_id: int, num_output: int, eos_id: int | None) -> tuple[str, int] | None:
     """Whether ``token_id`` (the ``num_output``-th output token) ends the request: ("stop", id), ("length", id) or None.
 
-    A stop token (``stop_token_ids``, or ``eos_id`` unless ``ignore_eos``) wins over the length limit.
+    A stop token (``stop_token_ids``, or ``eos_id`` unless ``ignore_eos``) wins over the length limit; it ends the
+    request only after ``min_tokens`` output tokens (the sampler masks it before, so it is token
+    ``min_tokens + 1`` at the earliest).
     """
-    if token_id in params.stop_token_ids or (token_id == eos_id and not params.ignore_eos):
+    stops = num_output > params.min_tokens
+    if stops and (token_id in params.stop_token_ids or (token_id == eos_id and not params.ignore_eos)):
         return "stop", token_id
     if num_output >= params.max_tokens:
         return "length", token_id
@@ -222,15 +277,44 @@ def seeded_log_exponentials(seeds: torch.Tensor, positions: torch.Tensor, vocab:
     return torch.log(-torch.log(uniform))
 
 
+def apply_logit_bias(x: torch.Tensor, params: Sequence[SamplingParams], masked: Sequence[Sequence[int]] = ()) -> None:
+    """Add each row's ``logit_bias`` to ``x`` (S, V) in place and set its ``masked`` stop tokens (per row; () for
+    none) to -inf: one accumulating ``index_put_`` over the (row, token) pairs (-inf + anything stays -inf; a pair
+    may repeat). Token ids outside ``x``'s vocabulary are left out (the engine refuses such a bias when it knows the
+    vocabulary; a stop id past it can never be sampled). No host sync."""
+    vocab = x.shape[1]
+    rows: list[int] = []
+    tokens: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(params):
+        for token, bias in p.bias_pairs:
+            if token < vocab:
+                rows.append(row)
+                tokens.append(token)
+                values.append(bias)
+    for row, stops in enumerate(masked):
+        for token in stops:
+            if 0 <= token < vocab:
+                rows.append(row)
+                tokens.append(token)
+                values.append(-math.inf)
+    if not rows:
+        return
+    index = upload([rows, tokens], torch.int64, x.device)  # (2, N)
+    x.index_put_((index[0], index[1]), upload(values, torch.float32, x.device), accumulate=True)
+
+
 class Sampler:
     """Samples one token per row of a step's logits; see the module docstring for the pipeline.
 
     ``seed`` seeds the generator of requests without their own seed (one generator per device, made on first use);
-    None draws from torch's default generator of the device.
+    None draws from torch's default generator of the device. ``eos_token_id``: the end-of-document token that
+    ``min_tokens`` masks (besides each request's ``stop_token_ids``); None: none.
     """
 
-    def __init__(self, *, seed: int | None = None) -> None:
+    def __init__(self, *, seed: int | None = None, eos_token_id: int | None = None) -> None:
         self.seed = seed
+        self.eos_token_id = eos_token_id
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
@@ -258,9 +342,17 @@ class Sampler:
         num_rows, vocab = logits.shape
         device = logits.device
         params = [s.params for s in states]
-        if not logprobs and all(p.temperature < GREEDY_BELOW and not p.logprobs and not p.penalised for p in params):
+        masked = [self._stops_masked(s) for s in states]
+        plain = not any(masked) and all(p.logit_bias is None for p in params)
+        if (
+            plain
+            and not logprobs
+            and all(p.temperature < GREEDY_BELOW and not p.logprobs and not p.penalised for p in params)
+        ):
             return SampleOutput(token_ids=logits.argmax(dim=-1), logprob=None, top_logprobs=None)
         x = logits.to(torch.float32, copy=True)  # (S, V)
+        if not plain:
+            apply_logit_bias(x, params, masked)
 
         penalised = [i for i, p in enumerate(params) if p.penalised]
         if penalised:
@@ -292,6 +384,14 @@ class Sampler:
             values, ids = torch.topk(x, min(top_n, vocab), dim=-1)
             top = TopLogprobs(ids=ids, values=values - norm[:, None])
         return SampleOutput(token_ids=token_ids, logprob=logprob, top_logprobs=top)
+
+    def _stops_masked(self, state: SamplingState) -> list[int]:
+        """The stop tokens ``min_tokens`` masks for ``state``'s next token (empty once it has enough output)."""
+        params = state.params
+        if len(state.output_token_ids) >= params.min_tokens:
+            return []
+        eos = self.eos_token_id
+        return [*params.stop_token_ids, *([eos] if eos is not None and not params.ignore_eos else [])]
 
     def _apply_penalties(self, x: torch.Tensor, states: list[SamplingState], rows: list[int], num_rows: int) -> None:
         """Penalise rows ``rows`` of ``x`` (S, V) in place, updating each state's device counts first."""

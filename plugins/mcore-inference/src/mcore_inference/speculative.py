@@ -34,7 +34,9 @@ the main cache rolls back the rejected drafts. Greedy output is the plain engine
 position), up to the rounding of a multi-token versus a one-token attention call.
 
 Requests with penalties or logprobs do not draft (their target rows would need per-row sampling states): they
-decode one token per step beside the others. Draws: a request with a ``seed`` takes its draft, acceptance and
+decode one token per step beside the others; so do requests short of their ``min_tokens`` (the engine gives them
+no drafts until then). ``logit_bias`` applies to the drafts and to the target rows alike (``target_distribution``):
+greedy output with a bias is the plain engine's with that bias. Draws: a request with a ``seed`` takes its draft, acceptance and
 resampling noise from the seeded hash of ``sampling.seeded_log_exponentials`` at each token's position (three
 salts), so its output depends only on the seed and the draft model; the others use the speculator's generator.
 

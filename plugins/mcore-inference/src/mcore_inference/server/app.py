@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -55,6 +56,8 @@ _log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20
 #: ``max_tokens`` when a request gives none and the engine has no ``max_model_len`` to fill.
 DEFAULT_MAX_TOKENS = 256
+#: The request fields an error's ``param`` may name.
+_PARAM_NAMES = frozenset(CompletionRequest.model_fields) | frozenset(ChatCompletionRequest.model_fields)
 #: How often a non-streaming request checks whether its client is still there (seconds).
 _DISCONNECT_POLL = 0.2
 
@@ -188,7 +191,7 @@ class _Group:
         try:
             self.ids = await asyncio.shield(asyncio.wrap_future(future))
         except UserError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param=_param_named(str(exc))) from None
         except QueueFull as exc:
             raise APIError(429, str(exc), code="rate_limit_exceeded") from None
         except asyncio.CancelledError:  # the client left while the group was being added: abort it once added
@@ -345,7 +348,7 @@ class _Server:
         try:
             return req.sampling_params(max_tokens=max_tokens, logprobs=logprobs)  # type: ignore[no-any-return]
         except UserError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param=_param_named(str(exc))) from None
 
     def top_by_text(self, entry: dict[int, float]) -> dict[str, float]:
         """``{token text: logprob}``, most likely first; tokens that decode alike (byte pieces of a character: all
@@ -607,6 +610,15 @@ class _Server:
         if req.include_usage:
             yield dumps(head | {"choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
         yield dumps("[DONE]")
+
+
+def _param_named(message: str) -> str | None:
+    """The request field a ``SamplingParams`` error names (``SamplingParams.logit_bias[5] = ...``, ``logit_bias key
+    'abc': ...`` -> ``logit_bias``), for the error body's ``param``; None when it names none."""
+    match = re.match(r"(?:SamplingParams\.)?([a-z_]+)\b", message)
+    if match is None or match.group(1) not in _PARAM_NAMES:
+        return None
+    return match.group(1)
 
 
 def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:

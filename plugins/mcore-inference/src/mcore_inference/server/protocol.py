@@ -2,16 +2,19 @@
 
 Why it exists: pydantic checks types (strictly, as OpenAI does) and ranges (a wrong value is a 400 naming the field); unknown fields are
 rejected rather than silently ignored, so a client never believes an option took effect when it did not. Value
-checks that ``SamplingParams`` owns (temperature, top-p, penalties, ...) are left to it: its ``UserError`` becomes a
-400 with its message.
+checks that ``SamplingParams`` owns (temperature, top-p, penalties, logit bias ranges, ...) are left to it: its
+``UserError`` becomes a 400 with its message. ``logit_bias`` keys are token ids written as JSON strings (OpenAI's
+form); a key that is not an integer is a 400 naming it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mcore.errors import UserError
 from mcore_inference.sampling import MAX_LOGPROBS, SamplingParams
 
 #: Most choices one request may ask for.
@@ -45,6 +48,8 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}, OpenAI's form
+    min_tokens: int | None = None  # vLLM's: no stop token or stop string before this many output tokens
     user: str | None = None  # accepted and unused, as OpenAI's clients send it
 
     def sampling_params(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -56,8 +61,11 @@ class _Sampling(_Strict):
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
             if getattr(self, name) is not None:
                 given[name] = getattr(self, name)
+        if self.min_tokens is not None:
+            given["min_tokens"] = self.min_tokens
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
+            logit_bias=_logit_bias(self.logit_bias),
             max_tokens=max_tokens,
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -70,6 +78,18 @@ class _Sampling(_Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+def _logit_bias(given: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}`` with int keys (``SamplingParams`` checks the ids and biases)."""
+    if given is None:
+        return None
+    for key in given:
+        if not re.fullmatch(r"-?[0-9]+", key):
+            raise UserError(
+                f'logit_bias key {key!r}: must be a token id, an integer written as a string (e.g. "50256")'
+            )
+    return {int(key): bias for key, bias in given.items()}
 
 
 class CompletionRequest(_Sampling):
