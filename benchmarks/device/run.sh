@@ -75,6 +75,9 @@ t_b_serv() {
   $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections server --repeats 3 --server-requests 64 \
     --server-output 128 --kv-gib 8
 }
+t_b_wl() {  # issue 20: 256 long-tailed requests (engine vs HF generate in fixed batches), then the prefix-cache section
+  $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections workload prefix --repeats 3 --kv-gib 16
+}
 t_b_servo() {  # the server section with overlapped decode in the engines
   $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections server --repeats 3 --server-requests 64 \
     --server-output 128 --kv-gib 8 --overlap-decode
