@@ -2,8 +2,9 @@
 
 Why: the dispatcher sorts a token's K slots to rows grouped by expert, so each row comes from exactly one slot
 and each token's rows are known (``positions (N, K)``: the row of each slot, -1 where the slot has none). The
-combine then needs no ``index_add`` into an fp32 buffer: one program per token gathers its K rows, multiplies them
-by the routing weights and sums over K in fp32 registers, storing the sum once in the rows' dtype. Its backward is
+combine then needs no ``index_add`` into an fp32 buffer: one program per token and column block gathers its K rows
+one after the other, multiplies them by the routing weights and sums them in fp32 registers, storing the sum once
+in the rows' dtype. Its backward is
 as deterministic (no atomics): the same program reads the token's output gradient once per H block, writes each of
 its rows' gradient ``w * d out`` (every row belongs to one slot: no two programs write one row) and accumulates the
 K weight gradients ``<d out, row>`` in registers. The permutation's own backward (rows back to tokens) is the
@@ -19,28 +20,30 @@ import triton
 import triton.language as tl
 
 _BLOCK_H = 256
+#: Columns of one ``_gather_sum`` program. A tile of the token's K rows reduced over K (the earlier kernel, 256
+#: columns) moved 0.5 TB/s; K 1-D row loads summed in registers move 2.8 TB/s (95% of a copy) at 256 to 2048
+#: columns (``benchmarks/device/sweep_gather_sum.py``, H100, 2026-12-07: 8192 x 8 x 2048 in 108.9 us against
+#: 606 us).
+_GATHER_BLOCK_H = 1024
 
 
 @triton.jit
-def _gather_sum(
-    ROWS, POS, W, OUT, H, K: tl.constexpr, K_PAD: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """``OUT[t, cols] = sum over k of W[t, k] * ROWS[POS[t, k], cols]`` (slots with ``POS < 0`` give nothing), one
-    token each, its H columns in blocks."""
+def _gather_sum(ROWS, POS, W, OUT, H, K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``OUT[t, cols] = sum over k of W[t, k] * ROWS[POS[t, k], cols]`` (slots with ``POS < 0`` give nothing): program
+    ``(t, c)`` takes token ``t``'s column block ``c``, its K rows read one after the other into fp32 registers."""
     t = tl.program_id(0).to(tl.int64)
-    ks = tl.arange(0, K_PAD)  # (K_PAD,)
-    pos = tl.load(POS + t * K + ks, mask=ks < K, other=-1)  # (K_PAD,) int64 row of each slot
-    valid = pos >= 0
-    if WEIGHTED:
-        w = tl.load(W + t * K + ks, mask=valid, other=0.0).to(tl.float32)  # (K_PAD,)
-    for start in range(0, H, BLOCK_H):
-        cols = start + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
-        cmask = cols < H
-        tile = tl.load(ROWS + pos[:, None] * H + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
-        tile = tile.to(tl.float32)  # (K_PAD, BLOCK_H)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+    cmask = cols < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(K):
+        pos = tl.load(POS + t * K + k)  # int64 row of slot k; < 0: none
+        valid = cmask & ((tl.zeros([BLOCK_H], dtype=tl.int64) + pos) >= 0)  # (BLOCK_H,): a vector mask
+        row = tl.load(ROWS + pos * H + cols, mask=valid, other=0.0).to(tl.float32)  # (BLOCK_H,)
         if WEIGHTED:
-            tile = tile * w[:, None]
-        tl.store(OUT + t * H + cols, tl.sum(tile, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+            weight = tl.load(W + t * K + k).to(tl.float32)  # (in bounds: (N, K)); a dropped slot's is not used
+            row = row * tl.where(pos >= 0, weight, 0.0)
+        acc += row
+    tl.store(OUT + t * H + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -73,9 +76,8 @@ def gather_sum(rows: torch.Tensor, positions: torch.Tensor, weights: torch.Tenso
     out = rows.new_empty((n, h))
     if n:
         w = positions if weights is None else weights.contiguous()  # (an unread placeholder when unweighted)
-        grid = (n,)  # one program a token (a (token, column block) grid of tiny programs was latency-bound)
-        k_pad = max(2, triton.next_power_of_2(k))  # (a power of two; not 1: a (1, BLOCK_H) tile)
-        _gather_sum[grid](rows, positions, w, out, h, K=k, K_PAD=k_pad, WEIGHTED=weights is not None, BLOCK_H=_BLOCK_H)
+        grid = (n, triton.cdiv(h, _GATHER_BLOCK_H))
+        _gather_sum[grid](rows, positions, w, out, h, K=k, WEIGHTED=weights is not None, BLOCK_H=_GATHER_BLOCK_H)
     return out
 
 
