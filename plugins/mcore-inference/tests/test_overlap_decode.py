@@ -200,3 +200,23 @@ def test_overlapped_cuda_graph_decode_gives_the_plain_graph_tokens_on_gpu() -> N
     )
     _same(plain, overlapped)
     assert engine.num_overlapped_steps >= 8 and engine.decoder is not None and engine.decoder.num_replays > 0
+
+
+def test_llm_overlaps_by_default_only_where_graphs_run() -> None:
+    """``LLM(overlap_decode=None)``: on with CUDA graphs (and no speculation), so off on the CPU; ``True`` without graphs
+    stays off too (nothing to overlap)."""
+    from mcore_inference.llm import LLM
+
+    for overlap in (None, True, False):
+        llm = LLM(ToyLM(), device="cpu", block_size=4, num_blocks=16, overlap_decode=overlap)  # type: ignore[arg-type]
+        assert not llm.engine.overlap_decode and llm.engine.decoder is None
+
+
+@pytest.mark.gpu
+def test_llm_overlaps_cuda_graph_decode_by_default_on_gpu() -> None:
+    from mcore_inference.llm import LLM
+
+    model = _soft_model().cuda()
+    options = {"block_size": 4, "num_blocks": 64, "max_model_len": 64, "cuda_graphs": True}
+    assert LLM(model, **options).engine.overlap_decode  # type: ignore[arg-type]
+    assert not LLM(model, overlap_decode=False, **options).engine.overlap_decode  # type: ignore[arg-type]

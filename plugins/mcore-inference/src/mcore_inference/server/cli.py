@@ -64,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overlap-decode",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="launch each CUDA-graph decode step before reading the one before it (host work hidden behind the GPU)",
+        default=None,
+        help="launch each CUDA-graph decode step before reading the one before it (host work hidden behind the GPU; "
+        "default: on with CUDA graphs and no speculation)",
     )
     parser.add_argument(
         "--seed", type=int, default=None, help="the engine's sampling seed (default: none; 0 with --ep)"

@@ -154,6 +154,8 @@ def serve_ep(args: Any, options: dict[str, Any], common: dict[str, Any], templat
         model = shard_over_ep(model, mesh, ep)
         print(f"mcore serve: rank {rank} of {ep}: {_sharding(model)}", file=sys.stderr)
         seed = options.pop("seed")
+        if options.get("overlap_decode") is None:  # lockstep ranks with overlap: not yet run on several GPUs
+            options["overlap_decode"] = False
         llm = LLM(model, tokenizer=tokenizer, seed=0 if seed is None else seed, lockstep_group=group, **options)
         lock = _ServingLockstep(llm.engine, keepalive_s=min(KEEPALIVE_S, timeout / 4))
         if rank == 0:
