@@ -87,6 +87,7 @@ def test_bad_biases_are_400s_naming_the_field_and_the_server_goes_on(
         ({"logit_bias": {"abc": 1}}, "'abc'"),
         ({"logit_bias": {str(X): 101}}, "101"),
         ({"logit_bias": {"-3": 1}}, "-3"),
+        ({"logit_bias": {"7": 1, "07": 2}}, "same token id"),  # one id twice once the keys are ints
         ({"logit_bias": {"300": 1}}, "vocabulary"),  # past the byte tokenizer's 257: the engine refuses it
         ({"logit_bias": {str(i): 1 for i in range(301)}}, "301 entries"),
     ]

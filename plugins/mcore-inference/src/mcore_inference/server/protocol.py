@@ -89,7 +89,10 @@ def _logit_bias(given: dict[str, float] | None) -> dict[int, float] | None:
             raise UserError(
                 f'logit_bias key {key!r}: must be a token id, an integer written as a string (e.g. "50256")'
             )
-    return {int(key): bias for key, bias in given.items()}
+    bias = {int(key): value for key, value in given.items()}
+    if len(bias) != len(given):  # "1" and "01": one token id twice
+        raise UserError("logit_bias: two keys name the same token id (write each id once, without leading zeros)")
+    return bias
 
 
 class CompletionRequest(_Sampling):
