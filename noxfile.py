@@ -107,14 +107,20 @@ SHARED_DEPS = ROOT / ".nox" / "_shared_deps"
 SHARED_STAMP = ".mcore-shared-deps.json"
 
 
+#: Triton where it has wheels: on a CPU machine its interpreter runs every kernel's CPU tests (each checked against
+#: its reference, every load and store bounds-checked: ``mcore_testing.interpreter_bounds``); without it they skip.
+KERNEL_TEST_REQUIREMENTS = ["triton; platform_system == 'Linux' and platform_machine == 'x86_64'"]
+
+
 def shared_requirements(core_pyproject: Path = ROOT / CORE / "pyproject.toml") -> list[str]:
     """mcore-core's third-party dependencies and ``test`` extra (every session installs them), hatchling and
-    editables (our editable builds, without build isolation); not torch (``torch_install_args``' choice), not ours."""
+    editables (our editable builds, without build isolation), Triton for the kernels' interpreter tests
+    (``KERNEL_TEST_REQUIREMENTS``); not torch (``torch_install_args``' choice), not ours."""
     project = tomllib.loads(core_pyproject.read_text())["project"]
     wanted = [*project["dependencies"], *project.get("optional-dependencies", {}).get("test", [])]
     names = [canonicalize_name(Requirement(r).name) for r in wanted]
     keep = [r for r, n in zip(wanted, names, strict=True) if n != "torch" and not n.startswith("mcore-")]
-    return [*dict.fromkeys([*keep, "hatchling", "editables"])]
+    return [*dict.fromkeys([*keep, "hatchling", "editables", *KERNEL_TEST_REQUIREMENTS])]
 
 
 def _stamp(torch_args: tuple[str, ...], requirements: list[str], python: str) -> dict[str, object]:

@@ -191,6 +191,15 @@ def test_hybrid_specs_support_static_decode(model: GPT) -> None:
     assert not PagedKVCache(specs, block_size=4, num_blocks=8).static_decode_ok  # no scratch block
 
 
+def _first_difference(got: list[list[int]], want: list[list[int]]) -> str:
+    """Which prompt's tokens differ first, and where: a GPU failure read from one line of the log."""
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        if g != w:
+            at = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+            return f"prompt {i}: token {at} differs: got {g} want {w}"
+    return "equal"
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -213,13 +222,22 @@ def test_hybrid_cuda_graph_tokens_equal_eager_static_tokens(name: str) -> None:
     }
     graphs = LLMEngine(model, cuda_graphs=True, **kwargs)
     eager = LLMEngine(model, static_decode=True, **kwargs)
-    assert run_arrivals(graphs, prompts, arrive, params) == run_arrivals(eager, prompts, arrive, params)
+    want = run_arrivals(eager, prompts, arrive, params)
+    got = run_arrivals(graphs, prompts, arrive, params)
+    assert got == want, f"graphs vs eager static steps:\n{_first_difference(got, want)}"
     assert graphs.decoder is not None and graphs.decoder.num_replays >= 5
     assert eager.decoder is not None and eager.decoder.num_replays == 0 and eager.decoder.num_static >= 5
     overlapped = LLMEngine(model, cuda_graphs=True, overlap_decode=True, **kwargs)
-    assert run_arrivals(overlapped, prompts, arrive, params) == run_arrivals(eager, prompts, arrive, params)
-    llm = LLM(model, block_size=16, num_blocks=64, max_model_len=256, cuda_graphs=True)
+    got = run_arrivals(overlapped, prompts, arrive, params)
+    assert got == want, f"overlapped graphs vs eager static steps:\n{_first_difference(got, want)}"
+    # LLM schedules with its own defaults (a 2048-token budget: every prompt prefilled in one step, prefix caching,
+    # overlapped decode): its eager twin is an engine with the same settings stepping statically without graphs
+    llm_settings: dict[str, Any] = {"block_size": 16, "num_blocks": 64, "max_model_len": 256}
+    llm = LLM(model, **llm_settings, cuda_graphs=True)
     assert llm.engine.decoder is not None and llm.engine.decoder.cuda_graphs
-    assert [c.token_ids for c in llm.generate(prompts, params)] == run_arrivals(eager, prompts, [0] * 6, params)
+    twin = LLMEngine(model, static_decode=True, max_num_batched_tokens=2048, enable_prefix_caching=True, **llm_settings)
+    got = [c.token_ids for c in llm.generate(prompts, params)]
+    want = run_arrivals(twin, prompts, [0] * len(prompts), params)
+    assert got == want, f"LLM(cuda_graphs=True) vs its eager static twin:\n{_first_difference(got, want)}"
     off = LLM(model, block_size=16, num_blocks=64, max_model_len=256, cuda_graphs=False)
     assert off.engine.decoder is None

@@ -73,13 +73,14 @@ def test_gpu_detection_runs_nvidia_smi(noxfile: ModuleType) -> None:
 def test_shared_layer_is_cores_third_party_requirements(noxfile: ModuleType, tmp_path: Path) -> None:
     """The layer every session shares holds what each session installed anyway: mcore-core's third-party
     dependencies and ``test`` extra (never torch, chosen apart, nor one of our packages), plus the build backend
-    our editable installs use without isolation."""
+    our editable installs use without isolation, and Triton where it has wheels (the kernels' interpreter tests)."""
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text(
         '[project]\nname = "mcore-core"\ndependencies = ["torch>=2.11", "pluggy>=1.5", "torchao>=0.1", "numpy"]\n'
         '[project.optional-dependencies]\ntest = ["pytest>=8", "mcore-testing", "numpy", "Mcore_Other>=1"]\n'
     )
     got = noxfile.shared_requirements(pyproject)
-    assert got == ["pluggy>=1.5", "torchao>=0.1", "numpy", "pytest>=8", "hatchling", "editables"]
+    triton = "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"
+    assert got == ["pluggy>=1.5", "torchao>=0.1", "numpy", "pytest>=8", "hatchling", "editables", triton]
     real = noxfile.shared_requirements()
-    assert "hatchling" in real and not any(r.startswith(("torch", "mcore")) for r in real)
+    assert "hatchling" in real and triton in real and not any(r.startswith(("torch", "mcore")) for r in real)

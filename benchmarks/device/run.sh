@@ -47,6 +47,7 @@ t_kp_gdn() { $PY $D/profile_gdn.py; }
 t_kp_eng() { $PY $D/profile_engine.py; }
 t_kp_graph() { $PY $D/profile_decode_graph.py; }
 t_skinny() { $PY $D/sweep_skinny_gemm.py; }  # decode-shape GEMMs: cuBLAS vs a Triton skinny GEMM, GB/s vs copy
+t_splits() { $PY $D/sweep_decode_splits.py; }  # the paged decode kernel: min keys a split, keys a step, warps
 t_sweepg() { $PY $D/sweep_gather_sum.py; }
 t_b_moe() { $PY plugins/mcore-moe/benchmarks/bench_moe.py --skip-loop --repeats 5; }
 t_gdnv2() {  # the opt-in v2 GDN forward: its GPU tests, then timed against the default and fla

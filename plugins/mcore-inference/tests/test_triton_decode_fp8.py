@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +24,7 @@ from mcore_inference.attention import paged_decode_torch
 from mcore_inference.kv_quant import calibrate, dequantize, quantize
 
 from mcore.protocols import PagedKV
+from mcore_testing.interpreted import interpreted_lines
 
 #: (name, GQA group, lengths, window, head dim, value dim, a hole at (sequence, block) or None)
 CASES: list[tuple[str, int, list[int], int | None, int, int, tuple[int, int] | None]] = [
@@ -148,17 +145,9 @@ def interpreted_main() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CPU CI env)")
 def test_triton_decode_reads_fp8_pages_like_the_torch_path() -> None:
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH", "")]))
-    script = "import torch; torch.set_num_threads(1); import test_triton_decode_fp8 as t; t.interpreted_main()"
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=here
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    records = interpreted_lines(__file__)
     names = [c[0] for c in CASES] + ["every-code", "plain-fp32"]
-    assert [r["name"] for r in records] == names, done.stdout[-3000:]
+    assert [r["name"] for r in records] == names, records
     for r in records:
         assert r["dtype"] == "torch.float32" and r["finite"], r
         assert r["rel_torch"] < 1e-5 and r["rel_f64"] < 1e-5, r  # NaN fails both

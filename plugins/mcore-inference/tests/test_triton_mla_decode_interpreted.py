@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +23,7 @@ from mcore_inference.attention import paged_decode_torch
 from mcore_inference.kv_quant import calibrate, quantize
 
 from mcore.protocols import PagedKV
+from mcore_testing.interpreted import interpreted_lines
 
 #: (name, key heads, group, lengths, window, key dim, value dim, FP8, a -1 hole at (sequence, block) or None)
 CASES: list[tuple[str, int, int, list[int], int | None, int, int, bool, tuple[int, int] | None]] = [
@@ -173,18 +170,8 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 @needs_triton
 def test_triton_mla_decode_matches_the_torch_path_in_the_interpreter() -> None:
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), env.get("PYTHONPATH", "")]))
-    script = (
-        "import torch; torch.set_num_threads(1); import test_triton_mla_decode_interpreted as t; t.interpreted_main()"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=here
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [r["name"] for r in records] == [c[0] for c in CASES] + ["backend"], done.stdout[-3000:]
+    records = interpreted_lines(__file__)
+    assert [r["name"] for r in records] == [c[0] for c in CASES] + ["backend"], records
     for r in records[:-1]:
         assert r["dtype"] == "torch.float32" and r["half_dtype"] == "torch.float16", r
         assert r["shape_ok"] and r["finite"], r

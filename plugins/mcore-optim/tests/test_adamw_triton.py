@@ -36,6 +36,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _case(low: bool, scaled: bool, seed: int) -> dict[str, Any]:
     """Four steps of the kernel and of the reference from the same state; the worst relative errors."""
     from mcore_optim.adamw_triton import adamw_step_triton
+    from mcore_testing.interpreter_bounds import allowed
 
     g = torch.Generator().manual_seed(seed)
     masters = [torch.randn(n, generator=g) for n in SIZES]
@@ -55,10 +56,11 @@ def _case(low: bool, scaled: bool, seed: int) -> dict[str, Any]:
         if low:
             grads = [x.to(torch.bfloat16) for x in grads]
         scale = torch.tensor(0.37) if scaled else None
-        adamw_step_triton(
-            ours_w, grads, ours_m, ours_v, ours_t, list(params) if params else [None] * len(SIZES),
-            grad_scale=scale, cache=cache, **HYPER,
-        )  # fmt: skip
+        with allowed(*ours_w, *grads, *ours_m, *ours_v, *ours_t, *(params or [])):  # reached through address tables
+            adamw_step_triton(
+                ours_w, grads, ours_m, ours_v, ours_t, list(params) if params else [None] * len(SIZES),
+                grad_scale=scale, cache=cache, **HYPER,
+            )  # fmt: skip
         wide = [x.float() for x in grads]
         if scale is not None:
             torch._foreach_mul_(wide, scale)
@@ -76,6 +78,7 @@ def _case(low: bool, scaled: bool, seed: int) -> dict[str, Any]:
 def _guarded_case() -> dict[str, Any]:
     """A bad step (``ok`` false) leaves every tensor as it was; a good one equals the unguarded step."""
     from mcore_optim.adamw_triton import adamw_step_triton
+    from mcore_testing.interpreter_bounds import allowed
 
     g = torch.Generator().manual_seed(11)
 
@@ -88,12 +91,14 @@ def _guarded_case() -> dict[str, Any]:
     guarded = state()
     before = [[x.clone() for x in part] for part in guarded]
     w, m, v, t, p = guarded
-    adamw_step_triton(w, grads, m, v, t, list(p), grad_scale=torch.tensor(0.5), ok=torch.tensor(False), **HYPER)
+    with allowed(*grads, *w, *m, *v, *t, *p):  # reached through address tables
+        adamw_step_triton(w, grads, m, v, t, list(p), grad_scale=torch.tensor(0.5), ok=torch.tensor(False), **HYPER)
     untouched = all(torch.equal(a, b) for part, old in zip(guarded, before) for a, b in zip(part, old))
     plain = [[x.clone() for x in part] for part in before]
     pw, pm, pv, pt, pp = plain
-    adamw_step_triton(pw, grads, pm, pv, pt, list(pp), grad_scale=torch.tensor(0.5), **HYPER)
-    adamw_step_triton(w, grads, m, v, t, list(p), grad_scale=torch.tensor(0.5), ok=torch.tensor(True), **HYPER)
+    with allowed(*grads, *w, *m, *v, *t, *p, *pw, *pm, *pv, *pt, *pp):
+        adamw_step_triton(pw, grads, pm, pv, pt, list(pp), grad_scale=torch.tensor(0.5), **HYPER)
+        adamw_step_triton(w, grads, m, v, t, list(p), grad_scale=torch.tensor(0.5), ok=torch.tensor(True), **HYPER)
     same = all(torch.equal(a, b) for part, other in zip(guarded, plain) for a, b in zip(part, other))
     return {"name": "guarded", "bad_step_untouched": untouched, "good_step_equals_unguarded": same}
 

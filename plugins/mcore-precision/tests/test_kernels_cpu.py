@@ -66,6 +66,9 @@ def interp() -> Iterator[SimpleNamespace]:
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")  # while the tests run too: Triton reads it at launches
+        from mcore_testing.interpreter_bounds import install
+
+        install()  # every interpreted load and store is bounds-checked (only interpreted launches are affected)
         try:
             mods = SimpleNamespace(**{m: importlib.import_module(f"mcore_precision.kernels.{m}") for m in _MODULES})
         finally:

@@ -55,14 +55,20 @@ def scan_inputs(
 
 
 def run_interpreted(script: str, count: int, timeout: int = 300) -> list[float]:
-    """Run ``script`` under ``TRITON_INTERPRET=1`` and return the ``count`` numbers it prints (skipped without
-    Triton: not a dependency of the package, only the GPU path needs it)."""
+    """Run ``script`` under ``TRITON_INTERPRET=1`` (every masked load and store bounds-checked:
+    ``mcore_testing.interpreter_bounds``) and return the ``count`` numbers it prints (skipped without Triton: not a
+    dependency of the package, only the GPU path needs it)."""
     pytest.importorskip("triton")
     here = os.path.dirname(os.path.abspath(__file__))  # the script may import this module
     path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH", "")]))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    bounds = "from mcore_testing.interpreter_bounds import install\ninstall()\n"  # out-of-bounds accesses raise
     run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", bounds + textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     numbers = [float(x) for x in run.stdout.split()]

@@ -35,6 +35,7 @@ from mcore_inference.attention import paged_decode_torch
 
 _BLOCK_N = 64  # keys per inner iteration
 _MIN_SPLIT = 256  # fewest keys one split covers
+_NUM_WARPS = 4  # of the split kernel (benchmarks/device/sweep_decode_splits.py sweeps these three)
 
 
 @triton.jit
@@ -323,5 +324,6 @@ def paged_decode_triton(
         HAS_WINDOW=window is not None,
         FP8=ops.fp8,
         DIRECT=direct,
+        num_warps=_NUM_WARPS,
     )
     return out if direct else merge_splits(mid, lse, out, block_dv)
