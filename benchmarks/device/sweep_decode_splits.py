@@ -8,13 +8,17 @@ Each candidate runs as a CUDA graph of ``CALLS`` calls (launch cost excluded, as
 rotated rounds; correctness: every candidate against the torch path in fp32 (rel err < 1e-2 in bf16).
 
     python benchmarks/device/sweep_decode_splits.py            (on the GPU machine; ``run.sh splits``)
+    python benchmarks/device/sweep_decode_splits.py --baseline old_triton_decode.py   (an earlier kernel file too)
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
-import math
+import importlib.util
 import statistics
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from mcore_inference import triton_decode
@@ -76,9 +80,22 @@ def timed_graph(fn: object) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def baseline_kernel(path: str) -> Callable[..., Any]:
+    """``paged_decode_triton`` of an earlier version of ``triton_decode.py`` at ``path`` (its defaults)."""
+    spec = importlib.util.spec_from_file_location("baseline_triton_decode", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.paged_decode_triton  # type: ignore[no-any-return]
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default=None, help="an earlier triton_decode.py, timed as the first row")
+    args = parser.parse_args()
+    baseline = baseline_kernel(args.baseline) if args.baseline else None
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}")
-    print("| shape | min_split | block_n | warps | splits | us/call median | min | max | vs default | rel err |")
+    print("| shape | min_split | block_n | warps | splits | us/call median | min | max | vs first row | rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, batch, context, width, heads, kv_heads in SHAPES:
         q, paged = pages(batch, context, width, heads, kv_heads)
@@ -91,30 +108,37 @@ def main() -> None:
             seq_lens=paged.seq_lens,
         )
         want = paged_decode_torch(q.float(), as_float, 128, scale, None)
-        graphs, errors, splits = {}, {}, {}
+        graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        errors: dict[Any, float] = {}
+        splits: dict[Any, int | str] = {}
+        if baseline is not None:
+            got = baseline(q, paged, 128, scale, None)
+            errors["baseline"] = float((got.float() - want).norm() / want.norm())
+            graphs["baseline"] = timed_graph(functools.partial(baseline, q, paged, 128, scale, None))
+            splits["baseline"] = "-"
         for cand in CANDIDATES:
             configure(*cand)
             got = triton_decode.paged_decode_triton(q, paged, 128, scale, None)
             errors[cand] = float((got.float() - want).norm() / want.norm())
             graphs[cand] = timed_graph(functools.partial(triton_decode.paged_decode_triton, q, paged, 128, scale, None))
-            wanted = triton_decode.num_splits(batch * kv_heads, width, triton_decode._num_sms(q.device))
-            split_tokens = math.ceil(math.ceil(width / wanted) / cand[1]) * cand[1]  # as paged_decode_triton rounds
-            splits[cand] = math.ceil(width / split_tokens)
-        times: dict[tuple[int, int, int], list[float]] = {c: [] for c in CANDIDATES}
+            splits[cand] = triton_decode.num_splits(batch * kv_heads, width, triton_decode._num_sms(q.device))
+        order = list(graphs)
+        times: dict[Any, list[float]] = {c: [] for c in order}
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for r in range(ROUNDS):
-            for cand in CANDIDATES[r % len(CANDIDATES) :] + CANDIDATES[: r % len(CANDIDATES)]:
+            for cand in order[r % len(order) :] + order[: r % len(order)]:
                 start.record()
                 graphs[cand].replay()
                 end.record()
                 end.synchronize()
                 times[cand].append(start.elapsed_time(end) * 1e3 / CALLS)
-        base = statistics.median(times[CANDIDATES[0]])
-        for cand in CANDIDATES:
+        base = statistics.median(times[order[0]])
+        for cand in order:
             t = times[cand]
             med = statistics.median(t)
+            knobs = "baseline | - | -" if cand == "baseline" else f"{cand[0]} | {cand[1]} | {cand[2]}"
             print(
-                f"| {name} | {cand[0]} | {cand[1]} | {cand[2]} | {splits[cand]} | {med:.2f} | {min(t):.2f} | "
+                f"| {name} | {knobs} | {splits[cand]} | {med:.2f} | {min(t):.2f} | "
                 f"{max(t):.2f} | {base / med:.2f}x | {errors[cand]:.1e} |"
             )
         configure(*CANDIDATES[0])

@@ -141,14 +141,36 @@ def interpreted_main() -> None:
     record = {"name": "plain-fp32", "dtype": str(got.dtype), "finite": bool(torch.isfinite(got).all())}
     record |= {"rel_torch": _rel(got, want), "rel_f64": _rel(fp8, got), "exact": False}  # fp8 vs dequantised
     print(json.dumps(record), flush=True)
+    # a static step's table: padded with -1 far past every length, so the splits (from the width) outnumber what
+    # the short sequences fill; each sequence's keys are cut over all of them
+    q, paged, key_scale, value_scale = runs[2][1]  # split-k-gqa8: 700, 3 and 257 keys, dequantised to fp32
+    assert paged.value_cache is not None
+    plain = PagedKV(
+        key_cache=dequantize(paged.key_cache, key_scale, torch.float32),
+        value_cache=dequantize(paged.value_cache, value_scale, torch.float32),
+        block_table=paged.block_table,
+        seq_lens=paged.seq_lens,
+    )
+    hdv = paged.value_cache.shape[-1]
+    wide = torch.full((plain.block_table.shape[0], 256), -1, dtype=plain.block_table.dtype)  # 4096 keys: 16 splits
+    wide[:, : plain.block_table.shape[1]] = plain.block_table
+    padded = PagedKV(key_cache=plain.key_cache, value_cache=plain.value_cache, block_table=wide, seq_lens=plain.seq_lens)
+    for name, window in (("padded-table", None), ("padded-table-window", 300)):
+        got = paged_decode_triton(q, padded, hdv, 0.7, window)
+        want = paged_decode_torch(q, plain, hdv, 0.7, window)
+        want64 = paged_decode_torch(q.double(), plain, hdv, 0.7, window)
+        record = {"name": name, "dtype": str(got.dtype), "finite": bool(torch.isfinite(got).all())}
+        record |= {"rel_torch": _rel(got, want), "rel_f64": _rel(got, want64), "exact": False}
+        print(json.dumps(record), flush=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CPU CI env)")
 def test_triton_decode_reads_fp8_pages_like_the_torch_path() -> None:
     records = interpreted_lines(__file__)
-    names = [c[0] for c in CASES] + ["every-code", "plain-fp32"]
+    names = [c[0] for c in CASES] + ["every-code", "plain-fp32", "padded-table", "padded-table-window"]
     assert [r["name"] for r in records] == names, records
     for r in records:
         assert r["dtype"] == "torch.float32" and r["finite"], r
         assert r["rel_torch"] < 1e-5 and r["rel_f64"] < 1e-5, r  # NaN fails both
-    assert records[-2]["exact"], records[-2]  # every code decodes to torch's value, bit for bit
+    every_code = next(r for r in records if r["name"] == "every-code")
+    assert every_code["exact"], every_code  # every code decodes to torch's value, bit for bit

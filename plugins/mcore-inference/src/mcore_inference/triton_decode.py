@@ -5,7 +5,11 @@ gathers the pages into a padded copy first and masks by the lengths, which costs
 This kernel reads the pages in place, up to each sequence's length only, and fills the GPU at small batch with
 split-K: program ``(s, kv head, split)`` attends the ``GROUP`` query heads of one key/value head over one
 slice of the context (online softmax), writing a partial output and its log-sum-exp; a second kernel merges
-the slices (with one slice, the first kernel writes the output itself: one launch). The grid depends only on shapes (the table's width, not the lengths), so a CUDA graph captures it.
+the slices (with one slice, the first kernel writes the output itself: one launch). The grid depends only on
+shapes (the number of splits comes from the table's width), so a CUDA graph captures it; the slices come from
+each sequence's own length (in the kernel: K slices of ``ceil(L / K)`` keys rounded up to a key tile), so a short
+sequence in a wide table (a static step's table padded to the longest length it may reach, or a batch with one
+long sequence) still spreads its keys over several programs instead of leaving them all to the first slice.
 
 FP8 pages (``kv_cache_dtype="fp8_e4m3"``, ``kv_quant.py``): the kernel loads the pages' bytes, turns them into
 the query's dtype in registers (exact: every E4M3 value is a bf16, fp16 and fp32 value) and folds the per-head
@@ -34,8 +38,21 @@ from mcore.protocols.block import PagedKV
 from mcore_inference.attention import paged_decode_torch
 
 _BLOCK_N = 64  # keys per inner iteration
-_MIN_SPLIT = 256  # fewest keys one split covers
+_MIN_SPLIT = 256  # splits: at most the table's width over this
 _NUM_WARPS = 4  # of the split kernel (benchmarks/device/sweep_decode_splits.py sweeps these three)
+
+
+@triton.jit
+def split_range(length, window, split, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` of split ``split`` (of ``tl.num_programs(2)``): the sequence's keys ``[first, length)``
+    cut in that many slices of whole ``BLOCK_N`` tiles (the last ones may be empty); ``first`` is 0, or with a
+    window the first key inside it (keys ``window`` or more back are never read: their blocks may be freed)."""
+    first = 0
+    if HAS_WINDOW:
+        first = tl.maximum(length - window, 0)
+    per_split = tl.cdiv(tl.cdiv(length - first, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    lo = first + split * per_split
+    return lo, tl.minimum(lo + per_split, length)
 
 
 @triton.jit
@@ -65,7 +82,6 @@ def _split_kernel(
     stride_lh,
     scale,
     window,
-    split_tokens,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     VALUE_DIM: tl.constexpr,
@@ -82,10 +98,7 @@ def _split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lens_ptr + seq)
-    lo = split * split_tokens
-    hi = tl.minimum(lo + split_tokens, length)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, length - window)  # keys at least `window` back are never read (freed blocks too)
+    lo, hi = split_range(length, window, split, HAS_WINDOW, BLOCK_N)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -185,7 +198,7 @@ def _num_sms(device: torch.device) -> int:
 
 def num_splits(programs: int, max_keys: int, sms: int) -> int:
     """Splits of a context of up to ``max_keys`` keys so that ``programs`` (S * nkv) fill about two waves of
-    ``sms``; each split covers at least ``_MIN_SPLIT`` keys."""
+    ``sms``; at most ``max_keys / _MIN_SPLIT`` of them (each sequence's keys are then cut in as many slices)."""
     wanted = math.ceil(2 * sms / max(programs, 1))
     return max(1, min(wanted, math.ceil(max_keys / _MIN_SPLIT)))
 
@@ -276,8 +289,6 @@ def paged_decode_triton(
     group = heads // kv_heads
     max_keys = table.shape[1] * block_size
     splits = num_splits(seqs * kv_heads, max_keys, _num_sms(q.device))
-    split_tokens = math.ceil(math.ceil(max_keys / splits) / _BLOCK_N) * _BLOCK_N
-    splits = math.ceil(max_keys / split_tokens)
     out = torch.empty(seqs, heads, value_dim, dtype=dtype, device=q.device)
     direct = splits == 1  # one split writes the output itself: no partials, no merge launch
     if direct:
@@ -312,7 +323,6 @@ def paged_decode_triton(
         lse.stride(1),
         scale,
         window or 0,
-        split_tokens,
         GROUP=group,
         HEAD_DIM=head_dim,
         VALUE_DIM=value_dim,

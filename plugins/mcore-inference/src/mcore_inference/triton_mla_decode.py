@@ -19,15 +19,13 @@ hd = c + dr key dim, c = hdv value dim, dr = hd - hdv rotary dim, P blocks, bs b
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from mcore.errors import UserError
 from mcore.protocols.block import PagedKV
-from mcore_inference.triton_decode import _num_sms, merge_splits, num_splits, page_operands
+from mcore_inference.triton_decode import _num_sms, merge_splits, num_splits, page_operands, split_range
 
 _BLOCK_H = 16  # query heads per program (tl.dot needs 16 rows)
 _KV_TILE_BYTES = 32 * 1024  # most bytes of one iteration's key tile
@@ -55,7 +53,6 @@ def _mla_split_kernel(
     stride_lh,
     scale,
     window,
-    split_tokens,
     GROUP: tl.constexpr,
     VALUE_DIM: tl.constexpr,
     ROPE_DIM: tl.constexpr,
@@ -77,10 +74,7 @@ def _mla_split_kernel(
     head_ok = g < GROUP
     heads = kv_head * GROUP + g
     length = tl.load(lens_ptr + seq)
-    lo = split * split_tokens
-    hi = tl.minimum(lo + split_tokens, length)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, length - window)  # keys at least `window` back are never read (freed blocks too)
+    lo, hi = split_range(length, window, split, HAS_WINDOW, BLOCK_N)  # this sequence's keys, cut in K slices
     dv = tl.arange(0, BLOCK_DV)
     dr = tl.arange(0, BLOCK_DR)
     n = tl.arange(0, BLOCK_N)
@@ -162,8 +156,6 @@ def paged_mla_decode_triton(
     block_dr = max(16, triton.next_power_of_2(head_dim - value_dim))
     key_bytes = keys.element_size() * (block_dv + block_dr)
     block_n = 64 if 64 * key_bytes <= _KV_TILE_BYTES else 32 if 32 * key_bytes <= _KV_TILE_BYTES else 16
-    split_tokens = math.ceil(math.ceil(max_keys / splits) / block_n) * block_n
-    splits = math.ceil(max_keys / split_tokens)
     mid = torch.empty(seqs, heads, splits, value_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(seqs, heads, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(seqs, heads, value_dim, dtype=dtype, device=q.device)
@@ -188,7 +180,6 @@ def paged_mla_decode_triton(
         lse.stride(1),
         scale,
         window or 0,
-        split_tokens,
         GROUP=group,
         VALUE_DIM=value_dim,
         ROPE_DIM=head_dim - value_dim,
