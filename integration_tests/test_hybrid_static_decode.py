@@ -183,6 +183,16 @@ def test_rollback_after_a_static_step_and_static_speculation_on_recurrent_caches
         engine.cache.begin_static_decode(type(step)(**{**step.__dict__, "queries": 2}))
 
 
+def test_a_second_engine_on_the_model_leaves_the_weights_where_the_first_captured_them(model: GPT) -> None:
+    """Each engine packs the model's jointly projected weights; packing again must not move them: a first engine's
+    CUDA graphs read them by address (the GPU test's graphs-vs-eager engines, and bench_decode's two engines on
+    one model, replayed over freed weights when the second engine repacked)."""
+    LLMEngine(model, block_size=4, num_blocks=16, **STATIC)
+    where = {name: p.data_ptr() for name, p in model.named_parameters()}
+    LLMEngine(model, block_size=4, num_blocks=16, **STATIC)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == where
+
+
 def test_hybrid_specs_support_static_decode(model: GPT) -> None:
     specs = {i: x.spec for i, x in LLMEngine(model, block_size=4, num_blocks=8).cache.layers.items()}
     assert static_decode_supported(specs)

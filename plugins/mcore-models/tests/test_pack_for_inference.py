@@ -57,3 +57,22 @@ def test_training_still_concatenates_and_gets_every_gradient() -> None:
     reference(tokens).sum().backward()
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6), name
+
+
+def test_packing_again_leaves_packed_weights_where_they_are() -> None:
+    """A second engine on one model packs it again: the weights a first engine's CUDA graphs read by address must
+    stay put (moving them left those graphs replaying over freed memory: wrong tokens, illegal accesses)."""
+    model = _model()
+    assert model.pack_for_inference() == 4
+    where = {name: p.data_ptr() for name, p in model.named_parameters()}
+    storages = {name: p.untyped_storage().data_ptr() for name, p in model.named_parameters()}
+    assert model.pack_for_inference() == 4  # still reported packed
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == where
+    assert {name: p.untyped_storage().data_ptr() for name, p in model.named_parameters()} == storages
+    attn = model.layers[1].attention
+    attn.k.weight.data = attn.k.weight.data.clone()  # one weight moved (a load): that group is packed anew
+    assert model.pack_for_inference() == 4
+    q, k = attn.q.weight, attn.k.weight
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+    assert q.data_ptr() != where["layers.1.attention.q.weight"]
+    assert model.layers[0].attention.q.weight.data_ptr() == where["layers.0.attention.q.weight"]  # untouched group

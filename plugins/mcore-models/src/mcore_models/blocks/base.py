@@ -85,6 +85,19 @@ def _adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     reading it and writing and reading a concatenated copy (for a decode step: twice the weight traffic)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return None  # compiled code cannot read storage addresses; the compiler fuses the copy away or keeps it
+    if not _back_to_back(tensors):
+        return None
+    first = tensors[0]
+    rows = sum(t.shape[0] for t in tensors)
+    offset = first.storage_offset()
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        first.untyped_storage(), offset, (rows, *first.shape[1:]), first.stride()
+    )
+
+
+def _back_to_back(tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` lie one after another, contiguous, in one storage (of one dtype, device and row shape):
+    their concatenation is then a view."""
     first = tensors[0]
     expected = first.data_ptr()
     for t in tensors:
@@ -96,13 +109,9 @@ def _adjacent_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
             or t.data_ptr() != expected
             or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
         ):
-            return None
+            return False
         expected += t.numel() * t.element_size()
-    rows = sum(t.shape[0] for t in tensors)
-    offset = first.storage_offset()
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
-        first.untyped_storage(), offset, (rows, *first.shape[1:]), first.stride()
-    )
+    return True
 
 
 @torch.no_grad()
@@ -110,7 +119,9 @@ def pack_linears(linears: tuple[nn.Linear, ...]) -> bool:
     """Put the weights (and biases) of ``linears`` back to back in one new buffer, each parameter a view of
     it (same ``Parameter`` objects), so ``fused_projection`` under ``torch.no_grad`` reads them without a
     concatenated copy. For inference: training layouts that re-create parameters undo it harmlessly. Returns
-    whether it packed (only plain tensors of one dtype and device)."""
+    whether they are packed (only plain tensors of one dtype and device). Weights already back to back stay
+    where they are: a second engine on the same model must not move the weights that a first engine's CUDA
+    graphs read by address (they would replay over freed memory)."""
     for attr in ("weight", "bias"):
         params = [getattr(linear, attr) for linear in linears]
         if all(p is None for p in params):
@@ -120,6 +131,8 @@ def pack_linears(linears: tuple[nn.Linear, ...]) -> bool:
         first = params[0]
         if any(p.dtype != first.dtype or p.device != first.device or p.shape[1:] != first.shape[1:] for p in params):
             return False
+        if _back_to_back([p.data for p in params]):
+            continue
         buffer = torch.cat([p.detach() for p in params])  # (sum of rows, ...)
         start = 0
         for param in params:
