@@ -154,7 +154,9 @@ def interpreted_main() -> None:
     hdv = paged.value_cache.shape[-1]
     wide = torch.full((plain.block_table.shape[0], 256), -1, dtype=plain.block_table.dtype)  # 4096 keys: 16 splits
     wide[:, : plain.block_table.shape[1]] = plain.block_table
-    padded = PagedKV(key_cache=plain.key_cache, value_cache=plain.value_cache, block_table=wide, seq_lens=plain.seq_lens)
+    padded = PagedKV(
+        key_cache=plain.key_cache, value_cache=plain.value_cache, block_table=wide, seq_lens=plain.seq_lens
+    )
     for name, window in (("padded-table", None), ("padded-table-window", 300)):
         got = paged_decode_triton(q, padded, hdv, 0.7, window)
         want = paged_decode_torch(q, plain, hdv, 0.7, window)
