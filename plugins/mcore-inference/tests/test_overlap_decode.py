@@ -220,3 +220,20 @@ def test_llm_overlaps_cuda_graph_decode_by_default_on_gpu() -> None:
     options = {"block_size": 4, "num_blocks": 64, "max_model_len": 64, "cuda_graphs": True}
     assert LLM(model, **options).engine.overlap_decode  # type: ignore[arg-type]
     assert not LLM(model, overlap_decode=False, **options).engine.overlap_decode  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_a_replay_after_the_model_moved_is_refused_on_gpu() -> None:
+    """Graphs read the weights where they were at capture: weights moved after the engine was built (a load that
+    assigns ``.data``; ``model.to(dtype)`` does the same) are refused in one line at the next replay instead of
+    decoding over freed memory."""
+    from mcore.errors import UserError
+
+    model = _soft_model().cuda()
+    engine = _engine(model, False, cuda_graphs=True, graph_batch_sizes=(1, 2))
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    _run(engine, _prompts(3, [5]), [greedy], [0])  # replays fine
+    for param in model.parameters():
+        param.data = param.data.clone()
+    with pytest.raises(UserError, match="tensors moved since"):
+        _run(engine, _prompts(4, [5]), [greedy], [0])

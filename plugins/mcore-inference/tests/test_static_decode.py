@@ -180,3 +180,28 @@ def test_buffers_hold_real_rows_then_padding_on_the_scratch_block() -> None:
     with pytest.raises(UserError, match="blocks"):
         buffers.fill(1, [1], [[1] * 6], [90], [1], scratch=9, block_size=16)
     assert default_graph_sizes(20) == (1, 2, 4, 8, 16, 20) and default_graph_sizes(3) == (1, 2, 3)
+
+
+def test_weight_addresses_refuse_a_replay_after_the_weights_moved() -> None:
+    """A CUDA graph reads the weights where they were at capture: after ``model.to(dtype)`` (or anything assigning
+    ``.data``) a replay would read freed memory, so the check before replays refuses in one line; it looks on the
+    first replay and every ``every``-th after."""
+    from mcore_inference.static_decode import WeightAddresses
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.register_buffer("table", torch.zeros(3))
+    weights = WeightAddresses(model, every=4)
+    for _ in range(9):
+        weights.check()  # nothing moved
+    model[0].bias.data = model[0].bias.data.clone()  # not sampled: the 10th call does not look, the 13th does
+    for _ in range(3):
+        weights.check()
+    with pytest.raises(UserError, match=r"^CUDA graphs of this engine read the model's weights .* 1 tensors moved"):
+        weights.check()
+    model[1].bias.data = model[1].bias.data.clone()  # the last parameter: sampled, so the next call looks
+    with pytest.raises(UserError, match="2 tensors moved"):
+        weights.check()
+    fresh = WeightAddresses(model)
+    model.double()  # every parameter and buffer moves
+    with pytest.raises(UserError, match="5 tensors moved since"):  # weight, bias, norm weight and bias, buffer
+        fresh.check()

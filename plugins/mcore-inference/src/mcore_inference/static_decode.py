@@ -111,6 +111,38 @@ def capture_graphs(
     return graphs
 
 
+class WeightAddresses:
+    """Where ``module``'s parameters and buffers lay when its graphs were captured. A CUDA graph reads them by
+    address, so one that moved since (``model.to(dtype)``, a load that assigns ``.data``, a repack) would be
+    replayed over freed memory: wrong tokens, or an illegal access later. ``check()`` before each replay looks at
+    a few parameters (first, middle, last: what ``.to()`` or a full reload moves) and at every tensor on the first
+    replay and every ``every``-th after (a few microseconds, amortised), and refuses in one line."""
+
+    def __init__(self, module: nn.Module, every: int = 64) -> None:
+        self.module = module
+        self.addresses = self._addresses()
+        params = list(module.parameters())
+        picked = {id(p): p for p in (params[0], params[len(params) // 2], params[-1])} if params else {}
+        self.sample = [(p, p.data_ptr()) for p in picked.values()]  # looked at before every replay
+        self.every, self.replays = every, 0
+
+    def _addresses(self) -> list[int]:  # (buffers are replaced by new tensors on .to(): read them anew each time)
+        return [t.data_ptr() for t in (*self.module.parameters(), *self.module.buffers())]
+
+    def check(self) -> None:
+        """Raise ``UserError`` if a tensor moved."""
+        self.replays += 1
+        if (self.replays - 1) % self.every and all(p.data_ptr() == a for p, a in self.sample):
+            return
+        now = self._addresses()
+        moved = sum(a != b for a, b in zip(now, self.addresses)) + abs(len(now) - len(self.addresses))
+        if moved:
+            raise UserError(
+                f"CUDA graphs of this engine read the model's weights where they were at capture, and {moved} "
+                "tensors moved since (model.to(), a load assigning .data): create the engine after changing the model"
+            )
+
+
 class DecodeBuffers:
     """Persistent inputs for decode steps of up to ``max_rows`` rows over tables of ``max_blocks`` blocks, and
     host staging for them (pinned on CUDA: the copies do not wait for the device).
@@ -274,6 +306,7 @@ class StaticDecoder:
         self.sizes, self.cuda_graphs = sizes, cuda_graphs
         self.buffers = DecodeBuffers(sizes[-1], math.ceil(max_model_len / cache.block_size), device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.weights: WeightAddresses | None = None  # set at capture
         self.num_replays = 0  # steps served by a graph
         self.num_static = 0  # steps served by the static path (graph or eager)
 
@@ -304,6 +337,7 @@ class StaticDecoder:
         the scratch block is written. Warm-up calls first (kernel compilation, cuBLAS workspaces)."""
         if not self.cuda_graphs:
             return
+        self.weights = WeightAddresses(self.model)
         self.graphs = capture_graphs(
             self.sizes,
             self.cache.device,
@@ -333,6 +367,8 @@ class StaticDecoder:
         if captured is None:
             return self.forward(step)[: len(tokens)]
         graph, out = captured
+        if self.weights is not None:
+            self.weights.check()
         graph.replay()
         self.num_replays += 1
         return out[: len(tokens)]

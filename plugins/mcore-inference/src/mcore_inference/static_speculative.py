@@ -38,7 +38,7 @@ from torch import nn
 from mcore.errors import UserError
 from mcore.protocols.block import LOGIT_ROWS, BlockContext
 from mcore_inference.attention import QUERIES_PER_SEQUENCE
-from mcore_inference.static_decode import StaticStep, capture_graphs, checked_sizes
+from mcore_inference.static_decode import StaticStep, WeightAddresses, capture_graphs, checked_sizes
 
 Outputs = tuple[torch.Tensor, torch.Tensor]
 
@@ -154,6 +154,7 @@ class _Runner:
     def __init__(self, cache: Any, buffers: SpecBuffers, call: Callable[[StaticStep], Outputs]) -> None:
         self.cache, self.buffers, self.call = cache, buffers, call
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Outputs]] = {}
+        self.weights: WeightAddresses | None = None  # the model's, shared by the runners (set at capture)
 
     def begin(self, rows: int) -> tuple[StaticStep, list[list[int]], list[int], list[int]]:
         """The step scheduled last on the cache, in static mode over the ``rows``-row views."""
@@ -176,6 +177,8 @@ class _Runner:
         if captured is None:
             return self.call(self.buffers.step(rows))
         graph, out = captured
+        if self.weights is not None:
+            self.weights.check()
         graph.replay()
         return out
 
@@ -246,7 +249,9 @@ class StaticSpeculation:
         the persistent buffers and ``inputs``)."""
         if not self.cuda_graphs:
             return
+        weights = WeightAddresses(self.model)
         for runner in (self.verifier, *self.depths):
+            runner.weights = weights
             runner.capture(self.sizes)
 
     # ----- the calls (what a graph captures) -----
