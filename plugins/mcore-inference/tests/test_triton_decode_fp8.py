@@ -9,7 +9,7 @@ padded with -1, a sliding window whose freed blocks are -1 holes, a hole inside 
 thousand-fold apart, and every finite E4M3 code; also the plain (fp32 pages) path of the kernel, and the FP8
 path against it on the same pages dequantised. The cases run in a child process under ``TRITON_INTERPRET=1``
 (the variable is read when triton decorates the kernels), so this process never imports triton. Skipped where
-triton is not installed (the CPU CI env has none); the compiled kernel is checked in ``test_triton_decode.py``
+triton is not installed (CI installs it); the compiled kernel is checked in ``test_triton_decode.py``
 (``gpu``).
 """
 
@@ -166,7 +166,7 @@ def interpreted_main() -> None:
         print(json.dumps(record), flush=True)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CPU CI env)")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_decode_reads_fp8_pages_like_the_torch_path() -> None:
     records = interpreted_lines(__file__)
     names = [c[0] for c in CASES] + ["every-code", "plain-fp32", "padded-table", "padded-table-window"]

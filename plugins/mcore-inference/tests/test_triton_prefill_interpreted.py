@@ -11,7 +11,7 @@ and FP8 (E4M3) pages with per-head scales a thousand-fold apart. Each case also 
 GPU tests). Then the engine, its prefill steps through the kernel, must give the reference's greedy tokens.
 
 The cases run in a child process under ``TRITON_INTERPRET=1`` (read when triton decorates the kernels), so this
-process never imports triton; skipped where triton is not installed (the CPU CI env has none). The compiled kernel
+process never imports triton; skipped where triton is not installed (CI installs it: the noxfile's shared layer). The compiled kernel
 is checked in ``test_triton_prefill.py`` (``gpu``).
 """
 

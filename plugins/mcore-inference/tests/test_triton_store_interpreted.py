@@ -8,7 +8,7 @@ as strided views of one projection (as a fused QKV split hands them); no rows at
 stores through the kernel (eager steps and static steps) must give the full-sequence reference's greedy tokens.
 
 The cases run in a child process under ``TRITON_INTERPRET=1`` (read when triton decorates the kernels); skipped
-where triton is not installed (the CPU CI env has none). The compiled kernel is checked in ``test_triton_store.py``
+where triton is not installed (CI installs it). The compiled kernel is checked in ``test_triton_store.py``
 (``gpu``).
 """
 

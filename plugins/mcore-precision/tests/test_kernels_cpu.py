@@ -48,7 +48,7 @@ def _shared_process() -> str:
     return ""
 
 
-needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed (the CI env has none)")
+needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow notes in the interpreter
 
 FMTS = pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
