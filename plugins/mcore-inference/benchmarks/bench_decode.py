@@ -15,6 +15,9 @@ device-to-device copy (bytes read + written per second). Candidates:
 * ``engine-replay-only``: the engine's captured graph alone, replayed (device time without host work);
 * ``hf``: ``transformers`` ``LlamaForCausalLM.generate`` on the same weights (``--hf-presets``; it is slow).
 
+With graphs, the rows of ``engine+graphs`` and ``+overlap`` carry ``tokens_equal``: the two run the same static
+step, so their greedy tokens must agree (an engine replaying over stale weights would not).
+
 Candidates run in rounds, rotated each round (``mcore_testing.bench``); a row gives median/min/max over rounds.
 Output: JSON lines (stdout and ``--out``), then one Markdown table row per result for RESULTS.md. ``--quick``:
 a CPU smoke run on the ``tiny`` preset in fp32 (no graphs).
@@ -91,15 +94,20 @@ class EngineDecode:
 
     def __call__(self) -> float:
         engine = self.llm.engine
-        for p in self.prompts:
-            engine.add_request(p, self.params)
-        engine.step()  # the prefill of every prompt: each request's first token
+        ids = [engine.add_request(p, self.params) for p in self.prompts]
+        done: dict[int, list[int]] = {}
+        for out in engine.step():  # the prefill of every prompt: each request's first token
+            if out.finished:
+                done[out.request_id] = list(out.token_ids)
         sync(self.device)
         begin, steps = time.perf_counter(), 0
         while engine.has_unfinished():
-            engine.step()
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = list(out.token_ids)
             steps += 1
         sync(self.device)
+        self.tokens = [done[i] for i in ids]  # greedy: every round gives the same tokens
         return (time.perf_counter() - begin) * 1e3 / steps
 
 
@@ -315,6 +323,13 @@ def main() -> None:
             candidates["engine"] = EngineDecode(model, batch, args.prompt, args.output, graphs=False)
             candidates["plain-graph" if graphs else "plain"] = PlainGraphDecode(model, batch, args.prompt, args.output)
             times = rounds(candidates, args.repeats)
+            # graphs with and without overlap run the same static step: their greedy tokens must be equal (a check
+            # that the timed engines decode what they should: one reading stale weights would differ)
+            same = None
+            if graphs:
+                same = with_graphs.tokens == candidates["engine+graphs+overlap"].tokens  # type: ignore[attr-defined]
+                if not same:
+                    print(f"WARNING {preset} batch {batch}: engine+graphs and +overlap gave different greedy tokens")
             if preset in args.hf_presets and importlib.util.find_spec("transformers") is not None:
                 hf = HFDecode(model, batch, args.prompt, args.output)
                 times["hf"] = rounds({"hf": hf}, args.hf_repeats)["hf"]
@@ -332,6 +347,8 @@ def main() -> None:
                     "weight_gb": round(read / 1e9, 3),
                     "roofline_ms": round(roofline_ms, 4),
                 }
+                if same is not None and name.startswith("engine+graphs"):
+                    result["tokens_equal"] = same
                 emit(lines, result)
                 table.append(
                     f"| {preset} | {batch} | {name} | {step_ms:.3f} | {result['decode_tok_s']:,.0f} | "
