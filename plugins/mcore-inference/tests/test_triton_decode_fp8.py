@@ -96,6 +96,18 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
+def _dequantized(paged: PagedKV, key_scale: torch.Tensor, value_scale: torch.Tensor) -> tuple[PagedKV, int]:
+    """FP8 ``paged`` dequantised to fp32 pages (the plain path's input) and its value dim."""
+    assert paged.value_cache is not None
+    plain = PagedKV(
+        key_cache=dequantize(paged.key_cache, key_scale, torch.float32),
+        value_cache=dequantize(paged.value_cache, value_scale, torch.float32),
+        block_table=paged.block_table,
+        seq_lens=paged.seq_lens,
+    )
+    return plain, paged.value_cache.shape[-1]
+
+
 def interpreted_main() -> None:
     """(Child process, ``TRITON_INTERPRET=1``.) Print one JSON line per case: its name and relative errors."""
     from mcore_inference.triton_decode import paged_decode_triton
@@ -127,14 +139,7 @@ def interpreted_main() -> None:
         }
         print(json.dumps(record), flush=True)
     q, paged, key_scale, value_scale = runs[1][1]  # the same pages dequantised to fp32: the plain path
-    assert paged.value_cache is not None
-    plain = PagedKV(
-        key_cache=dequantize(paged.key_cache, key_scale, torch.float32),
-        value_cache=dequantize(paged.value_cache, value_scale, torch.float32),
-        block_table=paged.block_table,
-        seq_lens=paged.seq_lens,
-    )
-    hdv = paged.value_cache.shape[-1]
+    plain, hdv = _dequantized(paged, key_scale, value_scale)
     got = paged_decode_triton(q, plain, hdv, 0.7, None)
     want = paged_decode_torch(q, plain, hdv, 0.7, None)
     fp8 = paged_decode_triton(q, paged, hdv, 0.7, None, key_scale=key_scale, value_scale=value_scale)
@@ -144,14 +149,7 @@ def interpreted_main() -> None:
     # a static step's table: padded with -1 far past every length, so the splits (from the width) outnumber what
     # the short sequences fill; each sequence's keys are cut over all of them
     q, paged, key_scale, value_scale = runs[2][1]  # split-k-gqa8: 700, 3 and 257 keys, dequantised to fp32
-    assert paged.value_cache is not None
-    plain = PagedKV(
-        key_cache=dequantize(paged.key_cache, key_scale, torch.float32),
-        value_cache=dequantize(paged.value_cache, value_scale, torch.float32),
-        block_table=paged.block_table,
-        seq_lens=paged.seq_lens,
-    )
-    hdv = paged.value_cache.shape[-1]
+    plain, hdv = _dequantized(paged, key_scale, value_scale)
     wide = torch.full((plain.block_table.shape[0], 256), -1, dtype=plain.block_table.dtype)  # 4096 keys: 16 splits
     wide[:, : plain.block_table.shape[1]] = plain.block_table
     padded = PagedKV(
