@@ -215,8 +215,7 @@ def _first_difference(got: list[list[int]], want: list[list[int]]) -> str:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_hybrid_cuda_graph_tokens_equal_eager_static_tokens(name: str) -> None:
     """bf16 on CUDA: graphs captured per padded size replay the tokens of the same static steps run eagerly;
-    ``LLM(cuda_graphs=True)`` captures them for the hybrid model (its default keeps hybrid models eager until this
-    test has run on a card; ``cuda_graphs=False`` keeps them off)."""
+    ``LLM`` captures them for the hybrid model by default (``cuda_graphs=False`` keeps them off)."""
     from mcore_inference.llm import LLM
 
     model = hybrid_model(name).to(device="cuda", dtype=torch.bfloat16)
@@ -243,7 +242,7 @@ def test_hybrid_cuda_graph_tokens_equal_eager_static_tokens(name: str) -> None:
     # LLM schedules with its own defaults (a 2048-token budget: every prompt prefilled in one step, prefix caching,
     # overlapped decode): its eager twin is an engine with the same settings stepping statically without graphs
     llm_settings: dict[str, Any] = {"block_size": 16, "num_blocks": 64, "max_model_len": 256}
-    llm = LLM(model, **llm_settings, cuda_graphs=True)
+    llm = LLM(model, **llm_settings)  # graphs by default
     assert llm.engine.decoder is not None and llm.engine.decoder.cuda_graphs
     twin = LLMEngine(model, static_decode=True, max_num_batched_tokens=2048, enable_prefix_caching=True, **llm_settings)
     got = [c.token_ids for c in llm.generate(prompts, params)]

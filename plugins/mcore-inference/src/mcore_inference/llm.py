@@ -11,8 +11,8 @@ and values in FP8 with per-head scales (``kv_quant.py``): the same memory holds 
 Decode steps run as CUDA graphs (``static_decode.py``) when the model is on a GPU and its cache is one attention
 group (``cuda_graphs=None``, the default; ``False`` turns them off, ``True`` insists and fails loudly). By
 default a model whose decode step cannot be captured (a host sync inside) warns and decodes eagerly. Hybrid models
-(recurrent layers beside the attention group) decode with static steps and graphs under ``cuda_graphs=True``; the
-default leaves them eager: those graphs' GPU test failed on its first run on a card (H100, 2026-12-07).
+(recurrent layers beside the attention group) decode with static steps and graphs too (their graphs-vs-eager GPU
+test passed on an H100, 2026-12-07, once a second engine no longer moved the first one's weights).
 
 ``speculative_tokens=k`` (``k >= 1``; 0, the default, is off) turns on MTP speculative decoding
 (``speculative.py``): a model with MTP layers drafts up to ``k`` tokens per sequence and step, which the next
@@ -41,7 +41,6 @@ import torch
 from torch import nn
 
 from mcore.errors import UserError
-from mcore.protocols.block import RecurrentStateSpec
 from mcore_inference.attention import fp8_decode_in_triton
 from mcore_inference.engine import LLMEngine, RequestOutput, model_cache_specs
 from mcore_inference.kv_quant import resolve_kv_cache_dtype
@@ -175,12 +174,8 @@ class LLM:
             # torch path, which reads the whole padded table: short ones only
             torch_fp8 = fp8_kv and not fp8_decode_in_triton()
             latent = torch_fp8 or any(getattr(spec, "value_dim", 0) is None for spec in specs.values())
-            # hybrid models: their static steps are tested on the CPU; graphs are opt-in (cuda_graphs=True): their GPU
-            # test (integration_tests/test_hybrid_static_decode.py, -m gpu) failed on its first card run (2026-12-07)
-            recurrent = any(isinstance(spec, RecurrentStateSpec) for spec in specs.values())
             graphs = (
                 not k
-                and not recurrent
                 and on_cuda
                 and isinstance(length, int)
                 and static_decode_supported(specs)

@@ -38,7 +38,7 @@ from mcore.protocols.block import PagedKV
 from mcore_inference.attention import paged_decode_torch
 
 _BLOCK_N = 64  # keys per inner iteration
-_MIN_SPLIT = 256  # splits: at most the table's width over this
+_MIN_SPLIT = 64  # splits: at most the table's width over this (swept on an H100: sweep_decode_splits.py)
 _NUM_WARPS = 4  # of the split kernel (benchmarks/device/sweep_decode_splits.py sweeps these three)
 
 
