@@ -2,7 +2,7 @@
 
 What runs there (``TRITON_INTERPRET=1``, CUDA hidden; the interpreter is chosen when Triton decorates a kernel, so
 never in the pytest process): the SwiGLU kernel on ``(M, 2F)`` rows (plain and clamped, ragged against its block,
-zero rows); each dispatcher's permute and combine by the known permutation (dropped slots, an expert with no rows,
+zero rows); the combine's ``gather_sum`` alone across several column blocks; each dispatcher's permute and combine by the known permutation (dropped slots, an expert with no rows,
 NaN in ``allgatherv``'s padding rows), run twice for bitwise-equal gradients; the ``moe`` block with every fused
 path on against all off. fp32 within 1e-5 of a float64 run of the torch reference (forward and every gradient),
 bf16 within 1e-2. Skipped where Triton is not installed (not a dependency: only the CUDA path imports it).
@@ -128,6 +128,32 @@ def _dispatch_records() -> list[dict[str, Any]]:
     return out
 
 
+GATHER_CASES = [(9, 3, 40), (9, 3, 1100), (5, 1, 2100)]  # (tokens, slots, H): one, two (ragged) and three blocks
+
+
+def _gather_sum_records() -> list[dict[str, Any]]:
+    """``gather_sum`` (the combine's kernel) against its definition in fp64: each token's rows by position, dropped
+    slots (-1) skipped, weighted and unweighted, H across several of the kernel's column blocks."""
+    from mcore_moe.permute_triton import gather_sum
+
+    out = []
+    for n, k, h in GATHER_CASES:
+        g = torch.Generator().manual_seed(n * 100 + h)
+        rows = torch.randn(n * k, h, generator=g)
+        positions = torch.randperm(n * k, generator=g).view(n, k)
+        positions[::3, -1] = -1  # dropped slots
+        weights = torch.rand(n, k, generator=g)
+        picked = rows.double()[positions.clamp_min(0)] * (positions >= 0).unsqueeze(-1)  # (N, K, H)
+        rec: dict[str, Any] = {"name": f"gather-sum-{n}x{k}x{h}"}
+        for weighted in (True, False):
+            want = (picked * weights.double().unsqueeze(-1)).sum(1) if weighted else picked.sum(1)
+            got = gather_sum(rows, positions, weights if weighted else None)
+            rec[f"shape_ok_{weighted}"] = list(got.shape) == [n, h] and got.dtype == rows.dtype
+            rec[f"rel_{weighted}"] = _rel(got, want)
+        out.append(rec)
+    return out
+
+
 def _block_run(kw: dict[str, Any], dtype: torch.dtype, fused: bool) -> list[torch.Tensor]:
     """The ``moe`` block's output and the gradients of its input and every parameter."""
     from mcore.protocols import AuxLosses, BlockContext
@@ -160,7 +186,7 @@ def _block_records() -> list[dict[str, Any]]:
 def interpreted_main() -> None:
     """(Child process, ``TRITON_INTERPRET=1``.) One JSON line per case."""
     torch.set_num_threads(1)
-    for rec in _swiglu_records() + _dispatch_records() + _block_records():
+    for rec in _swiglu_records() + _gather_sum_records() + _dispatch_records() + _block_records():
         print(json.dumps(rec))
 
 
@@ -186,6 +212,14 @@ def test_swiglu_kernel_matches_the_reference(records: dict[str, dict[str, Any]])
         if r["rows"]:
             assert r["rel_fp32"] < 1e-5 and r["rel_grad_fp32"] < 1e-5, r  # NaN fails
             assert r["rel_bf16"] < 1e-2 and r["rel_grad_bf16"] < 1e-2, r
+
+
+@needs_triton
+def test_gather_sum_matches_its_definition_across_column_blocks(records: dict[str, dict[str, Any]]) -> None:
+    for n, k, h in GATHER_CASES:
+        r = records[f"gather-sum-{n}x{k}x{h}"]
+        assert r["shape_ok_True"] and r["shape_ok_False"], r
+        assert r["rel_True"] < 1e-5 and r["rel_False"] < 1e-5, r  # NaN fails
 
 
 @needs_triton
