@@ -30,6 +30,14 @@ t_t_models() { $PY -m pytest -q -m gpu plugins/mcore-models 2>&1 | tail -5; }
 t_t_moe() { $PY -m pytest -q -m gpu plugins/mcore-moe 2>&1 | tail -5; }
 t_t_inf() { $PY -m pytest -q -m gpu plugins/mcore-inference 2>&1 | tail -5; }
 t_t_prec() { $PY -m pytest -q -m gpu plugins/mcore-precision 2>&1 | tail -5; }
+t_prec_fp8() {  # the per-tensor FP8 path on the card: its kernels, the linear, the native GEMMs
+  $PY -m pytest -q -m gpu plugins/mcore-precision/tests/test_fp8.py plugins/mcore-precision/tests/test_schemes.py \
+    plugins/mcore-precision/tests/test_kernels_gpu.py -k "${PREC_K:-not nothing}" 2>&1 | tail -5
+}
+t_ssm_gdn() {  # the GDN kernels' GPU tests (the default forward, its backward), then the hybrid models' decode
+  $PY -m pytest -q -m gpu plugins/mcore-ssm/tests/test_gdn_triton.py plugins/mcore-ssm/tests/test_gdn_triton_bwd.py 2>&1 | tail -3
+  $PY -m pytest -q -m gpu integration_tests/test_hybrid_static_decode.py 2>&1 | tail -3
+}
 t_t_ssm() { $PY -m pytest -q -m gpu plugins/mcore-ssm 2>&1 | tail -5; }
 t_bare() { $PY plugins/mcore-models/benchmarks/bench.py --sections step_ours_compiled --out /tmp/bare; }
 t_b14() { $PY packages/mcore-core/benchmarks/bench_train.py --out /tmp/b14 --suite issue14 --variant default= --repeats "${ROUNDS:-2}" --steps 50; }
@@ -45,14 +53,15 @@ t_kp14() {  # the default bench-0.9b step under torch.profiler: top ops and the 
 t_kp_moe() { $PY $D/profile_moe.py; }
 t_kp_gdn() { $PY $D/profile_gdn.py; }
 t_kp_eng() { $PY $D/profile_engine.py; }
+t_kp_fp8() { $PY $D/profile_fp8_linear.py ${KP_FP8_DIMS:-8192 2048 2048 8192 4096 14336}; }  # the FP8 linear: host vs device, kernels, casts
 t_kp_graph() { $PY $D/profile_decode_graph.py; }
 t_skinny() { $PY $D/sweep_skinny_gemm.py; }  # decode-shape GEMMs: cuBLAS vs a Triton skinny GEMM, GB/s vs copy
 t_splits() { $PY $D/sweep_decode_splits.py; }  # the paged decode kernel: min keys a split, keys a step, warps
 t_sweepg() { $PY $D/sweep_gather_sum.py; }
 t_b_moe() { $PY plugins/mcore-moe/benchmarks/bench_moe.py --skip-loop --repeats 5; }
-t_gdnv2() {  # the opt-in v2 GDN forward: its GPU tests, then timed against the default and fla
+t_gdnv2() {  # the v2 GDN forward (the default): its GPU tests, then timed against v1 and fla
   $PY -m pytest -q -m gpu plugins/mcore-ssm/tests/test_gdn_triton_state_v2.py 2>&1 | tail -3
-  $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --only triton triton_v2 fla --repeats 5
+  $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --only triton_v1 triton_v2 fla --repeats 5
 }
 t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
 t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }

@@ -257,11 +257,12 @@ def test_saved_operand_keeps_only_the_transposed_copy() -> None:
     from mcore_precision.scaling import FP8Tensor
 
     x = torch.randn(48, 80)
-    q, q_t, scale, _ = kernels.quantize_tensorwise(x, E4M3, 0, None, True)
+    q, q_t, scale, _, decode = kernels.quantize_tensorwise(x, E4M3, 0, None, True)
     assert q_t is not None
-    tensors, layout = _saved(x, FP8Tensor(q, scale, None, q_t), reused=True)
+    tensors, layout = _saved(x, FP8Tensor(q, scale, None, q_t, decode), reused=True)
     storages = {t.untyped_storage().data_ptr() for t in tensors if t.dim() == 2}
     assert storages == {q_t.untyped_storage().data_ptr()}  # one 2-d buffer: the transposed copy
     back = _restored(tensors, layout)
+    assert back.decode is not None and torch.equal(back.decode, decode)  # the GEMM's decode scale comes back
     torch.testing.assert_close(back.dequantize(), FP8Tensor(q, scale, None).dequantize(), rtol=0, atol=0)
     torch.testing.assert_close(back.t().dequantize(), FP8Tensor(q, scale, None).t().dequantize(), rtol=0, atol=0)

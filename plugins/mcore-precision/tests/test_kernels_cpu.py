@@ -117,6 +117,7 @@ def test_tensorwise_current_and_transpose(interp: SimpleNamespace, fmt: FP8Forma
         assert_codes(out[1], want[1], f"q.T margin {margin}")
         assert_bits(out[2], want[2], "scale")
         assert_bits(out[3], want[3], "amax")
+        assert_bits(out[4], want[4], "1 / scale")
 
 
 @needs_triton
@@ -130,6 +131,7 @@ def test_tensorwise_given_scale_saturates_and_answers_the_amax(interp: SimpleNam
         assert_codes(out[1], want[1], "q.T")
         assert_bits(out[2], want[2], "scale")
         assert_bits(out[3], want[3], "amax")
+        assert_bits(out[4], want[4], "1 / scale")
         assert (out[0].view(torch.uint8) & 0x7F).eq(0x7E if fmt is E4M3 else 0x7B).any()  # saturated codes
 
 
@@ -141,6 +143,7 @@ def test_tensorwise_empty_and_zero(interp: SimpleNamespace) -> None:
         assert_codes(out[0], want[0], "q")
         assert_bits(out[2], want[2], "scale")
         assert_bits(out[3], want[3], "amax")
+        assert_bits(out[4], want[4], "1 / scale")
         assert out[2].item() == 1.0
 
 
@@ -207,10 +210,11 @@ def test_dispatch_runs_the_reference_on_cpu_without_importing_triton_kernels() -
     x = inputs(8, 40, special=False)
     for entry in (kernels.quantize_tensorwise, kernels.quantize_rowwise, kernels.quantize_mx):
         assert entry.implementation("cpu").__module__ == "mcore_precision.kernels.reference"
-    q, _, scale, _ = kernels.quantize_tensorwise(x, E4M3)
-    want_q, _, want_scale, _ = ref.quantize_tensorwise(x, E4M3)
+    q, _, scale, _, decode = kernels.quantize_tensorwise(x, E4M3)
+    want_q, _, want_scale, _, _ = ref.quantize_tensorwise(x, E4M3)
     assert_codes(q, want_q, "q")
     assert_bits(scale, want_scale, "scale")
+    assert_bits(decode, want_scale.reciprocal(), "1 / scale")
     assert "mcore_precision.kernels.tensorwise" not in sys.modules or os.environ.get("TRITON_INTERPRET")
 
 
@@ -239,8 +243,9 @@ def test_kernels_refuse_bad_shapes() -> None:
 def test_fp8_tensor_transpose_swaps_the_stored_layouts() -> None:
     from mcore_precision.scaling import FP8Tensor
 
-    q, q_t, scale, _ = ref.quantize_tensorwise(inputs(6, 10, special=False), E4M3, transpose=True)
+    q, q_t, scale, _, decode = ref.quantize_tensorwise(inputs(6, 10, special=False), E4M3, transpose=True)
     assert q_t is not None
-    t = FP8Tensor(q, scale, None, q_t).t()
+    t = FP8Tensor(q, scale, None, q_t, decode).t()
     assert t.data is q_t and t.data_t is q and t.t().data is q
+    assert t.decode is decode and t.t().decode is decode  # the GEMM's decode scale follows either layout
     assert torch.equal(t.dequantize(), FP8Tensor(q, scale, None).t().dequantize())

@@ -60,6 +60,7 @@ def test_tensorwise(fmt: FP8Format, dtype: torch.dtype, shape: tuple[int, int]) 
         assert_codes(out[1], want[1], "q.T")
         assert_bits(out[2], want[2], "scale")
         assert_bits(out[3], want[3], "amax")
+        assert_bits(out[4], want[4], "1 / scale")
     scale = want[2] * 8  # saturates the largest values; the amax is answered from the same pass
     out, want = (
         quantize_tensorwise(x.t(), fmt, scale=scale, transpose=True),
@@ -68,6 +69,7 @@ def test_tensorwise(fmt: FP8Format, dtype: torch.dtype, shape: tuple[int, int]) 
     assert_codes(out[0], want[0], "q given scale")
     assert_codes(out[1], want[1], "q.T given scale")
     assert_bits(out[3], want[3], "amax given scale")
+    assert_bits(out[4], want[4], "1 / scale given scale")
 
 
 @FMTS
@@ -80,6 +82,7 @@ def test_tensorwise_nan_inf(fmt: FP8Format) -> None:
         assert_codes(out[0], want[0], "q")
         assert_bits(out[2], want[2], "scale")
         assert_bits(out[3], want[3], "amax")
+        assert_bits(out[4], want[4], "1 / scale")
 
 
 @FMTS

@@ -80,11 +80,13 @@ class CurrentScaler:
         """The scale of a tensor whose amax is ``amax`` (a sharded weight's global amax: ``fsdp_gather``)."""
         return amax_to_scale(amax, self.fmt, self.margin)
 
-    def quantize(self, x: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(q, q.T or None, scale)`` of ``x (M, K)``: the amax pass and one fused cast (+ transpose) pass of
-        ``kernels.quantize_tensorwise`` (``scaling.FusedScaler``)."""
-        q, q_t, scale, _ = kernels.quantize_tensorwise(x, self.fmt, self.margin, None, transpose)
-        return q, q_t, scale
+    def quantize(
+        self, x: torch.Tensor, transpose: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(q, q.T or None, scale, 1 / scale)`` of ``x (M, K)``: the amax pass and one fused cast (+ transpose)
+        pass of ``kernels.quantize_tensorwise`` (``scaling.FusedScaler``)."""
+        q, q_t, scale, _, decode = kernels.quantize_tensorwise(x, self.fmt, self.margin, None, transpose)
+        return q, q_t, scale, decode
 
 
 class DelayedScaler:

@@ -183,7 +183,7 @@ def payload(
     if isinstance(scheme, TensorScheme):
         scaler = scheme.scalers["weight"]
         scale = torch.ones((), device=shard.device) if probe else scaler.scale_of_amax(amax_of())  # type: ignore[attr-defined]
-        q, _, s, _ = kernels.quantize_tensorwise(shard, scaler.fmt, scale=scale)  # (rows, K) fp8, ()
+        q, _, s, _, _ = kernels.quantize_tensorwise(shard, scaler.fmt, scale=scale)  # (rows, K) fp8, ()
         layout = GatherLayout("tensor", k, q.dtype, 1, shard.dtype)
         return GatherPayload(tensors=(q.view(torch.uint8), s.reshape(1)), metadata=layout)
     if isinstance(scheme, BlockwiseScheme):

@@ -9,12 +9,14 @@
   ``BlockWise128x128`` scaling where the installed torch has it, on Hopper (capability 9.x), every
   dimension a multiple of 128.
 
-The kernels take decode scales (``1 / scale``). Scale layouts follow torch's scaled-mm tests: 1x128 scales
+The kernels take decode scales (``1 / scale``): an operand's ``decode`` where its quantisation kernel wrote it
+(per-tensor scales), else one reciprocal. Scale layouts follow torch's scaled-mm tests: 1x128 scales
 ``(M, K/128)`` stored M-major, 128x128 scales ``(P/128, K/128)`` as given.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,14 +31,28 @@ def native_scaled_mm_available(device: torch.device) -> bool:
     """Whether ``torch._scaled_mm`` can run on ``device``: CUDA with FP8 tensor cores (capability 8.9+)."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return _capability(torch.cuda.current_device() if device.index is None else device.index) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    """A card's compute capability, asked once: every quantised GEMM asks it (three times a linear), and
+    ``torch.cuda.get_device_capability`` costs microseconds of host time each call."""
+    return torch.cuda.get_device_capability(index)
+
+
+def _decode(q: FP8Tensor) -> torch.Tensor:
+    """``1 / scale`` (fp32): the one the quantisation kernel wrote, else computed here."""
+    return q.decode if q.decode is not None else q.scale.float().reciprocal()
 
 
 def _blockwise_available(device: torch.device) -> bool:
     f = torch.nn.functional
     kinds = getattr(getattr(f, "ScalingType", None), "__members__", {})
     has = hasattr(f, "scaled_mm") and "BlockWise1x128" in kinds and "BlockWise128x128" in kinds
-    return has and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    if not has or device.type != "cuda":
+        return False
+    return _capability(torch.cuda.current_device() if device.index is None else device.index)[0] == 9
 
 
 def native_fp8_mm(a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
@@ -50,8 +66,8 @@ def native_fp8_mm(a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype) -> torch.T
         return torch._scaled_mm(
             a.data.contiguous(),
             b.data.contiguous().t(),  # column-major b.T
-            scale_a=a.scale.float().reciprocal(),
-            scale_b=b.scale.float().reciprocal(),
+            scale_a=_decode(a),
+            scale_b=_decode(b),
             out_dtype=out_dtype,
         )
     if a.block is None or b.block is None:

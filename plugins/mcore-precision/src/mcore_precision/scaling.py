@@ -87,11 +87,13 @@ class Scaler(Protocol):
 
 
 class FusedScaler(Scaler, Protocol):
-    """A ``Scaler`` that also quantises in one go: ``(q, q.T or None, scale)`` of ``x`` in its format, its amax
-    recorded as ``scale`` would record it. ``TensorScheme`` uses it where a scaler has it (the fused kernels of
-    ``kernels.quantize_tensorwise``)."""
+    """A ``Scaler`` that also quantises in one go: ``(q, q.T or None, scale, 1 / scale)`` of ``x`` in its
+    format, its amax recorded as ``scale`` would record it. ``TensorScheme`` uses it where a scaler has it (the
+    fused kernels of ``kernels.quantize_tensorwise``)."""
 
-    def quantize(self, x: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]: ...
+    def quantize(
+        self, x: torch.Tensor, transpose: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]: ...
 
 
 class Scheme(Protocol):
@@ -111,12 +113,14 @@ class FP8Tensor:
     """``data (M, R)`` fp8 codes with ``scale``: 0-d (``block`` ``None``) or one per ``block``, in the grid
     ``(ceil(M/bm), ceil(R/br))``; the value read back is ``q / scale`` in fp32. ``data_t``, when present, is
     ``data.T`` stored row-major (written by the same kernel): ``t()`` answers it, so a native GEMM wanting the
-    transposed layout copies nothing."""
+    transposed layout copies nothing. ``decode``, when present, is ``1 / scale`` (fp32, written by the
+    quantisation kernel): what the native GEMM takes, so it launches nothing to compute it."""
 
     data: torch.Tensor
     scale: torch.Tensor
     block: tuple[int, int] | None
     data_t: torch.Tensor | None = None
+    decode: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.data, self.expanded_scale())
@@ -130,8 +134,9 @@ class FP8Tensor:
     def t(self) -> FP8Tensor:
         data, data_t = (self.data.t(), None) if self.data_t is None else (self.data_t, self.data)
         if self.block is None:
-            return FP8Tensor(data, self.scale, None, data_t)
-        return FP8Tensor(data, self.scale.t(), (self.block[1], self.block[0]), data_t)
+            return FP8Tensor(data, self.scale, None, data_t, self.decode)
+        decode = None if self.decode is None else self.decode.t()
+        return FP8Tensor(data, self.scale.t(), (self.block[1], self.block[0]), data_t, decode)
 
 
 def _emulated(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
@@ -218,11 +223,11 @@ class TensorScheme:
         transpose = self.native and native_scaled_mm_available(t.device)
         fused = getattr(scaler, "quantize", None)
         if fused is not None:
-            q, q_t, s = fused(t, transpose)
+            q, q_t, s, decode = fused(t, transpose)
         else:
             s = scaler.scale(t)
-            q, q_t, _, _ = kernels.quantize_tensorwise(t, scaler.fmt, scale=s, transpose=transpose)
-        return FP8Tensor(q, s, None, q_t)
+            q, q_t, _, _, decode = kernels.quantize_tensorwise(t, scaler.fmt, scale=s, transpose=transpose)
+        return FP8Tensor(q, s, None, q_t, decode)
 
     def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
         return _fp8_gemm(a, b, out_dtype, self.native)

@@ -3,9 +3,10 @@ without Triton), and the oracle the kernels are tested against, byte for byte.
 
 Each one is built from the format modules (``formats``, ``mx``, ``nvfp4``) and changes nothing of them:
 
-* ``quantize_tensorwise(x, fmt, margin, scale, transpose)``: ``(q, q.T or None, scale, amax)``; with
-  ``scale=None`` the scale comes from ``x``'s own amax (current scaling), else ``x`` is cast with the given
-  one and its amax is answered for the history (delayed scaling);
+* ``quantize_tensorwise(x, fmt, margin, scale, transpose)``: ``(q, q.T or None, scale, amax, 1 / scale)``;
+  with ``scale=None`` the scale comes from ``x``'s own amax (current scaling), else ``x`` is cast with the
+  given one and its amax is answered for the history (delayed scaling); ``1 / scale`` is the decode scale the
+  native GEMM takes;
 * ``quantize_rowwise(x, fmt, margin)``: ``(q, scale (M, 1))``, one scale per row;
 * ``quantize_blockwise(x, fmt, block, margin)``: ``(q, scale (ceil(M/bm), ceil(R/br)))``;
 * ``quantize_mx(x, fmt, rounding)``: ``(q, scale (M, ceil(R/32)))``, the scales ``2**k`` in fp32;
@@ -40,15 +41,15 @@ def _two_d(name: str, x: torch.Tensor) -> None:
 
 def quantize_tensorwise(
     x: torch.Tensor, fmt: FP8Format, margin: int = 0, scale: torch.Tensor | None = None, transpose: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``x (M, K)`` -> ``(q (M, K), q.T (K, M) or None, scale (), amax ())`` (module docstring)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x (M, K)`` -> ``(q (M, K), q.T (K, M) or None, scale (), amax (), 1 / scale ())`` (module docstring)."""
     _two_d("quantize_tensorwise", x)
     amax = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
     if scale is None:
         scale = amax_to_scale(amax, fmt, margin)
     scale = scale.to(device=x.device, dtype=torch.float32).reshape(())
     q = quantize(x, scale, fmt)
-    return q, q.t().contiguous() if transpose else None, scale, amax
+    return q, q.t().contiguous() if transpose else None, scale, amax, scale.reciprocal()
 
 
 def quantize_rowwise(x: torch.Tensor, fmt: FP8Format, margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
