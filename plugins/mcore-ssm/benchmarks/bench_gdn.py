@@ -7,9 +7,10 @@ Candidates, each on the same inputs (bf16 on CUDA): q, k ``(B, T, hk, dk)`` L2-n
 ``g = -softplus`` decay and ``beta = sigmoid``, ``--docs`` equal documents per row (``cu_seqlens``):
 
 * ``triton``: ``mcore_ssm.gdn_triton.gated_delta_rule_triton`` (Triton forward and backward; the backward
-  differentiates the per-chunk terms in Triton);
-* ``triton_v2``: the same with ``MCORE_SSM_GDN_FWD=v2`` set around each call (the opt-in forward: narrow WY launch,
-  ``gdn_triton_state_v2`` walk; the backward is the same);
+  differentiates the per-chunk terms in Triton), with whatever ``MCORE_SSM_GDN_FWD`` says (unset: v2);
+* ``triton_v1``, ``triton_v2``: the same with ``MCORE_SSM_GDN_FWD`` set to ``v1`` (the first forward, an opt-in
+  since 2026-12-07) or ``v2`` (the default: narrow WY launch, ``gdn_triton_state_v2`` walk) around each call; the
+  backward is the same. Until 2026-12-07 ``triton`` was v1: compare the two forwards with ``triton_v1 triton_v2``;
 * ``torch_chunked``: ``mcore_ssm.gdn_reference.chunk_gated_delta_rule`` eager;
 * ``torch_chunked_compiled``: the same under ``torch.compile`` (the issue's baseline: goal >= 3x);
 * ``fla``: ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (the ``fla-core`` wheel) when it imports, q and k
@@ -75,18 +76,22 @@ def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Call
             q, k, v, g, beta, cu_seqlens=cu_seqlens
         )[0]
 
-        def triton_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, beta, cu_seqlens) -> torch.Tensor:  # type: ignore[no-untyped-def]
-            before = os.environ.get("MCORE_SSM_GDN_FWD")
-            os.environ["MCORE_SSM_GDN_FWD"] = "v2"  # read by the forward at each call
-            try:
-                return gated_delta_rule_triton(q, k, v, g, beta, cu_seqlens=cu_seqlens)[0]
-            finally:
-                if before is None:
-                    del os.environ["MCORE_SSM_GDN_FWD"]
-                else:
-                    os.environ["MCORE_SSM_GDN_FWD"] = before
+        def pinned(variant: str) -> Callable[..., torch.Tensor]:
+            def triton_pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, beta, cu_seqlens) -> torch.Tensor:  # type: ignore[no-untyped-def]
+                before = os.environ.get("MCORE_SSM_GDN_FWD")
+                os.environ["MCORE_SSM_GDN_FWD"] = variant  # read by the forward at each call
+                try:
+                    return gated_delta_rule_triton(q, k, v, g, beta, cu_seqlens=cu_seqlens)[0]
+                finally:
+                    if before is None:
+                        del os.environ["MCORE_SSM_GDN_FWD"]
+                    else:
+                        os.environ["MCORE_SSM_GDN_FWD"] = before
 
-        found["triton_v2"] = triton_v2
+            return triton_pinned
+
+        found["triton_v1"] = pinned("v1")
+        found["triton_v2"] = pinned("v2")
     found["torch_chunked"] = lambda q, k, v, g, beta, cu_seqlens: chunk_gated_delta_rule(
         q, k, v, g, beta, cu_seqlens=cu_seqlens
     )[0]

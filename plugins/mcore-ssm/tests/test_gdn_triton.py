@@ -1,7 +1,8 @@
 """The Triton chunked gated delta rule (``mcore_ssm.gdn_triton``, ``gdn_triton_bwd``), forward and backward, against
 the torch references, and the kernel choice (``mcore_ssm.gdn_kernels``). The kernel tests need CUDA (``gpu``); one
 runs the kernels in Triton's CPU interpreter (``slow``: a subprocess, as the interpreter is chosen when Triton is
-imported)."""
+imported). The forward is the default one (``MCORE_SSM_GDN_FWD`` unset: v2 where dk <= 128, v1 for wider keys);
+``test_gdn_triton_state_v2`` names v1 and v2 explicitly."""
 
 from __future__ import annotations
 

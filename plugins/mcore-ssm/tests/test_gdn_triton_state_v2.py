@@ -1,6 +1,7 @@
-"""The second GDN forward state walk (``MCORE_SSM_GDN_FWD=v2``, ``mcore_ssm.gdn_triton_state_v2``): the forward with
-it against the fp64 recurrence, its ``U`` and chunk states against the first walk's, and the gradients equal to the
-default path's; in Triton's CPU interpreter (``slow``: a subprocess) and on CUDA (``gpu``)."""
+"""The second GDN forward state walk (``mcore_ssm.gdn_triton_state_v2``, the default: ``MCORE_SSM_GDN_FWD`` unset or
+``v2``; ``v1`` the first walk): the forward with it against the fp64 recurrence, its ``U`` and chunk states against
+the first walk's, and the gradients equal to v1's; in Triton's CPU interpreter (``slow``: a subprocess) and on CUDA
+(``gpu``). Each test sets the variable for every path it runs."""
 
 from __future__ import annotations
 
@@ -63,31 +64,40 @@ print(*errors)
 @pytest.mark.slow
 def test_v2_walk_in_triton_interpreter_equals_reference_and_v1():
     """fp32, packed documents, initial states, dk 12 and 80: output and final state within 1e-5 of the fp64
-    recurrence, every gradient within 1e-5 of the default path's, ``U``, chunk states, final state of the walk
+    recurrence, every gradient within 1e-5 of the v1 path's, ``U``, chunk states, final state of the walk
     and ``W``, ``U~``, ``G`` of the narrow WY launch within 1e-5 of the first version's."""
     errors = run_interpreted(INTERPRETED, 2 * 14)
     assert all(e < 1e-5 for e in errors), errors
 
 
 def test_the_forward_walk_is_chosen_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``MCORE_SSM_GDN_FWD`` picks the first walk (default) or v2; anything else is refused."""
+    """``MCORE_SSM_GDN_FWD`` unset (or empty) picks v2, ``v1`` the first forward, ``v2`` v2; v2 takes keys padded
+    to at most 128 columns, wider ones run v1 whatever the choice; anything else is refused, also for wide keys."""
     from mcore.errors import UserError
-    from mcore_ssm.kernel_choice import gdn_fwd
+    from mcore_ssm.kernel_choice import gdn_fwd, gdn_fwd_for
 
     monkeypatch.delenv("MCORE_SSM_GDN_FWD", raising=False)
+    assert gdn_fwd() == "v2"
+    assert [gdn_fwd_for(bk) for bk in (16, 64, 128, 256)] == ["v2", "v2", "v2", "v1"]
+    monkeypatch.setenv("MCORE_SSM_GDN_FWD", "")
+    assert gdn_fwd() == "v2" and gdn_fwd_for(128) == "v2"
+    monkeypatch.setenv("MCORE_SSM_GDN_FWD", "v1")
     assert gdn_fwd() == "v1"
+    assert [gdn_fwd_for(bk) for bk in (16, 64, 128, 256)] == ["v1", "v1", "v1", "v1"]
     monkeypatch.setenv("MCORE_SSM_GDN_FWD", "v2")
     assert gdn_fwd() == "v2"
+    assert [gdn_fwd_for(bk) for bk in (16, 64, 128, 256)] == ["v2", "v2", "v2", "v1"]
     monkeypatch.setenv("MCORE_SSM_GDN_FWD", "fast")
-    with pytest.raises(UserError, match="MCORE_SSM_GDN_FWD = 'fast'; allowed: v1, v2"):
-        gdn_fwd()
+    for choose in (gdn_fwd, lambda: gdn_fwd_for(256)):
+        with pytest.raises(UserError, match="MCORE_SSM_GDN_FWD = 'fast'; allowed: v2, v1"):
+            choose()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_v2_on_cuda_equals_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
-    """dk = dv = 128 (two key blocks), packed documents with initial states: v2's output and final state against
-    the fp64 chunked reference (fp32 < 1e-5, bf16 < 1e-2), its gradients equal to the default path's."""
+    """dk = dv = 128 (two key blocks), packed documents with initial states: v1's and v2's outputs and final states
+    against the fp64 chunked reference (fp32 < 1e-5, bf16 < 1e-2), v2's gradients equal to v1's."""
     from mcore_ssm.gdn_triton import gated_delta_rule_triton
 
     gen = torch.Generator().manual_seed(0)
@@ -116,11 +126,15 @@ def test_v2_on_cuda_equals_reference(monkeypatch: pytest.MonkeyPatch, dtype: tor
         assert rel(a, b) < bound
 
 
-def test_v2_strong_decay_in_triton_interpreter_is_finite_and_equals_recurrence(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_strong_decay_in_triton_interpreter_is_finite_and_equals_recurrence_per_forward(
+    monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
     """``test_gdn_triton``'s strong-decay case (gates down to -30 and -100 a token, numpy raising on any overflow)
-    with the v2 walk: every output and gradient finite and within 1e-5 of the fp64 recurrence."""
+    with each forward named explicitly (v2, the default, and v1, which ``test_gdn_triton`` no longer runs unset):
+    every output and gradient finite and within 1e-5 of the fp64 recurrence."""
     from test_gdn_triton import STRONG_DECAY
 
-    monkeypatch.setenv("MCORE_SSM_GDN_FWD", "v2")
+    monkeypatch.setenv("MCORE_SSM_GDN_FWD", variant)
     errors = run_interpreted(STRONG_DECAY, 16)
     assert all(e < 1e-5 for e in errors), errors

@@ -24,8 +24,9 @@ the chunks in order, and it does nothing but the state recurrence:
    state ``S (dk, dv)`` evolve independently (``u = beta (v - S^T k)`` is per value column), so a program holds
    ``S[:, block]`` in registers in fp32 and walks its segment's chunks in order, storing the state entering
    each chunk (scratch dtype, or fp32 when asked) and ``U = U~ - W S``; then ``S = exp(G_C) S + K~^T U`` with
-   ``K~ = exp(G_C - G) K``. ``MCORE_SSM_GDN_FWD=v2`` (opt-in; dk <= 128) runs ``mcore_ssm.gdn_triton_state_v2``
-   here instead, and kernel 1 ``narrow`` (``W`` by 64 key columns, 4 warps): same results, fewer registers.
+   ``K~ = exp(G_C - G) K``. By default (``MCORE_SSM_GDN_FWD`` unset or ``v2``; dk <= 128) the forward runs
+   ``mcore_ssm.gdn_triton_state_v2`` here instead, and kernel 1 ``narrow`` (``W`` by 64 key columns, 4 warps): same
+   results, fewer registers; ``MCORE_SSM_GDN_FWD=v1`` (and dk > 128) runs this kernel and kernel 1 at full width.
 3. ``_chunk_output_kernel``, one program per (chunk, value head, block of value dims), all in parallel:
    ``O = scale ((exp(G) Q) S_in + tril(Q K^T * exp(G_i - G_j)) U)``, stored in the inputs' dtype.
 
@@ -52,7 +53,7 @@ import triton
 import triton.language as tl
 
 from mcore_ssm.gdn_reference import CHUNK, ChunkRuleOptions
-from mcore_ssm.kernel_choice import gdn_fwd
+from mcore_ssm.kernel_choice import gdn_fwd_for
 from mcore_ssm.packing import Segments, check_state_count, segments_of
 
 
@@ -306,11 +307,12 @@ _chunk_output_tuned = triton.autotune(
 )(_chunk_output_kernel)
 
 
-# Kernel 1 (one launch, no autotuning; ``prepare``). Default: W at once (BW = BK), 64 value columns, 8 warps; offline
-# sm_90 builds (Triton 3.9, ptxas 13.4, 2026-12-06) at dk = dv = 128, bf16: wgmma, 255 registers, 20 bytes spilled
-# (268 with 4 warps), 32 KB shared: one program an SM. ``narrow`` (MCORE_SSM_GDN_FWD=v2): W by 64 key columns with K
-# reloaded, 4 warps: 243 registers, no spill, 16 KB: two programs an SM. fp32 inputs (ieee dots) keep 8 warps with
-# 32 value columns when narrow (4.2 KB spilled, against 6.4 KB by default; at 4 warps ~100 KB).
+# Kernel 1 (one launch, no autotuning; ``prepare``). Full width (v1, dk > 128 and the backward's rerun): W at once
+# (BW = BK), 64 value columns, 8 warps; offline sm_90 builds (Triton 3.9, ptxas 13.4, 2026-12-06) at dk = dv = 128,
+# bf16: wgmma, 255 registers, 20 bytes spilled (268 with 4 warps), 32 KB shared: one program an SM. ``narrow`` (v2,
+# the forward's default): W by 64 key columns with K reloaded, 4 warps: 243 registers, no spill, 16 KB: two programs
+# an SM. fp32 inputs (ieee dots) keep 8 warps with 32 value columns when narrow (4.2 KB spilled, against 6.4 KB at
+# full width; at 4 warps ~100 KB).
 
 
 def _interpreted() -> bool:
@@ -435,7 +437,7 @@ def prepare(
     narrow: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Kernel 1: ``(W (N, hv, dk), U~ (N, hv, dv))`` in ``dtype`` (``scratch_dtype``'s, or fp32) and
-    ``G (N, hv)`` fp32 (inputs contiguous, g and beta fp32). ``narrow`` (``MCORE_SSM_GDN_FWD=v2``): W by blocks of
+    ``G (N, hv)`` fp32 (inputs contiguous, g and beta fp32). ``narrow`` (v2, the forward's default): W by blocks of
     64 key columns, 4 warps for 16-bit inputs (two programs an SM in offline builds), same results."""
     tokens = v.shape[0] * v.shape[1]
     w = torch.empty(tokens, launch.hv, launch.dk, device=v.device, dtype=dtype)
@@ -527,7 +529,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         launch = launch_for(q, k, v, g, beta, scale, initial_state, cu_seqlens, segments)
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
         scratch = scratch_dtype(q.dtype)
-        v2 = gdn_fwd() == "v2" and launch.dims["BK"] <= 128  # v2 takes dk <= 128
+        v2 = gdn_fwd_for(launch.dims["BK"]) == "v2"  # the default; v1 by MCORE_SSM_GDN_FWD=v1 or for dk > 128
         gf, bf = g.float().contiguous(), beta.float().contiguous()
         prepared = prepare(launch, kc, vc, gf, bf, scratch, narrow=v2)
         walk = run_states

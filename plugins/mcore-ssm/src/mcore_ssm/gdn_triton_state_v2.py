@@ -1,6 +1,7 @@
-"""The GDN forward's state walk, second version (``MCORE_SSM_GDN_FWD=v2``, opt-in; issue 22): the same job and
-results as ``gdn_triton._chunk_state_kernel`` (``U = U~ - W S`` and the state entering each chunk, walking each
-segment's chunks in order), shaped for more programs per SM; imported only on CUDA or under Triton's interpreter.
+"""The GDN forward's state walk, second version (the default: ``MCORE_SSM_GDN_FWD`` unset or ``v2``, dk <= 128;
+``v1`` runs the first; issue 22): the same job and results as ``gdn_triton._chunk_state_kernel`` (``U = U~ - W S``
+and the state entering each chunk, walking each segment's chunks in order), shaped for more programs per SM;
+imported only on CUDA or under Triton's interpreter.
 
 Why: the walk is the forward's only sequential part. At B 8, T 4096, 32 value heads of dk = dv = 128, bf16, the
 first version holds ``S (128, BV)``, a whole chunk's ``K`` and ``W (C, 128)`` and ``K~ = exp(G_C - G) K`` live at

@@ -67,13 +67,23 @@ def gdn_chunk_bwd() -> str:
     return _env_choice("MCORE_SSM_GDN_CHUNK_BWD", GDN_CHUNK_BWD)
 
 
-#: ``MCORE_SSM_GDN_FWD``: the GDN forward, ``v1`` (the default) or ``v2`` (opt-in; not yet timed on a card): the WY
-#: kernel with ``W`` by 64 key columns at 4 warps and the state walk of ``gdn_triton_state_v2`` (64-key state blocks,
-#: gated ``U``, 4 warps): two programs an SM where v1 fits one, in offline sm_90 builds at dk = dv = 128. Same results;
-#: v2 takes dk <= 128, larger dk runs v1. The backward does not depend on it (it reruns its own fp32 forward).
-GDN_FWD: tuple[str, ...] = ("v1", "v2")
+#: ``MCORE_SSM_GDN_FWD``: the GDN forward, ``v2`` (the default) or ``v1`` (the first version, kept as an opt-in). v2:
+#: the WY kernel with ``W`` by 64 key columns at 4 warps and the state walk of ``gdn_triton_state_v2`` (64-key state
+#: blocks, gated ``U``, 4 warps): two programs an SM where v1 fits one, in offline sm_90 builds at dk = dv = 128. Same
+#: results; the default since its GPU tests (``test_gdn_triton_state_v2``) passed and it timed 1.35x v1's forward
+#: (3.19 against 4.30 ms) and 1.05x forward + backward on an H100 (2026-12-07, ``benchmarks/RESULTS.md``). v2 takes
+#: dk <= 128, larger dk runs v1 (``gdn_fwd_for``). The backward does not depend on it (it reruns its own fp32 forward
+#: with v1's kernels).
+GDN_FWD: tuple[str, ...] = ("v2", "v1")
 
 
 def gdn_fwd() -> str:
-    """``MCORE_SSM_GDN_FWD`` (``GDN_FWD``, default ``v1``)."""
+    """``MCORE_SSM_GDN_FWD`` (``GDN_FWD``, default ``v2``)."""
     return _env_choice("MCORE_SSM_GDN_FWD", GDN_FWD)
+
+
+def gdn_fwd_for(block_k: int) -> str:
+    """The GDN forward that runs for keys padded to ``block_k`` columns: ``gdn_fwd()``, except ``v1`` where
+    ``block_k > 128`` (v2 holds the state as at most two 64-key blocks)."""
+    choice = gdn_fwd()
+    return "v1" if block_k > 128 else choice
