@@ -65,6 +65,10 @@ t_gdnv2() {  # the v2 GDN forward (the default): its GPU tests, then timed again
 }
 t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
 t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
+t_b_fp8c() {  # the compiled FP8 linear (host out of the step) beside eager and bf16, then its GPU test
+  $PY -m pytest -q -m gpu plugins/mcore-precision/tests/test_fp8.py -k compiled 2>&1 | tail -3
+  $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5 --compile
+}
 t_b_host() {
   $PY plugins/mcore-inference/benchmarks/bench_host.py --preset bench-0.9b --batch 1 32
   $PY plugins/mcore-inference/benchmarks/bench_host.py --preset bench-0.9b --batch 1 32 --eager

@@ -6,6 +6,7 @@ one linear for GPT-sized shapes, interleaved with the bf16 baseline in the same 
 median, spread, GEMM TFLOP/s and the relative error of the output against the bf16 one.
 
     python plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 7          # GPU
+    python plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5 --compile  # + both under torch.compile
     python plugins/mcore-precision/benchmarks/bench_fp8.py --quick              # CPU smoke test (emulated)
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcore_precision import kernels
 from mcore_precision.formats import E4M3, E5M2
 from mcore_precision.fp8 import CurrentScaler
 from mcore_precision.fp8_linear import FP8Linear, native_scaled_mm_available
@@ -33,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--iters", type=int, default=10, help="calls per candidate per round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time both linears under torch.compile (the FP8 one traced whole: the host out of its step)",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON lines here")
     return parser.parse_args(argv)
 
@@ -59,6 +66,10 @@ def bench_shape(args: argparse.Namespace, shape: tuple[int, int, int], device: t
         linear, input=CurrentScaler(E4M3, 0), weight=CurrentScaler(E4M3, 0), grad=CurrentScaler(E5M2, 0)
     )
     steps = {"bf16_linear": _step(linear, x, grad), "fp8_current": _step(fp8, x, grad)}
+    if args.compile:
+        kernels.load_references()  # before tracing: dynamo does not trace the import
+        steps["bf16_compiled"] = _step(torch.compile(linear), x, grad)
+        steps["fp8_current_compiled"] = _step(torch.compile(fp8), x, grad)
     measured = interleaved(steps, repeats=args.repeats, iters=args.iters, warmup=args.warmup, device=device)
     flops = 6 * n * k * f  # forward + two backward GEMMs
     rows = []

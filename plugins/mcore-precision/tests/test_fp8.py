@@ -249,6 +249,40 @@ def test_native_scaled_mm_matches_the_emulation() -> None:
         assert float((a - b).norm() / b.norm()) < 1e-2  # same fp8 operands; accumulation and output rounding differ
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_fp8_linear_matches_eager_on_the_card() -> None:
+    """``torch.compile`` traces the linear whole (quantisation by the torch references, which inductor fuses, and
+    the native GEMMs): its output and gradients agree with the eager linear (Triton kernels); no graph break."""
+    from torch._dynamo.utils import counters
+
+    from mcore_precision import kernels
+
+    device = torch.device("cuda")
+    if not native_scaled_mm_available(device):
+        pytest.skip("this card has no FP8 tensor cores (capability < 8.9)")
+    kernels.load_references()
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 256, bias=False, device=device, dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(
+        linear, input=CurrentScaler(E4M3, 0), weight=CurrentScaler(E4M3, 0), grad=CurrentScaler(E5M2, 0)
+    )
+    x = torch.randn(384, 512, device=device, dtype=torch.bfloat16)
+    grad = torch.randn(384, 256, device=device, dtype=torch.bfloat16) * 0.01
+    torch._dynamo.reset()
+    counters.clear()
+    results = []
+    for module in (fp8, torch.compile(fp8)):
+        linear.weight.grad = None
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.backward(grad)
+        results.append((out.detach().float(), xi.grad.float(), linear.weight.grad.float()))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2
+
+
 def test_saved_operand_keeps_only_the_transposed_copy() -> None:
     """An operand quantised in both layouts (the native path writes ``data_t``) is saved for backward as its
     transposed copy alone: ``data`` becomes a view of it, and the rebuilt operand reads back the same values."""

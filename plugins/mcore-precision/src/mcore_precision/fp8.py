@@ -228,6 +228,7 @@ class _QuantizedRecipe(PlainRecipe):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         cfg = self.config
+        kernels.load_references()  # before any torch.compile traces a quantisation (it cannot trace the import)
         model = model.to(dtype=self.param_dtype)
         names = fp8_linear_names(model, first_layers_bf16=cfg.first_layers_bf16, last_layers_bf16=cfg.last_layers_bf16)
         for path in names:

@@ -139,8 +139,8 @@ def quantized_linear(
     ``given``: the weight already quantised (FSDP gathered it in the scheme's format, ``fsdp_gather``): the forward
     operand ``(F, K)`` and dgrad's ``(K, F)`` (or ``None``: the forward one's transpose); ``weight`` is then only
     what its gradient flows to (its values are not read)."""
-    if storage_less(x) or storage_less(weight):
-        return torch.nn.functional.linear(x, weight, bias)
+    if not torch.compiler.is_compiling() and (storage_less(x) or storage_less(weight)):
+        return torch.nn.functional.linear(x, weight, bias)  # traced by torch.compile: real tensors when it runs
     out: torch.Tensor = _QuantizedLinearFn.apply(x, weight, bias, scheme, given)
     return out
 

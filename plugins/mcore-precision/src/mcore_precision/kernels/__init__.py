@@ -30,6 +30,7 @@ from mcore.errors import UserError
 
 __all__ = [
     "Dispatched",
+    "load_references",
     "quantize_blockwise",
     "quantize_mx",
     "quantize_nvfp4",
@@ -62,15 +63,27 @@ def _load(ref: str) -> Callable[..., Any]:
 
 class Dispatched:
     """A function with a torch reference and a Triton kernel for CUDA tensors, both named ``"module:function"``
-    and imported on first use (the references import the format modules, which call back into here)."""
+    and imported on first use (the references import the format modules, which call back into here).
 
-    def __init__(self, name: str, reference: str, kernel: str) -> None:
+    ``traced_on_cpu``: whether a compiled region on CPU traces the reference (inductor fuses it) or runs it
+    eagerly (a graph break): inductor's CPU code generator fails on the block reshapes of the 1x128 / 128x128
+    and MXFP8 references (``InductorError`` in its loop split, torch 2.13, 2026-12-07), so those run eagerly
+    there; on CUDA every reference is traced."""
+
+    def __init__(self, name: str, reference: str, kernel: str, *, traced_on_cpu: bool = True) -> None:
         self.name, self.reference_ref, self.kernel_ref = name, reference, kernel
+        self.traced_on_cpu = traced_on_cpu
         self._by_device: dict[str, Callable[..., Any]] = {}
+        self._reference: Callable[..., Any] | None = None
+        self._eager_reference: Callable[..., Any] | None = None
 
     @property
     def reference(self) -> Callable[..., Any]:
-        return _load(self.reference_ref)
+        """The torch reference, imported once (``load_references`` does it before ``torch.compile`` traces a
+        call: dynamo does not trace an import)."""
+        if self._reference is None:
+            self._reference = _load(self.reference_ref)
+        return self._reference
 
     def implementation(self, device_type: str) -> Callable[..., Any]:
         fn = self._by_device.get(device_type)
@@ -80,10 +93,28 @@ class Dispatched:
             self._by_device[device_type] = fn
         return fn
 
+    def eager_reference(self) -> Callable[..., Any]:
+        """The reference wrapped to run outside any compiled region (``traced_on_cpu``), made once; made here,
+        not at import, because ``torch.compiler.disable`` imports dynamo, which imports Triton compiled (the
+        interpreter tests need Triton's language unbuilt until they build it)."""
+        if self._eager_reference is None:
+            self._eager_reference = torch.compiler.disable(self.reference)
+        return self._eager_reference
+
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # traced: the reference, which inductor fuses (module docstring)
+            if x.device.type == "cpu" and not self.traced_on_cpu:
+                return self.eager_reference()(x, *args, **kwargs)
             return self.reference(x, *args, **kwargs)
         return self.implementation(x.device.type)(x, *args, **kwargs)
+
+
+def load_references() -> None:
+    """Import every entry point's reference now (the recipes call it when they prepare a model), so a compiled
+    region that quantises (``torch.compile`` traces the references) finds them loaded instead of breaking its
+    graph on the import."""
+    for entry in (quantize_tensorwise, quantize_rowwise, quantize_blockwise, quantize_mx, quantize_nvfp4):
+        entry.reference  # noqa: B018 - the property imports and keeps it
 
 
 _REF = "mcore_precision.kernels.reference"
@@ -94,7 +125,12 @@ quantize_rowwise = Dispatched(
     "quantize_rowwise", f"{_REF}:quantize_rowwise", "mcore_precision.kernels.rowwise:quantize_rowwise"
 )
 quantize_blockwise = Dispatched(
-    "quantize_blockwise", f"{_REF}:quantize_blockwise", "mcore_precision.kernels.blockwise:quantize_blockwise"
+    "quantize_blockwise",
+    f"{_REF}:quantize_blockwise",
+    "mcore_precision.kernels.blockwise:quantize_blockwise",
+    traced_on_cpu=False,
 )
-quantize_mx = Dispatched("quantize_mx", f"{_REF}:quantize_mx", "mcore_precision.kernels.mx:quantize_mx")
+quantize_mx = Dispatched(
+    "quantize_mx", f"{_REF}:quantize_mx", "mcore_precision.kernels.mx:quantize_mx", traced_on_cpu=False
+)
 quantize_nvfp4 = Dispatched("quantize_nvfp4", f"{_REF}:quantize_nvfp4", "mcore_precision.kernels.nvfp4:quantize_nvfp4")
