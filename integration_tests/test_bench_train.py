@@ -102,3 +102,19 @@ def test_quick_smoke(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.Monk
     assert bench.main(slow) == 1
     (result,) = [json.loads(x) for x in (tmp_path / "slow" / "results.jsonl").read_text().splitlines()]
     assert result["failed"] == 1 and "timeout after 1 s" in result["errors"][0]
+
+
+def test_every_built_in_suite_resolves_through_mcore_config(bench: ModuleType, capsys) -> None:
+    """A suite is run on the GPU machine, whose time is scarce: each variant's command line (common args, then
+    its own) must be a configuration ``mcore config`` accepts here (known keys, registered recipes and
+    layouts, values in range), and its baseline one of its variants."""
+    from mcore.cli import main as mcore_main
+
+    for name in bench.SUITES:
+        args = bench.build_parser().parse_args(["--suite", name, "--warmup", "1", "--out", "/nonexistent/never-made"])
+        common, variants, baseline, *_ = bench.resolve(args)
+        assert baseline in {v.name for v in variants}, name
+        for variant in variants:
+            code = mcore_main(["config", *common, *variant.args])
+            assert code == 0, (name, variant.name, capsys.readouterr().err[-500:])
+        capsys.readouterr()

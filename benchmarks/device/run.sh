@@ -65,6 +65,9 @@ t_gdnv2() {  # the v2 GDN forward (the default): its GPU tests, then timed again
 }
 t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
 t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
+t_b_fp8step() {  # issue 19: bench-0.9b steps, bf16 vs fp8-current vs fp8-blockwise, eager and compiled
+  $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bfp8 --repeats "${ROUNDS:-2}"
+}
 t_b_fp8c() {  # the compiled FP8 linear (host out of the step) beside eager and bf16, then its GPU test
   $PY -m pytest -q -m gpu plugins/mcore-precision/tests/test_fp8.py -k compiled 2>&1 | tail -3
   $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5 --compile
@@ -93,8 +96,10 @@ t_b_wl() {  # issue 20: 256 long-tailed requests (engine vs HF generate in fixed
   $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections workload prefix --repeats 3 --kv-gib 16
 }
 t_b_servo() {  # the server section with overlapped decode in the engines
-  $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections server --repeats 3 --server-requests 64 \
-    --server-output 128 --kv-gib 8 --overlap-decode
+  for mode in process thread; do  # process: what mcore serve runs; thread: the engine under the server's lock
+    $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections server --repeats 3 --server-requests 64 \
+      --server-output 128 --kv-gib 8 --overlap-decode --server-mode "$mode"
+  done
 }
 t_lc() {  # loss curves (issue 19): LC_RECIPES, LC_BUDGET seconds; result.json + metrics.jsonl of each run to $OUT/lc
   $PY plugins/mcore-precision/benchmarks/loss_curves.py --out /tmp/lc --recipes "${LC_RECIPES:-bf16,fp8-current}" \

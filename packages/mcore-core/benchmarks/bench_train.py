@@ -111,6 +111,21 @@ SUITES: dict[str, dict[str, Any]] = {
         "baseline": "dense-4k",
         "steps": 30,
     },
+    # issue 19: the FP8 recipes' bench-0.9b step against bf16's, eager and compiled (the eager FP8 linear is
+    # host-bound; a compiled block takes the host out of it)
+    "fp8": {
+        "common": "--model.preset=bench-0.9b --train.seq_len=4096 --train.global_batch_size=2 " + DATA_CAP,
+        "variants": [
+            ("bf16", "--precision.recipe=bf16"),
+            ("bf16-compiled", "--precision.recipe=bf16 --train.compile=blocks"),
+            ("fp8-current", "--precision.recipe=fp8-current"),
+            ("fp8-current-compiled", "--precision.recipe=fp8-current --train.compile=blocks"),
+            ("fp8-blockwise-compiled", "--precision.recipe=fp8-blockwise --train.compile=blocks"),
+        ],
+        "env": {},
+        "baseline": "bf16",
+        "steps": 30,
+    },
     # the CPU smoke test: tiny preset, 3 steps, 2 variants, 1 round
     "quick": {
         "common": "--model.preset=tiny --parallel.device=cpu --train.cpu_threads=1 --data.max_tokens=20000 "

@@ -16,8 +16,8 @@ CUDA graphs on; ``--quick``: the ``tiny`` preset in fp32 on the CPU, short). Sec
   ``--repeats``, and their ratio (goal: hit >= 5x faster). Then the cost of prefix caching at a 0% hit rate:
   output tokens/s of a workload of all-distinct prompts (new ones each round) with ``enable_prefix_caching`` on and
   off, in rounds rotated each round (``mcore_testing.bench``'s method).
-* ``server``: the ``mcore serve`` app (``build_app`` + uvicorn on 127.0.0.1 at a free port; the engine in a thread
-  or, ``--server-mode process``, in its own process) with ``--clients`` concurrent streaming clients (HTTP/1.1,
+* ``server``: the ``mcore serve`` app (``build_app`` + uvicorn on 127.0.0.1 at a free port; the engine in its own
+  process, ``--server-mode process``, the default and what ``mcore serve`` runs, or in a thread, ``thread``) with ``--clients`` concurrent streaming clients (HTTP/1.1,
   SSE, token-id prompts, ``--server-requests`` of them; in a process of their own, as real clients are, reading the
   raw chunked stream) against the engine driven directly on the same requests, at most ``--clients`` live at once
   (thread mode: the served engine itself, in its thread between its steps; process mode: an engine of the same
@@ -652,7 +652,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--server-requests", type=int, default=128)
     p.add_argument("--server-prompt", type=int, default=256)
     p.add_argument("--server-output", type=int, default=256)
-    p.add_argument("--server-mode", choices=("thread", "process"), default="thread")
+    p.add_argument("--server-mode", choices=("process", "thread"), default="process", help="where the engine runs")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--overlap-decode", action="store_true", help="engines with overlap_decode (CUDA graphs only)")
     p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn's HTTP protocol")
