@@ -114,12 +114,14 @@ class DelayedScaler:
         self.move_to(amax.device)
         amax = amax.float()
         finite = torch.isfinite(amax)
-        self.history[0] = torch.where(finite, torch.maximum(self.history[0], amax), self.history[0])
+        # the state is updated in place (no attribute rebound): torch.compile traces this inside the quantised
+        # linear's autograd function, where rebinding an attribute of this object would break its graph
+        self.history[0].copy_(torch.where(finite, torch.maximum(self.history[0], amax), self.history[0]))
         # first sight: this amax; afterwards the scale fixed at the end of the previous step
         fresh = torch.where(finite, amax_to_scale(amax, self.fmt, self.margin), self.current)
-        self.current = torch.where(self.seen, self.current, fresh)
-        self.seen = self.seen | finite
-        return self.current
+        self.current.copy_(torch.where(self.seen, self.current, fresh))
+        self.seen.copy_(self.seen | finite)
+        return self.current.clone()  # what backward keeps: not the live state, which a later call may change
 
     def advance(self) -> None:
         amax = self.history.amax() if self.algo == "max" else self.history[0]
