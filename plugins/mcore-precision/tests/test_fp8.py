@@ -150,6 +150,24 @@ def _run(recipe, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
+def test_delayed_scalers_live_on_the_meshs_device_from_prepare() -> None:
+    """Bound to a mesh, the recipe makes its scalers there (a compiled first forward must not move them): the
+    meta device stands in for a card here, a checkpoint's state loaded before ``prepare`` included."""
+    from mcore.mesh import ParallelMesh
+
+    mesh = ParallelMesh(dim_names=(), dim_sizes=(), device_type="meta")
+    assert mesh.device == torch.device("meta")
+    source = FP8Delayed(FP8Delayed.Config(amax_history_len=2, params="fp32"))
+    source.prepare(TinyTransformer(TinyConfig(num_layers=1)))
+    recipe = FP8Delayed(FP8Delayed.Config(amax_history_len=2, params="fp32"))
+    recipe.load_state_dict(source.state_dict())  # pending until prepare makes the scalers
+    recipe.bind_mesh(mesh)
+    recipe.prepare(TinyTransformer(TinyConfig(num_layers=1)))
+    assert recipe.scalers and all(
+        t.device.type == "meta" for s in recipe.scalers.values() for t in (s.history, s.current, s.seen)
+    )
+
+
 @pytest.mark.parametrize("before_prepare", [False, True], ids=["after-prepare", "before-prepare"])
 def test_delayed_history_checkpoint_resumes_bit_exact(before_prepare: bool) -> None:
     config = FP8Delayed.Config(amax_history_len=3, params="fp32")

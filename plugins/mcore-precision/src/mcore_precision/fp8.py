@@ -425,6 +425,7 @@ class FP8Delayed(_FP8Recipe):
         self._checked = False  # the ranks' scaler counts compared (several ranks only)
         self._group: dist.ProcessGroup | None = None  # the ranks whose amaxes are combined (None: all)
         self._stages = False  # bound to a mesh with pipeline stages
+        self._home: torch.device | None = None  # the mesh's device: where the scalers' state lives
 
     def _scaler(self, fmt: FP8Format) -> Scaler:
         cfg = self.config
@@ -436,6 +437,8 @@ class FP8Delayed(_FP8Recipe):
             key = f"{name}.{operand}"
             if key in self._pending:
                 scaler.load(self._pending.pop(key), f"recipe 'fp8-delayed', {key}")
+            if self._home is not None:  # there before the first forward, which torch.compile may trace
+                scaler.move_to(self._home)
             self.scalers[key] = scaler
 
     def update(self) -> None:
@@ -450,7 +453,10 @@ class FP8Delayed(_FP8Recipe):
         replicas and shards, context-parallel sequence parts and expert-parallel ranks read different tokens
         through the same non-expert weights; tensor-parallel ranks read the same ones, which the max leaves
         unchanged). Without a ``pp`` dimension that is every rank, as unbound. A collective: every rank calls
-        it once, after the mesh is built and before the first step."""
+        it once, after the mesh is built and before the first step. The scalers made afterwards (``prepare``) keep
+        their state on the mesh's device from the start: moved at the first forward instead, inside a compiled
+        block, the move would be a side effect that breaks its graph."""
+        self._home = mesh.device
         self._group = None
         self._stages = mesh.size("pp") > 1 and mesh.device_mesh is not None
         if not self._stages:
