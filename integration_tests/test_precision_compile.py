@@ -52,8 +52,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def _run(root: Path, corpus: str, recipe: str, compile_mode: str, layouts: tuple[str, ...], save: bool) -> Any:
+def _run(
+    root: Path,
+    corpus: str,
+    recipe: str,
+    compile_mode: str,
+    layouts: tuple[str, ...],
+    save: bool,
+    recompute: str = "none",
+) -> Any:
     raw = merged(BASE, {"precision": {"recipe": recipe, "params": "fp32"}, "data": {"source": corpus}})
+    raw = merged(raw, {"train": {"recompute": recompute}})
     out = root / f"{recipe}-{compile_mode}-{'-'.join(layouts)}"
     raw = merged(raw, {"train": {"compile": compile_mode, "out_dir": str(out)}, "parallel": {"layouts": list(layouts)}})
     raw = merged(raw, {"checkpoint": {"save_final": save}})
@@ -109,14 +118,15 @@ def test_fp8_current_compiles_whole_and_trains_like_eager(tmp_path: Path, corpus
     assert breaks == 0, dict(counters["graph_break"])
 
 
-def test_fp8_delayed_compiles_whole_and_keeps_the_same_amax_histories(tmp_path: Path, corpus: str) -> None:
-    """The delayed scalers update their state in place inside the compiled linear: no graph break, the losses equal
-    the eager run's, and so do every saved amax history and scale (to fp32's last bits: inductor's fused norms
-    and sums round their own way, which the FP8 casts absorb) and first-sight flag."""
-    eager = _run(tmp_path, corpus, "fp8-delayed", "none", ("single",), save=True)
+def test_fp8_delayed_compiles_whole_under_recompute_and_keeps_the_same_amax_histories(tmp_path: Path, corpus: str) -> None:
+    """The delayed scalers update their state in place inside the compiled linear, under full recompute too (the
+    recomputed forward records its amaxes again and keeps the scale): no graph break, the losses equal the eager
+    run's, and so do every saved amax history and scale (to fp32's last bits: inductor's fused norms and sums
+    round their own way, which the FP8 casts absorb) and first-sight flag."""
+    eager = _run(tmp_path, corpus, "fp8-delayed", "none", ("single",), save=True, recompute="full")
     torch._dynamo.reset()
     counters.clear()
-    compiled = _run(tmp_path, corpus, "fp8-delayed", "blocks", ("single",), save=True)
+    compiled = _run(tmp_path, corpus, "fp8-delayed", "blocks", ("single",), save=True, recompute="full")
     assert _graph_breaks() == 0, dict(counters["graph_break"])
     assert compiled.losses == eager.losses
     assert eager.last_checkpoint is not None and compiled.last_checkpoint is not None
