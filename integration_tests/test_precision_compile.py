@@ -118,7 +118,9 @@ def test_fp8_current_compiles_whole_and_trains_like_eager(tmp_path: Path, corpus
     assert breaks == 0, dict(counters["graph_break"])
 
 
-def test_fp8_delayed_compiles_whole_under_recompute_and_keeps_the_same_amax_histories(tmp_path: Path, corpus: str) -> None:
+def test_fp8_delayed_compiles_whole_under_recompute_and_keeps_the_same_amax_histories(
+    tmp_path: Path, corpus: str
+) -> None:
     """The delayed scalers update their state in place inside the compiled linear, under full recompute too (the
     recomputed forward records its amaxes again and keeps the scale): no graph break, the losses equal the eager
     run's, and so do every saved amax history and scale (to fp32's last bits: inductor's fused norms and sums

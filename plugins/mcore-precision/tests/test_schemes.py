@@ -235,16 +235,9 @@ def test_bad_config_is_a_one_line_config_error(recipe: type, kwargs: dict) -> No
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
     "scheme",
-    [
-        "rowwise",
-        pytest.param(
-            "blockwise",
-            marks=pytest.mark.xfail(
-                reason="H100, torch 2.11, 2026-12-05: F.scaled_mm refused our 128x128 weight-scale layout "
-                "('scale_b must have shape 4 x 2, got [2, 4]'); CheckedNative emulates such pairs"
-            ),
-        ),
-    ],
+    # blockwise: torch 2.11 refused the 128x128 weight scales as (P/128, K/128) ('scale_b must have shape 4 x 2,
+    # got [2, 4]', H100, 2026-12-05); native._blockwise now hands them over transposed
+    ["rowwise", "blockwise"],
 )
 def test_native_gemms_match_the_emulation(scheme: str) -> None:
     device = torch.device("cuda")

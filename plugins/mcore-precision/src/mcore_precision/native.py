@@ -10,8 +10,10 @@
   dimension a multiple of 128.
 
 The kernels take decode scales (``1 / scale``): an operand's ``decode`` where its quantisation kernel wrote it
-(per-tensor scales), else one reciprocal. Scale layouts follow torch's scaled-mm tests: 1x128 scales
-``(M, K/128)`` stored M-major, 128x128 scales ``(P/128, K/128)`` as given.
+(per-tensor scales), else one reciprocal. Scale layouts: 1x128 scales ``(M, K/128)`` stored M-major (torch's
+scaled-mm tests), 128x128 scales as ``(K/128, P/128)``, the transpose of the row-major ``(P/128, K/128)``
+(torch 2.11 refused the latter itself; the transposed form is untimed and unchecked on a card as of
+2026-12-07: ``CheckedNative`` compares its first answer with the emulation and emulates on a disagreement).
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ def _blockwise(a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype, dims: tuple[i
     decode_b = b.scale.float().reciprocal()
     if b.block == (1, 128):
         decode_b = decode_b.t().contiguous().t()  # (P, K/128), P-major
+    else:  # 128 x 128: torch wants (K/128, P/128), the transpose of a row-major (P/128, K/128) whose rows are
+        # 16-byte aligned (K/128 a multiple of 4); it refused (P/128, K/128) itself (H100, torch 2.11, 2026-12-05)
+        if decode_b.shape[1] % 4:
+            return None
+        decode_b = decode_b.contiguous().t()
     return f.scaled_mm(
         a.data.contiguous(),
         b.data.contiguous().t(),
