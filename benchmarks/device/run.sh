@@ -101,11 +101,11 @@ t_b_servo() {  # the server section with overlapped decode in the engines
       --server-output 128 --kv-gib 8 --overlap-decode --server-mode "$mode"
   done
 }
-t_lc() {  # loss curves (issue 19): LC_RECIPES, LC_BUDGET seconds; result.json + metrics.jsonl of each run to $OUT/lc
+t_lc() {  # loss curves (issue 19): LC_RECIPES, LC_BUDGET seconds, LC_SET (e.g. train.compile=blocks); result.json + metrics.jsonl of each run to $OUT/lc
   $PY plugins/mcore-precision/benchmarks/loss_curves.py --out /tmp/lc --recipes "${LC_RECIPES:-bf16,fp8-current}" \
     --long-steps 1000 --short-steps 300 --budget "${LC_BUDGET:-$(( LEFT - 40 ))}" \
     --timeout "${LC_BUDGET:-$(( LEFT - 40 ))}" \
-    --checkpoint-every 100000
+    --checkpoint-every 100000 ${LC_SET:+--set $LC_SET}
   mkdir -p "$OUT/lc"
   cp /tmp/lc/summary.* /tmp/lc/*.png "$OUT/lc/" 2>/dev/null
   for d in /tmp/lc/*/; do
