@@ -36,10 +36,17 @@ def native_scaled_mm_available(device: torch.device) -> bool:
     return _capability(torch.cuda.current_device() if device.index is None else device.index) >= (8, 9)
 
 
-@functools.cache
 def _capability(index: int) -> tuple[int, int]:
     """A card's compute capability, asked once: every quantised GEMM asks it (three times a linear), and
-    ``torch.cuda.get_device_capability`` costs microseconds of host time each call."""
+    ``torch.cuda.get_device_capability`` costs microseconds of host time each call. While ``torch.compile``
+    traces, asked directly (dynamo folds it to a constant; it would only warn about the cache)."""
+    if torch.compiler.is_compiling():
+        return torch.cuda.get_device_capability(index)
+    return _cached_capability(index)
+
+
+@functools.cache
+def _cached_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
