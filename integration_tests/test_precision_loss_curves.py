@@ -113,6 +113,12 @@ def test_running_mean_window_and_gemm_path_words() -> None:
     assert path({"quantized_linears": 2, "quantized_gemms": 6, "native_scaled_mm": 2}, gpu).startswith("mixed")
     assert path({"quantized_linears": 2, "quantized_gemms": 6, "native_scaled_mm": 0}, gpu).startswith("emulated")
     assert path(None, gpu).startswith("unknown")
+    # compiled blocks hide the quantised linears from the trace; their scaled-mm calls stay in sight
+    compiled = {"quantized_linears": 0, "quantized_gemms": 0, "native_scaled_mm": 252}
+    assert path(compiled, gpu, compiled=True).startswith("compiled blocks on NVIDIA H200 (sm90): 252 native")
+    none = {"quantized_linears": 0, "quantized_gemms": 0, "native_scaled_mm": 0}
+    assert "no native scaled-mm call" in path(none, gpu, compiled=True)
+    assert path(none, gpu) == "high precision (no quantised GEMMs)"
 
 
 def test_scaled_mm_calls_are_counted_once_when_nested() -> None:

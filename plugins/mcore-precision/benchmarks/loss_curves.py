@@ -354,12 +354,18 @@ def count_scaled_mm(events: list[dict[str, Any]]) -> int:
     return count
 
 
-def gemm_path(counts: dict[str, int] | None, device: dict[str, Any]) -> str:
-    """Which GEMM path ran, in words, from ``gemm_counts`` of the profiled step."""
+def gemm_path(counts: dict[str, int] | None, device: dict[str, Any], compiled: bool = False) -> str:
+    """Which GEMM path ran, in words, from ``gemm_counts`` of the profiled step. ``compiled``: the run compiled its
+    blocks, whose quantised linears run inside compiled graphs, out of the trace's sight (their scaled-mm calls
+    are still seen)."""
     cap = device.get("capability")
     where = device["device"] if cap is None else f"{device['device']} (sm{cap[0]}{cap[1]})"
     if counts is None:
         return "unknown (no profiled step)"
+    if counts["quantized_linears"] == 0 and compiled:
+        native = counts["native_scaled_mm"]
+        seen = f"{native} native scaled-mm calls/step" if native else "no native scaled-mm call (emulated, or none)"
+        return f"compiled blocks on {where}: {seen}; the quantised linears are not visible in the trace"
     if counts["quantized_linears"] == 0:
         return "high precision (no quantised GEMMs)"
     native, total = counts["native_scaled_mm"], counts["quantized_gemms"]
@@ -412,7 +418,9 @@ def collect(
         "wall_s": round(wall, 2),
         "train_s": attempt.train_s,
         "gemm_counts": counts,
-        "gemm_path": gemm_path(counts, device) if counts is not None or ok else "-",
+        "gemm_path": gemm_path(counts, device, compiled="train.compile=blocks" in args.set)
+        if counts is not None or ok
+        else "-",
         "gemm_warnings": attempt.warnings,
         "loss": [[r["step"], r.get("loss")] for r in records],
         "eval_loss": [[r["step"], r["eval_loss"]] for r in records if r.get("eval_loss") is not None],
