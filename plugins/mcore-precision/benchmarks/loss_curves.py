@@ -46,6 +46,8 @@ from typing import Any
 
 #: Recipes run for ``--long-steps`` by default (the guide's headline comparison); every other one for ``--short-steps``.
 LONG_RECIPES = ("bf16", "fp8-current", "fp8-blockwise", "mxfp8", "nvfp4")
+#: Recipes without quantised GEMMs (their compiled runs are high precision, not hidden quantised linears).
+HIGH_PRECISION = ("fp32", "bf16", "fp16")
 BASELINE = "bf16"
 FINAL_WINDOW = 50  # steps averaged for the final loss
 _STEP_LINE = re.compile(r"^step (\d+)/(\d+)\b")
@@ -354,6 +356,11 @@ def count_scaled_mm(events: list[dict[str, Any]]) -> int:
     return count
 
 
+def _compiled(recipe: str, args: argparse.Namespace) -> bool:
+    """Whether a quantised recipe's run compiled its blocks (``--set train.compile=blocks``)."""
+    return recipe not in HIGH_PRECISION and "train.compile=blocks" in args.set
+
+
 def gemm_path(counts: dict[str, int] | None, device: dict[str, Any], compiled: bool = False) -> str:
     """Which GEMM path ran, in words, from ``gemm_counts`` of the profiled step. ``compiled``: the run compiled its
     blocks, whose quantised linears run inside compiled graphs, out of the trace's sight (their scaled-mm calls
@@ -418,9 +425,7 @@ def collect(
         "wall_s": round(wall, 2),
         "train_s": attempt.train_s,
         "gemm_counts": counts,
-        "gemm_path": gemm_path(counts, device, compiled="train.compile=blocks" in args.set)
-        if counts is not None or ok
-        else "-",
+        "gemm_path": gemm_path(counts, device, compiled=_compiled(recipe, args)) if counts is not None or ok else "-",
         "gemm_warnings": attempt.warnings,
         "loss": [[r["step"], r.get("loss")] for r in records],
         "eval_loss": [[r["step"], r["eval_loss"]] for r in records if r.get("eval_loss") is not None],
