@@ -1,4 +1,5 @@
-"""What the run-loop integration tests share: merging config tables and reading a run's metrics."""
+"""What the run-loop integration tests share: a small tokenized corpus, merging config tables and reading a run's
+metrics."""
 
 from __future__ import annotations
 
@@ -32,3 +33,13 @@ def run_update(
         "data": {"source": corpus},
         "checkpoint": {"every": every},
     }
+
+
+def stdlib_corpus(root: Path) -> str:
+    """``root/corpus``: 20,000 byte tokens of this Python's standard library, tokenized once (the runs' data)."""
+    from mcore.data.shards import prepare
+    from mcore.data.sources import iter_documents
+
+    out = root / "corpus"
+    prepare(iter_documents("stdlib"), out, tokenizer_spec="byte", workers=0, max_tokens=20_000)
+    return str(out)

@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_helpers import merged, run_update
+from run_helpers import merged, run_update, stdlib_corpus
 
 from mcore.config import RunConfig, resolve_config
-from mcore.data.shards import prepare
-from mcore.data.sources import iter_documents
 from mcore.errors import ConfigError
 from mcore.train import run
 from mcore_testing import run_distributed
@@ -92,9 +90,7 @@ def _refused_on_every_rank(root: str, corpus: str) -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("careless") / "corpus"
-    prepare(iter_documents("stdlib"), out, tokenizer_spec="byte", workers=0, max_tokens=20_000)
-    return str(out)
+    return stdlib_corpus(tmp_path_factory.mktemp("careless"))
 
 
 def test_careless_layouts_and_batches_are_one_line_on_every_rank(tmp_path: Path, corpus: str) -> None:

@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 import torch.distributed as dist
+from run_helpers import stdlib_corpus
 
 from mcore.config import RunConfig, resolve_config
-from mcore.data.shards import prepare
-from mcore.data.sources import iter_documents
 from mcore.errors import ConfigError
 from mcore.train import run
 from mcore_testing import run_distributed
@@ -86,12 +85,6 @@ def host() -> Any:
     """The harness, mcore-models, mcore-moe, mcore-parallel (``ddp``) and mcore-fsdp."""
     plugins = ("mcore_models.plugin", "mcore_moe.plugin", "mcore_parallel.plugin", "mcore_fsdp.plugin")
     return isolated_host("mcore_testing.plugin", *plugins)
-
-
-def make_corpus(root: Path) -> str:
-    out = root / "corpus"
-    prepare(iter_documents("stdlib"), out, tokenizer_spec="byte", workers=0, max_tokens=20_000)
-    return str(out)
 
 
 def config(
@@ -189,12 +182,12 @@ def _check(
 
 
 def test_ep2_run_equals_one_process_resumes_and_reshards_to_one(tmp_path: Path) -> None:
-    _check(tmp_path, make_corpus(tmp_path), 2)
+    _check(tmp_path, stdlib_corpus(tmp_path), 2)
 
 
 @pytest.mark.slow
 def test_ep4_checkpoint_loads_at_ep2(tmp_path: Path) -> None:
-    corpus = make_corpus(tmp_path)
+    corpus = stdlib_corpus(tmp_path)
     _check(tmp_path, corpus, 4)
     run_distributed(_resume_at, 2, str(tmp_path), corpus, 2, "at-ep2", checkpoint(tmp_path / "ep4"), timeout=480)
     for step, row in metrics(tmp_path / "at-ep2").items():
@@ -204,12 +197,12 @@ def test_ep4_checkpoint_loads_at_ep2(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ep2_x_ddp2_run_equals_one_process(tmp_path: Path) -> None:
-    _check(tmp_path, make_corpus(tmp_path), 2, layouts=("ep", "ddp"), world=4)
+    _check(tmp_path, stdlib_corpus(tmp_path), 2, layouts=("ep", "ddp"), world=4)
 
 
 def test_deepseek_like_ep2_x_fsdp2_run_equals_one_process_resumes_and_reshards_to_one(tmp_path: Path) -> None:
     """fsdp borrowing ep: dense parameters over dp_shard x ep, experts over dp_shard; MLA, MTP, grouped routing."""
-    _check(tmp_path, make_corpus(tmp_path), 2, layouts=("ep", "fsdp"), world=4, model=DEEPSEEK_LIKE)
+    _check(tmp_path, stdlib_corpus(tmp_path), 2, layouts=("ep", "fsdp"), world=4, model=DEEPSEEK_LIKE)
 
 
 def test_bad_ep_settings_are_refused_before_launch(tmp_path: Path) -> None:
@@ -234,4 +227,4 @@ def test_bad_ep_settings_are_refused_before_launch(tmp_path: Path) -> None:
 def test_pp2_x_ep2_run_equals_one_process(tmp_path: Path) -> None:
     """``["pp", "ep"]`` on 4 processes: the dense layer on the first stage, the moe layer on the second (whose
     ranks split its experts); the dense stage joins the step metrics' gather (it hung before)."""
-    _check(tmp_path, make_corpus(tmp_path), 2, layouts=("pp", "ep"), world=4)
+    _check(tmp_path, stdlib_corpus(tmp_path), 2, layouts=("pp", "ep"), world=4)

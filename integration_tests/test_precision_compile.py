@@ -19,13 +19,12 @@ import pytest
 import torch
 import torch._dynamo
 import torch.distributed as dist
-from run_helpers import merged
+import torch.distributed.checkpoint as dcp
+from run_helpers import merged, stdlib_corpus
 from torch._dynamo.utils import counters
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from mcore.checkpoint.safe_reader import SafeFileSystemReader
 from mcore.config import resolve_config
-from mcore.data.shards import prepare
-from mcore.data.sources import iter_documents
 from mcore.train import run
 from mcore_testing import run_distributed
 from mcore_testing.hosts import isolated_host
@@ -47,9 +46,7 @@ REL = {"fp8-current": 0.0, "fp8-delayed": 0.0, "fp8-rowwise": 1e-4, "fp8-blockwi
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("data") / "corpus"
-    prepare(iter_documents("stdlib"), out, tokenizer_spec="byte", workers=0, max_tokens=20_000)
-    return str(out)
+    return stdlib_corpus(tmp_path_factory.mktemp("data"))
 
 
 def _run(
@@ -74,20 +71,18 @@ def _losses(root: Path, corpus: str, recipe: str, compile_mode: str, layouts: tu
     return _run(root, corpus, recipe, compile_mode, layouts, save=False).losses
 
 
-def _recipe_state(checkpoint: Path, into: Path) -> dict[str, torch.Tensor]:
-    """The precision recipe's saved state (``precision/...`` tensors) of a DCP checkpoint."""
-    dcp_to_torch_save(checkpoint, into)
-    state = torch.load(into, weights_only=True)
-    return {key: value for key, value in _flat(state).items() if key.startswith("precision")}
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out |= _flat(value, f"{prefix}/{key}" if prefix else str(key))
-    return out
+def _recipe_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The precision recipe's saved state (the ``precision/...`` tensors) of a DCP checkpoint, read through the
+    core's confined, allow-listed reader."""
+    reader = SafeFileSystemReader(checkpoint)
+    stored = reader.read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)  # type: ignore[union-attr]
+        for key, meta in stored.items()
+        if key.startswith("precision/")
+    }
+    dcp.load(state, storage_reader=reader, no_dist=True)  # this process only
+    return state
 
 
 def _fsdp_rank(root: str, corpus: str, recipe: str, compile_mode: str) -> None:
@@ -132,8 +127,8 @@ def test_fp8_delayed_compiles_whole_under_recompute_and_keeps_the_same_amax_hist
     assert _graph_breaks() == 0, dict(counters["graph_break"])
     assert compiled.losses == eager.losses
     assert eager.last_checkpoint is not None and compiled.last_checkpoint is not None
-    want = _recipe_state(eager.last_checkpoint, tmp_path / "eager.pt")
-    got = _recipe_state(compiled.last_checkpoint, tmp_path / "compiled.pt")
+    want = _recipe_state(eager.last_checkpoint)
+    got = _recipe_state(compiled.last_checkpoint)
     assert set(got) == set(want) and len(want) == 2 * 7 * 3 * 3  # layers x linears x operands x (history, scale, seen)
     for key, value in want.items():
         if value.is_floating_point():  # amaxes and scales: inductor's fused fp32 code moves a last bit

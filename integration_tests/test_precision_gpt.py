@@ -12,11 +12,9 @@ from typing import Any
 
 import pytest
 import torch.distributed as dist
-from run_helpers import merged
+from run_helpers import merged, stdlib_corpus
 
 from mcore.config import resolve_config
-from mcore.data.shards import prepare
-from mcore.data.sources import iter_documents
 from mcore.errors import UserError
 from mcore.train import run
 from mcore_testing import run_distributed
@@ -50,9 +48,7 @@ def _two_ranks(root: str, corpus: str, recipe: str, layouts: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("data") / "corpus"
-    prepare(iter_documents("stdlib"), out, tokenizer_spec="byte", workers=0, max_tokens=20_000)
-    return str(out)
+    return stdlib_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("recipe", ["fp8-current", "fp8-delayed"])

@@ -33,13 +33,14 @@ def native_scaled_mm_available(device: torch.device) -> bool:
     """Whether ``torch._scaled_mm`` can run on ``device``: CUDA with FP8 tensor cores (capability 8.9+)."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
-    return _capability(torch.cuda.current_device() if device.index is None else device.index) >= (8, 9)
+    return _capability(device) >= (8, 9)
 
 
-def _capability(index: int) -> tuple[int, int]:
-    """A card's compute capability, asked once: every quantised GEMM asks it (three times a linear), and
+def _capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, asked once: every quantised GEMM asks it (three times a linear), and
     ``torch.cuda.get_device_capability`` costs microseconds of host time each call. While ``torch.compile``
     traces, asked directly (dynamo folds it to a constant; it would only warn about the cache)."""
+    index = torch.cuda.current_device() if device.index is None else device.index
     if torch.compiler.is_compiling():
         return torch.cuda.get_device_capability(index)
     return _cached_capability(index)
@@ -61,7 +62,7 @@ def _blockwise_available(device: torch.device) -> bool:
     has = hasattr(f, "scaled_mm") and "BlockWise1x128" in kinds and "BlockWise128x128" in kinds
     if not has or device.type != "cuda":
         return False
-    return _capability(torch.cuda.current_device() if device.index is None else device.index)[0] == 9
+    return _capability(device)[0] == 9
 
 
 def native_fp8_mm(a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
@@ -107,14 +108,14 @@ def _blockwise(a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype, dims: tuple[i
     )
     if recipe_b is None or out_dtype != torch.bfloat16:
         return None
+    if b.block == (128, 128) and b.scale.shape[1] % 4:
+        return None  # the rows of the (P/128, K/128) grid below must be 16-byte aligned
     decode_a = a.scale.float().reciprocal().t().contiguous().t()  # (M, K/128), M-major
     decode_b = b.scale.float().reciprocal()
     if b.block == (1, 128):
         decode_b = decode_b.t().contiguous().t()  # (P, K/128), P-major
-    else:  # 128 x 128: torch wants (K/128, P/128), the transpose of a row-major (P/128, K/128) whose rows are
-        # 16-byte aligned (K/128 a multiple of 4); it refused (P/128, K/128) itself (H100, torch 2.11, 2026-12-05)
-        if decode_b.shape[1] % 4:
-            return None
+    else:  # 128 x 128: torch wants (K/128, P/128), the transpose of a row-major (P/128, K/128); it refused
+        # (P/128, K/128) itself (H100, torch 2.11, 2026-12-05)
         decode_b = decode_b.contiguous().t()
     return f.scaled_mm(
         a.data.contiguous(),
