@@ -41,10 +41,10 @@ t_ssm_gdn() {  # the GDN kernels' GPU tests (the default forward, its backward),
 t_t_ssm() { $PY -m pytest -q -m gpu plugins/mcore-ssm 2>&1 | tail -5; }
 t_bare() { $PY plugins/mcore-models/benchmarks/bench.py --sections step_ours_compiled --out /tmp/bare; }
 t_b14() { $PY packages/mcore-core/benchmarks/bench_train.py --out /tmp/b14 --suite issue14 --variant default= --repeats "${ROUNDS:-2}" --steps 50; }
-t_kp14() {  # the default bench-0.9b step under torch.profiler: top ops and the GPU's idle gaps
+t_kp14() {  # the default bench-0.9b step under torch.profiler: top ops and the GPU's idle gaps (KP14_SET: more flags)
   $PY -m mcore train --model.preset=bench-0.9b --train.seq_len=4096 --train.global_batch_size=2 \
     --precision.recipe=bf16 --data.max_tokens=5000000 --train.out_dir=/tmp/kp14 --train.steps=24 --log.every=1 \
-    --log.profile_from=20 --log.profile_steps=3 > /tmp/kp14.log 2>&1
+    --log.profile_from=20 --log.profile_steps=3 ${KP14_SET:-} > /tmp/kp14.log 2>&1
   tail -3 /tmp/kp14.log
   cp /tmp/kp14/profile/rank0/top_ops.txt "$OUT/kp14_top_ops.txt"
   head -45 /tmp/kp14/profile/rank0/top_ops.txt | cut -c1-180
@@ -67,6 +67,12 @@ t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
 t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
 t_b_fp8step() {  # issue 19: bench-0.9b steps, bf16 vs fp8-current vs fp8-blockwise, eager and compiled
   $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bfp8 --repeats "${ROUNDS:-2}"
+}
+t_b_cstep() {  # issues 14/19: the eager bf16 step against the compiled bf16 and fp8-current steps, then the compiled bare model
+  $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bcstep --repeats "${ROUNDS:-3}" \
+    --variant "bf16=--precision.recipe=bf16" --variant "bf16-compiled=--precision.recipe=bf16 --train.compile=blocks" \
+    --variant "fp8-current-compiled=--precision.recipe=fp8-current --train.compile=blocks"
+  $PY plugins/mcore-models/benchmarks/bench.py --sections step_ours_compiled --out /tmp/bare
 }
 t_b_fp8c() {  # the compiled FP8 linear (host out of the step) beside eager and bf16, then its GPU test
   $PY -m pytest -q -m gpu plugins/mcore-precision/tests/test_fp8.py -k compiled 2>&1 | tail -3

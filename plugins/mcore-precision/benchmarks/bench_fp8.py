@@ -67,6 +67,9 @@ def bench_shape(args: argparse.Namespace, shape: tuple[int, int, int], device: t
     )
     steps = {"bf16_linear": _step(linear, x, grad), "fp8_current": _step(fp8, x, grad)}
     if args.compile:
+        # a fresh cache per shape, as in a run of one model: the same ``forward`` seen at a new shape would
+        # otherwise be retraced with dynamic shapes, which torch 2.11 fails on inside the autograd function
+        torch._dynamo.reset()
         kernels.load_references()  # before tracing: dynamo does not trace the import
         steps["bf16_compiled"] = _step(torch.compile(linear), x, grad)
         steps["fp8_current_compiled"] = _step(torch.compile(fp8), x, grad)

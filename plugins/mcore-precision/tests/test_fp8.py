@@ -301,6 +301,37 @@ def test_compiled_fp8_linear_matches_eager_on_the_card() -> None:
         assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2
 
 
+@pytest.mark.gpu
+def test_compiled_fp8_linear_takes_new_shapes_on_the_card() -> None:
+    """One compiled linear called at three row counts (the second retraces with dynamic shapes, as a run's eval
+    batch of another length would): each output and gradient agrees with the eager linear's."""
+    from mcore_precision import kernels
+
+    device = torch.device("cuda")
+    if not native_scaled_mm_available(device):
+        pytest.skip("this card has no FP8 tensor cores (capability < 8.9)")
+    kernels.load_references()
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 256, bias=False, device=device, dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(
+        linear, input=CurrentScaler(E4M3, 0), weight=CurrentScaler(E4M3, 0), grad=CurrentScaler(E5M2, 0)
+    )
+    torch._dynamo.reset()
+    compiled = torch.compile(fp8)
+    for rows in (384, 512, 640):
+        x = torch.randn(rows, 512, device=device, dtype=torch.bfloat16)  # (rows, K)
+        grad = torch.randn(rows, 256, device=device, dtype=torch.bfloat16) * 0.01  # (rows, F)
+        results = []
+        for module in (fp8, compiled):
+            linear.weight.grad = None
+            xi = x.clone().requires_grad_()
+            out = module(xi)
+            out.backward(grad)
+            results.append((out.detach().float(), xi.grad.float(), linear.weight.grad.float()))
+        for got, want in zip(results[1], results[0], strict=True):
+            assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2, rows
+
+
 def test_saved_operand_keeps_only_the_transposed_copy() -> None:
     """An operand quantised in both layouts (the native path writes ``data_t``) is saved for backward as its
     transposed copy alone: ``data`` becomes a view of it, and the rebuilt operand reads back the same values."""
