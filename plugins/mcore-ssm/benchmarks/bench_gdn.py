@@ -10,7 +10,11 @@ Candidates, each on the same inputs (bf16 on CUDA): q, k ``(B, T, hk, dk)`` L2-n
   differentiates the per-chunk terms in Triton), with whatever ``MCORE_SSM_GDN_FWD`` says (unset: v2);
 * ``triton_v1``, ``triton_v2``: the same with ``MCORE_SSM_GDN_FWD`` set to ``v1`` (the first forward, an opt-in
   since 2026-12-07) or ``v2`` (the default: narrow WY launch, ``gdn_triton_state_v2`` walk) around each call; the
-  backward is the same. Until 2026-12-07 ``triton`` was v1: compare the two forwards with ``triton_v1 triton_v2``;
+  backward reruns the same forward in fp32. Until 2026-12-07 ``triton`` was v1: compare the two forwards with
+  ``triton_v1 triton_v2``;
+* ``triton_state_bwd_v2``, ``triton_pairs_t_saved``, ``triton_bwd_opt_in``: the backward's opt-ins pinned around
+  each call (``MCORE_SSM_GDN_STATE_BWD=v2``, ``MCORE_SSM_GDN_PAIRS_T=saved``, both; read when the forward starts,
+  so the backward runs them); compare with ``triton`` in the same call;
 * ``torch_chunked``: ``mcore_ssm.gdn_reference.chunk_gated_delta_rule`` eager;
 * ``torch_chunked_compiled``: the same under ``torch.compile`` (the issue's baseline: goal >= 3x);
 * ``fla``: ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (the ``fla-core`` wheel) when it imports, q and k
@@ -76,22 +80,26 @@ def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Call
             q, k, v, g, beta, cu_seqlens=cu_seqlens
         )[0]
 
-        def pinned(variant: str) -> Callable[..., torch.Tensor]:
+        def pinned(**chosen: str) -> Callable[..., torch.Tensor]:
             def triton_pinned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g, beta, cu_seqlens) -> torch.Tensor:  # type: ignore[no-untyped-def]
-                before = os.environ.get("MCORE_SSM_GDN_FWD")
-                os.environ["MCORE_SSM_GDN_FWD"] = variant  # read by the forward at each call
+                before = {name: os.environ.get(name) for name in chosen}
+                os.environ.update(chosen)  # read when the forward starts; its backward runs the same choices
                 try:
                     return gated_delta_rule_triton(q, k, v, g, beta, cu_seqlens=cu_seqlens)[0]
                 finally:
-                    if before is None:
-                        del os.environ["MCORE_SSM_GDN_FWD"]
-                    else:
-                        os.environ["MCORE_SSM_GDN_FWD"] = before
+                    for name, value in before.items():
+                        if value is None:
+                            del os.environ[name]
+                        else:
+                            os.environ[name] = value
 
             return triton_pinned
 
-        found["triton_v1"] = pinned("v1")
-        found["triton_v2"] = pinned("v2")
+        found["triton_v1"] = pinned(MCORE_SSM_GDN_FWD="v1")
+        found["triton_v2"] = pinned(MCORE_SSM_GDN_FWD="v2")
+        found["triton_state_bwd_v2"] = pinned(MCORE_SSM_GDN_STATE_BWD="v2")
+        found["triton_pairs_t_saved"] = pinned(MCORE_SSM_GDN_PAIRS_T="saved")
+        found["triton_bwd_opt_in"] = pinned(MCORE_SSM_GDN_STATE_BWD="v2", MCORE_SSM_GDN_PAIRS_T="saved")
     found["torch_chunked"] = lambda q, k, v, g, beta, cu_seqlens: chunk_gated_delta_rule(
         q, k, v, g, beta, cu_seqlens=cu_seqlens
     )[0]

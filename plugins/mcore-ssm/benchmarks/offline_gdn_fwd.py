@@ -3,7 +3,8 @@
 Why: the machine without a card can still tell whether a launch shape spills or fits two programs an SM
 (``benchmarks/RESULTS.md``, "GDN forward v2"). Each kernel is compiled by ``triton.compile`` for
 ``GPUTarget("cuda", 90, 64)``; its PTX goes through the ptxas that Triton ships (``-v``) for registers and spill
-bytes; shared memory comes from Triton's metadata, ``wgmma`` from the PTX.
+bytes; shared memory comes from Triton's metadata, ``wgmma`` from the PTX. Pointer arguments are marked 16-byte
+aligned, as the launcher marks torch's tensors (``--unaligned``: not, as the builds before 2026-12-07 were).
 
 Usage: ``python offline_gdn_fwd.py [--dk 128 --dv 128 --precision tf32]`` (tf32: bf16 inputs; ieee: fp32 inputs).
 One line per (kernel, config).
@@ -12,6 +13,7 @@ One line per (kernel, config).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -33,11 +35,18 @@ def ptxas() -> str:
     return os.path.join(folder, "ptxas-blackwell")
 
 
-def build(fn: Any, pointers: dict[str, str], constants: dict[str, Any], warps: int, stages: int) -> str:
-    """One offline build: ``regs, spill stores/loads, shared KB, wgmma``."""
+def build(
+    fn: Any, pointers: dict[str, str], constants: dict[str, Any], warps: int, stages: int, *, aligned: bool = True
+) -> str:
+    """One offline build: ``regs, spill stores/loads, shared KB, wgmma``. ``aligned``: every pointer argument
+    marked 16-byte aligned (``tt.divisibility`` 16), as Triton's launcher marks the pointers of torch's allocations;
+    without it (the builds before 2026-12-07) the loads cannot be vectorized and every element of a tile keeps its
+    own 64-bit address, which inflates registers and spills."""
     signature = {**pointers, **{name: "constexpr" for name in constants}}
+    marked = [name for name, kind in pointers.items() if aligned and kind.startswith("*")]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in marked}
     kernel = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constants),
+        ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
         target=TARGET,
         options={"num_warps": warps, "num_stages": stages},
     )
@@ -66,7 +75,9 @@ def main() -> None:
     parser.add_argument("--qk-heads", type=int, default=16)
     parser.add_argument("--v-heads", type=int, default=32)
     parser.add_argument("--precision", choices=("tf32", "ieee"), default="tf32")
+    parser.add_argument("--unaligned", action="store_true", help="pointers not marked 16-byte aligned")
     args = parser.parse_args()
+    make = functools.partial(build, aligned=not args.unaligned)
     data = "*bf16" if args.precision == "tf32" else "*fp32"
     f32, i64 = "*fp32", "*i64"
     bk = max(16, triton.next_power_of_2(args.dk))
@@ -74,10 +85,10 @@ def main() -> None:
     prec = {"PRECISION": args.precision}
 
     wy = dict.fromkeys(("k_ptr", "v_ptr", "w_ptr", "u_ptr"), data)
-    wy |= {"g_ptr": f32, "beta_ptr": f32, "cum_ptr": f32, "chunk_start_ptr": i64, "chunk_len_ptr": i64}
+    wy |= {"g_ptr": f32, "beta_ptr": f32, "cum_ptr": f32, "chunk_start_ptr": i64, "chunk_len_ptr": i64, "t_ptr": f32}
     for bw, bv, warps in ((bk, 64, 8), (min(64, bk), 64, 4), (min(64, bk), 32, 8)):
-        consts = {**sizes, "BK": bk, "BV": bv, "BW": bw, **prec}
-        print(f"wy BW {bw} BV {bv} warps {warps}:", build(gdn_triton._chunk_wy_kernel, wy, consts, warps, 3))
+        consts = {**sizes, "BK": bk, "BV": bv, "BW": bw, **prec, "STORE_T": False}
+        print(f"wy BW {bw} BV {bv} warps {warps}:", make(gdn_triton._chunk_wy_kernel, wy, consts, warps, 3))
 
     walk = dict.fromkeys(("k_ptr", "w_ptr", "u_ptr", "vnew_ptr", "states_ptr"), data)
     walk |= {"cum_ptr": f32, "h0_ptr": f32, "ht_ptr": f32, "starts_ptr": i64, "lengths_ptr": i64}
@@ -85,19 +96,19 @@ def main() -> None:
     flags = {"HAS_H0": False, "STORE_HT": False, **prec}
     for config in gdn_triton._chunk_state_tuned.configs:
         consts = {**sizes, "BK": bk, **config.kwargs, **flags}
-        line = build(gdn_triton._chunk_state_kernel, walk, consts, config.num_warps, config.num_stages)
+        line = make(gdn_triton._chunk_state_kernel, walk, consts, config.num_warps, config.num_stages)
         print(f"walk v1 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
     if bk <= 128:
         for config in gdn_triton_state_v2._state_v2_tuned.configs:
             consts = {**sizes, "KB": min(bk, 64), "NKB": max(1, bk // 64), **config.kwargs, **flags}
-            line = build(gdn_triton_state_v2._chunk_state_v2_kernel, walk, consts, config.num_warps, config.num_stages)
+            line = make(gdn_triton_state_v2._chunk_state_v2_kernel, walk, consts, config.num_warps, config.num_stages)
             print(f"walk v2 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
 
     out = dict.fromkeys(("q_ptr", "k_ptr", "vnew_ptr", "states_ptr", "out_ptr"), data)
     out |= {"cum_ptr": f32, "chunk_start_ptr": i64, "chunk_len_ptr": i64, "scale": "fp32"}
     for config in gdn_triton._chunk_output_tuned.configs:
         consts = {**sizes, "BK": bk, **config.kwargs, **prec}
-        line = build(gdn_triton._chunk_output_kernel, out, consts, config.num_warps, config.num_stages)
+        line = make(gdn_triton._chunk_output_kernel, out, consts, config.num_warps, config.num_stages)
         print(f"output {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
 
 

@@ -37,9 +37,12 @@ inputs, as before). Work per (chunk, value head), dk = dv = d: kernel 1 ``2 C^2 
 each) and the chunk states (``M hv d^2``) in the scratch dtype. Block sizes, warps and stages of kernels 2 and 3
 are autotuned on CUDA over a few configs (a config over the shared memory of the card is skipped by the autotuner);
 Triton's interpreter takes fixed ones. Backward (``gated_delta_rule_triton`` is an ``autograd.Function``):
-``mcore_ssm.gdn_triton_bwd``, which reruns kernels 1 and 2 in fp32 for the factors and the chunk states instead of
-keeping anything from the forward but its inputs, walks the chunks in reverse for the state gradients, and
-differentiates the per-chunk terms in Triton, all chunks in parallel (``mcore_ssm.gdn_triton_chunk_bwd``).
+``mcore_ssm.gdn_triton_bwd``, which reruns kernels 1 and 2 in fp32 for the factors and the chunk states (the same
+version the forward ran: v2's narrow launch and walk by default; kernel 1 also stores each chunk's ``T`` with
+``MCORE_SSM_GDN_PAIRS_T=saved``) instead of keeping anything from the forward but its inputs, walks the chunks in
+reverse for the state gradients, and differentiates the per-chunk terms in Triton, all chunks in parallel
+(``mcore_ssm.gdn_triton_chunk_bwd_split``). Which kernels a call runs is read once, when its forward starts
+(``kernel_choice.gdn_kernels_for``), and kept for its backward.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import triton
 import triton.language as tl
 
 from mcore_ssm.gdn_reference import CHUNK, ChunkRuleOptions
-from mcore_ssm.kernel_choice import gdn_fwd_for
+from mcore_ssm.kernel_choice import gdn_kernels_for
 from mcore_ssm.packing import Segments, check_state_count, segments_of
 
 
@@ -80,6 +83,7 @@ def _chunk_wy_kernel(
     cum_ptr,  # (N, hv) fp32 out: G
     chunk_start_ptr,  # (M,) int64 first flat token of each chunk
     chunk_len_ptr,  # (M,) int64 its tokens (1..C)
+    t_ptr,  # (M, hv, C, C) fp32 out: T (unused without STORE_T)
     HK: tl.constexpr,
     HV: tl.constexpr,
     DK: tl.constexpr,
@@ -89,6 +93,7 @@ def _chunk_wy_kernel(
     BW: tl.constexpr,  # key columns of W per dot: BK (the first version), or fewer (K reloaded per block)
     C: tl.constexpr,
     PRECISION: tl.constexpr,
+    STORE_T: tl.constexpr,  # the backward's rerun keeps T for the split terms' backward (MCORE_SSM_GDN_PAIRS_T)
 ):
     chunk = tl.program_id(0)
     head = tl.program_id(1)
@@ -120,6 +125,9 @@ def _chunk_wy_kernel(
     inv = _double(inv, a, rows, 8, PRECISION)
     inv = _double(inv, a, rows, 16, PRECISION)
     inv = _double(inv, a, rows, 32, PRECISION)
+    if STORE_T:  # rows past the segment's end hold the identity's (their a is 0), as a recomputation gives
+        t_off = (chunk * HV + head).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :]  # (C, C)
+        tl.store(t_ptr + t_off, inv)
 
     # W = T diag(beta exp(G)) K and U~ = T diag(beta) V: T and the right sides in fp32 (tf32 dots for 16-bit
     # inputs: T in 16 bits would cost W ~2e-3 relative), stored in the scratch dtype
@@ -289,6 +297,9 @@ def _prune_wide(configs: list[triton.Config], named_args: dict[str, Any], **kwar
     return kept or configs[-1:]
 
 
+# Offline build numbers in this module's comments dated 2026-12-06 are builds without the launcher's 16-byte pointer
+# marks (no vectorized load): inflated. Aligned (2026-12-07, benchmarks/offline_gdn_fwd.py): walk v1 136-198
+# registers, output 123-146, WY 255 / 8 bytes (full width) and 190 / none (narrow), no other spill; RESULTS.md.
 # Kernel 2: the walk holds S (BK, BV) fp32. Offline sm_90 builds (Triton 3.9, 2026-12-06) at dk = dv = 128, bf16:
 # 255 registers in each config; local-memory spills of 64 bytes (64 columns, 8 warps), 0 (32 columns, 8 warps),
 # 0 (16, 4), 72 (32, 4), 656 (64, 4: left out); 22-40 KB of shared memory (80-144 KB with the backward's fp32
@@ -435,14 +446,19 @@ def prepare(
     dtype: torch.dtype,
     *,
     narrow: bool = False,
+    inverse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Kernel 1: ``(W (N, hv, dk), U~ (N, hv, dv))`` in ``dtype`` (``scratch_dtype``'s, or fp32) and
     ``G (N, hv)`` fp32 (inputs contiguous, g and beta fp32). ``narrow`` (v2, the forward's default): W by blocks of
-    64 key columns, 4 warps for 16-bit inputs (two programs an SM in offline builds), same results."""
+    64 key columns, 4 warps for 16-bit inputs (two programs an SM in offline builds), same results. ``inverse``
+    (``(M, hv, C, C)`` fp32, or None): filled with each chunk's ``T = (I + A)^-1``."""
     tokens = v.shape[0] * v.shape[1]
     w = torch.empty(tokens, launch.hv, launch.dk, device=v.device, dtype=dtype)
     u = torch.empty(tokens, launch.hv, launch.dv, device=v.device, dtype=dtype)
     cum = torch.empty(tokens, launch.hv, device=v.device, dtype=torch.float32)
+    if inverse is not None:
+        assert inverse.shape == (launch.chunk_starts.numel(), launch.hv, CHUNK, CHUNK), inverse.shape
+        assert inverse.dtype == torch.float32 and inverse.is_contiguous()
     dims = launch.dims
     two_per_sm = narrow and launch.precision == "tf32"  # narrow with 16-bit inputs: 4 warps
     block_v = min(32 if narrow and not two_per_sm else 64, max(16, triton.next_power_of_2(launch.dv)))
@@ -456,6 +472,7 @@ def prepare(
         cum,
         launch.chunk_starts,
         launch.chunk_lengths,
+        inverse if inverse is not None else cum,
         HK=dims["HK"],
         HV=dims["HV"],
         DK=dims["DK"],
@@ -465,6 +482,7 @@ def prepare(
         BW=min(64, dims["BK"]) if narrow else dims["BK"],
         C=CHUNK,
         PRECISION=launch.precision,
+        STORE_T=inverse is not None,
         num_warps=4 if two_per_sm else 8,  # offline builds: the comment above ``_interpreted``
     )
     return w, u, cum
@@ -529,7 +547,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         launch = launch_for(q, k, v, g, beta, scale, initial_state, cu_seqlens, segments)
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
         scratch = scratch_dtype(q.dtype)
-        v2 = gdn_fwd_for(launch.dims["BK"]) == "v2"  # the default; v1 by MCORE_SSM_GDN_FWD=v1 or for dk > 128
+        kernels = gdn_kernels_for(launch.dims["BK"])  # read once: the backward runs what the forward chose
+        v2 = kernels.forward == "v2"  # the default; v1 by MCORE_SSM_GDN_FWD=v1 or for dk > 128
         gf, bf = g.float().contiguous(), beta.float().contiguous()
         prepared = prepare(launch, kc, vc, gf, bf, scratch, narrow=v2)
         walk = run_states
@@ -538,7 +557,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         vnew, states, final = walk(launch, kc, prepared, initial_state, final=output_final_state, states_dtype=scratch)
         out = run_output(launch, qc, kc, prepared[2], vnew, states)
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.launch, ctx.output_final_state = launch, output_final_state
+        ctx.launch, ctx.output_final_state, ctx.kernels = launch, output_final_state, kernels
         return out.view(*v.shape[:2], launch.hv, launch.dv).to(v.dtype), final
 
     @staticmethod
@@ -547,7 +566,16 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
         q, k, v, g, beta, initial_state = ctx.saved_tensors
         grads = chunk_gated_delta_rule_bwd(
-            ctx.launch, q, k, v, g, beta, initial_state, grad_out, grad_final if ctx.output_final_state else None
+            ctx.launch,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state,
+            grad_out,
+            grad_final if ctx.output_final_state else None,
+            kernels=ctx.kernels,
         )
         return (*grads, None, None, None, None)
 

@@ -16,15 +16,22 @@ forms it for all chunks in parallel first. The walk, ``_chunk_state_bwd_kernel``
 head and block of BV value dims, like the forward's state kernel), then only adds ``K~ dS'`` and carries ``dS``:
 no ``(C, C)`` work in the sequential loop; it stores ``dU`` and the ``dS'`` leaving each chunk (fp32), nothing
 else; ``dS`` at each segment's start is the initial state's gradient. Offline sm_90 builds (Triton 3.9, 2026-12-06,
-dk = dv = 128, bf16, 8 warps): the walk 255 registers, 288 bytes spilled, 64 KB shared memory at 32 value columns
-(the walk it replaced: 2 KB spilled, 208 KB); ``_local_du_kernel`` 150 registers, no spill.
+dk = dv = 128, bf16, 8 warps, pointers not marked aligned): the walk 255 registers, 288 bytes spilled, 64 KB shared
+memory at 32 value columns (the walk it replaced: 2 KB spilled, 208 KB); ``_local_du_kernel`` 150 registers, no
+spill. With the pointers marked 16-byte aligned, as the launcher marks torch's tensors (2026-12-07): 255 / 136 bytes
+/ 60 KB and 89 registers.
 
-Everything else is parallel over chunks, in ``gdn_triton_chunk_bwd``: the terms' gradients
-``dU~ = dU``, ``dW = -dU S^T``, ``dQe = dO S^T``, ``dP = dO U^T``, ``dK~ = U dS'^T``, ``dgamma = <S, dS'>``
-(from the chunk states and ``U`` of the forward's kernels, rerun here in fp32) carried on to ``q, k, v, g, beta``.
-The walk used to write those terms itself, per block of value dims (partial sums of ``(C, dk)`` and ``(C, C)`` fp32
-tiles, summed after: ~7.5 GB at the bench shape), then differentiate torch's per-chunk terms by autograd;
-``_chunk_terms`` (that torch form) stays here as the test oracle (``chunk_terms_bwd_reference``).
+``MCORE_SSM_GDN_STATE_BWD=v2`` (an opt-in, not yet run on a GPU) runs ``gdn_triton_state_bwd_v2`` instead: the
+same walk with the state gradient as 64-key blocks at 4 warps (aligned offline builds: 255 registers, 8 bytes
+spilled, 32 KB, two programs an SM, against 255 / 136 bytes / 60 KB and one an SM here; RESULTS.md).
+
+Everything else is parallel over chunks, in ``gdn_triton_chunk_bwd_split`` (the default) or
+``gdn_triton_chunk_bwd``: the terms' gradients ``dU~ = dU``, ``dW = -dU S^T``, ``dQe = dO S^T``, ``dP = dO U^T``,
+``dK~ = U dS'^T``, ``dgamma = <S, dS'>`` (from the chunk states and ``U`` of the forward's kernels, rerun here in
+fp32: ``rerun_forward``) carried on to ``q, k, v, g, beta``. The walk used to write those terms itself, per block
+of value dims (partial sums of ``(C, dk)`` and ``(C, C)`` fp32 tiles, summed after: ~7.5 GB at the bench shape),
+then differentiate torch's per-chunk terms by autograd; ``_chunk_terms`` (that torch form) stays here as the test
+oracle (``chunk_terms_bwd_reference``).
 
 Exps: ``exp(G_i - G_j)`` takes the sum of the gates between ``j`` and ``i`` (a ``(C, C)`` cumsum), not the
 difference of two ``G``: at gates of -30 a token ``G`` reaches -2000 in a chunk and its rounding (~1e-4) would be the
@@ -40,7 +47,7 @@ import triton.language as tl
 from mcore_ssm.gdn_triton import CHUNK, Launch, prepare, run_states
 from mcore_ssm.gdn_triton_chunk_bwd import chunk_terms_bwd
 from mcore_ssm.gdn_triton_chunk_bwd_split import chunk_terms_bwd_split
-from mcore_ssm.kernel_choice import gdn_chunk_bwd
+from mcore_ssm.kernel_choice import GdnKernels
 from mcore_ssm.segsum import segsum
 
 
@@ -249,6 +256,76 @@ def chunk_terms_bwd_reference(
         return torch.autograd.grad(terms, leaves, chunked)
 
 
+def rerun_forward(
+    launch: Launch,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    forward: str,
+    *,
+    keep_inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The forward's ``U (N, hv, dv)``, chunk states ``S (M, hv, dk, dv)``, ``W (N, hv, dk)`` and, with
+    ``keep_inverse``, each chunk's ``T (M, hv, C, C)`` (else None), all fp32 whatever the inputs (k, v contiguous;
+    g, beta fp32 contiguous), by the same kernels as the forward: ``forward`` ``v2`` (the narrow WY launch and
+    ``gdn_triton_state_v2``'s walk) or ``v1``. Same quantities either way (the tests: v2's gradients within 1e-5 of
+    v1's); v2 fits two programs an SM in offline builds (``benchmarks/offline_gdn_bwd.py``)."""
+    v2 = forward == "v2"
+    assert forward in ("v1", "v2") and (launch.dims["BK"] <= 128 or not v2), (forward, launch.dims)
+    chunks = launch.chunk_starts.numel()
+    inverse = g.new_empty(chunks, launch.hv, CHUNK, CHUNK) if keep_inverse else None  # fp32, every entry written
+    prepared = prepare(launch, k, v, g, beta, torch.float32, narrow=v2, inverse=inverse)
+    walk = run_states
+    if v2:
+        from mcore_ssm.gdn_triton_state_v2 import run_states_v2 as walk
+    vnew, states, _ = walk(launch, k, prepared, initial_state, final=False, states_dtype=torch.float32)
+    return vnew, states, prepared[0], inverse
+
+
+def _run_state_bwd(
+    launch: Launch,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    dout: torch.Tensor,
+    dht: torch.Tensor | None,
+    du: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_chunk_state_bwd_kernel``: ``du`` (in: ``P^T dO``, out: ``dU``) in place; ``(dS' (M, hv, dk, dv), d initial
+    state (S, hv, dk, dv))`` fp32 (the arguments of ``gdn_triton_state_bwd_v2.run_state_bwd_v2``)."""
+    count, chunks = launch.segments.count, launch.chunk_starts.numel()
+    hv, dk, dv = launch.hv, launch.dk, launch.dv
+    dh0 = g.new_empty(count, hv, dk, dv)  # fp32
+    dstates = g.new_empty(chunks, hv, dk, dv)
+    # 32 value columns at every dk (offline sm_90 builds, bf16: dk 128 ~200-450 bytes spilled, dk 64 none; 64 columns
+    # spilled 592 / 696 bytes)
+    dims = {**launch.dims, "BV": max(16, min(32, triton.next_power_of_2(dv)))}
+    _chunk_state_bwd_kernel[(triton.cdiv(dv, dims["BV"]) * count, hv)](
+        q,
+        k,
+        w,
+        g,
+        dout,
+        dht if dht is not None else g.new_empty(1),
+        dh0,
+        du,
+        dstates,
+        launch.segments.starts,
+        launch.segments.lengths,
+        launch.first_chunk,
+        launch.scale,
+        **dims,
+        HAS_DHT=dht is not None,
+        PRECISION=launch.precision,
+        num_warps=launch.warps,
+        num_stages=launch.stages,
+    )
+    return dstates, dh0
+
+
 def chunk_gated_delta_rule_bwd(
     launch: Launch,
     q: torch.Tensor,
@@ -259,21 +336,24 @@ def chunk_gated_delta_rule_bwd(
     initial_state: torch.Tensor | None,
     grad_out: torch.Tensor,
     grad_final: torch.Tensor | None,
+    *,
+    kernels: GdnKernels,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dq, dk, dv, dg, dbeta, d initial_state)`` (each in its input's dtype; the last ``None``
-    without an initial state) of the forward's ``out`` (``grad_out (B, T, hv, dv)``) and final state."""
+    without an initial state) of the forward's ``out`` (``grad_out (B, T, hv, dv)``) and final state; ``kernels``:
+    what the forward chose (``kernel_choice.gdn_kernels_for``), its fp32 rerun by the same forward kernels."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     gf, bf = g.float().contiguous(), beta.float().contiguous()
-    prepared = prepare(launch, k, v, gf, bf, torch.float32)  # fp32 factors and states, whatever the inputs
-    vnew, states, _ = run_states(launch, k, prepared, initial_state, final=False, states_dtype=torch.float32)
-    w = prepared[0]
+    split = kernels.terms == "split"
+    keep_inverse = split and kernels.pairs_t == "saved"
+    vnew, states, w, inverse = rerun_forward(
+        launch, k, v, gf, bf, initial_state, kernels.forward, keep_inverse=keep_inverse
+    )
     tokens, chunks = v.shape[0] * v.shape[1], launch.chunk_starts.numel()
-    hv, dk, dv = launch.hv, launch.dk, launch.dv
+    hv, dv = launch.hv, launch.dv
     dout = grad_out.contiguous()  # read in its dtype by the kernels (no fp32 copy)
-    dht = grad_final.float().contiguous() if grad_final is not None else gf.new_empty(1)
-    dh0 = gf.new_empty(launch.segments.count, hv, dk, dv)  # fp32, as the next three
-    du = gf.new_empty(tokens, hv, dv)  # every entry written (the segments cover every token): no fill
-    dstates = gf.new_empty(chunks, hv, dk, dv)
+    dht = grad_final.float().contiguous() if grad_final is not None else None
+    du = gf.new_empty(tokens, hv, dv)  # fp32; every entry written (the segments cover every token): no fill
     widths = triton.next_power_of_2(dv)
     _local_du_kernel[(chunks, hv)](
         q,
@@ -288,30 +368,16 @@ def chunk_gated_delta_rule_bwd(
         PRECISION=launch.precision,
         num_warps=launch.warps,
     )
-    # 32 value columns at every dk (offline sm_90 builds, bf16: dk 128 ~200-300 bytes spilled, dk 64 none; 64 columns
-    # spilled 592 / 696 bytes)
-    dims = {**launch.dims, "BV": max(16, min(32, widths))}
-    _chunk_state_bwd_kernel[(triton.cdiv(dv, dims["BV"]) * launch.segments.count, hv)](
-        q,
-        k,
-        w,
-        gf,
-        dout,
-        dht,
-        dh0,
-        du,
-        dstates,
-        launch.segments.starts,
-        launch.segments.lengths,
-        launch.first_chunk,
-        launch.scale,
-        **dims,
-        HAS_DHT=grad_final is not None,
-        PRECISION=launch.precision,
-        num_warps=launch.warps,
-        num_stages=launch.stages,
-    )
-    terms_bwd = chunk_terms_bwd_split if gdn_chunk_bwd() == "split" else chunk_terms_bwd
-    dq, dk_, dv_, dg, dbeta = terms_bwd(launch, (q, k, v, gf, bf), (vnew, states, dstates), (dout, du))
+    if kernels.state_bwd == "v2":
+        from mcore_ssm.gdn_triton_state_bwd_v2 import run_state_bwd_v2
+
+        dstates, dh0 = run_state_bwd_v2(launch, q, k, w, gf, dout, dht, du)
+    else:
+        dstates, dh0 = _run_state_bwd(launch, q, k, w, gf, dout, dht, du)
+    terms = (launch, (q, k, v, gf, bf), (vnew, states, dstates), (dout, du))
+    if split:
+        dq, dk_, dv_, dg, dbeta = chunk_terms_bwd_split(*terms, inverse=inverse)
+    else:
+        dq, dk_, dv_, dg, dbeta = chunk_terms_bwd(*terms)
     d_initial = dh0.to(initial_state.dtype) if initial_state is not None else None
     return dq, dk_, dv_, dg.to(g.dtype), dbeta.to(beta.dtype), d_initial

@@ -7,9 +7,11 @@ accumulators together: 255 registers and ~1.3 KB spilled a thread, 15 ms of a 29
 (2026-12-06, B 8, T 4096, hk 16, hv 32, dk = dv = 128, bf16). Here the work is cut where the data allows:
 
 1. ``_pairs_bwd_kernel``, grid (chunk, value head): everything that needs the ``(C, C)`` matrices. ``T`` is
-   recomputed (``gdn_triton._double``); a first walk over the value blocks forms ``dR_u = T^T dU`` (stores ``dv =
-   beta dR_u``, and ``dR_u`` in fp32 scratch ``(N, hv, dv)`` for kernel 2), ``dA = -tril_{-1}(dR_u U^T)`` and
-   ``rowsum(dR_u V)``; ``T`` dies, ``dA`` gives its ``dbeta`` row sum and straddling gate pairs and becomes ``B``;
+   recomputed (``gdn_triton._double``), or loaded as the backward's rerun of the WY kernel stored it (opt-in
+   ``MCORE_SSM_GDN_PAIRS_T=saved``, ``inverse``; then 4 warps and 64 value columns at dk 128 for 16-bit inputs:
+   two programs an SM in aligned offline builds); a first walk over the value blocks forms ``dR_u = T^T dU``
+   (stores ``dv = beta dR_u``, and ``dR_u`` in fp32 scratch ``(N, hv, dv)`` for kernel 2), ``dA =
+   -tril_{-1}(dR_u U^T)`` and ``rowsum(dR_u V)``; ``T`` dies, ``dA`` gives its ``dbeta`` row sum and straddling gate pairs and becomes ``B``;
    a second walk forms ``dP = dO U^T``, whose ``dS = tril(dP * Gamma)`` gives its gate pairs; last, in blocks of
    ``BKS`` key dims, ``dK = (B + B^T) K + dS^T Qs`` and ``dQs = dS K`` go to fp32 scratch ``(N, hv, dk)`` (per value
    head), and the partial ``dg, dbeta`` to the fp32 ``(N, hv)`` results. ``K K^T``, ``Q K^T`` are built in key
@@ -28,14 +30,15 @@ Deterministic (no atomics: every output element is one program's). Precision as 
 fp32 dots for fp32 inputs, otherwise ``K K^T`` and ``Q K^T`` on the inputs' dtype and the rest tf32. Tiles: C = 64,
 BV = 32 value columns (16 below dv 32), BKS = 64 key dims (the padded dk below 64), 8 warps, one stage. Offline
 sm_90 builds (Triton 3.9, ``triton.compile`` of an ``ASTSource`` on CPU, ``cuobjdump --dump-resource-usage``;
-2026-12-06), registers a thread / spilled bytes / shared memory, bf16 (tf32): dk = dv = 128: kernel 1 253 / 0 /
-100 KB, kernel 2 244 / 0 / 24 KB, kernel 3 80 / 0; dk = dv = 64: 255 / 56 / 52 KB and 255 / 0; dk = dv = 32:
-255 / 72 and 193 / 0. fp32 (ieee, FMA dots) at 128: kernel 1 spills 2.8 KB, kernel 2 144 bytes. Rejected: kernel 2
-over the whole dk (128: 544 bytes spilled; as a loop over key blocks inside one program, too: 536) or with 64 value
-columns (264), kernel 2 with 4 warps (~300-2000), per-value-head kernel-2 results summed by torch (2 GB more
-traffic at the bench shape). Extra traffic against the one-kernel version, fp32 at the bench shape: ``dR_u``
-written once and read per key block, the per-value-head ``dQs, dK`` written and read, ``dO, U`` read per key block:
-~4 GB, ~1.3 ms of H100 bandwidth, traded for kernels that do not spill.
+2026-12-06; pointers not marked aligned, which inflates these: aligned builds in RESULTS.md, 2026-12-07), registers
+a thread / spilled bytes / shared memory, bf16 (tf32): dk = dv = 128: kernel 1 253 / 0 / 100 KB, kernel 2 244 / 0 /
+24 KB, kernel 3 80 / 0; dk = dv = 64: 255 / 56 / 52 KB and 255 / 0; dk = dv = 32: 255 / 72 and 193 / 0. fp32 (ieee,
+FMA dots) at 128: kernel 1 spills 2.8 KB, kernel 2 144 bytes. Rejected: kernel 2 over the whole dk (128: 544 bytes
+spilled; as a loop over key blocks inside one program, too: 536) or with 64 value columns (264), kernel 2 with 4
+warps (~300-2000), per-value-head kernel-2 results summed by torch (2 GB more traffic at the bench shape). Extra
+traffic against the one-kernel version, fp32 at the bench shape: ``dR_u`` written once and read per key block, the
+per-value-head ``dQs, dK`` written and read, ``dO, U`` read per key block: ~4 GB, ~1.3 ms of H100 bandwidth, traded
+for kernels that do not spill.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def _pairs_bwd_kernel(
     dbeta_ptr,  # (N, hv) fp32 out: rowsum(dR_u V) + rowsum(dA * K K^T * Gamma)
     chunk_start_ptr,  # (M,) int64
     chunk_len_ptr,  # (M,) int64
+    t_ptr,  # (M, hv, C, C) fp32: T as the forward's rerun stored it (unused without SAVED_T)
     scale,
     HK: tl.constexpr,
     HV: tl.constexpr,
@@ -109,6 +113,7 @@ def _pairs_bwd_kernel(
     BV: tl.constexpr,
     C: tl.constexpr,
     PRECISION: tl.constexpr,
+    SAVED_T: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -125,17 +130,20 @@ def _pairs_bwd_kernel(
     g = tl.load(g_ptr + tok_head, mask=valid, other=0.0)  # (C,)
     beta = tl.load(beta_ptr + tok_head, mask=valid, other=0.0)  # (C,)
 
-    # T = (I + A)^-1 as the forward builds it
-    kk = _gram(k_ptr, k_ptr, flat, valid, qk_head, HK, DK, BKS, C, PRECISION)  # (C, C) K K^T
-    a = beta[:, None] * kk * tl.where(strict, _gamma(g, strict, lower), 0.0)  # (C, C) A
-    pair = (rows // 2)[:, None] == (rows // 2)[None, :]
-    inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) - tl.where(pair, a, 0.0)  # (C, C)
-    inv = _double(inv, a, rows, 2, PRECISION)
-    inv = _double(inv, a, rows, 4, PRECISION)
-    inv = _double(inv, a, rows, 8, PRECISION)
-    inv = _double(inv, a, rows, 16, PRECISION)
-    inv = _double(inv, a, rows, 32, PRECISION)  # (C, C) T
-    inv_t = tl.trans(inv)  # (C, C) T^T
+    if SAVED_T:  # T^T loaded: the forward's rerun kept T (MCORE_SSM_GDN_PAIRS_T=saved)
+        t_base = t_ptr + (chunk * HV + head) * C * C
+        inv_t = tl.load(t_base + rows[None, :] * C + rows[:, None])  # (C, C) T^T
+    else:  # T = (I + A)^-1 as the forward builds it
+        kk = _gram(k_ptr, k_ptr, flat, valid, qk_head, HK, DK, BKS, C, PRECISION)  # (C, C) K K^T
+        a = beta[:, None] * kk * tl.where(strict, _gamma(g, strict, lower), 0.0)  # (C, C) A
+        pair = (rows // 2)[:, None] == (rows // 2)[None, :]
+        inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) - tl.where(pair, a, 0.0)  # (C, C)
+        inv = _double(inv, a, rows, 2, PRECISION)
+        inv = _double(inv, a, rows, 4, PRECISION)
+        inv = _double(inv, a, rows, 8, PRECISION)
+        inv = _double(inv, a, rows, 16, PRECISION)
+        inv = _double(inv, a, rows, 32, PRECISION)  # (C, C) T
+        inv_t = tl.trans(inv)  # (C, C) T^T
 
     # first walk: dR_u, dv, dA (T^T and dA live)
     da = tl.zeros((C, C), dtype=tl.float32)  # -dA: dR_u U^T (masked below)
@@ -358,11 +366,14 @@ def chunk_terms_bwd_split(
     inputs: tuple[torch.Tensor, ...],
     saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     grads: tuple[torch.Tensor, torch.Tensor],
+    *,
+    inverse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)`` in the inputs' dtypes and shapes from ``inputs = (q, k, v, g, beta)`` (q, k, v
     contiguous, g and beta fp32 contiguous), ``saved = (U (N, hv, dv), S, dS' (M, hv, dk, dv))`` and ``grads =
     (dO, dU (N, hv, dv))``, all contiguous and fp32 but ``dO`` (the output's dtype): the contract of
-    ``gdn_triton_chunk_bwd.chunk_terms_bwd``."""
+    ``gdn_triton_chunk_bwd.chunk_terms_bwd``. ``inverse``: each chunk's ``T (M, hv, C, C)`` fp32 as the WY kernel
+    stored it (``gdn_triton.prepare``), loaded instead of recomputed; None recomputes it."""
     q, k, v, g, beta = inputs
     u, states, dstates = saved
     dout, du = grads
@@ -390,6 +401,10 @@ def chunk_terms_bwd_split(
         "PRECISION": launch.precision,
     }
     bounds = (launch.chunk_starts, launch.chunk_lengths)
+    # with T loaded (no doubling chain) at dk 128 and 16-bit inputs: 4 warps, 64 value columns, 255 registers, no
+    # spill, 64 KB (two programs an SM); 8 warps otherwise (aligned offline sm_90 builds, 2026-12-07: RESULTS.md)
+    two_per_sm = inverse is not None and launch.precision == "tf32" and dims["BK"] == 128
+    pairs_bv = min(64, max(16, triton.next_power_of_2(launch.dv))) if two_per_sm else sizes["BV"]
     _pairs_bwd_kernel[(chunks, hv)](
         q,
         k,
@@ -406,9 +421,11 @@ def chunk_terms_bwd_split(
         dg,
         dbeta,
         *bounds,
+        inverse if inverse is not None else g,
         launch.scale,
-        **sizes,
-        num_warps=8,  # at every dk: the (C, C) work does not shrink with it
+        **{**sizes, "BV": pairs_bv},
+        SAVED_T=inverse is not None,
+        num_warps=4 if two_per_sm else 8,  # 8 at every dk otherwise: the (C, C) work does not shrink with it
         num_stages=1,
     )
     dq, dk_ = torch.empty_like(q), torch.empty_like(k)

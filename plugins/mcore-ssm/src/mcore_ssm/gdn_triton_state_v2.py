@@ -141,10 +141,13 @@ def _chunk_state_v2_kernel(
             tl.store(ht + cols1, s1, mask=mask1)
 
 
-# Offline sm_90 builds (Triton 3.9, ptxas 13.4, 2026-12-06) at dk = dv = 128, bf16, (BV, warps, stages), without /
-# with initial and final states: (32, 4, 2) 254-255 registers, 8 / 0 bytes spilled, 16 KB shared (two programs an
-# SM); (32, 4, 3) 24 / 8 bytes, 17 KB; (64, 8, 2) 48 / 72 bytes, 24 KB (one an SM, the first version's shape). Left
-# out: 64 columns at 4 warps (212-452 bytes), 2 warps (no wgmma, ~1.1 KB). benchmarks/RESULTS.md, "GDN forward v2".
+# Aligned offline builds (the launcher's 16-byte pointer marks, 2026-12-07): (32, 4, 2) 95 registers, no spill, 80 KB;
+# (32, 4, 3) 110, 117 KB; (64, 8, 2) 156, 96 KB; fp32 factors (the backward's rerun) 131 / 142 / 211, no spill.
+# Unaligned (as every build before; inflated): offline sm_90 builds (Triton 3.9, ptxas 13.4, 2026-12-06) at dk = dv =
+# 128, bf16, (BV, warps, stages), without / with initial and final states: (32, 4, 2) 254-255 registers, 8 / 0 bytes
+# spilled, 16 KB shared (two programs an SM); (32, 4, 3) 24 / 8 bytes, 17 KB; (64, 8, 2) 48 / 72 bytes, 24 KB (one an
+# SM, the first version's shape). Left out: 64 columns at 4 warps (212-452 bytes), 2 warps (no wgmma, ~1.1 KB).
+# benchmarks/RESULTS.md, "GDN forward v2".
 _state_v2_tuned = triton.autotune(
     configs=_value_configs(((32, 4, 2), (32, 4, 3), (64, 8, 2))),
     key=["HV", "DK", "DV", "HAS_H0", "STORE_HT", "PRECISION"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -72,8 +73,8 @@ def gdn_chunk_bwd() -> str:
 #: blocks, gated ``U``, 4 warps): two programs an SM where v1 fits one, in offline sm_90 builds at dk = dv = 128. Same
 #: results; the default since its GPU tests (``test_gdn_triton_state_v2``) passed and it timed 1.35x v1's forward
 #: (3.19 against 4.30 ms) and 1.05x forward + backward on an H100 (2026-12-07, ``benchmarks/RESULTS.md``). v2 takes
-#: dk <= 128, larger dk runs v1 (``gdn_fwd_for``). The backward does not depend on it (it reruns its own fp32 forward
-#: with v1's kernels).
+#: dk <= 128, larger dk runs v1 (``gdn_fwd_for``). The backward reruns the same forward's kernels in fp32 for its
+#: factors and chunk states (v1's until 2026-12-07, whatever the forward).
 GDN_FWD: tuple[str, ...] = ("v2", "v1")
 
 
@@ -87,3 +88,52 @@ def gdn_fwd_for(block_k: int) -> str:
     ``block_k > 128`` (v2 holds the state as at most two 64-key blocks)."""
     choice = gdn_fwd()
     return "v1" if block_k > 128 else choice
+
+
+#: ``MCORE_SSM_GDN_STATE_BWD``: the GDN backward's reverse state walk, ``v1`` (the default:
+#: ``gdn_triton_bwd._chunk_state_bwd_kernel``) or ``v2`` (an opt-in, not yet run on a GPU:
+#: ``gdn_triton_state_bwd_v2``, the state gradient as 64-key blocks at 4 warps, two programs an SM in offline sm_90
+#: builds). Same results. v2 takes dk <= 128, larger dk runs v1 (``gdn_state_bwd_for``).
+GDN_STATE_BWD: tuple[str, ...] = ("v1", "v2")
+
+
+def gdn_state_bwd_for(block_k: int) -> str:
+    """``MCORE_SSM_GDN_STATE_BWD`` (``GDN_STATE_BWD``, default ``v1``), except ``v1`` where ``block_k > 128``."""
+    choice = _env_choice("MCORE_SSM_GDN_STATE_BWD", GDN_STATE_BWD)
+    return "v1" if block_k > 128 else choice
+
+
+#: ``MCORE_SSM_GDN_PAIRS_T``: where the split chunk-terms backward's first kernel (``_pairs_bwd_kernel``) gets each
+#: chunk's ``T = (I + A)^-1``: ``recompute`` (the default: ``K K^T`` and five doubling levels of ``(C, C)`` dots, as the
+#: WY kernel) or ``saved`` (an opt-in, not yet run on a GPU: the backward's fp32 rerun of the WY kernel stores the
+#: ``T`` it computes, ``(M, hv, C, C)`` fp32, 268 MB at B 8 x T 4096 x 32 value heads, and the kernel loads it: 12 of
+#: its 36 ``(C, C, C)``-sized dots gone). Gradients within the tests' tolerances either way. Only with
+#: ``MCORE_SSM_GDN_CHUNK_BWD=split`` (the default).
+GDN_PAIRS_T: tuple[str, ...] = ("recompute", "saved")
+
+
+def gdn_pairs_t() -> str:
+    """``MCORE_SSM_GDN_PAIRS_T`` (``GDN_PAIRS_T``, default ``recompute``)."""
+    return _env_choice("MCORE_SSM_GDN_PAIRS_T", GDN_PAIRS_T)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GdnKernels:
+    """Which GDN Triton kernels one call runs, read once when its forward starts (the backward, later, uses the
+    same): ``forward`` (``GDN_FWD``, also the backward's fp32 rerun), ``terms`` (``GDN_CHUNK_BWD``), ``state_bwd``
+    (``GDN_STATE_BWD``), ``pairs_t`` (``GDN_PAIRS_T``)."""
+
+    forward: str
+    terms: str
+    state_bwd: str
+    pairs_t: str
+
+
+def gdn_kernels_for(block_k: int) -> GdnKernels:
+    """The environment's choices for keys padded to ``block_k`` columns (a bad value: ``UserError``)."""
+    return GdnKernels(
+        forward=gdn_fwd_for(block_k),
+        terms=gdn_chunk_bwd(),
+        state_bwd=gdn_state_bwd_for(block_k),
+        pairs_t=gdn_pairs_t(),
+    )
