@@ -165,3 +165,23 @@ def test_every_recipe_compiled_trains_like_eager(tmp_path: Path, corpus: str, re
     breaks = _compiled_trains_like_eager(tmp_path, corpus, recipe)
     if recipe == "fp8-rowwise":
         assert breaks == 0, dict(counters["graph_break"])
+
+
+def test_torchao_float8_trains_under_fsdp_like_one_process_and_compiles_whole(tmp_path: Path, corpus: str) -> None:
+    """torchao's float8 linears (recipe ``torchao-float8``) under ``fsdp`` on 2 gloo ranks: the weights gather in
+    high precision and torchao quantises after the gather, so the losses equal one process's; with compiled blocks
+    the run traces without a graph break and equals its eager run."""
+    pytest.importorskip("torchao.float8", reason="torchao is in mcore-precision's test extra")
+    run_distributed(_fsdp_rank, 2, str(tmp_path), corpus, "torchao-float8", "none", timeout=600)
+    ranks = [json.loads((tmp_path / f"none-rank{r}.json").read_text()) for r in range(2)]
+    one = {str(step): loss for step, loss in _losses(tmp_path, corpus, "torchao-float8", "none").items()}
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    for step, loss in one.items():  # fsdp reduces gradients in another order: last-bit differences
+        assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5)
+    assert one["3"] < one["1"]  # it learns
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _losses(tmp_path, corpus, "torchao-float8", "blocks")
+    assert _graph_breaks() == 0, dict(counters["graph_break"])
+    for step, loss in compiled.items():
+        assert loss == pytest.approx(one[str(step)], rel=0, abs=0), (step, compiled, one)

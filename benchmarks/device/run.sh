@@ -72,15 +72,16 @@ t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
 t_b_fp8step() {  # issue 19: bench-0.9b steps, bf16 vs fp8-current vs fp8-blockwise, eager and compiled
   $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bfp8 --repeats "${ROUNDS:-2}"
 }
-t_b_cstep() {  # issues 14/19: the eager bf16 step against the compiled bf16 and fp8-current steps, then the compiled bare model
+t_b_cstep() {  # issues 14/19: the eager bf16 step against the compiled bf16, fp8-current and torchao float8 steps, then the compiled bare model
   $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bcstep --repeats "${ROUNDS:-3}" \
     --variant "bf16=--precision.recipe=bf16" --variant "bf16-compiled=--precision.recipe=bf16 --train.compile=blocks" \
-    --variant "fp8-current-compiled=--precision.recipe=fp8-current --train.compile=blocks"
+    --variant "fp8-current-compiled=--precision.recipe=fp8-current --train.compile=blocks" \
+    --variant "torchao-float8-compiled=--precision.recipe=torchao-float8 --train.compile=blocks"
   $PY plugins/mcore-models/benchmarks/bench.py --sections step_ours_compiled --out /tmp/bare
 }
 t_b_fp8c() {  # the compiled FP8 linear (host out of the step) beside eager and bf16, then its GPU test
   $PY -m pytest -q -m gpu plugins/mcore-precision/tests/test_fp8.py -k compiled 2>&1 | tail -3
-  $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5 --compile
+  $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5 --compile --torchao
 }
 t_b_host() {
   $PY plugins/mcore-inference/benchmarks/bench_host.py --preset bench-0.9b --batch 1 32

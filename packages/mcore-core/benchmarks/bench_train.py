@@ -112,7 +112,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "steps": 30,
     },
     # issue 19: the FP8 recipes' bench-0.9b step against bf16's, eager and compiled (the eager FP8 linear is
-    # host-bound; a compiled block takes the host out of it)
+    # host-bound; a compiled block takes the host out of it), and torchao's float8 training (its wheel carried)
     "fp8": {
         "common": "--model.preset=bench-0.9b --train.seq_len=4096 --train.global_batch_size=2 " + DATA_CAP,
         "variants": [
@@ -121,6 +121,9 @@ SUITES: dict[str, dict[str, Any]] = {
             ("fp8-current", "--precision.recipe=fp8-current"),
             ("fp8-current-compiled", "--precision.recipe=fp8-current --train.compile=blocks"),
             ("fp8-blockwise-compiled", "--precision.recipe=fp8-blockwise --train.compile=blocks"),
+            ("fp8-delayed-compiled", "--precision.recipe=fp8-delayed --train.compile=blocks"),
+            # torchao's float8 training on the same linears (issue 19: "faster than torchao on the same model")
+            ("torchao-float8-compiled", "--precision.recipe=torchao-float8 --train.compile=blocks"),
         ],
         "env": {},
         "baseline": "bf16",

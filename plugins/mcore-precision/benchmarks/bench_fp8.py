@@ -7,12 +7,14 @@ median, spread, GEMM TFLOP/s and the relative error of the output against the bf
 
     python plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 7          # GPU
     python plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5 --compile  # + both under torch.compile
+    python plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5 --compile --torchao  # + torchao's compiled
     python plugins/mcore-precision/benchmarks/bench_fp8.py --quick              # CPU smoke test (emulated)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from typing import Any
 
@@ -40,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time both linears under torch.compile (the FP8 one traced whole: the host out of its step)",
     )
+    parser.add_argument(
+        "--torchao",
+        action="store_true",
+        help="also time torchao's float8 linear (tensorwise), compiled as torchao means it to run (needs torchao)",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON lines here")
     return parser.parse_args(argv)
 
@@ -53,6 +60,18 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Any:
         return out.detach()
 
     return run
+
+
+class _Unwrapped(nn.Module):
+    """A wrapped linear that exposes its ``weight`` (``_step`` clears its gradient) and calls the wrapper."""
+
+    def __init__(self, call: Any, linear: nn.Module) -> None:
+        super().__init__()
+        self.call, self.weight = call, linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.call(x)
+        return out
 
 
 def bench_shape(args: argparse.Namespace, shape: tuple[int, int, int], device: torch.device) -> list[dict[str, Any]]:
@@ -73,6 +92,12 @@ def bench_shape(args: argparse.Namespace, shape: tuple[int, int, int], device: t
         kernels.load_references()  # before tracing: dynamo does not trace the import
         steps["bf16_compiled"] = _step(torch.compile(linear), x, grad)
         steps["fp8_current_compiled"] = _step(torch.compile(fp8), x, grad)
+    if args.torchao:
+        from torchao.float8 import convert_to_float8_training
+
+        theirs = nn.Sequential(copy.deepcopy(linear))  # the converter swaps children
+        convert_to_float8_training(theirs)
+        steps["torchao_float8_compiled"] = _step(_Unwrapped(torch.compile(theirs), theirs[0]), x, grad)
     measured = interleaved(steps, repeats=args.repeats, iters=args.iters, warmup=args.warmup, device=device)
     flops = 6 * n * k * f  # forward + two backward GEMMs
     rows = []

@@ -38,6 +38,12 @@ def mcore_register(registry: Any) -> None:
     )
     registry.add(
         "precision",
+        "torchao-float8",
+        "mcore_precision.torchao_float8:TorchaoFloat8",
+        summary="torchao's float8 training on the same linears as fp8-current (needs torchao: the [torchao] extra)",
+    )
+    registry.add(
+        "precision",
         "fp8-blockwise",
         "mcore_precision.fp8:FP8Blockwise",
         summary="FP8 GEMMs of the matrix linears, DeepSeek-V3 blocks: 1x128 activation/gradient tiles, 128x128 weights",
