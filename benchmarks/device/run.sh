@@ -72,6 +72,9 @@ t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
 t_b_fp8step() {  # issue 19: bench-0.9b steps, bf16 vs fp8-current vs fp8-blockwise, eager and compiled
   $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bfp8 --repeats "${ROUNDS:-2}"
 }
+t_b_moestep() {  # issue 18: the moe-bench training step, plain, chunked experts, compiled blocks
+  $PY packages/mcore-core/benchmarks/bench_train.py --suite moe --out /tmp/bmoe --repeats "${ROUNDS:-2}"
+}
 t_b_cstep() {  # issues 14/19: the eager bf16 step against the compiled bf16, fp8-current and torchao float8 steps, then the compiled bare model
   $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bcstep --repeats "${ROUNDS:-3}" \
     --variant "bf16=--precision.recipe=bf16" --variant "bf16-compiled=--precision.recipe=bf16 --train.compile=blocks" \
