@@ -5,6 +5,7 @@ bit-exact), training with the harness's tiny transformer, and the refusal of sha
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -267,6 +268,37 @@ def test_native_scaled_mm_matches_the_emulation() -> None:
         assert float((a - b).norm() / b.norm()) < 1e-2  # same fp8 operands; accumulation and output rounding differ
 
 
+def _card_fp8_linear() -> tuple[nn.Linear, FP8Linear]:
+    """A bf16 ``(512 -> 256)`` linear on the card and its per-tensor FP8 twin (same weight); skips without FP8 cores."""
+    from mcore_precision import kernels
+
+    device = torch.device("cuda")
+    if not native_scaled_mm_available(device):
+        pytest.skip("this card has no FP8 tensor cores (capability < 8.9)")
+    kernels.load_references()
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 256, bias=False, device=device, dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(
+        linear, input=CurrentScaler(E4M3, 0), weight=CurrentScaler(E4M3, 0), grad=CurrentScaler(E5M2, 0)
+    )
+    return linear, fp8
+
+
+def _assert_compiled_matches_eager(linear: nn.Linear, eager: nn.Module, compiled: Any, rows: int) -> None:
+    """Output, input and weight gradients of ``compiled`` within 1e-2 of ``eager``'s, on ``(rows, 512)`` inputs."""
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)  # (rows, K)
+    grad = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16) * 0.01  # (rows, F)
+    results = []
+    for module in (eager, compiled):
+        linear.weight.grad = None
+        xi = x.clone().requires_grad_()
+        out = module(xi)  # (rows, F)
+        out.backward(grad)
+        results.append((out.detach().float(), xi.grad.float(), linear.weight.grad.float()))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2, rows
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_fp8_linear_matches_eager_on_the_card() -> None:
@@ -274,62 +306,23 @@ def test_compiled_fp8_linear_matches_eager_on_the_card() -> None:
     the native GEMMs): its output and gradients agree with the eager linear (Triton kernels); no graph break."""
     from torch._dynamo.utils import counters
 
-    from mcore_precision import kernels
-
-    device = torch.device("cuda")
-    if not native_scaled_mm_available(device):
-        pytest.skip("this card has no FP8 tensor cores (capability < 8.9)")
-    kernels.load_references()
-    torch.manual_seed(0)
-    linear = nn.Linear(512, 256, bias=False, device=device, dtype=torch.bfloat16)
-    fp8 = FP8Linear.from_linear(
-        linear, input=CurrentScaler(E4M3, 0), weight=CurrentScaler(E4M3, 0), grad=CurrentScaler(E5M2, 0)
-    )
-    x = torch.randn(384, 512, device=device, dtype=torch.bfloat16)
-    grad = torch.randn(384, 256, device=device, dtype=torch.bfloat16) * 0.01
+    linear, fp8 = _card_fp8_linear()
     torch._dynamo.reset()
     counters.clear()
-    results = []
-    for module in (fp8, torch.compile(fp8)):
-        linear.weight.grad = None
-        xi = x.clone().requires_grad_()
-        out = module(xi)
-        out.backward(grad)
-        results.append((out.detach().float(), xi.grad.float(), linear.weight.grad.float()))
+    _assert_compiled_matches_eager(linear, fp8, torch.compile(fp8), 384)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    for got, want in zip(results[1], results[0], strict=True):
-        assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_fp8_linear_takes_new_shapes_on_the_card() -> None:
     """One compiled linear called at three row counts (the second retraces with dynamic shapes, as a run's eval
     batch of another length would): each output and gradient agrees with the eager linear's."""
-    from mcore_precision import kernels
-
-    device = torch.device("cuda")
-    if not native_scaled_mm_available(device):
-        pytest.skip("this card has no FP8 tensor cores (capability < 8.9)")
-    kernels.load_references()
-    torch.manual_seed(0)
-    linear = nn.Linear(512, 256, bias=False, device=device, dtype=torch.bfloat16)
-    fp8 = FP8Linear.from_linear(
-        linear, input=CurrentScaler(E4M3, 0), weight=CurrentScaler(E4M3, 0), grad=CurrentScaler(E5M2, 0)
-    )
+    linear, fp8 = _card_fp8_linear()
     torch._dynamo.reset()
     compiled = torch.compile(fp8)
     for rows in (384, 512, 640):
-        x = torch.randn(rows, 512, device=device, dtype=torch.bfloat16)  # (rows, K)
-        grad = torch.randn(rows, 256, device=device, dtype=torch.bfloat16) * 0.01  # (rows, F)
-        results = []
-        for module in (fp8, compiled):
-            linear.weight.grad = None
-            xi = x.clone().requires_grad_()
-            out = module(xi)
-            out.backward(grad)
-            results.append((out.detach().float(), xi.grad.float(), linear.weight.grad.float()))
-        for got, want in zip(results[1], results[0], strict=True):
-            assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2, rows
+        _assert_compiled_matches_eager(linear, fp8, compiled, rows)
 
 
 def test_saved_operand_keeps_only_the_transposed_copy() -> None:
