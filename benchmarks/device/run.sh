@@ -71,6 +71,9 @@ t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
 t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
 t_b_fp8step() {  # issue 19: bench-0.9b steps, bf16 vs fp8-current vs fp8-blockwise, eager and compiled
   $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bfp8 --repeats "${ROUNDS:-2}"
+  # which runs fell back from a native GEMM (CheckedNative warns once per operand kind) or recompiled
+  grep -H -i "emulated\|recompile\|graph break" /tmp/bfp8/r*/*/train.log \
+    | sed 's|^/tmp/bfp8/r[0-9]*/\([^/]*\)/train.log:|\1: |' | cut -c1-200 | sort | uniq -c | head -20
 }
 t_b_moestep() {  # issue 18: the moe-bench training step, plain, chunked experts, compiled blocks
   $PY packages/mcore-core/benchmarks/bench_train.py --suite moe --out /tmp/bmoe --repeats "${ROUNDS:-2}"
