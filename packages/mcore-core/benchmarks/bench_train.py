@@ -93,6 +93,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "variants": [
             ("default", ""),
             ("chunked", "--model.moe.chunk_tokens=16384"),
+            ("compiled", "--train.compile=blocks"),
         ],
         "env": {},
         "baseline": "default",
@@ -109,20 +110,6 @@ SUITES: dict[str, dict[str, Any]] = {
         ],
         "env": {"hybrid-4k": {"MCORE_SSM_KERNELS": "triton"}, "hybrid-16k": {"MCORE_SSM_KERNELS": "triton"}},
         "baseline": "dense-4k",
-        "steps": 30,
-    },
-    # issue 18: the moe-bench training step on one GPU (tokens/s, MFU from active parameters, peak memory),
-    # with and without chunked expert MLPs (chunk_tokens caps the routed rows' activations; same result)
-    "moe": {
-        "common": "--model.preset=moe-bench --train.seq_len=4096 --train.global_batch_size=2 --precision.recipe=bf16 "
-        + DATA_CAP,
-        "variants": [
-            ("moe-bench", ""),
-            ("moe-bench-chunk8k", "--model.moe.chunk_tokens=8192"),
-            ("moe-bench-compiled", "--train.compile=blocks"),
-        ],
-        "env": {},
-        "baseline": "moe-bench",
         "steps": 30,
     },
     # issue 19: the FP8 recipes' bench-0.9b step against bf16's, eager and compiled (the eager FP8 linear is
