@@ -75,8 +75,14 @@ t_b_fp8step() {  # issue 19: bench-0.9b steps, bf16 vs fp8-current vs fp8-blockw
   grep -H -i "emulated\|recompile\|graph break" /tmp/bfp8/r*/*/train.log \
     | sed 's|^/tmp/bfp8/r[0-9]*/\([^/]*\)/train.log:|\1: |' | cut -c1-200 | sort | uniq -c | head -20
 }
-t_b_moestep() {  # issue 18: the moe-bench training step, plain, chunked experts, compiled blocks
+t_b_moestep() {  # issue 18: the moe-bench training step (4 of its 16 layers), plain, chunked experts, compiled blocks
   $PY packages/mcore-core/benchmarks/bench_train.py --suite moe --out /tmp/bmoe --repeats "${ROUNDS:-2}"
+}
+t_adamw_vec() {  # the AdamW kernel's vectorized launch: GPU tests, kernel vs scalar loads vs a copy, then the step A/B
+  $PY -m pytest -q -m gpu plugins/mcore-optim/tests/test_adamw_triton.py 2>&1 | tail -3
+  $PY plugins/mcore-optim/benchmarks/bench_adamw_vectorized.py --repeats 5
+  $PY packages/mcore-core/benchmarks/bench_train.py --suite issue14 --out /tmp/bvec --repeats "${ROUNDS:-2}" \
+    --variant default= --variant vectorized= --env vectorized:MCORE_OPTIM_ADAMW_VECTORIZED=1
 }
 t_b_cstep() {  # issues 14/19: the eager bf16 step against the compiled bf16, fp8-current and torchao float8 steps, then the compiled bare model
   $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bcstep --repeats "${ROUNDS:-3}" \

@@ -33,7 +33,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30)) if a.numel() else 0.0
 
 
-def _case(low: bool, scaled: bool, seed: int) -> dict[str, Any]:
+def _case(low: bool, scaled: bool, seed: int, vectorized: bool = False) -> dict[str, Any]:
     """Four steps of the kernel and of the reference from the same state; the worst relative errors."""
     from mcore_optim.adamw_triton import adamw_step_triton
     from mcore_testing.interpreter_bounds import allowed
@@ -59,7 +59,7 @@ def _case(low: bool, scaled: bool, seed: int) -> dict[str, Any]:
         with allowed(*ours_w, *grads, *ours_m, *ours_v, *ours_t, *(params or [])):  # reached through address tables
             adamw_step_triton(
                 ours_w, grads, ours_m, ours_v, ours_t, list(params) if params else [None] * len(SIZES),
-                grad_scale=scale, cache=cache, **HYPER,
+                grad_scale=scale, cache=cache, vectorized=vectorized, **HYPER,
             )  # fmt: skip
         wide = [x.float() for x in grads]
         if scale is not None:
@@ -110,6 +110,7 @@ def interpreted_main() -> None:
     for low in (False, True):
         for scaled in (False, True):
             print(json.dumps({"name": f"low={low}-scaled={scaled}", **_case(low, scaled, seed=3 + 2 * low + scaled)}))
+    print(json.dumps({"name": "vectorized", **_case(True, True, seed=9, vectorized=True)}))
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -127,6 +128,30 @@ def test_kernel_matches_the_foreach_reference(records: dict[str, dict[str, Any]]
     r = records[f"low={low}-scaled={scaled}"]
     assert r["w"] < 1e-6 and r["m"] < 1e-6 and r["v"] < 1e-6, r  # NaN fails
     assert r["param_is_master_in_bf16"] and r["steps_equal"], r
+
+
+@needs_triton
+def test_vectorized_launch_matches_the_foreach_reference(records: dict[str, dict[str, Any]]) -> None:
+    """``vectorized=True`` (whole blocks of aligned tensors through ``_block``'s hints; the interpreter runs the same
+    code path, the hints are for the compiler) gives the reference's result too."""
+    r = records["vectorized"]
+    assert r["w"] < 1e-6 and r["m"] < 1e-6 and r["v"] < 1e-6, r
+    assert r["param_is_master_in_bf16"] and r["steps_equal"], r
+
+
+def test_vectorized_switch_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from mcore.errors import UserError
+    from mcore_optim.adamw_triton import VECTORIZED_ENV, vectorized_from_env
+
+    monkeypatch.delenv(VECTORIZED_ENV, raising=False)
+    assert not vectorized_from_env()
+    monkeypatch.setenv(VECTORIZED_ENV, "1")
+    assert vectorized_from_env()
+    monkeypatch.setenv(VECTORIZED_ENV, "yes")
+    with pytest.raises(UserError, match=r"MCORE_OPTIM_ADAMW_VECTORIZED='yes'; allowed: 0 .* or 1") as info:
+        vectorized_from_env()
+    assert "\n" not in str(info.value)
 
 
 @needs_triton
@@ -227,3 +252,56 @@ def test_step_guarded_on_cuda_skips_or_steps_on_the_device() -> None:
     scaled.step_scaled(factor)
     for (name, p), q in zip(guarded_model.named_parameters(), scaled_model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_alignment_check_sees_views_into_buffers() -> None:
+    """The vectorized path is taken only when every tensor starts on a 16-byte boundary: a view one fp32 element
+    into a buffer does not."""
+    pytest.importorskip("triton")
+    from mcore_optim.adamw_triton import aligned
+
+    buffer = torch.zeros(4096)
+    assert aligned([buffer, buffer[4:]], [None])  # 16 bytes in
+    assert not aligned([buffer, buffer[1:]])  # 4 bytes in
+    assert not aligned([buffer.to(torch.bfloat16)[3:]])  # 6 bytes in
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "views-4-bytes-in"])
+def test_kernel_on_cuda_matches_the_reference_for_aligned_and_unaligned_tensors(offset: int) -> None:
+    """Every tensor a view ``offset`` elements into a buffer, ``vectorized=True``: the aligned launch (whole blocks
+    loaded 16 bytes at a time) and the unaligned one (the alignment check falls back to scalar loads) both equal the
+    ``foreach`` reference over three steps, bf16 gradients and parameters with fp32 masters, whole and partial
+    blocks."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mcore_optim.adamw_triton import adamw_step_triton
+
+    sizes = (4096, 2048 * 3 + 5, 1, 2050)
+    g = torch.Generator(device="cuda").manual_seed(5)
+
+    def views(dtype: torch.dtype, fill: str) -> list[torch.Tensor]:
+        out = []
+        for n in sizes:
+            buffer = torch.zeros(n + offset, device="cuda", dtype=dtype)
+            if fill == "randn":
+                buffer.normal_(generator=g)
+            out.append(buffer[offset:])  # (n,)
+        return out
+
+    masters = views(torch.float32, "randn")
+    ref_w = [w.clone() for w in masters]
+    m, v = views(torch.float32, "zeros"), views(torch.float32, "zeros")
+    ref_m, ref_v = [x.clone() for x in m], [x.clone() for x in v]
+    params = views(torch.bfloat16, "zeros")
+    steps = [torch.zeros((), device="cuda") for _ in sizes]
+    ref_t = [t.clone() for t in steps]
+    cache: dict[Any, Any] = {}
+    for _ in range(3):
+        grads = [x * 3 for x in views(torch.bfloat16, "randn")]
+        adamw_step_triton(masters, grads, m, v, steps, list(params), cache=cache, vectorized=True, **HYPER)
+        adamw_step(ref_w, [x.float() for x in grads], ref_m, ref_v, ref_t, fused=False, **HYPER)
+    for name, a, b in (("w", masters, ref_w), ("m", m, ref_m), ("v", v, ref_v)):
+        assert _rel(torch.cat(a), torch.cat(b)) < 1e-6, name  # NaN fails
+    for p, w in zip(params, masters, strict=True):
+        assert torch.equal(p, w.to(torch.bfloat16))  # rounded from the master, as the GPU rounds
