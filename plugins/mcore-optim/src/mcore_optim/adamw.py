@@ -165,7 +165,11 @@ class AdamW:
                     grad_scale=grad_scale,
                     ok=ok,
                     cache=cache,
-                    **hyper,
+                    lr=hyper["lr"],
+                    beta1=hyper["beta1"],
+                    beta2=hyper["beta2"],
+                    eps=hyper["eps"],
+                    weight_decay=hyper["weight_decay"],
                 )
                 continue
             grads = [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, weights)]
