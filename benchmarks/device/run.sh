@@ -67,6 +67,11 @@ t_gdnbwd() {  # the GDN backward: the default (forward rerun by v2) and the opt-
   $PY -m pytest -q -m gpu plugins/mcore-ssm/tests/test_gdn_triton_bwd_opt_in.py plugins/mcore-ssm/tests/test_gdn_triton_bwd.py 2>&1 | tail -3
   $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --only triton triton_v1 triton_state_bwd_v2 triton_pairs_t_saved triton_bwd_opt_in --repeats "${ROUNDS:-3}"
 }
+t_gdninv() {  # the GDN chunk inverse on 16x16 blocks (opt-in): its GPU tests, then timed against the doubling
+  $PY -m pytest -q -p no:cacheprovider -m gpu plugins/mcore-ssm/tests/test_gdn_triton_inverse16.py 2>&1 | tail -3
+  (cd plugins/mcore-ssm/benchmarks && $PY bench_gdn.py --only triton triton_inverse_blocks16 triton_pairs_t_saved \
+    triton_inverse_blocks16_pairs_t_saved --repeats "${ROUNDS:-3}")
+}
 t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
 t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
 t_b_fp8step() {  # issue 19: bench-0.9b steps, bf16 vs fp8-current vs fp8-blockwise, eager and compiled

@@ -15,6 +15,10 @@ Candidates, each on the same inputs (bf16 on CUDA): q, k ``(B, T, hk, dk)`` L2-n
 * ``triton_state_bwd_v2``, ``triton_pairs_t_saved``, ``triton_bwd_opt_in``: the backward's opt-ins pinned around
   each call (``MCORE_SSM_GDN_STATE_BWD=v2``, ``MCORE_SSM_GDN_PAIRS_T=saved``, both; read when the forward starts,
   so the backward runs them); compare with ``triton`` in the same call;
+* ``triton_inverse_blocks16``, ``triton_inverse_blocks16_pairs_t_saved``: ``MCORE_SSM_GDN_INVERSE=blocks16`` pinned
+  around each call (each chunk's ``T`` from 16 x 16 diagonal blocks by substitution and two doubling levels, in the
+  WY kernel of the forward and of the backward's rerun and in the split terms' recomputation), alone and with
+  ``MCORE_SSM_GDN_PAIRS_T=saved``; compare with ``triton`` and ``triton_pairs_t_saved`` in the same call;
 * ``torch_chunked``: ``mcore_ssm.gdn_reference.chunk_gated_delta_rule`` eager;
 * ``torch_chunked_compiled``: the same under ``torch.compile`` (the issue's baseline: goal >= 3x);
 * ``fla``: ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (the ``fla-core`` wheel) when it imports, q and k
@@ -100,6 +104,10 @@ def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Call
         found["triton_state_bwd_v2"] = pinned(MCORE_SSM_GDN_STATE_BWD="v2")
         found["triton_pairs_t_saved"] = pinned(MCORE_SSM_GDN_PAIRS_T="saved")
         found["triton_bwd_opt_in"] = pinned(MCORE_SSM_GDN_STATE_BWD="v2", MCORE_SSM_GDN_PAIRS_T="saved")
+        found["triton_inverse_blocks16"] = pinned(MCORE_SSM_GDN_INVERSE="blocks16")
+        found["triton_inverse_blocks16_pairs_t_saved"] = pinned(
+            MCORE_SSM_GDN_INVERSE="blocks16", MCORE_SSM_GDN_PAIRS_T="saved"
+        )
     found["torch_chunked"] = lambda q, k, v, g, beta, cu_seqlens: chunk_gated_delta_rule(
         q, k, v, g, beta, cu_seqlens=cu_seqlens
     )[0]

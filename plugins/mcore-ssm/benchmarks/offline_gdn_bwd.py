@@ -7,8 +7,9 @@ v1 and v2 launches), ``_local_du_kernel``, the reverse state walk (``_chunk_stat
 and ``_pairs_bwd_kernel`` loading the ``T`` the rerun stored: ``MCORE_SSM_GDN_PAIRS_T=saved``).
 ``benchmarks/RESULTS.md``, "GDN backward, offline".
 
-Usage: ``python offline_gdn_bwd.py [--dk 128 --dv 128 --precision tf32]`` (tf32: bf16 inputs; ieee: fp32 inputs).
-One line per (kernel, config).
+Usage: ``python offline_gdn_bwd.py [--dk 128 --dv 128 --precision tf32 --inverse doubling]`` (tf32: bf16 inputs;
+ieee: fp32 inputs; ``--inverse blocks16``: ``T`` in the rerun's WY kernel and the recomputing ``_pairs_bwd_kernel`` as
+``MCORE_SSM_GDN_INVERSE=blocks16`` computes it). One line per (kernel, config).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ Build = Callable[..., str]  # offline_gdn_fwd.build with its alignment chosen
 PARTS = ("rerun", "reverse", "terms")
 
 
-def rerun(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], data: str) -> None:
-    """The forward's kernels as the backward launches them: fp32 factors and states from ``data`` inputs."""
+def rerun(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], data: str, *, blocks16: bool) -> None:
+    """The forward's kernels as the backward launches them: fp32 factors and states from ``data`` inputs
+    (``blocks16``: ``T`` from 16 x 16 diagonal blocks)."""
     f32, i64 = "*fp32", "*i64"
     wy = {"k_ptr": data, "v_ptr": data, "w_ptr": f32, "u_ptr": f32, "g_ptr": f32, "beta_ptr": f32, "cum_ptr": f32}
     wy |= {"chunk_start_ptr": i64, "chunk_len_ptr": i64, "t_ptr": f32}
@@ -41,7 +43,7 @@ def rerun(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], dat
     launches = (("v1", bk, 64, 8), ("v2", min(64, bk), 64 if narrow_warps == 4 else 32, narrow_warps))
     for name, bw, bv, warps in launches:
         for store_t in (False, True):
-            consts = {**sizes, "BK": bk, "BV": bv, "BW": bw, **prec, "STORE_T": store_t}
+            consts = {**sizes, "BK": bk, "BV": bv, "BW": bw, **prec, "STORE_T": store_t, "BLOCKS16": blocks16}
             line = make(gdn_triton._chunk_wy_kernel, wy, consts, warps, 3)
             print(f"rerun wy {name} BW {bw} BV {bv} warps {warps} store T {store_t}:", line)
 
@@ -81,8 +83,9 @@ def reverse(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], d
             print(f"state bwd v2 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
 
 
-def terms(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], data: str) -> None:
-    """The split chunk-terms backward as ``chunk_terms_bwd_split`` launches it."""
+def terms(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], data: str, *, blocks16: bool) -> None:
+    """The split chunk-terms backward as ``chunk_terms_bwd_split`` launches it (``blocks16``: a recomputed ``T``
+    from 16 x 16 diagonal blocks)."""
     f32, i64 = "*fp32", "*i64"
     split = gdn_triton_chunk_bwd_split
     consts = {**sizes, "BKS": min(64, bk), "BV": max(16, min(32, triton.next_power_of_2(sizes["DV"]))), **prec}
@@ -93,7 +96,8 @@ def terms(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], dat
     two_per_sm = prec["PRECISION"] == "tf32" and bk == 128  # chunk_terms_bwd_split's launch with T saved
     wide = {"BV": min(64, max(16, triton.next_power_of_2(sizes["DV"])))} if two_per_sm else {}
     for saved, warps, bv in ((False, 8, {}), (True, 8, {}), (True, 4 if two_per_sm else 8, wide)):
-        line = make(split._pairs_bwd_kernel, pairs, {**consts, **bv, "SAVED_T": saved}, warps, 1)
+        flags = {"SAVED_T": saved, "BLOCKS16": blocks16}
+        line = make(split._pairs_bwd_kernel, pairs, {**consts, **bv, **flags}, warps, 1)
         print(f"pairs (T {'saved' if saved else 'recomputed'}) BV {bv.get('BV', consts['BV'])} warps {warps}:", line)
     states = {"q_ptr": data, "k_ptr": data, "g_ptr": f32, "beta_ptr": f32, "u_ptr": f32, "states_ptr": f32}
     states |= {"dstates_ptr": f32, "dout_ptr": data, "dru_ptr": f32, "dqh_ptr": f32, "dkh_ptr": f32}
@@ -115,14 +119,19 @@ def main() -> None:
     parser.add_argument("--precision", choices=("tf32", "ieee"), default="tf32")
     parser.add_argument("--unaligned", action="store_true", help="pointers not marked 16-byte aligned")
     parser.add_argument("--only", nargs="*", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--inverse", choices=("doubling", "blocks16"), default="doubling", help="how T is computed")
     args = parser.parse_args()
     make = functools.partial(build, aligned=not args.unaligned)
     data = "*bf16" if args.precision == "tf32" else "*fp32"
     bk = max(16, triton.next_power_of_2(args.dk))
     sizes = {"HK": args.qk_heads, "HV": args.v_heads, "DK": args.dk, "DV": args.dv, "C": 64}
     prec = {"PRECISION": args.precision}
+    print(f"inverse {args.inverse}")
+    blocks16 = args.inverse == "blocks16"
+    parts = {"rerun": functools.partial(rerun, blocks16=blocks16), "reverse": reverse}
+    parts["terms"] = functools.partial(terms, blocks16=blocks16)
     for part in args.only:
-        {"rerun": rerun, "reverse": reverse, "terms": terms}[part](make, sizes, bk, prec, data)
+        parts[part](make, sizes, bk, prec, data)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Why: the machine without a card can still tell whether a launch shape spills or 
 bytes; shared memory comes from Triton's metadata, ``wgmma`` from the PTX. Pointer arguments are marked 16-byte
 aligned, as the launcher marks torch's tensors (``--unaligned``: not, as the builds before 2026-12-07 were).
 
-Usage: ``python offline_gdn_fwd.py [--dk 128 --dv 128 --precision tf32]`` (tf32: bf16 inputs; ieee: fp32 inputs).
+Usage: ``python offline_gdn_fwd.py [--dk 128 --dv 128 --precision tf32 --inverse doubling]`` (tf32: bf16 inputs;
+ieee: fp32 inputs; ``--inverse blocks16``: the WY kernel's ``T`` as ``MCORE_SSM_GDN_INVERSE=blocks16`` computes it).
 One line per (kernel, config).
 """
 
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--v-heads", type=int, default=32)
     parser.add_argument("--precision", choices=("tf32", "ieee"), default="tf32")
     parser.add_argument("--unaligned", action="store_true", help="pointers not marked 16-byte aligned")
+    parser.add_argument("--inverse", choices=("doubling", "blocks16"), default="doubling", help="the WY kernel's T")
     args = parser.parse_args()
     make = functools.partial(build, aligned=not args.unaligned)
     data = "*bf16" if args.precision == "tf32" else "*fp32"
@@ -86,9 +88,11 @@ def main() -> None:
 
     wy = dict.fromkeys(("k_ptr", "v_ptr", "w_ptr", "u_ptr"), data)
     wy |= {"g_ptr": f32, "beta_ptr": f32, "cum_ptr": f32, "chunk_start_ptr": i64, "chunk_len_ptr": i64, "t_ptr": f32}
+    wy_flags = {"STORE_T": False, "BLOCKS16": args.inverse == "blocks16"}
     for bw, bv, warps in ((bk, 64, 8), (min(64, bk), 64, 4), (min(64, bk), 32, 8)):
-        consts = {**sizes, "BK": bk, "BV": bv, "BW": bw, **prec, "STORE_T": False}
-        print(f"wy BW {bw} BV {bv} warps {warps}:", make(gdn_triton._chunk_wy_kernel, wy, consts, warps, 3))
+        consts = {**sizes, "BK": bk, "BV": bv, "BW": bw, **prec, **wy_flags}
+        line = make(gdn_triton._chunk_wy_kernel, wy, consts, warps, 3)
+        print(f"wy {args.inverse} BW {bw} BV {bv} warps {warps}:", line)
 
     walk = dict.fromkeys(("k_ptr", "w_ptr", "u_ptr", "vnew_ptr", "states_ptr"), data)
     walk |= {"cum_ptr": f32, "h0_ptr": f32, "ht_ptr": f32, "starts_ptr": i64, "lengths_ptr": i64}

@@ -109,3 +109,32 @@ def gdn_strong_decay_errors(gate_min: float, device: str = "cpu", rule: str = "t
         loss = (out * probe.to(out)).sum() + (final * probe_s.to(final)).sum()
         results.append([out, final, *torch.autograd.grad(loss, leaves)])
     return [rel(a, b) for a, b in zip(*results, strict=True)]
+
+
+def gdn_inverse_fp64(
+    chunk_starts: torch.Tensor, chunk_lengths: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
+    """Each chunk's ``T = (I + A)^-1`` of the gated delta rule in fp64 by ``torch.linalg.solve_triangular``, ``(M,
+    hv, 64, 64)`` on the CPU: ``I + A`` padded to the chunk with the identity (the Triton WY kernel's rows past a
+    segment's end). ``k (B, T, hk, dk)``, ``g, beta (B, T, hv)``; chunks as ``gdn_triton.chunk_layout`` cuts them."""
+    chunk = 64
+    kf, gf, bf = (t.detach().flatten(0, 1).double().cpu() for t in (k, g, beta))  # (N, h, ...)
+    hv = gf.shape[1]
+    kf = kf.repeat_interleave(hv // kf.shape[1], dim=1)  # (N, hv, dk)
+    out = []
+    for start, count in zip(chunk_starts.tolist(), chunk_lengths.tolist(), strict=True):
+        rows = slice(start, start + count)
+        kc, bc, gc = kf[rows].transpose(0, 1), bf[rows].T, gf[rows].T.cumsum(-1)  # (hv, c, dk), (hv, c) G
+        between = (gc[:, :, None] - gc[:, None, :]).tril(-1)  # (hv, c, c) G_i - G_j, j < i
+        a = torch.zeros(hv, chunk, chunk, dtype=torch.float64)
+        a[:, :count, :count] = (bc[:, :, None] * (kc @ kc.transpose(1, 2)) * between.exp()).tril(-1)
+        eye = torch.eye(chunk, dtype=torch.float64).expand_as(a)
+        out.append(torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True))
+    return torch.stack(out)  # (M, hv, C, C)
+
+
+def worst_chunk(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest ``||a - b|| / ||b||`` over the ``(M, hv)`` chunks of two ``(M, hv, C, C)`` inverses (NaN fails)."""
+    a, b = a.detach().double().cpu().flatten(2), b.detach().double().cpu().flatten(2)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())

@@ -15,11 +15,13 @@ the chunks in order, and it does nothing but the state recurrence:
    exp(G_i - G_j))`` (``tl.dot`` on the inputs' dtype, fp32 accumulate), ``T = (I + A)^-1`` by doubling the
    inverted diagonal blocks, 1 -> 2 -> ... -> 64 (``_double``: five levels of two ``(C, C)`` dots after the first;
    exact, a reordered triangular solve, where the old row-by-row substitution took 64 dependent steps; no power
-   series, which cancels badly when keys repeat), then the WY factors ``W = T diag(beta exp(G)) K`` and ``U~ = T
-   diag(beta) V`` by dots, stored in the scratch dtype (the inputs' for 16-bit inputs, else fp32) with ``G``
-   (fp32). The inverse and the factors' dots run in tf32 for 16-bit inputs: in an fp32 emulation of tf32 rounding
-   (2026-12-06, 256 chunks of dk 128 bench-like inputs), W came out 2e-4 relative off (4e-4 with keys repeated),
-   against 1.7e-3 with T rounded to bf16 and 2e-8 in fp32.
+   series, which cancels badly when keys repeat; opt-in ``MCORE_SSM_GDN_INVERSE=blocks16``: the four diagonal 16 x 16
+   blocks by forward substitution in fp32 registers, then only the levels 16 -> 32 -> 64, ``_unit_lower_inverse``),
+   then the WY factors ``W = T diag(beta exp(G)) K`` and ``U~ = T diag(beta) V`` by dots, stored in the scratch
+   dtype (the inputs' for 16-bit inputs, else fp32) with ``G`` (fp32). The inverse and the factors' dots run in
+   tf32 for 16-bit inputs: in an fp32 emulation of tf32 rounding (2026-12-06, 256 chunks of dk 128 bench-like
+   inputs), W came out 2e-4 relative off (4e-4 with keys repeated), against 1.7e-3 with T rounded to bf16 and 2e-8
+   in fp32.
 2. ``_chunk_state_kernel``, one program per (segment, value head, block of BV value dims): the columns of the
    state ``S (dk, dv)`` evolve independently (``u = beta (v - S^T k)`` is per value column), so a program holds
    ``S[:, block]`` in registers in fp32 and walks its segment's chunks in order, storing the state entering
@@ -32,16 +34,16 @@ the chunks in order, and it does nothing but the state recurrence:
 
 ``K K^T`` and the dots of kernels 2 and 3 take 16-bit operands (fp32 accumulate) when the inputs are 16-bit; all
 dots run in fp32 (``ieee``) for fp32 inputs; the backward asks for fp32 factors and states (tf32 dots for 16-bit
-inputs, as before). Work per (chunk, value head), dk = dv = d: kernel 1 ``2 C^2 d`` (A) + ``20 C^3`` (T, tf32) +
-``4 C^2 d`` (W, U, tf32), kernel 2 ``4 C d^2``, kernel 3 ``2 C d^2 + 4 C^2 d``; scratch ``W, U~, U`` (``N hv d``
-each) and the chunk states (``M hv d^2``) in the scratch dtype. Block sizes, warps and stages of kernels 2 and 3
-are autotuned on CUDA over a few configs (a config over the shared memory of the card is skipped by the autotuner);
-Triton's interpreter takes fixed ones. Backward (``gated_delta_rule_triton`` is an ``autograd.Function``):
-``mcore_ssm.gdn_triton_bwd``, which reruns kernels 1 and 2 in fp32 for the factors and the chunk states (the same
-version the forward ran: v2's narrow launch and walk by default; kernel 1 also stores each chunk's ``T`` with
-``MCORE_SSM_GDN_PAIRS_T=saved``) instead of keeping anything from the forward but its inputs, walks the chunks in
-reverse for the state gradients, and differentiates the per-chunk terms in Triton, all chunks in parallel
-(``mcore_ssm.gdn_triton_chunk_bwd_split``). Which kernels a call runs is read once, when its forward starts
+inputs, as before). Work per (chunk, value head), dk = dv = d: kernel 1 ``2 C^2 d`` (A) + ``20 C^3`` (T, tf32;
+``8 C^3`` with blocks16) + ``4 C^2 d`` (W, U, tf32), kernel 2 ``4 C d^2``, kernel 3 ``2 C d^2 + 4 C^2 d``; scratch
+``W, U~, U`` (``N hv d`` each) and the chunk states (``M hv d^2``) in the scratch dtype. Block sizes, warps and
+stages of kernels 2 and 3 are autotuned on CUDA over a few configs (a config over the shared memory of the card is
+skipped by the autotuner); Triton's interpreter takes fixed ones. Backward (``gated_delta_rule_triton`` is an
+``autograd.Function``): ``mcore_ssm.gdn_triton_bwd``, which reruns kernels 1 and 2 in fp32 for the factors and the
+chunk states (the same version the forward ran: v2's narrow launch and walk by default; kernel 1 also stores each
+chunk's ``T`` with ``MCORE_SSM_GDN_PAIRS_T=saved``) instead of keeping anything from the forward but its inputs,
+walks the chunks in reverse for the state gradients, and differentiates the per-chunk terms in Triton, all chunks in
+parallel (``mcore_ssm.gdn_triton_chunk_bwd_split``). Which kernels a call runs is read once, when its forward starts
 (``kernel_choice.gdn_kernels_for``), and kept for its backward.
 """
 
@@ -73,6 +75,45 @@ def _double(inv, a, rows, S: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _diagonal_inverse16(a, C: tl.constexpr):
+    """The inverse of the ``C / 16`` diagonal 16 x 16 blocks of ``I + a`` (``(C, C)``, ``a`` strictly lower), as a
+    ``(C, C)`` block diagonal: all blocks at once by forward substitution, row after row, in fp32 registers (no dot;
+    exact up to fp32 rounding). Row ``i`` of a block's inverse is ``e_i - sum_{j < i} L_ij T_j``, its rows above
+    ``i`` already final."""
+    blocks = tl.arange(0, C // 16)  # (NB,) NB = C / 16
+    inner = tl.arange(0, 16)  # (16,)
+    same = blocks[:, None, None, None] == blocks[None, None, :, None]  # (NB, 1, NB, 1) a diagonal block
+    a4 = tl.reshape(a, (C // 16, 16, C // 16, 16))  # (NB, 16, NB, 16) row block, row, column block, column
+    low_t = tl.permute(tl.sum(tl.where(same, a4, 0.0), axis=2), (0, 2, 1))  # (NB, 16, 16) [b, j, i] L^T
+    row = inner[None, :, None]  # (1, 16, 1)
+    col = inner[None, None, :]  # (1, 1, 16)
+    inv = tl.where((row == col) & (blocks[:, None, None] >= 0), 1.0, 0.0)  # (NB, 16, 16) I
+    for i in tl.static_range(1, 16):  # row i of L read from L^T's column: no layout change a step
+        li = tl.sum(tl.where(col == i, low_t, 0.0), axis=2)  # (NB, 16) row i of each L, by j
+        step = tl.sum(li[:, :, None] * inv, axis=1)  # (NB, 16) sum_j L_ij T_j (L_ij = 0 for j >= i)
+        inv = inv - tl.where(row == i, step[:, None, :], 0.0)  # (NB, 16, 16) row i final
+    full = tl.where(same, inv[:, :, None, :], 0.0)  # (NB, 16, NB, 16)
+    return tl.reshape(full, (C, C))  # (C, C) block diagonal
+
+
+@triton.jit
+def _unit_lower_inverse(a, rows, C: tl.constexpr, PRECISION: tl.constexpr, BLOCKS16: tl.constexpr):
+    """``T = (I + a)^-1`` (``(C, C)``, ``a`` strictly lower, C = 64): ``BLOCKS16`` (``MCORE_SSM_GDN_INVERSE=
+    blocks16``) the diagonal 16 x 16 blocks by substitution (``_diagonal_inverse16``) and two doubling levels,
+    16 -> 32 -> 64 (4 ``(C, C)`` dots); otherwise five doubling levels 1 -> 2 -> ... -> 64 (10 dots)."""
+    if BLOCKS16:
+        inv = _diagonal_inverse16(a, C)
+    else:  # level 1 without dots: the inverse of each [[1, 0], [a, 1]] is [[1, 0], [-a, 1]]
+        pair = (rows // 2)[:, None] == (rows // 2)[None, :]  # (C, C) same block of 2
+        inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) - tl.where(pair, a, 0.0)  # (C, C)
+        inv = _double(inv, a, rows, 2, PRECISION)
+        inv = _double(inv, a, rows, 4, PRECISION)
+        inv = _double(inv, a, rows, 8, PRECISION)
+    inv = _double(inv, a, rows, 16, PRECISION)
+    return _double(inv, a, rows, 32, PRECISION)  # (C, C) T
+
+
+@triton.jit
 def _chunk_wy_kernel(
     k_ptr,  # (N, hk, dk)
     v_ptr,  # (N, hv, dv)
@@ -94,6 +135,7 @@ def _chunk_wy_kernel(
     C: tl.constexpr,
     PRECISION: tl.constexpr,
     STORE_T: tl.constexpr,  # the backward's rerun keeps T for the split terms' backward (MCORE_SSM_GDN_PAIRS_T)
+    BLOCKS16: tl.constexpr,  # T from 16 x 16 diagonal blocks by substitution (MCORE_SSM_GDN_INVERSE=blocks16)
 ):
     chunk = tl.program_id(0)
     head = tl.program_id(1)
@@ -116,15 +158,8 @@ def _chunk_wy_kernel(
     strict = rows[:, None] > rows[None, :]  # (C, C) j < i
     kk = tl.dot(k, tl.trans(k), input_precision=PRECISION)  # (C, C) fp32
     a = beta[:, None] * kk * tl.exp(tl.where(strict, cum[:, None] - cum[None, :], float("-inf")))  # (C, C)
-    # T = (I + A)^-1, doubling the inverted diagonal blocks: 1 -> 2 -> ... -> 64
-    # level 1 without dots: the inverse of each [[1, 0], [a, 1]] is [[1, 0], [-a, 1]]
-    pair = (rows // 2)[:, None] == (rows // 2)[None, :]  # (C, C) same block of 2
-    inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) - tl.where(pair, a, 0.0)  # (C, C)
-    inv = _double(inv, a, rows, 2, PRECISION)
-    inv = _double(inv, a, rows, 4, PRECISION)
-    inv = _double(inv, a, rows, 8, PRECISION)
-    inv = _double(inv, a, rows, 16, PRECISION)
-    inv = _double(inv, a, rows, 32, PRECISION)
+    # T = (I + A)^-1, doubling the inverted diagonal blocks: 1 -> 2 -> ... -> 64, or 16 -> 32 -> 64 (BLOCKS16)
+    inv = _unit_lower_inverse(a, rows, C, PRECISION, BLOCKS16)  # (C, C)
     if STORE_T:  # rows past the segment's end hold the identity's (their a is 0), as a recomputation gives
         t_off = (chunk * HV + head).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :]  # (C, C)
         tl.store(t_ptr + t_off, inv)
@@ -323,7 +358,9 @@ _chunk_output_tuned = triton.autotune(
 # bf16: wgmma, 255 registers, 20 bytes spilled (268 with 4 warps), 32 KB shared: one program an SM. ``narrow`` (v2,
 # the forward's default): W by 64 key columns with K reloaded, 4 warps: 243 registers, no spill, 16 KB: two programs
 # an SM. fp32 inputs (ieee dots) keep 8 warps with 32 value columns when narrow (4.2 KB spilled, against 6.4 KB at
-# full width; at 4 warps ~100 KB).
+# full width; at 4 warps ~100 KB). With BLOCKS16 (MCORE_SSM_GDN_INVERSE=blocks16; aligned builds, 2026-12-07,
+# RESULTS.md): full width 220 registers, no spill (doubling 255 / 8 bytes), narrow 161 (190), 32 KB either way, half
+# the wgmma instructions; fp32 inputs narrow 255 / 3.9 KB (4.4 KB), full width 30 KB spilled (5.5 KB).
 
 
 def _interpreted() -> bool:
@@ -447,11 +484,14 @@ def prepare(
     *,
     narrow: bool = False,
     inverse: torch.Tensor | None = None,
+    inverse_by: str = "doubling",
 ) -> tuple[torch.Tensor, ...]:
     """Kernel 1: ``(W (N, hv, dk), U~ (N, hv, dv))`` in ``dtype`` (``scratch_dtype``'s, or fp32) and
     ``G (N, hv)`` fp32 (inputs contiguous, g and beta fp32). ``narrow`` (v2, the forward's default): W by blocks of
     64 key columns, 4 warps for 16-bit inputs (two programs an SM in offline builds), same results. ``inverse``
-    (``(M, hv, C, C)`` fp32, or None): filled with each chunk's ``T = (I + A)^-1``."""
+    (``(M, hv, C, C)`` fp32, or None): filled with each chunk's ``T = (I + A)^-1``; ``inverse_by``
+    (``kernel_choice.GDN_INVERSE``): how ``T`` is computed, ``doubling`` or ``blocks16``, same ``T``."""
+    assert inverse_by in ("doubling", "blocks16"), inverse_by
     tokens = v.shape[0] * v.shape[1]
     w = torch.empty(tokens, launch.hv, launch.dk, device=v.device, dtype=dtype)
     u = torch.empty(tokens, launch.hv, launch.dv, device=v.device, dtype=dtype)
@@ -483,6 +523,7 @@ def prepare(
         C=CHUNK,
         PRECISION=launch.precision,
         STORE_T=inverse is not None,
+        BLOCKS16=inverse_by == "blocks16",
         num_warps=4 if two_per_sm else 8,  # offline builds: the comment above ``_interpreted``
     )
     return w, u, cum
@@ -550,7 +591,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         kernels = gdn_kernels_for(launch.dims["BK"])  # read once: the backward runs what the forward chose
         v2 = kernels.forward == "v2"  # the default; v1 by MCORE_SSM_GDN_FWD=v1 or for dk > 128
         gf, bf = g.float().contiguous(), beta.float().contiguous()
-        prepared = prepare(launch, kc, vc, gf, bf, scratch, narrow=v2)
+        prepared = prepare(launch, kc, vc, gf, bf, scratch, narrow=v2, inverse_by=kernels.inverse)
         walk = run_states
         if v2:
             from mcore_ssm.gdn_triton_state_v2 import run_states_v2 as walk

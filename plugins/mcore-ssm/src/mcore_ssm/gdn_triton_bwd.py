@@ -266,17 +266,19 @@ def rerun_forward(
     forward: str,
     *,
     keep_inverse: bool = False,
+    inverse_by: str = "doubling",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The forward's ``U (N, hv, dv)``, chunk states ``S (M, hv, dk, dv)``, ``W (N, hv, dk)`` and, with
     ``keep_inverse``, each chunk's ``T (M, hv, C, C)`` (else None), all fp32 whatever the inputs (k, v contiguous;
     g, beta fp32 contiguous), by the same kernels as the forward: ``forward`` ``v2`` (the narrow WY launch and
-    ``gdn_triton_state_v2``'s walk) or ``v1``. Same quantities either way (the tests: v2's gradients within 1e-5 of
-    v1's); v2 fits two programs an SM in offline builds (``benchmarks/offline_gdn_bwd.py``)."""
+    ``gdn_triton_state_v2``'s walk) or ``v1``, ``T`` by ``inverse_by`` (``kernel_choice.GDN_INVERSE``). Same
+    quantities either way (the tests: v2's gradients within 1e-5 of v1's); v2 fits two programs an SM in offline
+    builds (``benchmarks/offline_gdn_bwd.py``)."""
     v2 = forward == "v2"
     assert forward in ("v1", "v2") and (launch.dims["BK"] <= 128 or not v2), (forward, launch.dims)
     chunks = launch.chunk_starts.numel()
     inverse = g.new_empty(chunks, launch.hv, CHUNK, CHUNK) if keep_inverse else None  # fp32, every entry written
-    prepared = prepare(launch, k, v, g, beta, torch.float32, narrow=v2, inverse=inverse)
+    prepared = prepare(launch, k, v, g, beta, torch.float32, narrow=v2, inverse=inverse, inverse_by=inverse_by)
     walk = run_states
     if v2:
         from mcore_ssm.gdn_triton_state_v2 import run_states_v2 as walk
@@ -347,7 +349,7 @@ def chunk_gated_delta_rule_bwd(
     split = kernels.terms == "split"
     keep_inverse = split and kernels.pairs_t == "saved"
     vnew, states, w, inverse = rerun_forward(
-        launch, k, v, gf, bf, initial_state, kernels.forward, keep_inverse=keep_inverse
+        launch, k, v, gf, bf, initial_state, kernels.forward, keep_inverse=keep_inverse, inverse_by=kernels.inverse
     )
     tokens, chunks = v.shape[0] * v.shape[1], launch.chunk_starts.numel()
     hv, dv = launch.hv, launch.dv
@@ -376,7 +378,7 @@ def chunk_gated_delta_rule_bwd(
         dstates, dh0 = _run_state_bwd(launch, q, k, w, gf, dout, dht, du)
     terms = (launch, (q, k, v, gf, bf), (vnew, states, dstates), (dout, du))
     if split:
-        dq, dk_, dv_, dg, dbeta = chunk_terms_bwd_split(*terms, inverse=inverse)
+        dq, dk_, dv_, dg, dbeta = chunk_terms_bwd_split(*terms, inverse=inverse, inverse_by=kernels.inverse)
     else:
         dq, dk_, dv_, dg, dbeta = chunk_terms_bwd(*terms)
     d_initial = dh0.to(initial_state.dtype) if initial_state is not None else None

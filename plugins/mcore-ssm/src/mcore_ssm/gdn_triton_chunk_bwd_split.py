@@ -7,7 +7,8 @@ accumulators together: 255 registers and ~1.3 KB spilled a thread, 15 ms of a 29
 (2026-12-06, B 8, T 4096, hk 16, hv 32, dk = dv = 128, bf16). Here the work is cut where the data allows:
 
 1. ``_pairs_bwd_kernel``, grid (chunk, value head): everything that needs the ``(C, C)`` matrices. ``T`` is
-   recomputed (``gdn_triton._double``), or loaded as the backward's rerun of the WY kernel stored it (opt-in
+   recomputed (``gdn_triton._unit_lower_inverse``: doubling, or 16 x 16 blocks with ``MCORE_SSM_GDN_INVERSE=
+   blocks16``), or loaded as the backward's rerun of the WY kernel stored it (opt-in
    ``MCORE_SSM_GDN_PAIRS_T=saved``, ``inverse``; then 4 warps and 64 value columns at dk 128 for 16-bit inputs:
    two programs an SM in aligned offline builds); a first walk over the value blocks forms ``dR_u = T^T dU``
    (stores ``dv = beta dR_u``, and ``dR_u`` in fp32 scratch ``(N, hv, dv)`` for kernel 2), ``dA =
@@ -47,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mcore_ssm.gdn_triton import CHUNK, Launch, _double
+from mcore_ssm.gdn_triton import CHUNK, Launch, _unit_lower_inverse
 from mcore_ssm.gdn_triton_chunk_bwd import _straddling
 
 
@@ -114,6 +115,7 @@ def _pairs_bwd_kernel(
     C: tl.constexpr,
     PRECISION: tl.constexpr,
     SAVED_T: tl.constexpr,
+    BLOCKS16: tl.constexpr,  # T recomputed from 16 x 16 diagonal blocks (MCORE_SSM_GDN_INVERSE=blocks16)
 ):
     chunk = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -136,13 +138,7 @@ def _pairs_bwd_kernel(
     else:  # T = (I + A)^-1 as the forward builds it
         kk = _gram(k_ptr, k_ptr, flat, valid, qk_head, HK, DK, BKS, C, PRECISION)  # (C, C) K K^T
         a = beta[:, None] * kk * tl.where(strict, _gamma(g, strict, lower), 0.0)  # (C, C) A
-        pair = (rows // 2)[:, None] == (rows // 2)[None, :]
-        inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) - tl.where(pair, a, 0.0)  # (C, C)
-        inv = _double(inv, a, rows, 2, PRECISION)
-        inv = _double(inv, a, rows, 4, PRECISION)
-        inv = _double(inv, a, rows, 8, PRECISION)
-        inv = _double(inv, a, rows, 16, PRECISION)
-        inv = _double(inv, a, rows, 32, PRECISION)  # (C, C) T
+        inv = _unit_lower_inverse(a, rows, C, PRECISION, BLOCKS16)  # (C, C) T
         inv_t = tl.trans(inv)  # (C, C) T^T
 
     # first walk: dR_u, dv, dA (T^T and dA live)
@@ -368,12 +364,14 @@ def chunk_terms_bwd_split(
     grads: tuple[torch.Tensor, torch.Tensor],
     *,
     inverse: torch.Tensor | None = None,
+    inverse_by: str = "doubling",
 ) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv, dg, dbeta)`` in the inputs' dtypes and shapes from ``inputs = (q, k, v, g, beta)`` (q, k, v
     contiguous, g and beta fp32 contiguous), ``saved = (U (N, hv, dv), S, dS' (M, hv, dk, dv))`` and ``grads =
     (dO, dU (N, hv, dv))``, all contiguous and fp32 but ``dO`` (the output's dtype): the contract of
     ``gdn_triton_chunk_bwd.chunk_terms_bwd``. ``inverse``: each chunk's ``T (M, hv, C, C)`` fp32 as the WY kernel
-    stored it (``gdn_triton.prepare``), loaded instead of recomputed; None recomputes it."""
+    stored it (``gdn_triton.prepare``), loaded instead of recomputed; None recomputes it, by ``inverse_by``
+    (``kernel_choice.GDN_INVERSE``: ``doubling`` or ``blocks16``, as the WY kernel)."""
     q, k, v, g, beta = inputs
     u, states, dstates = saved
     dout, du = grads
@@ -425,6 +423,7 @@ def chunk_terms_bwd_split(
         launch.scale,
         **{**sizes, "BV": pairs_bv},
         SAVED_T=inverse is not None,
+        BLOCKS16=inverse_by == "blocks16",
         num_warps=4 if two_per_sm else 8,  # 8 at every dk otherwise: the (C, C) work does not shrink with it
         num_stages=1,
     )

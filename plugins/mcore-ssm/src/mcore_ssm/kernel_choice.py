@@ -117,16 +117,31 @@ def gdn_pairs_t() -> str:
     return _env_choice("MCORE_SSM_GDN_PAIRS_T", GDN_PAIRS_T)
 
 
+#: ``MCORE_SSM_GDN_INVERSE``: how the GDN WY kernel (``gdn_triton._chunk_wy_kernel``: the forward and the backward's
+#: fp32 rerun) and the split chunk-terms backward's recomputation (``_pairs_bwd_kernel``) get each chunk's
+#: ``T = (I + A)^-1``: ``doubling`` (the default: five levels of two ``(C, C)`` dots, 1 -> 2 -> ... -> 64) or
+#: ``blocks16`` (an opt-in, not yet run on a GPU: the four diagonal 16 x 16 blocks inverted by forward substitution in
+#: fp32 registers, then the two doubling levels 16 -> 32 -> 64, 4 of the 10 ``(C, C, C)`` dots). Same ``T`` (the
+#: interpreter tests: within 1e-5 of ``solve_triangular`` in fp32).
+GDN_INVERSE: tuple[str, ...] = ("doubling", "blocks16")
+
+
+def gdn_inverse() -> str:
+    """``MCORE_SSM_GDN_INVERSE`` (``GDN_INVERSE``, default ``doubling``)."""
+    return _env_choice("MCORE_SSM_GDN_INVERSE", GDN_INVERSE)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GdnKernels:
     """Which GDN Triton kernels one call runs, read once when its forward starts (the backward, later, uses the
     same): ``forward`` (``GDN_FWD``, also the backward's fp32 rerun), ``terms`` (``GDN_CHUNK_BWD``), ``state_bwd``
-    (``GDN_STATE_BWD``), ``pairs_t`` (``GDN_PAIRS_T``)."""
+    (``GDN_STATE_BWD``), ``pairs_t`` (``GDN_PAIRS_T``), ``inverse`` (``GDN_INVERSE``)."""
 
     forward: str
     terms: str
     state_bwd: str
     pairs_t: str
+    inverse: str
 
 
 def gdn_kernels_for(block_k: int) -> GdnKernels:
@@ -136,4 +151,5 @@ def gdn_kernels_for(block_k: int) -> GdnKernels:
         terms=gdn_chunk_bwd(),
         state_bwd=gdn_state_bwd_for(block_k),
         pairs_t=gdn_pairs_t(),
+        inverse=gdn_inverse(),
     )
