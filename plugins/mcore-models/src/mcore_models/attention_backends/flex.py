@@ -7,8 +7,9 @@ document of their row (``blocks.masking.document_ids`` of ``ctx.cu_seqlens``; at
 a row) and ``t + S - T - s < window``. Its ``BlockMask`` of 128 x 128 tiles (empty tiles are skipped,
 full ones run without the mask) comes from per-block document ids (``flex_blocks``: a few small kernels
 instead of ``create_block_mask``'s evaluation of every pair, 7-9 ms per batch at 4,096 tokens on an
-H200); with cached keys (decode) ``create_block_mask`` builds it. The block mask is built once per call
-and shared by every layer of the forward (``cache.MaskCache``, keyed on the ``cu_seqlens`` tensor).
+H200); with cached keys (decode) ``create_block_mask`` builds it. Eagerly the block mask is built once per call
+and shared by every layer of the forward (``cache.MaskCache``, keyed on the ``cu_seqlens`` tensor); inside a block
+compiled by ``train.compile = "blocks"`` each layer builds it in its own graph (no graph break around the cache).
 
 On CUDA the kernel is ``torch.compile(flex_attention)`` (eager FlexAttention materialises the scores);
 it is compiled once per process and mode (``_compiled_flex``) so backend instances share one compiled
