@@ -138,3 +138,24 @@ def worst_chunk(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu().flatten(2), b.detach().double().cpu().flatten(2)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())
+
+
+def bench_like_inputs(
+    dtype: torch.dtype, *, seq: int = 1000, hk: int = 4, hv: int = 8, gate_min: float | None = None, seed: int = 0
+) -> list[torch.Tensor]:
+    """``q, k (2, seq, hk, 128)``, ``v (2, seq, hv, 128)`` in ``dtype`` on CUDA, fp32 gates (``-softplus``: down to ~-7
+    a token, or uniform in ``(gate_min, 0)``), betas and initial states for 5 documents ``(5, hv, 128, 128)``: the
+    bench's head dims, for the GPU tests."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, d = 2, 128
+    q = F.normalize(torch.randn(batch, seq, hk, d, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(batch, seq, hk, d, generator=gen), dim=-1)
+    v = torch.randn(batch, seq, hv, d, generator=gen)
+    gate = -F.softplus(torch.randn(batch, seq, hv, generator=gen) * 2)
+    if gate_min is not None:
+        gate = torch.rand(batch, seq, hv, generator=gen) * gate_min
+    beta = torch.sigmoid(torch.randn(batch, seq, hv, generator=gen))
+    h0 = torch.randn(5, hv, d, d, generator=gen) * 0.1
+    return [t.to("cuda", dtype if i < 3 else torch.float32) for i, t in enumerate((q, k, v, gate, beta, h0))]

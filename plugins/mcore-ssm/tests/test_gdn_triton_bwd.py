@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from ssm_cases import rel, run_interpreted
+from ssm_cases import bench_like_inputs, rel, run_interpreted
 
 from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
@@ -113,18 +112,6 @@ def test_half_precision_backward_in_interpreter_within_1e2():
     assert all(e < 1e-2 for e in errors), errors
 
 
-def _bench_like(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    batch, seq, hk, hv, d = 2, 1000, 4, 8, 128
-    q = F.normalize(torch.randn(batch, seq, hk, d, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(batch, seq, hk, d, generator=gen), dim=-1)
-    v = torch.randn(batch, seq, hv, d, generator=gen)
-    gate = -F.softplus(torch.randn(batch, seq, hv, generator=gen) * 2)  # down to ~-7 a token
-    beta = torch.sigmoid(torch.randn(batch, seq, hv, generator=gen))
-    h0 = torch.randn(5, hv, d, d, generator=gen) * 0.1
-    return [t.to("cuda", dtype if i < 3 else torch.float32) for i, t in enumerate((q, k, v, gate, beta, h0))]
-
-
 @pytest.mark.gpu
 def test_bench_heads_bf16_forward_and_backward_within_1e2_deterministic():
     """dk = dv = 128, two value heads per q/k head, bf16 q/k/v, packed documents with partial chunks, initial states
@@ -133,7 +120,7 @@ def test_bench_heads_bf16_forward_and_backward_within_1e2_deterministic():
     from mcore_ssm.gdn_triton import gated_delta_rule_triton
 
     cu = torch.tensor([0, 1, 130, 1000, 1300, 2000], dtype=torch.int32, device="cuda")
-    leaves = [t.requires_grad_() for t in _bench_like(torch.bfloat16)]
+    leaves = [t.requires_grad_() for t in bench_like_inputs(torch.bfloat16)]
     out, final = gated_delta_rule_triton(*leaves[:5], cu_seqlens=cu, initial_state=leaves[5], output_final_state=True)
     exact = [t.detach().double().requires_grad_() for t in leaves]
     ref, ref_final = chunk_gated_delta_rule(*exact[:5], cu_seqlens=cu, initial_state=exact[5], output_final_state=True)
@@ -155,7 +142,7 @@ def test_bench_heads_fp32_backward_equals_fp64_recurrence_at_strong_gates():
     recurrence's."""
     from mcore_ssm.gdn_triton import gated_delta_rule_triton
 
-    leaves = _bench_like(torch.float32)
+    leaves = bench_like_inputs(torch.float32)
     leaves[3] = torch.rand(leaves[3].shape, device="cuda") * -30.0
     leaves = [t[:, :300].contiguous() if i < 5 else t[:2] for i, t in enumerate(leaves)]  # (2, 300): rows
     leaves = [t.requires_grad_() for t in leaves]

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from ssm_cases import rel, run_interpreted
+from ssm_cases import bench_like_inputs, rel, run_interpreted
 
 from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
@@ -104,18 +103,6 @@ def test_backward_choices_are_read_by_name(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.delenv(name)
 
 
-def _bench_like(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    batch, seq, hk, hv, d = 2, 1000, 4, 8, 128
-    q = F.normalize(torch.randn(batch, seq, hk, d, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(batch, seq, hk, d, generator=gen), dim=-1)
-    v = torch.randn(batch, seq, hv, d, generator=gen)
-    gate = -F.softplus(torch.randn(batch, seq, hv, generator=gen) * 2)  # down to ~-7 a token
-    beta = torch.sigmoid(torch.randn(batch, seq, hv, generator=gen))
-    h0 = torch.randn(5, hv, d, d, generator=gen) * 0.1
-    return [t.to("cuda", dtype if i < 3 else torch.float32) for i, t in enumerate((q, k, v, gate, beta, h0))]
-
-
 OPT_INS = ({"MCORE_SSM_GDN_STATE_BWD": "v2"}, {"MCORE_SSM_GDN_PAIRS_T": "saved"})
 
 
@@ -128,7 +115,7 @@ def test_opt_in_bf16_backward_within_1e2_of_fp64_and_near_default(monkeypatch: p
     from mcore_ssm.gdn_triton import gated_delta_rule_triton
 
     cu = torch.tensor([0, 1, 130, 1000, 1300, 2000], dtype=torch.int32, device="cuda")
-    leaves = [t.requires_grad_() for t in _bench_like(torch.bfloat16)]
+    leaves = [t.requires_grad_() for t in bench_like_inputs(torch.bfloat16)]
     exact = [t.detach().double().requires_grad_() for t in leaves]
     ref, ref_final = chunk_gated_delta_rule(*exact[:5], cu_seqlens=cu, initial_state=exact[5], output_final_state=True)
     probe, probe_s = torch.randn_like(ref), torch.randn_like(ref_final)
@@ -163,7 +150,7 @@ def test_opt_in_fp32_backward_equals_fp64_recurrence_at_strong_gates(monkeypatch
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    leaves = _bench_like(torch.float32)
+    leaves = bench_like_inputs(torch.float32)
     leaves[3] = torch.rand(leaves[3].shape, device="cuda") * -30.0
     leaves = [t[:, :300].contiguous() if i < 5 else t[:2] for i, t in enumerate(leaves)]  # (2, 300): rows
     leaves = [t.requires_grad_() for t in leaves]

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from ssm_cases import gdn_inverse_fp64, rel, run_interpreted, worst_chunk
+from ssm_cases import bench_like_inputs, gdn_inverse_fp64, rel, run_interpreted, worst_chunk
 
 from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
@@ -136,21 +135,6 @@ def test_inverse_choice_is_read_by_name(monkeypatch: pytest.MonkeyPatch) -> None
         gdn_kernels_for(128)
 
 
-def _bench_like(dtype: torch.dtype, seq: int, gate_min: float | None = None) -> list[torch.Tensor]:
-    """dk = dv = 128, two value heads per q/k head (the bench's shape), batch 2, initial states for 5 documents."""
-    gen = torch.Generator().manual_seed(0)
-    batch, hk, hv, d = 2, 2, 4, 128
-    q = F.normalize(torch.randn(batch, seq, hk, d, generator=gen), dim=-1)
-    k = F.normalize(torch.randn(batch, seq, hk, d, generator=gen), dim=-1)
-    v = torch.randn(batch, seq, hv, d, generator=gen)
-    gate = -F.softplus(torch.randn(batch, seq, hv, generator=gen) * 2)  # down to ~-7 a token
-    if gate_min is not None:
-        gate = torch.rand(batch, seq, hv, generator=gen) * gate_min
-    beta = torch.sigmoid(torch.randn(batch, seq, hv, generator=gen))
-    h0 = torch.randn(5, hv, d, d, generator=gen) * 0.1
-    return [t.to("cuda", dtype if i < 3 else torch.float32) for i, t in enumerate((q, k, v, gate, beta, h0))]
-
-
 def _grads(monkeypatch: pytest.MonkeyPatch, leaves, cu, probes, inverse: str) -> list[torch.Tensor]:
     """Output, final state and the gradients of every leaf with ``MCORE_SSM_GDN_INVERSE=inverse``."""
     from mcore_ssm.gdn_triton import gated_delta_rule_triton
@@ -168,7 +152,7 @@ def test_blocks16_bf16_forward_and_backward_within_1e2_of_fp64_and_near_doubling
     output, final state and every gradient with blocks16 within 1e-2 of the fp64 torch chunked form's and of the
     doubling's (bf16 results: one rounding step is 4e-3)."""
     cu = torch.tensor([0, 1, 130, 1000, 1300, 2000], dtype=torch.int32, device="cuda")
-    leaves = [t.requires_grad_() for t in _bench_like(torch.bfloat16, 1000)]
+    leaves = [t.requires_grad_() for t in bench_like_inputs(torch.bfloat16, hk=2, hv=4)]
     exact = [t.detach().double().requires_grad_() for t in leaves]
     ref, ref_final = chunk_gated_delta_rule(*exact[:5], cu_seqlens=cu, initial_state=exact[5], output_final_state=True)
     probes = (torch.randn_like(ref), torch.randn_like(ref_final))
@@ -186,7 +170,7 @@ def test_blocks16_fp32_forward_and_gradients_equal_fp64_recurrence(monkeypatch: 
     """fp32 at dk = dv = 128 (the ieee path), bench-like gates and gates down to -30 a token, packed documents with
     partial chunks: output, final state and every gradient with blocks16 within 1e-5 of the fp64 recurrence's."""
     cu = torch.tensor([0, 1, 130, 300, 450, 600], dtype=torch.int32, device="cuda")
-    leaves = [t.requires_grad_() for t in _bench_like(torch.float32, 300, gate_min)]
+    leaves = [t.requires_grad_() for t in bench_like_inputs(torch.float32, seq=300, hk=2, hv=4, gate_min=gate_min)]
     exact = [t.detach().double().requires_grad_() for t in leaves]
     ref, ref_final = recurrent_gated_delta_rule(
         *exact[:5], cu_seqlens=cu, initial_state=exact[5], output_final_state=True
@@ -206,7 +190,7 @@ def test_blocks16_inverse_on_cuda_equals_triangular_solve():
 
     cu = torch.tensor([0, 1, 130, 300, 450, 600], dtype=torch.int32, device="cuda")
     for gate_min in (-1.0, -30.0):
-        q, k, v, g, beta, _ = _bench_like(torch.float32, 300, gate_min)
+        q, k, v, g, beta, _ = bench_like_inputs(torch.float32, seq=300, hk=2, hv=4, gate_min=gate_min)
         for dtype in (torch.float32, torch.bfloat16):
             kd, vd = k.to(dtype).contiguous(), v.to(dtype).contiguous()
             launch = launch_for(kd, kd, vd, g, beta, None, None, cu, None)
