@@ -139,8 +139,8 @@ def test_vectorized_launch_matches_the_foreach_reference(records: dict[str, dict
     assert r["param_is_master_in_bf16"] and r["steps_equal"], r
 
 
+@needs_triton
 def test_vectorized_switch_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("triton")
     from mcore.errors import UserError
     from mcore_optim.adamw_triton import VECTORIZED_ENV, vectorized_from_env
 
@@ -254,10 +254,10 @@ def test_step_guarded_on_cuda_skips_or_steps_on_the_device() -> None:
         assert torch.equal(p, q), name
 
 
+@needs_triton
 def test_alignment_check_sees_views_into_buffers() -> None:
     """The vectorized path is taken only when every tensor starts on a 16-byte boundary: a view one fp32 element
     into a buffer does not."""
-    pytest.importorskip("triton")
     from mcore_optim.adamw_triton import aligned
 
     buffer = torch.zeros(4096)

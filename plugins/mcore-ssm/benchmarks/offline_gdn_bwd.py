@@ -19,14 +19,13 @@ import functools
 from collections.abc import Callable
 
 import triton
-from offline_gdn_fwd import build
+from offline_gdn_fwd import build, walk_builds
 
 from mcore_ssm import (
     gdn_triton,
     gdn_triton_bwd,
     gdn_triton_chunk_bwd_split,
     gdn_triton_state_bwd_v2,
-    gdn_triton_state_v2,
 )
 
 Build = Callable[..., str]  # offline_gdn_fwd.build with its alignment chosen
@@ -49,16 +48,7 @@ def rerun(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], dat
 
     walk = {"k_ptr": data, **dict.fromkeys(("w_ptr", "u_ptr", "vnew_ptr", "states_ptr", "cum_ptr"), f32)}
     walk |= {"h0_ptr": f32, "ht_ptr": f32, "starts_ptr": i64, "lengths_ptr": i64, "first_chunk_ptr": i64}
-    flags = {"HAS_H0": False, "STORE_HT": False, **prec}
-    for config in gdn_triton._chunk_state_tuned.configs:
-        consts = {**sizes, "BK": bk, **config.kwargs, **flags}
-        line = make(gdn_triton._chunk_state_kernel, walk, consts, config.num_warps, config.num_stages)
-        print(f"rerun walk v1 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
-    if bk <= 128:
-        for config in gdn_triton_state_v2._state_v2_tuned.configs:
-            consts = {**sizes, "KB": min(bk, 64), "NKB": max(1, bk // 64), **config.kwargs, **flags}
-            line = make(gdn_triton_state_v2._chunk_state_v2_kernel, walk, consts, config.num_warps, config.num_stages)
-            print(f"rerun walk v2 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
+    walk_builds(make, walk, sizes, bk, prec, "rerun walk")
 
 
 def reverse(make: Build, sizes: dict[str, int], bk: int, prec: dict[str, str], data: str) -> None:

@@ -69,6 +69,24 @@ def build(
     )
 
 
+def walk_builds(
+    make: Any, pointers: dict[str, str], sizes: dict[str, int], bk: int, prec: dict[str, str], label: str
+) -> None:
+    """One line per autotuned config of the state walk, v1 and (dk <= 128) v2, with these pointer types."""
+    flags = {"HAS_H0": False, "STORE_HT": False, **prec}
+    for config in gdn_triton._chunk_state_tuned.configs:
+        consts = {**sizes, "BK": bk, **config.kwargs, **flags}
+        line = make(gdn_triton._chunk_state_kernel, pointers, consts, config.num_warps, config.num_stages)
+        print(f"{label} v1 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
+    if bk <= 128:
+        for config in gdn_triton_state_v2._state_v2_tuned.configs:
+            consts = {**sizes, "KB": min(bk, 64), "NKB": max(1, bk // 64), **config.kwargs, **flags}
+            line = make(
+                gdn_triton_state_v2._chunk_state_v2_kernel, pointers, consts, config.num_warps, config.num_stages
+            )
+            print(f"{label} v2 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dk", type=int, default=128)
@@ -97,16 +115,7 @@ def main() -> None:
     walk = dict.fromkeys(("k_ptr", "w_ptr", "u_ptr", "vnew_ptr", "states_ptr"), data)
     walk |= {"cum_ptr": f32, "h0_ptr": f32, "ht_ptr": f32, "starts_ptr": i64, "lengths_ptr": i64}
     walk["first_chunk_ptr"] = i64
-    flags = {"HAS_H0": False, "STORE_HT": False, **prec}
-    for config in gdn_triton._chunk_state_tuned.configs:
-        consts = {**sizes, "BK": bk, **config.kwargs, **flags}
-        line = make(gdn_triton._chunk_state_kernel, walk, consts, config.num_warps, config.num_stages)
-        print(f"walk v1 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
-    if bk <= 128:
-        for config in gdn_triton_state_v2._state_v2_tuned.configs:
-            consts = {**sizes, "KB": min(bk, 64), "NKB": max(1, bk // 64), **config.kwargs, **flags}
-            line = make(gdn_triton_state_v2._chunk_state_v2_kernel, walk, consts, config.num_warps, config.num_stages)
-            print(f"walk v2 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
+    walk_builds(make, walk, sizes, bk, prec, "walk")
 
     out = dict.fromkeys(("q_ptr", "k_ptr", "vnew_ptr", "states_ptr", "out_ptr"), data)
     out |= {"cum_ptr": f32, "chunk_start_ptr": i64, "chunk_len_ptr": i64, "scale": "fp32"}

@@ -150,7 +150,11 @@ def aligned(*groups: Sequence[torch.Tensor | None]) -> bool:
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """``(len,)`` int64 data addresses on ``device``, copied from pinned memory without a host sync."""
-    host = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, pin_memory=device.type == "cuda")
+    return _address_table([t.data_ptr() for t in tensors], device)
+
+
+def _address_table(pointers: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(pointers, dtype=torch.int64, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
 
 
@@ -227,10 +231,10 @@ def adamw_step_triton(
         tables = cache.get((g_dtype, p_dtype))
         if tables is None or tables.key != _key(members):
             tables = cache[(g_dtype, p_dtype)] = _Tables(members, device)
-        rows_grads = [grads[i] for i in rows]
+        grad_pointers = [grads[i].data_ptr() for i in rows]
         _adamw_kernel[(tables.blocks,)](
             tables.w,
-            _addresses(rows_grads, device),
+            _address_table(grad_pointers, device),
             tables.m,
             tables.v,
             tables.p,
@@ -250,6 +254,6 @@ def adamw_step_triton(
             HAS_P=p_dtype is not None,
             HAS_SCALE=grad_scale is not None,
             GUARDED=okf is not None,
-            ALIGNED=vectorize and tables.aligned and aligned(rows_grads),
+            ALIGNED=vectorize and tables.aligned and all(address % 16 == 0 for address in grad_pointers),
             BLOCK_SIZE=BLOCK,
         )

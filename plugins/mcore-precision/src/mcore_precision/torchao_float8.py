@@ -26,7 +26,7 @@ from torch import nn
 
 from mcore.errors import ConfigError
 from mcore.precision.basic import PlainRecipe
-from mcore_precision.fp8 import _choice, _count, _FP8Recipe, fp8_linear_names
+from mcore_precision.fp8 import _choice, _FP8Recipe, _QuantizedRecipe, fp8_linear_names
 
 SCALINGS = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
@@ -50,21 +50,13 @@ class TorchaoFloat8(PlainRecipe):
     reduce_dtype: torch.dtype = torch.float32
 
     @dataclass(kw_only=True, slots=True)
-    class Config:
-        params: Literal["bf16", "fp32"] = "bf16"
-        """dtype of the parameters (and of everything that is not a float8 GEMM); masters are fp32."""
+    class Config(_QuantizedRecipe.Config):
         scaling: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"
         """torchao's float8 recipe: per-tensor dynamic scales, per-row scales, or per-row with a bf16 weight gradient."""
-        first_layers_bf16: int = 0
-        """The first N layers keep high-precision linears."""
-        last_layers_bf16: int = 0
-        """The last N layers keep high-precision linears."""
 
         def __post_init__(self) -> None:
-            _choice("params", self.params, ("bf16", "fp32"))
+            _QuantizedRecipe.Config.__post_init__(self)
             _choice("scaling", self.scaling, SCALINGS)
-            for key in ("first_layers_bf16", "last_layers_bf16"):
-                _count(key, getattr(self, key), 0)
 
     config: Any
 
