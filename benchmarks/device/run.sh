@@ -129,6 +129,14 @@ t_b_servo() {  # the server section with overlapped decode in the engines
       --server-output 128 --kv-gib 8 --overlap-decode --server-mode "$mode"
   done
 }
+t_mtp() {  # issue 21: train gpt-125m with one MTP depth (mtp_recipe.md) for MTP_TRAIN seconds (SIGTERM: a checkpoint), then bench_speculative
+  timeout -s TERM -k 90 "${MTP_TRAIN:-300}" $PY -m mcore train --model.preset=gpt-125m --model.vocab_size=512 \
+    --model.mtp_num_layers=1 --model.mtp_loss_weight=0.3 --precision.recipe=bf16 --train.steps=3000 \
+    --train.seq_len=512 --train.global_batch_size=32 --train.warmup_steps=100 --optimizer.lr=1e-3 \
+    --data.source=stdlib --data.tokenizer=byte --data.workers=8 --log.every=250 --train.out_dir=/tmp/mtp > /tmp/mtp.log 2>&1
+  echo "train rc=$?"; grep -v '^{' /tmp/mtp.log | tail -4; tail -1 /tmp/mtp/metrics.jsonl | cut -c1-300
+  $PY plugins/mcore-inference/benchmarks/bench_speculative.py --checkpoint /tmp/mtp --out "$OUT/spec.jsonl" --repeats 3
+}
 t_lc() {  # loss curves (issue 19): LC_RECIPES, LC_BUDGET seconds, LC_SET (e.g. train.compile=blocks); result.json + metrics.jsonl of each run to $OUT/lc
   $PY plugins/mcore-precision/benchmarks/loss_curves.py --out /tmp/lc --recipes "${LC_RECIPES:-bf16,fp8-current}" \
     --long-steps 1000 --short-steps 300 --budget "${LC_BUDGET:-$(( LEFT - 40 ))}" \
