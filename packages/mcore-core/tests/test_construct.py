@@ -150,6 +150,29 @@ def test_wrappers_and_ties_do_not_change_values() -> None:
     assert tied.lm_head.weight is tied.embed.weight and torch.equal(tied.embed.weight, plain.embed.weight)
 
 
+def test_views_of_one_meta_buffer_stay_views_of_one_storage() -> None:
+    """A module that lays two weights out in one buffer (the MoE experts' ``[gate | up]``: ``buffer[:, 0]`` and
+    ``buffer[:, 1]``) keeps that layout through materialisation, with the values the separate weights get."""
+    plain = _meta_tiny()
+    init_params(plain, seed=SEED, device="cpu")
+    packed = _meta_tiny()
+    with torch.device("meta"):
+        buffer = torch.empty(64, 2, 32)  # (R, 2, C): embed row r, then lm_head row r
+    packed.embed.weight.data, packed.lm_head.weight.data = buffer[:, 0], buffer[:, 1]
+    ids = {name: id(p) for name, p in packed.named_parameters()}
+    init_params(packed, seed=SEED, device="cpu")
+    embed, head = packed.embed.weight, packed.lm_head.weight
+    assert {name: id(p) for name, p in packed.named_parameters()} == ids  # the same objects
+    assert embed.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+    assert embed.untyped_storage().nbytes() == 2 * embed.numel() * embed.element_size()  # one buffer, no more
+    assert embed.stride() == head.stride() == (64, 1) and head.storage_offset() == embed.storage_offset() + 32
+    for (name, p), (_, q) in zip(packed.named_parameters(), plain.named_parameters()):
+        assert torch.equal(p, q), name
+    assert all(
+        p.is_contiguous() for name, p in packed.named_parameters() if "embed" not in name and "lm_head" not in name
+    )
+
+
 class Legacy(nn.Module):
     """Declares init for ``scale`` only; ``proj`` (weight and bias) is set by ``reset_parameters``."""
 

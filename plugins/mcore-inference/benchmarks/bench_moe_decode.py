@@ -10,8 +10,9 @@ about 6.9B parameters) with random weights in bf16, ``--prompt`` random tokens p
 tokens generated (greedy, no stop), at each batch size of ``--batches``. Candidates:
 
 * ``engine+graphs``: ``LLM(model, cuda_graphs=True)``: the inference path, one graph at the batch size (CUDA);
-* ``engine+graphs-unpacked``: the same on a copy of the model whose experts the engine does not pack (each call
-  concatenates every expert's gate and up weights: what ran before ``GroupedSwiGLU.pack_for_inference``; CUDA);
+* ``engine+graphs-unpacked``: the same on a copy of the model whose experts' gate and up are separate tensors the
+  engine does not pack (each call concatenates every expert's gate and up weights: what ran before
+  ``GroupedSwiGLU`` kept them packed; CUDA);
 * ``engine``: the same engine decoding eagerly (``cuda_graphs=False``): the inference path without graphs;
 * ``engine-training-moe``: the eager engine with every MoE block handed its context without the cache (and with
   an aux-loss collector), so it takes the training path; attention still reads the engine's paged cache. There
@@ -78,6 +79,15 @@ def build_model(preset: str, overrides: dict[str, Any], device: torch.device, dt
 def moe_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's MoE blocks (the modules whose class is mcore-moe's ``MoE``)."""
     return [m for m in model.modules() if type(m).__name__ == "MoE" and type(m).__module__.startswith("mcore_moe")]
+
+
+def unpack_experts(model: nn.Module) -> None:
+    """Give each MoE block's experts' ``gate`` and ``up`` storage of their own: mcore-moe builds them packed in one
+    ``(E, 2, F, H)`` buffer, so this is the layout before packing (each call concatenates them)."""
+    for block in moe_blocks(model):
+        experts = block.experts
+        with torch.no_grad():
+            experts.gate.data, experts.up.data = experts.gate.detach().clone(), experts.up.detach().clone()
 
 
 class TrainingPath:
@@ -156,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     if not blocks:
         raise SystemExit(f"bench_moe_decode: --preset = {args.preset!r} has no mcore-moe MoE layers")
     unpacked = None
-    if graphs:  # before any engine packs the model: a copy whose experts stay separate tensors
+    if graphs:  # a copy whose experts' gate and up are separate tensors, which the engine does not pack
         unpacked = copy.deepcopy(model)
+        unpack_experts(unpacked)
         unpacked.pack_for_inference = lambda: 0  # type: ignore[assignment,method-assign]
     table: list[str] = []
     for batch in args.batches:

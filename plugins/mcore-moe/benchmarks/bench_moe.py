@@ -6,6 +6,9 @@ weighted combine are all inside the timed step. Every candidate uses the same we
 
 * ``mcore_moe``: our block (``topk`` router, ``allgather`` dispatcher at ep = 1, ``GroupedSwiGLU``): on CUDA one
   grouped GEMM for gate and up, the Triton SwiGLU, the permute and combine by the known permutation (Triton);
+* ``mcore_moe_unpacked``: the same block with the experts' gate and up as separate tensors (as before they were
+  kept packed in one ``(E, 2, F, H)`` buffer): the gate/up GEMM concatenates the ``(E, 2F, H)`` stack in its
+  forward and again in its backward; what the packed layout gains, in the same run;
 * ``mcore_moe_unfused``: the same block on its reference paths (two gate/up GEMMs, torch ``silu(gate) * up``,
   advanced-indexing permute, fp32 ``index_add`` combine): what the fusions gain, in the same run;
 * ``mcore_moe_triton_gemm``: the same block with ``MCORE_MOE_GROUPED_GEMM=triton`` while it runs: gate, up and the
@@ -152,6 +155,11 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
     chunked.load_state_dict(ours.state_dict())
     unfused = _block(args, device, dtype, None)
     unfused.load_state_dict(ours.state_dict())
+    unpacked = _block(args, device, dtype, None)
+    unpacked.load_state_dict(ours.state_dict())
+    with torch.no_grad():  # storage of their own: the layout before packing
+        gate, up = unpacked.experts.gate, unpacked.experts.up
+        gate.data, up.data = gate.detach().clone(), up.detach().clone()
     triton_gemm = _block(args, device, dtype, None)
     triton_gemm.load_state_dict(ours.state_dict())
     weights = {
@@ -212,6 +220,7 @@ def candidates(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor) ->
     if not args.skip_loop:
         out["per_expert_loop"] = (plain_step(_per_expert_loop), "")
     out["mcore_moe"] = (block_step(ours), "")
+    out["mcore_moe_unpacked"] = (block_step(unpacked), "")
     out["mcore_moe_unfused"] = (block_step(unfused, reference=True), "")
     out["mcore_moe_triton_gemm"] = (block_step(triton_gemm, kernel="triton"), "")
     out["mcore_moe_chunked"] = (block_step(chunked), "")

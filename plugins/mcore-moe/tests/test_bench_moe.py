@@ -33,6 +33,7 @@ def test_bench_moe_quick_on_cpu(tmp_path: Path) -> None:
     assert set(by_name) == {
         "per_expert_loop",
         "mcore_moe",
+        "mcore_moe_unpacked",
         "mcore_moe_unfused",
         "mcore_moe_triton_gemm",
         "mcore_moe_chunked",
@@ -40,7 +41,7 @@ def test_bench_moe_quick_on_cpu(tmp_path: Path) -> None:
         "dense_ceiling",
     }
     assert by_name["grouped_mm_plain"]["status"].startswith("not available")  # CPU
-    for name in ("mcore_moe", "mcore_moe_unfused", "mcore_moe_triton_gemm", "mcore_moe_chunked"):
+    for name in ("mcore_moe", "mcore_moe_unpacked", "mcore_moe_unfused", "mcore_moe_triton_gemm", "mcore_moe_chunked"):
         row = by_name[name]
         assert row["rel_err_vs_reference"] < 1e-5 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
 

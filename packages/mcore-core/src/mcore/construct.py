@@ -22,7 +22,8 @@ What ``init_params(model, seed=, device=)`` does, in order:
    (``mcore.ragged``: one small all-gather per group, so this step is collective);
 4. allocates, on ``device``, every parameter and buffer still on the meta device: the local
    tensor only, for a DTensor; parameters keep their identity (ties and references held by
-   others stay valid);
+   others stay valid), and parameters that were views of one meta storage stay views of one
+   storage (a module's packed layout, such as the MoE experts' ``[gate | up]`` buffer);
 5. runs ``reset_parameters(generator)`` of the modules that own an undeclared parameter (the
    nearest module upward from the parameter's owner that has one; its generator is seeded
    from (seed, that module's canonical name)), then fills every parameter that declares
@@ -208,8 +209,12 @@ def _plan_resets(
 
 def _materialize_params(model: nn.Module, device: torch.device) -> None:
     """Every parameter still on meta gets uninitialised storage on ``device`` (a DTensor: its
-    local part only), keeping the ``Parameter`` object (ties and outside references hold)."""
+    local part only), keeping the ``Parameter`` object (ties and outside references hold).
+    Parameters that are views of one meta storage (a module's packed weights, e.g. the MoE
+    experts' gate and up in one buffer) become views of one storage, at the same offsets and
+    strides: the layout the module chose survives."""
     seen: set[int] = set()
+    shared: dict[int, tuple[torch.UntypedStorage, torch.UntypedStorage]] = {}  # meta storage -> (it, real one)
     for module in model.modules():
         for p in module._parameters.values():
             if p is None or id(p) in seen:
@@ -218,12 +223,29 @@ def _materialize_params(model: nn.Module, device: torch.device) -> None:
             local = _local(p)
             if not local.is_meta:
                 continue
-            empty = torch.empty(local.shape, dtype=local.dtype, device=device)
+            empty = _allocate_like(local, device, shared)
             if isinstance(p, DTensor):
                 empty = DTensor.from_local(  # type: ignore[assignment]
                     empty, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
                 )
             torch.utils.swap_tensors(p, nn.Parameter(empty, requires_grad=p.requires_grad))
+
+
+def _allocate_like(
+    meta: torch.Tensor, device: torch.device, shared: dict[int, tuple[torch.UntypedStorage, torch.UntypedStorage]]
+) -> torch.Tensor:
+    """Uninitialised ``meta`` on ``device``: a tensor of its own when ``meta`` is the whole of its storage,
+    else a view, with ``meta``'s offset and strides, of the one real storage standing for its meta
+    storage (``shared``, which also keeps the meta storage alive so its address is not reused)."""
+    storage = meta.untyped_storage()
+    whole = meta.storage_offset() == 0 and storage.nbytes() == meta.numel() * meta.element_size()
+    if whole and meta.is_contiguous():
+        return torch.empty(meta.shape, dtype=meta.dtype, device=device)
+    key = storage._cdata
+    if key not in shared:
+        shared[key] = (storage, torch.empty(storage.nbytes(), dtype=torch.uint8, device=device).untyped_storage())
+    real = shared[key][1]
+    return torch.empty(0, dtype=meta.dtype, device=device).set_(real, meta.storage_offset(), meta.shape, meta.stride())
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device) -> list[tuple[str, nn.Module]]:

@@ -6,8 +6,10 @@ this rank's ``(E_l, F, H)`` rows locally) so the optimizer, the gradient norm an
 grouped GEMMs, though, run on the local rows. ``shard_experts`` swaps the module's class for
 ``ShardedGroupedSwiGLU`` (as FSDP2's ``fully_shard`` does: same object, same parameter names); the forward
 reads each weight's local tensor (``to_local`` is differentiable: the gradient comes back as a DTensor with
-the parameter's placements). Under ``fsdp`` the weights it sees between gather and
-reshard are the same ep DTensors (``mcore_fsdp.tp_params``), so nothing changes there.
+the parameter's placements). The local ``gate`` and ``up`` stay views of one ``(E_l, 2, F, H)`` buffer (as
+``GroupedSwiGLU`` lays them out), so the gate/up GEMM reads ``[gate | up]`` without a copy; the DTensors
+describe the whole tensors as contiguous. Under ``fsdp`` the weights it sees between gather and reshard are the
+same ep DTensors (``mcore_fsdp.tp_params``), so nothing changes there.
 
 Shape legend: E experts, E_l = E / ep experts on this rank, F expert FFN size, H hidden size, M routed rows.
 """
@@ -41,20 +43,32 @@ def shard_experts(experts: GroupedSwiGLU, device_mesh: Any, rank: int, size: int
     ``device_mesh`` (the ``ep`` sub-mesh), in place; on the meta device only the local shapes are made.
 
     ``tp_mesh``: the 2-d ``(ep, tp)`` mesh, for weights a ``tp`` layout split along the FFN already (expert TP):
-    their local FFN slice keeps its tp placement, ``(Shard(0), Shard(d))`` over ``(ep, tp)``."""
+    their local FFN slice keeps its tp placement, ``(Shard(0), Shard(d))`` over ``(ep, tp)``. The local ``gate``
+    and ``up`` are views of one ``(E_l, 2, F_l, H)`` buffer, as ``GroupedSwiGLU`` keeps them (``pack``), so the
+    forward reads their ``[gate | up]`` stack in place."""
+    locals_: dict[str, torch.Tensor] = {}
     for name in WEIGHTS:
         full: nn.Parameter = getattr(experts, name)
         per_rank = full.shape[0] // size
+        source = full.to_local().detach() if isinstance(full, DTensor) else full.detach()  # tp: its FFN slice
+        if source.is_meta:
+            locals_[name] = torch.empty((per_rank, *source.shape[1:]), dtype=full.dtype, device="meta")
+        else:
+            locals_[name] = source[rank * per_rank : (rank + 1) * per_rank]  # (E_l, ...), copied below
+    gate, up = locals_["gate"], locals_["up"]
+    if gate.shape == up.shape and gate.dtype == up.dtype:  # packed: [gate | up] of the local experts is a view
+        buffer = torch.stack([gate, up], dim=1)  # (E_l, 2, F_l, H), on meta only shapes
+        locals_["gate"], locals_["up"] = buffer[:, 0], buffer[:, 1]
+    else:
+        locals_["gate"], locals_["up"] = gate.clone(), up.clone()
+    locals_["down"] = locals_["down"].clone()
+    for name in WEIGHTS:
+        full = getattr(experts, name)
         mesh: Any = device_mesh
         placements: tuple[Placement, ...] = (Shard(0),)
-        source = full.detach()
         if isinstance(full, DTensor):  # split over tp: (E, F / tp, H) or (E, H, F / tp) locally
             mesh, placements = tp_mesh, (Shard(0), *full.placements)
-            source = full.to_local().detach()
-        if source.is_meta:
-            local = torch.empty((per_rank, *source.shape[1:]), dtype=full.dtype, device="meta")
-        else:
-            local = source[rank * per_rank : (rank + 1) * per_rank].clone()  # (E_l, ...)
-        sharded = DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride())
+        whole = torch.empty(full.shape, device="meta").stride()  # contiguous: the packed views' strides are local
+        sharded = DTensor.from_local(locals_[name], mesh, placements, run_check=False, shape=full.shape, stride=whole)
         setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
     experts.__class__ = ShardedGroupedSwiGLU

@@ -5,12 +5,14 @@ Shape legend: M routed rows sorted by expert, H hidden size, F expert FFN size, 
 Each expert is ``down(silu(gate(x)) * up(x))`` (``swiglu_limit`` a: ``silu(min(gate(x), a)) * clamp(up(x), -a, a)``);
 the weights of all local experts are stacked into ``gate``, ``up`` ``(E_l, F, H)`` and ``down`` ``(E_l, H, F)``
 (role ``expert``: dim 0 indexes the experts, so an ``ep`` layout shards dim 0 and expert TP shards ``gate``/``up``
-by rows and ``down`` by columns). Gate and up run as ONE grouped GEMM giving ``(M, 2F)`` rows ``[gate | up]``
-(``mcore_moe.gate_up``), the activation reads it in place (``mcore_moe.swiglu``: a Triton kernel on CUDA), then the
-``down`` GEMM. Under a precision recipe (``ctx.precision.grouped_linear``) the unfused path runs instead, each
-weight its own ``mcore.precision.grouped.grouped_linear`` call (the recipe quantises each with its own scales);
-without one, CUDA devices with ``torch._grouped_mm`` (bf16, aligned sizes) use it, and everything
-else the per-expert torch reference. Whether ``torch._grouped_mm`` works is probed once per device
+by rows and ``down`` by columns). ``gate`` and ``up`` are views of one ``(E_l, 2, F, H)`` buffer (``pack``: same
+names, shapes and values; each parameter is strided, not contiguous), so gate and up run as ONE grouped GEMM
+over ``[gate | up]`` read in place, giving ``(M, 2F)`` rows (``mcore_moe.gate_up``); the activation reads those in
+place (``mcore_moe.swiglu``: a Triton kernel on CUDA), then the ``down`` GEMM. Under a precision recipe
+(``ctx.precision.grouped_linear``) the unfused path runs instead, each weight its own
+``mcore.precision.grouped.grouped_linear`` call (the recipe quantises each with its own scales); without one, CUDA
+devices with ``torch._grouped_mm`` (bf16, aligned sizes) use it, and everything else the per-expert torch
+reference. Whether ``torch._grouped_mm`` works is probed once per device
 (a tiny call checked against the reference); where it fails the reference runs, with one warning.
 With ``MCORE_MOE_GROUPED_GEMM=triton`` (``kernel_choice.grouped_gemm``, opt-in) gate, up and the SwiGLU run as one
 Triton grouped GEMM with the activation in its epilogue (``mcore_moe.grouped_swiglu_triton``) where Triton runs.
@@ -92,6 +94,13 @@ def storage_less(x: torch.Tensor) -> bool:
     return x.is_meta or is_fake(x)
 
 
+def _owns_storage(t: torch.Tensor) -> bool:
+    """``t`` is the whole of its storage, laid out contiguously (no other tensor's bytes around it)."""
+    return (
+        t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
 def _activation(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
     """The unfused torch SwiGLU of separate ``(M, F)`` gate and up (clamped to ``limit`` when given)."""
     if limit is not None:
@@ -106,8 +115,9 @@ class GroupedSwiGLU(nn.Module):
         self, num_experts: int, hidden_size: int, ffn_hidden_size: int, *, swiglu_limit: float | None = None
     ) -> None:
         super().__init__()
-        self.gate = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
-        self.up = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        gate_up = torch.empty(num_experts, 2, ffn_hidden_size, hidden_size)  # (E_l, 2, F, H): packed from the start
+        self.gate = nn.Parameter(gate_up[:, 0])  # (E_l, F, H), a view of gate_up
+        self.up = nn.Parameter(gate_up[:, 1])  # (E_l, F, H), right after each expert's gate
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
         self.swiglu_limit = swiglu_limit
         self._grouped_mm: dict[torch.device, bool] = {}  # the probe's answer, once per CUDA device
@@ -115,18 +125,45 @@ class GroupedSwiGLU(nn.Module):
     def pack_for_inference(self) -> int:
         """Lay ``gate`` and ``up`` out in one ``(E_l, 2, F, H)`` buffer, each a view of it (the same ``Parameter``
         objects and values), so the one gate/up GEMM reads ``[gate | up]`` in place (``gate_up.stacked_gate_up``)
-        instead of concatenating every expert's weights per call (a decode step's largest cost otherwise).
-        For inference: the views are not contiguous, which optimizers that flatten parameters refuse. Returns 1
-        when packed (plain tensors of one dtype and device), else 0 (DTensors of a layout: the copy stays)."""
+        instead of concatenating every expert's weights per call (a decode step's largest cost otherwise). Unlike
+        ``pack``, moves weights whose storage is shared with other tensors too (an engine's loaded weights are its
+        own). Returns 1 when packed (plain tensors of one dtype and device), else 0 (a layout's DTensors: ``ep``
+        packs their local tensors itself, other layouts concatenate per call)."""
+        return self.pack(owned_only=False)
+
+    def pack(self, *, owned_only: bool = True) -> int:
+        """``gate`` and ``up`` as views of one ``(E_l, 2, F, H)`` buffer (the same ``Parameter`` objects, names and
+        values), so the gate/up GEMM and its backward read ``[gate | up]`` without a copy. The module is built
+        packed and packs itself again after ``.to()``, ``.cuda()``, ``to_empty()`` (``_apply``), which give each
+        parameter a tensor of its own. ``owned_only``: move only weights that are the whole of their own storage,
+        never a view of someone else's buffer (a layout's flat parameter buffer, FSDP's gathered one). Returns 1
+        when packed (already or now), else 0: DTensors of a layout, meta tensors, mismatched weights, weights
+        that are views of another buffer; there the forward concatenates per call."""
         gate, up = self.gate, self.up
-        if isinstance(gate, DTensor) or isinstance(up, DTensor) or gate.is_meta:
-            return 0
+        if any(type(w) not in (torch.Tensor, nn.Parameter) or storage_less(w) for w in (gate, up)):
+            return 0  # a layout's DTensors, a recipe's tensor subclass, meta or fake tensors
         if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
             return 0
-        if stacked_gate_up(gate, up) is None:
+        if stacked_gate_up(gate, up) is not None:
+            return 1
+        if owned_only and not (_owns_storage(gate) and _owns_storage(up)):
+            return 0
+        with torch.no_grad():
             buffer = torch.stack([gate.detach(), up.detach()], dim=1)  # (E_l, 2, F, H)
-            gate.data, up.data = buffer[:, 0], buffer[:, 1]
+        gate.data, up.data = buffer[:, 0], buffer[:, 1]
         return 1
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GroupedSwiGLU:
+        """``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.half()``, ``to_empty()``), then ``pack`` again: a
+        conversion makes each parameter a tensor of its own."""
+        super()._apply(fn, recurse)
+        self.pack()
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """``copy.deepcopy`` and unpickling copy each parameter on its own: packed again after."""
+        super().__setstate__(state)
+        self.pack()
 
     def _fast(self, rows: torch.Tensor) -> bool:
         """``torch._grouped_mm`` may run on ``rows``' device (probed once per CUDA device)."""

@@ -3,9 +3,12 @@
 Why: two grouped GEMMs read the routed rows twice and launch twice; one over the weights stacked along the FFN dim
 reads them once, and its output is what the fused SwiGLU (``mcore_moe.swiglu``) takes. The parameters stay separate
 ``gate`` and ``up`` ``(E_l, F, H)`` (checkpoints, Hugging Face maps and expert TP, which shards each by FFN rows,
-are unchanged); the forward stacks them into a transient ``(E_l, 2F, H)``, unless ``stacked_gate_up`` finds them
-packed back to back per expert already (``GroupedSwiGLU.pack_for_inference``: what an inference engine does once),
-where the stack is a view and nothing is copied.
+are unchanged), but ``GroupedSwiGLU`` lays them out back to back per expert in one ``(E_l, 2, F, H)`` buffer
+(built so, packed again after ``.to()`` and meta materialization: ``GroupedSwiGLU.pack``), so ``stacked_gate_up``
+reads the stack as a view and neither the forward nor the backward copies the weights, in training as in
+inference (``ep`` keeps each rank's local gate and up packed too). Where a layout holds them in buffers of its own
+(FSDP's gathered ones, ``ddp``'s sharded values, expert TP without ``ep``) or ``distributed-adamw`` gave them
+contiguous storage, the stack is a transient ``(E_l, 2F, H)`` concatenation per call.
 
 * ``torch._grouped_mm`` path (CUDA bf16, the device's probe passed): ``_GateUpGroupedMM``, whose backward computes
   ``d rows`` as one grouped GEMM over the stacked weight and ``d gate``, ``d up`` straight into their own contiguous

@@ -155,13 +155,15 @@ class AdamW:
                 from mcore_optim.adamw_triton import adamw_step_triton  # CUDA only: imports Triton
 
                 cache = self._triton_tables.setdefault(index, {})
+                # a strided low-precision parameter (a view of a packed buffer) gets its master copied in after
+                strided = {i: t for i, t in enumerate(targets) if t is not None and not t.is_contiguous()}
                 adamw_step_triton(
                     weights,
                     grads,
                     exp_avgs,
                     exp_avg_sqs,
                     steps,
-                    targets,
+                    [None if i in strided else t for i, t in enumerate(targets)],
                     grad_scale=grad_scale,
                     ok=ok,
                     cache=cache,
@@ -171,6 +173,8 @@ class AdamW:
                     eps=hyper["eps"],
                     weight_decay=hyper["weight_decay"],
                 )
+                if strided:
+                    torch._foreach_copy_(list(strided.values()), [weights[i] for i in strided])
                 continue
             grads = [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, weights)]
             if grad_scale is not None:  # clipping, as clip_grads_ would have done on .grad
@@ -287,11 +291,12 @@ def triton_takes(
     targets: list[torch.Tensor | None],
 ) -> bool:
     """Whether ``adamw_triton`` can run this group: fp32 weights and moments, everything contiguous (the kernel
-    walks each tensor's elements in one flat order) and on CUDA."""
+    walks each tensor's elements in one flat order) and on CUDA. A low-precision target (the parameter behind an
+    fp32 master) may be strided (a view of a packed buffer): ``_update`` copies its master into it after."""
     state = [*weights, *exp_avgs, *exp_avg_sqs]
     if any(t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cuda for t in state):
         return False
-    return all(g.is_contiguous() and g.is_cuda for g in grads) and all(t is None or t.is_contiguous() for t in targets)
+    return all(g.is_contiguous() and g.is_cuda for g in grads) and all(t is None or t.is_cuda for t in targets)
 
 
 class AdamWFactory:

@@ -9,7 +9,9 @@ Decoupled weight decay (Loshchilov & Hutter) with bias-corrected moments::
 All lists are parallel, fp32 and on one device; ``steps`` holds one 0-d fp32 tensor per
 parameter (a parameter that missed a step keeps its own count). The fused path calls
 ``torch._fused_adamw_``, the kernel behind ``torch.optim.AdamW(fused=True)``, which reads the
-same formula.
+same formula; it walks each tensor in flat order, so a strided parameter (a view of a packed
+buffer, e.g. the MoE experts' gate and up laid out as one ``(E, 2, F, H)`` buffer) is updated as a
+contiguous copy and copied back. The ``foreach`` path reads each tensor through its strides.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def adamw_step(
         return
     torch._foreach_add_(steps, 1.0)
     if fused:
+        # the fused kernel walks each tensor in flat order: a strided parameter (a view of a packed buffer)
+        # is updated as a contiguous copy, then copied back (the same math, no host sync)
+        strided = [i for i, p in enumerate(params) if not p.is_contiguous()]
+        flat = [p.contiguous() if i in strided else p for i, p in enumerate(params)]
         torch._fused_adamw_(
-            params,
+            flat,
             grads,
             exp_avgs,
             exp_avg_sqs,
@@ -52,6 +58,8 @@ def adamw_step(
             amsgrad=False,
             maximize=False,
         )
+        if strided:
+            torch._foreach_copy_([params[i] for i in strided], [flat[i] for i in strided])
         return
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)

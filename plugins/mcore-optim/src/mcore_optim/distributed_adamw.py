@@ -4,7 +4,9 @@ Replicated data parallelism (plain-tensor parameters, one layout with DP size > 
 
 * all parameters, in ``named_parameters`` order, are laid end to end in one virtual flat
   vector of ``N`` elements, padded to ``P = size * ceil(N / size)``; rank ``r`` owns the
-  contiguous range ``[r P/size, (r+1) P/size)``;
+  contiguous range ``[r P/size, (r+1) P/size)``; a strided parameter (a view of a packed buffer,
+  e.g. the MoE experts' gate and up) is given contiguous storage of its own first (its module then
+  concatenates the two per call, as it does for any unpacked layout);
 * its moments live in two contiguous fp32 buffers of that length; fp32 master copies are
   kept for the owned pieces of low-precision parameters (an fp32 parameter's owned piece is
   updated in place);
@@ -85,8 +87,10 @@ class DistributedAdamW:
         self.reduce_grads = reduce_grads
         self.rank, self.size, self.group = dp.rank, dp.size, dp.group
         for n in self._named:
-            if not n.param.is_contiguous() or n.param.dim() == 0:
-                raise ValueError(f"distributed-adamw needs contiguous parameters of 1 or more dims; {n.name!r} is not")
+            if n.param.dim() == 0:
+                raise ValueError(f"distributed-adamw needs parameters of 1 or more dims; {n.name!r} is 0-d")
+            if not n.param.is_contiguous():  # a view of a packed buffer: a storage of its own (flat views below)
+                n.param.data = n.param.detach().contiguous()
         self.device = self._named[0].param.device
         dtypes = {n.param.dtype for n in self._named}
         self.gather_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32

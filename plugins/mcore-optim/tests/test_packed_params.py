@@ -1,0 +1,119 @@
+"""Strided parameters (two views of one packed buffer, as the MoE experts keep ``gate`` and ``up``): every optimizer
+path updates them to exactly what it gives their contiguous copies, and leaves them packed; ``distributed-adamw``,
+whose flat ranges need contiguous parameters, gives them storage of their own instead of refusing them.
+
+Why: ``mcore-moe``'s ``GroupedSwiGLU`` lays ``gate`` and ``up`` ``(E, F, H)`` out as ``buffer[:, 0]`` and
+``buffer[:, 1]`` of one ``(E, 2, F, H)`` buffer (so its GEMM reads ``[gate | up]`` without a copy); torch's fused
+AdamW kernel and ours (Triton) walk each tensor in flat order. Here a tiny transformer's same-shaped matrices are
+packed the same way (no plugin imported).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import SINGLE, AveragingLayout, batches, tiny_model, train
+from torch import nn
+
+from mcore.mesh import ParallelMesh
+from mcore_optim.adamw import AdamWFactory
+from mcore_optim.distributed_adamw import DistributedAdamW, DistributedAdamWFactory
+from mcore_optim.muon import MuonFactory
+from mcore_testing import distributed
+from mcore_testing.numerics import assert_rel_close
+
+#: same-shaped pairs packed into one buffer, first then second per row (``buffer[:, 0]``, ``buffer[:, 1]``)
+PAIRS = (("embed.weight", "lm_head.weight"), ("layers.0.attn.proj.weight", "layers.1.attn.proj.weight"))
+
+
+def pack_pairs(model: nn.Module) -> nn.Module:
+    """``model`` with each of ``PAIRS`` laid out in one ``(R, 2, C)`` buffer (same objects and values)."""
+    params = dict(model.named_parameters())
+    for a, b in PAIRS:
+        buffer = torch.stack([params[a].detach(), params[b].detach()], dim=1)  # (R, 2, C)
+        params[a].data, params[b].data = buffer[:, 0], buffer[:, 1]
+    assert_packed(model)
+    return model
+
+
+def assert_packed(model: nn.Module) -> None:
+    params = dict(model.named_parameters())
+    for a, b in PAIRS:
+        first, second = params[a], params[b]
+        assert not first.is_contiguous() and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        assert second.storage_offset() == first.storage_offset() + first.shape[1], (a, b)
+
+
+def _same(model: nn.Module, ref: nn.Module) -> None:
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_updates_packed_parameters_as_contiguous_ones(impl: str, dtype: torch.dtype) -> None:
+    """fp32 parameters (the fused kernel on contiguous copies, copied back) and bf16 ones behind fp32 masters."""
+    packed, plain = pack_pairs(tiny_model().to(dtype)), tiny_model().to(dtype)
+    config = AdamWFactory.Config(lr=3e-3, weight_decay=0.1, impl=impl)
+    data = batches(3)
+    train(packed, AdamWFactory(config).build(packed, mesh=SINGLE, layouts=[]), data)
+    train(plain, AdamWFactory(config).build(plain, mesh=SINGLE, layouts=[]), data)
+    _same(packed, plain)
+    assert_packed(packed)
+
+
+def test_muon_updates_packed_parameters_as_contiguous_ones() -> None:
+    packed, plain = pack_pairs(tiny_model().double()), tiny_model().double()
+    config = MuonFactory.Config(lr=0.01, weight_decay=0.1, ns_dtype="float64", adamw_impl="foreach")
+    data = batches(3)
+    train(packed, MuonFactory(config).build(packed, mesh=SINGLE, layouts=[]), data)
+    train(plain, MuonFactory(config).build(plain, mesh=SINGLE, layouts=[]), data)
+    _same(packed, plain)
+    assert_packed(packed)
+
+
+def _distributed_adamw_unpacks() -> None:
+    torch.set_num_threads(1)
+    size = dist.get_world_size()
+    packed, ref = pack_pairs(tiny_model()), tiny_model()
+    layout = AveragingLayout()
+    layout.apply(packed)
+    config: dict[str, Any] = {"lr": 3e-3, "weight_decay": 0.1, "impl": "foreach"}
+    opt = DistributedAdamWFactory(DistributedAdamWFactory.Config(**config)).build(
+        packed, mesh=ParallelMesh(("dp",), (size,), "cpu"), layouts=[layout]
+    )
+    assert isinstance(opt, DistributedAdamW)
+    assert all(p.is_contiguous() for p in packed.parameters())  # storage of their own: the flat ranges' views
+    data = batches(3)
+    train(packed, opt, data, layout=layout, rank=dist.get_rank(), size=size)
+    train(ref, AdamWFactory(AdamWFactory.Config(**config)).build(ref, mesh=SINGLE, layouts=[]), data)
+    for (name, p), q in zip(packed.named_parameters(), ref.parameters(), strict=True):
+        assert_rel_close(p, q, tol=1e-6, name=name)  # the gradients' reduction order differs: not bit for bit
+
+
+@distributed(world_size=2, timeout=240)
+def test_distributed_adamw_gives_packed_parameters_storage_of_their_own() -> None:
+    _distributed_adamw_unpacks()
+
+
+@pytest.mark.gpu
+def test_triton_adamw_writes_packed_bf16_parameters() -> None:
+    """The Triton kernel updates the fp32 masters; a strided bf16 parameter gets its master copied in after."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    packed, plain = pack_pairs(tiny_model().cuda().bfloat16()), tiny_model().cuda().bfloat16()
+    config = AdamWFactory.Config(lr=3e-3, impl="triton")
+    opts = [AdamWFactory(config).build(model, mesh=SINGLE, layouts=[]) for model in (packed, plain)]
+    assert all(opt.triton for opt in opts)
+    for x, y in batches(3):
+        for model, opt in zip((packed, plain), opts):
+            opt.zero_grad(set_to_none=True)
+            model(x.cuda(), labels=y.cuda()).backward()
+            opt.step()
+    _same(packed, plain)
+    assert_packed(packed)
+    for name, p in packed.named_parameters():
+        assert torch.equal(p, opts[0].state[name]["master"].to(torch.bfloat16)), name
