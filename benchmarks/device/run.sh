@@ -74,6 +74,11 @@ t_gdninv() {  # the GDN chunk inverse on 16x16 blocks (opt-in): its GPU tests, t
 }
 t_b_gdn() { $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --repeats 5; }
 t_b_fp8() { $PY plugins/mcore-precision/benchmarks/bench_fp8.py --repeats 5; }
+t_moe_pack() {  # packed gate/up in training: GPU tests (moe, optim), then the layer packed vs concatenated per call
+  $PY -m pytest -q -m gpu plugins/mcore-moe/tests/test_packed_training.py plugins/mcore-moe/tests/test_packed_experts.py 2>&1 | tail -2
+  $PY -m pytest -q -m gpu plugins/mcore-optim/tests/test_packed_params.py 2>&1 | tail -2
+  $PY plugins/mcore-moe/benchmarks/bench_moe.py --skip-loop --repeats 5 --only mcore_moe mcore_moe_unpacked grouped_mm_plain dense_ceiling
+}
 t_b_fp8step() {  # issue 19: bench-0.9b steps, bf16 vs fp8-current vs fp8-blockwise, eager and compiled
   $PY packages/mcore-core/benchmarks/bench_train.py --suite fp8 --out /tmp/bfp8 --repeats "${ROUNDS:-2}"
   # which runs fell back from a native GEMM (CheckedNative warns once per operand kind) or recompiled
