@@ -103,6 +103,43 @@ def _guarded_case() -> dict[str, Any]:
     return {"name": "guarded", "bad_step_untouched": untouched, "good_step_equals_unguarded": same}
 
 
+def _chunked_case() -> dict[str, Any]:
+    """A bf16 parameter that is a strided view of a packed buffer (an MoE gate: ``(E, F, H)`` in ``(E, 2, F, H)``,
+    one table row per expert) beside a contiguous one: the same masters and moments as with contiguous copies, the
+    view written where it lies (the buffer's other half, the up weights, untouched) and equal to its master in bf16
+    exactly as the contiguous copy is (same kernel, same rounding)."""
+    from mcore_optim.adamw_triton import adamw_step_triton, chunked_layout
+    from mcore_testing.interpreter_bounds import allowed
+
+    g = torch.Generator().manual_seed(21)
+    e, f, h = 3, 40, 64  # runs of 2,560 elements: one whole block and a partial one each
+    buffer = torch.randn(e, 2, f, h, generator=g).to(torch.bfloat16)
+    gate, gate_before, up_before = buffer[:, 0], buffer[:, 0].clone(), buffer[:, 1].clone()
+    other = torch.randn(700, generator=g).to(torch.bfloat16)
+    results = []
+    for target in (gate, gate_before.clone()):  # the view first: it updates the buffer in place
+        masters = [gate_before.float(), other.float()]
+        moments = [[torch.zeros_like(w) for w in masters] for _ in range(2)]
+        steps = [torch.tensor(0.0), torch.tensor(0.0)]
+        params = [target, other.clone()]
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            grads = [torch.randn(w.shape, generator=gen).to(torch.bfloat16) for w in masters]
+            with allowed(buffer, *masters, *grads, *moments[0], *moments[1], *steps, *params):
+                adamw_step_triton(masters, grads, moments[0], moments[1], steps, list(params), **HYPER)
+        results.append((masters, moments, params))
+    (w1, mo1, p1), (w2, mo2, p2) = results
+    return {
+        "name": "chunked",
+        "layout": list(chunked_layout(gate) or ()),
+        "masters_equal": all(torch.equal(a, b) for a, b in zip(w1, w2, strict=True)),
+        "moments_equal": all(torch.equal(a, b) for x, y in zip(mo1, mo2, strict=True) for a, b in zip(x, y)),
+        "params_equal": torch.equal(p1[0], p2[0]) and torch.equal(p1[1], p2[1]),
+        "moved": not torch.equal(p1[0], gate_before) and p1[0].data_ptr() == gate.data_ptr(),
+        "up_untouched": torch.equal(buffer[:, 1], up_before),
+    }
+
+
 def interpreted_main() -> None:
     """(Child process, ``TRITON_INTERPRET=1``.) One JSON line per case."""
     torch.set_num_threads(1)
@@ -111,6 +148,7 @@ def interpreted_main() -> None:
         for scaled in (False, True):
             print(json.dumps({"name": f"low={low}-scaled={scaled}", **_case(low, scaled, seed=3 + 2 * low + scaled)}))
     print(json.dumps({"name": "vectorized", **_case(True, True, seed=9, vectorized=True)}))
+    print(json.dumps(_chunked_case()))
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -140,6 +178,14 @@ def test_vectorized_launch_matches_the_foreach_reference(records: dict[str, dict
 
 
 @needs_triton
+@needs_triton
+def test_kernel_writes_a_chunked_parameter_where_it_lies(records: dict[str, dict[str, Any]]) -> None:
+    got = records["chunked"]
+    assert got["layout"] == [3, 40 * 64, 2 * 40 * 64]
+    assert got["masters_equal"] and got["moments_equal"] and got["params_equal"] and got["moved"], got
+    assert got["up_untouched"], got
+
+
 def test_vectorized_switch_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     from mcore.errors import UserError
     from mcore_optim.adamw_triton import VECTORIZED_ENV, vectorized_from_env

@@ -101,7 +101,7 @@ def test_distributed_adamw_gives_packed_parameters_storage_of_their_own() -> Non
 
 @pytest.mark.gpu
 def test_triton_adamw_writes_packed_bf16_parameters() -> None:
-    """The Triton kernel updates the fp32 masters; a strided bf16 parameter gets its master copied in after."""
+    """The Triton kernel updates the fp32 masters and writes the packed (chunked) bf16 parameters where they lie."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     packed, plain = pack_pairs(tiny_model().cuda().bfloat16()), tiny_model().cuda().bfloat16()

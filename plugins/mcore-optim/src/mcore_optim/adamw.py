@@ -152,11 +152,16 @@ class AdamW:
             }
             # a guarded update (ok given) comes from step_guarded, which checked every group already
             if self.triton and (ok is not None or triton_takes(weights, grads, exp_avgs, exp_avg_sqs, targets)):
-                from mcore_optim.adamw_triton import adamw_step_triton  # CUDA only: imports Triton
+                from mcore_optim.adamw_triton import adamw_step_triton, chunked_layout  # CUDA only: imports Triton
 
                 cache = self._triton_tables.setdefault(index, {})
-                # a strided low-precision parameter (a view of a packed buffer) gets its master copied in after
-                strided = {i: t for i, t in enumerate(targets) if t is not None and not t.is_contiguous()}
+                # the kernel writes contiguous and chunked low-precision parameters (views of a packed buffer, one
+                # table row per run); any other strided one gets its master copied in after
+                strided = {
+                    i: t
+                    for i, t in enumerate(targets)
+                    if t is not None and not t.is_contiguous() and chunked_layout(t) is None
+                }
                 adamw_step_triton(
                     weights,
                     grads,
@@ -292,7 +297,8 @@ def triton_takes(
 ) -> bool:
     """Whether ``adamw_triton`` can run this group: fp32 weights and moments, everything contiguous (the kernel
     walks each tensor's elements in one flat order) and on CUDA. A low-precision target (the parameter behind an
-    fp32 master) may be strided (a view of a packed buffer): ``_update`` copies its master into it after."""
+    fp32 master) may be strided (a view of a packed buffer): the kernel writes a chunked one
+    (``adamw_triton.chunked_layout``), ``_update`` copies the master into any other after."""
     state = [*weights, *exp_avgs, *exp_avg_sqs]
     if any(t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cuda for t in state):
         return False

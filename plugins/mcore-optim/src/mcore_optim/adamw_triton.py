@@ -148,11 +148,6 @@ def aligned(*groups: Sequence[torch.Tensor | None]) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for group in groups for t in group)
 
 
-def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """``(len,)`` int64 data addresses on ``device``, copied from pinned memory without a host sync."""
-    return _address_table([t.data_ptr() for t in tensors], device)
-
-
 def _address_table(pointers: list[int], device: torch.device) -> torch.Tensor:
     host = torch.tensor(pointers, dtype=torch.int64, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
@@ -161,23 +156,66 @@ def _address_table(pointers: list[int], device: torch.device) -> torch.Tensor:
 #: One parameter's tensors: fp32 weight, first and second moment, step count, low-precision copy (or None).
 Member = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
+#: One row of a launch's tables: the addresses of the weight, moments, step count and low-precision copy (-1: none),
+#: the row's elements, and where they start in the parameter (elements: the gradient's address is offset by it).
+Row = tuple[int, int, int, int, int, int, int]
 
-def _key(members: list[Member]) -> tuple[tuple[int, ...], ...]:
-    return tuple((*(-1 if x is None else x.data_ptr() for x in row), row[0].numel()) for row in members)
+
+def chunked_layout(p: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(count, chunk, stride)`` when ``p`` is ``count`` contiguous runs of ``chunk`` elements, ``stride`` elements
+    apart (a strided view of a packed buffer, e.g. an MoE ``(E, F, H)`` gate in an ``(E, 2, F, H)`` buffer: ``E``
+    runs of ``F H``); None for a contiguous ``p`` or any other layout."""
+    if p.is_contiguous() or p.dim() < 2 or p.numel() == 0 or not p[0].is_contiguous() or p.stride(0) < p[0].numel():
+        return None
+    return p.shape[0], p[0].numel(), p.stride(0)
+
+
+def _rows(member: Member) -> list[Row]:
+    """A parameter's rows: one, or one per contiguous run of a chunked low-precision copy (``chunked_layout``), whose
+    weight, moments and gradient are contiguous: run ``r`` reads them ``r * chunk`` elements in."""
+    w, m, v, t, p = member
+    if p is None or p.is_contiguous():
+        return [
+            (w.data_ptr(), m.data_ptr(), v.data_ptr(), t.data_ptr(), -1 if p is None else p.data_ptr(), w.numel(), 0)
+        ]
+    layout = chunked_layout(p)
+    if layout is None:
+        raise ValueError(f"adamw_step_triton: a low-precision parameter of strides {p.stride()} is neither contiguous "
+                         "nor chunked (chunked_layout)")  # fmt: skip
+    count, chunk, stride = layout
+    fp32, low = w.element_size(), p.element_size()
+    return [
+        (
+            w.data_ptr() + r * chunk * fp32,
+            m.data_ptr() + r * chunk * fp32,
+            v.data_ptr() + r * chunk * fp32,
+            t.data_ptr(),
+            p.data_ptr() + r * stride * low,
+            chunk,
+            r * chunk,
+        )
+        for r in range(count)
+    ]
 
 
 class _Tables:
     """The device tables of one launch that stay put between steps: the addresses of the weights, moments, step
-    counts and low-precision copies, element counts, and which parameter each program updates. Rebuilt when any
-    of those tensors moves (``key``); the gradients' addresses change every step and are copied each call."""
+    counts and low-precision copies, element counts, and which row each program updates. Rebuilt when any of those
+    tensors moves (``key``); the gradients' addresses change every step and are copied each call (``grad_rows``: each
+    row's parameter and element offset, to find them)."""
 
     def __init__(self, members: list[Member], device: torch.device) -> None:
-        self.key = _key(members)
-        weights, moments1, moments2, steps, outs = (list(col) for col in zip(*members, strict=True))
-        self.aligned = aligned(weights, moments1, moments2, outs)
-        self.w, self.m, self.v, self.t = (_addresses(x, device) for x in (weights, moments1, moments2, steps))
-        self.p = _addresses([o for o in outs if o is not None], device) if outs[0] is not None else self.w
-        numels = [w.numel() for w in weights]
+        rows, self.grad_rows = [], []
+        for index, member in enumerate(members):
+            for row in _rows(member):
+                rows.append(row)
+                self.grad_rows.append((index, row[6]))
+        self.key = tuple(rows)
+        w, m, v, t, p, numels, _ = (list(col) for col in zip(*rows, strict=True))
+        has_p = members[0][4] is not None
+        self.aligned = all(a % 16 == 0 for col in (w, m, v, p if has_p else []) for a in col)
+        self.w, self.m, self.v, self.t = (_address_table(col, device) for col in (w, m, v, t))
+        self.p = _address_table(p, device) if has_p else self.w
         blocks = [triton.cdiv(n, BLOCK) for n in numels]
         firsts = [sum(blocks[:i]) for i in range(len(blocks))]
         self.blocks = sum(blocks)
@@ -186,6 +224,15 @@ class _Tables:
         self.block_param = torch.repeat_interleave(
             torch.arange(len(blocks), dtype=torch.int32), torch.tensor(blocks)
         ).to(device)  # (blocks,)
+
+    def grad_pointers(self, grads: list[torch.Tensor]) -> list[int]:
+        """Each row's gradient address (``grads`` in the members' order)."""
+        bases = [(g.data_ptr(), g.element_size()) for g in grads]
+        return [bases[i][0] + offset * bases[i][1] for i, offset in self.grad_rows]
+
+
+def _key(members: list[Member]) -> tuple[Row, ...]:
+    return tuple(row for member in members for row in _rows(member))
 
 
 def adamw_step_triton(
@@ -208,7 +255,8 @@ def adamw_step_triton(
 ) -> None:
     """Update every ``weights[i]`` (fp32, contiguous) with ``grads[i]`` (same shape and layout, fp32/bf16/fp16),
     its fp32 moments and step count (incremented here); write the result into ``params_out[i]`` (the bf16/fp16
-    parameter, or ``None`` when ``weights[i]`` is the parameter). ``grad_scale``: an fp32 0-d device tensor every
+    parameter, contiguous or chunked (``chunked_layout``: a view of a packed buffer, one table row per run), or
+    ``None`` when ``weights[i]`` is the parameter). ``grad_scale``: an fp32 0-d device tensor every
     gradient is multiplied by first (the clipping factor), or ``None``. ``ok``: a 0-d bool device tensor; where
     false nothing changes (weights, moments, parameters, step counts), read on the device. One launch per (gradient dtype,
     parameter dtype) combination; ``cache`` (a dict the caller keeps, one per parameter group) holds the tables
@@ -231,7 +279,7 @@ def adamw_step_triton(
         tables = cache.get((g_dtype, p_dtype))
         if tables is None or tables.key != _key(members):
             tables = cache[(g_dtype, p_dtype)] = _Tables(members, device)
-        grad_pointers = [grads[i].data_ptr() for i in rows]
+        grad_pointers = tables.grad_pointers([grads[i] for i in rows])
         _adamw_kernel[(tables.blocks,)](
             tables.w,
             _address_table(grad_pointers, device),
