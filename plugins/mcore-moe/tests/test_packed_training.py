@@ -90,6 +90,33 @@ def test_gate_up_gemm_forward_and_gradients_equal_the_reference(packed: bool, mo
     assert_rel_close(experts.up.grad, ref_up.grad, 1e-5, name="d up")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_built_experts_converted_on_meta_stay_packed_through_init(dtype: torch.dtype) -> None:
+    """``mcore train``'s order: build on meta, the precision recipe converts there (``model.to(dtype)``), then
+    ``init_params`` allocates: gate and up come out as views of one buffer, in the recipe's dtype."""
+    from mcore.construct import init_params
+
+    with torch.device("meta"):
+        block = MoE(MoEConfig(num_experts=8, top_k=2, moe_ffn_hidden_size=24), hidden_size=16)
+    block = block.to(dtype=dtype)
+    init_params(block, seed=0, device="cpu")
+    experts = block.experts
+    assert experts.gate.dtype == dtype and not experts.gate.is_meta
+    assert stacked_gate_up(experts.gate, experts.up) is not None
+
+
+def test_a_no_op_conversion_leaves_weights_unpacked_on_purpose_alone() -> None:
+    """Weights given contiguous storage of their own (as ``distributed-adamw`` does) stay so through a conversion
+    that changes nothing (``.to`` the same device and dtype), and are packed again by one that copies."""
+    experts = _experts()
+    experts.gate.data, experts.up.data = experts.gate.detach().contiguous(), experts.up.detach().contiguous()
+    experts.to("cpu").float()
+    assert experts.gate.is_contiguous() and experts.up.is_contiguous()
+    packed = _experts()
+    packed.to(dtype=torch.float64)
+    assert stacked_gate_up(packed.gate, packed.up) is not None and packed.gate.dtype == torch.float64
+
+
 def test_state_dict_names_and_values_load_both_ways() -> None:
     """Saved by a packed module, loaded into one built the old way (separate tensors), and back."""
     new = _experts(seed=3)

@@ -191,6 +191,8 @@ def test_vectorized_switch_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -
     from mcore_optim.adamw_triton import VECTORIZED_ENV, vectorized_from_env
 
     monkeypatch.delenv(VECTORIZED_ENV, raising=False)
+    assert vectorized_from_env()  # the default since the H100 timing of 2026-12-07
+    monkeypatch.setenv(VECTORIZED_ENV, "0")
     assert not vectorized_from_env()
     monkeypatch.setenv(VECTORIZED_ENV, "1")
     assert vectorized_from_env()

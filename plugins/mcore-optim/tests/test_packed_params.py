@@ -65,6 +65,26 @@ def test_adamw_updates_packed_parameters_as_contiguous_ones(impl: str, dtype: to
     assert_packed(packed)
 
 
+def test_fused_adamw_updates_a_transposed_parameter_like_foreach() -> None:
+    """A dense but non-contiguous parameter (a transpose) whose gradient and moments share its strides: the fused
+    path (contiguous copies of all four, parameter and moments copied back) equals the foreach path."""
+    from mcore_optim.adamw_math import adamw_step
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, generator=gen)
+    grads = [torch.randn(3, 5, generator=gen).t() for _ in range(3)]  # (5, 3), strides (1, 5)
+    results = []
+    for fused in (True, False):
+        p = base.clone().t()  # (5, 3), strides (1, 5): dense, not contiguous
+        m, v, t = torch.zeros_like(p), torch.zeros_like(p), torch.zeros(())
+        for g in grads:
+            adamw_step([p], [g], [m], [v], [t], fused=fused, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+        results.append((p, m, v))
+    for fused_t, foreach_t in zip(*results, strict=True):
+        assert fused_t.stride() == (1, 5)
+        assert_rel_close(fused_t, foreach_t, tol=1e-6)
+
+
 def test_muon_updates_packed_parameters_as_contiguous_ones() -> None:
     packed, plain = pack_pairs(tiny_model().double()), tiny_model().double()
     config = MuonFactory.Config(lr=0.01, weight_decay=0.1, ns_dtype="float64", adamw_impl="foreach")

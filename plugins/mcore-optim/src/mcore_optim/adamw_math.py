@@ -9,9 +9,10 @@ Decoupled weight decay (Loshchilov & Hutter) with bias-corrected moments::
 All lists are parallel, fp32 and on one device; ``steps`` holds one 0-d fp32 tensor per
 parameter (a parameter that missed a step keeps its own count). The fused path calls
 ``torch._fused_adamw_``, the kernel behind ``torch.optim.AdamW(fused=True)``, which reads the
-same formula; it walks each tensor in flat order, so a strided parameter (a view of a packed
-buffer, e.g. the MoE experts' gate and up laid out as one ``(E, 2, F, H)`` buffer) is updated as a
-contiguous copy and copied back. The ``foreach`` path reads each tensor through its strides.
+same formula; it pairs each tensor's elements in memory order, so where a parameter, its gradient
+and moments do not all lie contiguously (a view of a packed buffer, e.g. the MoE experts' gate and
+up laid out as one ``(E, 2, F, H)`` buffer) all four are updated as contiguous copies and the
+parameter and moments copied back. The ``foreach`` path reads each tensor through its strides.
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ def adamw_step(
         return
     torch._foreach_add_(steps, 1.0)
     if fused:
-        # the fused kernel walks each tensor in flat order: a strided parameter (a view of a packed buffer)
-        # is updated as a contiguous copy, then copied back (the same math, no host sync)
-        strided = [i for i, p in enumerate(params) if not p.is_contiguous()]
-        flat = [p.contiguous() if i in strided else p for i, p in enumerate(params)]
+        # the fused kernel pairs each tensor's elements in memory order: where the parameter, its gradient and
+        # moments do not all lie contiguously (a view of a packed buffer; a transposed parameter's own strides
+        # are shared by its gradient and moments, a packed view's are not), all four go in as contiguous copies
+        # and the parameter and moments are copied back (the same math, no host sync)
+        quads = list(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True))
+        strided = [i for i, quad in enumerate(quads) if not all(t.is_contiguous() for t in quad)]
+        flat = [[t.contiguous() if i in strided else t for t in quad] for i, quad in enumerate(quads)]
+        f_params, f_grads, f_avgs, f_sqs = ([row[k] for row in flat] for k in range(4))
         torch._fused_adamw_(
-            flat,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
+            f_params,
+            f_grads,
+            f_avgs,
+            f_sqs,
             [],
             steps,
             lr=lr,
@@ -59,7 +64,8 @@ def adamw_step(
             maximize=False,
         )
         if strided:
-            torch._foreach_copy_([params[i] for i in strided], [flat[i] for i in strided])
+            targets = [t for i in strided for t in (params[i], exp_avgs[i], exp_avg_sqs[i])]
+            torch._foreach_copy_(targets, [t for i in strided for t in (f_params[i], f_avgs[i], f_sqs[i])])
         return
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
