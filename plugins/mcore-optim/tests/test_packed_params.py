@@ -52,17 +52,23 @@ def _same(model: nn.Module, ref: nn.Module) -> None:
         assert torch.equal(p, q), name
 
 
+def _packed_trains_like_plain(make: Any, factory: Any) -> None:
+    """Three steps of ``factory``'s optimizer on a packed model and on the same model unpacked: equal, still packed."""
+    packed, plain = pack_pairs(make()), make()
+    data = batches(3)
+    for model in (packed, plain):
+        train(model, factory.build(model, mesh=SINGLE, layouts=[]), data)
+    _same(packed, plain)
+    assert_packed(packed)
+
+
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adamw_updates_packed_parameters_as_contiguous_ones(impl: str, dtype: torch.dtype) -> None:
     """fp32 parameters (the fused kernel on contiguous copies, copied back) and bf16 ones behind fp32 masters."""
-    packed, plain = pack_pairs(tiny_model().to(dtype)), tiny_model().to(dtype)
-    config = AdamWFactory.Config(lr=3e-3, weight_decay=0.1, impl=impl)
-    data = batches(3)
-    train(packed, AdamWFactory(config).build(packed, mesh=SINGLE, layouts=[]), data)
-    train(plain, AdamWFactory(config).build(plain, mesh=SINGLE, layouts=[]), data)
-    _same(packed, plain)
-    assert_packed(packed)
+    _packed_trains_like_plain(
+        lambda: tiny_model().to(dtype), AdamWFactory(AdamWFactory.Config(lr=3e-3, weight_decay=0.1, impl=impl))
+    )
 
 
 def test_fused_adamw_updates_a_transposed_parameter_like_foreach() -> None:
@@ -86,13 +92,8 @@ def test_fused_adamw_updates_a_transposed_parameter_like_foreach() -> None:
 
 
 def test_muon_updates_packed_parameters_as_contiguous_ones() -> None:
-    packed, plain = pack_pairs(tiny_model().double()), tiny_model().double()
     config = MuonFactory.Config(lr=0.01, weight_decay=0.1, ns_dtype="float64", adamw_impl="foreach")
-    data = batches(3)
-    train(packed, MuonFactory(config).build(packed, mesh=SINGLE, layouts=[]), data)
-    train(plain, MuonFactory(config).build(plain, mesh=SINGLE, layouts=[]), data)
-    _same(packed, plain)
-    assert_packed(packed)
+    _packed_trains_like_plain(lambda: tiny_model().double(), MuonFactory(config))
 
 
 def _distributed_adamw_unpacks() -> None:

@@ -159,3 +159,22 @@ def bench_like_inputs(
     beta = torch.sigmoid(torch.randn(batch, seq, hv, generator=gen))
     h0 = torch.randn(5, hv, d, d, generator=gen) * 0.1
     return [t.to("cuda", dtype if i < 3 else torch.float32) for i, t in enumerate((q, k, v, gate, beta, h0))]
+
+
+def wy_case(gate_min: float, repeated: bool, dk: int, dv: int = 80) -> tuple[torch.Tensor, ...]:
+    """The WY/inverse interpreter tests' inputs (fp32, CPU, seed 1): ``k (1, 215, 1, dk)``, ``v (1, 215, 2, dv)``,
+    gates ``g`` in ``[gate_min, 0]``, ``beta``, and ``cu`` (documents of 150, 1 and 64 tokens: chunks of 64, 64, 22 |
+    1 | 64). ``repeated``: keys from three directions and beta near 1, so rows of ``A`` nearly cancel."""
+    gen = torch.Generator().manual_seed(1)
+    tokens, hk, hv = 215, 1, 2
+    cu = torch.tensor([0, 150, 151, 215], dtype=torch.int32)
+    if repeated:
+        pool = torch.nn.functional.normalize(torch.randn(3, hk, dk, generator=gen), dim=-1)
+        k = pool[torch.randint(0, 3, (tokens,), generator=gen)][None]
+        beta = 0.9 + 0.1 * torch.rand(1, tokens, hv, generator=gen)
+    else:
+        k = torch.nn.functional.normalize(torch.randn(1, tokens, hk, dk, generator=gen), dim=-1)
+        beta = torch.rand(1, tokens, hv, generator=gen)
+    v = torch.randn(1, tokens, hv, dv, generator=gen)
+    g = torch.rand(1, tokens, hv, generator=gen) * gate_min
+    return k, v, g, beta, cu

@@ -14,24 +14,13 @@ from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delt
 
 WY = """
 import torch, torch.nn.functional as F
-from ssm_cases import gdn_inverse_fp64, rel, worst_chunk
+from ssm_cases import gdn_inverse_fp64, rel, worst_chunk, wy_case
 from mcore_ssm.gdn_triton import launch_for, prepare
 import numpy
 numpy.seterr(over="raise", invalid="raise")  # the interpreter's exp runs in numpy: an overflow fails the run
 errors = []
 for gate_min, repeated, dk in ((-0.05, False, 16), (-30.0, False, 16), (-0.05, True, 16), (-3.0, True, 80)):
-    gen = torch.Generator().manual_seed(1)
-    tokens, hk, hv, dv = 215, 1, 2, 80
-    cu = torch.tensor([0, 150, 151, 215], dtype=torch.int32)  # chunks of 64, 64, 22 | 1 | 64
-    if repeated:  # keys from three directions and beta near 1: rows of A nearly equal
-        pool = F.normalize(torch.randn(3, hk, dk, generator=gen), dim=-1)
-        k = pool[torch.randint(0, 3, (tokens,), generator=gen)][None]
-        beta = 0.9 + 0.1 * torch.rand(1, tokens, hv, generator=gen)
-    else:
-        k = F.normalize(torch.randn(1, tokens, hk, dk, generator=gen), dim=-1)
-        beta = torch.rand(1, tokens, hv, generator=gen)
-    v = torch.randn(1, tokens, hv, dv, generator=gen)
-    g = torch.rand(1, tokens, hv, generator=gen) * gate_min
+    k, v, g, beta, cu = wy_case(gate_min, repeated, dk)  # chunks of 64, 64, 22 | 1 | 64
     launch = launch_for(k, k, v, g, beta, None, None, cu, None)
     want = gdn_inverse_fp64(launch.chunk_starts, launch.chunk_lengths, k, g, beta)
     got = {}

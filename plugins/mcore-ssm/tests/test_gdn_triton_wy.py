@@ -17,6 +17,7 @@ from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delt
 
 WY = """
 import torch, torch.nn.functional as F
+from ssm_cases import wy_case
 from mcore_ssm.gdn_triton import launch_for, prepare
 
 def factors_fp64(launch, k, v, g, beta):
@@ -38,18 +39,7 @@ def factors_fp64(launch, k, v, g, beta):
     return w, u, cum
 
 def errors(gate_min, repeated):
-    gen = torch.Generator().manual_seed(1)
-    tokens, hk, hv, dk, dv = 215, 1, 2, 16, 80  # dv 80: two value blocks of 64, the second part-masked
-    cu = torch.tensor([0, 150, 151, 215], dtype=torch.int32)  # chunks of 64, 64, 22 | 1 | 64
-    if repeated:  # keys from three directions and beta near 1: rows of A nearly equal (cancellation)
-        pool = F.normalize(torch.randn(3, hk, dk, generator=gen), dim=-1)
-        k = pool[torch.randint(0, 3, (tokens,), generator=gen)][None]
-        beta = 0.9 + 0.1 * torch.rand(1, tokens, hv, generator=gen)
-    else:
-        k = F.normalize(torch.randn(1, tokens, hk, dk, generator=gen), dim=-1)
-        beta = torch.rand(1, tokens, hv, generator=gen)
-    v = torch.randn(1, tokens, hv, dv, generator=gen)
-    g = torch.rand(1, tokens, hv, generator=gen) * gate_min
+    k, v, g, beta, cu = wy_case(gate_min, repeated, dk=16)  # dv 80: two value blocks of 64, the second part-masked
     launch = launch_for(k, k, v, g, beta, None, None, cu, None)
     got = prepare(launch, k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), torch.float32)
     want = factors_fp64(launch, k, v, g, beta)

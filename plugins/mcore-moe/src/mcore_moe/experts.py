@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mcore.precision.grouped import grouped_linear, grouped_linear_reference
-from mcore_moe.gate_up import gate_up_linear
+from mcore_moe.gate_up import gate_up_linear, packed_layout, storage_id
 from mcore_moe.kernel_choice import grouped_gemm
 from mcore_moe.swiglu import swiglu
 
@@ -94,30 +94,6 @@ def storage_less(x: torch.Tensor) -> bool:
     return x.is_meta or is_fake(x)
 
 
-def _storage_id(t: torch.Tensor) -> int | None:
-    """Which storage ``t`` lies in (meta tensors included; None for tensors without one of their own, DTensors)."""
-    try:
-        return int(t.untyped_storage()._cdata)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-
-
-def _packed_layout(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    """``gate`` and ``up`` ``(E_l, F, H)`` lie in one ``(E_l, 2, F, H)`` storage, each expert's up right after its
-    gate (``gate_up.stacked_gate_up``'s layout), judged from strides and storages alone: meta tensors too."""
-    if type(gate) not in _PLAIN_TYPES or type(up) not in _PLAIN_TYPES or gate.dim() != 3 or up.shape != gate.shape:
-        return False
-    _, f, h = gate.shape
-    strides = (2 * f * h, h, 1)
-    if gate.stride() != strides or up.stride() != strides or up.storage_offset() != gate.storage_offset() + f * h:
-        return False
-    same = _storage_id(gate)
-    return same is not None and same == _storage_id(up)
-
-
-_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
-
-
 def _owns_storage(t: torch.Tensor) -> bool:
     """``t`` is the whole of its storage, laid out contiguously (no other tensor's bytes around it)."""
     return (
@@ -171,7 +147,7 @@ class GroupedSwiGLU(nn.Module):
             return 0  # a layout's DTensors, a recipe's tensor subclass, fake tensors (meta ones pack: it is free)
         if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
             return 0
-        if _packed_layout(gate, up):
+        if packed_layout(gate, up):
             return 1
         if owned_only and not (_owns_storage(gate) and _owns_storage(up)):
             return 0
@@ -184,10 +160,10 @@ class GroupedSwiGLU(nn.Module):
         """``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.half()``, ``to_empty()``), then ``pack`` again where the
         weights were packed and the conversion gave them tensors of their own; a no-op conversion, or weights
         someone unpacked on purpose (``distributed-adamw`` gives them contiguous storage), are left as they are."""
-        was_packed = _packed_layout(self.gate, self.up)
-        before = (_storage_id(self.gate), _storage_id(self.up))
+        was_packed = packed_layout(self.gate, self.up)  # plain tensors, so they have storages
+        before = (storage_id(self.gate), storage_id(self.up)) if was_packed else None
         super()._apply(fn, recurse)
-        if was_packed and (_storage_id(self.gate), _storage_id(self.up)) != before:
+        if before is not None and (storage_id(self.gate), storage_id(self.up)) != before:
             self.pack()
         return self
 

@@ -30,19 +30,34 @@ from mcore.precision.grouped import grouped_linear
 
 def stacked_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """``[gate | up]`` ``(E_l, 2F, H)`` as a view when ``gate`` and ``up`` ``(E_l, F, H)`` lie in one
-    ``(E_l, 2, F, H)`` buffer (expert ``e``'s up right after its gate: ``GroupedSwiGLU.pack_for_inference``);
-    None otherwise (separate tensors, DTensors, while tracing), where callers concatenate."""
-    if torch.compiler.is_compiling() or type(gate) not in _PLAIN or type(up) not in _PLAIN:
+    ``(E_l, 2, F, H)`` buffer (``packed_layout``); None otherwise (separate tensors, DTensors, meta tensors, while
+    tracing), where callers concatenate."""
+    if torch.compiler.is_compiling() or gate.is_meta or up.dtype != gate.dtype or not packed_layout(gate, up):
         return None
     e, f, h = gate.shape
-    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device or gate.is_meta:
-        return None
+    return gate.detach().as_strided((e, 2 * f, h), (2 * f * h, h, 1))
+
+
+def packed_layout(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """``gate`` and ``up`` ``(E_l, F, H)`` (plain tensors) lie in one ``(E_l, 2, F, H)`` storage, each expert's up
+    right after its gate (``GroupedSwiGLU.pack``), judged from strides and storages alone: meta tensors too."""
+    if type(gate) not in _PLAIN or type(up) not in _PLAIN or gate.dim() != 3 or up.shape != gate.shape:
+        return False
+    _, f, h = gate.shape
     strides = (2 * f * h, h, 1)
     if gate.stride() != strides or up.stride() != strides or up.storage_offset() != gate.storage_offset() + f * h:
+        return False
+    same = storage_id(gate)
+    return same is not None and same == storage_id(up)
+
+
+def storage_id(t: torch.Tensor) -> int | None:
+    """Which storage ``t`` lies in (meta tensors included: their storages have no address to compare); None for a
+    tensor subclass without one of its own."""
+    try:
+        return int(t.untyped_storage()._cdata)
+    except (RuntimeError, NotImplementedError, TypeError):
         return None
-    if gate.untyped_storage().data_ptr() != up.untyped_storage().data_ptr():
-        return None
-    return gate.detach().as_strided((e, 2 * f, h), strides)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
