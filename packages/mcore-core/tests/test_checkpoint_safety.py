@@ -276,6 +276,19 @@ def test_symlink_leading_out_of_the_checkpoint_is_refused(run: Run, tmp_path: Pa
     one_line(exc)
 
 
+def test_a_checkpoint_directory_linked_from_elsewhere_is_not_listed(run: Run, tmp_path: Path) -> None:
+    """``checkpoints/step_99999999 -> another run's checkpoint``: resume and generate loaded weights from outside the
+    run directory (found by trying it); a linked step directory is not one of the run's checkpoints."""
+    from mcore.checkpoint.store import latest_checkpoint, list_checkpoints
+
+    ckpt = run.save(1)
+    other = tmp_path / "other_run" / "checkpoints"
+    other.mkdir(parents=True)
+    shutil.copytree(ckpt, other / "step_00000005")
+    (ckpt.parent / "step_99999999").symlink_to(other / "step_00000005")
+    assert list_checkpoints(ckpt.parent) == [ckpt] and latest_checkpoint(ckpt.parent) == ckpt
+
+
 def test_metadata_naming_a_file_the_manifest_does_not_list_is_refused(run: Run) -> None:
     ckpt = run.save(1)
     data = distcp(ckpt)

@@ -124,6 +124,10 @@ def test_missing_and_invalid_files(tmp_path: Path):
     bad.write_text("[train\nsteps=")
     with pytest.raises(ConfigError, match="is not valid TOML"):
         load_raw(bad)
+    deep = tmp_path / "deep.toml"  # a RecursionError traceback in tomllib (found by trying it)
+    deep.write_text("x = " + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nests arrays or tables too deeply"):
+        load_raw(deep)
 
 
 def test_to_dict_round_trips_through_toml(host, tmp_path: Path):

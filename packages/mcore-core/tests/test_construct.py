@@ -274,3 +274,25 @@ def test_build_parts_builds_on_meta_when_factory_and_layouts_allow() -> None:
     assert MetaTiny.devices == ["meta", "cpu"]
     reference = TinyTransformer(parts.model.config, seed=SEED)
     assert all(torch.equal(p, q) for p, q in zip(parts.model.parameters(), reference.parameters()))
+
+
+def test_a_model_larger_than_the_device_is_refused_before_allocating() -> None:
+    """Meta parameters (views of one storage counted once) that need more bytes than the device has: a one-line
+    UserError naming the size, nothing allocated; a model that fits is unaffected."""
+
+    class Table(nn.Module):
+        def __init__(self, rows: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(rows, 256))
+
+        def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+            nn.init.normal_(self.weight, generator=generator)
+
+    with torch.device("meta"):
+        huge = Table(10**11)  # 10^14 bytes in fp32
+        small = Table(8)
+    with pytest.raises(UserError, match=r"need 95,367\.4 GiB on each rank \(cpu\)") as err:
+        init_params(huge, seed=0, device="cpu")
+    assert "\n" not in str(err.value) and huge.weight.is_meta
+    init_params(small, seed=0, device="cpu")
+    assert not small.weight.is_meta

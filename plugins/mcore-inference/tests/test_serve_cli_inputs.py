@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 from mcore_inference.server.chat_template import tokenizer_template
 from mcore_inference.server.cli import check_bind, main
 
@@ -37,6 +38,12 @@ def one_line_error(capsys: pytest.CaptureFixture[str], code: int) -> str:
         (["--api-key", ""], "--api-key '': must be non-empty without spaces"),
         (["--api-key", "two words"], "--api-key 'two words': must be non-empty without spaces"),
         (["--host", "no-such-host.invalid"], "--host no-such-host.invalid --port 8000: cannot listen there"),
+        (["--max-model-len", "-1"], "--max-model-len -1: must be >= 1"),
+        (["--num-blocks", "0"], "--num-blocks 0: must be >= 1"),
+        (["--max-num-seqs", "0"], "--max-num-seqs 0: must be >= 1"),
+        (["--max-body-bytes", "-1"], "--max-body-bytes -1: must be >= 1"),
+        (["--gpu-memory-fraction", "1.5"], "--gpu-memory-fraction 1.5: must be in (0, 1]"),
+        (["--gpu-memory-fraction", "nan"], "--gpu-memory-fraction nan: must be in (0, 1]"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(
@@ -77,3 +84,23 @@ def test_a_tokenizer_config_linked_from_outside_is_never_read(tmp_path: Path) ->
     (model / "tokenizer_config.json").symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(UserError, match="outside the model directory"):
         tokenizer_template(_Tokenizer(model / "tokenizer.json"))
+
+
+def test_a_chat_template_that_is_not_utf8_text_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A binary ``--chat-template`` was a ``UnicodeDecodeError`` traceback (found by trying it)."""
+    binary = tmp_path / "template.bin"
+    binary.write_bytes(b"\xff\xfe\x00{{ x }}\x80")
+    err = one_line_error(capsys, main(["/nowhere", "--chat-template", str(binary), "--port", "0"]))
+    assert f"--chat-template {str(binary)!r}: cannot read it as UTF-8 text" in err
+
+
+def test_a_kv_cache_larger_than_the_device_is_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--num-blocks 10**12`` was a ``MemoryError`` with an empty message."""
+    from mcore_inference.cache import PagedKVCache
+
+    from mcore.protocols.block import AttentionCacheSpec
+
+    specs = {0: AttentionCacheSpec(kv_heads=8, head_dim=128, value_dim=128, dtype=torch.float32)}
+    with pytest.raises(UserError, match=r"PagedKVCache num_blocks = 1000000000000: [0-9,.]+ GiB of cache, more than"):
+        PagedKVCache(specs, num_blocks=10**12, block_size=16, device="cpu")
+    assert PagedKVCache(specs, num_blocks=4, block_size=16, device="cpu").num_blocks == 4

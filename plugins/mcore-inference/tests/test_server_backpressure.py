@@ -117,3 +117,39 @@ def test_max_waiting_must_be_positive(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--max-waiting 0: must be >= 1" in err and len(err.splitlines()) == 1
     with pytest.raises(UserError, match="max_waiting = -1"):
         build_app(make_engine(), model_name=MODEL, max_waiting=-1)
+
+
+def test_a_group_counts_against_the_queue_and_its_size_is_bounded() -> None:
+    """A request of several choices is admitted only if all of them fit under ``max_waiting`` (one that did not
+    would slip 10^5 sequences past the limit while the queue was short); prompts x n over ``MAX_CHOICES`` and stop
+    lists over their bounds are a 400 before anything is queued; the server keeps serving."""
+    from mcore_inference.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
+    from mcore_inference.server.protocol import MAX_CHOICES
+
+    app = make_app("thread", "slow", max_num_seqs=2, max_waiting=3)  # 2 run, then at most 3 wait
+    with live_server(app) as url:
+        with ExitStack() as streams:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            for i in range(3):  # 2 running, 1 waiting
+                body = {"model": MODEL, "prompt": f"busy {i}", "max_tokens": 40, "stream": True, "ignore_eos": True}
+                streams.enter_context(httpx.stream("POST", url + "/v1/completions", json=body, timeout=60))
+            assert (_wait_for(app, running=2, waiting=1)["waiting"]) == 1
+            with pytest.raises(openai.RateLimitError) as refused:  # 1 waits + 3 choices > 3
+                client.completions.create(model=MODEL, prompt="three at once", max_tokens=2, n=3)
+            assert "this one brings 3" in refused.value.message
+            fits = client.completions.create(model=MODEL, prompt="two fit", max_tokens=2, n=2, **GREEDY)
+            assert [c.text for c in fits.choices] == [reference("two fit", 2)] * 2
+            with pytest.raises(openai.BadRequestError) as big:
+                client.completions.create(model=MODEL, prompt=[[1]] * (MAX_CHOICES // 4 + 1), max_tokens=1, n=4)
+            assert (
+                big.value.status_code == 400
+                and big.value.param == "prompt"
+                and f"at most {MAX_CHOICES}" in big.value.message
+            )
+            with pytest.raises(openai.BadRequestError) as stops:
+                client.completions.create(model=MODEL, prompt="x", max_tokens=1, stop=[f"s{i}" for i in range(10_000)])
+            assert f"at most {MAX_STOP_STRINGS} strings" in stops.value.message and len(stops.value.message) < 400
+            with pytest.raises(openai.BadRequestError):
+                client.completions.create(model=MODEL, prompt="x", max_tokens=1, stop=["y" * (MAX_STOP_CHARS + 1)])
+            assert stats(app)["metrics"]["rejected"] == {"queue_full": 1}
+        assert all_free(app)  # the closed streams aborted their requests

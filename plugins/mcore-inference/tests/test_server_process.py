@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -62,6 +63,16 @@ def test_64_concurrent_streams_complete_and_free_every_block() -> None:
 
 def _fails_to_build() -> Any:
     raise UserError("no model at /nowhere")
+
+
+def _dies_while_building() -> Any:
+    os._exit(3)  # no message: the pipe just closes (an EOFError traceback before, found by trying it)
+
+
+def test_an_engine_process_that_dies_while_starting_is_one_line() -> None:
+    process = EngineProcess(_dies_while_building, start_timeout=120)
+    with pytest.raises(UserError, match=r"the engine process exited while starting \(exit code 3\)"):
+        process.start()
 
 
 def test_a_failed_engine_start_raises_and_leaves_no_process() -> None:

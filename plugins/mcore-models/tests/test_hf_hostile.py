@@ -80,6 +80,10 @@ HOSTILE = {
     "num_hidden_layers_absurd": (_edit_config(num_hidden_layers=10**12), f"at most {MAX_LAYERS}"),
     "num_attention_heads_zero": (_edit_config(num_attention_heads=0), "ZeroDivisionError"),
     "config_nested_too_deep": (_write("config.json", b"[" * 100_000 + b"]" * 100_000), "not valid JSON"),
+    # wrong types named by their field (were: "could not convert string to float: 'x'", and true taken as 1 layer)
+    "rope_theta_string": (_edit_config(rope_theta="x"), 'rope_theta = "x"; allowed: a number'),
+    "num_hidden_layers_bool": (_edit_config(num_hidden_layers=True), "num_hidden_layers = true; allowed: an integer"),
+    "hidden_size_float": (_edit_config(hidden_size=64.5), "hidden_size = 64.5; allowed: an integer"),
     "safetensors_truncated": (_truncate, "not a readable safetensors file"),
     "safetensors_empty": (_write("model.safetensors", b""), "not a readable safetensors file"),
     "safetensors_header_too_large": (

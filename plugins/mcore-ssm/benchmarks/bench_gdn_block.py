@@ -4,11 +4,15 @@ Why it exists: the hybrid training step is about twice the dense one at 4,096 to
 chunked rule's kernels explain. This times, at ``hybrid-bench``'s mixer shape (hidden 2048, 8 query/key heads, 16
 value heads, head dims 128, packed documents), forward + backward of:
 
-* ``block``: ``GatedDeltaNet.forward`` as the training step runs it (eager);
+* ``block``: ``GatedDeltaNet.forward`` as the training step runs it (eager; on CUDA its conv + SiLU + L2 norm and
+  gated norm run as the fused Triton kernels of ``conv_triton`` / ``norm_triton``);
+* ``block_unfused``: the same with ``MCORE_SSM_FUSED=0`` set around the forward (the torch conv, ``l2_normalize``
+  and ``gated_rms_norm``; the backward follows the forward's choice), so one run A/Bs the fused ops;
 * ``block_compiled``: the same block's forward under ``torch.compile`` (``train.compile = "blocks"``);
 * ``projections``: its seven linears alone (the GEMM floor of the block);
 * ``rule``: the chunked gated delta rule alone, on the block's shapes;
-* ``conv``: the three causal convolutions + SiLU alone (packed documents);
+* ``conv``: the three causal convolutions + SiLU alone (packed documents; the torch path);
+* ``conv_fused``: the same by ``conv_triton`` (q and k with the L2 norm in its epilogue; CUDA only);
 * ``segments``: the documents' segments the block computes once per call (host syncs included).
 
 Then a ``torch.profiler`` table of one eager fwd + bwd: kernels by CUDA time and the host's share. Output: JSON
@@ -21,7 +25,9 @@ lines (``mcore_testing.bench``) on stdout and in ``--out``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -72,6 +78,20 @@ def context(args: argparse.Namespace, device: torch.device) -> BlockContext:
     return BlockContext(positions=positions, cu_seqlens=cu, max_seqlen=length)
 
 
+@contextmanager
+def unfused() -> Iterator[None]:
+    """``MCORE_SSM_FUSED=0`` inside the block (restored after)."""
+    old = os.environ.get("MCORE_SSM_FUSED")
+    os.environ["MCORE_SSM_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MCORE_SSM_FUSED"]
+        else:
+            os.environ["MCORE_SSM_FUSED"] = old
+
+
 def candidates(
     args: argparse.Namespace, block: GatedDeltaNet, ctx: BlockContext, hidden: torch.Tensor
 ) -> dict[str, Callable[[], Any]]:
@@ -98,6 +118,10 @@ def candidates(
 
         return step
 
+    def block_unfused(x: torch.Tensor) -> torch.Tensor:
+        with unfused():
+            return block(x, ctx)
+
     linears = (block.q, block.k, block.v, block.z, block.b, block.a)
 
     def projections(x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -122,17 +146,25 @@ def candidates(
         ]
         return torch.cat(ys, dim=-1)  # (B, T, channels)
 
+    found_inputs = [rand(batch, seq, t[0, 0].numel()) for t in (q, k, v)]  # (B, T, channels) each
     found: dict[str, Callable[[], Any]] = {
         "block": fwd_bwd(lambda x: block(x, ctx), hidden),
+        "block_unfused": fwd_bwd(block_unfused, hidden),
         "projections": fwd_bwd(projections, hidden, rand(batch, seq, hv * block.head_v_dim)),
         "rule": fwd_bwd(rule, q, k, v, g, beta),
-        "conv": fwd_bwd(
-            conv,
-            rand(batch, seq, q[0, 0].numel()),
-            rand(batch, seq, k[0, 0].numel()),
-            rand(batch, seq, v[0, 0].numel()),
-        ),
+        "conv": fwd_bwd(conv, *found_inputs),
     }
+    if hidden.is_cuda:
+        from mcore_ssm.conv_triton import conv1d_silu_train
+
+        def conv_fused(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
+            cu = ctx.cu_seqlens
+            pos = documents(batch, seq, cu, xq.device).pos if cu is not None else None
+            heads = (dk, dk, None)
+            ys = [conv1d_silu_train(x, w, pos=pos, norm_head=h) for x, w, h in zip((xq, xk, xv), weights, heads)]
+            return torch.cat(ys, dim=-1)  # (B, T, channels)
+
+        found["conv_fused"] = fwd_bwd(conv_fused, *found_inputs)
     if ctx.cu_seqlens is not None:
         cu = ctx.cu_seqlens
         found["segments"] = lambda: documents(batch, seq, cu, hidden.device).pos

@@ -52,6 +52,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from mcore import init_rng
 from mcore.errors import UserError
+from mcore.observe.memory import available_bytes
 from mcore.params import Init, collect_param_specs
 from mcore.ragged import row_counts, row_dim
 
@@ -231,6 +232,23 @@ def _materialize_params(model: nn.Module, device: torch.device) -> None:
             torch.utils.swap_tensors(p, nn.Parameter(empty, requires_grad=p.requires_grad))
 
 
+def _check_fits(model: nn.Module, device: torch.device) -> None:
+    """A one-line ``UserError`` when this rank's meta parameters and buffers (each storage once) need more bytes than
+    ``device`` has, before anything is allocated (a typo'd ``vocab_size = 10**11`` is a message, not a traceback)."""
+    storages: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        local = _local(t)
+        if local.is_meta:
+            storages[local.untyped_storage()._cdata] = local.untyped_storage().nbytes()
+    need, have = sum(storages.values()), available_bytes(device)
+    if have is not None and need > have:
+        raise UserError(
+            f"the model's parameters and buffers need {need / 2**30:,.1f} GiB on each rank ({device}), more than the "
+            f"{have / 2**30:,.1f} GiB there; allowed: a smaller model (hidden_size, num_layers, vocab_size) or more "
+            "ranks sharding it (parallel.layouts)"
+        )
+
+
 def _allocate_like(
     meta: torch.Tensor, device: torch.device, shared: dict[int, tuple[torch.UntypedStorage, torch.UntypedStorage]]
 ) -> torch.Tensor:
@@ -302,6 +320,7 @@ def init_params(model: nn.Module, *, seed: int, device: torch.device | str) -> I
     inits = {name: spec.init for name, spec in specs.items() if spec.init is not None}
     resets = _plan_resets(model, params, [name for name in params if name not in inits])
     regions = local_regions({name: params[name] for name in inits})
+    _check_fits(model, device)
     _materialize_params(model, device)
     buffer_owners = _materialize_buffers(model, device)
     done = Initialised()

@@ -132,7 +132,27 @@ def read_hf_config(path: Path) -> dict[str, Any]:
         raise UserError(f"{file}: not valid JSON ({' '.join(str(exc).split())})") from None
     if not isinstance(value, dict):
         raise UserError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    _check_field_types(value, file)
     return value
+
+
+#: ``config.json`` fields every family reads as counts or sizes (an int; ``true`` is not 1) and as real numbers.
+_INT_FIELDS = frozenset(
+    {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+     "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size", "num_experts",
+     "num_local_experts", "num_experts_per_tok", "n_routed_experts", "n_shared_experts", "sliding_window"}
+)  # fmt: skip
+_REAL_FIELDS = frozenset({"rope_theta", "rms_norm_eps", "layer_norm_eps", "initializer_range"})
+
+
+def _check_field_types(config: dict[str, Any], file: Path) -> None:
+    """A one-line ``UserError`` naming the field when a well-known size is not an int or a rate not a number."""
+    for key, kind, ok in (
+        *((k, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)) for k in _INT_FIELDS),
+        *((k, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)) for k in _REAL_FIELDS),
+    ):
+        if key in config and config[key] is not None and not ok(config[key]):
+            raise UserError(f"{file}: {key} = {json.dumps(config[key])[:80]}; allowed: {kind}")
 
 
 def load_hf(path: Path, host: Any, *, device: Any = "cpu") -> tuple[str, Any, nn.Module]:

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from mcore.errors import UserError
+from mcore.observe.memory import available_bytes
 from mcore.protocols.block import AttentionCacheSpec, LayerCacheSpec, PagedKV, RecurrentStateSpec
 from mcore_inference.block_pool import ROOT_HASH, BlockPool, block_hash, chain_hashes
 from mcore_inference.kv_quant import calibrate, quantize, resolve_kv_cache_dtype
@@ -175,6 +176,13 @@ class PagedKVCache:
                 )
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise UserError(f"PagedKVCache num_blocks = {num_blocks!r}: must be a positive int")
+        need = (num_blocks + int(scratch_block)) * bytes_per_block(specs, block_size, kv_cache_dtype) + snapshot_bytes
+        have = available_bytes(device)
+        if have is not None and need > have:  # a message, not an allocator's MemoryError with an empty message
+            raise UserError(
+                f"PagedKVCache num_blocks = {num_blocks}: {need / 2**30:,.1f} GiB of cache, more than the "
+                f"{have / 2**30:,.1f} GiB free on {device}; allowed: fewer blocks (or a memory fraction)"
+            )
         self.block_size, self.num_blocks, self.max_seqs = block_size, num_blocks, max_seqs
         self.device = torch.device(device)
         self.kv_cache_dtype = kv_cache_dtype

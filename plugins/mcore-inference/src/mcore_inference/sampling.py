@@ -51,12 +51,22 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300
 #: A ``logit_bias`` value's range, as OpenAI's: -100 effectively bans a token, 100 forces it.
 LOGIT_BIAS_RANGE = 100.0
+#: The most stop strings of one request, and the longest one (characters). OpenAI takes at most 4; vLLM has no bound,
+#: but every generated token is checked against every stop string (and the text held back for a partial match grows
+#: with the longest), so without a bound one request's list stalls everyone's decode.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+#: The most ``stop_token_ids`` of one request (a set lookup per token: cheap, but the list travels with the request).
+MAX_STOP_TOKEN_IDS = 1024
 
 _M32 = 0xFFFFFFFF
 
 
 def _fail(name: str, value: Any, allowed: str) -> UserError:
-    return UserError(f"SamplingParams.{name} = {value!r}: {allowed}")
+    shown = repr(value)
+    if len(shown) > 200:  # a huge bad value (a list of 10^5 stop strings) is named, not echoed whole
+        shown = f"{shown[:120]}... ({type(value).__name__} of {len(value) if hasattr(value, '__len__') else '?'})"
+    return UserError(f"SamplingParams.{name} = {shown}: {allowed}")
 
 
 def _is_int(value: Any) -> bool:
@@ -133,10 +143,16 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise _fail("stop", self.stop, "must be a string or a list of non-empty strings")
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise _fail(
+                "stop", self.stop, f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters each"
+            )
         object.__setattr__(self, "stop", tuple(stop))
         ids = self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
             raise _fail("stop_token_ids", ids, "must be a list of token ids (integers >= 0)")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise _fail("stop_token_ids", ids, f"at most {MAX_STOP_TOKEN_IDS} token ids")
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):

@@ -13,7 +13,9 @@ depthwise conv1d + SiLU on q, k, v (one filter per projection, no window across 
 q and k (eps 1e-6), ``beta = sigmoid(b)``, decay ``g = -exp(A_log) * softplus(a + dt_bias)`` (``dt_bias``
 is the ``a`` projection's bias), the gated delta rule (chunked WY form, fp32 state; ``mcore_ssm.gdn_kernels``
 picks the Triton kernels on CUDA or the torch reference), a gated RMSNorm per value head with ``z``
-(normalise, then ``* silu(z)``; one ``(dv,)`` scale shared by the heads), and the output projection.
+(normalise, then ``* silu(z)``; one ``(dv,)`` scale shared by the heads), and the output projection. Where the
+Triton kernels run (``kernel_choice.fused_ops``) a training call's conv + SiLU + L2 norm is ``conv_triton`` and the
+gated norm ``norm_triton``: fused, fp32 math, each activation read and written once (``MCORE_SSM_FUSED=0``: torch).
 
 Hugging Face Qwen3-Next (``Qwen3NextGatedDeltaNet``) names: ``in_proj_qkvz`` holds, per query/key head, the rows
 ``[q (dk) | k (dk) | v (r * dv) | z (r * dv)]`` (``r = hv // hk``) and ``in_proj_ba`` per query/key head ``[b (r) |
@@ -61,9 +63,9 @@ from mcore_ssm.conv import causal_conv1d, causal_conv1d_step
 from mcore_ssm.gdn_kernels import gated_delta_rule
 from mcore_ssm.gdn_reference import gated_delta_rule_step
 from mcore_ssm.hf_map import GatedDeltaNetHF
-from mcore_ssm.kernel_choice import check_kernel
+from mcore_ssm.kernel_choice import check_kernel, fused_ops
 from mcore_ssm.norm import gated_rms_norm
-from mcore_ssm.packing import documents
+from mcore_ssm.packing import Segments, documents
 
 #: The names of a sequence's state tensors (``state_shapes``).
 STATE_NAMES: tuple[str, ...] = ("conv_q", "conv_k", "conv_v", "ssm")
@@ -220,7 +222,7 @@ class GatedDeltaNet(nn.Module):
         document under ``ctx.cu_seqlens``; ``None``: zeros) -> ``(out (B, T, H), final state or None)``."""
         q, k, v, z, b, a = project(hidden, (self.q, self.k, self.v, self.z, self.b, self.a))
         o, finals = self._mix(q, k, v, b, a, ctx, state, return_state=return_state)  # (B, T, hv, dv)
-        return self._output(o, z), finals  # (B, T, H)
+        return self._output(o, z, fused=fused_ops(self.config.kernel, z)), finals  # (B, T, H)
 
     def _forward_split(self, hidden: torch.Tensor, ctx: BlockContext, split: SequenceSplit) -> torch.Tensor:
         """Under a sequence split (``cp``): this rank's tokens ``hidden (B, L, H)`` projected, an all-to-all to
@@ -235,7 +237,8 @@ class GatedDeltaNet(nn.Module):
         q, k, v, b, a = split.to_full_sequence(q, k, v, b, a)  # (B, T, */cp): every token, this rank's heads
         o, _ = self._mix(q, k, v, b, a, split.full_context(ctx), None, return_state=False, rows=split.my_channels)
         (o_local,) = split.to_local_tokens(o.flatten(-2))  # (B, L, hv * dv)
-        return self._output(o_local.unflatten(-1, (-1, self.head_v_dim)), z)  # (B, L, H)
+        fused = fused_ops(self.config.kernel, z)
+        return self._output(o_local.unflatten(-1, (-1, self.head_v_dim)), z, fused=fused)  # (B, L, H)
 
     def _mix(
         self,
@@ -258,24 +261,29 @@ class GatedDeltaNet(nn.Module):
         segments = documents(batch, seq, cu, q.device) if cu is not None else None  # once for the block
         state = dict(state) if state is not None else {}
         finals: dict[str, torch.Tensor] = {}
-        mixed = []
+        weights = []
         for name, x, conv in (("conv_q", q, self.conv_q), ("conv_k", k, self.conv_k), ("conv_v", v, self.conv_v)):
-            weight = rows(conv.local_weight())  # (C, K): this rank's channels
-            self._check_channels(name, x, weight)
-            y, last = causal_conv1d(
-                x,
-                weight,
-                cu_seqlens=cu,
-                initial_state=state.get(name),
-                return_final_state=return_state,
-                segments=segments,
-            )  # (B, T, C)
-            mixed.append(y)
-            if last is not None:
-                finals[name] = last
-        q = l2_normalize(mixed[0].unflatten(-1, (-1, dk)))  # (B, T, hk, dk)
-        k = l2_normalize(mixed[1].unflatten(-1, (-1, dk)))  # (B, T, hk, dk)
-        v = mixed[2].unflatten(-1, (-1, dv))  # (B, T, hv, dv)
+            weights.append(rows(conv.local_weight()))  # (C, K): this rank's channels
+            self._check_channels(name, x, weights[-1])
+        if not state and not return_state and fused_ops(self.config.kernel, q):  # training: the fused Triton conv
+            q, k, v = self._conv_fused(q, k, v, weights, segments)
+        else:
+            mixed = []
+            for name, x, weight in zip(STATE_NAMES[:3], (q, k, v), weights, strict=True):
+                y, last = causal_conv1d(
+                    x,
+                    weight,
+                    cu_seqlens=cu,
+                    initial_state=state.get(name),
+                    return_final_state=return_state,
+                    segments=segments,
+                )  # (B, T, C)
+                mixed.append(y)
+                if last is not None:
+                    finals[name] = last
+            q = l2_normalize(mixed[0].unflatten(-1, (-1, dk)))  # (B, T, hk, dk)
+            k = l2_normalize(mixed[1].unflatten(-1, (-1, dk)))  # (B, T, hk, dk)
+            v = mixed[2].unflatten(-1, (-1, dv))  # (B, T, hv, dv)
         beta, g = self._gates(b, a, rows(self.A_log.local_weight()))  # (B, T, hv) each, fp32
         o, ssm = gated_delta_rule(
             q,
@@ -294,6 +302,26 @@ class GatedDeltaNet(nn.Module):
             return o, None
         finals["ssm"] = ssm  # fp32 (fp64 for fp64 inputs)
         return o, finals
+
+    def _conv_fused(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        weights: list[torch.Tensor],
+        segments: Segments | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training call's conv + SiLU (+ L2 norm of q and k) by ``conv_triton``: ``q, k (B, T, hk*dk)``, ``v (B,
+        T, hv*dv)`` -> ``(B, T, hk, dk)`` twice and ``(B, T, hv, dv)``; ``weights`` the q/k/v filters ``(C, K)``."""
+        from mcore_ssm.conv_triton import conv1d_silu_train
+
+        dk, dv = self.head_k_dim, self.head_v_dim
+        pos = segments.pos if segments is not None else None  # (N,); rows: the kernel takes t % T
+        return (
+            conv1d_silu_train(q, weights[0], pos=pos, norm_head=dk).unflatten(-1, (-1, dk)),
+            conv1d_silu_train(k, weights[1], pos=pos, norm_head=dk).unflatten(-1, (-1, dk)),
+            conv1d_silu_train(v, weights[2], pos=pos).unflatten(-1, (-1, dv)),
+        )
 
     def step(
         self, hidden: torch.Tensor, state: Mapping[str, torch.Tensor]
@@ -323,8 +351,15 @@ class GatedDeltaNet(nn.Module):
         decay = a_log[:, 0].to(compute).exp()  # (hv,) A
         return torch.sigmoid(b.to(compute)), -decay * F.softplus(a.to(compute))
 
-    def _output(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Gated RMSNorm per value head, then the output projection: ``o (..., hv, dv)`` -> ``(..., H)``."""
+    def _output(self, o: torch.Tensor, z: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
+        """Gated RMSNorm per value head, then the output projection: ``o (..., hv, dv)`` -> ``(..., H)``.
+        ``fused``: the norm by ``norm_triton`` (whole calls, where ``kernel_choice.fused_ops`` says so)."""
+        if fused:
+            from mcore_ssm.norm_triton import gated_rms_norm_triton
+
+            dv, eps = self.head_v_dim, self.config.norm_eps
+            normed = gated_rms_norm_triton(o.flatten(-2), z, self.norm_weight, eps, group_size=dv)  # (..., hv*dv)
+            return self.out(normed.to(z.dtype))
         gate = z.unflatten(-1, (-1, self.head_v_dim))  # (..., hv, dv)
         normed = gated_rms_norm(o, gate, self.norm_weight, self.config.norm_eps).to(z.dtype)  # (..., hv, dv)
         return self.out(normed.flatten(-2))

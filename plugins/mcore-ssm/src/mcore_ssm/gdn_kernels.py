@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Unpack
+from typing import Any, Unpack
 
 import torch
 
@@ -32,7 +32,14 @@ def gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``chunk_gated_delta_rule``'s arguments and results, computed by the implementation ``kernel`` picks."""
     if pick(kernel, v.device, options.get("chunk_size", CHUNK)) == "triton":
-        from mcore_ssm.gdn_triton import gated_delta_rule_triton
-
-        return gated_delta_rule_triton(q, k, v, g, beta, **options)
+        return _triton_rule(q, k, v, g, beta, **options)
     return chunk_gated_delta_rule(q, k, v, g, beta, **options)
+
+
+@torch.compiler.disable  # under torch.compile (train.compile = "blocks") the kernels run as they are, between graphs
+def _triton_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, **options: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from mcore_ssm.gdn_triton import gated_delta_rule_triton
+
+    return gated_delta_rule_triton(q, k, v, g, beta, **options)

@@ -2,13 +2,16 @@
 
 Why: both scans choose the same way, once per call, not in the block; ``gdn_kernels`` and ``mamba2_kernels`` say
 only which chunk sizes their Triton kernels take. ``auto``: Triton for CUDA tensors when Triton imports and the
-kernel takes the chunk size, outside ``torch.compile`` tracing (the compiler fuses the torch reference instead);
+kernel takes the chunk size, under ``torch.compile`` too (``gdn_kernels`` / ``mamba2_kernels`` call the kernels
+through ``torch.compiler.disable``: the graphs break around them; the compiled torch reference is ~3x slower);
 the torch reference everywhere else, or everywhere with ``MCORE_SSM_KERNELS=torch`` (an opt-out). The default
 since their GPU tests passed and ``benchmarks/bench_gdn.py`` / ``bench_mamba2.py`` timed them on a card (H100,
 2026-12-06, ``benchmarks/RESULTS.md``): forward + backward 2.1x (GDN) and 3.6x (Mamba2) the compiled
 reference, the ``hybrid-bench`` training step 3.9x faster than on the reference. ``torch`` always takes the
 reference; ``triton`` always the kernel (on CPU only under ``TRITON_INTERPRET=1``, Triton's
-interpreter, for checking it). CPU calls never import Triton.
+interpreter, for checking it). CPU calls never import Triton. Where the scans' Triton kernels run, ``fused_ops`` also
+gives the blocks' training-call conv and gated norm to ``conv_triton`` / ``norm_triton`` (``MCORE_SSM_FUSED=0`` opts
+out of those alone).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ def choose(kernel: str, device: torch.device, *, triton_takes: bool) -> str:
         device.type == "cuda"
         and triton_takes
         and os.environ.get("MCORE_SSM_KERNELS", "") not in OPT_OUT
-        and not torch.compiler.is_compiling()
         and importlib.util.find_spec("triton") is not None
     )
     return "triton" if usable else "torch"
@@ -153,3 +155,22 @@ def gdn_kernels_for(block_k: int) -> GdnKernels:
         pairs_t=gdn_pairs_t(),
         inverse=gdn_inverse(),
     )
+
+
+#: ``MCORE_SSM_FUSED``: ``1`` (the default) runs the blocks' training-call conv + SiLU (+ GDN's q/k L2 norm) and gated
+#: RMSNorm as the fused Triton kernels of ``conv_triton`` / ``norm_triton`` wherever the block's Triton scan is chosen
+#: (``fused_ops``); ``0`` keeps the torch ops there (an A/B switch: ``benchmarks/bench_gdn_block.py``'s
+#: ``block_unfused``). Read when a block's forward runs; its backward follows what the forward chose.
+FUSED: tuple[str, ...] = ("1", "0")
+
+
+def fused_ops(kernel: str, x: torch.Tensor) -> bool:
+    """Whether a block whose ``kernel`` setting is ``kernel`` runs the fused Triton conv and gated norm on ``x``: where
+    ``choose`` takes Triton (CUDA for ``auto``; ``triton`` also on CPU under Triton's interpreter), never while
+    ``torch.compile`` traces, for fp32 / bf16 / fp16 only (fp64 keeps the torch ops), unless ``MCORE_SSM_FUSED=0``
+    (another value: ``UserError``)."""
+    if torch.compiler.is_compiling() or _env_choice("MCORE_SSM_FUSED", FUSED) == "0":
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return choose(kernel, x.device, triton_takes=True) == "triton"

@@ -14,7 +14,9 @@ Notable:
 * A causal depthwise conv1d + SiLU over ``[x | B | C]`` (``mcore_ssm.conv``), the scan (the chunked SSD
   form, fp32 state: ``mcore_ssm.mamba2_kernels`` picks the Triton forward on CUDA or the torch
   reference ``mamba2_reference.ssd_chunked``) with the ``D`` skip, then the gated RMSNorm
-  ``rmsnorm(y * silu(z)) * weight`` in ``ngroups`` groups (``mcore_ssm.norm``) and ``out_proj``.
+  ``rmsnorm(y * silu(z)) * weight`` in ``ngroups`` groups (``mcore_ssm.norm``) and ``out_proj``. Where the Triton
+  kernels run (``kernel_choice.fused_ops``) the training call's conv + SiLU is ``conv_triton`` and the gated norm
+  ``norm_triton`` (fused; ``MCORE_SSM_FUSED=0``: torch).
 * Packed documents (``ctx.cu_seqlens``): no conv window and no state crosses a document (or a row end).
 * Recurrent state: ``forward_with_state`` takes and returns each sequence's conv and SSM state (prefill,
   chunked prefill); ``step`` is the single-token recurrent update (decode). Under an inference cache
@@ -57,10 +59,11 @@ from mcore_ssm.block_utils import (
 )
 from mcore_ssm.conv import causal_conv1d, causal_conv1d_step
 from mcore_ssm.hf_map_mamba2 import Mamba2HF
-from mcore_ssm.kernel_choice import check_kernel
+from mcore_ssm.kernel_choice import check_kernel, fused_ops
 from mcore_ssm.mamba2_kernels import ssd_scan
 from mcore_ssm.mamba2_reference import discretize_dt
 from mcore_ssm.norm import gated_rms_norm
+from mcore_ssm.packing import documents
 
 __all__ = ["Mamba2"]
 
@@ -264,15 +267,22 @@ class Mamba2(nn.Module):
         cfg = self.config
         return (cfg.dt_limit_min, math.inf if cfg.dt_limit_max is None else cfg.dt_limit_max)
 
-    def _gate_norm_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``out_proj(rmsnorm(y * silu(z)) * weight)``: ``y``, ``z (..., I)`` -> ``(..., H)``."""
+    def _gate_norm_out(self, y: torch.Tensor, z: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
+        """``out_proj(rmsnorm(y * silu(z)) * weight)``: ``y``, ``z (..., I)`` -> ``(..., H)``. ``fused``: the norm by
+        ``norm_triton`` (whole calls, where ``kernel_choice.fused_ops`` says so)."""
         weight = local(self.norm.weight)[:, 0]  # (I,): this rank's channels
         if weight.shape[0] % self.norm_group:
             raise ValueError(
                 f"mamba2: a norm group spans {self.norm_group} channels but this module holds {weight.shape[0]}: "
                 f"the tensor-parallel size must divide ngroups = {self.config.ngroups}"
             )
-        y = gated_rms_norm(y, z, weight, self.config.norm_eps, norm_before_gate=False, group_size=self.norm_group)
+        eps, group = self.config.norm_eps, self.norm_group
+        if fused:
+            from mcore_ssm.norm_triton import gated_rms_norm_triton
+
+            y = gated_rms_norm_triton(y, z, weight, eps, norm_before_gate=False, group_size=group)
+        else:
+            y = gated_rms_norm(y, z, weight, eps, norm_before_gate=False, group_size=group)
         return self.out_proj(y.to(z.dtype))
 
     def forward_with_state(
@@ -285,12 +295,38 @@ class Mamba2(nn.Module):
         """``hidden (B, T, H)`` after each sequence's ``conv_state (S, X, K - 1)`` and ``ssm_state (S, h, p, n)``
         (zeros when ``None``; one per row, or per document of ``ctx.cu_seqlens``, which then must lie in one
         row each). Returns ``(out (B, T, H), conv_state, ssm_state)``: the states after each sequence."""
+        out, conv_final, ssm_final = self._forward(hidden, ctx, conv_state, ssm_state, return_conv_state=True)
+        assert conv_final is not None
+        return out, conv_final, ssm_final
+
+    def _forward(
+        self,
+        hidden: torch.Tensor,
+        ctx: BlockContext,
+        conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+        *,
+        return_conv_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``forward_with_state``; the conv's final state only with ``return_conv_state`` (without it and without a
+        ``conv_state``, the training call, the conv may run fused: ``_scan``)."""
         z, x, b, c, dt = self._project(hidden)  # (B, T, I), (B, T, I), (B, T, g*n) x2, (B, T, h)
         weight, bias = self._conv_params(x, b)  # (X, K), (X,)
         y, conv_final, ssm_final = self._scan(
-            x, b, c, dt, weight, bias, local(self.A_log.weight), local(self.D.weight), ctx, conv_state, ssm_state
-        )  # (B, T, I), (S, X, K - 1), (S, h, p, n)
-        return self._gate_norm_out(y, z), conv_final, ssm_final
+            x,
+            b,
+            c,
+            dt,
+            weight,
+            bias,
+            local(self.A_log.weight),
+            local(self.D.weight),
+            ctx,
+            conv_state,
+            ssm_state,
+            return_conv_state=return_conv_state,
+        )  # (B, T, I), (S, X, K - 1) or None, (S, h, p, n)
+        return self._gate_norm_out(y, z, fused=fused_ops(self.config.kernel, z)), conv_final, ssm_final
 
     def _scan(
         self,
@@ -305,20 +341,32 @@ class Mamba2(nn.Module):
         ctx: BlockContext,
         conv_state: torch.Tensor | None,
         ssm_state: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        *,
+        return_conv_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The conv over ``[x | B | C]`` (``weight (X, K)``, ``bias (X,)``) and the scan with the ``D`` skip:
         ``x (B, T, h*p)``, ``b``, ``c (B, T, g*n)``, ``dt (B, T, h)``, ``a_log``, ``d (h, 1)`` the heads' rows ->
-        ``(y (B, T, h*p), conv_state (S, X, K - 1), ssm_state (S, h, p, n))``."""
+        ``(y (B, T, h*p), conv_state (S, X, K - 1) or None, ssm_state (S, h, p, n))``. The training call (no
+        ``conv_state``, none returned) runs the fused Triton conv where ``kernel_choice.fused_ops`` says so."""
         batch, seq, _ = x.shape
-        xbc, conv_final = causal_conv1d(
-            torch.cat([x, b, c], dim=-1),  # (B, T, X)
-            weight,
-            bias,
-            cu_seqlens=ctx.cu_seqlens,
-            initial_state=conv_state,
-            activation="silu",
-            return_final_state=True,
-        )
+        xbc_in = torch.cat([x, b, c], dim=-1)  # (B, T, X)
+        conv_final: torch.Tensor | None = None
+        if conv_state is None and not return_conv_state and fused_ops(self.config.kernel, x):
+            from mcore_ssm.conv_triton import conv1d_silu_train
+
+            cu = ctx.cu_seqlens
+            pos = documents(batch, seq, cu, x.device).pos if cu is not None else None  # (N,); rows: t % T
+            xbc = conv1d_silu_train(xbc_in, weight, bias, pos=pos)  # (B, T, X)
+        else:
+            xbc, conv_final = causal_conv1d(
+                xbc_in,
+                weight,
+                bias,
+                cu_seqlens=ctx.cu_seqlens,
+                initial_state=conv_state,
+                activation="silu",
+                return_final_state=return_conv_state,
+            )
         x, b, c = xbc.split([x.shape[-1], b.shape[-1], c.shape[-1]], dim=-1)
         y, ssm_final = ssd_scan(
             x.reshape(batch, seq, -1, self.head_dim),  # (B, T, h, p): heads counted, a tp rank holds some
@@ -333,7 +381,6 @@ class Mamba2(nn.Module):
             chunk_size=self.config.chunk_size,
             kernel=self.config.kernel,
         )  # (B, T, h, p), (S, h, p, n)
-        assert conv_final is not None
         return y.reshape(batch, seq, -1), conv_final, ssm_final
 
     def _forward_split(self, hidden: torch.Tensor, ctx: BlockContext, split: SequenceSplit) -> torch.Tensor:
@@ -371,9 +418,10 @@ class Mamba2(nn.Module):
             split.full_context(ctx),
             None,
             None,
+            return_conv_state=False,
         )  # (B, T, h/cp * p)
         (y_local,) = split.to_local_tokens(y)  # (B, L, I)
-        return self._gate_norm_out(y_local, z)
+        return self._gate_norm_out(y_local, z, fused=fused_ops(self.config.kernel, z))
 
     def step(
         self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
@@ -402,7 +450,7 @@ class Mamba2(nn.Module):
             return self._forward_split(hidden, ctx, ctx.sequence_split)
         cache = ctx.kv_cache
         if cache is None:  # training, or a full forward: every sequence starts from zeros
-            return self.forward_with_state(hidden, ctx)[0]
+            return self._forward(hidden, ctx, None, None, return_conv_state=False)[0]
         # inference: the step's new tokens continue each sequence's state in the layer's slots
         states = cache.recurrent_state(ctx.layer_index)  # {"conv": (S, X, K - 1), "ssm": (S, h, p, n)}
         conv_state, ssm_state = states["conv"].to(hidden.device), states["ssm"].to(hidden.device)

@@ -5,7 +5,7 @@ torch chunked reference (``mcore_ssm.mamba2_reference``).
 
 from __future__ import annotations
 
-from typing import Unpack
+from typing import Any, Unpack
 
 import torch
 
@@ -38,7 +38,12 @@ def ssd_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ssd_chunked``'s arguments and results, computed by the implementation ``kernel`` picks."""
     if pick(kernel, x.device, options.get("chunk_size", CHUNK)) == "triton":
-        from mcore_ssm.mamba2_triton import ssd_chunked_triton
-
-        return ssd_chunked_triton(x, dt, A, B, C, D, **options)
+        return _triton_scan(x, dt, A, B, C, D, **options)
     return ssd_chunked(x, dt, A, B, C, D, **options)
+
+
+@torch.compiler.disable  # under torch.compile (train.compile = "blocks") the kernels run as they are, between graphs
+def _triton_scan(*args: Any, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from mcore_ssm.mamba2_triton import ssd_chunked_triton
+
+    return ssd_chunked_triton(*args, **options)

@@ -82,7 +82,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first: ``step_XXXXXXXX`` directories with a manifest."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if STEP_DIR.match(p.name) and not p.is_symlink() and (p / MANIFEST).is_file()  # a link may lead anywhere
+    ]
     return sorted(found, key=lambda p: p.name)
 
 

@@ -167,6 +167,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not valid TOML: {' '.join(str(exc).split())}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"config file '{path}' nests arrays or tables too deeply to be a run config") from None
 
 
 def load_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -8,6 +8,7 @@ its allocation events to find the peak of bytes held by tensors (what the planne
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -16,6 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Bytes a fresh allocation may take on ``device``: free memory on CUDA, the host's physical memory on CPU; None
+    where unknown. For refusing an absurd size with a message before allocating, not for fine-grained planning."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None
 
 
 def current_memory_gb(device: torch.device) -> float:

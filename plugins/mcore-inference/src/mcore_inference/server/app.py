@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from mcore.errors import UserError
@@ -47,13 +48,16 @@ from mcore_inference.server.engine_core import EngineFailed, EngineStopped, Queu
 from mcore_inference.server.engine_loop import EngineLoop
 from mcore_inference.server.errors import APIError, from_validation
 from mcore_inference.server.metrics import render as render_metrics
-from mcore_inference.server.protocol import ChatCompletionRequest, CompletionRequest
+from mcore_inference.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
 from mcore_inference.server.sse import ChunkTemplate, coalesce, dumps
 
 _log = logging.getLogger(__name__)
 
 #: Default request body limit (bytes).
 MAX_BODY_BYTES = 4 << 20
+#: Default seconds a client may take to send its whole body: a stalled or trickling uploader is answered 408 and its
+#: connection let go, instead of holding it open for ever.
+BODY_TIMEOUT_S = 30.0
 #: ``max_tokens`` when a request gives none and the engine has no ``max_model_len`` to fill.
 DEFAULT_MAX_TOKENS = 256
 #: The request fields an error's ``param`` may name.
@@ -70,12 +74,14 @@ def build_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     chat_template: str | None = None,
     max_waiting: int | None = None,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The server's app over an ``LLM``, an ``LLMEngine`` or the leader's ``LockstepEngine`` (served from a thread:
     an ``EngineLoop`` over it, refusing requests while ``max_waiting`` wait), or an ``EngineProcess`` (its own
     ``max_waiting``). The engine
     is started with the app (its lifespan) and stopped with it; ``app.state.engine_loop`` is the client.
-    ``chat_template``: a Jinja template (default: the tokenizer's, else the plain one of ``chat_template.py``)."""
+    ``chat_template``: a Jinja template (default: the tokenizer's, else the plain one of ``chat_template.py``).
+    ``body_timeout``: seconds a request's body may take to arrive (408 after)."""
     from mcore_inference.server.engine_process import EngineProcess
 
     check_max_waiting(max_waiting, "build_app")
@@ -102,6 +108,8 @@ def build_app(
     try:
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise UserError(f"max_body_bytes = {max_body_bytes!r}: must be a positive int")
+        if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or not 0 < body_timeout < 1e9:
+            raise UserError(f"body_timeout = {body_timeout!r}: must be a number of seconds > 0")
         tokenizer = client.tokenizer
         eos = getattr(tokenizer, "eos_token", "") if tokenizer is not None else ""
         template = ChatTemplate(
@@ -121,7 +129,7 @@ def build_app(
 
     app = FastAPI(title="mcore serve", lifespan=lifespan)
     app.state.engine_loop = client
-    server = _Server(client, model_name, api_key, max_body_bytes, template)
+    server = _Server(client, model_name, api_key, max_body_bytes, template, float(body_timeout))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -274,9 +282,11 @@ class _Server:
         api_key: str | None,
         max_body_bytes: int,
         template: ChatTemplate,
+        body_timeout: float = BODY_TIMEOUT_S,
     ) -> None:
         self.engine_loop, self.model_name = engine_loop, model_name
         self.api_key, self.max_body_bytes, self.template = api_key, max_body_bytes, template
+        self.body_timeout = body_timeout
         self.tokenizer = engine_loop.tokenizer
         self.max_model_len = engine_loop.max_model_len
         self.created = int(time.time())
@@ -299,11 +309,19 @@ class _Server:
         if declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"request body of {declared} bytes: the limit is {limit}", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body over the limit of {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise APIError(413, f"request body over the limit of {limit} bytes", code="request_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(
+                408, f"request body not received within {self.body_timeout:g} s", code="request_timeout"
+            ) from None
+        except ClientDisconnect:  # nobody to answer; a 400 instead of an "Exception in ASGI application" traceback
+            raise APIError(400, "the client went away while sending its body", code="client_disconnected") from None
         return b"".join(chunks)
 
     async def parse(self, request: Request, kind: type[Any]) -> Any:
@@ -389,7 +407,7 @@ class _Server:
 
     async def completions(self, request: Request) -> Response:
         req: CompletionRequest = await self.parse(request, CompletionRequest)
-        prompts = self.completion_prompts(req.prompt)
+        prompts = self.completion_prompts(req.prompt, req.n)
         for ids in prompts:
             self.check_length(ids, "prompt")
         scored = req.echo and req.logprobs is not None  # the echoed prompt carries its tokens' logprobs
@@ -439,13 +457,22 @@ class _Server:
             }
         )
 
-    def completion_prompts(self, prompt: Any) -> list[list[int]]:
+    def completion_prompts(self, prompt: Any, n: int = 1) -> list[list[int]]:
+        """The prompts' token ids; a 400 for an empty prompt, or for more than ``MAX_CHOICES`` prompts x ``n``
+        (checked before anything is encoded)."""
         if isinstance(prompt, str):
             return [self.encode(prompt)]
         if not prompt:
             raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
+        if len(prompt) * n > MAX_CHOICES:
+            raise APIError(
+                400,
+                f"prompt holds {len(prompt)} prompts x n = {n}: {len(prompt) * n} choices; allowed: at most "
+                f"{MAX_CHOICES} a request (send the rest in other requests)",
+                param="prompt",
+            )
         return [self.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
     def completion_logprobs(
@@ -530,7 +557,13 @@ class _Server:
         req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt = self.template.render(messages)
+            prompt = (
+                self.template.render(messages)
+                if self.template.source is None
+                else (
+                    await asyncio.to_thread(self.template.render, messages)  # a slow template stalls no other request
+                )
+            )
         except UserError as exc:
             raise APIError(400, str(exc), param="messages") from None
         ids = self.encode(prompt)

@@ -51,6 +51,31 @@ def _raise(message: str) -> None:
     raise ValueError(message)
 
 
+#: The longest string or list one ``*`` in a chat template may build (``{{ 'x' * 10**10 }}`` took 24 GB of memory,
+#: found by trying it); a prompt longer than this is beyond any model's context anyway.
+MAX_TEMPLATE_REPEAT = 1 << 22
+
+
+def _sandbox() -> Any:
+    """Jinja's immutable sandbox, with ``*`` and ``**`` bounded (the sandbox bounds ``range`` itself)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, count in ((left, right), (right, left)):
+                    sized = isinstance(seq, (str, list, tuple)) and isinstance(count, int)
+                    if sized and len(seq) * count > MAX_TEMPLATE_REPEAT:
+                        raise ValueError(f"the template repeats a value to over {MAX_TEMPLATE_REPEAT} items")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise ValueError("the template raises to a power above 64")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
+
+
 class ChatTemplate:
     """Render messages with a Jinja ``template`` (None: the default template)."""
 
@@ -61,10 +86,9 @@ class ChatTemplate:
         if template is not None:
             try:
                 from jinja2 import TemplateError
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
             except ImportError:
                 raise UserError("a chat template needs jinja2: pip install jinja2") from None
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env = _sandbox()
             env.globals["raise_exception"] = _raise
             try:
                 self._compiled = env.from_string(template)

@@ -99,6 +99,15 @@ def _serve(argv: list[str]) -> int:
         raise UserError(f"--port {args.port}: must be in [0, 65535]")
     if args.max_waiting is not None and args.max_waiting < 1:
         raise UserError(f"--max-waiting {args.max_waiting}: must be >= 1 (leave it out for no limit)")
+    for flag, value in (("--max-model-len", args.max_model_len), ("--num-blocks", args.num_blocks)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1 (leave it out for the default)")
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-body-bytes", args.max_body_bytes)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
+    fraction = args.gpu_memory_fraction
+    if fraction is not None and not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise UserError(f"--gpu-memory-fraction {fraction}: must be in (0, 1]")
     if args.api_key is not None and (not args.api_key or any(c.isspace() for c in args.api_key)):
         # an empty key (``--api-key "$KEY"`` with KEY unset) let 'Authorization: Bearer' in; a spaced one matches nothing
         raise UserError(f"--api-key {args.api_key!r}: must be non-empty without spaces (leave it out for no key)")
@@ -119,7 +128,12 @@ def _serve(argv: list[str]) -> int:
     if args.chat_template is not None:
         if not args.chat_template.is_file():
             raise UserError(f"--chat-template {str(args.chat_template)!r}: no such file")
-        template = args.chat_template.read_text()
+        try:
+            template = args.chat_template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"--chat-template {str(args.chat_template)!r}: cannot read it as UTF-8 text ({exc})"
+            ) from None
     from mcore_inference.server.app import build_app
     from mcore_inference.server.engine_process import EngineProcess
 

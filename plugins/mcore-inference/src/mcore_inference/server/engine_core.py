@@ -180,10 +180,13 @@ class EngineCore:
         added before it are taken back)."""
         assert len(request_ids) == len(requests)
         waiting = len(self.engine.scheduler.waiting)
-        if self.max_waiting is not None and waiting >= self.max_waiting:
+        # the group counts: it may start only if it fits under the limit, or if nothing waits (a group larger than
+        # the limit on an idle server would otherwise never run; the server bounds a group's size)
+        if self.max_waiting is not None and waiting and waiting + len(requests) > self.max_waiting:
             self.metrics.rejected["queue_full"] += 1
             raise QueueFull(
-                f"the server is busy: {waiting} requests wait for a slot (limit {self.max_waiting}); retry later"
+                f"the server is busy: {waiting} requests wait for a slot and this one brings {len(requests)} "
+                f"(limit {self.max_waiting}); retry later"
             )
         added: list[_Live] = []
         try:

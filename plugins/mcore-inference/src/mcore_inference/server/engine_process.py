@@ -105,7 +105,13 @@ class EngineProcess:
                     raise UserError(f"the engine process exited while starting (exit code {process.exitcode})")
                 if deadline is not None and time.monotonic() > deadline:
                     raise UserError(f"the engine process did not start within {self.start_timeout} s")
-            kind, info = parent.recv()  # the one pickle: from our own child, before any client input
+            try:
+                kind, info = parent.recv()  # the one pickle: from our own child, before any client input
+            except (EOFError, OSError):  # the pipe closed: the child died before it could say why
+                process.join(5)
+                raise UserError(
+                    f"the engine process exited while starting (exit code {process.exitcode}); see its output above"
+                ) from None
         except BaseException:
             self._kill()
             raise

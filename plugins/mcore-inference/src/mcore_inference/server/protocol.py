@@ -19,6 +19,9 @@ from mcore_inference.sampling import MAX_LOGPROBS, SamplingParams
 
 #: Most choices one request may ask for.
 MAX_N = 64
+#: Most engine requests one HTTP request may create (``/v1/completions``: prompts x ``n``): a 10 KB body must not
+#: queue 10^5 sequences ahead of every other client.
+MAX_CHOICES = 256
 
 
 class _Strict(BaseModel):

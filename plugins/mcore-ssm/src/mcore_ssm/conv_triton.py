@@ -1,0 +1,334 @@
+"""The training call of the packed causal depthwise conv1d + SiLU in Triton (forward and backward), optionally with
+GDN's per-head L2 normalisation of q and k in its epilogue.
+
+Why it exists: in torch (``conv.py``'s ``_packed_conv``) each of the K taps is a pad, a where, a multiply and an add
+over the whole ``(N, C)`` activation, then SiLU, then (GDN's q and k) ``l2_normalize``'s fp32 casts, and as many
+again in the backward: at ``hybrid-bench``'s mixer shape most of the ~13 GB a GDN block moves outside its chunked
+rule. Here each token tile reads its inputs once and writes its output once.
+
+Shape legend: B rows, T tokens per row, N = B * T flat tokens, C channels, K kernel width (small: a constexpr),
+BT tokens and BC channels a program holds, G the channels a program's block spans (a head with the norm).
+
+Only the training call: no ``initial_state``, no final state (``conv.causal_conv1d`` keeps those). ``pos (N,)``,
+each token's position in its segment (``packing.Segments.pos``; ``None``: the rows are the segments, ``t % T``),
+keeps every window inside its document: token ``t`` reads ``x[t - lag]`` only where ``pos[t] >= lag``. ``x (B, T,
+C)`` may be a strided view: one with last-dim stride 1 (a split of one fused projection) is read in place. The math is fp32, the output has
+``x``'s dtype. With ``norm_head`` the output of each ``norm_head`` channels is ``s / sqrt(sum(s^2) + eps)``
+(``gdn.l2_normalize``'s formula, eps 1e-6) of ``s = silu(conv)``.
+
+The backward recomputes the conv (no activation saved): for output token ``u = t + lag`` it rebuilds ``u``'s
+pre-activation and its gradient from ``dy[u]`` (the norm's statistics too: a program holds whole heads), so ``dx``
+is written once per tile; ``dweight`` / ``dbias`` are fp32 partial sums per program, added up in torch (no
+atomics: deterministic).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["conv1d_silu_train"]
+
+#: Target programs along the tokens x channel blocks of the backward (each then walks a few token tiles, so the
+#: partial ``dweight`` sums stay small).
+_BWD_PROGRAMS = 1024
+
+
+@triton.jit
+def _positions(POS, n, nmask, T, HAS_POS: tl.constexpr):
+    """``(BT,)`` the positions of flat tokens ``n`` in their segments (``t % T`` without ``POS``)."""
+    if HAS_POS:
+        pos = tl.load(POS + n, mask=nmask, other=0)
+    else:
+        pos = n % T
+    return pos
+
+
+@triton.jit
+def _preact(
+    X,
+    W,
+    BIAS,
+    n,
+    nmask,
+    pos,
+    c,
+    cmask,
+    T,
+    sx_b,
+    sx_t,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """``(BT, BC)`` fp32: the conv (+ bias) of tokens ``n``, channels ``c``; taps outside a segment read zeros."""
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in tl.static_range(K):
+        lag = K - 1 - j
+        ok = nmask & (pos >= lag)  # token n - lag lies in n's segment (so in its row)
+        src = tl.where(ok, n - lag, 0)
+        row = (src // T).to(tl.int64) * sx_b + (src % T).to(tl.int64) * sx_t  # (BT,)
+        xv = tl.load(X + row[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(W + c * K + j, mask=cmask, other=0.0).to(tl.float32)  # (BC,)
+        acc += xv * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    X,
+    W,
+    BIAS,
+    POS,
+    Y,
+    N,
+    T,
+    C,
+    sx_b,
+    sx_t,
+    eps,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    NORM: tl.constexpr,
+    G: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """Grid ``(cdiv(N, BT), cdiv(C, G))``: ``y = silu(conv)`` (then L2-normalised over the ``G`` channels with
+    ``NORM``) of BT tokens x G channels, stored to ``Y (N, C)`` contiguous."""
+    n = tl.program_id(0) * BT + tl.arange(0, BT)  # (BT,)
+    lanes = tl.arange(0, BC)
+    c = tl.program_id(1) * G + lanes  # (BC,)
+    nmask, cmask = n < N, (lanes < G) & (c < C)
+    pos = _positions(POS, n, nmask, T, HAS_POS)
+    a = _preact(X, W, BIAS, n, nmask, pos, c, cmask, T, sx_b, sx_t, K, HAS_BIAS, BT, BC)  # (BT, BC)
+    s = a * tl.sigmoid(a)
+    if NORM:
+        s = s * tl.rsqrt(tl.sum(s * s, axis=1) + eps)[:, None]
+    out = Y + n.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(out, s.to(Y.dtype.element_ty), mask=nmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _preact_grad(
+    X,
+    W,
+    BIAS,
+    POS,
+    DY,
+    u,
+    T,
+    N,
+    C,
+    c,
+    cmask,
+    sx_b,
+    sx_t,
+    eps,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    NORM: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """``(BT, BC)`` fp32: the gradient of the pre-activation of output tokens ``u`` (zeros past ``N``)."""
+    umask = u < N
+    pos = _positions(POS, u, umask, T, HAS_POS)
+    a = _preact(X, W, BIAS, u, umask, pos, c, cmask, T, sx_b, sx_t, K, HAS_BIAS, BT, BC)
+    dy = tl.load(DY + u.to(tl.int64)[:, None] * C + c[None, :], mask=umask[:, None] & cmask[None, :], other=0.0)
+    dy = dy.to(tl.float32)
+    sig = tl.sigmoid(a)
+    s = a * sig
+    if NORM:  # y = s r, r = (sum s^2 + eps)^-1/2: ds = r dy - r^3 s sum(dy s)
+        r = tl.rsqrt(tl.sum(s * s, axis=1) + eps)  # (BT,)
+        dy = r[:, None] * dy - (r * r * r * tl.sum(dy * s, axis=1))[:, None] * s
+    return dy * sig * (1.0 + a * (1.0 - sig))
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    X,
+    W,
+    BIAS,
+    POS,
+    DY,
+    DX,
+    DW,
+    DB,
+    N,
+    T,
+    C,
+    sx_b,
+    sx_t,
+    eps,
+    tiles,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    NORM: tl.constexpr,
+    G: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """Grid ``(P, cdiv(C, G))``: program ``p`` walks ``tiles`` token tiles from ``p * tiles``; per tile ``dx[m] =
+    sum_lag w[:, K-1-lag] da[m + lag]`` over the output tokens ``m + lag`` whose window holds ``m`` (``da``
+    recomputed), stored to ``DX (N, C)``; the tiles' ``dweight`` and ``dbias`` summed into ``DW (P, C, K)``, ``DB (P,
+    C)`` fp32."""
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BC)
+    c = tl.program_id(1) * G + lanes  # (BC,)
+    cmask = (lanes < G) & (c < C)
+    taps = tl.arange(0, KP)  # (KP,)
+    dw = tl.zeros((BC, KP), dtype=tl.float32)
+    db = tl.zeros((BC,), dtype=tl.float32)
+    for i in range(tiles):
+        m = (pid * tiles + i) * BT + tl.arange(0, BT)  # (BT,)
+        mmask = m < N
+        pos = _positions(POS, m, mmask, T, HAS_POS)
+        dx = tl.zeros((BT, BC), dtype=tl.float32)
+        for lag in tl.static_range(K):
+            u = m + lag  # output tokens whose tap K-1-lag reads token m
+            da = _preact_grad(
+                X, W, BIAS, POS, DY, u, T, N, C, c, cmask, sx_b, sx_t, eps, K, HAS_BIAS, HAS_POS, NORM, BT, BC
+            )  # (BT, BC)
+            upos = _positions(POS, u, u < N, T, HAS_POS)
+            inside = (u < N) & (upos >= lag)  # m lies in u's segment
+            w = tl.load(W + c * K + (K - 1 - lag), mask=cmask, other=0.0).to(tl.float32)
+            dx += tl.where(inside[:, None], da * w[None, :], 0.0)
+            if lag == 0:  # da of this tile's own tokens: dweight, dbias
+                db += tl.sum(da, axis=0)
+                for j in tl.static_range(K):
+                    back = K - 1 - j
+                    ok = mmask & (pos >= back)
+                    src = tl.where(ok, m - back, 0)
+                    row = (src // T).to(tl.int64) * sx_b + (src % T).to(tl.int64) * sx_t
+                    xv = tl.load(X + row[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+                    part = tl.sum(da * xv.to(tl.float32), axis=0)  # (BC,)
+                    dw += tl.where(taps[None, :] == j, part[:, None], 0.0)
+        out = DX + m.to(tl.int64)[:, None] * C + c[None, :]
+        tl.store(out, dx.to(DX.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+    base = pid.to(tl.int64) * C
+    tl.store(DW + (base + c)[:, None] * K + taps[None, :], dw, mask=cmask[:, None] & (taps[None, :] < K))
+    if HAS_BIAS:
+        tl.store(DB + base + c, db, mask=cmask)
+
+
+def _blocks(channels: int, norm_head: int | None) -> tuple[int, int]:
+    """``(G, BC)``: the channels a program's block spans (a whole head with the norm) and its power-of-two width."""
+    group = norm_head if norm_head is not None else min(128, triton.next_power_of_2(channels))
+    return group, triton.next_power_of_2(group)
+
+
+def _fwd_launch(block_c: int) -> tuple[int, int]:
+    """``(BT, warps)`` of the forward: (64, 128) tiles at 8 warps (offline sm_90 builds, bf16: 88 registers with the
+    norm, 105 without, no spill), smaller tiles at 4."""
+    block_t = max(1, min(64, 8192 // block_c))
+    return block_t, 8 if block_t * block_c >= 4096 else 4
+
+
+def _bwd_launch(block_c: int) -> tuple[int, int]:
+    """``(BT, warps)`` of the backward: (16, 128) tiles at 8 warps (offline sm_90 builds, bf16: 175 registers with
+    the norm, 128 without, no spill; (32, 128) tiles took 255 and 209: each tile is recomputed K times)."""
+    block_t = max(1, min(32, 2048 // block_c))
+    return block_t, 8 if block_t * block_c >= 2048 else 4
+
+
+def _launch_args(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(N, T, sx_b, sx_t)`` of ``x (B, T, C)``."""
+    batch, seq, _ = x.shape
+    return batch * seq, seq, x.stride(0), x.stride(1)
+
+
+class _ConvSilu(torch.autograd.Function):
+    """``conv1d_silu_train`` as an autograd function (the backward runs ``_conv_bwd_kernel``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        pos: torch.Tensor | None,
+        norm_head: int | None,
+        eps: float,
+    ) -> torch.Tensor:
+        batch, seq, channels = x.shape
+        width = weight.shape[1]
+        w = weight.contiguous()
+        tokens, _, sx_b, sx_t = _launch_args(x)
+        y = torch.empty(batch, seq, channels, device=x.device, dtype=x.dtype)  # (B, T, C)
+        group, block_c = _blocks(channels, norm_head)
+        block_t, warps = _fwd_launch(block_c)
+        grid = (triton.cdiv(tokens, block_t), triton.cdiv(channels, group))
+        _conv_fwd_kernel[grid](
+            x, w, bias if bias is not None else w, pos if pos is not None else w, y,
+            tokens, seq, channels, sx_b, sx_t, eps,
+            K=width, HAS_BIAS=bias is not None, HAS_POS=pos is not None, NORM=norm_head is not None,
+            G=group, BT=block_t, BC=block_c, num_warps=warps,
+        )  # fmt: skip
+        ctx.save_for_backward(x, w, bias, pos)
+        ctx.norm_head, ctx.eps, ctx.weight_dtype = norm_head, eps, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, w, bias, pos = ctx.saved_tensors
+        batch, seq, channels = x.shape
+        width = w.shape[1]
+        tokens, _, sx_b, sx_t = _launch_args(x)
+        dy = dy.contiguous()
+        group, block_c = _blocks(channels, ctx.norm_head)
+        block_t, warps = _bwd_launch(block_c)
+        blocks = triton.cdiv(channels, group)
+        all_tiles = triton.cdiv(tokens, block_t)
+        programs = min(all_tiles, max(1, triton.cdiv(_BWD_PROGRAMS, blocks)))
+        tiles = triton.cdiv(all_tiles, programs)
+        programs = triton.cdiv(all_tiles, tiles)
+        dx = torch.empty(batch, seq, channels, device=x.device, dtype=x.dtype)  # (B, T, C)
+        dw = torch.empty(programs, channels, width, device=x.device, dtype=torch.float32)  # (P, C, K) partial sums
+        db = torch.empty(programs, channels, device=x.device, dtype=torch.float32) if bias is not None else dw
+        _conv_bwd_kernel[(programs, blocks)](
+            x, w, bias if bias is not None else w, pos if pos is not None else w, dy, dx, dw, db,
+            tokens, seq, channels, sx_b, sx_t, ctx.eps, tiles,
+            K=width, KP=triton.next_power_of_2(width), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+            NORM=ctx.norm_head is not None, G=group, BT=block_t, BC=block_c, num_warps=warps,
+        )  # fmt: skip
+        dweight = dw.sum(0).to(ctx.weight_dtype)  # (C, K)
+        dbias = db.sum(0).to(bias.dtype) if bias is not None else None  # (C,)
+        return dx, dweight, dbias, None, None, None
+
+
+def conv1d_silu_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    pos: torch.Tensor | None = None,
+    norm_head: int | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``silu(causal depthwise conv1d)`` of ``x (B, T, C)`` (any strides; read in place when the last is 1, as in a
+    split of a fused projection, else copied once) with ``weight (C, K)``, ``bias (C,)``, no window crossing a
+    segment: ``pos (B * T,)`` each token's position in its segment (``None``: rows).
+    ``norm_head``: then L2-normalise each run of that many channels (``gdn.l2_normalize``, ``eps``). Returns ``(B,
+    T, C)`` in ``x``'s dtype (fp32 math); differentiable in ``x``, ``weight`` and ``bias``."""
+    batch, seq, channels = x.shape
+    if weight.dim() != 2 or weight.shape[0] != channels or (norm_head is not None and channels % norm_head):
+        raise ValueError(
+            f"conv1d_silu_train: x {tuple(x.shape)}, weight {tuple(weight.shape)}, norm_head {norm_head}: "
+            "weight must be (C, K), norm_head divide C"
+        )
+    if x.stride(2) != 1:
+        x = x.contiguous()  # the kernels read channels with stride 1
+    if pos is not None and pos.shape != (batch * seq,):
+        raise ValueError(f"conv1d_silu_train: pos of shape {tuple(pos.shape)}; expected ({batch * seq},)")
+    return _ConvSilu.apply(x, weight, bias, pos, norm_head, eps)
