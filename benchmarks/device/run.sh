@@ -67,6 +67,10 @@ t_gdnbwd() {  # the GDN backward: the default (forward rerun by v2) and the opt-
   $PY -m pytest -q -m gpu plugins/mcore-ssm/tests/test_gdn_triton_bwd_opt_in.py plugins/mcore-ssm/tests/test_gdn_triton_bwd.py 2>&1 | tail -3
   $PY plugins/mcore-ssm/benchmarks/bench_gdn.py --only triton triton_v1 triton_state_bwd_v2 triton_pairs_t_saved triton_bwd_opt_in --repeats "${ROUNDS:-3}"
 }
+t_ssmfused() {  # the fused conv / gated norm kernels' GPU tests (mcore-ssm), then the default GDN tests still pass
+  $PY -m pytest -q -p no:cacheprovider -m gpu plugins/mcore-ssm/tests/test_conv_triton.py plugins/mcore-ssm/tests/test_norm_triton.py \
+    plugins/mcore-ssm/tests/test_ssm_fused_blocks.py 2>&1 | tail -3
+}
 t_gdnblock() {  # issue 22: the whole GDN block (hybrid-bench's mixer) against its pieces, with a profile; then 16k
   (cd plugins/mcore-ssm/benchmarks && $PY bench_gdn_block.py --repeats "${ROUNDS:-5}" --out "$OUT/gdnblock.jsonl" \
     && $PY bench_gdn_block.py --batch 1 --seq 16384 --repeats 3 --no-profile --out "$OUT/gdnblock16k.jsonl")
