@@ -70,7 +70,7 @@ def _preact(
     for j in tl.static_range(K):
         lag = K - 1 - j
         ok = nmask & (pos >= lag)  # token n - lag lies in n's segment (so in its row)
-        src = tl.where(ok, n - lag, 0)
+        src = tl.maximum(n - lag, 0)  # (a select here trips Triton 3.6 layout pass; masked lanes read nothing)
         row = (src // T).to(tl.int64) * sx_b + (src % T).to(tl.int64) * sx_t  # (BT,)
         xv = tl.load(X + row[:, None] + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         w = tl.load(W + c * K + j, mask=cmask, other=0.0).to(tl.float32)  # (BC,)
