@@ -19,6 +19,14 @@ Candidates, each on the same inputs (bf16 on CUDA): q, k ``(B, T, hk, dk)`` L2-n
   around each call (each chunk's ``T`` from 16 x 16 diagonal blocks by substitution and two doubling levels, in the
   WY kernel of the forward and of the backward's rerun and in the split terms' recomputation), alone and with
   ``MCORE_SSM_GDN_PAIRS_T=saved``; compare with ``triton`` and ``triton_pairs_t_saved`` in the same call;
+* ``triton_bwd_scratch_inputs``, ``triton_bwd_scratch_inputs_state_bwd_v2``: ``MCORE_SSM_GDN_BWD_SCRATCH=inputs``
+  pinned around each call (the backward's rerun factors and states, ``dS'`` and ``dR_u`` in bf16, the dots on them on
+  bf16 operands), alone and with ``MCORE_SSM_GDN_STATE_BWD=v2``; compare with ``triton`` and
+  ``triton_state_bwd_v2`` in the same call (the forward is the same: compare forward + backward);
+* ``triton_walk_blocks``, ``triton_bwd_scratch_inputs_walk_blocks``: ``MCORE_SSM_GDN_WALK_ORDER=blocks`` pinned (the
+  v2 state walk, forward and the backward's rerun, with the value blocks of one (segment, head) launched together:
+  same results), alone and with ``MCORE_SSM_GDN_BWD_SCRATCH=inputs``; compare with ``triton`` (forward too) and
+  ``triton_bwd_scratch_inputs`` in the same call;
 * ``torch_chunked``: ``mcore_ssm.gdn_reference.chunk_gated_delta_rule`` eager;
 * ``torch_chunked_compiled``: the same under ``torch.compile`` (the issue's baseline: goal >= 3x);
 * ``fla``: ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` (the ``fla-core`` wheel) when it imports, q and k
@@ -107,6 +115,14 @@ def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Call
         found["triton_inverse_blocks16"] = pinned(MCORE_SSM_GDN_INVERSE="blocks16")
         found["triton_inverse_blocks16_pairs_t_saved"] = pinned(
             MCORE_SSM_GDN_INVERSE="blocks16", MCORE_SSM_GDN_PAIRS_T="saved"
+        )
+        found["triton_bwd_scratch_inputs"] = pinned(MCORE_SSM_GDN_BWD_SCRATCH="inputs")
+        found["triton_bwd_scratch_inputs_state_bwd_v2"] = pinned(
+            MCORE_SSM_GDN_BWD_SCRATCH="inputs", MCORE_SSM_GDN_STATE_BWD="v2"
+        )
+        found["triton_walk_blocks"] = pinned(MCORE_SSM_GDN_WALK_ORDER="blocks")
+        found["triton_bwd_scratch_inputs_walk_blocks"] = pinned(
+            MCORE_SSM_GDN_BWD_SCRATCH="inputs", MCORE_SSM_GDN_WALK_ORDER="blocks"
         )
     found["torch_chunked"] = lambda q, k, v, g, beta, cu_seqlens: chunk_gated_delta_rule(
         q, k, v, g, beta, cu_seqlens=cu_seqlens

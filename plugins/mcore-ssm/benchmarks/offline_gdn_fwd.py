@@ -80,11 +80,14 @@ def walk_builds(
         print(f"{label} v1 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
     if bk <= 128:
         for config in gdn_triton_state_v2._state_v2_tuned.configs:
-            consts = {**sizes, "KB": min(bk, 64), "NKB": max(1, bk // 64), **config.kwargs, **flags}
-            line = make(
-                gdn_triton_state_v2._chunk_state_v2_kernel, pointers, consts, config.num_warps, config.num_stages
-            )
-            print(f"{label} v2 {config.kwargs} warps {config.num_warps} stages {config.num_stages}:", line)
+            for first in (False, True):  # MCORE_SSM_GDN_WALK_ORDER: segments, blocks
+                consts = {**sizes, "KB": min(bk, 64), "NKB": max(1, bk // 64), **config.kwargs, **flags}
+                consts["BLOCKS_FIRST"] = first
+                line = make(
+                    gdn_triton_state_v2._chunk_state_v2_kernel, pointers, consts, config.num_warps, config.num_stages
+                )
+                order = "blocks first" if first else "segments first"
+                print(f"{label} v2 {config.kwargs} warps {config.num_warps} stages {config.num_stages} {order}:", line)
 
 
 def main() -> None:

@@ -34,8 +34,9 @@ the chunks in order, and it does nothing but the state recurrence:
 
 ``K K^T`` and the dots of kernels 2 and 3 take 16-bit operands (fp32 accumulate) when the inputs are 16-bit; all
 dots run in fp32 (``ieee``) for fp32 inputs; the backward asks for fp32 factors and states (tf32 dots for 16-bit
-inputs, as before). Work per (chunk, value head), dk = dv = d: kernel 1 ``2 C^2 d`` (A) + ``20 C^3`` (T, tf32;
-``8 C^3`` with blocks16) + ``4 C^2 d`` (W, U, tf32), kernel 2 ``4 C d^2``, kernel 3 ``2 C d^2 + 4 C^2 d``; scratch
+inputs, as before; the inputs' 16-bit dtype with the opt-in ``MCORE_SSM_GDN_BWD_SCRATCH=inputs``; the walk's launch
+order by ``MCORE_SSM_GDN_WALK_ORDER``, ``gdn_triton_state_v2``). Work per (chunk, value head), dk = dv = d: kernel 1
+``2 C^2 d`` (A) + ``20 C^3`` (T, tf32; ``8 C^3`` with blocks16) + ``4 C^2 d`` (W, U, tf32), kernel 2 ``4 C d^2``, kernel 3 ``2 C d^2 + 4 C^2 d``; scratch
 ``W, U~, U`` (``N hv d`` each) and the chunk states (``M hv d^2``) in the scratch dtype. Block sizes, warps and
 stages of kernels 2 and 3 are autotuned on CUDA over a few configs (a config over the shared memory of the card is
 skipped by the autotuner); Triton's interpreter takes fixed ones. Backward (``gated_delta_rule_triton`` is an
@@ -592,10 +593,22 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         v2 = kernels.forward == "v2"  # the default; v1 by MCORE_SSM_GDN_FWD=v1 or for dk > 128
         gf, bf = g.float().contiguous(), beta.float().contiguous()
         prepared = prepare(launch, kc, vc, gf, bf, scratch, narrow=v2, inverse_by=kernels.inverse)
-        walk = run_states
         if v2:
-            from mcore_ssm.gdn_triton_state_v2 import run_states_v2 as walk
-        vnew, states, final = walk(launch, kc, prepared, initial_state, final=output_final_state, states_dtype=scratch)
+            from mcore_ssm.gdn_triton_state_v2 import run_states_v2
+
+            blocks_first = kernels.walk_order == "blocks"  # MCORE_SSM_GDN_WALK_ORDER: same results
+            walked = run_states_v2(
+                launch,
+                kc,
+                prepared,
+                initial_state,
+                final=output_final_state,
+                states_dtype=scratch,
+                blocks_first=blocks_first,
+            )
+        else:
+            walked = run_states(launch, kc, prepared, initial_state, final=output_final_state, states_dtype=scratch)
+        vnew, states, final = walked
         out = run_output(launch, qc, kc, prepared[2], vnew, states)
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.launch, ctx.output_final_state, ctx.kernels = launch, output_final_state, kernels

@@ -25,6 +25,11 @@ spill. With the pointers marked 16-byte aligned, as the launcher marks torch's t
 same walk with the state gradient as 64-key blocks at 4 warps (aligned offline builds: 255 registers, 8 bytes
 spilled, 32 KB, two programs an SM, against 255 / 136 bytes / 60 KB and one an SM here; RESULTS.md).
 
+``MCORE_SSM_GDN_BWD_SCRATCH=inputs`` (an opt-in, not yet run on a GPU; 16-bit inputs, split terms): the rerun's
+factors and states, ``dS'`` and the split terms' ``dR_u`` in the inputs' dtype instead of fp32, and the dots that take
+them on 16-bit operands (fp32 accumulate): ~6 of ~22 GB of the backward's traffic at the bench shape (RESULTS.md,
+"Where the GDN backward's ~20 ms go"). ``dU``, ``T``, the carried ``dS'`` and every partial sum stay fp32.
+
 Everything else is parallel over chunks, in ``gdn_triton_chunk_bwd_split`` (the default) or
 ``gdn_triton_chunk_bwd``: the terms' gradients ``dU~ = dU``, ``dW = -dU S^T``, ``dQe = dO S^T``, ``dP = dO U^T``,
 ``dK~ = U dS'^T``, ``dgamma = <S, dS'>`` (from the chunk states and ``U`` of the forward's kernels, rerun here in
@@ -44,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mcore_ssm.gdn_triton import CHUNK, Launch, prepare, run_states
+from mcore_ssm.gdn_triton import CHUNK, Launch, prepare, run_states, scratch_dtype
 from mcore_ssm.gdn_triton_chunk_bwd import chunk_terms_bwd
 from mcore_ssm.gdn_triton_chunk_bwd_split import chunk_terms_bwd_split
 from mcore_ssm.kernel_choice import GdnKernels
@@ -106,13 +111,13 @@ def _local_du_kernel(
 def _chunk_state_bwd_kernel(
     q_ptr,  # (N, hk, dk)
     k_ptr,  # (N, hk, dk)
-    w_ptr,  # (N, hv, dk) fp32: W
+    w_ptr,  # (N, hv, dk) scratch dtype (fp32, or 16-bit with MCORE_SSM_GDN_BWD_SCRATCH=inputs): W
     g_ptr,  # (N, hv) fp32: the gates
     dout_ptr,  # (N, hv, dv) the output's dtype: dO
     dht_ptr,  # (S, hv, dk, dv) fp32 (unused without HAS_DHT)
     dh0_ptr,  # (S, hv, dk, dv) fp32 out
     du_ptr,  # (N, hv, dv) fp32 in: P^T dO (``_local_du_kernel``), out: dU (= dU~)
-    dstates_ptr,  # (M, hv, dk, dv) fp32 out: dS', the gradient of the state leaving each chunk
+    dstates_ptr,  # (M, hv, dk, dv) scratch dtype out: dS', the gradient of the state leaving each chunk
     starts_ptr,  # (S,) int64
     lengths_ptr,  # (S,) int64
     first_chunk_ptr,  # (S,) int64
@@ -136,6 +141,8 @@ def _chunk_state_bwd_kernel(
     start = tl.load(starts_ptr + seg)
     length = tl.load(lengths_ptr + seg)
     first_chunk = tl.load(first_chunk_ptr + seg)
+    # the dots' operand dtype: fp32 (tf32 / ieee dots) or the 16-bit scratch (fp32 accumulate); dS' carried in fp32
+    scratch = dstates_ptr.dtype.element_ty
 
     rows = tl.arange(0, C)  # (C,)
     dks = tl.arange(0, BK)  # (BK,)
@@ -154,7 +161,7 @@ def _chunk_state_bwd_kernel(
     for back in range(0, count):
         j = count - 1 - back  # chunks in reverse
         chunk_id = (first_chunk + j).to(tl.int64)
-        tl.store(dstates_ptr + (chunk_id * HV + head) * DK * DV + state_cols, dstate, mask=state_mask)
+        tl.store(dstates_ptr + (chunk_id * HV + head) * DK * DV + state_cols, dstate.to(scratch), mask=state_mask)
         tok = j * C + rows  # (C,) position in the segment
         valid = tok < length
         flat = start + tok  # (C,)
@@ -170,13 +177,13 @@ def _chunk_state_bwd_kernel(
         w = tl.load(w_ptr + (flat[:, None] * HV + head) * DK + dks[None, :], mask=qk_mask, other=0.0)  # (C, BK)
         v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
         v_mask = valid[:, None] & vmask[None, :]
-        dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV)
+        dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0).to(scratch)  # (C, BV)
         du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) P^T dO
         gamma = tl.exp(tl.sum(tl.where(rows == C - 1, cum, 0.0), axis=0))  # e^{G_C}
 
-        du += tl.dot(kt, dstate, input_precision=PRECISION)  # dU = P^T dO + K~ dS'
-        dstate_prev = tl.dot(tl.trans(qe), dout, input_precision=PRECISION) + gamma * dstate  # (BK, BV)
-        dstate = dstate_prev - tl.dot(tl.trans(w), du, input_precision=PRECISION)
+        du += tl.dot(kt.to(scratch), dstate.to(scratch), input_precision=PRECISION)  # dU = P^T dO + K~ dS'
+        dstate_prev = tl.dot(tl.trans(qe.to(scratch)), dout, input_precision=PRECISION) + gamma * dstate  # (BK, BV)
+        dstate = dstate_prev - tl.dot(tl.trans(w.to(scratch)), du.to(scratch), input_precision=PRECISION)
         tl.store(du_ptr + v_off, du, mask=v_mask)
 
     tl.store(dh0_ptr + seg_state, dstate, mask=state_mask)
@@ -267,22 +274,31 @@ def rerun_forward(
     *,
     keep_inverse: bool = False,
     inverse_by: str = "doubling",
+    dtype: torch.dtype = torch.float32,
+    blocks_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The forward's ``U (N, hv, dv)``, chunk states ``S (M, hv, dk, dv)``, ``W (N, hv, dk)`` and, with
-    ``keep_inverse``, each chunk's ``T (M, hv, C, C)`` (else None), all fp32 whatever the inputs (k, v contiguous;
+    """The forward's ``U (N, hv, dv)``, chunk states ``S (M, hv, dk, dv)``, ``W (N, hv, dk)`` in ``dtype`` (fp32 by
+    default whatever the inputs; the 16-bit inputs' dtype with ``MCORE_SSM_GDN_BWD_SCRATCH=inputs``: then the very
+    forward that ran) and, with ``keep_inverse``, each chunk's ``T (M, hv, C, C)`` fp32 (else None) (k, v contiguous;
     g, beta fp32 contiguous), by the same kernels as the forward: ``forward`` ``v2`` (the narrow WY launch and
     ``gdn_triton_state_v2``'s walk) or ``v1``, ``T`` by ``inverse_by`` (``kernel_choice.GDN_INVERSE``). Same
     quantities either way (the tests: v2's gradients within 1e-5 of v1's); v2 fits two programs an SM in offline
-    builds (``benchmarks/offline_gdn_bwd.py``)."""
+    builds (``benchmarks/offline_gdn_bwd.py``); ``blocks_first``: v2's walk in the launch order of
+    ``MCORE_SSM_GDN_WALK_ORDER=blocks`` (same results)."""
     v2 = forward == "v2"
     assert forward in ("v1", "v2") and (launch.dims["BK"] <= 128 or not v2), (forward, launch.dims)
     chunks = launch.chunk_starts.numel()
     inverse = g.new_empty(chunks, launch.hv, CHUNK, CHUNK) if keep_inverse else None  # fp32, every entry written
-    prepared = prepare(launch, k, v, g, beta, torch.float32, narrow=v2, inverse=inverse, inverse_by=inverse_by)
-    walk = run_states
-    if v2:
-        from mcore_ssm.gdn_triton_state_v2 import run_states_v2 as walk
-    vnew, states, _ = walk(launch, k, prepared, initial_state, final=False, states_dtype=torch.float32)
+    prepared = prepare(launch, k, v, g, beta, dtype, narrow=v2, inverse=inverse, inverse_by=inverse_by)
+    if v2:  # blocks_first: v2's walk with its value blocks launched together (MCORE_SSM_GDN_WALK_ORDER=blocks)
+        from mcore_ssm.gdn_triton_state_v2 import run_states_v2
+
+        walked = run_states_v2(
+            launch, k, prepared, initial_state, final=False, states_dtype=dtype, blocks_first=blocks_first
+        )
+    else:
+        walked = run_states(launch, k, prepared, initial_state, final=False, states_dtype=dtype)
+    vnew, states, _ = walked
     return vnew, states, prepared[0], inverse
 
 
@@ -296,12 +312,13 @@ def _run_state_bwd(
     dht: torch.Tensor | None,
     du: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_chunk_state_bwd_kernel``: ``du`` (in: ``P^T dO``, out: ``dU``) in place; ``(dS' (M, hv, dk, dv), d initial
-    state (S, hv, dk, dv))`` fp32 (the arguments of ``gdn_triton_state_bwd_v2.run_state_bwd_v2``)."""
+    """``_chunk_state_bwd_kernel``: ``du`` (in: ``P^T dO``, out: ``dU``) in place; ``(dS' (M, hv, dk, dv) in ``w``'s
+    dtype (the backward's scratch dtype), d initial state (S, hv, dk, dv) fp32)`` (the arguments of
+    ``gdn_triton_state_bwd_v2.run_state_bwd_v2``)."""
     count, chunks = launch.segments.count, launch.chunk_starts.numel()
     hv, dk, dv = launch.hv, launch.dk, launch.dv
     dh0 = g.new_empty(count, hv, dk, dv)  # fp32
-    dstates = g.new_empty(chunks, hv, dk, dv)
+    dstates = w.new_empty(chunks, hv, dk, dv)
     # 32 value columns at every dk (offline sm_90 builds, bf16: dk 128 ~200-450 bytes spilled, dk 64 none; 64 columns
     # spilled 592 / 696 bytes)
     dims = {**launch.dims, "BV": max(16, min(32, triton.next_power_of_2(dv)))}
@@ -348,8 +365,22 @@ def chunk_gated_delta_rule_bwd(
     gf, bf = g.float().contiguous(), beta.float().contiguous()
     split = kernels.terms == "split"
     keep_inverse = split and kernels.pairs_t == "saved"
+    # MCORE_SSM_GDN_BWD_SCRATCH=inputs: the rerun's factors and states, dS' and dR_u in the inputs' dtype for 16-bit
+    # inputs (fp32 inputs keep fp32: scratch_dtype; the one-kernel terms take fp32 only)
+    low = split and kernels.bwd_scratch == "inputs"
+    scratch = scratch_dtype(q.dtype) if low else torch.float32
     vnew, states, w, inverse = rerun_forward(
-        launch, k, v, gf, bf, initial_state, kernels.forward, keep_inverse=keep_inverse, inverse_by=kernels.inverse
+        launch,
+        k,
+        v,
+        gf,
+        bf,
+        initial_state,
+        kernels.forward,
+        keep_inverse=keep_inverse,
+        inverse_by=kernels.inverse,
+        dtype=scratch,
+        blocks_first=kernels.walk_order == "blocks",
     )
     tokens, chunks = v.shape[0] * v.shape[1], launch.chunk_starts.numel()
     hv, dv = launch.hv, launch.dv

@@ -28,7 +28,10 @@ accumulators together: 255 registers and ~1.3 KB spilled a thread, 15 ms of a 29
    the gates after ``i``, summed from a shifted load, not ``G_C - G_i``) and ``dbeta``.
 
 Deterministic (no atomics: every output element is one program's). Precision as the one-kernel version: ``ieee``
-fp32 dots for fp32 inputs, otherwise ``K K^T`` and ``Q K^T`` on the inputs' dtype and the rest tf32. Tiles: C = 64,
+fp32 dots for fp32 inputs, otherwise ``K K^T`` and ``Q K^T`` on the inputs' dtype and the rest tf32; with the opt-in
+``MCORE_SSM_GDN_BWD_SCRATCH=inputs`` (16-bit inputs) ``U``, ``S``, ``dS'`` and ``dR_u`` come in the inputs' dtype and
+the dots that take them (``dR_u U^T``, ``dO U^T``, ``dR_u S^T``, ``dO S^T``, ``U dS'^T``) run on 16-bit operands with
+fp32 accumulation (the operand dtype is the scratch pointers' element type: the fp32 builds are unchanged). Tiles: C = 64,
 BV = 32 value columns (16 below dv 32), BKS = 64 key dims (the padded dk below 64), 8 warps, one stage. Offline
 sm_90 builds (Triton 3.9, ``triton.compile`` of an ``ASTSource`` on CPU, ``cuobjdump --dump-resource-usage``;
 2026-12-06; pointers not marked aligned, which inflates these: aligned builds in RESULTS.md, 2026-12-07), registers
@@ -93,11 +96,11 @@ def _pairs_bwd_kernel(
     v_ptr,  # (N, hv, dv)
     g_ptr,  # (N, hv) fp32
     beta_ptr,  # (N, hv) fp32
-    u_ptr,  # (N, hv, dv) fp32: U = U~ - W S
+    u_ptr,  # (N, hv, dv) scratch dtype (fp32, or the 16-bit inputs': MCORE_SSM_GDN_BWD_SCRATCH=inputs): U~ - W S
     dout_ptr,  # (N, hv, dv) the output's dtype: dO
     du_ptr,  # (N, hv, dv) fp32: dU
     dv_ptr,  # (N, hv, dv) out: beta dR_u
-    dru_ptr,  # (N, hv, dv) fp32 out: dR_u = T^T dU
+    dru_ptr,  # (N, hv, dv) scratch dtype out: dR_u = T^T dU
     dqh_ptr,  # (N, hv, dk) fp32 out: dS K (unscaled dQs, this value head's part)
     dkh_ptr,  # (N, hv, dk) fp32 out: (B + B^T) K + dS^T Qs
     dg_ptr,  # (N, hv) fp32 out: the straddling pairs of dA * A and dP * P
@@ -122,6 +125,7 @@ def _pairs_bwd_kernel(
     qk_head = head // (HV // HK)
     start = tl.load(chunk_start_ptr + chunk)
     count = tl.load(chunk_len_ptr + chunk)
+    scratch = u_ptr.dtype.element_ty  # operands of the dots with U, dO: fp32 (tf32 / ieee) or 16-bit
 
     rows = tl.arange(0, C)  # (C,)
     valid = rows < count
@@ -150,12 +154,12 @@ def _pairs_bwd_kernel(
         v_mask = valid[:, None] & (dvs < DV)[None, :]
         du = tl.load(du_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) dU = dU~
         dru = tl.dot(inv_t, du, input_precision=PRECISION)  # (C, BV) dR_u
-        tl.store(dru_ptr + v_off, dru, mask=v_mask)
+        tl.store(dru_ptr + v_off, dru.to(scratch), mask=v_mask)
         tl.store(dv_ptr + v_off, (beta[:, None] * dru).to(dv_ptr.dtype.element_ty), mask=v_mask)
         vals = tl.load(v_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV)
         dbeta += tl.sum(dru * vals, axis=1)
         u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) U
-        da = tl.dot(dru, tl.trans(u), acc=da, input_precision=PRECISION)
+        da = tl.dot(dru.to(scratch), tl.trans(u), acc=da, input_precision=PRECISION)
 
     # dA: B = diag(beta) (dA * Gamma) (dK += (B + B^T) K below), its dbeta row sum and gate pairs
     g = tl.load(g_ptr + tok_head, mask=valid, other=0.0)  # reloaded: Gamma rebuilt, not kept over the walk
@@ -174,7 +178,7 @@ def _pairs_bwd_kernel(
         v_off = (flat[:, None] * HV + head) * DV + dvs[None, :]  # (C, BV)
         v_mask = valid[:, None] & (dvs < DV)[None, :]
         u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) U
-        dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV) dO
+        dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0).to(scratch)  # (C, BV) dO
         dp = tl.dot(dout, tl.trans(u), acc=dp, input_precision=PRECISION)
 
     # dS = tril(dP * Gamma): its gate pairs (Qs K^T)
@@ -217,11 +221,11 @@ def _states_bwd_kernel(
     k_ptr,  # (N, hk, dk)
     g_ptr,  # (N, hv) fp32
     beta_ptr,  # (N, hv) fp32
-    u_ptr,  # (N, hv, dv) fp32: U
-    states_ptr,  # (M, hv, dk, dv) fp32: S, the state entering each chunk
-    dstates_ptr,  # (M, hv, dk, dv) fp32: dS', the gradient of the state leaving it
+    u_ptr,  # (N, hv, dv) scratch dtype (fp32, or the 16-bit inputs': MCORE_SSM_GDN_BWD_SCRATCH=inputs): U
+    states_ptr,  # (M, hv, dk, dv) scratch dtype: S, the state entering each chunk
+    dstates_ptr,  # (M, hv, dk, dv) scratch dtype: dS', the gradient of the state leaving it
     dout_ptr,  # (N, hv, dv) the output's dtype: dO
-    dru_ptr,  # (N, hv, dv) fp32: dR_u (kernel 1)
+    dru_ptr,  # (N, hv, dv) scratch dtype: dR_u (kernel 1)
     dqh_ptr,  # (N, hv, dk) fp32: kernel 1's dQs of each value head (unscaled)
     dkh_ptr,  # (N, hv, dk) fp32: kernel 1's dK of each value head
     dq_ptr,  # (N, hk, dk) out
@@ -249,6 +253,7 @@ def _states_bwd_kernel(
     chunks = tl.num_programs(0)
     start = tl.load(chunk_start_ptr + chunk)
     count = tl.load(chunk_len_ptr + chunk)
+    scratch = states_ptr.dtype.element_ty  # the dots' operands (S, dS', U, dR_u, dO): fp32 or 16-bit
 
     rows = tl.arange(0, C)  # (C,)
     valid = rows < count
@@ -276,10 +281,10 @@ def _states_bwd_kernel(
             s_mask = kmask[:, None] & vmask[None, :]
             state = tl.load(states_ptr + s_off, mask=s_mask, other=0.0)  # (BKS, BV) S
             dstate = tl.load(dstates_ptr + s_off, mask=s_mask, other=0.0)  # (BKS, BV) dS'
-            dgamma += tl.sum(tl.sum(state * dstate, axis=1), axis=0)
+            dgamma += tl.sum(tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1), axis=0)
             dru = tl.load(dru_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) dR_u
             drw = tl.dot(dru, tl.trans(state), acc=drw, input_precision=PRECISION)
-            dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV) dO
+            dout = tl.load(dout_ptr + v_off, mask=v_mask, other=0.0).to(scratch)  # (C, BV) dO
             dqe = tl.dot(dout, tl.trans(state), acc=dqe, input_precision=PRECISION)
             u = tl.load(u_ptr + v_off, mask=v_mask, other=0.0)  # (C, BV) U
             dkt = tl.dot(u, tl.trans(dstate), acc=dkt, input_precision=PRECISION)
@@ -369,25 +374,27 @@ def chunk_terms_bwd_split(
     """``(dq, dk, dv, dg, dbeta)`` in the inputs' dtypes and shapes from ``inputs = (q, k, v, g, beta)`` (q, k, v
     contiguous, g and beta fp32 contiguous), ``saved = (U (N, hv, dv), S, dS' (M, hv, dk, dv))`` and ``grads =
     (dO, dU (N, hv, dv))``, all contiguous and fp32 but ``dO`` (the output's dtype): the contract of
-    ``gdn_triton_chunk_bwd.chunk_terms_bwd``. ``inverse``: each chunk's ``T (M, hv, C, C)`` fp32 as the WY kernel
-    stored it (``gdn_triton.prepare``), loaded instead of recomputed; None recomputes it, by ``inverse_by``
+    ``gdn_triton_chunk_bwd.chunk_terms_bwd``; or ``U, S, dS'`` all in the 16-bit inputs' dtype
+    (``MCORE_SSM_GDN_BWD_SCRATCH=inputs``): then the dots that take them (and ``dR_u``, stored in that dtype too) run
+    on 16-bit operands, fp32 accumulate. ``inverse``: each chunk's ``T (M, hv, C, C)`` fp32 as the WY kernel stored it
+    (``gdn_triton.prepare``), loaded instead of recomputed; None recomputes it, by ``inverse_by``
     (``kernel_choice.GDN_INVERSE``: ``doubling`` or ``blocks16``, as the WY kernel)."""
     q, k, v, g, beta = inputs
     u, states, dstates = saved
     dout, du = grads
     tokens, hk, hv, dk = u.shape[0], launch.hk, launch.hv, launch.dk
     dv = torch.empty_like(v)
-    dru = torch.empty_like(u)  # (N, hv, dv) fp32
-    dqh = u.new_empty(tokens, hv, dk)  # (N, hv, dk) fp32 kernel 1's parts; every token's row written
-    dkh = u.new_empty(tokens, hv, dk)
-    dg = u.new_empty(tokens, hv)  # (N, hv) fp32
-    dbeta = u.new_empty(tokens, hv)
+    dru = torch.empty_like(u)  # (N, hv, dv) U's dtype: fp32, or 16-bit with MCORE_SSM_GDN_BWD_SCRATCH=inputs
+    dqh = g.new_empty(tokens, hv, dk)  # (N, hv, dk) fp32 kernel 1's parts; every token's row written
+    dkh = g.new_empty(tokens, hv, dk)
+    dg = g.new_empty(tokens, hv)  # (N, hv) fp32
+    dbeta = g.new_empty(tokens, hv)
     dims = launch.dims
     key_block = min(64, dims["BK"])  # kernel 2's key dims a program (see the top)
     blocks = triton.cdiv(dk, key_block)
     chunks = launch.chunk_starts.numel()
-    sums = u.new_empty(3, blocks, tokens, hv)  # (3, KB, N, hv) kernel 2's partial row sums
-    dgamma = u.new_empty(blocks, chunks, hv)
+    sums = g.new_empty(3, blocks, tokens, hv)  # (3, KB, N, hv) fp32 kernel 2's partial row sums
+    dgamma = g.new_empty(blocks, chunks, hv)
     sizes = {
         "HK": dims["HK"],
         "HV": dims["HV"],

@@ -14,8 +14,10 @@ SM, 1024 programs of 64 serial chunk steps at the bench shape (4.6 ms of a 24 ms
   (K_j dS'_j)`` and ``Qe_j^T dO`` as ``Q_j^T (scale e^G dO)``, so no ``(C, KB)`` tile is rescaled;
 * is autotuned over 4 warps (two programs an SM) and 1-2 pipelining stages (``CONFIGS``).
 
-The same fp32 operands and dot precision as the first version: ``Q``, ``K`` in their dtype converted to fp32 at the
-dot, ``W``, ``dU`` fp32, ``tf32`` dots for 16-bit inputs, ``ieee`` for fp32.
+The same operands and dot precision as the first version: ``Q``, ``K`` in their dtype converted to fp32 at the
+dot, ``W``, ``dU`` fp32, ``tf32`` dots for 16-bit inputs, ``ieee`` for fp32; with ``MCORE_SSM_GDN_BWD_SCRATCH=
+inputs`` (16-bit inputs) ``W`` and the stored ``dS'`` in the inputs' dtype and every dot on 16-bit operands (fp32
+accumulate, ``dS'`` carried in fp32), as the first version then.
 
 Shape legend as in ``gdn_triton``: N tokens, S segments, M chunks, hk / hv heads, dk / dv dims, C = 64, BK dk
 padded, BV a block of value dims.
@@ -41,13 +43,14 @@ def _block_du(
     DK: tl.constexpr,
     KB: tl.constexpr,
     PRECISION: tl.constexpr,
+    SCRATCH: tl.constexpr,
 ):
     """``K_j dS'_j (C, BV)`` for the key block starting at key ``first`` (ungated); ``k_chunk`` points at the
-    chunk's first key row (tile offsets in int32 from it)."""
+    chunk's first key row (tile offsets in int32 from it); operands in ``SCRATCH`` (fp32, or 16-bit)."""
     dks = first + tl.arange(0, KB)  # (KB,)
     mask = valid[:, None] & (dks < DK)[None, :]
     k = tl.load(k_chunk + rows[:, None] * (HK * DK) + dks[None, :], mask=mask, other=0.0)  # (C, KB) K_j
-    return tl.dot(k.to(tl.float32), dstate, input_precision=PRECISION)
+    return tl.dot(k.to(SCRATCH), dstate.to(SCRATCH), input_precision=PRECISION)
 
 
 @triton.jit
@@ -66,28 +69,30 @@ def _block_ds(
     DK: tl.constexpr,
     KB: tl.constexpr,
     PRECISION: tl.constexpr,
+    SCRATCH: tl.constexpr,
 ):
     """``gamma dS'_j + Q_j^T (scale e^G dO) + W_j^T (-dU) (KB, BV)``, two dots into one accumulator: block j of the
-    state gradient entering the chunk (``q_chunk``, ``w_chunk``: the chunk's first rows)."""
+    state gradient entering the chunk (``q_chunk``, ``w_chunk``: the chunk's first rows; ``dout_scaled`` and
+    ``minus_du`` already in ``SCRATCH``, the operands' dtype; fp32 accumulate)."""
     dks = first + tl.arange(0, KB)  # (KB,)
     mask = (dks < DK)[:, None] & valid[None, :]  # (KB, C)
     qt = tl.load(q_chunk + rows[None, :] * (HK * DK) + dks[:, None], mask=mask, other=0.0)  # (KB, C) Q_j^T
     wt = tl.load(w_chunk + rows[None, :] * (HV * DK) + dks[:, None], mask=mask, other=0.0)  # (KB, C) W_j^T
-    acc = tl.dot(qt.to(tl.float32), dout_scaled, acc=gamma * dstate, input_precision=PRECISION)  # (KB, BV)
-    return tl.dot(wt.to(tl.float32), minus_du, acc=acc, input_precision=PRECISION)
+    acc = tl.dot(qt.to(SCRATCH), dout_scaled, acc=gamma * dstate, input_precision=PRECISION)  # (KB, BV)
+    return tl.dot(wt.to(SCRATCH), minus_du, acc=acc, input_precision=PRECISION)
 
 
 @triton.jit
 def _state_bwd_v2_kernel(
     q_ptr,  # (N, hk, dk)
     k_ptr,  # (N, hk, dk)
-    w_ptr,  # (N, hv, dk) fp32: W
+    w_ptr,  # (N, hv, dk) scratch dtype (fp32, or 16-bit with MCORE_SSM_GDN_BWD_SCRATCH=inputs): W
     g_ptr,  # (N, hv) fp32: the gates
     dout_ptr,  # (N, hv, dv) the output's dtype: dO
     dht_ptr,  # (S, hv, dk, dv) fp32 (unused without HAS_DHT)
     dh0_ptr,  # (S, hv, dk, dv) fp32 out
     du_ptr,  # (N, hv, dv) fp32 in: P^T dO (``_local_du_kernel``), out: dU (= dU~)
-    dstates_ptr,  # (M, hv, dk, dv) fp32 out: dS', the gradient of the state leaving each chunk
+    dstates_ptr,  # (M, hv, dk, dv) scratch dtype out: dS', the gradient of the state leaving each chunk
     starts_ptr,  # (S,) int64
     lengths_ptr,  # (S,) int64
     first_chunk_ptr,  # (S,) int64
@@ -111,6 +116,7 @@ def _state_bwd_v2_kernel(
     start = tl.load(starts_ptr + seg)
     length = tl.load(lengths_ptr + seg)
     first_chunk = tl.load(first_chunk_ptr + seg)
+    scratch: tl.constexpr = dstates_ptr.dtype.element_ty  # the dots' operands: fp32, or 16-bit (fp32 accumulate)
     q_head = q_ptr + qk_head * DK  # token t's query at q_head + t * hk * dk
     k_head = k_ptr + qk_head * DK
     w_head = w_ptr + head * DK  # token t's W row at w_head + t * hv * dk
@@ -136,9 +142,9 @@ def _state_bwd_v2_kernel(
     for back in range(0, count):
         j = count - 1 - back  # chunks in reverse
         dstates = dstates_ptr + ((first_chunk + j) * HV + head).to(tl.int64) * DK * DV
-        tl.store(dstates + cols0, ds0, mask=mask0)
+        tl.store(dstates + cols0, ds0.to(scratch), mask=mask0)
         if NKB == 2:
-            tl.store(dstates + cols1, ds1, mask=mask1)
+            tl.store(dstates + cols1, ds1.to(scratch), mask=mask1)
         tok = j * C + rows  # (C,) position in the segment
         valid = tok < length
         flat = start + tok  # (C,)
@@ -159,18 +165,20 @@ def _state_bwd_v2_kernel(
         v_mask = valid[:, None] & vmask[None, :]
 
         # dU = P^T dO + e^{G_C - G} (K dS'): K~ dS' with the gate on the (C, BV) product
-        kds = _block_du(ds0, k_chunk, rows, valid, 0, HK, DK, KB, PRECISION)  # (C, BV)
+        kds = _block_du(ds0, k_chunk, rows, valid, 0, HK, DK, KB, PRECISION, scratch)  # (C, BV)
         if NKB == 2:
-            kds += _block_du(ds1, k_chunk, rows, valid, KB, HK, DK, KB, PRECISION)
+            kds += _block_du(ds1, k_chunk, rows, valid, KB, HK, DK, KB, PRECISION, scratch)
         du = tl.load(du_ptr + v_chunk + v_off, mask=v_mask, other=0.0) + tl.exp(to_end)[:, None] * kds  # (C, BV)
         tl.store(du_ptr + v_chunk + v_off, du, mask=v_mask)
         dout = tl.load(dout_ptr + v_chunk + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV) dO
-        dout_scaled = dout * (scale * tl.exp(cum))[:, None]  # (C, BV) scale e^G dO: Qe^T dO = Q^T (this)
-        minus_du = -du  # (C, BV)
-        ds0 = _block_ds(ds0, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, 0, HK, HV, DK, KB, PRECISION)
+        dout_scaled = (dout * (scale * tl.exp(cum))[:, None]).to(scratch)  # (C, BV) scale e^G dO: Qe^T dO = Q^T this
+        minus_du = (-du).to(scratch)  # (C, BV)
+        ds0 = _block_ds(
+            ds0, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, 0, HK, HV, DK, KB, PRECISION, scratch
+        )
         if NKB == 2:
             ds1 = _block_ds(
-                ds1, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, KB, HK, HV, DK, KB, PRECISION
+                ds1, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, KB, HK, HV, DK, KB, PRECISION, scratch
             )
 
     tl.store(dh0_ptr + seg_state + cols0, ds0, mask=mask0)
@@ -205,13 +213,14 @@ def run_state_bwd_v2(
     du: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``_chunk_state_bwd_kernel``'s job: ``du (N, hv, dv)`` fp32 (in: ``P^T dO``, out: ``dU``) updated in place;
-    returns ``(dS' (M, hv, dk, dv), d initial state (S, hv, dk, dv))``, fp32. q, k contiguous, ``w (N, hv, dk)``
-    and ``g (N, hv)`` fp32, ``dout (N, hv, dv)`` in the output's dtype, ``dht`` fp32 or None."""
+    returns ``(dS' (M, hv, dk, dv)`` in ``w``'s dtype (fp32, or 16-bit with ``MCORE_SSM_GDN_BWD_SCRATCH=inputs``),
+    ``d initial state (S, hv, dk, dv)`` fp32). q, k contiguous, ``w (N, hv, dk)`` fp32 or 16-bit, ``g (N, hv)`` fp32,
+    ``dout (N, hv, dv)`` in the output's dtype, ``dht`` fp32 or None."""
     assert launch.dims["BK"] <= 128, launch.dims  # at most two blocks of 64 keys
     count, chunks = launch.segments.count, launch.chunk_starts.numel()
     hv, dk, dv = launch.hv, launch.dk, launch.dv
     dh0 = g.new_empty(count, hv, dk, dv)  # fp32
-    dstates = g.new_empty(chunks, hv, dk, dv)
+    dstates = w.new_empty(chunks, hv, dk, dv)
     bounds = (launch.segments.starts, launch.segments.lengths, launch.first_chunk)
     args = (q, k, w, g, dout, dht if dht is not None else g.new_empty(1), dh0, du, dstates, *bounds, launch.scale)
     block_k = launch.dims["BK"]

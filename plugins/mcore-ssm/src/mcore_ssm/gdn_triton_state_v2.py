@@ -15,6 +15,14 @@ once: 254-255 registers a thread at 8 warps (0-108 bytes spilled), so one progra
 * is autotuned over 4 warps (two or three programs an SM) and 2-3 pipelining stages (the next chunk's loads
   overlap this chunk's dots).
 
+Launch order: by default the grid is ``(segment, value head, value block)``, the value block slowest, so the
+``dv / BV`` programs of one (segment, head), which load the same ``W`` and ``K`` rows chunk after chunk, run a wave
+apart and each reads them from memory (at the bench shape, BV 32: ``W`` 4 times, 1.07 GB in bf16 and 2.15 GB in the
+backward's fp32 rerun, ``K`` 4 times). Opt-in ``MCORE_SSM_GDN_WALK_ORDER=blocks`` (issue 22, not yet run on a GPU)
+puts the value blocks of one (segment, head) next to each other (``BLOCKS_FIRST``: grid ``(value block + blocks x
+segment, value head)``, as the backward's reverse walks already do): they run at once and walk the same chunks, so
+all but the first read of each tile come from L2. Same programs, same results (bit for bit).
+
 Shape legend as in ``gdn_triton``: N tokens, S segments, M chunks, hk / hv heads, dk / dv dims, C = 64, BK dk padded,
 BV a block of value dims. Offline sm_90 builds and the configs kept: ``_state_v2_tuned``'s comment.
 """
@@ -73,10 +81,15 @@ def _chunk_state_v2_kernel(
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     PRECISION: tl.constexpr,
+    BLOCKS_FIRST: tl.constexpr,  # the value blocks of one (segment, head) neighbours in the launch (WALK_ORDER)
 ):
-    seg = tl.program_id(0)
+    if BLOCKS_FIRST:  # grid (value blocks x segments, hv)
+        vblock = tl.program_id(0) % tl.cdiv(DV, BV)
+        seg = tl.program_id(0) // tl.cdiv(DV, BV)
+    else:  # grid (segments, hv, value blocks)
+        seg = tl.program_id(0)
+        vblock = tl.program_id(2)
     head = tl.program_id(1)
-    vblock = tl.program_id(2)
     qk_head = head // (HV // HK)
     start = tl.load(starts_ptr + seg)
     length = tl.load(lengths_ptr + seg)
@@ -150,7 +163,7 @@ def _chunk_state_v2_kernel(
 # benchmarks/RESULTS.md, "GDN forward v2".
 _state_v2_tuned = triton.autotune(
     configs=_value_configs(((32, 4, 2), (32, 4, 3), (64, 8, 2))),
-    key=["HV", "DK", "DV", "HAS_H0", "STORE_HT", "PRECISION"],
+    key=["HV", "DK", "DV", "HAS_H0", "STORE_HT", "PRECISION", "BLOCKS_FIRST"],
     prune_configs_by={"early_config_prune": _prune_wide},
 )(_chunk_state_v2_kernel)
 
@@ -163,8 +176,11 @@ def run_states_v2(
     *,
     final: bool,
     states_dtype: torch.dtype,
+    blocks_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``gdn_triton.run_states``'s arguments and results (``U``, the chunk states, the final state or None)."""
+    """``gdn_triton.run_states``'s arguments and results (``U``, the chunk states, the final state or None);
+    ``blocks_first``: the value blocks of one (segment, head) launched next to each other
+    (``MCORE_SSM_GDN_WALK_ORDER=blocks``), same results."""
     assert launch.dims["BK"] <= 128, launch.dims  # at most two blocks of 64 keys
     w, u, cum = prepared
     count, chunks = launch.segments.count, launch.chunk_starts.numel()
@@ -185,10 +201,16 @@ def run_states_v2(
         "HAS_H0": initial_state is not None,
         "STORE_HT": final,
         "PRECISION": launch.precision,
+        "BLOCKS_FIRST": blocks_first,
     }
+
+    def grid(meta: dict[str, int]) -> tuple[int, int, int]:
+        blocks = triton.cdiv(launch.dv, meta["BV"])
+        return (blocks * count, launch.hv, 1) if blocks_first else (count, launch.hv, blocks)
+
     if _interpreted():
-        grid = (count, launch.hv, launch.value_blocks)
-        _chunk_state_v2_kernel[grid](*args, **sizes, BV=launch.dims["BV"], num_warps=4, num_stages=1)
+        block_v = launch.dims["BV"]
+        _chunk_state_v2_kernel[grid({"BV": block_v})](*args, **sizes, BV=block_v, num_warps=4, num_stages=1)
     else:
-        _state_v2_tuned[lambda meta: (count, launch.hv, triton.cdiv(launch.dv, meta["BV"]))](*args, **sizes)
+        _state_v2_tuned[grid](*args, **sizes)
     return vnew, states, ht if final else None

@@ -133,17 +133,49 @@ def gdn_inverse() -> str:
     return _env_choice("MCORE_SSM_GDN_INVERSE", GDN_INVERSE)
 
 
+#: ``MCORE_SSM_GDN_BWD_SCRATCH``: the dtype of what the GDN backward keeps between its kernels (issue 22): ``fp32``
+#: (the default: the forward rerun in fp32, its factors ``W, U~``, ``U`` and chunk states, the state gradients ``dS'``
+#: and ``dR_u = T^T dU`` in fp32, the dots on them tf32) or ``inputs`` (an opt-in, not yet run on a GPU: those in the
+#: inputs' dtype for 16-bit inputs, the rerun then exactly the forward that ran, and the dots that take them on
+#: 16-bit operands with fp32 accumulation, as fla's backward; ``dU``, the carried state gradient, ``T`` and every
+#: partial sum stay fp32; ~5.7 of ~18 GB of the backward's traffic gone at B 8 x T 4096, 32 value heads, dk = dv =
+#: 128, bf16). fp32 inputs keep fp32 (their scratch dtype), and so does ``MCORE_SSM_GDN_CHUNK_BWD=one`` (the
+#: one-kernel terms take fp32 only).
+GDN_BWD_SCRATCH: tuple[str, ...] = ("fp32", "inputs")
+
+
+def gdn_bwd_scratch() -> str:
+    """``MCORE_SSM_GDN_BWD_SCRATCH`` (``GDN_BWD_SCRATCH``, default ``fp32``)."""
+    return _env_choice("MCORE_SSM_GDN_BWD_SCRATCH", GDN_BWD_SCRATCH)
+
+
+#: ``MCORE_SSM_GDN_WALK_ORDER``: the launch order of the GDN forward's v2 state walk (``gdn_triton_state_v2``, also the
+#: backward's rerun): ``segments`` (the default: grid (segment, value head, value block), the value blocks of one
+#: (segment, head) a wave apart, each reading the same ``W`` and ``K`` rows from memory) or ``blocks`` (an opt-in, not
+#: yet run on a GPU: those value blocks launched next to each other, so they walk the same chunks at once and share
+#: the loads through L2, as the backward's reverse walks do). Same results, bit for bit.
+GDN_WALK_ORDER: tuple[str, ...] = ("segments", "blocks")
+
+
+def gdn_walk_order() -> str:
+    """``MCORE_SSM_GDN_WALK_ORDER`` (``GDN_WALK_ORDER``, default ``segments``)."""
+    return _env_choice("MCORE_SSM_GDN_WALK_ORDER", GDN_WALK_ORDER)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GdnKernels:
     """Which GDN Triton kernels one call runs, read once when its forward starts (the backward, later, uses the
     same): ``forward`` (``GDN_FWD``, also the backward's fp32 rerun), ``terms`` (``GDN_CHUNK_BWD``), ``state_bwd``
-    (``GDN_STATE_BWD``), ``pairs_t`` (``GDN_PAIRS_T``), ``inverse`` (``GDN_INVERSE``)."""
+    (``GDN_STATE_BWD``), ``pairs_t`` (``GDN_PAIRS_T``), ``inverse`` (``GDN_INVERSE``), ``bwd_scratch``
+    (``GDN_BWD_SCRATCH``), ``walk_order`` (``GDN_WALK_ORDER``)."""
 
     forward: str
     terms: str
     state_bwd: str
     pairs_t: str
     inverse: str
+    bwd_scratch: str
+    walk_order: str
 
 
 def gdn_kernels_for(block_k: int) -> GdnKernels:
@@ -154,6 +186,8 @@ def gdn_kernels_for(block_k: int) -> GdnKernels:
         state_bwd=gdn_state_bwd_for(block_k),
         pairs_t=gdn_pairs_t(),
         inverse=gdn_inverse(),
+        bwd_scratch=gdn_bwd_scratch(),
+        walk_order=gdn_walk_order(),
     )
 
 
