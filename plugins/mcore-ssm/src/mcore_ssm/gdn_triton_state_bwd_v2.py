@@ -116,7 +116,10 @@ def _state_bwd_v2_kernel(
     start = tl.load(starts_ptr + seg)
     length = tl.load(lengths_ptr + seg)
     first_chunk = tl.load(first_chunk_ptr + seg)
-    scratch: tl.constexpr = dstates_ptr.dtype.element_ty  # the dots' operands: fp32, or 16-bit (fp32 accumulate)
+    scratch: tl.constexpr = dstates_ptr.dtype.element_ty  # dS' as stored: fp32, or 16-bit
+    # the dots' operands stay fp32 (tf32 / ieee) whatever the scratch: W and Q, K converted at the load, as in the
+    # fp32 build that ran clean on an H100; 16-bit operands here hit an illegal memory access there (Triton 3.6)
+    operands: tl.constexpr = tl.float32
     q_head = q_ptr + qk_head * DK  # token t's query at q_head + t * hk * dk
     k_head = k_ptr + qk_head * DK
     w_head = w_ptr + head * DK  # token t's W row at w_head + t * hv * dk
@@ -165,20 +168,20 @@ def _state_bwd_v2_kernel(
         v_mask = valid[:, None] & vmask[None, :]
 
         # dU = P^T dO + e^{G_C - G} (K dS'): K~ dS' with the gate on the (C, BV) product
-        kds = _block_du(ds0, k_chunk, rows, valid, 0, HK, DK, KB, PRECISION, scratch)  # (C, BV)
+        kds = _block_du(ds0, k_chunk, rows, valid, 0, HK, DK, KB, PRECISION, operands)  # (C, BV)
         if NKB == 2:
-            kds += _block_du(ds1, k_chunk, rows, valid, KB, HK, DK, KB, PRECISION, scratch)
+            kds += _block_du(ds1, k_chunk, rows, valid, KB, HK, DK, KB, PRECISION, operands)
         du = tl.load(du_ptr + v_chunk + v_off, mask=v_mask, other=0.0) + tl.exp(to_end)[:, None] * kds  # (C, BV)
         tl.store(du_ptr + v_chunk + v_off, du, mask=v_mask)
         dout = tl.load(dout_ptr + v_chunk + v_off, mask=v_mask, other=0.0).to(tl.float32)  # (C, BV) dO
-        dout_scaled = (dout * (scale * tl.exp(cum))[:, None]).to(scratch)  # (C, BV) scale e^G dO: Qe^T dO = Q^T this
-        minus_du = (-du).to(scratch)  # (C, BV)
+        dout_scaled = (dout * (scale * tl.exp(cum))[:, None]).to(operands)  # (C, BV) scale e^G dO: Qe^T dO = Q^T this
+        minus_du = (-du).to(operands)  # (C, BV)
         ds0 = _block_ds(
-            ds0, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, 0, HK, HV, DK, KB, PRECISION, scratch
+            ds0, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, 0, HK, HV, DK, KB, PRECISION, operands
         )
         if NKB == 2:
             ds1 = _block_ds(
-                ds1, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, KB, HK, HV, DK, KB, PRECISION, scratch
+                ds1, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, KB, HK, HV, DK, KB, PRECISION, operands
             )
 
     tl.store(dh0_ptr + seg_state + cols0, ds0, mask=mask0)
