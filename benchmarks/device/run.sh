@@ -75,11 +75,18 @@ t_gdnblock() {  # issue 22: the whole GDN block (hybrid-bench's mixer) against i
   (cd plugins/mcore-ssm/benchmarks && $PY bench_gdn_block.py --repeats "${ROUNDS:-5}" --out "$OUT/gdnblock.jsonl" \
     && $PY bench_gdn_block.py --batch 1 --seq 16384 --repeats 3 --no-profile --out "$OUT/gdnblock16k.jsonl")
 }
-t_gdnopt() {  # the GDN backward opt-ins of 2026-12-07: 16-bit scratch, walk order by blocks; GPU tests, then timed
-  $PY -m pytest -q -p no:cacheprovider -m gpu plugins/mcore-ssm/tests/test_gdn_triton_bwd_scratch.py \
-    plugins/mcore-ssm/tests/test_gdn_triton_walk_order.py plugins/mcore-ssm/tests/test_gdn_triton_bwd_opt_in.py 2>&1 | tail -3
-  (cd plugins/mcore-ssm/benchmarks && $PY bench_gdn.py --only triton triton_bwd_scratch_inputs triton_state_bwd_v2 \
-    triton_bwd_scratch_inputs_state_bwd_v2 triton_walk_blocks triton_bwd_scratch_inputs_walk_blocks --repeats "${ROUNDS:-3}")
+t_gdnopt() {  # the GDN backward opt-ins: each GPU test in its own process (a fault poisons only its own), then timed
+  command -v compute-sanitizer > /dev/null && echo "compute-sanitizer: $(command -v compute-sanitizer)"
+  for f in test_gdn_triton_bwd_scratch.py test_gdn_triton_walk_order.py test_gdn_triton_bwd_opt_in.py; do
+    for id in $($PY -m pytest -q -p no:cacheprovider -m gpu --collect-only "plugins/mcore-ssm/tests/$f" 2>/dev/null | grep '::'); do
+      CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovider -m gpu "$id" > /tmp/one.log 2>&1
+      echo "rc=$? $id $(grep -o -m1 'illegal[^.]*\|[0-9]* passed\|[0-9]* failed' /tmp/one.log | head -1)"
+    done
+  done
+  for c in triton triton_bwd_scratch_inputs triton_state_bwd_v2 triton_bwd_scratch_inputs_state_bwd_v2 triton_walk_blocks \
+      triton_bwd_scratch_inputs_walk_blocks; do  # one process each: a fault names its candidate
+    (cd plugins/mcore-ssm/benchmarks && $PY bench_gdn.py --only "$c" --repeats "${ROUNDS:-3}" 2>&1 | grep -v config | tail -2)
+  done
 }
 t_gdninv() {  # the GDN chunk inverse on 16x16 blocks (opt-in): its GPU tests, then timed against the doubling
   $PY -m pytest -q -p no:cacheprovider -m gpu plugins/mcore-ssm/tests/test_gdn_triton_inverse16.py 2>&1 | tail -3
