@@ -77,7 +77,7 @@ t_gdnblock() {  # issue 22: the whole GDN block (hybrid-bench's mixer) against i
 }
 t_gdnopt() {  # the GDN backward opt-ins: each GPU test in its own process (a fault poisons only its own), then timed
   command -v compute-sanitizer > /dev/null && echo "compute-sanitizer: $(command -v compute-sanitizer)"
-  for f in test_gdn_triton_bwd_scratch.py test_gdn_triton_walk_order.py test_gdn_triton_bwd_opt_in.py; do
+  for f in test_gdn_triton_bwd_scratch.py test_gdn_triton_walk_order.py; do  # (bwd_opt_in passed on an H100)
     while IFS= read -r id; do  # node ids hold spaces and quotes: one whole line each
       CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -q -p no:cacheprovider -m gpu "$id" > /tmp/one.log 2>&1
       echo "rc=$? ${id#*::} $(grep -o -m1 'illegal[^.]*\|[0-9]* passed\|[0-9]* failed' /tmp/one.log | head -1)"
