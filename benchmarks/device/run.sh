@@ -71,6 +71,13 @@ t_ssmfused() {  # the fused conv / gated norm kernels' GPU tests (mcore-ssm), th
   $PY -m pytest -q -p no:cacheprovider -m gpu plugins/mcore-ssm/tests/test_conv_triton.py plugins/mcore-ssm/tests/test_norm_triton.py \
     plugins/mcore-ssm/tests/test_ssm_fused_blocks.py 2>&1 | tail -3
 }
+t_hyb4k() {  # issue 22: the hybrid step at 4096 against the dense one, and the hybrid with 2026-12-07's GDN changes off
+  $PY packages/mcore-core/benchmarks/bench_train.py --out /tmp/bhyb --repeats "${ROUNDS:-1}" --steps "${HYB_STEPS:-20}" \
+    --common "--precision.recipe=bf16 --model.max_position_embeddings=16384 --data.max_tokens=5000000 --train.seq_len=4096 --train.global_batch_size=4" \
+    --variant "dense-4k=--model.preset=bench-0.9b" --variant "hybrid-4k=--model.preset=hybrid-bench" \
+    --variant "hybrid-4k-before=--model.preset=hybrid-bench" \
+    --env "hybrid-4k-before:MCORE_SSM_FUSED=0,MCORE_SSM_GDN_BWD_SCRATCH=fp32,MCORE_SSM_GDN_STATE_BWD=v1" 2>&1 | tail -12
+}
 t_gdnblock() {  # issue 22: the whole GDN block (hybrid-bench's mixer) against its pieces, with a profile; then 16k
   (cd plugins/mcore-ssm/benchmarks && $PY bench_gdn_block.py --repeats "${ROUNDS:-5}" --out "$OUT/gdnblock.jsonl" \
     && $PY bench_gdn_block.py --batch 1 --seq 16384 --repeats 3 --no-profile --out "$OUT/gdnblock16k.jsonl")

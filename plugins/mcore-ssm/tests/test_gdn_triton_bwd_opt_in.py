@@ -77,26 +77,28 @@ def test_opt_in_backward_kernels_in_interpreter_equal_fp64_recurrence_and_defaul
 
 
 def test_backward_choices_are_read_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``MCORE_SSM_GDN_STATE_BWD`` unset (or empty) picks v1, ``v2`` v2 for keys padded to at most 128 columns (v1
-    for wider ones); ``MCORE_SSM_GDN_PAIRS_T`` unset picks ``recompute``, ``saved`` saved; anything else is a
+    """``MCORE_SSM_GDN_STATE_BWD`` unset (or empty) picks v2 (the default since 2026-12-07) for keys padded to at most
+    128 columns (v1 for wider ones), ``v1`` v1; ``MCORE_SSM_GDN_PAIRS_T`` unset picks ``recompute``, ``saved`` saved; anything else is a
     ``UserError`` naming the allowed values, when a forward starts (``gdn_kernels_for``)."""
     from mcore.errors import UserError
     from mcore_ssm.kernel_choice import gdn_kernels_for, gdn_pairs_t, gdn_state_bwd_for
 
     for name in ("MCORE_SSM_GDN_STATE_BWD", "MCORE_SSM_GDN_PAIRS_T", "MCORE_SSM_GDN_FWD", "MCORE_SSM_GDN_CHUNK_BWD"):
         monkeypatch.delenv(name, raising=False)
-    assert [gdn_state_bwd_for(bk) for bk in (16, 128, 256)] == ["v1", "v1", "v1"]
+    assert [gdn_state_bwd_for(bk) for bk in (16, 128, 256)] == ["v2", "v2", "v1"]
     assert gdn_pairs_t() == "recompute"
     chosen = gdn_kernels_for(128)
-    assert (chosen.forward, chosen.terms, chosen.state_bwd, chosen.pairs_t) == ("v2", "split", "v1", "recompute")
+    assert (chosen.forward, chosen.terms, chosen.state_bwd, chosen.pairs_t) == ("v2", "split", "v2", "recompute")
     monkeypatch.setenv("MCORE_SSM_GDN_STATE_BWD", "")
-    assert gdn_state_bwd_for(128) == "v1"
+    assert gdn_state_bwd_for(128) == "v2"
+    monkeypatch.setenv("MCORE_SSM_GDN_STATE_BWD", "v1")
+    assert [gdn_state_bwd_for(bk) for bk in (16, 128, 256)] == ["v1", "v1", "v1"]
     monkeypatch.setenv("MCORE_SSM_GDN_STATE_BWD", "v2")
     monkeypatch.setenv("MCORE_SSM_GDN_PAIRS_T", "saved")
     assert [gdn_state_bwd_for(bk) for bk in (16, 128, 256)] == ["v2", "v2", "v1"]
     chosen = gdn_kernels_for(256)
     assert (chosen.forward, chosen.state_bwd, chosen.pairs_t) == ("v1", "v1", "saved")
-    for name, allowed in (("MCORE_SSM_GDN_STATE_BWD", "v1, v2"), ("MCORE_SSM_GDN_PAIRS_T", "recompute, saved")):
+    for name, allowed in (("MCORE_SSM_GDN_STATE_BWD", "v2, v1"), ("MCORE_SSM_GDN_PAIRS_T", "recompute, saved")):
         monkeypatch.setenv(name, "fast")
         with pytest.raises(UserError, match=f"{name} = 'fast'; allowed: {allowed}"):
             gdn_kernels_for(128)

@@ -105,19 +105,19 @@ def test_scratch_in_inputs_dtype_in_interpreter() -> None:
 
 
 def test_scratch_choice_is_read_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``MCORE_SSM_GDN_BWD_SCRATCH`` unset (or empty) picks ``fp32``, ``inputs`` the inputs' dtype; anything else
+    """``MCORE_SSM_GDN_BWD_SCRATCH`` unset (or empty) picks ``inputs`` (the default since 2026-12-07), ``fp32`` fp32; anything else
     is a ``UserError`` naming the allowed values when a forward starts (``gdn_kernels_for``)."""
     from mcore.errors import UserError
     from mcore_ssm.kernel_choice import gdn_bwd_scratch, gdn_kernels_for
 
     monkeypatch.delenv(NAME, raising=False)
-    assert gdn_bwd_scratch() == "fp32" and gdn_kernels_for(128).bwd_scratch == "fp32"
+    assert gdn_bwd_scratch() == "inputs" and gdn_kernels_for(128).bwd_scratch == "inputs"
     monkeypatch.setenv(NAME, "")
-    assert gdn_bwd_scratch() == "fp32"
-    monkeypatch.setenv(NAME, "inputs")
-    assert gdn_kernels_for(256).bwd_scratch == "inputs"
+    assert gdn_bwd_scratch() == "inputs"
+    monkeypatch.setenv(NAME, "fp32")
+    assert gdn_kernels_for(256).bwd_scratch == "fp32"
     monkeypatch.setenv(NAME, "bf16")
-    with pytest.raises(UserError, match=f"{NAME} = 'bf16'; allowed: fp32, inputs"):
+    with pytest.raises(UserError, match=f"{NAME} = 'bf16'; allowed: inputs, fp32"):
         gdn_kernels_for(128)
 
 

@@ -181,7 +181,21 @@ def _state_bwd_v2_kernel(
         )
         if NKB == 2:
             ds1 = _block_ds(
-                ds1, gamma, q_chunk, w_chunk, rows, valid, dout_scaled, minus_du, KB, HK, HV, DK, KB, PRECISION, operands
+                ds1,
+                gamma,
+                q_chunk,
+                w_chunk,
+                rows,
+                valid,
+                dout_scaled,
+                minus_du,
+                KB,
+                HK,
+                HV,
+                DK,
+                KB,
+                PRECISION,
+                operands,
             )
 
     tl.store(dh0_ptr + seg_state + cols0, ds0, mask=mask0)

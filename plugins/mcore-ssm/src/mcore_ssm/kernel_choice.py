@@ -92,15 +92,17 @@ def gdn_fwd_for(block_k: int) -> str:
     return "v1" if block_k > 128 else choice
 
 
-#: ``MCORE_SSM_GDN_STATE_BWD``: the GDN backward's reverse state walk, ``v1`` (the default:
-#: ``gdn_triton_bwd._chunk_state_bwd_kernel``) or ``v2`` (an opt-in, not yet run on a GPU:
+#: ``MCORE_SSM_GDN_STATE_BWD``: the GDN backward's reverse state walk, ``v2`` (the default since 2026-12-07:
 #: ``gdn_triton_state_bwd_v2``, the state gradient as 64-key blocks at 4 warps, two programs an SM in offline sm_90
-#: builds). Same results. v2 takes dk <= 128, larger dk runs v1 (``gdn_state_bwd_for``).
-GDN_STATE_BWD: tuple[str, ...] = ("v1", "v2")
+#: builds) or ``v1`` (``gdn_triton_bwd._chunk_state_bwd_kernel``, the first version). Same results. With 16-bit
+#: scratch (``GDN_BWD_SCRATCH``) GDN fwd + bwd took 17.31 ms against 21.84 ms for v1 + fp32 scratch on an H100
+#: (B 8 x T 4096, 32 value heads, dk = dv = 128, bf16; RESULTS.md). v2 takes dk <= 128, larger dk runs v1
+#: (``gdn_state_bwd_for``).
+GDN_STATE_BWD: tuple[str, ...] = ("v2", "v1")
 
 
 def gdn_state_bwd_for(block_k: int) -> str:
-    """``MCORE_SSM_GDN_STATE_BWD`` (``GDN_STATE_BWD``, default ``v1``), except ``v1`` where ``block_k > 128``."""
+    """``MCORE_SSM_GDN_STATE_BWD`` (``GDN_STATE_BWD``, default ``v2``), except ``v1`` where ``block_k > 128``."""
     choice = _env_choice("MCORE_SSM_GDN_STATE_BWD", GDN_STATE_BWD)
     return "v1" if block_k > 128 else choice
 
@@ -133,19 +135,20 @@ def gdn_inverse() -> str:
     return _env_choice("MCORE_SSM_GDN_INVERSE", GDN_INVERSE)
 
 
-#: ``MCORE_SSM_GDN_BWD_SCRATCH``: the dtype of what the GDN backward keeps between its kernels (issue 22): ``fp32``
-#: (the default: the forward rerun in fp32, its factors ``W, U~``, ``U`` and chunk states, the state gradients ``dS'``
-#: and ``dR_u = T^T dU`` in fp32, the dots on them tf32) or ``inputs`` (an opt-in, not yet run on a GPU: those in the
-#: inputs' dtype for 16-bit inputs, the rerun then exactly the forward that ran, and the dots that take them on
-#: 16-bit operands with fp32 accumulation, as fla's backward; ``dU``, the carried state gradient, ``T`` and every
-#: partial sum stay fp32; ~5.7 of ~18 GB of the backward's traffic gone at B 8 x T 4096, 32 value heads, dk = dv =
-#: 128, bf16). fp32 inputs keep fp32 (their scratch dtype), and so does ``MCORE_SSM_GDN_CHUNK_BWD=one`` (the
-#: one-kernel terms take fp32 only).
-GDN_BWD_SCRATCH: tuple[str, ...] = ("fp32", "inputs")
+#: ``MCORE_SSM_GDN_BWD_SCRATCH``: the dtype of what the GDN backward keeps between its kernels (issue 22): ``inputs``
+#: (the default since 2026-12-07, when its GPU tests passed on an H100 and it timed 19.00 against 21.84 ms alone, 17.31
+#: with the v2 state walk: those in the inputs' dtype for 16-bit inputs, the rerun then exactly the forward that ran,
+#: and the dots that take them on 16-bit operands with fp32 accumulation, as fla's backward; ``dU``, the carried state
+#: gradient, ``T`` and every partial sum stay fp32, and the v2 reverse walk keeps fp32 operands; ~5.7 of ~18 GB of
+#: the backward's traffic gone at B 8 x T 4096, 32 value heads, dk = dv = 128, bf16) or ``fp32`` (the forward rerun
+#: in fp32, its factors ``W, U~``, ``U`` and chunk states, the state gradients ``dS'`` and ``dR_u = T^T dU`` in
+#: fp32, the dots on them tf32). fp32 inputs keep fp32 (their scratch dtype), and so does
+#: ``MCORE_SSM_GDN_CHUNK_BWD=one`` (the one-kernel terms take fp32 only).
+GDN_BWD_SCRATCH: tuple[str, ...] = ("inputs", "fp32")
 
 
 def gdn_bwd_scratch() -> str:
-    """``MCORE_SSM_GDN_BWD_SCRATCH`` (``GDN_BWD_SCRATCH``, default ``fp32``)."""
+    """``MCORE_SSM_GDN_BWD_SCRATCH`` (``GDN_BWD_SCRATCH``, default ``inputs``)."""
     return _env_choice("MCORE_SSM_GDN_BWD_SCRATCH", GDN_BWD_SCRATCH)
 
 
