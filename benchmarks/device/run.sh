@@ -90,8 +90,7 @@ t_gdnopt() {  # the GDN backward opt-ins: each GPU test in its own process (a fa
       echo "rc=$? ${id#*::} $(grep -o -m1 'illegal[^.]*\|[0-9]* passed\|[0-9]* failed' /tmp/one.log | head -1)"
     done < <($PY -m pytest -q -p no:cacheprovider -m gpu --collect-only "plugins/mcore-ssm/tests/$f" 2>/dev/null | grep '::')
   done
-  for c in triton triton_bwd_scratch_inputs triton_state_bwd_v2 triton_bwd_scratch_inputs_state_bwd_v2 triton_walk_blocks \
-      triton_bwd_scratch_inputs_walk_blocks; do  # one process each: a fault names its candidate
+  for c in triton_bwd_before triton_bwd_scratch_inputs triton_state_bwd_v2 triton triton_walk_blocks_now; do  # one process each
     (cd plugins/mcore-ssm/benchmarks && $PY bench_gdn.py --only "$c" --repeats "${ROUNDS:-3}" 2>&1 | grep -v config | tail -2)
   done
 }

@@ -44,6 +44,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], code: int) -> str:
         (["--max-body-bytes", "-1"], "--max-body-bytes -1: must be >= 1"),
         (["--gpu-memory-fraction", "1.5"], "--gpu-memory-fraction 1.5: must be in (0, 1]"),
         (["--gpu-memory-fraction", "nan"], "--gpu-memory-fraction nan: must be in (0, 1]"),
+        (["--body-timeout", "0"], "--body-timeout 0.0: must be a finite number of seconds > 0"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(

@@ -12,6 +12,10 @@ Candidates, each on the same inputs (bf16 on CUDA): q, k ``(B, T, hk, dk)`` L2-n
   since 2026-12-07) or ``v2`` (the default: narrow WY launch, ``gdn_triton_state_v2`` walk) around each call; the
   backward reruns the same forward in fp32. Until 2026-12-07 ``triton`` was v1: compare the two forwards with
   ``triton_v1 triton_v2``;
+* ``triton_bwd_before``: the backward before 2026-12-07 (``MCORE_SSM_GDN_BWD_SCRATCH=fp32``,
+  ``MCORE_SSM_GDN_STATE_BWD=v1``); ``triton_state_bwd_v2``, ``triton_bwd_scratch_inputs`` and the ``walk_blocks``
+  pair are pinned against it (each changes one thing), so their names measure what they did that day;
+  ``triton_bwd_scratch_inputs_state_bwd_v2`` is today's default; ``triton_walk_blocks_now`` the default + blocks;
 * ``triton_state_bwd_v2``, ``triton_pairs_t_saved``, ``triton_bwd_opt_in``: the backward's opt-ins pinned around
   each call (``MCORE_SSM_GDN_STATE_BWD=v2``, ``MCORE_SSM_GDN_PAIRS_T=saved``, both; read when the forward starts,
   so the backward runs them); compare with ``triton`` in the same call;
@@ -109,21 +113,26 @@ def candidates(args: argparse.Namespace, device: torch.device) -> dict[str, Call
 
         found["triton_v1"] = pinned(MCORE_SSM_GDN_FWD="v1")
         found["triton_v2"] = pinned(MCORE_SSM_GDN_FWD="v2")
-        found["triton_state_bwd_v2"] = pinned(MCORE_SSM_GDN_STATE_BWD="v2")
+        # the backward before 2026-12-07 (fp32 scratch, v1 reverse walk), and each candidate below pinned against it:
+        # their names keep meaning what they measured then, whatever the defaults are now
+        before = {"MCORE_SSM_GDN_BWD_SCRATCH": "fp32", "MCORE_SSM_GDN_STATE_BWD": "v1"}
+        found["triton_bwd_before"] = pinned(**before)
+        found["triton_state_bwd_v2"] = pinned(**{**before, "MCORE_SSM_GDN_STATE_BWD": "v2"})
         found["triton_pairs_t_saved"] = pinned(MCORE_SSM_GDN_PAIRS_T="saved")
         found["triton_bwd_opt_in"] = pinned(MCORE_SSM_GDN_STATE_BWD="v2", MCORE_SSM_GDN_PAIRS_T="saved")
         found["triton_inverse_blocks16"] = pinned(MCORE_SSM_GDN_INVERSE="blocks16")
         found["triton_inverse_blocks16_pairs_t_saved"] = pinned(
             MCORE_SSM_GDN_INVERSE="blocks16", MCORE_SSM_GDN_PAIRS_T="saved"
         )
-        found["triton_bwd_scratch_inputs"] = pinned(MCORE_SSM_GDN_BWD_SCRATCH="inputs")
-        found["triton_bwd_scratch_inputs_state_bwd_v2"] = pinned(
+        found["triton_bwd_scratch_inputs"] = pinned(**{**before, "MCORE_SSM_GDN_BWD_SCRATCH": "inputs"})
+        found["triton_bwd_scratch_inputs_state_bwd_v2"] = pinned(  # = the default since 2026-12-07
             MCORE_SSM_GDN_BWD_SCRATCH="inputs", MCORE_SSM_GDN_STATE_BWD="v2"
         )
-        found["triton_walk_blocks"] = pinned(MCORE_SSM_GDN_WALK_ORDER="blocks")
+        found["triton_walk_blocks"] = pinned(**before, MCORE_SSM_GDN_WALK_ORDER="blocks")
         found["triton_bwd_scratch_inputs_walk_blocks"] = pinned(
-            MCORE_SSM_GDN_BWD_SCRATCH="inputs", MCORE_SSM_GDN_WALK_ORDER="blocks"
+            **{**before, "MCORE_SSM_GDN_BWD_SCRATCH": "inputs"}, MCORE_SSM_GDN_WALK_ORDER="blocks"
         )
+        found["triton_walk_blocks_now"] = pinned(MCORE_SSM_GDN_WALK_ORDER="blocks")  # today's defaults + blocks
     found["torch_chunked"] = lambda q, k, v, g, beta, cu_seqlens: chunk_gated_delta_rule(
         q, k, v, g, beta, cu_seqlens=cu_seqlens
     )[0]

@@ -100,6 +100,31 @@ def _last_stride() -> list[float]:
     return [_rel(strided, conv1d_silu_train(base.transpose(1, 2).contiguous(), weight))]
 
 
+def _edges() -> dict[str, Any]:
+    """Found by review: strided ``pos`` / ``bias`` (read with stride 1 by the kernels: silently wrong before), zero
+    tokens (the backward divided by zero programs)."""
+    from mcore_ssm.conv_triton import conv1d_silu_train
+    from mcore_ssm.packing import documents
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 20, 12, generator=gen, requires_grad=True)
+    weight = torch.randn(12, 4, generator=gen, requires_grad=True)
+    bias = torch.randn(12, generator=gen, requires_grad=True)
+    pos = documents(1, 20, torch.tensor([0, 7, 20], dtype=torch.int32), torch.device("cpu")).pos
+    probe = torch.randn(1, 20, 12, generator=gen)
+
+    def grads(p: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+        out = conv1d_silu_train(x, weight, b, pos=p)
+        return [out, *torch.autograd.grad((out * probe).sum(), (x, weight, bias))]
+
+    plain = grads(pos, bias)
+    strided = grads(torch.stack([pos, pos], 1)[:, 0], torch.stack([bias, bias], 1)[:, 0])
+    empty_x = torch.randn(1, 0, 12, requires_grad=True)
+    empty = conv1d_silu_train(empty_x, weight)
+    (dx_empty,) = torch.autograd.grad(empty.sum(), empty_x)
+    return {"strided": [_rel(a, b) for a, b in zip(strided, plain)], "empty": [list(empty.shape), list(dx_empty.shape)]}
+
+
 def _bad_calls() -> list[bool]:
     """Each malformed call raises a ``ValueError``."""
     from mcore_ssm.conv_triton import conv1d_silu_train
@@ -131,6 +156,7 @@ def interpreted_main() -> None:
         print(json.dumps({"name": name, "rels": rels}))
     print(json.dumps({"name": "bad-calls", "raised": _bad_calls()}))
     print(json.dumps({"name": "last-stride", "rels": _last_stride()}))
+    print(json.dumps({"name": "edges", **_edges()}))
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -159,6 +185,13 @@ def test_malformed_calls_raise(records: dict[str, dict[str, Any]]) -> None:
 @needs_triton
 def test_channels_with_a_stride_are_copied(records: dict[str, dict[str, Any]]) -> None:
     assert records["last-stride"]["rels"] == [0.0], records["last-stride"]
+
+
+@needs_triton
+def test_strided_pos_and_bias_and_zero_tokens(records: dict[str, dict[str, Any]]) -> None:
+    edges = records["edges"]
+    assert edges["strided"] == [0.0] * 4, edges
+    assert edges["empty"] == [[1, 0, 12], [1, 0, 12]]
 
 
 @pytest.mark.gpu

@@ -38,7 +38,7 @@ NAMES = ("MCORE_SSM_GDN_BWD_SCRATCH", "MCORE_SSM_GDN_WALK_ORDER", "MCORE_SSM_GDN
 ENVS = (
     {"MCORE_SSM_GDN_BWD_SCRATCH": "inputs", "MCORE_SSM_GDN_WALK_ORDER": "blocks", "MCORE_SSM_GDN_STATE_BWD": "v2",
      "MCORE_SSM_GDN_PAIRS_T": "saved"},
-    {"MCORE_SSM_GDN_STATE_BWD": "v2"},
+    {"MCORE_SSM_GDN_BWD_SCRATCH": "fp32", "MCORE_SSM_GDN_STATE_BWD": "v2"},
 )
 gen = torch.Generator().manual_seed(0)
 B, T, hk, hv, d = 1, 200, 1, 2, 128

@@ -20,7 +20,7 @@ NAME = "MCORE_SSM_GDN_BWD_SCRATCH"
 
 # dk 12 (one key block, masked) and dk 80 (two blocks of 64, the second masked), dv 20 and 40; three packed documents
 # (3, 67, 70 tokens: partial chunks), weak and -30 gates, with initial states and the final state's gradient and
-# without; each with the default state walk and MCORE_SSM_GDN_STATE_BWD=v2, doubling and a saved T
+# without; each with the v1 and the v2 (default) state walks, doubling and a saved T; against the fp32 scratch
 INTERPRETED = """
 import os, torch, torch.nn.functional as F
 from mcore_ssm.gdn_triton import gated_delta_rule_triton, launch_for
@@ -28,7 +28,7 @@ from mcore_ssm.gdn_triton_bwd import rerun_forward
 from mcore_ssm.gdn_reference import recurrent_gated_delta_rule
 rel = lambda a, b: float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 NAMES = ("MCORE_SSM_GDN_BWD_SCRATCH", "MCORE_SSM_GDN_STATE_BWD", "MCORE_SSM_GDN_PAIRS_T")
-CASES = ((12, 20, -1.0, True, {}), (80, 40, -30.0, True, {"MCORE_SSM_GDN_STATE_BWD": "v2"}),
+CASES = ((12, 20, -1.0, True, {"MCORE_SSM_GDN_STATE_BWD": "v1"}), (80, 40, -30.0, True, {"MCORE_SSM_GDN_STATE_BWD": "v2"}),
          (80, 40, -1.0, False, {"MCORE_SSM_GDN_PAIRS_T": "saved"}))
 
 
@@ -64,7 +64,7 @@ for dk, dv, gate_min, states, extra in CASES:
         ref, ref_final = recurrent_gated_delta_rule(*exact[:5], initial_state=exact[5] if states else None, **options)
         loss = (ref * probe).sum() + ((ref_final * probe_s).sum() if states else 0.0)
         want = torch.autograd.grad(loss, exact)
-        default = grads(args, probe, probe_s, states, options, extra)
+        default = grads(args, probe, probe_s, states, options, {**extra, "MCORE_SSM_GDN_BWD_SCRATCH": "fp32"})
         opt_in = grads(args, probe, probe_s, states, options, {**extra, "MCORE_SSM_GDN_BWD_SCRATCH": "inputs"})
         if dtype == torch.float32:  # the opt-in leaves fp32 inputs alone: the same bits
             errors += [float(not torch.equal(a, b)) for a, b in zip(opt_in, default)]
@@ -121,7 +121,7 @@ def test_scratch_choice_is_read_by_name(monkeypatch: pytest.MonkeyPatch) -> None
         gdn_kernels_for(128)
 
 
-ENVS = ({}, {"MCORE_SSM_GDN_STATE_BWD": "v2"}, {"MCORE_SSM_GDN_PAIRS_T": "saved"})
+ENVS = ({"MCORE_SSM_GDN_STATE_BWD": "v1"}, {"MCORE_SSM_GDN_STATE_BWD": "v2"}, {"MCORE_SSM_GDN_PAIRS_T": "saved"})
 OTHERS = ("MCORE_SSM_GDN_STATE_BWD", "MCORE_SSM_GDN_PAIRS_T")
 
 
@@ -150,8 +150,8 @@ def _grads(
 def test_bf16_scratch_within_1e2_of_fp64_and_default(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     """dk = dv = 128, two value heads per q/k head, bf16, packed documents with partial chunks, initial states and the
     final state's gradient (``bench_like_inputs``), with the default state walk, v2's, and a saved ``T``: every
-    gradient with ``MCORE_SSM_GDN_BWD_SCRATCH=inputs`` within 1e-2 of the fp64 torch chunked form's and of the default
-    backward's, the same bits twice (no atomics)."""
+    gradient with ``MCORE_SSM_GDN_BWD_SCRATCH=inputs`` (the default) within 1e-2 of the fp64 torch chunked form's and of
+    the fp32 scratch's, the same bits twice (no atomics)."""
     cu = torch.tensor([0, 1, 130, 1000, 1300, 2000], dtype=torch.int32, device="cuda")
     leaves = [t.requires_grad_() for t in bench_like_inputs(torch.bfloat16)]
     exact = [t.detach().double().requires_grad_() for t in leaves]
@@ -160,7 +160,7 @@ def test_bf16_scratch_within_1e2_of_fp64_and_default(monkeypatch: pytest.MonkeyP
     want = torch.autograd.grad((ref * probes[0]).sum() + (ref_final * probes[1]).sum(), exact)
     got = _grads(monkeypatch, leaves, probes, {**env, NAME: "inputs"}, cu_seqlens=cu)
     again = _grads(monkeypatch, leaves, probes, {**env, NAME: "inputs"}, cu_seqlens=cu)
-    default = _grads(monkeypatch, leaves, probes, env, cu_seqlens=cu)
+    default = _grads(monkeypatch, leaves, probes, {**env, NAME: "fp32"}, cu_seqlens=cu)  # the fp32 scratch
     assert [t.dtype for t in got] == [t.dtype for t in leaves]
     for a, b, d, e in zip(got, again, default, want, strict=True):
         assert torch.equal(a, b)
@@ -194,6 +194,6 @@ def test_fp32_inputs_ignore_the_scratch_choice(monkeypatch: pytest.MonkeyPatch) 
     probes = (torch.randn_like(ref), torch.randn_like(ref_final))
     want = torch.autograd.grad((ref * probes[0]).sum() + (ref_final * probes[1]).sum(), exact)
     got = _grads(monkeypatch, leaves, probes, {NAME: "inputs"})
-    default = _grads(monkeypatch, leaves, probes, {})
+    default = _grads(monkeypatch, leaves, probes, {NAME: "fp32"})
     for a, d, e in zip(got, default, want, strict=True):
         assert torch.equal(a, d) and rel(a, e) < 1e-5

@@ -82,6 +82,17 @@ def compare(
     return [_rel(a, b) for a, b in zip(*results, strict=True)]
 
 
+def _empty() -> list[list[int]]:
+    """No tokens (found by review: the backward divided by zero programs): empty output and gradients."""
+    from mcore_ssm.norm_triton import gated_rms_norm_triton
+
+    x, gate = torch.randn(0, 2, 8, requires_grad=True), torch.randn(0, 2, 8, requires_grad=True)
+    weight = torch.ones(8, requires_grad=True)
+    out = gated_rms_norm_triton(x, gate, weight, 1e-6)
+    grads = torch.autograd.grad(out.sum(), (x, gate, weight))
+    return [list(out.shape), *[list(g.shape) for g in grads], [int(grads[2].abs().sum())]]
+
+
 def _bad_calls() -> list[bool]:
     """Each malformed call raises a ``ValueError``: a gate of another shape, a weight of neither size, a group size
     not dividing the features."""
@@ -111,6 +122,7 @@ def interpreted_main() -> None:
         norm_triton._BWD_PROGRAMS = programs or 1024
         print(json.dumps({"name": name, "rels": compare(name, batch, seq, heads, head_dim, before, group)}))
     print(json.dumps({"name": "bad-calls", "raised": _bad_calls()}))
+    print(json.dumps({"name": "empty", "shapes": _empty()}))
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -144,3 +156,8 @@ def test_bf16_within_1e2(heads: int, head_dim: int, before: bool, group: int | N
     """bf16 on CUDA at B 2 x T 4096: output and every gradient within 1e-2 of the fp32 torch path."""
     rels = compare("cuda", 2, 4096, heads, head_dim, before, group, dtype=torch.bfloat16, device="cuda")
     assert all(r < 1e-2 for r in rels), rels
+
+
+@needs_triton
+def test_zero_tokens(records: dict[str, dict[str, Any]]) -> None:
+    assert records["empty"]["shapes"] == [[0, 2, 8], [0, 2, 8], [0, 2, 8], [8], [0]]

@@ -177,7 +177,7 @@ class PagedKVCache:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise UserError(f"PagedKVCache num_blocks = {num_blocks!r}: must be a positive int")
         need = (num_blocks + int(scratch_block)) * bytes_per_block(specs, block_size, kv_cache_dtype) + snapshot_bytes
-        have = available_bytes(device)
+        have = available_bytes(device) if memory_bytes is None else None  # a budget given was sized to fit already
         if have is not None and need > have:  # a message, not an allocator's MemoryError with an empty message
             raise UserError(
                 f"PagedKVCache num_blocks = {num_blocks}: {need / 2**30:,.1f} GiB of cache, more than the "

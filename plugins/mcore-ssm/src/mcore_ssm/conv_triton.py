@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 __all__ = ["conv1d_silu_train"]
 
@@ -280,10 +281,14 @@ class _ConvSilu(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # no double backward: a clear error instead of "does not require grad"
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, w, bias, pos = ctx.saved_tensors
         batch, seq, channels = x.shape
         width = w.shape[1]
+        if x.numel() == 0:  # no tokens (or no channels): no programs to launch
+            return (torch.zeros_like(x), torch.zeros_like(w), None if bias is None else torch.zeros_like(bias),
+                    None, None, None)  # fmt: skip
         tokens, _, sx_b, sx_t = _launch_args(x)
         dy = dy.contiguous()
         group, block_c = _blocks(channels, ctx.norm_head)
@@ -331,4 +336,6 @@ def conv1d_silu_train(
         x = x.contiguous()  # the kernels read channels with stride 1
     if pos is not None and pos.shape != (batch * seq,):
         raise ValueError(f"conv1d_silu_train: pos of shape {tuple(pos.shape)}; expected ({batch * seq},)")
+    pos = pos.contiguous() if pos is not None else None  # the kernels index both with stride 1
+    bias = bias.contiguous() if bias is not None else None
     return _ConvSilu.apply(x, weight, bias, pos, norm_head, eps)

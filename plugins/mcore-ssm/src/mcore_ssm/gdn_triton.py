@@ -34,7 +34,7 @@ the chunks in order, and it does nothing but the state recurrence:
 
 ``K K^T`` and the dots of kernels 2 and 3 take 16-bit operands (fp32 accumulate) when the inputs are 16-bit; all
 dots run in fp32 (``ieee``) for fp32 inputs; the backward asks for fp32 factors and states (tf32 dots for 16-bit
-inputs, as before; the inputs' 16-bit dtype with the opt-in ``MCORE_SSM_GDN_BWD_SCRATCH=inputs``; the walk's launch
+inputs, with ``MCORE_SSM_GDN_BWD_SCRATCH=fp32``; the inputs' 16-bit dtype by default, ``inputs``; the walk's launch
 order by ``MCORE_SSM_GDN_WALK_ORDER``, ``gdn_triton_state_v2``). Work per (chunk, value head), dk = dv = d: kernel 1
 ``2 C^2 d`` (A) + ``20 C^3`` (T, tf32; ``8 C^3`` with blocks16) + ``4 C^2 d`` (W, U, tf32), kernel 2 ``4 C d^2``, kernel 3 ``2 C d^2 + 4 C^2 d``; scratch
 ``W, U~, U`` (``N hv d`` each) and the chunk states (``M hv d^2``) in the scratch dtype. Block sizes, warps and

@@ -21,11 +21,13 @@ memory at 32 value columns (the walk it replaced: 2 KB spilled, 208 KB); ``_loca
 spill. With the pointers marked 16-byte aligned, as the launcher marks torch's tensors (2026-12-07): 255 / 136 bytes
 / 60 KB and 89 registers.
 
-``MCORE_SSM_GDN_STATE_BWD=v2`` (an opt-in, not yet run on a GPU) runs ``gdn_triton_state_bwd_v2`` instead: the
+``MCORE_SSM_GDN_STATE_BWD=v2`` (the default since 2026-12-07; ``v1`` runs this module's walk, as dk > 128 does)
+runs ``gdn_triton_state_bwd_v2`` instead: the
 same walk with the state gradient as 64-key blocks at 4 warps (aligned offline builds: 255 registers, 8 bytes
 spilled, 32 KB, two programs an SM, against 255 / 136 bytes / 60 KB and one an SM here; RESULTS.md).
 
-``MCORE_SSM_GDN_BWD_SCRATCH=inputs`` (an opt-in, not yet run on a GPU; 16-bit inputs, split terms): the rerun's
+``MCORE_SSM_GDN_BWD_SCRATCH=inputs`` (the default since 2026-12-07, when both ran on an H100: fwd + bwd 17.31
+against 21.84 ms; ``fp32`` for the old; 16-bit inputs, split terms): the rerun's
 factors and states, ``dS'`` and the split terms' ``dR_u`` in the inputs' dtype instead of fp32, and the dots that take
 them on 16-bit operands (fp32 accumulate): ~6 of ~22 GB of the backward's traffic at the bench shape (RESULTS.md,
 "Where the GDN backward's ~20 ms go"). ``dU``, ``T``, the carried ``dS'`` and every partial sum stay fp32.

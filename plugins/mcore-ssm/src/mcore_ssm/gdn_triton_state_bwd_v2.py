@@ -1,7 +1,8 @@
-"""The GDN backward's reverse state walk, second version (opt-in: ``MCORE_SSM_GDN_STATE_BWD=v2``; dk <= 128; issue
+"""The GDN backward's reverse state walk, second version (the default since 2026-12-07; ``MCORE_SSM_GDN_STATE_BWD=v1``
+picks the first; dk <= 128; issue
 22): the same job and results as ``gdn_triton_bwd._chunk_state_bwd_kernel`` (``dU = P^T dO + K~ dS'`` and the state
 gradient carried back, ``dS = gamma dS' + Qe^T dO - W^T dU``, walking each segment's chunks in reverse), shaped for
-more programs per SM; imported only on CUDA or under Triton's interpreter. Not yet run on a GPU.
+more programs per SM; imported only on CUDA or under Triton's interpreter. GPU tests passed on an H100 (2026-12-07).
 
 Why: the first version holds ``dS' (BK, BV)`` and whole ``(C, BK)`` tiles of ``Qe``, ``K~`` and ``W`` at once: 255
 registers and ~450 bytes spilled a thread at 8 warps in offline sm_90 builds (dk = dv = 128, bf16), one program an
@@ -16,8 +17,8 @@ SM, 1024 programs of 64 serial chunk steps at the bench shape (4.6 ms of a 24 ms
 
 The same operands and dot precision as the first version: ``Q``, ``K`` in their dtype converted to fp32 at the
 dot, ``W``, ``dU`` fp32, ``tf32`` dots for 16-bit inputs, ``ieee`` for fp32; with ``MCORE_SSM_GDN_BWD_SCRATCH=
-inputs`` (16-bit inputs) ``W`` and the stored ``dS'`` in the inputs' dtype and every dot on 16-bit operands (fp32
-accumulate, ``dS'`` carried in fp32), as the first version then.
+inputs`` (16-bit inputs) ``W`` and the stored ``dS'`` in the inputs' dtype, but the dots' operands still fp32 (16-bit
+operands here hit an illegal memory access on an H100 with Triton 3.6, 2026-12-07; ``dS'`` carried in fp32).
 
 Shape legend as in ``gdn_triton``: N tokens, S segments, M chunks, hk / hv heads, dk / dv dims, C = 64, BK dk
 padded, BV a block of value dims.

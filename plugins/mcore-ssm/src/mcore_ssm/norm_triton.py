@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 __all__ = ["gated_rms_norm_triton"]
 
@@ -164,10 +165,14 @@ class _GatedRmsNorm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @once_differentiable  # no double backward: a clear error instead of "does not require grad"
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         xr, gr, w = ctx.saved_tensors
         eps, before, group, x_shape, gate_shape, gate_dtype, weight_dtype = ctx.meta
         tokens, features = xr.shape
+        if tokens == 0:  # no tokens: nothing to launch
+            return (xr.new_zeros(x_shape), gr.new_zeros(gate_shape).to(gate_dtype), torch.zeros_like(w).to(weight_dtype),
+                    None, None, None)  # fmt: skip
         groups = features // group
         block_g = triton.next_power_of_2(group)
         block_t = _tile_tokens(block_g)

@@ -23,8 +23,9 @@ def available_bytes(device: torch.device | str) -> int | None:
     """Bytes a fresh allocation may take on ``device``: free memory on CUDA, the host's physical memory on CPU; None
     where unknown. For refusing an absurd size with a message before allocating, not for fine-grained planning."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free, plus what torch's caching allocator holds unused (it frees that before failing)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     if device.type == "cpu":
         try:
             return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
+    parser.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds a request's body may take to arrive (then 408)"
+    )
     parser.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds open responses get to end")
     parser.add_argument(
         "--max-waiting",
@@ -105,6 +108,8 @@ def _serve(argv: list[str]) -> int:
     for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-body-bytes", args.max_body_bytes)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be >= 1")
+    if not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
+        raise UserError(f"--body-timeout {args.body_timeout}: must be a finite number of seconds > 0")
     fraction = args.gpu_memory_fraction
     if fraction is not None and not (math.isfinite(fraction) and 0 < fraction <= 1):
         raise UserError(f"--gpu-memory-fraction {fraction}: must be in (0, 1]")
@@ -148,7 +153,12 @@ def _serve(argv: list[str]) -> int:
         "overlap_decode": args.overlap_decode,
     }
     name = args.model_name or Path(args.path).resolve().name
-    common: dict[str, Any] = {"model_name": name, "api_key": args.api_key, "max_body_bytes": args.max_body_bytes}
+    common: dict[str, Any] = {
+        "model_name": name,
+        "api_key": args.api_key,
+        "max_body_bytes": args.max_body_bytes,
+        "body_timeout": args.body_timeout,
+    }
     if args.ep is not None:
         from mcore_inference.server.ep_serve import serve_ep
 
