@@ -12,15 +12,10 @@ Usage: ``python offline_fused_ops.py [--dtype bf16|fp32]``. One line per kernel.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
-import tempfile
 from typing import Any
 
 import triton
-from offline_gdn_fwd import TARGET, ptxas
-from triton.compiler import ASTSource
+from offline_gdn_fwd import build as build_kernel
 
 from mcore_ssm import conv_triton, norm_triton
 
@@ -30,24 +25,9 @@ DIVISIBLE = ("C", "sx_b", "sx_t", "F", "sx", "sg")
 
 
 def build(fn: Any, args: dict[str, str], constants: dict[str, Any], warps: int) -> str:
-    """One offline build: ``regs, spill stores/loads``; pointers and ``DIVISIBLE`` integers marked divisible by 16."""
-    signature = {**args, **{name: "constexpr" for name in constants}}
-    marked = [name for name, kind in args.items() if kind.startswith("*") or name in DIVISIBLE]
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in marked}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    kernel = triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": 1})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
-    command = [ptxas(), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull]
-    try:
-        log = subprocess.run(command, capture_output=True, text=True).stderr
-    finally:
-        os.unlink(f.name)  # the temporary file made above
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if regs is None or spill is None:
-        return f"ptxas said: {log.strip()[-300:]}"
-    return f"{regs.group(1)} regs, spill {spill.group(1)}/{spill.group(2)} B"
+    """One offline build (``offline_gdn_fwd.build``, one pipelining stage): pointers and ``DIVISIBLE`` integers
+    marked divisible by 16."""
+    return build_kernel(fn, args, constants, warps, 1, divisible=DIVISIBLE)
 
 
 def main() -> None:

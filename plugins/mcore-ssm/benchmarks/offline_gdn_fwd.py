@@ -37,14 +37,22 @@ def ptxas() -> str:
 
 
 def build(
-    fn: Any, pointers: dict[str, str], constants: dict[str, Any], warps: int, stages: int, *, aligned: bool = True
+    fn: Any,
+    pointers: dict[str, str],
+    constants: dict[str, Any],
+    warps: int,
+    stages: int,
+    *,
+    aligned: bool = True,
+    divisible: tuple[str, ...] = (),
 ) -> str:
     """One offline build: ``regs, spill stores/loads, shared KB, wgmma``. ``aligned``: every pointer argument
     marked 16-byte aligned (``tt.divisibility`` 16), as Triton's launcher marks the pointers of torch's allocations;
     without it (the builds before 2026-12-07) the loads cannot be vectorized and every element of a tile keeps its
-    own 64-bit address, which inflates registers and spills."""
+    own 64-bit address, which inflates registers and spills. ``divisible``: integer arguments marked divisible by 16
+    too (strides and widths the launcher would specialize so at the shapes built)."""
     signature = {**pointers, **{name: "constexpr" for name in constants}}
-    marked = [name for name, kind in pointers.items() if aligned and kind.startswith("*")]
+    marked = [name for name, kind in pointers.items() if (aligned and kind.startswith("*")) or name in divisible]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in marked}
     kernel = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
