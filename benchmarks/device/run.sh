@@ -78,6 +78,12 @@ t_hyb4k() {  # issue 22: the hybrid step at 4096 against the dense one, and the 
     --variant "hybrid-4k-before=--model.preset=hybrid-bench" \
     --env "hybrid-4k-before:MCORE_SSM_FUSED=0,MCORE_SSM_GDN_BWD_SCRATCH=fp32,MCORE_SSM_GDN_STATE_BWD=v1" 2>&1 | tail -12
 }
+t_hyb16k() {  # issue 22: the hybrid step at 16384 against the dense one (1 row), eager and with compiled blocks
+  $PY packages/mcore-core/benchmarks/bench_train.py --out /tmp/bhyb16 --repeats "${ROUNDS:-1}" --steps "${HYB_STEPS:-15}" \
+    --common "--precision.recipe=bf16 --model.max_position_embeddings=16384 --data.max_tokens=5000000 --train.seq_len=16384 --train.global_batch_size=1" \
+    --variant "dense-16k=--model.preset=bench-0.9b" --variant "hybrid-16k=--model.preset=hybrid-bench" \
+    --variant "hybrid-16k-compiled=--model.preset=hybrid-bench --train.compile=blocks" 2>&1 | tail -8
+}
 t_gdnblock() {  # issue 22: the whole GDN block (hybrid-bench's mixer) against its pieces, with a profile; then 16k
   (cd plugins/mcore-ssm/benchmarks && $PY bench_gdn_block.py --repeats "${ROUNDS:-5}" --out "$OUT/gdnblock.jsonl" \
     && $PY bench_gdn_block.py --batch 1 --seq 16384 --repeats 3 --no-profile --out "$OUT/gdnblock16k.jsonl")
