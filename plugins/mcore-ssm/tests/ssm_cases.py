@@ -6,13 +6,32 @@ Named uniquely (not ``helpers``): pytest puts each tests folder on ``sys.path`` 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 import torch
+
+#: Tests that run Triton kernels in the interpreter: Triton is not a dependency of the package (only the GPU path
+#: needs it), so without it they skip.
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def raises_value_error(calls: list[Callable[[], object]]) -> list[bool]:
+    """For each malformed call, whether it raised a ``ValueError``."""
+    raised = []
+    for call in calls:
+        try:
+            call()
+            raised.append(False)
+        except ValueError:
+            raised.append(True)
+    return raised
+
 
 #: The Mamba2 scan's tensor arguments, in ``ssd_chunked``'s order.
 SCAN_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")

@@ -12,12 +12,12 @@ walking every tile (the partial ``dweight`` sums). GPU (``-m gpu``): bf16 at ``h
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from typing import Any
 
 import pytest
 import torch
+from ssm_cases import needs_triton, raises_value_error
 
 from mcore_testing.interpreted import interpreted_records
 
@@ -136,14 +136,7 @@ def _bad_calls() -> list[bool]:
         lambda: conv1d_silu_train(x, torch.randn(12, 4), norm_head=5),
         lambda: conv1d_silu_train(x, torch.randn(12, 4), pos=torch.zeros(7, dtype=torch.int64)),
     ]
-    raised = []
-    for call in bad:
-        try:
-            call()
-            raised.append(False)
-        except ValueError:
-            raised.append(True)
-    return raised
+    return raises_value_error(bad)
 
 
 def interpreted_main() -> None:
@@ -157,9 +150,6 @@ def interpreted_main() -> None:
     print(json.dumps({"name": "bad-calls", "raised": _bad_calls()}))
     print(json.dumps({"name": "last-stride", "rels": _last_stride()}))
     print(json.dumps({"name": "edges", **_edges()}))
-
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @pytest.fixture(scope="module")

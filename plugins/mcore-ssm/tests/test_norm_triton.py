@@ -10,12 +10,12 @@ tile. GPU (``-m gpu``): bf16 at ``hybrid-bench``'s GDN shape and a Mamba2 one wi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from typing import Any
 
 import pytest
 import torch
+from ssm_cases import needs_triton, raises_value_error
 
 from mcore_testing.interpreted import interpreted_records
 
@@ -104,14 +104,7 @@ def _bad_calls() -> list[bool]:
         lambda: gated_rms_norm_triton(x, x, torch.ones(5), 1e-6, group_size=4),
         lambda: gated_rms_norm_triton(x, x, torch.ones(12), 1e-6, group_size=5),
     ]
-    raised = []
-    for call in bad:
-        try:
-            call()
-            raised.append(False)
-        except ValueError:
-            raised.append(True)
-    return raised
+    return raises_value_error(bad)
 
 
 def interpreted_main() -> None:
@@ -123,9 +116,6 @@ def interpreted_main() -> None:
         print(json.dumps({"name": name, "rels": compare(name, batch, seq, heads, head_dim, before, group)}))
     print(json.dumps({"name": "bad-calls", "raised": _bad_calls()}))
     print(json.dumps({"name": "empty", "shapes": _empty()}))
-
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ the fp32 block than the unfused bf16 block is (x1.25 + 1e-3), its gradients too.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from ssm_cases import needs_triton
 from torch import nn
 
 from mcore.errors import UserError
@@ -133,9 +133,6 @@ def interpreted_main() -> None:
     torch.manual_seed(0)
     mamba = Mamba2(Mamba2.Config(d_state=16, headdim=16, ngroups=2, chunk_size=16, kernel="triton"), hidden_size=32)
     print(json.dumps(_block_record("mamba2-packed", mamba, hidden[:1], BlockContext(cu_seqlens=packed.cu_seqlens[:4]))))
-
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @pytest.fixture(scope="module")
