@@ -31,12 +31,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from kernel_bench import check_device, documents
 
 from mcore.protocols.block import BlockContext
 from mcore_ssm.conv import causal_conv1d
 from mcore_ssm.gdn import GatedDeltaNet
 from mcore_ssm.gdn_kernels import gated_delta_rule
-from mcore_ssm.packing import documents
+from mcore_ssm.packing import documents as packed_segments
 from mcore_testing.bench import emit, interleaved, run_header, timing_row, write_lines
 
 
@@ -58,8 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here; use --device cpu --tiny for a smoke test")
+    check_device(parser, args)
     if args.tiny:
         args.batch, args.seq, args.hidden, args.qk_heads, args.v_heads, args.head_dim = 1, 128, 64, 2, 4, 16
         args.repeats, args.iters, args.warmup = 1, 1, 1
@@ -72,10 +72,8 @@ def context(args: argparse.Namespace, device: torch.device) -> BlockContext:
     """The step's context: ``--docs`` equal documents per row (positions restart at each)."""
     length = args.seq // args.docs
     positions = (torch.arange(args.seq, device=device) % length).expand(args.batch, -1)  # (B, T)
-    if args.docs == 1:
-        return BlockContext(positions=positions)
-    cu = torch.arange(0, args.batch * args.seq + 1, length, dtype=torch.int32, device=device)  # (D + 1,)
-    return BlockContext(positions=positions, cu_seqlens=cu, max_seqlen=length)
+    cu = documents(args, device)  # (D + 1,) or None
+    return BlockContext(positions=positions, cu_seqlens=cu, max_seqlen=length if cu is not None else None)
 
 
 @contextmanager
@@ -140,7 +138,7 @@ def candidates(
     weights = [conv.weight.detach().requires_grad_(True) for conv in (block.conv_q, block.conv_k, block.conv_v)]
 
     def conv(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
-        segments = documents(batch, seq, ctx.cu_seqlens, xq.device) if ctx.cu_seqlens is not None else None
+        segments = packed_segments(batch, seq, ctx.cu_seqlens, xq.device) if ctx.cu_seqlens is not None else None
         ys = [
             causal_conv1d(x, w, cu_seqlens=ctx.cu_seqlens, segments=segments)[0] for x, w in zip((xq, xk, xv), weights)
         ]
@@ -159,7 +157,7 @@ def candidates(
 
         def conv_fused(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> torch.Tensor:
             cu = ctx.cu_seqlens
-            pos = documents(batch, seq, cu, xq.device).pos if cu is not None else None
+            pos = packed_segments(batch, seq, cu, xq.device).pos if cu is not None else None
             heads = (dk, dk, None)
             ys = [conv1d_silu_train(x, w, pos=pos, norm_head=h) for x, w, h in zip((xq, xk, xv), weights, heads)]
             return torch.cat(ys, dim=-1)  # (B, T, channels)
@@ -167,7 +165,7 @@ def candidates(
         found["conv_fused"] = fwd_bwd(conv_fused, *found_inputs)
     if ctx.cu_seqlens is not None:
         cu = ctx.cu_seqlens
-        found["segments"] = lambda: documents(batch, seq, cu, hidden.device).pos
+        found["segments"] = lambda: packed_segments(batch, seq, cu, hidden.device).pos
     if not args.no_compile:
         compiled = torch.compile(block.forward)
         found["block_compiled"] = fwd_bwd(lambda x: compiled(x, ctx), hidden)

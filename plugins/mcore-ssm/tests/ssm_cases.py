@@ -197,3 +197,24 @@ def wy_case(gate_min: float, repeated: bool, dk: int, dv: int = 80) -> tuple[tor
     v = torch.randn(1, tokens, hv, dv, generator=gen)
     g = torch.rand(1, tokens, hv, generator=gen) * gate_min
     return k, v, g, beta, cu
+
+
+def small_packed_case(dk: int, dv: int, gate_min: float) -> dict[str, torch.Tensor]:
+    """The interpreter tests' GDN inputs (fp32, CPU, seeded by ``dk``): 2 rows of 70 tokens, 1 q/k head and 2 value
+    heads, three packed documents of 3, 67 and 70 tokens (``cu``: partial chunks), gates in ``[gate_min, 0]``,
+    initial states ``h0`` for the 3 documents, and the probes ``probe`` (output) and ``probe_s`` (final states) that
+    the tests' losses take; drawn in that order, so every test sees the same values for the same ``dk``."""
+    g = torch.Generator().manual_seed(dk)
+    B, T, hk, hv = 2, 70, 1, 2
+    case = {
+        "q": torch.nn.functional.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1),
+        "k": torch.nn.functional.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1),
+        "v": torch.randn(B, T, hv, dv, generator=g),
+        "gate": torch.rand(B, T, hv, generator=g) * gate_min,
+        "beta": torch.sigmoid(torch.randn(B, T, hv, generator=g)),
+        "cu": torch.tensor([0, 3, 70, 140], dtype=torch.int32),
+        "h0": torch.randn(3, hv, dk, dv, generator=g) * 0.3,
+    }
+    case["probe"] = torch.randn(B, T, hv, dv, generator=g)
+    case["probe_s"] = torch.randn(3, hv, dk, dv, generator=g)
+    return case

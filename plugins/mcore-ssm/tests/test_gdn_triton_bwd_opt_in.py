@@ -18,6 +18,7 @@ from mcore_ssm.gdn_reference import chunk_gated_delta_rule, recurrent_gated_delt
 # with initial states and the final state's gradient, and without either (no dS' to start the walk from)
 INTERPRETED = """
 import os, torch, torch.nn.functional as F
+from ssm_cases import small_packed_case
 from mcore_ssm.gdn_triton import gated_delta_rule_triton, launch_for
 from mcore_ssm.gdn_triton_bwd import rerun_forward
 from mcore_ssm.gdn_reference import recurrent_gated_delta_rule
@@ -25,18 +26,10 @@ rel = lambda a, b: float((a.detach().double() - b.detach().double()).norm() / b.
 OPT_IN = {"MCORE_SSM_GDN_STATE_BWD": "v2", "MCORE_SSM_GDN_PAIRS_T": "saved"}
 errors = []
 for dk, dv, gate_min, states in ((12, 20, -1.0, True), (80, 40, -30.0, True), (80, 40, -1.0, False)):
-    g = torch.Generator().manual_seed(dk)
-    B, T, hk, hv = 2, 70, 1, 2
-    q = F.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1)
-    k = F.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1)
-    v = torch.randn(B, T, hv, dv, generator=g)
-    gate = torch.rand(B, T, hv, generator=g) * gate_min
-    beta = torch.sigmoid(torch.randn(B, T, hv, generator=g))
-    cu = torch.tensor([0, 3, 70, 140], dtype=torch.int32)
-    h0 = torch.randn(3, hv, dk, dv, generator=g) * 0.3
+    c = small_packed_case(dk, dv, gate_min)  # fp32
+    q, k, v, gate, beta, cu, h0 = (c[n] for n in ("q", "k", "v", "gate", "beta", "cu", "h0"))
     args = [t.requires_grad_() for t in (q, k, v, gate, beta, h0)][: 6 if states else 5]
-    probe = torch.randn(B, T, hv, dv, generator=g)
-    probe_s = torch.randn(3, hv, dk, dv, generator=g)
+    probe, probe_s = c["probe"], c["probe_s"]
     exact = [t.detach().double().requires_grad_() for t in args]
     options = dict(cu_seqlens=cu, output_final_state=states)
     ref, ref_final = recurrent_gated_delta_rule(*exact[:5], initial_state=exact[5] if states else None, **options)

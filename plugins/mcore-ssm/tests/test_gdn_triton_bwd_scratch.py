@@ -23,6 +23,7 @@ NAME = "MCORE_SSM_GDN_BWD_SCRATCH"
 # without; each with the v1 and the v2 (default) state walks, doubling and a saved T; against the fp32 scratch
 INTERPRETED = """
 import os, torch, torch.nn.functional as F
+from ssm_cases import small_packed_case
 from mcore_ssm.gdn_triton import gated_delta_rule_triton, launch_for
 from mcore_ssm.gdn_triton_bwd import rerun_forward
 from mcore_ssm.gdn_reference import recurrent_gated_delta_rule
@@ -45,17 +46,9 @@ def grads(args, probe, probe_s, states, options, env):
 
 fp16, fp32, dtypes = [], [], []
 for dk, dv, gate_min, states, extra in CASES:
-    g = torch.Generator().manual_seed(dk)
-    B, T, hk, hv = 2, 70, 1, 2
-    q = F.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1)
-    k = F.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1)
-    v = torch.randn(B, T, hv, dv, generator=g)
-    gate = torch.rand(B, T, hv, generator=g) * gate_min
-    beta = torch.sigmoid(torch.randn(B, T, hv, generator=g))
-    cu = torch.tensor([0, 3, 70, 140], dtype=torch.int32)
-    h0 = torch.randn(3, hv, dk, dv, generator=g) * 0.3
-    probe = torch.randn(B, T, hv, dv, generator=g).double()
-    probe_s = torch.randn(3, hv, dk, dv, generator=g).double()
+    c = small_packed_case(dk, dv, gate_min)  # fp32
+    q, k, v, gate, beta, cu, h0 = (c[n] for n in ("q", "k", "v", "gate", "beta", "cu", "h0"))
+    probe, probe_s = c["probe"].double(), c["probe_s"].double()
     options = dict(cu_seqlens=cu, output_final_state=states)
     for dtype, errors in ((torch.float16, fp16), (torch.float32, fp32)):
         args = [t.to(dtype) if i < 3 else t for i, t in enumerate((q, k, v, gate, beta, h0))][: 6 if states else 5]

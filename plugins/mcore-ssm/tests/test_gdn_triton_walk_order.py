@@ -18,23 +18,17 @@ NAME = "MCORE_SSM_GDN_WALK_ORDER"
 # backward's scratch in fp16 (MCORE_SSM_GDN_BWD_SCRATCH=inputs) so that both reruns' walks take the order
 INTERPRETED = """
 import os, torch, torch.nn.functional as F
+from ssm_cases import small_packed_case
 from mcore_ssm.gdn_triton import gated_delta_rule_triton, launch_for, prepare
 from mcore_ssm.gdn_triton_state_v2 import run_states_v2
 NAMES = ("MCORE_SSM_GDN_WALK_ORDER", "MCORE_SSM_GDN_BWD_SCRATCH")
 flags = []
 CASES = ((80, 40, -30.0, torch.float32, "fp32"), (12, 20, -1.0, torch.float16, "inputs"))
 for dk, dv, gate_min, dtype, scratch in CASES:
-    g = torch.Generator().manual_seed(dk)
-    B, T, hk, hv = 2, 70, 1, 2
-    q = F.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(B, T, hk, dk, generator=g), dim=-1).to(dtype)
-    v = torch.randn(B, T, hv, dv, generator=g).to(dtype)
-    gate = torch.rand(B, T, hv, generator=g) * gate_min
-    beta = torch.sigmoid(torch.randn(B, T, hv, generator=g))
-    cu = torch.tensor([0, 3, 70, 140], dtype=torch.int32)
-    h0 = torch.randn(3, hv, dk, dv, generator=g) * 0.3
-    probe = torch.randn(B, T, hv, dv, generator=g).double()
-    probe_s = torch.randn(3, hv, dk, dv, generator=g).double()
+    c = small_packed_case(dk, dv, gate_min)  # fp32
+    q, k, v = (c[n].to(dtype) for n in ("q", "k", "v"))
+    gate, beta, cu, h0 = (c[n] for n in ("gate", "beta", "cu", "h0"))
+    probe, probe_s = c["probe"].double(), c["probe_s"].double()
     args = [t.requires_grad_() for t in (q, k, v, gate, beta, h0)]
     results = []
     for order in ("segments", "blocks"):
