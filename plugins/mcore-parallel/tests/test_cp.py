@@ -21,6 +21,7 @@ from parallel_run_helpers import metrics, run_config
 
 from mcore.errors import ConfigError, UserError
 from mcore.mesh import ParallelMesh
+from mcore.protocols.block import BlockContext
 from mcore.train import run
 from mcore_parallel import plugin
 from mcore_parallel.cp import CPLayout
@@ -207,6 +208,20 @@ def test_mtp_is_accepted_under_cp() -> None:
     model.config = SimpleNamespace(mtp_num_layers=2)  # type: ignore[assignment]
     mesh = ParallelMesh(dim_names=("cp",), dim_sizes=(2,), device_type="cpu")
     assert CPLayout().apply(model, mesh) is model
+
+
+def test_cp1_is_the_plain_step() -> None:
+    """At ``cp`` size 1 the layout changes nothing (issue 16's 32k-token step at cp 1 is the plain step by
+    construction): the model, the batch and the context come back as the same objects, no loss group, no sync."""
+    model = torch.nn.Linear(2, 2)
+    mesh = ParallelMesh(dim_names=("cp",), dim_sizes=(1,), device_type="cpu")
+    layout = CPLayout(CPLayout.Config(kind="ring"))
+    assert layout.apply(model, mesh) is model
+    tokens, labels = torch.randint(0, 9, (2, 8)), torch.randint(0, 9, (2, 8))
+    ctx = BlockContext(positions=torch.arange(8)[None], cu_seqlens=torch.tensor([0, 5, 16], dtype=torch.int32))
+    out = layout.shard_batch(tokens, labels, ctx)
+    assert out[0] is tokens and out[1] is labels and out[2] is ctx
+    assert layout.loss_group() is None and layout.data_parallel().size == 1
 
 
 def test_mtp_labels_ahead_stop_at_document_ends() -> None:
