@@ -162,7 +162,7 @@ t_b_wl() {  # issue 20: 256 long-tailed requests (engine vs HF generate in fixed
   $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections workload prefix --repeats 3 --kv-gib 16
 }
 t_b_servo() {  # the server section with overlapped decode in the engines
-  for mode in process thread; do  # process: what mcore serve runs; thread: the engine under the server's lock
+  for mode in ${SERVO_MODES:-process thread}; do  # process: what mcore serve runs; thread: the engine under the server's lock
     $PY plugins/mcore-inference/benchmarks/bench_serving.py --sections server --repeats 3 --server-requests 64 \
       --server-output 128 --kv-gib 8 --overlap-decode --server-mode "$mode"
   done
