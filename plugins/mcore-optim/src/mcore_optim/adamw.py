@@ -77,19 +77,22 @@ class AdamW:
         self.triton = triton  # adamw_triton's one-pass kernel where triton_takes (CUDA, fp32 state)
         self._triton_tables: dict[int, dict[Any, Any]] = {}  # per param group: the kernel's address tables
         self.master_weights = master_weights
-        self.state: dict[str, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
-            for n in self._named:
-                p = local(n.param)
-                moments_dtype = torch.float32 if master_weights and p.dtype.itemsize < 4 else p.dtype
-                st = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "exp_avg": torch.zeros_like(p, dtype=moments_dtype),
-                    "exp_avg_sq": torch.zeros_like(p, dtype=moments_dtype),
-                }
-                if master_weights and p.dtype.itemsize < 4:
-                    st["master"] = p.detach().to(torch.float32, copy=True)
-                self.state[n.name] = st
+            self.state: dict[str, dict[str, torch.Tensor]] = {n.name: self._new_state(n) for n in self._named}
+
+    def _new_state(self, n: NamedParam) -> dict[str, torch.Tensor]:
+        """``n``'s fresh state: step count, moments and (low precision, ``master_weights``) an fp32 master, laid out
+        like what this rank holds of it (``zero_pieces`` keeps only its piece)."""
+        p = local(n.param)
+        moments_dtype = torch.float32 if self.master_weights and p.dtype.itemsize < 4 else p.dtype
+        st = {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, dtype=moments_dtype),
+            "exp_avg_sq": torch.zeros_like(p, dtype=moments_dtype),
+        }
+        if self.master_weights and p.dtype.itemsize < 4:
+            st["master"] = p.detach().to(torch.float32, copy=True)
+        return st
 
     @torch.no_grad()
     def step(self) -> None:

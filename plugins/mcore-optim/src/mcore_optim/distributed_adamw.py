@@ -1,6 +1,14 @@
 """``distributed-adamw``: ZeRO-1, AdamW with its state sharded over the data-parallel ranks.
 
-Replicated data parallelism (plain-tensor parameters, one layout with DP size > 1):
+Replicated data parallelism (plain-tensor parameters, one layout with DP size > 1) through a layout that
+reduce-scatters gradients for the optimizer (``GradientShardingLayout``, e.g. ``ddp``; the core's handshake
+``mcore.protocols.sharded_grads``): the factory asks it for this rank's pieces (``shard_grads()``) and builds
+``zero_pieces.PiecesAdamW``, which updates those elements only and ends each step with the layout's
+``gather_params()``; the layout owns the storage, the reduce-scatter and the all-gather. ``reduce_grads = True``
+is then ignored with a warning (the layout's bucketed reduce-scatter already leaves each rank its range).
+
+Through any other data-parallel layout, or one that declines (``shard_grads()`` answers ``None``), this module's
+``DistributedAdamW``:
 
 * all parameters, in ``named_parameters`` order, are laid end to end in one virtual flat
   vector of ``N`` elements, padded to ``P = size * ceil(N / size)``; rank ``r`` owns the
@@ -22,8 +30,10 @@ Replicated data parallelism (plain-tensor parameters, one layout with DP size > 
 
 Under FSDP (``DTensor`` parameters) the parameters and state are sharded already: the
 factory returns plain ``adamw`` (its sharded update). With no data parallelism it returns
-``adamw`` too. The state dict is ``adamw``'s format (per-name, row-sharded ``DTensor``s), so
-checkpoints move freely between the three and across DP sizes.
+``adamw`` too. The state dict is ``adamw``'s format (per-name, row-sharded ``DTensor``s;
+``PiecesAdamW`` saves each tensor flat, as the handshake's checkpoint format asks, and every
+optimizer here loads either form: ``state``), so checkpoints move freely between them and across
+DP sizes.
 """
 
 from __future__ import annotations
@@ -38,13 +48,15 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from mcore.protocols.sharded_grads import grad_sharding_layout
 from mcore.ragged import even_counts
 from mcore_optim import state as state_format
-from mcore_optim.adamw import AdamW, AdamWFactory, adamw_state_bytes, use_fused
+from mcore_optim.adamw import AdamW, AdamWFactory, adamw_state_bytes, use_fused, use_triton
 from mcore_optim.adamw_math import adamw_step
 from mcore_optim.dist import all_gather_flat, counts_of, data_parallel, is_dtensor, reduce_scatter_flat, whole
 from mcore_optim.groups import make_groups, zero_grad
 from mcore_optim.roles import NamedParam, classify
+from mcore_optim.zero_pieces import PiecesAdamW
 
 if TYPE_CHECKING:
     from torch import nn
@@ -312,7 +324,7 @@ class DistributedAdamW:
     def _check_entry(self, n: NamedParam, key: str, value: Any) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"saved optimizer state {n.name!r}.{key!r} is a {type(value).__name__}, expected a tensor")
-        if tuple(value.shape) != tuple(n.param.shape):
+        if tuple(value.shape) != tuple(n.param.shape) and not state_format.is_flat(value, n.param.shape):
             raise ValueError(
                 f"saved optimizer state {n.name!r}.{key!r} has shape {state_format.shape_text(value.shape)}, "
                 f"expected {state_format.shape_text(n.param.shape)}; refusing to load"
@@ -321,11 +333,13 @@ class DistributedAdamW:
 
     def _row_chunk(self, n: NamedParam, value: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
         """This rank's row chunk (flat) of a saved per-parameter tensor: a DTensor split like ours (by
-        its real row ``counts``), any other DTensor (gathered, ragged splits included), or a full one."""
+        its real row ``counts``), any other DTensor (gathered, ragged splits included; a flat one too), or a
+        full one."""
         lo, hi = self._rows(n, self.rank)
         if isinstance(value, DTensor):
             if (
-                tuple(value.placements) == (Shard(0),)
+                tuple(value.shape) == tuple(n.param.shape)
+                and tuple(value.placements) == (Shard(0),)
                 and value.device_mesh.size() == self.size
                 and counts == even_counts(n.param.shape[0], self.size)
             ):
@@ -375,7 +389,8 @@ class DistributedAdamWFactory:
     @dataclass(kw_only=True, slots=True)
     class Config(AdamWFactory.Config):
         reduce_grads: bool = False
-        """True: gradients arrive un-reduced and step() reduce-scatters them (not under FSDP)."""
+        """True: gradients arrive un-reduced and step() reduce-scatters them (not under FSDP; ignored, with a warning,
+        where the layout reduce-scatters them itself, as ddp does)."""
 
     def __init__(self, config: DistributedAdamWFactory.Config | None = None) -> None:
         self.config = config if config is not None else DistributedAdamWFactory.Config()
@@ -386,7 +401,7 @@ class DistributedAdamWFactory:
 
     def build(
         self, model: nn.Module, *, mesh: ParallelMesh, layouts: Sequence[ParallelLayout]
-    ) -> DistributedAdamW | AdamW:
+    ) -> PiecesAdamW | DistributedAdamW | AdamW:
         named = classify(model, role_overrides=self.config.role_overrides)
         if any(is_dtensor(n.param) for n in named):
             if self.config.reduce_grads:
@@ -412,6 +427,9 @@ class DistributedAdamWFactory:
                 UserWarning,
                 stacklevel=2,
             )
+        pieces = self._pieces(named, layouts, dp)
+        if pieces is not None:
+            return pieces
         return DistributedAdamW(
             named,
             settings=self.settings(),
@@ -420,6 +438,45 @@ class DistributedAdamWFactory:
             fused=use_fused(self.config.impl, named),
             dp=dp,
             reduce_grads=self.config.reduce_grads,
+        )
+
+    def _pieces(
+        self, named: Sequence[NamedParam], layouts: Sequence[ParallelLayout], dp: DataParallelInfo
+    ) -> PiecesAdamW | None:
+        """ZeRO-1 on the pieces of the layout that reduce-scatters gradients for the optimizer, or ``None`` where no
+        layout offers it or the one that does declines (then ``DistributedAdamW``)."""
+        layout = grad_sharding_layout(layouts)
+        shards = layout.shard_grads() if layout is not None else None
+        if layout is None or shards is None:
+            return None
+        if shards.size != dp.size:
+            raise ValueError(
+                f"layout {layout.name!r} shards gradients over {shards.size} ranks, but the data-parallel size is "
+                f"{dp.size}; allowed: the layout that reduce-scatters gradients is the data-parallel one"
+            )
+        given = {piece.name: piece.param for piece in shards.pieces}
+        missing = next((n.name for n in named if given.get(n.name) is not n.param), None)
+        if missing is not None:
+            raise ValueError(
+                f"layout {layout.name!r} hands distributed-adamw no piece of trainable parameter {missing!r} (or one "
+                "of another tensor under its name); allowed: a layout whose pieces name every trainable parameter"
+            )
+        if self.config.reduce_grads:
+            warnings.warn(
+                f"reduce_grads = True is ignored: layout {layout.name!r} reduce-scatters the gradients itself "
+                "(mcore.protocols.sharded_grads), so each rank receives only its range already; set reduce_grads = false",
+                UserWarning,
+                stacklevel=3,
+            )
+        return PiecesAdamW(
+            named,
+            shards=shards,
+            layout=layout,
+            settings=self.settings(),
+            betas=self._adamw.betas,
+            eps=self.config.eps,
+            fused=use_fused(self.config.impl, named),
+            triton=use_triton(self.config.impl, named),
         )
 
     # -- OptimizerStateSize (read by ``mcore plan``) -----------------------------------------

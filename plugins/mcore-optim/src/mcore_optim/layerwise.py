@@ -157,12 +157,15 @@ class Layerwise:
                 if not isinstance(value, torch.Tensor):
                     raise ValueError(f"saved optimizer state lacks {key!r} for parameter {n.name!r}; refusing to load")
                 expected = () if dtype is None else tuple(n.param.shape)
-                if tuple(value.shape) != expected:
+                if tuple(value.shape) != expected and not (dtype is not None and state_format.is_flat(value, expected)):
                     raise ValueError(
                         f"saved optimizer state {n.name!r}.{key!r} has shape {state_format.shape_text(value.shape)}, "
                         f"expected {state_format.shape_text(expected)}; refusing to load"
                     )
                 plan.append((n, key, dtype, value))
+        shapes = [() if dtype is None else tuple(n.param.shape) for n, _, dtype, _ in plan]
+        unflat = state_format.unflatten([value for _, _, _, value in plan], shapes)  # saved flat (ZeRO-1 pieces)
+        plan = [(n, key, dtype, value) for (n, key, dtype, _), value in zip(plan, unflat)]
         loaded: dict[str, dict[str, torch.Tensor]] = {}
         counts = counts_of([value for _, _, _, value in plan])  # the real row splits (one batched collective)
         for (n, key, dtype, value), split in zip(plan, counts):

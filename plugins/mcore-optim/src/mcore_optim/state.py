@@ -19,6 +19,13 @@ a full tensor; ``load_state_dict`` accepts either form, and keeps this rank's ro
 parameter's real row split (which may be ragged: ``mcore.ragged``; a saved DTensor split
 another way is gathered first). Shapes are strings so the header is plain JSON.
 
+A state tensor may also be saved *flat*: 1-D, the parameter's elements in row-major order.
+``distributed-adamw`` on a layout's pieces (ZeRO-1 through ``mcore.protocols.sharded_grads``,
+``zero_pieces``) saves its moments and masters so, as row-ragged ``Shard(0)`` DTensors whose
+local part is this rank's piece. Every optimizer here loads a flat tensor where it expects the
+parameter's shape (``unflatten``: made whole, then reshaped), and ``zero_pieces`` loads the
+parameter-shaped form, so checkpoints still move between them and across DP sizes.
+
 Param groups are matched by role. A role the saved state has no group for (a parameter's
 declared role changed since: ``gpt``'s head, which a name pattern used to make a ``matrix``)
 keeps its configured lr and weight decay, with a warning; the parameters' state still loads by
@@ -28,13 +35,14 @@ AdamW's moments).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from mcore_optim.dist import shards_of
+from mcore_optim.dist import counts_of, shards_of, whole
 from mcore_optim.roles import NamedParam
 
 FORMAT = 1
@@ -108,7 +116,7 @@ def take(
     """This rank's piece of ``saved[name][key]``, checked against ``like`` (the local state tensor).
 
     ``param`` is given for state laid out like its parameter (moments, master weights): the
-    saved tensor must have the parameter's global shape and this rank keeps its shard.
+    saved tensor must have the parameter's global shape (or be its flat form) and this rank keeps its shard.
     Collective where ``param`` or the saved value is a DTensor (see ``take_all``).
     """
     return take_all(saved, [(name, key, like, param)])[0]
@@ -123,6 +131,9 @@ def take_all(
     in the same order."""
     values = [_checked(saved, name, key, like, param) for name, key, like, param in wanted]
     sharded = [i for i, (_, _, _, param) in enumerate(wanted) if param is not None]
+    shapes = [param.shape for _, _, _, param in wanted if param is not None]
+    for i, value in zip(sharded, unflatten([values[i] for i in sharded], shapes)):  # saved flat: whole, reshaped
+        values[i] = value
     pieces = list(values)
     for i, piece in zip(sharded, shards_of([values[i] for i in sharded], [wanted[i][3] for i in sharded])):  # type: ignore[misc]
         pieces[i] = piece
@@ -139,12 +150,31 @@ def _checked(
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"saved optimizer state {name!r}.{key!r} is a {type(value).__name__}, expected a tensor")
     expected = param.shape if param is not None else like.shape
-    if tuple(value.shape) != tuple(expected):
+    if tuple(value.shape) != tuple(expected) and not (param is not None and is_flat(value, param.shape)):
         raise ValueError(
             f"saved optimizer state {name!r}.{key!r} has shape {shape_text(value.shape)}, expected "
             f"{shape_text(expected)}; refusing to load"
         )
     return value
+
+
+def is_flat(value: torch.Tensor, shape: Sequence[int]) -> bool:
+    """Whether ``value`` is the flat form of a state tensor of a parameter of ``shape`` (1-D, the parameter's element
+    count, and not the parameter's own shape)."""
+    return value.dim() == 1 and tuple(value.shape) != tuple(shape) and value.numel() == math.prod(shape)
+
+
+def unflatten(values: Sequence[torch.Tensor], shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Each flat value (``is_flat``) made whole and reshaped to its parameter's ``shape``; the others as they are.
+
+    Collective where a flat value is a DTensor (one batched row-count look-up, then a gather each): every rank
+    passes the same values in the same order.
+    """
+    flat = [i for i, (value, shape) in enumerate(zip(values, shapes, strict=True)) if is_flat(value, shape)]
+    out = list(values)
+    for i, counts in zip(flat, counts_of([values[i] for i in flat])):
+        out[i] = whole(values[i], counts).reshape(tuple(shapes[i]))
+    return out
 
 
 def restore_groups(groups: Sequence[dict[str, Any]], saved: Mapping[str, Mapping[str, Any]]) -> None:
