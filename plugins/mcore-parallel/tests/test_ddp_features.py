@@ -3,9 +3,10 @@ plus what needs no process group: config errors, registration, world size 1.
 
 On two ranks: buckets issued during backward (and not with ``overlap = false``), accumulation under
 ``no_grad_sync`` equal to one big batch across ``zero_grad`` (both kinds), a bf16 reduction within
-bf16 tolerance, parameters without gradient (on every rank, or on one) reduced as zeros without a
-hang, frozen parameters skipped, a model on the meta device initialised after ``apply``, a second
-synchronised backward refused, a DTensor parameter over ``dp_replicate`` refused.
+bf16 tolerance, ``reduce_dtype = "auto"`` reducing in the precision recipe's ``reduce_dtype``,
+parameters without gradient (on every rank, or on one) reduced as zeros without a hang, frozen
+parameters skipped, a model on the meta device initialised after ``apply``, a second synchronised
+backward refused, a DTensor parameter over ``dp_replicate`` refused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from mcore.construct import init_params
 from mcore.errors import UserError
 from mcore.mesh import build_mesh
-from mcore.precision.basic import FP32
+from mcore.precision.basic import FP32, PlainRecipe
 from mcore_parallel import plugin
 from mcore_parallel.ddp import DDPLayout
 from mcore_testing import run_distributed
@@ -34,10 +35,10 @@ CFG = TinyConfig(vocab_size=61, hidden_size=36, num_heads=4, ffn_size=50, num_la
 SMALL = 0.005  # MiB: about a parameter per bucket at this size
 
 
-def _layout(model: nn.Module, **config: Any) -> tuple[DDPLayout, nn.Module]:
+def _layout(model: nn.Module, precision: PlainRecipe | None = None, **config: Any) -> tuple[DDPLayout, nn.Module]:
     layout = DDPLayout(DDPLayout.Config(**config))
     mesh = build_mesh(layout.mesh_dims, {}, fill="dp_replicate", device_type="cpu")
-    return layout, layout.apply(model, mesh, FP32())
+    return layout, layout.apply(model, mesh, precision or FP32())
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,36 @@ def case_bf16_reduce() -> None:
         assert_rel_close(got["bf16"][name], grad, 1e-2, name=f"bf16-reduced grad of {name}")
         assert_rel_close(got["fp32"][name], grad, 1e-5, name=f"fp32-reduced grad of {name}")
     assert any(not torch.equal(got["bf16"][n], got["fp32"][n]) for n in ref), "bf16 reduction changed nothing"
+
+
+class BF16Reduce(PlainRecipe):
+    """fp32 parameters and compute, gradients summed across ranks in bf16 (no recipe of the core does that)."""
+
+    name = "bf16-reduce"
+    reduce_dtype = torch.bfloat16
+
+
+def case_auto_reduce_dtype_is_the_recipes() -> None:
+    """``reduce_dtype = "auto"`` sums in the recipe's ``reduce_dtype``: bit for bit what an explicit value gives,
+    which overrides the recipe; ZeRO-1's optimizer is told the same dtype."""
+    tokens, labels = tiny_batches(1, batch_size=4, vocab_size=CFG.vocab_size, seed=11)[0]
+
+    def grads(reduce_dtype: str, precision: PlainRecipe) -> dict[str, torch.Tensor]:
+        layout, model = _layout(TinyTransformer(CFG, seed=0), precision, bucket_mb=SMALL, reduce_dtype=reduce_dtype)
+        model(_rows(tokens), labels=_rows(labels)).backward()
+        layout.finish_grad_sync()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    auto_bf16, bf16 = grads("auto", BF16Reduce()), grads("bf16", FP32())
+    auto_fp32, fp32 = grads("auto", FP32()), grads("fp32", BF16Reduce())
+    assert auto_bf16.keys() == bf16.keys() == auto_fp32.keys() == fp32.keys() and bf16
+    for name in bf16:
+        assert torch.equal(auto_bf16[name], bf16[name]), f"auto under a bf16-reducing recipe: {name}"
+        assert torch.equal(auto_fp32[name], fp32[name]), f"auto under fp32: {name}"
+    assert any(not torch.equal(bf16[n], fp32[n]) for n in bf16), "the bf16 reduction changed nothing"
+    for recipe, want in ((BF16Reduce(), torch.bfloat16), (FP32(), torch.float32)):
+        shards = _layout(TinyTransformer(CFG, seed=0), recipe, bucket_mb=SMALL)[0].shard_grads()
+        assert shards is not None and shards.reduce_dtype == want, (recipe.name, shards)
 
 
 class Partly(nn.Module):
@@ -205,6 +236,7 @@ CASES: list[Callable[[], None]] = [
     case_overlap,
     case_accumulation_equals_big_batch,
     case_bf16_reduce,
+    case_auto_reduce_dtype_is_the_recipes,
     case_missing_gradients_do_not_hang,
     case_frozen_parameters_skipped,
     case_meta_init,

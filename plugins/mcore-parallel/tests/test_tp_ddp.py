@@ -2,10 +2,10 @@
 (``dp_replicate = 2`` x ``tp = 2``) in one spawned group.
 
 In that group: a ``TinyTransformer`` (GQA: kv heads split by tp, and one kv head kept whole by tp
-with its gradient summed over tp in ``tp``'s ``finish_grad_sync``, called before ``ddp``'s as the
-run loop does, while ``ddp``'s buckets were reduced during backward) built on the meta device, split
-by ``tp``, bucketed by ``ddp`` and initialised afterwards, each data-parallel rank reading half of
-every batch: 3 SGD steps (the second with two micro-batches, the first under both layouts'
+with its gradient summed over tp in ``tp``'s ``finish_grad_sync``, called after ``ddp``'s as the
+run loop does or before it, in alternate steps: ``ddp``'s buckets were reduced during backward)
+built on the meta device, split by ``tp``, bucketed by ``ddp`` and initialised afterwards, each
+data-parallel rank reading half of every batch: 3 SGD steps (the second with two micro-batches, the first under both layouts'
 ``no_grad_sync``; ``.grad`` dropped and kept between steps) give the single-process loss, every
 gradient (full tensors) and the global gradient norm (fp32, rel 1e-5), with the DTensor
 parameters' ``.grad`` DTensors over the bucket views. ZeRO-1 is declined (``shard_grads`` is
@@ -102,7 +102,8 @@ def _sgd_steps_equal_one_process(mesh: ParallelMesh, cfg: TinyConfig) -> None:
                 loss += part.detach()
             issued = ddp.buckets_issued
             assert issued == (0 if i < len(micro) - 1 else len(ddp.buckets)), (step, i, issued)
-        for layout in layouts:  # the run loop's order: tp sums the shared kv gradients, in ddp's buckets, first
+        # the run loop's order (ddp's, then tp's sums of the shared kv gradients in ddp's buckets), and the other
+        for layout in reversed(layouts) if step % 2 == 0 else layouts:
             layout.finish_grad_sync()
         dist.all_reduce(loss, group=dp_group)
         what = f"kv heads {cfg.num_kv_heads}, step {step}"
