@@ -6,13 +6,15 @@ value heads, head dims 128, packed documents), forward + backward of:
 
 * ``block``: ``GatedDeltaNet.forward`` as the training step runs it (eager; on CUDA its conv + SiLU + L2 norm and
   gated norm run as the fused Triton kernels of ``conv_triton`` / ``norm_triton``);
-* ``block_unfused``: the same with ``MCORE_SSM_FUSED=0`` set around the forward (the torch conv, ``l2_normalize``
-  and ``gated_rms_norm``; the backward follows the forward's choice), so one run A/Bs the fused ops;
+* ``block_unfused``: the same with ``MCORE_SSM_FUSED=0`` set (the torch conv, ``l2_normalize`` and
+  ``gated_rms_norm``), so one run A/Bs the fused ops;
+* ``block_conv_two``: the same with the fused conv's two-kernel backward (``MCORE_SSM_CONV_BWD=two``);
 * ``block_compiled``: the same block's forward under ``torch.compile`` (``train.compile = "blocks"``);
 * ``projections``: its seven linears alone (the GEMM floor of the block);
 * ``rule``: the chunked gated delta rule alone, on the block's shapes;
 * ``conv``: the three causal convolutions + SiLU alone (packed documents; the torch path);
-* ``conv_fused``: the same by ``conv_triton`` (q and k with the L2 norm in its epilogue; CUDA only);
+* ``conv_fused``: the same by ``conv_triton`` (q and k with the L2 norm in its epilogue; CUDA only), and
+  ``conv_fused_two`` with its two-kernel backward;
 * ``segments``: the documents' segments the block computes once per call (host syncs included).
 
 Then a ``torch.profiler`` table of one eager fwd + bwd: kernels by CUDA time and the host's share. Output: JSON
@@ -39,6 +41,10 @@ from mcore_ssm.gdn import GatedDeltaNet
 from mcore_ssm.gdn_kernels import gated_delta_rule
 from mcore_ssm.packing import documents as packed_segments
 from mcore_testing.bench import emit, interleaved, run_header, timing_row, write_lines
+
+Step = Callable[[], Any]
+#: The fused conv's two-kernel backward (``kernel_choice.conv_bwd``), set around a candidate's whole step.
+TWO_PASS = {"MCORE_SSM_CONV_BWD": "two"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,17 +83,18 @@ def context(args: argparse.Namespace, device: torch.device) -> BlockContext:
 
 
 @contextmanager
-def unfused() -> Iterator[None]:
-    """``MCORE_SSM_FUSED=0`` inside the block (restored after)."""
-    old = os.environ.get("MCORE_SSM_FUSED")
-    os.environ["MCORE_SSM_FUSED"] = "0"
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """The environment variables ``values`` set inside (each restored after)."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["MCORE_SSM_FUSED"]
-        else:
-            os.environ["MCORE_SSM_FUSED"] = old
+        for name, value in old.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def candidates(
@@ -101,24 +108,22 @@ def candidates(
     def rand(*shape: int, dtype: torch.dtype = hidden.dtype) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device=hidden.device, dtype=dtype)
 
-    def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], Any]:
+    def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, env: dict[str, str] | None = None) -> Step:
+        """``fn``'s forward + backward on fresh leaves of ``inputs``, with the environment ``env`` set around both."""
         leaves = [t.detach().requires_grad_(True) for t in inputs]
         probe: list[torch.Tensor] = []
 
         def step() -> torch.Tensor:
-            out = fn(*leaves)
-            if not probe:
-                probe.append(torch.randn_like(out))
-            torch.autograd.backward(out, probe[0])
+            with environ(env or {}):
+                out = fn(*leaves)
+                if not probe:
+                    probe.append(torch.randn_like(out))
+                torch.autograd.backward(out, probe[0])
             for t in [*leaves, *block.parameters()]:
                 t.grad = None
             return out.detach()
 
         return step
-
-    def block_unfused(x: torch.Tensor) -> torch.Tensor:
-        with unfused():
-            return block(x, ctx)
 
     linears = (block.q, block.k, block.v, block.z, block.b, block.a)
 
@@ -147,7 +152,7 @@ def candidates(
     found_inputs = [rand(batch, seq, t[0, 0].numel()) for t in (q, k, v)]  # (B, T, channels) each
     found: dict[str, Callable[[], Any]] = {
         "block": fwd_bwd(lambda x: block(x, ctx), hidden),
-        "block_unfused": fwd_bwd(block_unfused, hidden),
+        "block_unfused": fwd_bwd(lambda x: block(x, ctx), hidden, env={"MCORE_SSM_FUSED": "0"}),
         "projections": fwd_bwd(projections, hidden, rand(batch, seq, hv * block.head_v_dim)),
         "rule": fwd_bwd(rule, q, k, v, g, beta),
         "conv": fwd_bwd(conv, *found_inputs),
@@ -163,6 +168,8 @@ def candidates(
             return torch.cat(ys, dim=-1)  # (B, T, channels)
 
         found["conv_fused"] = fwd_bwd(conv_fused, *found_inputs)
+        found["conv_fused_two"] = fwd_bwd(conv_fused, *found_inputs, env=TWO_PASS)
+        found["block_conv_two"] = fwd_bwd(lambda x: block(x, ctx), hidden, env=TWO_PASS)
     if ctx.cu_seqlens is not None:
         cu = ctx.cu_seqlens
         found["segments"] = lambda: packed_segments(batch, seq, cu, hidden.device).pos

@@ -48,6 +48,17 @@ def main() -> None:
         block_t, warps = conv_triton._bwd_launch(block_c)
         consts = {**flags, "KP": triton.next_power_of_2(4), "BT": block_t}
         print(f"conv bwd {name} BT {block_t} warps {warps}:", build(conv_triton._conv_bwd_kernel, bwd, consts, warps))
+        grad = {"X": data, "W": data, "BIAS": data, "POS": i64, "DY": data, "DA": f32, "DW": f32, "DB": f32}
+        grad |= {**scalars, "tiles": i32}
+        block_t, warps = conv_triton._grad_launch(block_c)
+        consts = {**flags, "KP": triton.next_power_of_2(4), "BT": block_t}
+        line = build(conv_triton._conv_grad_kernel, grad, consts, warps)
+        print(f"conv bwd da {name} BT {block_t} warps {warps}:", line)
+    dx = {"DA": f32, "W": data, "POS": i64, "DX": data, "N": i32, "T": i32, "C": i32}
+    block_t, block_c, warps = conv_triton._dx_launch(2048)
+    consts = {"K": 4, "HAS_POS": True, "BT": block_t, "BC": block_c}
+    line = build(conv_triton._conv_dx_kernel, dx, consts, warps)
+    print(f"conv bwd dx ({block_t}, {block_c}) warps {warps}:", line)
     for name, group, before, shared in (("gdn", 128, True, True), ("mamba2", 256, False, False)):
         block_g = triton.next_power_of_2(group)
         block_t = norm_triton._tile_tokens(block_g)

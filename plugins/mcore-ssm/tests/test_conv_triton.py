@@ -3,10 +3,12 @@ torch path (``conv.causal_conv1d``, then ``gdn.l2_normalize``).
 
 CPU: in Triton's interpreter (a child process, ``mcore_testing.interpreted``, the bounds checker on), fp32: the
 output and the gradients of ``x``, the filter and the bias within 1e-5 of the torch path's autograd, on packed
-documents with boundaries inside a token tile, documents shorter than the kernel, a partial last tile, channels not a
-multiple of the channel block (and more than one block), K 3 and 4, inputs that are split views of one wider
-projection (the gradient of the whole projection compared, zeros outside the view included), one backward program
-walking every tile (the partial ``dweight`` sums). GPU (``-m gpu``): bf16 at ``hybrid-bench``'s shapes (B 2, T 4096,
+documents with boundaries inside a token tile (of the ``da`` kernel and of the ``dx`` kernel), documents and rows
+shorter than the kernel, a partial last tile, channels not a multiple of the channel block (and more than one block),
+K 2, 3 and 4, inputs that are split views of one wider projection (the gradient of the whole projection compared,
+zeros outside the view included), one backward program walking every tile (the partial ``dweight`` sums), a program
+whose last tile lies wholly past the tokens; each with both backwards (``MCORE_SSM_CONV_BWD`` one and two: the ``da``
+and ``dx`` kernels' tiles). GPU (``-m gpu``): bf16 at ``hybrid-bench``'s shapes (B 2, T 4096,
 4 documents a row, q/k 8 heads of 128, v 16 heads of 128) within 1e-2 of the fp32 torch path.
 """
 
@@ -27,7 +29,11 @@ CASES: list[tuple[str, int, int, int, int, list[int] | None, int | None, bool, i
     ("packed-norm", 2, 37, 24, 4, [0, 2, 3, 20, 37, 40, 74], 8, False, None),
     ("packed-wide-bias-k3", 1, 70, 136, 3, [0, 1, 33, 35, 70], None, True, None),
     ("packed-norm-one-program", 2, 40, 32, 4, [0, 5, 6, 7, 45, 80], 16, True, 1),
+    ("packed-norm-k2-empty-tile", 1, 70, 256, 2, [0, 1, 33, 35, 70], 64, False, 8),
+    ("rows-shorter-than-k", 3, 3, 24, 4, None, None, True, None),
 ]
+#: Both backwards (``MCORE_SSM_CONV_BWD``): the one-kernel default and the two-kernel opt-in.
+BACKWARDS = ("one", "two")
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -141,15 +147,19 @@ def _bad_calls() -> list[bool]:
 
 def interpreted_main() -> None:
     """(Child process, ``TRITON_INTERPRET=1``.) One JSON line per case."""
+    import os
+
     import mcore_ssm.conv_triton as conv_triton
 
-    for name, batch, seq, channels, width, cu, norm, with_bias, programs in CASES:
-        conv_triton._BWD_PROGRAMS = programs or 1024
-        rels = compare(batch, seq, channels, width, cu, norm, with_bias)
-        print(json.dumps({"name": name, "rels": rels}))
+    for backward in BACKWARDS:  # read by each backward call
+        os.environ["MCORE_SSM_CONV_BWD"] = backward
+        for name, batch, seq, channels, width, cu, norm, with_bias, programs in CASES:
+            conv_triton._BWD_PROGRAMS = programs or 1024
+            rels = compare(batch, seq, channels, width, cu, norm, with_bias)
+            print(json.dumps({"name": f"{backward}/{name}", "rels": rels}))
+        print(json.dumps({"name": f"{backward}/edges", **_edges()}))
     print(json.dumps({"name": "bad-calls", "raised": _bad_calls()}))
     print(json.dumps({"name": "last-stride", "rels": _last_stride()}))
-    print(json.dumps({"name": "edges", **_edges()}))
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +168,14 @@ def records() -> dict[str, dict[str, Any]]:
 
 
 @needs_triton
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_fused_conv_equals_the_torch_path_in_interpreter(records: dict[str, dict[str, Any]], case: tuple) -> None:
-    """Output, d(projection), d(filter) (and d(bias)) within 1e-5 of the torch path (fp32; NaN fails)."""
-    rels = records[case[0]]["rels"]
+def test_fused_conv_equals_the_torch_path_in_interpreter(
+    records: dict[str, dict[str, Any]], case: tuple, backward: str
+) -> None:
+    """Output, d(projection), d(filter) (and d(bias)) within 1e-5 of the torch path (fp32; NaN fails), with either
+    backward (``MCORE_SSM_CONV_BWD``)."""
+    rels = records[f"{backward}/{case[0]}"]["rels"]
     assert len(rels) == (4 if case[7] else 3), rels
     assert all(r < 1e-5 for r in rels), rels
 
@@ -178,8 +192,9 @@ def test_channels_with_a_stride_are_copied(records: dict[str, dict[str, Any]]) -
 
 
 @needs_triton
-def test_strided_pos_and_bias_and_zero_tokens(records: dict[str, dict[str, Any]]) -> None:
-    edges = records["edges"]
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_strided_pos_and_bias_and_zero_tokens(records: dict[str, dict[str, Any]], backward: str) -> None:
+    edges = records[f"{backward}/edges"]
     assert edges["strided"] == [0.0] * 4, edges
     assert edges["empty"] == [[1, 0, 12], [1, 0, 12]]
 
@@ -190,6 +205,9 @@ def test_bf16_at_the_hybrid_bench_shape_within_1e2(channels: int, norm: int | No
     """bf16 on CUDA, B 2 x T 4096 with 4 documents a row, split views: output and every gradient within 1e-2 of the
     fp32 torch path (Mamba2's case, with a bias, as ``v`` with one)."""
     cu = list(range(0, 2 * 4096 + 1, 1024))
-    for with_bias in (False, True):
-        rels = compare(2, 4096, channels, 4, cu, norm, with_bias, dtype=torch.bfloat16, device="cuda")
-        assert all(r < 1e-2 for r in rels), (with_bias, rels)
+    for backward in BACKWARDS:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("MCORE_SSM_CONV_BWD", backward)
+            for with_bias in (False, True):
+                rels = compare(2, 4096, channels, 4, cu, norm, with_bias, dtype=torch.bfloat16, device="cuda")
+                assert all(r < 1e-2 for r in rels), (backward, with_bias, rels)

@@ -201,6 +201,18 @@ def gdn_kernels_for(block_k: int) -> GdnKernels:
 FUSED: tuple[str, ...] = ("1", "0")
 
 
+#: ``MCORE_SSM_CONV_BWD``: the fused conv's backward (``conv_triton``) in ``one`` kernel (the default, timed on an
+#: H100: 1.36 ms for a GDN block's three calls at ``hybrid-bench``'s shape) or ``two`` (``da`` once a tile into an fp32
+#: scratch, then ``dx`` gathered from it: the K-fold recomputation of ``da`` gone; interpreter-exact, builds without
+#: spills for sm_90 under Triton 3.6 and 3.9, not yet timed on a card). Read when a backward runs.
+CONV_BWD: tuple[str, ...] = ("one", "two")
+
+
+def conv_bwd() -> str:
+    """``MCORE_SSM_CONV_BWD`` (``CONV_BWD``, default ``one``)."""
+    return _env_choice("MCORE_SSM_CONV_BWD", CONV_BWD)
+
+
 def fused_ops(kernel: str, x: torch.Tensor) -> bool:
     """Whether a block whose ``kernel`` setting is ``kernel`` runs the fused Triton conv and gated norm on ``x``: where
     ``choose`` takes Triton (CUDA for ``auto``; ``triton`` also on CPU under Triton's interpreter), never while
