@@ -40,7 +40,8 @@ blocks split by tokens (``sequence_parallel.py``). Communication overlap (``over
 row-parallel linears reduce in token chunks while computing (``tp_overlap.py``); under sequence
 parallelism each block's input is gathered in chunks while the GEMMs reading it start on the
 chunks that have arrived (``tp_overlap_gather.py``: those column-parallel linears are then our
-``ColumnShardLinear``, not ``ColwiseParallel``). A data-parallel
+``ColumnShardLinear``, not ``ColwiseParallel``). Or, under compile, torch's async TP (``async_tp``,
+``tp_async.py``): inductor fuses those collectives with their GEMMs. A data-parallel
 layout listed after ``tp`` works on each rank's local shards (``["tp", "ddp"]``: ``ddp`` reduces
 the local shards over ``dp_replicate``).
 """
@@ -58,6 +59,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from mcore.protocols.block import BlockContext
 from mcore.protocols.layout import DataParallelInfo
+from mcore_parallel import tp_async
 from mcore_parallel.group_grads import DeferredSync, local_grad, sum_over_group
 from mcore_parallel.sequence_parallel import SequencePlan, apply_sequence_parallel, plan_sequence_parallel
 from mcore_parallel.tp_experts import (
@@ -106,6 +108,12 @@ class TPLayout(DeferredSync):
         many chunks, the GEMMs of the linears reading it run on each chunk as it arrives, their input
         gradient reduce-scattered chunk by chunk (``tp_overlap_gather.py``); false: the row side only."""
 
+        async_tp: bool = False
+        """torch's async TP under ``train.compile = "blocks"`` (inductor): each block's token all-gather fused with
+        the GEMMs reading it and each row-parallel GEMM with its reduce-scatter, decomposed over symmetric memory
+        (``tp_async.py``). Needs ``sequence_parallel``, CUDA with symmetric memory, and ``overlap_chunks = 1`` (one
+        overlap mechanism); switches inductor's micro-pipeline pass on for the whole process."""
+
         expert_tp: bool = False
         """Split the routed experts' FFN over tp too (expert TP = attention TP): expert blocks then compute every
         token as attention does, their stacked weights split along the FFN (``tp_experts.py``); false: each
@@ -123,10 +131,29 @@ class TPLayout(DeferredSync):
             chunks = self.overlap_chunks
             if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= 64:
                 raise ValueError(f"parallel.tp.overlap_chunks = {chunks!r}; allowed: an integer from 1 (off) to 64")
+            if not isinstance(self.async_tp, bool):
+                raise ValueError(f"parallel.tp.async_tp = {self.async_tp!r}; allowed: true or false")
+            if self.async_tp and not self.sequence_parallel:
+                raise ValueError(
+                    "parallel.tp.async_tp = true needs parallel.tp.sequence_parallel = true (torch fuses the "
+                    "all-gathers and reduce-scatters of sequence parallelism); allowed: async_tp = false, or both true"
+                )
+            if self.async_tp and chunks > 1:
+                raise ValueError(
+                    f"parallel.tp.async_tp = true with parallel.tp.overlap_chunks = {chunks}: two overlap mechanisms; "
+                    "allowed: one of them (async_tp = false, or overlap_chunks = 1)"
+                )
 
     @staticmethod
     def check_run(config: Config, run: Any) -> None:
-        """Under sequence parallelism ``train.seq_len`` must split over the tp size (when the config gives it)."""
+        """Under sequence parallelism ``train.seq_len`` must split over the tp size (when the config gives it);
+        ``async_tp`` needs the blocks compiled by inductor (its pass does the fusing)."""
+        if config.async_tp and (run.train.compile != "blocks" or run.train.compile_backend != "inductor"):
+            raise ValueError(
+                f"parallel.tp.async_tp = true with train.compile = {run.train.compile!r} (train.compile_backend = "
+                f"{run.train.compile_backend!r}): torch's async TP is an inductor pass over the compiled blocks; "
+                "allowed: train.compile = 'blocks' with train.compile_backend = 'inductor', or parallel.tp.async_tp = false"
+            )
         tp = run.parallel.sizes.get(DIM)
         seq_len = run.train.seq_len
         if config.sequence_parallel and isinstance(tp, int) and tp > 1 and seq_len % tp:
@@ -163,8 +190,17 @@ class TPLayout(DeferredSync):
         self._mesh, self._plan, self._sequence_plan = mesh, plan, sp
         if tp == 1:
             return model  # the plain model: nothing to split, nothing to reduce
+        if self.config.async_tp:  # before anything changes
+            why = tp_async.unavailable(mesh.device_type)
+            if why is not None:
+                raise ValueError(
+                    f"parallel.tp.async_tp = true, but {why}; allowed: parallel.tp.async_tp = false (or "
+                    "parallel.tp.overlap_chunks > 1 for the chunked overlap, which runs anywhere)"
+                )
         device_mesh, group, rank = mesh.submesh([DIM]), mesh.group(DIM), mesh.rank(DIM)
         assert device_mesh is not None
+        if self.config.async_tp:  # before the blocks' first call traces them
+            tp_async.enable(group)
         owners = _owners(model)
         # the all-gather side of overlap: a region's column-parallel linears compute on its chunked gather
         overlap_gather = self.config.overlap_chunks > 1 and self.config.overlap_all_gather
