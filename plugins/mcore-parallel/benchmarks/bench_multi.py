@@ -7,6 +7,9 @@ Arms (N = the world size torchrun starts):
   (``overlap_chunks = 4``): ``+overlap`` overlaps both sides under sequence parallelism (the row-parallel
   reduce-scatters and the chunked all-gather before the column-parallel GEMMs), ``+overlap-rs`` the row side
   only (``overlap_all_gather = false``), so the all-gather side's gain is its difference to ``+sp+overlap``;
+* ``tpN+sp+compiled``, ``tpN+sp+async``: the blocks compiled (``train.compile = "blocks"``), without and with
+  torch's async TP (``[parallel.tp] async_tp``: CUDA, NCCL and symmetric memory; elsewhere the arm lists its
+  one-line refusal), so async TP's gain is its difference to ``+sp+compiled``;
 * ``tp2xfsdpM`` (M = N / 2) against ``fsdpN``: ``["tp", "fsdp"]`` against mcore-fsdp's ``["fsdp"]``;
 * ``ddpN`` against ``torch-ddpN``: mcore-parallel's ``ddp`` against ``torch.nn.parallel.DistributedDataParallel``
   around the same model, optimizer and step.
@@ -82,6 +85,8 @@ ARM_FAMILIES = (
     "tp+overlap",
     "tp+sp+overlap",
     "tp+sp+overlap-rs",
+    "tp+sp+compiled",
+    "tp+sp+async",
     "tp-fsdp",
     "fsdp",
     "ddp",
@@ -99,6 +104,8 @@ class Arm:
     times: list[float] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
     status: str = "ok"
+    train: dict[str, Any] = field(default_factory=dict)
+    """Keys of the run config's ``[train]`` table this arm sets (``compile``)."""
 
 
 def make_arms(families: list[str], world: int) -> list[Arm]:
@@ -112,8 +119,12 @@ def make_arms(families: list[str], world: int) -> list[Arm]:
                 tp["overlap_chunks"] = 4  # reductions (and, under sp, the gathers) overlapped with chunked GEMMs
             if family.endswith("+overlap-rs"):
                 tp["overlap_all_gather"] = False  # the row side only
+            if family.endswith("+async"):
+                tp["async_tp"] = True  # torch's async TP: the gathers and reduce-scatters fused with their GEMMs
+            compiled = family.endswith(("+compiled", "+async"))  # async TP is a pass of inductor's
             name = f"tp{world}{family[2:]}"
-            out.append(Arm(name, family, {"layouts": ["tp"], "sizes": {"tp": world}, **({"tp": tp} if tp else {})}))
+            parallel = {"layouts": ["tp"], "sizes": {"tp": world}, **({"tp": tp} if tp else {})}
+            out.append(Arm(name, family, parallel, train={"compile": "blocks"} if compiled else {}))
         elif family == "tp-fsdp":
             fs = max(world // 2, 1)
             out.append(Arm(f"tp2xfsdp{fs}", family, {"layouts": ["tp", "fsdp"], "sizes": {"tp": 2, "dp_shard": fs}}))
@@ -141,6 +152,7 @@ def run_config(arm: Arm, args: argparse.Namespace, host: Any) -> Any:
             "grad_clip": 1.0,
             "seed": 1234,
             "out_dir": "bench-multi-unused",
+            **arm.train,
         },
     }
     return resolve_config(raw, host)
@@ -361,6 +373,8 @@ def report(
     arm: Arm, args: argparse.Namespace, world: int, peak: float | None, reference: float | None
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"arm": arm.name, "family": arm.family, "status": arm.status, "parallel": arm.parallel}
+    if arm.train:
+        row["train"] = arm.train
     if arm.family == "torch-ddp":  # the mesh of [parallel]; the model is wrapped by torch, not by the layout
         row["wrapper"] = "torch.nn.parallel.DistributedDataParallel"
     if arm.status != "ok" or not arm.times:
