@@ -144,7 +144,7 @@ def test_the_previous_output_comes_back_if_the_final_rename_fails(
 
     monkeypatch.setattr(mcore.outputs.os, "replace", replace)
     with (
-        pytest.raises(OSError, match="No space"),
+        pytest.raises(UserError, match="writing the thing failed: No space"),
         publish_dir(out, manifest=MANIFEST, what="thing", overwrite=True) as tmp,
     ):
         write_output(tmp, "new")

@@ -119,6 +119,7 @@ def resolve_error(host: Any, *overrides: str) -> str:
         (["--model.mla.kv_lora_rank=8"], "[model.mla] configures block 'mla', which this model does not use"),
         (["--model.num_heads=8"], "model.num_heads is no longer a [model] key (run config schema 2): it is attention"),
         (["--model.ffn_hidden_size=8"], "e.g. --model.swiglu.ffn_hidden_size=8"),
+        (["--model.hf_model_type="], "model.hf_model_type = '': expected a Hugging Face family name"),
     ],
 )
 def test_bad_model_settings_are_refused_at_resolve(host: Any, overrides: list[str], message: str) -> None:

@@ -51,6 +51,11 @@ def check_output_dir(out: Path, *, manifest: str, what: str, overwrite: bool) ->
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} exists and is not a directory; give a new directory for the {what}")
+    from mcore.checkpoint.store import checkpoint_containing  # here: the checkpoint store imports this module
+
+    holder = checkpoint_containing(Path(os.path.abspath(out)))
+    if holder is not None:  # pruning removes a checkpoint's files: nothing else belongs there
+        raise UserError(f"--out {out} lies inside checkpoint {holder}; give a directory outside every checkpoint")
     if not out.exists() or not any(out.iterdir()):
         return
     if not (out / manifest).is_file():
@@ -79,7 +84,10 @@ def publish_dir(out: Path, *, manifest: str, what: str, overwrite: bool) -> Iter
             f"--out {out}: cannot create the {what} there ({exc.strerror or exc}); give a directory you can write"
         ) from None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:  # a full disk, a quota, a vanished directory while writing
+            raise _write_error(out, what, exc) from None
         if not (tmp / manifest).is_file():
             raise RuntimeError(f"the {what} was written without its {manifest}")  # a bug of ours, not the user's
         normalize_permissions(tmp)
@@ -100,6 +108,17 @@ def publish_dir(out: Path, *, manifest: str, what: str, overwrite: bool) -> Iter
             raise
         if old is not None:
             shutil.rmtree(old)
+    except OSError as exc:  # publishing: nothing was replaced (or the previous output was put back)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(out, what, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_error(out: Path, what: str, exc: OSError) -> UserError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return UserError(
+        f"--out {out}: writing the {what} failed: {exc.strerror or exc}{where}; nothing was published and any "
+        "previous output is unchanged: free disk space or give another --out"
+    )

@@ -218,6 +218,10 @@ def check_config(cfg: GPTConfig) -> None:
         raise ValueError(f"layers = {cfg.layers!r}: every layer needs a mixer ('none' is for the MLP only)")
     if not isinstance(cfg.blocks, Mapping) or not all(isinstance(k, str) for k in cfg.blocks):
         raise ValueError(f"blocks = {cfg.blocks!r}: expected block name -> that block's Config")
+    if not isinstance(cfg.hf_model_type, str) or not cfg.hf_model_type.strip():
+        raise ValueError(
+            f"hf_model_type = {cfg.hf_model_type!r}: expected a Hugging Face family name such as 'llama' or 'qwen2'"
+        )
 
 
 def shared_values(cfg: GPTConfig) -> BlockShared:

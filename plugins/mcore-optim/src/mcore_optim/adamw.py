@@ -237,10 +237,27 @@ class AdamW:
         state_format.restore_groups(self.param_groups, state_dict["groups"])
 
 
+#: Largest learning rate or weight decay: the update multiplies them (lr * wd, lr / (1 - beta1**t), Muon's
+#: scale) into float32 scalars, which a larger value overflows (a torch "cannot be converted" traceback mid-step).
+MAX_RATE = 1e6
+
+#: Smallest eps: float32's smallest normal number (a smaller one rounds to 0 or loses precision in the update).
+MIN_EPS = 1.1754943508222875e-38
+
+
 def check_rate(key: str, value: Any) -> None:
-    """A learning rate or weight decay: a finite number >= 0 (NaN and inf would poison every weight)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{key} = {value!r}; allowed: a finite number >= 0")
+    """A learning rate or weight decay: a finite number in [0, ``MAX_RATE``] (NaN and inf would poison every
+    weight; a huge one overflows float32 in the update)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= MAX_RATE):
+        raise ValueError(f"{key} = {value!r}; allowed: a finite number >= 0 and <= {MAX_RATE:g} (float32 math)")
+
+
+def check_eps(key: str, value: Any) -> None:
+    """An eps added to a denominator: a finite number in [``MIN_EPS``, ``MAX_RATE``], representable in float32."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (MIN_EPS <= value <= MAX_RATE):
+        raise ValueError(
+            f"{key} = {value!r}; allowed: a finite number > 0, from {MIN_EPS:.3g} to {MAX_RATE:g} (float32 math)"
+        )
 
 
 def check_common(config: Any) -> None:
@@ -255,8 +272,7 @@ def check_common(config: Any) -> None:
 def check_betas(key: str, betas: Any, eps_key: str, eps: Any) -> tuple[float, float]:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
         raise ValueError(f"{key} = {betas!r}; allowed: two numbers in [0, 1)")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"{eps_key} = {eps!r}; allowed: a finite number > 0")
+    check_eps(eps_key, eps)
     return float(betas[0]), float(betas[1])
 
 

@@ -59,6 +59,7 @@ from mcore_optim.adamw import (
     adamw_state_bytes,
     check_betas,
     check_common,
+    check_eps,
     check_rate,
 )
 from mcore_optim.dist import (
@@ -440,8 +441,7 @@ class MuonFactory:
                 raise ValueError(f"ns_dtype = {self.ns_dtype!r}; allowed: 'bfloat16', 'float32', 'float64'")
             if self.scale not in SCALES:
                 raise ValueError(f"scale = {self.scale!r}; allowed: {list(SCALES)}")
-            if not (self.ns_eps > 0 and math.isfinite(self.ns_eps)):
-                raise ValueError(f"ns_eps = {self.ns_eps!r}; allowed: a finite number > 0")
+            check_eps("ns_eps", self.ns_eps)
             with warnings.catch_warnings():  # a step count that differs from the set's warns when built
                 warnings.simplefilter("ignore")
                 triples = resolve(self.ns_coefficients, self.ns_steps)

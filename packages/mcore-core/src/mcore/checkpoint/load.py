@@ -82,7 +82,29 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"checkpoint {path}: meta.json is malformed (expected an object with an int 'step' >= 0 and a 'config' "
             "of tables); use another checkpoint"
         )
+    if "tokenizer" in meta:
+        stored_tokenizer(path, meta)
     return meta
+
+
+def stored_tokenizer(path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The tokenizer description of ``meta.json`` (``generate``/``export`` rebuild it), checked: an object
+    whose ``vocab_size`` and ``eos_id``, where given, are ints with ``0 <= eos_id < vocab_size``."""
+    info = meta.get("tokenizer")
+    vocab: Any = info.get("vocab_size", 1) if isinstance(info, dict) else None
+    eos: Any = info.get("eos_id", 0) if isinstance(info, dict) else None
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("kind", ""), str)
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in (vocab, eos))
+        or not 0 <= eos < vocab
+    ):
+        got = "missing" if info is None else f"{json.dumps(info, default=str)[:80]}"
+        raise UserError(
+            f"checkpoint {path}: meta.json 'tokenizer' is malformed ({got}; expected an object with a str 'kind', "
+            "an int 'vocab_size' and an int 'eos_id' below it); use another checkpoint"
+        )
+    return info
 
 
 def check_stored_schema(path: Path, config: Mapping[str, Any]) -> None:
@@ -209,12 +231,30 @@ def _state_error(
             f"not load ({_cause(exc)}); resume with --{part}.{key}={saved}, or start a fresh run (another "
             "train.out_dir)"
         )
+    recipe = _recipe_change(meta, config)
+    if recipe is not None:  # e.g. bf16's master weights in the optimizer state that fp32 never saved
+        return UserError(
+            f"checkpoint {path} does not load into this run, which changes precision.recipe: {recipe[0]} -> "
+            f"{recipe[1]} (its {part} state fails: {_cause(exc)}); resume with --precision.recipe={recipe[0]}, or "
+            "start a fresh run (another train.out_dir)"
+        )
     this = repr(loading) if loading is not None else f"({type(obj).__name__})"
     return UserError(
         f"checkpoint {path}: its {part} state ({part} {saved!r}) does not load into this run's {part} {this} "
-        f"({_cause(exc)}); resume with the {part} settings it was saved with, or start a fresh run "
-        "(another train.out_dir)"
+        f"({_cause(exc)}); resume with the {part} and precision.recipe settings it was saved with (another "
+        "precision.recipe is a likely cause), or start a fresh run (another train.out_dir)"
     )
+
+
+def _recipe_change(meta: Mapping[str, Any], config: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """``(saved, loading)`` precision recipes when the checkpoint's meta records one and this run's differs."""
+    saved_section = meta["config"].get("precision")
+    section = config.get("precision") if config is not None else None
+    saved = saved_section.get("recipe") if isinstance(saved_section, dict) else None
+    loading = section.get("recipe") if isinstance(section, dict) else None
+    if saved is None or loading is None or saved == loading:
+        return None
+    return str(saved), str(loading)
 
 
 def _check_files(

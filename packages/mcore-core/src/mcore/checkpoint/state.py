@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from mcore.errors import UserError
+
 _TENSOR, _DICT, _TUPLE = "__tensor__", "__dict__", "__tuple__"
 
 
@@ -80,7 +82,32 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+def set_rng_state(state: Any, *, source: str = "the checkpoint's rank_XXXXX.json") -> None:
+    """Restore what ``rng_state`` saved, after checking it (read from a file anyone may have edited): an object
+    whose ``cpu`` (and ``cuda``, when restored) is a list of bytes as long as this torch's state."""
+    cpu = _rng_bytes(state, "cpu", len(torch.get_rng_state()), source)
+    cuda = None
+    if isinstance(state, dict) and "cuda" in state and torch.cuda.is_available():
+        cuda = _rng_bytes(state, "cuda", len(torch.cuda.get_rng_state()), source)
+    try:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        raise _rng_error(source, f"torch refused it: {first[0] if first else type(exc).__name__}") from None
+
+
+def _rng_bytes(state: Any, key: str, length: int, source: str) -> torch.Tensor:
+    value = state.get(key) if isinstance(state, dict) else None
+    if (
+        not isinstance(value, list)
+        or len(value) != length
+        or not all(type(b) is int and 0 <= b <= 255 for b in value)  # a bool is not a byte
+    ):
+        raise _rng_error(source, f"'{key}' must be a list of {length} ints in 0..255")
+    return torch.tensor(value, dtype=torch.uint8)
+
+
+def _rng_error(source: str, why: str) -> UserError:
+    return UserError(f"{source}: its 'rng' state is malformed ({why}); use another checkpoint")

@@ -12,9 +12,12 @@ failure); the previous checkpoint stays untouched. State holding ``inf``/``nan``
 saved (``NonFiniteStateError``).
 
 Only the newest ``keep_last`` are kept, besides those in ``CheckpointManager.protect``.
-Pruning deletes a checkpoint's manifest first, so one interrupted mid-prune is no longer
-listed as complete. Checkpoints of older mcore versions (no manifest) are never listed, so
-never pruned; they load when named explicitly (``load.py``).
+Pruning first renames a checkpoint's manifest aside (so one interrupted mid-prune is no
+longer listed as complete, yet still says which files are ours), then deletes only the files
+it lists and removes the directory when that leaves it empty: anything else found there (a
+user's notes, an export, another run) is left in place with a warning. Checkpoints of older
+mcore versions (no manifest) are never listed, so never pruned; they load when named
+explicitly (``load.py``).
 
 Background saves copy the state first (so training may change the parameters at once) and
 write from a thread, using their own process group so their collectives never interleave
@@ -44,7 +47,14 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from mcore.checkpoint.agree import all_min
 from mcore.checkpoint.finite import NonFiniteStateError, check_finite
 from mcore.checkpoint.load import LegacyCheckpointWarning, load_checkpoint, load_model_weights, read_meta
-from mcore.checkpoint.manifest import MANIFEST, checksum_files, merge_parts, write_manifest, write_part
+from mcore.checkpoint.manifest import (
+    MANIFEST,
+    checksum_files,
+    merge_parts,
+    read_manifest,
+    write_manifest,
+    write_part,
+)
 from mcore.checkpoint.state import split_state
 from mcore.errors import UserError
 from mcore.outputs import normalize_permissions
@@ -61,6 +71,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "read_meta",
+    "checkpoint_containing",
     "is_checkpoint_dir",
     "remove_checkpoint",
     "step_dir",
@@ -100,21 +111,83 @@ def is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and ((path / MANIFEST).is_file() or (path / "meta.json").is_file())
 
 
+_RETIRED_MANIFEST = ".retired-" + MANIFEST  # the manifest of a checkpoint being removed: what to delete
+_LEGACY_FILE = re.compile(r"^(meta\.json|\.metadata|rank_\d{5}\.json|__\d+_\d+\.distcp)$")  # no manifest
+
+
+def checkpoint_containing(path: Path) -> Path | None:
+    """The checkpoint directory ``path`` is, or lies inside (``step_XXXXXXXX`` holding a manifest or ``meta.json``)."""
+    for p in (path, *path.parents):
+        if STEP_DIR.match(p.name) and is_checkpoint_dir(p):
+            return p
+    return None
+
+
 def _retire(path: Path) -> Path:
-    """Delete ``path``'s manifest (it stops counting as complete), then move it aside to be removed."""
-    (path / MANIFEST).unlink(missing_ok=True)
+    """Rename ``path``'s manifest aside (it stops counting as complete), then move ``path`` aside to be removed."""
+    if (path / MANIFEST).is_file():
+        read_manifest(path)  # a malformed one is a UserError: removing by it could delete what is not ours
+        os.replace(path / MANIFEST, path / _RETIRED_MANIFEST)
     trash = path.with_name(path.name + _RETIRED)
     if trash.exists():
-        shutil.rmtree(trash)  # a previous removal of ours that was interrupted
+        _remove_retired(trash)  # a previous removal of ours that was interrupted
+    if trash.exists():
+        raise UserError(f"{trash} is in the way (it holds files mcore did not write); move it away")
     os.replace(path, trash)
     return trash
 
 
+def _ours(trash: Path) -> set[str]:
+    """The names in retired checkpoint ``trash`` that mcore wrote: those its retired manifest lists (for a
+    checkpoint of an older mcore, without one: the file names a checkpoint is made of)."""
+    retired = trash / _RETIRED_MANIFEST
+    if retired.is_file():
+        try:
+            listed = json.loads(retired.read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            listed = None
+        if not isinstance(listed, dict):
+            return set()  # unreadable: nothing is known to be ours, nothing is deleted
+        return {name for name in listed if isinstance(name, str) and "/" not in name and name not in ("", ".", "..")}
+    return {p.name for p in trash.iterdir() if _LEGACY_FILE.match(p.name)}
+
+
+def _remove_retired(trash: Path) -> None:
+    """Delete the files of ours in ``trash`` (then its retired manifest) and ``trash`` itself when that empties it;
+    anything else stays, moved back under the checkpoint's name when free, with a warning naming it."""
+    for name in sorted(_ours(trash)):
+        f = trash / name
+        if f.is_file() or f.is_symlink():
+            f.unlink()  # a link is removed, never what it points to
+    (trash / _RETIRED_MANIFEST).unlink(missing_ok=True)
+    try:
+        trash.rmdir()
+        return
+    except OSError:
+        pass
+    left = sorted(p.name for p in trash.iterdir())
+    where = trash
+    if trash.name.endswith(_RETIRED):  # back under its name, else beside it: never retired (and warned of) again
+        name = trash.name[: -len(_RETIRED)]
+        for candidate in (trash.with_name(name), trash.with_name(f"{name}.kept")):
+            if not candidate.exists() and not candidate.is_symlink():
+                os.replace(trash, candidate)
+                where = candidate
+                break
+    more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+    warnings.warn(
+        f"removed the checkpoint files of {where} but left the directory: it also holds {', '.join(left[:3])}{more}, "
+        "which mcore did not write; move them elsewhere",
+        stacklevel=3,
+    )
+
+
 def remove_checkpoint(path: Path) -> None:
-    """Remove checkpoint ``path`` of ours: its manifest first, then the rest."""
+    """Remove checkpoint ``path`` of ours: its manifest first, then the files it lists, then the directory when that
+    leaves it empty (anything else in it stays, with a warning)."""
     if not is_checkpoint_dir(path):
         raise UserError(f"{path} is not an mcore checkpoint (no {MANIFEST} nor meta.json); it was not removed")
-    shutil.rmtree(_retire(path))
+    _remove_retired(_retire(path))
 
 
 def _stage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -299,7 +372,10 @@ class CheckpointManager:
         os.replace(tmp, final)
         _fsync_dir(self.root)
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                _remove_retired(trash)
+            except OSError as exc:
+                warnings.warn(f"could not remove the replaced checkpoint {trash}: {exc}", stacklevel=2)
 
     def _prune(self) -> None:
         """Remove all but the newest ``keep_last`` complete checkpoints (and never those in ``protect``)."""
@@ -309,8 +385,8 @@ class CheckpointManager:
                 if old.resolve() not in protected:
                     remove_checkpoint(old)
             for leftover in self.root.glob(f"step_*{_RETIRED}"):  # removals of ours that were interrupted
-                if STEP_DIR.match(leftover.name[: -len(_RETIRED)]):
-                    shutil.rmtree(leftover)
+                if STEP_DIR.match(leftover.name[: -len(_RETIRED)]) and not leftover.is_symlink():
+                    _remove_retired(leftover)
         except (OSError, UserError) as exc:
             warnings.warn(f"could not remove an old checkpoint under {self.root}: {exc}", stacklevel=2)
 
@@ -326,6 +402,9 @@ class CheckpointManager:
                 self.on_saved(step, path)
         if self._error is not None:
             exc, self._error = self._error, None
+            interrupt = _interrupt(exc)
+            if interrupt is not None:  # Ctrl-C or SystemExit: not a failed save (and no disk to free)
+                raise interrupt
             last = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was completed"
             if isinstance(exc, UserError):
                 raise CheckpointSaveError(f"{str(exc).rstrip('.;')}; {last}") from exc
@@ -336,6 +415,18 @@ class CheckpointManager:
                 "free disk space or fix the path and resume with --train.resume=latest"
             ) from exc
         return self.last_good
+
+
+def _interrupt(exc: BaseException) -> BaseException | None:
+    """The ``KeyboardInterrupt``/``SystemExit`` behind a failed save, also when DCP wrapped it in a
+    ``CheckpointException`` (which holds each rank's exception in ``failures``); else ``None``."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return exc
+    for failure in (getattr(exc, "failures", None) or {}).values():
+        inner = failure[0] if isinstance(failure, tuple) and failure else failure
+        if isinstance(inner, (KeyboardInterrupt, SystemExit)):
+            return inner
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -145,16 +145,26 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+#: Largest run config file read: a run config is a few KiB; /dev/zero or a huge file would be read until memory ran out.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     """The TOML file at ``path`` as a dict; every way it can be unusable is a one-line ``UserError``."""
     if path.is_dir():
         raise UserError(f"config file '{path}' is a directory; give a run config .toml file")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise UserError(f"config file '{path}' does not exist") from None
     except OSError as exc:
         raise UserError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file '{path}' is larger than {MAX_CONFIG_BYTES >> 20} MiB; allowed: a run config .toml file "
+            "(a few KiB)"
+        )
     try:
         text = data.decode("utf-8-sig")  # TOML is UTF-8; a leading byte-order mark is harmless
     except UnicodeDecodeError as exc:

@@ -140,8 +140,10 @@ def coerce(value: Any, tp: Any, key: str, *, allow_inf: bool = False) -> Any:
             return value
         raise _fail(key, value, tp)
     if tp is Path:
+        if isinstance(value, str) and not value.strip():  # Path("") is the current directory: never meant
+            raise _fail(key, value, tp, ", not an empty string (write the directory, e.g. '.' for this one)")
         if isinstance(value, (str, Path)):
-            return Path(value)
+            return Path(value).expanduser()  # '~/runs' is the home's, as a shell would have it
         raise _fail(key, value, tp)
     if origin in (list, tuple):
         item_tp = get_args(tp)[0]

@@ -6,15 +6,21 @@ the chosen implementation's ``Config`` dataclass.
 
 Every field carries a one-line docstring (the string right after it): ``mcore train --help``
 prints them. Float fields are finite (``coerce`` refuses NaN and inf); ``__post_init__`` checks
-ranges with comparisons that are false for NaN, so a config built in Python is held to the same rules.
+each field's type first (an int field takes no NaN, 2.5 or bool) and then ranges with comparisons
+that are false for NaN, so a config built in Python is held to the same rules. Directory paths
+expand '~' and are never empty (which would silently mean the current directory).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Union, get_args, get_origin
+
+from mcore.config.coerce import describe_type, field_types
 
 #: Most CPU threads or tokenizer processes a run may ask for: a typo (100000) would crash torch or fork for minutes.
 MAX_PROCESSES = 1024
@@ -28,6 +34,48 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
 
 def _finite(value: float) -> bool:
     return math.isfinite(value)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of the field type ``tp`` (an int field takes no bool or 2.5; a float field no str)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, option) for option in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is Path:
+        return isinstance(value, (str, os.PathLike))
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, get_args(tp)[0]) for v in value)
+    if origin is dict:
+        key_tp, val_tp = get_args(tp)
+        return isinstance(value, dict) and all(_matches(k, key_tp) and _matches(v, val_tp) for k, v in value.items())
+    return not isinstance(tp, type) or isinstance(value, tp)
+
+
+def _check_types(config: Any, section: str) -> None:
+    """``ValueError`` naming the first field whose value is not of its declared type (a config built in Python
+    skips ``coerce``: ``steps=2.5`` or ``steps=nan`` must not pass the range checks)."""
+    for name, tp in field_types(type(config)).items():
+        value = getattr(config, name)
+        if not _matches(value, tp):
+            raise ValueError(f"{section}.{name} = {value!r}: expected {describe_type(tp)}")
+
+
+def _path(key: str, value: Path | str) -> Path:
+    """``value`` as a directory path, '~' expanded; an empty one (which would mean the current directory) refused."""
+    _require(str(value).strip() != "", key, str(value), "must name a directory (e.g. '.' for the current one)")
+    path = Path(value).expanduser()
+    _directory_path(key, path)
+    return path
 
 
 def _directory_path(key: str, path: Path) -> None:
@@ -58,6 +106,7 @@ class ParallelConfig:
     """Seconds a collective may wait for the other ranks before every rank stops with a message (> 0, finite)."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "parallel")
         if not self.layouts:
             raise ValueError("parallel.layouts must name at least one layout (use 'single' for none)")
         if len(set(self.layouts)) != len(self.layouts):
@@ -132,6 +181,7 @@ class TrainConfig:
     """Torch intra-op threads of a CPU run (0: torch's default; 1 is fastest for tiny models on a busy machine)."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "train")
         for name in ("steps", "seq_len", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} = {getattr(self, name)}: must be a positive int")
@@ -170,7 +220,7 @@ class TrainConfig:
             self.spike_factor,
             "must be 0 (off) or a finite number > 1",
         )
-        _directory_path("train.out_dir", Path(self.out_dir))
+        self.out_dir = _path("train.out_dir", self.out_dir)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -203,6 +253,7 @@ class DataConfig:
     """Text that is not valid UTF-8: 'warn' (replace the bad bytes, count them and warn) or 'error' (refuse the source)."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "data")
         if not 0 <= self.workers <= MAX_PROCESSES:
             raise ValueError(
                 f"data.workers = {self.workers}: must be in [0, {MAX_PROCESSES}] (0 tokenizes in the main process)"
@@ -217,7 +268,7 @@ class DataConfig:
             "every weight must be finite and > 0",
         )
         if self.cache_dir is not None:
-            _directory_path("data.cache_dir", Path(self.cache_dir))
+            self.cache_dir = _path("data.cache_dir", self.cache_dir)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -234,6 +285,7 @@ class CheckpointConfig:
     """Save a checkpoint after the last step."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "checkpoint")
         if self.every < 0:
             raise ValueError(f"checkpoint.every = {self.every}: must be >= 0 (0 saves only at the end)")
         if self.keep_last < 1:
@@ -263,6 +315,7 @@ class LogConfig:
     """How many steps the profile records (>= 1)."""
 
     def __post_init__(self) -> None:
+        _check_types(self, "log")
         if self.every < 1:
             raise ValueError(f"log.every = {self.every}: must be a positive int")
         if self.profile_from < 0:

@@ -6,17 +6,43 @@ memory-mapped shards (see ``mcore.data.shards``); ``DIR`` must be new, empty, or
 ``--overwrite``) a previous prepared dataset: nothing else is ever deleted.
 ``train-tokenizer --source SRC --out DIR --vocab-size N [--overwrite]`` trains a byte-level BPE into ``DIR``:
 new, empty, or (with ``--overwrite``) holding only a previous tokenizer's files.
+
+SIGTERM (a scheduler stopping the job) ends either command like Ctrl-C does: the temporary
+directory it was writing is removed on the way out, and it exits with 128 + 15.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from mcore.cli import run_with_user_errors
 from mcore.config.sections import MAX_PROCESSES
 from mcore.errors import UserError
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` while writing, so ``finally`` blocks remove what we created."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding caller): keep its handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _data(argv: list[str]) -> int:
@@ -52,7 +78,11 @@ def _data(argv: list[str]) -> int:
     tok.add_argument("--vocab-size", type=int, default=8192)
     tok.add_argument("--text-field", default="text")
     args = parser.parse_args(argv)
+    with _sigterm_exits():
+        return _run(args)
 
+
+def _run(args: argparse.Namespace) -> int:
     from mcore.data.sources import iter_documents
 
     if args.action == "prepare":

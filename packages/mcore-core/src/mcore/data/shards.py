@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mcore.checkpoint.confine import inside
-from mcore.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_description
+from mcore.data.tokenizer import Tokenizer, load_tokenizer, out_of_space, tokenizer_from_description
 from mcore.data.workers import ordered_map
 from mcore.errors import UserError
 from mcore.outputs import check_output_dir, publish_dir
@@ -254,6 +254,11 @@ def prepare(
             }
             tokenizer.save(tmp / "tokenizer")
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
+    except OSError as exc:  # the temporary directory is gone (publish_dir): say where the space ran out
+        full = out_of_space(exc, out, "prepared dataset")
+        if full is None:
+            raise
+        raise full from None
     finally:
         close = getattr(docs, "close", None)
         if close is not None:
@@ -262,6 +267,22 @@ def prepare(
 
 
 # -- reading ------------------------------------------------------------------------------------
+#: The token dtypes ``prepare`` writes, by their ``index.json`` name (native byte order, unsigned).
+_DTYPES: dict[str, np.dtype] = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
+
+
+def _shard_dtype(name: object, path: Path, fix: str) -> np.dtype:
+    """The dtype ``index.json`` names, if ``prepare`` could have written it; anything else is a ``UserError``.
+
+    Checked before any shard is viewed as that dtype: ``object`` would read raw bytes as pointers,
+    signed or float ids index embeddings out of range."""
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise UserError(
+            f"the index {path / INDEX} is corrupt: dtype {name!r}; allowed: {', '.join(map(repr, _DTYPES))}; {fix}"
+        )
+    return _DTYPES[name]
+
+
 @dataclass
 class Shard:
     tokens: np.ndarray  # (n,) uint16/uint32 memmap
@@ -307,7 +328,7 @@ class TokenShards:
         if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
             raise UserError(f"{path / 'index.json'} is not a version-{VERSION} {FORMAT} index; {fix}")
         try:
-            dtype = np.dtype(index["dtype"])
+            dtype = _shard_dtype(index["dtype"], path, fix)
             shards = []
             for entry in index["shards"]:
                 shards.append(cls._open_shard(path, entry, dtype, verify, fix))
@@ -321,6 +342,7 @@ class TokenShards:
 
     @staticmethod
     def _open_shard(path: Path, entry: dict[str, Any], dtype: np.dtype, verify: bool, fix: str) -> Shard:
+        assert dtype in _DTYPES.values(), dtype  # checked by ``_shard_dtype`` before any file is viewed as it
         # the index names its files: only plain names inside the dataset directory are opened
         tokens_file = inside(path, entry["tokens"], what="shard file", owner="prepared dataset")
         docs_file = inside(path, entry["docs"], what="shard file", owner="prepared dataset")

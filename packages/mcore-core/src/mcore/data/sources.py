@@ -9,12 +9,18 @@ Nothing here holds more than one document (or one Parquet batch) in memory.
 Text is UTF-8. Bytes that are not are replaced by U+FFFD and counted per file, and one
 ``InvalidUtf8Warning`` names the files and counts when the source has been read; with
 ``invalid_utf8 = "error"`` the first such file is refused, naming the byte offset.
+
+Symbolic links in a source directory that point outside it, or nowhere, are never followed
+(files or directories alike): they are skipped, and one ``SourceLinkWarning`` names them. A link
+to a file inside it is read; a link to a directory inside it is not walked, since that directory
+is read under its own name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 import warnings
@@ -36,12 +42,23 @@ class InvalidUtf8Warning(UserWarning):
     """Bytes of a source were not UTF-8 and were replaced by U+FFFD before tokenizing."""
 
 
+class SourceLinkWarning(UserWarning):
+    """Symbolic links in a source directory that point outside it were skipped."""
+
+
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def source_files(spec: str) -> list[Path]:
-    """The files a source spec names, in a fixed order; a ``UserError`` if there are none."""
+def source_files(spec: str, *, warn: bool = True) -> list[Path]:
+    """The files a source spec names, in a fixed order; a ``UserError`` if there are none.
+
+    In a directory, symbolic links that resolve outside it (or nowhere) are skipped, with one
+    ``SourceLinkWarning`` naming them (unless ``warn`` is false); a link to a file inside it is
+    read, a link to a directory inside it is not walked (the directory is, under its own name).
+    """
+    if not spec.strip():
+        raise UserError(f"data.source = {spec!r} is empty; {HELP}")
     if spec == "stdlib":
         root = stdlib_root()
         return sorted(
@@ -56,10 +73,50 @@ def source_files(spec: str) -> list[Path]:
                 f"data.source = {spec!r}: unknown file type {path.suffix!r}; allowed: {', '.join(SUFFIXES)}"
             )
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    files, skipped = _walk(path)
+    if skipped and warn:
+        shown = ", ".join(str(p) for p in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(
+            f"data.source = {spec!r}: skipped {len(skipped)} symbolic link(s) that point outside it: {shown}{more}; "
+            "copy the files in, or point data.source at their directory",
+            SourceLinkWarning,
+            stacklevel=2,
+        )
     if not files:
         raise UserError(f"data.source = {spec!r}: the directory holds no {', '.join(SUFFIXES)} files; {HELP}")
     return files
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    """The source files under ``root`` (sorted) and the links skipped because they lead outside it.
+
+    A link to a file inside ``root`` is read; a link to a directory inside it is not walked: that
+    directory is walked under its own name (no file read twice through it, no loop).
+    """
+    top = root.resolve()
+    files: list[Path] = []
+    skipped: list[Path] = []
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            raise _cannot_read(directory, str(root), exc) from None
+        for entry in entries:
+            child = Path(entry.path)
+            if entry.is_symlink():
+                target = child.resolve()
+                if not target.exists() or not target.is_relative_to(top):
+                    skipped.append(child)
+                elif target.is_file() and child.suffix in SUFFIXES:
+                    files.append(child)
+            elif entry.is_dir():
+                pending.append(child)
+            elif entry.is_file() and child.suffix in SUFFIXES:
+                files.append(child)
+    return sorted(files), sorted(skipped)
 
 
 def fingerprint(spec: str) -> str:
@@ -68,7 +125,7 @@ def fingerprint(spec: str) -> str:
     if spec == "stdlib":
         h.update(f"{sys.version}|{stdlib_root()}".encode())
     else:
-        for f in source_files(spec):
+        for f in source_files(spec, warn=False):  # iterating the documents warns
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
@@ -131,6 +188,7 @@ def _jsonl_documents(
 
 def _parquet_documents(path: Path, spec: str, text_field: str) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("Parquet sources need pyarrow: pip install pyarrow") from None
@@ -142,10 +200,15 @@ def _parquet_documents(path: Path, spec: str, text_field: str) -> Iterator[str]:
         raise UserError(
             f"{path}: no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}); set data.text_field"
         )
+    kind = table.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"):
+        raise UserError(
+            f"{path}: column {text_field!r} holds {kind}, not strings; set data.text_field to the column holding the text"
+        )
     for batch in table.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             if value:
-                yield str(value)
+                yield value
 
 
 def iter_documents(spec: str, *, text_field: str = "text", invalid_utf8: InvalidUtf8 = "warn") -> Iterator[str]:

@@ -7,6 +7,7 @@ exports carry the exact tokenizer a run used.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Iterable, Iterator
 from functools import cache
@@ -24,6 +25,19 @@ BYTE_EOS = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 #: Largest vocabulary ``train_bpe`` trains (published models use 32k-256k; the trainer allocates per entry).
 MAX_VOCAB = 1 << 24
+#: ``OSError`` numbers that mean the output's file system has no room left (disk, quota, file size limit).
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def out_of_space(exc: OSError, out: Path, what: str) -> UserError | None:
+    """The one-line error for ``exc`` if it says ``out``'s file system is full, else ``None`` (re-raise it)."""
+    if exc.errno not in NO_SPACE:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return UserError(
+        f"{out}: writing the {what} failed: {exc.strerror or exc}{where}; nothing was published there, free disk "
+        "space (or raise the quota) and run again, or write it elsewhere"
+    )
 
 
 class Tokenizer(Protocol):
@@ -124,7 +138,21 @@ class HFTokenizer:
         self.eos_token, self.eos_id = eos, int(eos_id)
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.inner.encode(text, add_special_tokens=False).ids, dtype=np.int32)  # (n,)
+        """Token ids of ``text``; a failure inside the tokenizer (its regex, its model) is a ``UserError``.
+
+        The ``tokenizers`` library reports some failures as a Rust panic, ``pyo3_runtime.PanicException``,
+        which derives from ``BaseException``: caught here too, all but ``KeyboardInterrupt``/``SystemExit``."""
+        try:
+            ids = self.inner.encode(text, add_special_tokens=False).ids
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+            raise
+        except BaseException as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise UserError(
+                f"tokenizer {self.name!r} failed on a text of {len(text)} characters ({type(exc).__name__}: {detail}); "
+                "its tokenizer.json (pre-tokenizer pattern, model) is unusable: use another tokenizer or 'byte'"
+            ) from None
+        return np.asarray(ids, dtype=np.int32)  # (n,)
 
     def decode(self, ids: Iterable[int]) -> str:
         return str(self.inner.decode([int(i) for i in ids], skip_special_tokens=False))
@@ -239,6 +267,12 @@ def train_bpe(texts: Iterator[str], *, vocab_size: int, out: Path, overwrite: bo
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() <= 257:
         raise UserError("the corpus is empty: no text to train a tokenizer on")
-    with publish_dir(out, manifest=TOKENIZER_FILES[0], what="tokenizer", overwrite=overwrite) as tmp:
-        _write_hf_files(tmp, tok.to_str(), BYTE_EOS)
+    try:
+        with publish_dir(out, manifest=TOKENIZER_FILES[0], what="tokenizer", overwrite=overwrite) as tmp:
+            _write_hf_files(tmp, tok.to_str(), BYTE_EOS)
+    except OSError as exc:
+        full = out_of_space(exc, out, "tokenizer")
+        if full is None:
+            raise
+        raise full from None
     return HFTokenizer(out / "tokenizer.json")

@@ -16,17 +16,28 @@ sharded the model, and ``mcore.construct.init_params`` gives each rank only its 
 every parameter, on the mesh's device, filled from the parameters' declared ``init`` (values
 that do not depend on the layouts or the world size). Otherwise the factory builds the whole
 model on the mesh's device and initialises it, on every rank, before the recipe and layouts.
+
+Every rank must have resolved the same config (a rank launched with other overrides would
+abort in a collective, or train silently on other shapes): right after the process group
+starts, the ranks all-gather digests of the resolved config, one per core-section field and
+one per other section, and every rank refuses in one line naming the keys that differ
+(``check_same_config``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mcore.config import RunConfig
+from mcore.config.sections import CORE_SECTIONS, SELECTED_SECTIONS
 from mcore.construct import init_params
 from mcore.errors import ConfigError, UserError
 from mcore.mesh import ParallelMesh, build_mesh
@@ -119,6 +130,58 @@ def check_order(names: list[str], owned: list[tuple[str, ...]]) -> None:
         )
 
 
+def config_digests(values: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(key, digest)`` of a resolved config (``RunConfig.to_dict()``): one per field of each core section
+    (``train.seq_len``), one per other section; the list's length and order depend on the code only, so ranks
+    running the same code compare them position by position."""
+
+    def digest(value: Any) -> int:
+        text = json.dumps(value, sort_keys=True, default=str)
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")  # < 2**56: fits an int64
+
+    out: list[tuple[str, int]] = []
+    for section in ("schema_version", *SELECTED_SECTIONS):
+        out.append((section, digest(values.get(section))))
+    for section, cls in CORE_SECTIONS.items():
+        table = values.get(section)
+        table = table if isinstance(table, dict) else {}
+        names = [f.name for f in dataclasses.fields(cls)]
+        out.extend((f"{section}.{name}", digest(table.get(name))) for name in names)
+        rest = {k: v for k, v in table.items() if k not in names}  # [parallel.<layout>] tables
+        out.append((f"[{section}.*] tables", digest(rest)))
+    known = {"schema_version", *SELECTED_SECTIONS, *CORE_SECTIONS}
+    out.append(("other sections", digest({k: v for k, v in values.items() if k not in known})))
+    return out
+
+
+def check_same_config(config: RunConfig, device: torch.device) -> None:
+    """Refuse (``ConfigError`` on every rank) when the ranks did not resolve the same config (module docstring).
+
+    One all-gather of a small int64 tensor over the default process group; nothing on one process.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    named = config_digests(config.to_dict())
+    mine = torch.tensor([d for _, d in named], dtype=torch.int64, device=device)  # (K,)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    try:
+        dist.all_gather(gathered, mine)
+    except RuntimeError as exc:  # a peer that failed before this point: its own message says why
+        raise UserError(
+            f"rank {dist.get_rank()}: the ranks could not compare their configs (another rank failed or was "
+            f"stopped; its own message says why): {' '.join(str(exc).split())[:200]}"
+        ) from None
+    table = torch.stack(gathered).cpu()  # (world, K)
+    differs = (table != table[0]).any(dim=0).tolist()
+    keys = [name for (name, _), bad in zip(named, differs) if bad]
+    if keys:
+        ranks = [r for r in range(table.shape[0]) if bool((table[r] != table[0]).any())]
+        raise ConfigError(
+            f"the ranks resolved different configs: rank(s) {', '.join(map(str, ranks))} differ from rank 0 in "
+            f"{', '.join(keys)}; allowed: the same config file and overrides on every rank"
+        )
+
+
 def build_parts(config: RunConfig, host: Any) -> Parts:
     layouts = [sel.instantiate() for sel in config.layouts]
     check_order([sel.name for sel in config.layouts], [tuple(layout.mesh_dims) for layout in layouts])
@@ -144,6 +207,7 @@ def build_parts(config: RunConfig, host: Any) -> Parts:
         )
     except ValueError as exc:
         raise ConfigError(f"parallel: {exc}") from None
+    check_same_config(config, mesh.device)  # before any collective whose shapes come from the config
     factory = load_model_factory(config)
     on_meta = builds_on_meta(factory, layouts)
     model, factory = build_model(config, host, "meta" if on_meta else mesh.device, factory=factory)

@@ -40,15 +40,20 @@ def check_export_dir(out: Path, *, overwrite: bool) -> None:
     if overwrite and (out / MANIFEST).is_file():
         try:
             listed = json.loads((out / MANIFEST).read_text()).get("files")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             listed = None
-        if isinstance(listed, list):  # files added after the export (a README, a template) are the user's
-            added = sorted(p.name for p in out.iterdir() if p.name != MANIFEST and p.name not in listed)
-            if added:
-                raise UserError(
-                    f"--out {out} holds files the previous export did not write ({', '.join(added[:3])}); mcore "
-                    "never deletes them: move them out first, or give another --out"
-                )
+        if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+            raise UserError(
+                f"--out {out}: its {MANIFEST} is unreadable or has no list of 'files', so mcore cannot tell its "
+                "files from yours and deletes nothing: move the directory away, or give another --out"
+            )
+        # files added after the export (a README, a template) are the user's
+        added = sorted(p.name for p in out.iterdir() if p.name != MANIFEST and p.name not in listed)
+        if added:
+            raise UserError(
+                f"--out {out} holds files the previous export did not write ({', '.join(added[:3])}); mcore "
+                "never deletes them: move them out first, or give another --out"
+            )
 
 
 def export_checkpoint(checkpoint: Path, out: Path, host: Any, *, overwrite: bool = False) -> Path:
@@ -71,6 +76,16 @@ def export_checkpoint(checkpoint: Path, out: Path, host: Any, *, overwrite: bool
             raise
         except ValueError as exc:  # what the mapping cannot express: one line, nothing published
             raise UserError(" ".join(str(exc).split())) from None
+        except OSError:
+            raise  # publish_dir names the path
+        except Exception as exc:
+            if type(exc).__name__ != "SafetensorError":  # safetensors' I/O errors (a full disk) are not OSErrors
+                raise
+            cause = " ".join(str(exc).split())
+            raise UserError(
+                f"--out {out}: writing the {WHAT} into {tmp} failed ({cause}); nothing was published and any "
+                "previous export is unchanged: free disk space or give another --out"
+            ) from None
         tokenizer.save(tmp)
         manifest = {
             "format": "hf",

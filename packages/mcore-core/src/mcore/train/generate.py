@@ -39,7 +39,7 @@ def load_for_inference(path: Path, host: Any) -> tuple[Any, Any, Any, dict[str, 
     """``(model, tokenizer, config, meta)`` from a checkpoint, on one process."""
     import torch
 
-    from mcore.checkpoint.load import check_model_fits, check_stored_schema
+    from mcore.checkpoint.load import check_model_fits, check_stored_schema, stored_tokenizer
     from mcore.checkpoint.store import load_model_weights, read_meta
     from mcore.config import resolve_config
     from mcore.data.tokenizer import tokenizer_from_description
@@ -59,9 +59,23 @@ def load_for_inference(path: Path, host: Any) -> tuple[Any, Any, Any, dict[str, 
     model, factory = build_model(config, host, "cuda" if torch.cuda.is_available() else "cpu", factory=factory)
     load_model_weights(path, model)
     model.eval()
+    described = stored_tokenizer(path, meta)
     run_dir = path.parent.parent  # <run>/checkpoints/step_N: the run's tokenizer/, and nothing outside the run
-    tokenizer = tokenizer_from_description(meta["tokenizer"], run_dir / "tokenizer", confined_to=run_dir)
+    tokenizer = tokenizer_from_description(described, run_dir / "tokenizer", confined_to=run_dir)
+    check_same_tokenizer(path, described, tokenizer)
     return model, tokenizer, config, meta
+
+
+def check_same_tokenizer(path: Path, described: dict[str, Any], tokenizer: Any) -> None:
+    """Refuse a tokenizer that is not the one the checkpoint was trained with (a replaced ``tokenizer.json``):
+    its ids would index past the embedding, or mean other text."""
+    for key, now in (("vocab_size", tokenizer.vocab_size), ("eos_id", tokenizer.eos_id)):
+        saved = described.get(key)
+        if saved is not None and saved != now:
+            raise UserError(
+                f"checkpoint {path} was trained with a tokenizer of {key} {saved}, but the run's tokenizer/ has "
+                f"{key} {now} (tokenizer.json was replaced?); put back the run's tokenizer.json"
+            )
 
 
 def generate_ids(

@@ -29,6 +29,10 @@ class TrainingHalted(UserError):
     """The run stopped itself (NaN/Inf or a loss spike under ``train.nan_policy``)."""
 
 
+def _malformed(why: str) -> UserError:
+    return UserError(f"the checkpoint's meta.json 'health' is malformed ({why}); use another checkpoint")
+
+
 @dataclass
 class Health:
     spike_factor: float
@@ -81,10 +85,22 @@ class Health:
             "skipped_total": self.skipped_total,
         }
 
-    def load(self, state: dict[str, Any], *, fresh_counter: bool = False) -> None:
+    def load(self, state: Any, *, fresh_counter: bool = False) -> None:
         """Restore ``state``; ``fresh_counter`` starts the count of bad steps in a row at 0 (the run's
         settings changed since the checkpoint, so the bad steps before it say nothing about now)."""
-        for k, v in state.items():
-            setattr(self, k, v)
+        if not isinstance(state, dict):
+            raise _malformed(f"not an object: {state!r:.40}")
+        ema = state.get("ema")
+        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not math.isfinite(ema)):
+            raise _malformed(f"'ema' = {ema!r:.40}, expected a finite number or null")
+        counts: dict[str, int] = {}
+        for key in ("good_steps", "skipped_in_row", "skipped_total"):  # only these: nothing else is read
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _malformed(f"{key!r} = {value!r:.40}, expected an int >= 0")
+            counts[key] = value
+        self.ema = None if ema is None else float(ema)
+        self.good_steps, self.skipped_in_row = counts["good_steps"], counts["skipped_in_row"]
+        self.skipped_total = counts["skipped_total"]
         if fresh_counter:
             self.skipped_in_row = 0

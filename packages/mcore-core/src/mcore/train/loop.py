@@ -59,7 +59,7 @@ from mcore.errors import ConfigError, UserError
 from mcore.mesh import world_from_env
 from mcore.observe.layer_stats import LayerStats
 from mcore.observe.memory import current_memory_gb
-from mcore.observe.metrics import MetricsWriter, read_metrics
+from mcore.observe.metrics import MetricsWriter
 from mcore.observe.plot import plot_run
 from mcore.observe.profile import StepProfiler
 from mcore.observe.progress import Progress
@@ -198,10 +198,43 @@ def peak_flops(config: RunConfig, device: torch.device) -> float | None:
 
 
 def trim_jsonl(path: Path, last_step: int) -> None:
-    """Drop the records of ``path`` after ``last_step`` (what an interrupted run logged past its checkpoint)."""
-    if path.is_file():
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    """Drop the records of ``path`` after ``last_step`` (what an interrupted run logged past its checkpoint).
+
+    Lines that are not a JSON object with an integer (or absent) ``step`` (a line cut short by a crash,
+    NUL bytes a full disk left, a stray ``[1, 2]``) are moved to ``<path>.bad`` with one warning: resuming
+    never fails on the run's own log.
+    """
+    if not path.is_file():
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}' to resume the run ({exc.strerror or exc}); fix or remove it") from None
+    kept: list[str] = []
+    bad: list[str] = []
+    for raw in data.split(b"\n"):
+        line = raw.decode("utf-8", errors="replace")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step):
+            bad.append(line)
+        elif step <= last_step:
+            kept.append(json.dumps(record))
+    if bad:
+        aside = path.with_name(path.name + ".bad")
+        with aside.open("a", encoding="utf-8") as f:
+            f.write("".join(b.replace("\x00", "") + "\n" for b in bad))
+        warnings.warn(
+            f"{path}: {len(bad)} line(s) that are not JSON records (cut short or corrupted) were moved to {aside}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    path.write_text("".join(r + "\n" for r in kept))
 
 
 class Trainer:
@@ -278,11 +311,13 @@ class Trainer:
         )
         # whether any rank reports step metrics: a pipeline stage without such modules must still join the
         # gather of the stages' numbers (decided once, the same on every rank)
-        reports = torch.tensor([1.0 if self.metric_modules else 0.0], device=mesh.device)
-        self.step_metrics_on = bool(mesh_all_reduce(reports, mesh, "max").item() > 0)
+        # (a collective: under a phase, so a rank that failed before it ends the others with one line)
+        with self.guard.phase("agreeing on the step metrics after data preparation"):
+            reports = torch.tensor([1.0 if self.metric_modules else 0.0], device=mesh.device)
+            self.step_metrics_on = bool(mesh_all_reduce(reports, mesh, "max").item() > 0)
+            timeout = timedelta(seconds=config.parallel.timeout_s)
+            ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if mesh.world_size > 1 else None
         self.health = Health(config.train.spike_factor, config.train.spike_warmup_steps, config.train.max_skipped_steps)
-        timeout = timedelta(seconds=config.parallel.timeout_s)
-        ckpt_group = dist.new_group(backend="gloo", timeout=timeout) if mesh.world_size > 1 else None
         self.ckpt = CheckpointManager(
             self.out_dir / "checkpoints",
             keep_last=config.checkpoint.keep_last,

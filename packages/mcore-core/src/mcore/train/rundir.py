@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mcore.checkpoint.load import check_stored_schema
-from mcore.checkpoint.store import STEP_DIR, latest_checkpoint, list_checkpoints, read_meta
+from mcore.checkpoint.store import STEP_DIR, checkpoint_containing, latest_checkpoint, list_checkpoints, read_meta
 from mcore.config import RunConfig
 from mcore.errors import UserError
 
@@ -196,6 +196,11 @@ def _plan(config: RunConfig) -> StartPlan:
     out = Path(os.path.abspath(train.out_dir))
     if out.exists() and not out.is_dir():
         raise UserError(f"train.out_dir = '{out}' is a file; give a directory (it is created when missing)")
+    holder = checkpoint_containing(out)
+    if holder is not None:  # pruning that checkpoint would leave this run in a half-deleted directory
+        raise UserError(
+            f"train.out_dir = '{out}' lies inside checkpoint {holder}; give a directory outside every checkpoint"
+        )
     root = out / "checkpoints"
     current = config.to_dict()
     existing = run_outputs(out)
