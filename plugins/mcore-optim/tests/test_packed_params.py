@@ -47,18 +47,23 @@ def assert_packed(model: nn.Module) -> None:
         assert second.storage_offset() == first.storage_offset() + first.shape[1], (a, b)
 
 
-def _same(model: nn.Module, ref: nn.Module) -> None:
+def _same(model: nn.Module, ref: nn.Module, tol: float | None = None) -> None:
+    """Equal parameters (``tol``: within that relative error instead)."""
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        assert torch.equal(p, q), name
+        if tol is None:
+            assert torch.equal(p, q), name
+        else:
+            assert_rel_close(p, q, tol=tol)
 
 
-def _packed_trains_like_plain(make: Any, factory: Any) -> None:
-    """Three steps of ``factory``'s optimizer on a packed model and on the same model unpacked: equal, still packed."""
+def _packed_trains_like_plain(make: Any, factory: Any, tol: float | None = None) -> None:
+    """Three steps of ``factory``'s optimizer on a packed model and on the same model unpacked: equal (or within
+    ``tol``), still packed."""
     packed, plain = pack_pairs(make()), make()
     data = batches(3)
     for model in (packed, plain):
         train(model, factory.build(model, mesh=SINGLE, layouts=[]), data)
-    _same(packed, plain)
+    _same(packed, plain, tol)
     assert_packed(packed)
 
 
@@ -92,8 +97,11 @@ def test_fused_adamw_updates_a_transposed_parameter_like_foreach() -> None:
 
 
 def test_muon_updates_packed_parameters_as_contiguous_ones() -> None:
+    """fp64 to within fp64 rounding: the model's own forward reads the packed (strided) ``embed`` / ``lm_head`` and
+    the BLAS may take another kernel for a strided fp64 matrix, so the gradients (not the optimizer) can differ in
+    their last bits on some CPUs (1.3e-15 after 3 steps on the 2026-12-07 machine; exactly equal on others)."""
     config = MuonFactory.Config(lr=0.01, weight_decay=0.1, ns_dtype="float64", adamw_impl="foreach")
-    _packed_trains_like_plain(lambda: tiny_model().double(), MuonFactory(config))
+    _packed_trains_like_plain(lambda: tiny_model().double(), MuonFactory(config), tol=1e-12)
 
 
 def _distributed_adamw_unpacks() -> None:
