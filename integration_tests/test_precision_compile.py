@@ -2,11 +2,19 @@
 like the eager one. The per-tensor path is the reason: eager, an FP8 linear's fwd+bwd is bound by the host's
 launches (``plugins/mcore-precision/benchmarks/RESULTS.md``), and a compiled block takes the host out. Here,
 on CPU: ``fp8-current`` and ``fp8-delayed`` trace whole (no graph break: the quantisation, the delayed scalers'
-state, the autograd function and the GEMMs in one graph) and their losses equal the eager run's bit for bit; the block recipes run their quantisation eagerly
-inside the compiled block on CPU (``kernels.Dispatched.traced_on_cpu``: inductor's CPU code generator fails on
-their reshapes) and train like eager too. Under ``fsdp`` on 2 gloo ranks (weights gathered quantised, handed
-to the compiled linear as ``QuantizedWeight``s) the compiled run equals the eager one, and the single process
-to fp32's last bits.
+state, the autograd function and the GEMMs in one graph) and train like the eager run; the block recipes run their
+quantisation eagerly inside the compiled block on CPU (``kernels.Dispatched.traced_on_cpu``: inductor's CPU code
+generator fails on their reshapes) and train like eager too. Under ``fsdp`` on 2 gloo ranks (weights gathered
+quantised, handed to the compiled linear as ``QuantizedWeight``s) the compiled run trains like the eager one and
+like the single process.
+
+"Trains like" (``_assert_trains_alike``): step 1's loss -- one forward from the same weights through the same FP8
+GEMMs -- to fp32's rounding, and the later steps' within ``LOSS_DRIFT``. Not bit for bit: an fp32 sum that
+inductor's fused code (or another CPU's vector width, or fsdp's reduction) adds in another order moves a last bit,
+which flips the odd FP8 rounding in backward, and Adam's steps carry it on. Measured 2026-12-07 by running the
+same eager run with ATen's scalar kernels (``ATEN_CPU_CAPABILITY=default``) against its AVX2 kernels: fp8-current's
+loss moves by 1.8e-5 at step 2 and 8.3e-5 at step 3 (relative; the CI machine's compiled run moved by as much),
+fp8-delayed's by 6e-6; step 1 does not move.
 Every recipe: ``slow``."""
 
 from __future__ import annotations
@@ -38,10 +46,20 @@ BASE: dict[str, Any] = {
     "log": {"progress": "none", "tensorboard": False, "plot": False, "every": 1},
     "checkpoint": {"async_save": False, "save_final": False},
 }
-# how close a compiled run's losses stay to the eager run's: 0 where both compute the same operations in the
-# same order; fp32 reassociation inside inductor's fused code flips a few FP8 roundings elsewhere (rowwise: 2.7e-5
-# at step 3, blockwise: 8e-6, 2026-12-07)
-REL = {"fp8-current": 0.0, "fp8-delayed": 0.0, "fp8-rowwise": 1e-4, "fp8-blockwise": 1e-4, "mxfp8": 1e-4, "nvfp4": 1e-4}
+# how far an FP8 run's losses after step 1 may move when an fp32 sum is added in another order (module docstring:
+# up to 8.3e-5 measured at step 3; rowwise compiled vs eager 2.7e-5, blockwise 8e-6)
+LOSS_DRIFT = 3e-4
+# step 1: one forward from the same weights through the same FP8 GEMMs; only fp32 reassociation before the casts
+FIRST_STEP = 1e-6
+
+
+def _assert_trains_alike(got: dict[Any, float], want: dict[Any, float], what: str) -> None:
+    """``got``'s losses against ``want``'s (module docstring): step 1 to fp32's rounding, later steps within
+    ``LOSS_DRIFT``."""
+    assert set(got) == set(want) and len(want) == 3, (what, got, want)
+    for step, loss in want.items():
+        rel = FIRST_STEP if int(step) == 1 else LOSS_DRIFT
+        assert got[step] == pytest.approx(loss, rel=rel, abs=0), (what, step, got, want)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +120,7 @@ def _compiled_trains_like_eager(tmp_path: Path, corpus: str, recipe: str) -> int
     counters.clear()
     compiled = _losses(tmp_path, corpus, recipe, "blocks")
     assert set(compiled) == set(eager) == {1, 2, 3}
-    for step, loss in eager.items():
-        assert compiled[step] == pytest.approx(loss, rel=REL[recipe], abs=0), (recipe, step, compiled, eager)
+    _assert_trains_alike(compiled, eager, recipe)
     assert eager[3] < eager[1]  # it learns
     return _graph_breaks()
 
@@ -117,25 +134,33 @@ def test_fp8_delayed_compiles_whole_under_recompute_and_keeps_the_same_amax_hist
     tmp_path: Path, corpus: str
 ) -> None:
     """The delayed scalers update their state in place inside the compiled linear, under full recompute too (the
-    recomputed forward records its amaxes again and keeps the scale): no graph break, the losses equal the eager
-    run's, and so do every saved amax history and scale (to fp32's last bits: inductor's fused norms and sums
-    round their own way, which the FP8 casts absorb) and first-sight flag."""
+    recomputed forward records its amaxes again and keeps the scale): no graph break, it trains like the eager run,
+    and its saved state is the eager run's: the same first-sight flags, each step's amaxes recorded once and in
+    its slot, step 1's amaxes the same (backward's FP8 roundings, flipped by a reassociated fp32 sum, move a
+    gradient's amax by up to 1.6e-3 at step 1 and 4e-2 by step 3: measured 2026-12-07 between ATen's scalar and
+    AVX2 kernels, eager), and each scale the one its own history gives."""
     eager = _run(tmp_path, corpus, "fp8-delayed", "none", ("single",), save=True, recompute="full")
     torch._dynamo.reset()
     counters.clear()
     compiled = _run(tmp_path, corpus, "fp8-delayed", "blocks", ("single",), save=True, recompute="full")
     assert _graph_breaks() == 0, dict(counters["graph_break"])
-    assert compiled.losses == eager.losses
+    _assert_trains_alike(compiled.losses, eager.losses, "fp8-delayed")
     assert eager.last_checkpoint is not None and compiled.last_checkpoint is not None
     want = _recipe_state(eager.last_checkpoint)
     got = _recipe_state(compiled.last_checkpoint)
     assert set(got) == set(want) and len(want) == 2 * 7 * 3 * 3  # layers x linears x operands x (history, scale, seen)
+    first_step = 3  # after 3 steps: slot 0 waits for step 4, slots 1, 2, 3 hold steps 3, 2, 1
     for key, value in want.items():
-        if value.is_floating_point():  # amaxes and scales: inductor's fused fp32 code moves a last bit
-            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=0, msg=key)
-        else:
+        if key.endswith(".seen"):
             assert torch.equal(got[key], value), key
-    assert any(float(v.max()) > 0 for k, v in want.items() if k.endswith("history"))  # amaxes were recorded
+        elif key.endswith(".history"):
+            assert torch.equal(got[key] != 0, value != 0), (key, got[key], value)
+            assert int(value.count_nonzero()) == 3, (key, value)  # one amax a step, recompute adds none
+            torch.testing.assert_close(got[key][first_step], value[first_step], rtol=5e-3, atol=0, msg=key)
+        else:  # scale = fmax / 2**margin / max(history): the product is the format's constant in either run
+            history = key.removesuffix(".scale") + ".history"
+            got_fmax, want_fmax = got[key] * got[history].amax(), value * want[history].amax()
+            torch.testing.assert_close(got_fmax, want_fmax, rtol=1e-6, atol=0, msg=key)
 
 
 def test_a_block_recipe_runs_its_quantisation_eagerly_inside_a_compiled_block_on_cpu(
@@ -145,17 +170,17 @@ def test_a_block_recipe_runs_its_quantisation_eagerly_inside_a_compiled_block_on
     assert breaks > 0  # the eager quantisation: a graph break each call, not inductor's failing CPU code
 
 
-def test_fp8_current_compiled_under_fsdp_equals_eager_and_one_process(tmp_path: Path, corpus: str) -> None:
+def test_fp8_current_compiled_under_fsdp_trains_like_eager_and_one_process(tmp_path: Path, corpus: str) -> None:
     runs = {}
     for mode in ("none", "blocks"):
         run_distributed(_fsdp_rank, 2, str(tmp_path), corpus, "fp8-current", mode, timeout=600)
         runs[mode] = [json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
     one = {str(step): loss for step, loss in _losses(tmp_path, corpus, "fp8-current", "none").items()}
+    for mode, reports in runs.items():  # the ranks of a run report the same (all-reduced) losses
+        assert reports[0]["losses"] == reports[1]["losses"], (mode, reports)
     eager = runs["none"][0]["losses"]
-    for report in runs["none"] + runs["blocks"]:
-        assert report["losses"] == eager, (report["losses"], eager)  # bit for bit: the same FP8 GEMMs
-    for step, loss in one.items():  # fsdp reduces gradients in another order: last-bit differences (4e-8 at step 3)
-        assert eager[step] == pytest.approx(loss, rel=1e-5)
+    _assert_trains_alike(runs["blocks"][0]["losses"], eager, "fsdp: compiled vs eager")
+    _assert_trains_alike(eager, one, "fsdp vs one process")  # fsdp reduces gradients in another order
     assert [report["graph_breaks"] for report in runs["blocks"]] == [0, 0]
 
 
@@ -169,19 +194,17 @@ def test_every_recipe_compiled_trains_like_eager(tmp_path: Path, corpus: str, re
 
 def test_torchao_float8_trains_under_fsdp_like_one_process_and_compiles_whole(tmp_path: Path, corpus: str) -> None:
     """torchao's float8 linears (recipe ``torchao-float8``) under ``fsdp`` on 2 gloo ranks: the weights gather in
-    high precision and torchao quantises after the gather, so the losses equal one process's; with compiled blocks
-    the run traces without a graph break and equals its eager run."""
+    high precision and torchao quantises after the gather, so it trains like one process; with compiled blocks
+    the run traces without a graph break and trains like its eager run."""
     pytest.importorskip("torchao.float8", reason="torchao is in mcore-precision's test extra")
     run_distributed(_fsdp_rank, 2, str(tmp_path), corpus, "torchao-float8", "none", timeout=600)
     ranks = [json.loads((tmp_path / f"none-rank{r}.json").read_text()) for r in range(2)]
     one = {str(step): loss for step, loss in _losses(tmp_path, corpus, "torchao-float8", "none").items()}
     assert ranks[0]["losses"] == ranks[1]["losses"]
-    for step, loss in one.items():  # fsdp reduces gradients in another order: last-bit differences
-        assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5)
+    _assert_trains_alike(ranks[0]["losses"], one, "torchao: fsdp vs one process")  # another reduction order
     assert one["3"] < one["1"]  # it learns
     torch._dynamo.reset()
     counters.clear()
     compiled = _losses(tmp_path, corpus, "torchao-float8", "blocks")
     assert _graph_breaks() == 0, dict(counters["graph_break"])
-    for step, loss in compiled.items():
-        assert loss == pytest.approx(one[str(step)], rel=0, abs=0), (step, compiled, one)
+    _assert_trains_alike({str(step): loss for step, loss in compiled.items()}, one, "torchao: compiled vs eager")
