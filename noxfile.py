@@ -182,6 +182,8 @@ def install(session: nox.Session, *packages: str, extras: str = "test") -> None:
 INTEGRATION = "integration_tests"
 #: What ``nox -s tests`` runs unless ``-- -m ...`` replaces it: the CPU tests CI keeps under 30 minutes.
 DEFAULT_MARKERS = "not gpu and not slow"
+#: pytest's report of the slowest tests, in every session's log: where CI's time goes (keep it under 30 minutes)
+DURATIONS = "--durations=12"
 
 
 @nox.session
@@ -196,10 +198,10 @@ def tests(session: nox.Session, package: str) -> None:
     if package == INTEGRATION:
         install(session, CORE, TESTING, *PLUGINS)
         session.install("nox>=2024.10")
-        session.run("python", "-m", "pytest", "-q", "-m", DEFAULT_MARKERS, INTEGRATION, *session.posargs)
+        session.run("python", "-m", "pytest", "-q", DURATIONS, "-m", DEFAULT_MARKERS, INTEGRATION, *session.posargs)
         return
     install(session, *dict.fromkeys([CORE, TESTING, package]))
-    session.run("python", "-m", "pytest", "-q", "-m", DEFAULT_MARKERS, f"{package}/tests", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", DURATIONS, "-m", DEFAULT_MARKERS, f"{package}/tests", *session.posargs)
 
 
 @nox.session

@@ -170,6 +170,7 @@ def test_a_block_recipe_runs_its_quantisation_eagerly_inside_a_compiled_block_on
     assert breaks > 0  # the eager quantisation: a graph break each call, not inductor's failing CPU code
 
 
+@pytest.mark.slow  # CI's time: compiled FP8 on one process and eager FP8 under fsdp (test_precision_gpt.py) run in CI
 def test_fp8_current_compiled_under_fsdp_trains_like_eager_and_one_process(tmp_path: Path, corpus: str) -> None:
     runs = {}
     for mode in ("none", "blocks"):

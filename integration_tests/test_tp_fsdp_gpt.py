@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ADAMW = AdamWFactory.Config(lr=1e-3, eps=1e-6)
 #: what CI runs under hsdp 2x1 (the rest of the cross product is slow)
 HSDP_CI = ("gqa-shared-kv", "tied-mtp")
+#: the variants CI runs under tp2 x fsdp2 (CI's time); the others run in the slow cross product
+FSDP_CI = ("gqa-shared-kv", "tied-mtp", "mla", "uneven")
 
 
 def _config(overrides: dict[str, Any]) -> Any:
@@ -284,8 +286,8 @@ def _errors() -> None:
 # -- the groups ---------------------------------------------------------------------------------------
 def _ci(ref_path: str) -> None:
     _errors()
-    for name, overrides in VARIANTS.items():
-        _steps_equal_one_process(name, overrides, "fsdp")
+    for name in FSDP_CI:
+        _steps_equal_one_process(name, VARIANTS[name], "fsdp")
     _steps_equal_one_process("packed", {}, "fsdp", packed=True)
     for name in HSDP_CI:
         _steps_equal_one_process(name, VARIANTS[name], "hsdp2x1")
@@ -296,6 +298,9 @@ def _ci(ref_path: str) -> None:
 
 
 def _cross_product() -> None:
+    for name, overrides in VARIANTS.items():
+        if name not in FSDP_CI:
+            _steps_equal_one_process(name, overrides, "fsdp")
     for kind in ("hsdp2x1", "hsdp1x2"):
         for name, overrides in VARIANTS.items():
             _steps_equal_one_process(name, overrides, kind)

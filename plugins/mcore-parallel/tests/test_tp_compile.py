@@ -106,6 +106,7 @@ def test_compiled_blocks_equal_eager_under_tp2_with_sequence_parallelism() -> No
     run_distributed(_compiled_equals_eager, 2, "aot_eager", (2,), 2, True, timeout=240)
 
 
+@pytest.mark.slow  # CI's time: compiled tp2 and tp2 + SP run in CI, overlap's eager path in test_tp_overlap.py
 def test_compiled_blocks_with_overlap_of_both_sides_equal_eager() -> None:
     """Sequence parallelism with overlap: the row side and the chunked gathers, kv heads split and kept whole."""
     run_distributed(_compiled_equals_eager, 2, "aot_eager", (2, 1), 2, True, 2, timeout=240)

@@ -4,6 +4,14 @@ Each rank gets the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`
 ``MASTER_ADDR``, ``MASTER_PORT`` on a free port) and an initialised default process group.
 A failure in any rank fails the whole run with that rank's traceback; a hang past
 ``timeout`` fails it with every live rank's stack; no process outlives the call.
+
+The ranks are forked from Python's fork server (``forkserver``, Python's default start method on Linux from 3.14)
+with torch imported once in that server (``PRELOAD``), not spawned as fresh interpreters that each import torch
+again: 4 ranks start in ~0.1 s instead of 8-9 s on 2 busy cores, and the test suites call this ~100 times. The
+server only imports (no torch op has run there, so no thread pool exists to be lost in a fork). What a spawned
+rank would inherit from the caller at the call, a forked one gets too: multiprocessing hands over ``sys.path`` and
+the working directory, and ``_child`` installs the caller's environment. Where there is no fork server (not POSIX),
+the ranks are spawned.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Modules the fork server imports once for every rank it forks (module docstring).
+PRELOAD = ("torch", "torch.distributed")
 
 #: Seconds the other ranks get to finish after one rank failed (they are often stuck in a
 #: collective waiting for it).
@@ -59,7 +70,17 @@ def rank_threads(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, world_size))
 
 
+def _start_context() -> Any:
+    """The multiprocessing context the ranks start from (module docstring)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))  # read when the server starts: the first call of a process
+    return context
+
+
 def _child(
+    environ: dict[str, str],
     rank: int,
     world_size: int,
     port: int,
@@ -72,6 +93,8 @@ def _child(
     results: Any,
 ) -> None:
     os.setpgrp()  # our own process group, so the parent can kill whatever we start
+    os.environ.clear()  # the caller's environment now, not the fork server's of its first call
+    os.environ.update(environ)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -128,14 +151,14 @@ def run_distributed(
     if world_size == 1:
         fn(*args, **kwargs)
         return
-    ctx = mp.get_context("spawn")
+    ctx = _start_context()
     results = ctx.Queue()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="mcore-dist-") as stack_dir:
         procs = [
             ctx.Process(
                 target=_child,
-                args=(rank, world_size, port, backend, timeout, stack_dir, fn, args, kwargs, results),
+                args=(dict(os.environ), rank, world_size, port, backend, timeout, stack_dir, fn, args, kwargs, results),
                 name=f"mcore-rank{rank}",
             )
             for rank in range(world_size)
