@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 from test_train_loop import make_config, make_corpus, merge
 
@@ -26,6 +27,7 @@ from mcore.cli import main as mcore_main
 from mcore.config import MAX_CONFIG_BYTES, load_raw, resolve_config
 from mcore.config.sections import CheckpointConfig, DataConfig, LogConfig, ParallelConfig, TrainConfig
 from mcore.errors import ConfigError
+from mcore.mesh import build_mesh
 from mcore.train import run
 from mcore.train.build import config_digests
 from mcore.train.loop import trim_jsonl
@@ -182,6 +184,25 @@ def _ranks_differ(root: str, corpus: str, rank1: dict[str, Any], expected: str) 
 def test_a_rank_with_another_seq_len_is_refused_on_every_rank(tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path)
     run_distributed(_ranks_differ, 2, str(tmp_path), corpus, {"train": {"seq_len": 8}}, "train.seq_len", timeout=90)
+
+
+def _mesh_checked_first() -> None:
+    """Rank 1 owns one mesh dimension more than rank 0: building the mesh, it would create other groups than rank 0
+    and both would wait in ``new_group`` until the timeout; ``check`` runs before any group is created."""
+    dims = ["dp_replicate"] if dist.get_rank() == 0 else ["dp_replicate", "dp_shard"]
+
+    def same_dims(device: torch.device) -> None:
+        counts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, len(dims))
+        if len(set(counts)) > 1:
+            raise ConfigError(f"ranks own {counts} mesh dimensions")
+
+    with pytest.raises(ConfigError, match=r"^ranks own \[1, 2\] mesh dimensions$"):
+        build_mesh(dims, {"dp_shard": 1}, fill="dp_replicate", device_type="cpu", timeout_s=20.0, check=same_dims)
+
+
+def test_build_mesh_runs_its_check_before_creating_groups() -> None:
+    run_distributed(_mesh_checked_first, 2, timeout=60)
 
 
 def test_a_rank_with_another_out_dir_is_refused_on_every_rank(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ and multi-node runs come from ``torchrun``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from math import prod
@@ -178,8 +178,13 @@ def build_mesh(
     device_type: str | None = None,
     backend: str | None = None,
     timeout_s: float | None = None,
+    check: Callable[[torch.device], None] | None = None,
 ) -> ParallelMesh:
     """Initialise the process group if needed and build the run's ``ParallelMesh``.
+
+    ``check(device)`` runs on every rank once the default process group exists and before the mesh is sized or any
+    of its groups is created: the run compares the ranks' configs there (``check_same_config``), because ranks whose
+    layouts or sizes differ would otherwise create different groups and wait in ``new_group`` until the timeout.
 
     ``device_type`` defaults to ``cuda`` when available, else ``cpu``; ``backend`` defaults
     to NCCL on CUDA and gloo on CPU. ``timeout_s`` (``[parallel] timeout_s``) bounds every
@@ -194,14 +199,15 @@ def build_mesh(
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     rank, local_rank, world_size = world_from_env()
     dims = order_dims(owned_dims)
-    resolved = resolve_sizes(dims, sizes or {}, world_size, fill=fill)
-    names = tuple(d for d in dims)
-    shape = tuple(resolved[d] for d in names)
+    if world_size == 1 and not dist.is_initialized():
+        resolved = resolve_sizes(dims, sizes or {}, world_size, fill=fill)
+        if device_type == "cuda":
+            check_cuda_device(local_rank)
+            torch.cuda.set_device(local_rank)
+        return ParallelMesh(tuple(dims), tuple(resolved[d] for d in dims), device_type, None, local_rank)
     if device_type == "cuda":
         check_cuda_device(local_rank)
         torch.cuda.set_device(local_rank)
-    if world_size == 1 and not dist.is_initialized():
-        return ParallelMesh(names, shape, device_type, None, local_rank)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend or ("nccl" if device_type == "cuda" else "gloo"),
@@ -209,6 +215,11 @@ def build_mesh(
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s) if timeout_s is not None else None,
         )
+    if check is not None:
+        check(torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type))
+    resolved = resolve_sizes(dims, sizes or {}, world_size, fill=fill)  # the same on every rank once checked
+    names = tuple(d for d in dims)
+    shape = tuple(resolved[d] for d in names)
     from torch.distributed.device_mesh import init_device_mesh
 
     if not names:  # a layout set owning no dimension, launched on one process

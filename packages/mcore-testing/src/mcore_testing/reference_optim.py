@@ -60,6 +60,15 @@ class NamedAdamW:
             raise ValueError(f"optimizer state has parameters the model lacks: {sorted(extra)[:3]}")
         for name, p in zip(self.names, self.params):
             s = state_dict["state"].get(name, {})
+            for key in ("exp_avg", "exp_avg_sq"):  # torch's AdamW keeps its moments in the parameter's dtype
+                saved = s.get(key)
+                if torch.is_tensor(saved) and saved.dtype != p.dtype:
+                    raise ValueError(
+                        f"optimizer state {key!r} of {name!r} is {saved.dtype}, the parameter is {p.dtype} "
+                        "(the run's parameter dtype changed); allowed: the dtype it was saved with"
+                    )
+        for name, p in zip(self.names, self.params):
+            s = state_dict["state"].get(name, {})
             if s:
                 self.inner.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
         for group, lr in zip(self.param_groups, state_dict["lr"]):

@@ -203,11 +203,18 @@ def build_parts(config: RunConfig, host: Any) -> Parts:
     device_type = None if config.parallel.device == "auto" else config.parallel.device
     try:
         mesh = build_mesh(
-            dims, config.parallel.sizes, fill=fill, device_type=device_type, timeout_s=config.parallel.timeout_s
+            dims,
+            config.parallel.sizes,
+            fill=fill,
+            device_type=device_type,
+            timeout_s=config.parallel.timeout_s,
+            # before any group or collective whose shapes come from the config: the mesh's own groups too
+            check=lambda device: check_same_config(config, device),
         )
+    except UserError:
+        raise
     except ValueError as exc:
         raise ConfigError(f"parallel: {exc}") from None
-    check_same_config(config, mesh.device)  # before any collective whose shapes come from the config
     factory = load_model_factory(config)
     on_meta = builds_on_meta(factory, layouts)
     model, factory = build_model(config, host, "meta" if on_meta else mesh.device, factory=factory)
