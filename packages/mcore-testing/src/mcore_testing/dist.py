@@ -8,10 +8,14 @@ A failure in any rank fails the whole run with that rank's traceback; a hang pas
 The ranks are forked from Python's fork server (``forkserver``, Python's default start method on Linux from 3.14)
 with torch imported once in that server (``PRELOAD``), not spawned as fresh interpreters that each import torch
 again: 4 ranks start in ~0.1 s instead of 8-9 s on 2 busy cores, and the test suites call this ~100 times. The
-server only imports (no torch op has run there, so no thread pool exists to be lost in a fork). What a spawned
-rank would inherit from the caller at the call, a forked one gets too: multiprocessing hands over ``sys.path`` and
-the working directory, and ``_child`` installs the caller's environment. Where there is no fork server (not POSIX),
-the ranks are spawned.
+server only imports (no torch op has run there, so no thread pool exists to be lost in a fork). Multiprocessing
+hands each rank the caller's ``sys.path`` and working directory at the call, and ``_child`` installs the caller's
+environment. Unlike spawned ranks: what torch reads from the environment while it is imported (``TORCH_LOGS``,
+``TORCH_DISTRIBUTED_DEBUG``, OpenMP's variables) is the server's, i.e. the environment of the first call in this
+process; the ranks write to the stdout/stderr the server was started with (pytest's session-wide capture); they
+share the server's string-hash seed; and they end with ``os._exit``, so ``atexit`` handlers do not run in them
+(after the suites' runs no process of a rank was left behind). Where there is no fork server (not POSIX), the
+ranks are spawned.
 """
 
 from __future__ import annotations
