@@ -164,6 +164,7 @@ def test_fp8_delayed_compiles_whole_under_recompute_and_keeps_the_same_amax_hist
             torch.testing.assert_close(got_fmax, want_fmax, rtol=1e-6, atol=0, msg=key)
 
 
+@pytest.mark.slow  # CI's time (36 s on a fresh clone, inductor's cache cold): fp8-current and fp8-delayed compile in CI
 def test_a_block_recipe_runs_its_quantisation_eagerly_inside_a_compiled_block_on_cpu(
     tmp_path: Path, corpus: str
 ) -> None:
