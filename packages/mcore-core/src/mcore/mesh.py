@@ -199,15 +199,12 @@ def build_mesh(
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     rank, local_rank, world_size = world_from_env()
     dims = order_dims(owned_dims)
-    if world_size == 1 and not dist.is_initialized():
-        resolved = resolve_sizes(dims, sizes or {}, world_size, fill=fill)
-        if device_type == "cuda":
-            check_cuda_device(local_rank)
-            torch.cuda.set_device(local_rank)
-        return ParallelMesh(tuple(dims), tuple(resolved[d] for d in dims), device_type, None, local_rank)
     if device_type == "cuda":
         check_cuda_device(local_rank)
         torch.cuda.set_device(local_rank)
+    if world_size == 1 and not dist.is_initialized():
+        resolved = resolve_sizes(dims, sizes or {}, world_size, fill=fill)
+        return ParallelMesh(tuple(dims), tuple(resolved[d] for d in dims), device_type, None, local_rank)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend or ("nccl" if device_type == "cuda" else "gloo"),
@@ -218,7 +215,7 @@ def build_mesh(
     if check is not None:
         check(torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type))
     resolved = resolve_sizes(dims, sizes or {}, world_size, fill=fill)  # the same on every rank once checked
-    names = tuple(d for d in dims)
+    names = tuple(dims)
     shape = tuple(resolved[d] for d in names)
     from torch.distributed.device_mesh import init_device_mesh
 

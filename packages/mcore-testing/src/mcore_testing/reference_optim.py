@@ -55,18 +55,16 @@ class NamedAdamW:
                 raise ValueError(
                     f"optimizer state for {name!r} has shape {shapes[name]}, parameter has {list(p.shape)}"
                 )
-        extra = set(shapes) - set(self.names)
-        if extra:
-            raise ValueError(f"optimizer state has parameters the model lacks: {sorted(extra)[:3]}")
-        for name, p in zip(self.names, self.params):
-            s = state_dict["state"].get(name, {})
             for key in ("exp_avg", "exp_avg_sq"):  # torch's AdamW keeps its moments in the parameter's dtype
-                saved = s.get(key)
+                saved = state_dict["state"].get(name, {}).get(key)
                 if torch.is_tensor(saved) and saved.dtype != p.dtype:
                     raise ValueError(
                         f"optimizer state {key!r} of {name!r} is {saved.dtype}, the parameter is {p.dtype} "
                         "(the run's parameter dtype changed); allowed: the dtype it was saved with"
                     )
+        extra = set(shapes) - set(self.names)
+        if extra:
+            raise ValueError(f"optimizer state has parameters the model lacks: {sorted(extra)[:3]}")
         for name, p in zip(self.names, self.params):
             s = state_dict["state"].get(name, {})
             if s:
